@@ -1,0 +1,75 @@
+# One entry point for people and CI.
+#
+#   make test          build everything, run the C++ suites (plain, ASan+UBSan,
+#                      TSan) and the Python tests
+#   make demo          the overload experiment; writes report/ (QUICK=1: ~1 min)
+#   make bench         microbenchmarks (Python API vs asyncio.Semaphore, engine)
+#
+# Python packages go into .venv; nothing is installed system-wide.
+
+PYTHON_SYSTEM ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+BUILD := build
+JOBS ?= 2
+
+.PHONY: all venv install test cpp-test cpp-test-release cpp-test-asan cpp-test-tsan py-test demo bench clean
+
+all: test
+
+# Build and test dependencies, re-installed when pyproject.toml changes.
+$(VENV)/.deps: pyproject.toml
+	$(PYTHON_SYSTEM) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet "scikit-build-core>=0.10" "nanobind>=2.4" \
+		"fastapi>=0.110" "starlette>=0.36" "pytest>=7" "httpx>=0.25" "uvicorn>=0.23" \
+		"prometheus-client>=0.17" "locust>=2.20" "matplotlib>=3.7"
+	touch $@
+
+venv: $(VENV)/.deps
+
+# Compiles the engine and installs the package into .venv (no build
+# isolation: the build dependencies are already in the venv).
+install: venv
+	$(PY) -m pip install --quiet --no-build-isolation --no-deps .
+
+define cpp_suite
+	cmake -S . -B $(BUILD)/$(1) -G Ninja -DCMAKE_BUILD_TYPE=$(2) -DCL_SANITIZE=$(3) >/dev/null
+	cmake --build $(BUILD)/$(1) -j $(JOBS)
+	cd $(BUILD)/$(1) && ctest --output-on-failure -j $(JOBS)
+endef
+
+cpp-test-release:
+	$(call cpp_suite,release,RelWithDebInfo,)
+	$(BUILD)/release/blocking_worker_pool
+
+# halt_on_error: the first finding fails the run.
+cpp-test-asan:
+	ASAN_OPTIONS=detect_leaks=1:halt_on_error=1 UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 \
+		$(MAKE) --no-print-directory _asan
+_asan:
+	$(call cpp_suite,asan,Debug,address$(,)undefined)
+
+cpp-test-tsan:
+	TSAN_OPTIONS=halt_on_error=1:second_deadlock_stack=1 $(MAKE) --no-print-directory _tsan
+_tsan:
+	$(call cpp_suite,tsan,RelWithDebInfo,thread)
+
+cpp-test: cpp-test-release cpp-test-asan cpp-test-tsan
+
+py-test: install
+	$(PY) -m pytest -q
+
+test: cpp-test py-test
+
+demo: install
+	$(PY) bench/spike/run.py --out report $(if $(QUICK),--quick,)
+
+bench: install cpp-test-release
+	$(PY) bench/python_bench.py
+	@if [ -x $(BUILD)/release/concurrency_limiter_bench ]; then $(BUILD)/release/concurrency_limiter_bench; fi
+
+clean:
+	rm -rf $(BUILD) report
+
+, := ,

@@ -1,0 +1,137 @@
+// Python bindings of the engine: type and error mapping only, no logic.
+//
+// Errors: std::invalid_argument -> ValueError, std::logic_error ->
+// RuntimeError (nanobind's defaults). Durations cross as float seconds.
+#include <nanobind/nanobind.h>
+#include <nanobind/stl/function.h>
+#include <nanobind/stl/optional.h>
+#include <nanobind/stl/shared_ptr.h>
+#include <nanobind/stl/string.h>
+#include <nanobind/stl/vector.h>
+
+#include <chrono>
+
+#include "concurrency_limiter/concurrency_limiter.h"
+
+namespace nb = nanobind;
+using namespace nb::literals;
+namespace cl = concurrency_limiter;
+
+namespace {
+
+cl::Clock::duration from_seconds(double seconds) {
+  return std::chrono::duration_cast<cl::Clock::duration>(
+      std::chrono::duration<double>(seconds));
+}
+
+nb::dict rejected_by_reason(const cl::ResourceStatistics& s) {
+  nb::dict out;
+  for (cl::Outcome o : {cl::Outcome::kTimeout, cl::Outcome::kQueueFull,
+                        cl::Outcome::kShed, cl::Outcome::kDisconnected,
+                        cl::Outcome::kCancelled}) {
+    out[nb::str(cl::to_string(o).data())] = s.rejected(o);
+  }
+  return out;
+}
+
+}  // namespace
+
+NB_MODULE(_core, m) {
+  m.doc() = "C++ engine of fastapi_concurrency_limiter.";
+
+  nb::enum_<cl::Outcome>(m, "Outcome", "How an acquisition ended.")
+      .value("granted", cl::Outcome::kGranted)
+      .value("timeout", cl::Outcome::kTimeout)
+      .value("queue_full", cl::Outcome::kQueueFull)
+      .value("shed", cl::Outcome::kShed)
+      .value("disconnected", cl::Outcome::kDisconnected)
+      .value("cancelled", cl::Outcome::kCancelled)
+      .value("pending", cl::Outcome::kPending);
+
+  nb::enum_<cl::QueueDiscipline>(m, "QueueDiscipline")
+      .value("fifo", cl::QueueDiscipline::kFifo)
+      .value("lifo", cl::QueueDiscipline::kLifo)
+      .value("adaptive", cl::QueueDiscipline::kAdaptive);
+
+  nb::class_<cl::Histogram>(m, "Histogram")
+      .def_prop_ro_static("bounds",
+                          [](nb::handle) {
+                            return std::vector<double>(cl::Histogram::kBounds.begin(),
+                                                       cl::Histogram::kBounds.end());
+                          })
+      .def_prop_ro("counts",
+                   [](const cl::Histogram& h) {
+                     return std::vector<std::uint64_t>(h.counts.begin(), h.counts.end());
+                   })
+      .def_ro("count", &cl::Histogram::count)
+      .def_ro("sum", &cl::Histogram::sum);
+
+  nb::class_<cl::ResourceStatistics>(m, "ResourceStatistics")
+      .def_ro("name", &cl::ResourceStatistics::name)
+      .def_ro("capacity", &cl::ResourceStatistics::capacity)
+      .def_ro("in_use", &cl::ResourceStatistics::in_use)
+      .def_ro("waiting", &cl::ResourceStatistics::waiting)
+      .def_ro("peak_in_use", &cl::ResourceStatistics::peak_in_use)
+      .def_ro("max_waiting", &cl::ResourceStatistics::max_waiting)
+      .def_ro("queue", &cl::ResourceStatistics::queue)
+      .def_ro("acquired_total", &cl::ResourceStatistics::acquired_total)
+      .def_prop_ro("rejected_total", &rejected_by_reason)
+      .def_ro("wait_seconds", &cl::ResourceStatistics::wait_seconds)
+      .def_ro("hold_seconds", &cl::ResourceStatistics::hold_seconds);
+
+  nb::class_<cl::Resource>(m, "Resource")
+      .def(nb::new_([](std::string name, std::int64_t capacity,
+                       std::optional<std::int64_t> max_waiting,
+                       cl::QueueDiscipline queue, double adaptive_target,
+                       double adaptive_interval) {
+             return std::make_shared<cl::Resource>(cl::ResourceOptions{
+                 .name = std::move(name),
+                 .capacity = capacity,
+                 .max_waiting = max_waiting,
+                 .queue = queue,
+                 .adaptive_target = from_seconds(adaptive_target),
+                 .adaptive_interval = from_seconds(adaptive_interval)});
+           }),
+           "name"_a, "capacity"_a, "max_waiting"_a.none(), "queue"_a,
+           "adaptive_target"_a, "adaptive_interval"_a)
+      .def_prop_ro("name", &cl::Resource::name)
+      .def_prop_ro("capacity", &cl::Resource::capacity)
+      .def_prop_ro("max_waiting", &cl::Resource::max_waiting)
+      .def_prop_ro("queue", &cl::Resource::queue)
+      .def_prop_ro("in_use", &cl::Resource::in_use)
+      .def_prop_ro("waiting", &cl::Resource::waiting)
+      .def("statistics", &cl::Resource::statistics);
+
+  nb::class_<cl::ResourceSet>(m, "ResourceSet")
+      .def_prop_ro("resources",
+                   [](const cl::ResourceSet& s) { return s.resources(); })
+      .def("describe", &cl::ResourceSet::describe);
+
+  nb::class_<cl::Limiter>(m, "Limiter")
+      .def(nb::new_([](std::vector<std::shared_ptr<cl::Resource>> resources,
+                       double timeout) {
+             return std::make_shared<cl::Limiter>(std::move(resources),
+                                                  from_seconds(timeout));
+           }),
+           "resources"_a, "timeout"_a)
+      .def("select",
+           [](const cl::Limiter& l,
+              const std::vector<std::shared_ptr<cl::Resource>>& resources) {
+             return std::const_pointer_cast<cl::ResourceSet>(l.select(resources));
+           },
+           "resources"_a)
+      .def("statistics", &cl::Limiter::statistics);
+
+  nb::class_<cl::Acquisition>(m, "Acquisition")
+      .def(nb::init<std::shared_ptr<const cl::ResourceSet>>(), "resource_set"_a)
+      .def("try_acquire", &cl::Acquisition::try_acquire)
+      .def("start", &cl::Acquisition::start, "callback"_a)
+      .def("expire", &cl::Acquisition::expire)
+      .def("cancel", &cl::Acquisition::cancel, "reason"_a = cl::Outcome::kCancelled)
+      .def("release", &cl::Acquisition::release)
+      .def_prop_ro("outcome", &cl::Acquisition::outcome)
+      .def_prop_ro("refused_by", [](const cl::Acquisition& a) -> std::optional<std::string> {
+        if (const cl::Resource* r = a.refused_by()) return r->name();
+        return std::nullopt;
+      });
+}

@@ -1,0 +1,141 @@
+// Acquisition: one request for a slot of every resource in a ResourceSet,
+// taken in order under one deadline, with a completion callback.
+//
+// This is the engine's single way of waiting. Front ends build on it: the
+// Python package resolves an asyncio future from the callback, a C++ server
+// posts an Asio completion handler from it, and the blocking calls
+// (Limiter::acquire_for, Resource::acquire_for) wait on a condition variable
+// that the callback signals.
+//
+//   Acquisition acq(set);
+//   Outcome o = acq.start([&](Outcome o) { /* granted or rejected */ });
+//   if (o == Outcome::kPending) {
+//     // later, from a timer:  acq.expire();   from a cancel: acq.cancel();
+//   }
+//   ...
+//   acq.release();  // or destroy it; gives every slot back
+//
+// Resources are taken one after the other in the set's order; a request holds
+// the first ones while it waits for a later one. When it fails (timeout,
+// rejection, cancel) every slot already held is released at once.
+//
+// Races are decided by the resource's mutex, in C++, once: a slot granted at
+// the instant the deadline passes or the caller cancels is either kept (the
+// grant came first and it was the last resource needed: the acquisition
+// succeeds) or handed on to the next waiter. A slot is never lost and the
+// callback is never called twice.
+//
+// Thread safety: all member functions may be called from any thread,
+// concurrently with grants made by other threads' releases. The callback runs
+// on whichever thread decided the outcome (a releasing thread, the thread
+// calling expire()/cancel(), or the thread calling start() never: start()
+// returns its immediate outcome instead of calling back). No lock is held
+// while it runs. It must not destroy the Acquisition.
+#pragma once
+
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <mutex>
+
+#include "concurrency_limiter/outcome.h"
+#include "concurrency_limiter/resource.h"
+#include "concurrency_limiter/resource_set.h"
+
+namespace concurrency_limiter {
+
+class Acquisition {
+ public:
+  using Callback = std::function<void(Outcome)>;
+
+  enum class State : std::uint8_t {
+    kIdle,      // not started
+    kPending,   // queued for one of its resources
+    kGranted,   // holds every slot
+    kRejected,  // turned away; holds nothing
+    kReleased,  // was granted, gave everything back
+  };
+
+  explicit Acquisition(std::shared_ptr<const ResourceSet> set);
+  Acquisition(const Acquisition&) = delete;
+  Acquisition& operator=(const Acquisition&) = delete;
+  // Cancels a pending wait or releases held slots, then waits (briefly) until
+  // no other thread is still inside this object's completion.
+  ~Acquisition();
+
+  // Takes every slot now if each resource has one free and nobody waiting for
+  // it; otherwise takes nothing and returns false. Never queues and counts no
+  // rejection. Only valid in state kIdle; on false it stays kIdle, so start()
+  // may follow.
+  bool try_acquire();
+
+  // Starts acquiring. Returns kGranted or a rejection (kQueueFull) when that
+  // is known at once: then `callback` is never called. Returns kPending when
+  // the request is queued: then `callback` is called exactly once, later,
+  // with kGranted or a rejection. Only valid in state kIdle.
+  Outcome start(Callback callback);
+
+  // Stops waiting. Only a pending acquisition is affected: it leaves the
+  // queue, drops every slot it already held, is counted as a rejection with
+  // `reason` by the resource it was waiting for, and its callback is called
+  // from this thread with `reason`. If that resource had granted the last
+  // slot at the same instant, the grant wins instead: the state becomes
+  // kGranted and the callback gets kGranted (so a caller that gives up must
+  // follow cancel() with release()). No effect in any other state.
+  // `reason` must be a rejection (kTimeout, kCancelled, kDisconnected...).
+  void cancel(Outcome reason = Outcome::kCancelled);
+
+  // The deadline has passed: cancel(kTimeout).
+  void expire() { cancel(Outcome::kTimeout); }
+
+  // Gives every held slot back, last acquired first, each to its resource's
+  // next waiter if there is one. No effect unless granted.
+  void release();
+
+  State state() const;
+  // The final outcome, or kPending while not decided.
+  Outcome outcome() const;
+  // The resource that turned the request away (or that it was waiting for
+  // when it timed out or was cancelled); null unless rejected.
+  const Resource* refused_by() const;
+  const std::shared_ptr<const ResourceSet>& resource_set() const noexcept {
+    return set_;
+  }
+
+ private:
+  class Node final : public detail::WaiterNode {
+   public:
+    Acquisition* owner = nullptr;
+    std::uint32_t index = 0;
+
+   private:
+    void on_complete(Outcome outcome) noexcept override {
+      owner->on_node_complete(index, outcome);
+    }
+  };
+
+  void on_node_complete(std::uint32_t index, Outcome outcome) noexcept;
+  // Requires mu_. Ends the acquisition as rejected, refused by resource
+  // `index`, releasing what it held. Leaves callback_ to the caller.
+  void reject_locked(std::uint32_t index, Outcome reason,
+                     detail::NoticeList& notices);
+  // Requires mu_. Enqueues the remaining resources in order until one has to
+  // wait or rejects. Returns kGranted, kPending or a rejection.
+  Outcome advance_locked(detail::NoticeList& notices);
+  // Requires mu_. Releases the first `held_` resources, last first.
+  void release_held_locked(detail::NoticeList& notices);
+  Resource& resource(std::uint32_t i) const { return *set_->resources()[i]; }
+
+  const std::shared_ptr<const ResourceSet> set_;
+  const std::uint32_t count_;
+  std::unique_ptr<Node[]> nodes_;
+
+  mutable std::mutex mu_;  // order: Acquisition::mu_ before Resource::mu_
+  State state_ = State::kIdle;          // guarded by mu_
+  Outcome outcome_ = Outcome::kPending; // guarded by mu_
+  std::uint32_t held_ = 0;  // resources [0, held_) are held; guarded by mu_
+  std::uint32_t refused_;  // index of the refusing resource, count_ if none; guarded by mu_
+  Callback callback_;       // guarded by mu_; moved out to be called once
+};
+
+}  // namespace concurrency_limiter

@@ -1,0 +1,15 @@
+// Umbrella header of the concurrency_limiter engine.
+//
+// Resource     a named pool of slots with a waiter queue (resource.h)
+// Limiter      the registry, canonical order and default timeout (limiter.h)
+// Permit       RAII holder of granted slots (permit.h)
+// Acquisition  the callback-based wait that front ends build on (acquisition.h)
+#pragma once
+
+#include "concurrency_limiter/acquisition.h"
+#include "concurrency_limiter/limiter.h"
+#include "concurrency_limiter/outcome.h"
+#include "concurrency_limiter/permit.h"
+#include "concurrency_limiter/resource.h"
+#include "concurrency_limiter/resource_set.h"
+#include "concurrency_limiter/statistics.h"

@@ -1,0 +1,71 @@
+// Limiter: the registry of resources, their canonical acquisition order and
+// a default timeout.
+//
+//   auto db = std::make_shared<Resource>(ResourceOptions{.name = "db", .capacity = 5});
+//   auto file = std::make_shared<Resource>(ResourceOptions{.name = "file", .capacity = 10});
+//   Limiter limiter({db, file}, std::chrono::seconds(5));
+//   auto both = limiter.select({db, file});   // validated once, at start-up
+//   if (Permit p = limiter.acquire(both)) { ... }
+//
+// The order in which resources are registered is the order in which every
+// request acquires them; select() refuses any other order, so no two requests
+// can deadlock on each other. The timeout covers acquiring *all* resources of
+// a request together.
+#pragma once
+
+#include <chrono>
+#include <memory>
+#include <stop_token>
+#include <string>
+#include <vector>
+
+#include "concurrency_limiter/permit.h"
+#include "concurrency_limiter/resource.h"
+#include "concurrency_limiter/resource_set.h"
+#include "concurrency_limiter/statistics.h"
+
+namespace concurrency_limiter {
+
+class Limiter {
+ public:
+  // Throws std::invalid_argument when `timeout` is negative, a resource is
+  // null, or a resource (or a resource name) is registered twice.
+  Limiter(std::vector<std::shared_ptr<Resource>> resources,
+          Clock::duration timeout);
+
+  Clock::duration timeout() const noexcept { return timeout_; }
+  const std::vector<std::shared_ptr<Resource>>& resources() const noexcept {
+    return resources_;
+  }
+
+  // Validates the resources one request needs and returns them as a set.
+  // Throws std::invalid_argument, naming the resources at fault, if the list
+  // is empty, holds a resource that is not registered here, lists one twice,
+  // or breaks the registration order. Call it at start-up, not per request.
+  std::shared_ptr<const ResourceSet> select(
+      const std::vector<std::shared_ptr<Resource>>& resources) const;
+
+  // Blocking acquisition of every resource in `set`, in order, within the
+  // limiter's timeout (acquire), a given timeout (acquire_for) or until a
+  // deadline (acquire_until). Blocks the calling thread until granted, the
+  // deadline passes (kTimeout: whatever was already held is released), a
+  // queue rejects it (kQueueFull, kShed) or `stop` is requested (kCancelled).
+  // try_acquire() never blocks: all slots now, or none (kTimeout).
+  Permit acquire(const std::shared_ptr<const ResourceSet>& set,
+                 std::stop_token stop = {}) const;
+  Permit acquire_for(const std::shared_ptr<const ResourceSet>& set,
+                     Clock::duration timeout, std::stop_token stop = {}) const;
+  Permit acquire_until(const std::shared_ptr<const ResourceSet>& set,
+                       Clock::time_point deadline,
+                       std::stop_token stop = {}) const;
+  Permit try_acquire(const std::shared_ptr<const ResourceSet>& set) const;
+
+  // One snapshot per registered resource, in registration order.
+  std::vector<ResourceStatistics> statistics() const;
+
+ private:
+  std::vector<std::shared_ptr<Resource>> resources_;
+  Clock::duration timeout_;
+};
+
+}  // namespace concurrency_limiter

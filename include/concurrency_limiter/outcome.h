@@ -1,0 +1,44 @@
+// Outcome of an attempt to acquire slots, and the reasons a request is turned
+// away.
+//
+// Every acquisition ends in exactly one outcome: it is granted, or it is
+// rejected for one reason. `kPending` is only ever returned by
+// `Acquisition::start()` while the request waits in a queue; it is never
+// delivered to a completion callback.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <string_view>
+
+namespace concurrency_limiter {
+
+enum class Outcome : std::uint8_t {
+  kGranted = 0,  // every requested slot is held by the caller
+  kTimeout,      // the deadline passed while waiting
+  kQueueFull,    // the waiter queue was at `max_waiting`; nothing was waited
+  kShed,         // the adaptive queue dropped a waiter that waited too long
+  kDisconnected, // the client went away while waiting (set by the front end)
+  kCancelled,    // the caller cancelled the wait
+  kPending,      // still queued; the completion callback will say how it ends
+};
+
+// Number of rejection reasons, i.e. outcomes other than kGranted and kPending.
+inline constexpr std::size_t kRejectionReasonCount = 5;
+
+// True for the outcomes that mean "turned away".
+constexpr bool is_rejection(Outcome o) noexcept {
+  return o != Outcome::kGranted && o != Outcome::kPending;
+}
+
+// Dense index 0..kRejectionReasonCount-1 of a rejection reason, for counters.
+constexpr std::size_t rejection_index(Outcome o) noexcept {
+  return static_cast<std::size_t>(o) - 1;
+}
+
+// Stable lower-case names used in errors, statistics and metrics labels:
+// "granted", "timeout", "queue_full", "shed", "disconnected", "cancelled",
+// "pending".
+std::string_view to_string(Outcome o) noexcept;
+
+}  // namespace concurrency_limiter

@@ -1,0 +1,228 @@
+// Resource: a named pool of `capacity` slots with a queue of waiters.
+//
+// A resource stands for one thing that must not be overloaded: a database, a
+// filesystem, a downstream API. Each request that uses it holds one slot while
+// it runs. When every slot is taken, requests wait in the resource's queue;
+// when a slot is released it is handed straight to the waiter chosen by the
+// queue discipline (no thundering herd, and nobody barges past the queue: a
+// newcomer gets a free slot only when nobody is waiting).
+//
+//   auto db = std::make_shared<Resource>(ResourceOptions{.name = "db", .capacity = 5});
+//   if (Permit p = db->acquire_for(std::chrono::seconds(2))) {
+//     run_query();        // the slot is held until `p` is destroyed
+//   } else {
+//     reply_503(p.outcome());   // kTimeout, kQueueFull, kShed or kCancelled
+//   }
+//
+// Queue disciplines (ResourceOptions::queue):
+//   kFifo      oldest waiter first. When the queue is at max_waiting, the new
+//              request is rejected with kQueueFull at once.
+//   kLifo      newest waiter first. When the queue is full, the *oldest*
+//              waiter is rejected with kQueueFull to make room: under overload
+//              the newest requests, whose clients are still waiting, are the
+//              ones worth serving.
+//   kAdaptive  FIFO while the queue drains. Once the queue has stayed
+//              non-empty for `adaptive_interval` (a standing queue, as in
+//              CoDel), it serves the newest waiter first and sheds (kShed)
+//              every waiter that has waited longer than `adaptive_target`, so
+//              that clients hear "busy" early instead of at their timeout.
+//              Full queue: as kLifo.
+//
+// Thread safety: every member function may be called from any thread. The
+// resource's state is guarded by one mutex that is held for a few
+// instructions and never while user code (a completion callback) runs.
+//
+// Lifetime: a Resource must outlive every Permit and Acquisition that uses
+// it; Limiter and ResourceSet hold it by shared_ptr, which takes care of that.
+#pragma once
+
+#include <atomic>
+#include <chrono>
+#include <cstdint>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <stop_token>
+#include <string>
+#include <string_view>
+
+#include "concurrency_limiter/outcome.h"
+#include "concurrency_limiter/statistics.h"
+
+namespace concurrency_limiter {
+
+using Clock = std::chrono::steady_clock;
+
+class Acquisition;
+class Permit;
+class Resource;
+
+struct ResourceOptions {
+  // Appears in errors, statistics and metrics. Empty: a unique name
+  // "resource-N" is generated.
+  std::string name;
+  // Number of slots; must be >= 1.
+  std::int64_t capacity = 1;
+  // Longest queue allowed; nullopt means unbounded. 0 means "never wait":
+  // a request either gets a free slot at once or is rejected with kQueueFull.
+  std::optional<std::int64_t> max_waiting;
+  QueueDiscipline queue = QueueDiscipline::kFifo;
+  // kAdaptive only: a waiter that has waited longer than this while the queue
+  // is standing is shed. Must be > 0.
+  Clock::duration adaptive_target = std::chrono::milliseconds(100);
+  // kAdaptive only: the queue counts as standing once it has been non-empty
+  // for this long. Must be > 0.
+  Clock::duration adaptive_interval = std::chrono::milliseconds(100);
+};
+
+namespace detail {
+
+// A queued request for one slot of one resource: an intrusive list node, so
+// that queueing never allocates. The resource links and unlinks it and
+// decides its fate under the resource's mutex; it then calls on_complete()
+// after the mutex is released. Implemented by Acquisition.
+class WaiterNode {
+ public:
+  enum class State : std::uint8_t { kIdle, kQueued, kGranted, kRejected };
+
+  WaiterNode() = default;
+  WaiterNode(const WaiterNode&) = delete;
+  WaiterNode& operator=(const WaiterNode&) = delete;
+
+ protected:
+  ~WaiterNode() = default;
+
+ private:
+  friend class concurrency_limiter::Resource;
+  friend class NoticeList;
+  friend class concurrency_limiter::Acquisition;
+
+  // Called once, without any lock held, when the resource granted the node a
+  // slot (kGranted) or dropped it from the queue (kShed, kQueueFull), unless
+  // the owner took it out first with Resource::abandon().
+  virtual void on_complete(Outcome outcome) noexcept = 0;
+
+  WaiterNode* prev_ = nullptr;  // queue links; guarded by the resource's mu_
+  WaiterNode* next_ = nullptr;  // also links a NoticeList once dequeued
+  Clock::time_point enqueued_at_{};
+  Clock::time_point granted_at_{};  // start of the hold, for hold_seconds
+  State state_ = State::kIdle;      // guarded by the resource's mu_
+  Outcome outcome_ = Outcome::kPending;  // set together with state_
+  // True from the moment the resource decides the node's fate until its
+  // on_complete() has returned. The owner waits for false before the node's
+  // memory may go away (release store in NoticeList::fire, acquire load by
+  // the owner).
+  std::atomic<bool> completing_{false};
+};
+
+// Nodes whose fate was decided under a resource's mutex and whose owners must
+// be told once every lock is released. Intrusive: reuses the queue links.
+class NoticeList {
+ public:
+  NoticeList() = default;
+  NoticeList(const NoticeList&) = delete;
+  NoticeList& operator=(const NoticeList&) = delete;
+  ~NoticeList() { fire(); }
+
+  void push(WaiterNode* node) noexcept;
+  bool empty() const noexcept { return head_ == nullptr; }
+  // Calls on_complete() of every node, in order. Call with no lock held.
+  void fire() noexcept;
+
+ private:
+  WaiterNode* head_ = nullptr;
+  WaiterNode* tail_ = nullptr;
+};
+
+}  // namespace detail
+
+class Resource : public std::enable_shared_from_this<Resource> {
+ public:
+  // Throws std::invalid_argument naming the parameter and the allowed values
+  // when an option is out of range.
+  explicit Resource(ResourceOptions options);
+  Resource(std::string name, std::int64_t capacity);
+
+  Resource(const Resource&) = delete;
+  Resource& operator=(const Resource&) = delete;
+  ~Resource();
+
+  const std::string& name() const noexcept { return name_; }
+  std::int64_t capacity() const noexcept { return capacity_; }
+  std::optional<std::int64_t> max_waiting() const noexcept;
+  QueueDiscipline queue() const noexcept { return discipline_; }
+
+  // Slots held right now, and requests waiting right now. A snapshot: it may
+  // be stale by the time the caller looks at it.
+  std::int64_t in_use() const;
+  std::int64_t waiting() const;
+  ResourceStatistics statistics() const;
+
+  // Blocking acquisition of one slot from a calling thread. These are
+  // shorthands for a one-resource Acquisition; see Permit for the result.
+  //
+  // try_acquire(): never blocks. Succeeds only if a slot is free and nobody is
+  //   waiting; otherwise the returned Permit is empty with kTimeout (it is a
+  //   zero timeout), without counting a rejection.
+  // acquire_until(deadline): blocks the calling thread until a slot is handed
+  //   to it (kGranted), the deadline passes (kTimeout), the queue rejects it
+  //   (kQueueFull, kShed) or `stop` is requested (kCancelled). A deadline in
+  //   the past means "try once" but still queues behind nobody: a free slot
+  //   with an empty queue is granted.
+  // acquire_for(timeout): acquire_until(now + timeout).
+  Permit try_acquire();
+  Permit acquire_until(Clock::time_point deadline, std::stop_token stop = {});
+  Permit acquire_for(Clock::duration timeout, std::stop_token stop = {});
+
+ private:
+  friend class Acquisition;
+
+  Resource(ResourceOptions validated_options, int);
+
+  // All of the following take mu_ themselves. Nodes whose fate they decide
+  // (grants, sheds) are appended to `notices`, to be fired with no lock held.
+
+  // Grants a slot to `node` at once if one is free and nobody waits.
+  bool try_grant(detail::WaiterNode& node);
+  // Grants at once, or queues the node, or rejects it (kQueueFull). Returns
+  // kGranted, kPending (queued) or kQueueFull.
+  Outcome enqueue(detail::WaiterNode& node, detail::NoticeList& notices);
+  // Takes a queued node out of the queue with `reason`, counted as a
+  // rejection. Returns the node's state: kQueued if it was still queued (it is
+  // now rejected and will not be notified), else kGranted or kRejected when
+  // the resource had already decided (its notice may still be in flight).
+  detail::WaiterNode::State abandon(detail::WaiterNode& node, Outcome reason);
+  // Counts a rejection that the resource itself did not decide.
+  void count_rejection(Outcome reason);
+  // Gives back one slot held since `granted_at`: hands it to the next waiter
+  // or frees it.
+  void release(Clock::time_point granted_at, detail::NoticeList& notices);
+
+  // Helpers; require mu_ held.
+  void link_tail(detail::WaiterNode& node, Clock::time_point now);
+  void unlink(detail::WaiterNode& node);
+  void reject_locked(detail::WaiterNode& node, Outcome reason,
+                     detail::NoticeList& notices);
+  bool standing_locked(Clock::time_point now) const;
+  void shed_locked(Clock::time_point now, detail::NoticeList& notices);
+  detail::WaiterNode* pick_locked(Clock::time_point now,
+                                  detail::NoticeList& notices);
+  void grant_locked(detail::WaiterNode& node, Clock::time_point now);
+
+  const std::string name_;
+  const std::int64_t capacity_;
+  const std::int64_t max_waiting_;  // -1: unbounded
+  const QueueDiscipline discipline_;
+  const Clock::duration target_;
+  const Clock::duration interval_;
+
+  mutable std::mutex mu_;
+  std::int64_t in_use_ = 0;          // guarded by mu_
+  std::int64_t waiting_ = 0;         // guarded by mu_
+  detail::WaiterNode* head_ = nullptr;  // oldest waiter; guarded by mu_
+  detail::WaiterNode* tail_ = nullptr;  // newest waiter; guarded by mu_
+  Clock::time_point nonempty_since_{};  // when the queue last became non-empty; guarded by mu_
+  ResourceStatistics stats_;          // counters; guarded by mu_
+};
+
+}  // namespace concurrency_limiter

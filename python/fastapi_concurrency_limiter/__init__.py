@@ -1,0 +1,35 @@
+"""Concurrency limiter (bulkhead) for FastAPI, with a C++ engine.
+
+Give each shared resource (a database, a filesystem, a downstream API) a
+number of slots; a route takes a slot of each resource it needs before its
+handler runs and gives it back after. A request that cannot get its slots in
+time is answered at once with HTTP 503 instead of piling onto the overloaded
+resource and dragging every other endpoint down with it::
+
+    from fastapi import FastAPI
+    from fastapi_concurrency_limiter import Limiter, Resource
+
+    app = FastAPI()
+    database_resource = Resource(5)
+    limiter = Limiter(timeout=5, resources=[database_resource])
+
+    @app.get("/messages")
+    @limiter.resources([database_resource])
+    async def read_messages(): ...
+"""
+
+from ._errors import BUSY_DETAIL, ServerBusy
+from ._limiter import Limiter
+from ._resource import Resource
+from ._statistics import HistogramSnapshot, LimiterStatistics, ResourceStatistics
+
+__all__ = [
+    "BUSY_DETAIL",
+    "HistogramSnapshot",
+    "Limiter",
+    "LimiterStatistics",
+    "Resource",
+    "ResourceStatistics",
+    "ServerBusy",
+]
+__version__ = "0.2.0"

@@ -1,0 +1,232 @@
+"""Limiter: the registry of resources and the route decorator."""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from collections.abc import Awaitable, Callable, Sequence
+from types import TracebackType
+from typing import Any, TypeVar
+
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+
+from . import _core
+from ._resource import Resource
+from ._statistics import LimiterStatistics, ResourceStatistics
+from ._validation import check_int, check_seconds
+from ._waiting import acquire
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+# Keyword under which the decorator asks FastAPI for the Request when the
+# endpoint does not declare one itself.
+_REQUEST_PARAM = "_concurrency_limiter_request"
+
+
+class Limiter:
+    """Registers resources, fixes the order in which requests take them, and
+    limits routes.
+
+    Args:
+        timeout: seconds a request may wait to acquire *all* the resources
+            of its route together; then it gets HTTP 503.
+        resources: every resource routes may use, in the order in which they
+            are always acquired (so no two requests can deadlock).
+        retry_after: seconds to put in the ``Retry-After`` header of the
+            503, or ``None`` to send none.
+    """
+
+    def __init__(
+        self,
+        timeout: float,
+        resources: Sequence[Resource],
+        *,
+        retry_after: int | None = 1,
+    ) -> None:
+        self._timeout = check_seconds("timeout", timeout)
+        self._resources = _check_resources("resources", resources, allow_empty=True)
+        check_int("retry_after", retry_after, minimum=0, allow_none=True)
+        self._retry_after = retry_after
+        self._core = _core.Limiter([r._core for r in self._resources], self._timeout)
+        self._sets: dict[tuple[Resource, ...], _core.ResourceSet] = {}
+
+    @property
+    def timeout(self) -> float:
+        return self._timeout
+
+    @property
+    def retry_after(self) -> int | None:
+        return self._retry_after
+
+    def _select(self, resources: Sequence[Resource]) -> _core.ResourceSet:
+        key = tuple(_check_resources("resources", resources, allow_empty=True))
+        try:
+            return self._sets[key]
+        except KeyError:
+            # The engine validates: registered, no duplicates, registration
+            # order, not empty. ValueError otherwise.
+            rset = self._core.select([r._core for r in key])
+            self._sets[key] = rset
+            return rset
+
+    def resources(
+        self, resources: Sequence[Resource], *, timeout: float | None = None
+    ) -> Callable[[F], F]:
+        """Route decorator: the endpoint runs only while it holds a slot of
+        each of ``resources``, taken in registration order; a request that
+        cannot get them within the timeout gets HTTP 503 (``ServerBusy``).
+
+        Place it under the route decorator::
+
+            @app.get("/messages")
+            @limiter.resources([database_resource])
+            async def read_messages(): ...
+
+        Works for ``async def`` and ``def`` endpoints (a ``def`` endpoint
+        waits on the event loop, then runs in the thread pool as FastAPI
+        runs it). ``timeout`` overrides the limiter's for this route. While
+        a request waits, a client disconnect takes it out of the queue.
+
+        Raises ValueError at decoration time for an empty list, a resource
+        that is not registered, one listed twice, or resources out of
+        registration order; TypeError for items that are not Resources.
+        """
+        rset = self._select(resources)
+        wait = self._timeout if timeout is None else check_seconds("timeout", timeout)
+        retry_after = self._retry_after
+
+        def decorator(func: F) -> F:
+            return _limit(func, rset, wait, retry_after)  # type: ignore[return-value]
+
+        return decorator
+
+    def acquire(
+        self, resources: Sequence[Resource], *, timeout: float | None = None
+    ) -> _Hold:
+        """Holds ``resources`` for the body of an ``async with`` block, for
+        code that is not a route (background jobs, scripts)::
+
+            async with limiter.acquire([database_resource]):
+                await run_query()
+
+        Same order rules and timeout as the decorator; raises ``ServerBusy``
+        when the resources cannot be had in time.
+        """
+        rset = self._select(resources)
+        wait = self._timeout if timeout is None else check_seconds("timeout", timeout)
+        return _Hold(rset, wait, self._retry_after)
+
+    def statistics(self) -> LimiterStatistics:
+        """Snapshots of every registered resource, in registration order."""
+        return LimiterStatistics(
+            timeout=self._timeout,
+            resources=tuple(ResourceStatistics._from_core(s) for s in self._core.statistics()),
+        )
+
+    def __repr__(self) -> str:
+        names = ", ".join(repr(r.name) for r in self._resources)
+        return f"Limiter(timeout={self._timeout}, resources=[{names}])"
+
+
+class _Hold:
+    """``async with limiter.acquire([...])``."""
+
+    __slots__ = ("_rset", "_timeout", "_retry_after", "_acquisition")
+
+    def __init__(self, rset: _core.ResourceSet, timeout: float, retry_after: int | None) -> None:
+        self._rset = rset
+        self._timeout = timeout
+        self._retry_after = retry_after
+        self._acquisition: _core.Acquisition | None = None
+
+    async def __aenter__(self) -> None:
+        if self._acquisition is not None:
+            raise RuntimeError("this limiter.acquire(...) block is already entered")
+        self._acquisition = await acquire(self._rset, self._timeout, self._retry_after)
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        acquisition, self._acquisition = self._acquisition, None
+        if acquisition is not None:
+            acquisition.release()
+
+
+def _check_resources(name: str, resources: object, *, allow_empty: bool) -> list[Resource]:
+    if isinstance(resources, (str, bytes)) or not isinstance(resources, Sequence):
+        raise TypeError(f"{name} must be a list of Resource, got {type(resources).__name__}")
+    items = list(resources)
+    for i, r in enumerate(items):
+        if not isinstance(r, Resource):
+            raise TypeError(f"{name}[{i}] must be a Resource, got {type(r).__name__} {r!r}")
+    return items
+
+
+def _is_async(func: Callable[..., Any]) -> bool:
+    while isinstance(func, functools.partial):
+        func = func.func
+    return inspect.iscoroutinefunction(func) or (
+        not inspect.isfunction(func)
+        and inspect.iscoroutinefunction(getattr(func, "__call__", None))
+    )
+
+
+def _signature(func: Callable[..., Any]) -> inspect.Signature:
+    # Evaluate string annotations (``from __future__ import annotations`` in
+    # the user's module) here, against the endpoint's own globals: FastAPI
+    # would otherwise resolve them against this module's.
+    try:
+        return inspect.signature(func, eval_str=True)
+    except (NameError, TypeError):
+        return inspect.signature(func)
+
+
+def _request_parameter(sig: inspect.Signature) -> str | None:
+    for p in sig.parameters.values():
+        ann = p.annotation
+        if isinstance(ann, type) and issubclass(ann, Request):
+            return p.name
+    return None
+
+
+def _with_request(sig: inspect.Signature) -> inspect.Signature:
+    params = list(sig.parameters.values())
+    extra = inspect.Parameter(_REQUEST_PARAM, inspect.Parameter.KEYWORD_ONLY, annotation=Request)
+    at = next(
+        (i for i, p in enumerate(params) if p.kind is inspect.Parameter.VAR_KEYWORD),
+        len(params),
+    )
+    params.insert(at, extra)
+    return sig.replace(parameters=params)
+
+
+def _limit(
+    func: Callable[..., Any], rset: _core.ResourceSet, timeout: float, retry_after: int | None
+) -> Callable[..., Awaitable[Any]]:
+    sig = _signature(func)
+    request_name = _request_parameter(sig)
+    injected = request_name is None
+    is_async = _is_async(func)
+
+    @functools.wraps(func)
+    async def endpoint(*args: Any, **kwargs: Any) -> Any:
+        if injected:
+            request = kwargs.pop(_REQUEST_PARAM, None)
+        else:
+            request = kwargs.get(request_name)  # type: ignore[arg-type]
+        acquisition = await acquire(rset, timeout, retry_after, request)
+        try:
+            if is_async:
+                return await func(*args, **kwargs)
+            return await run_in_threadpool(func, *args, **kwargs)
+        finally:
+            acquisition.release()
+
+    # FastAPI reads parameters from __signature__: the user's own, plus the
+    # Request the decorator needs to notice disconnects.
+    endpoint.__signature__ = _with_request(sig) if injected else sig  # type: ignore[attr-defined]
+    return endpoint

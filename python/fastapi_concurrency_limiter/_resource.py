@@ -1,0 +1,106 @@
+"""Resource: a named pool of slots (a thin handle on the C++ engine's)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from . import _core
+from ._statistics import ResourceStatistics
+from ._validation import check_int, check_seconds
+
+QueueName = Literal["fifo", "lifo", "adaptive"]
+_QUEUES: dict[str, _core.QueueDiscipline] = {
+    "fifo": _core.QueueDiscipline.fifo,
+    "lifo": _core.QueueDiscipline.lifo,
+    "adaptive": _core.QueueDiscipline.adaptive,
+}
+
+#: Default ``adaptive_target``: see the README's "Overload control".
+DEFAULT_ADAPTIVE_TARGET = 0.1
+#: Default ``adaptive_interval``.
+DEFAULT_ADAPTIVE_INTERVAL = 0.1
+
+
+class Resource:
+    """Something that must not be overloaded, with ``capacity`` slots.
+
+    Each request that needs the resource holds one slot while its handler
+    runs; requests beyond ``capacity`` wait in the resource's queue.
+
+    Args:
+        capacity: number of slots, an integer >= 1.
+        name: shown in errors, statistics and metrics; unique per limiter.
+            Default: a generated ``"resource-N"``.
+        max_waiting: longest queue allowed; a request arriving at a full
+            queue is answered 503 at once (reason ``"queue_full"``).
+            ``None`` (default): unbounded. ``0``: never wait.
+        queue: which waiter a freed slot goes to: ``"fifo"`` (default, the
+            oldest), ``"lifo"`` (the newest), or ``"adaptive"`` (FIFO while
+            the queue drains, newest-first with early 503s once a queue
+            stands; keeps latency low under overload).
+        adaptive_target: with ``queue="adaptive"``: while a queue stands,
+            waiters older than this many seconds are answered 503 early
+            (reason ``"shed"``).
+        adaptive_interval: with ``queue="adaptive"``: seconds the queue must
+            stay non-empty before it counts as standing.
+    """
+
+    __slots__ = ("_core", "__weakref__")
+
+    def __init__(
+        self,
+        capacity: int,
+        *,
+        name: str | None = None,
+        max_waiting: int | None = None,
+        queue: QueueName = "fifo",
+        adaptive_target: float = DEFAULT_ADAPTIVE_TARGET,
+        adaptive_interval: float = DEFAULT_ADAPTIVE_INTERVAL,
+    ) -> None:
+        check_int("capacity", capacity, minimum=1)
+        if name is not None and (not isinstance(name, str) or not name):
+            raise TypeError(f"name must be a non-empty str or None, got {name!r}")
+        check_int("max_waiting", max_waiting, minimum=0, allow_none=True)
+        if queue not in _QUEUES:
+            raise ValueError(f"queue must be one of 'fifo', 'lifo', 'adaptive', got {queue!r}")
+        target = check_seconds("adaptive_target", adaptive_target, positive=True)
+        interval = check_seconds("adaptive_interval", adaptive_interval, positive=True)
+        self._core = _core.Resource(
+            name or "", capacity, max_waiting, _QUEUES[queue], target, interval
+        )
+
+    @property
+    def name(self) -> str:
+        return self._core.name
+
+    @property
+    def capacity(self) -> int:
+        return self._core.capacity
+
+    @property
+    def in_use(self) -> int:
+        """Slots held right now."""
+        return self._core.in_use
+
+    @property
+    def waiting(self) -> int:
+        """Requests waiting for a slot right now."""
+        return self._core.waiting
+
+    @property
+    def max_waiting(self) -> int | None:
+        return self._core.max_waiting
+
+    @property
+    def queue(self) -> str:
+        return self._core.queue.name
+
+    def statistics(self) -> ResourceStatistics:
+        """A consistent snapshot of the resource's counters."""
+        return ResourceStatistics._from_core(self._core.statistics())
+
+    def __repr__(self) -> str:
+        return (
+            f"Resource({self.capacity}, name={self.name!r}, "
+            f"in_use={self.in_use}, waiting={self.waiting})"
+        )

@@ -1,0 +1,79 @@
+"""Statistics snapshots, as frozen dataclasses (like anyio's
+``CapacityLimiter.statistics()``)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
+
+from . import _core
+
+
+@dataclass(frozen=True)
+class HistogramSnapshot:
+    """Observed durations in fixed buckets.
+
+    ``counts[i]`` is the number of observations ``<= bounds[i]`` and above the
+    previous bound (not cumulative); the last count is the ``+Inf`` bucket.
+    """
+
+    bounds: tuple[float, ...]
+    counts: tuple[int, ...]
+    count: int
+    sum: float
+
+    @classmethod
+    def _from_core(cls, h: _core.Histogram) -> HistogramSnapshot:
+        return cls(tuple(_core.Histogram.bounds), tuple(h.counts), h.count, h.sum)
+
+
+@dataclass(frozen=True)
+class ResourceStatistics:
+    """A consistent snapshot of one resource."""
+
+    name: str
+    capacity: int
+    in_use: int
+    waiting: int
+    peak_in_use: int
+    max_waiting: int | None
+    queue: str
+    acquired_total: int
+    #: Requests turned away, by reason: timeout, queue_full, shed,
+    #: disconnected, cancelled.
+    rejected_total: Mapping[str, int]
+    #: Time from request to grant, of granted requests.
+    wait_seconds: HistogramSnapshot
+    #: Time from grant to release.
+    hold_seconds: HistogramSnapshot
+
+    @classmethod
+    def _from_core(cls, s: _core.ResourceStatistics) -> ResourceStatistics:
+        return cls(
+            name=s.name,
+            capacity=s.capacity,
+            in_use=s.in_use,
+            waiting=s.waiting,
+            peak_in_use=s.peak_in_use,
+            max_waiting=s.max_waiting,
+            queue=s.queue.name,
+            acquired_total=s.acquired_total,
+            rejected_total=MappingProxyType(dict(s.rejected_total)),
+            wait_seconds=HistogramSnapshot._from_core(s.wait_seconds),
+            hold_seconds=HistogramSnapshot._from_core(s.hold_seconds),
+        )
+
+
+@dataclass(frozen=True)
+class LimiterStatistics:
+    """Snapshots of every resource of a limiter, in registration order."""
+
+    timeout: float
+    resources: tuple[ResourceStatistics, ...]
+
+    def __getitem__(self, name: str) -> ResourceStatistics:
+        for r in self.resources:
+            if r.name == name:
+                return r
+        raise KeyError(name)

@@ -1,0 +1,35 @@
+"""Argument checks that run at start-up, with messages that name the
+parameter and what it accepts."""
+
+from __future__ import annotations
+
+import math
+from numbers import Real
+
+
+def check_int(name: str, value: object, *, minimum: int, allow_none: bool = False) -> None:
+    """Raise TypeError unless ``value`` is an int (not a bool); ValueError if
+    it is below ``minimum``."""
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int):
+        allowed = f"an integer >= {minimum}" + (" or None" if allow_none else "")
+        raise TypeError(f"{name} must be {allowed}, got {type(value).__name__} {value!r}")
+    if value < minimum:
+        allowed = f"an integer >= {minimum}" + (" or None" if allow_none else "")
+        raise ValueError(f"{name} must be {allowed}, got {value!r}")
+
+
+def check_seconds(name: str, value: object, *, positive: bool = False) -> float:
+    """Return ``value`` as float seconds; TypeError unless it is a real number
+    (not a bool), ValueError unless finite and >= 0 (> 0 if ``positive``)."""
+    bound = "> 0" if positive else ">= 0"
+    if isinstance(value, bool) or not isinstance(value, Real):
+        raise TypeError(
+            f"{name} must be a finite number of seconds {bound}, "
+            f"got {type(value).__name__} {value!r}"
+        )
+    seconds = float(value)
+    if not math.isfinite(seconds) or seconds < 0 or (positive and seconds == 0):
+        raise ValueError(f"{name} must be a finite number of seconds {bound}, got {value!r}")
+    return seconds

@@ -1,0 +1,201 @@
+#include "concurrency_limiter/acquisition.h"
+
+#include <stdexcept>
+#include <thread>
+#include <utility>
+
+namespace concurrency_limiter {
+
+using NodeState = detail::WaiterNode::State;
+
+Acquisition::Acquisition(std::shared_ptr<const ResourceSet> set)
+    : set_(std::move(set)),
+      count_(set_ ? static_cast<std::uint32_t>(set_->size()) : 0),
+      nodes_(new Node[count_]),
+      refused_(count_) {
+  if (!set_) throw std::invalid_argument("resource set must not be null");
+  for (std::uint32_t i = 0; i < count_; ++i) {
+    nodes_[i].owner = this;
+    nodes_[i].index = i;
+  }
+}
+
+Acquisition::~Acquisition() {
+  {
+    detail::NoticeList notices;  // fired after mu_ is unlocked
+    std::lock_guard lock(mu_);
+    if (state_ == State::kPending) {
+      const NodeState s = resource(held_).abandon(nodes_[held_], Outcome::kCancelled);
+      if (s == NodeState::kGranted) ++held_;  // the grant's notice is in flight
+      callback_ = nullptr;  // nobody is left to tell
+      release_held_locked(notices);
+      state_ = State::kRejected;
+      outcome_ = Outcome::kCancelled;
+    } else if (state_ == State::kGranted) {
+      release_held_locked(notices);
+      state_ = State::kReleased;
+    }
+  }
+  // A resource may still be inside one of our nodes' on_complete() on another
+  // thread; it returns at once (state is final) but must finish before the
+  // nodes are freed.
+  for (std::uint32_t i = 0; i < count_; ++i) {
+    while (nodes_[i].completing_.load(std::memory_order_acquire)) {
+      std::this_thread::yield();
+    }
+  }
+}
+
+bool Acquisition::try_acquire() {
+  detail::NoticeList notices;
+  std::lock_guard lock(mu_);
+  if (state_ != State::kIdle) {
+    throw std::logic_error("try_acquire() on an acquisition already started");
+  }
+  for (std::uint32_t i = 0; i < count_; ++i) {
+    if (!resource(i).try_grant(nodes_[i])) {
+      held_ = i;
+      refused_ = i;
+      release_held_locked(notices);
+      for (std::uint32_t j = 0; j < i; ++j) nodes_[j].state_ = NodeState::kIdle;
+      return false;
+    }
+  }
+  held_ = count_;
+  state_ = State::kGranted;
+  outcome_ = Outcome::kGranted;
+  return true;
+}
+
+Outcome Acquisition::start(Callback callback) {
+  detail::NoticeList notices;
+  std::lock_guard lock(mu_);
+  if (state_ != State::kIdle) {
+    throw std::logic_error("start() on an acquisition already started");
+  }
+  state_ = State::kPending;
+  callback_ = std::move(callback);
+  const Outcome o = advance_locked(notices);
+  if (o != Outcome::kPending) callback_ = nullptr;  // reported by the return
+  return o;
+}
+
+Outcome Acquisition::advance_locked(detail::NoticeList& notices) {
+  while (held_ < count_) {
+    const Outcome o = resource(held_).enqueue(nodes_[held_], notices);
+    if (o == Outcome::kGranted) {
+      ++held_;
+    } else if (o == Outcome::kPending) {
+      return o;
+    } else {
+      reject_locked(held_, o, notices);
+      return o;
+    }
+  }
+  state_ = State::kGranted;
+  outcome_ = Outcome::kGranted;
+  return Outcome::kGranted;
+}
+
+void Acquisition::reject_locked(std::uint32_t index, Outcome reason,
+                                detail::NoticeList& notices) {
+  refused_ = index;
+  release_held_locked(notices);
+  state_ = State::kRejected;
+  outcome_ = reason;
+}
+
+void Acquisition::release_held_locked(detail::NoticeList& notices) {
+  while (held_ > 0) {
+    --held_;
+    resource(held_).release(nodes_[held_].granted_at_, notices);
+  }
+}
+
+void Acquisition::on_node_complete(std::uint32_t index,
+                                   Outcome outcome) noexcept {
+  Callback callback;
+  Outcome final_outcome = outcome;
+  {
+    detail::NoticeList notices;  // fired after mu_ is unlocked
+    std::lock_guard lock(mu_);
+    // cancel() already settled this node when it lost or won the race.
+    if (state_ != State::kPending || index != held_) return;
+    if (outcome == Outcome::kGranted) {
+      ++held_;
+      final_outcome = advance_locked(notices);
+      if (final_outcome == Outcome::kPending) return;
+      callback = std::exchange(callback_, nullptr);
+    } else {
+      reject_locked(index, outcome, notices);
+      callback = std::exchange(callback_, nullptr);
+    }
+  }
+  if (callback) callback(final_outcome);
+}
+
+void Acquisition::cancel(Outcome reason) {
+  if (!is_rejection(reason)) {
+    throw std::invalid_argument("cancel() needs a rejection reason, got " +
+                                std::string(to_string(reason)));
+  }
+  Callback callback;
+  Outcome final_outcome = reason;
+  {
+    detail::NoticeList notices;
+    std::lock_guard lock(mu_);
+    if (state_ != State::kPending) return;
+    Node& node = nodes_[held_];
+    const NodeState s = resource(held_).abandon(node, reason);
+    if (s == NodeState::kQueued) {
+      reject_locked(held_, reason, notices);
+    } else if (s == NodeState::kGranted) {
+      // The resource granted the slot first; its notice will find the state
+      // settled and do nothing.
+      ++held_;
+      if (held_ == count_) {
+        state_ = State::kGranted;
+        outcome_ = final_outcome = Outcome::kGranted;
+      } else {
+        // It still lacked a later resource when the deadline or the cancel
+        // came: that one refused it.
+        resource(held_).count_rejection(reason);
+        reject_locked(held_, reason, notices);
+      }
+    } else {
+      // Shed or pushed out of a full queue first: that is the reason.
+      final_outcome = node.outcome_;
+      reject_locked(held_, final_outcome, notices);
+    }
+    // Every branch above settled the acquisition: call back exactly once.
+    callback = std::exchange(callback_, nullptr);
+  }
+  if (callback) callback(final_outcome);
+}
+
+void Acquisition::release() {
+  detail::NoticeList notices;
+  std::lock_guard lock(mu_);
+  if (state_ != State::kGranted) return;
+  release_held_locked(notices);
+  state_ = State::kReleased;
+}
+
+Acquisition::State Acquisition::state() const {
+  std::lock_guard lock(mu_);
+  return state_;
+}
+
+Outcome Acquisition::outcome() const {
+  std::lock_guard lock(mu_);
+  return outcome_;
+}
+
+const Resource* Acquisition::refused_by() const {
+  std::lock_guard lock(mu_);
+  // Set by a rejection, or by a try_acquire() that found no free slot.
+  if (state_ != State::kRejected && state_ != State::kIdle) return nullptr;
+  return refused_ < count_ ? &resource(refused_) : nullptr;
+}
+
+}  // namespace concurrency_limiter

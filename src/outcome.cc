@@ -1,0 +1,37 @@
+#include "concurrency_limiter/outcome.h"
+
+#include "concurrency_limiter/statistics.h"
+
+namespace concurrency_limiter {
+
+std::string_view to_string(Outcome o) noexcept {
+  switch (o) {
+    case Outcome::kGranted: return "granted";
+    case Outcome::kTimeout: return "timeout";
+    case Outcome::kQueueFull: return "queue_full";
+    case Outcome::kShed: return "shed";
+    case Outcome::kDisconnected: return "disconnected";
+    case Outcome::kCancelled: return "cancelled";
+    case Outcome::kPending: return "pending";
+  }
+  return "unknown";
+}
+
+std::string_view to_string(QueueDiscipline d) noexcept {
+  switch (d) {
+    case QueueDiscipline::kFifo: return "fifo";
+    case QueueDiscipline::kLifo: return "lifo";
+    case QueueDiscipline::kAdaptive: return "adaptive";
+  }
+  return "unknown";
+}
+
+void Histogram::observe(double seconds) noexcept {
+  std::size_t i = 0;
+  while (i < kBounds.size() && seconds > kBounds[i]) ++i;
+  ++counts[i];
+  ++count;
+  sum += seconds;
+}
+
+}  // namespace concurrency_limiter

@@ -1,0 +1,299 @@
+#include "concurrency_limiter/resource.h"
+
+#include <atomic>
+#include <stdexcept>
+#include <string>
+#include <utility>
+
+#include "concurrency_limiter/permit.h"
+#include "concurrency_limiter/resource_set.h"
+
+namespace concurrency_limiter {
+namespace {
+
+using State = detail::WaiterNode::State;
+
+std::string generated_name() {
+  static std::atomic<std::uint64_t> counter{0};
+  return "resource-" +
+         std::to_string(counter.fetch_add(1, std::memory_order_relaxed) + 1);
+}
+
+ResourceOptions validated(ResourceOptions o) {
+  if (o.capacity < 1) {
+    throw std::invalid_argument("capacity must be an integer >= 1, got " +
+                                std::to_string(o.capacity));
+  }
+  if (o.max_waiting && *o.max_waiting < 0) {
+    throw std::invalid_argument(
+        "max_waiting must be an integer >= 0, or None for an unbounded "
+        "queue, got " +
+        std::to_string(*o.max_waiting));
+  }
+  if (o.adaptive_target <= Clock::duration::zero()) {
+    throw std::invalid_argument("adaptive_target must be > 0 seconds");
+  }
+  if (o.adaptive_interval <= Clock::duration::zero()) {
+    throw std::invalid_argument("adaptive_interval must be > 0 seconds");
+  }
+  if (o.name.empty()) o.name = generated_name();
+  return o;
+}
+
+double seconds(Clock::duration d) {
+  return std::chrono::duration<double>(d).count();
+}
+
+}  // namespace
+
+namespace detail {
+
+void NoticeList::push(WaiterNode* node) noexcept {
+  node->next_ = nullptr;
+  if (tail_) {
+    tail_->next_ = node;
+  } else {
+    head_ = node;
+  }
+  tail_ = node;
+}
+
+void NoticeList::fire() noexcept {
+  while (head_) {
+    WaiterNode* node = head_;
+    head_ = node->next_;
+    if (!head_) tail_ = nullptr;
+    node->next_ = nullptr;
+    node->on_complete(node->outcome_);
+    // Last touch of the node: its owner may free it once it reads false.
+    node->completing_.store(false, std::memory_order_release);
+  }
+}
+
+}  // namespace detail
+
+Resource::Resource(ResourceOptions options)
+    : Resource(validated(std::move(options)), 0) {}
+
+Resource::Resource(std::string name, std::int64_t capacity)
+    : Resource([&] {
+        ResourceOptions o;
+        o.name = std::move(name);
+        o.capacity = capacity;
+        return o;
+      }()) {}
+
+// Private tag constructor: `o` is already validated.
+Resource::Resource(ResourceOptions o, int)
+    : name_(std::move(o.name)),
+      capacity_(o.capacity),
+      max_waiting_(o.max_waiting ? *o.max_waiting : -1),
+      discipline_(o.queue),
+      target_(o.adaptive_target),
+      interval_(o.adaptive_interval) {
+  stats_.name = name_;
+  stats_.capacity = capacity_;
+  stats_.max_waiting = o.max_waiting;
+  stats_.queue = discipline_;
+}
+
+Resource::~Resource() = default;
+
+std::optional<std::int64_t> Resource::max_waiting() const noexcept {
+  if (max_waiting_ < 0) return std::nullopt;
+  return max_waiting_;
+}
+
+std::int64_t Resource::in_use() const {
+  std::lock_guard lock(mu_);
+  return in_use_;
+}
+
+std::int64_t Resource::waiting() const {
+  std::lock_guard lock(mu_);
+  return waiting_;
+}
+
+ResourceStatistics Resource::statistics() const {
+  std::lock_guard lock(mu_);
+  ResourceStatistics s = stats_;
+  s.in_use = in_use_;
+  s.waiting = waiting_;
+  return s;
+}
+
+bool Resource::try_grant(detail::WaiterNode& node) {
+  const auto now = Clock::now();
+  std::lock_guard lock(mu_);
+  if (in_use_ >= capacity_ || waiting_ > 0) return false;
+  ++in_use_;
+  if (in_use_ > stats_.peak_in_use) stats_.peak_in_use = in_use_;
+  ++stats_.acquired_total;
+  stats_.wait_seconds.observe(0.0);
+  node.granted_at_ = now;
+  node.state_ = State::kGranted;
+  node.outcome_ = Outcome::kGranted;
+  return true;
+}
+
+Outcome Resource::enqueue(detail::WaiterNode& node,
+                          detail::NoticeList& notices) {
+  const auto now = Clock::now();
+  std::lock_guard lock(mu_);
+  if (in_use_ < capacity_ && waiting_ == 0) {
+    ++in_use_;
+    if (in_use_ > stats_.peak_in_use) stats_.peak_in_use = in_use_;
+    ++stats_.acquired_total;
+    stats_.wait_seconds.observe(0.0);
+    node.granted_at_ = now;
+    node.state_ = State::kGranted;
+    node.outcome_ = Outcome::kGranted;
+    return Outcome::kGranted;
+  }
+  shed_locked(now, notices);
+  if (max_waiting_ >= 0 && waiting_ >= max_waiting_) {
+    if (discipline_ == QueueDiscipline::kFifo || waiting_ == 0) {
+      ++stats_.rejected_total[rejection_index(Outcome::kQueueFull)];
+      node.state_ = State::kRejected;
+      node.outcome_ = Outcome::kQueueFull;
+      return Outcome::kQueueFull;
+    }
+    // LIFO-like queues keep the newest: the oldest waiter makes room.
+    reject_locked(*head_, Outcome::kQueueFull, notices);
+  }
+  link_tail(node, now);
+  return Outcome::kPending;
+}
+
+State Resource::abandon(detail::WaiterNode& node, Outcome reason) {
+  std::lock_guard lock(mu_);
+  const State state = node.state_;
+  if (state == State::kQueued) {
+    unlink(node);
+    node.state_ = State::kRejected;
+    node.outcome_ = reason;
+    ++stats_.rejected_total[rejection_index(reason)];
+  }
+  return state;
+}
+
+void Resource::count_rejection(Outcome reason) {
+  std::lock_guard lock(mu_);
+  ++stats_.rejected_total[rejection_index(reason)];
+}
+
+void Resource::release(Clock::time_point granted_at,
+                       detail::NoticeList& notices) {
+  const auto now = Clock::now();
+  std::lock_guard lock(mu_);
+  stats_.hold_seconds.observe(seconds(now - granted_at));
+  if (detail::WaiterNode* next = pick_locked(now, notices)) {
+    // Hand the slot over: in_use_ stays the same.
+    grant_locked(*next, now);
+    notices.push(next);
+  } else {
+    --in_use_;
+  }
+}
+
+void Resource::link_tail(detail::WaiterNode& node, Clock::time_point now) {
+  if (waiting_ == 0) nonempty_since_ = now;
+  node.enqueued_at_ = now;
+  node.state_ = State::kQueued;
+  node.outcome_ = Outcome::kPending;
+  node.next_ = nullptr;
+  node.prev_ = tail_;
+  if (tail_) {
+    tail_->next_ = &node;
+  } else {
+    head_ = &node;
+  }
+  tail_ = &node;
+  ++waiting_;
+}
+
+void Resource::unlink(detail::WaiterNode& node) {
+  if (node.prev_) {
+    node.prev_->next_ = node.next_;
+  } else {
+    head_ = node.next_;
+  }
+  if (node.next_) {
+    node.next_->prev_ = node.prev_;
+  } else {
+    tail_ = node.prev_;
+  }
+  node.prev_ = node.next_ = nullptr;
+  --waiting_;
+}
+
+void Resource::reject_locked(detail::WaiterNode& node, Outcome reason,
+                             detail::NoticeList& notices) {
+  unlink(node);
+  node.state_ = State::kRejected;
+  node.outcome_ = reason;
+  node.completing_.store(true, std::memory_order_relaxed);  // published by mu_
+  ++stats_.rejected_total[rejection_index(reason)];
+  notices.push(&node);
+}
+
+bool Resource::standing_locked(Clock::time_point now) const {
+  return waiting_ > 0 && now - nonempty_since_ >= interval_;
+}
+
+void Resource::shed_locked(Clock::time_point now,
+                           detail::NoticeList& notices) {
+  if (discipline_ != QueueDiscipline::kAdaptive || !standing_locked(now)) {
+    return;
+  }
+  while (head_ && now - head_->enqueued_at_ > target_) {
+    reject_locked(*head_, Outcome::kShed, notices);
+  }
+}
+
+detail::WaiterNode* Resource::pick_locked(Clock::time_point now,
+                                          detail::NoticeList& notices) {
+  switch (discipline_) {
+    case QueueDiscipline::kFifo:
+      return head_;
+    case QueueDiscipline::kLifo:
+      return tail_;
+    case QueueDiscipline::kAdaptive:
+      if (!standing_locked(now)) return head_;
+      shed_locked(now, notices);
+      return tail_;
+  }
+  return head_;
+}
+
+void Resource::grant_locked(detail::WaiterNode& node, Clock::time_point now) {
+  unlink(node);
+  node.state_ = State::kGranted;
+  node.outcome_ = Outcome::kGranted;
+  node.granted_at_ = now;
+  node.completing_.store(true, std::memory_order_relaxed);  // published by mu_
+  ++stats_.acquired_total;
+  stats_.wait_seconds.observe(seconds(now - node.enqueued_at_));
+}
+
+Permit Resource::try_acquire() {
+  auto acq = std::make_unique<Acquisition>(
+      std::make_shared<const ResourceSet>(
+          std::vector<std::shared_ptr<Resource>>{shared_from_this()}));
+  acq->try_acquire();
+  return make_permit(std::move(acq));
+}
+
+Permit Resource::acquire_until(Clock::time_point deadline,
+                               std::stop_token stop) {
+  return acquire_blocking(
+      std::make_shared<const ResourceSet>(
+          std::vector<std::shared_ptr<Resource>>{shared_from_this()}),
+      deadline, std::move(stop));
+}
+
+Permit Resource::acquire_for(Clock::duration timeout, std::stop_token stop) {
+  return acquire_until(Clock::now() + timeout, std::move(stop));
+}
+
+}  // namespace concurrency_limiter

@@ -1,0 +1,193 @@
+#include <gtest/gtest.h>
+
+#include "test_util.h"
+
+namespace concurrency_limiter {
+namespace {
+
+using testing::make_resource;
+using testing::Recorder;
+using testing::set_of;
+using State = Acquisition::State;
+
+TEST(Acquisition, GrantedAtOnceReturnsGrantedWithoutCallingBack) {
+  auto r = make_resource("db", 1);
+  Recorder rec;
+  Acquisition acq(set_of({r}));
+  EXPECT_EQ(acq.start(rec.callback()), Outcome::kGranted);
+  EXPECT_TRUE(rec.outcomes.empty());
+  EXPECT_EQ(acq.state(), State::kGranted);
+  EXPECT_EQ(r->in_use(), 1);
+  acq.release();
+  EXPECT_EQ(acq.state(), State::kReleased);
+  EXPECT_EQ(r->in_use(), 0);
+}
+
+TEST(Acquisition, PendingIsGrantedByReleaseAndCalledBackOnce) {
+  auto r = make_resource("db", 1);
+  Acquisition holder(set_of({r}));
+  ASSERT_TRUE(holder.try_acquire());
+  Recorder rec;
+  Acquisition acq(set_of({r}));
+  ASSERT_EQ(acq.start(rec.callback()), Outcome::kPending);
+  EXPECT_EQ(r->waiting(), 1);
+  holder.release();
+  EXPECT_EQ(rec.outcomes, std::vector<Outcome>{Outcome::kGranted});
+  EXPECT_EQ(acq.state(), State::kGranted);
+  EXPECT_EQ(r->in_use(), 1);
+  acq.expire();  // too late: no effect, no second callback
+  acq.cancel();
+  EXPECT_EQ(rec.outcomes.size(), 1u);
+  EXPECT_EQ(acq.state(), State::kGranted);
+}
+
+TEST(Acquisition, ExpireRejectsWithTimeoutAndCounts) {
+  auto r = make_resource("db", 1);
+  Acquisition holder(set_of({r}));
+  ASSERT_TRUE(holder.try_acquire());
+  Recorder rec;
+  Acquisition acq(set_of({r}));
+  ASSERT_EQ(acq.start(rec.callback()), Outcome::kPending);
+  acq.expire();
+  EXPECT_EQ(rec.outcomes, std::vector<Outcome>{Outcome::kTimeout});
+  EXPECT_EQ(acq.state(), State::kRejected);
+  EXPECT_EQ(acq.refused_by(), r.get());
+  EXPECT_EQ(r->waiting(), 0);
+  EXPECT_EQ(r->statistics().rejected(Outcome::kTimeout), 1u);
+}
+
+TEST(Acquisition, CancelWithDisconnectedIsCountedAsSuch) {
+  auto r = make_resource("db", 1);
+  Acquisition holder(set_of({r}));
+  ASSERT_TRUE(holder.try_acquire());
+  Recorder rec;
+  Acquisition acq(set_of({r}));
+  ASSERT_EQ(acq.start(rec.callback()), Outcome::kPending);
+  acq.cancel(Outcome::kDisconnected);
+  EXPECT_EQ(rec.outcomes, std::vector<Outcome>{Outcome::kDisconnected});
+  EXPECT_EQ(r->statistics().rejected(Outcome::kDisconnected), 1u);
+  EXPECT_THROW(acq.cancel(Outcome::kGranted), std::invalid_argument);
+}
+
+// asyncio's semaphore once lost a slot when a waiter was woken and then
+// cancelled before it ran (CPython gh-90155). Here the owner of a granted
+// acquisition that gives up calls cancel() then release(): the slot must go
+// to the next waiter.
+TEST(Acquisition, GrantedThenCancelledPassesTheSlotOn) {
+  auto r = make_resource("db", 1);
+  Acquisition holder(set_of({r}));
+  ASSERT_TRUE(holder.try_acquire());
+  Recorder b_rec, c_rec;
+  Acquisition b(set_of({r})), c(set_of({r}));
+  ASSERT_EQ(b.start(b_rec.callback()), Outcome::kPending);
+  ASSERT_EQ(c.start(c_rec.callback()), Outcome::kPending);
+  holder.release();
+  ASSERT_EQ(b_rec.outcomes, std::vector<Outcome>{Outcome::kGranted});
+  b.cancel();   // lost the race with the grant: no effect
+  b.release();  // ... so the giving-up owner releases
+  EXPECT_EQ(c_rec.outcomes, std::vector<Outcome>{Outcome::kGranted});
+  EXPECT_EQ(r->in_use(), 1);
+  EXPECT_EQ(r->waiting(), 0);
+}
+
+TEST(Acquisition, TimeoutOnASecondResourceReleasesTheFirst) {
+  auto db = make_resource("db", 1);
+  auto file = make_resource("file", 1);
+  Acquisition file_holder(set_of({file}));
+  ASSERT_TRUE(file_holder.try_acquire());
+  Recorder rec;
+  Acquisition acq(set_of({db, file}));
+  ASSERT_EQ(acq.start(rec.callback()), Outcome::kPending);
+  EXPECT_EQ(db->in_use(), 1);  // holds db while it waits for file
+  EXPECT_EQ(file->waiting(), 1);
+  // Another request queues for db behind it.
+  Recorder other_rec;
+  Acquisition other(set_of({db}));
+  ASSERT_EQ(other.start(other_rec.callback()), Outcome::kPending);
+  acq.expire();
+  EXPECT_EQ(rec.outcomes, std::vector<Outcome>{Outcome::kTimeout});
+  EXPECT_EQ(acq.refused_by(), file.get());
+  EXPECT_EQ(file->waiting(), 0);
+  // db went straight to the request waiting for it.
+  EXPECT_EQ(other_rec.outcomes, std::vector<Outcome>{Outcome::kGranted});
+  EXPECT_EQ(db->in_use(), 1);
+  other.release();
+  EXPECT_EQ(db->in_use(), 0);
+  EXPECT_EQ(file->statistics().rejected(Outcome::kTimeout), 1u);
+  EXPECT_EQ(db->statistics().rejected(Outcome::kTimeout), 0u);
+}
+
+TEST(Acquisition, GrantOfTheFirstResourceMovesOnToTheSecond) {
+  auto db = make_resource("db", 1);
+  auto file = make_resource("file", 1);
+  Acquisition db_holder(set_of({db})), file_holder(set_of({file}));
+  ASSERT_TRUE(db_holder.try_acquire());
+  ASSERT_TRUE(file_holder.try_acquire());
+  Recorder rec;
+  Acquisition acq(set_of({db, file}));
+  ASSERT_EQ(acq.start(rec.callback()), Outcome::kPending);
+  db_holder.release();
+  EXPECT_TRUE(rec.outcomes.empty());  // now waits for file
+  EXPECT_EQ(file->waiting(), 1);
+  file_holder.release();
+  EXPECT_EQ(rec.outcomes, std::vector<Outcome>{Outcome::kGranted});
+  acq.release();
+  EXPECT_EQ(db->in_use(), 0);
+  EXPECT_EQ(file->in_use(), 0);
+}
+
+TEST(Acquisition, TryAcquireIsAllOrNothing) {
+  auto db = make_resource("db", 1);
+  auto file = make_resource("file", 1);
+  Acquisition file_holder(set_of({file}));
+  ASSERT_TRUE(file_holder.try_acquire());
+  Acquisition acq(set_of({db, file}));
+  EXPECT_FALSE(acq.try_acquire());
+  EXPECT_EQ(db->in_use(), 0);
+  EXPECT_EQ(acq.state(), State::kIdle);
+  EXPECT_EQ(acq.refused_by(), file.get());
+  // A failed try may be followed by a real wait.
+  Recorder rec;
+  EXPECT_EQ(acq.start(rec.callback()), Outcome::kPending);
+  file_holder.release();
+  EXPECT_EQ(rec.outcomes, std::vector<Outcome>{Outcome::kGranted});
+}
+
+TEST(Acquisition, TryAcquireDoesNotJumpTheQueue) {
+  auto r = make_resource("db", 1);
+  Acquisition holder(set_of({r}));
+  ASSERT_TRUE(holder.try_acquire());
+  Recorder rec;
+  Acquisition waiter(set_of({r}));
+  ASSERT_EQ(waiter.start(rec.callback()), Outcome::kPending);
+  holder.release();  // handed to the waiter
+  Acquisition late(set_of({r}));
+  EXPECT_FALSE(late.try_acquire());
+}
+
+TEST(Acquisition, DestroyingAPendingOrGrantedAcquisitionLeavesNoTrace) {
+  auto r = make_resource("db", 1);
+  Recorder rec;
+  {
+    Acquisition holder(set_of({r}));
+    ASSERT_TRUE(holder.try_acquire());
+    {
+      Acquisition pending(set_of({r}));
+      ASSERT_EQ(pending.start(rec.callback()), Outcome::kPending);
+    }
+    EXPECT_EQ(r->waiting(), 0);
+  }
+  EXPECT_EQ(r->in_use(), 0);
+  EXPECT_TRUE(rec.outcomes.empty());
+}
+
+TEST(Acquisition, StartingTwiceIsALogicError) {
+  auto r = make_resource("db", 1);
+  Acquisition acq(set_of({r}));
+  ASSERT_EQ(acq.start(nullptr), Outcome::kGranted);
+  EXPECT_THROW(acq.start(nullptr), std::logic_error);
+  EXPECT_THROW(acq.try_acquire(), std::logic_error);
+}
+
+}  // namespace
+}  // namespace concurrency_limiter
