@@ -1,0 +1,118 @@
+"""``async with limiter.acquire(...)`` and the asyncio waiting glue under
+cancellation."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+
+import pytest
+
+from fastapi_concurrency_limiter import Limiter, Resource, ServerBusy
+
+from .conftest import eventually
+
+pytestmark = pytest.mark.anyio
+
+
+async def test_acquire_holds_for_the_block_and_times_out_with_server_busy() -> None:
+    db = Resource(1, name="db")
+    limiter = Limiter(timeout=0.01, resources=[db])
+    async with limiter.acquire([db]):
+        assert db.in_use == 1
+        with pytest.raises(ServerBusy) as info:
+            async with limiter.acquire([db]):
+                pass
+        assert (info.value.resource, info.value.reason) == ("db", "timeout")
+        assert info.value.status_code == 503
+    assert db.in_use == 0
+
+
+async def test_acquire_applies_the_order_rules() -> None:
+    db, file = Resource(1), Resource(1)
+    limiter = Limiter(timeout=1, resources=[db, file])
+    with pytest.raises(ValueError, match="registration order"):
+        limiter.acquire([file, db])
+
+
+async def test_multi_resource_timeout_releases_what_was_taken() -> None:
+    db, file = Resource(1, name="db"), Resource(1, name="file")
+    limiter = Limiter(timeout=0.02, resources=[db, file])
+    async with limiter.acquire([file]):
+        with pytest.raises(ServerBusy) as info:
+            async with limiter.acquire([db, file]):
+                pass
+        assert info.value.resource == "file"
+        assert db.in_use == 0  # taken on the way, given back
+    assert (db.in_use, file.in_use, file.waiting) == (0, 0, 0)
+
+
+async def test_granted_then_cancelled_waiter_passes_the_slot_on() -> None:
+    """CPython gh-90155: a waiter woken by a release and cancelled before it
+    runs must not take the slot with it."""
+    db = Resource(1)
+    limiter = Limiter(timeout=30, resources=[db])
+    order: list[str] = []
+
+    async def user(name: str) -> None:
+        async with limiter.acquire([db]):
+            order.append(name)
+
+    holder = limiter.acquire([db])
+    await holder.__aenter__()
+    b = asyncio.ensure_future(user("b"))
+    c = asyncio.ensure_future(user("c"))
+    await eventually(lambda: db.waiting == 2)
+    await holder.__aexit__(None, None, None)  # grants b...
+    b.cancel()  # ...which is cancelled before it could run
+    await asyncio.gather(b, return_exceptions=True)
+    await c
+    assert order == ["c"]
+    assert (db.in_use, db.waiting) == (0, 0)
+
+
+async def test_stress_random_cancellations_and_timeouts_leave_every_slot_free() -> None:
+    rng = random.Random(1234)
+    db = Resource(3, name="db")
+    file = Resource(2, name="file", queue="lifo", max_waiting=20)
+    cache = Resource(1, name="cache", queue="adaptive", adaptive_target=0.002,
+                     adaptive_interval=0.002)
+    limiter = Limiter(timeout=0.02, resources=[db, file, cache])
+    combos = [[db], [file], [cache], [db, file], [db, cache], [file, cache], [db, file, cache]]
+    holding = {r.name: 0 for r in (db, file, cache)}
+    over_capacity: list[str] = []
+    outcomes: dict[str, int] = {}
+
+    async def user(resources: list[Resource]) -> None:
+        try:
+            async with limiter.acquire(resources, timeout=rng.choice([0, 0.001, 0.01, 0.05])):
+                for r in resources:
+                    holding[r.name] += 1
+                    if holding[r.name] > r.capacity:
+                        over_capacity.append(r.name)
+                try:
+                    await asyncio.sleep(rng.random() * 0.003)
+                finally:
+                    for r in resources:
+                        holding[r.name] -= 1
+            outcomes["ok"] = outcomes.get("ok", 0) + 1
+        except ServerBusy as e:
+            outcomes[e.reason] = outcomes.get(e.reason, 0) + 1
+
+    tasks: list[asyncio.Task[None]] = []
+    for _ in range(3000):
+        tasks.append(asyncio.ensure_future(user(rng.choice(combos))))
+        if rng.random() < 0.3:
+            rng.choice(tasks).cancel()
+        if rng.random() < 0.2:
+            await asyncio.sleep(0)
+    results = await asyncio.gather(*tasks, return_exceptions=True)
+    cancelled = sum(isinstance(r, asyncio.CancelledError) for r in results)
+    assert not [r for r in results if r is not None and not isinstance(r, asyncio.CancelledError)]
+    assert over_capacity == []
+    assert outcomes.get("ok", 0) > 0 and outcomes.get("timeout", 0) > 0 and cancelled > 0
+    for r in (db, file, cache):
+        assert (r.in_use, r.waiting) == (0, 0), r
+        s = r.statistics()
+        assert s.peak_in_use <= s.capacity
+        assert s.hold_seconds.count == s.acquired_total

@@ -1,0 +1,78 @@
+"""Bad configuration fails at start-up with a message naming the parameter."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from fastapi_concurrency_limiter import Limiter, Resource
+
+
+@pytest.mark.parametrize("capacity", [0, -3])
+def test_capacity_below_one_is_a_value_error(capacity: int) -> None:
+    with pytest.raises(ValueError, match=r"capacity must be an integer >= 1"):
+        Resource(capacity)
+
+
+@pytest.mark.parametrize("capacity", [True, 2.0, "3", None])
+def test_capacity_of_another_type_is_a_type_error(capacity: object) -> None:
+    with pytest.raises(TypeError, match=r"capacity must be an integer >= 1"):
+        Resource(capacity)  # type: ignore[arg-type]
+
+
+def test_resource_options_are_checked() -> None:
+    with pytest.raises(ValueError, match=r"max_waiting must be an integer >= 0 or None"):
+        Resource(1, max_waiting=-1)
+    with pytest.raises(ValueError, match=r"queue must be one of 'fifo', 'lifo', 'adaptive'"):
+        Resource(1, queue="random")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"name must be a non-empty str"):
+        Resource(1, name="")
+    with pytest.raises(ValueError, match=r"adaptive_target must be a finite number of seconds > 0"):
+        Resource(1, queue="adaptive", adaptive_target=0)
+
+
+def test_names_are_generated_unique_and_readable() -> None:
+    a, b = Resource(1), Resource(1)
+    assert a.name != b.name
+    assert Resource(1, name="db").name == "db"
+
+
+@pytest.mark.parametrize("timeout", [-1, math.nan, math.inf])
+def test_limiter_timeout_must_be_finite_and_not_negative(timeout: float) -> None:
+    with pytest.raises(ValueError, match=r"timeout must be a finite number of seconds >= 0"):
+        Limiter(timeout=timeout, resources=[Resource(1)])
+
+
+def test_limiter_timeout_must_be_a_number() -> None:
+    with pytest.raises(TypeError, match=r"timeout must be a finite number"):
+        Limiter(timeout="5", resources=[Resource(1)])  # type: ignore[arg-type]
+
+
+def test_limiter_rejects_duplicate_registration_and_non_resources() -> None:
+    db = Resource(1)
+    with pytest.raises(ValueError, match=r"registered twice"):
+        Limiter(timeout=1, resources=[db, db])
+    with pytest.raises(ValueError, match=r"two resources are named 'db'"):
+        Limiter(timeout=1, resources=[Resource(1, name="db"), Resource(2, name="db")])
+    with pytest.raises(TypeError, match=r"resources\[1\] must be a Resource"):
+        Limiter(timeout=1, resources=[db, 5])  # type: ignore[list-item]
+
+
+def test_decorator_rejects_bad_resource_lists_at_decoration_time() -> None:
+    db, file, stray = Resource(1, name="db"), Resource(1, name="file"), Resource(1, name="stray")
+    limiter = Limiter(timeout=1, resources=[db, file])
+    with pytest.raises(ValueError, match=r"registration order \['db', 'file'\].*got \['file', 'db'\]"):
+        limiter.resources([file, db])
+    with pytest.raises(ValueError, match=r"'stray' is not registered"):
+        limiter.resources([stray])
+    with pytest.raises(ValueError, match=r"'db' is listed twice"):
+        limiter.resources([db, db])
+    with pytest.raises(ValueError, match=r"at least one resource"):
+        limiter.resources([])
+    with pytest.raises(TypeError, match=r"resources\[0\] must be a Resource"):
+        limiter.resources(["db"])  # type: ignore[list-item]
+    with pytest.raises(ValueError, match=r"timeout must be"):
+        limiter.resources([db], timeout=-1)
+    with pytest.raises(ValueError, match=r"retry_after must be an integer >= 0 or None"):
+        Limiter(timeout=1, resources=[db], retry_after=-1)
