@@ -130,8 +130,26 @@ NB_MODULE(_core, m) {
       .def("cancel", &cl::Acquisition::cancel, "reason"_a = cl::Outcome::kCancelled)
       .def("release", &cl::Acquisition::release)
       .def_prop_ro("outcome", &cl::Acquisition::outcome)
+      .def_prop_ro("state", [](const cl::Acquisition& a) {
+        switch (a.state()) {
+          case cl::Acquisition::State::kIdle: return "idle";
+          case cl::Acquisition::State::kPending: return "pending";
+          case cl::Acquisition::State::kGranted: return "granted";
+          case cl::Acquisition::State::kRejected: return "rejected";
+          case cl::Acquisition::State::kReleased: return "released";
+        }
+        return "unknown";
+      })
       .def_prop_ro("refused_by", [](const cl::Acquisition& a) -> std::optional<std::string> {
         if (const cl::Resource* r = a.refused_by()) return r->name();
         return std::nullopt;
       });
+
+  nb::class_<cl::DeadlineQueue>(m, "DeadlineQueue")
+      .def(nb::init<>())
+      .def("add", &cl::DeadlineQueue::add, "acquisition"_a, "deadline"_a)
+      .def("remove", &cl::DeadlineQueue::remove, "acquisition"_a)
+      .def("expire_due", &cl::DeadlineQueue::expire_due, "now"_a)
+      .def_prop_ro("next_deadline", &cl::DeadlineQueue::next_deadline)
+      .def("__len__", &cl::DeadlineQueue::size);
 }

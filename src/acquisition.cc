@@ -21,6 +21,7 @@ Acquisition::Acquisition(std::shared_ptr<const ResourceSet> set)
 }
 
 Acquisition::~Acquisition() {
+  if (deadlines_) deadlines_->remove(*this);
   {
     detail::NoticeList notices;  // fired after mu_ is unlocked
     std::lock_guard lock(mu_);

@@ -38,6 +38,7 @@
 #include <memory>
 #include <mutex>
 
+#include "concurrency_limiter/deadline_queue.h"
 #include "concurrency_limiter/outcome.h"
 #include "concurrency_limiter/resource.h"
 #include "concurrency_limiter/resource_set.h"
@@ -103,6 +104,8 @@ class Acquisition {
   }
 
  private:
+  friend class DeadlineQueue;
+
   class Node final : public detail::WaiterNode {
    public:
     Acquisition* owner = nullptr;
@@ -136,6 +139,12 @@ class Acquisition {
   std::uint32_t held_ = 0;  // resources [0, held_) are held; guarded by mu_
   std::uint32_t refused_;  // index of the refusing resource, count_ if none; guarded by mu_
   Callback callback_;       // guarded by mu_; moved out to be called once
+
+  // Membership in a DeadlineQueue; used by that queue's thread only.
+  DeadlineQueue* deadlines_ = nullptr;
+  Acquisition* deadline_prev_ = nullptr;
+  Acquisition* deadline_next_ = nullptr;
+  double deadline_ = 0.0;
 };
 
 }  // namespace concurrency_limiter

@@ -15,7 +15,7 @@ from . import _core
 from ._resource import Resource
 from ._statistics import LimiterStatistics, ResourceStatistics
 from ._validation import check_int, check_seconds
-from ._waiting import acquire
+from ._waiting import wait
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -60,15 +60,16 @@ class Limiter:
         return self._retry_after
 
     def _select(self, resources: Sequence[Resource]) -> _core.ResourceSet:
-        key = tuple(_check_resources("resources", resources, allow_empty=True))
         try:
-            return self._sets[key]
-        except KeyError:
-            # The engine validates: registered, no duplicates, registration
-            # order, not empty. ValueError otherwise.
-            rset = self._core.select([r._core for r in key])
-            self._sets[key] = rset
-            return rset
+            return self._sets[tuple(resources)]  # validated before
+        except (KeyError, TypeError):
+            pass
+        key = tuple(_check_resources("resources", resources, allow_empty=True))
+        # The engine validates: registered, no duplicates, registration
+        # order, not empty. ValueError otherwise.
+        rset = self._core.select([r._core for r in key])
+        self._sets[key] = rset
+        return rset
 
     def resources(
         self, resources: Sequence[Resource], *, timeout: float | None = None
@@ -143,7 +144,10 @@ class _Hold:
     async def __aenter__(self) -> None:
         if self._acquisition is not None:
             raise RuntimeError("this limiter.acquire(...) block is already entered")
-        self._acquisition = await acquire(self._rset, self._timeout, self._retry_after)
+        acquisition = _core.Acquisition(self._rset)
+        if not acquisition.try_acquire():
+            await wait(acquisition, self._timeout, self._retry_after)
+        self._acquisition = acquisition
 
     async def __aexit__(
         self,
@@ -211,6 +215,7 @@ def _limit(
     request_name = _request_parameter(sig)
     injected = request_name is None
     is_async = _is_async(func)
+    Acquisition = _core.Acquisition
 
     @functools.wraps(func)
     async def endpoint(*args: Any, **kwargs: Any) -> Any:
@@ -218,7 +223,9 @@ def _limit(
             request = kwargs.pop(_REQUEST_PARAM, None)
         else:
             request = kwargs.get(request_name)  # type: ignore[arg-type]
-        acquisition = await acquire(rset, timeout, retry_after, request)
+        acquisition = Acquisition(rset)
+        if not acquisition.try_acquire():
+            await wait(acquisition, timeout, retry_after, request)
         try:
             if is_async:
                 return await func(*args, **kwargs)

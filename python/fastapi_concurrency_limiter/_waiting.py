@@ -3,23 +3,79 @@
 The queue, the order of service and the grant/timeout/cancel races all live
 in the C++ engine (``_core.Acquisition``). This module only connects an
 acquisition to the event loop: a future that the engine's completion
-callback resolves, a loop timer that expires it, and (for HTTP requests) a
-watcher that cancels it when the client disconnects.
+callback resolves, one loop timer per loop that expires due acquisitions
+(through the engine's ``DeadlineQueue``), and for HTTP requests a watcher
+that cancels the wait when the client disconnects.
 """
 
 from __future__ import annotations
 
 import asyncio
 import threading
+import time
+import weakref
 from collections.abc import Callable
+
 from starlette.requests import Request
 
 from . import _core
 from ._errors import ServerBusy
 
-_GRANTED = _core.Outcome.granted
+GRANTED = _core.Outcome.granted
 _PENDING = _core.Outcome.pending
 _DISCONNECTED = _core.Outcome.disconnected
+# asyncio runs a timer up to one clock tick early.
+_CLOCK_RESOLUTION = time.get_clock_info("monotonic").resolution
+
+
+class _LoopTimer:
+    """One loop timer for every acquisition waiting on a loop, instead of a
+    timer each."""
+
+    __slots__ = ("_loop", "_queue", "_handle", "__weakref__")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._queue = _core.DeadlineQueue()
+        self._handle: asyncio.TimerHandle | None = None
+
+    def add(self, acquisition: _core.Acquisition, timeout: float) -> None:
+        deadline = self._loop.time() + timeout
+        if self._queue.add(acquisition, deadline):
+            self._arm(deadline)
+
+    def remove(self, acquisition: _core.Acquisition) -> None:
+        self._queue.remove(acquisition)
+
+    def _arm(self, when: float) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+        self._handle = self._loop.call_at(when, self._fire)
+
+    def _fire(self) -> None:
+        self._handle = None
+        following = self._queue.expire_due(self._loop.time() + _CLOCK_RESOLUTION)
+        if following is not None:
+            self._arm(following)
+
+
+_timers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopTimer] = (
+    weakref.WeakKeyDictionary()
+)
+# The last loop's timer: almost every call comes from the same loop, and a
+# WeakKeyDictionary lookup costs a weakref each time.
+_last: tuple[weakref.ref[asyncio.AbstractEventLoop], _LoopTimer] | None = None
+
+
+def _timer_for(loop: asyncio.AbstractEventLoop) -> _LoopTimer:
+    global _last
+    if _last is not None and _last[0]() is loop:
+        return _last[1]
+    timer = _timers.get(loop)
+    if timer is None:
+        timer = _timers[loop] = _LoopTimer(loop)
+    _last = (weakref.ref(loop), timer)
+    return timer
 
 
 def _set_unless_done(future: asyncio.Future[_core.Outcome], outcome: _core.Outcome) -> None:
@@ -36,7 +92,8 @@ def _resolver(
 
     def resolve(outcome: _core.Outcome) -> None:
         if threading.get_ident() == loop_thread:
-            _set_unless_done(future, outcome)
+            if not future.done():
+                future.set_result(outcome)
         else:  # a resource shared with another thread's loop released it
             loop.call_soon_threadsafe(_set_unless_done, future, outcome)
 
@@ -65,50 +122,40 @@ async def _drain_body(request: Request) -> None:
         pass
 
 
-async def acquire(
-    resource_set: _core.ResourceSet,
+async def wait(
+    acquisition: _core.Acquisition,
     timeout: float,
     retry_after: int | None,
     request: Request | None = None,
-) -> _core.Acquisition:
-    """Takes a slot of every resource in ``resource_set``, in order, within
-    ``timeout`` seconds. Returns the granted acquisition (call ``release()``
-    on it), or raises ServerBusy. If the calling task is cancelled, nothing
-    is left held or queued."""
-    acquisition = _core.Acquisition(resource_set)
-    if acquisition.try_acquire():
-        return acquisition
+) -> None:
+    """The slow path, after ``acquisition.try_acquire()`` found no free slot:
+    queues in the engine and waits up to ``timeout`` seconds. Returns once
+    granted (the caller then owns the slots and must ``release()``), or
+    raises ServerBusy. If the calling task is cancelled, nothing is left held
+    or queued."""
     if request is not None:
         await _drain_body(request)
     loop = asyncio.get_running_loop()
     future: asyncio.Future[_core.Outcome] = loop.create_future()
     outcome = acquisition.start(_resolver(future, loop))
     if outcome is _PENDING:
-        outcome = await _wait(acquisition, future, loop, timeout, request)
-    if outcome is _GRANTED:
-        return acquisition
-    raise ServerBusy(acquisition.refused_by or "", outcome.name, retry_after)
-
-
-async def _wait(
-    acquisition: _core.Acquisition,
-    future: asyncio.Future[_core.Outcome],
-    loop: asyncio.AbstractEventLoop,
-    timeout: float,
-    request: Request | None,
-) -> _core.Outcome:
-    timer = loop.call_later(timeout, acquisition.expire)
-    watcher = None if request is None else loop.create_task(_watch_disconnect(request, acquisition))
-    try:
-        return await future
-    except BaseException:
-        # Cancelled (or interrupted) while waiting. The engine decides the
-        # race with a grant under the resource's lock: cancel() removes a
-        # queued request, release() passes on a slot granted meanwhile.
-        acquisition.cancel()
-        acquisition.release()
-        raise
-    finally:
-        timer.cancel()
-        if watcher is not None:
-            watcher.cancel()
+        timer = _timer_for(loop)
+        timer.add(acquisition, timeout)
+        watcher = None if request is None else loop.create_task(
+            _watch_disconnect(request, acquisition)
+        )
+        try:
+            outcome = await future
+        except BaseException:
+            # Cancelled while waiting. The engine decides the race with a
+            # grant under the resource's lock: cancel() takes a queued request
+            # out, release() passes on a slot granted meanwhile.
+            acquisition.cancel()
+            acquisition.release()
+            raise
+        finally:
+            timer.remove(acquisition)
+            if watcher is not None:
+                watcher.cancel()
+    if outcome is not GRANTED:
+        raise ServerBusy(acquisition.refused_by or "", outcome.name, retry_after)
