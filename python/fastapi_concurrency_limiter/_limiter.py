@@ -8,10 +8,12 @@ from collections.abc import Awaitable, Callable, Sequence
 from types import TracebackType
 from typing import Any, TypeVar
 
+from fastapi import FastAPI
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 
 from . import _core
+from ._openapi import document_busy_responses, limited_endpoints
 from ._resource import Resource
 from ._statistics import LimiterStatistics, ResourceStatistics
 from ._validation import check_int, check_seconds
@@ -117,6 +119,13 @@ class Limiter:
         rset = self._select(resources)
         wait = self._timeout if timeout is None else check_seconds("timeout", timeout)
         return _Hold(rset, wait, self._retry_after)
+
+    def instrument(self, app: FastAPI) -> None:
+        """Documents the 503 response (body schema and ``Retry-After``) of
+        every route this library limits in ``app``'s OpenAPI schema, so that
+        generated clients know it can happen. Call once, e.g. right after
+        creating the app; routes declared later are covered too."""
+        document_busy_responses(app)
 
     def statistics(self) -> LimiterStatistics:
         """Snapshots of every registered resource, in registration order."""
@@ -236,4 +245,5 @@ def _limit(
     # FastAPI reads parameters from __signature__: the user's own, plus the
     # Request the decorator needs to notice disconnects.
     endpoint.__signature__ = _with_request(sig) if injected else sig  # type: ignore[attr-defined]
+    limited_endpoints[endpoint] = retry_after
     return endpoint

@@ -20,6 +20,7 @@ from starlette.requests import Request
 
 from . import _core
 from ._errors import ServerBusy
+from ._logging import log_rejection
 
 GRANTED = _core.Outcome.granted
 _PENDING = _core.Outcome.pending
@@ -136,6 +137,7 @@ async def wait(
     if request is not None:
         await _drain_body(request)
     loop = asyncio.get_running_loop()
+    started = loop.time()
     future: asyncio.Future[_core.Outcome] = loop.create_future()
     outcome = acquisition.start(_resolver(future, loop))
     if outcome is _PENDING:
@@ -158,4 +160,6 @@ async def wait(
             if watcher is not None:
                 watcher.cancel()
     if outcome is not GRANTED:
-        raise ServerBusy(acquisition.refused_by or "", outcome.name, retry_after)
+        resource = acquisition.refused_by or ""
+        log_rejection(resource, outcome.name, loop.time() - started)
+        raise ServerBusy(resource, outcome.name, retry_after)

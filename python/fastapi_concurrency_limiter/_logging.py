@@ -1,0 +1,59 @@
+"""Rate-limited log lines for rejected requests.
+
+During a spike a limiter may turn away thousands of requests a second; one
+line each would flood the log and cost CPU when it is scarcest. Per resource,
+the first rejection of each one-second window is logged as it happens; the
+others are counted and summed up in one line when the next window opens.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+
+logger = logging.getLogger("fastapi_concurrency_limiter")
+
+#: Seconds per resource between individual rejection lines.
+WINDOW = 1.0
+
+
+@dataclass
+class _Window:
+    start: float
+    suppressed: Counter[str] = field(default_factory=Counter)
+    max_waited: float = 0.0
+
+
+_windows: dict[str, _Window] = {}
+
+
+def log_rejection(resource: str, reason: str, waited: float) -> None:
+    """Records one rejected request; logs at most two lines per resource per
+    window (the first rejection, and a summary of the window before)."""
+    if not logger.isEnabledFor(logging.WARNING):
+        return
+    now = time.monotonic()
+    window = _windows.get(resource)
+    if window is not None and now - window.start < WINDOW:
+        window.suppressed[reason] += 1
+        window.max_waited = max(window.max_waited, waited)
+        return
+    if window is not None and window.suppressed:
+        reasons = ", ".join(f"{r}={n}" for r, n in sorted(window.suppressed.items()))
+        logger.warning(
+            "resource %r turned away %d more requests in %.1f s (%s; longest wait %.3f s)",
+            resource,
+            sum(window.suppressed.values()),
+            now - window.start,
+            reasons,
+            window.max_waited,
+        )
+    _windows[resource] = _Window(start=now)
+    logger.warning(
+        "resource %r turned a request away: reason=%s after waiting %.3f s",
+        resource,
+        reason,
+        waited,
+    )
