@@ -197,7 +197,6 @@ void Resource::release(Clock::time_point granted_at,
 }
 
 void Resource::link_tail(detail::WaiterNode& node, Clock::time_point now) {
-  if (waiting_ == 0) nonempty_since_ = now;
   node.enqueued_at_ = now;
   node.state_ = State::kQueued;
   node.outcome_ = Outcome::kPending;
@@ -237,8 +236,16 @@ void Resource::reject_locked(detail::WaiterNode& node, Outcome reason,
   notices.push(&node);
 }
 
-bool Resource::standing_locked(Clock::time_point now) const {
-  return waiting_ > 0 && now - nonempty_since_ >= interval_;
+bool Resource::standing_locked(Clock::time_point now) {
+  // CoDel's rule: the queue stands once its oldest waiter has been older than
+  // the target without a break for a whole interval. The break is observed
+  // lazily, at the events that call this.
+  if (!head_ || now - head_->enqueued_at_ <= target_) {
+    above_target_since_.reset();
+    return false;
+  }
+  if (!above_target_since_) above_target_since_ = head_->enqueued_at_ + target_;
+  return now - *above_target_since_ >= interval_;
 }
 
 void Resource::shed_locked(Clock::time_point now,
@@ -246,7 +253,9 @@ void Resource::shed_locked(Clock::time_point now,
   if (discipline_ != QueueDiscipline::kAdaptive || !standing_locked(now)) {
     return;
   }
-  while (head_ && now - head_->enqueued_at_ > target_) {
+  // Served newest first, the oldest waiters would be served last: tell them
+  // now instead of at their timeout.
+  while (head_ && now - head_->enqueued_at_ > target_ + interval_) {
     reject_locked(*head_, Outcome::kShed, notices);
   }
 }
@@ -259,9 +268,8 @@ detail::WaiterNode* Resource::pick_locked(Clock::time_point now,
     case QueueDiscipline::kLifo:
       return tail_;
     case QueueDiscipline::kAdaptive:
-      if (!standing_locked(now)) return head_;
       shed_locked(now, notices);
-      return tail_;
+      return standing_locked(now) ? tail_ : head_;
   }
   return head_;
 }

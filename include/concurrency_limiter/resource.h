@@ -21,12 +21,14 @@
 //              waiter is rejected with kQueueFull to make room: under overload
 //              the newest requests, whose clients are still waiting, are the
 //              ones worth serving.
-//   kAdaptive  FIFO while the queue drains. Once the queue has stayed
-//              non-empty for `adaptive_interval` (a standing queue, as in
-//              CoDel), it serves the newest waiter first and sheds (kShed)
-//              every waiter that has waited longer than `adaptive_target`, so
-//              that clients hear "busy" early instead of at their timeout.
-//              Full queue: as kLifo.
+//   kAdaptive  FIFO while the queue drains. Once the oldest waiter has been
+//              older than `adaptive_target` without a break for a whole
+//              `adaptive_interval` (a standing queue, in CoDel's terms), it
+//              serves the newest waiter first, so the requests that do get
+//              served have not waited, and sheds (kShed) waiters older than
+//              `adaptive_target + adaptive_interval`: served last, they would
+//              only wait for their timeout. Back to FIFO as soon as the oldest
+//              waiter is younger than the target again. Full queue: as kLifo.
 //
 // Thread safety: every member function may be called from any thread. The
 // resource's state is guarded by one mutex that is held for a few
@@ -67,12 +69,13 @@ struct ResourceOptions {
   // a request either gets a free slot at once or is rejected with kQueueFull.
   std::optional<std::int64_t> max_waiting;
   QueueDiscipline queue = QueueDiscipline::kFifo;
-  // kAdaptive only: a waiter that has waited longer than this while the queue
-  // is standing is shed. Must be > 0.
-  Clock::duration adaptive_target = std::chrono::milliseconds(100);
-  // kAdaptive only: the queue counts as standing once it has been non-empty
-  // for this long. Must be > 0.
-  Clock::duration adaptive_interval = std::chrono::milliseconds(100);
+  // kAdaptive only: the queueing delay considered normal. Must be > 0. Set
+  // it above the waits of normal operation (about a service time when the
+  // steady load keeps a short queue), so only an overload changes the order.
+  Clock::duration adaptive_target = std::chrono::milliseconds(500);
+  // kAdaptive only: how long the oldest waiter must stay above the target
+  // before the queue counts as standing. Must be > 0.
+  Clock::duration adaptive_interval = std::chrono::milliseconds(500);
 };
 
 namespace detail {
@@ -203,7 +206,7 @@ class Resource : public std::enable_shared_from_this<Resource> {
   void unlink(detail::WaiterNode& node);
   void reject_locked(detail::WaiterNode& node, Outcome reason,
                      detail::NoticeList& notices);
-  bool standing_locked(Clock::time_point now) const;
+  bool standing_locked(Clock::time_point now);
   void shed_locked(Clock::time_point now, detail::NoticeList& notices);
   detail::WaiterNode* pick_locked(Clock::time_point now,
                                   detail::NoticeList& notices);
@@ -221,7 +224,9 @@ class Resource : public std::enable_shared_from_this<Resource> {
   std::int64_t waiting_ = 0;         // guarded by mu_
   detail::WaiterNode* head_ = nullptr;  // oldest waiter; guarded by mu_
   detail::WaiterNode* tail_ = nullptr;  // newest waiter; guarded by mu_
-  Clock::time_point nonempty_since_{};  // when the queue last became non-empty; guarded by mu_
+  // Since when the oldest waiter has been older than target_ without a break;
+  // guarded by mu_.
+  std::optional<Clock::time_point> above_target_since_;
   ResourceStatistics stats_;          // counters; guarded by mu_
 };
 

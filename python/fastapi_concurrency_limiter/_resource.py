@@ -16,9 +16,9 @@ _QUEUES: dict[str, _core.QueueDiscipline] = {
 }
 
 #: Default ``adaptive_target``: see the README's "Overload control".
-DEFAULT_ADAPTIVE_TARGET = 0.1
+DEFAULT_ADAPTIVE_TARGET = 0.5
 #: Default ``adaptive_interval``.
-DEFAULT_ADAPTIVE_INTERVAL = 0.1
+DEFAULT_ADAPTIVE_INTERVAL = 0.5
 
 
 class Resource:

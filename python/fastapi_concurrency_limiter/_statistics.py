@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from types import MappingProxyType
 
 from . import _core
 
@@ -59,7 +58,7 @@ class ResourceStatistics:
             max_waiting=s.max_waiting,
             queue=s.queue.name,
             acquired_total=s.acquired_total,
-            rejected_total=MappingProxyType(dict(s.rejected_total)),
+            rejected_total=dict(s.rejected_total),
             wait_seconds=HistogramSnapshot._from_core(s.wait_seconds),
             hold_seconds=HistogramSnapshot._from_core(s.hold_seconds),
         )

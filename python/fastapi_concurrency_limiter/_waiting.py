@@ -14,7 +14,7 @@ import asyncio
 import threading
 import time
 import weakref
-from collections.abc import Callable
+from functools import partial
 
 from starlette.requests import Request
 
@@ -30,34 +30,37 @@ _CLOCK_RESOLUTION = time.get_clock_info("monotonic").resolution
 
 
 class _LoopTimer:
-    """One loop timer for every acquisition waiting on a loop, instead of a
-    timer each."""
+    """Per event loop: one loop timer for every acquisition waiting on the
+    loop (instead of a timer each), and the completion callback that
+    resolves their futures."""
 
-    __slots__ = ("_loop", "_queue", "_handle", "__weakref__")
+    __slots__ = ("_loop", "_thread", "queue", "_handle", "__weakref__")
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
-        self._queue = _core.DeadlineQueue()
+        self._thread = threading.get_ident()  # created on the loop's thread
+        self.queue = _core.DeadlineQueue()
         self._handle: asyncio.TimerHandle | None = None
 
-    def add(self, acquisition: _core.Acquisition, timeout: float) -> None:
-        deadline = self._loop.time() + timeout
-        if self._queue.add(acquisition, deadline):
-            self._arm(deadline)
-
-    def remove(self, acquisition: _core.Acquisition) -> None:
-        self._queue.remove(acquisition)
-
-    def _arm(self, when: float) -> None:
+    def arm(self, when: float) -> None:
         if self._handle is not None:
             self._handle.cancel()
         self._handle = self._loop.call_at(when, self._fire)
 
     def _fire(self) -> None:
         self._handle = None
-        following = self._queue.expire_due(self._loop.time() + _CLOCK_RESOLUTION)
+        following = self.queue.expire_due(self._loop.time() + _CLOCK_RESOLUTION)
         if following is not None:
-            self._arm(following)
+            self.arm(following)
+
+    def resolve(self, future: asyncio.Future[_core.Outcome], outcome: _core.Outcome) -> None:
+        """The engine's completion callback, called on whichever thread
+        decided the outcome."""
+        if threading.get_ident() == self._thread:
+            if not future.done():  # a cancelled waiter's future is done
+                future.set_result(outcome)
+        else:  # a resource shared with another thread's loop released it
+            self._loop.call_soon_threadsafe(_set_unless_done, future, outcome)
 
 
 _timers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopTimer] = (
@@ -82,23 +85,6 @@ def _timer_for(loop: asyncio.AbstractEventLoop) -> _LoopTimer:
 def _set_unless_done(future: asyncio.Future[_core.Outcome], outcome: _core.Outcome) -> None:
     if not future.done():
         future.set_result(outcome)
-
-
-def _resolver(
-    future: asyncio.Future[_core.Outcome], loop: asyncio.AbstractEventLoop
-) -> Callable[[_core.Outcome], None]:
-    """The completion callback: resolves ``future`` on its loop, from
-    whichever thread the engine decided the outcome on."""
-    loop_thread = threading.get_ident()
-
-    def resolve(outcome: _core.Outcome) -> None:
-        if threading.get_ident() == loop_thread:
-            if not future.done():
-                future.set_result(outcome)
-        else:  # a resource shared with another thread's loop released it
-            loop.call_soon_threadsafe(_set_unless_done, future, outcome)
-
-    return resolve
 
 
 async def _watch_disconnect(request: Request, acquisition: _core.Acquisition) -> None:
@@ -138,11 +124,13 @@ async def wait(
         await _drain_body(request)
     loop = asyncio.get_running_loop()
     started = loop.time()
+    timer = _timer_for(loop)
     future: asyncio.Future[_core.Outcome] = loop.create_future()
-    outcome = acquisition.start(_resolver(future, loop))
+    outcome = acquisition.start(partial(timer.resolve, future))
     if outcome is _PENDING:
-        timer = _timer_for(loop)
-        timer.add(acquisition, timeout)
+        deadline = started + timeout
+        if timer.queue.add(acquisition, deadline):
+            timer.arm(deadline)
         watcher = None if request is None else loop.create_task(
             _watch_disconnect(request, acquisition)
         )
@@ -156,7 +144,7 @@ async def wait(
             acquisition.release()
             raise
         finally:
-            timer.remove(acquisition)
+            timer.queue.remove(acquisition)
             if watcher is not None:
                 watcher.cancel()
     if outcome is not GRANTED:

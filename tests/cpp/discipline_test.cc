@@ -106,18 +106,40 @@ TEST(Discipline, AdaptiveIsFifoWhileTheQueueDrains) {
 }
 
 TEST(Discipline, AdaptiveServesNewestOnceAQueueStands) {
-  // A long target: nobody is shed, only the order changes.
-  auto r = resource(QueueDiscipline::kAdaptive, std::nullopt, 10s, 5ms);
-  Queue q(r, 3);
-  std::this_thread::sleep_for(20ms);  // the queue has now stood > interval
+  // target 100 ms, interval 200 ms: standing once the oldest waiter has been
+  // older than 100 ms for 200 ms; waiters older than 300 ms are shed.
+  auto r = resource(QueueDiscipline::kAdaptive, std::nullopt, 100ms, 200ms);
+  Queue q(r, 1);                        // w0 at t=0
+  std::this_thread::sleep_for(150ms);
+  Recorder rec1, rec2;
+  Acquisition w1(set_of({r})), w2(set_of({r}));
+  ASSERT_EQ(w1.start(rec1.callback()), Outcome::kPending);  // t=150
+  ASSERT_EQ(w2.start(rec2.callback()), Outcome::kPending);
+  EXPECT_TRUE(q.recs[0].outcomes.empty());  // not standing yet: nobody shed
+  std::this_thread::sleep_for(200ms);       // t=350
   q.holder.release();
-  EXPECT_EQ(q.granted(), 2);
+  // w0 (350 ms) is shed; the queue stands, so the newest, w2, is served.
+  EXPECT_EQ(q.recs[0].outcomes, std::vector<Outcome>{Outcome::kShed});
+  EXPECT_EQ(rec2.outcomes, std::vector<Outcome>{Outcome::kGranted});
+  EXPECT_TRUE(rec1.outcomes.empty());
+  w2.release();
+  EXPECT_EQ(rec1.outcomes, std::vector<Outcome>{Outcome::kGranted});
+  EXPECT_EQ(r->statistics().rejected(Outcome::kShed), 1u);
 }
 
-TEST(Discipline, AdaptiveShedsWaitersOlderThanTargetInAStandingQueue) {
-  auto r = resource(QueueDiscipline::kAdaptive, std::nullopt, 5ms, 5ms);
-  Queue q(r, 2);
+TEST(Discipline, AdaptiveDoesNotReorderAQueueThatDrainsWithinTheTarget) {
+  // Waiters stay younger than the target: plain FIFO, nobody shed.
+  auto r = resource(QueueDiscipline::kAdaptive, std::nullopt, 10s, 1ms);
+  Queue q(r, 3);
   std::this_thread::sleep_for(20ms);
+  EXPECT_EQ(service_order(q), (std::vector<int>{0, 1, 2}));
+  EXPECT_EQ(r->statistics().rejected(Outcome::kShed), 0u);
+}
+
+TEST(Discipline, AdaptiveShedsStaleWaitersInAStandingQueue) {
+  auto r = resource(QueueDiscipline::kAdaptive, std::nullopt, 20ms, 20ms);
+  Queue q(r, 2);
+  std::this_thread::sleep_for(80ms);
   // A newcomer finds a standing queue of stale waiters: they are shed early,
   // long before any timeout, and the newcomer queues in a fresh queue.
   Recorder rec;

@@ -64,6 +64,8 @@ async def test_statistics_match_a_scripted_sequence() -> None:
     assert limiter.statistics()["db"] == s
     with pytest.raises(dataclasses.FrozenInstanceError):
         s.in_use = 5  # type: ignore[misc]
+    # Plain data: serialisable as is, e.g. for a JSON status endpoint.
+    assert dataclasses.asdict(limiter.statistics())["resources"][0]["acquired_total"] == 3
 
 
 async def test_prometheus_exposition_parses_and_carries_the_counters(asgi_client: Client) -> None:
