@@ -1,4 +1,7 @@
 // Microbenchmarks of the engine's hot paths (Google Benchmark).
+//
+// Build once with -DCL_STATISTICS=OFF as well to see what the statistics
+// counters cost: the Makefile's `bench` target prints both.
 #include <benchmark/benchmark.h>
 
 #include <semaphore>
@@ -21,19 +24,28 @@ BENCHMARK(BM_AcquisitionUncontended);
 static void BM_HandoffToQueuedWaiter(benchmark::State& state) {
   auto r = std::make_shared<cl::Resource>("db", 1);
   auto set = std::make_shared<const cl::ResourceSet>(std::vector{r});
-  cl::Acquisition holder(set);
-  holder.try_acquire();
+  auto holder = std::make_unique<cl::Acquisition>(set);
+  holder->try_acquire();
   for (auto _ : state) {
-    cl::Acquisition waiter(set);
-    waiter.start([](cl::Outcome) {});
-    holder.release();            // hands the slot to `waiter`
-    waiter.release();            // frees it
-    holder.~Acquisition();
-    new (&holder) cl::Acquisition(set);
-    holder.try_acquire();
+    auto waiter = std::make_unique<cl::Acquisition>(set);
+    waiter->start([](cl::Outcome) {});  // queues behind the holder
+    holder->release();                  // hands the slot to the waiter
+    holder = std::move(waiter);         // which holds it next round
   }
+  holder->release();
 }
 BENCHMARK(BM_HandoffToQueuedWaiter);
+
+static void BM_BlockingAcquireUncontended(benchmark::State& state) {
+  auto r = std::make_shared<cl::Resource>("db", 4);
+  cl::Limiter limiter({r}, std::chrono::seconds(1));
+  auto set = limiter.select({r});
+  for (auto _ : state) {
+    cl::Permit p = limiter.acquire(set);
+    benchmark::DoNotOptimize(p);
+  }
+}
+BENCHMARK(BM_BlockingAcquireUncontended);
 
 static void BM_StdCountingSemaphoreUncontended(benchmark::State& state) {
   std::counting_semaphore<> sem(4);

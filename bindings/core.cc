@@ -103,6 +103,10 @@ NB_MODULE(_core, m) {
       .def("statistics", &cl::Resource::statistics);
 
   nb::class_<cl::ResourceSet>(m, "ResourceSet")
+      .def(nb::new_([](std::vector<std::shared_ptr<cl::Resource>> resources) {
+             return std::make_shared<cl::ResourceSet>(std::move(resources));
+           }),
+           "resources"_a)
       .def_prop_ro("resources",
                    [](const cl::ResourceSet& s) { return s.resources(); })
       .def("describe", &cl::ResourceSet::describe);
@@ -125,7 +129,21 @@ NB_MODULE(_core, m) {
   nb::class_<cl::Acquisition>(m, "Acquisition")
       .def(nb::init<std::shared_ptr<const cl::ResourceSet>>(), "resource_set"_a)
       .def("try_acquire", &cl::Acquisition::try_acquire)
-      .def("start", &cl::Acquisition::start, "callback"_a)
+      .def("start",
+           [](cl::Acquisition& a, std::function<void(cl::Outcome)> callback) {
+             // The engine calls back from noexcept code: a Python exception
+             // (e.g. a closed event loop) is reported as unraisable instead
+             // of unwinding into it.
+             return a.start([callback = std::move(callback)](cl::Outcome o) {
+               try {
+                 callback(o);
+               } catch (nb::python_error& e) {
+                 nb::gil_scoped_acquire gil;
+                 e.discard_as_unraisable("fastapi_concurrency_limiter completion callback");
+               }
+             });
+           },
+           "callback"_a)
       .def("expire", &cl::Acquisition::expire)
       .def("cancel", &cl::Acquisition::cancel, "reason"_a = cl::Outcome::kCancelled)
       .def("release", &cl::Acquisition::release)

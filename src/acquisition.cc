@@ -55,10 +55,12 @@ bool Acquisition::try_acquire() {
   }
   for (std::uint32_t i = 0; i < count_; ++i) {
     if (!resource(i).try_grant(nodes_[i])) {
-      held_ = i;
       refused_ = i;
-      release_held_locked(notices);
-      for (std::uint32_t j = 0; j < i; ++j) nodes_[j].state_ = NodeState::kIdle;
+      // Undo the slots taken on the way, leaving no trace in the statistics.
+      for (std::uint32_t j = i; j-- > 0;) {
+        resource(j).revert_grant(notices);
+        nodes_[j].state_ = NodeState::kIdle;
+      }
       return false;
     }
   }
@@ -113,26 +115,29 @@ void Acquisition::release_held_locked(detail::NoticeList& notices) {
   }
 }
 
-void Acquisition::on_node_complete(std::uint32_t index,
-                                   Outcome outcome) noexcept {
+void Acquisition::on_node_complete(std::uint32_t index, Outcome outcome,
+                                   detail::NoticeList& notices) noexcept {
   Callback callback;
   Outcome final_outcome = outcome;
   {
-    detail::NoticeList notices;  // fired after mu_ is unlocked
     std::lock_guard lock(mu_);
     // cancel() already settled this node when it lost or won the race.
-    if (state_ != State::kPending || index != held_) return;
-    if (outcome == Outcome::kGranted) {
-      ++held_;
-      final_outcome = advance_locked(notices);
-      if (final_outcome == Outcome::kPending) return;
-      callback = std::exchange(callback_, nullptr);
-    } else {
-      reject_locked(index, outcome, notices);
-      callback = std::exchange(callback_, nullptr);
+    if (state_ == State::kPending && index == held_) {
+      if (outcome == Outcome::kGranted) {
+        ++held_;
+        final_outcome = advance_locked(notices);  // may push more nodes
+        if (final_outcome != Outcome::kPending) {
+          callback = std::exchange(callback_, nullptr);
+        }
+      } else {
+        reject_locked(index, outcome, notices);
+        callback = std::exchange(callback_, nullptr);
+      }
     }
   }
-  if (callback) callback(final_outcome);
+  // Last touch of this object: from here on its owner may destroy it.
+  nodes_[index].completing_.store(false, std::memory_order_release);
+  if (callback) notices.defer(std::move(callback), final_outcome);
 }
 
 void Acquisition::cancel(Outcome reason) {

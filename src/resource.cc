@@ -44,6 +44,14 @@ double seconds(Clock::duration d) {
   return std::chrono::duration<double>(d).count();
 }
 
+// CL_STATISTICS=0 compiles the counters and histograms out. It exists only
+// to measure what they cost (bench/engine_bench.cc); statistics() then
+// reports zeros.
+#ifndef CL_STATISTICS
+#define CL_STATISTICS 1
+#endif
+constexpr bool kStatistics = CL_STATISTICS != 0;
+
 }  // namespace
 
 namespace detail {
@@ -58,16 +66,33 @@ void NoticeList::push(WaiterNode* node) noexcept {
   tail_ = node;
 }
 
+void NoticeList::defer(Callback callback, Outcome outcome) {
+  if (!first_) {
+    first_ = std::move(callback);
+    first_outcome_ = outcome;
+  } else {
+    more_.emplace_back(std::move(callback), outcome);
+  }
+}
+
 void NoticeList::fire() noexcept {
   while (head_) {
     WaiterNode* node = head_;
     head_ = node->next_;
     if (!head_) tail_ = nullptr;
     node->next_ = nullptr;
-    node->on_complete(node->outcome_);
-    // Last touch of the node: its owner may free it once it reads false.
-    node->completing_.store(false, std::memory_order_release);
+    // on_complete() clears completing_ as its last touch of the node: from
+    // then on the owner may free it, so the node is not touched again here.
+    node->on_complete(node->outcome_, *this);
   }
+  // User code last: every node is settled, no owner waits on this thread.
+  if (first_) {
+    Callback callback = std::move(first_);
+    first_ = nullptr;
+    callback(first_outcome_);
+  }
+  for (auto& [callback, outcome] : more_) callback(outcome);
+  more_.clear();
 }
 
 }  // namespace detail
@@ -122,17 +147,33 @@ ResourceStatistics Resource::statistics() const {
   return s;
 }
 
-bool Resource::try_grant(detail::WaiterNode& node) {
-  const auto now = Clock::now();
-  std::lock_guard lock(mu_);
-  if (in_use_ >= capacity_ || waiting_ > 0) return false;
+void Resource::note_grant_locked(double waited) {
+  if constexpr (kStatistics) {
+    if (in_use_ > stats_.peak_in_use) stats_.peak_in_use = in_use_;
+    ++stats_.acquired_total;
+    stats_.wait_seconds.observe(waited);
+  }
+}
+
+void Resource::note_rejection_locked(Outcome reason) {
+  if constexpr (kStatistics) ++stats_.rejected_total[rejection_index(reason)];
+}
+
+void Resource::grant_free_slot_locked(detail::WaiterNode& node,
+                                      Clock::time_point now) {
   ++in_use_;
-  if (in_use_ > stats_.peak_in_use) stats_.peak_in_use = in_use_;
-  ++stats_.acquired_total;
-  stats_.wait_seconds.observe(0.0);
+  note_grant_locked(0.0);
   node.granted_at_ = now;
   node.state_ = State::kGranted;
   node.outcome_ = Outcome::kGranted;
+}
+
+bool Resource::try_grant(detail::WaiterNode& node) {
+  // The grant time only serves the hold-time histogram.
+  const auto now = kStatistics ? Clock::now() : Clock::time_point{};
+  std::lock_guard lock(mu_);
+  if (in_use_ >= capacity_ || waiting_ > 0) return false;
+  grant_free_slot_locked(node, now);
   return true;
 }
 
@@ -141,19 +182,18 @@ Outcome Resource::enqueue(detail::WaiterNode& node,
   const auto now = Clock::now();
   std::lock_guard lock(mu_);
   if (in_use_ < capacity_ && waiting_ == 0) {
-    ++in_use_;
-    if (in_use_ > stats_.peak_in_use) stats_.peak_in_use = in_use_;
-    ++stats_.acquired_total;
-    stats_.wait_seconds.observe(0.0);
-    node.granted_at_ = now;
-    node.state_ = State::kGranted;
-    node.outcome_ = Outcome::kGranted;
+    grant_free_slot_locked(node, now);
     return Outcome::kGranted;
   }
   shed_locked(now, notices);
   if (max_waiting_ >= 0 && waiting_ >= max_waiting_) {
-    if (discipline_ == QueueDiscipline::kFifo || waiting_ == 0) {
-      ++stats_.rejected_total[rejection_index(Outcome::kQueueFull)];
+    // FIFO order (also the adaptive queue's, until a queue stands) turns the
+    // newcomer away; newest-first order pushes the oldest waiter out.
+    const bool newest_first =
+        discipline_ == QueueDiscipline::kLifo ||
+        (discipline_ == QueueDiscipline::kAdaptive && standing_locked(now));
+    if (!newest_first || waiting_ == 0) {
+      note_rejection_locked(Outcome::kQueueFull);
       node.state_ = State::kRejected;
       node.outcome_ = Outcome::kQueueFull;
       return Outcome::kQueueFull;
@@ -172,21 +212,39 @@ State Resource::abandon(detail::WaiterNode& node, Outcome reason) {
     unlink(node);
     node.state_ = State::kRejected;
     node.outcome_ = reason;
-    ++stats_.rejected_total[rejection_index(reason)];
+    note_rejection_locked(reason);
   }
   return state;
 }
 
+void Resource::revert_grant(detail::NoticeList& notices) {
+  const auto now = Clock::now();
+  std::lock_guard lock(mu_);
+  if constexpr (kStatistics) {
+    // Undo note_grant_locked(0.0) of try_grant(); peak_in_use stays, as the
+    // slot was taken for an instant.
+    --stats_.acquired_total;
+    --stats_.wait_seconds.counts[0];
+    --stats_.wait_seconds.count;
+  }
+  if (detail::WaiterNode* next = pick_locked(now, notices)) {
+    grant_locked(*next, now);
+    notices.push(next);
+  } else {
+    --in_use_;
+  }
+}
+
 void Resource::count_rejection(Outcome reason) {
   std::lock_guard lock(mu_);
-  ++stats_.rejected_total[rejection_index(reason)];
+  note_rejection_locked(reason);
 }
 
 void Resource::release(Clock::time_point granted_at,
                        detail::NoticeList& notices) {
   const auto now = Clock::now();
   std::lock_guard lock(mu_);
-  stats_.hold_seconds.observe(seconds(now - granted_at));
+  if constexpr (kStatistics) stats_.hold_seconds.observe(seconds(now - granted_at));
   if (detail::WaiterNode* next = pick_locked(now, notices)) {
     // Hand the slot over: in_use_ stays the same.
     grant_locked(*next, now);
@@ -232,15 +290,18 @@ void Resource::reject_locked(detail::WaiterNode& node, Outcome reason,
   node.state_ = State::kRejected;
   node.outcome_ = reason;
   node.completing_.store(true, std::memory_order_relaxed);  // published by mu_
-  ++stats_.rejected_total[rejection_index(reason)];
+  note_rejection_locked(reason);
   notices.push(&node);
 }
 
 bool Resource::standing_locked(Clock::time_point now) {
   // CoDel's rule: the queue stands once its oldest waiter has been older than
   // the target without a break for a whole interval. The break is observed
-  // lazily, at the events that call this.
-  if (!head_ || now - head_->enqueued_at_ <= target_) {
+  // lazily, at the events that call this. A queue no longer than the number
+  // of slots drains within about one service time: it never stands (this
+  // also ends the newest-first order once an overload is over, when the
+  // waiters it had pushed back would otherwise keep the head old).
+  if (!head_ || waiting_ <= capacity_ || now - head_->enqueued_at_ <= target_) {
     above_target_since_.reset();
     return false;
   }
@@ -280,8 +341,7 @@ void Resource::grant_locked(detail::WaiterNode& node, Clock::time_point now) {
   node.outcome_ = Outcome::kGranted;
   node.granted_at_ = now;
   node.completing_.store(true, std::memory_order_relaxed);  // published by mu_
-  ++stats_.acquired_total;
-  stats_.wait_seconds.observe(seconds(now - node.enqueued_at_));
+  note_grant_locked(seconds(now - node.enqueued_at_));
 }
 
 Permit Resource::try_acquire() {

@@ -27,10 +27,11 @@
 //
 // Thread safety: all member functions may be called from any thread,
 // concurrently with grants made by other threads' releases. The callback runs
-// on whichever thread decided the outcome (a releasing thread, the thread
-// calling expire()/cancel(), or the thread calling start() never: start()
-// returns its immediate outcome instead of calling back). No lock is held
-// while it runs. It must not destroy the Acquisition.
+// on whichever thread decided the outcome: a releasing thread, or the thread
+// calling expire()/cancel() (never the thread calling start(): start()
+// returns an immediate outcome instead of calling back). No lock is held
+// while it runs, and the Acquisition may already be destroyed by then (the
+// callback owns its captures). It must not throw.
 #pragma once
 
 #include <cstdint>
@@ -47,7 +48,7 @@ namespace concurrency_limiter {
 
 class Acquisition {
  public:
-  using Callback = std::function<void(Outcome)>;
+  using Callback = detail::NoticeList::Callback;
 
   enum class State : std::uint8_t {
     kIdle,      // not started
@@ -60,8 +61,10 @@ class Acquisition {
   explicit Acquisition(std::shared_ptr<const ResourceSet> set);
   Acquisition(const Acquisition&) = delete;
   Acquisition& operator=(const Acquisition&) = delete;
-  // Cancels a pending wait or releases held slots, then waits (briefly) until
-  // no other thread is still inside this object's completion.
+  // Cancels a pending wait or releases held slots. If a releasing thread is
+  // at that instant deciding this acquisition's grant, waits for it to finish
+  // with this object: a few instructions under locks, never user code. Must
+  // not run concurrently with a DeadlineQueue call on its queue's thread.
   ~Acquisition();
 
   // Takes every slot now if each resource has one free and nobody waiting for
@@ -112,12 +115,13 @@ class Acquisition {
     std::uint32_t index = 0;
 
    private:
-    void on_complete(Outcome outcome) noexcept override {
-      owner->on_node_complete(index, outcome);
+    void on_complete(Outcome outcome, detail::NoticeList& notices) noexcept override {
+      owner->on_node_complete(index, outcome, notices);
     }
   };
 
-  void on_node_complete(std::uint32_t index, Outcome outcome) noexcept;
+  void on_node_complete(std::uint32_t index, Outcome outcome,
+                        detail::NoticeList& notices) noexcept;
   // Requires mu_. Ends the acquisition as rejected, refused by resource
   // `index`, releasing what it held. Leaves callback_ to the caller.
   void reject_locked(std::uint32_t index, Outcome reason,

@@ -21,14 +21,17 @@
 //              waiter is rejected with kQueueFull to make room: under overload
 //              the newest requests, whose clients are still waiting, are the
 //              ones worth serving.
-//   kAdaptive  FIFO while the queue drains. Once the oldest waiter has been
-//              older than `adaptive_target` without a break for a whole
+//   kAdaptive  FIFO while the queue drains. Once more requests wait than the
+//              resource has slots and the oldest waiter has been older than
+//              `adaptive_target` without a break for a whole
 //              `adaptive_interval` (a standing queue, in CoDel's terms), it
 //              serves the newest waiter first, so the requests that do get
 //              served have not waited, and sheds (kShed) waiters older than
 //              `adaptive_target + adaptive_interval`: served last, they would
 //              only wait for their timeout. Back to FIFO as soon as the oldest
-//              waiter is younger than the target again. Full queue: as kLifo.
+//              waiter is younger than the target or the queue is no longer
+//              than the number of slots. Full queue: as kLifo while standing,
+//              as kFifo otherwise.
 //
 // Thread safety: every member function may be called from any thread. The
 // resource's state is guarded by one mutex that is held for a few
@@ -41,12 +44,15 @@
 #include <atomic>
 #include <chrono>
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <mutex>
 #include <optional>
 #include <stop_token>
 #include <string>
 #include <string_view>
+#include <utility>
+#include <vector>
 
 #include "concurrency_limiter/outcome.h"
 #include "concurrency_limiter/statistics.h"
@@ -75,10 +81,12 @@ struct ResourceOptions {
   Clock::duration adaptive_target = std::chrono::milliseconds(500);
   // kAdaptive only: how long the oldest waiter must stay above the target
   // before the queue counts as standing. Must be > 0.
-  Clock::duration adaptive_interval = std::chrono::milliseconds(500);
+  Clock::duration adaptive_interval = std::chrono::milliseconds(1500);
 };
 
 namespace detail {
+
+class NoticeList;
 
 // A queued request for one slot of one resource: an intrusive list node, so
 // that queueing never allocates. The resource links and unlinks it and
@@ -102,8 +110,12 @@ class WaiterNode {
 
   // Called once, without any lock held, when the resource granted the node a
   // slot (kGranted) or dropped it from the queue (kShed, kQueueFull), unless
-  // the owner took it out first with Resource::abandon().
-  virtual void on_complete(Outcome outcome) noexcept = 0;
+  // the owner took it out first with Resource::abandon(). It must clear
+  // completing_ (release store) as its last access to the node, must not
+  // run user code itself (hand it to `notices.defer()`), and may push further
+  // nodes onto `notices`. So an owner waiting to free a node only ever waits
+  // for a few instructions under locks, never for a callback.
+  virtual void on_complete(Outcome outcome, NoticeList& notices) noexcept = 0;
 
   WaiterNode* prev_ = nullptr;  // queue links; guarded by the resource's mu_
   WaiterNode* next_ = nullptr;  // also links a NoticeList once dequeued
@@ -112,29 +124,39 @@ class WaiterNode {
   State state_ = State::kIdle;      // guarded by the resource's mu_
   Outcome outcome_ = Outcome::kPending;  // set together with state_
   // True from the moment the resource decides the node's fate until its
-  // on_complete() has returned. The owner waits for false before the node's
-  // memory may go away (release store in NoticeList::fire, acquire load by
-  // the owner).
+  // on_complete() has finished with the node. The owner waits for false
+  // before the node's memory may go away (release store in on_complete,
+  // acquire load by the owner).
   std::atomic<bool> completing_{false};
 };
 
 // Nodes whose fate was decided under a resource's mutex and whose owners must
-// be told once every lock is released. Intrusive: reuses the queue links.
+// be told once every lock is released, and the completion callbacks that
+// their owners then want called. Intrusive: reuses the queue links.
 class NoticeList {
  public:
+  using Callback = std::function<void(Outcome)>;
+
   NoticeList() = default;
   NoticeList(const NoticeList&) = delete;
   NoticeList& operator=(const NoticeList&) = delete;
   ~NoticeList() { fire(); }
 
   void push(WaiterNode* node) noexcept;
-  bool empty() const noexcept { return head_ == nullptr; }
-  // Calls on_complete() of every node, in order. Call with no lock held.
+  // Queues `callback(outcome)` to run after every node has been told.
+  void defer(Callback callback, Outcome outcome);
+  // Calls on_complete() of every node in order (including nodes pushed
+  // meanwhile), then the deferred callbacks. Call with no lock held.
   void fire() noexcept;
 
  private:
   WaiterNode* head_ = nullptr;
   WaiterNode* tail_ = nullptr;
+  // One deferred call inline (the common case: a single handoff), the rest
+  // in a vector.
+  Callback first_;
+  Outcome first_outcome_ = Outcome::kPending;
+  std::vector<std::pair<Callback, Outcome>> more_;
 };
 
 }  // namespace detail
@@ -195,6 +217,9 @@ class Resource : public std::enable_shared_from_this<Resource> {
   // now rejected and will not be notified), else kGranted or kRejected when
   // the resource had already decided (its notice may still be in flight).
   detail::WaiterNode::State abandon(detail::WaiterNode& node, Outcome reason);
+  // Gives back a slot taken by try_grant() a moment ago, as if it had never
+  // been granted: no acquisition, wait or hold is counted.
+  void revert_grant(detail::NoticeList& notices);
   // Counts a rejection that the resource itself did not decide.
   void count_rejection(Outcome reason);
   // Gives back one slot held since `granted_at`: hands it to the next waiter
@@ -202,6 +227,9 @@ class Resource : public std::enable_shared_from_this<Resource> {
   void release(Clock::time_point granted_at, detail::NoticeList& notices);
 
   // Helpers; require mu_ held.
+  void grant_free_slot_locked(detail::WaiterNode& node, Clock::time_point now);
+  void note_grant_locked(double waited);
+  void note_rejection_locked(Outcome reason);
   void link_tail(detail::WaiterNode& node, Clock::time_point now);
   void unlink(detail::WaiterNode& node);
   void reject_locked(detail::WaiterNode& node, Outcome reason,

@@ -191,3 +191,48 @@ TEST(Acquisition, StartingTwiceIsALogicError) {
 
 }  // namespace
 }  // namespace concurrency_limiter
+
+namespace concurrency_limiter {
+namespace {
+
+TEST(Acquisition, FailedTryOnASecondResourceLeavesNoTraceInTheFirstsStatistics) {
+  auto db = testing::make_resource("db", 1);
+  auto file = testing::make_resource("file", 1);
+  Acquisition file_holder(testing::set_of({file}));
+  ASSERT_TRUE(file_holder.try_acquire());
+  Acquisition acq(testing::set_of({db, file}));
+  EXPECT_FALSE(acq.try_acquire());
+  const ResourceStatistics s = db->statistics();
+  EXPECT_EQ(s.in_use, 0);
+  EXPECT_EQ(s.acquired_total, 0u);
+  EXPECT_EQ(s.wait_seconds.count, 0u);
+  EXPECT_EQ(s.hold_seconds.count, 0u);
+}
+
+// The owner of a waiter may destroy it while another thread is completing
+// its grant; it must never have to wait for that thread's callbacks.
+TEST(Acquisition, OwnerNeverWaitsForACallbackRunningOnTheReleasingThread) {
+  auto r = testing::make_resource("db", 1);
+  auto set = testing::set_of({r});
+  auto holder = std::make_unique<Acquisition>(set);
+  ASSERT_TRUE(holder->try_acquire());
+  std::atomic<bool> in_callback{false};
+  std::atomic<bool> owner_done{false};
+  auto waiter = std::make_unique<Acquisition>(set);
+  ASSERT_EQ(waiter->start([&](Outcome) {
+              in_callback = true;
+              // Blocks until the owner has destroyed the acquisition: with a
+              // destructor that waited for this callback, a deadlock.
+              while (!owner_done) std::this_thread::yield();
+            }),
+            Outcome::kPending);
+  std::thread releaser([&] { holder->release(); });
+  ASSERT_TRUE(testing::eventually([&] { return in_callback.load(); }));
+  waiter.reset();  // releases the slot it was granted
+  owner_done = true;
+  releaser.join();
+  EXPECT_EQ(r->in_use(), 0);
+}
+
+}  // namespace
+}  // namespace concurrency_limiter

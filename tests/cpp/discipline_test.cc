@@ -166,3 +166,31 @@ TEST(Discipline, BlockingThreadsGetTheSameQueueRules) {
 
 }  // namespace
 }  // namespace concurrency_limiter
+
+namespace concurrency_limiter {
+namespace {
+
+TEST(Discipline, AdaptiveReturnsToFifoOnceTheQueueIsNoLongerThanTheSlots) {
+  using namespace std::chrono_literals;
+  // Capacity 2: a queue of 2 never stands, however old its waiters.
+  auto r = std::make_shared<Resource>(ResourceOptions{.name = "r",
+                                                      .capacity = 2,
+                                                      .queue = QueueDiscipline::kAdaptive,
+                                                      .adaptive_target = 1ms,
+                                                      .adaptive_interval = 1s});
+  auto set = testing::set_of({r});
+  Acquisition a(set), b(set);
+  ASSERT_TRUE(a.try_acquire());
+  ASSERT_TRUE(b.try_acquire());
+  testing::Recorder r0, r1;
+  Acquisition w0(set), w1(set);
+  ASSERT_EQ(w0.start(r0.callback()), Outcome::kPending);
+  ASSERT_EQ(w1.start(r1.callback()), Outcome::kPending);
+  std::this_thread::sleep_for(20ms);
+  a.release();
+  EXPECT_EQ(r0.outcomes, std::vector<Outcome>{Outcome::kGranted});  // oldest first
+  EXPECT_TRUE(r1.outcomes.empty());
+}
+
+}  // namespace
+}  // namespace concurrency_limiter
