@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import inspect
 from collections.abc import Awaitable, Callable, Sequence
@@ -32,7 +33,7 @@ class Limiter:
 
     Args:
         timeout: seconds a request may wait to acquire *all* the resources
-            of its route together; then it gets HTTP 503.
+            of its route together; then it gets HTTP 503. ``None``: no limit.
         resources: every resource routes may use, in the order in which they
             are always acquired (so no two requests can deadlock).
         retry_after: seconds to put in the ``Retry-After`` header of the
@@ -41,21 +42,30 @@ class Limiter:
 
     def __init__(
         self,
-        timeout: float,
+        timeout: float | None,
         resources: Sequence[Resource],
         *,
         retry_after: int | None = 1,
     ) -> None:
-        self._timeout = check_seconds("timeout", timeout)
-        self._resources = _check_resources("resources", resources, allow_empty=True)
+        self._timeout = _check_timeout(timeout)
+        self._resources = _check_resources("resources", resources)
         check_int("retry_after", retry_after, minimum=0, allow_none=True)
         self._retry_after = retry_after
-        self._core = _core.Limiter([r._core for r in self._resources], self._timeout)
+        # The engine validates the registry (no resource or name twice); its
+        # own timeout is unused here (the event loop keeps the deadlines).
+        self._core = _core.Limiter([r._core for r in self._resources], 0.0)
         self._sets: dict[tuple[Resource, ...], _core.ResourceSet] = {}
 
     @property
-    def timeout(self) -> float:
+    def timeout(self) -> float | None:
+        """Seconds to acquire all of a route's resources; ``None``: no limit.
+        Assignable (as in the original package): routes without a timeout of
+        their own use the new value from their next request on."""
         return self._timeout
+
+    @timeout.setter
+    def timeout(self, value: float | None) -> None:
+        self._timeout = _check_timeout(value)
 
     @property
     def retry_after(self) -> int | None:
@@ -66,7 +76,7 @@ class Limiter:
             return self._sets[tuple(resources)]  # validated before
         except (KeyError, TypeError):
             pass
-        key = tuple(_check_resources("resources", resources, allow_empty=True))
+        key = tuple(_check_resources("resources", resources))
         # The engine validates: registered, no duplicates, registration
         # order, not empty. ValueError otherwise.
         rset = self._core.select([r._core for r in key])
@@ -96,11 +106,10 @@ class Limiter:
         registration order; TypeError for items that are not Resources.
         """
         rset = self._select(resources)
-        wait = self._timeout if timeout is None else check_seconds("timeout", timeout)
-        retry_after = self._retry_after
+        own_timeout = None if timeout is None else check_seconds("timeout", timeout)
 
         def decorator(func: F) -> F:
-            return _limit(func, rset, wait, retry_after)  # type: ignore[return-value]
+            return _limit(func, self, rset, own_timeout)  # type: ignore[return-value]
 
         return decorator
 
@@ -117,8 +126,8 @@ class Limiter:
         when the resources cannot be had in time.
         """
         rset = self._select(resources)
-        wait = self._timeout if timeout is None else check_seconds("timeout", timeout)
-        return _Hold(rset, wait, self._retry_after)
+        own_timeout = None if timeout is None else check_seconds("timeout", timeout)
+        return _Hold(self, rset, own_timeout)
 
     def instrument(self, app: FastAPI) -> None:
         """Documents the 503 response (body schema and ``Retry-After``) of
@@ -140,23 +149,27 @@ class Limiter:
 
 
 class _Hold:
-    """``async with limiter.acquire([...])``."""
+    """``async with limiter.acquire([...])``. One object may be entered by
+    several tasks at once (e.g. kept in a module-level variable): each entry
+    holds its own slots, released by the same task's exit."""
 
-    __slots__ = ("_rset", "_timeout", "_retry_after", "_acquisition")
+    __slots__ = ("_limiter", "_rset", "_timeout", "_held")
 
-    def __init__(self, rset: _core.ResourceSet, timeout: float, retry_after: int | None) -> None:
+    def __init__(
+        self, limiter: Limiter, rset: _core.ResourceSet, timeout: float | None
+    ) -> None:
+        self._limiter = limiter
         self._rset = rset
         self._timeout = timeout
-        self._retry_after = retry_after
-        self._acquisition: _core.Acquisition | None = None
+        self._held: dict[object, list[_core.Acquisition]] = {}
 
     async def __aenter__(self) -> None:
-        if self._acquisition is not None:
-            raise RuntimeError("this limiter.acquire(...) block is already entered")
         acquisition = _core.Acquisition(self._rset)
         if not acquisition.try_acquire():
-            await wait(acquisition, self._timeout, self._retry_after)
-        self._acquisition = acquisition
+            limiter = self._limiter
+            timeout = limiter._timeout if self._timeout is None else self._timeout
+            await wait(acquisition, timeout, limiter._retry_after)
+        self._held.setdefault(asyncio.current_task(), []).append(acquisition)
 
     async def __aexit__(
         self,
@@ -164,12 +177,21 @@ class _Hold:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        acquisition, self._acquisition = self._acquisition, None
-        if acquisition is not None:
-            acquisition.release()
+        task = asyncio.current_task()
+        stack = self._held[task]
+        acquisition = stack.pop()
+        if not stack:
+            del self._held[task]
+        acquisition.release()
 
 
-def _check_resources(name: str, resources: object, *, allow_empty: bool) -> list[Resource]:
+def _check_timeout(timeout: object) -> float | None:
+    # None waits without a time limit, as asyncio.wait_for(timeout=None) did
+    # in the original package.
+    return None if timeout is None else check_seconds("timeout", timeout)
+
+
+def _check_resources(name: str, resources: object) -> list[Resource]:
     if isinstance(resources, (str, bytes)) or not isinstance(resources, Sequence):
         raise TypeError(f"{name} must be a list of Resource, got {type(resources).__name__}")
     items = list(resources)
@@ -218,8 +240,18 @@ def _with_request(sig: inspect.Signature) -> inspect.Signature:
 
 
 def _limit(
-    func: Callable[..., Any], rset: _core.ResourceSet, timeout: float, retry_after: int | None
+    func: Callable[..., Any],
+    limiter: Limiter,
+    rset: _core.ResourceSet,
+    own_timeout: float | None,
 ) -> Callable[..., Awaitable[Any]]:
+    if inspect.isgeneratorfunction(func) or inspect.isasyncgenfunction(func):
+        raise TypeError(
+            f"{func.__qualname__} is a generator (a streaming endpoint): "
+            "@limiter.resources() does not support it, as the slot would be released "
+            "before the response is streamed. Return a StreamingResponse instead, or "
+            "hold the slot inside the generator with 'async with limiter.acquire([...])'"
+        )
     sig = _signature(func)
     request_name = _request_parameter(sig)
     injected = request_name is None
@@ -234,7 +266,8 @@ def _limit(
             request = kwargs.get(request_name)  # type: ignore[arg-type]
         acquisition = Acquisition(rset)
         if not acquisition.try_acquire():
-            await wait(acquisition, timeout, retry_after, request)
+            timeout = limiter._timeout if own_timeout is None else own_timeout
+            await wait(acquisition, timeout, limiter._retry_after, request)
         try:
             if is_async:
                 return await func(*args, **kwargs)
@@ -245,5 +278,5 @@ def _limit(
     # FastAPI reads parameters from __signature__: the user's own, plus the
     # Request the decorator needs to notice disconnects.
     endpoint.__signature__ = _with_request(sig) if injected else sig  # type: ignore[attr-defined]
-    limited_endpoints[endpoint] = retry_after
+    limited_endpoints[endpoint] = limiter._retry_after
     return endpoint

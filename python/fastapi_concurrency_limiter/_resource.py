@@ -7,6 +7,7 @@ from typing import Literal
 from . import _core
 from ._statistics import ResourceStatistics
 from ._validation import check_int, check_seconds
+from ._waiting import wait
 
 QueueName = Literal["fifo", "lifo", "adaptive"]
 _QUEUES: dict[str, _core.QueueDiscipline] = {
@@ -18,7 +19,7 @@ _QUEUES: dict[str, _core.QueueDiscipline] = {
 #: Default ``adaptive_target``: see the README's "Overload control".
 DEFAULT_ADAPTIVE_TARGET = 0.5
 #: Default ``adaptive_interval``.
-DEFAULT_ADAPTIVE_INTERVAL = 0.5
+DEFAULT_ADAPTIVE_INTERVAL = 1.5
 
 
 class Resource:
@@ -36,16 +37,18 @@ class Resource:
             ``None`` (default): unbounded. ``0``: never wait.
         queue: which waiter a freed slot goes to: ``"fifo"`` (default, the
             oldest), ``"lifo"`` (the newest), or ``"adaptive"`` (FIFO while
-            the queue drains, newest-first with early 503s once a queue
-            stands; keeps latency low under overload).
-        adaptive_target: with ``queue="adaptive"``: while a queue stands,
-            waiters older than this many seconds are answered 503 early
-            (reason ``"shed"``).
-        adaptive_interval: with ``queue="adaptive"``: seconds the queue must
-            stay non-empty before it counts as standing.
+            the queue drains; newest first, with early 503s for stale
+            waiters, once a queue stands; keeps latency low under overload).
+        adaptive_target: with ``queue="adaptive"``: the queueing delay
+            considered normal, in seconds. The queue stands once more
+            requests wait than there are slots and the oldest has waited
+            longer than this without a break for ``adaptive_interval``.
+        adaptive_interval: with ``queue="adaptive"``: see above. While the
+            queue stands, waiters older than ``adaptive_target +
+            adaptive_interval`` are answered 503 at once (reason ``"shed"``).
     """
 
-    __slots__ = ("_core", "__weakref__")
+    __slots__ = ("_core", "_set", "_held", "__weakref__")
 
     def __init__(
         self,
@@ -58,8 +61,10 @@ class Resource:
         adaptive_interval: float = DEFAULT_ADAPTIVE_INTERVAL,
     ) -> None:
         check_int("capacity", capacity, minimum=1)
-        if name is not None and (not isinstance(name, str) or not name):
+        if name is not None and not isinstance(name, str):
             raise TypeError(f"name must be a non-empty str or None, got {name!r}")
+        if name == "":
+            raise ValueError("name must be a non-empty str or None, got ''")
         check_int("max_waiting", max_waiting, minimum=0, allow_none=True)
         if queue not in _QUEUES:
             raise ValueError(f"queue must be one of 'fifo', 'lifo', 'adaptive', got {queue!r}")
@@ -68,6 +73,8 @@ class Resource:
         self._core = _core.Resource(
             name or "", capacity, max_waiting, _QUEUES[queue], target, interval
         )
+        self._set = _core.ResourceSet([self._core])
+        self._held: list[_core.Acquisition] = []  # slots taken by acquire()
 
     @property
     def name(self) -> str:
@@ -94,6 +101,22 @@ class Resource:
     @property
     def queue(self) -> str:
         return self._core.queue.name
+
+    async def acquire(self) -> None:
+        """Takes one slot, waiting as long as it takes (the original
+        package's low-level call; routes use ``@limiter.resources``). Pair
+        each call with ``release()``."""
+        acquisition = _core.Acquisition(self._set)
+        if not acquisition.try_acquire():
+            await wait(acquisition, None, None)
+        self._held.append(acquisition)
+
+    def release(self) -> None:
+        """Gives back one slot taken by ``acquire()``; ValueError if none is
+        held."""
+        if not self._held:
+            raise ValueError(f"release() of resource {self.name!r} without a matching acquire()")
+        self._held.pop().release()
 
     def statistics(self) -> ResourceStatistics:
         """A consistent snapshot of the resource's counters."""

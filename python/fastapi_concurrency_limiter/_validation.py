@@ -20,16 +20,26 @@ def check_int(name: str, value: object, *, minimum: int, allow_none: bool = Fals
         raise ValueError(f"{name} must be {allowed}, got {value!r}")
 
 
+#: Longest duration accepted (about 31 years): beyond it the engine's
+#: nanosecond clock would overflow.
+MAX_SECONDS = 1e9
+
+
 def check_seconds(name: str, value: object, *, positive: bool = False) -> float:
     """Return ``value`` as float seconds; TypeError unless it is a real number
     (not a bool), ValueError unless finite and >= 0 (> 0 if ``positive``)."""
-    bound = "> 0" if positive else ">= 0"
+    bound = ("> 0" if positive else ">= 0") + f" and <= {MAX_SECONDS:g}"
     if isinstance(value, bool) or not isinstance(value, Real):
         raise TypeError(
             f"{name} must be a finite number of seconds {bound}, "
             f"got {type(value).__name__} {value!r}"
         )
     seconds = float(value)
-    if not math.isfinite(seconds) or seconds < 0 or (positive and seconds == 0):
+    if (
+        not math.isfinite(seconds)
+        or seconds < 0
+        or (positive and seconds == 0)
+        or seconds > MAX_SECONDS
+    ):
         raise ValueError(f"{name} must be a finite number of seconds {bound}, got {value!r}")
     return seconds

@@ -16,7 +16,7 @@ import time
 import weakref
 from functools import partial
 
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 
 from . import _core
 from ._errors import ServerBusy
@@ -32,26 +32,43 @@ _CLOCK_RESOLUTION = time.get_clock_info("monotonic").resolution
 class _LoopTimer:
     """Per event loop: one loop timer for every acquisition waiting on the
     loop (instead of a timer each), and the completion callback that
-    resolves their futures."""
+    resolves their futures.
 
-    __slots__ = ("_loop", "_thread", "queue", "_handle", "__weakref__")
+    Holds the loop only weakly and keeps no timer handle, so that a loop
+    that is gone is not kept alive by its entry in ``_timers``. A timer that
+    fires with nothing due just re-arms for the next deadline.
+    """
+
+    __slots__ = ("_loop", "_thread", "queue", "_armed_at", "__weakref__")
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self._loop = loop
+        self._loop = weakref.ref(loop)
         self._thread = threading.get_ident()  # created on the loop's thread
         self.queue = _core.DeadlineQueue()
-        self._handle: asyncio.TimerHandle | None = None
+        self._armed_at: float | None = None  # earliest timer not yet fired
 
-    def arm(self, when: float) -> None:
-        if self._handle is not None:
-            self._handle.cancel()
-        self._handle = self._loop.call_at(when, self._fire)
+    def add(
+        self, loop: asyncio.AbstractEventLoop, acquisition: _core.Acquisition, deadline: float
+    ) -> None:
+        self.queue.add(acquisition, deadline)
+        if self._armed_at is None or deadline < self._armed_at:
+            self._armed_at = deadline
+            loop.call_at(deadline, self._fire, deadline)
 
-    def _fire(self) -> None:
-        self._handle = None
-        following = self.queue.expire_due(self._loop.time() + _CLOCK_RESOLUTION)
-        if following is not None:
-            self.arm(following)
+    def _fire(self, when: float) -> None:
+        loop = self._loop()
+        if when == self._armed_at:
+            self._armed_at = None
+        if loop is None:
+            return
+        try:
+            self.queue.expire_due(loop.time() + _CLOCK_RESOLUTION)
+        finally:
+            # Re-arm even if expiring raised, or later waiters never expire.
+            following = self.queue.next_deadline
+            if following is not None and (self._armed_at is None or following < self._armed_at):
+                self._armed_at = following
+                loop.call_at(following, self._fire, following)
 
     def resolve(self, future: asyncio.Future[_core.Outcome], outcome: _core.Outcome) -> None:
         """The engine's completion callback, called on whichever thread
@@ -60,7 +77,7 @@ class _LoopTimer:
             if not future.done():  # a cancelled waiter's future is done
                 future.set_result(outcome)
         else:  # a resource shared with another thread's loop released it
-            self._loop.call_soon_threadsafe(_set_unless_done, future, outcome)
+            future.get_loop().call_soon_threadsafe(_set_unless_done, future, outcome)
 
 
 _timers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopTimer] = (
@@ -88,7 +105,7 @@ def _set_unless_done(future: asyncio.Future[_core.Outcome], outcome: _core.Outco
 
 
 async def _watch_disconnect(request: Request, acquisition: _core.Acquisition) -> None:
-    # The body has been read (see _drain_body), so the next message the
+    # The body has been read (see _read_body), so the next message the
     # server sends is the disconnect.
     while True:
         message = await request.receive()
@@ -97,43 +114,47 @@ async def _watch_disconnect(request: Request, acquisition: _core.Acquisition) ->
             return
 
 
-async def _drain_body(request: Request) -> None:
+async def _read_body(request: Request) -> bool:
     """Reads the request body into the Request's cache, so that watching the
     receive channel loses nothing: the handler's ``await request.body()`` /
-    ``.json()`` / ``.stream()`` are served from that cache."""
+    ``.json()`` / ``.stream()`` are served from that cache. Returns False if
+    the client disconnected meanwhile."""
     try:
         await request.body()
+    except ClientDisconnect:
+        return False
     except RuntimeError:
         # FastAPI already consumed the stream (e.g. form data) for the
         # endpoint's parameters: nothing is left to lose.
         pass
+    return True
 
 
 async def wait(
     acquisition: _core.Acquisition,
-    timeout: float,
+    timeout: float | None,
     retry_after: int | None,
     request: Request | None = None,
 ) -> None:
     """The slow path, after ``acquisition.try_acquire()`` found no free slot:
-    queues in the engine and waits up to ``timeout`` seconds. Returns once
-    granted (the caller then owns the slots and must ``release()``), or
-    raises ServerBusy. If the calling task is cancelled, nothing is left held
-    or queued."""
-    if request is not None:
-        await _drain_body(request)
+    queues in the engine and waits up to ``timeout`` seconds (``None``: no
+    limit). Returns once granted (the caller then owns the slots and must
+    ``release()``), or raises ServerBusy. If the calling task is cancelled,
+    nothing is left held or queued."""
+    connected = True if request is None else await _read_body(request)
     loop = asyncio.get_running_loop()
     started = loop.time()
     timer = _timer_for(loop)
     future: asyncio.Future[_core.Outcome] = loop.create_future()
     outcome = acquisition.start(partial(timer.resolve, future))
     if outcome is _PENDING:
-        deadline = started + timeout
-        if timer.queue.add(acquisition, deadline):
-            timer.arm(deadline)
-        watcher = None if request is None else loop.create_task(
-            _watch_disconnect(request, acquisition)
-        )
+        if not connected:
+            acquisition.cancel(_DISCONNECTED)  # counted; resolves the future
+        elif timeout is not None:
+            timer.add(loop, acquisition, started + timeout)
+        watcher = None
+        if request is not None and connected:
+            watcher = loop.create_task(_watch_disconnect(request, acquisition))
         try:
             outcome = await future
         except BaseException:

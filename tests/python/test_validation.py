@@ -26,8 +26,12 @@ def test_resource_options_are_checked() -> None:
         Resource(1, max_waiting=-1)
     with pytest.raises(ValueError, match=r"queue must be one of 'fifo', 'lifo', 'adaptive'"):
         Resource(1, queue="random")  # type: ignore[arg-type]
-    with pytest.raises(TypeError, match=r"name must be a non-empty str"):
+    with pytest.raises(ValueError, match=r"name must be a non-empty str"):
         Resource(1, name="")
+    with pytest.raises(TypeError, match=r"name must be a non-empty str"):
+        Resource(1, name=5)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"timeout must be a finite number of seconds >= 0 and <= 1e\+09"):
+        Limiter(timeout=1e12, resources=[Resource(1)])
     with pytest.raises(ValueError, match=r"adaptive_target must be a finite number of seconds > 0"):
         Resource(1, queue="adaptive", adaptive_target=0)
 
@@ -38,7 +42,7 @@ def test_names_are_generated_unique_and_readable() -> None:
     assert Resource(1, name="db").name == "db"
 
 
-@pytest.mark.parametrize("timeout", [-1, math.nan, math.inf])
+@pytest.mark.parametrize("timeout", [-1, math.nan, math.inf, 2e9])
 def test_limiter_timeout_must_be_finite_and_not_negative(timeout: float) -> None:
     with pytest.raises(ValueError, match=r"timeout must be a finite number of seconds >= 0"):
         Limiter(timeout=timeout, resources=[Resource(1)])
