@@ -1,0 +1,442 @@
+"""Aggregate the recorded requests of the spike experiment into charts and a summary.
+
+Run by ``run.py`` after the load; run it alone to redraw a report from the raw
+data it keeps: ``python bench/spike/report.py REPORT_DIR``.
+
+``summary.json`` schema (version 1). The field names are stable: CI checks that
+every one is present (``check_report.py``); values may be ``null`` where they
+cannot be computed, e.g. a latency percentile of a phase without successes::
+
+    {
+      "schema_version": 1,
+      "mode": "full" | "quick",
+      "generated_at": "<ISO 8601>",
+      "schedule": {<schedule.Schedule fields>},
+      "environment": {"python", "platform", "cpu_count", "load_average", "packages"},
+      "messages_query_ms": <median /messages query time on the idle machine>,
+      "failed_variants": {"<variant>": "<reason>"},
+      "variants": {
+        "<variant>": {
+          "requests": <count>,
+          "load_generator_cpu_s": <CPU seconds used by locust>,
+          "server_cpu_s": <CPU seconds used by the server>,
+          "recovery_s": <seconds after the drop until /messages successes per
+                         second are back within 20 % of the steady level> | null,
+          "ratios": {
+            "file_p99_spike_over_steady",
+            "file_goodput_spike_over_steady",
+            "messages_goodput_spike_over_steady",
+            "messages_p50_spike_over_steady"
+          },
+          "phases": {
+            "before" | "spike" | "after": {
+              "start_s", "end_s",
+              "messages_ok_per_s", "messages_503_per_s",
+              "messages_timeouts", "messages_errors",
+              "messages_p50_ms", "messages_p99_ms",
+              "file_ok_per_s", "file_503_per_s",
+              "file_timeouts", "file_errors",
+              "file_p50_ms", "file_p99_ms"
+            }
+          }
+        }
+      }
+    }
+
+Rates are per second of the phase, counts are totals over the phase, latencies
+are of successful requests only (the others are counted, not timed). A request
+belongs to the second in which it completed.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime as dt
+import json
+import math
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+from schedule import Schedule
+
+SCHEMA_VERSION = 1
+
+ENDPOINTS = ("messages", "file")
+"""Endpoint keys used in field names; the URL path is ``/<key>``."""
+
+PHASES = ("before", "spike", "after")
+
+TOP_LEVEL_FIELDS = (
+    "schema_version",
+    "mode",
+    "generated_at",
+    "schedule",
+    "environment",
+    "messages_query_ms",
+    "failed_variants",
+    "variants",
+)
+VARIANT_FIELDS = (
+    "requests",
+    "load_generator_cpu_s",
+    "server_cpu_s",
+    "recovery_s",
+    "ratios",
+    "phases",
+)
+RATIO_FIELDS = (
+    "file_p99_spike_over_steady",
+    "file_goodput_spike_over_steady",
+    "messages_goodput_spike_over_steady",
+    "messages_p50_spike_over_steady",
+)
+PHASE_FIELDS = (
+    "start_s",
+    "end_s",
+    *(
+        f"{endpoint}_{metric}"
+        for endpoint in ENDPOINTS
+        for metric in ("ok_per_s", "503_per_s", "timeouts", "errors", "p50_ms", "p99_ms")
+    ),
+)
+
+RECOVERY_TOLERANCE = 0.20
+"""Recovered = /messages successes per second within 20 % of the steady level."""
+
+RECOVERY_WINDOW_S = 3
+"""The level is judged on a 3 s mean, so one noisy second neither ends nor extends the recovery."""
+
+RAW_DIR = "raw"
+RUN_FILE = "run.json"
+"""Written by ``run.py`` into the raw directory: mode, schedule, variants, environment."""
+
+
+@dataclass
+class EndpointSeries:
+    """Per-second counts and latency percentiles of one endpoint."""
+
+    ok: npt.NDArray[np.float64]
+    rejected: npt.NDArray[np.float64]
+    timeouts: npt.NDArray[np.float64]
+    errors: npt.NDArray[np.float64]
+    p50_ms: npt.NDArray[np.float64]
+    p99_ms: npt.NDArray[np.float64]
+    # Completion time (s since start) and latency of every success, for phase percentiles.
+    ok_t: npt.NDArray[np.float64] = field(repr=False)
+    ok_latency_ms: npt.NDArray[np.float64] = field(repr=False)
+    # Completion times of the failures, for phase counts.
+    rejected_t: npt.NDArray[np.float64] = field(repr=False)
+    timeout_t: npt.NDArray[np.float64] = field(repr=False)
+    error_t: npt.NDArray[np.float64] = field(repr=False)
+
+
+@dataclass
+class VariantData:
+    """Everything recorded for one variant, on the schedule's time axis."""
+
+    name: str
+    schedule: Schedule
+    seconds: npt.NDArray[np.float64]
+    endpoints: dict[str, EndpointSeries]
+    users_t: npt.NDArray[np.float64]
+    messages_users: npt.NDArray[np.float64]
+    file_users: npt.NDArray[np.float64]
+    requests: int
+
+
+def _percentile(values: npt.NDArray[np.float64], q: float) -> float | None:
+    return float(np.percentile(values, q)) if values.size else None
+
+
+def _series(
+    t: npt.NDArray[np.float64],
+    outcome: npt.NDArray[np.str_],
+    latency: npt.NDArray[np.float64],
+    n_seconds: int,
+) -> EndpointSeries:
+    bins = np.arange(n_seconds + 1, dtype=np.float64)
+
+    def per_second(mask: npt.NDArray[np.bool_]) -> npt.NDArray[np.float64]:
+        return np.histogram(t[mask], bins=bins)[0].astype(np.float64)
+
+    ok = outcome == "ok"
+    ok_t, ok_latency = t[ok], latency[ok]
+    p50 = np.full(n_seconds, np.nan)
+    p99 = np.full(n_seconds, np.nan)
+    second = np.floor(ok_t).astype(int)
+    order = np.argsort(second, kind="stable")
+    second, sorted_latency = second[order], ok_latency[order]
+    bounds = np.searchsorted(second, np.arange(n_seconds + 1))
+    for s in range(n_seconds):
+        chunk = sorted_latency[bounds[s] : bounds[s + 1]]
+        if chunk.size:
+            p50[s], p99[s] = np.percentile(chunk, [50, 99])
+    errors = (outcome == "error") | (outcome == "http_error")
+    return EndpointSeries(
+        ok=per_second(ok),
+        rejected=per_second(outcome == "rejected"),
+        timeouts=per_second(outcome == "timeout"),
+        errors=per_second(errors),
+        p50_ms=p50,
+        p99_ms=p99,
+        ok_t=ok_t,
+        ok_latency_ms=ok_latency,
+        rejected_t=t[outcome == "rejected"],
+        timeout_t=t[outcome == "timeout"],
+        error_t=t[errors],
+    )
+
+
+def load_variant(raw_dir: Path, name: str, schedule: Schedule) -> VariantData:
+    """Read the events, users and meta files ``run.py`` recorded for ``name``."""
+    meta = json.loads((raw_dir / f"{name}-meta.json").read_text(encoding="utf-8"))
+    t0 = float(meta["t0"])
+    n_seconds = math.ceil(schedule.total_s)
+
+    columns: dict[str, list[Any]] = {"t": [], "endpoint": [], "outcome": [], "latency": []}
+    with (raw_dir / f"{name}-events.csv").open(newline="", encoding="utf-8") as f:
+        for row in csv.DictReader(f):
+            columns["t"].append(float(row["t_end"]) - t0)
+            columns["endpoint"].append(row["endpoint"].lstrip("/"))
+            columns["outcome"].append(row["outcome"])
+            columns["latency"].append(float(row["latency_ms"]))
+    t = np.asarray(columns["t"], dtype=np.float64)
+    endpoint = np.asarray(columns["endpoint"], dtype=np.str_)
+    outcome = np.asarray(columns["outcome"], dtype=np.str_)
+    latency = np.asarray(columns["latency"], dtype=np.float64)
+    inside = (t >= 0) & (t < n_seconds)
+
+    series = {}
+    for key in ENDPOINTS:
+        mask = inside & (endpoint == key)
+        series[key] = _series(t[mask], outcome[mask], latency[mask], n_seconds)
+
+    users: dict[str, list[float]] = {"t": [], "messages": [], "file": []}
+    with (raw_dir / f"{name}-users.csv").open(newline="", encoding="utf-8") as f:
+        for row in csv.DictReader(f):
+            users["t"].append(float(row["t"]) - t0)
+            users["messages"].append(float(row["messages_users"]))
+            users["file"].append(float(row["file_users"]))
+
+    return VariantData(
+        name=name,
+        schedule=schedule,
+        seconds=np.arange(n_seconds, dtype=np.float64),
+        endpoints=series,
+        users_t=np.asarray(users["t"]),
+        messages_users=np.asarray(users["messages"]),
+        file_users=np.asarray(users["file"]),
+        requests=int(inside.sum()),
+    )
+
+
+def _round(value: float | None, digits: int = 2) -> float | None:
+    return None if value is None or math.isnan(value) else round(value, digits)
+
+
+def _in(times: npt.NDArray[np.float64], start: float, end: float) -> npt.NDArray[np.bool_]:
+    return (times >= start) & (times < end)
+
+
+def phase_metrics(variant: VariantData, start: float, end: float) -> dict[str, float | None]:
+    """The PHASE_FIELDS of one window ``[start, end)``."""
+    length = max(end - start, 1e-9)
+    metrics: dict[str, float | None] = {"start_s": start, "end_s": end}
+    for key, s in variant.endpoints.items():
+        ok = _in(s.ok_t, start, end)
+        latencies = s.ok_latency_ms[ok]
+        metrics[f"{key}_ok_per_s"] = _round(ok.sum() / length)
+        metrics[f"{key}_503_per_s"] = _round(_in(s.rejected_t, start, end).sum() / length)
+        metrics[f"{key}_timeouts"] = int(_in(s.timeout_t, start, end).sum())
+        metrics[f"{key}_errors"] = int(_in(s.error_t, start, end).sum())
+        metrics[f"{key}_p50_ms"] = _round(_percentile(latencies, 50), 1)
+        metrics[f"{key}_p99_ms"] = _round(_percentile(latencies, 99), 1)
+    return metrics
+
+
+def recovery_seconds(variant: VariantData, steady_ok_per_s: float | None) -> float | None:
+    """Seconds from the drop until /messages successes are back near the steady level.
+
+    Walks the seconds after the drop and returns the first one from which the
+    mean over the next :data:`RECOVERY_WINDOW_S` seconds (fewer at the very
+    end) is within :data:`RECOVERY_TOLERANCE` of the steady level; ``None`` if
+    that never happens before the run ends or there is no steady level.
+    """
+    if not steady_ok_per_s:
+        return None
+    ok = variant.endpoints["messages"].ok
+    first = math.floor(variant.schedule.drop_start)
+    for s in range(first, ok.size):
+        window = ok[s : s + RECOVERY_WINDOW_S]
+        if abs(window.mean() - steady_ok_per_s) <= RECOVERY_TOLERANCE * steady_ok_per_s:
+            return float(max(s - variant.schedule.drop_start, 0.0))
+    return None
+
+
+def _ratio(numerator: float | None, denominator: float | None) -> float | None:
+    if numerator is None or not denominator:
+        return None
+    return round(numerator / denominator, 3)
+
+
+def summarize_variant(variant: VariantData, resources: dict[str, Any]) -> dict[str, Any]:
+    """The summary.json entry of one variant (VARIANT_FIELDS)."""
+    phases = {
+        p.name: phase_metrics(variant, p.start, p.end) for p in variant.schedule.summary_phases()
+    }
+    before, spike = phases["before"], phases["spike"]
+    return {
+        "requests": variant.requests,
+        "load_generator_cpu_s": _round(resources.get("load_generator_cpu_s")),
+        "server_cpu_s": _round(resources.get("server_cpu_s")),
+        "recovery_s": recovery_seconds(variant, before["messages_ok_per_s"]),
+        "ratios": {
+            "file_p99_spike_over_steady": _ratio(spike["file_p99_ms"], before["file_p99_ms"]),
+            "file_goodput_spike_over_steady": _ratio(
+                spike["file_ok_per_s"], before["file_ok_per_s"]
+            ),
+            "messages_goodput_spike_over_steady": _ratio(
+                spike["messages_ok_per_s"], before["messages_ok_per_s"]
+            ),
+            "messages_p50_spike_over_steady": _ratio(
+                spike["messages_p50_ms"], before["messages_p50_ms"]
+            ),
+        },
+        "phases": phases,
+    }
+
+
+def _fmt(value: Any, digits: int = 1) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+PHASE_COLUMNS = ("ok/s", "503/s", "timeouts", "errors", "p50", "p99")
+RATIO_COLUMNS = (
+    ("msg goodput", "messages_goodput_spike_over_steady"),
+    ("msg p50", "messages_p50_spike_over_steady"),
+    ("file goodput", "file_goodput_spike_over_steady"),
+    ("file p99", "file_p99_spike_over_steady"),
+)
+
+
+def _row(cells: list[str]) -> str:
+    return "| " + " | ".join(cells) + " |"
+
+
+def _header(columns: list[str], text_columns: int) -> list[str]:
+    rule = ["---"] * text_columns + ["---:"] * (len(columns) - text_columns)
+    return [_row(columns), _row(rule)]
+
+
+def summary_markdown(summary: dict[str, Any]) -> str:
+    """summary.md: the phase table, recovery and ratios, and the charts."""
+    s = summary["schedule"]
+    intro = (
+        f"Mode `{summary['mode']}`, generated {summary['generated_at']}. "
+        f"`/messages` users {s['base_users']} -> {s['peak_users']} -> {s['base_users']} "
+        f"(steady {s['steady_s']:g} s, ramp {s['ramp_s']:g} s, spike {s['spike_s']:g} s, "
+        f"drop {s['drop_s']:g} s, after {s['after_s']:g} s), {s['file_users']} `/file` users; "
+        f"`/messages` query alone {_fmt(summary['messages_query_ms'])} ms; "
+        f"{summary['environment'].get('cpu_count')} CPUs."
+    )
+    legend = (
+        "Rates are per second, timeouts (the client gave up after 6 s) and errors are counts, "
+        "latencies (ms) are of successful requests."
+    )
+    lines = ["# Spike experiment", "", intro, "", legend, ""]
+    columns = ["variant", "phase"]
+    columns += [f"{prefix} {c}" for prefix in ("msg", "file") for c in PHASE_COLUMNS]
+    lines += _header(columns, text_columns=2)
+    for name, v in summary["variants"].items():
+        for phase in PHASES:
+            m = v["phases"][phase]
+            cells = [name, phase]
+            for key in ENDPOINTS:
+                cells += [
+                    _fmt(m[f"{key}_ok_per_s"]),
+                    _fmt(m[f"{key}_503_per_s"]),
+                    _fmt(m[f"{key}_timeouts"]),
+                    _fmt(m[f"{key}_errors"]),
+                    _fmt(m[f"{key}_p50_ms"], 0),
+                    _fmt(m[f"{key}_p99_ms"], 0),
+                ]
+            lines.append(_row(cells))
+
+    ratios_legend = (
+        "Ratios are spike over steady (`before`), goodput is successes per second; `-` where a "
+        "phase had no success. Recovery: seconds from the drop until `/messages` goodput is back "
+        "within 20 % of steady."
+    )
+    lines += ["", ratios_legend, ""]
+    columns = ["variant", "recovery (s)", *(label for label, _ in RATIO_COLUMNS)]
+    lines += _header([*columns, "locust CPU (s)", "server CPU (s)"], text_columns=1)
+    for name, v in summary["variants"].items():
+        recovery = "never" if v["recovery_s"] is None else _fmt(v["recovery_s"], 0)
+        ratios = [_fmt(v["ratios"][key], 2) for _, key in RATIO_COLUMNS]
+        cpu = [_fmt(v["load_generator_cpu_s"]), _fmt(v["server_cpu_s"])]
+        lines.append(_row([name, recovery, *ratios, *cpu]))
+
+    if summary["failed_variants"]:
+        lines += ["", "Failed variants:", ""]
+        lines += [f"- `{name}`: {reason}" for name, reason in summary["failed_variants"].items()]
+    lines += ["", "![comparison](comparison.png)", ""]
+    for name in summary["variants"]:
+        lines += [
+            f"![{name} throughput]({name}-throughput.png)",
+            f"![{name} latency]({name}-latency.png)",
+            "",
+        ]
+    return "\n".join(lines)
+
+
+def build_report(out_dir: Path) -> dict[str, Any]:
+    """Read ``out_dir/raw``, write the charts, summary.json and summary.md; return the summary."""
+    import charts  # matplotlib is only needed to draw, not to check a report
+
+    raw_dir = out_dir / RAW_DIR
+    run = json.loads((raw_dir / RUN_FILE).read_text(encoding="utf-8"))
+    schedule = Schedule(**run["schedule"])
+    variants: dict[str, VariantData] = {}
+    entries: dict[str, Any] = {}
+    for name in run["variants"]:
+        status = run["results"].get(name, {})
+        if status.get("error"):
+            continue
+        variants[name] = load_variant(raw_dir, name, schedule)
+        entries[name] = summarize_variant(variants[name], status)
+
+    summary = {
+        "schema_version": SCHEMA_VERSION,
+        "mode": run["mode"],
+        "generated_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "schedule": run["schedule"],
+        "environment": run["environment"],
+        "messages_query_ms": _round(run.get("messages_query_ms"), 1),
+        "failed_variants": {
+            name: result["error"] for name, result in run["results"].items() if result.get("error")
+        },
+        "variants": entries,
+    }
+    for variant in variants.values():
+        charts.throughput_chart(variant, out_dir / f"{variant.name}-throughput.png")
+        charts.latency_chart(variant, out_dir / f"{variant.name}-latency.png")
+    if variants:
+        charts.comparison_chart(list(variants.values()), out_dir / "comparison.png")
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    (out_dir / "summary.md").write_text(summary_markdown(summary), encoding="utf-8")
+    return summary
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 2:
+        sys.exit(f"usage: {Path(sys.argv[0]).name} REPORT_DIR")
+    build_report(Path(sys.argv[1]))
+    print((Path(sys.argv[1]) / "summary.md").read_text(encoding="utf-8"))
