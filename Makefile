@@ -65,9 +65,19 @@ test: cpp-test py-test
 demo: install
 	$(PY) bench/spike/run.py --out report $(if $(QUICK),--quick,)
 
-bench: install cpp-test-release
+# The engine benchmark runs twice: as shipped, and with the statistics
+# counters compiled out, to show what they cost.
+bench: install
 	$(PY) bench/python_bench.py
-	@if [ -x $(BUILD)/release/concurrency_limiter_bench ]; then $(BUILD)/release/concurrency_limiter_bench; fi
+	cmake -S . -B $(BUILD)/release -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo >/dev/null
+	cmake --build $(BUILD)/release -j $(JOBS) --target concurrency_limiter_bench
+	cmake -S . -B $(BUILD)/nostats -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo -DCL_STATISTICS=OFF \
+		-DCL_BUILD_TESTS=OFF -DCL_BUILD_EXAMPLES=OFF >/dev/null
+	cmake --build $(BUILD)/nostats -j $(JOBS) --target concurrency_limiter_bench
+	@echo "== engine, with statistics"
+	$(BUILD)/release/concurrency_limiter_bench --benchmark_repetitions=5 --benchmark_report_aggregates_only=true
+	@echo "== engine, statistics compiled out"
+	$(BUILD)/nostats/concurrency_limiter_bench --benchmark_repetitions=5 --benchmark_report_aggregates_only=true
 
 clean:
 	rm -rf $(BUILD) report
