@@ -227,12 +227,7 @@ void Resource::revert_grant(detail::NoticeList& notices) {
     --stats_.wait_seconds.counts[0];
     --stats_.wait_seconds.count;
   }
-  if (detail::WaiterNode* next = pick_locked(now, notices)) {
-    grant_locked(*next, now);
-    notices.push(next);
-  } else {
-    --in_use_;
-  }
+  hand_over_locked(now, notices);
 }
 
 void Resource::count_rejection(Outcome reason) {
@@ -245,9 +240,13 @@ void Resource::release(Clock::time_point granted_at,
   const auto now = Clock::now();
   std::lock_guard lock(mu_);
   if constexpr (kStatistics) stats_.hold_seconds.observe(seconds(now - granted_at));
+  hand_over_locked(now, notices);
+}
+
+void Resource::hand_over_locked(Clock::time_point now,
+                                detail::NoticeList& notices) {
   if (detail::WaiterNode* next = pick_locked(now, notices)) {
-    // Hand the slot over: in_use_ stays the same.
-    grant_locked(*next, now);
+    grant_locked(*next, now);  // in_use_ stays the same
     notices.push(next);
   } else {
     --in_use_;

@@ -144,14 +144,15 @@ def _app_asyncio() -> FastAPI:
     return app
 
 
-def _app_fcl() -> FastAPI:
-    """This package, configured exactly as the original demo."""
+def _app_with_package(variant: str, options: dict[str, dict[str, Any]]) -> FastAPI:
+    """This package: ``Resource(5)`` for the database, ``Resource(10)`` for
+    the file, ``Limiter(timeout=2)``, plus ``options`` per object."""
     from fastapi_concurrency_limiter import Limiter, Resource
 
-    app = _base_app("fcl")
-    db = Resource(5)
-    file = Resource(10)
-    limiter = Limiter(timeout=2, resources=[db, file])
+    app = _base_app(variant)
+    db = Resource(5, **options["db"])
+    file = Resource(10, **options["file"])
+    limiter = Limiter(timeout=2, resources=[db, file], **options["limiter"])
 
     @app.get("/messages")
     @limiter.resources([db])
@@ -164,28 +165,16 @@ def _app_fcl() -> FastAPI:
         return await read_file()
 
     return app
+
+
+def _app_fcl() -> FastAPI:
+    """This package, configured exactly as the original demo."""
+    return _app_with_package("fcl", {"limiter": {}, "db": {}, "file": {}})
 
 
 def _app_fcl_tuned() -> FastAPI:
     """This package with the recommended overload configuration."""
-    from fastapi_concurrency_limiter import Limiter, Resource
-
-    app = _base_app("fcl-tuned")
-    db = Resource(5, **FCL_TUNED_OPTIONS["db"])
-    file = Resource(10, **FCL_TUNED_OPTIONS["file"])
-    limiter = Limiter(timeout=2, resources=[db, file], **FCL_TUNED_OPTIONS["limiter"])
-
-    @app.get("/messages")
-    @limiter.resources([db])
-    async def get_messages() -> list[dict[str, Any]]:
-        return await read_messages()
-
-    @app.get("/file", response_class=PlainTextResponse)
-    @limiter.resources([file])
-    async def get_file() -> PlainTextResponse:
-        return await read_file()
-
-    return app
+    return _app_with_package("fcl-tuned", FCL_TUNED_OPTIONS)
 
 
 _BUILDERS: dict[str, Callable[[], FastAPI]] = {

@@ -85,7 +85,9 @@ class Acquisition {
   // from this thread with `reason`. If that resource had granted the last
   // slot at the same instant, the grant wins instead: the state becomes
   // kGranted and the callback gets kGranted (so a caller that gives up must
-  // follow cancel() with release()). No effect in any other state.
+  // follow cancel() with release()); if the queue had just shed it or pushed
+  // it out, the callback gets that reason (kShed, kQueueFull). No effect in
+  // any other state.
   // `reason` must be a rejection (kTimeout, kCancelled, kDisconnected...).
   void cancel(Outcome reason = Outcome::kCancelled);
 

@@ -9,8 +9,10 @@
 //
 // The order in which resources are registered is the order in which every
 // request acquires them; select() refuses any other order, so no two requests
-// can deadlock on each other. The timeout covers acquiring *all* resources of
-// a request together.
+// can deadlock on each other. That guarantee covers the requests of one
+// Limiter: register a resource shared by several Limiters in the same
+// relative order in each. The timeout covers acquiring *all* resources of a
+// request together.
 #pragma once
 
 #include <chrono>

@@ -16,7 +16,8 @@ namespace concurrency_limiter {
 enum class Outcome : std::uint8_t {
   kGranted = 0,  // every requested slot is held by the caller
   kTimeout,      // the deadline passed while waiting
-  kQueueFull,    // the waiter queue was at `max_waiting`; nothing was waited
+  kQueueFull,    // the queue was at `max_waiting`: rejected on arrival, or
+                 // (LIFO order) pushed out later by a newer request
   kShed,         // the adaptive queue dropped a waiter that waited too long
   kDisconnected, // the client went away while waiting (set by the front end)
   kCancelled,    // the caller cancelled the wait

@@ -34,11 +34,14 @@
 //              as kFifo otherwise.
 //
 // Thread safety: every member function may be called from any thread. The
-// resource's state is guarded by one mutex that is held for a few
-// instructions and never while user code (a completion callback) runs.
+// resource's state is guarded by one mutex, held for a few instructions (plus
+// one step per waiter shed by the adaptive queue) and never while user code
+// (a completion callback) runs.
 //
-// Lifetime: a Resource must outlive every Permit and Acquisition that uses
-// it; Limiter and ResourceSet hold it by shared_ptr, which takes care of that.
+// Lifetime: create resources with std::make_shared. A Resource must outlive
+// every Permit and Acquisition that uses it; Limiter and ResourceSet hold it
+// by shared_ptr, which takes care of that, and the blocking calls below need
+// that ownership (they use shared_from_this()).
 #pragma once
 
 #include <atomic>
@@ -228,6 +231,8 @@ class Resource : public std::enable_shared_from_this<Resource> {
 
   // Helpers; require mu_ held.
   void grant_free_slot_locked(detail::WaiterNode& node, Clock::time_point now);
+  // A slot was given back: to the waiter the discipline picks, or freed.
+  void hand_over_locked(Clock::time_point now, detail::NoticeList& notices);
   void note_grant_locked(double waited);
   void note_rejection_locked(Outcome reason);
   void link_tail(detail::WaiterNode& node, Clock::time_point now);

@@ -153,7 +153,7 @@ class _Hold:
     several tasks at once (e.g. kept in a module-level variable): each entry
     holds its own slots, released by the same task's exit."""
 
-    __slots__ = ("_limiter", "_rset", "_timeout", "_held")
+    __slots__ = ("_limiter", "_rset", "_timeout", "_acquisition", "_others")
 
     def __init__(
         self, limiter: Limiter, rset: _core.ResourceSet, timeout: float | None
@@ -161,7 +161,12 @@ class _Hold:
         self._limiter = limiter
         self._rset = rset
         self._timeout = timeout
-        self._held: dict[object, list[_core.Acquisition]] = {}
+        # The usual case, one entry at a time, lives in a slot; further
+        # concurrent or nested entries go to a per-task stack. (The slot's
+        # entry needs no owner: any task without a stacked entry owns it.
+        # asyncio.current_task() costs more than the rest of an entry.)
+        self._acquisition: _core.Acquisition | None = None
+        self._others: dict[object, list[_core.Acquisition]] | None = None
 
     async def __aenter__(self) -> None:
         acquisition = _core.Acquisition(self._rset)
@@ -169,7 +174,12 @@ class _Hold:
             limiter = self._limiter
             timeout = limiter._timeout if self._timeout is None else self._timeout
             await wait(acquisition, timeout, limiter._retry_after)
-        self._held.setdefault(asyncio.current_task(), []).append(acquisition)
+        if self._acquisition is None:
+            self._acquisition = acquisition
+        else:
+            if self._others is None:
+                self._others = {}
+            self._others.setdefault(asyncio.current_task(), []).append(acquisition)
 
     async def __aexit__(
         self,
@@ -177,12 +187,17 @@ class _Hold:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        task = asyncio.current_task()
-        stack = self._held[task]
-        acquisition = stack.pop()
-        if not stack:
-            del self._held[task]
-        acquisition.release()
+        others = self._others
+        task = asyncio.current_task() if others else None
+        stack = others.get(task) if others else None
+        if stack:  # this task's latest entry, if it is not the first one
+            acquisition = stack.pop()
+            if not stack:
+                del others[task]  # type: ignore[union-attr]
+        else:
+            acquisition, self._acquisition = self._acquisition, None
+        if acquisition is not None:
+            acquisition.release()
 
 
 def _check_timeout(timeout: object) -> float | None:
