@@ -4,6 +4,7 @@
 #                      TSan) and the Python tests
 #   make demo          the overload experiment; writes report/ (QUICK=1: ~1 min)
 #   make bench         microbenchmarks (Python API vs asyncio.Semaphore, engine)
+#   make lint          ruff and mypy --strict
 #
 # Python packages go into .venv; nothing is installed system-wide.
 
@@ -13,7 +14,7 @@ PY := $(VENV)/bin/python
 BUILD := build
 JOBS ?= 2
 
-.PHONY: all venv install test cpp-test cpp-test-release cpp-test-asan cpp-test-tsan py-test demo bench clean
+.PHONY: all venv install lint test cpp-test cpp-test-release cpp-test-asan cpp-test-tsan py-test demo bench clean
 
 all: test
 
@@ -23,7 +24,7 @@ $(VENV)/.deps: pyproject.toml
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet "scikit-build-core>=0.10" "nanobind>=2.4" \
 		"fastapi>=0.110" "starlette>=0.36" "pytest>=7" "httpx>=0.25" "uvicorn>=0.23" \
-		"prometheus-client>=0.17" "locust>=2.20" "matplotlib>=3.7"
+		"prometheus-client>=0.17" "locust>=2.20" "matplotlib>=3.7" "ruff>=0.5" "mypy>=1.8"
 	touch $@
 
 venv: $(VENV)/.deps
@@ -59,6 +60,12 @@ cpp-test: cpp-test-release cpp-test-asan cpp-test-tsan
 
 py-test: install
 	$(PY) -m pytest -q
+
+# ruff over the Python sources; mypy --strict over the package (with the
+# compiled module's generated stubs).
+lint: install
+	$(VENV)/bin/ruff check python tests/python bench
+	cd python && ../$(VENV)/bin/mypy --strict fastapi_concurrency_limiter
 
 test: cpp-test py-test
 

@@ -22,8 +22,9 @@ from matplotlib.lines import Line2D
 from schedule import CLIENT_TIMEOUT_S
 
 if TYPE_CHECKING:
-    from report import VariantData
     from schedule import Schedule
+
+    from report import VariantData
 
 OUTCOME_COLORS = {"ok": "#2ca02c", "503": "#ff7f0e", "timeout": "#d62728", "error": "#9467bd"}
 ENDPOINT_COLORS = {"messages": "#1f77b4", "file": "#2ca02c"}

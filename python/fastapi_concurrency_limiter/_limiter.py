@@ -190,6 +190,7 @@ class _Hold:
         others = self._others
         task = asyncio.current_task() if others else None
         stack = others.get(task) if others else None
+        acquisition: _core.Acquisition | None
         if stack:  # this task's latest entry, if it is not the first one
             acquisition = stack.pop()
             if not stack:
@@ -221,7 +222,7 @@ def _is_async(func: Callable[..., Any]) -> bool:
         func = func.func
     return inspect.iscoroutinefunction(func) or (
         not inspect.isfunction(func)
-        and inspect.iscoroutinefunction(getattr(func, "__call__", None))
+        and inspect.iscoroutinefunction(getattr(func, "__call__", None))  # noqa: B004 (async __call__)
     )
 
 

@@ -68,7 +68,7 @@ class ResourceStatistics:
 class LimiterStatistics:
     """Snapshots of every resource of a limiter, in registration order."""
 
-    timeout: float
+    timeout: float | None
     resources: tuple[ResourceStatistics, ...]
 
     def __getitem__(self, name: str) -> ResourceStatistics:

@@ -54,7 +54,7 @@ def _buckets(h: HistogramSnapshot) -> tuple[list[tuple[str, float]], float]:
     """Cumulative Prometheus buckets and the sum."""
     cumulative = 0
     buckets: list[tuple[str, float]] = []
-    for bound, count in zip(h.bounds, h.counts):
+    for bound, count in zip(h.bounds, h.counts[:-1], strict=True):
         cumulative += count
         buckets.append((repr(bound), cumulative))
     buckets.append(("+Inf", h.count))

@@ -56,7 +56,8 @@ async def test_concurrent_clients_never_exceed_capacity() -> None:
     a = App(capacity=2, timeout=30)
     with serve(a.app) as url:
         async with httpx.AsyncClient(base_url=url, timeout=30) as client:
-            rs = await asyncio.gather(*[client.get("/work", params={"hold": 0.03}) for _ in range(12)])
+            requests = [client.get("/work", params={"hold": 0.03}) for _ in range(12)]
+            rs = await asyncio.gather(*requests)
     assert [r.status_code for r in rs] == [200] * 12
     assert a.peak == 2
     assert (a.db.in_use, a.db.waiting) == (0, 0)

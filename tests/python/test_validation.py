@@ -30,7 +30,8 @@ def test_resource_options_are_checked() -> None:
         Resource(1, name="")
     with pytest.raises(TypeError, match=r"name must be a non-empty str"):
         Resource(1, name=5)  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match=r"timeout must be a finite number of seconds >= 0 and <= 1e\+09"):
+    too_long = r"timeout must be a finite number of seconds >= 0 and <= 1e\+09"
+    with pytest.raises(ValueError, match=too_long):
         Limiter(timeout=1e12, resources=[Resource(1)])
     with pytest.raises(ValueError, match=r"adaptive_target must be a finite number of seconds > 0"):
         Resource(1, queue="adaptive", adaptive_target=0)
@@ -66,7 +67,8 @@ def test_limiter_rejects_duplicate_registration_and_non_resources() -> None:
 def test_decorator_rejects_bad_resource_lists_at_decoration_time() -> None:
     db, file, stray = Resource(1, name="db"), Resource(1, name="file"), Resource(1, name="stray")
     limiter = Limiter(timeout=1, resources=[db, file])
-    with pytest.raises(ValueError, match=r"registration order \['db', 'file'\].*got \['file', 'db'\]"):
+    out_of_order = r"registration order \['db', 'file'\].*got \['file', 'db'\]"
+    with pytest.raises(ValueError, match=out_of_order):
         limiter.resources([file, db])
     with pytest.raises(ValueError, match=r"'stray' is not registered"):
         limiter.resources([stray])
