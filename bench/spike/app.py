@@ -38,10 +38,11 @@ from pathlib import Path
 from typing import Any
 
 import anyio
-import data
 from fastapi import FastAPI, HTTPException
 from fastapi.responses import PlainTextResponse
 from starlette.concurrency import run_in_threadpool
+
+import data
 
 VARIANTS = ("none", "asyncio", "fcl", "fcl-tuned")
 

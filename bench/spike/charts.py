@@ -19,12 +19,12 @@ import numpy as np
 import numpy.typing as npt
 from matplotlib.axes import Axes
 from matplotlib.lines import Line2D
+
 from schedule import CLIENT_TIMEOUT_S
 
 if TYPE_CHECKING:
-    from schedule import Schedule
-
     from report import VariantData
+    from schedule import Schedule
 
 OUTCOME_COLORS = {"ok": "#2ca02c", "503": "#ff7f0e", "timeout": "#d62728", "error": "#9467bd"}
 ENDPOINT_COLORS = {"messages": "#1f77b4", "file": "#2ca02c"}

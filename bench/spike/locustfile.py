@@ -28,6 +28,7 @@ from gevent import Timeout as GeventTimeout
 from locust import LoadTestShape, constant, events, task
 from locust.contrib.fasthttp import FastHttpUser
 from locust.env import Environment
+
 from schedule import CLIENT_TIMEOUT_S, FULL, Schedule
 
 USERS_SAMPLE_INTERVAL_S = 0.5

@@ -61,6 +61,7 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
+
 from schedule import Schedule
 
 SCHEMA_VERSION = 1

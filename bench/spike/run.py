@@ -40,9 +40,8 @@ from typing import Any, NoReturn
 
 import data
 from app import VARIANTS
-from schedule import CLIENT_TIMEOUT_S, FULL, QUICK, Schedule
-
 from report import RAW_DIR, RUN_FILE, build_report
+from schedule import CLIENT_TIMEOUT_S, FULL, QUICK, Schedule
 
 SPIKE_DIR = Path(__file__).resolve().parent
 REPO_ROOT = SPIKE_DIR.parents[1]
