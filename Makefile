@@ -14,12 +14,16 @@ PY := $(VENV)/bin/python
 BUILD := build
 JOBS ?= 2
 
-.PHONY: all venv install lint test cpp-test cpp-test-release cpp-test-asan cpp-test-tsan py-test demo bench clean
+.PHONY: all system-deps venv install lint test cpp-test cpp-test-release cpp-test-asan cpp-test-tsan py-test demo bench clean
 
 all: test
 
+# Debian packages (compiler, CMake, Ninja, GoogleTest...), only if missing.
+system-deps:
+	@scripts/system-deps.sh
+
 # Build and test dependencies, re-installed when pyproject.toml changes.
-$(VENV)/.deps: pyproject.toml
+$(VENV)/.deps: pyproject.toml | system-deps
 	$(PYTHON_SYSTEM) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet "scikit-build-core>=0.10" "nanobind>=2.4" \
@@ -56,7 +60,8 @@ cpp-test-tsan:
 _tsan:
 	$(call cpp_suite,tsan,RelWithDebInfo,thread)
 
-cpp-test: cpp-test-release cpp-test-asan cpp-test-tsan
+cpp-test: system-deps
+	$(MAKE) --no-print-directory cpp-test-release cpp-test-asan cpp-test-tsan
 
 py-test: install
 	$(PY) -m pytest -q
