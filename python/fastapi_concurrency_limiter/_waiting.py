@@ -151,7 +151,10 @@ async def wait(
         if not connected:
             acquisition.cancel(_DISCONNECTED)  # counted; resolves the future
         elif timeout is not None:
-            timer.add(loop, acquisition, started + timeout)
+            if timeout > 0:
+                timer.add(loop, acquisition, started + timeout)
+            else:  # "try once": rejected now, not after a turn of the loop
+                acquisition.expire()
         watcher = None
         if request is not None and connected:
             watcher = loop.create_task(_watch_disconnect(request, acquisition))
