@@ -126,7 +126,14 @@ NB_MODULE(_core, m) {
            "resources"_a)
       .def("statistics", &cl::Limiter::statistics);
 
-  nb::class_<cl::Acquisition>(m, "Acquisition")
+  nb::class_<cl::Acquisition> acquisition(m, "Acquisition");
+  nb::enum_<cl::Acquisition::State>(acquisition, "State")
+      .value("idle", cl::Acquisition::State::kIdle)
+      .value("pending", cl::Acquisition::State::kPending)
+      .value("granted", cl::Acquisition::State::kGranted)
+      .value("rejected", cl::Acquisition::State::kRejected)
+      .value("released", cl::Acquisition::State::kReleased);
+  acquisition
       .def(nb::init<std::shared_ptr<const cl::ResourceSet>>(), "resource_set"_a)
       .def("try_acquire", &cl::Acquisition::try_acquire)
       .def("start",
@@ -148,16 +155,7 @@ NB_MODULE(_core, m) {
       .def("cancel", &cl::Acquisition::cancel, "reason"_a = cl::Outcome::kCancelled)
       .def("release", &cl::Acquisition::release)
       .def_prop_ro("outcome", &cl::Acquisition::outcome)
-      .def_prop_ro("state", [](const cl::Acquisition& a) {
-        switch (a.state()) {
-          case cl::Acquisition::State::kIdle: return "idle";
-          case cl::Acquisition::State::kPending: return "pending";
-          case cl::Acquisition::State::kGranted: return "granted";
-          case cl::Acquisition::State::kRejected: return "rejected";
-          case cl::Acquisition::State::kReleased: return "released";
-        }
-        return "unknown";
-      })
+      .def_prop_ro("state", &cl::Acquisition::state)
       .def_prop_ro("refused_by", [](const cl::Acquisition& a) -> std::optional<std::string> {
         if (const cl::Resource* r = a.refused_by()) return r->name();
         return std::nullopt;

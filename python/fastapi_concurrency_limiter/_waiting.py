@@ -22,7 +22,7 @@ from . import _core
 from ._errors import ServerBusy
 from ._logging import log_rejection
 
-GRANTED = _core.Outcome.granted
+_GRANTED = _core.Outcome.granted
 _PENDING = _core.Outcome.pending
 _DISCONNECTED = _core.Outcome.disconnected
 # asyncio runs a timer up to one clock tick early.
@@ -171,7 +171,7 @@ async def wait(
             timer.queue.remove(acquisition)
             if watcher is not None:
                 watcher.cancel()
-    if outcome is not GRANTED:
+    if outcome is not _GRANTED:
         resource = acquisition.refused_by or ""
         log_rejection(resource, outcome.name, loop.time() - started)
         raise ServerBusy(resource, outcome.name, retry_after)
