@@ -2,7 +2,9 @@
 #
 #   make test          build everything, run the C++ suites (plain, ASan+UBSan,
 #                      TSan) and the Python tests
-#   make demo          the overload experiment; writes report/ (QUICK=1: ~1 min)
+#   make demo          the overload experiment's headline variants; writes report/
+#                      (~6 min). VARIANTS=a,b or VARIANTS=all chooses variants;
+#                      QUICK=1 is a short smoke run of every variant (~2.5 min)
 #   make bench         microbenchmarks (Python API vs asyncio.Semaphore, engine)
 #   make lint          ruff and mypy --strict
 #
@@ -74,8 +76,10 @@ lint: install
 
 test: cpp-test py-test
 
+# The original package's variant installs it into its own virtualenv under
+# .cache/spike/ on first use (same import name as this package).
 demo: install
-	$(PY) bench/spike/run.py --out report $(if $(QUICK),--quick,)
+	$(PY) bench/spike/run.py --out report $(if $(QUICK),--quick,) $(if $(VARIANTS),--variants $(VARIANTS),)
 
 # The engine benchmark runs twice: as shipped, and with the statistics
 # counters compiled out, to show what they cost.
