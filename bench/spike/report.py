@@ -40,13 +40,16 @@ cannot be computed, e.g. a latency percentile of a phase without successes::
               "messages_p50_ms", "messages_p99_ms",
               "file_ok_per_s", "file_503_per_s",
               "file_timeouts", "file_errors",
-              "file_p50_ms", "file_p99_ms"
+              "file_p50_ms", "file_p99_ms",
+              "responses_per_s",
+              "server_cpu_ms_per_response", "loop_cpu_ms_per_response"
             }
           },
           "vs_baseline": null (the baseline itself, or no baseline in the run) | {
             "before" | "spike" | "after": {
               "messages_ok_per_s", "messages_p50_ms", "messages_p99_ms",
-              "file_ok_per_s", "file_p50_ms", "file_p99_ms"
+              "file_ok_per_s", "file_p50_ms", "file_p99_ms",
+              "server_cpu_ms_per_response", "loop_cpu_ms_per_response"
             }
           },
           "series": {
@@ -64,7 +67,13 @@ peaks between samples), ``mean`` the mean of the sampled values.
 
 Rates are per second of the phase, counts are totals over the phase, latencies
 are of successful requests only (the others are counted, not timed). A request
-belongs to the second in which it completed.
+belongs to the second in which it completed. ``responses_per_s`` counts every
+answer and client timeout of both endpoints; ``server_cpu_ms_per_response``
+is the CPU time of the app processes in the phase per response, and
+``loop_cpu_ms_per_response`` that of their main threads, which run the event
+loop (HTTP, routing, the limiter; not the queries and file reads, which run in
+worker threads): the cost of the Python layer per request, CPU time rather
+than wall time, so it is less disturbed by other load on the machine.
 """
 
 from __future__ import annotations
@@ -121,12 +130,17 @@ BASELINE_METRICS = (
     "file_ok_per_s",
     "file_p50_ms",
     "file_p99_ms",
+    "server_cpu_ms_per_response",
+    "loop_cpu_ms_per_response",
 )
 """The metrics compared with the baseline, in every phase."""
 SERIES_STAT_FIELDS = ("max", *PHASES)
 SERIES_PHASE_FIELDS = ("max", "mean")
 SERIES_FIELDS = ("t", "gauge", "value", "peak")
 """Columns of ``raw/<variant>-series.csv``, written by ``run.py``; ``t`` is Unix seconds."""
+CPU_FIELDS = ("t", "loop_cpu_s", "process_cpu_s")
+"""Columns of ``raw/<variant>-cpu.csv``: cumulative CPU seconds of the app processes'
+main threads and of the whole processes, summed over the processes."""
 RATIO_FIELDS = (
     "file_p99_spike_over_steady",
     "file_goodput_spike_over_steady",
@@ -141,6 +155,9 @@ PHASE_FIELDS = (
         for endpoint in ENDPOINTS
         for metric in ("ok_per_s", "503_per_s", "timeouts", "errors", "p50_ms", "p99_ms")
     ),
+    "responses_per_s",
+    "server_cpu_ms_per_response",
+    "loop_cpu_ms_per_response",
 )
 
 RECOVERY_TOLERANCE = 0.20
@@ -196,6 +213,12 @@ class VariantData:
     requests: int
     config: dict[str, Any] = field(default_factory=dict)
     gauges: dict[str, GaugeSeries] = field(default_factory=dict)
+    # Cumulative CPU seconds of the app processes (main threads, whole) at times cpu_t.
+    cpu_t: npt.NDArray[np.float64] = field(default_factory=lambda: np.zeros(0))
+    loop_cpu_s: npt.NDArray[np.float64] = field(default_factory=lambda: np.zeros(0))
+    process_cpu_s: npt.NDArray[np.float64] = field(default_factory=lambda: np.zeros(0))
+    # Completion times of every response and client timeout, both endpoints.
+    response_t: npt.NDArray[np.float64] = field(default_factory=lambda: np.zeros(0))
 
 
 def _percentile(values: npt.NDArray[np.float64], q: float) -> float | None:
@@ -256,6 +279,18 @@ def _load_gauges(path: Path, t0: float) -> dict[str, GaugeSeries]:
     return gauges
 
 
+def _load_cpu(path: Path, t0: float) -> npt.NDArray[np.float64]:
+    """Rows of (t since start, loop CPU s, process CPU s); empty without the file."""
+    if not path.exists():
+        return np.zeros((0, 3))
+    with path.open(newline="", encoding="utf-8") as f:
+        rows = [
+            (float(r["t"]) - t0, float(r["loop_cpu_s"]), float(r["process_cpu_s"]))
+            for r in csv.DictReader(f)
+        ]
+    return np.asarray(rows, dtype=np.float64).reshape(-1, 3)
+
+
 def load_variant(
     raw_dir: Path, name: str, schedule: Schedule, config: dict[str, Any] | None = None
 ) -> VariantData:
@@ -289,6 +324,7 @@ def load_variant(
             users["messages"].append(float(row["messages_users"]))
             users["file"].append(float(row["file_users"]))
 
+    cpu = _load_cpu(raw_dir / f"{name}-cpu.csv", t0)
     return VariantData(
         name=name,
         schedule=schedule,
@@ -300,6 +336,10 @@ def load_variant(
         requests=int(inside.sum()),
         config=config or {},
         gauges=_load_gauges(raw_dir / f"{name}-series.csv", t0),
+        cpu_t=cpu[:, 0],
+        loop_cpu_s=cpu[:, 1],
+        process_cpu_s=cpu[:, 2],
+        response_t=t[inside],
     )
 
 
@@ -324,6 +364,17 @@ def phase_metrics(variant: VariantData, start: float, end: float) -> dict[str, f
         metrics[f"{key}_errors"] = int(_in(s.error_t, start, end).sum())
         metrics[f"{key}_p50_ms"] = _round(_percentile(latencies, 50), 1)
         metrics[f"{key}_p99_ms"] = _round(_percentile(latencies, 99), 1)
+    responses = int(_in(variant.response_t, start, end).sum())
+    metrics["responses_per_s"] = _round(responses / length)
+    for key, cumulative in (
+        ("server_cpu_ms_per_response", variant.process_cpu_s),
+        ("loop_cpu_ms_per_response", variant.loop_cpu_s),
+    ):
+        value = None
+        if responses and variant.cpu_t.size >= 2:
+            used = np.interp([start, end], variant.cpu_t, cumulative)
+            value = _round(1000 * float(used[1] - used[0]) / responses, 3)
+        metrics[key] = value
     return metrics
 
 
@@ -489,6 +540,7 @@ def summary_markdown(summary: dict[str, Any]) -> str:
         cpu = [_fmt(v["load_generator_cpu_s"]), _fmt(v["server_cpu_s"])]
         lines.append(_row([name, recovery, *ratios, *cpu]))
 
+    lines += _cpu_table(summary)
     lines += _baseline_table(summary)
     lines += _series_table(summary)
     if summary["failed_variants"]:
@@ -513,6 +565,8 @@ BASELINE_COLUMNS = (
     ("file ok/s", "file_ok_per_s"),
     ("file p50", "file_p50_ms"),
     ("file p99", "file_p99_ms"),
+    ("CPU/resp", "server_cpu_ms_per_response"),
+    ("loop CPU/resp", "loop_cpu_ms_per_response"),
 )
 
 
@@ -533,6 +587,32 @@ def _baseline_table(summary: dict[str, Any]) -> list[str]:
         for phase in ("before", "spike"):
             ratios = v["vs_baseline"][phase]
             lines.append(_row([name, phase, *(_fmt(ratios[k], 2) for _, k in BASELINE_COLUMNS)]))
+    return lines
+
+
+def _cpu_table(summary: dict[str, Any]) -> list[str]:
+    lines = [
+        "",
+        "Server CPU per response (ms; every answer and client timeout of both endpoints): "
+        "the app processes, and their main threads, which run the event loop (HTTP, routing, "
+        "the limiter) but not the queries and file reads.",
+        "",
+    ]
+    lines += _header(["variant", "phase", "responses/s", "CPU/resp", "loop CPU/resp"], 2)
+    for name, v in summary["variants"].items():
+        for phase in PHASES:
+            m = v["phases"][phase]
+            lines.append(
+                _row(
+                    [
+                        name,
+                        phase,
+                        _fmt(m["responses_per_s"]),
+                        _fmt(m["server_cpu_ms_per_response"], 2),
+                        _fmt(m["loop_cpu_ms_per_response"], 3),
+                    ]
+                )
+            )
     return lines
 
 

@@ -47,7 +47,7 @@ from typing import Any, NoReturn
 import data
 import probe
 import variants
-from report import RAW_DIR, RUN_FILE, SERIES_FIELDS, build_report
+from report import CPU_FIELDS, RAW_DIR, RUN_FILE, SERIES_FIELDS, build_report
 from schedule import CLIENT_TIMEOUT_S, FULL, QUICK, Schedule
 from variants import Launch, Variant
 
@@ -239,14 +239,38 @@ def _warm_up(instances: list[_Instance], workers: int) -> None:
                 _get(f"{instance.url}{path}", timeout=10.0)
 
 
-class _Sampler:
-    """Samples the shared gauges every ``SAMPLE_INTERVAL_S`` into ``<variant>-series.csv``."""
+_CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
-    def __init__(self, probe_dir: Path, path: Path) -> None:
+
+def _cpu_s(stat_path: str) -> float:
+    """utime + stime of a process or thread, from its ``stat`` file (0 once it is gone)."""
+    try:
+        with open(stat_path, encoding="ascii") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return 0.0
+    # Fields 14 and 15 of proc(5); fields[0] is field 3 (the state).
+    return (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS
+
+
+class _Sampler:
+    """Every ``SAMPLE_INTERVAL_S``: the shared gauges into ``<variant>-series.csv``, and
+    the CPU time of the app processes into ``<variant>-cpu.csv``.
+
+    The CPU time is the sum over the app processes of the whole process and of
+    its main thread, which runs the event loop: the HTTP protocol, routing,
+    the limiter and the endpoints' own code, but not the queries and file
+    reads, which run in worker threads. It is CPU time, not wall time, so it
+    is less sensitive to other load on the machine than the rates are.
+    """
+
+    def __init__(self, probe_dir: Path, raw_dir: Path, variant: str, pids: list[int]) -> None:
         self._probe_dir = probe_dir
-        self._path = path
+        self._series_path = raw_dir / f"{variant}-series.csv"
+        self._cpu_path = raw_dir / f"{variant}-cpu.csv"
+        self._pids = pids
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="gauge-sampler", daemon=True)
+        self._thread = threading.Thread(target=self._run, name="sampler", daemon=True)
 
     def __enter__(self) -> _Sampler:
         self._thread.start()
@@ -257,14 +281,22 @@ class _Sampler:
         self._thread.join()
 
     def _run(self) -> None:
-        with self._path.open("w", newline="", encoding="utf-8") as f:
-            writer = csv.writer(f)
-            writer.writerow(SERIES_FIELDS)
+        with (
+            self._series_path.open("w", newline="", encoding="utf-8") as series_file,
+            self._cpu_path.open("w", newline="", encoding="utf-8") as cpu_file,
+        ):
+            series = csv.writer(series_file)
+            series.writerow(SERIES_FIELDS)
+            cpu = csv.writer(cpu_file)
+            cpu.writerow(CPU_FIELDS)
             next_at = time.monotonic()
             while not self._stop.is_set():
                 now = time.time()
                 for name, (value, peak) in probe.sample(self._probe_dir).items():
-                    writer.writerow((f"{now:.3f}", name, value, peak))
+                    series.writerow((f"{now:.3f}", name, value, peak))
+                loop = sum(_cpu_s(f"/proc/{pid}/task/{pid}/stat") for pid in self._pids)
+                process = sum(_cpu_s(f"/proc/{pid}/stat") for pid in self._pids)
+                cpu.writerow((f"{now:.3f}", f"{loop:.2f}", f"{process:.2f}"))
                 next_at += SAMPLE_INTERVAL_S
                 self._stop.wait(max(next_at - time.monotonic(), 0.0))
 
@@ -500,7 +532,8 @@ def run_variant(
                 _warm_up(instances, variant.workers)
                 profiler = _Profiler(variant, instances, out_dir / "profiles") if profile else None
                 before = _children_cpu_s()
-                with _Sampler(Path(probe_dir), raw_dir / f"{variant.name}-series.csv"):
+                pids = [p for i in instances for p in i.app_pids(variant.workers)]
+                with _Sampler(Path(probe_dir), raw_dir, variant.name, pids):
                     _run_locust(
                         [i.url for i in instances],
                         schedule,
