@@ -66,7 +66,8 @@ OVERHEAD_PER_VARIANT_S = 6.0
 """Rough server start, warm-up and shutdown time, for the remaining-time estimate."""
 SAMPLE_INTERVAL_S = 0.1
 """The shared gauges are read this often; each reading also has the peak since the last."""
-PROFILE_RATE_HZ = 100
+PROFILE_RATE_HZ = 1000
+"""py-spy samples per second (``--gil``: of the thread running Python code)."""
 PROFILE_FINISH_TIMEOUT_S = 15.0
 REPORTED_PACKAGES = (
     "fastapi-concurrency-limiter",
@@ -321,13 +322,16 @@ class _Profiler:
         if py_spy is None:
             raise VariantFailed("--profile needs py-spy (pip install py-spy)")
         self._out_dir.mkdir(exist_ok=True)
+        (self._out_dir / "meta.json").write_text(
+            json.dumps({"rate_hz": PROFILE_RATE_HZ, "gil": True}) + "\n", encoding="utf-8"
+        )
         pids = [p for i in self._instances for p in i.app_pids(self._variant.workers)]
         for pid in pids:
             out = self._out_dir / f"{self._variant.name}-{pid}.txt"
             command = [
                 py_spy, "record", "--pid", str(pid), "--rate", str(PROFILE_RATE_HZ),
                 "--duration", str(max(int(duration_s), 1)), "--format", "raw",
-                "--nonblocking", "--output", str(out),
+                "--nonblocking", "--gil", "--output", str(out),
             ]  # fmt: skip
             self._processes.append(
                 subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
