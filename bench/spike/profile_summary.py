@@ -85,7 +85,7 @@ PATHS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("  rejection log (fcl)", ("log_rejection (fastapi_concurrency_limiter/",)),
     ("  ServerBusy construction (fcl)", ("ServerBusy.__init__",)),
     ("asyncio.timeout (original)", ("(asyncio/timeouts.py",)),
-    ("asyncio.Semaphore (original)", ("Semaphore.", "(asyncio/locks.py")),
+    ("asyncio.Semaphore (original)", ("Semaphore.",)),
     ("exception to 503 response (handlers)", ("http_exception_handler (",)),
     (
         "JSON responses (serialize_response, jsonable_encoder, render)",
