@@ -1,0 +1,138 @@
+"""Which slots each asyncio task holds, so that an acquisition that could
+deadlock fails at once instead of waiting forever.
+
+A task that holds a slot of ``db`` and asks for ``db`` again waits for
+itself; a task that holds ``file`` and asks for ``db``, while another holds
+``db`` and waits for ``file``, waits for the other. Both are refused with a
+``RuntimeError`` before anything is queued. The order that decides the
+second case is every ``Limiter``'s registration order: a resource may be
+asked for while another is held only if no limiter registers it before the
+held one.
+
+Only the route decorator, ``limiter.acquire()`` and ``Resource.acquire()``
+record holds, keyed by the task that took them (a task spawned by a holder
+does not inherit its holds: it may wait for the holder without deadlock).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import weakref
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from . import _core
+    from ._resource import Resource
+
+
+class Selection:
+    """One validated list of resources: the engine's set and, for the
+    deadlock check, the Python resources in acquisition order."""
+
+    __slots__ = ("rset", "resources")
+
+    def __init__(self, rset: _core.ResourceSet, resources: tuple[Resource, ...]) -> None:
+        self.rset = rset
+        self.resources = resources
+
+
+Owner = object  # an asyncio.Task, or None outside of any task
+
+current_task: Callable[[], Owner]
+"""The running task; only valid on a running event loop."""
+
+if sys.version_info >= (3, 12):
+    current_task = asyncio.current_task
+else:
+    # Before 3.12 asyncio.current_task() is Python code around this lookup;
+    # calling it costs as much as the rest of an uncontended acquisition.
+    from asyncio.tasks import _current_tasks  # type: ignore[attr-defined]
+
+    def current_task() -> Owner:
+        return _current_tasks.get(asyncio._get_running_loop())
+
+
+def current_task_or_none() -> Owner:
+    """The running task, or None outside of an event loop."""
+    return None if asyncio._get_running_loop() is None else current_task()
+
+
+class _Holds(list["Selection"]):
+    """What one task holds, oldest first; watches the task so that the
+    entry goes with it (a task that ended without releasing, e.g. one that
+    entered a never-finalised generator, must not be kept alive by this
+    table, nor its id mistaken for a later task's)."""
+
+    __slots__ = ("watch",)
+    watch: weakref.ref[object]
+
+
+# Per task (by id), the selections it holds. An entry goes when its last
+# selection is released or its task is garbage-collected.
+_held: dict[int, _Holds] = {}
+
+
+def _forget(key: int) -> Callable[[object], None]:
+    def forget(_: object) -> None:
+        _held.pop(key, None)
+
+    return forget
+
+
+def check(owner: Owner, selection: Selection) -> None:
+    """Raises RuntimeError if ``owner`` holds a slot that makes asking for
+    ``selection`` a possible deadlock."""
+    held = _held.get(id(owner))
+    if held:
+        for holding in held:
+            for have in holding.resources:
+                for want in selection.resources:
+                    if want is have:
+                        raise RuntimeError(
+                            f"this task already holds a slot of resource {have.name!r} "
+                            f"and asks for resource {want.name!r} again: it would wait "
+                            "for itself (a deadlock once every slot is taken). Hold it "
+                            "once, in the outermost place that needs it."
+                        )
+                    if want in have._before:
+                        raise RuntimeError(
+                            f"this task holds a slot of resource {have.name!r} and asks "
+                            f"for resource {want.name!r}, which a Limiter registers before "
+                            f"{have.name!r}: another request holding {want.name!r} and "
+                            f"waiting for {have.name!r} would deadlock with it. Acquire "
+                            "both together in registration order, e.g. "
+                            f"limiter.resources([{want.name!r}, {have.name!r}]) "
+                            "(as Resource objects)."
+                        )
+
+
+def add(owner: Owner, selection: Selection) -> None:
+    """Records that ``owner`` now holds ``selection``."""
+    key = id(owner)
+    held = _held.get(key)
+    if held is None:
+        held = _held[key] = _Holds((selection,))
+        if owner is not None:
+            held.watch = weakref.ref(owner, _forget(key))
+    else:
+        held.append(selection)
+
+
+def remove(owner: Owner, selection: Selection) -> None:
+    """Records that ``owner`` no longer holds ``selection``; no effect if it
+    did not (a second release)."""
+    key = id(owner)
+    held = _held.get(key)
+    if held is None:
+        return
+    if held[-1] is selection:
+        held.pop()
+    else:
+        for i, s in enumerate(held):
+            if s is selection:
+                del held[i]
+                break
+    if not held:
+        _held.pop(key, None)
