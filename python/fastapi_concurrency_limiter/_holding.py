@@ -59,19 +59,20 @@ def current_task_or_none() -> Owner:
     return None if asyncio._get_running_loop() is None else current_task()
 
 
-class _Holds(list["Selection"]):
-    """What one task holds, oldest first; watches the task so that the
-    entry goes with it (a task that ended without releasing, e.g. one that
-    entered a never-finalised generator, must not be kept alive by this
-    table, nor its id mistaken for a later task's)."""
+class Holds(list["Selection"]):
+    """What one task holds, oldest first. Kept, even empty, as long as its
+    task lives (so that a task's later acquisitions find it without making
+    a new one), and dropped when the task is garbage-collected (so that a
+    task that ended without releasing, e.g. one that entered a generator
+    never finalised, is not kept alive, nor its id taken for a later
+    task's)."""
 
     __slots__ = ("watch",)
-    watch: weakref.ref[object]
+    watch: weakref.ref[object] | None
 
 
-# Per task (by id), the selections it holds. An entry goes when its last
-# selection is released or its task is garbage-collected.
-_held: dict[int, _Holds] = {}
+# Per task (by id), what it holds.
+_held: dict[int, Holds] = {}
 
 
 def _forget(key: int) -> Callable[[object], None]:
@@ -81,58 +82,59 @@ def _forget(key: int) -> Callable[[object], None]:
     return forget
 
 
-def check(owner: Owner, selection: Selection) -> None:
-    """Raises RuntimeError if ``owner`` holds a slot that makes asking for
-    ``selection`` a possible deadlock."""
-    held = _held.get(id(owner))
-    if held:
-        for holding in held:
-            for have in holding.resources:
-                for want in selection.resources:
-                    if want is have:
-                        raise RuntimeError(
-                            f"this task already holds a slot of resource {have.name!r} "
-                            f"and asks for resource {want.name!r} again: it would wait "
-                            "for itself (a deadlock once every slot is taken). Hold it "
-                            "once, in the outermost place that needs it."
-                        )
-                    if want in have._before:
-                        raise RuntimeError(
-                            f"this task holds a slot of resource {have.name!r} and asks "
-                            f"for resource {want.name!r}, which a Limiter registers before "
-                            f"{have.name!r}: another request holding {want.name!r} and "
-                            f"waiting for {have.name!r} would deadlock with it. Acquire "
-                            "both together in registration order, e.g. "
-                            f"limiter.resources([{want.name!r}, {have.name!r}]) "
-                            "(as Resource objects)."
-                        )
-
-
-def add(owner: Owner, selection: Selection) -> None:
-    """Records that ``owner`` now holds ``selection``."""
+def holds_of(owner: Owner) -> Holds:
+    """``owner``'s record, made on first use."""
     key = id(owner)
-    held = _held.get(key)
-    if held is None:
-        held = _held[key] = _Holds((selection,))
-        if owner is not None:
-            held.watch = weakref.ref(owner, _forget(key))
-    else:
-        held.append(selection)
+    holds = _held.get(key)
+    if holds is None:
+        holds = _held[key] = Holds()
+        holds.watch = None if owner is None else weakref.ref(owner, _forget(key))
+    return holds
 
 
-def remove(owner: Owner, selection: Selection) -> None:
-    """Records that ``owner`` no longer holds ``selection``; no effect if it
-    did not (a second release)."""
-    key = id(owner)
-    held = _held.get(key)
-    if held is None:
-        return
-    if held[-1] is selection:
-        held.pop()
+def enter(selection: Selection) -> Holds:
+    """The running task's record, after checking that it may wait for
+    ``selection``: RuntimeError if it holds a slot that makes that a
+    possible deadlock. Append ``selection`` once it is granted."""
+    owner = current_task()
+    holds = _held.get(id(owner))
+    if holds is None:
+        return holds_of(owner)
+    if holds:
+        check(holds, selection)
+    return holds
+
+
+def check(holds: Holds, selection: Selection) -> None:
+    for holding in holds:
+        for have in holding.resources:
+            for want in selection.resources:
+                if want is have:
+                    raise RuntimeError(
+                        f"this task already holds a slot of resource {have.name!r} "
+                        f"and asks for resource {want.name!r} again: it would wait "
+                        "for itself (a deadlock once every slot is taken). Hold it "
+                        "once, in the outermost place that needs it."
+                    )
+                if want in have._before:
+                    raise RuntimeError(
+                        f"this task holds a slot of resource {have.name!r} and asks "
+                        f"for resource {want.name!r}, which a Limiter registers before "
+                        f"{have.name!r}: another request holding {want.name!r} and "
+                        f"waiting for {have.name!r} would deadlock with it. Acquire "
+                        "both together in registration order, e.g. "
+                        f"limiter.resources([{want.name!r}, {have.name!r}]) "
+                        "(as Resource objects)."
+                    )
+
+
+def leave(holds: Holds, selection: Selection) -> None:
+    """Records that ``selection`` is released; no effect if it was not
+    held (a second release)."""
+    if holds and holds[-1] is selection:
+        holds.pop()
     else:
-        for i, s in enumerate(held):
+        for i, s in enumerate(holds):
             if s is selection:
-                del held[i]
+                del holds[i]
                 break
-    if not held:
-        _held.pop(key, None)

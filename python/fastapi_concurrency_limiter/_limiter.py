@@ -14,8 +14,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 
 from . import _core
-from ._holding import Owner, Selection, add, check, current_task, remove
-from ._holding import _held as _holds
+from ._holding import Holds, Selection, current_task, enter, leave
 from ._openapi import document_busy_responses, limited_endpoints
 from ._resource import Resource
 from ._statistics import LimiterStatistics, ResourceStatistics
@@ -189,28 +188,26 @@ class _Hold:
         self._timeout = timeout
         # The frame objects are kept while their entry lasts, so that no
         # other frame can reuse the key.
-        self._entries: dict[FrameType, tuple[_core.Acquisition, Owner]] = {}
-        self._outer: dict[FrameType, list[tuple[_core.Acquisition, Owner]]] | None = None
+        self._entries: dict[FrameType, tuple[_core.Acquisition, Holds]] = {}
+        self._outer: dict[FrameType, list[tuple[_core.Acquisition, Holds]]] | None = None
 
     async def __aenter__(self) -> None:
         frame = sys._getframe(1)
         selection = self._selection
-        owner = current_task()
-        if _holds:
-            check(owner, selection)
+        holds = enter(selection)
         acquisition = _core.Acquisition(selection.rset)
         if not acquisition.try_acquire():
             limiter = self._limiter
             timeout = limiter._timeout if self._timeout is None else self._timeout
             await wait(acquisition, timeout, limiter._retry_after)
-        add(owner, selection)
+        holds.append(selection)
         entries = self._entries
         outer = entries.get(frame)
         if outer is not None:  # nested in the same frame
             if self._outer is None:
                 self._outer = {}
             self._outer.setdefault(frame, []).append(outer)
-        entries[frame] = (acquisition, owner)
+        entries[frame] = (acquisition, holds)
 
     async def __aexit__(
         self,
@@ -229,15 +226,16 @@ class _Hold:
                 entries[frame] = stack.pop()
                 if not stack:
                     del self._outer[frame]
-        acquisition, owner = entry
+        acquisition, holds = entry
         acquisition.release()
-        remove(owner, self._selection)
+        leave(holds, self._selection)
 
-    def _unmatched_exit(self) -> tuple[_core.Acquisition, Owner]:
+    def _unmatched_exit(self) -> tuple[_core.Acquisition, Holds]:
         entries = self._entries
         owner = current_task()
         for frame, entry in reversed(entries.items()):
-            if entry[1] is owner:
+            watch = entry[1].watch
+            if watch is not None and watch() is owner:
                 del entries[frame]
                 return entry
         if len(entries) == 1:
@@ -327,14 +325,12 @@ def _limit(
             request = kwargs.pop(_REQUEST_PARAM, None)
         else:
             request = kwargs.get(request_name)  # type: ignore[arg-type]
-        owner = current_task()
-        if _holds:
-            check(owner, selection)
+        holds = enter(selection)
         acquisition = Acquisition(rset)
         if not acquisition.try_acquire():
             timeout = limiter._timeout if own_timeout is None else own_timeout
             await wait(acquisition, timeout, limiter._retry_after, request)
-        add(owner, selection)
+        holds.append(selection)
         try:
             if is_async:
                 result = await func(*args, **kwargs)
@@ -342,14 +338,14 @@ def _limit(
                 result = await run_in_threadpool(func, *args, **kwargs)
         except BaseException:
             acquisition.release()
-            remove(owner, selection)
+            leave(holds, selection)
             raise
         if is_streamed(result):
             # Its body is produced while it is sent: the slots go with it.
-            release_after_sending(result, Held(acquisition, owner, selection))
+            release_after_sending(result, Held(acquisition, holds, selection))
         else:
             acquisition.release()
-            remove(owner, selection)
+            leave(holds, selection)
         return result
 
     # FastAPI reads parameters from __signature__: the user's own, plus the
@@ -377,15 +373,13 @@ def _limit_generator(
     has gone, in any case."""
 
     async def slots(request: Request) -> AsyncIterator[Held]:
-        owner = current_task()
-        if _holds:
-            check(owner, selection)
+        holds = enter(selection)
         acquisition = _core.Acquisition(selection.rset)
         if not acquisition.try_acquire():
             timeout = limiter._timeout if own_timeout is None else own_timeout
             await wait(acquisition, timeout, limiter._retry_after, request)
-        add(owner, selection)
-        held = Held(acquisition, owner, selection)
+        holds.append(selection)
+        held = Held(acquisition, holds, selection)
         try:
             yield held
         finally:

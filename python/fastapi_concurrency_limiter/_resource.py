@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Literal
 
 from . import _core
-from ._holding import Owner, Selection, add, check, current_task, current_task_or_none, remove
+from ._holding import Holds, Selection, current_task_or_none, enter, leave
 from ._statistics import ResourceStatistics
 from ._validation import check_int, check_seconds
 from ._waiting import wait
@@ -76,7 +76,7 @@ class Resource:
         )
         self._selection = Selection(_core.ResourceSet([self._core]), (self,))
         # Slots taken by acquire(), and the task that took each.
-        self._held: list[tuple[_core.Acquisition, Owner]] = []
+        self._held: list[tuple[_core.Acquisition, Holds]] = []
         # Resources that some Limiter registers before this one: a task
         # holding this one must not ask for them (see _holding).
         self._before: set[Resource] = set()
@@ -116,13 +116,12 @@ class Resource:
         this resource, or of one that a Limiter registers after it: waiting
         could then deadlock."""
         selection = self._selection
-        owner = current_task()
-        check(owner, selection)
+        holds = enter(selection)
         acquisition = _core.Acquisition(selection.rset)
         if not acquisition.try_acquire():
             await wait(acquisition, None, None)
-        add(owner, selection)
-        self._held.append((acquisition, owner))
+        holds.append(selection)
+        self._held.append((acquisition, holds))
 
     def release(self) -> None:
         """Gives back one slot taken by ``acquire()`` (the calling task's
@@ -132,13 +131,15 @@ class Resource:
         if not held:
             raise ValueError(f"release() of resource {self.name!r} without a matching acquire()")
         index = len(held) - 1
-        if held[index][1] is not (owner := current_task_or_none()):
-            index = next(
-                (i for i in range(index, -1, -1) if held[i][1] is owner), index
-            )
-        acquisition, taker = held.pop(index)
+        owner = current_task_or_none()
+        for i in range(index, -1, -1):
+            watch = held[i][1].watch
+            if watch is not None and watch() is owner:
+                index = i
+                break
+        acquisition, holds = held.pop(index)
         acquisition.release()
-        remove(taker, self._selection)
+        leave(holds, self._selection)
 
     def statistics(self) -> ResourceStatistics:
         """A consistent snapshot of the resource's counters."""

@@ -20,7 +20,7 @@ from starlette.responses import FileResponse, Response, StreamingResponse
 from starlette.types import Message, Receive, Scope, Send
 
 from . import _core
-from ._holding import Owner, Selection, remove
+from ._holding import Holds, Selection, leave
 
 _STREAMED = (StreamingResponse, FileResponse)
 # Messages after which a response has sent everything.
@@ -31,20 +31,18 @@ class Held:
     """Slots taken by one acquisition and who took them; ``release()`` gives
     them back once, from any thread."""
 
-    __slots__ = ("_acquisition", "_owner", "_selection")
+    __slots__ = ("_acquisition", "_holds", "_selection")
 
-    def __init__(
-        self, acquisition: _core.Acquisition, owner: Owner, selection: Selection
-    ) -> None:
+    def __init__(self, acquisition: _core.Acquisition, holds: Holds, selection: Selection) -> None:
         self._acquisition: _core.Acquisition | None = acquisition
-        self._owner = owner
+        self._holds = holds
         self._selection = selection
 
     def release(self) -> None:
         acquisition, self._acquisition = self._acquisition, None
         if acquisition is not None:
             acquisition.release()
-            remove(self._owner, self._selection)
+            leave(self._holds, self._selection)
 
 
 def is_streamed(result: object) -> bool:
