@@ -40,18 +40,23 @@ class Selection:
 
 Owner = object  # an asyncio.Task, or None outside of any task
 
-current_task: Callable[[], Owner]
-"""The running task; only valid on a running event loop."""
+running_loop = asyncio._get_running_loop
+task_on: Callable[[asyncio.AbstractEventLoop | None], Owner]
+"""``task_on(running_loop())``: the running task, through two C calls (on
+the fast path, where ``asyncio.current_task()`` would add a Python frame
+before 3.12)."""
 
 if sys.version_info >= (3, 12):
-    current_task = asyncio.current_task
+    task_on = asyncio.current_task
 else:
-    # Before 3.12 asyncio.current_task() is Python code around this lookup;
-    # calling it costs as much as the rest of an uncontended acquisition.
     from asyncio.tasks import _current_tasks  # type: ignore[attr-defined]
 
-    def current_task() -> Owner:
-        return _current_tasks.get(asyncio._get_running_loop())
+    task_on = _current_tasks.get
+
+
+def current_task() -> Owner:
+    """The running task; only valid on a running event loop."""
+    return task_on(running_loop())
 
 
 def current_task_or_none() -> Owner:
@@ -92,20 +97,9 @@ def holds_of(owner: Owner) -> Holds:
     return holds
 
 
-def enter(selection: Selection) -> Holds:
-    """The running task's record, after checking that it may wait for
-    ``selection``: RuntimeError if it holds a slot that makes that a
-    possible deadlock. Append ``selection`` once it is granted."""
-    owner = current_task()
-    holds = _held.get(id(owner))
-    if holds is None:
-        return holds_of(owner)
-    if holds:
-        check(holds, selection)
-    return holds
-
-
 def check(holds: Holds, selection: Selection) -> None:
+    """RuntimeError if a task holding ``holds`` may not wait for
+    ``selection`` (that could deadlock)."""
     for holding in holds:
         for have in holding.resources:
             for want in selection.resources:

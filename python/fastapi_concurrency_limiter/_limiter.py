@@ -14,11 +14,12 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 
 from . import _core
-from ._holding import Holds, Selection, current_task, enter, leave
+from ._holding import Holds, Selection, check, current_task, holds_of, leave, running_loop, task_on
+from ._holding import _held as _holds
 from ._openapi import document_busy_responses, limited_endpoints
 from ._resource import Resource
 from ._statistics import LimiterStatistics, ResourceStatistics
-from ._streaming import Held, is_streamed, release_after_sending
+from ._streaming import STREAMED, Held, release_after_sending
 from ._validation import check_int, check_seconds
 from ._waiting import wait
 
@@ -194,7 +195,12 @@ class _Hold:
     async def __aenter__(self) -> None:
         frame = sys._getframe(1)
         selection = self._selection
-        holds = enter(selection)
+        # What this task holds (inlined: this is the fast path).
+        holds = _holds.get(id(task_on(running_loop())))
+        if holds is None:
+            holds = holds_of(current_task())
+        elif holds:
+            check(holds, selection)
         acquisition = _core.Acquisition(selection.rset)
         if not acquisition.try_acquire():
             limiter = self._limiter
@@ -228,7 +234,11 @@ class _Hold:
                     del self._outer[frame]
         acquisition, holds = entry
         acquisition.release()
-        leave(holds, self._selection)
+        selection = self._selection
+        if holds and holds[-1] is selection:
+            holds.pop()
+        else:
+            leave(holds, selection)
 
     def _unmatched_exit(self) -> tuple[_core.Acquisition, Holds]:
         entries = self._entries
@@ -325,7 +335,12 @@ def _limit(
             request = kwargs.pop(_REQUEST_PARAM, None)
         else:
             request = kwargs.get(request_name)  # type: ignore[arg-type]
-        holds = enter(selection)
+        # What this task holds (inlined: this is the fast path).
+        holds = _holds.get(id(task_on(running_loop())))
+        if holds is None:
+            holds = holds_of(current_task())
+        elif holds:
+            check(holds, selection)
         acquisition = Acquisition(rset)
         if not acquisition.try_acquire():
             timeout = limiter._timeout if own_timeout is None else own_timeout
@@ -340,12 +355,15 @@ def _limit(
             acquisition.release()
             leave(holds, selection)
             raise
-        if is_streamed(result):
+        if isinstance(result, STREAMED):
             # Its body is produced while it is sent: the slots go with it.
             release_after_sending(result, Held(acquisition, holds, selection))
         else:
             acquisition.release()
-            leave(holds, selection)
+            if holds and holds[-1] is selection:
+                holds.pop()
+            else:
+                leave(holds, selection)
         return result
 
     # FastAPI reads parameters from __signature__: the user's own, plus the
@@ -373,7 +391,9 @@ def _limit_generator(
     has gone, in any case."""
 
     async def slots(request: Request) -> AsyncIterator[Held]:
-        holds = enter(selection)
+        holds = holds_of(current_task())
+        if holds:
+            check(holds, selection)
         acquisition = _core.Acquisition(selection.rset)
         if not acquisition.try_acquire():
             timeout = limiter._timeout if own_timeout is None else own_timeout

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Literal
 
 from . import _core
-from ._holding import Holds, Selection, current_task_or_none, enter, leave
+from ._holding import Holds, Selection, check, current_task, current_task_or_none, holds_of, leave
 from ._statistics import ResourceStatistics
 from ._validation import check_int, check_seconds
 from ._waiting import wait
@@ -116,7 +116,9 @@ class Resource:
         this resource, or of one that a Limiter registers after it: waiting
         could then deadlock."""
         selection = self._selection
-        holds = enter(selection)
+        holds = holds_of(current_task())
+        if holds:
+            check(holds, selection)
         acquisition = _core.Acquisition(selection.rset)
         if not acquisition.try_acquire():
             await wait(acquisition, None, None)

@@ -22,7 +22,8 @@ from starlette.types import Message, Receive, Scope, Send
 from . import _core
 from ._holding import Holds, Selection, leave
 
-_STREAMED = (StreamingResponse, FileResponse)
+#: Responses whose body is produced while they are sent.
+STREAMED = (StreamingResponse, FileResponse)
 # Messages after which a response has sent everything.
 _LAST = ("http.response.body", "http.response.pathsend", "http.response.zerocopysend")
 
@@ -43,10 +44,6 @@ class Held:
         if acquisition is not None:
             acquisition.release()
             leave(self._holds, self._selection)
-
-
-def is_streamed(result: object) -> bool:
-    return isinstance(result, _STREAMED)
 
 
 # One subclass per response class, made on first use. Changing the class of
