@@ -116,12 +116,19 @@ class Limiter:
 
         Works for ``async def`` and ``def`` endpoints (a ``def`` endpoint
         waits on the event loop, then runs in the thread pool as FastAPI
-        runs it). ``timeout`` overrides the limiter's for this route. While
-        a request waits, a client disconnect takes it out of the queue.
+        runs it), and for generator endpoints. An endpoint whose response
+        body is produced while it is sent (a generator endpoint, a returned
+        ``StreamingResponse`` or ``FileResponse``) holds the slots until the
+        body has been sent or the client has gone. ``timeout`` overrides the
+        limiter's for this route. While a request waits, a client
+        disconnect takes it out of the queue.
 
         Raises ValueError at decoration time for an empty list, a resource
-        that is not registered, one listed twice, or resources out of
-        registration order; TypeError for items that are not Resources.
+        that is not registered, one listed twice, resources out of
+        registration order or in an order another Limiter contradicts;
+        TypeError for items that are not Resources. A request whose task
+        already holds a slot that makes waiting a possible deadlock gets
+        RuntimeError (see the README's "Deadlocks").
         """
         selection = self._select(resources)
         own_timeout = None if timeout is None else check_seconds("timeout", timeout)
@@ -141,7 +148,10 @@ class Limiter:
                 await run_query()
 
         Same order rules and timeout as the decorator; raises ``ServerBusy``
-        when the resources cannot be had in time.
+        when the resources cannot be had in time, RuntimeError at once when
+        the calling task holds a slot that makes waiting a possible
+        deadlock. The returned object may be kept and entered again, also
+        concurrently.
         """
         selection = self._select(resources)
         own_timeout = None if timeout is None else check_seconds("timeout", timeout)
