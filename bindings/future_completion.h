@@ -10,7 +10,7 @@
 // outcome (a releasing thread, a timer, a cancel), so this compares the loop
 // that the calling thread is running with the future's loop (not the thread
 // that created anything: one loop may be run by one thread and later by
-// another). On the loop's thread it sets the result at once, unless the
+// another; see on_loop_thread()). On the loop's thread it sets the result at once, unless the
 // future is already done (a cancelled waiter's is); from any other thread it
 // hands the result over with loop.call_soon_threadsafe().
 //
@@ -30,6 +30,8 @@ namespace fastapi_concurrency_limiter {
 namespace nb = nanobind;
 
 class FutureCompletion {
+  struct Names;
+
  public:
   FutureCompletion(nb::object future, nb::object loop)
       : state_(std::make_shared<State>(std::move(future), std::move(loop))) {}
@@ -41,11 +43,7 @@ class FutureCompletion {
     try {
       const Names& names = Names::get();
       nb::object result = nb::cast(outcome);
-      PyObject* running = PyObject_CallNoArgs(names.get_running_loop.ptr());
-      if (running == nullptr) throw nb::python_error();
-      const bool on_loop = running == state_->loop.ptr();
-      Py_DECREF(running);
-      if (on_loop) {
+      if (on_loop_thread(names)) {
         set_unless_done(state_->future, result);
       } else {
         state_->loop.attr(names.call_soon_threadsafe)(names.set_unless_done_fn,
@@ -59,6 +57,28 @@ class FutureCompletion {
   // Makes the names below; call once at module initialisation, so that no
   // completion has to (with whatever locks its thread holds).
   static void prepare() { Names::get(); }
+
+  // Whether the calling thread is running the future's loop. asyncio's
+  // loops record the thread that runs them in `_thread_id` (None when not
+  // running): comparing it costs an attribute read, where
+  // asyncio._get_running_loop() makes a getpid() system call before Python
+  // 3.12. Loops without the attribute are asked the documented way.
+  bool on_loop_thread(const Names& names) const {
+    PyObject* loop = state_->loop.ptr();
+    PyObject* thread_id = PyObject_GetAttr(loop, names.thread_id.ptr());
+    if (thread_id != nullptr) {
+      const bool same = thread_id != Py_None && PyLong_Check(thread_id) &&
+                        PyLong_AsUnsignedLong(thread_id) == PyThread_get_thread_ident();
+      Py_DECREF(thread_id);
+      if (PyErr_Occurred()) throw nb::python_error();
+      return same;
+    }
+    PyErr_Clear();
+    PyObject* running = PyObject_CallNoArgs(names.get_running_loop.ptr());
+    if (running == nullptr) throw nb::python_error();
+    Py_DECREF(running);
+    return running == loop;
+  }
 
   // future.set_result(result) unless the future is done. Raises
   // nb::python_error.
@@ -88,6 +108,7 @@ class FutureCompletion {
     nb::str done{"done"};
     nb::str set_result{"set_result"};
     nb::str call_soon_threadsafe{"call_soon_threadsafe"};
+    nb::str thread_id{"_thread_id"};
 
     static const Names& get() {
       static const Names* names = new Names{
