@@ -5,7 +5,7 @@
 #                      package's consumer test, and the Python tests
 #   make demo          the overload experiment's headline variants; writes report/
 #                      (~6 min). VARIANTS=a,b or VARIANTS=all chooses variants;
-#                      QUICK=1 is a short smoke run of every variant (~2.5 min)
+#                      QUICK=1 is a short smoke run of every variant (~3 min)
 #   make bench         microbenchmarks (Python API vs asyncio.Semaphore, engine)
 #   make lint          ruff and mypy --strict
 #
