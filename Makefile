@@ -34,9 +34,10 @@ $(VENV)/.deps: pyproject.toml | system-deps
 venv: $(VENV)/.deps
 
 # Compiles the engine and installs the package into .venv (no build
-# isolation: the build dependencies are already in the venv).
+# isolation: the build dependencies are already in the venv). A fixed build
+# directory makes the rebuild after an edit incremental.
 install: venv
-	$(PY) -m pip install --quiet --no-build-isolation --no-deps .
+	$(PY) -m pip install --quiet --no-build-isolation --no-deps -C build-dir=$(BUILD)/python .
 
 define cpp_suite
 	cmake -S . -B $(BUILD)/$(1) -G Ninja -DCMAKE_BUILD_TYPE=$(2) -DCL_SANITIZE=$(3) >/dev/null
