@@ -43,6 +43,6 @@ import fastapi_concurrency_limiter as fcl
 wheel = importlib.metadata.distribution("fastapi-concurrency-limiter").read_text("WHEEL") or ""
 tags = [line.split(": ", 1)[1] for line in wheel.splitlines() if line.startswith("Tag: ")]
 assert fcl.__file__ and fcl.__file__.startswith(sys.prefix), fcl.__file__
-print(f"== Python {sys.version.split()[0]}: wheel {', '.join(tags)}")
+print(f"== Python {sys.version.split()[0]}: wheel {', '.join(tags)}, no compiler on PATH")
 PY
 python -m pytest -q "$@"
