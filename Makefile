@@ -7,7 +7,9 @@
 #   make wheels        manylinux wheels for every supported Python, in dist/
 #   make test-all-pythons  the Python suite on each supported Python, each in a
 #                      fresh venv that installs the wheel without a compiler
-#   make demo          the overload experiment; writes report/ (QUICK=1: ~1 min)
+#   make demo          the overload experiment's headline variants; writes report/
+#                      (~6 min). VARIANTS=a,b or VARIANTS=all chooses variants;
+#                      QUICK=1 is a short smoke run of every variant (~3 min)
 #   make bench         microbenchmarks (Python API vs asyncio.Semaphore, engine)
 #   make lint          ruff and mypy --strict
 #
@@ -133,8 +135,10 @@ test-all-pythons: wheels
 
 test: cpp-test py-test test-all-pythons
 
+# The original package's variant installs it into its own virtualenv under
+# .cache/spike/ on first use (same import name as this package).
 demo: install
-	$(PY) bench/spike/run.py --out report $(if $(QUICK),--quick,)
+	$(PY) bench/spike/run.py --out report $(if $(QUICK),--quick,) $(if $(VARIANTS),--variants $(VARIANTS),)
 
 # The engine benchmark runs twice: as shipped, and with the statistics
 # counters compiled out, to show what they cost.
