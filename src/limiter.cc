@@ -90,20 +90,19 @@ std::shared_ptr<const ResourceSet> Limiter::select(
   return std::make_shared<const ResourceSet>(resources);
 }
 
-Permit Limiter::acquire(const std::shared_ptr<const ResourceSet>& set,
-                        std::stop_token stop) const {
-  return acquire_for(set, timeout_, std::move(stop));
-}
-
 Permit Limiter::acquire_for(const std::shared_ptr<const ResourceSet>& set,
                             Clock::duration timeout,
                             std::stop_token stop) const {
-  // The clock is read only by a request that has to wait.
   Permit p;
-  if (!p.take(set)) {
-    p = acquire_blocking(set, detail::deadline_after(timeout), std::move(stop));
-  }
+  if (!p.take(set)) p = acquire_waiting(set, timeout, std::move(stop));
   return p;
+}
+
+Permit Limiter::acquire_waiting(const std::shared_ptr<const ResourceSet>& set,
+                                Clock::duration timeout,
+                                std::stop_token stop) const {
+  // The clock is read only by a request that has to wait.
+  return acquire_blocking(set, detail::deadline_after(timeout), std::move(stop));
 }
 
 Permit Limiter::acquire_until(const std::shared_ptr<const ResourceSet>& set,

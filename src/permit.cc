@@ -27,9 +27,8 @@ void Permit::start_measuring() noexcept {
   granted_at_ = Clock::now();
 }
 
-bool Permit::take(const std::shared_ptr<const ResourceSet>& set) noexcept {
+bool Permit::take_all(const std::shared_ptr<const ResourceSet>& set) noexcept {
   const auto& resources = set->resources();
-  if (resources.size() == 1) return take(*resources.front());
   bool measure = false;
   for (std::size_t i = 0; i < resources.size(); ++i) {
     bool m = false;
@@ -73,18 +72,10 @@ void Permit::release_slow() noexcept {
 
 namespace {
 
-// How a blocked thread learns that its acquisition was decided. The waiter
-// first spins briefly (a handoff between running threads then costs no
-// futex sleep and wake); only then does it sleep on the condition variable.
+// How a blocked thread learns that its acquisition was decided, without a
+// lock or a futex wake when the decision comes before the waiter sleeps (as
+// in a handoff between two running threads).
 //
-// state: kAwake   the waiter has not gone to sleep;
-//        kDone    the callback has run (set once, by the callback);
-//        kAsleep  the waiter sleeps or is about to, under mu.
-// The callback moves kAwake -> kDone with a CAS and then never touches the
-// Signal again (the waiter may destroy it as soon as it sees kDone). If the
-// waiter got to kAsleep first, the callback sets kDone under mu and notifies
-// under mu, so the waiter cannot see kDone, return and destroy the Signal
-// before the callback is done with it.
 struct Signal {
   static constexpr int kAwake = 0, kDone = 1, kAsleep = 2;
   std::atomic<int> state{kAwake};
@@ -104,12 +95,9 @@ struct Signal {
 
   // Waits for notify() or the deadline; false if the deadline came first.
   bool wait_until(Clock::time_point deadline) {
-    for (int i = 0; i < 200; ++i) {
-      if (done()) return true;
-#if defined(__x86_64__) || defined(__i386__)
-      __builtin_ia32_pause();
-#endif
-    }
+    // No spinning: measured here, a spin before sleeping only took CPU from
+    // the thread about to release.
+    if (done()) return true;
     detail::MutexLock lock(mu);
     int expected = kAwake;
     if (!state.compare_exchange_strong(expected, kAsleep, std::memory_order_acq_rel)) {

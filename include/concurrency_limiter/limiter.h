@@ -58,7 +58,11 @@ class Limiter {
   // without a lock, an allocation or a clock read. A timeout too large to
   // add to now (Clock::duration::max()) means "no deadline".
   Permit acquire(const std::shared_ptr<const ResourceSet>& set,
-                 std::stop_token stop = {}) const;
+                 std::stop_token stop = {}) const {
+    Permit p;  // filled in place: the common case inline, without moves
+    if (!p.take(set)) p = acquire_waiting(set, timeout_, std::move(stop));
+    return p;
+  }
   Permit acquire_for(const std::shared_ptr<const ResourceSet>& set,
                      Clock::duration timeout, std::stop_token stop = {}) const;
   Permit acquire_until(const std::shared_ptr<const ResourceSet>& set,
@@ -70,6 +74,10 @@ class Limiter {
   std::vector<ResourceStatistics> statistics() const;
 
  private:
+  // acquire_for() once the slots could not be taken at once.
+  Permit acquire_waiting(const std::shared_ptr<const ResourceSet>& set,
+                         Clock::duration timeout, std::stop_token stop) const;
+
   std::vector<std::shared_ptr<Resource>> resources_;
   Clock::duration timeout_;
 };

@@ -98,7 +98,11 @@ class Permit {
     if (measure) start_measuring();
     return true;
   }
-  bool take(const std::shared_ptr<const ResourceSet>& set) noexcept;
+  bool take(const std::shared_ptr<const ResourceSet>& set) noexcept {
+    const auto& resources = set->resources();
+    return resources.size() == 1 ? take(*resources.front()) : take_all(set);
+  }
+  bool take_all(const std::shared_ptr<const ResourceSet>& set) noexcept;
   void start_measuring() noexcept;
   void release_slow() noexcept;
 

@@ -274,7 +274,7 @@ class Resource : public std::enable_shared_from_this<Resource> {
   static constexpr std::uint64_t kFoldBit = std::uint64_t{1} << 63;
   // One hold in kMeasureEvery among those granted at once is timed for the
   // hold-time histogram (see statistics.h); every hold that waited is timed.
-  static constexpr std::uint64_t kMeasureEvery = 32;
+  static constexpr std::uint64_t kMeasureEvery = 64;
 
   static std::int64_t in_use_of(std::uint64_t word) noexcept {
     return static_cast<std::int64_t>((word & kInUseMask) >> 1);

@@ -11,7 +11,7 @@
 // Sampled: the durations in hold_seconds. Timing every hold would cost two
 // clock reads per request, more than the rest of taking and returning a free
 // slot together. So every hold of a request that waited is timed (it read
-// the clock anyway), and of those granted at once one in 32 (and every one
+// the clock anyway), and of those granted at once one in 64 (and every one
 // until the first is recorded). A hold that is not timed is counted in the
 // bucket, and with the duration, of the latest timed hold of the resource;
 // so hold_seconds.sum and the bucket counts are estimates, monotonic like
