@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from importlib import resources
 from typing import TYPE_CHECKING, Any
 
+from ._statistics import ClusterStatistics
 from .redis import RedisScopeError
 
 try:
@@ -83,26 +84,6 @@ class ClusterRefused(Exception):
         super().__init__(f"resource {resource!r}: {reason}")
         self.resource = resource
         self.reason = reason
-
-
-@dataclass(frozen=True)
-class ClusterStatistics:
-    """The cluster side of one resource, as this process last saw it."""
-
-    #: Slots held across all processes (from the last reply of Redis).
-    in_use: int
-    #: Of those, held by this process.
-    held_here: int
-    #: Requests of this process queued in Redis.
-    waiting_here: int
-    #: Processes that used the resource at the last heartbeat.
-    processes: int
-    #: False while Redis counts as unreachable.
-    reachable: bool
-    #: Requests admitted without a cluster slot (on_error "allow"/"local").
-    admitted_unlimited_total: int
-    #: Requests turned away because Redis was unreachable.
-    unavailable_total: int
 
 
 class ClusterPermit:
@@ -165,7 +146,7 @@ class ClusterStage:
 
     def _on_error(self) -> ClusterPermit:
         mode = self.scope.on_error
-        if mode == "allow" or (mode == "local" and len(self._fallback) < self.local_share):
+        if mode == "allow" or (mode == "local" and self._used_here() < self.local_share):
             self.admitted_unlimited_total += 1
             permit = ClusterPermit(self, None, None)
             if mode == "local":
@@ -173,6 +154,11 @@ class ClusterStage:
             return permit
         self.unavailable_total += 1
         raise ClusterRefused(self.name, "unavailable")
+
+    def _used_here(self) -> int:
+        """Slots this process uses: cluster slots held and fallback admissions."""
+        held = sum(1 for c in self.scope._clients.values() for s in c.held.values() if s is self)
+        return held + len(self._fallback)
 
     def _release_fallback(self, permit: ClusterPermit) -> None:
         self._fallback.discard(id(permit))
@@ -240,9 +226,11 @@ class _Client:
     async def _call(self, name: str, stage: ClusterStage, *args: Any) -> Any:
         lease_ms = int(self.scope.lease * 1000)
         try:
-            return await self.scripts[name](
+            reply = await self.scripts[name](
                 keys=self._keys(stage), args=[stage.capacity, lease_ms, self.process, *args]
             )
+            self.down_until = 0.0
+            return reply
         except AuthenticationError as e:
             raise RedisScopeError(f"Redis refused the credentials of {self.scope!r}: {e}") from e
         except ResponseError as e:
@@ -383,7 +371,9 @@ class _Client:
     def mark_down(self, error: BaseException) -> None:
         if self.down_until <= self.loop.time():
             logger.warning(
-                "Redis unreachable (%s): on_error=%r applies", error, self.scope.on_error
+                "Redis unreachable (%s): on_error=%r applies",
+                str(error) or type(error).__name__,
+                self.scope.on_error,
             )
         self.down_until = self.loop.time() + _DOWN_FOR
 
@@ -479,6 +469,8 @@ class _Client:
                     f"Redis refused the credentials of {self.scope!r}: {e}"
                 ) from e
             raise
+        for script in self.scripts.values():
+            await self.redis.script_load(script.script)
         for stage in stages:
             self._register(stage)
             await self.heartbeat(stage)

@@ -7,18 +7,22 @@ import functools
 import inspect
 from collections.abc import Awaitable, Callable, Sequence
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from fastapi import FastAPI
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 
 from . import _core
+from ._clustered import acquire_cluster, release_all
 from ._openapi import document_busy_responses, limited_endpoints
 from ._resource import Resource
-from ._statistics import LimiterStatistics, ResourceStatistics
+from ._statistics import LimiterStatistics
 from ._validation import check_int, check_seconds
 from ._waiting import wait
+
+if TYPE_CHECKING:
+    from ._cluster import ClusterPermit, ClusterStage
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -55,6 +59,8 @@ class Limiter:
         # own timeout is unused here (the event loop keeps the deadlines).
         self._core = _core.Limiter([r._core for r in self._resources], 0.0)
         self._sets: dict[tuple[Resource, ...], _core.ResourceSet] = {}
+        # The cluster stages of each set (most sets have none).
+        self._clusters: dict[int, tuple[ClusterStage, ...]] = {}
 
     @property
     def timeout(self) -> float | None:
@@ -81,7 +87,11 @@ class Limiter:
         # order, not empty. ValueError otherwise.
         rset = self._core.select([r._core for r in key])
         self._sets[key] = rset
+        self._clusters[id(rset)] = tuple(r._cluster for r in key if r._cluster is not None)
         return rset
+
+    def _cluster_stages(self, rset: _core.ResourceSet) -> tuple[ClusterStage, ...]:
+        return self._clusters.get(id(rset), ())
 
     def resources(
         self, resources: Sequence[Resource], *, timeout: float | None = None
@@ -140,7 +150,10 @@ class Limiter:
         """Snapshots of every registered resource, in registration order."""
         return LimiterStatistics(
             timeout=self._timeout,
-            resources=tuple(ResourceStatistics._from_core(s) for s in self._core.statistics()),
+            resources=tuple(
+                r._statistics(s)
+                for r, s in zip(self._resources, self._core.statistics(), strict=True)
+            ),
         )
 
     def __repr__(self) -> str:
@@ -153,7 +166,7 @@ class _Hold:
     several tasks at once (e.g. kept in a module-level variable): each entry
     holds its own slots, released by the same task's exit."""
 
-    __slots__ = ("_limiter", "_rset", "_timeout", "_acquisition", "_others")
+    __slots__ = ("_limiter", "_rset", "_timeout", "_clusters", "_acquisition", "_others")
 
     def __init__(
         self, limiter: Limiter, rset: _core.ResourceSet, timeout: float | None
@@ -161,19 +174,31 @@ class _Hold:
         self._limiter = limiter
         self._rset = rset
         self._timeout = timeout
+        self._clusters = limiter._cluster_stages(rset)
         # The usual case, one entry at a time, lives in a slot; further
         # concurrent or nested entries go to a per-task stack. (The slot's
         # entry needs no owner: any task without a stacked entry owns it.
         # asyncio.current_task() costs more than the rest of an entry.)
-        self._acquisition: _core.Acquisition | None = None
-        self._others: dict[object, list[_core.Acquisition]] | None = None
+        self._acquisition: _core.Acquisition | _Held | None = None
+        self._others: dict[object, list[_core.Acquisition | _Held]] | None = None
 
     async def __aenter__(self) -> None:
-        acquisition = _core.Acquisition(self._rset)
-        if not acquisition.try_acquire():
-            limiter = self._limiter
-            timeout = limiter._timeout if self._timeout is None else self._timeout
-            await wait(acquisition, timeout, limiter._retry_after)
+        local = _core.Acquisition(self._rset)
+        acquisition: _core.Acquisition | _Held = local
+        limiter = self._limiter
+        timeout = limiter._timeout if self._timeout is None else self._timeout
+        started = asyncio.get_running_loop().time() if self._clusters else 0.0
+        if not local.try_acquire():
+            await wait(local, timeout, limiter._retry_after)
+        if self._clusters:
+            try:
+                permits = await acquire_cluster(
+                    self._clusters, started, timeout, limiter._retry_after
+                )
+            except BaseException:
+                local.release()
+                raise
+            acquisition = _Held(local, permits)
         if self._acquisition is None:
             self._acquisition = acquisition
         else:
@@ -190,7 +215,7 @@ class _Hold:
         others = self._others
         task = asyncio.current_task() if others else None
         stack = others.get(task) if others else None
-        acquisition: _core.Acquisition | None
+        acquisition: _core.Acquisition | _Held | None
         if stack:  # this task's latest entry, if it is not the first one
             acquisition = stack.pop()
             if not stack:
@@ -199,6 +224,20 @@ class _Hold:
             acquisition, self._acquisition = self._acquisition, None
         if acquisition is not None:
             acquisition.release()
+
+
+class _Held:
+    """A local acquisition with its cluster slots, released together."""
+
+    __slots__ = ("_acquisition", "_permits")
+
+    def __init__(self, acquisition: _core.Acquisition, permits: list[ClusterPermit]) -> None:
+        self._acquisition = acquisition
+        self._permits = permits
+
+    def release(self) -> None:
+        release_all(self._permits)
+        self._acquisition.release()
 
 
 def _check_timeout(timeout: object) -> float | None:
@@ -273,6 +312,7 @@ def _limit(
     injected = request_name is None
     is_async = _is_async(func)
     Acquisition = _core.Acquisition
+    clusters = limiter._cluster_stages(rset)
 
     @functools.wraps(func)
     async def endpoint(*args: Any, **kwargs: Any) -> Any:
@@ -281,14 +321,23 @@ def _limit(
         else:
             request = kwargs.get(request_name)  # type: ignore[arg-type]
         acquisition = Acquisition(rset)
+        timeout = limiter._timeout if own_timeout is None else own_timeout
+        started = asyncio.get_running_loop().time() if clusters else 0.0
         if not acquisition.try_acquire():
-            timeout = limiter._timeout if own_timeout is None else own_timeout
             await wait(acquisition, timeout, limiter._retry_after, request)
+        permits: list[ClusterPermit] = []
+        if clusters:
+            try:
+                permits = await acquire_cluster(clusters, started, timeout, limiter._retry_after)
+            except BaseException:
+                acquisition.release()
+                raise
         try:
             if is_async:
                 return await func(*args, **kwargs)
             return await run_in_threadpool(func, *args, **kwargs)
         finally:
+            release_all(permits)
             acquisition.release()
 
     # FastAPI reads parameters from __signature__: the user's own, plus the

@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
-from typing import Literal
+import asyncio
+import dataclasses
+from typing import TYPE_CHECKING, Literal
 
 from . import _core
+from ._clustered import acquire_cluster, release_all
 from ._statistics import ResourceStatistics
 from ._validation import check_int, check_seconds
 from ._waiting import wait
+
+if TYPE_CHECKING:
+    from ._cluster import ClusterPermit, ClusterStage
+    from .redis import RedisScope
 
 QueueName = Literal["fifo", "lifo", "adaptive"]
 _QUEUES: dict[str, _core.QueueDiscipline] = {
@@ -46,9 +53,14 @@ class Resource:
         adaptive_interval: with ``queue="adaptive"``: see above. While the
             queue stands, waiters older than ``adaptive_target +
             adaptive_interval`` are answered 503 at once (reason ``"shed"``).
+        scope: who shares the ``capacity`` slots: ``"process"`` (default,
+            this process alone), or a ``RedisScope`` (every process on every
+            host using the same Redis and ``name``; ``name`` is then
+            required). With a RedisScope the local stage above still runs
+            first, in each process; see ``fastapi_concurrency_limiter.redis``.
     """
 
-    __slots__ = ("_core", "_set", "_held", "__weakref__")
+    __slots__ = ("_core", "_set", "_held", "_cluster", "__weakref__")
 
     def __init__(
         self,
@@ -59,6 +71,7 @@ class Resource:
         queue: QueueName = "fifo",
         adaptive_target: float = DEFAULT_ADAPTIVE_TARGET,
         adaptive_interval: float = DEFAULT_ADAPTIVE_INTERVAL,
+        scope: Literal["process"] | RedisScope = "process",
     ) -> None:
         check_int("capacity", capacity, minimum=1)
         if name is not None and not isinstance(name, str):
@@ -74,7 +87,9 @@ class Resource:
             name or "", capacity, max_waiting, _QUEUES[queue], target, interval
         )
         self._set = _core.ResourceSet([self._core])
-        self._held: list[_core.Acquisition] = []  # slots taken by acquire()
+        # Slots taken by acquire(), with their cluster slots.
+        self._held: list[tuple[_core.Acquisition, list[ClusterPermit]]] = []
+        self._cluster: ClusterStage | None = _bind_scope(scope, name, capacity)
 
     @property
     def name(self) -> str:
@@ -109,21 +124,49 @@ class Resource:
         acquisition = _core.Acquisition(self._set)
         if not acquisition.try_acquire():
             await wait(acquisition, None, None)
-        self._held.append(acquisition)
+        permits: list[ClusterPermit] = []
+        if self._cluster is not None:
+            try:
+                started = asyncio.get_running_loop().time()
+                permits = await acquire_cluster([self._cluster], started, None, None)
+            except BaseException:
+                acquisition.release()
+                raise
+        self._held.append((acquisition, permits))
 
     def release(self) -> None:
         """Gives back one slot taken by ``acquire()``; ValueError if none is
         held."""
         if not self._held:
             raise ValueError(f"release() of resource {self.name!r} without a matching acquire()")
-        self._held.pop().release()
+        acquisition, permits = self._held.pop()
+        release_all(permits)
+        acquisition.release()
 
     def statistics(self) -> ResourceStatistics:
         """A consistent snapshot of the resource's counters."""
-        return ResourceStatistics._from_core(self._core.statistics())
+        return self._statistics(self._core.statistics())
+
+    def _statistics(self, core: _core.ResourceStatistics) -> ResourceStatistics:
+        s = ResourceStatistics._from_core(core)
+        if self._cluster is not None:
+            s = dataclasses.replace(s, cluster=self._cluster.statistics())
+        return s
 
     def __repr__(self) -> str:
         return (
             f"Resource({self.capacity}, name={self.name!r}, "
             f"in_use={self.in_use}, waiting={self.waiting})"
         )
+
+
+def _bind_scope(scope: object, name: str | None, capacity: int) -> ClusterStage | None:
+    from .redis import RedisScope
+
+    if scope == "process":
+        return None
+    if isinstance(scope, RedisScope):
+        if name is None:
+            raise ValueError("a resource with scope=RedisScope(...) needs a name (its Redis key)")
+        return scope._bind(name, capacity)
+    raise ValueError(f"scope must be 'process' or a RedisScope, got {scope!r}")

@@ -64,11 +64,12 @@ class RedisScope:
             ``"reject"`` (default): 503 at once (reason ``"unavailable"``);
             ``"allow"``: admitted without the cluster limit (the local
             stage, with the resource's capacity, still limits it);
-            ``"local"``: admitted within a per-process share of the
+            ``"local"``: admitted while this process uses fewer slots
+            (cluster slots it still holds included) than its share of the
             capacity, ``capacity // processes`` (at least 1), where
             ``processes`` is how many processes used the resource at the
-            last successful heartbeat (before any: 1 slot); beyond the
-            share, 503 (reason ``"unavailable"``).
+            last successful heartbeat (before any: a share of 1); beyond
+            the share, 503 (reason ``"unavailable"``).
         key_prefix: namespace of the keys in Redis; a resource's keys are
             ``{key_prefix:name}:...`` (one hash tag: one Redis Cluster slot).
         timeout: seconds one command may take before Redis counts as
