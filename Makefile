@@ -4,6 +4,8 @@
 #                      TSan) and the Python tests
 #   make demo          the overload experiment; writes report/ (QUICK=1: ~1 min)
 #   make bench         microbenchmarks (Python API vs asyncio.Semaphore, engine)
+#   make bench-redis   cluster scope against a local redis-server: latency,
+#                      round trips per request, cross-process hand-off
 #   make lint          ruff and mypy --strict
 #
 # Python packages go into .venv; nothing is installed system-wide.
@@ -14,7 +16,7 @@ PY := $(VENV)/bin/python
 BUILD := build
 JOBS ?= 2
 
-.PHONY: all system-deps venv install lint test cpp-test cpp-test-release cpp-test-asan cpp-test-tsan py-test demo bench clean
+.PHONY: all system-deps venv install lint test cpp-test cpp-test-release cpp-test-asan cpp-test-tsan py-test demo bench bench-redis clean
 
 all: test
 
@@ -90,6 +92,9 @@ bench: install
 	$(BUILD)/release/concurrency_limiter_bench --benchmark_repetitions=5 --benchmark_report_aggregates_only=true
 	@echo "== engine, statistics compiled out"
 	$(BUILD)/nostats/concurrency_limiter_bench --benchmark_repetitions=5 --benchmark_report_aggregates_only=true
+
+bench-redis: install
+	$(PY) bench/redis_bench.py
 
 clean:
 	rm -rf $(BUILD) report

@@ -450,7 +450,10 @@ class _Client:
                 self.spawn(self._requeue(waiter, waiter_id))
 
     async def _requeue(self, waiter: _Waiter, waiter_id: str) -> None:
-        status, in_use = await self._send_acquire(waiter.stage, waiter_id, waiter.deadline)
+        try:
+            status, in_use = await self._send_acquire(waiter.stage, waiter_id, waiter.deadline)
+        except ClusterRefused:
+            return  # its deadline has come: the loop timer ends the wait
         waiter.stage.in_use = in_use
         if status == _GRANTED and self.waiters.pop(waiter_id, None) is waiter:
             if not waiter.future.done():
