@@ -25,9 +25,11 @@ README's "One limit across hosts" for the guarantees.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import uuid
 import weakref
+from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Literal
 
 from ._validation import check_seconds
@@ -76,8 +78,9 @@ class RedisScope:
             unreachable (then ``on_error`` applies; it is tried again after
             a second, or at the next successful heartbeat).
 
-    Wrong credentials raise ``RedisScopeError`` at the first use; to fail at
-    start-up instead, ``await scope.check()`` in the app's lifespan.
+    Wrong credentials raise ``RedisScopeError``: at start-up with
+    ``FastAPI(lifespan=scope.lifespan)`` (or ``await scope.check()`` in a
+    lifespan of your own), else at the first request that needs Redis.
     """
 
     __slots__ = (
@@ -169,6 +172,22 @@ class RedisScope:
         cannot be reached. Call it in the app's lifespan to fail at
         start-up rather than at the first request."""
         await self._client().check(list(self._stages.values()))
+
+    @contextlib.asynccontextmanager
+    async def lifespan(self, app: object = None) -> AsyncIterator[None]:
+        """A FastAPI lifespan that checks Redis at start-up (``check()``: the
+        app does not start with wrong credentials) and gives back this
+        process's slots at shutdown::
+
+            app = FastAPI(lifespan=cluster.lifespan)
+
+        Inside a lifespan of your own: ``async with cluster.lifespan(app):``.
+        """
+        await self.check()
+        try:
+            yield
+        finally:
+            await self.aclose()
 
     async def aclose(self) -> None:
         """Stops this event loop's heartbeat and listener and closes its

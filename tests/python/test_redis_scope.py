@@ -13,6 +13,7 @@ from typing import Any
 import httpx
 import pytest
 from fastapi import FastAPI
+from fastapi.testclient import TestClient
 
 from fastapi_concurrency_limiter import Limiter, Resource, ServerBusy
 from fastapi_concurrency_limiter.redis import RedisScope, RedisScopeError
@@ -168,6 +169,34 @@ def test_wrong_credentials_fail_at_start_up() -> None:
             await wrong.aclose()
 
         run(main)
+    finally:
+        server.close()
+
+
+def test_the_lifespan_refuses_to_start_with_wrong_credentials() -> None:
+    server = RedisServer(password="s3cret")
+    server.start()
+    try:
+        wrong = RedisScope(f"redis://:nope@127.0.0.1:{server.port}/0", key_prefix="test")
+        Resource(1, name="db", scope=wrong)
+        app = FastAPI(lifespan=wrong.lifespan)
+        with pytest.raises(RedisScopeError, match="refused the credentials"):
+            with TestClient(app):
+                pass
+        good = RedisScope(server.url(), key_prefix="test")
+        db = Resource(1, name="db", scope=good)
+        limiter = Limiter(timeout=1, resources=[db])
+        app = FastAPI(lifespan=good.lifespan)
+
+        @app.get("/q")
+        @limiter.resources([db])
+        async def q() -> dict[str, int]:
+            return {"ok": 1}
+
+        with TestClient(app) as http:
+            assert http.get("/q").status_code == 200
+        # Shut down: nothing left held.
+        assert server.client().zcard("{test:db}:holders") == 0
     finally:
         server.close()
 
