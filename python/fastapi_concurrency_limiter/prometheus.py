@@ -20,6 +20,17 @@ the process started, as Prometheus expects):
     concurrency_limiter_wait_seconds               histogram (granted requests)
     concurrency_limiter_hold_seconds               histogram
 
+With ``scope=RedisScope(...)`` the metrics above are this process's local
+stage, and these are added:
+
+    concurrency_limiter_cluster_in_use             gauge (across all processes,
+                                                   as of the last reply of Redis)
+    concurrency_limiter_cluster_held               gauge (held by this process)
+    concurrency_limiter_cluster_reachable          gauge (1 or 0)
+    concurrency_limiter_cluster_unavailable_total  counter (503s: Redis unreachable)
+    concurrency_limiter_cluster_unlimited_total    counter (admitted by on_error
+                                                   without a cluster slot)
+
 The values are read from the engine's statistics at scrape time: nothing is
 added to the request path.
 """
@@ -45,7 +56,7 @@ except ImportError as e:  # pragma: no cover - exercised without the extra
     ) from e
 
 from ._limiter import Limiter
-from ._statistics import HistogramSnapshot
+from ._statistics import HistogramSnapshot, ResourceStatistics
 
 PREFIX = "concurrency_limiter"
 
@@ -99,8 +110,11 @@ class LimiterCollector(Collector):
         hold = HistogramMetricFamily(
             f"{PREFIX}_hold_seconds", "Time from grant to release.", labels=["resource"]
         )
+        clustered: list[ResourceStatistics] = []
         for limiter in self._limiters:
             for s in limiter.statistics().resources:
+                if s.cluster is not None:
+                    clustered.append(s)
                 for key, family in gauges.items():
                     value: Any = getattr(s, key)
                     if value is not None:
@@ -115,6 +129,41 @@ class LimiterCollector(Collector):
         yield rejected
         yield wait
         yield hold
+        if clustered:
+            yield from _cluster_families(clustered)
+
+
+def _cluster_families(resources: list[ResourceStatistics]) -> Iterator[Metric]:
+    in_use = GaugeMetricFamily(
+        f"{PREFIX}_cluster_in_use",
+        "Slots held across all processes (cluster scope), as of the last reply of Redis.",
+        labels=["resource"],
+    )
+    held = GaugeMetricFamily(
+        f"{PREFIX}_cluster_held", "Cluster slots held by this process.", labels=["resource"]
+    )
+    reachable = GaugeMetricFamily(
+        f"{PREFIX}_cluster_reachable", "1 while Redis answers, else 0.", labels=["resource"]
+    )
+    unavailable = CounterMetricFamily(
+        f"{PREFIX}_cluster_unavailable",
+        "Requests answered 503 because Redis was unreachable.",
+        labels=["resource"],
+    )
+    unlimited = CounterMetricFamily(
+        f"{PREFIX}_cluster_unlimited",
+        "Requests admitted without a cluster slot while Redis was unreachable (on_error).",
+        labels=["resource"],
+    )
+    for s in resources:
+        c = s.cluster
+        assert c is not None
+        in_use.add_metric([s.name], c.in_use)
+        held.add_metric([s.name], c.held_here)
+        reachable.add_metric([s.name], 1 if c.reachable else 0)
+        unavailable.add_metric([s.name], c.unavailable_total)
+        unlimited.add_metric([s.name], c.admitted_unlimited_total)
+    yield from (in_use, held, reachable, unavailable, unlimited)
 
 
 _registered: dict[tuple[int, int], LimiterCollector] = {}

@@ -227,6 +227,10 @@ def test_a_route_answers_503_with_the_cluster_limit(redis_server: RedisServer) -
             assert 0.25 < time.monotonic() - started < 2
             stats = limiter.statistics()["db"]
             assert stats.cluster is not None and stats.cluster.in_use == 1
+            metrics = _scrape(limiter)
+            assert 'concurrency_limiter_cluster_in_use{resource="db"} 1.0' in metrics
+            assert 'concurrency_limiter_cluster_reachable{resource="db"} 1.0' in metrics
+            assert 'concurrency_limiter_in_use{resource="db"} 0.0' in metrics  # local stage
             elsewhere.release()
             gate.set()
             assert (await http.get("/q")).status_code == 200
@@ -412,6 +416,16 @@ async def _until(condition: Callable[[], bool], timeout: float = 5) -> None:
         if time.monotonic() > deadline:
             raise AssertionError("condition not met in time")
         await asyncio.sleep(0.02)
+
+
+def _scrape(limiter: Limiter) -> str:
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from fastapi_concurrency_limiter.prometheus import register
+
+    registry = CollectorRegistry()
+    register(limiter, registry)
+    return generate_latest(registry).decode()
 
 
 def _evalsha_calls(server: RedisServer) -> int:
