@@ -361,6 +361,31 @@ def test_redis_restarted(redis_server: RedisServer, on_error: str) -> None:
     run(main)
 
 
+def test_a_waiter_lost_in_a_restart_is_queued_again(redis_server: RedisServer) -> None:
+    async def main() -> None:
+        url = redis_server.url()
+        other = RedisScope(url, key_prefix="test", lease=0.9, timeout=0.3)
+        elsewhere = Resource(1, name="db", scope=other)
+        await elsewhere.acquire()
+        scope = RedisScope(url, key_prefix="test", lease=0.9, timeout=0.3)
+        db = Resource(1, name="db", scope=scope)
+        limiter = Limiter(timeout=8, resources=[db])
+        waiter = asyncio.create_task(_try(limiter, db))
+        await _until(lambda: redis_server.client().zcard("{test:db}:queue") == 1)
+        redis_server.restart()
+        # The holder's heartbeat puts its slot back, the waiter's queues it again.
+        await _until(lambda: len(holders(redis_server)) == 1, timeout=3)
+        await _until(lambda: redis_server.client().zcard("{test:db}:queue") == 1, timeout=3)
+        assert not waiter.done()
+        elsewhere.release()
+        assert await waiter == "ok"
+        await _until(lambda: holders(redis_server) == [])
+        await scope.aclose()
+        await other.aclose()
+
+    run(main)
+
+
 # -- helpers ------------------------------------------------------------------
 
 
