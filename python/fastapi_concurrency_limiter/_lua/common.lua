@@ -34,13 +34,16 @@ local config_ttl = math.max(3 * lease, 60000)
 local notify_ttl = 3 * lease
 
 -- Returns an error message when this process disagrees on the capacity.
-local function check_config()
+-- Sets it when missing; the heartbeat (refresh) keeps it alive.
+local function check_config(refresh)
   local current = redis.call('GET', config)
   if current and tonumber(current) ~= capacity then
     return 'CAPACITY_MISMATCH resource has capacity ' .. current ..
       ' in Redis, this process says ' .. capacity
   end
-  redis.call('SET', config, capacity, 'PX', config_ttl)
+  if refresh or not current then
+    redis.call('SET', config, capacity, 'PX', config_ttl)
+  end
   return nil
 end
 

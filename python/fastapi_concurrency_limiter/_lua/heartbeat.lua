@@ -9,7 +9,7 @@
 -- lost. Waiters Redis no longer knows are reported lost (their process
 -- queues them again).
 -- Returns {processes alive, in use, {lost permits}, {lost waiters}}.
-local bad = check_config()
+local bad = check_config(true)
 if bad then
   return redis.error_reply(bad)
 end
