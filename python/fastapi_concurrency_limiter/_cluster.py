@@ -62,6 +62,9 @@ _UNREACHABLE: tuple[type[BaseException], ...] = (
 # After a failure, requests go straight to on_error for this long (instead of
 # each waiting for its own timeout); a successful heartbeat ends it earlier.
 _DOWN_FOR = 1.0
+# Seconds a request whose deadline has passed (a zero timeout: "try once")
+# may still spend on its one acquire round trip.
+_TRY_ONCE = 0.05
 _GRANTED, _QUEUED, _NO_SLOT = 1, 0, -1
 
 
@@ -295,8 +298,9 @@ class _Client:
             call = self._call("acquire", stage, waiter_id, wait_ms)
             try:
                 if left is not None and left < self.scope.timeout:
-                    # The request's deadline comes before the command's.
-                    reply = await asyncio.wait_for(call, max(left, 0.001))
+                    # The request's deadline comes before the command's. A
+                    # deadline that has (almost) passed still gets one try.
+                    reply = await asyncio.wait_for(call, max(left, _TRY_ONCE))
                 else:
                     reply = await call
                 return int(reply[0]), int(reply[1])

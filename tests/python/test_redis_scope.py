@@ -74,6 +74,26 @@ def test_free_slot_in_one_round_trip_then_fifo_hand_off(redis_server: RedisServe
     run(main)
 
 
+def test_a_zero_timeout_tries_once(redis_server: RedisServer) -> None:
+    async def main() -> None:
+        scope = RedisScope(redis_server.url(), key_prefix="test")
+        db = Resource(1, name="db", scope=scope)
+        limiter = Limiter(timeout=0, resources=[db])
+        await scope.check()
+        assert await _try(limiter, db) == "ok"
+        other = RedisScope(redis_server.url(), key_prefix="test")
+        elsewhere = Resource(1, name="db", scope=other)
+        await _until(lambda: holders(redis_server) == [])
+        await elsewhere.acquire()
+        assert await _try(limiter, db) == "timeout"
+        assert redis_server.client().zcard("{test:db}:queue") == 0  # never queued
+        elsewhere.release()
+        await scope.aclose()
+        await other.aclose()
+
+    run(main)
+
+
 def test_keys_use_the_prefix_and_the_database_of_the_url(redis_server: RedisServer) -> None:
     async def main() -> None:
         scope = RedisScope(redis_server.url(db=3), key_prefix="shop")
