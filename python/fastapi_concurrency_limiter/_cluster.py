@@ -20,6 +20,8 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import threading
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib import resources
@@ -93,7 +95,7 @@ class ClusterPermit:
     """One request's cluster slot; ``release()`` gives it back (in the
     background: the request does not wait for Redis)."""
 
-    __slots__ = ("_stage", "_client", "_id")
+    __slots__ = ("_stage", "_client", "_id", "__weakref__")
 
     def __init__(self, stage: ClusterStage, client: _Client | None, permit_id: str | None):
         self._stage = stage
@@ -101,11 +103,14 @@ class ClusterPermit:
         self._id = permit_id  # None: admitted by on_error
 
     def release(self) -> None:
+        """From any thread. A permit that is never released (its holder
+        dropped it) is no longer renewed once garbage-collected: its lease
+        gives the slot back."""
         stage, client, permit_id = self._stage, self._client, self._id
         self._client = self._id = None
         if client is not None and permit_id is not None:
             client.release(stage, permit_id)
-        stage._release_fallback(self)
+        stage._fallback.discard(self)
 
 
 class ClusterStage:
@@ -122,7 +127,8 @@ class ClusterStage:
         self.notify_prefix = f"{tag}:notify:"
         self.in_use = 0  # cluster-wide, from the last reply
         self.processes = 0  # at the last heartbeat
-        self._fallback: set[int] = set()  # ids of permits admitted under on_error="local"
+        # Permits admitted under on_error="local" (weakly, as held ones).
+        self._fallback: weakref.WeakSet[ClusterPermit] = weakref.WeakSet()
         self.admitted_unlimited_total = 0
         self.unavailable_total = 0
 
@@ -153,25 +159,22 @@ class ClusterStage:
             self.admitted_unlimited_total += 1
             permit = ClusterPermit(self, None, None)
             if mode == "local":
-                self._fallback.add(id(permit))
+                self._fallback.add(permit)
             return permit
         self.unavailable_total += 1
         raise ClusterRefused(self.name, "unavailable")
 
     def _used_here(self) -> int:
         """Slots this process uses: cluster slots held and fallback admissions."""
-        held = sum(1 for c in self.scope._clients.values() for s in c.held.values() if s is self)
+        held = sum(1 for c in self.scope._clients.values() for p in c.permits() if p._stage is self)
         return held + len(self._fallback)
-
-    def _release_fallback(self, permit: ClusterPermit) -> None:
-        self._fallback.discard(id(permit))
 
     def statistics(self) -> ClusterStatistics:
         clients = list(self.scope._clients.values())
         down = any(c.down_until > c.loop.time() for c in clients if not c.loop.is_closed())
         return ClusterStatistics(
             in_use=self.in_use,
-            held_here=sum(1 for c in clients for s in c.held.values() if s is self),
+            held_here=sum(1 for c in clients for p in c.permits() if p._stage is self),
             waiting_here=sum(1 for c in clients for w in c.waiters.values() if w.stage is self),
             processes=self.processes,
             reachable=not down,
@@ -211,7 +214,10 @@ class _Client:
         )
         self.scripts = {name: self.redis.register_script(text) for name, text in _SCRIPTS.items()}
         self.waiters: dict[str, _Waiter] = {}
-        self.held: dict[str, ClusterStage] = {}
+        # Held permits, weakly: one that its holder dropped without
+        # releasing is not renewed (its lease then gives the slot back).
+        self.held: weakref.WeakValueDictionary[str, ClusterPermit] = weakref.WeakValueDictionary()
+        self._thread = threading.get_ident()
         self.stages: list[ClusterStage] = []
         self.down_until = 0.0
         self._ids = itertools.count()
@@ -282,8 +288,7 @@ class _Client:
         self.down_until = 0.0
         if status == _GRANTED:
             self.waiters.pop(waiter_id, None)
-            self.held[waiter_id] = stage
-            return ClusterPermit(stage, self, waiter_id)
+            return self._hold(stage, waiter_id)
         if status == _NO_SLOT:
             self.waiters.pop(waiter_id, None)
             raise ClusterRefused(stage.name, "timeout")
@@ -331,8 +336,14 @@ class _Client:
         if not granted:
             self._abandon(stage, waiter_id)
             raise ClusterRefused(stage.name, "timeout")
-        self.held[waiter_id] = stage
-        return ClusterPermit(stage, self, waiter_id)
+        return self._hold(stage, waiter_id)
+
+    def _hold(self, stage: ClusterStage, permit_id: str) -> ClusterPermit:
+        permit = self.held[permit_id] = ClusterPermit(stage, self, permit_id)
+        return permit
+
+    def permits(self) -> list[ClusterPermit]:
+        return list(self.held.values())
 
     def _abandon(self, stage: ClusterStage, waiter_id: str) -> None:
         """A wait ended without its slot: leave the queue, or pass on a slot
@@ -345,6 +356,10 @@ class _Client:
         stage.in_use = int(reply[1])
 
     def release(self, stage: ClusterStage, permit_id: str) -> None:
+        if threading.get_ident() != self._thread:
+            if not self.loop.is_closed():
+                self.loop.call_soon_threadsafe(self.release, stage, permit_id)
+            return
         self.held.pop(permit_id, None)
         self.spawn(self._release(stage, permit_id))
 
@@ -430,7 +445,7 @@ class _Client:
         """Renews this process's leases and waiters of ``stage``; queues
         again the waiters Redis lost."""
         now = self.loop.time()
-        held = [p for p, s in self.held.items() if s is stage]
+        held = [i for i, p in list(self.held.items()) if p._stage is stage]
         waiting: list[Any] = []
         for waiter_id, w in self.waiters.items():
             if w.stage is stage:
@@ -487,9 +502,9 @@ class _Client:
         for task in (self._listener, self._heartbeat):
             if task is not None:
                 task.cancel()
-        for permit_id, stage in list(self.held.items()):
+        for permit_id, permit in list(self.held.items()):
             try:
-                await asyncio.wait_for(self._release(stage, permit_id), self.scope.timeout)
+                await asyncio.wait_for(self._release(permit._stage, permit_id), self.scope.timeout)
             except Exception:  # noqa: BLE001,S110 - the lease reclaims it
                 pass
         self.held.clear()

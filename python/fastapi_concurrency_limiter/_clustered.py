@@ -18,22 +18,51 @@ from ._errors import ServerBusy
 from ._logging import log_rejection
 
 if TYPE_CHECKING:
+    from . import _core
     from ._cluster import ClusterPermit, ClusterStage
 
 
-class _Releasable(Protocol):
+class Releasable(Protocol):
+    """What a granted request holds: an engine acquisition, or one with its
+    cluster slots."""
+
     def release(self) -> None: ...
 
 
-async def acquire_cluster(
+def running_loop_time() -> float:
+    return asyncio.get_running_loop().time()
+
+
+class ClusteredAcquisition:
+    """A local acquisition with its cluster slots; ``release()`` gives back
+    both, once, from any thread of the loop's (the cluster's in the
+    background)."""
+
+    __slots__ = ("_acquisition", "_permits")
+
+    def __init__(self, acquisition: _core.Acquisition, permits: list[ClusterPermit]) -> None:
+        self._acquisition = acquisition
+        self._permits: list[ClusterPermit] | None = permits
+
+    def release(self) -> None:
+        permits, self._permits = self._permits, None
+        if permits is not None:
+            for permit in reversed(permits):
+                permit.release()
+            self._acquisition.release()
+
+
+async def with_cluster(
+    acquisition: _core.Acquisition,
     stages: Sequence[ClusterStage],
     started: float,
     timeout: float | None,
     retry_after: int | None,
-) -> list[ClusterPermit]:
-    """Takes one cluster slot of each of ``stages``; the deadline is
-    ``started + timeout`` (loop time; ``None``: no limit). Raises ServerBusy
-    (reason ``"timeout"`` or ``"unavailable"``) with nothing left held."""
+) -> ClusteredAcquisition:
+    """Takes one cluster slot of each of ``stages`` for a request that holds
+    its local slots (``acquisition``); the deadline is ``started + timeout``
+    (loop time; ``None``: no limit). Raises ServerBusy (reason ``"timeout"``
+    or ``"unavailable"``) with nothing left held, local slots included."""
     from ._cluster import ClusterRefused
 
     deadline = None if timeout is None else started + timeout
@@ -42,16 +71,10 @@ async def acquire_cluster(
         for stage in stages:
             permits.append(await stage.acquire(deadline))
     except ClusterRefused as e:
-        release_all(permits)
-        loop = asyncio.get_running_loop()
-        log_rejection(e.resource, e.reason, loop.time() - started)
+        ClusteredAcquisition(acquisition, permits).release()
+        log_rejection(e.resource, e.reason, running_loop_time() - started)
         raise ServerBusy(e.resource, e.reason, retry_after) from None
     except BaseException:
-        release_all(permits)
+        ClusteredAcquisition(acquisition, permits).release()
         raise
-    return permits
-
-
-def release_all(permits: Sequence[_Releasable]) -> None:
-    for permit in reversed(permits):
-        permit.release()
+    return ClusteredAcquisition(acquisition, permits)

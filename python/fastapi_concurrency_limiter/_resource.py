@@ -2,18 +2,18 @@
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 from typing import TYPE_CHECKING, Literal
 
 from . import _core
-from ._clustered import acquire_cluster, release_all
+from ._clustered import Releasable, running_loop_time, with_cluster
+from ._holding import Holds, Selection, check, current_task, current_task_or_none, holds_of, leave
 from ._statistics import ResourceStatistics
 from ._validation import check_int, check_seconds
 from ._waiting import wait
 
 if TYPE_CHECKING:
-    from ._cluster import ClusterPermit, ClusterStage
+    from ._cluster import ClusterStage
     from .redis import RedisScope
 
 QueueName = Literal["fifo", "lifo", "adaptive"]
@@ -60,7 +60,7 @@ class Resource:
             first, in each process; see ``fastapi_concurrency_limiter.redis``.
     """
 
-    __slots__ = ("_core", "_set", "_held", "_cluster", "__weakref__")
+    __slots__ = ("_core", "_selection", "_held", "_before", "_cluster", "__weakref__")
 
     def __init__(
         self,
@@ -86,10 +86,13 @@ class Resource:
         self._core = _core.Resource(
             name or "", capacity, max_waiting, _QUEUES[queue], target, interval
         )
-        self._set = _core.ResourceSet([self._core])
-        # Slots taken by acquire(), with their cluster slots.
-        self._held: list[tuple[_core.Acquisition, list[ClusterPermit]]] = []
         self._cluster: ClusterStage | None = _bind_scope(scope, name, capacity)
+        self._selection = Selection(_core.ResourceSet([self._core]), (self,))
+        # Slots taken by acquire(), and the task that took each.
+        self._held: list[tuple[Releasable, Holds]] = []
+        # Resources that some Limiter registers before this one: a task
+        # holding this one must not ask for them (see _holding).
+        self._before: set[Resource] = set()
 
     @property
     def name(self) -> str:
@@ -120,28 +123,42 @@ class Resource:
     async def acquire(self) -> None:
         """Takes one slot, waiting as long as it takes (the original
         package's low-level call; routes use ``@limiter.resources``). Pair
-        each call with ``release()``."""
-        acquisition = _core.Acquisition(self._set)
+        each call with ``release()``.
+
+        RuntimeError, at once, if the calling task already holds a slot of
+        this resource, or of one that a Limiter registers after it: waiting
+        could then deadlock."""
+        selection = self._selection
+        holds = holds_of(current_task())
+        if holds:
+            check(holds, selection)
+        acquisition = _core.Acquisition(selection.rset)
+        started = running_loop_time() if selection.clusters else 0.0
         if not acquisition.try_acquire():
             await wait(acquisition, None, None)
-        permits: list[ClusterPermit] = []
-        if self._cluster is not None:
-            try:
-                started = asyncio.get_running_loop().time()
-                permits = await acquire_cluster([self._cluster], started, None, None)
-            except BaseException:
-                acquisition.release()
-                raise
-        self._held.append((acquisition, permits))
+        granted: Releasable = acquisition
+        if selection.clusters:
+            granted = await with_cluster(acquisition, selection.clusters, started, None, None)
+        holds.append(selection)
+        self._held.append((granted, holds))
 
     def release(self) -> None:
-        """Gives back one slot taken by ``acquire()``; ValueError if none is
-        held."""
-        if not self._held:
+        """Gives back one slot taken by ``acquire()`` (the calling task's
+        latest, else the latest of any task, as a semaphore would);
+        ValueError if none is held."""
+        held = self._held
+        if not held:
             raise ValueError(f"release() of resource {self.name!r} without a matching acquire()")
-        acquisition, permits = self._held.pop()
-        release_all(permits)
+        index = len(held) - 1
+        owner = current_task_or_none()
+        for i in range(index, -1, -1):
+            watch = held[i][1].watch
+            if watch is not None and watch() is owner:
+                index = i
+                break
+        acquisition, holds = held.pop(index)
         acquisition.release()
+        leave(holds, self._selection)
 
     def statistics(self) -> ResourceStatistics:
         """A consistent snapshot of the resource's counters."""

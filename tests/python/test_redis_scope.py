@@ -7,12 +7,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import httpx
 import pytest
 from fastapi import FastAPI
+from fastapi.responses import StreamingResponse
 from fastapi.testclient import TestClient
 
 from fastapi_concurrency_limiter import Limiter, Resource, ServerBusy
@@ -260,6 +261,38 @@ def test_a_route_answers_503_with_the_cluster_limit(redis_server: RedisServer) -
     run(main)
 
 
+def test_a_streamed_response_holds_its_cluster_slot_until_sent(
+    redis_server: RedisServer,
+) -> None:
+    scope = RedisScope(redis_server.url(), key_prefix="test")
+    db = Resource(1, name="db", scope=scope)
+    limiter = Limiter(timeout=1, resources=[db])
+    app = FastAPI()
+    seen: list[int] = []
+
+    @app.get("/stream")
+    @limiter.resources([db])
+    async def stream() -> StreamingResponse:
+        async def body() -> AsyncIterator[bytes]:
+            for _ in range(3):
+                seen.append(len(holders(redis_server)))
+                yield b"x"
+                await asyncio.sleep(0.01)
+
+        return StreamingResponse(body())
+
+    async def main() -> None:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://app") as http:
+            response = await http.get("/stream")
+            assert response.status_code == 200 and response.content == b"xxx"
+        assert seen == [1, 1, 1]
+        await _until(lambda: holders(redis_server) == [])
+        await scope.aclose()
+
+    run(main)
+
+
 # -- Redis faults -------------------------------------------------------------
 
 
@@ -300,8 +333,8 @@ def test_redis_paused_longer_than_the_timeout(redis_server: RedisServer, on_erro
         # then one more request of this process waits in Redis's queue.
         other = RedisScope(url, key_prefix="test", lease=1.5)
         elsewhere = Resource(4, name="db", scope=other)
-        for _ in range(3):
-            await elsewhere.acquire()
+        # (one task each: a task may not hold two slots of one resource)
+        await asyncio.gather(*(asyncio.create_task(elsewhere.acquire()) for _ in range(3)))
         await other.check()
         await scope.check()  # 2 processes: the local share is 4 // 2 = 2
         holding = _Holder(limiter, db)
