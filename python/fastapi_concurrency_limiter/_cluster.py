@@ -27,7 +27,9 @@ from dataclasses import dataclass
 from importlib import resources
 from typing import TYPE_CHECKING, Any
 
+from ._core import Outcome
 from ._statistics import ClusterStatistics
+from ._waiting import _Body
 from .redis import RedisScopeError
 
 try:
@@ -50,6 +52,8 @@ except ImportError as e:  # pragma: no cover - exercised without the extra
     ) from e
 
 if TYPE_CHECKING:
+    from starlette.requests import Request
+
     from .redis import RedisScope
 
 logger = logging.getLogger("fastapi_concurrency_limiter.redis")
@@ -139,16 +143,19 @@ class ClusterStage:
             return 1
         return max(1, self.capacity // self.processes)
 
-    async def acquire(self, deadline: float | None) -> ClusterPermit:
+    async def acquire(
+        self, deadline: float | None, request: Request | None = None
+    ) -> ClusterPermit:
         """Takes a cluster slot, waiting until ``deadline`` (loop time;
-        ``None``: no limit). Raises ClusterRefused (reason ``"timeout"`` or
-        ``"unavailable"``), or RedisScopeError on misconfiguration."""
+        ``None``: no limit). Raises ClusterRefused (reason ``"timeout"``,
+        ``"unavailable"``, or ``"disconnected"`` when ``request``'s client
+        leaves while it waits), or RedisScopeError on misconfiguration."""
         client = self.scope._client()
         loop = client.loop
         if client.down_until > loop.time():
             return self._on_error()
         try:
-            return await client.acquire(self, deadline)
+            return await client.acquire(self, deadline, request)
         except _UNREACHABLE as e:
             client.mark_down(e)
             return self._on_error()
@@ -270,7 +277,9 @@ class _Client:
     def new_id(self) -> str:
         return f"{self.process}:{next(self._ids)}"
 
-    async def acquire(self, stage: ClusterStage, deadline: float | None) -> ClusterPermit:
+    async def acquire(
+        self, stage: ClusterStage, deadline: float | None, request: Request | None
+    ) -> ClusterPermit:
         self._register(stage)
         loop = self.loop
         waiter_id = self.new_id()
@@ -292,7 +301,7 @@ class _Client:
         if status == _NO_SLOT:
             self.waiters.pop(waiter_id, None)
             raise ClusterRefused(stage.name, "timeout")
-        return await self._wait(waiter, waiter_id)
+        return await self._wait(waiter, waiter_id, request)
 
     async def _send_acquire(
         self, stage: ClusterStage, waiter_id: str, deadline: float | None
@@ -320,11 +329,19 @@ class _Client:
                 raise
         raise AssertionError("unreachable")
 
-    async def _wait(self, waiter: _Waiter, waiter_id: str) -> ClusterPermit:
+    async def _wait(
+        self, waiter: _Waiter, waiter_id: str, request: Request | None
+    ) -> ClusterPermit:
         stage, future, deadline = waiter.stage, waiter.future, waiter.deadline
         timer = None
         if deadline is not None:
             timer = self.loop.call_at(deadline, _set_unless_done, future, False)
+        body = watcher = None
+        left = _Disconnect(future)
+        if request is not None and not future.done():
+            # As in the local stage: a client that leaves ends the wait.
+            body = _Body(request.receive)
+            watcher = self.loop.create_task(body.watch(left))
         try:
             granted = await future
         except BaseException:
@@ -333,9 +350,12 @@ class _Client:
         finally:
             if timer is not None:
                 timer.cancel()
+            if watcher is not None and body is not None and request is not None:
+                watcher.cancel()
+                body.hand_back(request)
         if not granted:
             self._abandon(stage, waiter_id)
-            raise ClusterRefused(stage.name, "timeout")
+            raise ClusterRefused(stage.name, "disconnected" if left.happened else "timeout")
         return self._hold(stage, waiter_id)
 
     def _hold(self, stage: ClusterStage, permit_id: str) -> ClusterPermit:
@@ -499,9 +519,19 @@ class _Client:
 
     async def aclose(self) -> None:
         self._closed = True
-        for task in (self._listener, self._heartbeat):
-            if task is not None:
-                task.cancel()
+        if self._heartbeat is not None:
+            self._heartbeat.cancel()
+        listener = self._listener
+        if listener is not None and self._listening:
+            # Wake the blocked BLPOP rather than cancel it (a cancelled
+            # blocking read may take redis-py a while to unwind).
+            try:
+                await asyncio.wait_for(self.redis.lpush(self._listening[0], ""), self.scope.timeout)
+                await asyncio.wait({listener}, timeout=self.scope.timeout)
+            except Exception:  # noqa: BLE001,S110 - cancelled below
+                pass
+        if listener is not None:
+            listener.cancel()
         for permit_id, permit in list(self.held.items()):
             try:
                 await asyncio.wait_for(self._release(permit._stage, permit_id), self.scope.timeout)
@@ -509,9 +539,27 @@ class _Client:
                 pass
         self.held.clear()
         pending = [t for t in (self._listener, self._heartbeat, *self._tasks) if t is not None]
-        await asyncio.gather(*pending, return_exceptions=True)
+        if pending:
+            # Bounded: a call stuck on a hung Redis ends with its timeout.
+            await asyncio.wait(pending, timeout=self.scope.timeout)
         await self.redis.aclose()
         await self.listen_redis.aclose()
+
+
+class _Disconnect:
+    """Ends a cluster wait when the local stage's body watcher sees the
+    client leave (it calls ``cancel`` as it would on an engine acquisition)."""
+
+    __slots__ = ("_future", "happened")
+
+    def __init__(self, future: asyncio.Future[bool]) -> None:
+        self._future = future
+        self.happened = False
+
+    def cancel(self, reason: Outcome = Outcome.cancelled) -> None:
+        if not self._future.done():
+            self.happened = True
+            self._future.set_result(False)
 
 
 def _set_unless_done(future: asyncio.Future[bool], value: bool) -> None:

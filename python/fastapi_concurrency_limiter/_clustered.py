@@ -18,6 +18,8 @@ from ._errors import ServerBusy
 from ._logging import log_rejection
 
 if TYPE_CHECKING:
+    from starlette.requests import Request
+
     from . import _core
     from ._cluster import ClusterPermit, ClusterStage
 
@@ -58,18 +60,21 @@ async def with_cluster(
     started: float,
     timeout: float | None,
     retry_after: int | None,
+    request: Request | None = None,
 ) -> ClusteredAcquisition:
     """Takes one cluster slot of each of ``stages`` for a request that holds
     its local slots (``acquisition``); the deadline is ``started + timeout``
-    (loop time; ``None``: no limit). Raises ServerBusy (reason ``"timeout"``
-    or ``"unavailable"``) with nothing left held, local slots included."""
+    (loop time; ``None``: no limit). Raises ServerBusy (reason ``"timeout"``,
+    ``"unavailable"`` or ``"disconnected"``) with nothing left held, local
+    slots included. With a ``request``, a client that leaves while its
+    request waits in Redis's queue ends the wait, as in the local stage."""
     from ._cluster import ClusterRefused
 
     deadline = None if timeout is None else started + timeout
     permits: list[ClusterPermit] = []
     try:
         for stage in stages:
-            permits.append(await stage.acquire(deadline))
+            permits.append(await stage.acquire(deadline, request))
     except ClusterRefused as e:
         ClusteredAcquisition(acquisition, permits).release()
         log_rejection(e.resource, e.reason, running_loop_time() - started)

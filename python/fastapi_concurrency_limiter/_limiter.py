@@ -374,12 +374,12 @@ def _limit(
             await wait(acquisition, timeout, limiter._retry_after, request)
             if clusters:
                 granted = await with_cluster(
-                    acquisition, clusters, started, timeout, limiter._retry_after
+                    acquisition, clusters, started, timeout, limiter._retry_after, request
                 )
         elif clusters:
             timeout = limiter._timeout if own_timeout is None else own_timeout
             granted = await with_cluster(
-                acquisition, clusters, running_loop_time(), timeout, limiter._retry_after
+                acquisition, clusters, running_loop_time(), timeout, limiter._retry_after, request
             )
         holds.append(selection)
         try:
@@ -438,7 +438,7 @@ def _limit_generator(
             await wait(acquisition, timeout, limiter._retry_after, request)
         if selection.clusters:
             granted = await with_cluster(
-                acquisition, selection.clusters, started, timeout, limiter._retry_after
+                acquisition, selection.clusters, started, timeout, limiter._retry_after, request
             )
         holds.append(selection)
         held = Held(granted, holds, selection)

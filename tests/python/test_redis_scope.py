@@ -12,7 +12,7 @@ from typing import Any
 
 import httpx
 import pytest
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
 from fastapi.responses import StreamingResponse
 from fastapi.testclient import TestClient
 
@@ -289,6 +289,88 @@ def test_a_streamed_response_holds_its_cluster_slot_until_sent(
         assert seen == [1, 1, 1]
         await _until(lambda: holders(redis_server) == [])
         await scope.aclose()
+
+    run(main)
+
+
+def test_a_client_that_leaves_while_queued_in_redis_leaves_the_queue(
+    redis_server: RedisServer,
+) -> None:
+    scope = RedisScope(redis_server.url(), key_prefix="test")
+    db = Resource(1, name="db", scope=scope)
+    limiter = Limiter(timeout=5, resources=[db])
+    app = FastAPI()
+
+    @app.post("/q")
+    @limiter.resources([db])
+    async def q() -> dict[str, int]:
+        return {"ok": 1}
+
+    async def main() -> None:
+        other = RedisScope(redis_server.url(), key_prefix="test")
+        elsewhere = Resource(1, name="db", scope=other)
+        await elsewhere.acquire()  # the only slot, held by another process
+        leave = asyncio.Event()
+        messages = [{"type": "http.request", "body": b"{}", "more_body": False}]
+
+        async def receive() -> dict[str, Any]:
+            if messages:
+                return messages.pop()
+            await leave.wait()
+            return {"type": "http.disconnect"}
+
+        sent: list[dict[str, Any]] = []
+
+        async def send(message: dict[str, Any]) -> None:
+            sent.append(message)
+
+        scope_ = {
+            "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1",
+            "method": "POST", "scheme": "http", "path": "/q", "raw_path": b"/q",
+            "query_string": b"", "root_path": "",
+            "headers": [(b"content-type", b"application/json"), (b"content-length", b"2")],
+            "client": ("127.0.0.1", 1), "server": ("app", 80),
+        }  # fmt: skip
+        call = asyncio.create_task(app(scope_, receive, send))
+        await _until(lambda: redis_server.client().zcard("{test:db}:queue") == 1)
+        started = time.monotonic()
+        leave.set()
+        await asyncio.wait_for(call, 2)
+        assert time.monotonic() - started < 1  # not at the 5 s deadline
+        await _until(lambda: redis_server.client().zcard("{test:db}:queue") == 0)
+        assert sent[0]["status"] == 503
+        elsewhere.release()
+        await scope.aclose()
+        await other.aclose()
+
+    run(main)
+
+
+def test_a_body_read_after_a_cluster_wait_is_intact(redis_server: RedisServer) -> None:
+    scope = RedisScope(redis_server.url(), key_prefix="test")
+    db = Resource(1, name="db", scope=scope)
+    limiter = Limiter(timeout=5, resources=[db])
+    app = FastAPI()
+
+    @app.post("/echo")
+    @limiter.resources([db])
+    async def echo(request: Request) -> Any:
+        return await request.json()
+
+    async def main() -> None:
+        other = RedisScope(redis_server.url(), key_prefix="test")
+        elsewhere = Resource(1, name="db", scope=other)
+        await elsewhere.acquire()
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://app") as http:
+            call = asyncio.create_task(http.post("/echo", json={"n": list(range(1000))}))
+            await _until(lambda: redis_server.client().zcard("{test:db}:queue") == 1)
+            elsewhere.release()
+            response = await call
+        assert response.status_code == 200
+        assert response.json() == {"n": list(range(1000))}
+        await scope.aclose()
+        await other.aclose()
 
     run(main)
 
