@@ -182,7 +182,9 @@ class ClusterStage:
         return ClusterStatistics(
             in_use=self.in_use,
             held_here=sum(1 for c in clients for p in c.permits() if p._stage is self),
-            waiting_here=sum(1 for c in clients for w in c.waiters.values() if w.stage is self),
+            waiting_here=sum(
+                1 for c in clients for w in list(c.waiters.values()) if w.stage is self
+            ),
             processes=self.processes,
             reachable=not down,
             admitted_unlimited_total=self.admitted_unlimited_total,
@@ -223,7 +225,8 @@ class _Client:
         self.waiters: dict[str, _Waiter] = {}
         # Held permits, weakly: one that its holder dropped without
         # releasing is not renewed (its lease then gives the slot back).
-        self.held: weakref.WeakValueDictionary[str, ClusterPermit] = weakref.WeakValueDictionary()
+        # A plain dict, so that statistics() may copy it from another thread.
+        self.held: dict[str, weakref.ref[ClusterPermit]] = {}
         self._thread = threading.get_ident()
         self.stages: list[ClusterStage] = []
         self.down_until = 0.0
@@ -359,11 +362,12 @@ class _Client:
         return self._hold(stage, waiter_id)
 
     def _hold(self, stage: ClusterStage, permit_id: str) -> ClusterPermit:
-        permit = self.held[permit_id] = ClusterPermit(stage, self, permit_id)
+        permit = ClusterPermit(stage, self, permit_id)
+        self.held[permit_id] = weakref.ref(permit)
         return permit
 
     def permits(self) -> list[ClusterPermit]:
-        return list(self.held.values())
+        return [p for ref in list(self.held.values()) if (p := ref()) is not None]
 
     def _abandon(self, stage: ClusterStage, waiter_id: str) -> None:
         """A wait ended without its slot: leave the queue, or pass on a slot
@@ -465,7 +469,13 @@ class _Client:
         """Renews this process's leases and waiters of ``stage``; queues
         again the waiters Redis lost."""
         now = self.loop.time()
-        held = [i for i, p in list(self.held.items()) if p._stage is stage]
+        held = []
+        for permit_id, ref in list(self.held.items()):
+            permit = ref()
+            if permit is None:  # dropped without release: let its lease end
+                del self.held[permit_id]
+            elif permit._stage is stage:
+                held.append(permit_id)
         waiting: list[Any] = []
         for waiter_id, w in self.waiters.items():
             if w.stage is stage:
@@ -532,7 +542,9 @@ class _Client:
                 pass
         if listener is not None:
             listener.cancel()
-        for permit_id, permit in list(self.held.items()):
+        for permit_id, permit in [(i, r()) for i, r in list(self.held.items())]:
+            if permit is None:
+                continue
             try:
                 await asyncio.wait_for(self._release(permit._stage, permit_id), self.scope.timeout)
             except Exception:  # noqa: BLE001,S110 - the lease reclaims it

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -371,6 +372,29 @@ def test_a_body_read_after_a_cluster_wait_is_intact(redis_server: RedisServer) -
         assert response.json() == {"n": list(range(1000))}
         await scope.aclose()
         await other.aclose()
+
+    run(main)
+
+
+def test_a_slot_dropped_without_release_comes_back_with_its_lease(
+    redis_server: RedisServer,
+) -> None:
+    """A response that is never sent (dropped by a middleware) never
+    releases: its cluster slot stops being renewed and its lease ends."""
+
+    async def main() -> None:
+        scope = RedisScope(redis_server.url(), key_prefix="test", lease=0.6)
+        db = Resource(1, name="db", scope=scope)
+        stage = db._cluster
+        assert stage is not None
+        permit = await stage.acquire(None)
+        assert len(holders(redis_server)) == 1
+        await asyncio.sleep(0.8)  # renewed meanwhile: still held
+        assert len(holders(redis_server)) == 1
+        del permit
+        gc.collect()
+        await _until(lambda: holders(redis_server) == [], timeout=0.6 + 0.2 + 0.5)
+        await scope.aclose()
 
     run(main)
 
