@@ -86,6 +86,10 @@ def _load_scripts() -> dict[str, str]:
 _SCRIPTS = _load_scripts()
 
 
+class _Unserved(RedisConnectionError):
+    """Redis answered with an error that says it cannot serve the call."""
+
+
 class ClusterRefused(Exception):
     """The cluster stage turned a request away (the glue answers 503)."""
 
@@ -263,7 +267,9 @@ class _Client:
                 raise RedisScopeError(
                     f"Redis refused the credentials of {self.scope!r}: {e}"
                 ) from e
-            raise
+            # Redis cannot serve the call (a replica after a failover:
+            # READONLY; LOADING, BUSY, OOM...): for requests, as unreachable.
+            raise _Unserved(message) from e
 
     def _register(self, stage: ClusterStage) -> None:
         if stage in self.stages:

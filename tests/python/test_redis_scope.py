@@ -545,6 +545,28 @@ def test_a_waiter_lost_in_a_restart_is_queued_again(redis_server: RedisServer) -
     run(main)
 
 
+def test_a_read_only_replica_counts_as_unavailable(redis_server: RedisServer) -> None:
+    """After a failover a client may reach a replica: its READONLY errors
+    get the on_error behaviour, not a 500."""
+
+    async def main() -> None:
+        scope = RedisScope(redis_server.url(), key_prefix="test", timeout=0.3)
+        db = Resource(1, name="db", scope=scope)
+        limiter = Limiter(timeout=1, resources=[db])
+        assert await _try(limiter, db) == "ok"
+        admin = redis_server.client()
+        admin.replicaof("127.0.0.1", free_port())  # a primary that is not there
+        try:
+            assert await _try(limiter, db) == "unavailable"
+        finally:
+            admin.replicaof("NO", "ONE")
+        await asyncio.sleep(1.1)  # past the pause after a failure
+        assert await _try(limiter, db) == "ok"
+        await scope.aclose()
+
+    run(main)
+
+
 # -- helpers ------------------------------------------------------------------
 
 
