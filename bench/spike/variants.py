@@ -14,8 +14,13 @@ matplotlib or locust installed.
 from __future__ import annotations
 
 import contextlib
+import shutil
+import socket
+import subprocess
 import sys
-from collections.abc import Callable, Mapping
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,6 +58,36 @@ def uvicorn_command(variant: Variant, launch: Launch) -> list[str]:
 
 def _no_services(_variant: Variant) -> AbstractContextManager[dict[str, str]]:
     return contextlib.nullcontext({})
+
+
+@contextlib.contextmanager
+def _redis_server(_variant: Variant) -> Iterator[dict[str, str]]:
+    """A redis-server for the run: a free port of 127.0.0.1, a temporary
+    directory, no persistence; stopped afterwards. Yields ``SPIKE_REDIS_URL``."""
+    server = shutil.which("redis-server")
+    if server is None:
+        raise OSError("redis-server is not installed (make system-deps installs it)")
+    with tempfile.TemporaryDirectory(prefix="spike-redis-") as directory:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = int(s.getsockname()[1])
+        args = [server, "--port", str(port), "--bind", "127.0.0.1", "--dir", directory,
+                "--save", "", "--appendonly", "no"]  # fmt: skip
+        process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            deadline = time.monotonic() + 10
+            while True:
+                try:
+                    socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+                    break
+                except OSError:
+                    if time.monotonic() > deadline or process.poll() is not None:
+                        raise OSError("redis-server did not start") from None
+                    time.sleep(0.02)
+            yield {"SPIKE_REDIS_URL": f"redis://127.0.0.1:{port}/0"}
+        finally:
+            process.kill()
+            process.wait()
 
 
 def _this_interpreter(_progress: Callable[[str], None]) -> Path:
@@ -147,6 +182,18 @@ _REGISTRY: list[Variant] = [
         ),
         color="#9467bd",
         workers=2,
+    ),
+    Variant(
+        name="fcl-redis-2hosts",
+        description=(
+            "`fcl` on two app processes on two ports (two hosts) sharing the database's "
+            "`Resource(5, scope=RedisScope(...))` through one Redis: at most 5 queries in flight "
+            "across both"
+        ),
+        color="#8c564b",
+        app="package-redis",
+        instances=2,
+        services=_redis_server,
     ),
 ]
 

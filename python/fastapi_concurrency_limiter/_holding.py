@@ -29,13 +29,15 @@ if TYPE_CHECKING:
 
 class Selection:
     """One validated list of resources: the engine's set and, for the
-    deadlock check, the Python resources in acquisition order."""
+    deadlock check, the Python resources in acquisition order; and the
+    cluster stages of those with a cluster scope (most have none)."""
 
-    __slots__ = ("rset", "resources")
+    __slots__ = ("rset", "resources", "clusters")
 
     def __init__(self, rset: _core.ResourceSet, resources: tuple[Resource, ...]) -> None:
         self.rset = rset
         self.resources = resources
+        self.clusters = tuple(r._cluster for r in resources if r._cluster is not None)
 
 
 Owner = object  # an asyncio.Task, or None outside of any task

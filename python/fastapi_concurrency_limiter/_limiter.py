@@ -14,11 +14,12 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 
 from . import _core
+from ._clustered import Releasable, running_loop_time, with_cluster
 from ._holding import Holds, Selection, check, current_task, holds_of, leave, running_loop, task_on
 from ._holding import _held as _holds
 from ._openapi import document_busy_responses, limited_endpoints
 from ._resource import Resource
-from ._statistics import LimiterStatistics, ResourceStatistics
+from ._statistics import LimiterStatistics
 from ._streaming import STREAMED, Held, release_after_sending
 from ._validation import check_int, check_seconds
 from ._waiting import wait
@@ -168,7 +169,10 @@ class Limiter:
         """Snapshots of every registered resource, in registration order."""
         return LimiterStatistics(
             timeout=self._timeout,
-            resources=tuple(ResourceStatistics._from_core(s) for s in self._core.statistics()),
+            resources=tuple(
+                r._statistics(s)
+                for r, s in zip(self._resources, self._core.statistics(), strict=True)
+            ),
         )
 
     def __repr__(self) -> str:
@@ -199,8 +203,8 @@ class _Hold:
         self._timeout = timeout
         # The frame objects are kept while their entry lasts, so that no
         # other frame can reuse the key.
-        self._entries: dict[FrameType, tuple[_core.Acquisition, Holds]] = {}
-        self._outer: dict[FrameType, list[tuple[_core.Acquisition, Holds]]] | None = None
+        self._entries: dict[FrameType, tuple[Releasable, Holds]] = {}
+        self._outer: dict[FrameType, list[tuple[Releasable, Holds]]] | None = None
 
     async def __aenter__(self) -> None:
         frame = sys._getframe(1)
@@ -213,10 +217,20 @@ class _Hold:
         elif holds:
             check(holds, selection)
         acquisition = _core.Acquisition(selection.rset)
+        granted: Releasable = acquisition
         if not acquisition.try_acquire():
             limiter = self._limiter
             timeout = limiter._timeout if self._timeout is None else self._timeout
+            started = running_loop_time()
             await wait(acquisition, timeout, limiter._retry_after)
+        elif selection.clusters:
+            limiter = self._limiter
+            timeout = limiter._timeout if self._timeout is None else self._timeout
+            started = running_loop_time()
+        if selection.clusters:
+            granted = await with_cluster(
+                acquisition, selection.clusters, started, timeout, limiter._retry_after
+            )
         holds.append(selection)
         entries = self._entries
         outer = entries.get(frame)
@@ -224,7 +238,7 @@ class _Hold:
             if self._outer is None:
                 self._outer = {}
             self._outer.setdefault(frame, []).append(outer)
-        entries[frame] = (acquisition, holds)
+        entries[frame] = (granted, holds)
 
     async def __aexit__(
         self,
@@ -251,7 +265,7 @@ class _Hold:
         else:
             leave(holds, selection)
 
-    def _unmatched_exit(self) -> tuple[_core.Acquisition, Holds]:
+    def _unmatched_exit(self) -> tuple[Releasable, Holds]:
         entries = self._entries
         owner = current_task()
         for frame, entry in reversed(entries.items()):
@@ -338,6 +352,7 @@ def _limit(
     injected = request_name is None
     is_async = _is_async(func)
     rset = selection.rset
+    clusters = selection.clusters
     Acquisition = _core.Acquisition
 
     @functools.wraps(func)
@@ -354,9 +369,20 @@ def _limit(
         elif holds:
             check(holds, selection)
         acquisition = Acquisition(rset)
+        granted: Releasable = acquisition
         if not acquisition.try_acquire():
             timeout = limiter._timeout if own_timeout is None else own_timeout
+            started = running_loop_time()
             await wait(acquisition, timeout, limiter._retry_after, request)
+            if clusters:
+                granted = await with_cluster(
+                    acquisition, clusters, started, timeout, limiter._retry_after, request
+                )
+        elif clusters:
+            timeout = limiter._timeout if own_timeout is None else own_timeout
+            granted = await with_cluster(
+                acquisition, clusters, running_loop_time(), timeout, limiter._retry_after, request
+            )
         holds.append(selection)
         try:
             if is_async:
@@ -364,14 +390,14 @@ def _limit(
             else:
                 result = await run_in_threadpool(func, *args, **kwargs)
         except BaseException:
-            acquisition.release()
+            granted.release()
             leave(holds, selection)
             raise
         if isinstance(result, STREAMED):
             # Its body is produced while it is sent: the slots go with it.
-            release_after_sending(result, Held(acquisition, holds, selection))
+            release_after_sending(result, Held(granted, holds, selection))
         else:
-            acquisition.release()
+            granted.release()
             if holds and holds[-1] is selection:
                 holds.pop()
             else:
@@ -407,11 +433,17 @@ def _limit_generator(
         if holds:
             check(holds, selection)
         acquisition = _core.Acquisition(selection.rset)
+        granted: Releasable = acquisition
+        timeout = limiter._timeout if own_timeout is None else own_timeout
+        started = running_loop_time()
         if not acquisition.try_acquire():
-            timeout = limiter._timeout if own_timeout is None else own_timeout
             await wait(acquisition, timeout, limiter._retry_after, request)
+        if selection.clusters:
+            granted = await with_cluster(
+                acquisition, selection.clusters, started, timeout, limiter._retry_after, request
+            )
         holds.append(selection)
-        held = Held(acquisition, holds, selection)
+        held = Held(granted, holds, selection)
         try:
             yield held
         finally:

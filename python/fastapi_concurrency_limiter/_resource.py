@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
-from typing import Literal
+import dataclasses
+from typing import TYPE_CHECKING, Literal
 
 from . import _core
+from ._clustered import Releasable, running_loop_time, with_cluster
 from ._holding import Holds, Selection, check, current_task, current_task_or_none, holds_of, leave
 from ._statistics import ResourceStatistics
 from ._validation import check_int, check_seconds
 from ._waiting import wait
+
+if TYPE_CHECKING:
+    from ._cluster import ClusterStage
+    from .redis import RedisScope
 
 QueueName = Literal["fifo", "lifo", "adaptive"]
 _QUEUES: dict[str, _core.QueueDiscipline] = {
@@ -47,9 +53,14 @@ class Resource:
         adaptive_interval: with ``queue="adaptive"``: see above. While the
             queue stands, waiters older than ``adaptive_target +
             adaptive_interval`` are answered 503 at once (reason ``"shed"``).
+        scope: who shares the ``capacity`` slots: ``"process"`` (default,
+            this process alone), or a ``RedisScope`` (every process on every
+            host using the same Redis and ``name``; ``name`` is then
+            required). With a RedisScope the local stage above still runs
+            first, in each process; see ``fastapi_concurrency_limiter.redis``.
     """
 
-    __slots__ = ("_core", "_selection", "_held", "_before", "__weakref__")
+    __slots__ = ("_core", "_selection", "_held", "_before", "_cluster", "__weakref__")
 
     def __init__(
         self,
@@ -60,6 +71,7 @@ class Resource:
         queue: QueueName = "fifo",
         adaptive_target: float = DEFAULT_ADAPTIVE_TARGET,
         adaptive_interval: float = DEFAULT_ADAPTIVE_INTERVAL,
+        scope: Literal["process"] | RedisScope = "process",
     ) -> None:
         check_int("capacity", capacity, minimum=1)
         if name is not None and not isinstance(name, str):
@@ -74,9 +86,10 @@ class Resource:
         self._core = _core.Resource(
             name or "", capacity, max_waiting, _QUEUES[queue], target, interval
         )
+        self._cluster: ClusterStage | None = _bind_scope(scope, name, capacity)
         self._selection = Selection(_core.ResourceSet([self._core]), (self,))
         # Slots taken by acquire(), and the task that took each.
-        self._held: list[tuple[_core.Acquisition, Holds]] = []
+        self._held: list[tuple[Releasable, Holds]] = []
         # Resources that some Limiter registers before this one: a task
         # holding this one must not ask for them (see _holding).
         self._before: set[Resource] = set()
@@ -120,10 +133,14 @@ class Resource:
         if holds:
             check(holds, selection)
         acquisition = _core.Acquisition(selection.rset)
+        started = running_loop_time() if selection.clusters else 0.0
         if not acquisition.try_acquire():
             await wait(acquisition, None, None)
+        granted: Releasable = acquisition
+        if selection.clusters:
+            granted = await with_cluster(acquisition, selection.clusters, started, None, None)
         holds.append(selection)
-        self._held.append((acquisition, holds))
+        self._held.append((granted, holds))
 
     def release(self) -> None:
         """Gives back one slot taken by ``acquire()`` (the calling task's
@@ -145,10 +162,28 @@ class Resource:
 
     def statistics(self) -> ResourceStatistics:
         """A consistent snapshot of the resource's counters."""
-        return ResourceStatistics._from_core(self._core.statistics())
+        return self._statistics(self._core.statistics())
+
+    def _statistics(self, core: _core.ResourceStatistics) -> ResourceStatistics:
+        s = ResourceStatistics._from_core(core)
+        if self._cluster is not None:
+            s = dataclasses.replace(s, cluster=self._cluster.statistics())
+        return s
 
     def __repr__(self) -> str:
         return (
             f"Resource({self.capacity}, name={self.name!r}, "
             f"in_use={self.in_use}, waiting={self.waiting})"
         )
+
+
+def _bind_scope(scope: object, name: str | None, capacity: int) -> ClusterStage | None:
+    from .redis import RedisScope
+
+    if scope == "process":
+        return None
+    if isinstance(scope, RedisScope):
+        if name is None:
+            raise ValueError("a resource with scope=RedisScope(...) needs a name (its Redis key)")
+        return scope._bind(name, capacity)
+    raise ValueError(f"scope must be 'process' or a RedisScope, got {scope!r}")

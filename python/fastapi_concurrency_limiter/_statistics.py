@@ -28,6 +28,26 @@ class HistogramSnapshot:
 
 
 @dataclass(frozen=True)
+class ClusterStatistics:
+    """The cluster side of one resource, as this process last saw it."""
+
+    #: Slots held across all processes (from the last reply of Redis).
+    in_use: int
+    #: Of those, held by this process.
+    held_here: int
+    #: Requests of this process queued in Redis.
+    waiting_here: int
+    #: Processes that used the resource at the last heartbeat.
+    processes: int
+    #: False while Redis counts as unreachable.
+    reachable: bool
+    #: Requests admitted without a cluster slot (on_error "allow"/"local").
+    admitted_unlimited_total: int
+    #: Requests turned away because Redis was unreachable.
+    unavailable_total: int
+
+
+@dataclass(frozen=True)
 class ResourceStatistics:
     """A consistent snapshot of one resource."""
 
@@ -46,6 +66,9 @@ class ResourceStatistics:
     wait_seconds: HistogramSnapshot
     #: Time from grant to release.
     hold_seconds: HistogramSnapshot
+    #: With scope=RedisScope: the cluster side (``in_use`` across every
+    #: process, as last seen); the fields above are this process's stage.
+    cluster: ClusterStatistics | None = None
 
     @classmethod
     def _from_core(cls, s: _core.ResourceStatistics) -> ResourceStatistics:

@@ -19,7 +19,7 @@ from typing import Any
 from starlette.responses import FileResponse, Response, StreamingResponse
 from starlette.types import Message, Receive, Scope, Send
 
-from . import _core
+from ._clustered import Releasable
 from ._holding import Holds, Selection, leave
 
 #: Responses whose body is produced while they are sent.
@@ -34,8 +34,8 @@ class Held:
 
     __slots__ = ("_acquisition", "_holds", "_selection")
 
-    def __init__(self, acquisition: _core.Acquisition, holds: Holds, selection: Selection) -> None:
-        self._acquisition: _core.Acquisition | None = acquisition
+    def __init__(self, acquisition: Releasable, holds: Holds, selection: Selection) -> None:
+        self._acquisition: Releasable | None = acquisition
         self._holds = holds
         self._selection = selection
 

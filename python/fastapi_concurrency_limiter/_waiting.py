@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import time
 import weakref
+from typing import Protocol
 
 from starlette.requests import Request
 from starlette.types import Message, Receive
@@ -96,6 +97,13 @@ def _timer_for(loop: asyncio.AbstractEventLoop) -> _LoopTimer:
     return timer
 
 
+class Cancellable(Protocol):
+    """What the body watcher ends on a disconnect: an engine acquisition,
+    or a cluster-scope wait."""
+
+    def cancel(self, reason: _core.Outcome = ...) -> None: ...
+
+
 class _Body:
     """The part of a waiting request's body that the disconnect watcher
     has read, handed back to the handler afterwards.
@@ -117,7 +125,7 @@ class _Body:
         self._complete = False
         self._disconnected = False
 
-    async def watch(self, acquisition: _core.Acquisition) -> None:
+    async def watch(self, acquisition: Cancellable) -> None:
         receive = self._receive
         while True:
             try:

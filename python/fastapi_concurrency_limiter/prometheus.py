@@ -20,6 +20,17 @@ the process started, as Prometheus expects):
     concurrency_limiter_wait_seconds               histogram (granted requests)
     concurrency_limiter_hold_seconds               histogram
 
+With ``scope=RedisScope(...)`` the metrics above are this process's local
+stage, and these are added:
+
+    concurrency_limiter_cluster_in_use             gauge (across all processes,
+                                                   as of the last reply of Redis)
+    concurrency_limiter_cluster_held               gauge (held by this process)
+    concurrency_limiter_cluster_reachable          gauge (1 or 0)
+    concurrency_limiter_cluster_unavailable_total  counter (503s: Redis unreachable)
+    concurrency_limiter_cluster_unlimited_total    counter (admitted by on_error
+                                                   without a cluster slot)
+
 The values are read from the engine's statistics at scrape time: nothing is
 added to the request path. Any number of limiters may report to one
 registry (each family appears once; a resource shared by several limiters is
@@ -169,7 +180,40 @@ class _Families:
             f"{PREFIX}_hold_seconds", "Time from grant to release.", labels=["resource"]
         )
 
+        self.cluster_gauges = {
+            "in_use": GaugeMetricFamily(
+                f"{PREFIX}_cluster_in_use",
+                "Slots held across all processes (cluster scope), as of the last reply of Redis.",
+                labels=["resource"],
+            ),
+            "held_here": GaugeMetricFamily(
+                f"{PREFIX}_cluster_held", "Cluster slots held by this process.", labels=["resource"]
+            ),
+            "reachable": GaugeMetricFamily(
+                f"{PREFIX}_cluster_reachable", "1 while Redis answers, else 0.", labels=["resource"]
+            ),
+        }
+        self.cluster_counters = {
+            "unavailable_total": CounterMetricFamily(
+                f"{PREFIX}_cluster_unavailable",
+                "Requests answered 503 because Redis was unreachable.",
+                labels=["resource"],
+            ),
+            "admitted_unlimited_total": CounterMetricFamily(
+                f"{PREFIX}_cluster_unlimited",
+                "Requests admitted without a cluster slot while Redis was unreachable.",
+                labels=["resource"],
+            ),
+        }
+        self.clustered = False  # the cluster families appear only when used
+
     def add(self, s: ResourceStatistics) -> None:
+        if s.cluster is not None:
+            self.clustered = True
+            for key, family in self.cluster_gauges.items():
+                family.add_metric([s.name], int(getattr(s.cluster, key)))
+            for key, counter in self.cluster_counters.items():
+                counter.add_metric([s.name], getattr(s.cluster, key))
         for key, family in self.gauges.items():
             value: Any = getattr(s, key)
             if value is not None:
@@ -181,7 +225,10 @@ class _Families:
         self.hold.add_metric([s.name], *_buckets(s.hold_seconds))
 
     def all(self) -> list[Metric]:
-        return [*self.gauges.values(), self.acquired, self.rejected, self.wait, self.hold]
+        families = [*self.gauges.values(), self.acquired, self.rejected, self.wait, self.hold]
+        if self.clustered:
+            families += [*self.cluster_gauges.values(), *self.cluster_counters.values()]
+        return families
 
 
 # One collector per registry, so that any number of limiters share one

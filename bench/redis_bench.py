@@ -1,0 +1,204 @@
+"""Cost of cluster scope (RedisScope) against a local redis-server started
+for the run (on a free port of 127.0.0.1, in a temporary directory).
+
+    acquire+release   one task, a free slot every time, through
+                      limiter.acquire(), in a tight loop; and of it, the time
+                      until the slot is held (what a request waits; the
+                      release is sent in the background). Baselines in the
+                      same run: process scope, and one Redis PING round trip
+    round trips       Redis commands per request, counted by the server
+                      (INFO commandstats), so nothing is hidden by the client
+    notification      a slot released in one process to the waiter running
+                      in another: the release's round trip, the hand-off in
+                      Lua, and the waiting process's BLPOP waking it
+
+Prints medians and 99th percentiles (microseconds). Needs redis-server.
+
+    python bench/redis_bench.py [--n 2000] [--handoffs 200]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import multiprocessing
+import shutil
+import socket
+import statistics
+import subprocess
+import tempfile
+import time
+from multiprocessing.connection import Connection
+
+import redis
+
+from fastapi_concurrency_limiter import Limiter, Resource
+from fastapi_concurrency_limiter.redis import RedisScope
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def start_redis(directory: str) -> tuple[subprocess.Popen[bytes], int]:
+    server = shutil.which("redis-server")
+    if server is None:
+        raise SystemExit("redis-server is not installed (make system-deps installs it)")
+    port = free_port()
+    args = [server, "--port", str(port), "--bind", "127.0.0.1", "--dir", directory,
+            "--save", "", "--appendonly", "no"]  # fmt: skip
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL)
+    client = redis.Redis(port=port)
+    for _ in range(500):
+        try:
+            client.ping()
+            return proc, port
+        except redis.ConnectionError:
+            time.sleep(0.01)
+    raise SystemExit("redis-server did not start")
+
+
+def percentiles(samples: list[float]) -> str:
+    samples = sorted(samples)
+    p50 = statistics.median(samples)
+    p99 = samples[min(len(samples) - 1, int(len(samples) * 0.99))]
+    return f"p50 {p50 * 1e6:8.1f} us   p99 {p99 * 1e6:8.1f} us"
+
+
+# Commands a client sends (the server's statistics also count the commands
+# scripts run inside, which cost no round trip).
+_SENT = ("evalsha", "eval", "script|load", "blpop", "lpush", "hello", "client|setinfo", "select")
+
+
+def commands(client: redis.Redis) -> int:
+    stats = client.info("commandstats")
+    return sum(int(stats.get(f"cmdstat_{name}", {}).get("calls", 0)) for name in _SENT)
+
+
+async def acquire_release(url: str, n: int, client: redis.Redis) -> None:
+    local = Resource(5, name="local")
+    local_limiter = Limiter(timeout=5, resources=[local])
+    scope = RedisScope(url, key_prefix="bench")
+    db = Resource(5, name="db", scope=scope)
+    limiter = Limiter(timeout=5, resources=[db])
+    await scope.check()
+
+    entered: list[float] = []
+
+    async def timed(lim: Limiter, res: Resource) -> list[float]:
+        samples = []
+        entered.clear()
+        for _ in range(n):
+            start = time.perf_counter()
+            async with lim.acquire([res]):
+                entered.append(time.perf_counter() - start)
+            samples.append(time.perf_counter() - start)
+        return samples
+
+    aio = redis.asyncio.Redis.from_url(url)
+    pings = []
+    for _ in range(n):
+        start = time.perf_counter()
+        await aio.ping()
+        pings.append(time.perf_counter() - start)
+    await aio.aclose()
+    process = await timed(local_limiter, local)
+    await timed(limiter, db)  # warm-up
+    await asyncio.sleep(0.1)  # let the warm-up's releases land
+    before = commands(client)
+    cluster = await timed(limiter, db)
+    await asyncio.sleep(0.1)
+    # The heartbeat's commands (one per lease / 3) are counted too.
+    per_request = (commands(client) - before) / n
+    to_slot = list(entered)
+    # Requests spaced out (1 ms apart), so that each release has landed
+    # before the next acquire: the wait for a free slot alone.
+    spaced = []
+    for _ in range(min(n, 500)):
+        start = time.perf_counter()
+        async with limiter.acquire([db]):
+            spaced.append(time.perf_counter() - start)
+        await asyncio.sleep(0.001)
+    await scope.aclose()
+    print(f"Redis PING round trip          {percentiles(pings)}")
+    print(f"acquire+release, process scope {percentiles(process)}")
+    print(f"acquire+release, RedisScope    {percentiles(cluster)}")
+    print(f"  of which the wait for the slot {percentiles(to_slot)}")
+    print(f"wait for a free slot, spaced   {percentiles(spaced)}")
+    ping = statistics.median(pings)
+    print(
+        f"  (ratios to a PING: acquire+release {statistics.median(cluster) / ping:.2f}, "
+        f"spaced wait for the slot {statistics.median(spaced) / ping:.2f}; in the tight loop "
+        f"each request's background release delays the next one's acquire)"
+    )
+    print(f"Redis commands per request     {per_request:.3f}  (acquire 1 + release 1)")
+
+
+def waiter_process(url: str, rounds: int, pipe: Connection) -> None:
+    async def main() -> None:
+        scope = RedisScope(url, key_prefix="bench")
+        db = Resource(1, name="handoff", scope=scope)
+        limiter = Limiter(timeout=10, resources=[db])
+        await scope.check()
+        loop = asyncio.get_running_loop()
+        for _ in range(rounds):
+            # The other process holds the slot: queue behind it. (Read the
+            # pipe off the loop, which must go on running our releases.)
+            await loop.run_in_executor(None, pipe.recv)
+            async with limiter.acquire([db]):
+                granted = time.monotonic()
+            pipe.send(granted)
+        await scope.aclose()
+
+    asyncio.run(main())
+
+
+async def handoff(url: str, rounds: int, client: redis.Redis) -> list[float]:
+    scope = RedisScope(url, key_prefix="bench")
+    db = Resource(1, name="handoff", scope=scope)
+    limiter = Limiter(timeout=10, resources=[db])
+    await scope.check()
+    ours, theirs = multiprocessing.Pipe()
+    child = multiprocessing.get_context("spawn").Process(
+        target=waiter_process, args=(url, rounds, theirs)
+    )
+    child.start()
+    loop = asyncio.get_running_loop()
+    latencies = []
+    for _ in range(rounds):
+        async with limiter.acquire([db]):
+            ours.send("go")
+            while client.zcard("{bench:handoff}:queue") == 0:
+                await asyncio.sleep(0.001)
+            released = time.monotonic()
+        granted = await loop.run_in_executor(None, ours.recv)
+        latencies.append(granted - released)
+        while client.zcard("{bench:handoff}:holders"):
+            await asyncio.sleep(0.001)
+    child.join(30)
+    await scope.aclose()
+    return latencies
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--n", type=int, default=2000)
+    parser.add_argument("--handoffs", type=int, default=200)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as directory:
+        proc, port = start_redis(directory)
+        try:
+            url = f"redis://127.0.0.1:{port}/0"
+            client = redis.Redis(port=port, decode_responses=True)
+            asyncio.run(acquire_release(url, args.n, client))
+            latencies = asyncio.run(handoff(url, args.handoffs, client))
+            print(f"release -> waiter in another process runs {percentiles(latencies)}")
+        finally:
+            proc.kill()
+            proc.wait()
+
+
+if __name__ == "__main__":
+    main()

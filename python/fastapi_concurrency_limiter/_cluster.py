@@ -1,0 +1,585 @@
+"""The Redis side of cluster scope: the protocol's client.
+
+One ``_Client`` per process and event loop keeps a connection pool for the
+scripts (one round trip each), one connection blocked on BLPOP of this
+process's notify lists (0 round trips per waiter while waiting), and a
+heartbeat task that renews the process's leases. A ``ClusterStage`` is one
+resource's view: ``acquire()`` returns a ``ClusterPermit`` or raises
+``ClusterRefused``.
+
+Every wait keeps its local deadline even when Redis hangs: commands have a
+timeout, the wait for a notification has the loop's timer. A wait that ends
+without its slot (deadline, cancellation, Redis error) cancels in Redis
+best-effort in the background; a grant that arrives late is released. What
+best-effort misses, the lease reclaims: only permits the process still holds
+are renewed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import threading
+import weakref
+from collections.abc import Sequence
+from dataclasses import dataclass
+from importlib import resources
+from typing import TYPE_CHECKING, Any
+
+from ._core import Outcome
+from ._statistics import ClusterStatistics
+from ._waiting import _Body
+from .redis import RedisScopeError
+
+try:
+    import redis.asyncio as aioredis
+    from redis.asyncio.retry import Retry
+    from redis.backoff import NoBackoff
+    from redis.exceptions import (
+        AuthenticationError,
+        ResponseError,
+    )
+    from redis.exceptions import (
+        ConnectionError as RedisConnectionError,
+    )
+    from redis.exceptions import (
+        TimeoutError as RedisTimeoutError,
+    )
+except ImportError as e:  # pragma: no cover - exercised without the extra
+    raise RedisScopeError(
+        "scope=RedisScope(...) needs redis-py: pip install 'fastapi-concurrency-limiter[redis]'"
+    ) from e
+
+if TYPE_CHECKING:
+    from starlette.requests import Request
+
+    from .redis import RedisScope
+
+logger = logging.getLogger("fastapi_concurrency_limiter.redis")
+
+# Redis is unreachable: refused, reset, timed out.
+_UNREACHABLE: tuple[type[BaseException], ...] = (
+    RedisConnectionError,
+    RedisTimeoutError,
+    OSError,
+    asyncio.TimeoutError,
+)
+# After a failure, requests go straight to on_error for this long (instead of
+# each waiting for its own timeout); a successful heartbeat ends it earlier.
+_DOWN_FOR = 1.0
+# Seconds a request whose deadline has passed (a zero timeout: "try once")
+# may still spend on its one acquire round trip.
+_TRY_ONCE = 0.05
+_GRANTED, _QUEUED, _NO_SLOT = 1, 0, -1
+
+
+def _load_scripts() -> dict[str, str]:
+    folder = resources.files(__package__).joinpath("_lua")
+    common = folder.joinpath("common.lua").read_text()
+    return {
+        name: common + "\n" + folder.joinpath(f"{name}.lua").read_text()
+        for name in ("acquire", "release", "cancel", "heartbeat")
+    }
+
+
+_SCRIPTS = _load_scripts()
+
+
+class _Unserved(RedisConnectionError):
+    """Redis answered with an error that says it cannot serve the call."""
+
+
+class ClusterRefused(Exception):
+    """The cluster stage turned a request away (the glue answers 503)."""
+
+    def __init__(self, resource: str, reason: str) -> None:
+        super().__init__(f"resource {resource!r}: {reason}")
+        self.resource = resource
+        self.reason = reason
+
+
+class ClusterPermit:
+    """One request's cluster slot; ``release()`` gives it back (in the
+    background: the request does not wait for Redis)."""
+
+    __slots__ = ("_stage", "_client", "_id", "__weakref__")
+
+    def __init__(self, stage: ClusterStage, client: _Client | None, permit_id: str | None):
+        self._stage = stage
+        self._client = client
+        self._id = permit_id  # None: admitted by on_error
+
+    def release(self) -> None:
+        """From any thread. A permit that is never released (its holder
+        dropped it) is no longer renewed once garbage-collected: its lease
+        gives the slot back."""
+        stage, client, permit_id = self._stage, self._client, self._id
+        self._client = self._id = None
+        if client is not None and permit_id is not None:
+            client.release(stage, permit_id)
+        stage._fallback.discard(self)
+
+
+class ClusterStage:
+    """One cluster-scoped resource in this process."""
+
+    def __init__(self, scope: RedisScope, name: str, capacity: int) -> None:
+        self.scope = scope
+        self.name = name
+        self.capacity = capacity
+        tag = "{" + f"{scope.key_prefix}:{name}" + "}"
+        self.keys = tuple(
+            f"{tag}:{k}" for k in ("holders", "queue", "ticket", "wexp", "wmeta", "config", "procs")
+        )
+        self.notify_prefix = f"{tag}:notify:"
+        self.in_use = 0  # cluster-wide, from the last reply
+        self.processes = 0  # at the last heartbeat
+        # Permits admitted under on_error="local" (weakly, as held ones).
+        self._fallback: weakref.WeakSet[ClusterPermit] = weakref.WeakSet()
+        self.admitted_unlimited_total = 0
+        self.unavailable_total = 0
+
+    @property
+    def local_share(self) -> int:
+        """Slots this process may use under on_error="local"."""
+        if self.processes <= 0:
+            return 1
+        return max(1, self.capacity // self.processes)
+
+    async def acquire(
+        self, deadline: float | None, request: Request | None = None
+    ) -> ClusterPermit:
+        """Takes a cluster slot, waiting until ``deadline`` (loop time;
+        ``None``: no limit). Raises ClusterRefused (reason ``"timeout"``,
+        ``"unavailable"``, or ``"disconnected"`` when ``request``'s client
+        leaves while it waits), or RedisScopeError on misconfiguration."""
+        client = self.scope._client()
+        loop = client.loop
+        if client.down_until > loop.time():
+            return self._on_error()
+        try:
+            return await client.acquire(self, deadline, request)
+        except _UNREACHABLE as e:
+            client.mark_down(e)
+            return self._on_error()
+
+    def _on_error(self) -> ClusterPermit:
+        mode = self.scope.on_error
+        if mode == "allow" or (mode == "local" and self._used_here() < self.local_share):
+            self.admitted_unlimited_total += 1
+            permit = ClusterPermit(self, None, None)
+            if mode == "local":
+                self._fallback.add(permit)
+            return permit
+        self.unavailable_total += 1
+        raise ClusterRefused(self.name, "unavailable")
+
+    def _used_here(self) -> int:
+        """Slots this process uses: cluster slots held and fallback admissions."""
+        held = sum(1 for c in self.scope._clients.values() for p in c.permits() if p._stage is self)
+        return held + len(self._fallback)
+
+    def statistics(self) -> ClusterStatistics:
+        clients = list(self.scope._clients.values())
+        down = any(c.down_until > c.loop.time() for c in clients if not c.loop.is_closed())
+        return ClusterStatistics(
+            in_use=self.in_use,
+            held_here=sum(1 for c in clients for p in c.permits() if p._stage is self),
+            waiting_here=sum(
+                1 for c in clients for w in list(c.waiters.values()) if w.stage is self
+            ),
+            processes=self.processes,
+            reachable=not down,
+            admitted_unlimited_total=self.admitted_unlimited_total,
+            unavailable_total=self.unavailable_total,
+        )
+
+
+@dataclass
+class _Waiter:
+    stage: ClusterStage
+    future: asyncio.Future[bool]
+    deadline: float | None
+
+
+class _Client:
+    """This process's connection to one Redis on one event loop."""
+
+    def __init__(self, scope: RedisScope, loop: asyncio.AbstractEventLoop) -> None:
+        self.scope = scope
+        self.loop = loop
+        self.process = scope._process_id()
+        options: dict[str, Any] = {
+            "decode_responses": True,
+            "socket_connect_timeout": scope.timeout,
+            # Retries are ours: one, with the same waiter id (idempotent).
+            "retry": Retry(NoBackoff(), 0),
+        }
+        self.redis = aioredis.Redis.from_url(scope.url, socket_timeout=scope.timeout, **options)
+        # BLPOP blocks for up to a heartbeat; its reply may take that long.
+        self._block = max(0.1, scope.heartbeat)
+        self.listen_redis = aioredis.Redis.from_url(
+            scope.url,
+            socket_timeout=self._block + scope.timeout,
+            single_connection_client=True,
+            **options,
+        )
+        self.scripts = {name: self.redis.register_script(text) for name, text in _SCRIPTS.items()}
+        self.waiters: dict[str, _Waiter] = {}
+        # Held permits, weakly: one that its holder dropped without
+        # releasing is not renewed (its lease then gives the slot back).
+        # A plain dict, so that statistics() may copy it from another thread.
+        self.held: dict[str, weakref.ref[ClusterPermit]] = {}
+        self._thread = threading.get_ident()
+        self.stages: list[ClusterStage] = []
+        self.down_until = 0.0
+        self._ids = itertools.count()
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._listener: asyncio.Task[None] | None = None
+        self._heartbeat: asyncio.Task[None] | None = None
+        self._listening: list[str] = []
+        self._closed = False
+
+    # -- calls ------------------------------------------------------------
+
+    def _keys(self, stage: ClusterStage) -> list[str]:
+        return [*stage.keys, stage.notify_prefix + self.process]
+
+    async def _call(self, name: str, stage: ClusterStage, *args: Any) -> Any:
+        lease_ms = int(self.scope.lease * 1000)
+        try:
+            reply = await self.scripts[name](
+                keys=self._keys(stage), args=[stage.capacity, lease_ms, self.process, *args]
+            )
+            self.down_until = 0.0
+            return reply
+        except AuthenticationError as e:
+            raise RedisScopeError(f"Redis refused the credentials of {self.scope!r}: {e}") from e
+        except ResponseError as e:
+            message = str(e)
+            if "CAPACITY_MISMATCH" in message:
+                raise RedisScopeError(
+                    f"resource {stage.name!r}: {message.split('CAPACITY_MISMATCH', 1)[1].strip()}"
+                    " (every process must use the same capacity for one name)"
+                ) from e
+            if "NOAUTH" in message or "WRONGPASS" in message:
+                raise RedisScopeError(
+                    f"Redis refused the credentials of {self.scope!r}: {e}"
+                ) from e
+            # Redis cannot serve the call (a replica after a failover:
+            # READONLY; LOADING, BUSY, OOM...): for requests, as unreachable.
+            raise _Unserved(message) from e
+
+    def _register(self, stage: ClusterStage) -> None:
+        if stage in self.stages:
+            return
+        self.stages.append(stage)
+        if self._heartbeat is None:
+            self._heartbeat = self.loop.create_task(self._heartbeat_loop())
+        if self._listener is None:
+            self._listener = self.loop.create_task(self._listen_loop())
+        elif self._listening:
+            # Wake the blocked BLPOP so that it listens to the new list too.
+            self.spawn(self.redis.lpush(self._listening[0], ""))
+
+    def new_id(self) -> str:
+        return f"{self.process}:{next(self._ids)}"
+
+    async def acquire(
+        self, stage: ClusterStage, deadline: float | None, request: Request | None
+    ) -> ClusterPermit:
+        self._register(stage)
+        loop = self.loop
+        waiter_id = self.new_id()
+        future: asyncio.Future[bool] = loop.create_future()
+        # Registered before the call: a grant may be notified before its reply.
+        waiter = self.waiters[waiter_id] = _Waiter(stage, future, deadline)
+        try:
+            status, in_use = await self._send_acquire(stage, waiter_id, deadline)
+        except BaseException:
+            # Unknown whether Redis took it: take it back, best-effort.
+            self.waiters.pop(waiter_id, None)
+            self.spawn(self._cancel(stage, waiter_id))
+            raise
+        stage.in_use = in_use
+        self.down_until = 0.0
+        if status == _GRANTED:
+            self.waiters.pop(waiter_id, None)
+            return self._hold(stage, waiter_id)
+        if status == _NO_SLOT:
+            self.waiters.pop(waiter_id, None)
+            raise ClusterRefused(stage.name, "timeout")
+        return await self._wait(waiter, waiter_id, request)
+
+    async def _send_acquire(
+        self, stage: ClusterStage, waiter_id: str, deadline: float | None
+    ) -> tuple[int, int]:
+        for attempt in (0, 1):
+            left = None if deadline is None else deadline - self.loop.time()
+            wait_ms = -1 if left is None else max(0, int(left * 1000))
+            call = self._call("acquire", stage, waiter_id, wait_ms)
+            try:
+                if left is not None and left < self.scope.timeout:
+                    # The request's deadline comes before the command's. A
+                    # deadline that has (almost) passed still gets one try.
+                    reply = await asyncio.wait_for(call, max(left, _TRY_ONCE))
+                else:
+                    reply = await call
+                return int(reply[0]), int(reply[1])
+            except RedisConnectionError:
+                # A blip: the script may have run without its reply reaching
+                # us. Retrying with the same waiter id is safe.
+                if attempt or (deadline is not None and deadline <= self.loop.time()):
+                    raise
+            except asyncio.TimeoutError:
+                if deadline is not None and deadline <= self.loop.time():
+                    raise ClusterRefused(stage.name, "timeout") from None
+                raise
+        raise AssertionError("unreachable")
+
+    async def _wait(
+        self, waiter: _Waiter, waiter_id: str, request: Request | None
+    ) -> ClusterPermit:
+        stage, future, deadline = waiter.stage, waiter.future, waiter.deadline
+        timer = None
+        if deadline is not None:
+            timer = self.loop.call_at(deadline, _set_unless_done, future, False)
+        body = watcher = None
+        left = _Disconnect(future)
+        if request is not None and not future.done():
+            # As in the local stage: a client that leaves ends the wait.
+            body = _Body(request.receive)
+            watcher = self.loop.create_task(body.watch(left))
+        try:
+            granted = await future
+        except BaseException:
+            self._abandon(stage, waiter_id)
+            raise
+        finally:
+            if timer is not None:
+                timer.cancel()
+            if watcher is not None and body is not None and request is not None:
+                watcher.cancel()
+                body.hand_back(request)
+        if not granted:
+            self._abandon(stage, waiter_id)
+            raise ClusterRefused(stage.name, "disconnected" if left.happened else "timeout")
+        return self._hold(stage, waiter_id)
+
+    def _hold(self, stage: ClusterStage, permit_id: str) -> ClusterPermit:
+        permit = ClusterPermit(stage, self, permit_id)
+        self.held[permit_id] = weakref.ref(permit)
+        return permit
+
+    def permits(self) -> list[ClusterPermit]:
+        return [p for ref in list(self.held.values()) if (p := ref()) is not None]
+
+    def _abandon(self, stage: ClusterStage, waiter_id: str) -> None:
+        """A wait ended without its slot: leave the queue, or pass on a slot
+        granted at that instant."""
+        self.waiters.pop(waiter_id, None)
+        self.spawn(self._cancel(stage, waiter_id))
+
+    async def _cancel(self, stage: ClusterStage, waiter_id: str) -> None:
+        reply = await self._call("cancel", stage, waiter_id)
+        stage.in_use = int(reply[1])
+
+    def release(self, stage: ClusterStage, permit_id: str) -> None:
+        if threading.get_ident() != self._thread:
+            if not self.loop.is_closed():
+                self.loop.call_soon_threadsafe(self.release, stage, permit_id)
+            return
+        self.held.pop(permit_id, None)
+        self.spawn(self._release(stage, permit_id))
+
+    async def _release(self, stage: ClusterStage, permit_id: str) -> None:
+        reply = await self._call("release", stage, permit_id)
+        stage.in_use = int(reply[1])
+
+    # -- background -------------------------------------------------------
+
+    def spawn(self, coroutine: Any) -> None:
+        """Runs a best-effort call in the background; failures are left to
+        the lease (logged at debug level)."""
+        if self._closed or self.loop.is_closed():
+            coroutine.close()
+            return
+        task = self.loop.create_task(coroutine)
+        self._tasks.add(task)
+        task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and (e := task.exception()) is not None:
+            if isinstance(e, _UNREACHABLE):
+                self.mark_down(e)
+            else:
+                logger.warning("Redis call failed: %r", e)
+
+    def mark_down(self, error: BaseException) -> None:
+        if self.down_until <= self.loop.time():
+            logger.warning(
+                "Redis unreachable (%s): on_error=%r applies",
+                str(error) or type(error).__name__,
+                self.scope.on_error,
+            )
+        self.down_until = self.loop.time() + _DOWN_FOR
+
+    async def _listen_loop(self) -> None:
+        backoff = 0.05
+        while not self._closed:
+            self._listening = [s.notify_prefix + self.process for s in self.stages]
+            try:
+                item = await self.listen_redis.blpop(self._listening, timeout=self._block)
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # noqa: BLE001 - anything: retry after a pause
+                if isinstance(e, _UNREACHABLE):
+                    self.mark_down(e)
+                else:
+                    logger.warning("Redis listener failed: %r", e)
+                await asyncio.sleep(backoff)
+                backoff = min(1.0, backoff * 2)
+                continue
+            backoff = 0.05
+            if item is None:
+                continue
+            key, waiter_id = str(item[0]), str(item[1])
+            if not waiter_id:  # a wake-up to listen to a new list
+                continue
+            waiter = self.waiters.pop(waiter_id, None)
+            if waiter is not None and not waiter.future.done():
+                waiter.future.set_result(True)
+            else:
+                # Granted after its wait ended: give it back.
+                stage = next((s for s in self.stages if key.startswith(s.notify_prefix)), None)
+                if stage is not None:
+                    self.spawn(self._release(stage, waiter_id))
+
+    async def _heartbeat_loop(self) -> None:
+        while not self._closed:
+            await asyncio.sleep(self.scope.heartbeat)
+            for stage in list(self.stages):
+                try:
+                    await self.heartbeat(stage)
+                except asyncio.CancelledError:
+                    raise
+                except _UNREACHABLE as e:
+                    self.mark_down(e)
+                    break
+                except Exception as e:  # noqa: BLE001 - keep beating
+                    logger.warning("Redis heartbeat failed: %r", e)
+
+    async def heartbeat(self, stage: ClusterStage) -> None:
+        """Renews this process's leases and waiters of ``stage``; queues
+        again the waiters Redis lost."""
+        now = self.loop.time()
+        held = []
+        for permit_id, ref in list(self.held.items()):
+            permit = ref()
+            if permit is None:  # dropped without release: let its lease end
+                del self.held[permit_id]
+            elif permit._stage is stage:
+                held.append(permit_id)
+        waiting: list[Any] = []
+        for waiter_id, w in self.waiters.items():
+            if w.stage is stage:
+                left = -1 if w.deadline is None else max(0, int((w.deadline - now) * 1000))
+                waiting += [waiter_id, left]
+        reply = await asyncio.wait_for(
+            self._call("heartbeat", stage, len(held), *held, *waiting), self.scope.timeout
+        )
+        stage.processes, stage.in_use = int(reply[0]), int(reply[1])
+        self.down_until = 0.0
+        if reply[2]:
+            logger.warning(
+                "resource %r: %d slot(s) held here were reclaimed while Redis was unreachable; "
+                "the cluster may be over its limit until those requests end",
+                stage.name,
+                len(reply[2]),
+            )
+        for waiter_id in reply[3]:
+            waiter = self.waiters.get(waiter_id)
+            if waiter is not None and not waiter.future.done():
+                self.spawn(self._requeue(waiter, waiter_id))
+
+    async def _requeue(self, waiter: _Waiter, waiter_id: str) -> None:
+        try:
+            status, in_use = await self._send_acquire(waiter.stage, waiter_id, waiter.deadline)
+        except ClusterRefused:
+            return  # its deadline has come: the loop timer ends the wait
+        waiter.stage.in_use = in_use
+        if status == _GRANTED and self.waiters.pop(waiter_id, None) is waiter:
+            if not waiter.future.done():
+                waiter.future.set_result(True)
+            else:
+                self.spawn(self._release(waiter.stage, waiter_id))
+
+    async def check(self, stages: Sequence[ClusterStage]) -> None:
+        try:
+            await self.redis.ping()
+        except AuthenticationError as e:
+            raise RedisScopeError(f"Redis refused the credentials of {self.scope!r}: {e}") from e
+        except ResponseError as e:
+            if "NOAUTH" in str(e) or "WRONGPASS" in str(e):
+                raise RedisScopeError(
+                    f"Redis refused the credentials of {self.scope!r}: {e}"
+                ) from e
+            raise
+        for script in self.scripts.values():
+            await self.redis.script_load(script.script)
+        for stage in stages:
+            self._register(stage)
+            await self.heartbeat(stage)
+
+    async def aclose(self) -> None:
+        self._closed = True
+        if self._heartbeat is not None:
+            self._heartbeat.cancel()
+        listener = self._listener
+        if listener is not None and self._listening:
+            # Wake the blocked BLPOP rather than cancel it (a cancelled
+            # blocking read may take redis-py a while to unwind).
+            try:
+                await asyncio.wait_for(self.redis.lpush(self._listening[0], ""), self.scope.timeout)
+                await asyncio.wait({listener}, timeout=self.scope.timeout)
+            except Exception:  # noqa: BLE001,S110 - cancelled below
+                pass
+        if listener is not None:
+            listener.cancel()
+        for permit_id, permit in [(i, r()) for i, r in list(self.held.items())]:
+            if permit is None:
+                continue
+            try:
+                await asyncio.wait_for(self._release(permit._stage, permit_id), self.scope.timeout)
+            except Exception:  # noqa: BLE001,S110 - the lease reclaims it
+                pass
+        self.held.clear()
+        pending = [t for t in (self._listener, self._heartbeat, *self._tasks) if t is not None]
+        if pending:
+            # Bounded: a call stuck on a hung Redis ends with its timeout.
+            await asyncio.wait(pending, timeout=self.scope.timeout)
+        await self.redis.aclose()
+        await self.listen_redis.aclose()
+
+
+class _Disconnect:
+    """Ends a cluster wait when the local stage's body watcher sees the
+    client leave (it calls ``cancel`` as it would on an engine acquisition)."""
+
+    __slots__ = ("_future", "happened")
+
+    def __init__(self, future: asyncio.Future[bool]) -> None:
+        self._future = future
+        self.happened = False
+
+    def cancel(self, reason: Outcome = Outcome.cancelled) -> None:
+        if not self._future.done():
+            self.happened = True
+            self._future.set_result(False)
+
+
+def _set_unless_done(future: asyncio.Future[bool], value: bool) -> None:
+    if not future.done():
+        future.set_result(value)

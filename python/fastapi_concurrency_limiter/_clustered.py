@@ -1,0 +1,85 @@
+"""The cluster stage of a request: after the local engine has granted its
+slots, a request whose resources include cluster-scoped ones takes their
+cluster slots, in registration order, within what is left of its timeout.
+
+Only requests the local stage has admitted get here, so a process talks to
+Redis for at most ``capacity`` requests of a resource at once, however long
+its local queue. Kept apart from the asyncio glue so that a process without
+cluster-scoped resources never imports redis-py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Protocol
+
+from ._errors import ServerBusy
+from ._logging import log_rejection
+
+if TYPE_CHECKING:
+    from starlette.requests import Request
+
+    from . import _core
+    from ._cluster import ClusterPermit, ClusterStage
+
+
+class Releasable(Protocol):
+    """What a granted request holds: an engine acquisition, or one with its
+    cluster slots."""
+
+    def release(self) -> None: ...
+
+
+def running_loop_time() -> float:
+    return asyncio.get_running_loop().time()
+
+
+class ClusteredAcquisition:
+    """A local acquisition with its cluster slots; ``release()`` gives back
+    both, once, from any thread of the loop's (the cluster's in the
+    background)."""
+
+    __slots__ = ("_acquisition", "_permits")
+
+    def __init__(self, acquisition: _core.Acquisition, permits: list[ClusterPermit]) -> None:
+        self._acquisition = acquisition
+        self._permits: list[ClusterPermit] | None = permits
+
+    def release(self) -> None:
+        permits, self._permits = self._permits, None
+        if permits is not None:
+            for permit in reversed(permits):
+                permit.release()
+            self._acquisition.release()
+
+
+async def with_cluster(
+    acquisition: _core.Acquisition,
+    stages: Sequence[ClusterStage],
+    started: float,
+    timeout: float | None,
+    retry_after: int | None,
+    request: Request | None = None,
+) -> ClusteredAcquisition:
+    """Takes one cluster slot of each of ``stages`` for a request that holds
+    its local slots (``acquisition``); the deadline is ``started + timeout``
+    (loop time; ``None``: no limit). Raises ServerBusy (reason ``"timeout"``,
+    ``"unavailable"`` or ``"disconnected"``) with nothing left held, local
+    slots included. With a ``request``, a client that leaves while its
+    request waits in Redis's queue ends the wait, as in the local stage."""
+    from ._cluster import ClusterRefused
+
+    deadline = None if timeout is None else started + timeout
+    permits: list[ClusterPermit] = []
+    try:
+        for stage in stages:
+            permits.append(await stage.acquire(deadline, request))
+    except ClusterRefused as e:
+        ClusteredAcquisition(acquisition, permits).release()
+        log_rejection(e.resource, e.reason, running_loop_time() - started)
+        raise ServerBusy(e.resource, e.reason, retry_after) from None
+    except BaseException:
+        ClusteredAcquisition(acquisition, permits).release()
+        raise
+    return ClusteredAcquisition(acquisition, permits)

@@ -1,0 +1,85 @@
+-- Shared by every script of the cluster-scope protocol; each script is this
+-- prelude followed by its own body, run atomically by EVALSHA.
+--
+-- Keys of one resource, all under the hash tag {prefix:name}, so that they
+-- live in one Redis Cluster slot:
+--   KEYS[1] holders  ZSET  permit id -> lease expiry (ms, Redis time)
+--   KEYS[2] queue    ZSET  waiter id -> ticket (from KEYS[3]): FIFO order
+--   KEYS[3] ticket   counter (INCR)
+--   KEYS[4] wexp     ZSET  waiter id -> when a waiter is dropped (ms): its
+--                    deadline, or one lease after its process last spoke
+--   KEYS[5] wmeta    HASH  waiter id -> notify list of its process
+--   KEYS[6] config   the capacity every process must agree on
+--   KEYS[7] procs    ZSET  process id -> liveness expiry (ms)
+--   KEYS[8] notify   LIST  this process's notify list (same hash tag)
+-- ARGV[1] capacity, ARGV[2] lease (ms), ARGV[3] process id; then the
+-- script's own arguments from ARGV[4] on.
+--
+-- A waiter id becomes its permit id when granted, so a retried call finds
+-- what the first one did (acquire is idempotent per waiter id).
+
+local holders, queue, ticket, wexp, wmeta, config, procs, notify =
+  KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7], KEYS[8]
+local capacity = tonumber(ARGV[1])
+local lease = tonumber(ARGV[2])
+local process = ARGV[3]
+
+local clock = redis.call('TIME')
+local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
+
+-- The capacity key outlives the processes that set it by a few leases, so a
+-- new capacity can be rolled out once every process of the old one is gone.
+local config_ttl = math.max(3 * lease, 60000)
+-- A notify list nobody reads any more (its process died) goes away.
+local notify_ttl = 3 * lease
+
+-- Returns an error message when this process disagrees on the capacity.
+-- Sets it when missing; the heartbeat (refresh) keeps it alive.
+local function check_config(refresh)
+  local current = redis.call('GET', config)
+  if current and tonumber(current) ~= capacity then
+    return 'CAPACITY_MISMATCH resource has capacity ' .. current ..
+      ' in Redis, this process says ' .. capacity
+  end
+  if refresh or not current then
+    redis.call('SET', config, capacity, 'PX', config_ttl)
+  end
+  return nil
+end
+
+local function drop_waiter(id)
+  redis.call('ZREM', queue, id)
+  redis.call('ZREM', wexp, id)
+  redis.call('HDEL', wmeta, id)
+end
+
+-- Leases of crashed or paused holders end; waiters past their deadline, or
+-- of processes that stopped speaking, leave the queue.
+local function purge()
+  redis.call('ZREMRANGEBYSCORE', holders, '-inf', now)
+  local gone = redis.call('ZRANGEBYSCORE', wexp, '-inf', now)
+  for _, id in ipairs(gone) do
+    drop_waiter(id)
+  end
+end
+
+-- Direct hand-off: while a slot is free, the head of the queue gets it and
+-- its process is told on its notify list (a list, not pub/sub: a wake-up
+-- waits there until read, it is never lost).
+local function grant_free()
+  local free = capacity - redis.call('ZCARD', holders)
+  while free > 0 do
+    local head = redis.call('ZRANGE', queue, 0, 0)[1]
+    if not head then
+      break
+    end
+    local list = redis.call('HGET', wmeta, head)
+    drop_waiter(head)
+    redis.call('ZADD', holders, now + lease, head)
+    if list then
+      redis.call('LPUSH', list, head)
+      redis.call('PEXPIRE', list, notify_ttl)
+    end
+    free = free - 1
+  end
+end

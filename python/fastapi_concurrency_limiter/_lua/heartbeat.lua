@@ -1,0 +1,50 @@
+-- heartbeat: ARGV[4] number of permits n, ARGV[5..4+n] the permits this
+-- process holds, then pairs (waiter id, ms left before its deadline or -1)
+-- for the waiters it has queued.
+--
+-- Renews the process's leases and waiters, reclaims expired ones, grants
+-- freed slots. A permit Redis no longer knows (its lease ran out while the
+-- process could not reach Redis, or Redis lost its data) is put back if a
+-- slot is free, since its request is running; otherwise it is reported
+-- lost. Waiters Redis no longer knows are reported lost (their process
+-- queues them again).
+-- Returns {processes alive, in use, {lost permits}, {lost waiters}}.
+local bad = check_config(true)
+if bad then
+  return redis.error_reply(bad)
+end
+purge()
+redis.call('ZADD', procs, now + lease, process)
+redis.call('ZREMRANGEBYSCORE', procs, '-inf', now)
+redis.call('PEXPIRE', procs, notify_ttl)
+if redis.call('EXISTS', notify) == 1 then
+  redis.call('PEXPIRE', notify, notify_ttl)
+end
+local n = tonumber(ARGV[4])
+local lost_permits = {}
+for i = 5, 4 + n do
+  local id = ARGV[i]
+  if redis.call('ZSCORE', holders, id) then
+    redis.call('ZADD', holders, now + lease, id)
+  elseif redis.call('ZCARD', holders) < capacity then
+    redis.call('ZADD', holders, now + lease, id)
+  else
+    table.insert(lost_permits, id)
+  end
+end
+local lost_waiters = {}
+for i = 5 + n, #ARGV, 2 do
+  local id = ARGV[i]
+  local left = tonumber(ARGV[i + 1])
+  if redis.call('ZSCORE', queue, id) then
+    local expiry = now + lease
+    if left >= 0 and now + left < expiry then
+      expiry = now + left
+    end
+    redis.call('ZADD', wexp, expiry, id)
+  elseif not redis.call('ZSCORE', holders, id) then
+    table.insert(lost_waiters, id)
+  end
+end
+grant_free()
+return {redis.call('ZCARD', procs), redis.call('ZCARD', holders), lost_permits, lost_waiters}

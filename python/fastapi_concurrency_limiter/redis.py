@@ -1,0 +1,217 @@
+"""Cluster scope: one limit shared by every process on every host, kept in
+Redis (``pip install 'fastapi-concurrency-limiter[redis]'``)::
+
+    from fastapi_concurrency_limiter import Limiter, Resource
+    from fastapi_concurrency_limiter.redis import RedisScope
+
+    cluster = RedisScope("redis://:password@redis.internal:6379/0")
+    db = Resource(20, name="db", scope=cluster)
+    limiter = Limiter(timeout=5, resources=[db])
+
+Every process that uses the same Redis, ``key_prefix`` and resource name
+shares one pool of 20 slots. In each process a request first passes the
+local engine (queue discipline, ``max_waiting``, disconnects, statistics);
+only requests at the head of the local queue talk to Redis.
+
+The protocol (Lua scripts, one round trip each) is a fair FIFO semaphore
+with direct hand-off: a request takes a free slot in one round trip or joins
+the queue; a release hands the slot to the oldest waiter, whose process
+learns it on its own notify list, read by one blocked connection per
+process (no polling). Slots are leases renewed by a heartbeat: a crashed
+process's slots come back within ``lease`` plus one heartbeat. See the
+README's "One limit across hosts" for the guarantees.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import uuid
+import weakref
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, Literal
+
+from ._validation import check_seconds
+
+if TYPE_CHECKING:
+    from ._cluster import ClusterStage, _Client
+
+OnError = Literal["reject", "allow", "local"]
+_ON_ERROR = ("reject", "allow", "local")
+
+#: Default ``lease``, seconds.
+DEFAULT_LEASE = 10.0
+#: Default ``key_prefix``.
+DEFAULT_KEY_PREFIX = "concurrency_limiter"
+
+
+class RedisScopeError(RuntimeError):
+    """The cluster scope is misconfigured: Redis refused the credentials, a
+    resource's capacity differs from the one other processes use, or the
+    ``redis`` package is missing. Not an outage: ``on_error`` does not apply."""
+
+
+class RedisScope:
+    """Where a cluster-scoped resource keeps its slots: a Redis server.
+
+    Args:
+        url: ``redis://[[user]:password@]host[:port][/db]``, or ``rediss://``
+            for TLS (options such as ``?ssl_cert_reqs=none`` as redis-py
+            reads them).
+        lease: seconds a slot stays held without its process renewing it;
+            how long a crashed (or paused) process's slots stay taken. The
+            heartbeat renews every ``lease / 3``.
+        on_error: what a request gets while Redis is unreachable:
+            ``"reject"`` (default): 503 at once (reason ``"unavailable"``);
+            ``"allow"``: admitted without the cluster limit (the local
+            stage, with the resource's capacity, still limits it);
+            ``"local"``: admitted while this process uses fewer slots
+            (cluster slots it still holds included) than its share of the
+            capacity, ``capacity // processes`` (at least 1), where
+            ``processes`` is how many processes used the resource at the
+            last successful heartbeat (before any: a share of 1); beyond
+            the share, 503 (reason ``"unavailable"``).
+        key_prefix: namespace of the keys in Redis; a resource's keys are
+            ``{key_prefix:name}:...`` (one hash tag: one Redis Cluster slot).
+        timeout: seconds one command may take before Redis counts as
+            unreachable (then ``on_error`` applies; it is tried again after
+            a second, or at the next successful heartbeat).
+
+    Wrong credentials raise ``RedisScopeError``: at start-up with
+    ``FastAPI(lifespan=scope.lifespan)`` (or ``await scope.check()`` in a
+    lifespan of your own), else at the first request that needs Redis.
+    """
+
+    __slots__ = (
+        "url",
+        "lease",
+        "on_error",
+        "key_prefix",
+        "timeout",
+        "_stages",
+        "_clients",
+        "_pid",
+        "_process",
+        "__weakref__",
+    )
+
+    def __init__(
+        self,
+        url: str = "redis://127.0.0.1:6379/0",
+        *,
+        lease: float = DEFAULT_LEASE,
+        on_error: OnError = "reject",
+        key_prefix: str = DEFAULT_KEY_PREFIX,
+        timeout: float = 1.0,
+    ) -> None:
+        if not isinstance(url, str) or not url.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError(f"url must be a redis://, rediss:// or unix:// URL, got {url!r}")
+        if on_error not in _ON_ERROR:
+            raise ValueError(
+                f"on_error must be one of 'reject', 'allow', 'local', got {on_error!r}"
+            )
+        if not isinstance(key_prefix, str) or not key_prefix or set("{}") & set(key_prefix):
+            raise ValueError(
+                f"key_prefix must be a non-empty str without braces, got {key_prefix!r}"
+            )
+        self.url = url
+        self.lease = check_seconds("lease", lease, positive=True)
+        if self.lease < 0.3:
+            raise ValueError(f"lease must be at least 0.3 seconds, got {lease!r}")
+        self.on_error: OnError = on_error
+        self.key_prefix = key_prefix
+        self.timeout = check_seconds("timeout", timeout, positive=True)
+        self._stages: dict[str, ClusterStage] = {}
+        # One client per event loop (a redis.asyncio connection belongs to
+        # the loop that opened it), renewed in a forked child.
+        self._clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Client] = (
+            weakref.WeakKeyDictionary()
+        )
+        self._pid = 0
+        self._process = ""
+
+    @property
+    def heartbeat(self) -> float:
+        """Seconds between two heartbeats."""
+        return self.lease / 3
+
+    def _bind(self, name: str, capacity: int) -> ClusterStage:
+        """The cluster stage of the resource ``name`` (one per name)."""
+        from ._cluster import ClusterStage
+
+        stage = self._stages.get(name)
+        if stage is not None:
+            raise ValueError(f"RedisScope already has a resource named {name!r}")
+        stage = self._stages[name] = ClusterStage(self, name, capacity)
+        return stage
+
+    def _process_id(self) -> str:
+        pid = os.getpid()
+        if pid != self._pid:  # first use, or a forked child
+            self._pid = pid
+            self._process = uuid.uuid4().hex
+            self._clients = weakref.WeakKeyDictionary()
+        return self._process
+
+    def _client(self) -> _Client:
+        """This process's client on the running event loop."""
+        from ._cluster import _Client
+
+        self._process_id()
+        loop = asyncio.get_running_loop()
+        client = self._clients.get(loop)
+        if client is None:
+            client = self._clients[loop] = _Client(self, loop)
+        return client
+
+    async def check(self) -> None:
+        """Connects, authenticates and checks every resource's capacity
+        against the one in Redis; raises ``RedisScopeError`` on wrong
+        credentials or a capacity mismatch, ``ConnectionError`` when Redis
+        cannot be reached. Call it in the app's lifespan to fail at
+        start-up rather than at the first request."""
+        await self._client().check(list(self._stages.values()))
+
+    @contextlib.asynccontextmanager
+    async def lifespan(self, app: object = None) -> AsyncIterator[None]:
+        """A FastAPI lifespan that checks Redis at start-up (``check()``: the
+        app does not start with wrong credentials) and gives back this
+        process's slots at shutdown::
+
+            app = FastAPI(lifespan=cluster.lifespan)
+
+        Inside a lifespan of your own: ``async with cluster.lifespan(app):``.
+        """
+        await self.check()
+        try:
+            yield
+        finally:
+            await self.aclose()
+
+    async def aclose(self) -> None:
+        """Stops this event loop's heartbeat and listener and closes its
+        connections, giving back the slots it still holds. Optional: a
+        process that just exits leaves its slots to expire with their lease."""
+        self._process_id()
+        client = self._clients.pop(asyncio.get_running_loop(), None)
+        if client is not None:
+            await client.aclose()
+
+    def __repr__(self) -> str:
+        return (
+            f"RedisScope({_redact(self.url)!r}, lease={self.lease}, "
+            f"on_error={self.on_error!r}, key_prefix={self.key_prefix!r})"
+        )
+
+
+def _redact(url: str) -> str:
+    scheme, sep, rest = url.partition("://")
+    auth, at, host = rest.rpartition("@")
+    if not at:
+        return url
+    user = auth.partition(":")[0]
+    return f"{scheme}{sep}{user}:***@{host}"
+
+
+__all__ = ["DEFAULT_KEY_PREFIX", "DEFAULT_LEASE", "OnError", "RedisScope", "RedisScopeError"]
