@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs the Debian packages the build needs when they are missing:
-# a C++ toolchain, CMake, Ninja, GoogleTest, Google Benchmark and Python's
-# venv and headers. Needs root (or sudo) only when something is missing.
+# a C++ toolchain, CMake, Ninja, GoogleTest, Google Benchmark, standalone Asio
+# and SQLite (the Asio integration and the C++ demo server) and Python's venv
+# and headers. Needs root (or sudo) only when something is missing.
 set -euo pipefail
 
 need=()
@@ -10,6 +11,8 @@ command -v ninja >/dev/null || need+=(ninja-build)
 command -v g++ >/dev/null || need+=(g++)
 [ -f /usr/include/gtest/gtest.h ] || need+=(libgtest-dev)
 [ -f /usr/include/benchmark/benchmark.h ] || need+=(libbenchmark-dev)
+[ -f /usr/include/asio.hpp ] || need+=(libasio-dev)
+[ -f /usr/include/sqlite3.h ] || need+=(libsqlite3-dev)
 python3 -m venv --help >/dev/null 2>&1 || need+=(python3-venv)
 python3 -c "import os, sysconfig; assert os.path.exists(os.path.join(sysconfig.get_paths()['include'], 'Python.h'))" \
   2>/dev/null || need+=(python3-dev)
