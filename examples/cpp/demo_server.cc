@@ -10,12 +10,12 @@
 //   GET /health     {"status": "ok", "variant": ...}; never limited.
 //   GET /stats      queries running now and at most, the limiter's counters.
 //
-// A request that gets no slot within 2 s is answered 503 with FastAPI's
+// A request that gets no slot within 2 s (--timeout) is answered 503 with FastAPI's
 // bytes for {"detail": "Server busy, please retry later"} and Retry-After: 1,
 // as the Python service does.
 //
 //   demo_server --db .cache/spike/messages-v1.sqlite3 --file .cache/spike/file-v1.txt
-//               [--host 127.0.0.1] [--port 8000] [--workers 40] [--no-limit]
+//               [--host 127.0.0.1] [--port 8000] [--workers 40] [--timeout 2] [--no-limit]
 //
 // The database and the file come from `python bench/spike/data.py`; SPIKE_DB
 // and SPIKE_FILE are read when the flags are absent, and SPIKE_NO_LIMIT=1
@@ -41,6 +41,7 @@
 #include <asio/write.hpp>
 #include <atomic>
 #include <cctype>
+#include <cmath>
 #include <charconv>
 #include <cstdio>
 #include <cstdlib>
@@ -84,6 +85,7 @@ struct Options {
   std::string file;
   int workers = 40;
   bool limit = true;
+  std::chrono::milliseconds timeout = 2s;
 };
 
 void append_json_string(std::string& out, std::string_view s) {
@@ -277,7 +279,7 @@ class Server {
         acceptor_(io),
         db_(std::make_shared<cl::Resource>(cl::ResourceOptions{.name = "db", .capacity = 5})),
         file_(std::make_shared<cl::Resource>(cl::ResourceOptions{.name = "file", .capacity = 10})),
-        limiter_({db_, file_}, 2s),
+        limiter_({db_, file_}, options_.timeout),
         needs_db_(limiter_.select({db_})),
         needs_file_(limiter_.select({file_})) {
     auto address = asio::ip::make_address(options_.host);
@@ -466,7 +468,7 @@ class Server {
 [[noreturn]] void usage(const char* error) {
   std::cerr << "error: " << error << "\n"
             << "usage: demo_server --db PATH --file PATH [--host 127.0.0.1] [--port 8000]\n"
-               "                   [--workers 40] [--no-limit]\n";
+               "                   [--workers 40] [--timeout 2] [--no-limit]\n";
   std::exit(2);
 }
 
@@ -487,6 +489,7 @@ Options parse_options(int argc, char** argv) {
     else if (arg == "--file") o.file = value();
     else if (arg == "--workers") o.workers = std::stoi(value());
     else if (arg == "--no-limit") o.limit = false;
+    else if (arg == "--timeout") o.timeout = std::chrono::milliseconds(std::lround(std::stod(value()) * 1000));
     else usage("unknown argument");
   }
   if (o.db.empty() || o.file.empty()) usage("--db and --file (or SPIKE_DB, SPIKE_FILE) are required");
