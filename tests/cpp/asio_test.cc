@@ -286,13 +286,13 @@ TEST(AsyncAcquire, DeferredAndFuture) {
     std::future<Permit> granted = async_acquire(io, f.limiter, f.needs_db, 1s, asio::use_future);
     Permit p = granted.get();
     EXPECT_TRUE(p);
-    std::future<Permit> busy = async_acquire(io, f.limiter, f.needs_db, 10ms, asio::use_future);
-    try {
-      busy.get();
-      ADD_FAILURE() << "expected a timeout";
-    } catch (const std::system_error& e) {
-      EXPECT_TRUE(e.code() == Outcome::kTimeout);
-    }
+    // (as_tuple: an exception thrown through a future that another thread
+    // releases trips TSan, which cannot see libstdc++'s reference count.)
+    auto busy = async_acquire(io, f.limiter, f.needs_db, 10ms,
+                              asio::experimental::as_tuple(asio::use_future));
+    auto [ec, q] = busy.get();
+    EXPECT_TRUE(ec == Outcome::kTimeout);
+    EXPECT_FALSE(q);
   }
   io_thread.join();
 }
