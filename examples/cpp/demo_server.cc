@@ -1,44 +1,50 @@
 // The spike experiment's demo service (bench/spike/app.py) as a C++ server:
 // Asio coroutines for HTTP/1.1, async_acquire() for the limits, a pool of
-// worker threads for the blocking work, so an I/O thread never blocks.
+// worker threads for the blocking work, so the I/O thread never blocks.
 //
 //   GET /messages   100 random messages of a random user: the SQLite query of
 //                   bench/spike/data.py on a fresh read-only connection, in a
 //                   worker thread. Limited by Resource(5) "db".
 //   GET /file       the 5 KB file read in 1 KB chunks, in a worker thread.
 //                   Limited by Resource(10) "file".
-//   GET /health     {"status": "ok", "variant": ...}; never limited.
+//   GET /health     {"status": "ok", "variant": ..., "package": ..., "pid": ...};
+//                   never limited.
 //   GET /stats      queries running now and at most, the limiter's counters.
 //
-// A request that gets no slot within 2 s (--timeout) is answered 503 with FastAPI's
-// bytes for {"detail": "Server busy, please retry later"} and Retry-After: 1,
-// as the Python service does.
+// A request that gets no slot within 2 s (--timeout) is answered 503 with
+// FastAPI's bytes for {"detail": "Server busy, please retry later"} and
+// Retry-After: 1, as the Python service does.
 //
 //   demo_server --db .cache/spike/messages-v1.sqlite3 --file .cache/spike/file-v1.txt
-//               [--host 127.0.0.1] [--port 8000] [--workers 40] [--timeout 2] [--no-limit]
+//               [--host 127.0.0.1] [--port 8000] [--workers 40] [--timeout 2]
+//               [--no-limit] [--variant NAME]
 //
-// The database and the file come from `python bench/spike/data.py`; SPIKE_DB
-// and SPIKE_FILE are read when the flags are absent, and SPIKE_NO_LIMIT=1
-// is --no-limit. --no-limit serves the same endpoints without the limiter:
-// every request goes straight to the worker pool (40 threads, as the Python
-// service's default thread pool). --port 0 picks a free port; the server
-// prints "listening on http://HOST:PORT" once it accepts connections.
+// The database and the file come from `python bench/spike/data.py`. From
+// the environment, when the flags are absent: SPIKE_DB, SPIKE_FILE,
+// SPIKE_NO_LIMIT=1 (--no-limit), SPIKE_VARIANT (the name /health reports),
+// SPIKE_PROBE_DIR (the experiment's shared gauges: queries in flight).
+// --no-limit serves the same endpoints without the limiter: every request
+// goes straight to the worker pool (40 threads, as the Python service's
+// default thread pool). --port 0 picks a free port; the server prints
+// "listening on http://HOST:PORT" once it accepts connections.
 // SIGTERM or SIGINT: stop accepting, finish the requests in flight, exit.
+#include <fcntl.h>
 #include <sqlite3.h>
+#include <sys/file.h>
+#include <unistd.h>
 
 #include <asio/co_spawn.hpp>
-#include <asio/completion_condition.hpp>
 #include <asio/detached.hpp>
 #include <asio/experimental/as_tuple.hpp>
 #include <asio/io_context.hpp>
 #include <asio/ip/tcp.hpp>
-#include <asio/read.hpp>
 #include <asio/read_until.hpp>
 #include <asio/signal_set.hpp>
 #include <asio/steady_timer.hpp>
 #include <asio/thread_pool.hpp>
 #include <asio/use_awaitable.hpp>
 #include <asio/write.hpp>
+#include <algorithm>
 #include <atomic>
 #include <cctype>
 #include <cmath>
@@ -47,6 +53,7 @@
 #include <cstdlib>
 #include <fstream>
 #include <iostream>
+#include <mutex>
 #include <random>
 #include <set>
 #include <stdexcept>
@@ -86,6 +93,7 @@ struct Options {
   int workers = 40;
   bool limit = true;
   std::chrono::milliseconds timeout = 2s;
+  std::string variant;  // what /health reports; default "cpp" or "cpp-none"
 };
 
 void append_json_string(std::string& out, std::string_view s) {
@@ -110,19 +118,61 @@ void append_json_string(std::string& out, std::string_view s) {
   out += '"';
 }
 
-// Counts the queries running at once, to show that the limit holds.
+// The spike experiment's shared gauge file (bench/spike/probe.py): two
+// native int64 (value, peak since the sampler's last read), updated under an
+// exclusive flock so that every process of a variant adds to the same count.
+// Does nothing without $SPIKE_PROBE_DIR.
+class SharedGauge {
+ public:
+  explicit SharedGauge(const char* name) {
+    const char* dir = std::getenv("SPIKE_PROBE_DIR");
+    if (!dir || !*dir) return;
+    const std::string path = std::string(dir) + "/" + name + ".gauge";
+    fd_ = ::open(path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0600);
+    if (fd_ < 0) std::cerr << "warning: cannot open gauge " << path << "\n";
+  }
+  SharedGauge(const SharedGauge&) = delete;
+  SharedGauge& operator=(const SharedGauge&) = delete;
+  ~SharedGauge() {
+    if (fd_ >= 0) ::close(fd_);
+  }
+
+  void add(std::int64_t delta) {
+    if (fd_ < 0) return;
+    std::lock_guard lock(mu_);  // flock does not exclude threads sharing fd_
+    if (::flock(fd_, LOCK_EX) != 0) return;
+    std::int64_t v[2] = {0, 0};
+    if (::pread(fd_, v, sizeof v, 0) != static_cast<ssize_t>(sizeof v)) v[0] = v[1] = 0;
+    v[0] += delta;
+    v[1] = std::max(v[1], v[0]);
+    (void)!::pwrite(fd_, v, sizeof v, 0);
+    ::flock(fd_, LOCK_UN);
+  }
+
+ private:
+  int fd_ = -1;
+  std::mutex mu_;
+};
+
+// Counts the queries running at once, to show that the limit holds: in
+// this process (/stats) and in the experiment's shared gauge.
 struct QueryGauge {
   std::atomic<int> running{0};
   std::atomic<int> peak{0};
   std::atomic<long> total{0};
+  SharedGauge shared{"db_in_flight"};
 
   void enter() {
     const int now = running.fetch_add(1, std::memory_order_relaxed) + 1;
     int p = peak.load(std::memory_order_relaxed);
     while (now > p && !peak.compare_exchange_weak(p, now, std::memory_order_relaxed)) {}
     total.fetch_add(1, std::memory_order_relaxed);
+    shared.add(1);
   }
-  void leave() { running.fetch_sub(1, std::memory_order_relaxed); }
+  void leave() {
+    shared.add(-1);
+    running.fetch_sub(1, std::memory_order_relaxed);
+  }
 };
 
 // The /messages query on a fresh read-only connection, as JSON. Blocking:
@@ -342,18 +392,10 @@ class Server {
         break;
       }
       buffer.erase(0, n);
-      // No endpoint reads a body: skip one if sent (admission comes first).
-      if (req.content_length > 0) {
-        if (req.content_length > 1 << 20) break;
-        std::string body;
-        if (buffer.size() < req.content_length) {
-          auto [rec, _] = co_await asio::async_read(
-              socket, asio::dynamic_buffer(buffer),
-              asio::transfer_exactly(req.content_length - buffer.size()), as_tuple_awaitable);
-          if (rec) break;
-        }
-        buffer.erase(0, req.content_length);
-      }
+      // No endpoint reads a body, and admission comes before reading one:
+      // a request that sent a body is answered without reading it, and the
+      // connection closes.
+      if (req.content_length > 0) req.keep_alive = false;
       Response response = co_await route(req);
       const bool keep_alive = req.keep_alive && !stopping_;
       if (!co_await write(socket, response, keep_alive) || !keep_alive) break;
@@ -380,7 +422,8 @@ class Server {
     }
     if (req.path == "/health") {
       std::string body = R"({"status":"ok","variant":)";
-      append_json_string(body, options_.limit ? "cpp" : "cpp-none");
+      append_json_string(body, options_.variant);
+      body += R"(,"package":")" CL_VERSION R"(","pid":)" + std::to_string(::getpid());
       Response r{.body = body + "}"};
       co_return r;
     }
@@ -431,7 +474,7 @@ class Server {
 
   std::string stats() const {
     std::string out = "{\"variant\":";
-    append_json_string(out, options_.limit ? "cpp" : "cpp-none");
+    append_json_string(out, options_.variant);
     out += ",\"queries_running\":" + std::to_string(queries_.running.load());
     out += ",\"queries_peak\":" + std::to_string(queries_.peak.load());
     out += ",\"queries_total\":" + std::to_string(queries_.total.load());
@@ -468,7 +511,7 @@ class Server {
 [[noreturn]] void usage(const char* error) {
   std::cerr << "error: " << error << "\n"
             << "usage: demo_server --db PATH --file PATH [--host 127.0.0.1] [--port 8000]\n"
-               "                   [--workers 40] [--timeout 2] [--no-limit]\n";
+               "                   [--workers 40] [--timeout 2] [--no-limit] [--variant NAME]\n";
   std::exit(2);
 }
 
@@ -477,6 +520,7 @@ Options parse_options(int argc, char** argv) {
   if (const char* v = std::getenv("SPIKE_DB")) o.db = v;
   if (const char* v = std::getenv("SPIKE_FILE")) o.file = v;
   if (const char* v = std::getenv("SPIKE_NO_LIMIT")) o.limit = std::string_view(v) != "1";
+  if (const char* v = std::getenv("SPIKE_VARIANT")) o.variant = v;
   for (int i = 1; i < argc; ++i) {
     const std::string_view arg = argv[i];
     auto value = [&]() -> std::string {
@@ -489,11 +533,13 @@ Options parse_options(int argc, char** argv) {
     else if (arg == "--file") o.file = value();
     else if (arg == "--workers") o.workers = std::stoi(value());
     else if (arg == "--no-limit") o.limit = false;
+    else if (arg == "--variant") o.variant = value();
     else if (arg == "--timeout") o.timeout = std::chrono::milliseconds(std::lround(std::stod(value()) * 1000));
     else usage("unknown argument");
   }
   if (o.db.empty() || o.file.empty()) usage("--db and --file (or SPIKE_DB, SPIKE_FILE) are required");
   if (o.workers < 1) usage("--workers must be >= 1");
+  if (o.variant.empty()) o.variant = o.limit ? "cpp" : "cpp-none";
   return o;
 }
 
