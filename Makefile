@@ -3,7 +3,8 @@
 #   make test          build everything, run the C++ suites (plain, ASan+UBSan,
 #                      TSan) and the Python tests
 #   make demo          the overload experiment; writes report/ (QUICK=1: ~1 min)
-#   make bench         microbenchmarks (Python API vs asyncio.Semaphore, engine)
+#   make bench         microbenchmarks (Python API vs asyncio.Semaphore, engine,
+#                      async_acquire through Asio)
 #   make lint          ruff and mypy --strict
 #
 # Python packages go into .venv; nothing is installed system-wide.
@@ -90,6 +91,9 @@ bench: install
 	$(BUILD)/release/concurrency_limiter_bench --benchmark_repetitions=5 --benchmark_report_aggregates_only=true
 	@echo "== engine, statistics compiled out"
 	$(BUILD)/nostats/concurrency_limiter_bench --benchmark_repetitions=5 --benchmark_report_aggregates_only=true
+	cmake --build $(BUILD)/release -j $(JOBS) --target concurrency_limiter_asio_bench
+	@echo "== async_acquire through an io_context"
+	$(BUILD)/release/concurrency_limiter_asio_bench --benchmark_repetitions=5 --benchmark_report_aggregates_only=true
 
 clean:
 	rm -rf $(BUILD) report

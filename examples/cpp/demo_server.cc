@@ -36,6 +36,7 @@
 #include <asio/co_spawn.hpp>
 #include <asio/detached.hpp>
 #include <asio/experimental/as_tuple.hpp>
+#include <asio/experimental/awaitable_operators.hpp>
 #include <asio/io_context.hpp>
 #include <asio/ip/tcp.hpp>
 #include <asio/read_until.hpp>
@@ -241,6 +242,7 @@ struct Response {
   std::string content_type = "application/json";
   std::string body;
   bool retry_after = false;
+  bool client_gone = false;  // nothing to send: the client closed the connection
 };
 
 std::string_view reason_phrase(int status) {
@@ -396,7 +398,8 @@ class Server {
       // a request that sent a body is answered without reading it, and the
       // connection closes.
       if (req.content_length > 0) req.keep_alive = false;
-      Response response = co_await route(req);
+      Response response = co_await route(req, socket);
+      if (response.client_gone) break;
       const bool keep_alive = req.keep_alive && !stopping_;
       if (!co_await write(socket, response, keep_alive) || !keep_alive) break;
     }
@@ -410,7 +413,7 @@ class Server {
     co_return !ec;
   }
 
-  asio::awaitable<Response> route(const Request& req) {
+  asio::awaitable<Response> route(const Request& req, tcp::socket& socket) {
     if (req.path != "/messages" && req.path != "/file" && req.path != "/health" &&
         req.path != "/stats") {
       Response r{.status = 404, .body = R"({"detail":"Not Found"})"};
@@ -435,8 +438,18 @@ class Server {
     const bool messages = req.path == "/messages";
     cl::Permit permit;
     if (options_.limit) {
-      auto [ec, p] = co_await cl::async_acquire(
-          limiter_, messages ? needs_db_ : needs_file_, limiter_.timeout(), as_tuple_awaitable);
+      // A client that hangs up while waiting leaves the queue at once
+      // (counted as cancelled) instead of holding its place until a slot
+      // frees up for nobody.
+      using namespace asio::experimental::awaitable_operators;
+      auto first = co_await (cl::async_acquire(limiter_, messages ? needs_db_ : needs_file_,
+                                               limiter_.timeout(), as_tuple_awaitable) ||
+                             client_gone(socket));
+      if (first.index() == 1) {
+        Response gone{.client_gone = true};
+        co_return gone;
+      }
+      auto& [ec, p] = std::get<0>(first);
       if (ec) {
         Response busy{.status = 503, .body = std::string(kBusyBody), .retry_after = true};
         co_return busy;
@@ -461,6 +474,22 @@ class Server {
       response = Response{.status = 500, .body = R"({"detail":"Internal Server Error"})"};
     }
     co_return response;
+  }
+
+  // Completes when the client has closed the connection (or it failed); never
+  // for bytes the client sent ahead (a pipelined request). Ends at once when
+  // cancelled.
+  static asio::awaitable<void> client_gone(tcp::socket& socket) {
+    auto [ec] = co_await socket.async_wait(tcp::socket::wait_read, as_tuple_awaitable);
+    if (ec == asio::error::operation_aborted) co_return;  // the other side won
+    if (!ec) {
+      char byte;
+      asio::error_code peek_ec;
+      if (socket.receive(asio::buffer(&byte, 1), tcp::socket::message_peek, peek_ec) > 0) {
+        asio::steady_timer never(socket.get_executor(), asio::steady_timer::time_point::max());
+        co_await never.async_wait(as_tuple_awaitable);  // until cancelled
+      }
+    }
   }
 
   // Runs blocking `f` in the worker pool; this coroutine resumes on its own

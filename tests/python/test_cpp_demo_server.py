@@ -14,6 +14,7 @@ import os
 import random
 import shutil
 import signal
+import socket
 import sqlite3
 import struct
 import subprocess
@@ -185,6 +186,30 @@ def test_queries_count_in_the_shared_gauge(
         asyncio.run(_hammer(url, "/messages", clients=10, each=2))
     value, peak = struct.unpack("=qq", gauge.read_bytes())
     assert value == 0 and 1 <= peak <= 5
+
+
+def test_clients_that_hang_up_while_waiting_leave_the_queue(
+    binary: Path, data: tuple[Path, Path]
+) -> None:
+    # One worker thread: the queries run one at a time, so a queue forms.
+    with server(binary, data, "--timeout", "30", "--workers", "1") as (url, _):
+        host, port = url.removeprefix("http://").split(":")
+        sockets = [socket.create_connection((host, int(port))) for _ in range(60)]
+        for s in sockets:
+            s.sendall(f"GET /messages HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
+        for s in sockets:
+            s.close()  # every client gives up at once
+        deadline = time.monotonic() + 20
+        while True:
+            stats = httpx.get(f"{url}/stats").json()
+            db = stats["db"]
+            if db["acquired"] + db["cancelled"] == 60 and db["in_use"] == 0:
+                break
+            assert time.monotonic() < deadline, stats
+            time.sleep(0.05)
+    # Most never ran their query: they left the queue when their client went.
+    assert db["cancelled"] > 0 and stats["queries_total"] == db["acquired"] < 60
+    assert db["waiting"] == 0
 
 
 def test_sigterm_finishes_the_requests_in_flight(binary: Path, data: tuple[Path, Path]) -> None:
