@@ -1,14 +1,17 @@
 #!/usr/bin/env bash
 # Installs the Debian packages the build needs when they are missing:
-# a C++ toolchain, CMake, Ninja, GoogleTest, Google Benchmark, standalone Asio
-# and SQLite (the Asio integration and the C++ demo server) and Python's venv
-# and headers. Needs root (or sudo) only when something is missing.
+# a C++ toolchain, Clang (for its thread-safety analysis), CMake, Ninja,
+# pkg-config, GoogleTest, Google Benchmark, standalone Asio and SQLite (the
+# Asio integration and the C++ demo server) and Python's venv and headers.
+# Needs root (or sudo) only when something is missing.
 set -euo pipefail
 
 need=()
 command -v cmake >/dev/null || need+=(cmake)
 command -v ninja >/dev/null || need+=(ninja-build)
 command -v g++ >/dev/null || need+=(g++)
+command -v clang++ >/dev/null || need+=(clang)
+command -v pkg-config >/dev/null || need+=(pkg-config)
 [ -f /usr/include/gtest/gtest.h ] || need+=(libgtest-dev)
 [ -f /usr/include/benchmark/benchmark.h ] || need+=(libbenchmark-dev)
 [ -f /usr/include/asio.hpp ] || need+=(libasio-dev)
