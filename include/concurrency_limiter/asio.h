@@ -86,7 +86,6 @@
 #include <chrono>
 #include <map>
 #include <memory>
-#include <mutex>
 #include <optional>
 #include <string>
 #include <string_view>
@@ -95,6 +94,8 @@
 #include <utility>
 
 #include "concurrency_limiter/acquisition.h"
+#include "concurrency_limiter/internal/mutex.h"
+#include "concurrency_limiter/internal/thread_annotations.h"
 #include "concurrency_limiter/limiter.h"
 #include "concurrency_limiter/outcome.h"
 #include "concurrency_limiter/permit.h"
@@ -181,12 +182,12 @@ inline const std::error_category& resource_category(std::string_view resource_na
   // Never freed: error codes may outlive every resource and static
   // destructors. One small object per distinct resource name.
   struct Registry {
-    std::mutex mu;
+    detail::Mutex mu;
     std::map<std::string, std::unique_ptr<detail::OutcomeCategory>, std::less<>>
-        by_name;  // guarded by mu
+        by_name CL_GUARDED_BY(mu);
   };
   static Registry* const registry = new Registry;
-  std::lock_guard lock(registry->mu);
+  detail::MutexLock lock(registry->mu);
   auto it = registry->by_name.find(resource_name);
   if (it == registry->by_name.end()) {
     it = registry->by_name
@@ -230,19 +231,19 @@ class PendingAcquire {
     // it may still be pending; cleared before the acquisition is handed to
     // the handler or destroyed. Held across Acquisition::cancel(), whose
     // completion callback takes claim_mu: order cancel_mu, then claim_mu.
-    std::mutex cancel_mu;
-    Acquisition* acquisition = nullptr;  // guarded by cancel_mu
+    Mutex cancel_mu CL_ACQUIRED_BEFORE(claim_mu);
+    Acquisition* acquisition CL_GUARDED_BY(cancel_mu) = nullptr;
     // Decides who owns a pending operation once it leaves the waiting state:
     // the engine's callback (which posts its completion while holding the
     // mutex) or the service shutting down (which destroys it). So a
     // completion is never posted to an io_context that is already gone.
-    std::mutex claim_mu;
-    PendingAcquire* op = nullptr;  // guarded by claim_mu
+    Mutex claim_mu;
+    PendingAcquire* op CL_GUARDED_BY(claim_mu) = nullptr;
   };
 
   // True if the caller now owns the operation (the engine had not decided).
   bool claim() noexcept {
-    std::lock_guard lock(shared_->claim_mu);
+    MutexLock lock(shared_->claim_mu);
     return std::exchange(shared_->op, nullptr) != nullptr;
   }
 
@@ -269,7 +270,7 @@ class AcquireService final : public asio::execution_context::service {
   // False once the context is shutting down: the caller destroys the
   // operation instead of starting it.
   bool add(PendingAcquire& op) {
-    std::lock_guard lock(mu_);
+    MutexLock lock(mu_);
     if (shut_down_) return false;
     op.prev_ = nullptr;
     op.next_ = head_;
@@ -280,12 +281,12 @@ class AcquireService final : public asio::execution_context::service {
   }
 
   void remove(PendingAcquire& op) noexcept {
-    std::lock_guard lock(mu_);
+    MutexLock lock(mu_);
     unlink_locked(op);
   }
 
  private:
-  void unlink_locked(PendingAcquire& op) noexcept {
+  void unlink_locked(PendingAcquire& op) noexcept CL_REQUIRES(mu_) {
     if (!op.linked_) return;
     if (op.prev_) op.prev_->next_ = op.next_; else head_ = op.next_;
     if (op.next_) op.next_->prev_ = op.prev_;
@@ -302,7 +303,7 @@ class AcquireService final : public asio::execution_context::service {
     for (;;) {
       PendingAcquire* op;
       {
-        std::lock_guard lock(mu_);
+        MutexLock lock(mu_);
         shut_down_ = true;
         op = head_;
         if (!op) return;
@@ -312,9 +313,9 @@ class AcquireService final : public asio::execution_context::service {
     }
   }
 
-  std::mutex mu_;
-  PendingAcquire* head_ = nullptr;  // guarded by mu_
-  bool shut_down_ = false;          // guarded by mu_
+  Mutex mu_;
+  PendingAcquire* head_ CL_GUARDED_BY(mu_) = nullptr;
+  bool shut_down_ CL_GUARDED_BY(mu_) = false;
 };
 
 template <class Executor>
@@ -365,10 +366,10 @@ class AcquireOp final : public PendingAcquire {
     auto shared = shared_;
     // Held until the acquisition is started, so a timer or a cancellation
     // arriving meanwhile (from another thread) acts on a started request.
-    std::lock_guard cancel_lock(shared->cancel_mu);
+    MutexLock cancel_lock(shared->cancel_mu);
     shared->acquisition = acquisition_.get();
     {
-      std::lock_guard lock(shared->claim_mu);
+      MutexLock lock(shared->claim_mu);
       shared->op = this;
     }
     // Beyond a century counts as no deadline (and cannot overflow the clock).
@@ -377,7 +378,7 @@ class AcquireOp final : public PendingAcquire {
       timer_->expires_after(std::max(timeout, Clock::duration::zero()));
       timer_->async_wait([shared](const std::error_code& ec) {
         if (ec) return;  // cancelled: the operation completed first
-        std::lock_guard lock(shared->cancel_mu);
+        MutexLock lock(shared->cancel_mu);
         if (shared->acquisition) shared->acquisition->expire();
       });
     }
@@ -388,17 +389,17 @@ class AcquireOp final : public PendingAcquire {
                                   asio::cancellation_type::partial |
                                   asio::cancellation_type::total;
         if ((type & honoured) == asio::cancellation_type::none) return;
-        std::lock_guard lock(shared->cancel_mu);
+        MutexLock lock(shared->cancel_mu);
         if (shared->acquisition) shared->acquisition->cancel(Outcome::kCancelled);
       });
     }
     const Outcome o = acquisition_->start([shared](Outcome) {
-      std::lock_guard lock(shared->claim_mu);
+      MutexLock lock(shared->claim_mu);
       if (PendingAcquire* op = std::exchange(shared->op, nullptr)) op->complete();
     });
     if (o != Outcome::kPending) {  // decided at once: no callback will come
       shared->acquisition = nullptr;
-      std::lock_guard lock(shared->claim_mu);
+      MutexLock lock(shared->claim_mu);
       shared->op = nullptr;
       complete();
     }
@@ -410,7 +411,7 @@ class AcquireOp final : public PendingAcquire {
 
   void destroy() noexcept override {
     {
-      std::lock_guard lock(shared_->cancel_mu);
+      MutexLock lock(shared_->cancel_mu);
       shared_->acquisition = nullptr;
     }
     delete this;
@@ -437,7 +438,7 @@ class AcquireOp final : public PendingAcquire {
 
   void finish() {
     {
-      std::lock_guard lock(shared_->cancel_mu);
+      MutexLock lock(shared_->cancel_mu);
       shared_->acquisition = nullptr;  // the timer and the slot can no longer act
     }
     if (slot_.is_connected()) slot_.clear();
