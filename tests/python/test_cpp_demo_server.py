@@ -127,8 +127,8 @@ async def test_the_limit_holds_under_concurrent_clients(binary: Path, data: tupl
     assert len(rows) == 100 and set(rows[0]) == {"message_id", "user_id", "message", "created_at"}
     assert rows[0]["message"].startswith('message "')  # escaped and parsed back
     assert stats["queries_total"] == 120
-    assert stats["queries_peak"] <= 5
-    assert stats["db"]["peak_in_use"] == 5
+    assert 1 <= stats["queries_peak"] <= 5
+    assert 2 <= stats["db"]["peak_in_use"] <= 5  # the clients did compete
     assert (stats["db"]["in_use"], stats["db"]["waiting"]) == (0, 0)
 
 
@@ -148,8 +148,9 @@ async def test_without_the_limiter_every_client_queries_at_once(
 async def test_busy_answers_503_with_the_original_body_and_retry_after(
     binary: Path, data: tuple[Path, Path]
 ) -> None:
-    # A zero timeout: whoever finds the 5 slots taken is turned away at once.
-    with server(binary, data, "--timeout", "0") as (url, _):
+    # A zero timeout: whoever finds the 5 slots taken is turned away at once
+    # (one worker thread: the slots stay taken longer).
+    with server(binary, data, "--timeout", "0", "--workers", "1") as (url, _):
         responses = await _hammer(url, "/messages", clients=30, each=4)
         stats = httpx.get(f"{url}/stats").json()
     busy = [r for r in responses if r.status_code == 503]
@@ -194,21 +195,25 @@ def test_clients_that_hang_up_while_waiting_leave_the_queue(
     # One worker thread: the queries run one at a time, so a queue forms.
     with server(binary, data, "--timeout", "30", "--workers", "1") as (url, _):
         host, port = url.removeprefix("http://").split(":")
-        sockets = [socket.create_connection((host, int(port))) for _ in range(60)]
+        sockets = [socket.create_connection((host, int(port))) for _ in range(100)]
         for s in sockets:
             s.sendall(f"GET /messages HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
-        for s in sockets:
-            s.close()  # every client gives up at once
         deadline = time.monotonic() + 20
+        while httpx.get(f"{url}/stats").json()["db"]["waiting"] < 10:
+            assert time.monotonic() < deadline, "no queue formed"
+            time.sleep(0.002)
+        for s in sockets:
+            s.close()  # every client gives up while many still wait
         while True:
             stats = httpx.get(f"{url}/stats").json()
             db = stats["db"]
-            if db["acquired"] + db["cancelled"] == 60 and db["in_use"] == 0:
+            if db["acquired"] + db["cancelled"] == 100 and db["in_use"] == 0:
                 break
             assert time.monotonic() < deadline, stats
             time.sleep(0.05)
-    # Most never ran their query: they left the queue when their client went.
-    assert db["cancelled"] > 0 and stats["queries_total"] == db["acquired"] < 60
+    # The waiting ones never ran their query: they left the queue when their
+    # client went.
+    assert db["cancelled"] > 0 and stats["queries_total"] == db["acquired"] < 100
     assert db["waiting"] == 0
 
 
