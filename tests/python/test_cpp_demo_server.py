@@ -45,15 +45,27 @@ def _build() -> Path:
     build = release if (release / "CMakeCache.txt").exists() else REPO_ROOT / "build" / "demo"
     if build is not release:
         configure = subprocess.run(
-            ["cmake", "-S", str(REPO_ROOT), "-B", str(build), "-DCMAKE_BUILD_TYPE=RelWithDebInfo",
-             "-DCL_BUILD_TESTS=OFF", "-DCL_BUILD_BENCHMARKS=OFF"],
-            capture_output=True, text=True, check=False,
+            [
+                "cmake",
+                "-S",
+                str(REPO_ROOT),
+                "-B",
+                str(build),
+                "-DCMAKE_BUILD_TYPE=RelWithDebInfo",
+                "-DCL_BUILD_TESTS=OFF",
+                "-DCL_BUILD_BENCHMARKS=OFF",
+            ],
+            capture_output=True,
+            text=True,
+            check=False,
         )
         if configure.returncode != 0:
             pytest.skip(f"cannot configure the C++ build:\n{configure.stderr[-2000:]}")
     built = subprocess.run(
         ["cmake", "--build", str(build), "--target", "demo_server", "-j", "2"],
-        capture_output=True, text=True, check=False,
+        capture_output=True,
+        text=True,
+        check=False,
     )
     if built.returncode != 0:
         pytest.skip(f"cannot build demo_server (needs Asio and SQLite):\n{built.stdout[-2000:]}")
@@ -79,8 +91,12 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
         con.executemany(
             "INSERT INTO messages VALUES (?, ?, ?, ?)",
             (
-                (i, rng.randint(1, USERS), f'message "{i}"\n\\ fox',
-                 (base + dt.timedelta(minutes=rng.randrange(525_600))).isoformat())
+                (
+                    i,
+                    rng.randint(1, USERS),
+                    f'message "{i}"\n\\ fox',
+                    (base + dt.timedelta(minutes=rng.randrange(525_600))).isoformat(),
+                )
                 for i in range(1, ROWS + 1)
             ),
         )
@@ -90,11 +106,15 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 
 
 @contextmanager
-def server(binary: Path, data: tuple[Path, Path], *args: str) -> Iterator[tuple[str, subprocess.Popen[str]]]:
+def server(
+    binary: Path, data: tuple[Path, Path], *args: str
+) -> Iterator[tuple[str, subprocess.Popen[str]]]:
     db, file = data
     process = subprocess.Popen(
         [str(binary), "--db", str(db), "--file", str(file), "--port", "0", *args],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
     try:
         assert process.stdout is not None
@@ -118,7 +138,9 @@ async def _hammer(url: str, path: str, clients: int, each: int) -> list[httpx.Re
     return [r for rs in results for r in rs]
 
 
-async def test_the_limit_holds_under_concurrent_clients(binary: Path, data: tuple[Path, Path]) -> None:
+async def test_the_limit_holds_under_concurrent_clients(
+    binary: Path, data: tuple[Path, Path]
+) -> None:
     with server(binary, data, "--timeout", "30") as (url, _):
         responses = await _hammer(url, "/messages", clients=30, each=4)
         stats = httpx.get(f"{url}/stats").json()
