@@ -27,7 +27,8 @@
 // goes straight to the worker pool (40 threads, as the Python service's
 // default thread pool). --port 0 picks a free port; the server prints
 // "listening on http://HOST:PORT" once it accepts connections.
-// SIGTERM or SIGINT: stop accepting, finish the requests in flight, exit.
+// SIGTERM or SIGINT: stop accepting, finish the requests in flight (for up
+// to 5 s), exit.
 #include <fcntl.h>
 #include <sqlite3.h>
 #include <sys/file.h>
@@ -357,18 +358,30 @@ class Server {
   }
 
   // Stop accepting, close idle connections; requests in flight finish and
-  // then close theirs. run() returns when the last one is done.
-  void stop() {
+  // then close theirs. run() returns when the last one is done, or after
+  // `grace` at the latest (a backlog of queries for clients long gone is
+  // not worth waiting for).
+  void stop(std::chrono::seconds grace) {
     stopping_ = true;
     asio::error_code ignored;
     acceptor_.close(ignored);
     for (tcp::socket* s : idle_) s->cancel(ignored);
+    if (sessions_ == 0) return;
+    deadline_.expires_after(grace);
+    deadline_.async_wait([this](const asio::error_code& ec) {
+      if (!ec) io_.stop();
+    });
   }
 
-  void join_workers() { pool_.join(); }
+  // Queries already running finish; queued ones are dropped.
+  void stop_workers() {
+    pool_.stop();
+    pool_.join();
+  }
 
  private:
   asio::awaitable<void> session(tcp::socket socket) {
+    ++sessions_;
     std::string buffer;
     for (;;) {
       idle_.insert(&socket);
@@ -405,6 +418,7 @@ class Server {
     }
     asio::error_code ignored;
     socket.shutdown(tcp::socket::shutdown_both, ignored);
+    if (--sessions_ == 0 && stopping_) deadline_.cancel();
   }
 
   asio::awaitable<bool> write(tcp::socket& socket, const Response& r, bool keep_alive) {
@@ -535,6 +549,8 @@ class Server {
   std::minstd_rand rng_{std::random_device{}()};  // I/O thread only
   std::set<tcp::socket*> idle_;  // connections waiting for a request; I/O thread only
   bool stopping_ = false;        // I/O thread only
+  int sessions_ = 0;             // open connections; I/O thread only
+  asio::steady_timer deadline_{io_};  // ends a graceful stop that takes too long
 };
 
 [[noreturn]] void usage(const char* error) {
@@ -587,14 +603,14 @@ int main(int argc, char** argv) {
     asio::signal_set signals(io, SIGINT, SIGTERM);
     signals.async_wait([&](const asio::error_code& ec, int) {
       if (ec) return;
-      server.stop();
+      server.stop(std::chrono::seconds(5));
       signals.cancel();
     });
     asio::co_spawn(io, server.accept_loop(), asio::detached);
     std::cout << "listening on http://" << options.host << ":" << server.port()
               << (options.limit ? "" : " (no limiter)") << std::endl;
     io.run();
-    server.join_workers();
+    server.stop_workers();
   } catch (const std::exception& e) {
     std::cerr << "error: " << e.what() << std::endl;
     return 1;
