@@ -10,7 +10,8 @@
 #   make demo          the overload experiment's headline variants; writes report/
 #                      (~6 min). VARIANTS=a,b or VARIANTS=all chooses variants;
 #                      QUICK=1 is a short smoke run of every variant (~3 min)
-#   make bench         microbenchmarks (Python API vs asyncio.Semaphore, engine)
+#   make bench         microbenchmarks (Python API vs asyncio.Semaphore, engine,
+#                      async_acquire through Asio)
 #   make bench-redis   cluster scope against a local redis-server: latency,
 #                      round trips per request, cross-process hand-off
 #   make lint          ruff and mypy --strict
@@ -155,6 +156,9 @@ bench: install
 	$(BUILD)/release/concurrency_limiter_bench --benchmark_repetitions=5 --benchmark_report_aggregates_only=true
 	@echo "== engine, statistics compiled out"
 	$(BUILD)/nostats/concurrency_limiter_bench --benchmark_repetitions=5 --benchmark_report_aggregates_only=true
+	cmake --build $(BUILD)/release -j $(JOBS) --target concurrency_limiter_asio_bench
+	@echo "== async_acquire through an io_context"
+	$(BUILD)/release/concurrency_limiter_asio_bench --benchmark_repetitions=5 --benchmark_report_aggregates_only=true
 
 bench-redis: install
 	$(PY) bench/redis_bench.py

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs the Debian packages the build needs when they are missing:
 # a C++ toolchain, Clang (for its thread-safety analysis), CMake, Ninja,
-# pkg-config, GoogleTest, Google Benchmark, Python's venv and headers, and
+# pkg-config, GoogleTest, Google Benchmark, standalone Asio and SQLite (the
+# Asio integration and the C++ demo server), Python's venv and headers, and
 # redis-server (the cluster-scope tests start their own on a free port).
 # Needs root (or sudo) only when something is missing.
 set -euo pipefail
@@ -15,6 +16,8 @@ command -v pkg-config >/dev/null || need+=(pkg-config)
 [ -f /usr/include/gtest/gtest.h ] || need+=(libgtest-dev)
 [ -f /usr/include/benchmark/benchmark.h ] || need+=(libbenchmark-dev)
 command -v redis-server >/dev/null || need+=(redis-server)
+[ -f /usr/include/asio.hpp ] || need+=(libasio-dev)
+[ -f /usr/include/sqlite3.h ] || need+=(libsqlite3-dev)
 python3 -m venv --help >/dev/null 2>&1 || need+=(python3-venv)
 python3 -c "import os, sysconfig; assert os.path.exists(os.path.join(sysconfig.get_paths()['include'], 'Python.h'))" \
   2>/dev/null || need+=(python3-dev)

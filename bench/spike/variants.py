@@ -100,6 +100,42 @@ def _original_interpreter(progress: Callable[[str], None]) -> Path:
     return original.ensure_python(progress)
 
 
+CPP_BUILD_DIR = Path(__file__).resolve().parents[2] / "build" / "spike-cpp"
+"""Where the C++ variants' server (``examples/cpp/demo_server.cc``) is built."""
+
+
+def _cpp_interpreter(progress: Callable[[str], None]) -> Path:
+    """Builds the C++ demo server with CMake (a no-op when up to date); it runs no Python."""
+    import shutil
+    import subprocess
+
+    if shutil.which("cmake") is None:
+        raise RuntimeError("cmake is not installed (make system-deps installs it)")
+    steps = []
+    if not (CPP_BUILD_DIR / "CMakeCache.txt").exists():
+        progress(f"building the C++ demo server in {CPP_BUILD_DIR} (once)")
+        steps.append([
+            "cmake", "-S", str(CPP_BUILD_DIR.parents[1]), "-B", str(CPP_BUILD_DIR),
+            "-DCMAKE_BUILD_TYPE=Release", "-DCL_BUILD_TESTS=OFF", "-DCL_BUILD_BENCHMARKS=OFF",
+        ])  # fmt: skip
+    steps.append(["cmake", "--build", str(CPP_BUILD_DIR), "--target", "demo_server"])
+    for step in steps:
+        result = subprocess.run(step, capture_output=True, text=True, check=False)
+        if result.returncode != 0:
+            raise RuntimeError(
+                "cannot build the C++ demo server (it needs Asio and SQLite: "
+                "make system-deps):\n" + (result.stdout + result.stderr)[-1500:]
+            )
+    return Path(sys.executable)
+
+
+def _cpp_command(_variant: Variant, launch: Launch) -> list[str]:
+    """The C++ server; the database, the file, the variant's name and the gauges'
+    directory come from the environment (``SPIKE_DB``, ``SPIKE_FILE``,
+    ``SPIKE_VARIANT``, ``SPIKE_PROBE_DIR``), as for the Python app."""
+    return [str(CPP_BUILD_DIR / "demo_server"), "--host", launch.host, "--port", str(launch.port)]
+
+
 @dataclass(frozen=True)
 class Variant:
     """One server configuration measured under the same load as the others."""
@@ -194,6 +230,30 @@ _REGISTRY: list[Variant] = [
         app="package-redis",
         instances=2,
         services=_redis_server,
+    ),
+    Variant(
+        name="cpp",
+        description=(
+            "the same service in C++ (`examples/cpp/demo_server.cc`: Asio coroutines, "
+            "`async_acquire`, the query in a 40-thread pool): `Resource(5)`, `Resource(10)`, "
+            "2 s timeout"
+        ),
+        color="#17becf",
+        app=None,
+        package=None,
+        interpreter=_cpp_interpreter,
+        command=_cpp_command,
+    ),
+    Variant(
+        name="cpp-none",
+        description="the C++ service without the limiter (`SPIKE_NO_LIMIT=1`)",
+        color="#e377c2",
+        app=None,
+        package=None,
+        db_capacity=None,
+        env={"SPIKE_NO_LIMIT": "1"},
+        interpreter=_cpp_interpreter,
+        command=_cpp_command,
     ),
 ]
 

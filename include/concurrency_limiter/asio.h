@@ -1,0 +1,553 @@
+// Asio integration: wait for slots without blocking a thread.
+//
+// async_acquire() is the asynchronous form of Limiter::acquire() for servers
+// built on Asio (standalone Asio 1.22 or later, header only). It takes any
+// completion token, so the same call serves callbacks, C++20 coroutines,
+// deferred operations and futures:
+//
+//   #include "concurrency_limiter/asio.h"
+//   namespace cl = concurrency_limiter;
+//
+//   asio::awaitable<void> handle(Session& s) {
+//     auto [ec, permit] = co_await cl::async_acquire(
+//         limiter, needs_db, std::chrono::seconds(2),
+//         asio::experimental::as_tuple(asio::use_awaitable));
+//     if (ec) {                        // ec.message(): "timed out waiting for resource 'db'"
+//       co_await s.reply_503();
+//       co_return;
+//     }
+//     co_await s.reply(co_await run_query());   // the slot is held until `permit` dies
+//   }
+//
+// The handler's signature is void(std::error_code, Permit). On success the
+// error code is clear and the Permit holds one slot of every resource of the
+// set. Otherwise the Permit is empty and the error code says why; it compares
+// equal to the Outcome (`ec == cl::Outcome::kTimeout`), its message names the
+// resource that turned the request away, and a cancelled wait also compares
+// equal to std::errc::operation_canceled (as asio::error::operation_aborted
+// does), a timeout to std::errc::timed_out.
+//
+// What it waits on: the request joins the queue of each resource in the
+// set's order, exactly as the blocking calls do; no thread blocks. The slot is
+// handed over by whichever thread releases it (an I/O thread, a worker pool),
+// and the completion is then posted to the handler's associated executor: the
+// handler never runs inline, neither inside async_acquire() nor on the
+// releasing thread. A strand, a second io_context or a coroutine's executor is
+// honoured. An operation keeps its executor's io_context from running out of
+// work while it waits.
+//
+// Timeout: `timeout` covers acquiring every resource of the set; when it
+// passes the request leaves the queue and completes with kTimeout, every slot
+// it held released at once. One steady_timer per waiting request; no timer at
+// all when a slot is free at once. A zero or negative timeout means "try
+// once": it waits behind nobody, but never for a slot to be released.
+// Clock::duration::max() (or anything beyond a century) waits without a
+// deadline.
+//
+// Cancellation: per-operation cancellation (terminal, partial and total) is
+// honoured through the handler's associated cancellation slot, so
+// `co_await (async_acquire(..., use_awaitable) || timer.async_wait(use_awaitable))`
+// and every other Asio composition work. A cancelled request leaves the queue
+// and completes with kCancelled; nothing is held and no side effect remains.
+// The grant-vs-timeout and grant-vs-cancel races are decided once by the
+// engine under the resource's lock: when the slot was granted first, the
+// operation completes with the Permit (and a caller that no longer wants it
+// just drops it); otherwise the slot goes to the next waiter. A slot is never
+// lost. As for every Asio operation, the cancellation slot must not be
+// emitted concurrently with the operation's completion (emit from the
+// handler's executor or strand).
+//
+// io_context destruction: operations still waiting when their io_context is
+// destroyed leave their queues, and their handlers are destroyed without being
+// called (the Asio rule for pending operations). A grant whose completion was
+// posted but never ran is released when the io_context destroys it. Either
+// way no slot stays taken and nothing leaks. Which io_context: the one of the
+// handler's associated executor, or of the I/O executor passed in when that
+// executor cannot name one (use_future); it must outlive its operations'
+// completions, as for any Asio operation.
+//
+// Thread safety: async_acquire() may be called from any thread, concurrently
+// with itself and with releases from other threads.
+#pragma once
+
+#include <asio/associated_cancellation_slot.hpp>
+#include <asio/associated_executor.hpp>
+#include <asio/async_result.hpp>
+#include <asio/cancellation_type.hpp>
+#include <asio/execution.hpp>
+#include <asio/execution_context.hpp>
+#include <asio/post.hpp>
+#include <asio/prefer.hpp>
+#include <asio/query.hpp>
+#include <asio/steady_timer.hpp>
+#include <asio/system_executor.hpp>
+#include <asio/version.hpp>
+#include <algorithm>
+#include <chrono>
+#include <map>
+#include <memory>
+#include <optional>
+#include <string>
+#include <string_view>
+#include <system_error>
+#include <type_traits>
+#include <utility>
+
+#include "concurrency_limiter/acquisition.h"
+#include "concurrency_limiter/internal/mutex.h"
+#include "concurrency_limiter/internal/thread_annotations.h"
+#include "concurrency_limiter/limiter.h"
+#include "concurrency_limiter/outcome.h"
+#include "concurrency_limiter/permit.h"
+#include "concurrency_limiter/resource_set.h"
+
+#if ASIO_VERSION < 102200
+#error "concurrency_limiter/asio.h needs Asio 1.22 or later (cancellation slots)"
+#endif
+
+namespace concurrency_limiter {
+
+// --- Error codes ----------------------------------------------------------
+
+// The category of the error conditions `Outcome::kTimeout` ... `kCancelled`
+// (`ec == Outcome::kShed`). Its name is "concurrency_limiter".
+const std::error_category& outcome_category() noexcept;
+
+// The category of the error codes of one resource: same values and
+// conditions as outcome_category(), with messages that name the resource
+// ("timed out waiting for resource 'db'"). One per name, kept for the life
+// of the program.
+const std::error_category& resource_category(std::string_view resource_name);
+
+// The error code of a rejected Permit (clear for a granted one).
+std::error_code make_error_code(const Permit& permit);
+
+inline std::error_condition make_error_condition(Outcome o) noexcept {
+  return {static_cast<int>(o), outcome_category()};
+}
+
+}  // namespace concurrency_limiter
+
+template <>
+struct std::is_error_condition_enum<concurrency_limiter::Outcome> : std::true_type {};
+
+namespace concurrency_limiter {
+namespace detail {
+
+inline std::string outcome_message(int value, std::string_view resource) {
+  std::string on = resource.empty() ? std::string("a resource")
+                                    : "resource '" + std::string(resource) + "'";
+  switch (static_cast<Outcome>(value)) {
+    case Outcome::kGranted: return "granted";
+    case Outcome::kTimeout: return "timed out waiting for " + on;
+    case Outcome::kQueueFull: return "queue full for " + on;
+    case Outcome::kShed: return "shed from the queue of " + on;
+    case Outcome::kDisconnected: return "client disconnected while waiting for " + on;
+    case Outcome::kCancelled: return "cancelled while waiting for " + on;
+    case Outcome::kPending: return "still waiting for " + on;
+  }
+  return "unknown outcome";
+}
+
+class OutcomeCategory : public std::error_category {
+ public:
+  explicit OutcomeCategory(std::string resource = {}) : resource_(std::move(resource)) {}
+  const char* name() const noexcept override { return "concurrency_limiter"; }
+  std::string message(int value) const override {
+    return outcome_message(value, resource_);
+  }
+  std::error_condition default_error_condition(int value) const noexcept override {
+    return {value, outcome_category()};
+  }
+  // Also equal to the generic conditions a caller may already test for.
+  bool equivalent(int value, const std::error_condition& cond) const noexcept override {
+    if (cond == default_error_condition(value)) return true;
+    const auto o = static_cast<Outcome>(value);
+    return (o == Outcome::kCancelled && cond == std::errc::operation_canceled) ||
+           (o == Outcome::kTimeout && cond == std::errc::timed_out);
+  }
+
+ private:
+  const std::string resource_;
+};
+
+}  // namespace detail
+
+inline const std::error_category& outcome_category() noexcept {
+  static const detail::OutcomeCategory category;
+  return category;
+}
+
+inline const std::error_category& resource_category(std::string_view resource_name) {
+  // Never freed: error codes may outlive every resource and static
+  // destructors. One small object per distinct resource name.
+  struct Registry {
+    detail::Mutex mu;
+    std::map<std::string, std::unique_ptr<detail::OutcomeCategory>, std::less<>>
+        by_name CL_GUARDED_BY(mu);
+  };
+  static Registry* const registry = new Registry;
+  detail::MutexLock lock(registry->mu);
+  auto it = registry->by_name.find(resource_name);
+  if (it == registry->by_name.end()) {
+    it = registry->by_name
+             .emplace(std::string(resource_name),
+                      std::make_unique<detail::OutcomeCategory>(std::string(resource_name)))
+             .first;
+  }
+  return *it->second;
+}
+
+inline std::error_code make_error_code(const Permit& permit) {
+  if (permit.outcome() == Outcome::kGranted) return {};
+  const int value = static_cast<int>(permit.outcome());
+  if (permit.refused_by_name().empty()) return {value, outcome_category()};
+  return {value, resource_category(permit.refused_by_name())};
+}
+
+// --- async_acquire ----------------------------------------------------------
+
+namespace detail {
+
+class AcquireService;
+
+// A waiting operation as its service sees it.
+class PendingAcquire {
+ public:
+  PendingAcquire() = default;
+  PendingAcquire(const PendingAcquire&) = delete;
+  PendingAcquire& operator=(const PendingAcquire&) = delete;
+
+  // The engine decided the acquisition: post the completion, which takes
+  // ownership of this operation. Called once, with the claim mutex held.
+  virtual void complete() noexcept = 0;
+  // Deletes the operation without calling its handler.
+  virtual void destroy() noexcept = 0;
+
+  // Shared with the engine's callback, the timer and the cancellation slot,
+  // which may outlive the operation.
+  struct Shared {
+    // Lets the timer and the cancellation slot reach the acquisition while
+    // it may still be pending; cleared before the acquisition is handed to
+    // the handler or destroyed. Held across Acquisition::cancel(), whose
+    // completion callback takes claim_mu: order cancel_mu, then claim_mu.
+    Mutex cancel_mu CL_ACQUIRED_BEFORE(claim_mu);
+    Acquisition* acquisition CL_GUARDED_BY(cancel_mu) = nullptr;
+    // Decides who owns a pending operation once it leaves the waiting state:
+    // the engine's callback (which posts its completion while holding the
+    // mutex) or the service shutting down (which destroys it). So a
+    // completion is never posted to an io_context that is already gone.
+    Mutex claim_mu;
+    PendingAcquire* op CL_GUARDED_BY(claim_mu) = nullptr;
+  };
+
+  // True if the caller now owns the operation (the engine had not decided).
+  bool claim() noexcept {
+    MutexLock lock(shared_->claim_mu);
+    return std::exchange(shared_->op, nullptr) != nullptr;
+  }
+
+ protected:
+  ~PendingAcquire() = default;
+
+  std::shared_ptr<Shared> shared_ = std::make_shared<Shared>();
+
+ private:
+  friend class AcquireService;
+  PendingAcquire* prev_ = nullptr;  // guarded by the service's mu_
+  PendingAcquire* next_ = nullptr;  // guarded by the service's mu_
+  bool linked_ = false;             // guarded by the service's mu_
+};
+
+// Knows the operations waiting in one execution context, so that they can
+// be ended when the context shuts down.
+class AcquireService final : public asio::execution_context::service {
+ public:
+  inline static asio::execution_context::id id;
+
+  explicit AcquireService(asio::execution_context& context) : service(context) {}
+
+  // False once the context is shutting down: the caller destroys the
+  // operation instead of starting it.
+  bool add(PendingAcquire& op) {
+    MutexLock lock(mu_);
+    if (shut_down_) return false;
+    op.prev_ = nullptr;
+    op.next_ = head_;
+    if (head_) head_->prev_ = &op;
+    head_ = &op;
+    op.linked_ = true;
+    return true;
+  }
+
+  void remove(PendingAcquire& op) noexcept {
+    MutexLock lock(mu_);
+    unlink_locked(op);
+  }
+
+ private:
+  void unlink_locked(PendingAcquire& op) noexcept CL_REQUIRES(mu_) {
+    if (!op.linked_) return;
+    if (op.prev_) op.prev_->next_ = op.next_; else head_ = op.next_;
+    if (op.next_) op.next_->prev_ = op.prev_;
+    op.prev_ = op.next_ = nullptr;
+    op.linked_ = false;
+  }
+
+  // Runs before the scheduler's own shutdown (services shut down newest
+  // first, and the scheduler is the context's first service), so a
+  // completion posted by a callback that won claim() is still destroyed by
+  // the scheduler. Operations are ended one at a time without mu_ held:
+  // destroying one may release slots and complete others.
+  void shutdown() override {
+    for (;;) {
+      PendingAcquire* op;
+      {
+        MutexLock lock(mu_);
+        shut_down_ = true;
+        op = head_;
+        if (!op) return;
+        unlink_locked(*op);
+      }
+      if (op->claim()) op->destroy();
+    }
+  }
+
+  Mutex mu_;
+  PendingAcquire* head_ CL_GUARDED_BY(mu_) = nullptr;
+  bool shut_down_ CL_GUARDED_BY(mu_) = false;
+};
+
+template <class Executor>
+inline constexpr bool kHasContext =
+    asio::execution::is_executor<Executor>::value &&
+    asio::can_query<Executor, asio::execution::context_t>::value;
+
+template <class Executor>
+asio::execution_context& context_of(const Executor& ex) {
+  return asio::query(ex, asio::execution::context);
+}
+
+// The executor whose context owns the operation (its timer and its service):
+// the handler's when it can name a context, else the I/O executor.
+template <class HandlerExecutor, class IoExecutor>
+auto owning_executor(const HandlerExecutor& handler_ex, const IoExecutor& io_ex) {
+  if constexpr (kHasContext<HandlerExecutor>) {
+    return handler_ex;
+  } else {
+    return io_ex;
+  }
+}
+
+template <class Handler>
+void invoke_with(Handler& handler, Permit permit) {
+  const std::error_code ec = make_error_code(permit);
+  std::move(handler)(ec, std::move(permit));
+}
+
+template <class Handler, class HandlerExecutor>
+class AcquireOp final : public PendingAcquire {
+ public:
+  AcquireOp(Handler handler, const HandlerExecutor& handler_ex,
+            AcquireService& service, std::unique_ptr<Acquisition> acquisition)
+      : handler_(std::move(handler)),
+        work_(asio::prefer(handler_ex, asio::execution::outstanding_work.tracked)),
+        service_(service),
+        acquisition_(std::move(acquisition)) {}
+
+  // Arms the timer, connects the cancellation slot and queues the request.
+  // The caller owns the operation until this returns.
+  template <class OwningExecutor>
+  void start(const OwningExecutor& owner_ex, Clock::duration timeout) {
+    if (!service_.add(*this)) {  // the context is shutting down
+      delete this;
+      return;
+    }
+    auto shared = shared_;
+    // Held until the acquisition is started, so a timer or a cancellation
+    // arriving meanwhile (from another thread) acts on a started request.
+    MutexLock cancel_lock(shared->cancel_mu);
+    shared->acquisition = acquisition_.get();
+    {
+      MutexLock lock(shared->claim_mu);
+      shared->op = this;
+    }
+    // Beyond a century counts as no deadline (and cannot overflow the clock).
+    if (timeout < std::chrono::hours(24 * 365 * 100)) {
+      timer_.emplace(owner_ex);
+      timer_->expires_after(std::max(timeout, Clock::duration::zero()));
+      timer_->async_wait([shared](const std::error_code& ec) {
+        if (ec) return;  // cancelled: the operation completed first
+        MutexLock lock(shared->cancel_mu);
+        if (shared->acquisition) shared->acquisition->expire();
+      });
+    }
+    slot_ = asio::get_associated_cancellation_slot(handler_);
+    if (slot_.is_connected()) {
+      slot_.assign([shared](asio::cancellation_type type) {
+        constexpr auto honoured = asio::cancellation_type::terminal |
+                                  asio::cancellation_type::partial |
+                                  asio::cancellation_type::total;
+        if ((type & honoured) == asio::cancellation_type::none) return;
+        MutexLock lock(shared->cancel_mu);
+        if (shared->acquisition) shared->acquisition->cancel(Outcome::kCancelled);
+      });
+    }
+    const Outcome o = acquisition_->start([shared](Outcome) {
+      MutexLock lock(shared->claim_mu);
+      if (PendingAcquire* op = std::exchange(shared->op, nullptr)) op->complete();
+    });
+    if (o != Outcome::kPending) {  // decided at once: no callback will come
+      shared->acquisition = nullptr;
+      MutexLock lock(shared->claim_mu);
+      shared->op = nullptr;
+      complete();
+    }
+  }
+
+  void complete() noexcept override {
+    asio::post(work_, Completion{this});
+  }
+
+  void destroy() noexcept override {
+    {
+      MutexLock lock(shared_->cancel_mu);
+      shared_->acquisition = nullptr;
+    }
+    delete this;
+  }
+
+ private:
+  // Posted to the handler's executor; owns the operation until it runs.
+  struct Completion {
+    AcquireOp* op;
+    Completion(AcquireOp* o) : op(o) {}
+    Completion(Completion&& other) noexcept : op(std::exchange(other.op, nullptr)) {}
+    Completion& operator=(Completion&&) = delete;
+    ~Completion() {
+      if (op) op->destroy();  // never run: the context was destroyed
+    }
+    void operator()() { std::exchange(op, nullptr)->finish(); }
+  };
+
+  ~AcquireOp() {
+    service_.remove(*this);
+    // The members go in reverse order: the timer (cancelling its wait), then
+    // the acquisition (leaving the queue or releasing its slots), the work.
+  }
+
+  void finish() {
+    {
+      MutexLock lock(shared_->cancel_mu);
+      shared_->acquisition = nullptr;  // the timer and the slot can no longer act
+    }
+    if (slot_.is_connected()) slot_.clear();
+    Permit permit = make_permit(std::move(acquisition_));
+    Handler handler = std::move(handler_);
+    delete this;  // frees the timer and the work before the handler runs
+    invoke_with(handler, std::move(permit));
+  }
+
+  Handler handler_;
+  std::decay_t<decltype(asio::prefer(std::declval<const HandlerExecutor&>(),
+                                     asio::execution::outstanding_work.tracked))>
+      work_;
+  AcquireService& service_;
+  std::unique_ptr<Acquisition> acquisition_;
+  std::optional<asio::steady_timer> timer_;
+  asio::cancellation_slot slot_;
+};
+
+template <class IoExecutor>
+class AcquireInitiation {
+ public:
+  using executor_type = IoExecutor;
+
+  explicit AcquireInitiation(const IoExecutor& ex) : ex_(ex) {}
+  executor_type get_executor() const noexcept { return ex_; }
+
+  template <class Handler>
+  void operator()(Handler&& handler, std::shared_ptr<const ResourceSet> set,
+                  Clock::duration timeout) const {
+    using H = std::decay_t<Handler>;
+    auto handler_ex = asio::get_associated_executor(handler, ex_);
+    auto acquisition = std::make_unique<Acquisition>(std::move(set));
+    if (acquisition->try_acquire()) {
+      // Uncontended: no timer, no bookkeeping, one post.
+      asio::post(handler_ex,
+                 [h = H(std::forward<Handler>(handler)),
+                  permit = make_permit(std::move(acquisition))]() mutable {
+                   invoke_with(h, std::move(permit));
+                 });
+      return;
+    }
+    auto owner_ex = owning_executor(handler_ex, ex_);
+    static_assert(kHasContext<decltype(owner_ex)>,
+                  "async_acquire needs an I/O executor: pass one (or an "
+                  "io_context) as its first argument");
+    auto& service = asio::use_service<AcquireService>(context_of(owner_ex));
+    auto* op = new AcquireOp<H, decltype(handler_ex)>(
+        H(std::forward<Handler>(handler)), handler_ex, service, std::move(acquisition));
+    op->start(owner_ex, timeout);
+  }
+
+ private:
+  IoExecutor ex_;
+};
+
+template <class T>
+inline constexpr bool kIsExecutor =
+    asio::execution::is_executor<T>::value || asio::is_executor<T>::value;
+
+}  // namespace detail
+
+// Acquires a slot of every resource in `set` (from limiter.select()) within
+// `timeout`, without blocking, and completes `token` with
+// (std::error_code, Permit) on the handler's associated executor. See the top
+// of this header for the semantics.
+//
+// `io_executor` (or `context`) is the default executor of handlers that have
+// none (a plain callback), and owns the operation when the handler's executor
+// cannot name an execution context (use_future). Without it the system
+// executor is the default, which suits coroutines and bound handlers.
+template <class Executor, class CompletionToken>
+  requires detail::kIsExecutor<Executor>
+auto async_acquire(const Executor& io_executor, const Limiter& limiter,
+                   std::shared_ptr<const ResourceSet> set, Clock::duration timeout,
+                   CompletionToken&& token) {
+  (void)limiter;  // the set carries the resources; the limiter validated it
+  return asio::async_initiate<CompletionToken, void(std::error_code, Permit)>(
+      detail::AcquireInitiation<Executor>(io_executor), token,
+      std::move(set), timeout);
+}
+
+// With the limiter's timeout.
+template <class Executor, class CompletionToken>
+  requires detail::kIsExecutor<Executor>
+auto async_acquire(const Executor& io_executor, const Limiter& limiter,
+                   std::shared_ptr<const ResourceSet> set, CompletionToken&& token) {
+  return async_acquire(io_executor, limiter, std::move(set), limiter.timeout(),
+                       std::forward<CompletionToken>(token));
+}
+
+template <class ExecutionContext, class... Args>
+  requires std::is_convertible_v<ExecutionContext&, asio::execution_context&>
+auto async_acquire(ExecutionContext& context, const Limiter& limiter, Args&&... args) {
+  return async_acquire(context.get_executor(), limiter, std::forward<Args>(args)...);
+}
+
+template <class CompletionToken>
+auto async_acquire(const Limiter& limiter, std::shared_ptr<const ResourceSet> set,
+                   Clock::duration timeout, CompletionToken&& token) {
+  return async_acquire(asio::system_executor(), limiter, std::move(set), timeout,
+                       std::forward<CompletionToken>(token));
+}
+
+template <class CompletionToken>
+auto async_acquire(const Limiter& limiter, std::shared_ptr<const ResourceSet> set,
+                   CompletionToken&& token) {
+  return async_acquire(asio::system_executor(), limiter, std::move(set),
+                       limiter.timeout(), std::forward<CompletionToken>(token));
+}
+
+}  // namespace concurrency_limiter
