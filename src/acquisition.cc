@@ -33,7 +33,7 @@ Acquisition::~Acquisition() {
       state_ = State::kRejected;
       outcome_ = Outcome::kCancelled;
     } else if (state_ == State::kGranted) {
-      release_held_locked(notices);
+      release_held_locked(notices, Completion::kSuccess);
       state_ = State::kReleased;
     }
   }
@@ -108,10 +108,15 @@ void Acquisition::reject_locked(std::uint32_t index, Outcome reason,
   outcome_ = reason;
 }
 
-void Acquisition::release_held_locked(detail::NoticeList& notices) {
+void Acquisition::release_held_locked(detail::NoticeList& notices,
+                                      Completion completion) {
+  if (held_ == 0) return;
+  // The request's service time runs from the grant of its last slot.
+  const Clock::time_point last_granted_at = nodes_[held_ - 1].granted_at_;
   while (held_ > 0) {
     --held_;
-    resource(held_).release(nodes_[held_].granted_at_, notices);
+    resource(held_).release(nodes_[held_].granted_at_, last_granted_at,
+                            completion, notices);
   }
 }
 
@@ -179,11 +184,11 @@ void Acquisition::cancel(Outcome reason) {
   if (callback) callback(final_outcome);
 }
 
-void Acquisition::release() {
+void Acquisition::release(Completion completion) {
   detail::NoticeList notices;
   std::lock_guard lock(mu_);
   if (state_ != State::kGranted) return;
-  release_held_locked(notices);
+  release_held_locked(notices, completion);
   state_ = State::kReleased;
 }
 

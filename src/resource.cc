@@ -1,5 +1,6 @@
 #include "concurrency_limiter/resource.h"
 
+#include <algorithm>
 #include <atomic>
 #include <stdexcept>
 #include <string>
@@ -115,7 +116,10 @@ Resource::Resource(ResourceOptions o, int)
       max_waiting_(o.max_waiting ? *o.max_waiting : -1),
       discipline_(o.queue),
       target_(o.adaptive_target),
-      interval_(o.adaptive_interval) {
+      interval_(o.adaptive_interval),
+      algorithm_(std::move(o.limit_algorithm)),
+      limit_(algorithm_ ? std::clamp<std::int64_t>(algorithm_->start(capacity_), 1, capacity_)
+                        : capacity_) {
   stats_.name = name_;
   stats_.capacity = capacity_;
   stats_.max_waiting = o.max_waiting;
@@ -127,6 +131,46 @@ Resource::~Resource() = default;
 std::optional<std::int64_t> Resource::max_waiting() const noexcept {
   if (max_waiting_ < 0) return std::nullopt;
   return max_waiting_;
+}
+
+std::int64_t Resource::limit() const {
+  std::lock_guard lock(mu_);
+  return limit_;
+}
+
+void Resource::set_limit(std::int64_t limit) {
+  if (limit < 1 || limit > capacity_) {
+    throw std::invalid_argument("limit of resource '" + name_ +
+                                "' must be an integer in [1, capacity=" +
+                                std::to_string(capacity_) + "], got " +
+                                std::to_string(limit));
+  }
+  detail::NoticeList notices;  // fired after mu_ is unlocked
+  const auto now = Clock::now();
+  std::lock_guard lock(mu_);
+  set_limit_locked(limit, now, notices);
+}
+
+void Resource::set_limit_locked(std::int64_t limit, Clock::time_point now,
+                                detail::NoticeList& notices) {
+  limit_ = limit;
+  // Raised: the new slots go to waiters at once. (Waiters exist only while
+  // every slot in force is taken.)
+  while (in_use_ < limit_ && head_) {
+    detail::WaiterNode* next = pick_locked(now, notices);
+    if (!next) break;
+    ++in_use_;
+    grant_locked(*next, now);
+    notices.push(next);
+  }
+}
+
+void Resource::learn(const LimitSample& sample, detail::NoticeList& notices) {
+  std::lock_guard algorithm_lock(algorithm_mu_);
+  const std::int64_t limit =
+      std::clamp<std::int64_t>(algorithm_->update(sample), 1, capacity_);
+  std::lock_guard lock(mu_);
+  if (limit != limit_) set_limit_locked(limit, sample.end, notices);
 }
 
 std::int64_t Resource::in_use() const {
@@ -142,6 +186,7 @@ std::int64_t Resource::waiting() const {
 ResourceStatistics Resource::statistics() const {
   std::lock_guard lock(mu_);
   ResourceStatistics s = stats_;
+  s.limit = limit_;
   s.in_use = in_use_;
   s.waiting = waiting_;
   return s;
@@ -169,10 +214,10 @@ void Resource::grant_free_slot_locked(detail::WaiterNode& node,
 }
 
 bool Resource::try_grant(detail::WaiterNode& node) {
-  // The grant time only serves the hold-time histogram.
-  const auto now = kStatistics ? Clock::now() : Clock::time_point{};
+  // The grant time serves the hold-time histogram and the limit algorithm.
+  const auto now = kStatistics || algorithm_ ? Clock::now() : Clock::time_point{};
   std::lock_guard lock(mu_);
-  if (in_use_ >= capacity_ || waiting_ > 0) return false;
+  if (in_use_ >= limit_ || waiting_ > 0) return false;
   grant_free_slot_locked(node, now);
   return true;
 }
@@ -181,7 +226,7 @@ Outcome Resource::enqueue(detail::WaiterNode& node,
                           detail::NoticeList& notices) {
   const auto now = Clock::now();
   std::lock_guard lock(mu_);
-  if (in_use_ < capacity_ && waiting_ == 0) {
+  if (in_use_ < limit_ && waiting_ == 0) {
     grant_free_slot_locked(node, now);
     return Outcome::kGranted;
   }
@@ -236,15 +281,31 @@ void Resource::count_rejection(Outcome reason) {
 }
 
 void Resource::release(Clock::time_point granted_at,
+                       Clock::time_point last_granted_at, Completion completion,
                        detail::NoticeList& notices) {
   const auto now = Clock::now();
-  std::lock_guard lock(mu_);
-  if constexpr (kStatistics) stats_.hold_seconds.observe(seconds(now - granted_at));
-  hand_over_locked(now, notices);
+  std::int64_t in_flight;
+  {
+    std::lock_guard lock(mu_);
+    in_flight = in_use_;
+    if constexpr (kStatistics) stats_.hold_seconds.observe(seconds(now - granted_at));
+    hand_over_locked(now, notices);
+  }
+  if (algorithm_ && completion != Completion::kIgnored) {
+    learn(LimitSample{.end = now,
+                      .service_time = now - last_granted_at,
+                      .in_flight = in_flight,
+                      .dropped = completion == Completion::kDropped},
+          notices);
+  }
 }
 
 void Resource::hand_over_locked(Clock::time_point now,
                                 detail::NoticeList& notices) {
+  if (in_use_ > limit_) {
+    --in_use_;  // the limit was lowered: retire the slot
+    return;
+  }
   if (detail::WaiterNode* next = pick_locked(now, notices)) {
     grant_locked(*next, now);  // in_use_ stays the same
     notices.push(next);
@@ -300,7 +361,7 @@ bool Resource::standing_locked(Clock::time_point now) {
   // of slots drains within about one service time: it never stands (this
   // also ends the newest-first order once an overload is over, when the
   // waiters it had pushed back would otherwise keep the head old).
-  if (!head_ || waiting_ <= capacity_ || now - head_->enqueued_at_ <= target_) {
+  if (!head_ || waiting_ <= limit_ || now - head_->enqueued_at_ <= target_) {
     above_target_since_.reset();
     return false;
   }

@@ -95,8 +95,10 @@ class Acquisition {
   void expire() { cancel(Outcome::kTimeout); }
 
   // Gives every held slot back, last acquired first, each to its resource's
-  // next waiter if there is one. No effect unless granted.
-  void release();
+  // next waiter if there is one. No effect unless granted. `completion`
+  // tells adaptive resources how the work went (kDropped: it failed or timed
+  // out); the destructor of a granted acquisition reports kSuccess.
+  void release(Completion completion = Completion::kSuccess);
 
   State state() const;
   // The final outcome, or kPending while not decided.
@@ -132,7 +134,9 @@ class Acquisition {
   // wait or rejects. Returns kGranted, kPending or a rejection.
   Outcome advance_locked(detail::NoticeList& notices);
   // Requires mu_. Releases the first `held_` resources, last first.
-  void release_held_locked(detail::NoticeList& notices);
+  // Partial holds (a failed acquisition) teach limit algorithms nothing.
+  void release_held_locked(detail::NoticeList& notices,
+                           Completion completion = Completion::kIgnored);
   Resource& resource(std::uint32_t i) const { return *set_->resources()[i]; }
 
   const std::shared_ptr<const ResourceSet> set_;

@@ -56,7 +56,8 @@ class LimitAlgorithm {
   virtual std::int64_t start(std::int64_t capacity) = 0;
 
   // One finished request. Returns the limit to put in force now, often the
-  // same as before. Called with no lock of the resource held, but serialised.
+  // same as before. Called with no lock of the resource held, but serialised;
+  // must not throw (it runs on the release path).
   virtual std::int64_t update(const LimitSample& sample) = 0;
 };
 

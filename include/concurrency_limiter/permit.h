@@ -41,10 +41,11 @@ class Permit {
   // Name of the resource that turned the request away; empty if granted.
   const std::string& refused_by_name() const noexcept { return refused_by_; }
 
-  // Gives the slots back now; later calls do nothing.
-  void release() noexcept {
+  // Gives the slots back now; later calls do nothing. `completion` tells
+  // adaptive resources how the work went (see Acquisition::release()).
+  void release(Completion completion = Completion::kSuccess) noexcept {
     if (granted_) {
-      granted_->release();
+      granted_->release(completion);
       granted_.reset();
     }
   }

@@ -14,6 +14,13 @@
 //     reply_503(p.outcome());   // kTimeout, kQueueFull, kShed or kCancelled
 //   }
 //
+// Limit: `capacity` is fixed; `limit` (1..capacity, capacity unless changed)
+// is the number of slots in force now. set_limit() moves it by hand; a
+// ResourceOptions::limit_algorithm (limit.h) moves it by itself from the
+// service times and outcomes of released slots. Raising the limit grants to
+// waiters at once; lowering it never revokes a held slot: released slots are
+// retired instead of handed over until in_use <= limit.
+//
 // Queue disciplines (ResourceOptions::queue):
 //   kFifo      oldest waiter first. When the queue is at max_waiting, the new
 //              request is rejected with kQueueFull at once.
@@ -57,12 +64,11 @@
 #include <utility>
 #include <vector>
 
+#include "concurrency_limiter/limit.h"
 #include "concurrency_limiter/outcome.h"
 #include "concurrency_limiter/statistics.h"
 
 namespace concurrency_limiter {
-
-using Clock = std::chrono::steady_clock;
 
 class Acquisition;
 class Permit;
@@ -85,6 +91,11 @@ struct ResourceOptions {
   // kAdaptive only: how long the oldest waiter must stay above the target
   // before the queue counts as standing. Must be > 0.
   Clock::duration adaptive_interval = std::chrono::milliseconds(1500);
+  // Moves the limit by itself (e.g. GradientLimit); null: the limit stays at
+  // capacity unless set_limit() changes it. Its start(capacity) is called by
+  // the constructor and may throw std::invalid_argument. Owned by this
+  // resource alone.
+  std::shared_ptr<LimitAlgorithm> limit_algorithm;
 };
 
 namespace detail {
@@ -177,6 +188,16 @@ class Resource : public std::enable_shared_from_this<Resource> {
 
   const std::string& name() const noexcept { return name_; }
   std::int64_t capacity() const noexcept { return capacity_; }
+  // The slots in force now, 1..capacity. A snapshot, as in_use().
+  std::int64_t limit() const;
+  // Puts `limit` slots in force. Throws std::invalid_argument unless
+  // 1 <= limit <= capacity. Raising it grants waiters at once (in the queue
+  // discipline's order; their callbacks run on this thread, after the lock is
+  // released). Lowering it revokes nothing: each slot released while
+  // in_use > limit is retired instead of handed over. On a resource with a
+  // limit algorithm, the algorithm moves the limit again at its next decision.
+  void set_limit(std::int64_t limit);
+  bool adaptive() const noexcept { return algorithm_ != nullptr; }
   std::optional<std::int64_t> max_waiting() const noexcept;
   QueueDiscipline queue() const noexcept { return discipline_; }
 
@@ -225,9 +246,16 @@ class Resource : public std::enable_shared_from_this<Resource> {
   void revert_grant(detail::NoticeList& notices);
   // Counts a rejection that the resource itself did not decide.
   void count_rejection(Outcome reason);
-  // Gives back one slot held since `granted_at`: hands it to the next waiter
-  // or frees it.
-  void release(Clock::time_point granted_at, detail::NoticeList& notices);
+  // Gives back one slot held since `granted_at`: hands it to the next waiter,
+  // or frees it, or retires it (in_use above the limit). `completion` and
+  // `last_granted_at` (the grant of the request's last slot) make the limit
+  // algorithm's sample.
+  void release(Clock::time_point granted_at, Clock::time_point last_granted_at,
+               Completion completion, detail::NoticeList& notices);
+  // Feeds one sample to the limit algorithm and puts its limit in force.
+  void learn(const LimitSample& sample, detail::NoticeList& notices);
+  void set_limit_locked(std::int64_t limit, Clock::time_point now,
+                        detail::NoticeList& notices);
 
   // Helpers; require mu_ held.
   void grant_free_slot_locked(detail::WaiterNode& node, Clock::time_point now);
@@ -251,8 +279,13 @@ class Resource : public std::enable_shared_from_this<Resource> {
   const QueueDiscipline discipline_;
   const Clock::duration target_;
   const Clock::duration interval_;
+  const std::shared_ptr<LimitAlgorithm> algorithm_;  // null: fixed limit
 
+  // Serialises the algorithm's calls and the limits they put in force.
+  // Order: algorithm_mu_ before mu_.
+  std::mutex algorithm_mu_;
   mutable std::mutex mu_;
+  std::int64_t limit_;               // 1..capacity_; guarded by mu_
   std::int64_t in_use_ = 0;          // guarded by mu_
   std::int64_t waiting_ = 0;         // guarded by mu_
   detail::WaiterNode* head_ = nullptr;  // oldest waiter; guarded by mu_
