@@ -1,0 +1,117 @@
+"""The runtime limit (``limit``, ``set_limit``) and adaptive resources."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from fastapi_concurrency_limiter import AdaptiveLimit, Limiter, Resource
+
+from .conftest import eventually
+
+pytestmark = pytest.mark.anyio
+
+
+def test_limit_is_the_capacity_unless_changed() -> None:
+    db = Resource(3, name="db")
+    assert (db.limit, db.adaptive) == (3, False)
+    db.set_limit(2)
+    assert (db.capacity, db.limit, db.statistics().limit) == (3, 2, 2)
+    assert "limit=2" in repr(db)
+
+
+@pytest.mark.parametrize(
+    ("bad", "error", "match"),
+    [
+        (0, ValueError, "limit must be an integer >= 1"),
+        (4, ValueError, r"limit of resource 'db' must be an integer in \[1, capacity=3\], got 4"),
+        (1.5, TypeError, "limit must be an integer"),
+        (True, TypeError, "limit must be an integer"),
+    ],
+)
+def test_set_limit_rejects_values_outside_one_to_capacity(
+    bad: object, error: type[Exception], match: str
+) -> None:
+    db = Resource(3, name="db")
+    with pytest.raises(error, match=match):
+        db.set_limit(bad)  # type: ignore[arg-type]
+    assert db.limit == 3
+
+
+async def test_raising_the_limit_grants_waiters_at_once_and_lowering_revokes_nothing() -> None:
+    db = Resource(3, name="db")
+    db.set_limit(1)
+    limiter = Limiter(timeout=5, resources=[db])
+    entered: list[int] = []
+    release = asyncio.Event()
+
+    async def user(i: int) -> None:
+        async with limiter.acquire([db]):
+            entered.append(i)
+            await release.wait()
+
+    tasks = [asyncio.create_task(user(i)) for i in range(3)]
+    await eventually(lambda: db.waiting == 2)
+    assert entered == [0]
+    db.set_limit(3)
+    await eventually(lambda: len(entered) == 3)
+    db.set_limit(1)  # the three keep their slots
+    assert db.in_use == 3
+    release.set()
+    await asyncio.gather(*tasks)
+    assert (db.in_use, db.limit) == (0, 1)
+
+
+def test_adaptive_true_starts_at_capacity() -> None:
+    db = Resource(50, adaptive=True)
+    assert (db.adaptive, db.limit, db.capacity) == (True, 50, 50)
+    assert Resource(50, adaptive=AdaptiveLimit(initial_limit=5)).limit == 5
+
+
+@pytest.mark.parametrize(
+    ("adaptive", "error", "match"),
+    [
+        ("yes", TypeError, "adaptive must be a bool or an AdaptiveLimit, got str 'yes'"),
+        (AdaptiveLimit(min_limit=0), ValueError, "min_limit must be an integer >= 1"),
+        (AdaptiveLimit(min_limit=5), ValueError, r"min_limit must be <= capacity \(4\)"),
+        (AdaptiveLimit(initial_limit=9), ValueError, "initial_limit must be <= capacity"),
+        (
+            AdaptiveLimit(min_limit=3, initial_limit=2),
+            ValueError,
+            r"AdaptiveLimit.initial_limit must be an integer >= 3",
+        ),
+        (AdaptiveLimit(tolerance=1), ValueError, r"AdaptiveLimit.tolerance must be a number > 1"),
+        (AdaptiveLimit(backoff=1.5), ValueError, r"backoff must be a number in \(0, 1\)"),
+        (AdaptiveLimit(drop_rate=1), ValueError, r"drop_rate must be a number in \[0, 1\)"),
+        (AdaptiveLimit(window=-1), ValueError, "AdaptiveLimit.window must be a finite number"),
+        (AdaptiveLimit(min_window_samples=0), ValueError, "AdaptiveLimit.min_window_samples"),
+        (AdaptiveLimit(tolerance="x"), TypeError, "AdaptiveLimit.tolerance must be a number"),  # type: ignore[arg-type]
+    ],
+)
+def test_adaptive_settings_are_validated_at_start_up(
+    adaptive: object, error: type[Exception], match: str
+) -> None:
+    with pytest.raises(error, match=match):
+        Resource(4, adaptive=adaptive)  # type: ignore[arg-type]
+
+
+async def test_adaptive_limit_comes_down_when_service_time_grows_with_concurrency() -> None:
+    """A downstream with a knee at 2: past it, each request takes longer in
+    proportion to the number in flight. 20 busy clients against a limit
+    starting at 20 bring it down near the knee."""
+    db = Resource(
+        20, name="db", adaptive=AdaptiveLimit(window=0.05, min_window_samples=5)
+    )
+    limiter = Limiter(timeout=30, resources=[db])
+    stop = time.monotonic() + 4.0
+
+    async def client() -> None:
+        while time.monotonic() < stop and db.limit > 4:
+            async with limiter.acquire([db]):
+                await asyncio.sleep(0.005 * max(1.0, db.in_use / 2))
+
+    await asyncio.gather(*(client() for _ in range(20)))
+    assert db.limit <= 4
+    assert db.statistics().limit == db.limit
