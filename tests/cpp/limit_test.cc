@@ -56,12 +56,21 @@ TEST(GradientLimit, ConvergesFromTheCeilingAndFollowsTheKnee) {
     const auto [lo, hi] = sim.limit_range(start + 20.0, start + kPhase);
     EXPECT_GE(static_cast<double>(lo), 0.8 * k) << "k=" << k;
     EXPECT_LE(static_cast<double>(hi), 1.5 * k) << "k=" << k;
+    // The last moment the limit was outside the bounds, from the change.
+    double settled = 0.0;
+    for (double t = start; t < start + kPhase; t += 0.1) {
+      const auto [l, h] = sim.limit_range(t, t + 0.1);
+      if (static_cast<double>(l) < 0.8 * k || static_cast<double>(h) > 1.5 * k) {
+        settled = t + 0.1 - start;
+      }
+    }
     const double goodput =
         static_cast<double>(sim.completed() - done_before) / kPhase;
     const double best = best_static_goodput(k, kPhase);
     EXPECT_GE(goodput, 0.9 * best) << "k=" << k;
-    std::printf("k=%.0f: limit %lld-%lld after 20 s, goodput %.1f/s = %.2f of the best fixed limit\n",
-                k, static_cast<long long>(lo), static_cast<long long>(hi),
+    std::printf("k=%.0f: within bounds after %.1f s, limit %lld-%lld after 20 s, "
+                "goodput %.1f/s = %.2f of the best fixed limit\n",
+                k, settled, static_cast<long long>(lo), static_cast<long long>(hi),
                 goodput, goodput / best);
     start += kPhase;
   }
