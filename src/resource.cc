@@ -8,6 +8,7 @@
 
 #include "concurrency_limiter/permit.h"
 #include "concurrency_limiter/resource_set.h"
+#include "internal/deadline.h"
 
 namespace concurrency_limiter {
 namespace {
@@ -24,6 +25,11 @@ ResourceOptions validated(ResourceOptions o) {
   if (o.capacity < 1) {
     throw std::invalid_argument("capacity must be an integer >= 1, got " +
                                 std::to_string(o.capacity));
+  }
+  if (o.capacity > Resource::kMaxCapacity) {
+    throw std::invalid_argument("capacity must be an integer <= " +
+                                std::to_string(Resource::kMaxCapacity) +
+                                ", got " + std::to_string(o.capacity));
   }
   if (o.max_waiting && *o.max_waiting < 0) {
     throw std::invalid_argument(
@@ -45,12 +51,6 @@ double seconds(Clock::duration d) {
   return std::chrono::duration<double>(d).count();
 }
 
-// CL_STATISTICS=0 compiles the counters and histograms out. It exists only
-// to measure what they cost (bench/engine_bench.cc); statistics() then
-// reports zeros.
-#ifndef CL_STATISTICS
-#define CL_STATISTICS 1
-#endif
 constexpr bool kStatistics = CL_STATISTICS != 0;
 
 }  // namespace
@@ -120,6 +120,7 @@ Resource::Resource(ResourceOptions o, int)
       algorithm_(std::move(o.limit_algorithm)),
       limit_(algorithm_ ? std::clamp<std::int64_t>(algorithm_->start(capacity_), 1, capacity_)
                         : capacity_) {
+  detail::MutexLock lock(mu_);
   stats_.name = name_;
   stats_.capacity = capacity_;
   stats_.max_waiting = o.max_waiting;
@@ -133,11 +134,6 @@ std::optional<std::int64_t> Resource::max_waiting() const noexcept {
   return max_waiting_;
 }
 
-std::int64_t Resource::limit() const {
-  std::lock_guard lock(mu_);
-  return limit_;
-}
-
 void Resource::set_limit(std::int64_t limit) {
   if (limit < 1 || limit > capacity_) {
     throw std::invalid_argument("limit of resource '" + name_ +
@@ -147,56 +143,109 @@ void Resource::set_limit(std::int64_t limit) {
   }
   detail::NoticeList notices;  // fired after mu_ is unlocked
   const auto now = Clock::now();
-  std::lock_guard lock(mu_);
+  detail::MutexLock lock(mu_);
   set_limit_locked(limit, now, notices);
 }
 
 void Resource::set_limit_locked(std::int64_t limit, Clock::time_point now,
                                 detail::NoticeList& notices) {
-  limit_ = limit;
-  // Raised: the new slots go to waiters at once. (Waiters exist only while
-  // every slot in force is taken.)
-  while (in_use_ < limit_ && head_) {
+  limit_.store(limit, std::memory_order_seq_cst);
+  // Raised: the new slots go to waiters at once. (While anyone waits, every
+  // slot in force is held, and grants go through mu_.)
+  while (head_ && in_use_of(word_.load(std::memory_order_relaxed)) < limit) {
     detail::WaiterNode* next = pick_locked(now, notices);
-    if (!next) break;
-    ++in_use_;
+    if (!next) break;  // the adaptive queue shed the last waiters
+    const std::uint64_t w = word_.fetch_add(kInUseOne, std::memory_order_acq_rel) + kInUseOne;
+    if constexpr (kStatistics) {
+      if (in_use_of(w) > peak_in_use_.load(std::memory_order_relaxed)) raise_peak(in_use_of(w));
+    }
     grant_locked(*next, now);
     notices.push(next);
   }
 }
 
 void Resource::learn(const LimitSample& sample, detail::NoticeList& notices) {
-  std::lock_guard algorithm_lock(algorithm_mu_);
+  detail::MutexLock algorithm_lock(algorithm_mu_);
   const std::int64_t limit =
       std::clamp<std::int64_t>(algorithm_->update(sample), 1, capacity_);
-  std::lock_guard lock(mu_);
-  if (limit != limit_) set_limit_locked(limit, sample.end, notices);
+  detail::MutexLock lock(mu_);
+  if (limit != limit_.load(std::memory_order_relaxed)) {
+    set_limit_locked(limit, sample.end, notices);
+  }
 }
 
-std::int64_t Resource::in_use() const {
-  std::lock_guard lock(mu_);
-  return in_use_;
+void Resource::undo_grant() noexcept {
+  detail::NoticeList notices;  // a waiter may get the slot instead
+  revert_grant(notices);
+}
+
+std::int64_t Resource::in_use() const noexcept {
+  return in_use_of(word_.load(std::memory_order_relaxed));
 }
 
 std::int64_t Resource::waiting() const {
-  std::lock_guard lock(mu_);
+  detail::MutexLock lock(mu_);
   return waiting_;
 }
 
 ResourceStatistics Resource::statistics() const {
-  std::lock_guard lock(mu_);
-  ResourceStatistics s = stats_;
-  s.limit = limit_;
-  s.in_use = in_use_;
+  detail::MutexLock lock(mu_);
+  // One load of the word: with mu_ held, everything else below is still.
+  const std::uint64_t w = word_.load(std::memory_order_acquire);
+  ResourceStatistics s;
+  s.in_use = in_use_of(w);
+  if constexpr (kStatistics) {
+    const std::uint64_t releases = releases_folded_ + (w >> kReleaseShift);
+    attribute_unmeasured_locked(releases);
+    s = stats_;
+    s.in_use = in_use_of(w);
+    s.acquired_total = releases + static_cast<std::uint64_t>(s.in_use);
+    s.peak_in_use = std::max(peak_in_use_.load(std::memory_order_relaxed), s.in_use);
+    // Grants that did not wait: counted here, with their 0 s wait.
+    const std::uint64_t at_once = s.acquired_total - stats_.wait_seconds.count;
+    s.wait_seconds.counts[0] += at_once;
+    s.wait_seconds.count += at_once;
+  } else {
+    s.name = stats_.name;
+    s.capacity = stats_.capacity;
+    s.max_waiting = stats_.max_waiting;
+    s.queue = stats_.queue;
+  }
   s.waiting = waiting_;
+  s.limit = limit_.load(std::memory_order_relaxed);
   return s;
 }
 
-void Resource::note_grant_locked(double waited) {
-  if constexpr (kStatistics) {
-    if (in_use_ > stats_.peak_in_use) stats_.peak_in_use = in_use_;
-    ++stats_.acquired_total;
-    stats_.wait_seconds.observe(waited);
+void Resource::attribute_unmeasured_locked(std::uint64_t releases) const {
+  Histogram& h = stats_.hold_seconds;
+  // No measured hold yet means no unmeasured one either (see note_grant()).
+  if (releases <= h.count || !hold_measured_.load(std::memory_order_relaxed)) {
+    return;
+  }
+  const std::uint64_t n = releases - h.count;
+  h.counts[last_hold_bucket_] += n;
+  h.count += n;
+  h.sum += static_cast<double>(n) * last_hold_seconds_;
+}
+
+void Resource::raise_peak(std::int64_t n) noexcept {
+  std::int64_t peak = peak_in_use_.load(std::memory_order_relaxed);
+  while (n > peak && !peak_in_use_.compare_exchange_weak(
+                         peak, n, std::memory_order_relaxed)) {
+  }
+}
+
+void Resource::fold_releases() noexcept {
+  detail::MutexLock lock(mu_);
+  fold_releases_locked();
+}
+
+void Resource::fold_releases_locked() noexcept {
+  // Under mu_, so that statistics() sees the word and releases_folded_
+  // change together. Releases keep counting meanwhile: 2^31 more fit.
+  if ((word_.load(std::memory_order_relaxed) & kFoldBit) != 0) {
+    word_.fetch_sub(kFoldBit, std::memory_order_relaxed);
+    releases_folded_ += kFoldBit >> kReleaseShift;
   }
 }
 
@@ -204,32 +253,28 @@ void Resource::note_rejection_locked(Outcome reason) {
   if constexpr (kStatistics) ++stats_.rejected_total[rejection_index(reason)];
 }
 
-void Resource::grant_free_slot_locked(detail::WaiterNode& node,
-                                      Clock::time_point now) {
-  ++in_use_;
-  note_grant_locked(0.0);
-  node.granted_at_ = now;
+bool Resource::grant_at_once_locked(detail::WaiterNode& node) {
+  std::uint64_t w = word_.load(std::memory_order_relaxed);
+  do {
+    if ((w & kWaitersBit) != 0 ||
+        in_use_of(w) >= limit_.load(std::memory_order_relaxed)) {
+      return false;
+    }
+  } while (!word_.compare_exchange_weak(w, w + kInUseOne,
+                                        std::memory_order_acquire,
+                                        std::memory_order_relaxed));
+  node.measure_ = note_grant(w + kInUseOne);
+  node.granted_at_ = {};
   node.state_ = State::kGranted;
   node.outcome_ = Outcome::kGranted;
-}
-
-bool Resource::try_grant(detail::WaiterNode& node) {
-  // The grant time serves the hold-time histogram and the limit algorithm.
-  const auto now = kStatistics || algorithm_ ? Clock::now() : Clock::time_point{};
-  std::lock_guard lock(mu_);
-  if (in_use_ >= limit_ || waiting_ > 0) return false;
-  grant_free_slot_locked(node, now);
   return true;
 }
 
 Outcome Resource::enqueue(detail::WaiterNode& node,
                           detail::NoticeList& notices) {
   const auto now = Clock::now();
-  std::lock_guard lock(mu_);
-  if (in_use_ < limit_ && waiting_ == 0) {
-    grant_free_slot_locked(node, now);
-    return Outcome::kGranted;
-  }
+  detail::MutexLock lock(mu_);
+  if (grant_at_once_locked(node)) return Outcome::kGranted;
   shed_locked(now, notices);
   if (max_waiting_ >= 0 && waiting_ >= max_waiting_) {
     // FIFO order (also the adaptive queue's, until a queue stands) turns the
@@ -246,12 +291,28 @@ Outcome Resource::enqueue(detail::WaiterNode& node,
     // LIFO-like queues keep the newest: the oldest waiter makes room.
     reject_locked(*head_, Outcome::kQueueFull, notices);
   }
+  if (waiting_ == 0) {
+    // Announce the waiter before linking it: the CAS succeeds only while
+    // every slot is held; once it has, every release takes mu_ and finds the
+    // node. If a slot was freed meanwhile, take it instead of waiting.
+    std::uint64_t w = word_.load(std::memory_order_relaxed);
+    for (;;) {
+      if (in_use_of(w) < limit_.load(std::memory_order_relaxed)) {
+        if (grant_at_once_locked(node)) return Outcome::kGranted;
+        w = word_.load(std::memory_order_relaxed);
+      } else if (word_.compare_exchange_weak(w, w | kWaitersBit,
+                                             std::memory_order_acq_rel,
+                                             std::memory_order_relaxed)) {
+        break;
+      }
+    }
+  }
   link_tail(node, now);
   return Outcome::kPending;
 }
 
 State Resource::abandon(detail::WaiterNode& node, Outcome reason) {
-  std::lock_guard lock(mu_);
+  detail::MutexLock lock(mu_);
   const State state = node.state_;
   if (state == State::kQueued) {
     unlink(node);
@@ -263,55 +324,79 @@ State Resource::abandon(detail::WaiterNode& node, Outcome reason) {
 }
 
 void Resource::revert_grant(detail::NoticeList& notices) {
-  const auto now = Clock::now();
-  std::lock_guard lock(mu_);
-  if constexpr (kStatistics) {
-    // Undo note_grant_locked(0.0) of try_grant(); peak_in_use stays, as the
-    // slot was taken for an instant.
-    --stats_.acquired_total;
-    --stats_.wait_seconds.counts[0];
-    --stats_.wait_seconds.count;
+  // Without the lock while nobody waits: in_use - 1, no release counted.
+  std::uint64_t w = word_.load(std::memory_order_relaxed);
+  while ((w & kWaitersBit) == 0) {
+    if (word_.compare_exchange_weak(w, w - kInUseOne, std::memory_order_release,
+                                    std::memory_order_relaxed)) {
+      return;
+    }
   }
-  hand_over_locked(now, notices);
+  const auto now = Clock::now();
+  detail::MutexLock lock(mu_);
+  hand_over_locked(now, /*count_release=*/false, notices);
 }
 
 void Resource::count_rejection(Outcome reason) {
-  std::lock_guard lock(mu_);
+  detail::MutexLock lock(mu_);
   note_rejection_locked(reason);
 }
 
-void Resource::release(Clock::time_point granted_at,
-                       Clock::time_point last_granted_at, Completion completion,
+void Resource::release(bool measured, Clock::time_point granted_at,
+                       Clock::time_point now, Completion completion,
                        detail::NoticeList& notices) {
-  const auto now = Clock::now();
-  std::int64_t in_flight;
+  if (!measured && try_give_back()) return;
+  // A handoff needs the time (wait statistics, the adaptive queue).
+  if (!measured) now = Clock::now();
+  std::int64_t in_flight = 0;
   {
-    std::lock_guard lock(mu_);
-    in_flight = in_use_;
-    if constexpr (kStatistics) stats_.hold_seconds.observe(seconds(now - granted_at));
-    hand_over_locked(now, notices);
+    detail::MutexLock lock(mu_);
+    in_flight = in_use_of(word_.load(std::memory_order_relaxed));
+    if constexpr (kStatistics) {
+      if (measured) {
+        // Holds given back before this one and not timed go to the previous
+        // measured hold's bucket, so the new one does not take them.
+        attribute_unmeasured_locked(
+            releases_folded_ + (word_.load(std::memory_order_relaxed) >> kReleaseShift));
+        const double held = seconds(now - granted_at);
+        last_hold_bucket_ = Histogram::bucket_of(held);
+        last_hold_seconds_ = held;
+        stats_.hold_seconds.observe(held);
+        // It is counted before its release is: statistics() must not attribute
+        // a release to it twice, so the release is counted under mu_ as well.
+        hold_measured_.store(true, std::memory_order_release);
+      }
   }
-  if (algorithm_ && completion != Completion::kIgnored) {
+  hand_over_locked(now, /*count_release=*/true, notices);
+  }
+  if (algorithm_ && measured && completion != Completion::kIgnored) {
     learn(LimitSample{.end = now,
-                      .service_time = now - last_granted_at,
+                      .service_time = now - granted_at,
                       .in_flight = in_flight,
                       .dropped = completion == Completion::kDropped},
           notices);
   }
 }
 
-void Resource::hand_over_locked(Clock::time_point now,
+void Resource::hand_over_locked(Clock::time_point now, bool count_release,
                                 detail::NoticeList& notices) {
-  if (in_use_ > limit_) {
-    --in_use_;  // the limit was lowered: retire the slot
-    return;
-  }
-  if (detail::WaiterNode* next = pick_locked(now, notices)) {
-    grant_locked(*next, now);  // in_use_ stays the same
+  std::uint64_t w;
+  if (in_use_of(word_.load(std::memory_order_relaxed)) >
+      limit_.load(std::memory_order_relaxed)) {
+    // The limit was lowered: retire the slot instead of handing it over.
+    const std::uint64_t delta = count_release ? kReleaseOne - kInUseOne : -kInUseOne;
+    w = word_.fetch_add(delta, std::memory_order_release) + delta;
+  } else if (detail::WaiterNode* next = pick_locked(now, notices)) {
+    grant_locked(*next, now);  // in_use stays the same
     notices.push(next);
+    w = count_release ? word_.fetch_add(kReleaseOne, std::memory_order_acq_rel) + kReleaseOne
+                      : word_.load(std::memory_order_relaxed);
   } else {
-    --in_use_;
+    // Nobody left to hand it to (pick_locked() may have shed the last).
+    const std::uint64_t delta = count_release ? kReleaseOne - kInUseOne : -kInUseOne;
+    w = word_.fetch_add(delta, std::memory_order_release) + delta;
   }
+  if ((w & kFoldBit) != 0) fold_releases_locked();
 }
 
 void Resource::link_tail(detail::WaiterNode& node, Clock::time_point now) {
@@ -341,7 +426,10 @@ void Resource::unlink(detail::WaiterNode& node) {
     tail_ = node.prev_;
   }
   node.prev_ = node.next_ = nullptr;
-  --waiting_;
+  if (--waiting_ == 0) {
+    // The queue is empty: releases may go without the lock again.
+    word_.fetch_and(~kWaitersBit, std::memory_order_release);
+  }
 }
 
 void Resource::reject_locked(detail::WaiterNode& node, Outcome reason,
@@ -361,7 +449,8 @@ bool Resource::standing_locked(Clock::time_point now) {
   // of slots drains within about one service time: it never stands (this
   // also ends the newest-first order once an overload is over, when the
   // waiters it had pushed back would otherwise keep the head old).
-  if (!head_ || waiting_ <= limit_ || now - head_->enqueued_at_ <= target_) {
+  if (!head_ || waiting_ <= limit_.load(std::memory_order_relaxed) ||
+      now - head_->enqueued_at_ <= target_) {
     above_target_since_.reset();
     return false;
   }
@@ -400,20 +489,20 @@ void Resource::grant_locked(detail::WaiterNode& node, Clock::time_point now) {
   node.state_ = State::kGranted;
   node.outcome_ = Outcome::kGranted;
   node.granted_at_ = now;
+  node.measure_ = kStatistics || algorithm_;  // it read the clock anyway
   node.completing_.store(true, std::memory_order_relaxed);  // published by mu_
-  note_grant_locked(seconds(now - node.enqueued_at_));
+  if constexpr (kStatistics) {
+    stats_.wait_seconds.observe(seconds(now - node.enqueued_at_));
+  }
 }
 
 Permit Resource::try_acquire() {
-  auto acq = std::make_unique<Acquisition>(
-      std::make_shared<const ResourceSet>(
-          std::vector<std::shared_ptr<Resource>>{shared_from_this()}));
-  acq->try_acquire();
-  return make_permit(std::move(acq));
+  return take_at_once(*this);
 }
 
 Permit Resource::acquire_until(Clock::time_point deadline,
                                std::stop_token stop) {
+  if (Permit p = take_at_once(*this)) return p;
   return acquire_blocking(
       std::make_shared<const ResourceSet>(
           std::vector<std::shared_ptr<Resource>>{shared_from_this()}),
@@ -421,7 +510,11 @@ Permit Resource::acquire_until(Clock::time_point deadline,
 }
 
 Permit Resource::acquire_for(Clock::duration timeout, std::stop_token stop) {
-  return acquire_until(Clock::now() + timeout, std::move(stop));
+  if (Permit p = take_at_once(*this)) return p;
+  return acquire_blocking(
+      std::make_shared<const ResourceSet>(
+          std::vector<std::shared_ptr<Resource>>{shared_from_this()}),
+      detail::deadline_after(timeout), std::move(stop));
 }
 
 }  // namespace concurrency_limiter
