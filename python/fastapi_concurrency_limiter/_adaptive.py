@@ -2,13 +2,34 @@
 
 from __future__ import annotations
 
+import asyncio
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from numbers import Real
 
+from starlette.exceptions import HTTPException
+
 from . import _core
 from ._validation import check_int, check_seconds
+
+SUCCESS = _core.Completion.success
+_DROPPED = _core.Completion.dropped
+_IGNORED = _core.Completion.ignored
+
+
+def completion_of(exc: BaseException | None) -> _core.Completion:
+    """How a handler that held slots ended, for adaptive resources: an error
+    or a timeout is ``dropped`` (a sign of overload); a client error the
+    handler chose to raise (``HTTPException`` below 500) is a normal
+    response; a cancelled handler (its client went away) tells nothing."""
+    if exc is None:
+        return SUCCESS
+    if isinstance(exc, HTTPException) and exc.status_code < 500:
+        return SUCCESS
+    if isinstance(exc, asyncio.CancelledError):
+        return _IGNORED
+    return _DROPPED
 
 
 @dataclass(frozen=True)

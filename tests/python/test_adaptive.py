@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 
+import httpx
 import pytest
+from fastapi import FastAPI, HTTPException
 
 from fastapi_concurrency_limiter import AdaptiveLimit, Limiter, Resource
 
 from .conftest import eventually
+
+Client = Callable[[FastAPI], httpx.AsyncClient]
 
 pytestmark = pytest.mark.anyio
 
@@ -115,3 +120,40 @@ async def test_adaptive_limit_comes_down_when_service_time_grows_with_concurrenc
     await asyncio.gather(*(client() for _ in range(20)))
     assert db.limit <= 4
     assert db.statistics().limit == db.limit
+
+
+async def test_handler_errors_count_as_drops_and_cut_the_limit(asgi_client: Client) -> None:
+    db = Resource(20, name="db", adaptive=AdaptiveLimit(window=0, min_window_samples=5))
+    limiter = Limiter(timeout=1, resources=[db])
+    app = FastAPI()
+
+    @app.get("/missing")
+    @limiter.resources([db])
+    async def missing() -> None:
+        raise HTTPException(status_code=404)  # the handler's answer, not a failure
+
+    @app.get("/broken")
+    @limiter.resources([db])
+    async def broken() -> None:
+        raise RuntimeError("downstream failed")
+
+    async with asgi_client(app) as client:
+        for _ in range(20):
+            assert (await client.get("/missing")).status_code == 404
+        assert db.limit == 20
+        for _ in range(20):
+            with pytest.raises(RuntimeError):
+                await client.get("/broken")
+    assert db.limit < 20
+
+
+async def test_errors_inside_limiter_acquire_count_as_drops() -> None:
+    db = Resource(10, adaptive=AdaptiveLimit(window=0, min_window_samples=1))
+    limiter = Limiter(timeout=1, resources=[db])
+    with pytest.raises(ValueError):
+        async with limiter.acquire([db]):
+            raise ValueError("query failed")
+    assert db.limit == 9  # x 0.9
+    async with limiter.acquire([db]):
+        pass
+    assert db.limit == 9
