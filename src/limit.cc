@@ -21,7 +21,7 @@ void check_bounds(std::int64_t min_limit, std::int64_t initial_limit) {
   if (initial_limit != 0 && initial_limit < min_limit) {
     throw std::invalid_argument(
         "initial_limit must be >= min_limit (" + std::to_string(min_limit) +
-        "), or 0 for the capacity, got " + std::to_string(initial_limit));
+        "), or 0 for the default, got " + std::to_string(initial_limit));
   }
 }
 
@@ -55,7 +55,10 @@ double initial(std::int64_t min_limit, std::int64_t initial_limit,
                                 ") must be <= capacity (" +
                                 std::to_string(capacity) + ")");
   }
-  return static_cast<double>(initial_limit == 0 ? capacity : initial_limit);
+  if (initial_limit == 0) {
+    initial_limit = std::max(min_limit, std::min(capacity, kDefaultInitialLimit));
+  }
+  return static_cast<double>(initial_limit);
 }
 
 }  // namespace

@@ -29,6 +29,12 @@ namespace concurrency_limiter {
 
 using Clock = std::chrono::steady_clock;
 
+// Where adaptive limits start by default (as Netflix's Gradient2): high
+// enough not to throttle a fresh process much (the limit grows by up to x1.25
+// per window), low enough that a moderately busy resource uses half of it,
+// which is what the algorithms need to learn anything.
+inline constexpr std::int64_t kDefaultInitialLimit = 20;
+
 // One finished request, as a limit algorithm sees it.
 struct LimitSample {
   Clock::time_point end{};          // when its slot was released
@@ -105,7 +111,8 @@ class FixedLimit final : public LimitAlgorithm {
 
 struct AimdOptions {
   std::int64_t min_limit = 1;
-  std::int64_t initial_limit = 0;  // 0: start at capacity
+  // 0: kDefaultInitialLimit, or capacity if lower (min_limit if higher).
+  std::int64_t initial_limit = 0;
   // Multiplier applied when a window saw a drop or a mean latency above
   // `timeout`. In (0, 1).
   double backoff = 0.9;
@@ -136,7 +143,8 @@ class AimdLimit final : public LimitAlgorithm {
 
 struct GradientOptions {
   std::int64_t min_limit = 1;
-  std::int64_t initial_limit = 0;  // 0: start at capacity
+  // 0: kDefaultInitialLimit, or capacity if lower (min_limit if higher).
+  std::int64_t initial_limit = 0;
   // A window's mean latency up to `tolerance` times the no-load latency is
   // normal; above it, the downstream is queueing and the limit is cut. > 1.
   double tolerance = 1.25;

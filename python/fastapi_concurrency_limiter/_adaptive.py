@@ -45,9 +45,10 @@ class AdaptiveLimit:
 
     Args:
         min_limit: the floor, an integer >= 1 and <= capacity.
-        initial_limit: where the limit starts; ``None`` (default): at
-            ``capacity``, so switching an existing resource to adaptive
-            never starts it tighter than before.
+        initial_limit: where the limit starts; ``None`` (default): 20, or
+            ``capacity`` if lower (as Netflix's Gradient2). A limit less
+            than half used learns nothing, so a start far above the load
+            would stay there until a burst fills half of it.
         tolerance: a window's mean service time up to ``tolerance`` times
             the no-load service time is normal; above it the limit is cut.
             > 1.

@@ -45,7 +45,7 @@ void print_trace(const ClosedLoopSimulation& sim, double step) {
 // limit is within [0.8k, 1.5k] from 20 s after each change, and goodput in
 // each phase is at least 90% of the best fixed limit's.
 TEST(GradientLimit, ConvergesFromTheCeilingAndFollowsTheKnee) {
-  GradientLimit gradient;
+  GradientLimit gradient(GradientOptions{.initial_limit = kCapacity});
   ClosedLoopSimulation sim(gradient, kCapacity, kClients);
   constexpr double kPhase = 40.0;
   double start = 0.0;
@@ -106,6 +106,18 @@ TEST(GradientLimit, NoUpwardCreepOrProbingDipsUnderSustainedOverload) {
   EXPECT_GE(lo, 4);  // no dips from probing for the no-load latency
   EXPECT_LE(hi, 6);  // and no creep
   EXPECT_NEAR(gradient.no_load_latency(), 0.1, 0.02);
+}
+
+TEST(GradientLimit, LearnsFromModerateLoadWithTheDefaultStart) {
+  // The overload experiment's steady state: 10 busy clients, a ceiling of
+  // 50, a downstream (2 cores) past its knee at 2.
+  GradientLimit gradient;
+  ClosedLoopSimulation sim(gradient, kCapacity, 10);
+  sim.downstream.k = 2.0;
+  sim.run_until(60.0);
+  const auto [lo, hi] = sim.limit_range(20.0, 60.0);
+  EXPECT_GE(lo, 2);
+  EXPECT_LE(hi, 3);
 }
 
 TEST(GradientLimit, DoesNotDecreaseAtLowLoad) {
@@ -247,6 +259,10 @@ TEST(FixedLimit, NeverMovesAndIsClampedToCapacity) {
   sim.downstream.error_rate = 0.5;
   sim.run_until(30.0);
   EXPECT_EQ(sim.limit_range(0.0, 30.0), std::make_pair(std::int64_t{7}, std::int64_t{7}));
+  GradientLimit gradient;
+  EXPECT_EQ(gradient.start(50), kDefaultInitialLimit);
+  GradientLimit small;
+  EXPECT_EQ(small.start(5), 5);
   FixedLimit big(100);
   EXPECT_EQ(big.start(10), 10);
 }
