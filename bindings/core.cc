@@ -50,6 +50,28 @@ NB_MODULE(_core, m) {
       .value("cancelled", cl::Outcome::kCancelled)
       .value("pending", cl::Outcome::kPending);
 
+  nb::enum_<cl::Completion>(m, "Completion", "How a request that held slots ended.")
+      .value("success", cl::Completion::kSuccess)
+      .value("dropped", cl::Completion::kDropped)
+      .value("ignored", cl::Completion::kIgnored);
+
+  nb::class_<cl::LimitAlgorithm>(m, "LimitAlgorithm");
+  nb::class_<cl::GradientLimit, cl::LimitAlgorithm>(m, "GradientLimit")
+      .def(nb::new_([](std::int64_t min_limit, std::int64_t initial_limit,
+                       double tolerance, double backoff, double drop_rate,
+                       double window, std::int64_t min_window_samples) {
+             return std::make_shared<cl::GradientLimit>(cl::GradientOptions{
+                 .min_limit = min_limit,
+                 .initial_limit = initial_limit,
+                 .tolerance = tolerance,
+                 .backoff = backoff,
+                 .drop_rate = drop_rate,
+                 .window = from_seconds(window),
+                 .min_window_samples = min_window_samples});
+           }),
+           "min_limit"_a, "initial_limit"_a, "tolerance"_a, "backoff"_a,
+           "drop_rate"_a, "window"_a, "min_window_samples"_a);
+
   nb::enum_<cl::QueueDiscipline>(m, "QueueDiscipline")
       .value("fifo", cl::QueueDiscipline::kFifo)
       .value("lifo", cl::QueueDiscipline::kLifo)
@@ -71,6 +93,7 @@ NB_MODULE(_core, m) {
   nb::class_<cl::ResourceStatistics>(m, "ResourceStatistics")
       .def_ro("name", &cl::ResourceStatistics::name)
       .def_ro("capacity", &cl::ResourceStatistics::capacity)
+      .def_ro("limit", &cl::ResourceStatistics::limit)
       .def_ro("in_use", &cl::ResourceStatistics::in_use)
       .def_ro("waiting", &cl::ResourceStatistics::waiting)
       .def_ro("peak_in_use", &cl::ResourceStatistics::peak_in_use)
@@ -85,19 +108,25 @@ NB_MODULE(_core, m) {
       .def(nb::new_([](std::string name, std::int64_t capacity,
                        std::optional<std::int64_t> max_waiting,
                        cl::QueueDiscipline queue, double adaptive_target,
-                       double adaptive_interval) {
+                       double adaptive_interval,
+                       std::shared_ptr<cl::LimitAlgorithm> limit_algorithm) {
              return std::make_shared<cl::Resource>(cl::ResourceOptions{
                  .name = std::move(name),
                  .capacity = capacity,
                  .max_waiting = max_waiting,
                  .queue = queue,
                  .adaptive_target = from_seconds(adaptive_target),
-                 .adaptive_interval = from_seconds(adaptive_interval)});
+                 .adaptive_interval = from_seconds(adaptive_interval),
+                 .limit_algorithm = std::move(limit_algorithm)});
            }),
            "name"_a, "capacity"_a, "max_waiting"_a.none(), "queue"_a,
-           "adaptive_target"_a, "adaptive_interval"_a)
+           "adaptive_target"_a, "adaptive_interval"_a,
+           "limit_algorithm"_a.none() = nb::none())
       .def_prop_ro("name", &cl::Resource::name)
       .def_prop_ro("capacity", &cl::Resource::capacity)
+      .def_prop_ro("limit", &cl::Resource::limit)
+      .def("set_limit", &cl::Resource::set_limit, "limit"_a)
+      .def_prop_ro("adaptive", &cl::Resource::adaptive)
       .def_prop_ro("max_waiting", &cl::Resource::max_waiting)
       .def_prop_ro("queue", &cl::Resource::queue)
       .def_prop_ro("in_use", &cl::Resource::in_use)
@@ -162,7 +191,8 @@ NB_MODULE(_core, m) {
            "future"_a, "loop"_a)
       .def("expire", &cl::Acquisition::expire)
       .def("cancel", &cl::Acquisition::cancel, "reason"_a = cl::Outcome::kCancelled)
-      .def("release", &cl::Acquisition::release)
+      .def("release", &cl::Acquisition::release,
+           "completion"_a = cl::Completion::kSuccess)
       .def_prop_ro("outcome", &cl::Acquisition::outcome)
       .def_prop_ro("state", &cl::Acquisition::state)
       .def_prop_ro("refused_by", [](const cl::Acquisition& a) -> std::optional<std::string> {

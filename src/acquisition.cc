@@ -33,7 +33,7 @@ Acquisition::~Acquisition() {
       state_ = State::kRejected;
       outcome_ = Outcome::kCancelled;
     } else if (state_ == State::kGranted) {
-      release_held_locked(notices);
+      release_held_locked(notices, Completion::kSuccess);
       state_ = State::kReleased;
     }
   }
@@ -125,14 +125,15 @@ void Acquisition::reject_locked(std::uint32_t index, Outcome reason,
   outcome_ = reason;
 }
 
-void Acquisition::release_held_locked(detail::NoticeList& notices) {
+void Acquisition::release_held_locked(detail::NoticeList& notices,
+                                      Completion completion) {
   // Only a granted acquisition's holds are timed: one that gives up after
   // taking its first resources never started its work.
   const bool measured = state_ == State::kGranted && measured_;
   const Clock::time_point now = measured ? Clock::now() : Clock::time_point{};
   while (held_ > 0) {
     --held_;
-    resource(held_).release(measured, granted_at_, now, notices);
+    resource(held_).release(measured, granted_at_, now, completion, notices);
   }
 }
 
@@ -200,11 +201,11 @@ void Acquisition::cancel(Outcome reason) {
   if (callback) callback(final_outcome);
 }
 
-void Acquisition::release() {
+void Acquisition::release(Completion completion) {
   detail::NoticeList notices;
   detail::MutexLock lock(mu_);
   if (state_ != State::kGranted) return;
-  release_held_locked(notices);
+  release_held_locked(notices, completion);
   state_ = State::kReleased;
 }
 

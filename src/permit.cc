@@ -49,22 +49,24 @@ bool Permit::take_all(const std::shared_ptr<const ResourceSet>& set) noexcept {
   return true;
 }
 
-void Permit::release_slow() noexcept {
+void Permit::release_slow(Completion completion) noexcept {
   if (acquisition_) {
-    acquisition_->release();
+    acquisition_->release(completion);
     acquisition_.reset();
     return;
   }
   const Clock::time_point now = measured_ ? Clock::now() : Clock::time_point{};
   detail::NoticeList notices;  // fired when this function returns
   if (resource_) {
-    resource_->release(measured_, granted_at_, now, notices);
+    resource_->release(measured_, granted_at_, now, completion, notices);
     resource_ = nullptr;
   } else if (set_) {
     const auto& resources = set_->resources();
     for (std::size_t i = resources.size(); i-- > 0;) {
       Resource& r = *resources[i];
-      if (measured_ || !r.try_give_back()) r.release(measured_, granted_at_, now, notices);
+      if (measured_ || !r.try_give_back()) {
+        r.release(measured_, granted_at_, now, completion, notices);
+      }
     }
     set_.reset();
   }

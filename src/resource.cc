@@ -116,7 +116,10 @@ Resource::Resource(ResourceOptions o, int)
       max_waiting_(o.max_waiting ? *o.max_waiting : -1),
       discipline_(o.queue),
       target_(o.adaptive_target),
-      interval_(o.adaptive_interval) {
+      interval_(o.adaptive_interval),
+      algorithm_(std::move(o.limit_algorithm)),
+      limit_(algorithm_ ? std::clamp<std::int64_t>(algorithm_->start(capacity_), 1, capacity_)
+                        : capacity_) {
   detail::MutexLock lock(mu_);
   stats_.name = name_;
   stats_.capacity = capacity_;
@@ -129,6 +132,51 @@ Resource::~Resource() = default;
 std::optional<std::int64_t> Resource::max_waiting() const noexcept {
   if (max_waiting_ < 0) return std::nullopt;
   return max_waiting_;
+}
+
+void Resource::set_limit(std::int64_t limit) {
+  if (limit < 1 || limit > capacity_) {
+    throw std::invalid_argument("limit of resource '" + name_ +
+                                "' must be an integer in [1, capacity=" +
+                                std::to_string(capacity_) + "], got " +
+                                std::to_string(limit));
+  }
+  detail::NoticeList notices;  // fired after mu_ is unlocked
+  const auto now = Clock::now();
+  detail::MutexLock lock(mu_);
+  set_limit_locked(limit, now, notices);
+}
+
+void Resource::set_limit_locked(std::int64_t limit, Clock::time_point now,
+                                detail::NoticeList& notices) {
+  limit_.store(limit, std::memory_order_seq_cst);
+  // Raised: the new slots go to waiters at once. (While anyone waits, every
+  // slot in force is held, and grants go through mu_.)
+  while (head_ && in_use_of(word_.load(std::memory_order_relaxed)) < limit) {
+    detail::WaiterNode* next = pick_locked(now, notices);
+    if (!next) break;  // the adaptive queue shed the last waiters
+    const std::uint64_t w = word_.fetch_add(kInUseOne, std::memory_order_acq_rel) + kInUseOne;
+    if constexpr (kStatistics) {
+      if (in_use_of(w) > peak_in_use_.load(std::memory_order_relaxed)) raise_peak(in_use_of(w));
+    }
+    grant_locked(*next, now);
+    notices.push(next);
+  }
+}
+
+void Resource::learn(const LimitSample& sample, detail::NoticeList& notices) {
+  detail::MutexLock algorithm_lock(algorithm_mu_);
+  const std::int64_t limit =
+      std::clamp<std::int64_t>(algorithm_->update(sample), 1, capacity_);
+  detail::MutexLock lock(mu_);
+  if (limit != limit_.load(std::memory_order_relaxed)) {
+    set_limit_locked(limit, sample.end, notices);
+  }
+}
+
+void Resource::undo_grant() noexcept {
+  detail::NoticeList notices;  // a waiter may get the slot instead
+  revert_grant(notices);
 }
 
 std::int64_t Resource::in_use() const noexcept {
@@ -164,6 +212,7 @@ ResourceStatistics Resource::statistics() const {
     s.queue = stats_.queue;
   }
   s.waiting = waiting_;
+  s.limit = limit_.load(std::memory_order_relaxed);
   return s;
 }
 
@@ -207,7 +256,10 @@ void Resource::note_rejection_locked(Outcome reason) {
 bool Resource::grant_at_once_locked(detail::WaiterNode& node) {
   std::uint64_t w = word_.load(std::memory_order_relaxed);
   do {
-    if ((w & kWaitersBit) != 0 || in_use_of(w) >= capacity_) return false;
+    if ((w & kWaitersBit) != 0 ||
+        in_use_of(w) >= limit_.load(std::memory_order_relaxed)) {
+      return false;
+    }
   } while (!word_.compare_exchange_weak(w, w + kInUseOne,
                                         std::memory_order_acquire,
                                         std::memory_order_relaxed));
@@ -245,7 +297,7 @@ Outcome Resource::enqueue(detail::WaiterNode& node,
     // node. If a slot was freed meanwhile, take it instead of waiting.
     std::uint64_t w = word_.load(std::memory_order_relaxed);
     for (;;) {
-      if (in_use_of(w) < capacity_) {
+      if (in_use_of(w) < limit_.load(std::memory_order_relaxed)) {
         if (grant_at_once_locked(node)) return Outcome::kGranted;
         w = word_.load(std::memory_order_relaxed);
       } else if (word_.compare_exchange_weak(w, w | kWaitersBit,
@@ -291,33 +343,50 @@ void Resource::count_rejection(Outcome reason) {
 }
 
 void Resource::release(bool measured, Clock::time_point granted_at,
-                       Clock::time_point now, detail::NoticeList& notices) {
+                       Clock::time_point now, Completion completion,
+                       detail::NoticeList& notices) {
   if (!measured && try_give_back()) return;
   // A handoff needs the time (wait statistics, the adaptive queue).
   if (!measured) now = Clock::now();
-  detail::MutexLock lock(mu_);
-  if constexpr (kStatistics) {
-    if (measured) {
-      // Holds given back before this one and not timed go to the previous
-      // measured hold's bucket, so the new one does not take them.
-      attribute_unmeasured_locked(
-          releases_folded_ + (word_.load(std::memory_order_relaxed) >> kReleaseShift));
-      const double held = seconds(now - granted_at);
-      last_hold_bucket_ = Histogram::bucket_of(held);
-      last_hold_seconds_ = held;
-      stats_.hold_seconds.observe(held);
-      // It is counted before its release is: statistics() must not attribute
-      // a release to it twice, so the release is counted under mu_ as well.
-      hold_measured_.store(true, std::memory_order_release);
-    }
+  std::int64_t in_flight = 0;
+  {
+    detail::MutexLock lock(mu_);
+    in_flight = in_use_of(word_.load(std::memory_order_relaxed));
+    if constexpr (kStatistics) {
+      if (measured) {
+        // Holds given back before this one and not timed go to the previous
+        // measured hold's bucket, so the new one does not take them.
+        attribute_unmeasured_locked(
+            releases_folded_ + (word_.load(std::memory_order_relaxed) >> kReleaseShift));
+        const double held = seconds(now - granted_at);
+        last_hold_bucket_ = Histogram::bucket_of(held);
+        last_hold_seconds_ = held;
+        stats_.hold_seconds.observe(held);
+        // It is counted before its release is: statistics() must not attribute
+        // a release to it twice, so the release is counted under mu_ as well.
+        hold_measured_.store(true, std::memory_order_release);
+      }
   }
   hand_over_locked(now, /*count_release=*/true, notices);
+  }
+  if (algorithm_ && measured && completion != Completion::kIgnored) {
+    learn(LimitSample{.end = now,
+                      .service_time = now - granted_at,
+                      .in_flight = in_flight,
+                      .dropped = completion == Completion::kDropped},
+          notices);
+  }
 }
 
 void Resource::hand_over_locked(Clock::time_point now, bool count_release,
                                 detail::NoticeList& notices) {
   std::uint64_t w;
-  if (detail::WaiterNode* next = pick_locked(now, notices)) {
+  if (in_use_of(word_.load(std::memory_order_relaxed)) >
+      limit_.load(std::memory_order_relaxed)) {
+    // The limit was lowered: retire the slot instead of handing it over.
+    const std::uint64_t delta = count_release ? kReleaseOne - kInUseOne : -kInUseOne;
+    w = word_.fetch_add(delta, std::memory_order_release) + delta;
+  } else if (detail::WaiterNode* next = pick_locked(now, notices)) {
     grant_locked(*next, now);  // in_use stays the same
     notices.push(next);
     w = count_release ? word_.fetch_add(kReleaseOne, std::memory_order_acq_rel) + kReleaseOne
@@ -380,7 +449,8 @@ bool Resource::standing_locked(Clock::time_point now) {
   // of slots drains within about one service time: it never stands (this
   // also ends the newest-first order once an overload is over, when the
   // waiters it had pushed back would otherwise keep the head old).
-  if (!head_ || waiting_ <= capacity_ || now - head_->enqueued_at_ <= target_) {
+  if (!head_ || waiting_ <= limit_.load(std::memory_order_relaxed) ||
+      now - head_->enqueued_at_ <= target_) {
     above_target_since_.reset();
     return false;
   }
@@ -419,7 +489,7 @@ void Resource::grant_locked(detail::WaiterNode& node, Clock::time_point now) {
   node.state_ = State::kGranted;
   node.outcome_ = Outcome::kGranted;
   node.granted_at_ = now;
-  node.measure_ = kStatistics;  // it read the clock anyway
+  node.measure_ = kStatistics || algorithm_;  // it read the clock anyway
   node.completing_.store(true, std::memory_order_relaxed);  // published by mu_
   if constexpr (kStatistics) {
     stats_.wait_seconds.observe(seconds(now - node.enqueued_at_));

@@ -51,7 +51,7 @@ from starlette.concurrency import run_in_threadpool
 import data
 import probe
 
-APPS = ("none", "package", "package-tuned", "package-redis")
+APPS = ("none", "package", "package-tuned", "package-redis", "package-adaptive")
 
 # ---------------------------------------------------------------------------
 # Recommended overload configuration, used by the "fcl-tuned" variant.
@@ -158,13 +158,15 @@ def _limit_publisher(resource: Any) -> Any:
     return lifespan
 
 
-def _app_with_package(variant: str, options: dict[str, dict[str, Any]]) -> FastAPI:
+def _app_with_package(
+    variant: str, options: dict[str, dict[str, Any]], db_capacity: int = 5
+) -> FastAPI:
     """``fastapi_concurrency_limiter``: ``Resource(5)`` for the database,
     ``Resource(10)`` for the file, ``Limiter(timeout=2)``, plus ``options`` per
     object. With empty options only the original package's API is used."""
     from fastapi_concurrency_limiter import Limiter, Resource
 
-    db = Resource(5, **options["db"])
+    db = Resource(db_capacity, **options["db"])
     file = Resource(10, **options["file"])
     limiter = Limiter(timeout=2, resources=[db, file], **options["limiter"])
     app = _base_app(variant, lifespan=_limit_publisher(db))
@@ -202,11 +204,20 @@ def _app_package_redis(variant: str) -> FastAPI:
     return _app_with_package(variant, {"limiter": {}, "db": db_options, "file": {}})
 
 
+def _app_package_adaptive(variant: str) -> FastAPI:
+    """This package with an adaptive database limit under a deliberately bad
+    ceiling: ``Resource(50, adaptive=True)``."""
+    return _app_with_package(
+        variant, {"limiter": {}, "db": {"adaptive": True}, "file": {}}, db_capacity=50
+    )
+
+
 _BUILDERS: dict[str, Callable[[str], FastAPI]] = {
     "none": _app_none,
     "package": _app_package,
     "package-tuned": _app_package_tuned,
     "package-redis": _app_package_redis,
+    "package-adaptive": _app_package_adaptive,
 }
 
 

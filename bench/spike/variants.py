@@ -211,6 +211,16 @@ _REGISTRY: list[Variant] = [
         headline=True,
     ),
     Variant(
+        name="adaptive",
+        description=(
+            "this package with `Resource(50, adaptive=True)` for the database: 50 is a "
+            "deliberately bad ceiling, the limit finds itself (charted in `adaptive-series.png`)"
+        ),
+        color="#8c564b",
+        app="package-adaptive",
+        db_capacity=50,
+    ),
+    Variant(
         name="fcl-2workers",
         description=(
             "`fcl` under `uvicorn --workers 2`: `Resource(5)` in each process, "

@@ -100,7 +100,10 @@ class Acquisition {
 
   // Gives every held slot back, last acquired first, each to its resource's
   // next waiter if there is one. No effect unless granted.
-  void release();
+  // `completion` tells adaptive resources how the work went (kDropped: it
+  // failed or timed out); the destructor of a granted acquisition reports
+  // kSuccess.
+  void release(Completion completion = Completion::kSuccess);
 
   State state() const;
   // The final outcome, or kPending while not decided.
@@ -139,7 +142,10 @@ class Acquisition {
   // (at the grant of the last slot, for all of its resources).
   void complete_locked() CL_REQUIRES(mu_);
   // Releases the first `held_` resources, last first.
-  void release_held_locked(detail::NoticeList& notices) CL_REQUIRES(mu_);
+  // Partial holds (a failed acquisition) teach limit algorithms nothing.
+  void release_held_locked(detail::NoticeList& notices,
+                           Completion completion = Completion::kIgnored)
+      CL_REQUIRES(mu_);
   Resource& resource(std::uint32_t i) const { return *set_->resources()[i]; }
 
   const std::shared_ptr<const ResourceSet> set_;

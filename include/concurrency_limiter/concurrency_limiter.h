@@ -5,10 +5,12 @@
 // Permit       RAII holder of granted slots (permit.h)
 // Acquisition  the callback-based wait that front ends build on (acquisition.h)
 // DeadlineQueue one timer for many waiting acquisitions (deadline_queue.h)
+// LimitAlgorithm what moves an adaptive resource's limit (limit.h)
 #pragma once
 
 #include "concurrency_limiter/acquisition.h"
 #include "concurrency_limiter/deadline_queue.h"
+#include "concurrency_limiter/limit.h"
 #include "concurrency_limiter/limiter.h"
 #include "concurrency_limiter/outcome.h"
 #include "concurrency_limiter/permit.h"

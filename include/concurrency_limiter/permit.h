@@ -69,13 +69,15 @@ class Permit {
 
   // Gives the slots back now, each to its resource's next waiter if one
   // waits; later calls do nothing. Never blocks on a waiter or a callback.
-  void release() noexcept {
+  // `completion` tells adaptive resources how the work went (kDropped: it
+  // failed or timed out).
+  void release(Completion completion = Completion::kSuccess) noexcept {
     // The common case inline: one slot, not timed, nobody waiting.
     if (resource_ != nullptr && !measured_ && resource_->try_give_back()) {
       resource_ = nullptr;
       return;
     }
-    if (*this) release_slow();
+    if (*this) release_slow(completion);
   }
 
  private:
@@ -104,7 +106,7 @@ class Permit {
   }
   bool take_all(const std::shared_ptr<const ResourceSet>& set) noexcept;
   void start_measuring() noexcept;
-  void release_slow() noexcept;
+  void release_slow(Completion completion) noexcept;
 
   // At most one of the three holds slots.
   Resource* resource_ = nullptr;  // one slot taken at once

@@ -14,6 +14,13 @@
 //     reply_503(p.outcome());   // kTimeout, kQueueFull, kShed or kCancelled
 //   }
 //
+// Limit: `capacity` is fixed; `limit` (1..capacity, capacity unless changed)
+// is the number of slots in force now. set_limit() moves it by hand; a
+// ResourceOptions::limit_algorithm (limit.h) moves it by itself from the
+// service times and outcomes of released slots. Raising the limit grants to
+// waiters at once; lowering it never revokes a held slot: released slots are
+// retired instead of handed over until in_use <= limit.
+//
 // Queue disciplines (ResourceOptions::queue):
 //   kFifo      oldest waiter first. When the queue is at max_waiting, the new
 //              request is rejected with kQueueFull at once.
@@ -61,6 +68,7 @@
 
 #include "concurrency_limiter/internal/mutex.h"
 #include "concurrency_limiter/internal/thread_annotations.h"
+#include "concurrency_limiter/limit.h"
 #include "concurrency_limiter/outcome.h"
 #include "concurrency_limiter/statistics.h"
 
@@ -72,8 +80,6 @@
 #endif
 
 namespace concurrency_limiter {
-
-using Clock = std::chrono::steady_clock;
 
 class Acquisition;
 class Permit;
@@ -97,6 +103,11 @@ struct ResourceOptions {
   // kAdaptive only: how long the oldest waiter must stay above the target
   // before the queue counts as standing. Must be > 0.
   Clock::duration adaptive_interval = std::chrono::milliseconds(1500);
+  // Moves the limit by itself (e.g. GradientLimit); null: the limit stays at
+  // capacity unless set_limit() changes it. Its start(capacity) is called by
+  // the constructor and may throw std::invalid_argument. Owned by this
+  // resource alone. Every hold of an adaptive resource is timed.
+  std::shared_ptr<LimitAlgorithm> limit_algorithm;
 };
 
 namespace detail {
@@ -195,6 +206,19 @@ class Resource : public std::enable_shared_from_this<Resource> {
 
   const std::string& name() const noexcept { return name_; }
   std::int64_t capacity() const noexcept { return capacity_; }
+  // The slots in force now, 1..capacity. A snapshot, as in_use().
+  std::int64_t limit() const noexcept {
+    return limit_.load(std::memory_order_relaxed);
+  }
+  // Puts `limit` slots in force. Throws std::invalid_argument unless
+  // 1 <= limit <= capacity. Raising it grants waiters at once (in the queue
+  // discipline's order; their callbacks run on this thread, after the lock is
+  // released). Lowering it revokes nothing: each slot released while
+  // in_use > limit is retired instead of handed over, and no slot is granted
+  // until in_use < limit. On a resource with a limit algorithm, the
+  // algorithm moves the limit again at its next decision.
+  void set_limit(std::int64_t limit) CL_EXCLUDES(mu_);
+  bool adaptive() const noexcept { return algorithm_ != nullptr; }
   std::optional<std::int64_t> max_waiting() const noexcept;
   QueueDiscipline queue() const noexcept { return discipline_; }
 
@@ -239,20 +263,23 @@ class Resource : public std::enable_shared_from_this<Resource> {
   //
   // The protocol:
   //  - try_grant() takes a slot without the lock with a CAS that adds one to
-  //    in_use, and only while kWaitersBit is clear and in_use < capacity: so
-  //    nobody passes a queued waiter.
+  //    in_use, and only while kWaitersBit is clear and in_use < limit: so
+  //    nobody passes a queued waiter. The limit is read again after the CAS
+  //    (both sequentially consistent, as is set_limit()'s store): a grant
+  //    that raced with a lower limit is undone, so no grant exceeds the limit
+  //    in force when it completes.
   //  - try_give_back() returns a slot without the lock with a CAS that takes
   //    one from in_use and adds one release, and only while kWaitersBit is
   //    clear; otherwise the release goes through mu_ (release()) and hands
   //    the slot to the waiter the discipline picks.
   //  - A request that has to wait (enqueue(), under mu_) sets kWaitersBit
-  //    with a CAS that succeeds only while every slot is still held; if a
+  //    with a CAS that succeeds only while every slot in force is held; if a
   //    slot was freed meanwhile the CAS fails and it takes that slot instead.
   //    It links itself into the queue only after the bit is set. From then on
   //    every release sees the bit and takes mu_, so a queued waiter is always
   //    found by the next release: none is ever stranded. The bit is cleared,
   //    under mu_, when the last waiter leaves the queue.
-  //  - So while anyone waits, every slot is held and every change of a
+  //  - So while anyone waits, in_use >= limit and every change of a
   //    waiter's fate (grant, timeout, cancel, shed) happens under mu_: the
   //    grant-vs-timeout and grant-vs-cancel races are still decided in one
   //    place, abandon() against hand_over_locked().
@@ -286,13 +313,21 @@ class Resource : public std::enable_shared_from_this<Resource> {
   bool try_grant(bool& measure) noexcept CL_EXCLUDES(mu_) {
     std::uint64_t w = word_.load(std::memory_order_relaxed);
     do {
-      if ((w & kWaitersBit) != 0 || in_use_of(w) >= capacity_) return false;
+      if ((w & kWaitersBit) != 0 ||
+          in_use_of(w) >= limit_.load(std::memory_order_relaxed)) {
+        return false;
+      }
     } while (!word_.compare_exchange_weak(w, w + kInUseOne,
-                                          std::memory_order_acquire,
+                                          std::memory_order_seq_cst,
                                           std::memory_order_relaxed));
+    if (in_use_of(w + kInUseOne) > limit_.load(std::memory_order_seq_cst)) {
+      undo_grant();  // set_limit() lowered the limit meanwhile
+      return false;
+    }
     measure = note_grant(w + kInUseOne);
     return true;
   }
+  void undo_grant() noexcept CL_EXCLUDES(mu_);
 
   // Gives back an unmeasured slot without the lock if nobody waits. False:
   // someone waits, use release().
@@ -313,12 +348,12 @@ class Resource : public std::enable_shared_from_this<Resource> {
   // until the first measured hold is recorded).
   bool note_grant(std::uint64_t word) noexcept {
     if constexpr (!kStatisticsEnabled) {
-      return false;
+      return algorithm_ != nullptr;
     } else {
       const std::int64_t n = in_use_of(word);
       if (n > peak_in_use_.load(std::memory_order_relaxed)) raise_peak(n);
       const std::uint64_t grants = (word >> kReleaseShift) + static_cast<std::uint64_t>(n);
-      return grants % kMeasureEvery == 0 ||
+      return grants % kMeasureEvery == 0 || algorithm_ != nullptr ||
              !hold_measured_.load(std::memory_order_acquire);
     }
   }
@@ -345,12 +380,19 @@ class Resource : public std::enable_shared_from_this<Resource> {
   void revert_grant(detail::NoticeList& notices) CL_EXCLUDES(mu_);
   // Counts a rejection that the resource itself did not decide.
   void count_rejection(Outcome reason) CL_EXCLUDES(mu_);
-  // Gives back one slot: hands it to the next waiter or frees it. A measured
-  // hold (held since `granted_at`, `now` read by the caller) is recorded in
-  // the hold-time histogram.
+  // Gives back one slot: hands it to the next waiter, frees it, or retires it
+  // (in_use above the limit). A measured hold (held since `granted_at`, the
+  // grant of the request's last slot; `now` read by the caller) is recorded
+  // in the hold-time histogram and, unless `completion` is kIgnored, fed to
+  // the limit algorithm (holds of adaptive resources are always measured).
   void release(bool measured, Clock::time_point granted_at,
-               Clock::time_point now, detail::NoticeList& notices)
-      CL_EXCLUDES(mu_);
+               Clock::time_point now, Completion completion,
+               detail::NoticeList& notices) CL_EXCLUDES(mu_);
+  // Feeds one sample to the limit algorithm and puts its limit in force.
+  void learn(const LimitSample& sample, detail::NoticeList& notices)
+      CL_EXCLUDES(mu_, algorithm_mu_);
+  void set_limit_locked(std::int64_t limit, Clock::time_point now,
+                        detail::NoticeList& notices) CL_REQUIRES(mu_);
 
   // Helpers of the queueing path.
   // Takes a free slot under mu_ if nobody waits (the CAS of try_grant()).
@@ -383,6 +425,13 @@ class Resource : public std::enable_shared_from_this<Resource> {
   const QueueDiscipline discipline_;
   const Clock::duration target_;
   const Clock::duration interval_;
+  const std::shared_ptr<LimitAlgorithm> algorithm_;  // null: fixed limit
+  // Slots in force, 1..capacity_. Written under mu_ (seq_cst, see the
+  // protocol above); read without it by the lock-free path.
+  std::atomic<std::int64_t> limit_;
+  // Serialises the algorithm's calls and the limits they put in force.
+  // Order: algorithm_mu_ before mu_.
+  detail::Mutex algorithm_mu_;
 
   // See the protocol above.
   std::atomic<std::uint64_t> word_{0};

@@ -63,6 +63,7 @@ std::string_view to_string(QueueDiscipline d) noexcept;
 struct ResourceStatistics {
   std::string name;
   std::int64_t capacity = 0;
+  std::int64_t limit = 0;            // slots in force right now (<= capacity)
   std::int64_t in_use = 0;           // slots held right now
   std::int64_t waiting = 0;          // waiters queued right now
   std::int64_t peak_in_use = 0;      // highest in_use ever seen

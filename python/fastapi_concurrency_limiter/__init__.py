@@ -18,6 +18,7 @@ resource and dragging every other endpoint down with it::
     async def read_messages(): ...
 """
 
+from ._adaptive import AdaptiveLimit
 from ._errors import BUSY_DETAIL, ServerBusy
 from ._limiter import Limiter
 from ._resource import Resource
@@ -25,6 +26,7 @@ from ._statistics import HistogramSnapshot, LimiterStatistics, ResourceStatistic
 
 __all__ = [
     "BUSY_DETAIL",
+    "AdaptiveLimit",
     "HistogramSnapshot",
     "Limiter",
     "LimiterStatistics",

@@ -28,7 +28,7 @@ class Releasable(Protocol):
     """What a granted request holds: an engine acquisition, or one with its
     cluster slots."""
 
-    def release(self) -> None: ...
+    def release(self, completion: _core.Completion = ...) -> None: ...
 
 
 def running_loop_time() -> float:
@@ -46,12 +46,16 @@ class ClusteredAcquisition:
         self._acquisition = acquisition
         self._permits: list[ClusterPermit] | None = permits
 
-    def release(self) -> None:
+    def release(self, completion: _core.Completion | None = None) -> None:
         permits, self._permits = self._permits, None
         if permits is not None:
             for permit in reversed(permits):
                 permit.release()
-            self._acquisition.release()
+            # The outcome feeds an adaptive limit of the local stage.
+            if completion is None:
+                self._acquisition.release()
+            else:
+                self._acquisition.release(completion)
 
 
 async def with_cluster(

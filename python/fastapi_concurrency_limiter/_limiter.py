@@ -15,6 +15,7 @@ from starlette.requests import Request
 
 from . import _core
 from ._clustered import Releasable, running_loop_time, with_cluster
+from ._adaptive import SUCCESS, completion_of
 from ._holding import Holds, Selection, check, current_task, holds_of, leave, running_loop, task_on
 from ._holding import _held as _holds
 from ._openapi import document_busy_responses, limited_endpoints
@@ -258,7 +259,7 @@ class _Hold:
                 if not stack:
                     del self._outer[frame]
         acquisition, holds = entry
-        acquisition.release()
+        acquisition.release(SUCCESS if exc is None else completion_of(exc))
         selection = self._selection
         if holds and holds[-1] is selection:
             holds.pop()
@@ -389,8 +390,8 @@ def _limit(
                 result = await func(*args, **kwargs)
             else:
                 result = await run_in_threadpool(func, *args, **kwargs)
-        except BaseException:
-            granted.release()
+        except BaseException as exc:
+            granted.release(completion_of(exc))
             leave(holds, selection)
             raise
         if isinstance(result, STREAMED):

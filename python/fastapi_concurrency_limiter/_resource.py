@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Literal
 
 from . import _core
 from ._clustered import Releasable, running_loop_time, with_cluster
+from ._adaptive import AdaptiveLimit, algorithm_for
 from ._holding import Holds, Selection, check, current_task, current_task_or_none, holds_of, leave
 from ._statistics import ResourceStatistics
 from ._validation import check_int, check_seconds
@@ -58,6 +59,11 @@ class Resource:
             host using the same Redis and ``name``; ``name`` is then
             required). With a RedisScope the local stage above still runs
             first, in each process; see ``fastapi_concurrency_limiter.redis``.
+        adaptive: ``True`` or an ``AdaptiveLimit``: the number of slots in
+            force (``limit``) then moves by itself between
+            ``AdaptiveLimit.min_limit`` and ``capacity``, from the measured
+            service times and errors of the requests. ``False`` (default):
+            ``limit == capacity`` unless ``set_limit()`` changes it.
     """
 
     __slots__ = ("_core", "_selection", "_held", "_before", "_cluster", "__weakref__")
@@ -72,6 +78,7 @@ class Resource:
         adaptive_target: float = DEFAULT_ADAPTIVE_TARGET,
         adaptive_interval: float = DEFAULT_ADAPTIVE_INTERVAL,
         scope: Literal["process"] | RedisScope = "process",
+        adaptive: bool | AdaptiveLimit = False,
     ) -> None:
         check_int("capacity", capacity, minimum=1)
         if name is not None and not isinstance(name, str):
@@ -83,8 +90,9 @@ class Resource:
             raise ValueError(f"queue must be one of 'fifo', 'lifo', 'adaptive', got {queue!r}")
         target = check_seconds("adaptive_target", adaptive_target, positive=True)
         interval = check_seconds("adaptive_interval", adaptive_interval, positive=True)
+        algorithm = algorithm_for(adaptive, capacity)
         self._core = _core.Resource(
-            name or "", capacity, max_waiting, _QUEUES[queue], target, interval
+            name or "", capacity, max_waiting, _QUEUES[queue], target, interval, algorithm
         )
         self._cluster: ClusterStage | None = _bind_scope(scope, name, capacity)
         self._selection = Selection(_core.ResourceSet([self._core]), (self,))
@@ -101,6 +109,25 @@ class Resource:
     @property
     def capacity(self) -> int:
         return self._core.capacity
+
+    @property
+    def limit(self) -> int:
+        """Slots in force right now, 1..capacity (``capacity`` unless changed
+        by ``set_limit()`` or, with ``adaptive``, by the resource itself)."""
+        return self._core.limit
+
+    def set_limit(self, limit: int) -> None:
+        """Puts ``limit`` slots in force, 1 <= limit <= capacity. Raising it
+        grants waiting requests at once; lowering it revokes no slot: slots
+        are retired as they are released until ``in_use <= limit``. On an
+        adaptive resource the limit moves on from there by itself."""
+        check_int("limit", limit, minimum=1)
+        self._core.set_limit(limit)
+
+    @property
+    def adaptive(self) -> bool:
+        """True if the limit moves by itself."""
+        return self._core.adaptive
 
     @property
     def in_use(self) -> int:
@@ -172,7 +199,7 @@ class Resource:
 
     def __repr__(self) -> str:
         return (
-            f"Resource({self.capacity}, name={self.name!r}, "
+            f"Resource({self.capacity}, name={self.name!r}, limit={self.limit}, "
             f"in_use={self.in_use}, waiting={self.waiting})"
         )
 

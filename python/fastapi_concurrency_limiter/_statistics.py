@@ -53,6 +53,9 @@ class ResourceStatistics:
 
     name: str
     capacity: int
+    #: Slots in force: ``capacity`` unless lowered by ``set_limit()`` or by
+    #: an adaptive limit.
+    limit: int
     in_use: int
     waiting: int
     peak_in_use: int
@@ -75,6 +78,7 @@ class ResourceStatistics:
         return cls(
             name=s.name,
             capacity=s.capacity,
+            limit=s.limit,
             in_use=s.in_use,
             waiting=s.waiting,
             peak_in_use=s.peak_in_use,

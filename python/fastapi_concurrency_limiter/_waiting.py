@@ -211,9 +211,10 @@ async def wait(
         except BaseException:
             # Cancelled while waiting. The engine decides the race with a
             # grant under the resource's lock: cancel() takes a queued request
-            # out, release() passes on a slot granted meanwhile.
+            # out, release() passes on a slot granted meanwhile (unused: it
+            # teaches an adaptive limit nothing).
             acquisition.cancel()
-            acquisition.release()
+            acquisition.release(_core.Completion.ignored)
             raise
         finally:
             if timer is not None:

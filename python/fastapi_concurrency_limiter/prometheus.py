@@ -10,6 +10,7 @@ Metrics (all labelled ``resource``; counters and histograms are totals since
 the process started, as Prometheus expects):
 
     concurrency_limiter_capacity                   gauge
+    concurrency_limiter_limit                      gauge (slots in force, <= capacity)
     concurrency_limiter_in_use                     gauge
     concurrency_limiter_waiting                    gauge
     concurrency_limiter_peak_in_use                gauge
@@ -151,6 +152,11 @@ class _Families:
         self.gauges = {
             "capacity": GaugeMetricFamily(
                 f"{PREFIX}_capacity", "Slots of the resource.", labels=["resource"]
+            ),
+            "limit": GaugeMetricFamily(
+                f"{PREFIX}_limit",
+                "Slots in force right now (capacity unless lowered, e.g. by an adaptive limit).",
+                labels=["resource"],
             ),
             "in_use": GaugeMetricFamily(
                 f"{PREFIX}_in_use", "Slots held right now.", labels=["resource"]

@@ -82,6 +82,7 @@ async def test_prometheus_exposition_parses_and_carries_the_counters(asgi_client
     }
     db_label = (("resource", "db"),)
     assert samples[("concurrency_limiter_capacity", db_label)] == 2
+    assert samples[("concurrency_limiter_limit", db_label)] == 2
     assert samples[("concurrency_limiter_in_use", db_label)] == 1
     assert samples[("concurrency_limiter_acquired_total", db_label)] == 3
     assert samples[("concurrency_limiter_rejected_total",

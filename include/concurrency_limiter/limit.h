@@ -1,0 +1,220 @@
+// Limit algorithms: how an adaptive resource chooses its limit.
+//
+// A resource enforces a limit (the slots in force now, 1..capacity); a
+// LimitAlgorithm decides it. The two are separate, as in Netflix's
+// concurrency-limits: the resource feeds the algorithm one LimitSample per
+// released slot and puts in force whatever limit the algorithm returns, so
+// any algorithm can be plugged in from C++:
+//
+//   auto db = std::make_shared<Resource>(ResourceOptions{
+//       .name = "db", .capacity = 50,
+//       .limit_algorithm = std::make_shared<GradientLimit>()});
+//
+// Shipped algorithms:
+//   GradientLimit  finds the concurrency past which the downstream only gets
+//                  slower (the default of adaptive resources);
+//   AimdLimit      additive increase, multiplicative decrease on drops;
+//   FixedLimit     a constant.
+//
+// Thread safety: a resource calls its algorithm's start() once and then
+// update() for every sample, never two calls at once, so an algorithm needs no
+// locking of its own. An algorithm instance belongs to one resource.
+#pragma once
+
+#include <chrono>
+#include <cstdint>
+#include <optional>
+
+namespace concurrency_limiter {
+
+using Clock = std::chrono::steady_clock;
+
+// Where adaptive limits start by default (as Netflix's Gradient2): high
+// enough not to throttle a fresh process much (the limit grows by up to x1.25
+// per window), low enough that a moderately busy resource uses half of it,
+// which is what the algorithms need to learn anything.
+inline constexpr std::int64_t kDefaultInitialLimit = 20;
+
+// One finished request, as a limit algorithm sees it.
+struct LimitSample {
+  Clock::time_point end{};          // when its slot was released
+  Clock::duration service_time{};   // from the grant of its last slot to release
+                                    // (time spent waiting in queues excluded)
+  std::int64_t in_flight = 1;       // slots of the resource held just before
+                                    // the release, counting this one
+  bool dropped = false;             // the work failed or timed out
+};
+
+// How a request that held slots ended, as its owner reports it on release.
+enum class Completion : std::uint8_t {
+  kSuccess,  // a latency sample
+  kDropped,  // the handler raised or timed out: a sign of overload
+  kIgnored,  // nothing to learn (e.g. the request gave up before doing work)
+};
+
+class LimitAlgorithm {
+ public:
+  virtual ~LimitAlgorithm() = default;
+
+  // Called once, before any update(): returns the limit to start with. Every
+  // limit the algorithm returns must lie in [1, capacity] (the resource clamps
+  // it anyway).
+  virtual std::int64_t start(std::int64_t capacity) = 0;
+
+  // One finished request. Returns the limit to put in force now, often the
+  // same as before. Called with no lock of the resource held, but serialised;
+  // must not throw (it runs on the release path).
+  virtual std::int64_t update(const LimitSample& sample) = 0;
+};
+
+// Groups samples into windows of at least `min_time` and `min_samples`
+// (a window closes with the first sample that satisfies both), so that a
+// decision rests on averages instead of single requests.
+class SampleWindow {
+ public:
+  struct Summary {
+    std::int64_t samples = 0;        // successes + drops
+    std::int64_t drops = 0;
+    double mean_latency = 0.0;       // seconds, over successes only
+    double mean_in_flight = 0.0;     // over successes only
+    std::int64_t max_in_flight = 0;  // over every sample
+  };
+
+  SampleWindow(Clock::duration min_time, std::int64_t min_samples)
+      : min_time_(min_time), min_samples_(min_samples) {}
+
+  // Adds a sample; returns the window's summary when it closes (and starts
+  // the next window), nullopt otherwise.
+  std::optional<Summary> add(const LimitSample& sample);
+
+ private:
+  Clock::duration min_time_;
+  std::int64_t min_samples_;
+  std::optional<Clock::time_point> started_;
+  std::int64_t samples_ = 0;
+  std::int64_t drops_ = 0;
+  double latency_sum_ = 0.0;
+  double in_flight_sum_ = 0.0;
+  std::int64_t max_in_flight_ = 0;
+};
+
+// A limit that does not move. `limit` is clamped to [1, capacity].
+class FixedLimit final : public LimitAlgorithm {
+ public:
+  explicit FixedLimit(std::int64_t limit) : limit_(limit) {}
+  std::int64_t start(std::int64_t capacity) override;
+  std::int64_t update(const LimitSample&) override { return limit_; }
+
+ private:
+  std::int64_t limit_;
+};
+
+struct AimdOptions {
+  std::int64_t min_limit = 1;
+  // 0: kDefaultInitialLimit, or capacity if lower (min_limit if higher).
+  std::int64_t initial_limit = 0;
+  // Multiplier applied when a window saw a drop or a mean latency above
+  // `timeout`. In (0, 1).
+  double backoff = 0.9;
+  // Mean latency that counts as a drop; zero: latency is ignored.
+  Clock::duration timeout = Clock::duration::zero();
+  Clock::duration window = std::chrono::seconds(1);
+  std::int64_t min_window_samples = 10;
+};
+
+// Additive increase, multiplicative decrease, per window: +1 when the window
+// used at least half the limit and saw no drop, times `backoff` when it saw
+// one. Knows nothing of latency unless `timeout` is set: it finds a limit only
+// if the downstream fails when overloaded.
+class AimdLimit final : public LimitAlgorithm {
+ public:
+  // Throws std::invalid_argument on out-of-range options.
+  explicit AimdLimit(AimdOptions options = {});
+  std::int64_t start(std::int64_t capacity) override;
+  std::int64_t update(const LimitSample& sample) override;
+  double limit() const noexcept { return limit_; }
+
+ private:
+  AimdOptions o_;
+  SampleWindow window_;
+  double max_ = 1.0;
+  double limit_ = 1.0;
+};
+
+struct GradientOptions {
+  std::int64_t min_limit = 1;
+  // 0: kDefaultInitialLimit, or capacity if lower (min_limit if higher).
+  std::int64_t initial_limit = 0;
+  // A window's mean latency up to `tolerance` times the no-load latency is
+  // normal; above it, the downstream is queueing and the limit is cut. > 1.
+  double tolerance = 1.25;
+  // Multiplier applied when more than `drop_rate` of a window's requests
+  // were dropped. In (0, 1).
+  double backoff = 0.9;
+  // Fraction of drops in a window tolerated without a cut, in [0, 1): errors
+  // that are not caused by overload should not drive the limit to the floor.
+  double drop_rate = 0.05;
+  Clock::duration window = std::chrono::seconds(1);
+  std::int64_t min_window_samples = 10;
+};
+
+// A latency gradient in the spirit of Netflix's Gradient2 and Envoy's
+// gradient controller, with the fixes their issue trackers ask for.
+//
+// Per window of samples (successes only; drops carry no latency), leaving
+// out requests granted before the limit last changed (they ran under the old
+// limit):
+//   - no-load latency: the lowest window mean seen. It is trusted once a
+//     window at clearly lower concurrency was not faster, or was measured at
+//     the floor. Until then, whenever the limit is at least half used, the
+//     limit steps below the concurrency the estimate was measured at (x0.8,
+//     x0.5 while latency keeps falling in proportion, i.e. while the
+//     downstream is plainly past its knee). Nothing is ever pinned to a
+//     minimum and a trusted estimate is not probed again, so there is no
+//     periodic probe and no 503 dip. The estimate moves up only from windows
+//     at the floor, where the latency cannot be the limiter's doing.
+//   - latency above tolerance x no-load: the limit is cut to the concurrency
+//     that carries the window's throughput at that latency (Little's law:
+//     tolerance x in_flight x no-load / latency), at most by half per window.
+//     There is no queue term while latency is elevated, so a moderate
+//     overload cannot make the limit creep up.
+//   - latency normal and the limit at least half used: +1, or x tolerance
+//     when latency is at the no-load level (far from the knee).
+//   - limit less than half used: never lowered below twice the use, and not
+//     raised.
+//   - drops above `drop_rate` of the window: x backoff, nothing else learned.
+// Bounded to [min_limit, capacity]. Against a downstream whose latency is
+// base x max(1, in_flight / k) it settles between k and tolerance x k + 1
+// (tests/cpp/limit_test.cc).
+class GradientLimit final : public LimitAlgorithm {
+ public:
+  // Throws std::invalid_argument on out-of-range options.
+  explicit GradientLimit(GradientOptions options = {});
+  std::int64_t start(std::int64_t capacity) override;
+  std::int64_t update(const LimitSample& sample) override;
+
+  // The limit before rounding down, and the no-load latency estimate in
+  // seconds (0 until the first window): for tests and benchmarks.
+  double limit() const noexcept { return limit_; }
+  double no_load_latency() const noexcept { return no_load_; }
+
+ private:
+  std::int64_t in_force() const noexcept;
+  void on_window(const SampleWindow::Summary& w);
+
+  GradientOptions o_;
+  SampleWindow window_;
+  double max_ = 1.0;
+  double limit_ = 1.0;
+  double no_load_ = 0.0;            // seconds; 0: not measured yet
+  double no_load_in_flight_ = 0.0;  // concurrency it was measured at
+  bool no_load_trusted_ = false;
+  // When the limit in force last changed.
+  std::optional<Clock::time_point> changed_at_;
+  // The previous window, when it ended with a downward probe.
+  bool probed_ = false;
+  double probe_latency_ = 0.0;
+  double probe_in_flight_ = 0.0;
+};
+
+}  // namespace concurrency_limiter

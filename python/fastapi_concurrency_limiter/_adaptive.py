@@ -1,0 +1,127 @@
+"""AdaptiveLimit: the tuning of a resource whose limit finds itself."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from numbers import Real
+
+from starlette.exceptions import HTTPException
+
+from . import _core
+from ._validation import check_int, check_seconds
+
+SUCCESS = _core.Completion.success
+_DROPPED = _core.Completion.dropped
+_IGNORED = _core.Completion.ignored
+
+
+def completion_of(exc: BaseException | None) -> _core.Completion:
+    """How a handler that held slots ended, for adaptive resources: an error
+    or a timeout is ``dropped`` (a sign of overload); a client error the
+    handler chose to raise (``HTTPException`` below 500) is a normal
+    response; a cancelled handler (its client went away) tells nothing."""
+    if exc is None:
+        return SUCCESS
+    if isinstance(exc, HTTPException) and exc.status_code < 500:
+        return SUCCESS
+    if isinstance(exc, asyncio.CancelledError):
+        return _IGNORED
+    return _DROPPED
+
+
+@dataclass(frozen=True)
+class AdaptiveLimit:
+    """Tuning of ``Resource(capacity, adaptive=AdaptiveLimit(...))``.
+
+    The resource's ``limit`` (the slots in force) moves by itself between
+    ``min_limit`` and ``capacity`` from the service times of finished
+    requests (grant to release; waiting is not counted) and from their
+    outcome: a request whose handler raised or timed out counts as dropped.
+    ``adaptive=True`` is ``AdaptiveLimit()``. See the README, "Adaptive
+    limits".
+
+    Args:
+        min_limit: the floor, an integer >= 1 and <= capacity.
+        initial_limit: where the limit starts; ``None`` (default): 20, or
+            ``capacity`` if lower (as Netflix's Gradient2). A limit less
+            than half used learns nothing, so a start far above the load
+            would stay there until a burst fills half of it.
+        tolerance: a window's mean service time up to ``tolerance`` times
+            the no-load service time is normal; above it the limit is cut.
+            > 1.
+        backoff: multiplier applied when more than ``drop_rate`` of a
+            window's requests were dropped, in (0, 1).
+        drop_rate: fraction of dropped requests tolerated per window, in
+            [0, 1): errors unrelated to overload should not shrink the limit.
+        window: shortest window of samples, in seconds.
+        min_window_samples: fewest samples in a window, an integer >= 1.
+    """
+
+    min_limit: int = 1
+    initial_limit: int | None = None
+    tolerance: float = 1.25
+    backoff: float = 0.9
+    drop_rate: float = 0.05
+    window: float = 1.0
+    min_window_samples: int = 10
+
+    def _algorithm(self, capacity: int) -> _core.GradientLimit:
+        """The engine's algorithm, after checking every field against
+        ``capacity``; the messages name the field and what it accepts."""
+        check_int("AdaptiveLimit.min_limit", self.min_limit, minimum=1)
+        if self.min_limit > capacity:
+            raise ValueError(
+                f"AdaptiveLimit.min_limit must be <= capacity ({capacity}), got {self.min_limit!r}"
+            )
+        check_int(
+            "AdaptiveLimit.initial_limit", self.initial_limit, minimum=self.min_limit,
+            allow_none=True,
+        )
+        if self.initial_limit is not None and self.initial_limit > capacity:
+            raise ValueError(
+                f"AdaptiveLimit.initial_limit must be <= capacity ({capacity}), "
+                f"got {self.initial_limit!r}"
+            )
+        tolerance = _check_real("AdaptiveLimit.tolerance", self.tolerance, "> 1", lambda x: x > 1)
+        backoff = _check_real(
+            "AdaptiveLimit.backoff", self.backoff, "in (0, 1)", lambda x: 0 < x < 1
+        )
+        drop_rate = _check_real(
+            "AdaptiveLimit.drop_rate", self.drop_rate, "in [0, 1)", lambda x: 0 <= x < 1
+        )
+        window = check_seconds("AdaptiveLimit.window", self.window)
+        check_int("AdaptiveLimit.min_window_samples", self.min_window_samples, minimum=1)
+        return _core.GradientLimit(
+            self.min_limit,
+            self.initial_limit or 0,
+            tolerance,
+            backoff,
+            drop_rate,
+            window,
+            self.min_window_samples,
+        )
+
+
+def _check_real(name: str, value: object, allowed: str, ok: Callable[[float], bool]) -> float:
+    if isinstance(value, bool) or not isinstance(value, Real):
+        raise TypeError(f"{name} must be a number {allowed}, got {type(value).__name__} {value!r}")
+    x = float(value)
+    if not math.isfinite(x) or not ok(x):
+        raise ValueError(f"{name} must be a number {allowed}, got {value!r}")
+    return x
+
+
+def algorithm_for(adaptive: object, capacity: int) -> _core.GradientLimit | None:
+    """The limit algorithm for ``Resource(capacity, adaptive=...)``."""
+    if adaptive is False:
+        return None
+    if adaptive is True:
+        return AdaptiveLimit()._algorithm(capacity)
+    if isinstance(adaptive, AdaptiveLimit):
+        return adaptive._algorithm(capacity)
+    raise TypeError(
+        f"adaptive must be a bool or an AdaptiveLimit, got {type(adaptive).__name__} {adaptive!r}"
+    )

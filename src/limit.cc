@@ -1,0 +1,253 @@
+#include "concurrency_limiter/limit.h"
+
+#include <algorithm>
+#include <cmath>
+#include <stdexcept>
+#include <string>
+#include <utility>
+
+namespace concurrency_limiter {
+namespace {
+
+double seconds(Clock::duration d) {
+  return std::chrono::duration<double>(d).count();
+}
+
+void check_bounds(std::int64_t min_limit, std::int64_t initial_limit) {
+  if (min_limit < 1) {
+    throw std::invalid_argument("min_limit must be an integer >= 1, got " +
+                                std::to_string(min_limit));
+  }
+  if (initial_limit != 0 && initial_limit < min_limit) {
+    throw std::invalid_argument(
+        "initial_limit must be >= min_limit (" + std::to_string(min_limit) +
+        "), or 0 for the default, got " + std::to_string(initial_limit));
+  }
+}
+
+void check_window(Clock::duration window, std::int64_t min_samples) {
+  if (window < Clock::duration::zero()) {
+    throw std::invalid_argument("window must be >= 0 seconds");
+  }
+  if (min_samples < 1) {
+    throw std::invalid_argument("min_window_samples must be an integer >= 1, got " +
+                                std::to_string(min_samples));
+  }
+}
+
+void check_backoff(double backoff) {
+  if (!(backoff > 0.0 && backoff < 1.0)) {
+    throw std::invalid_argument("backoff must be in (0, 1), got " +
+                                std::to_string(backoff));
+  }
+}
+
+// The limit to start from, checked against the resource's capacity.
+double initial(std::int64_t min_limit, std::int64_t initial_limit,
+               std::int64_t capacity) {
+  if (min_limit > capacity) {
+    throw std::invalid_argument("min_limit (" + std::to_string(min_limit) +
+                                ") must be <= capacity (" +
+                                std::to_string(capacity) + ")");
+  }
+  if (initial_limit > capacity) {
+    throw std::invalid_argument("initial_limit (" + std::to_string(initial_limit) +
+                                ") must be <= capacity (" +
+                                std::to_string(capacity) + ")");
+  }
+  if (initial_limit == 0) {
+    initial_limit = std::max(min_limit, std::min(capacity, kDefaultInitialLimit));
+  }
+  return static_cast<double>(initial_limit);
+}
+
+}  // namespace
+
+std::optional<SampleWindow::Summary> SampleWindow::add(const LimitSample& s) {
+  if (!started_) started_ = s.end;
+  ++samples_;
+  if (s.dropped) {
+    ++drops_;
+  } else {
+    latency_sum_ += seconds(s.service_time);
+    in_flight_sum_ += static_cast<double>(s.in_flight);
+  }
+  max_in_flight_ = std::max(max_in_flight_, s.in_flight);
+  if (samples_ < min_samples_ || s.end - *started_ < min_time_) return std::nullopt;
+
+  Summary w;
+  w.samples = samples_;
+  w.drops = drops_;
+  if (const auto ok = samples_ - drops_; ok > 0) {
+    w.mean_latency = latency_sum_ / static_cast<double>(ok);
+    w.mean_in_flight = in_flight_sum_ / static_cast<double>(ok);
+  }
+  w.max_in_flight = max_in_flight_;
+  started_ = s.end;
+  samples_ = drops_ = max_in_flight_ = 0;
+  latency_sum_ = in_flight_sum_ = 0.0;
+  return w;
+}
+
+std::int64_t FixedLimit::start(std::int64_t capacity) {
+  limit_ = std::clamp<std::int64_t>(limit_, 1, capacity);
+  return limit_;
+}
+
+AimdLimit::AimdLimit(AimdOptions options)
+    : o_(options), window_(o_.window, o_.min_window_samples) {
+  check_bounds(o_.min_limit, o_.initial_limit);
+  check_window(o_.window, o_.min_window_samples);
+  check_backoff(o_.backoff);
+  if (o_.timeout < Clock::duration::zero()) {
+    throw std::invalid_argument("timeout must be >= 0 seconds");
+  }
+}
+
+std::int64_t AimdLimit::start(std::int64_t capacity) {
+  limit_ = initial(o_.min_limit, o_.initial_limit, capacity);
+  max_ = static_cast<double>(capacity);
+  return static_cast<std::int64_t>(limit_);
+}
+
+std::int64_t AimdLimit::update(const LimitSample& sample) {
+  if (const auto w = window_.add(sample)) {
+    const bool slow = o_.timeout > Clock::duration::zero() &&
+                      w->mean_latency > seconds(o_.timeout);
+    if (w->drops > 0 || slow) {
+      limit_ *= o_.backoff;
+    } else if (static_cast<double>(w->max_in_flight) >= std::floor(limit_) / 2) {
+      limit_ += 1.0;
+    }
+    limit_ = std::clamp(limit_, static_cast<double>(o_.min_limit), max_);
+  }
+  return static_cast<std::int64_t>(limit_);
+}
+
+GradientLimit::GradientLimit(GradientOptions options)
+    : o_(options), window_(o_.window, o_.min_window_samples) {
+  check_bounds(o_.min_limit, o_.initial_limit);
+  check_window(o_.window, o_.min_window_samples);
+  check_backoff(o_.backoff);
+  if (!(o_.tolerance > 1.0)) {
+    throw std::invalid_argument("tolerance must be > 1, got " +
+                                std::to_string(o_.tolerance));
+  }
+  if (!(o_.drop_rate >= 0.0 && o_.drop_rate < 1.0)) {
+    throw std::invalid_argument("drop_rate must be in [0, 1), got " +
+                                std::to_string(o_.drop_rate));
+  }
+}
+
+std::int64_t GradientLimit::start(std::int64_t capacity) {
+  limit_ = initial(o_.min_limit, o_.initial_limit, capacity);
+  max_ = static_cast<double>(capacity);
+  return in_force();
+}
+
+std::int64_t GradientLimit::in_force() const noexcept {
+  // The limit is kept fractional so that small steps accumulate; the slots
+  // in force are its integer part (a small epsilon absorbs rounding).
+  return static_cast<std::int64_t>(std::floor(limit_ + 1e-9));
+}
+
+std::int64_t GradientLimit::update(const LimitSample& sample) {
+  // The requests granted before the first release started on an idle
+  // downstream, as the concurrency ramped up: not representative.
+  if (!changed_at_) changed_at_ = sample.end;
+  // A request granted before the limit last changed ran under the old limit:
+  // it would blur the effect of the change, so it is left out.
+  if (changed_at_ && sample.end - sample.service_time < *changed_at_) {
+    return in_force();
+  }
+  if (const auto w = window_.add(sample)) {
+    const std::int64_t before = in_force();
+    on_window(*w);
+    if (in_force() != before) changed_at_ = sample.end;
+  }
+  return in_force();
+}
+
+void GradientLimit::on_window(const SampleWindow::Summary& w) {
+  const bool after_probe = std::exchange(probed_, false);
+  const double floor_limit = static_cast<double>(o_.min_limit);
+  const auto bounded = [&](double limit) {
+    return std::clamp(limit, floor_limit, max_);
+  };
+
+  // Drops are a sign of overload with no usable latency (a request that
+  // failed fast would pull the mean down): they cut, and nothing else is
+  // learned from the window.
+  const std::int64_t ok = w.samples - w.drops;
+  if (w.drops > 0 && static_cast<double>(w.drops) >
+                         o_.drop_rate * static_cast<double>(w.samples)) {
+    limit_ = bounded(limit_ * o_.backoff);
+    return;
+  }
+  if (ok == 0) return;
+  const double latency = w.mean_latency;
+  const double n = w.mean_in_flight;
+
+  // The no-load latency. A lower mean than any before is a new estimate, but
+  // one measured at a concurrency from which nothing lower was tried yet may
+  // still include queueing inside the downstream: it is trusted once a
+  // window at clearly lower concurrency was not faster (or at the floor,
+  // below which nothing can be tried).
+  const bool at_floor = n <= floor_limit + 0.5;
+  if (no_load_ == 0.0 || latency < 0.9 * no_load_) {
+    no_load_ = latency;
+    no_load_in_flight_ = n;
+    no_load_trusted_ = at_floor;
+  } else {
+    // Lower concurrency, about the same latency: the estimate holds.
+    if (n <= 0.85 * no_load_in_flight_ && latency <= o_.tolerance * no_load_) {
+      no_load_trusted_ = true;
+    }
+    if (latency < no_load_) {
+      no_load_ = latency;
+    } else if (at_floor) {
+      // At the floor the limiter adds no concurrency: a slower mean here
+      // means the downstream itself got slower. Relearn.
+      no_load_ += (latency - no_load_) * 0.5;
+      no_load_trusted_ = true;
+    }
+  }
+
+  // A limit less than half used is never lowered below twice the use: that
+  // much headroom says nothing about the downstream, and low load is no
+  // reason to shrink.
+  const double limit_now = static_cast<double>(in_force());
+  const double used = static_cast<double>(w.max_in_flight);
+  const bool under_used = used < limit_now / 2;
+  const double keep = under_used ? std::min(limit_, 2.0 * used) : 0.0;
+
+  const double ratio = latency / no_load_;
+  // Queueing: the concurrency that would carry this window's throughput
+  // (n / latency) at the tolerated latency, never more than halving.
+  const double cut = std::clamp(o_.tolerance * n / ratio,
+                                std::max(limit_ * 0.5, keep), limit_);
+  if (!no_load_trusted_ && !under_used) {
+    // The no-load latency may still contain queueing: step below the
+    // concurrency it was measured at and see whether latency follows. While
+    // it falls in proportion (plainly past the knee) the steps are halvings.
+    const bool proportional =
+        after_probe && probe_in_flight_ > 1.05 * n &&
+        probe_latency_ / latency >= 1.0 + 0.75 * (probe_in_flight_ / n - 1.0);
+    probed_ = true;
+    probe_latency_ = latency;
+    probe_in_flight_ = n;
+    const double probe = std::min(limit_, n) * (proportional ? 0.5 : 0.8);
+    limit_ = bounded(ratio > o_.tolerance ? std::min(cut, probe) : probe);
+  } else if (ratio > o_.tolerance) {
+    limit_ = bounded(cut);
+  } else if (under_used || !no_load_trusted_) {
+    return;
+  } else if (ratio <= 1.05) {
+    // At no-load latency: far from the knee, grow multiplicatively.
+    limit_ = bounded(std::max(limit_ + 1.0, limit_ * o_.tolerance));
+  } else {
+    limit_ = bounded(limit_ + 1.0);
+  }
+}
+
+}  // namespace concurrency_limiter
