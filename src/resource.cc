@@ -7,6 +7,7 @@
 
 #include "concurrency_limiter/permit.h"
 #include "concurrency_limiter/resource_set.h"
+#include "internal/host_pool.h"
 
 namespace concurrency_limiter {
 namespace {
@@ -35,6 +36,11 @@ ResourceOptions validated(ResourceOptions o) {
   }
   if (o.adaptive_interval <= Clock::duration::zero()) {
     throw std::invalid_argument("adaptive_interval must be > 0 seconds");
+  }
+  if (o.scope == Scope::kHost && o.name.empty()) {
+    throw std::invalid_argument(
+        "name is required for scope 'host': every process opening the same "
+        "name shares its slots");
   }
   if (o.name.empty()) o.name = generated_name();
   return o;
@@ -120,6 +126,10 @@ Resource::Resource(ResourceOptions o, int)
   stats_.capacity = capacity_;
   stats_.max_waiting = o.max_waiting;
   stats_.queue = discipline_;
+  if (o.scope == Scope::kHost) {
+    o.name = name_;  // moved from above
+    host_ = detail::HostPool::get(o);
+  }
 }
 
 Resource::~Resource() = default;
@@ -130,16 +140,19 @@ std::optional<std::int64_t> Resource::max_waiting() const noexcept {
 }
 
 std::int64_t Resource::in_use() const {
+  if (host_) return host_->in_use();
   std::lock_guard lock(mu_);
   return in_use_;
 }
 
 std::int64_t Resource::waiting() const {
+  if (host_) return host_->waiting();
   std::lock_guard lock(mu_);
   return waiting_;
 }
 
 ResourceStatistics Resource::statistics() const {
+  if (host_) return host_->statistics();
   std::lock_guard lock(mu_);
   ResourceStatistics s = stats_;
   s.in_use = in_use_;
@@ -169,6 +182,7 @@ void Resource::grant_free_slot_locked(detail::WaiterNode& node,
 }
 
 bool Resource::try_grant(detail::WaiterNode& node) {
+  if (host_) return host_->try_grant(node);
   // The grant time only serves the hold-time histogram.
   const auto now = kStatistics ? Clock::now() : Clock::time_point{};
   std::lock_guard lock(mu_);
@@ -179,6 +193,7 @@ bool Resource::try_grant(detail::WaiterNode& node) {
 
 Outcome Resource::enqueue(detail::WaiterNode& node,
                           detail::NoticeList& notices) {
+  if (host_) return host_->enqueue(node, notices);
   const auto now = Clock::now();
   std::lock_guard lock(mu_);
   if (in_use_ < capacity_ && waiting_ == 0) {
@@ -206,6 +221,7 @@ Outcome Resource::enqueue(detail::WaiterNode& node,
 }
 
 State Resource::abandon(detail::WaiterNode& node, Outcome reason) {
+  if (host_) return host_->abandon(node, reason);
   std::lock_guard lock(mu_);
   const State state = node.state_;
   if (state == State::kQueued) {
@@ -218,6 +234,7 @@ State Resource::abandon(detail::WaiterNode& node, Outcome reason) {
 }
 
 void Resource::revert_grant(detail::NoticeList& notices) {
+  if (host_) return host_->revert_grant(notices);
   const auto now = Clock::now();
   std::lock_guard lock(mu_);
   if constexpr (kStatistics) {
@@ -231,12 +248,14 @@ void Resource::revert_grant(detail::NoticeList& notices) {
 }
 
 void Resource::count_rejection(Outcome reason) {
+  if (host_) return host_->count_rejection(reason);
   std::lock_guard lock(mu_);
   note_rejection_locked(reason);
 }
 
 void Resource::release(Clock::time_point granted_at,
                        detail::NoticeList& notices) {
+  if (host_) return host_->release(granted_at, notices);
   const auto now = Clock::now();
   std::lock_guard lock(mu_);
   if constexpr (kStatistics) stats_.hold_seconds.observe(seconds(now - granted_at));

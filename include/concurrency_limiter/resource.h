@@ -68,6 +68,12 @@ class Acquisition;
 class Permit;
 class Resource;
 
+// Which processes share a resource's slots (see host_resource.h).
+enum class Scope : std::uint8_t {
+  kProcess,  // this process only (the default)
+  kHost,     // every process of this user on this machine that opens the name
+};
+
 struct ResourceOptions {
   // Appears in errors, statistics and metrics. Empty: a unique name
   // "resource-N" is generated.
@@ -85,11 +91,17 @@ struct ResourceOptions {
   // kAdaptive only: how long the oldest waiter must stay above the target
   // before the queue counts as standing. Must be > 0.
   Clock::duration adaptive_interval = std::chrono::milliseconds(1500);
+  // kHost: one pool of `capacity` slots and one queue for every process of
+  // this user on this machine that opens a resource of the same `name`
+  // (required: letters, digits, '_', '-', '.', at most 64). See
+  // host_resource.h.
+  Scope scope = Scope::kProcess;
 };
 
 namespace detail {
 
 class NoticeList;
+class HostPool;
 
 // A queued request for one slot of one resource: an intrusive list node, so
 // that queueing never allocates. The resource links and unlinks it and
@@ -110,6 +122,7 @@ class WaiterNode {
   friend class concurrency_limiter::Resource;
   friend class NoticeList;
   friend class concurrency_limiter::Acquisition;
+  friend class HostPool;
 
   // Called once, without any lock held, when the resource granted the node a
   // slot (kGranted) or dropped it from the queue (kShed, kQueueFull), unless
@@ -131,6 +144,9 @@ class WaiterNode {
   // before the node's memory may go away (release store in on_complete,
   // acquire load by the owner).
   std::atomic<bool> completing_{false};
+  // Host scope: index of the node's entry in the shared waiter table while
+  // it is queued; guarded by the host pool's local mutex.
+  std::uint32_t host_entry_ = 0;
 };
 
 // Nodes whose fate was decided under a resource's mutex and whose owners must
@@ -179,6 +195,7 @@ class Resource : public std::enable_shared_from_this<Resource> {
   std::int64_t capacity() const noexcept { return capacity_; }
   std::optional<std::int64_t> max_waiting() const noexcept;
   QueueDiscipline queue() const noexcept { return discipline_; }
+  Scope scope() const noexcept { return host_ ? Scope::kHost : Scope::kProcess; }
 
   // Slots held right now, and requests waiting right now. A snapshot: it may
   // be stale by the time the caller looks at it.
@@ -261,6 +278,9 @@ class Resource : public std::enable_shared_from_this<Resource> {
   // guarded by mu_.
   std::optional<Clock::time_point> above_target_since_;
   ResourceStatistics stats_;          // counters; guarded by mu_
+  // Host scope: every operation above is delegated to the machine-wide pool
+  // (src/host/); null for process scope. Set once by the constructor.
+  std::shared_ptr<detail::HostPool> host_;
 };
 
 }  // namespace concurrency_limiter
