@@ -28,7 +28,8 @@ $(VENV)/.deps: pyproject.toml | system-deps
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet "scikit-build-core>=0.10" "nanobind>=2.4" \
 		"fastapi>=0.110" "starlette>=0.36" "pytest>=7" "httpx>=0.25" "uvicorn>=0.23" \
-		"prometheus-client>=0.17" "locust>=2.20" "matplotlib>=3.7" "ruff>=0.5" "mypy>=1.8"
+		"prometheus-client>=0.17" "locust>=2.20" "matplotlib>=3.7" "ruff>=0.5" "mypy>=1.8" \
+		"gunicorn>=21"
 	touch $@
 
 venv: $(VENV)/.deps

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Literal
 
 from . import _core
@@ -15,6 +16,11 @@ _QUEUES: dict[str, _core.QueueDiscipline] = {
     "lifo": _core.QueueDiscipline.lifo,
     "adaptive": _core.QueueDiscipline.adaptive,
 }
+
+ScopeName = Literal["process", "host"]
+_SCOPES: dict[str, _core.Scope] = {"process": _core.Scope.process, "host": _core.Scope.host}
+# Host resources are named after a shared-memory file: keep names portable.
+_HOST_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 
 #: Default ``adaptive_target``: see the README's "Overload control".
 DEFAULT_ADAPTIVE_TARGET = 0.5
@@ -46,6 +52,17 @@ class Resource:
         adaptive_interval: with ``queue="adaptive"``: see above. While the
             queue stands, waiters older than ``adaptive_target +
             adaptive_interval`` are answered 503 at once (reason ``"shed"``).
+        scope: ``"process"`` (default): the slots belong to this process.
+            ``"host"``: every process of this user on this machine that
+            creates a host resource of the same ``name`` (for example the
+            workers of ``uvicorn --workers 4`` or gunicorn) shares one pool
+            of ``capacity`` slots and one queue. ``name`` is then required
+            (letters, digits, ``_``, ``-``, ``.``, at most 64), and every
+            process must use the same ``capacity``, ``queue`` and
+            ``max_waiting`` (ValueError naming both otherwise). Statistics:
+            ``capacity``, ``in_use``, ``waiting`` and ``peak_in_use`` are
+            host-wide; the counters and histograms count this process's
+            requests.
     """
 
     __slots__ = ("_core", "_set", "_held", "__weakref__")
@@ -59,8 +76,17 @@ class Resource:
         queue: QueueName = "fifo",
         adaptive_target: float = DEFAULT_ADAPTIVE_TARGET,
         adaptive_interval: float = DEFAULT_ADAPTIVE_INTERVAL,
+        scope: ScopeName = "process",
     ) -> None:
         check_int("capacity", capacity, minimum=1)
+        if scope not in _SCOPES:
+            raise ValueError(f"scope must be one of 'process', 'host', got {scope!r}")
+        if scope == "host":
+            if not isinstance(name, str) or not _HOST_NAME.fullmatch(name):
+                raise (ValueError if name is None or isinstance(name, str) else TypeError)(
+                    "name must be 1 to 64 letters, digits, '_', '-' or '.' with "
+                    f"scope='host' (it names the shared pool), got {name!r}"
+                )
         if name is not None and not isinstance(name, str):
             raise TypeError(f"name must be a non-empty str or None, got {name!r}")
         if name == "":
@@ -71,7 +97,7 @@ class Resource:
         target = check_seconds("adaptive_target", adaptive_target, positive=True)
         interval = check_seconds("adaptive_interval", adaptive_interval, positive=True)
         self._core = _core.Resource(
-            name or "", capacity, max_waiting, _QUEUES[queue], target, interval
+            name or "", capacity, max_waiting, _QUEUES[queue], target, interval, _SCOPES[scope]
         )
         self._set = _core.ResourceSet([self._core])
         self._held: list[_core.Acquisition] = []  # slots taken by acquire()
@@ -102,6 +128,11 @@ class Resource:
     def queue(self) -> str:
         return self._core.queue.name
 
+    @property
+    def scope(self) -> str:
+        """``"process"`` or ``"host"``."""
+        return self._core.scope.name
+
     async def acquire(self) -> None:
         """Takes one slot, waiting as long as it takes (the original
         package's low-level call; routes use ``@limiter.resources``). Pair
@@ -123,7 +154,8 @@ class Resource:
         return ResourceStatistics._from_core(self._core.statistics())
 
     def __repr__(self) -> str:
+        scope = ", scope='host'" if self.scope == "host" else ""
         return (
-            f"Resource({self.capacity}, name={self.name!r}, "
+            f"Resource({self.capacity}, name={self.name!r}{scope}, "
             f"in_use={self.in_use}, waiting={self.waiting})"
         )
