@@ -85,6 +85,12 @@ std::shared_ptr<HostPool> HostPool::get(const ResourceOptions& o) {
                      &HostPool::after_fork_child);
   });
   auto it = registry().find(o.name);
+  if (it != registry().end() && !host::is_linked(o.name, it->second->inode_)) {
+    // Removed (reset) since this process opened it: Resources created from
+    // now on use the new one.
+    registry().erase(it);
+    it = registry().end();
+  }
   if (it != registry().end()) {
     // Opened before in this process: same segment, same checks.
     const host::Config& theirs = it->second->seg_->header.config;
@@ -99,8 +105,9 @@ std::shared_ptr<HostPool> HostPool::get(const ResourceOptions& o) {
     }
     return it->second;
   }
-  host::Segment* seg = host::open_segment(o.name, &config);
-  auto pool = std::make_shared<HostPool>(o.name, seg, o);
+  ino_t inode = 0;
+  host::Segment* seg = host::open_segment(o.name, &config, &inode);
+  auto pool = std::make_shared<HostPool>(o.name, seg, inode, o);
   registry().emplace(o.name, pool);
   return pool;
 }
@@ -111,9 +118,10 @@ std::shared_ptr<HostPool> HostPool::find(const std::string& name) {
   return it == registry().end() ? nullptr : it->second;
 }
 
-HostPool::HostPool(std::string name, host::Segment* segment, ResourceOptions o)
+HostPool::HostPool(std::string name, host::Segment* segment, ino_t inode, ResourceOptions o)
     : name_(std::move(name)),
       seg_(segment),
+      inode_(inode),
       capacity_(o.capacity),
       max_waiting_(o.max_waiting ? *o.max_waiting : -1),
       discipline_(o.queue),

@@ -143,7 +143,12 @@ std::string describe(const Config& c) {
   return out;
 }
 
-Segment* open_segment(const std::string& name, const Config* config) {
+bool is_linked(const std::string& name, ino_t inode) {
+  struct stat st {};
+  return ::stat(("/dev/shm" + segment_name(name)).c_str(), &st) == 0 && st.st_ino == inode;
+}
+
+Segment* open_segment(const std::string& name, const Config* config, ino_t* inode) {
   check_name(name);
   const std::string shm = segment_name(name);
   const auto give_up = std::chrono::steady_clock::now() + std::chrono::seconds(2);
@@ -158,6 +163,9 @@ Segment* open_segment(const std::string& name, const Config* config) {
           ::shm_unlink(shm.c_str());
           throw os_error("host resource '" + name + "': cannot size " + shm, err);
         }
+        struct stat created {};
+        ::fstat(fd, &created);
+        if (inode) *inode = created.st_ino;
         void* p = ::mmap(nullptr, sizeof(Segment), PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
         const int err = errno;
         ::close(fd);
@@ -188,6 +196,7 @@ Segment* open_segment(const std::string& name, const Config* config) {
       ::close(fd);
       throw os_error("host resource '" + name + "': cannot stat " + shm, err);
     }
+    if (inode) *inode = st.st_ino;
     if (st.st_uid != ::getuid() || (st.st_mode & 077) != 0) {
       ::close(fd);
       throw std::runtime_error("host resource '" + name + "': " + shm +

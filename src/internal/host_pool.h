@@ -56,7 +56,7 @@ class HostPool {
   void forge_process(pid_t pid, std::uint64_t start_time, std::int64_t held);
   void sweep_now();
 
-  HostPool(std::string name, host::Segment* segment, ResourceOptions options);
+  HostPool(std::string name, host::Segment* segment, ino_t inode, ResourceOptions options);
 
  private:
   // Processes to FUTEX_WAKE once the segment's mutex is released.
@@ -113,6 +113,7 @@ class HostPool {
 
   const std::string name_;
   host::Segment* const seg_;
+  const ino_t inode_;  // of the segment's file, to notice its removal
   const std::int64_t capacity_;
   const std::int64_t max_waiting_;
   const QueueDiscipline discipline_;

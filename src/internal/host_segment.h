@@ -135,7 +135,12 @@ std::string segment_prefix();
 // (throws std::runtime_error if there is none). Throws std::invalid_argument
 // if it exists with another configuration (naming both), std::runtime_error
 // if it is foreign, corrupt or not this user's. The mapping is never undone.
-Segment* open_segment(const std::string& name, const Config* config);
+// `inode`, if given, receives the segment's inode (see is_linked()).
+Segment* open_segment(const std::string& name, const Config* config,
+                      ino_t* inode = nullptr);
+// True while the segment of `name` in /dev/shm is still the one with
+// `inode` (not removed by an operator since it was opened).
+bool is_linked(const std::string& name, ino_t inode);
 
 // Repairs and rebuilds the derived fields from the primary ones; requires
 // the mutex. Also used when a value read from the segment is out of range.

@@ -11,7 +11,16 @@
 //   host_helper lock NAME CAPACITY QUEUE    takes the shared lock, prints
 //       "locked", never gives it back
 //   host_helper open NAME CAPACITY QUEUE    prints "ok" or "error <message>"
+//   host_helper churn NAME CAPACITY QUEUE ROUNDS COUNTER_FILE    acquires
+//       with random short timeouts and holds, counting the holders of all
+//       processes in COUNTER_FILE (two int64: running, peak); prints "done"
+#include <fcntl.h>
+#include <sys/mman.h>
+#include <unistd.h>
+
+#include <atomic>
 #include <chrono>
+#include <random>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -54,6 +63,9 @@ int main(int argc, char** argv) {
     r = std::make_shared<cl::Resource>(cl::ResourceOptions{.name = argv[2],
                                                            .capacity = std::atoll(argv[3]),
                                                            .queue = queue_of(argv[4]),
+                                                           // The tests' adaptive settings.
+                                                           .adaptive_target = std::chrono::milliseconds(1),
+                                                           .adaptive_interval = std::chrono::milliseconds(2),
                                                            .scope = cl::Scope::kHost});
   } catch (const std::exception& e) {
     say(std::string("error ") + e.what());
@@ -86,6 +98,25 @@ int main(int argc, char** argv) {
     } else {
       say("rejected " + std::string(cl::to_string(p.outcome())));
     }
+    return 0;
+  }
+  if (mode == "churn" && argc >= 7) {
+    const int fd = ::open(argv[6], O_RDWR);
+    auto* counter = static_cast<std::atomic<std::int64_t>*>(
+        ::mmap(nullptr, 16, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0));
+    if (fd < 0 || counter == MAP_FAILED) return 3;
+    std::mt19937 rng(static_cast<unsigned>(::getpid()));
+    for (long i = 0; i < std::atol(argv[5]); ++i) {
+      cl::Permit p = r->acquire_for(std::chrono::microseconds(rng() % 3000));
+      if (!p) continue;
+      const std::int64_t running = counter[0].fetch_add(1) + 1;
+      std::int64_t peak = counter[1].load();
+      while (running > peak && !counter[1].compare_exchange_weak(peak, running)) {
+      }
+      std::this_thread::sleep_for(std::chrono::microseconds(rng() % 500));
+      counter[0].fetch_sub(1);
+    }
+    say("done");
     return 0;
   }
   if (mode == "lock") {

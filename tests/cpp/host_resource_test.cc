@@ -15,6 +15,7 @@
 #include <cstring>
 #include <fstream>
 #include <random>
+#include <stop_token>
 #include <sstream>
 #include <stdexcept>
 #include <string>
@@ -32,7 +33,8 @@ using namespace std::chrono_literals;
 using testing::eventually;
 
 std::string unique_name(const std::string& test) {
-  return "t" + std::to_string(::getpid()) + "-" + test;
+  static int runs = 0;  // --gtest_repeat runs a test again in this process
+  return "t" + std::to_string(::getpid()) + "." + std::to_string(++runs) + "-" + test;
 }
 
 std::string shm_path(const std::string& name) {
@@ -435,6 +437,66 @@ TEST(HostResource, CrashLoop) {
   std::printf("slowest recovery after a SIGKILL: %.0f ms\n",
               std::chrono::duration<double, std::milli>(slowest).count());
   EXPECT_LT(slowest, 1s);
+}
+
+// Processes and threads acquiring with short random timeouts, some
+// cancelled: never more holders than capacity, everything back at the end.
+TEST(HostResource, ChurnAcrossProcessesAndThreads) {
+  for (const auto& [queue, queue_name] :
+       {std::pair{QueueDiscipline::kFifo, "fifo"}, std::pair{QueueDiscipline::kLifo, "lifo"},
+        std::pair{QueueDiscipline::kAdaptive, "adaptive"}}) {
+    const std::string name = unique_name(std::string("churn-") + queue_name);
+    Cleanup cleanup{name};
+    constexpr std::int64_t kCapacity = 3;
+    auto db = std::make_shared<Resource>(ResourceOptions{.name = name,
+                                                         .capacity = kCapacity,
+                                                         .queue = queue,
+                                                         .adaptive_target = 1ms,
+                                                         .adaptive_interval = 2ms,
+                                                         .scope = Scope::kHost});
+    char path[] = "/tmp/fcl-churn-XXXXXX";
+    const int fd = ::mkstemp(path);
+    ASSERT_GE(fd, 0);
+    ASSERT_EQ(::ftruncate(fd, 16), 0);
+    auto* counter = static_cast<std::atomic<std::int64_t>*>(
+        ::mmap(nullptr, 16, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0));
+    ASSERT_NE(counter, MAP_FAILED);
+    std::vector<std::unique_ptr<Child>> children;
+    for (int i = 0; i < 2; ++i) {
+      children.push_back(std::make_unique<Child>(
+          std::vector<std::string>{"churn", name, "3", queue_name, "300", path}));
+    }
+    std::vector<std::thread> threads;
+    for (int t = 0; t < 3; ++t) {
+      threads.emplace_back([&, t] {
+        std::mt19937 rng(t);
+        for (int i = 0; i < 300; ++i) {
+          std::stop_source stop;
+          std::thread canceller;
+          if (i % 7 == 0) canceller = std::thread([&] { stop.request_stop(); });
+          Permit p = db->acquire_for(std::chrono::microseconds(rng() % 3000), stop.get_token());
+          if (canceller.joinable()) canceller.join();
+          if (!p) continue;
+          const std::int64_t running = counter[0].fetch_add(1) + 1;
+          std::int64_t peak = counter[1].load();
+          while (running > peak && !counter[1].compare_exchange_weak(peak, running)) {
+          }
+          std::this_thread::sleep_for(std::chrono::microseconds(rng() % 500));
+          counter[0].fetch_sub(1);
+        }
+      });
+    }
+    for (auto& t : threads) t.join();
+    for (auto& c : children) EXPECT_EQ(c->line(60s), "done");
+    EXPECT_LE(counter[1].load(), kCapacity) << queue_name;
+    EXPECT_GE(counter[1].load(), 2) << queue_name;
+    EXPECT_EQ(counter[0].load(), 0);
+    EXPECT_TRUE(eventually([&] { return db->in_use() == 0 && db->waiting() == 0; }))
+        << queue_name << ": in_use " << db->in_use() << ", waiting " << db->waiting();
+    ::munmap(counter, 16);
+    ::close(fd);
+    ::unlink(path);
+  }
 }
 
 TEST(HostResource, ResetRefusesWhileInUse) {

@@ -18,7 +18,7 @@ import httpx
 import pytest
 from fastapi import FastAPI
 
-from fastapi_concurrency_limiter import Limiter, Resource, ServerBusy, _core
+from fastapi_concurrency_limiter import Limiter, Resource, ServerBusy
 
 from .conftest import _free_port
 
