@@ -1,7 +1,8 @@
 # One entry point for people and CI.
 #
 #   make test          build everything, run the C++ suites (plain, ASan+UBSan,
-#                      TSan) and the Python tests
+#                      TSan), the Clang thread-safety build, the installed
+#                      package's consumer test, and the Python tests
 #   make demo          the overload experiment; writes report/ (QUICK=1: ~1 min)
 #   make bench         microbenchmarks (Python API vs asyncio.Semaphore, engine)
 #   make lint          ruff and mypy --strict
@@ -14,7 +15,7 @@ PY := $(VENV)/bin/python
 BUILD := build
 JOBS ?= 2
 
-.PHONY: all system-deps venv install lint test cpp-test cpp-test-release cpp-test-asan cpp-test-tsan py-test demo bench clean
+.PHONY: all system-deps venv install lint test cpp-test cpp-test-release cpp-test-asan cpp-test-tsan thread-safety cpp-package-test py-test demo bench clean
 
 all: test
 
@@ -61,8 +62,33 @@ cpp-test-tsan:
 _tsan:
 	$(call cpp_suite,tsan,RelWithDebInfo,thread)
 
+# The library and its tests built once with Clang's thread-safety analysis,
+# warnings as errors: the locking annotations are checked, not just comments.
+thread-safety: system-deps
+	cmake -S . -B $(BUILD)/thread-safety -G Ninja -DCMAKE_BUILD_TYPE=Debug \
+		-DCMAKE_CXX_COMPILER=clang++ -DCMAKE_CXX_FLAGS="-Wthread-safety -Werror" \
+		-DCL_BUILD_BENCHMARKS=OFF -DCL_BUILD_EXAMPLES=OFF >/dev/null
+	cmake --build $(BUILD)/thread-safety -j $(JOBS)
+
+# Installs the library into a fresh prefix, then configures, builds and runs
+# tests/cmake-consumer against it (find_package and pkg-config).
+PACKAGE := $(BUILD)/package
+cpp-package-test: system-deps
+	rm -rf $(PACKAGE)
+	cmake -S . -B $(PACKAGE)/build -G Ninja -DCMAKE_BUILD_TYPE=Release \
+		-DCMAKE_INSTALL_PREFIX=$(CURDIR)/$(PACKAGE)/prefix \
+		-DCL_BUILD_TESTS=OFF -DCL_BUILD_BENCHMARKS=OFF -DCL_BUILD_EXAMPLES=OFF >/dev/null
+	cmake --build $(PACKAGE)/build -j $(JOBS)
+	cmake --install $(PACKAGE)/build >/dev/null
+	PKG_CONFIG_PATH=$$(dirname $$(find $(CURDIR)/$(PACKAGE)/prefix -name concurrency_limiter.pc)) \
+		cmake -S tests/cmake-consumer -B $(PACKAGE)/consumer -G Ninja \
+		-DCMAKE_PREFIX_PATH=$(CURDIR)/$(PACKAGE)/prefix >/dev/null
+	cmake --build $(PACKAGE)/consumer
+	$(PACKAGE)/consumer/consumer
+	$(PACKAGE)/consumer/consumer_pkgconfig
+
 cpp-test: system-deps
-	$(MAKE) --no-print-directory cpp-test-release cpp-test-asan cpp-test-tsan
+	$(MAKE) --no-print-directory cpp-test-release cpp-test-asan cpp-test-tsan thread-safety cpp-package-test
 
 py-test: install
 	$(PY) -m pytest -q

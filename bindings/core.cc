@@ -12,6 +12,7 @@
 #include <chrono>
 
 #include "concurrency_limiter/concurrency_limiter.h"
+#include "future_completion.h"
 
 namespace nb = nanobind;
 using namespace nb::literals;
@@ -38,6 +39,7 @@ nb::dict rejected_by_reason(const cl::ResourceStatistics& s) {
 
 NB_MODULE(_core, m) {
   m.doc() = "C++ engine of fastapi_concurrency_limiter.";
+  fastapi_concurrency_limiter::FutureCompletion::prepare();
 
   nb::enum_<cl::Outcome>(m, "Outcome", "How an acquisition ended.")
       .value("granted", cl::Outcome::kGranted)
@@ -157,6 +159,13 @@ NB_MODULE(_core, m) {
              });
            },
            "callback"_a)
+      // The asyncio waiter: the completion resolves `future` on `loop`.
+      .def("start",
+           [](cl::Acquisition& a, nb::object future, nb::object loop) {
+             return a.start(fastapi_concurrency_limiter::FutureCompletion(
+                 std::move(future), std::move(loop)));
+           },
+           "future"_a, "loop"_a)
       .def("expire", &cl::Acquisition::expire)
       .def("cancel", &cl::Acquisition::cancel, "reason"_a = cl::Outcome::kCancelled)
       .def("release", &cl::Acquisition::release)

@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # Installs the Debian packages the build needs when they are missing:
-# a C++ toolchain, CMake, Ninja, GoogleTest, Google Benchmark and Python's
-# venv and headers. Needs root (or sudo) only when something is missing.
+# a C++ toolchain, Clang (for its thread-safety analysis), CMake, Ninja,
+# pkg-config, GoogleTest, Google Benchmark and Python's venv and headers. Needs root (or sudo) only when something is missing.
 set -euo pipefail
 
 need=()
 command -v cmake >/dev/null || need+=(cmake)
 command -v ninja >/dev/null || need+=(ninja-build)
 command -v g++ >/dev/null || need+=(g++)
+command -v clang++ >/dev/null || need+=(clang)
+command -v pkg-config >/dev/null || need+=(pkg-config)
 [ -f /usr/include/gtest/gtest.h ] || need+=(libgtest-dev)
 [ -f /usr/include/benchmark/benchmark.h ] || need+=(libbenchmark-dev)
 python3 -m venv --help >/dev/null 2>&1 || need+=(python3-venv)

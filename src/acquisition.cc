@@ -24,7 +24,7 @@ Acquisition::~Acquisition() {
   if (deadlines_) deadlines_->remove(*this);
   {
     detail::NoticeList notices;  // fired after mu_ is unlocked
-    std::lock_guard lock(mu_);
+    detail::MutexLock lock(mu_);
     if (state_ == State::kPending) {
       const NodeState s = resource(held_).abandon(nodes_[held_], Outcome::kCancelled);
       if (s == NodeState::kGranted) ++held_;  // the grant's notice is in flight
@@ -49,30 +49,32 @@ Acquisition::~Acquisition() {
 
 bool Acquisition::try_acquire() {
   detail::NoticeList notices;
-  std::lock_guard lock(mu_);
+  detail::MutexLock lock(mu_);
   if (state_ != State::kIdle) {
     throw std::logic_error("try_acquire() on an acquisition already started");
   }
+  bool measure = false;
   for (std::uint32_t i = 0; i < count_; ++i) {
-    if (!resource(i).try_grant(nodes_[i])) {
+    bool m = false;
+    if (!resource(i).try_grant(m)) {
       refused_ = i;
       // Undo the slots taken on the way, leaving no trace in the statistics.
-      for (std::uint32_t j = i; j-- > 0;) {
-        resource(j).revert_grant(notices);
-        nodes_[j].state_ = NodeState::kIdle;
-      }
+      for (std::uint32_t j = i; j-- > 0;) resource(j).revert_grant(notices);
       return false;
     }
+    measure = measure || m;
   }
   held_ = count_;
   state_ = State::kGranted;
   outcome_ = Outcome::kGranted;
+  measured_ = measure;
+  if (measure) granted_at_ = Clock::now();
   return true;
 }
 
 Outcome Acquisition::start(Callback callback) {
   detail::NoticeList notices;
-  std::lock_guard lock(mu_);
+  detail::MutexLock lock(mu_);
   if (state_ != State::kIdle) {
     throw std::logic_error("start() on an acquisition already started");
   }
@@ -95,9 +97,24 @@ Outcome Acquisition::advance_locked(detail::NoticeList& notices) {
       return o;
     }
   }
+  complete_locked();
+  return Outcome::kGranted;
+}
+
+void Acquisition::complete_locked() {
   state_ = State::kGranted;
   outcome_ = Outcome::kGranted;
-  return Outcome::kGranted;
+  // Node fields were written by the granting resource under its mutex, which
+  // this thread has taken since (or it is the granting thread).
+  bool measure = false;
+  for (std::uint32_t i = 0; i < count_; ++i) measure = measure || nodes_[i].measure_;
+  measured_ = measure;
+  if (measure) {
+    // The hold starts with the last slot: the earlier ones were held while
+    // waiting for it, which is not service time.
+    const Clock::time_point handed = nodes_[count_ - 1].granted_at_;
+    granted_at_ = handed != Clock::time_point{} ? handed : Clock::now();
+  }
 }
 
 void Acquisition::reject_locked(std::uint32_t index, Outcome reason,
@@ -109,9 +126,13 @@ void Acquisition::reject_locked(std::uint32_t index, Outcome reason,
 }
 
 void Acquisition::release_held_locked(detail::NoticeList& notices) {
+  // Only a granted acquisition's holds are timed: one that gives up after
+  // taking its first resources never started its work.
+  const bool measured = state_ == State::kGranted && measured_;
+  const Clock::time_point now = measured ? Clock::now() : Clock::time_point{};
   while (held_ > 0) {
     --held_;
-    resource(held_).release(nodes_[held_].granted_at_, notices);
+    resource(held_).release(measured, granted_at_, now, notices);
   }
 }
 
@@ -120,7 +141,7 @@ void Acquisition::on_node_complete(std::uint32_t index, Outcome outcome,
   Callback callback;
   Outcome final_outcome = outcome;
   {
-    std::lock_guard lock(mu_);
+    detail::MutexLock lock(mu_);
     // cancel() already settled this node when it lost or won the race.
     if (state_ == State::kPending && index == held_) {
       if (outcome == Outcome::kGranted) {
@@ -149,7 +170,7 @@ void Acquisition::cancel(Outcome reason) {
   Outcome final_outcome = reason;
   {
     detail::NoticeList notices;
-    std::lock_guard lock(mu_);
+    detail::MutexLock lock(mu_);
     if (state_ != State::kPending) return;
     Node& node = nodes_[held_];
     const NodeState s = resource(held_).abandon(node, reason);
@@ -160,8 +181,8 @@ void Acquisition::cancel(Outcome reason) {
       // settled and do nothing.
       ++held_;
       if (held_ == count_) {
-        state_ = State::kGranted;
-        outcome_ = final_outcome = Outcome::kGranted;
+        complete_locked();
+        final_outcome = Outcome::kGranted;
       } else {
         // It still lacked a later resource when the deadline or the cancel
         // came: that one refused it.
@@ -181,24 +202,24 @@ void Acquisition::cancel(Outcome reason) {
 
 void Acquisition::release() {
   detail::NoticeList notices;
-  std::lock_guard lock(mu_);
+  detail::MutexLock lock(mu_);
   if (state_ != State::kGranted) return;
   release_held_locked(notices);
   state_ = State::kReleased;
 }
 
 Acquisition::State Acquisition::state() const {
-  std::lock_guard lock(mu_);
+  detail::MutexLock lock(mu_);
   return state_;
 }
 
 Outcome Acquisition::outcome() const {
-  std::lock_guard lock(mu_);
+  detail::MutexLock lock(mu_);
   return outcome_;
 }
 
 const Resource* Acquisition::refused_by() const {
-  std::lock_guard lock(mu_);
+  detail::MutexLock lock(mu_);
   // Set by a rejection, or by a try_acquire() that found no free slot.
   if (state_ != State::kRejected && state_ != State::kIdle) return nullptr;
   return refused_ < count_ ? &resource(refused_) : nullptr;

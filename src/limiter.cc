@@ -5,6 +5,8 @@
 #include <string>
 #include <utility>
 
+#include "internal/deadline.h"
+
 namespace concurrency_limiter {
 namespace {
 
@@ -96,19 +98,20 @@ Permit Limiter::acquire(const std::shared_ptr<const ResourceSet>& set,
 Permit Limiter::acquire_for(const std::shared_ptr<const ResourceSet>& set,
                             Clock::duration timeout,
                             std::stop_token stop) const {
-  return acquire_until(set, Clock::now() + timeout, std::move(stop));
+  // The clock is read only by a request that has to wait.
+  if (Permit p = take_at_once(set)) return p;
+  return acquire_blocking(set, detail::deadline_after(timeout), std::move(stop));
 }
 
 Permit Limiter::acquire_until(const std::shared_ptr<const ResourceSet>& set,
                               Clock::time_point deadline,
                               std::stop_token stop) const {
+  if (Permit p = take_at_once(set)) return p;
   return acquire_blocking(set, deadline, std::move(stop));
 }
 
 Permit Limiter::try_acquire(const std::shared_ptr<const ResourceSet>& set) const {
-  auto acq = std::make_unique<Acquisition>(set);
-  acq->try_acquire();
-  return make_permit(std::move(acq));
+  return take_at_once(set);
 }
 
 std::vector<ResourceStatistics> Limiter::statistics() const {

@@ -26,10 +26,14 @@ std::string_view to_string(QueueDiscipline d) noexcept {
   return "unknown";
 }
 
-void Histogram::observe(double seconds) noexcept {
+std::size_t Histogram::bucket_of(double seconds) noexcept {
   std::size_t i = 0;
   while (i < kBounds.size() && seconds > kBounds[i]) ++i;
-  ++counts[i];
+  return i;
+}
+
+void Histogram::observe(double seconds) noexcept {
+  ++counts[bucket_of(seconds)];
   ++count;
   sum += seconds;
 }

@@ -1,5 +1,6 @@
 #include "concurrency_limiter/resource.h"
 
+#include <algorithm>
 #include <atomic>
 #include <stdexcept>
 #include <string>
@@ -7,6 +8,7 @@
 
 #include "concurrency_limiter/permit.h"
 #include "concurrency_limiter/resource_set.h"
+#include "internal/deadline.h"
 #include "internal/host_pool.h"
 
 namespace concurrency_limiter {
@@ -24,6 +26,11 @@ ResourceOptions validated(ResourceOptions o) {
   if (o.capacity < 1) {
     throw std::invalid_argument("capacity must be an integer >= 1, got " +
                                 std::to_string(o.capacity));
+  }
+  if (o.capacity > Resource::kMaxCapacity) {
+    throw std::invalid_argument("capacity must be an integer <= " +
+                                std::to_string(Resource::kMaxCapacity) +
+                                ", got " + std::to_string(o.capacity));
   }
   if (o.max_waiting && *o.max_waiting < 0) {
     throw std::invalid_argument(
@@ -50,12 +57,6 @@ double seconds(Clock::duration d) {
   return std::chrono::duration<double>(d).count();
 }
 
-// CL_STATISTICS=0 compiles the counters and histograms out. It exists only
-// to measure what they cost (bench/engine_bench.cc); statistics() then
-// reports zeros.
-#ifndef CL_STATISTICS
-#define CL_STATISTICS 1
-#endif
 constexpr bool kStatistics = CL_STATISTICS != 0;
 
 }  // namespace
@@ -122,6 +123,7 @@ Resource::Resource(ResourceOptions o, int)
       discipline_(o.queue),
       target_(o.adaptive_target),
       interval_(o.adaptive_interval) {
+  detail::MutexLock lock(mu_);
   stats_.name = name_;
   stats_.capacity = capacity_;
   stats_.max_waiting = o.max_waiting;
@@ -139,32 +141,79 @@ std::optional<std::int64_t> Resource::max_waiting() const noexcept {
   return max_waiting_;
 }
 
-std::int64_t Resource::in_use() const {
+std::int64_t Resource::in_use() const noexcept {
   if (host_) return host_->in_use();
-  std::lock_guard lock(mu_);
-  return in_use_;
+  return in_use_of(word_.load(std::memory_order_relaxed));
 }
 
 std::int64_t Resource::waiting() const {
   if (host_) return host_->waiting();
-  std::lock_guard lock(mu_);
+  detail::MutexLock lock(mu_);
   return waiting_;
 }
 
 ResourceStatistics Resource::statistics() const {
   if (host_) return host_->statistics();
-  std::lock_guard lock(mu_);
-  ResourceStatistics s = stats_;
-  s.in_use = in_use_;
+  detail::MutexLock lock(mu_);
+  // One load of the word: with mu_ held, everything else below is still.
+  const std::uint64_t w = word_.load(std::memory_order_acquire);
+  ResourceStatistics s;
+  s.in_use = in_use_of(w);
+  if constexpr (kStatistics) {
+    const std::uint64_t releases = releases_folded_ + (w >> kReleaseShift);
+    attribute_unmeasured_locked(releases);
+    s = stats_;
+    s.in_use = in_use_of(w);
+    s.acquired_total = releases + static_cast<std::uint64_t>(s.in_use);
+    s.peak_in_use = std::max(peak_in_use_.load(std::memory_order_relaxed), s.in_use);
+    // Grants that did not wait: counted here, with their 0 s wait.
+    const std::uint64_t at_once = s.acquired_total - stats_.wait_seconds.count;
+    s.wait_seconds.counts[0] += at_once;
+    s.wait_seconds.count += at_once;
+  } else {
+    s.name = stats_.name;
+    s.capacity = stats_.capacity;
+    s.max_waiting = stats_.max_waiting;
+    s.queue = stats_.queue;
+  }
   s.waiting = waiting_;
   return s;
 }
 
-void Resource::note_grant_locked(double waited) {
-  if constexpr (kStatistics) {
-    if (in_use_ > stats_.peak_in_use) stats_.peak_in_use = in_use_;
-    ++stats_.acquired_total;
-    stats_.wait_seconds.observe(waited);
+void Resource::attribute_unmeasured_locked(std::uint64_t releases) const {
+  Histogram& h = stats_.hold_seconds;
+  // No measured hold yet means no unmeasured one either (see note_grant()).
+  if (releases <= h.count || !hold_measured_.load(std::memory_order_relaxed)) {
+    return;
+  }
+  const std::uint64_t n = releases - h.count;
+  h.counts[last_hold_bucket_] += n;
+  h.count += n;
+  h.sum += static_cast<double>(n) * last_hold_seconds_;
+}
+
+bool Resource::host_try_grant(bool& measure) noexcept {
+  return host_->try_grant(measure);
+}
+
+void Resource::raise_peak(std::int64_t n) noexcept {
+  std::int64_t peak = peak_in_use_.load(std::memory_order_relaxed);
+  while (n > peak && !peak_in_use_.compare_exchange_weak(
+                         peak, n, std::memory_order_relaxed)) {
+  }
+}
+
+void Resource::fold_releases() noexcept {
+  detail::MutexLock lock(mu_);
+  fold_releases_locked();
+}
+
+void Resource::fold_releases_locked() noexcept {
+  // Under mu_, so that statistics() sees the word and releases_folded_
+  // change together. Releases keep counting meanwhile: 2^31 more fit.
+  if ((word_.load(std::memory_order_relaxed) & kFoldBit) != 0) {
+    word_.fetch_sub(kFoldBit, std::memory_order_relaxed);
+    releases_folded_ += kFoldBit >> kReleaseShift;
   }
 }
 
@@ -172,22 +221,17 @@ void Resource::note_rejection_locked(Outcome reason) {
   if constexpr (kStatistics) ++stats_.rejected_total[rejection_index(reason)];
 }
 
-void Resource::grant_free_slot_locked(detail::WaiterNode& node,
-                                      Clock::time_point now) {
-  ++in_use_;
-  note_grant_locked(0.0);
-  node.granted_at_ = now;
+bool Resource::grant_at_once_locked(detail::WaiterNode& node) {
+  std::uint64_t w = word_.load(std::memory_order_relaxed);
+  do {
+    if ((w & kWaitersBit) != 0 || in_use_of(w) >= capacity_) return false;
+  } while (!word_.compare_exchange_weak(w, w + kInUseOne,
+                                        std::memory_order_acquire,
+                                        std::memory_order_relaxed));
+  node.measure_ = note_grant(w + kInUseOne);
+  node.granted_at_ = {};
   node.state_ = State::kGranted;
   node.outcome_ = Outcome::kGranted;
-}
-
-bool Resource::try_grant(detail::WaiterNode& node) {
-  if (host_) return host_->try_grant(node);
-  // The grant time only serves the hold-time histogram.
-  const auto now = kStatistics ? Clock::now() : Clock::time_point{};
-  std::lock_guard lock(mu_);
-  if (in_use_ >= capacity_ || waiting_ > 0) return false;
-  grant_free_slot_locked(node, now);
   return true;
 }
 
@@ -195,11 +239,8 @@ Outcome Resource::enqueue(detail::WaiterNode& node,
                           detail::NoticeList& notices) {
   if (host_) return host_->enqueue(node, notices);
   const auto now = Clock::now();
-  std::lock_guard lock(mu_);
-  if (in_use_ < capacity_ && waiting_ == 0) {
-    grant_free_slot_locked(node, now);
-    return Outcome::kGranted;
-  }
+  detail::MutexLock lock(mu_);
+  if (grant_at_once_locked(node)) return Outcome::kGranted;
   shed_locked(now, notices);
   if (max_waiting_ >= 0 && waiting_ >= max_waiting_) {
     // FIFO order (also the adaptive queue's, until a queue stands) turns the
@@ -216,13 +257,29 @@ Outcome Resource::enqueue(detail::WaiterNode& node,
     // LIFO-like queues keep the newest: the oldest waiter makes room.
     reject_locked(*head_, Outcome::kQueueFull, notices);
   }
+  if (waiting_ == 0) {
+    // Announce the waiter before linking it: the CAS succeeds only while
+    // every slot is held; once it has, every release takes mu_ and finds the
+    // node. If a slot was freed meanwhile, take it instead of waiting.
+    std::uint64_t w = word_.load(std::memory_order_relaxed);
+    for (;;) {
+      if (in_use_of(w) < capacity_) {
+        if (grant_at_once_locked(node)) return Outcome::kGranted;
+        w = word_.load(std::memory_order_relaxed);
+      } else if (word_.compare_exchange_weak(w, w | kWaitersBit,
+                                             std::memory_order_acq_rel,
+                                             std::memory_order_relaxed)) {
+        break;
+      }
+    }
+  }
   link_tail(node, now);
   return Outcome::kPending;
 }
 
 State Resource::abandon(detail::WaiterNode& node, Outcome reason) {
   if (host_) return host_->abandon(node, reason);
-  std::lock_guard lock(mu_);
+  detail::MutexLock lock(mu_);
   const State state = node.state_;
   if (state == State::kQueued) {
     unlink(node);
@@ -235,41 +292,64 @@ State Resource::abandon(detail::WaiterNode& node, Outcome reason) {
 
 void Resource::revert_grant(detail::NoticeList& notices) {
   if (host_) return host_->revert_grant(notices);
-  const auto now = Clock::now();
-  std::lock_guard lock(mu_);
-  if constexpr (kStatistics) {
-    // Undo note_grant_locked(0.0) of try_grant(); peak_in_use stays, as the
-    // slot was taken for an instant.
-    --stats_.acquired_total;
-    --stats_.wait_seconds.counts[0];
-    --stats_.wait_seconds.count;
+  // Without the lock while nobody waits: in_use - 1, no release counted.
+  std::uint64_t w = word_.load(std::memory_order_relaxed);
+  while ((w & kWaitersBit) == 0) {
+    if (word_.compare_exchange_weak(w, w - kInUseOne, std::memory_order_release,
+                                    std::memory_order_relaxed)) {
+      return;
+    }
   }
-  hand_over_locked(now, notices);
+  const auto now = Clock::now();
+  detail::MutexLock lock(mu_);
+  hand_over_locked(now, /*count_release=*/false, notices);
 }
 
 void Resource::count_rejection(Outcome reason) {
   if (host_) return host_->count_rejection(reason);
-  std::lock_guard lock(mu_);
+  detail::MutexLock lock(mu_);
   note_rejection_locked(reason);
 }
 
-void Resource::release(Clock::time_point granted_at,
-                       detail::NoticeList& notices) {
-  if (host_) return host_->release(granted_at, notices);
-  const auto now = Clock::now();
-  std::lock_guard lock(mu_);
-  if constexpr (kStatistics) stats_.hold_seconds.observe(seconds(now - granted_at));
-  hand_over_locked(now, notices);
+void Resource::release(bool measured, Clock::time_point granted_at,
+                       Clock::time_point now, detail::NoticeList& notices) {
+  if (host_) return host_->release(measured, granted_at, now, notices);
+  if (!measured && try_give_back()) return;
+  // A handoff needs the time (wait statistics, the adaptive queue).
+  if (!measured) now = Clock::now();
+  detail::MutexLock lock(mu_);
+  if constexpr (kStatistics) {
+    if (measured) {
+      // Holds given back before this one and not timed go to the previous
+      // measured hold's bucket, so the new one does not take them.
+      attribute_unmeasured_locked(
+          releases_folded_ + (word_.load(std::memory_order_relaxed) >> kReleaseShift));
+      const double held = seconds(now - granted_at);
+      last_hold_bucket_ = Histogram::bucket_of(held);
+      last_hold_seconds_ = held;
+      stats_.hold_seconds.observe(held);
+      // It is counted before its release is: statistics() must not attribute
+      // a release to it twice, so the release is counted under mu_ as well.
+      hold_measured_.store(true, std::memory_order_release);
+    }
+  }
+  hand_over_locked(now, /*count_release=*/true, notices);
 }
 
-void Resource::hand_over_locked(Clock::time_point now,
+void Resource::hand_over_locked(Clock::time_point now, bool count_release,
                                 detail::NoticeList& notices) {
+  std::uint64_t w;
   if (detail::WaiterNode* next = pick_locked(now, notices)) {
-    grant_locked(*next, now);  // in_use_ stays the same
+    grant_locked(*next, now);  // in_use stays the same
     notices.push(next);
+    w = count_release ? word_.fetch_add(kReleaseOne, std::memory_order_acq_rel) + kReleaseOne
+                      : word_.load(std::memory_order_relaxed);
   } else {
-    --in_use_;
+    // Nobody left to hand it to (pick_locked() may have shed the last).
+    const std::uint64_t delta = count_release ? kReleaseOne - kInUseOne : -kInUseOne;
+    w = word_.fetch_add(delta, std::memory_order_release) + delta;
   }
+  if ((w & kFoldBit) != 0) fold_releases_locked();
 }
 
 void Resource::link_tail(detail::WaiterNode& node, Clock::time_point now) {
@@ -299,7 +379,10 @@ void Resource::unlink(detail::WaiterNode& node) {
     tail_ = node.prev_;
   }
   node.prev_ = node.next_ = nullptr;
-  --waiting_;
+  if (--waiting_ == 0) {
+    // The queue is empty: releases may go without the lock again.
+    word_.fetch_and(~kWaitersBit, std::memory_order_release);
+  }
 }
 
 void Resource::reject_locked(detail::WaiterNode& node, Outcome reason,
@@ -358,20 +441,20 @@ void Resource::grant_locked(detail::WaiterNode& node, Clock::time_point now) {
   node.state_ = State::kGranted;
   node.outcome_ = Outcome::kGranted;
   node.granted_at_ = now;
+  node.measure_ = kStatistics;  // it read the clock anyway
   node.completing_.store(true, std::memory_order_relaxed);  // published by mu_
-  note_grant_locked(seconds(now - node.enqueued_at_));
+  if constexpr (kStatistics) {
+    stats_.wait_seconds.observe(seconds(now - node.enqueued_at_));
+  }
 }
 
 Permit Resource::try_acquire() {
-  auto acq = std::make_unique<Acquisition>(
-      std::make_shared<const ResourceSet>(
-          std::vector<std::shared_ptr<Resource>>{shared_from_this()}));
-  acq->try_acquire();
-  return make_permit(std::move(acq));
+  return take_at_once(*this);
 }
 
 Permit Resource::acquire_until(Clock::time_point deadline,
                                std::stop_token stop) {
+  if (Permit p = take_at_once(*this)) return p;
   return acquire_blocking(
       std::make_shared<const ResourceSet>(
           std::vector<std::shared_ptr<Resource>>{shared_from_this()}),
@@ -379,7 +462,11 @@ Permit Resource::acquire_until(Clock::time_point deadline,
 }
 
 Permit Resource::acquire_for(Clock::duration timeout, std::stop_token stop) {
-  return acquire_until(Clock::now() + timeout, std::move(stop));
+  if (Permit p = take_at_once(*this)) return p;
+  return acquire_blocking(
+      std::make_shared<const ResourceSet>(
+          std::vector<std::shared_ptr<Resource>>{shared_from_this()}),
+      detail::deadline_after(timeout), std::move(stop));
 }
 
 }  // namespace concurrency_limiter

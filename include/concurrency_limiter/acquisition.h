@@ -19,7 +19,10 @@
 // the first ones while it waits for a later one. When it fails (timeout,
 // rejection, cancel) every slot already held is released at once.
 //
-// Races are decided by the resource's mutex, in C++, once: a slot granted at
+// A resource with a free slot and nobody waiting grants it without its lock
+// (an atomic compare-and-swap, see resource.h); waiting, and every grant to
+// a waiter, go through the resource's mutex. Races are decided by the
+// resource's mutex, in C++, once: a slot granted at
 // the instant the deadline passes or the caller cancels is either kept (the
 // grant came first and it was the last resource needed: the acquisition
 // succeeds) or handed on to the next waiter. A slot is never lost and the
@@ -37,9 +40,10 @@
 #include <cstdint>
 #include <functional>
 #include <memory>
-#include <mutex>
 
 #include "concurrency_limiter/deadline_queue.h"
+#include "concurrency_limiter/internal/mutex.h"
+#include "concurrency_limiter/internal/thread_annotations.h"
 #include "concurrency_limiter/outcome.h"
 #include "concurrency_limiter/resource.h"
 #include "concurrency_limiter/resource_set.h"
@@ -123,33 +127,44 @@ class Acquisition {
   };
 
   void on_node_complete(std::uint32_t index, Outcome outcome,
-                        detail::NoticeList& notices) noexcept;
-  // Requires mu_. Ends the acquisition as rejected, refused by resource
-  // `index`, releasing what it held. Leaves callback_ to the caller.
+                        detail::NoticeList& notices) noexcept CL_EXCLUDES(mu_);
+  // Ends the acquisition as rejected, refused by resource `index`, releasing
+  // what it held. Leaves callback_ to the caller.
   void reject_locked(std::uint32_t index, Outcome reason,
-                     detail::NoticeList& notices);
-  // Requires mu_. Enqueues the remaining resources in order until one has to
-  // wait or rejects. Returns kGranted, kPending or a rejection.
-  Outcome advance_locked(detail::NoticeList& notices);
-  // Requires mu_. Releases the first `held_` resources, last first.
-  void release_held_locked(detail::NoticeList& notices);
+                     detail::NoticeList& notices) CL_REQUIRES(mu_);
+  // Enqueues the remaining resources in order until one has to wait or
+  // rejects. Returns kGranted, kPending or a rejection.
+  Outcome advance_locked(detail::NoticeList& notices) CL_REQUIRES(mu_);
+  // Every slot is held: the acquisition is granted, and its hold starts now
+  // (at the grant of the last slot, for all of its resources).
+  void complete_locked() CL_REQUIRES(mu_);
+  // Releases the first `held_` resources, last first.
+  void release_held_locked(detail::NoticeList& notices) CL_REQUIRES(mu_);
   Resource& resource(std::uint32_t i) const { return *set_->resources()[i]; }
 
   const std::shared_ptr<const ResourceSet> set_;
   const std::uint32_t count_;
   std::unique_ptr<Node[]> nodes_;
 
-  mutable std::mutex mu_;  // order: Acquisition::mu_ before Resource::mu_
-  State state_ = State::kIdle;          // guarded by mu_
-  Outcome outcome_ = Outcome::kPending; // guarded by mu_
-  std::uint32_t held_ = 0;  // resources [0, held_) are held; guarded by mu_
-  std::uint32_t refused_;  // index of the refusing resource, count_ if none; guarded by mu_
-  Callback callback_;       // guarded by mu_; moved out to be called once
+  // Order: Acquisition::mu_ before Resource::mu_.
+  mutable detail::Mutex mu_;
+  State state_ CL_GUARDED_BY(mu_) = State::kIdle;
+  Outcome outcome_ CL_GUARDED_BY(mu_) = Outcome::kPending;
+  // Resources [0, held_) are held.
+  std::uint32_t held_ CL_GUARDED_BY(mu_) = 0;
+  // Index of the refusing resource, count_ if none.
+  std::uint32_t refused_ CL_GUARDED_BY(mu_);
+  // Moved out to be called once.
+  Callback callback_ CL_GUARDED_BY(mu_);
+  // Start of the hold (grant of the last slot), if the statistics time it.
+  Clock::time_point granted_at_ CL_GUARDED_BY(mu_){};
+  bool measured_ CL_GUARDED_BY(mu_) = false;
 
-  // Membership in a DeadlineQueue; used by that queue's thread only.
+  // Membership in a DeadlineQueue (a binary heap of acquisitions); used by
+  // that queue's thread only.
   DeadlineQueue* deadlines_ = nullptr;
-  Acquisition* deadline_prev_ = nullptr;
-  Acquisition* deadline_next_ = nullptr;
+  std::size_t deadline_index_ = 0;   // position in the heap
+  std::uint64_t deadline_order_ = 0; // ties: earlier add() first
   double deadline_ = 0.0;
 };
 

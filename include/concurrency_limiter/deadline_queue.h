@@ -15,9 +15,11 @@
 //   deadlines.remove(acq);
 //
 // Deadlines are plain numbers in the caller's clock (e.g. asyncio's
-// loop.time()), so the queue never reads a clock itself. Kept as a list
-// sorted by deadline, inserted from the back: O(1) when deadlines arrive in
-// increasing order (one timeout per route), O(n) at worst.
+// loop.time()), so the queue never reads a clock itself. Kept as a binary
+// heap whose position is stored in each Acquisition: add() and remove() are
+// O(log n) whatever the mix of timeouts, next_deadline() is O(1), and
+// expire_due() is O(log n) per acquisition expired. Equal deadlines expire in
+// the order they were added.
 //
 // Not thread-safe: use a queue from one thread only (the event loop's).
 // Acquisitions may still be granted by other threads meanwhile; expire() on
@@ -26,7 +28,9 @@
 #pragma once
 
 #include <cstddef>
+#include <cstdint>
 #include <optional>
+#include <vector>
 
 namespace concurrency_limiter {
 
@@ -48,14 +52,18 @@ class DeadlineQueue {
   // first. Returns the next deadline still registered, if any.
   std::optional<double> expire_due(double now);
   std::optional<double> next_deadline() const noexcept;
-  std::size_t size() const noexcept { return size_; }
+  std::size_t size() const noexcept { return heap_.size(); }
 
  private:
+  // Heap order: earlier deadline first, then earlier add().
+  static bool before(const Acquisition& a, const Acquisition& b) noexcept;
+  void place(Acquisition& a, std::size_t index) noexcept;
+  void sift_up(std::size_t index) noexcept;
+  void sift_down(std::size_t index) noexcept;
   void unlink(Acquisition& a) noexcept;
 
-  Acquisition* head_ = nullptr;  // earliest deadline
-  Acquisition* tail_ = nullptr;  // latest deadline
-  std::size_t size_ = 0;
+  std::vector<Acquisition*> heap_;  // heap_[0]: earliest deadline
+  std::uint64_t added_ = 0;         // add() calls so far, for ties
 };
 
 }  // namespace concurrency_limiter

@@ -32,6 +32,7 @@ class Limiter {
  public:
   // Throws std::invalid_argument when `timeout` is negative, a resource is
   // null, or a resource (or a resource name) is registered twice.
+  // Clock::duration::max() as `timeout` waits without a deadline.
   Limiter(std::vector<std::shared_ptr<Resource>> resources,
           Clock::duration timeout);
 
@@ -53,6 +54,9 @@ class Limiter {
   // deadline passes (kTimeout: whatever was already held is released), a
   // queue rejects it (kQueueFull, kShed) or `stop` is requested (kCancelled).
   // try_acquire() never blocks: all slots now, or none (kTimeout).
+  // A request that finds every slot free with nobody waiting takes them
+  // without a lock, an allocation or a clock read. A timeout too large to
+  // add to now (Clock::duration::max()) means "no deadline".
   Permit acquire(const std::shared_ptr<const ResourceSet>& set,
                  std::stop_token stop = {}) const;
   Permit acquire_for(const std::shared_ptr<const ResourceSet>& set,

@@ -7,11 +7,20 @@
 //
 //   if (Permit p = limiter.acquire(set)) { handle(); }
 //   else log("busy: ", p.refused_by_name(), " ", to_string(p.outcome()));
+//
+// A request that finds a free slot of every resource, with nobody waiting,
+// gets a Permit holding the slots directly: no Acquisition, no allocation,
+// no lock. One that had to wait holds its Acquisition. Either way, release()
+// hands each slot to that resource's next waiter, if any.
+//
+// The resources must outlive the Permit (see resource.h, "Lifetime").
 #pragma once
 
 #include <memory>
+#include <stop_token>
 #include <string>
 #include <type_traits>
+#include <utility>
 
 #include "concurrency_limiter/acquisition.h"
 #include "concurrency_limiter/outcome.h"
@@ -21,11 +30,22 @@ namespace concurrency_limiter {
 class Permit {
  public:
   Permit() noexcept = default;  // empty, kCancelled
-  Permit(Permit&&) noexcept = default;
+  Permit(Permit&& other) noexcept
+      : resource_(std::exchange(other.resource_, nullptr)),
+        set_(std::move(other.set_)),
+        acquisition_(std::move(other.acquisition_)),
+        granted_at_(other.granted_at_),
+        measured_(other.measured_),
+        outcome_(other.outcome_),
+        refused_by_(std::move(other.refused_by_)) {}
   Permit& operator=(Permit&& other) noexcept {
     if (this != &other) {
       release();
-      granted_ = std::move(other.granted_);
+      resource_ = std::exchange(other.resource_, nullptr);
+      set_ = std::move(other.set_);
+      acquisition_ = std::move(other.acquisition_);
+      granted_at_ = other.granted_at_;
+      measured_ = other.measured_;
       outcome_ = other.outcome_;
       refused_by_ = std::move(other.refused_by_);
     }
@@ -34,25 +54,40 @@ class Permit {
   ~Permit() { release(); }
 
   // True while the permit holds its slots.
-  explicit operator bool() const noexcept { return granted_ != nullptr; }
+  explicit operator bool() const noexcept {
+    return resource_ != nullptr || set_ != nullptr || acquisition_ != nullptr;
+  }
   // kGranted for a permit that was granted (even after release()), otherwise
   // the reason it was turned away.
   Outcome outcome() const noexcept { return outcome_; }
   // Name of the resource that turned the request away; empty if granted.
   const std::string& refused_by_name() const noexcept { return refused_by_; }
 
-  // Gives the slots back now; later calls do nothing.
+  // Gives the slots back now, each to its resource's next waiter if one
+  // waits; later calls do nothing. Never blocks on a waiter or a callback.
   void release() noexcept {
-    if (granted_) {
-      granted_->release();
-      granted_.reset();
+    // The common case inline: one slot, not timed, nobody waiting.
+    if (resource_ != nullptr && !measured_ && resource_->try_give_back()) {
+      resource_ = nullptr;
+      return;
     }
+    if (*this) release_slow();
   }
 
  private:
   friend Permit make_permit(std::unique_ptr<Acquisition> acquisition);
+  friend Permit take_at_once(Resource& resource);
+  friend Permit take_at_once(const std::shared_ptr<const ResourceSet>& set);
 
-  std::unique_ptr<Acquisition> granted_;  // null when empty or released
+  void release_slow() noexcept;
+
+  // At most one of the three holds slots.
+  Resource* resource_ = nullptr;  // one slot taken at once
+  std::shared_ptr<const ResourceSet> set_;  // a slot of each, taken at once
+  std::unique_ptr<Acquisition> acquisition_;  // slots granted after waiting
+  // Start of the hold, when the statistics time it (resource_ and set_).
+  Clock::time_point granted_at_{};
+  bool measured_ = false;
   Outcome outcome_ = Outcome::kCancelled;
   std::string refused_by_;
 };
@@ -68,5 +103,13 @@ Permit acquire_blocking(std::shared_ptr<const ResourceSet> set,
 
 // Wraps a finished acquisition.
 Permit make_permit(std::unique_ptr<Acquisition> acquisition);
+
+// Takes a slot of `resource` (or of every resource of `set`) if each has one
+// free and nobody waits for it, without a lock; otherwise takes nothing and
+// returns an empty Permit with kTimeout, refused by the first resource
+// without a free slot. Counts no rejection. Used by the try_acquire and
+// acquire_* functions before they queue.
+Permit take_at_once(Resource& resource);
+Permit take_at_once(const std::shared_ptr<const ResourceSet>& set);
 
 }  // namespace concurrency_limiter

@@ -33,10 +33,13 @@
 //              than the number of slots. Full queue: as kLifo while standing,
 //              as kFifo otherwise.
 //
-// Thread safety: every member function may be called from any thread. The
-// resource's state is guarded by one mutex, held for a few instructions (plus
-// one step per waiter shed by the adaptive queue) and never while user code
-// (a completion callback) runs.
+// Thread safety: every member function may be called from any thread. While
+// nobody waits, a slot is taken and given back with one atomic
+// compare-and-swap each, without a lock; a request that has to wait, and
+// every release while someone waits, go through the resource's mutex, which
+// is held for a few instructions (plus one step per waiter shed by the
+// adaptive queue) and never while user code (a completion callback) runs.
+// The protocol between the two paths is described at `word_` below.
 //
 // Lifetime: create resources with std::make_shared. A Resource must outlive
 // every Permit and Acquisition that uses it; Limiter and ResourceSet hold it
@@ -49,7 +52,6 @@
 #include <cstdint>
 #include <functional>
 #include <memory>
-#include <mutex>
 #include <optional>
 #include <stop_token>
 #include <string>
@@ -57,8 +59,17 @@
 #include <utility>
 #include <vector>
 
+#include "concurrency_limiter/internal/mutex.h"
+#include "concurrency_limiter/internal/thread_annotations.h"
 #include "concurrency_limiter/outcome.h"
 #include "concurrency_limiter/statistics.h"
+
+// CL_STATISTICS=0 (a public compile definition of the library built with
+// -DCL_STATISTICS=OFF) compiles the statistics out, only to measure what they
+// cost (bench/engine_bench.cc); statistics() then reports zero counts.
+#ifndef CL_STATISTICS
+#define CL_STATISTICS 1
+#endif
 
 namespace concurrency_limiter {
 
@@ -67,6 +78,7 @@ using Clock = std::chrono::steady_clock;
 class Acquisition;
 class Permit;
 class Resource;
+class ResourceSet;
 
 // Which processes share a resource's slots (see host_resource.h).
 enum class Scope : std::uint8_t {
@@ -78,7 +90,7 @@ struct ResourceOptions {
   // Appears in errors, statistics and metrics. Empty: a unique name
   // "resource-N" is generated.
   std::string name;
-  // Number of slots; must be >= 1.
+  // Number of slots; must be >= 1 and <= kMaxCapacity.
   std::int64_t capacity = 1;
   // Longest queue allowed; nullopt means unbounded. 0 means "never wait":
   // a request either gets a free slot at once or is rejected with kQueueFull.
@@ -136,7 +148,10 @@ class WaiterNode {
   WaiterNode* prev_ = nullptr;  // queue links; guarded by the resource's mu_
   WaiterNode* next_ = nullptr;  // also links a NoticeList once dequeued
   Clock::time_point enqueued_at_{};
-  Clock::time_point granted_at_{};  // start of the hold, for hold_seconds
+  // When a queued node was handed its slot; unset for a slot granted at once.
+  Clock::time_point granted_at_{};
+  // Whether the statistics measure this hold (see Resource::try_grant).
+  bool measure_ = false;
   State state_ = State::kIdle;      // guarded by the resource's mu_
   Outcome outcome_ = Outcome::kPending;  // set together with state_
   // True from the moment the resource decides the node's fate until its
@@ -182,6 +197,9 @@ class NoticeList {
 
 class Resource : public std::enable_shared_from_this<Resource> {
  public:
+  // Largest capacity: the slot count shares one atomic word with other state.
+  static constexpr std::int64_t kMaxCapacity = (std::int64_t{1} << 31) - 1;
+
   // Throws std::invalid_argument naming the parameter and the allowed values
   // when an option is out of range.
   explicit Resource(ResourceOptions options);
@@ -199,12 +217,14 @@ class Resource : public std::enable_shared_from_this<Resource> {
 
   // Slots held right now, and requests waiting right now. A snapshot: it may
   // be stale by the time the caller looks at it.
-  std::int64_t in_use() const;
+  std::int64_t in_use() const noexcept;
   std::int64_t waiting() const;
   ResourceStatistics statistics() const;
 
   // Blocking acquisition of one slot from a calling thread. These are
   // shorthands for a one-resource Acquisition; see Permit for the result.
+  // A free slot with nobody waiting is taken without a lock, a heap
+  // allocation or a clock read.
   //
   // try_acquire(): never blocks. Succeeds only if a slot is free and nobody is
   //   waiting; otherwise the returned Permit is empty with kTimeout (it is a
@@ -214,53 +234,171 @@ class Resource : public std::enable_shared_from_this<Resource> {
   //   (kQueueFull, kShed) or `stop` is requested (kCancelled). A deadline in
   //   the past means "try once" but still queues behind nobody: a free slot
   //   with an empty queue is granted.
-  // acquire_for(timeout): acquire_until(now + timeout).
+  // acquire_for(timeout): acquire_until(now + timeout); a timeout too large
+  //   to add to now (Clock::duration::max()) means "no deadline".
   Permit try_acquire();
   Permit acquire_until(Clock::time_point deadline, std::stop_token stop = {});
   Permit acquire_for(Clock::duration timeout, std::stop_token stop = {});
 
  private:
   friend class Acquisition;
+  friend class Permit;
+  friend Permit take_at_once(Resource& resource);
+  friend Permit take_at_once(const std::shared_ptr<const ResourceSet>& set);
 
   Resource(ResourceOptions validated_options, int);
 
-  // All of the following take mu_ themselves. Nodes whose fate they decide
-  // (grants, sheds) are appended to `notices`, to be fired with no lock held.
+  // ---- Slot accounting: the lock-free path and how it meets the queue ----
+  //
+  // word_ packs what both paths need into one atomic:
+  //   bit  0      kWaitersBit: the queue is not empty. Changed under mu_ only.
+  //   bits 1-31   slots held (in_use).
+  //   bits 32-63  releases so far, modulo 2^32; folded into releases_folded_
+  //               (under mu_) when bit 63 is set, long before they wrap.
+  //
+  // The protocol:
+  //  - try_grant() takes a slot without the lock with a CAS that adds one to
+  //    in_use, and only while kWaitersBit is clear and in_use < capacity: so
+  //    nobody passes a queued waiter.
+  //  - try_give_back() returns a slot without the lock with a CAS that takes
+  //    one from in_use and adds one release, and only while kWaitersBit is
+  //    clear; otherwise the release goes through mu_ (release()) and hands
+  //    the slot to the waiter the discipline picks.
+  //  - A request that has to wait (enqueue(), under mu_) sets kWaitersBit
+  //    with a CAS that succeeds only while every slot is still held; if a
+  //    slot was freed meanwhile the CAS fails and it takes that slot instead.
+  //    It links itself into the queue only after the bit is set. From then on
+  //    every release sees the bit and takes mu_, so a queued waiter is always
+  //    found by the next release: none is ever stranded. The bit is cleared,
+  //    under mu_, when the last waiter leaves the queue.
+  //  - So while anyone waits, every slot is held and every change of a
+  //    waiter's fate (grant, timeout, cancel, shed) happens under mu_: the
+  //    grant-vs-timeout and grant-vs-cancel races are still decided in one
+  //    place, abandon() against hand_over_locked().
+  //
+  // Memory order: a CAS that grants a slot is `acquire` and one that frees a
+  // slot is `release`, so whatever a holder did before releasing happens
+  // before the next holder's grant (as with a semaphore). Handoffs are
+  // ordered by mu_, and on to the waiter's thread by its Acquisition's mutex.
+  //
+  // The statistics are kept exact without extra atomics on this path:
+  // acquired_total = releases + in_use; grants that waited are counted under
+  // mu_ (wait_seconds), so the ones granted at once (waiting 0 s) are the
+  // difference; peak_in_use_ is raised by the rare grant that exceeds it.
+  static constexpr std::uint64_t kWaitersBit = 1;
+  static constexpr std::uint64_t kInUseOne = 2;
+  static constexpr std::uint64_t kInUseMask = std::uint64_t{0x7fffffff} << 1;
+  static constexpr int kReleaseShift = 32;
+  static constexpr std::uint64_t kReleaseOne = std::uint64_t{1} << kReleaseShift;
+  static constexpr std::uint64_t kFoldBit = std::uint64_t{1} << 63;
+  // One hold in kMeasureEvery among those granted at once is timed for the
+  // hold-time histogram (see statistics.h); every hold that waited is timed.
+  static constexpr std::uint64_t kMeasureEvery = 32;
 
-  // Grants a slot to `node` at once if one is free and nobody waits.
-  bool try_grant(detail::WaiterNode& node);
+  static std::int64_t in_use_of(std::uint64_t word) noexcept {
+    return static_cast<std::int64_t>((word & kInUseMask) >> 1);
+  }
+
+  // Takes a free slot without the lock if nobody waits. `measure` is set to
+  // whether the statistics want this hold timed (then the caller reads the
+  // clock for its start and passes measured=true to release()).
+  bool try_grant(bool& measure) noexcept CL_EXCLUDES(mu_) {
+    if (host_) return host_try_grant(measure);
+    std::uint64_t w = word_.load(std::memory_order_relaxed);
+    do {
+      if ((w & kWaitersBit) != 0 || in_use_of(w) >= capacity_) return false;
+    } while (!word_.compare_exchange_weak(w, w + kInUseOne,
+                                          std::memory_order_acquire,
+                                          std::memory_order_relaxed));
+    measure = note_grant(w + kInUseOne);
+    return true;
+  }
+
+  // Gives back an unmeasured slot without the lock if nobody waits. False:
+  // someone waits, use release().
+  bool try_give_back() noexcept CL_EXCLUDES(mu_) {
+    if (host_) return false;  // host scope: release() does it all
+    std::uint64_t w = word_.load(std::memory_order_relaxed);
+    do {
+      if ((w & kWaitersBit) != 0) return false;
+    } while (!word_.compare_exchange_weak(w, w - kInUseOne + kReleaseOne,
+                                          std::memory_order_release,
+                                          std::memory_order_relaxed));
+    if (((w - kInUseOne + kReleaseOne) & kFoldBit) != 0) fold_releases();
+    return true;
+  }
+
+  // After a grant that produced `word`: raises the peak, and decides whether
+  // the hold is measured (every kMeasureEvery-th grant, counted by
+  // releases + in_use, which a grant raises by exactly one; and every grant
+  // until the first measured hold is recorded).
+  bool note_grant(std::uint64_t word) noexcept {
+    if constexpr (!kStatisticsEnabled) {
+      return false;
+    } else {
+      const std::int64_t n = in_use_of(word);
+      if (n > peak_in_use_.load(std::memory_order_relaxed)) raise_peak(n);
+      const std::uint64_t grants = (word >> kReleaseShift) + static_cast<std::uint64_t>(n);
+      return grants % kMeasureEvery == 0 ||
+             !hold_measured_.load(std::memory_order_acquire);
+    }
+  }
+  void raise_peak(std::int64_t n) noexcept;
+  // try_grant() of a host-scoped resource (src/host/).
+  bool host_try_grant(bool& measure) noexcept;
+  void fold_releases() noexcept CL_EXCLUDES(mu_);
+  void fold_releases_locked() noexcept CL_REQUIRES(mu_);
+
+  // ---- Entry points of the queueing path; each takes mu_ itself ----
+  // Nodes whose fate they decide (grants, sheds) are appended to `notices`,
+  // to be fired with no lock held.
+
   // Grants at once, or queues the node, or rejects it (kQueueFull). Returns
   // kGranted, kPending (queued) or kQueueFull.
-  Outcome enqueue(detail::WaiterNode& node, detail::NoticeList& notices);
+  Outcome enqueue(detail::WaiterNode& node, detail::NoticeList& notices)
+      CL_EXCLUDES(mu_);
   // Takes a queued node out of the queue with `reason`, counted as a
   // rejection. Returns the node's state: kQueued if it was still queued (it is
   // now rejected and will not be notified), else kGranted or kRejected when
   // the resource had already decided (its notice may still be in flight).
-  detail::WaiterNode::State abandon(detail::WaiterNode& node, Outcome reason);
+  detail::WaiterNode::State abandon(detail::WaiterNode& node, Outcome reason)
+      CL_EXCLUDES(mu_);
   // Gives back a slot taken by try_grant() a moment ago, as if it had never
   // been granted: no acquisition, wait or hold is counted.
-  void revert_grant(detail::NoticeList& notices);
+  void revert_grant(detail::NoticeList& notices) CL_EXCLUDES(mu_);
   // Counts a rejection that the resource itself did not decide.
-  void count_rejection(Outcome reason);
-  // Gives back one slot held since `granted_at`: hands it to the next waiter
-  // or frees it.
-  void release(Clock::time_point granted_at, detail::NoticeList& notices);
+  void count_rejection(Outcome reason) CL_EXCLUDES(mu_);
+  // Gives back one slot: hands it to the next waiter or frees it. A measured
+  // hold (held since `granted_at`, `now` read by the caller) is recorded in
+  // the hold-time histogram.
+  void release(bool measured, Clock::time_point granted_at,
+               Clock::time_point now, detail::NoticeList& notices)
+      CL_EXCLUDES(mu_);
 
-  // Helpers; require mu_ held.
-  void grant_free_slot_locked(detail::WaiterNode& node, Clock::time_point now);
+  // Helpers of the queueing path.
+  // Takes a free slot under mu_ if nobody waits (the CAS of try_grant()).
+  bool grant_at_once_locked(detail::WaiterNode& node) CL_REQUIRES(mu_);
   // A slot was given back: to the waiter the discipline picks, or freed.
-  void hand_over_locked(Clock::time_point now, detail::NoticeList& notices);
-  void note_grant_locked(double waited);
-  void note_rejection_locked(Outcome reason);
-  void link_tail(detail::WaiterNode& node, Clock::time_point now);
-  void unlink(detail::WaiterNode& node);
+  // `count_release`: false when undoing a grant (revert_grant()).
+  void hand_over_locked(Clock::time_point now, bool count_release,
+                        detail::NoticeList& notices) CL_REQUIRES(mu_);
+  void note_rejection_locked(Outcome reason) CL_REQUIRES(mu_);
+  void link_tail(detail::WaiterNode& node, Clock::time_point now) CL_REQUIRES(mu_);
+  void unlink(detail::WaiterNode& node) CL_REQUIRES(mu_);
   void reject_locked(detail::WaiterNode& node, Outcome reason,
-                     detail::NoticeList& notices);
-  bool standing_locked(Clock::time_point now);
-  void shed_locked(Clock::time_point now, detail::NoticeList& notices);
+                     detail::NoticeList& notices) CL_REQUIRES(mu_);
+  bool standing_locked(Clock::time_point now) CL_REQUIRES(mu_);
+  void shed_locked(Clock::time_point now, detail::NoticeList& notices)
+      CL_REQUIRES(mu_);
   detail::WaiterNode* pick_locked(Clock::time_point now,
-                                  detail::NoticeList& notices);
-  void grant_locked(detail::WaiterNode& node, Clock::time_point now);
+                                  detail::NoticeList& notices) CL_REQUIRES(mu_);
+  void grant_locked(detail::WaiterNode& node, Clock::time_point now)
+      CL_REQUIRES(mu_);
+  // Folds the releases not yet recorded in hold_seconds into the bucket of
+  // the latest measured hold (see statistics.h).
+  void attribute_unmeasured_locked(std::uint64_t releases) const CL_REQUIRES(mu_);
+
+  static constexpr bool kStatisticsEnabled = CL_STATISTICS != 0;
 
   const std::string name_;
   const std::int64_t capacity_;
@@ -269,15 +407,30 @@ class Resource : public std::enable_shared_from_this<Resource> {
   const Clock::duration target_;
   const Clock::duration interval_;
 
-  mutable std::mutex mu_;
-  std::int64_t in_use_ = 0;          // guarded by mu_
-  std::int64_t waiting_ = 0;         // guarded by mu_
-  detail::WaiterNode* head_ = nullptr;  // oldest waiter; guarded by mu_
-  detail::WaiterNode* tail_ = nullptr;  // newest waiter; guarded by mu_
-  // Since when the oldest waiter has been older than target_ without a break;
-  // guarded by mu_.
-  std::optional<Clock::time_point> above_target_since_;
-  ResourceStatistics stats_;          // counters; guarded by mu_
+  // See the protocol above.
+  std::atomic<std::uint64_t> word_{0};
+  // Highest in_use granted so far (relaxed: a statistic; statistics() takes
+  // the larger of it and in_use, so a grant not yet reflected here is seen).
+  std::atomic<std::int64_t> peak_in_use_{0};
+  // Set (release) once the first measured hold is recorded; until then every
+  // hold is measured, so there is always a hold to attribute others to.
+  std::atomic<bool> hold_measured_{false};
+
+  mutable detail::Mutex mu_;
+  std::int64_t waiting_ CL_GUARDED_BY(mu_) = 0;
+  detail::WaiterNode* head_ CL_GUARDED_BY(mu_) = nullptr;  // oldest waiter
+  detail::WaiterNode* tail_ CL_GUARDED_BY(mu_) = nullptr;  // newest waiter
+  // Since when the oldest waiter has been older than target_ without a break.
+  std::optional<Clock::time_point> above_target_since_ CL_GUARDED_BY(mu_);
+  // Releases taken out of word_ before they could wrap.
+  std::uint64_t releases_folded_ CL_GUARDED_BY(mu_) = 0;
+  // Counters and histograms. wait_seconds holds the grants that waited only;
+  // hold_seconds the measured holds plus those attributed to them.
+  mutable ResourceStatistics stats_ CL_GUARDED_BY(mu_);
+  // Bucket and duration of the latest measured hold.
+  std::size_t last_hold_bucket_ CL_GUARDED_BY(mu_) = 0;
+  double last_hold_seconds_ CL_GUARDED_BY(mu_) = 0.0;
+
   // Host scope: every operation above is delegated to the machine-wide pool
   // (src/host/); null for process scope. Set once by the constructor.
   std::shared_ptr<detail::HostPool> host_;

@@ -1,10 +1,25 @@
 // Statistics of a resource: a consistent snapshot of its counters and its
 // wait-time and hold-time histograms.
 //
-// The counters are kept by the engine under the resource's lock on the paths
-// that already take it, so keeping them costs a few integer additions and two
-// clock reads per acquisition. Histogram buckets are fixed (Prometheus style,
-// cumulative on export) so that snapshots from any process can be merged.
+// Exact: every counter (acquired_total, rejected_total, peak_in_use), the
+// wait-time histogram, and the number of holds in the hold-time histogram
+// (hold_seconds.count, and the sum of its buckets, is the number of slots
+// given back). Kept without a lock or a clock read on the path that takes a
+// free slot: a request granted at once waited 0 s, and the counts are
+// derived from the resource's slot word.
+//
+// Sampled: the durations in hold_seconds. Timing every hold would cost two
+// clock reads per request, more than the rest of taking and returning a free
+// slot together. So every hold of a request that waited is timed (it read
+// the clock anyway), and of those granted at once one in 32 (and every one
+// until the first is recorded). A hold that is not timed is counted in the
+// bucket, and with the duration, of the latest timed hold of the resource;
+// so hold_seconds.sum and the bucket counts are estimates, monotonic like
+// any Prometheus histogram. A request that times out or is rejected after
+// taking its first resources never held them all: those holds are not timed.
+//
+// Histogram buckets are fixed (Prometheus style, cumulative on export) so
+// that snapshots from any process can be merged.
 #pragma once
 
 #include <array>
@@ -32,6 +47,8 @@ struct Histogram {
   double sum = 0.0;         // sum of observed values, seconds
 
   void observe(double seconds) noexcept;
+  // Index in `counts` of the bucket `seconds` falls in.
+  static std::size_t bucket_of(double seconds) noexcept;
 };
 
 // Which waiter a freed slot goes to.
@@ -55,7 +72,9 @@ struct ResourceStatistics {
   // Requests turned away, by reason; index with rejection_index(Outcome).
   std::array<std::uint64_t, kRejectionReasonCount> rejected_total{};
   Histogram wait_seconds;  // time from request to grant, of granted requests
-  Histogram hold_seconds;  // time from grant to release
+  // Time from the grant of the request's last slot to release (durations
+  // sampled, count exact: see above).
+  Histogram hold_seconds;
 
   std::uint64_t rejected(Outcome reason) const noexcept {
     return rejected_total[rejection_index(reason)];

@@ -2,21 +2,24 @@
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import inspect
-from collections.abc import Awaitable, Callable, Sequence
-from types import TracebackType
+import sys
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from types import FrameType, TracebackType
 from typing import Any, TypeVar
 
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 
 from . import _core
+from ._holding import Holds, Selection, check, current_task, holds_of, leave, running_loop, task_on
+from ._holding import _held as _holds
 from ._openapi import document_busy_responses, limited_endpoints
 from ._resource import Resource
 from ._statistics import LimiterStatistics, ResourceStatistics
+from ._streaming import STREAMED, Held, release_after_sending
 from ._validation import check_int, check_seconds
 from ._waiting import wait
 
@@ -25,6 +28,9 @@ F = TypeVar("F", bound=Callable[..., Any])
 # Keyword under which the decorator asks FastAPI for the Request when the
 # endpoint does not declare one itself.
 _REQUEST_PARAM = "_concurrency_limiter_request"
+# Keyword under which a generator endpoint gets its slots from the hidden
+# dependency that waits for them.
+_SLOTS_PARAM = "_concurrency_limiter_slots"
 
 
 class Limiter:
@@ -54,7 +60,10 @@ class Limiter:
         # The engine validates the registry (no resource or name twice); its
         # own timeout is unused here (the event loop keeps the deadlines).
         self._core = _core.Limiter([r._core for r in self._resources], 0.0)
-        self._sets: dict[tuple[Resource, ...], _core.ResourceSet] = {}
+        self._sets: dict[tuple[Resource, ...], Selection] = {}
+        # The order the deadlock check enforces on nested acquisitions.
+        for i, r in enumerate(self._resources):
+            r._before.update(self._resources[:i])
 
     @property
     def timeout(self) -> float | None:
@@ -71,7 +80,7 @@ class Limiter:
     def retry_after(self) -> int | None:
         return self._retry_after
 
-    def _select(self, resources: Sequence[Resource]) -> _core.ResourceSet:
+    def _select(self, resources: Sequence[Resource]) -> Selection:
         try:
             return self._sets[tuple(resources)]  # validated before
         except (KeyError, TypeError):
@@ -80,8 +89,17 @@ class Limiter:
         # The engine validates: registered, no duplicates, registration
         # order, not empty. ValueError otherwise.
         rset = self._core.select([r._core for r in key])
-        self._sets[key] = rset
-        return rset
+        for i, first in enumerate(key):
+            for later in key[i + 1 :]:
+                if later in first._before:
+                    raise ValueError(
+                        f"resources: this Limiter takes {first.name!r} before {later.name!r}, "
+                        f"but another Limiter registers {later.name!r} before {first.name!r}; "
+                        "two requests taking them in opposite orders could deadlock. "
+                        "Register shared resources in the same order in every Limiter"
+                    )
+        selection = self._sets[key] = Selection(rset, key)
+        return selection
 
     def resources(
         self, resources: Sequence[Resource], *, timeout: float | None = None
@@ -98,18 +116,25 @@ class Limiter:
 
         Works for ``async def`` and ``def`` endpoints (a ``def`` endpoint
         waits on the event loop, then runs in the thread pool as FastAPI
-        runs it). ``timeout`` overrides the limiter's for this route. While
-        a request waits, a client disconnect takes it out of the queue.
+        runs it), and for generator endpoints. An endpoint whose response
+        body is produced while it is sent (a generator endpoint, a returned
+        ``StreamingResponse`` or ``FileResponse``) holds the slots until the
+        body has been sent or the client has gone. ``timeout`` overrides the
+        limiter's for this route. While a request waits, a client
+        disconnect takes it out of the queue.
 
         Raises ValueError at decoration time for an empty list, a resource
-        that is not registered, one listed twice, or resources out of
-        registration order; TypeError for items that are not Resources.
+        that is not registered, one listed twice, resources out of
+        registration order or in an order another Limiter contradicts;
+        TypeError for items that are not Resources. A request whose task
+        already holds a slot that makes waiting a possible deadlock gets
+        RuntimeError (see the README's "Deadlocks").
         """
-        rset = self._select(resources)
+        selection = self._select(resources)
         own_timeout = None if timeout is None else check_seconds("timeout", timeout)
 
         def decorator(func: F) -> F:
-            return _limit(func, self, rset, own_timeout)  # type: ignore[return-value]
+            return _limit(func, self, selection, own_timeout)  # type: ignore[return-value]
 
         return decorator
 
@@ -123,11 +148,14 @@ class Limiter:
                 await run_query()
 
         Same order rules and timeout as the decorator; raises ``ServerBusy``
-        when the resources cannot be had in time.
+        when the resources cannot be had in time, RuntimeError at once when
+        the calling task holds a slot that makes waiting a possible
+        deadlock. The returned object may be kept and entered again, also
+        concurrently.
         """
-        rset = self._select(resources)
+        selection = self._select(resources)
         own_timeout = None if timeout is None else check_seconds("timeout", timeout)
-        return _Hold(self, rset, own_timeout)
+        return _Hold(self, selection, own_timeout)
 
     def instrument(self, app: FastAPI) -> None:
         """Documents the 503 response (body schema and ``Retry-After``) of
@@ -149,37 +177,53 @@ class Limiter:
 
 
 class _Hold:
-    """``async with limiter.acquire([...])``. One object may be entered by
-    several tasks at once (e.g. kept in a module-level variable): each entry
-    holds its own slots, released by the same task's exit."""
+    """``async with limiter.acquire([...])``. One object may be entered any
+    number of times at once (e.g. kept in a module-level variable, entered
+    by concurrent tasks, by an async generator that another task finalises):
+    each entry holds its own slots, and each exit releases exactly the slots
+    of its own entry, whichever task runs it.
 
-    __slots__ = ("_limiter", "_rset", "_timeout", "_acquisition", "_others")
+    An ``async with`` statement runs ``__aenter__`` and ``__aexit__`` from
+    the same frame (the coroutine's or async generator's that contains it),
+    whichever task drives that frame; so entries are keyed by that frame,
+    with a stack per frame for nested entries. An exit from another frame
+    (an ``AsyncExitStack`` entered and exited in different functions) falls
+    back to the newest entry made by the exiting task.
+    """
 
-    def __init__(
-        self, limiter: Limiter, rset: _core.ResourceSet, timeout: float | None
-    ) -> None:
+    __slots__ = ("_limiter", "_selection", "_timeout", "_entries", "_outer")
+
+    def __init__(self, limiter: Limiter, selection: Selection, timeout: float | None) -> None:
         self._limiter = limiter
-        self._rset = rset
+        self._selection = selection
         self._timeout = timeout
-        # The usual case, one entry at a time, lives in a slot; further
-        # concurrent or nested entries go to a per-task stack. (The slot's
-        # entry needs no owner: any task without a stacked entry owns it.
-        # asyncio.current_task() costs more than the rest of an entry.)
-        self._acquisition: _core.Acquisition | None = None
-        self._others: dict[object, list[_core.Acquisition]] | None = None
+        # The frame objects are kept while their entry lasts, so that no
+        # other frame can reuse the key.
+        self._entries: dict[FrameType, tuple[_core.Acquisition, Holds]] = {}
+        self._outer: dict[FrameType, list[tuple[_core.Acquisition, Holds]]] | None = None
 
     async def __aenter__(self) -> None:
-        acquisition = _core.Acquisition(self._rset)
+        frame = sys._getframe(1)
+        selection = self._selection
+        # What this task holds (inlined: this is the fast path).
+        holds = _holds.get(id(task_on(running_loop())))
+        if holds is None:
+            holds = holds_of(current_task())
+        elif holds:
+            check(holds, selection)
+        acquisition = _core.Acquisition(selection.rset)
         if not acquisition.try_acquire():
             limiter = self._limiter
             timeout = limiter._timeout if self._timeout is None else self._timeout
             await wait(acquisition, timeout, limiter._retry_after)
-        if self._acquisition is None:
-            self._acquisition = acquisition
-        else:
-            if self._others is None:
-                self._others = {}
-            self._others.setdefault(asyncio.current_task(), []).append(acquisition)
+        holds.append(selection)
+        entries = self._entries
+        outer = entries.get(frame)
+        if outer is not None:  # nested in the same frame
+            if self._outer is None:
+                self._outer = {}
+            self._outer.setdefault(frame, []).append(outer)
+        entries[frame] = (acquisition, holds)
 
     async def __aexit__(
         self,
@@ -187,18 +231,39 @@ class _Hold:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        others = self._others
-        task = asyncio.current_task() if others else None
-        stack = others.get(task) if others else None
-        acquisition: _core.Acquisition | None
-        if stack:  # this task's latest entry, if it is not the first one
-            acquisition = stack.pop()
-            if not stack:
-                del others[task]  # type: ignore[union-attr]
+        frame = sys._getframe(1)
+        entries = self._entries
+        entry = entries.pop(frame, None)
+        if entry is None:
+            entry = self._unmatched_exit()
+        elif self._outer:
+            stack = self._outer.get(frame)
+            if stack:
+                entries[frame] = stack.pop()
+                if not stack:
+                    del self._outer[frame]
+        acquisition, holds = entry
+        acquisition.release()
+        selection = self._selection
+        if holds and holds[-1] is selection:
+            holds.pop()
         else:
-            acquisition, self._acquisition = self._acquisition, None
-        if acquisition is not None:
-            acquisition.release()
+            leave(holds, selection)
+
+    def _unmatched_exit(self) -> tuple[_core.Acquisition, Holds]:
+        entries = self._entries
+        owner = current_task()
+        for frame, entry in reversed(entries.items()):
+            watch = entry[1].watch
+            if watch is not None and watch() is owner:
+                del entries[frame]
+                return entry
+        if len(entries) == 1:
+            return entries.popitem()[1]
+        raise RuntimeError(
+            "limiter.acquire(): __aexit__() without a matching __aenter__() "
+            "(use 'async with', or enter and exit in the same task)"
+        )
 
 
 def _check_timeout(timeout: object) -> float | None:
@@ -244,9 +309,13 @@ def _request_parameter(sig: inspect.Signature) -> str | None:
     return None
 
 
-def _with_request(sig: inspect.Signature) -> inspect.Signature:
+def _with_param(
+    sig: inspect.Signature, name: str, annotation: Any, default: Any = inspect.Parameter.empty
+) -> inspect.Signature:
     params = list(sig.parameters.values())
-    extra = inspect.Parameter(_REQUEST_PARAM, inspect.Parameter.KEYWORD_ONLY, annotation=Request)
+    extra = inspect.Parameter(
+        name, inspect.Parameter.KEYWORD_ONLY, annotation=annotation, default=default
+    )
     at = next(
         (i for i, p in enumerate(params) if p.kind is inspect.Parameter.VAR_KEYWORD),
         len(params),
@@ -258,20 +327,16 @@ def _with_request(sig: inspect.Signature) -> inspect.Signature:
 def _limit(
     func: Callable[..., Any],
     limiter: Limiter,
-    rset: _core.ResourceSet,
+    selection: Selection,
     own_timeout: float | None,
-) -> Callable[..., Awaitable[Any]]:
-    if inspect.isgeneratorfunction(func) or inspect.isasyncgenfunction(func):
-        raise TypeError(
-            f"{func.__qualname__} is a generator (a streaming endpoint): "
-            "@limiter.resources() does not support it, as the slot would be released "
-            "before the response is streamed. Return a StreamingResponse instead, or "
-            "hold the slot inside the generator with 'async with limiter.acquire([...])'"
-        )
+) -> Callable[..., Any]:
     sig = _signature(func)
+    if inspect.isgeneratorfunction(func) or inspect.isasyncgenfunction(func):
+        return _limit_generator(func, limiter, selection, own_timeout, sig)
     request_name = _request_parameter(sig)
     injected = request_name is None
     is_async = _is_async(func)
+    rset = selection.rset
     Acquisition = _core.Acquisition
 
     @functools.wraps(func)
@@ -280,19 +345,102 @@ def _limit(
             request = kwargs.pop(_REQUEST_PARAM, None)
         else:
             request = kwargs.get(request_name)  # type: ignore[arg-type]
+        # What this task holds (inlined: this is the fast path).
+        holds = _holds.get(id(task_on(running_loop())))
+        if holds is None:
+            holds = holds_of(current_task())
+        elif holds:
+            check(holds, selection)
         acquisition = Acquisition(rset)
         if not acquisition.try_acquire():
             timeout = limiter._timeout if own_timeout is None else own_timeout
             await wait(acquisition, timeout, limiter._retry_after, request)
+        holds.append(selection)
         try:
             if is_async:
-                return await func(*args, **kwargs)
-            return await run_in_threadpool(func, *args, **kwargs)
-        finally:
+                result = await func(*args, **kwargs)
+            else:
+                result = await run_in_threadpool(func, *args, **kwargs)
+        except BaseException:
             acquisition.release()
+            leave(holds, selection)
+            raise
+        if isinstance(result, STREAMED):
+            # Its body is produced while it is sent: the slots go with it.
+            release_after_sending(result, Held(acquisition, holds, selection))
+        else:
+            acquisition.release()
+            if holds and holds[-1] is selection:
+                holds.pop()
+            else:
+                leave(holds, selection)
+        return result
 
     # FastAPI reads parameters from __signature__: the user's own, plus the
     # Request the decorator needs to notice disconnects.
-    endpoint.__signature__ = _with_request(sig) if injected else sig  # type: ignore[attr-defined]
+    endpoint.__signature__ = (  # type: ignore[attr-defined]
+        _with_param(sig, _REQUEST_PARAM, Request) if injected else sig
+    )
     limited_endpoints[endpoint] = limiter._retry_after
     return endpoint
+
+
+def _limit_generator(
+    func: Callable[..., Any],
+    limiter: Limiter,
+    selection: Selection,
+    own_timeout: float | None,
+    sig: inspect.Signature,
+) -> Callable[..., Any]:
+    """A generator endpoint (FastAPI streams what it yields) holds its
+    slots until the stream ends. FastAPI calls a generator endpoint without
+    awaiting anything, so the slots are taken by a hidden dependency, which
+    runs before the response starts and so can still answer 503; the
+    wrapper releases them when the generator is exhausted or closed, and
+    the dependency's exit, after the response has been sent or the client
+    has gone, in any case."""
+
+    async def slots(request: Request) -> AsyncIterator[Held]:
+        holds = holds_of(current_task())
+        if holds:
+            check(holds, selection)
+        acquisition = _core.Acquisition(selection.rset)
+        if not acquisition.try_acquire():
+            timeout = limiter._timeout if own_timeout is None else own_timeout
+            await wait(acquisition, timeout, limiter._retry_after, request)
+        holds.append(selection)
+        held = Held(acquisition, holds, selection)
+        try:
+            yield held
+        finally:
+            held.release()
+
+    endpoint: Any
+    if inspect.isasyncgenfunction(func):
+
+        @functools.wraps(func)
+        async def async_endpoint(*args: Any, **kwargs: Any) -> AsyncIterator[Any]:
+            held: Held = kwargs.pop(_SLOTS_PARAM)
+            try:
+                async for item in func(*args, **kwargs):
+                    yield item
+            finally:
+                held.release()
+
+        endpoint = async_endpoint
+    else:
+
+        @functools.wraps(func)
+        def sync_endpoint(*args: Any, **kwargs: Any) -> Iterator[Any]:
+            held: Held = kwargs.pop(_SLOTS_PARAM)
+            try:
+                yield from func(*args, **kwargs)
+            finally:
+                held.release()
+
+        endpoint = sync_endpoint
+
+    endpoint.__signature__ = _with_param(sig, _SLOTS_PARAM, Any, Depends(slots))
+    limited_endpoints[endpoint] = limiter._retry_after
+    limited: Callable[..., Any] = endpoint
+    return limited

@@ -3,11 +3,14 @@
 During a spike a limiter may turn away thousands of requests a second; one
 line each would flood the log and cost CPU when it is scarcest. Per resource,
 the first rejection of each one-second window is logged as it happens; the
-others are counted and summed up in one line when the next window opens.
+others are counted and summed up in one line when the window ends (a timer
+on the event loop writes it, so the summary of a spike's last window is not
+left unwritten for want of a next rejection).
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections import Counter
@@ -31,25 +34,19 @@ _windows: dict[str, _Window] = {}
 
 def log_rejection(resource: str, reason: str, waited: float) -> None:
     """Records one rejected request; logs at most two lines per resource per
-    window (the first rejection, and a summary of the window before)."""
+    window (the first rejection, and a summary of the others)."""
     if not logger.isEnabledFor(logging.WARNING):
         return
     now = time.monotonic()
     window = _windows.get(resource)
     if window is not None and now - window.start < WINDOW:
+        if not window.suppressed:
+            _summarise_later(resource, window, window.start + WINDOW - now)
         window.suppressed[reason] += 1
         window.max_waited = max(window.max_waited, waited)
         return
-    if window is not None and window.suppressed:
-        reasons = ", ".join(f"{r}={n}" for r, n in sorted(window.suppressed.items()))
-        logger.warning(
-            "resource %r turned away %d more requests in %.1f s (%s; longest wait %.3f s)",
-            resource,
-            sum(window.suppressed.values()),
-            now - window.start,
-            reasons,
-            window.max_waited,
-        )
+    if window is not None:
+        _summarise(resource, window)
     _windows[resource] = _Window(start=now)
     logger.warning(
         "resource %r turned a request away: reason=%s after waiting %.3f s",
@@ -57,3 +54,26 @@ def log_rejection(resource: str, reason: str, waited: float) -> None:
         reason,
         waited,
     )
+
+
+def _summarise_later(resource: str, window: _Window, delay: float) -> None:
+    loop = asyncio._get_running_loop()
+    if loop is not None:  # else the next window's first rejection writes it
+        loop.call_later(max(delay, 0.0), _summarise, resource, window)
+
+
+def _summarise(resource: str, window: _Window) -> None:
+    """Writes the window's summary, once (a timer and the next window's
+    first rejection may both try)."""
+    if not window.suppressed:
+        return
+    reasons = ", ".join(f"{r}={n}" for r, n in sorted(window.suppressed.items()))
+    logger.warning(
+        "resource %r turned away %d more requests in %.1f s (%s; longest wait %.3f s)",
+        resource,
+        sum(window.suppressed.values()),
+        min(time.monotonic() - window.start, WINDOW),
+        reasons,
+        window.max_waited,
+    )
+    window.suppressed.clear()

@@ -6,6 +6,7 @@ import re
 from typing import Literal
 
 from . import _core
+from ._holding import Holds, Selection, check, current_task, current_task_or_none, holds_of, leave
 from ._statistics import ResourceStatistics
 from ._validation import check_int, check_seconds
 from ._waiting import wait
@@ -65,7 +66,7 @@ class Resource:
             requests.
     """
 
-    __slots__ = ("_core", "_set", "_held", "__weakref__")
+    __slots__ = ("_core", "_selection", "_held", "_before", "__weakref__")
 
     def __init__(
         self,
@@ -99,8 +100,12 @@ class Resource:
         self._core = _core.Resource(
             name or "", capacity, max_waiting, _QUEUES[queue], target, interval, _SCOPES[scope]
         )
-        self._set = _core.ResourceSet([self._core])
-        self._held: list[_core.Acquisition] = []  # slots taken by acquire()
+        self._selection = Selection(_core.ResourceSet([self._core]), (self,))
+        # Slots taken by acquire(), and the task that took each.
+        self._held: list[tuple[_core.Acquisition, Holds]] = []
+        # Resources that some Limiter registers before this one: a task
+        # holding this one must not ask for them (see _holding).
+        self._before: set[Resource] = set()
 
     @property
     def name(self) -> str:
@@ -136,18 +141,38 @@ class Resource:
     async def acquire(self) -> None:
         """Takes one slot, waiting as long as it takes (the original
         package's low-level call; routes use ``@limiter.resources``). Pair
-        each call with ``release()``."""
-        acquisition = _core.Acquisition(self._set)
+        each call with ``release()``.
+
+        RuntimeError, at once, if the calling task already holds a slot of
+        this resource, or of one that a Limiter registers after it: waiting
+        could then deadlock."""
+        selection = self._selection
+        holds = holds_of(current_task())
+        if holds:
+            check(holds, selection)
+        acquisition = _core.Acquisition(selection.rset)
         if not acquisition.try_acquire():
             await wait(acquisition, None, None)
-        self._held.append(acquisition)
+        holds.append(selection)
+        self._held.append((acquisition, holds))
 
     def release(self) -> None:
-        """Gives back one slot taken by ``acquire()``; ValueError if none is
-        held."""
-        if not self._held:
+        """Gives back one slot taken by ``acquire()`` (the calling task's
+        latest, else the latest of any task, as a semaphore would);
+        ValueError if none is held."""
+        held = self._held
+        if not held:
             raise ValueError(f"release() of resource {self.name!r} without a matching acquire()")
-        self._held.pop().release()
+        index = len(held) - 1
+        owner = current_task_or_none()
+        for i in range(index, -1, -1):
+            watch = held[i][1].watch
+            if watch is not None and watch() is owner:
+                index = i
+                break
+        acquisition, holds = held.pop(index)
+        acquisition.release()
+        leave(holds, self._selection)
 
     def statistics(self) -> ResourceStatistics:
         """A consistent snapshot of the resource's counters."""

@@ -2,21 +2,20 @@
 
 The queue, the order of service and the grant/timeout/cancel races all live
 in the C++ engine (``_core.Acquisition``). This module only connects an
-acquisition to the event loop: a future that the engine's completion
-callback resolves, one loop timer per loop that expires due acquisitions
-(through the engine's ``DeadlineQueue``), and for HTTP requests a watcher
-that cancels the wait when the client disconnects.
+acquisition to the event loop: a future that the engine resolves (in C++,
+on the future's own loop), one loop timer per loop that expires due
+acquisitions (through the engine's ``DeadlineQueue``), and for HTTP requests
+a watcher that cancels the wait when the client disconnects.
 """
 
 from __future__ import annotations
 
 import asyncio
-import threading
 import time
 import weakref
-from functools import partial
 
-from starlette.requests import ClientDisconnect, Request
+from starlette.requests import Request
+from starlette.types import Message, Receive
 
 from . import _core
 from ._errors import ServerBusy
@@ -25,25 +24,32 @@ from ._logging import log_rejection
 _GRANTED = _core.Outcome.granted
 _PENDING = _core.Outcome.pending
 _DISCONNECTED = _core.Outcome.disconnected
+# Outcome.name is an enum property, slow enough to show in a profile of a
+# spike's rejections.
+_REASON = {outcome: outcome.name for outcome in _core.Outcome}
+
+#: Bytes of its body that a waiting request may have read into memory (per
+#: request): the watcher reads the body only to see a disconnect behind it,
+#: and stops reading beyond this; the rest stays unread in the connection
+#: until the handler reads it. About what the ASGI server itself buffers.
+BODY_BUFFER_LIMIT = 64 * 1024
 # asyncio runs a timer up to one clock tick early.
 _CLOCK_RESOLUTION = time.get_clock_info("monotonic").resolution
 
 
 class _LoopTimer:
     """Per event loop: one loop timer for every acquisition waiting on the
-    loop (instead of a timer each), and the completion callback that
-    resolves their futures.
+    loop (instead of a timer each).
 
     Holds the loop only weakly and keeps no timer handle, so that a loop
     that is gone is not kept alive by its entry in ``_timers``. A timer that
     fires with nothing due just re-arms for the next deadline.
     """
 
-    __slots__ = ("_loop", "_thread", "queue", "_armed_at", "__weakref__")
+    __slots__ = ("_loop", "queue", "_armed_at", "__weakref__")
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = weakref.ref(loop)
-        self._thread = threading.get_ident()  # created on the loop's thread
         self.queue = _core.DeadlineQueue()
         self._armed_at: float | None = None  # earliest timer not yet fired
 
@@ -70,15 +76,6 @@ class _LoopTimer:
                 self._armed_at = following
                 loop.call_at(following, self._fire, following)
 
-    def resolve(self, future: asyncio.Future[_core.Outcome], outcome: _core.Outcome) -> None:
-        """The engine's completion callback, called on whichever thread
-        decided the outcome."""
-        if threading.get_ident() == self._thread:
-            if not future.done():  # a cancelled waiter's future is done
-                future.set_result(outcome)
-        else:  # a resource shared with another thread's loop released it
-            future.get_loop().call_soon_threadsafe(_set_unless_done, future, outcome)
-
 
 _timers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopTimer] = (
     weakref.WeakKeyDictionary()
@@ -99,35 +96,70 @@ def _timer_for(loop: asyncio.AbstractEventLoop) -> _LoopTimer:
     return timer
 
 
-def _set_unless_done(future: asyncio.Future[_core.Outcome], outcome: _core.Outcome) -> None:
-    if not future.done():
-        future.set_result(outcome)
+class _Body:
+    """The part of a waiting request's body that the disconnect watcher
+    has read, handed back to the handler afterwards.
 
+    A client disconnect shows as an ``http.disconnect`` message on the
+    request's receive channel, behind any body not yet read; so watching for
+    it while the request waits means reading the body, which must then not
+    be lost for the handler. At most ``BODY_BUFFER_LIMIT`` bytes are read:
+    beyond that the watcher stops (a disconnect is then noticed only when
+    the wait ends) and the rest stays in the connection.
+    """
 
-async def _watch_disconnect(request: Request, acquisition: _core.Acquisition) -> None:
-    # The body has been read (see _read_body), so the next message the
-    # server sends is the disconnect.
-    while True:
-        message = await request.receive()
-        if message["type"] == "http.disconnect":
-            acquisition.cancel(_DISCONNECTED)
-            return
+    __slots__ = ("_receive", "_chunks", "_size", "_complete", "_disconnected")
 
+    def __init__(self, receive: Receive) -> None:
+        self._receive = receive
+        self._chunks: list[bytes] = []
+        self._size = 0
+        self._complete = False
+        self._disconnected = False
 
-async def _read_body(request: Request) -> bool:
-    """Reads the request body into the Request's cache, so that watching the
-    receive channel loses nothing: the handler's ``await request.body()`` /
-    ``.json()`` / ``.stream()`` are served from that cache. Returns False if
-    the client disconnected meanwhile."""
-    try:
-        await request.body()
-    except ClientDisconnect:
-        return False
-    except RuntimeError:
-        # FastAPI already consumed the stream (e.g. form data) for the
-        # endpoint's parameters: nothing is left to lose.
-        pass
-    return True
+    async def watch(self, acquisition: _core.Acquisition) -> None:
+        receive = self._receive
+        while True:
+            message = await receive()
+            # Nothing is awaited from here on: once cancelled at the await
+            # above, the watcher has recorded every message it took.
+            kind = message["type"]
+            if kind == "http.disconnect":
+                self._disconnected = True
+                acquisition.cancel(_DISCONNECTED)
+                return
+            if kind == "http.request" and not self._complete:
+                chunk = message.get("body", b"")
+                if chunk:
+                    self._chunks.append(chunk)
+                    self._size += len(chunk)
+                self._complete = not message.get("more_body", False)
+                if not self._complete and self._size >= BODY_BUFFER_LIMIT:
+                    return
+
+    def hand_back(self, request: Request) -> None:
+        """Serves what was read, then the rest of the channel, to whoever
+        reads ``request`` next (the handler's ``await request.json()``...)."""
+        if not self._chunks and not self._complete and not self._disconnected:
+            return  # read nothing
+        pending: list[Message] = []
+        if self._chunks or self._complete:
+            pending.append({
+                "type": "http.request",
+                "body": b"".join(self._chunks),
+                "more_body": not self._complete,
+            })
+        if self._disconnected:
+            pending.append({"type": "http.disconnect"})
+        pending.reverse()
+        rest = self._receive
+
+        async def replay() -> Message:
+            if pending:
+                return pending.pop()
+            return await rest()
+
+        request._receive = replay
 
 
 async def wait(
@@ -140,24 +172,27 @@ async def wait(
     queues in the engine and waits up to ``timeout`` seconds (``None``: no
     limit). Returns once granted (the caller then owns the slots and must
     ``release()``), or raises ServerBusy. If the calling task is cancelled,
-    nothing is left held or queued."""
-    connected = True if request is None else await _read_body(request)
+    nothing is left held or queued.
+
+    With a ``request``, nothing of it is read before the engine has queued
+    it: a request turned away at once (a full queue, ``timeout=0``) is
+    answered without reading its body."""
     loop = asyncio.get_running_loop()
     started = loop.time()
-    timer = _timer_for(loop)
     future: asyncio.Future[_core.Outcome] = loop.create_future()
-    outcome = acquisition.start(partial(timer.resolve, future))
+    outcome = acquisition.start(future, loop)
     if outcome is _PENDING:
-        if not connected:
-            acquisition.cancel(_DISCONNECTED)  # counted; resolves the future
-        elif timeout is not None:
+        timer = None
+        if timeout is not None:
             if timeout > 0:
+                timer = _timer_for(loop)
                 timer.add(loop, acquisition, started + timeout)
             else:  # "try once": rejected now, not after a turn of the loop
                 acquisition.expire()
-        watcher = None
-        if request is not None and connected:
-            watcher = loop.create_task(_watch_disconnect(request, acquisition))
+        body = watcher = None
+        if request is not None and not future.done():
+            body = _Body(request.receive)
+            watcher = loop.create_task(body.watch(acquisition))
         try:
             outcome = await future
         except BaseException:
@@ -168,10 +203,13 @@ async def wait(
             acquisition.release()
             raise
         finally:
-            timer.queue.remove(acquisition)
+            if timer is not None:
+                timer.queue.remove(acquisition)
             if watcher is not None:
                 watcher.cancel()
+                body.hand_back(request)  # type: ignore[union-attr, arg-type]
     if outcome is not _GRANTED:
         resource = acquisition.refused_by or ""
-        log_rejection(resource, outcome.name, loop.time() - started)
-        raise ServerBusy(resource, outcome.name, retry_after)
+        reason = _REASON[outcome]
+        log_rejection(resource, reason, loop.time() - started)
+        raise ServerBusy(resource, reason, retry_after)

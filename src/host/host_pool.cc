@@ -57,9 +57,6 @@ Clock::time_point from_ns(std::int64_t ns) {
 // dead processes.
 constexpr auto kSweepInterval = std::chrono::milliseconds(200);
 
-#ifndef CL_STATISTICS
-#define CL_STATISTICS 1
-#endif
 constexpr bool kStatistics = CL_STATISTICS != 0;
 
 host::Config config_of(const ResourceOptions& o) {
@@ -306,6 +303,7 @@ WaiterNode* HostPool::settle_own_locked(std::uint32_t i, NoticeList& notices,
     node->state_ = NodeState::kGranted;
     node->outcome_ = Outcome::kGranted;
     node->granted_at_ = from_ns(decided_ns);
+    node->measure_ = kStatistics;
     note_grant_locked(
         std::max(0.0, std::chrono::duration<double>(node->granted_at_ - node->enqueued_at_)
                           .count()));
@@ -412,20 +410,22 @@ void HostPool::reclaim_locked(std::uint32_t proc, NoticeList& notices, Wakes& wa
   fill_locked(to_ns(Clock::now()), notices, wakes);
 }
 
-bool HostPool::try_grant(WaiterNode& node) {
-  const auto now = Clock::now();
+bool HostPool::try_grant(bool& measure) noexcept {
   std::lock_guard lock(mu_);
-  ensure_registered_locked();
+  try {
+    ensure_registered_locked();
+  } catch (...) {
+    return false;  // enqueue() will throw the error
+  }
   Locked locked(*this);
   host::Header& h = seg_->header;
   if (h.in_use >= capacity_ || h.waiting > 0) return false;
   ++h.in_use;
   h.peak_in_use = std::max(h.peak_in_use, h.in_use);
   ++me().held;
-  node.granted_at_ = now;
-  node.state_ = NodeState::kGranted;
-  node.outcome_ = Outcome::kGranted;
   note_grant_locked(0.0);
+  // Every hold is timed: the clock read is small next to the shared lock.
+  measure = kStatistics;
   return true;
 }
 
@@ -440,7 +440,8 @@ Outcome HostPool::enqueue(WaiterNode& node, NoticeList& notices) {
     ++h.in_use;
     h.peak_in_use = std::max(h.peak_in_use, h.in_use);
     ++me().held;
-    node.granted_at_ = now;
+    node.granted_at_ = {};  // granted at once: the hold starts now
+    node.measure_ = kStatistics;
     node.state_ = NodeState::kGranted;
     node.outcome_ = Outcome::kGranted;
     note_grant_locked(0.0);
@@ -546,11 +547,14 @@ void HostPool::count_rejection(Outcome reason) {
   note_rejection_locked(reason);
 }
 
-void HostPool::release(Clock::time_point granted_at, NoticeList& notices) {
-  const auto now = Clock::now();
+void HostPool::release(bool measured, Clock::time_point granted_at, Clock::time_point now,
+                       NoticeList& notices) {
+  if (!measured) now = Clock::now();
   std::lock_guard lock(mu_);
   if constexpr (kStatistics) {
-    stats_.hold_seconds.observe(std::chrono::duration<double>(now - granted_at).count());
+    if (measured) {
+      stats_.hold_seconds.observe(std::chrono::duration<double>(now - granted_at).count());
+    }
   }
   // A permit inherited across fork: the slot is the parent's to give back.
   if (me_ == kNone || generation_ != g_generation.load(std::memory_order_relaxed)) return;

@@ -36,12 +36,15 @@ class HostPool {
   // The pool of `name` if this process opened it; else null.
   static std::shared_ptr<HostPool> find(const std::string& name);
 
-  bool try_grant(WaiterNode& node);
+  // Takes a free slot if nobody waits; never throws (false instead: the
+  // slow path, enqueue(), reports the error). Sets `measure` (always timed).
+  bool try_grant(bool& measure) noexcept;
   Outcome enqueue(WaiterNode& node, NoticeList& notices);
   WaiterNode::State abandon(WaiterNode& node, Outcome reason);
   void revert_grant(NoticeList& notices);
   void count_rejection(Outcome reason);
-  void release(Clock::time_point granted_at, NoticeList& notices);
+  void release(bool measured, Clock::time_point granted_at, Clock::time_point now,
+               NoticeList& notices);
   std::int64_t in_use();
   std::int64_t waiting();
   ResourceStatistics statistics();

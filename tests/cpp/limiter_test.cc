@@ -1,6 +1,7 @@
 #include <gtest/gtest.h>
 
 #include <string>
+#include <thread>
 
 #include "test_util.h"
 
@@ -109,6 +110,23 @@ TEST(Limiter, TwoThreadsTakingTwoResourcesInOrderNeverDeadlock) {
   t2.join();
   EXPECT_EQ(done, 2);
   EXPECT_EQ(db->statistics().acquired_total, 400u);
+}
+
+// A limiter whose timeout is Clock::duration::max() ("forever") used to
+// compute its deadline as now + max, which overflowed into the past.
+TEST(Limiter, LargestTimeoutWaitsWithoutDeadline) {
+  auto db = make_resource("db", 1), file = make_resource("file", 1);
+  Limiter limiter({db, file}, Clock::duration::max());
+  auto both = limiter.select({db, file});
+  Permit held = limiter.try_acquire(limiter.select({file}));
+  Outcome outcome = Outcome::kPending;
+  std::thread waiter([&] { outcome = limiter.acquire(both).outcome(); });
+  ASSERT_TRUE(eventually([&] { return file->waiting() == 1; }));
+  held.release();
+  waiter.join();
+  EXPECT_EQ(outcome, Outcome::kGranted);
+  EXPECT_EQ(db->in_use(), 0);
+  EXPECT_EQ(file->in_use(), 0);
 }
 
 }  // namespace

@@ -6,6 +6,7 @@
 #include <thread>
 #include <vector>
 
+#include "../../src/internal/deadline.h"
 #include "test_util.h"
 
 namespace concurrency_limiter {
@@ -155,6 +156,78 @@ TEST(Permit, MoveTransfersOwnershipAndAssignmentReleasesTheOldSlots) {
   b.release();
   b.release();  // idempotent
   EXPECT_EQ(r->in_use(), 0);
+}
+
+TEST(Resource, RejectsCapacityAboveTheMaximumNamingTheLimit) {
+  EXPECT_NO_THROW(Resource("big", Resource::kMaxCapacity));
+  try {
+    Resource r("db", Resource::kMaxCapacity + 1);
+    FAIL() << "no exception";
+  } catch (const std::invalid_argument& e) {
+    EXPECT_NE(std::string(e.what()).find("capacity must be an integer <= 2147483647"),
+              std::string::npos)
+        << e.what();
+  }
+}
+
+// now + Clock::duration::max() used to overflow into the past: the request
+// timed out at once instead of waiting.
+TEST(Resource, AcquireForTheLargestDurationWaitsWithoutDeadline) {
+  auto r = make_resource("db", 1);
+  Permit held = r->try_acquire();
+  Outcome outcome = Outcome::kPending;
+  std::thread waiter([&] { outcome = r->acquire_for(Clock::duration::max()).outcome(); });
+  ASSERT_TRUE(eventually([&] { return r->waiting() == 1; }));
+  held.release();
+  waiter.join();
+  EXPECT_EQ(outcome, Outcome::kGranted);
+  EXPECT_EQ(r->statistics().rejected(Outcome::kTimeout), 0u);
+}
+
+TEST(Deadline, SaturatesInsteadOfOverflowing) {
+  const Clock::time_point now = Clock::now();
+  EXPECT_EQ(detail::saturating_add(now, Clock::duration::max()), Clock::time_point::max());
+  EXPECT_EQ(detail::saturating_add(now, Clock::duration::max() - now.time_since_epoch() + 1ns),
+            Clock::time_point::max());
+  EXPECT_EQ(detail::saturating_add(Clock::time_point::min() + 1s, -2s),
+            Clock::time_point::min());
+  EXPECT_EQ(detail::saturating_add(now, 5s), now + 5s);
+  EXPECT_EQ(detail::saturating_add(now, -5s), now - 5s);
+  EXPECT_EQ(detail::saturating_add(Clock::time_point::max(), 1ns), Clock::time_point::max());
+}
+
+// Taking a free slot without the lock must not pass a queued waiter, in any
+// of the ways a slot can be taken.
+TEST(Resource, NoWayOfTakingAFreeSlotPassesAWaiter) {
+  auto r = make_resource("db", 2);
+  auto set = testing::set_of({r});
+  Limiter limiter({r}, 1s);
+  Permit a = r->try_acquire();
+  Permit b = limiter.try_acquire(set);
+  testing::Recorder rec;
+  Acquisition waiter(set);
+  ASSERT_EQ(waiter.start(rec.callback()), Outcome::kPending);
+  a.release();  // handed to the waiter
+  EXPECT_EQ(rec.outcomes, std::vector<Outcome>{Outcome::kGranted});
+  EXPECT_EQ(r->in_use(), 2);
+  EXPECT_FALSE(r->try_acquire());
+  EXPECT_FALSE(limiter.try_acquire(set));
+  Acquisition late(set);
+  EXPECT_FALSE(late.try_acquire());
+  // With a second waiter queued, a freed slot goes to it, not to a try.
+  testing::Recorder rec2;
+  Acquisition waiter2(set);
+  ASSERT_EQ(waiter2.start(rec2.callback()), Outcome::kPending);
+  b.release();
+  EXPECT_EQ(rec2.outcomes, std::vector<Outcome>{Outcome::kGranted});
+  EXPECT_FALSE(r->try_acquire());
+  waiter.release();
+  waiter2.release();
+  EXPECT_EQ(r->in_use(), 0);
+  // The queue is empty again: free slots are taken without waiting.
+  Permit c = r->try_acquire(), d = r->try_acquire();
+  EXPECT_TRUE(c && d);
+  EXPECT_EQ(r->statistics().acquired_total, 6u);
 }
 
 }  // namespace

@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from contextlib import asynccontextmanager, contextmanager
 
 import httpx
 import pytest
 import uvicorn
 from fastapi import FastAPI
+
+from fastapi_concurrency_limiter import Limiter, Resource
 
 
 @pytest.fixture
@@ -62,3 +65,30 @@ async def eventually(predicate: Callable[[], bool], timeout: float = 10.0) -> No
     with anyio.fail_after(timeout):
         while not predicate():
             await anyio.sleep(0.005)
+
+
+@asynccontextmanager
+async def held_elsewhere(
+    limiter: Limiter, resources: Sequence[Resource], timeout: float | None = None
+) -> AsyncIterator[None]:
+    """Holds slots of ``resources`` from another task for the body of the
+    block (a task holding a slot may not itself wait for the same resource:
+    that would be a deadlock, refused with RuntimeError)."""
+    entered = asyncio.Event()
+    leave = asyncio.Event()
+
+    async def holder() -> None:
+        async with limiter.acquire(resources, timeout=timeout):
+            entered.set()
+            await leave.wait()
+
+    task = asyncio.ensure_future(holder())
+    await asyncio.wait([task, asyncio.ensure_future(entered.wait())],
+                       return_when=asyncio.FIRST_COMPLETED)
+    if task.done():
+        task.result()  # raises what the holder raised
+    try:
+        yield
+    finally:
+        leave.set()
+        await task

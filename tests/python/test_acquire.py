@@ -10,7 +10,7 @@ import pytest
 
 from fastapi_concurrency_limiter import Limiter, Resource, ServerBusy
 
-from .conftest import eventually
+from .conftest import eventually, held_elsewhere
 
 pytestmark = pytest.mark.anyio
 
@@ -18,7 +18,7 @@ pytestmark = pytest.mark.anyio
 async def test_acquire_holds_for_the_block_and_times_out_with_server_busy() -> None:
     db = Resource(1, name="db")
     limiter = Limiter(timeout=0.01, resources=[db])
-    async with limiter.acquire([db]):
+    async with held_elsewhere(limiter, [db]):
         assert db.in_use == 1
         with pytest.raises(ServerBusy) as info:
             async with limiter.acquire([db]):
@@ -38,7 +38,7 @@ async def test_acquire_applies_the_order_rules() -> None:
 async def test_multi_resource_timeout_releases_what_was_taken() -> None:
     db, file = Resource(1, name="db"), Resource(1, name="file")
     limiter = Limiter(timeout=0.02, resources=[db, file])
-    async with limiter.acquire([file]):
+    async with held_elsewhere(limiter, [file]):
         with pytest.raises(ServerBusy) as info:
             async with limiter.acquire([db, file]):
                 pass

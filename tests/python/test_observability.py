@@ -16,7 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from fastapi_concurrency_limiter import Limiter, Resource, ServerBusy
 from fastapi_concurrency_limiter.prometheus import metrics_app
 
-from .conftest import eventually
+from .conftest import eventually, held_elsewhere
 
 pytestmark = pytest.mark.anyio
 Client = Callable[[FastAPI], httpx.AsyncClient]
@@ -28,24 +28,22 @@ async def scripted() -> tuple[Limiter, Resource, object]:
     object)."""
     db = Resource(2, name="db", max_waiting=1)
     limiter = Limiter(timeout=30, resources=[db])
-    a, b = limiter.acquire([db]), limiter.acquire([db])
-    await a.__aenter__()
-    await b.__aenter__()
-    with pytest.raises(ServerBusy) as timed_out:
-        async with limiter.acquire([db], timeout=0.001):
-            pass
-    assert timed_out.value.reason == "timeout"
     held = limiter.acquire([db])
-    waiter = asyncio.ensure_future(held.__aenter__())
-    await eventually(lambda: db.waiting == 1)
-    with pytest.raises(ServerBusy) as full:
-        async with limiter.acquire([db]):
-            pass
-    assert full.value.reason == "queue_full"
-    await a.__aexit__(None, None, None)  # hands the slot to the waiter
-    await waiter
-    assert db.in_use == 2
-    await b.__aexit__(None, None, None)
+    async with held_elsewhere(limiter, [db]):
+        async with held_elsewhere(limiter, [db]):
+            with pytest.raises(ServerBusy) as timed_out:
+                async with limiter.acquire([db], timeout=0.001):
+                    pass
+            assert timed_out.value.reason == "timeout"
+            waiter = asyncio.ensure_future(held.__aenter__())
+            await eventually(lambda: db.waiting == 1)
+            with pytest.raises(ServerBusy) as full:
+                async with limiter.acquire([db]):
+                    pass
+            assert full.value.reason == "queue_full"
+        # The inner holder's exit handed its slot to the waiter.
+        await waiter
+        assert db.in_use == 2
     return limiter, db, held
 
 
@@ -131,7 +129,7 @@ async def test_a_burst_of_rejections_logs_a_bounded_number_of_lines(
     db = Resource(1, name="burst-db", max_waiting=0)
     limiter = Limiter(timeout=1, resources=[db])
     caplog.set_level(logging.WARNING, logger="fastapi_concurrency_limiter")
-    async with limiter.acquire([db]):
+    async with held_elsewhere(limiter, [db]):
         for _ in range(1000):
             with pytest.raises(ServerBusy):
                 async with limiter.acquire([db]):

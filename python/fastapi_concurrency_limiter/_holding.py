@@ -1,0 +1,134 @@
+"""Which slots each asyncio task holds, so that an acquisition that could
+deadlock fails at once instead of waiting forever.
+
+A task that holds a slot of ``db`` and asks for ``db`` again waits for
+itself; a task that holds ``file`` and asks for ``db``, while another holds
+``db`` and waits for ``file``, waits for the other. Both are refused with a
+``RuntimeError`` before anything is queued. The order that decides the
+second case is every ``Limiter``'s registration order: a resource may be
+asked for while another is held only if no limiter registers it before the
+held one.
+
+Only the route decorator, ``limiter.acquire()`` and ``Resource.acquire()``
+record holds, keyed by the task that took them (a task spawned by a holder
+does not inherit its holds: it may wait for the holder without deadlock).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import weakref
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from . import _core
+    from ._resource import Resource
+
+
+class Selection:
+    """One validated list of resources: the engine's set and, for the
+    deadlock check, the Python resources in acquisition order."""
+
+    __slots__ = ("rset", "resources")
+
+    def __init__(self, rset: _core.ResourceSet, resources: tuple[Resource, ...]) -> None:
+        self.rset = rset
+        self.resources = resources
+
+
+Owner = object  # an asyncio.Task, or None outside of any task
+
+running_loop = asyncio._get_running_loop
+task_on: Callable[[asyncio.AbstractEventLoop | None], Owner]
+"""``task_on(running_loop())``: the running task, through two C calls (on
+the fast path, where ``asyncio.current_task()`` would add a Python frame
+before 3.12)."""
+
+if sys.version_info >= (3, 12):
+    task_on = asyncio.current_task
+else:
+    from asyncio.tasks import _current_tasks  # type: ignore[attr-defined]
+
+    task_on = _current_tasks.get
+
+
+def current_task() -> Owner:
+    """The running task; only valid on a running event loop."""
+    return task_on(running_loop())
+
+
+def current_task_or_none() -> Owner:
+    """The running task, or None outside of an event loop."""
+    return None if asyncio._get_running_loop() is None else current_task()
+
+
+class Holds(list["Selection"]):
+    """What one task holds, oldest first. Kept, even empty, as long as its
+    task lives (so that a task's later acquisitions find it without making
+    a new one), and dropped when the task is garbage-collected (so that a
+    task that ended without releasing, e.g. one that entered a generator
+    never finalised, is not kept alive, nor its id taken for a later
+    task's)."""
+
+    __slots__ = ("watch",)
+    watch: weakref.ref[object] | None
+
+
+# Per task (by id), what it holds.
+_held: dict[int, Holds] = {}
+
+
+def _forget(key: int) -> Callable[[object], None]:
+    def forget(_: object) -> None:
+        _held.pop(key, None)
+
+    return forget
+
+
+def holds_of(owner: Owner) -> Holds:
+    """``owner``'s record, made on first use."""
+    key = id(owner)
+    holds = _held.get(key)
+    if holds is None:
+        holds = _held[key] = Holds()
+        holds.watch = None if owner is None else weakref.ref(owner, _forget(key))
+    return holds
+
+
+def check(holds: Holds, selection: Selection) -> None:
+    """RuntimeError if a task holding ``holds`` may not wait for
+    ``selection`` (that could deadlock)."""
+    for holding in holds:
+        for have in holding.resources:
+            for want in selection.resources:
+                if want is have:
+                    raise RuntimeError(
+                        f"this task already holds a slot of resource {have.name!r} "
+                        f"and asks for resource {want.name!r} again: it would wait "
+                        "for itself (a deadlock once every slot is taken). Hold it "
+                        "once, in the outermost place that needs it."
+                    )
+                if want in have._before:
+                    raise RuntimeError(
+                        f"this task holds a slot of resource {have.name!r} and asks "
+                        f"for resource {want.name!r}, which a Limiter registers before "
+                        f"{have.name!r}: another request holding {want.name!r} and "
+                        f"waiting for {have.name!r} would deadlock with it. Acquire "
+                        "both together in registration order, e.g. "
+                        f"limiter.resources([{want.name!r}, {have.name!r}]) "
+                        "(as Resource objects)."
+                    )
+
+
+def leave(holds: Holds, selection: Selection) -> None:
+    """Records that ``selection`` is released; no effect if it was not
+    held (a second release)."""
+    if holds and holds[-1] is selection:
+        holds.pop()
+    else:
+        for i, s in enumerate(holds):
+            if s is selection:
+                del holds[i]
+                break
