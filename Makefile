@@ -109,7 +109,7 @@ demo: install
 bench: install
 	$(PY) bench/python_bench.py
 	cmake -S . -B $(BUILD)/release -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo >/dev/null
-	cmake --build $(BUILD)/release -j $(JOBS) --target concurrency_limiter_bench
+	cmake --build $(BUILD)/release -j $(JOBS) --target concurrency_limiter_bench host_bench
 	cmake -S . -B $(BUILD)/nostats -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo -DCL_STATISTICS=OFF \
 		-DCL_BUILD_TESTS=OFF -DCL_BUILD_EXAMPLES=OFF >/dev/null
 	cmake --build $(BUILD)/nostats -j $(JOBS) --target concurrency_limiter_bench
@@ -117,6 +117,8 @@ bench: install
 	$(BUILD)/release/concurrency_limiter_bench --benchmark_repetitions=5 --benchmark_report_aggregates_only=true
 	@echo "== engine, statistics compiled out"
 	$(BUILD)/nostats/concurrency_limiter_bench --benchmark_repetitions=5 --benchmark_report_aggregates_only=true
+	@echo "== host scope against process scope and file locks"
+	$(BUILD)/release/host_bench
 
 clean:
 	rm -rf $(BUILD) report

@@ -40,7 +40,9 @@ constexpr int kRounds = 2000;
 // Shared between the two processes (or threads) of a handoff run.
 struct Shared {
   std::atomic<std::int64_t> released_at{0};
-  std::atomic<int> waiting{0};  // for flock: the other side is about to wait
+  std::atomic<int> released_by{-1};
+  std::atomic<int> waiting{0};   // for flock: the other side is about to wait
+  std::atomic<int> finished{0};  // sides done (flock may starve the other)
   std::int64_t samples[2][kRounds];
 };
 
@@ -85,13 +87,15 @@ void resource_side(cl::Resource& r, Shared& s, int side) {
     const std::int64_t got = now_ns();
     if (!p) std::abort();
     const std::int64_t released = s.released_at.load(std::memory_order_acquire);
-    s.samples[side][i] = released > 0 ? got - released : 0;
+    s.samples[side][i] =
+        released > 0 && s.released_by.load() == 1 - side ? got - released : 0;
     if (i + 1 == kRounds && side == 1) break;
     // Hand over only once the other side waits (so every round is a handoff).
     while (r.waiting() == 0) {
       if (i + 1 == kRounds) break;
       std::this_thread::yield();
     }
+    s.released_by.store(side);
     s.released_at.store(now_ns(), std::memory_order_release);
     p.release();
   }
@@ -104,12 +108,17 @@ void flock_side(int fd, Shared& s, int side) {
     s.waiting.fetch_sub(1);
     const std::int64_t got = now_ns();
     const std::int64_t released = s.released_at.load(std::memory_order_acquire);
-    s.samples[side][i] = released > 0 ? got - released : 0;
-    while (s.waiting.load() == 0 && i + 1 < kRounds) std::this_thread::yield();
+    // flock() lets a releaser take the lock straight back (no queue): only
+    // handoffs to the other process count.
+    s.samples[side][i] =
+        released > 0 && s.released_by.load() == 1 - side ? got - released : 0;
+    while (s.waiting.load() == 0 && s.finished.load() == 0) std::this_thread::yield();
     std::this_thread::sleep_for(20us);  // let it block in flock()
+    s.released_by.store(side);
     s.released_at.store(now_ns(), std::memory_order_release);
     ::flock(fd, LOCK_UN);
   }
+  s.finished.fetch_add(1);
 }
 
 }  // namespace
@@ -135,6 +144,14 @@ int main() {
            cl::Acquisition a(hset);
            a.try_acquire();
            a.release();
+         }),
+         base);
+  report("process scope (try_acquire Permit)", per_op([&] {
+           cl::Permit p = process->try_acquire();
+         }),
+         base);
+  report("host scope (try_acquire Permit)", per_op([&] {
+           cl::Permit p = host->try_acquire();
          }),
          base);
   report("flock(LOCK_EX) + flock(LOCK_UN)", per_op([&] {

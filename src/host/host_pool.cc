@@ -588,9 +588,9 @@ ResourceStatistics HostPool::statistics() {
 
 void HostPool::wake(host::Segment* seg, const Wakes& wakes) noexcept {
   if (wakes.overflow) {
-    for (std::uint32_t p = 0; p < kMaxProcesses; ++p) {
-      if (seg->processes[p].pid != 0) host::wake_process(*seg, p);
-    }
+    // Every slot (pids are not read without the lock): waking a free slot's
+    // word wakes nobody.
+    for (std::uint32_t p = 0; p < kMaxProcesses; ++p) host::wake_process(*seg, p);
     return;
   }
   for (std::uint32_t k = 0; k < wakes.count; ++k) host::wake_process(*seg, wakes.procs[k]);
