@@ -66,7 +66,8 @@ def _hold_in_subprocess(
         "from fastapi_concurrency_limiter import Resource\n"
         f"r = Resource({capacity}, name={name!r}, scope='host'{extra})\n"
         "async def main():\n"
-        f"    for _ in range({capacity}): await r.acquire()\n"
+        # One task per slot: a task may hold a resource only once.
+        f"    await asyncio.gather(*[r.acquire() for _ in range({capacity})])\n"
         "    print('ready', flush=True)\n"
         f"    await asyncio.sleep({seconds})\n"
         f"    for _ in range({capacity}): r.release()\n"
@@ -111,10 +112,14 @@ async def test_timeouts_and_routes_work_for_host_resources(name: str) -> None:
         holder.wait()
         assert (await client.get("/q")).status_code == 200
     assert db.statistics().rejected_total["timeout"] == 1
-    with pytest.raises(ServerBusy):
+
+    async def try_once() -> None:
         async with limiter.acquire([db], timeout=0):
-            async with limiter.acquire([db], timeout=0):
-                pass
+            pass
+
+    async with limiter.acquire([db]):
+        with pytest.raises(ServerBusy):
+            await asyncio.create_task(try_once())  # another task: no slot left
 
 
 async def test_a_killed_holder_gives_its_slots_back(name: str) -> None:
