@@ -108,6 +108,7 @@ demo: install
 # counters compiled out, to show what they cost.
 bench: install
 	$(PY) bench/python_bench.py
+	$(PY) bench/python_host_bench.py
 	cmake -S . -B $(BUILD)/release -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo >/dev/null
 	cmake --build $(BUILD)/release -j $(JOBS) --target concurrency_limiter_bench host_bench
 	cmake -S . -B $(BUILD)/nostats -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo -DCL_STATISTICS=OFF \
