@@ -306,6 +306,40 @@ TEST(HostResource, CorruptOrForeignSegmentsGetAClearError) {
   EXPECT_NE(shared.line().find("not private"), std::string::npos);
 }
 
+// Garbage in the tables (not the header) must never crash a process: every
+// index read from the segment is checked, and the state is rebuilt.
+TEST(HostResource, GarbageInTheTablesNeverCrashes) {
+  const std::string name = unique_name("garbage");
+  Cleanup cleanup{name};
+  auto db = host_resource(name, 2);
+  Permit p = db->try_acquire();
+  const int fd = ::shm_open(shm_path(name).c_str(), O_RDWR, 0);
+  ASSERT_GE(fd, 0);
+  const off_t size = ::lseek(fd, 0, SEEK_END);
+  auto* bytes = static_cast<unsigned char*>(
+      ::mmap(nullptr, static_cast<std::size_t>(size), PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0));
+  ::close(fd);
+  ASSERT_NE(bytes, MAP_FAILED);
+  std::mt19937 rng(7);
+  // Past the header (a few hundred bytes): the process and waiter tables.
+  for (off_t i = 1024; i < size; i += 1 + static_cast<off_t>(rng() % 64)) {
+    bytes[i] = static_cast<unsigned char>(rng());
+  }
+  for (int i = 0; i < 50; ++i) {
+    Permit q = db->acquire_for(1ms);
+    auto set = std::make_shared<const ResourceSet>(std::vector<std::shared_ptr<Resource>>{db});
+    Acquisition a(set);
+    a.start([](Outcome) {});
+    a.cancel();
+    a.release();
+  }
+  testing::sweep_host_processes(*db);
+  p.release();
+  (void)db->statistics();
+  (void)list_host_resources();
+  ::munmap(bytes, static_cast<std::size_t>(size));
+}
+
 // Waiters queued from two processes in a known order are served in the
 // discipline's order.
 void check_order(QueueDiscipline queue, const std::string& queue_name, bool first_wins) {
