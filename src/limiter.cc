@@ -99,19 +99,25 @@ Permit Limiter::acquire_for(const std::shared_ptr<const ResourceSet>& set,
                             Clock::duration timeout,
                             std::stop_token stop) const {
   // The clock is read only by a request that has to wait.
-  if (Permit p = take_at_once(set)) return p;
-  return acquire_blocking(set, detail::deadline_after(timeout), std::move(stop));
+  Permit p;
+  if (!p.take(set)) {
+    p = acquire_blocking(set, detail::deadline_after(timeout), std::move(stop));
+  }
+  return p;
 }
 
 Permit Limiter::acquire_until(const std::shared_ptr<const ResourceSet>& set,
                               Clock::time_point deadline,
                               std::stop_token stop) const {
-  if (Permit p = take_at_once(set)) return p;
-  return acquire_blocking(set, deadline, std::move(stop));
+  Permit p;
+  if (!p.take(set)) p = acquire_blocking(set, deadline, std::move(stop));
+  return p;
 }
 
 Permit Limiter::try_acquire(const std::shared_ptr<const ResourceSet>& set) const {
-  return take_at_once(set);
+  Permit p;
+  p.take(set);
+  return p;
 }
 
 std::vector<ResourceStatistics> Limiter::statistics() const {

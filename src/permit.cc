@@ -1,5 +1,6 @@
 #include "concurrency_limiter/permit.h"
 
+#include <atomic>
 #include <utility>
 
 #include "concurrency_limiter/internal/mutex.h"
@@ -17,31 +18,18 @@ Permit make_permit(std::unique_ptr<Acquisition> acquisition) {
   const Outcome o = acquisition->outcome();
   // A try that found no free slot is not started: it is a zero timeout.
   p.outcome_ = o == Outcome::kPending ? Outcome::kTimeout : o;
-  if (const Resource* r = acquisition->refused_by()) p.refused_by_ = r->name();
+  p.refused_by_ = acquisition->refused_by();
   return p;
 }
 
-Permit take_at_once(Resource& resource) {
-  Permit p;
-  bool measure = false;
-  if (!resource.try_grant(measure)) {
-    p.outcome_ = Outcome::kTimeout;
-    p.refused_by_ = resource.name();
-    return p;
-  }
-  p.resource_ = &resource;
-  p.outcome_ = Outcome::kGranted;
-  if (measure) {
-    p.measured_ = true;
-    p.granted_at_ = Clock::now();
-  }
-  return p;
+void Permit::start_measuring() noexcept {
+  measured_ = true;
+  granted_at_ = Clock::now();
 }
 
-Permit take_at_once(const std::shared_ptr<const ResourceSet>& set) {
+bool Permit::take(const std::shared_ptr<const ResourceSet>& set) noexcept {
   const auto& resources = set->resources();
-  if (resources.size() == 1) return take_at_once(*resources.front());
-  Permit p;
+  if (resources.size() == 1) return take(*resources.front());
   bool measure = false;
   for (std::size_t i = 0; i < resources.size(); ++i) {
     bool m = false;
@@ -49,20 +37,17 @@ Permit take_at_once(const std::shared_ptr<const ResourceSet>& set) {
       // Undo the slots taken on the way, leaving no trace in the statistics.
       detail::NoticeList notices;
       for (std::size_t j = i; j-- > 0;) resources[j]->revert_grant(notices);
-      p.outcome_ = Outcome::kTimeout;
-      p.refused_by_ = resources[i]->name();
-      return p;
+      outcome_ = Outcome::kTimeout;
+      refused_by_ = resources[i].get();
+      return false;
     }
     measure = measure || m;
   }
-  p.set_ = set;
-  p.outcome_ = Outcome::kGranted;
-  if (measure) {
-    // One start for every resource: the hold begins with the last slot.
-    p.measured_ = true;
-    p.granted_at_ = Clock::now();
-  }
-  return p;
+  set_ = set;
+  outcome_ = Outcome::kGranted;
+  // One start for every resource: the hold begins with the last slot.
+  if (measure) start_measuring();
+  return true;
 }
 
 void Permit::release_slow() noexcept {
@@ -79,48 +64,84 @@ void Permit::release_slow() noexcept {
   } else if (set_) {
     const auto& resources = set_->resources();
     for (std::size_t i = resources.size(); i-- > 0;) {
-      resources[i]->release(measured_, granted_at_, now, notices);
+      Resource& r = *resources[i];
+      if (measured_ || !r.try_give_back()) r.release(measured_, granted_at_, now, notices);
     }
     set_.reset();
   }
 }
 
+namespace {
+
+// How a blocked thread learns that its acquisition was decided. The waiter
+// first spins briefly (a handoff between running threads then costs no
+// futex sleep and wake); only then does it sleep on the condition variable.
+//
+// state: kAwake   the waiter has not gone to sleep;
+//        kDone    the callback has run (set once, by the callback);
+//        kAsleep  the waiter sleeps or is about to, under mu.
+// The callback moves kAwake -> kDone with a CAS and then never touches the
+// Signal again (the waiter may destroy it as soon as it sees kDone). If the
+// waiter got to kAsleep first, the callback sets kDone under mu and notifies
+// under mu, so the waiter cannot see kDone, return and destroy the Signal
+// before the callback is done with it.
+struct Signal {
+  static constexpr int kAwake = 0, kDone = 1, kAsleep = 2;
+  std::atomic<int> state{kAwake};
+  detail::Mutex mu;
+  detail::CondVar cv;
+
+  void notify() {
+    int expected = kAwake;
+    // acq_rel: the waiter's acquire load of kDone sees the acquisition
+    // decided.
+    if (state.compare_exchange_strong(expected, kDone, std::memory_order_acq_rel)) return;
+    detail::MutexLock lock(mu);
+    state.store(kDone, std::memory_order_release);
+    cv.notify_one();
+  }
+  bool done() const { return state.load(std::memory_order_acquire) == kDone; }
+
+  // Waits for notify() or the deadline; false if the deadline came first.
+  bool wait_until(Clock::time_point deadline) {
+    for (int i = 0; i < 200; ++i) {
+      if (done()) return true;
+#if defined(__x86_64__) || defined(__i386__)
+      __builtin_ia32_pause();
+#endif
+    }
+    detail::MutexLock lock(mu);
+    int expected = kAwake;
+    if (!state.compare_exchange_strong(expected, kAsleep, std::memory_order_acq_rel)) {
+      return true;  // kDone meanwhile
+    }
+    while (!done()) {
+      if (!cv.wait_until(mu, deadline)) return done();
+    }
+    return true;
+  }
+  // Waits for notify() after the waiter gave up on the deadline.
+  void wait() {
+    detail::MutexLock lock(mu);
+    while (!done()) cv.wait(mu);
+  }
+};
+
+}  // namespace
+
 Permit acquire_blocking(std::shared_ptr<const ResourceSet> set,
                         Clock::time_point deadline, std::stop_token stop) {
   // Declared before the acquisition so that it outlives the acquisition's
   // destructor, which waits for a completion still in flight.
-  struct Signal {
-    detail::Mutex mu;
-    detail::CondVar cv;
-    bool done CL_GUARDED_BY(mu) = false;
-    Outcome outcome CL_GUARDED_BY(mu) = Outcome::kPending;
-  } signal;
+  Signal signal;
   auto acq = std::make_unique<Acquisition>(std::move(set));
-  Outcome o = acq->start([&signal](Outcome outcome) {
-    detail::MutexLock lock(signal.mu);
-    signal.done = true;
-    signal.outcome = outcome;
-    // Notify under the lock: the waiter may destroy `signal` as soon as it
-    // can take the lock again.
-    signal.cv.notify_one();
-  });
+  const Outcome o = acq->start([&signal](Outcome) { signal.notify(); });
   if (o == Outcome::kPending) {
     // Runs at once in this thread if a stop was already requested.
     std::stop_callback on_stop(stop, [&acq] { acq->cancel(Outcome::kCancelled); });
-    bool expire = false;
-    {
-      detail::MutexLock lock(signal.mu);
-      while (!signal.done) {
-        if (!signal.cv.wait_until(signal.mu, deadline) && !signal.done) {
-          expire = true;
-          break;
-        }
-      }
-    }
-    if (expire) {
+    if (!signal.wait_until(deadline)) {
       acq->expire();  // calls back (here) unless a grant or stop came first
-      detail::MutexLock lock(signal.mu);
-      while (!signal.done) signal.cv.wait(signal.mu);
+      signal.wait();
     }
   }
   return make_permit(std::move(acq));

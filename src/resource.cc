@@ -449,24 +449,32 @@ void Resource::grant_locked(detail::WaiterNode& node, Clock::time_point now) {
 }
 
 Permit Resource::try_acquire() {
-  return take_at_once(*this);
+  Permit p;
+  p.take(*this);
+  return p;
 }
 
 Permit Resource::acquire_until(Clock::time_point deadline,
                                std::stop_token stop) {
-  if (Permit p = take_at_once(*this)) return p;
-  return acquire_blocking(
-      std::make_shared<const ResourceSet>(
-          std::vector<std::shared_ptr<Resource>>{shared_from_this()}),
-      deadline, std::move(stop));
+  Permit p;
+  if (!p.take(*this)) {
+    p = acquire_blocking(
+        std::make_shared<const ResourceSet>(
+            std::vector<std::shared_ptr<Resource>>{shared_from_this()}),
+        deadline, std::move(stop));
+  }
+  return p;
 }
 
 Permit Resource::acquire_for(Clock::duration timeout, std::stop_token stop) {
-  if (Permit p = take_at_once(*this)) return p;
-  return acquire_blocking(
-      std::make_shared<const ResourceSet>(
-          std::vector<std::shared_ptr<Resource>>{shared_from_this()}),
-      detail::deadline_after(timeout), std::move(stop));
+  Permit p;
+  if (!p.take(*this)) {
+    p = acquire_blocking(
+        std::make_shared<const ResourceSet>(
+            std::vector<std::shared_ptr<Resource>>{shared_from_this()}),
+        detail::deadline_after(timeout), std::move(stop));
+  }
+  return p;
 }
 
 }  // namespace concurrency_limiter

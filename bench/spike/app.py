@@ -1,4 +1,4 @@
-"""The demo service of the spike experiment, in four variants.
+"""The demo service of the spike experiment.
 
 Two endpoints share one process, as in the original package's demo:
 
@@ -8,43 +8,50 @@ Two endpoints share one process, as in the original package's demo:
   cheap, and it must stay healthy while ``/messages`` is overloaded.
 
 Without limiting, both endpoints share the same worker threads and the same
-two cores, so a spike on ``/messages`` starves ``/file`` too. The variant is
-chosen with the ``SPIKE_VARIANT`` environment variable:
+two cores, so a spike on ``/messages`` starves ``/file`` too. Every query
+counts itself in the shared gauge ``db_in_flight`` (``probe.py``), so the
+runner sees the queries in flight across all processes of a variant.
+
+``SPIKE_APP`` chooses the app (:data:`APPS`); ``SPIKE_VARIANT`` is only the
+name ``/health`` reports, so one app serves several variants (see
+``variants.py``):
 
 ``none``
     no limiting;
-``asyncio``
-    the original package's mechanism, written out in a few lines:
-    ``asyncio.Semaphore`` per resource, acquired under one 2 s timeout;
-``fcl``
-    this package with the original demo's configuration;
-``fcl-tuned``
+``package``
+    ``fastapi_concurrency_limiter`` with the original demo's configuration:
+    ``Resource(5)``, ``Resource(10)``, ``Limiter(timeout=2)``. The same code
+    runs this package (``fcl``) and, from its own virtualenv, the original
+    package (``original``): it uses only the original API;
+``package-tuned``
     this package with the recommended overload configuration
     (:data:`FCL_TUNED_OPTIONS`).
 
-Run one variant by hand with, from the repository root::
+Run one by hand with, from the repository root::
 
-    SPIKE_VARIANT=asyncio python -m uvicorn app:app --app-dir bench/spike
+    SPIKE_APP=package python -m uvicorn app:app --app-dir bench/spike
 """
 
 from __future__ import annotations
 
 import asyncio
+import importlib.metadata
 import os
 import random
 from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, suppress
 from pathlib import Path
 from typing import Any
 
 import anyio
-from fastapi import FastAPI, HTTPException
+from fastapi import FastAPI
 from fastapi.responses import PlainTextResponse
 from starlette.concurrency import run_in_threadpool
 
 import data
+import probe
 
-VARIANTS = ("none", "asyncio", "fcl", "fcl-tuned")
+APPS = ("none", "package", "package-tuned")
 
 # ---------------------------------------------------------------------------
 # Recommended overload configuration, used by the "fcl-tuned" variant.
@@ -60,16 +67,25 @@ FCL_TUNED_OPTIONS: dict[str, dict[str, Any]] = {
 }
 # ---------------------------------------------------------------------------
 
-BUSY_DETAIL = "Server busy, please retry later"
-
 DB_PATH = Path(os.environ.get("SPIKE_DB", data.database_path()))
 FILE_PATH = Path(os.environ.get("SPIKE_FILE", data.file_path()))
+
+
+_db_in_flight = probe.Gauge.named(probe.DB_IN_FLIGHT)
+
+
+def _counted_query(user_id: int) -> list[dict[str, Any]]:
+    _db_in_flight.add(1)
+    try:
+        return data.query_messages(DB_PATH, user_id)
+    finally:
+        _db_in_flight.add(-1)
 
 
 async def read_messages() -> list[dict[str, Any]]:
     """100 random messages of a random user, queried off the event loop."""
     user_id = random.randint(1, data.USER_COUNT)
-    return await run_in_threadpool(data.query_messages, DB_PATH, user_id)
+    return await run_in_threadpool(_counted_query, user_id)
 
 
 async def read_file() -> PlainTextResponse:
@@ -81,19 +97,27 @@ async def read_file() -> PlainTextResponse:
     return PlainTextResponse(b"".join(chunks))
 
 
-def _base_app(variant: str) -> FastAPI:
-    app = FastAPI(title=f"spike demo ({variant})")
+def _package_version() -> str | None:
+    try:
+        return importlib.metadata.version("fastapi-concurrency-limiter")
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def _base_app(variant: str, lifespan: Any = None) -> FastAPI:
+    app = FastAPI(title=f"spike demo ({variant})", lifespan=lifespan)
+    package = _package_version()
 
     @app.get("/health")
-    async def health() -> dict[str, str]:
-        """Unlimited readiness probe; tells the runner which variant answers."""
-        return {"status": "ok", "variant": variant}
+    async def health() -> dict[str, str | int | None]:
+        """Unlimited readiness probe: which variant, package and process answer."""
+        return {"status": "ok", "variant": variant, "package": package, "pid": os.getpid()}
 
     return app
 
 
-def _app_none() -> FastAPI:
-    app = _base_app("none")
+def _app_none(variant: str) -> FastAPI:
+    app = _base_app(variant)
 
     @app.get("/messages")
     async def get_messages() -> list[dict[str, Any]]:
@@ -106,54 +130,44 @@ def _app_none() -> FastAPI:
     return app
 
 
-def _app_asyncio() -> FastAPI:
-    """The original package's mechanism without the package.
+def _limit_publisher(resource: Any) -> Any:
+    """A lifespan that copies ``resource.limit`` into the ``db_limit`` gauge.
 
-    One semaphore per resource; all of a request's semaphores must be acquired
-    within one 2 s timeout, otherwise the request is answered with 503.
+    Only for a resource whose limit can change at run time (it has a ``limit``
+    attribute); for the others there is nothing to chart, and nothing runs.
     """
-    app = _base_app("asyncio")
-    db = asyncio.Semaphore(5)
-    file = asyncio.Semaphore(10)
+    if not hasattr(resource, "limit"):
+        return None
+    gauge = probe.Gauge.named(probe.DB_LIMIT)
+
+    async def publish() -> None:
+        while True:
+            gauge.set(int(resource.limit))
+            await asyncio.sleep(0.1)
 
     @asynccontextmanager
-    async def limited(*semaphores: asyncio.Semaphore) -> AsyncIterator[None]:
-        acquired: list[asyncio.Semaphore] = []
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        task = asyncio.create_task(publish())
         try:
-            try:
-                async with asyncio.timeout(2):
-                    for semaphore in semaphores:
-                        await semaphore.acquire()
-                        acquired.append(semaphore)
-            except TimeoutError:
-                raise HTTPException(status_code=503, detail=BUSY_DETAIL) from None
             yield
         finally:
-            for semaphore in reversed(acquired):
-                semaphore.release()
+            task.cancel()
+            with suppress(asyncio.CancelledError):
+                await task
 
-    @app.get("/messages")
-    async def get_messages() -> list[dict[str, Any]]:
-        async with limited(db):
-            return await read_messages()
-
-    @app.get("/file", response_class=PlainTextResponse)
-    async def get_file() -> PlainTextResponse:
-        async with limited(file):
-            return await read_file()
-
-    return app
+    return lifespan
 
 
 def _app_with_package(variant: str, options: dict[str, dict[str, Any]]) -> FastAPI:
-    """This package: ``Resource(5)`` for the database, ``Resource(10)`` for
-    the file, ``Limiter(timeout=2)``, plus ``options`` per object."""
+    """``fastapi_concurrency_limiter``: ``Resource(5)`` for the database,
+    ``Resource(10)`` for the file, ``Limiter(timeout=2)``, plus ``options`` per
+    object. With empty options only the original package's API is used."""
     from fastapi_concurrency_limiter import Limiter, Resource
 
-    app = _base_app(variant)
     db = Resource(5, **options["db"])
     file = Resource(10, **options["file"])
     limiter = Limiter(timeout=2, resources=[db, file], **options["limiter"])
+    app = _base_app(variant, lifespan=_limit_publisher(db))
 
     @app.get("/messages")
     @limiter.resources([db])
@@ -168,33 +182,30 @@ def _app_with_package(variant: str, options: dict[str, dict[str, Any]]) -> FastA
     return app
 
 
-def _app_fcl() -> FastAPI:
-    """This package, configured exactly as the original demo."""
-    return _app_with_package("fcl", {"limiter": {}, "db": {}, "file": {}})
+def _app_package(variant: str) -> FastAPI:
+    """The package, configured exactly as the original demo."""
+    return _app_with_package(variant, {"limiter": {}, "db": {}, "file": {}})
 
 
-def _app_fcl_tuned() -> FastAPI:
+def _app_package_tuned(variant: str) -> FastAPI:
     """This package with the recommended overload configuration."""
-    return _app_with_package("fcl-tuned", FCL_TUNED_OPTIONS)
+    return _app_with_package(variant, FCL_TUNED_OPTIONS)
 
 
-_BUILDERS: dict[str, Callable[[], FastAPI]] = {
+_BUILDERS: dict[str, Callable[[str], FastAPI]] = {
     "none": _app_none,
-    "asyncio": _app_asyncio,
-    "fcl": _app_fcl,
-    "fcl-tuned": _app_fcl_tuned,
+    "package": _app_package,
+    "package-tuned": _app_package_tuned,
 }
 
 
-def create_app(variant: str) -> FastAPI:
-    """Build the demo app for ``variant`` (one of :data:`VARIANTS`)."""
+def create_app(name: str, variant: str | None = None) -> FastAPI:
+    """Build the app ``name`` (one of :data:`APPS`), reporting ``variant`` on ``/health``."""
     try:
-        builder = _BUILDERS[variant]
+        builder = _BUILDERS[name]
     except KeyError:
-        raise ValueError(
-            f"unknown variant {variant!r}; expected one of {', '.join(VARIANTS)}"
-        ) from None
-    return builder()
+        raise ValueError(f"unknown app {name!r}; expected one of {', '.join(APPS)}") from None
+    return builder(variant or name)
 
 
-app = create_app(os.environ.get("SPIKE_VARIANT", "none"))
+app = create_app(os.environ.get("SPIKE_APP", "none"), os.environ.get("SPIKE_VARIANT"))

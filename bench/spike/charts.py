@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import matplotlib
 
@@ -20,6 +20,8 @@ import numpy.typing as npt
 from matplotlib.axes import Axes
 from matplotlib.lines import Line2D
 
+import probe
+import variants as registry
 from schedule import CLIENT_TIMEOUT_S
 
 if TYPE_CHECKING:
@@ -28,10 +30,12 @@ if TYPE_CHECKING:
 
 OUTCOME_COLORS = {"ok": "#2ca02c", "503": "#ff7f0e", "timeout": "#d62728", "error": "#9467bd"}
 ENDPOINT_COLORS = {"messages": "#1f77b4", "file": "#2ca02c"}
-VARIANT_COLORS = {"none": "#d62728", "asyncio": "#ff7f0e", "fcl": "#1f77b4", "fcl-tuned": "#2ca02c"}
+GAUGE_COLORS = {probe.DB_IN_FLIGHT: "#1f77b4", probe.DB_LIMIT: "#ff7f0e"}
 USERS_COLOR = "#555555"
 CLIENT_TIMEOUT_MS = CLIENT_TIMEOUT_S * 1000
 LIMITER_TIMEOUT_MS = 2000
+RATIO_FLOOR = 0.05
+"""Ratios to the baseline below this (a collapse to zero) are drawn at this height."""
 DPI = 110
 
 
@@ -148,7 +152,7 @@ def latency_chart(variant: VariantData, path: Path) -> None:
         ls="-.",
         label="client timeout (6 s)",
     )
-    if variant.name != "none":
+    if variant.config.get("db_capacity") is not None:
         ax.axhline(
             LIMITER_TIMEOUT_MS,
             color=OUTCOME_COLORS["503"],
@@ -173,9 +177,75 @@ def _failures(variant: VariantData) -> npt.NDArray[np.float64]:
     return m.timeouts + m.errors + f.timeouts + f.errors
 
 
-def comparison_chart(variants: list[VariantData], path: Path) -> None:
-    """All variants side by side: goodput, rejections, failures and latency."""
-    fig, axes = plt.subplots(3, 2, sharex=True, figsize=(13, 10), constrained_layout=True)
+def _ratio_bars(ax: Axes, entries: dict[str, Any], baseline: str | None, names: list[str]) -> None:
+    """Spike metrics of each variant over the baseline's, as grouped bars around 1."""
+    from report import BASELINE_METRICS
+
+    compared = [n for n in names if entries.get(n, {}).get("vs_baseline")]
+    if not compared:
+        ax.text(
+            0.5,
+            0.5,
+            f"no `{baseline}` variant in this run: nothing to compare with",
+            ha="center",
+            va="center",
+            transform=ax.transAxes,
+            color="#555555",
+        )
+        ax.set_axis_off()
+        return
+    width = 0.8 / len(compared)
+    x = np.arange(len(BASELINE_METRICS))
+    for i, name in enumerate(compared):
+        ratios = entries[name]["vs_baseline"]["spike"]
+        values = np.array(
+            [np.nan if ratios[m] is None else ratios[m] for m in BASELINE_METRICS], dtype=float
+        )
+        # Log scale: 0.5 and 2 are the same distance from 1; zeros sit at the floor.
+        shown = np.clip(values, RATIO_FLOOR, None)
+        bars = ax.bar(
+            x + (i - (len(compared) - 1) / 2) * width,
+            shown,
+            width,
+            color=registry.color(name),
+            label=name,
+        )
+        ax.bar_label(
+            bars, labels=[f"{v:.2f}" if np.isfinite(v) else "-" for v in values], fontsize=7
+        )
+    ax.set_yscale("log")
+    ax.set_ylim(RATIO_FLOOR, None)
+    ax.axhline(1.0, color="#333333", lw=1)
+    labels = [
+        m.replace("messages", "/messages").replace("file_", "/file ") for m in BASELINE_METRICS
+    ]
+    ax.set_xticks(x, [label.replace("_", " ") for label in labels], fontsize=8)
+    ax.set_ylabel(f"spike value / {baseline}'s (log)")
+    ax.set_title(
+        f"spike phase, each variant over `{baseline}` in the same run "
+        "(ok/s: higher is better; latency: lower is better)",
+        fontsize=10,
+    )
+    ax.grid(alpha=0.3, axis="y")
+    ax.legend(loc="upper left", fontsize=8, ncols=len(compared))
+
+
+def comparison_chart(
+    variants: list[VariantData],
+    path: Path,
+    entries: dict[str, Any] | None = None,
+    baseline: str | None = None,
+) -> None:
+    """All variants side by side, and their spike metrics over the baseline's."""
+    fig = plt.figure(figsize=(13, 13), constrained_layout=True)
+    grid = fig.add_gridspec(4, 2, height_ratios=[1, 1, 1, 0.9])
+    top = fig.add_subplot(grid[0, 0])
+    axes = np.array(
+        [
+            [top if (r, c) == (0, 0) else fig.add_subplot(grid[r, c], sharex=top) for c in range(2)]
+            for r in range(3)
+        ]
+    )
     panels: list[tuple[Axes, str, Callable[[VariantData], npt.NDArray[np.float64]], bool]] = [
         (axes[0, 0], "/messages successes per second", lambda v: v.endpoints["messages"].ok, False),
         (axes[0, 1], "/file successes per second", lambda v: v.endpoints["file"].ok, False),
@@ -192,9 +262,7 @@ def comparison_chart(variants: list[VariantData], path: Path) -> None:
     schedule = variants[0].schedule
     for i, (ax, title, metric, log) in enumerate(panels):
         for v in variants:
-            ax.plot(
-                v.seconds + 0.5, metric(v), color=VARIANT_COLORS.get(v.name), lw=1.5, label=v.name
-            )
+            ax.plot(v.seconds + 0.5, metric(v), color=registry.color(v.name), lw=1.5, label=v.name)
         ax.set_title(title, fontsize=10, pad=14 if i < 2 else 4)
         if log:
             _latency_axis(ax)
@@ -207,10 +275,75 @@ def comparison_chart(variants: list[VariantData], path: Path) -> None:
             ax.legend(loc="upper right", fontsize=8)
     for ax in axes[-1]:
         ax.set_xlabel("seconds since start")
+    _ratio_bars(fig.add_subplot(grid[3, :]), entries or {}, baseline, [v.name for v in variants])
     users = f"{schedule.base_users} -> {schedule.peak_users} -> {schedule.base_users}"
     fig.suptitle(
         f"Spike: /messages users {users}, {schedule.file_users} /file users "
         "(spike shaded; a gap in a latency line: no success that second)"
     )
+    fig.savefig(path, dpi=DPI)
+    plt.close(fig)
+
+
+def series_chart(variant: VariantData, path: Path) -> None:
+    """The shared gauges over time: database queries in flight across all processes, the limit."""
+    fig, ax = plt.subplots(figsize=(11, 4.5), constrained_layout=True)
+    in_flight = variant.gauges.get(probe.DB_IN_FLIGHT)
+    if in_flight is not None:
+        color = GAUGE_COLORS[probe.DB_IN_FLIGHT]
+        ax.step(
+            in_flight.t,
+            in_flight.peak,
+            where="pre",
+            color=color,
+            lw=1.4,
+            label="queries in flight, peak per 0.1 s (all processes)",
+        )
+        ax.plot(
+            in_flight.t,
+            in_flight.value,
+            color=color,
+            lw=0.6,
+            alpha=0.5,
+            label="queries in flight, sampled",
+        )
+    limit = variant.gauges.get(probe.DB_LIMIT)
+    if limit is not None:
+        ax.step(
+            limit.t,
+            limit.value,
+            where="post",
+            color=GAUGE_COLORS[probe.DB_LIMIT],
+            lw=1.6,
+            label="db resource limit",
+        )
+    capacity = variant.config.get("db_capacity")
+    processes = int(variant.config.get("workers") or 1) * int(variant.config.get("instances") or 1)
+    if capacity is not None:
+        ax.axhline(
+            capacity, color="#2ca02c", lw=1, ls="--", label=f"Resource capacity ({capacity})"
+        )
+        if processes > 1:
+            ax.axhline(
+                capacity * processes,
+                color="#d62728",
+                lw=1,
+                ls=":",
+                label=f"{capacity} per process x {processes} processes",
+            )
+    ax.set_ylabel("database queries in flight")
+    top = max(
+        float(in_flight.peak.max()) if in_flight is not None and in_flight.peak.size else 0.0,
+        float(capacity or 0) * processes,
+        1.0,
+    )
+    ax.set_ylim(0, top * 1.3)
+    ax.grid(alpha=0.3)
+    _mark_phases(ax, variant.schedule, label=True)
+    users_line = _users_axis(ax, variant.users_t, variant.messages_users, "/messages users")
+    handles, _ = ax.get_legend_handles_labels()
+    ax.legend(handles=[*handles, users_line], loc="upper left", fontsize=8, ncols=3, framealpha=0.9)
+    ax.set_xlabel("seconds since start")
+    fig.suptitle(f"{variant.name}: database queries in flight across all processes")
     fig.savefig(path, dpi=DPI)
     plt.close(fig)

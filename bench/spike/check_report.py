@@ -1,9 +1,14 @@
 """Check that a spike experiment report is complete: ``check_report.py REPORT_DIR``.
 
-Exits non-zero, listing every problem, when a chart, ``summary.md`` or
+Exits non-zero, listing every problem, when a chart (throughput, latency, and
+the series chart of a variant that records shared gauges), ``summary.md`` or
 ``summary.json`` is missing, or when ``summary.json`` lacks a field of the
-schema documented in ``report.py`` or a required variant. Values are not
+schema documented in ``report.py`` or a required variant, or a variant lacks
+its comparison with the baseline or a gauge it declares. Values are not
 judged: the numbers depend on the machine, the file layout must not.
+
+The variants required are those the run was asked for (``raw/run.json``),
+or ``--variants``: names, ``all`` or ``headline``.
 """
 
 from __future__ import annotations
@@ -14,22 +19,70 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import variants as registry
 from report import (
+    BASELINE_METRICS,
+    CONFIG_FIELDS,
     PHASE_FIELDS,
     PHASES,
     RATIO_FIELDS,
+    RAW_DIR,
+    RUN_FILE,
     SCHEMA_VERSION,
+    SERIES_PHASE_FIELDS,
+    SERIES_STAT_FIELDS,
     TOP_LEVEL_FIELDS,
     VARIANT_FIELDS,
 )
-
-ALL_VARIANTS = ("none", "asyncio", "fcl", "fcl-tuned")
 
 
 def _missing(obj: Any, fields: tuple[str, ...], where: str) -> list[str]:
     if not isinstance(obj, dict):
         return [f"{where}: expected an object, got {type(obj).__name__}"]
     return [f"{where}: missing field {name!r}" for name in fields if name not in obj]
+
+
+def _check_series(entry: dict[str, Any], config: Any, where: str) -> list[str]:
+    """Every gauge the variant declares was recorded and summarised."""
+    declared = config.get("series", []) if isinstance(config, dict) else []
+    series = entry.get("series")
+    if not isinstance(series, dict):
+        return [f"{where}.series: expected an object"]
+    problems = []
+    for gauge in declared:
+        stats = series.get(gauge)
+        if stats is None:
+            problems.append(f"{where}.series: gauge {gauge!r} was not recorded")
+            continue
+        problems += _missing(stats, SERIES_STAT_FIELDS, f"{where}.series.{gauge}")
+        if isinstance(stats, dict):
+            for phase in PHASES:
+                problems += _missing(
+                    stats.get(phase), SERIES_PHASE_FIELDS, f"{where}.series.{gauge}.{phase}"
+                )
+            if stats.get("max") is None:
+                problems.append(f"{where}.series.{gauge}: no sample")
+    return problems
+
+
+def _check_versus(versus: Any, where: str) -> list[str]:
+    if versus is None:
+        return [f"{where}: missing although the baseline ran"]
+    problems = _missing(versus, PHASES, where)
+    if isinstance(versus, dict):
+        for phase in PHASES:
+            if phase in versus:
+                problems += _missing(versus[phase], BASELINE_METRICS, f"{where}.{phase}")
+    return problems
+
+
+def _requested(report_dir: Path) -> list[str]:
+    """The variants the run was asked for, from ``raw/run.json``."""
+    try:
+        run = json.loads((report_dir / RAW_DIR / RUN_FILE).read_text(encoding="utf-8"))
+        return [str(v) for v in run["variants"]]
+    except (OSError, ValueError, KeyError, TypeError):
+        return list(registry.HEADLINE)
 
 
 def check(report_dir: Path, variants: list[str]) -> list[str]:
@@ -40,6 +93,9 @@ def check(report_dir: Path, variants: list[str]) -> list[str]:
         expected.append("comparison.png")
     for variant in variants:
         expected += [f"{variant}-throughput.png", f"{variant}-latency.png"]
+        known = registry.VARIANTS.get(variant)
+        if known is not None and known.series:
+            expected.append(f"{variant}-series.png")
     for name in expected:
         path = report_dir / name
         if not path.is_file() or path.stat().st_size == 0:
@@ -60,12 +116,18 @@ def check(report_dir: Path, variants: list[str]) -> list[str]:
         if variant not in entries:
             reason = summary.get("failed_variants", {}).get(variant, "not in the report")
             problems.append(f"variant {variant!r} missing: {reason}")
+    baseline = summary.get("baseline")
     for variant, entry in entries.items():
         where = f"variants.{variant}"
         problems += _missing(entry, VARIANT_FIELDS, where)
         if not isinstance(entry, dict):
             continue
         problems += _missing(entry.get("ratios"), RATIO_FIELDS, f"{where}.ratios")
+        config = entry.get("config")
+        problems += _missing(config, CONFIG_FIELDS, f"{where}.config")
+        problems += _check_series(entry, config, where)
+        if baseline in entries and variant != baseline:
+            problems += _check_versus(entry.get("vs_baseline"), f"{where}.vs_baseline")
         phases = entry.get("phases")
         problems += _missing(phases, PHASES, f"{where}.phases")
         if isinstance(phases, dict):
@@ -80,11 +142,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("report_dir", type=Path)
     parser.add_argument(
         "--variants",
-        default=",".join(ALL_VARIANTS),
-        help="comma-separated variants that must be in the report (default: all four)",
+        default="",
+        help=(
+            "comma-separated variants that must be in the report, 'all' or 'headline' "
+            "(default: those the run was asked for)"
+        ),
     )
     args = parser.parse_args(argv)
-    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    if args.variants:
+        try:
+            variants = [v.name for v in registry.select(args.variants, quick=False)]
+        except ValueError as e:
+            parser.error(str(e))
+    else:
+        variants = _requested(args.report_dir)
     problems = check(args.report_dir, variants)
     for problem in problems:
         print(f"check_report: {problem}", file=sys.stderr)

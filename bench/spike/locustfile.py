@@ -3,7 +3,9 @@
 ``run.py`` starts locust headless with this file and passes, through
 environment variables, the schedule (``SPIKE_SCHEDULE``, JSON of
 :class:`schedule.Schedule`) and where to record (``SPIKE_EVENTS_CSV``,
-``SPIKE_USERS_CSV``, ``SPIKE_META_JSON``). Locust's own statistics aggregate
+``SPIKE_USERS_CSV``, ``SPIKE_META_JSON``) and, for a variant with several app
+instances on separate ports, their base URLs (``SPIKE_HOSTS``, comma-separated;
+users are dealt to them in turn, per user class). Locust's own statistics aggregate
 over the whole run; the experiment needs every request with its absolute time
 to plot and summarise per second, so a request listener writes one CSV row per
 request.
@@ -41,6 +43,9 @@ EVENT_FIELDS = ("t_start", "t_end", "endpoint", "outcome", "status", "latency_ms
 """Columns of the events CSV; times are Unix seconds."""
 
 USER_FIELDS = ("t", "messages_users", "file_users")
+
+HOSTS = [h for h in os.environ.get("SPIKE_HOSTS", "").split(",") if h]
+"""Base URLs of the app instances; empty: locust's ``--host`` only."""
 
 
 def _is_timeout(exception: BaseException | None) -> bool:
@@ -164,10 +169,21 @@ class _SpikeUser(FastHttpUser):
     connection_timeout = CLIENT_TIMEOUT_S
     max_retries = 0  # a retried request would hide the failure we want to see
     active: ClassVar[set[int]]
+    _spawned: ClassVar[int]
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         cls.active = set()
+        cls._spawned = 0
+
+    def __init__(self, environment: Environment) -> None:
+        # Deal the users of each class to the instances in turn, so each
+        # instance gets the same share of /messages and of /file users.
+        if HOSTS:
+            cls = type(self)
+            self.host = HOSTS[cls._spawned % len(HOSTS)]
+            cls._spawned += 1
+        super().__init__(environment)
 
     def on_start(self) -> None:
         type(self).active.add(id(self))

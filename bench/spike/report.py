@@ -3,23 +3,27 @@
 Run by ``run.py`` after the load; run it alone to redraw a report from the raw
 data it keeps: ``python bench/spike/report.py REPORT_DIR``.
 
-``summary.json`` schema (version 1). The field names are stable: CI checks that
+``summary.json`` schema (version 2). The field names are stable: CI checks that
 every one is present (``check_report.py``); values may be ``null`` where they
 cannot be computed, e.g. a latency percentile of a phase without successes::
 
     {
-      "schema_version": 1,
+      "schema_version": 2,
       "mode": "full" | "quick",
       "generated_at": "<ISO 8601>",
       "schedule": {<schedule.Schedule fields>},
       "environment": {"python", "platform", "cpu_count", "load_average", "packages"},
       "messages_query_ms": <median /messages query time on the idle machine>,
+      "baseline": "original",
       "failed_variants": {"<variant>": "<reason>"},
       "variants": {
         "<variant>": {
+          "config": {"description", "app", "workers", "instances", "db_capacity",
+                     "series": [<gauge>, ...], "packages": {<name>: <version>}},
           "requests": <count>,
           "load_generator_cpu_s": <CPU seconds used by locust>,
-          "server_cpu_s": <CPU seconds used by the server>,
+          "server_cpu_s": <CPU seconds used by the server processes>,
+          "profiler_cpu_s": <CPU seconds used by py-spy> | null (without --profile),
           "recovery_s": <seconds after the drop until /messages successes per
                          second are back within 20 % of the steady level> | null,
           "ratios": {
@@ -36,16 +40,40 @@ cannot be computed, e.g. a latency percentile of a phase without successes::
               "messages_p50_ms", "messages_p99_ms",
               "file_ok_per_s", "file_503_per_s",
               "file_timeouts", "file_errors",
-              "file_p50_ms", "file_p99_ms"
+              "file_p50_ms", "file_p99_ms",
+              "responses_per_s",
+              "server_cpu_ms_per_response", "loop_cpu_ms_per_response"
             }
+          },
+          "vs_baseline": null (the baseline itself, or no baseline in the run) | {
+            "before" | "spike" | "after": {
+              "messages_ok_per_s", "messages_p50_ms", "messages_p99_ms",
+              "file_ok_per_s", "file_p50_ms", "file_p99_ms",
+              "server_cpu_ms_per_response", "loop_cpu_ms_per_response"
+            }
+          },
+          "series": {
+            "<gauge>": {"max", "before" | "spike" | "after": {"max", "mean"}}
           }
         }
       }
     }
 
+``vs_baseline`` holds this variant's value over the baseline's, metric by
+metric, in the same phase of the same run: above 1 is more for rates and
+slower for latencies. ``series`` summarises the shared gauges (``probe.py``)
+sampled during the run: ``max`` is the highest value seen (including the
+peaks between samples), ``mean`` the mean of the sampled values.
+
 Rates are per second of the phase, counts are totals over the phase, latencies
 are of successful requests only (the others are counted, not timed). A request
-belongs to the second in which it completed.
+belongs to the second in which it completed. ``responses_per_s`` counts every
+answer and client timeout of both endpoints; ``server_cpu_ms_per_response``
+is the CPU time of the app processes in the phase per response, and
+``loop_cpu_ms_per_response`` that of their main threads, which run the event
+loop (HTTP, routing, the limiter; not the queries and file reads, which run in
+worker threads): the cost of the Python layer per request, CPU time rather
+than wall time, so it is less disturbed by other load on the machine.
 """
 
 from __future__ import annotations
@@ -64,7 +92,7 @@ import numpy.typing as npt
 
 from schedule import Schedule
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 ENDPOINTS = ("messages", "file")
 """Endpoint keys used in field names; the URL path is ``/<key>``."""
@@ -78,17 +106,41 @@ TOP_LEVEL_FIELDS = (
     "schedule",
     "environment",
     "messages_query_ms",
+    "baseline",
     "failed_variants",
     "variants",
 )
 VARIANT_FIELDS = (
+    "config",
     "requests",
     "load_generator_cpu_s",
     "server_cpu_s",
+    "profiler_cpu_s",
     "recovery_s",
     "ratios",
     "phases",
+    "vs_baseline",
+    "series",
 )
+CONFIG_FIELDS = ("description", "app", "workers", "instances", "db_capacity", "series")
+BASELINE_METRICS = (
+    "messages_ok_per_s",
+    "messages_p50_ms",
+    "messages_p99_ms",
+    "file_ok_per_s",
+    "file_p50_ms",
+    "file_p99_ms",
+    "server_cpu_ms_per_response",
+    "loop_cpu_ms_per_response",
+)
+"""The metrics compared with the baseline, in every phase."""
+SERIES_STAT_FIELDS = ("max", *PHASES)
+SERIES_PHASE_FIELDS = ("max", "mean")
+SERIES_FIELDS = ("t", "gauge", "value", "peak")
+"""Columns of ``raw/<variant>-series.csv``, written by ``run.py``; ``t`` is Unix seconds."""
+CPU_FIELDS = ("t", "loop_cpu_s", "process_cpu_s")
+"""Columns of ``raw/<variant>-cpu.csv``: cumulative CPU seconds of the app processes'
+main threads and of the whole processes, summed over the processes."""
 RATIO_FIELDS = (
     "file_p99_spike_over_steady",
     "file_goodput_spike_over_steady",
@@ -103,6 +155,9 @@ PHASE_FIELDS = (
         for endpoint in ENDPOINTS
         for metric in ("ok_per_s", "503_per_s", "timeouts", "errors", "p50_ms", "p99_ms")
     ),
+    "responses_per_s",
+    "server_cpu_ms_per_response",
+    "loop_cpu_ms_per_response",
 )
 
 RECOVERY_TOLERANCE = 0.20
@@ -136,6 +191,15 @@ class EndpointSeries:
 
 
 @dataclass
+class GaugeSeries:
+    """One shared gauge sampled during the run: value at each sample, peak since the previous."""
+
+    t: npt.NDArray[np.float64]
+    value: npt.NDArray[np.float64]
+    peak: npt.NDArray[np.float64]
+
+
+@dataclass
 class VariantData:
     """Everything recorded for one variant, on the schedule's time axis."""
 
@@ -147,6 +211,14 @@ class VariantData:
     messages_users: npt.NDArray[np.float64]
     file_users: npt.NDArray[np.float64]
     requests: int
+    config: dict[str, Any] = field(default_factory=dict)
+    gauges: dict[str, GaugeSeries] = field(default_factory=dict)
+    # Cumulative CPU seconds of the app processes (main threads, whole) at times cpu_t.
+    cpu_t: npt.NDArray[np.float64] = field(default_factory=lambda: np.zeros(0))
+    loop_cpu_s: npt.NDArray[np.float64] = field(default_factory=lambda: np.zeros(0))
+    process_cpu_s: npt.NDArray[np.float64] = field(default_factory=lambda: np.zeros(0))
+    # Completion times of every response and client timeout, both endpoints.
+    response_t: npt.NDArray[np.float64] = field(default_factory=lambda: np.zeros(0))
 
 
 def _percentile(values: npt.NDArray[np.float64], q: float) -> float | None:
@@ -192,8 +264,37 @@ def _series(
     )
 
 
-def load_variant(raw_dir: Path, name: str, schedule: Schedule) -> VariantData:
-    """Read the events, users and meta files ``run.py`` recorded for ``name``."""
+def _load_gauges(path: Path, t0: float) -> dict[str, GaugeSeries]:
+    rows: dict[str, list[tuple[float, float, float]]] = {}
+    if path.exists():
+        with path.open(newline="", encoding="utf-8") as f:
+            for row in csv.DictReader(f):
+                rows.setdefault(row["gauge"], []).append(
+                    (float(row["t"]) - t0, float(row["value"]), float(row["peak"]))
+                )
+    gauges = {}
+    for name, samples in rows.items():
+        t, value, peak = np.asarray(samples, dtype=np.float64).T
+        gauges[name] = GaugeSeries(t=t, value=value, peak=peak)
+    return gauges
+
+
+def _load_cpu(path: Path, t0: float) -> npt.NDArray[np.float64]:
+    """Rows of (t since start, loop CPU s, process CPU s); empty without the file."""
+    if not path.exists():
+        return np.zeros((0, 3))
+    with path.open(newline="", encoding="utf-8") as f:
+        rows = [
+            (float(r["t"]) - t0, float(r["loop_cpu_s"]), float(r["process_cpu_s"]))
+            for r in csv.DictReader(f)
+        ]
+    return np.asarray(rows, dtype=np.float64).reshape(-1, 3)
+
+
+def load_variant(
+    raw_dir: Path, name: str, schedule: Schedule, config: dict[str, Any] | None = None
+) -> VariantData:
+    """Read the events, users, meta and series files ``run.py`` recorded for ``name``."""
     meta = json.loads((raw_dir / f"{name}-meta.json").read_text(encoding="utf-8"))
     t0 = float(meta["t0"])
     n_seconds = math.ceil(schedule.total_s)
@@ -223,6 +324,7 @@ def load_variant(raw_dir: Path, name: str, schedule: Schedule) -> VariantData:
             users["messages"].append(float(row["messages_users"]))
             users["file"].append(float(row["file_users"]))
 
+    cpu = _load_cpu(raw_dir / f"{name}-cpu.csv", t0)
     return VariantData(
         name=name,
         schedule=schedule,
@@ -232,6 +334,12 @@ def load_variant(raw_dir: Path, name: str, schedule: Schedule) -> VariantData:
         messages_users=np.asarray(users["messages"]),
         file_users=np.asarray(users["file"]),
         requests=int(inside.sum()),
+        config=config or {},
+        gauges=_load_gauges(raw_dir / f"{name}-series.csv", t0),
+        cpu_t=cpu[:, 0],
+        loop_cpu_s=cpu[:, 1],
+        process_cpu_s=cpu[:, 2],
+        response_t=t[inside],
     )
 
 
@@ -256,6 +364,17 @@ def phase_metrics(variant: VariantData, start: float, end: float) -> dict[str, f
         metrics[f"{key}_errors"] = int(_in(s.error_t, start, end).sum())
         metrics[f"{key}_p50_ms"] = _round(_percentile(latencies, 50), 1)
         metrics[f"{key}_p99_ms"] = _round(_percentile(latencies, 99), 1)
+    responses = int(_in(variant.response_t, start, end).sum())
+    metrics["responses_per_s"] = _round(responses / length)
+    for key, cumulative in (
+        ("server_cpu_ms_per_response", variant.process_cpu_s),
+        ("loop_cpu_ms_per_response", variant.loop_cpu_s),
+    ):
+        value = None
+        if responses and variant.cpu_t.size >= 2:
+            used = np.interp([start, end], variant.cpu_t, cumulative)
+            value = _round(1000 * float(used[1] - used[0]) / responses, 3)
+        metrics[key] = value
     return metrics
 
 
@@ -284,16 +403,50 @@ def _ratio(numerator: float | None, denominator: float | None) -> float | None:
     return round(numerator / denominator, 3)
 
 
+def series_stats(variant: VariantData) -> dict[str, Any]:
+    """The ``series`` entry: per gauge, the overall peak and per phase peak and mean."""
+    stats: dict[str, Any] = {}
+    for name, g in variant.gauges.items():
+        entry: dict[str, Any] = {
+            "max": _round(float(g.peak.max())) if g.peak.size else None,
+        }
+        for p in variant.schedule.summary_phases():
+            inside = _in(g.t, p.start, p.end)
+            entry[p.name] = {
+                "max": _round(float(g.peak[inside].max())) if inside.any() else None,
+                "mean": _round(float(g.value[inside].mean())) if inside.any() else None,
+            }
+        stats[name] = entry
+    return stats
+
+
+def versus_baseline(
+    entry: dict[str, Any], baseline: dict[str, Any] | None
+) -> dict[str, Any] | None:
+    """The ``vs_baseline`` entry: each BASELINE_METRICS over the baseline's, per phase."""
+    if baseline is None or entry is baseline:
+        return None
+    return {
+        phase: {
+            metric: _ratio(entry["phases"][phase][metric], baseline["phases"][phase][metric])
+            for metric in BASELINE_METRICS
+        }
+        for phase in PHASES
+    }
+
+
 def summarize_variant(variant: VariantData, resources: dict[str, Any]) -> dict[str, Any]:
-    """The summary.json entry of one variant (VARIANT_FIELDS)."""
+    """The summary.json entry of one variant (VARIANT_FIELDS; ``vs_baseline`` left ``None``)."""
     phases = {
         p.name: phase_metrics(variant, p.start, p.end) for p in variant.schedule.summary_phases()
     }
     before, spike = phases["before"], phases["spike"]
     return {
+        "config": variant.config,
         "requests": variant.requests,
         "load_generator_cpu_s": _round(resources.get("load_generator_cpu_s")),
         "server_cpu_s": _round(resources.get("server_cpu_s")),
+        "profiler_cpu_s": _round(resources.get("profiler_cpu_s")),
         "recovery_s": recovery_seconds(variant, before["messages_ok_per_s"]),
         "ratios": {
             "file_p99_spike_over_steady": _ratio(spike["file_p99_ms"], before["file_p99_ms"]),
@@ -308,6 +461,8 @@ def summarize_variant(variant: VariantData, resources: dict[str, Any]) -> dict[s
             ),
         },
         "phases": phases,
+        "vs_baseline": None,
+        "series": series_stats(variant),
     }
 
 
@@ -385,17 +540,117 @@ def summary_markdown(summary: dict[str, Any]) -> str:
         cpu = [_fmt(v["load_generator_cpu_s"]), _fmt(v["server_cpu_s"])]
         lines.append(_row([name, recovery, *ratios, *cpu]))
 
+    lines += _cpu_table(summary)
+    lines += _baseline_table(summary)
+    lines += _series_table(summary)
     if summary["failed_variants"]:
         lines += ["", "Failed variants:", ""]
         lines += [f"- `{name}`: {reason}" for name, reason in summary["failed_variants"].items()]
     lines += ["", "![comparison](comparison.png)", ""]
-    for name in summary["variants"]:
+    for name, v in summary["variants"].items():
         lines += [
             f"![{name} throughput]({name}-throughput.png)",
             f"![{name} latency]({name}-latency.png)",
-            "",
         ]
+        if v["config"].get("series"):
+            lines.append(f"![{name} series]({name}-series.png)")
+        lines.append("")
     return "\n".join(lines)
+
+
+BASELINE_COLUMNS = (
+    ("msg ok/s", "messages_ok_per_s"),
+    ("msg p50", "messages_p50_ms"),
+    ("msg p99", "messages_p99_ms"),
+    ("file ok/s", "file_ok_per_s"),
+    ("file p50", "file_p50_ms"),
+    ("file p99", "file_p99_ms"),
+    ("CPU/resp", "server_cpu_ms_per_response"),
+    ("loop CPU/resp", "loop_cpu_ms_per_response"),
+)
+
+
+def _baseline_table(summary: dict[str, Any]) -> list[str]:
+    baseline = summary.get("baseline")
+    compared = {n: v for n, v in summary["variants"].items() if v.get("vs_baseline")}
+    if not compared:
+        return []
+    lines = [
+        "",
+        f"Against `{baseline}`, measured in the same run: each variant's value over "
+        f"`{baseline}`'s in the same phase (ok/s: higher is better; latency: lower is better).",
+        "",
+    ]
+    columns = ["variant", "phase", *(label for label, _ in BASELINE_COLUMNS)]
+    lines += _header(columns, text_columns=2)
+    for name, v in compared.items():
+        for phase in ("before", "spike"):
+            ratios = v["vs_baseline"][phase]
+            lines.append(_row([name, phase, *(_fmt(ratios[k], 2) for _, k in BASELINE_COLUMNS)]))
+    return lines
+
+
+def _cpu_table(summary: dict[str, Any]) -> list[str]:
+    lines = [
+        "",
+        "Server CPU per response (ms; every answer and client timeout of both endpoints): "
+        "the app processes, and their main threads, which run the event loop (HTTP, routing, "
+        "the limiter) but not the queries and file reads.",
+        "",
+    ]
+    lines += _header(["variant", "phase", "responses/s", "CPU/resp", "loop CPU/resp"], 2)
+    for name, v in summary["variants"].items():
+        for phase in PHASES:
+            m = v["phases"][phase]
+            lines.append(
+                _row(
+                    [
+                        name,
+                        phase,
+                        _fmt(m["responses_per_s"]),
+                        _fmt(m["server_cpu_ms_per_response"], 2),
+                        _fmt(m["loop_cpu_ms_per_response"], 3),
+                    ]
+                )
+            )
+    return lines
+
+
+def _series_table(summary: dict[str, Any]) -> list[str]:
+    rows = [
+        (name, gauge, stats)
+        for name, v in summary["variants"].items()
+        for gauge, stats in v["series"].items()
+    ]
+    if not rows:
+        return []
+    lines = [
+        "",
+        "Shared gauges, across all processes of a variant (`db_in_flight`: database queries "
+        "running; max includes the peaks between samples):",
+        "",
+    ]
+    lines += _header(
+        ["variant", "gauge", "processes", "max", "spike max", "spike mean", "steady mean"],
+        text_columns=2,
+    )
+    for name, gauge, stats in rows:
+        config = summary["variants"][name]["config"]
+        processes = int(config.get("workers") or 1) * int(config.get("instances") or 1)
+        lines.append(
+            _row(
+                [
+                    name,
+                    gauge,
+                    str(processes),
+                    _fmt(stats["max"], 0),
+                    _fmt(stats["spike"]["max"], 0),
+                    _fmt(stats["spike"]["mean"]),
+                    _fmt(stats["before"]["mean"]),
+                ]
+            )
+        )
+    return lines
 
 
 def build_report(out_dir: Path) -> dict[str, Any]:
@@ -411,8 +666,12 @@ def build_report(out_dir: Path) -> dict[str, Any]:
         status = run["results"].get(name, {})
         if status.get("error"):
             continue
-        variants[name] = load_variant(raw_dir, name, schedule)
+        variants[name] = load_variant(raw_dir, name, schedule, status.get("config"))
         entries[name] = summarize_variant(variants[name], status)
+    baseline_name = run.get("baseline")
+    baseline = entries.get(baseline_name) if baseline_name else None
+    for entry in entries.values():
+        entry["vs_baseline"] = versus_baseline(entry, baseline)
 
     summary = {
         "schema_version": SCHEMA_VERSION,
@@ -421,6 +680,7 @@ def build_report(out_dir: Path) -> dict[str, Any]:
         "schedule": run["schedule"],
         "environment": run["environment"],
         "messages_query_ms": _round(run.get("messages_query_ms"), 1),
+        "baseline": baseline_name,
         "failed_variants": {
             name: result["error"] for name, result in run["results"].items() if result.get("error")
         },
@@ -429,8 +689,12 @@ def build_report(out_dir: Path) -> dict[str, Any]:
     for variant in variants.values():
         charts.throughput_chart(variant, out_dir / f"{variant.name}-throughput.png")
         charts.latency_chart(variant, out_dir / f"{variant.name}-latency.png")
+        if variant.config.get("series"):
+            charts.series_chart(variant, out_dir / f"{variant.name}-series.png")
     if variants:
-        charts.comparison_chart(list(variants.values()), out_dir / "comparison.png")
+        charts.comparison_chart(
+            list(variants.values()), out_dir / "comparison.png", entries, baseline_name
+        )
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     (out_dir / "summary.md").write_text(summary_markdown(summary), encoding="utf-8")
     return summary

@@ -24,6 +24,7 @@
 
 #include "concurrency_limiter/acquisition.h"
 #include "concurrency_limiter/outcome.h"
+#include "concurrency_limiter/resource_set.h"
 
 namespace concurrency_limiter {
 
@@ -37,7 +38,7 @@ class Permit {
         granted_at_(other.granted_at_),
         measured_(other.measured_),
         outcome_(other.outcome_),
-        refused_by_(std::move(other.refused_by_)) {}
+        refused_by_(other.refused_by_) {}
   Permit& operator=(Permit&& other) noexcept {
     if (this != &other) {
       release();
@@ -47,7 +48,7 @@ class Permit {
       granted_at_ = other.granted_at_;
       measured_ = other.measured_;
       outcome_ = other.outcome_;
-      refused_by_ = std::move(other.refused_by_);
+      refused_by_ = other.refused_by_;
     }
     return *this;
   }
@@ -61,7 +62,10 @@ class Permit {
   // the reason it was turned away.
   Outcome outcome() const noexcept { return outcome_; }
   // Name of the resource that turned the request away; empty if granted.
-  const std::string& refused_by_name() const noexcept { return refused_by_; }
+  const std::string& refused_by_name() const noexcept {
+    static const std::string none;
+    return refused_by_ != nullptr ? refused_by_->name() : none;
+  }
 
   // Gives the slots back now, each to its resource's next waiter if one
   // waits; later calls do nothing. Never blocks on a waiter or a callback.
@@ -76,9 +80,26 @@ class Permit {
 
  private:
   friend Permit make_permit(std::unique_ptr<Acquisition> acquisition);
-  friend Permit take_at_once(Resource& resource);
-  friend Permit take_at_once(const std::shared_ptr<const ResourceSet>& set);
+  friend class Limiter;
+  friend class Resource;
 
+  // Takes a slot of `resource` (of each resource of `set`) if every one has
+  // a free slot and nobody waits; otherwise takes nothing, and the permit
+  // says kTimeout, refused by the first resource without a free slot.
+  bool take(Resource& resource) noexcept {
+    bool measure = false;
+    if (!resource.try_grant(measure)) {
+      outcome_ = Outcome::kTimeout;
+      refused_by_ = &resource;
+      return false;
+    }
+    resource_ = &resource;
+    outcome_ = Outcome::kGranted;
+    if (measure) start_measuring();
+    return true;
+  }
+  bool take(const std::shared_ptr<const ResourceSet>& set) noexcept;
+  void start_measuring() noexcept;
   void release_slow() noexcept;
 
   // At most one of the three holds slots.
@@ -89,7 +110,7 @@ class Permit {
   Clock::time_point granted_at_{};
   bool measured_ = false;
   Outcome outcome_ = Outcome::kCancelled;
-  std::string refused_by_;
+  const Resource* refused_by_ = nullptr;  // see resource.h, "Lifetime"
 };
 
 static_assert(std::is_nothrow_move_constructible_v<Permit>);
@@ -103,13 +124,5 @@ Permit acquire_blocking(std::shared_ptr<const ResourceSet> set,
 
 // Wraps a finished acquisition.
 Permit make_permit(std::unique_ptr<Acquisition> acquisition);
-
-// Takes a slot of `resource` (or of every resource of `set`) if each has one
-// free and nobody waits for it, without a lock; otherwise takes nothing and
-// returns an empty Permit with kTimeout, refused by the first resource
-// without a free slot. Counts no rejection. Used by the try_acquire and
-// acquire_* functions before they queue.
-Permit take_at_once(Resource& resource);
-Permit take_at_once(const std::shared_ptr<const ResourceSet>& set);
 
 }  // namespace concurrency_limiter

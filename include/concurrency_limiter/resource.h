@@ -243,8 +243,6 @@ class Resource : public std::enable_shared_from_this<Resource> {
  private:
   friend class Acquisition;
   friend class Permit;
-  friend Permit take_at_once(Resource& resource);
-  friend Permit take_at_once(const std::shared_ptr<const ResourceSet>& set);
 
   Resource(ResourceOptions validated_options, int);
 

@@ -206,9 +206,10 @@ class _Hold:
         frame = sys._getframe(1)
         selection = self._selection
         # What this task holds (inlined: this is the fast path).
-        holds = _holds.get(id(task_on(running_loop())))
+        task = task_on(running_loop())
+        holds = _holds.get(id(task))
         if holds is None:
-            holds = holds_of(current_task())
+            holds = holds_of(task)
         elif holds:
             check(holds, selection)
         acquisition = _core.Acquisition(selection.rset)
@@ -346,9 +347,10 @@ def _limit(
         else:
             request = kwargs.get(request_name)  # type: ignore[arg-type]
         # What this task holds (inlined: this is the fast path).
-        holds = _holds.get(id(task_on(running_loop())))
+        task = task_on(running_loop())
+        holds = _holds.get(id(task))
         if holds is None:
-            holds = holds_of(current_task())
+            holds = holds_of(task)
         elif holds:
             check(holds, selection)
         acquisition = Acquisition(rset)

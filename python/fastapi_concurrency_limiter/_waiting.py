@@ -120,7 +120,12 @@ class _Body:
     async def watch(self, acquisition: _core.Acquisition) -> None:
         receive = self._receive
         while True:
-            message = await receive()
+            try:
+                message = await receive()
+            except Exception:
+                # The server's channel failed (its own error, not a
+                # disconnect): stop watching; the handler will see it too.
+                return
             # Nothing is awaited from here on: once cancelled at the await
             # above, the watcher has recorded every message it took.
             kind = message["type"]

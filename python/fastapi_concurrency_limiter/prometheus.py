@@ -21,11 +21,15 @@ the process started, as Prometheus expects):
     concurrency_limiter_hold_seconds               histogram
 
 The values are read from the engine's statistics at scrape time: nothing is
-added to the request path.
+added to the request path. Any number of limiters may report to one
+registry (each family appears once; a resource shared by several limiters is
+reported once), and the metrics hold limiters only weakly.
 """
 
 from __future__ import annotations
 
+import threading
+import weakref
 from collections.abc import Iterator
 from typing import Any
 
@@ -45,7 +49,8 @@ except ImportError as e:  # pragma: no cover - exercised without the extra
     ) from e
 
 from ._limiter import Limiter
-from ._statistics import HistogramSnapshot
+from ._resource import Resource
+from ._statistics import HistogramSnapshot, ResourceStatistics
 
 PREFIX = "concurrency_limiter"
 
@@ -62,13 +67,77 @@ def _buckets(h: HistogramSnapshot) -> tuple[list[tuple[str, float]], float]:
 
 
 class LimiterCollector(Collector):
-    """Collects the statistics of ``limiters`` at each scrape."""
+    """Collects, at each scrape, the statistics of every live limiter added
+    to it: one metric family per name whatever the number of limiters, and a
+    resource shared by several limiters is reported once.
+
+    Limiters are held weakly: a limiter that is garbage-collected simply
+    drops out of the metrics. ``register()`` keeps one collector per
+    registry; build one directly only to register it yourself.
+    """
 
     def __init__(self, *limiters: Limiter) -> None:
-        self._limiters = limiters
+        # Scrapes may run on another thread (prometheus_client's own HTTP
+        # server) while limiters are added.
+        self._lock = threading.Lock()
+        self._limiters: list[weakref.ref[Limiter]] = []
+        for limiter in limiters:
+            self.add(limiter)
+
+    def add(self, limiter: Limiter) -> None:
+        """Adds ``limiter``'s resources (no effect if it is added already).
+
+        Raises ValueError if one of them has the name of a different resource
+        already reported here: their samples would be indistinguishable.
+        """
+        with self._lock:
+            live = self._live_locked()
+            if any(known is limiter for known in live):
+                return
+            reported = {r.name: r for r in _resources(live)}
+            for r in limiter._resources:
+                other = reported.get(r.name)
+                if other is not None and other is not r:
+                    raise ValueError(
+                        f"resource name {r.name!r} is already reported by another limiter "
+                        "in this Prometheus registry: give the resources different names"
+                    )
+            self._limiters.append(weakref.ref(limiter))
+
+    def _live_locked(self) -> list[Limiter]:
+        live = [limiter for ref in self._limiters if (limiter := ref()) is not None]
+        if len(live) != len(self._limiters):
+            self._limiters = [weakref.ref(limiter) for limiter in live]
+        return live
+
+    def describe(self) -> Iterator[Metric]:
+        """The metric families without samples: lets the registry check
+        names at registration instead of running a collection."""
+        return iter(_Families().all())
 
     def collect(self) -> Iterator[Metric]:
-        gauges = {
+        with self._lock:
+            resources = _resources(self._live_locked())
+        families = _Families()
+        for resource in resources:
+            families.add(resource.statistics())
+        return iter(families.all())
+
+
+def _resources(limiters: list[Limiter]) -> list[Resource]:
+    """Every resource of ``limiters`` once, in registration order."""
+    seen: dict[int, Resource] = {}
+    for limiter in limiters:
+        for r in limiter._resources:
+            seen.setdefault(id(r), r)
+    return list(seen.values())
+
+
+class _Families:
+    """One family per metric name, filled with the samples of each resource."""
+
+    def __init__(self) -> None:
+        self.gauges = {
             "capacity": GaugeMetricFamily(
                 f"{PREFIX}_capacity", "Slots of the resource.", labels=["resource"]
             ),
@@ -85,53 +154,68 @@ class LimiterCollector(Collector):
                 f"{PREFIX}_max_waiting", "Longest queue allowed.", labels=["resource"]
             ),
         }
-        acquired = CounterMetricFamily(
+        self.acquired = CounterMetricFamily(
             f"{PREFIX}_acquired", "Slots granted.", labels=["resource"]
         )
-        rejected = CounterMetricFamily(
+        self.rejected = CounterMetricFamily(
             f"{PREFIX}_rejected", "Requests turned away, by reason.", labels=["resource", "reason"]
         )
-        wait = HistogramMetricFamily(
+        self.wait = HistogramMetricFamily(
             f"{PREFIX}_wait_seconds",
             "Time from request to grant, of granted requests.",
             labels=["resource"],
         )
-        hold = HistogramMetricFamily(
+        self.hold = HistogramMetricFamily(
             f"{PREFIX}_hold_seconds", "Time from grant to release.", labels=["resource"]
         )
-        for limiter in self._limiters:
-            for s in limiter.statistics().resources:
-                for key, family in gauges.items():
-                    value: Any = getattr(s, key)
-                    if value is not None:
-                        family.add_metric([s.name], value)
-                acquired.add_metric([s.name], s.acquired_total)
-                for reason, count in s.rejected_total.items():
-                    rejected.add_metric([s.name, reason], count)
-                wait.add_metric([s.name], *_buckets(s.wait_seconds))
-                hold.add_metric([s.name], *_buckets(s.hold_seconds))
-        yield from gauges.values()
-        yield acquired
-        yield rejected
-        yield wait
-        yield hold
+
+    def add(self, s: ResourceStatistics) -> None:
+        for key, family in self.gauges.items():
+            value: Any = getattr(s, key)
+            if value is not None:
+                family.add_metric([s.name], value)
+        self.acquired.add_metric([s.name], s.acquired_total)
+        for reason, count in s.rejected_total.items():
+            self.rejected.add_metric([s.name, reason], count)
+        self.wait.add_metric([s.name], *_buckets(s.wait_seconds))
+        self.hold.add_metric([s.name], *_buckets(s.hold_seconds))
+
+    def all(self) -> list[Metric]:
+        return [*self.gauges.values(), self.acquired, self.rejected, self.wait, self.hold]
 
 
-_registered: dict[tuple[int, int], LimiterCollector] = {}
+# One collector per registry, so that any number of limiters share one
+# family per metric name. Weak keys: a registry that goes away takes its
+# entry with it (the collector holds no reference to its registry).
+_collectors: weakref.WeakKeyDictionary[CollectorRegistry, LimiterCollector] = (
+    weakref.WeakKeyDictionary()
+)
+_collectors_lock = threading.Lock()
 
 
 def register(limiter: Limiter, registry: CollectorRegistry = REGISTRY) -> LimiterCollector:
-    """Registers ``limiter``'s metrics with ``registry`` (once)."""
-    key = (id(limiter), id(registry))
-    collector = _registered.get(key)
-    if collector is None:
-        collector = _registered[key] = LimiterCollector(limiter)
-        registry.register(collector)
+    """Adds ``limiter``'s metrics to ``registry``: the first call for a
+    registry registers this module's collector with it, later calls (other
+    limiters, or the same one again) add to that collector. Keeps no strong
+    reference to ``limiter``.
+
+    Raises ValueError if a resource of ``limiter`` has the name of a
+    different resource already reported in ``registry``.
+    """
+    with _collectors_lock:
+        collector = _collectors.get(registry)
+        if collector is None:
+            collector = LimiterCollector()
+            registry.register(collector)
+            _collectors[registry] = collector
+    collector.add(limiter)
     return collector
 
 
 def metrics_app(limiter: Limiter, registry: CollectorRegistry = REGISTRY) -> Any:
     """An ASGI app serving ``registry`` (with ``limiter``'s metrics) in the
-    Prometheus text format: ``app.mount("/metrics", metrics_app(limiter))``."""
+    Prometheus text format: ``app.mount("/metrics", metrics_app(limiter))``.
+    Call it for as many limiters as needed; each call adds its limiter to the
+    same registry's metrics."""
     register(limiter, registry)
     return make_asgi_app(registry=registry)

@@ -65,6 +65,24 @@ async def test_a_request_turned_away_at_once_gets_503_before_its_body_is_sent(
     ] == 1
 
 
+async def test_a_request_queues_before_its_body_has_arrived() -> None:
+    app, limiter, db = upload_app()
+    with serve(app) as url:
+        host, port = url.removeprefix("http://").split(":")
+        async with held_elsewhere(limiter, [db]):
+            reader, writer = await asyncio.open_connection(host, int(port))
+            writer.write(
+                f"POST /upload HTTP/1.1\r\nHost: {host}\r\n"
+                f"Content-Length: {50 * 1024 * 1024}\r\n\r\n".encode() + b"x" * 1024
+            )
+            await writer.drain()
+            # In the queue while the client is stalled mid-body.
+            await eventually(lambda: db.waiting == 1)
+            writer.close()  # the client gives up; the waiter leaves the queue
+            await eventually(lambda: db.waiting == 0)
+    assert db.statistics().rejected_total["disconnected"] == 1
+
+
 async def test_a_waiting_upload_larger_than_the_buffer_reaches_the_handler_whole() -> None:
     app, limiter, db = upload_app()
     body = bytes(range(256)) * 4096 * 3  # 3 MB, far beyond what a waiter buffers

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Callable
+from contextlib import AsyncExitStack
 
 import anyio
 import httpx
@@ -169,3 +170,29 @@ async def test_a_task_spawned_by_a_holder_may_wait_for_the_holder() -> None:
     assert order == ["parent", "child"]
     async with limiter.acquire([db]):  # released holds no longer count
         pass
+
+
+async def test_entries_made_through_async_exit_stacks_release_their_own_slots() -> None:
+    """An AsyncExitStack enters and exits from different frames: each exit
+    falls back to the newest entry of the exiting task."""
+    db = Resource(2, name="db")
+    limiter = Limiter(timeout=30, resources=[db])
+    shared = limiter.acquire([db])
+    leave = [asyncio.Event(), asyncio.Event()]
+    inside = 0
+
+    async def user(k: int) -> None:
+        nonlocal inside
+        async with AsyncExitStack() as stack:
+            await stack.enter_async_context(shared)
+            inside += 1
+            await leave[k].wait()
+
+    tasks = [asyncio.ensure_future(user(k)) for k in (0, 1)]
+    await eventually(lambda: inside == 2)
+    leave[1].set()
+    await tasks[1]
+    assert db.in_use == 1
+    leave[0].set()
+    await tasks[0]
+    assert (db.in_use, db.waiting) == (0, 0)

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import gc
 import logging
+import weakref
 from collections.abc import Callable
 
 import httpx
 import pytest
 from fastapi import FastAPI
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, Gauge
 from prometheus_client.parser import text_string_to_metric_families
 
 from fastapi_concurrency_limiter import Limiter, Resource, ServerBusy
@@ -93,6 +95,100 @@ async def test_prometheus_exposition_parses_and_carries_the_counters(asgi_client
     buckets = [v for (name, labels), v in samples.items()
                if name == "concurrency_limiter_wait_seconds_bucket"]
     assert buckets == sorted(buckets)  # cumulative
+
+
+async def scrape(asgi_client: Client, metrics: object) -> str:
+    app = FastAPI()
+    app.mount("/metrics", metrics)  # type: ignore[arg-type]
+    async with asgi_client(app) as client:
+        return (await client.get("/metrics/")).text
+
+
+def in_use_by_resource(text: str) -> dict[str, float]:
+    return {
+        s.labels["resource"]: s.value
+        for family in text_string_to_metric_families(text)
+        if family.name == "concurrency_limiter_in_use"
+        for s in family.samples
+    }
+
+
+# auto_describe=True is how prometheus_client's default REGISTRY checks a
+# new collector's names.
+@pytest.mark.parametrize("auto_describe", [True, False])
+async def test_any_number_of_limiters_share_one_registry(
+    asgi_client: Client, auto_describe: bool
+) -> None:
+    shared = Resource(3, name="prom-shared")
+    db, files = Resource(2, name="prom-db"), Resource(4, name="prom-files")
+    first = Limiter(timeout=1, resources=[shared, db])
+    second = Limiter(timeout=1, resources=[shared, files])
+    registry = CollectorRegistry(auto_describe=auto_describe)
+    metrics_app(first, registry)
+    app = metrics_app(second, registry)
+    async with first.acquire([shared, db]), second.acquire([files]):
+        text = await scrape(asgi_client, app)
+    # One family per name, whatever the number of limiters, and a resource
+    # shared by both limiters reported once.
+    for name in ("in_use", "capacity", "acquired_total", "wait_seconds"):
+        assert text.count(f"# TYPE concurrency_limiter_{name} ") == 1, name
+    assert in_use_by_resource(text) == {"prom-shared": 1, "prom-db": 1, "prom-files": 1}
+    assert text.count('concurrency_limiter_capacity{resource="prom-shared"}') == 1
+
+
+async def test_metrics_of_two_limiters_in_the_default_registry(asgi_client: Client) -> None:
+    # What an app with two limiters does: metrics_app() for each, no registry.
+    one = Limiter(timeout=1, resources=[Resource(1, name="prom-default-one")])
+    two = Limiter(timeout=1, resources=[Resource(1, name="prom-default-two")])
+    metrics_app(one)
+    metrics_app(two)
+    text = await scrape(asgi_client, metrics_app(one))  # again: changes nothing
+    assert {"prom-default-one", "prom-default-two"} <= in_use_by_resource(text).keys()
+    assert text.count("# TYPE concurrency_limiter_in_use ") == 1
+    assert text.count('concurrency_limiter_in_use{resource="prom-default-one"}') == 1
+
+
+async def test_metrics_keep_no_limiter_alive(asgi_client: Client) -> None:
+    registry = CollectorRegistry()
+    kept = Limiter(timeout=1, resources=[Resource(1, name="prom-kept")])
+    app = metrics_app(kept, registry)
+    limiter = Limiter(timeout=1, resources=[Resource(1, name="prom-dropped")])
+    metrics_app(limiter, registry)
+    assert "prom-dropped" in in_use_by_resource(await scrape(asgi_client, app))
+    gone = weakref.ref(limiter)
+    del limiter
+    gc.collect()
+    assert gone() is None
+    assert in_use_by_resource(await scrape(asgi_client, app)) == {"prom-kept": 0}
+    # A limiter created later under the same name reports again.
+    again = Limiter(timeout=1, resources=[Resource(2, name="prom-dropped")])
+    metrics_app(again, registry)
+    assert in_use_by_resource(await scrape(asgi_client, app)) == {
+        "prom-kept": 0, "prom-dropped": 0
+    }
+
+
+def test_two_resources_reported_under_one_name_are_refused() -> None:
+    registry = CollectorRegistry()
+    first = Limiter(timeout=1, resources=[Resource(1, name="prom-twice")])
+    metrics_app(first, registry)
+    other = Limiter(timeout=1, resources=[Resource(1, name="prom-twice")])
+    with pytest.raises(ValueError, match=r"'prom-twice' is already reported"):
+        metrics_app(other, registry)
+    del first
+    gc.collect()
+    metrics_app(other, registry)  # the name is free again
+
+
+def test_the_registry_knows_the_metric_names_without_a_scrape() -> None:
+    # The collector describes its families, so a registry that does not
+    # collect to find names (the default for CollectorRegistry()) still
+    # refuses a second collector producing the same names.
+    registry = CollectorRegistry()
+    limiter = Limiter(timeout=1, resources=[Resource(1, name="prom-describe")])
+    metrics_app(limiter, registry)
+    with pytest.raises(ValueError, match="Duplicated timeseries"):
+        Gauge("concurrency_limiter_in_use", "clash", registry=registry)
 
 
 @pytest.mark.parametrize("retry_after", [1, None])

@@ -1,0 +1,178 @@
+"""The variants of the spike experiment: one registry read by the runner, the report and the check.
+
+A variant says which server to start and how: which app (a builder in
+``app.py``) or which command, with which interpreter, how many uvicorn worker
+processes, how many app instances on separate ports (the locust users are split
+across them), what to prepare or start around it (a virtualenv, a Redis), and
+which shared gauges (``probe.py``) its chart of series shows. ``bench/spike/README.md``
+explains how to add one.
+
+This module imports nothing heavy: ``check_report.py`` uses it without
+matplotlib or locust installed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from collections.abc import Callable, Mapping
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import probe
+
+BASELINE = "original"
+"""Every other variant is compared with this one, measured in the same run."""
+
+
+@dataclass(frozen=True)
+class Launch:
+    """What a server command needs to know; given to :attr:`Variant.command`."""
+
+    python: Path
+    host: str
+    port: int
+    instance: int
+    app_dir: Path
+
+
+def uvicorn_command(variant: Variant, launch: Launch) -> list[str]:
+    """The default server: the demo app under uvicorn."""
+    command = [
+        str(launch.python), "-m", "uvicorn", "app:app",
+        "--app-dir", str(launch.app_dir),
+        "--host", launch.host, "--port", str(launch.port),
+        "--no-access-log", "--log-level", "warning",
+        "--timeout-graceful-shutdown", "3",
+    ]  # fmt: skip
+    if variant.workers > 1:
+        command += ["--workers", str(variant.workers)]
+    return command
+
+
+def _no_services(_variant: Variant) -> AbstractContextManager[dict[str, str]]:
+    return contextlib.nullcontext({})
+
+
+def _this_interpreter(_progress: Callable[[str], None]) -> Path:
+    return Path(sys.executable)
+
+
+def _original_interpreter(progress: Callable[[str], None]) -> Path:
+    import original  # only when the variant runs: it may create a virtualenv
+
+    return original.ensure_python(progress)
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One server configuration measured under the same load as the others."""
+
+    name: str
+    description: str
+    """One line for the README's and ``--list``'s tables."""
+    color: str
+    """Its line in the comparison chart."""
+    app: str | None = "package"
+    """The builder in ``app.py`` (``SPIKE_APP``); ``None`` for a server that is not the demo app."""
+    package: str | None = "fastapi-concurrency-limiter"
+    """The distribution the app must report on ``/health`` (checked), or ``None``."""
+    package_version: str | None = None
+    """The version it must report, when it matters (the original)."""
+    headline: bool = False
+    """Run by a plain ``make demo``; the others with ``VARIANTS=all`` or by name."""
+    workers: int = 1
+    """uvicorn worker processes per instance (``--workers``)."""
+    instances: int = 1
+    """App processes on separate ports, standing for separate hosts; users are split across them."""
+    db_capacity: int | None = 5
+    """The database resource's configured capacity (per process), drawn on the series chart."""
+    series: tuple[str, ...] = (probe.DB_IN_FLIGHT,)
+    """Gauges charted in ``<variant>-series.png``; ``probe.DB_LIMIT`` is drawn when recorded."""
+    env: Mapping[str, str] = field(default_factory=dict)
+    """Extra environment of the server processes."""
+    interpreter: Callable[[Callable[[str], None]], Path] = _this_interpreter
+    """Returns the Python that runs the server, preparing it if needed (raise to skip)."""
+    command: Callable[[Variant, Launch], list[str]] = uvicorn_command
+    """The server command of one instance."""
+    services: Callable[[Variant], AbstractContextManager[dict[str, str]]] = _no_services
+    """Started around the variant's run (e.g. a Redis); yields extra server environment."""
+
+    @property
+    def processes(self) -> int:
+        """Server processes that run the app (workers times instances)."""
+        return self.workers * self.instances
+
+
+_REGISTRY: list[Variant] = [
+    Variant(
+        name="none",
+        description="no limiting",
+        color="#d62728",
+        app="none",
+        package=None,
+        db_capacity=None,
+        headline=True,
+    ),
+    Variant(
+        name="original",
+        description=(
+            "the original `fastapi-concurrency-limiter==0.1.2` from the package index, in its own "
+            "virtualenv: `Resource(5)`, `Resource(10)`, `Limiter(timeout=2)`"
+        ),
+        color="#ff7f0e",
+        package_version="0.1.2",
+        interpreter=_original_interpreter,
+        headline=True,
+    ),
+    Variant(
+        name="fcl",
+        description="this package, configured as the original demo (same code as `original`)",
+        color="#1f77b4",
+        headline=True,
+    ),
+    Variant(
+        name="fcl-tuned",
+        description="this package with the recommended overload options (`FCL_TUNED_OPTIONS`)",
+        color="#2ca02c",
+        app="package-tuned",
+        headline=True,
+    ),
+    Variant(
+        name="fcl-2workers",
+        description=(
+            "`fcl` under `uvicorn --workers 2`: `Resource(5)` in each process, "
+            "so up to 10 queries at the database"
+        ),
+        color="#9467bd",
+        workers=2,
+    ),
+]
+
+VARIANTS: dict[str, Variant] = {v.name: v for v in _REGISTRY}
+ALL = tuple(VARIANTS)
+HEADLINE = tuple(v.name for v in _REGISTRY if v.headline)
+
+
+def select(spec: str | None, quick: bool) -> list[Variant]:
+    """Variants from ``--variants``: names, ``all``, or the default (headline; all when quick)."""
+    if not spec:
+        return [VARIANTS[name] for name in (ALL if quick else HEADLINE)]
+    names = [n.strip() for n in spec.split(",") if n.strip()]
+    if names == ["all"]:
+        names = list(ALL)
+    elif names == ["headline"]:
+        names = list(HEADLINE)
+    unknown = [n for n in names if n not in VARIANTS]
+    if unknown or not names:
+        raise ValueError(
+            f"unknown variant(s) {', '.join(unknown) or '(none given)'}; "
+            f"choose from {', '.join(ALL)}, or all, or headline"
+        )
+    return [VARIANTS[n] for n in dict.fromkeys(names)]
+
+
+def color(name: str) -> str | None:
+    variant = VARIANTS.get(name)
+    return variant.color if variant else None
