@@ -51,7 +51,7 @@ from starlette.concurrency import run_in_threadpool
 import data
 import probe
 
-APPS = ("none", "package", "package-tuned")
+APPS = ("none", "package", "package-tuned", "package-host")
 
 # ---------------------------------------------------------------------------
 # Recommended overload configuration, used by the "fcl-tuned" variant.
@@ -192,10 +192,18 @@ def _app_package_tuned(variant: str) -> FastAPI:
     return _app_with_package(variant, FCL_TUNED_OPTIONS)
 
 
+def _app_package_host(variant: str) -> FastAPI:
+    """The package as the original demo, with the database resource shared
+    by every worker process of the host: ``Resource(5, name=..., scope="host")``."""
+    db = {"name": "spike-db", "scope": "host"}
+    return _app_with_package(variant, {"limiter": {}, "db": db, "file": {}})
+
+
 _BUILDERS: dict[str, Callable[[str], FastAPI]] = {
     "none": _app_none,
     "package": _app_package,
     "package-tuned": _app_package_tuned,
+    "package-host": _app_package_host,
 }
 
 

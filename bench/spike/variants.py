@@ -148,6 +148,16 @@ _REGISTRY: list[Variant] = [
         color="#9467bd",
         workers=2,
     ),
+    Variant(
+        name="fcl-host",
+        description=(
+            "`fcl` under `uvicorn --workers 2` with `Resource(5, name=\"spike-db\", "
+            "scope=\"host\")`: one limit of 5 queries for both processes"
+        ),
+        color="#8c564b",
+        app="package-host",
+        workers=2,
+    ),
 ]
 
 VARIANTS: dict[str, Variant] = {v.name: v for v in _REGISTRY}
