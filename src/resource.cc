@@ -9,6 +9,7 @@
 #include "concurrency_limiter/permit.h"
 #include "concurrency_limiter/resource_set.h"
 #include "internal/deadline.h"
+#include "internal/host_pool.h"
 
 namespace concurrency_limiter {
 namespace {
@@ -42,6 +43,16 @@ ResourceOptions validated(ResourceOptions o) {
   }
   if (o.adaptive_interval <= Clock::duration::zero()) {
     throw std::invalid_argument("adaptive_interval must be > 0 seconds");
+  }
+  if (o.scope == Scope::kHost && o.name.empty()) {
+    throw std::invalid_argument(
+        "name is required for scope 'host': every process opening the same "
+        "name shares its slots");
+  }
+  if (o.scope == Scope::kHost && o.limit_algorithm) {
+    throw std::invalid_argument(
+        "limit_algorithm is not supported with scope 'host' yet: a host "
+        "resource has a fixed capacity shared by every process");
   }
   if (o.name.empty()) o.name = generated_name();
   return o;
@@ -125,6 +136,10 @@ Resource::Resource(ResourceOptions o, int)
   stats_.capacity = capacity_;
   stats_.max_waiting = o.max_waiting;
   stats_.queue = discipline_;
+  if (o.scope == Scope::kHost) {
+    o.name = name_;  // moved from above
+    host_ = detail::HostPool::get(o);
+  }
 }
 
 Resource::~Resource() = default;
@@ -135,6 +150,11 @@ std::optional<std::int64_t> Resource::max_waiting() const noexcept {
 }
 
 void Resource::set_limit(std::int64_t limit) {
+  if (host_) {
+    throw std::invalid_argument("set_limit() of resource '" + name_ +
+                                "': a resource of scope 'host' has a fixed "
+                                "limit (its capacity)");
+  }
   if (limit < 1 || limit > capacity_) {
     throw std::invalid_argument("limit of resource '" + name_ +
                                 "' must be an integer in [1, capacity=" +
@@ -180,15 +200,22 @@ void Resource::undo_grant() noexcept {
 }
 
 std::int64_t Resource::in_use() const noexcept {
+  if (host_) return host_->in_use();
   return in_use_of(word_.load(std::memory_order_relaxed));
 }
 
 std::int64_t Resource::waiting() const {
+  if (host_) return host_->waiting();
   detail::MutexLock lock(mu_);
   return waiting_;
 }
 
 ResourceStatistics Resource::statistics() const {
+  if (host_) {
+    ResourceStatistics s = host_->statistics();
+    s.limit = capacity_;  // a host resource's limit is fixed
+    return s;
+  }
   detail::MutexLock lock(mu_);
   // One load of the word: with mu_ held, everything else below is still.
   const std::uint64_t w = word_.load(std::memory_order_acquire);
@@ -226,6 +253,10 @@ void Resource::attribute_unmeasured_locked(std::uint64_t releases) const {
   h.counts[last_hold_bucket_] += n;
   h.count += n;
   h.sum += static_cast<double>(n) * last_hold_seconds_;
+}
+
+bool Resource::host_try_grant(bool& measure) noexcept {
+  return host_->try_grant(measure);
 }
 
 void Resource::raise_peak(std::int64_t n) noexcept {
@@ -272,6 +303,7 @@ bool Resource::grant_at_once_locked(detail::WaiterNode& node) {
 
 Outcome Resource::enqueue(detail::WaiterNode& node,
                           detail::NoticeList& notices) {
+  if (host_) return host_->enqueue(node, notices);
   const auto now = Clock::now();
   detail::MutexLock lock(mu_);
   if (grant_at_once_locked(node)) return Outcome::kGranted;
@@ -312,6 +344,7 @@ Outcome Resource::enqueue(detail::WaiterNode& node,
 }
 
 State Resource::abandon(detail::WaiterNode& node, Outcome reason) {
+  if (host_) return host_->abandon(node, reason);
   detail::MutexLock lock(mu_);
   const State state = node.state_;
   if (state == State::kQueued) {
@@ -324,6 +357,7 @@ State Resource::abandon(detail::WaiterNode& node, Outcome reason) {
 }
 
 void Resource::revert_grant(detail::NoticeList& notices) {
+  if (host_) return host_->revert_grant(notices);
   // Without the lock while nobody waits: in_use - 1, no release counted.
   std::uint64_t w = word_.load(std::memory_order_relaxed);
   while ((w & kWaitersBit) == 0) {
@@ -338,6 +372,7 @@ void Resource::revert_grant(detail::NoticeList& notices) {
 }
 
 void Resource::count_rejection(Outcome reason) {
+  if (host_) return host_->count_rejection(reason);
   detail::MutexLock lock(mu_);
   note_rejection_locked(reason);
 }
@@ -345,6 +380,7 @@ void Resource::count_rejection(Outcome reason) {
 void Resource::release(bool measured, Clock::time_point granted_at,
                        Clock::time_point now, Completion completion,
                        detail::NoticeList& notices) {
+  if (host_) return host_->release(measured, granted_at, now, notices);
   if (!measured && try_give_back()) return;
   // A handoff needs the time (wait statistics, the adaptive queue).
   if (!measured) now = Clock::now();

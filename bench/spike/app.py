@@ -51,7 +51,14 @@ from starlette.concurrency import run_in_threadpool
 import data
 import probe
 
-APPS = ("none", "package", "package-tuned", "package-redis", "package-adaptive")
+APPS = (
+    "none",
+    "package",
+    "package-tuned",
+    "package-redis",
+    "package-adaptive",
+    "package-host",
+)
 
 # ---------------------------------------------------------------------------
 # Recommended overload configuration, used by the "fcl-tuned" variant.
@@ -212,12 +219,20 @@ def _app_package_adaptive(variant: str) -> FastAPI:
     )
 
 
+def _app_package_host(variant: str) -> FastAPI:
+    """The package as the original demo, with the database resource shared
+    by every worker process of the host: ``Resource(5, name=..., scope="host")``."""
+    db = {"name": "spike-db", "scope": "host"}
+    return _app_with_package(variant, {"limiter": {}, "db": db, "file": {}})
+
+
 _BUILDERS: dict[str, Callable[[str], FastAPI]] = {
     "none": _app_none,
     "package": _app_package,
     "package-tuned": _app_package_tuned,
     "package-redis": _app_package_redis,
     "package-adaptive": _app_package_adaptive,
+    "package-host": _app_package_host,
 }
 
 

@@ -265,6 +265,16 @@ _REGISTRY: list[Variant] = [
         interpreter=_cpp_interpreter,
         command=_cpp_command,
     ),
+    Variant(
+        name="fcl-host",
+        description=(
+            "`fcl` under `uvicorn --workers 2` with `Resource(5, name=\"spike-db\", "
+            "scope=\"host\")`: one limit of 5 queries for both processes"
+        ),
+        color="#bcbd22",
+        app="package-host",
+        workers=2,
+    ),
 ]
 
 VARIANTS: dict[str, Variant] = {v.name: v for v in _REGISTRY}

@@ -16,4 +16,5 @@
 #include "concurrency_limiter/permit.h"
 #include "concurrency_limiter/resource.h"
 #include "concurrency_limiter/resource_set.h"
+#include "concurrency_limiter/host_resource.h"
 #include "concurrency_limiter/statistics.h"

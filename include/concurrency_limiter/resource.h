@@ -86,6 +86,12 @@ class Permit;
 class Resource;
 class ResourceSet;
 
+// Which processes share a resource's slots (see host_resource.h).
+enum class Scope : std::uint8_t {
+  kProcess,  // this process only (the default)
+  kHost,     // every process of this user on this machine that opens the name
+};
+
 struct ResourceOptions {
   // Appears in errors, statistics and metrics. Empty: a unique name
   // "resource-N" is generated.
@@ -108,11 +114,17 @@ struct ResourceOptions {
   // the constructor and may throw std::invalid_argument. Owned by this
   // resource alone. Every hold of an adaptive resource is timed.
   std::shared_ptr<LimitAlgorithm> limit_algorithm;
+  // kHost: one pool of `capacity` slots and one queue for every process of
+  // this user on this machine that opens a resource of the same `name`
+  // (required: letters, digits, '_', '-', '.', at most 64). See
+  // host_resource.h.
+  Scope scope = Scope::kProcess;
 };
 
 namespace detail {
 
 class NoticeList;
+class HostPool;
 
 // A queued request for one slot of one resource: an intrusive list node, so
 // that queueing never allocates. The resource links and unlinks it and
@@ -133,6 +145,7 @@ class WaiterNode {
   friend class concurrency_limiter::Resource;
   friend class NoticeList;
   friend class concurrency_limiter::Acquisition;
+  friend class HostPool;
 
   // Called once, without any lock held, when the resource granted the node a
   // slot (kGranted) or dropped it from the queue (kShed, kQueueFull), unless
@@ -157,6 +170,9 @@ class WaiterNode {
   // before the node's memory may go away (release store in on_complete,
   // acquire load by the owner).
   std::atomic<bool> completing_{false};
+  // Host scope: index of the node's entry in the shared waiter table while
+  // it is queued; guarded by the host pool's local mutex.
+  std::uint32_t host_entry_ = 0;
 };
 
 // Nodes whose fate was decided under a resource's mutex and whose owners must
@@ -221,6 +237,7 @@ class Resource : public std::enable_shared_from_this<Resource> {
   bool adaptive() const noexcept { return algorithm_ != nullptr; }
   std::optional<std::int64_t> max_waiting() const noexcept;
   QueueDiscipline queue() const noexcept { return discipline_; }
+  Scope scope() const noexcept { return host_ ? Scope::kHost : Scope::kProcess; }
 
   // Slots held right now, and requests waiting right now. A snapshot: it may
   // be stale by the time the caller looks at it.
@@ -311,6 +328,7 @@ class Resource : public std::enable_shared_from_this<Resource> {
   // whether the statistics want this hold timed (then the caller reads the
   // clock for its start and passes measured=true to release()).
   bool try_grant(bool& measure) noexcept CL_EXCLUDES(mu_) {
+    if (host_) return host_try_grant(measure);
     std::uint64_t w = word_.load(std::memory_order_relaxed);
     do {
       if ((w & kWaitersBit) != 0 ||
@@ -332,6 +350,7 @@ class Resource : public std::enable_shared_from_this<Resource> {
   // Gives back an unmeasured slot without the lock if nobody waits. False:
   // someone waits, use release().
   bool try_give_back() noexcept CL_EXCLUDES(mu_) {
+    if (host_) return false;  // host scope: release() does it all
     std::uint64_t w = word_.load(std::memory_order_relaxed);
     do {
       if ((w & kWaitersBit) != 0) return false;
@@ -358,6 +377,8 @@ class Resource : public std::enable_shared_from_this<Resource> {
     }
   }
   void raise_peak(std::int64_t n) noexcept;
+  // try_grant() of a host-scoped resource (src/host/).
+  bool host_try_grant(bool& measure) noexcept;
   void fold_releases() noexcept CL_EXCLUDES(mu_);
   void fold_releases_locked() noexcept CL_REQUIRES(mu_);
 
@@ -456,6 +477,10 @@ class Resource : public std::enable_shared_from_this<Resource> {
   // Bucket and duration of the latest measured hold.
   std::size_t last_hold_bucket_ CL_GUARDED_BY(mu_) = 0;
   double last_hold_seconds_ CL_GUARDED_BY(mu_) = 0.0;
+
+  // Host scope: every operation above is delegated to the machine-wide pool
+  // (src/host/); null for process scope. Set once by the constructor.
+  std::shared_ptr<detail::HostPool> host_;
 };
 
 }  // namespace concurrency_limiter

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 from typing import TYPE_CHECKING, Literal
 
 from . import _core
@@ -23,6 +24,11 @@ _QUEUES: dict[str, _core.QueueDiscipline] = {
     "lifo": _core.QueueDiscipline.lifo,
     "adaptive": _core.QueueDiscipline.adaptive,
 }
+
+ScopeName = Literal["process", "host"]
+_SCOPES: dict[str, _core.Scope] = {"process": _core.Scope.process, "host": _core.Scope.host}
+# Host resources are named after a shared-memory file: keep names portable.
+_HOST_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 
 #: Default ``adaptive_target``: see the README's "Overload control".
 DEFAULT_ADAPTIVE_TARGET = 0.5
@@ -54,11 +60,20 @@ class Resource:
         adaptive_interval: with ``queue="adaptive"``: see above. While the
             queue stands, waiters older than ``adaptive_target +
             adaptive_interval`` are answered 503 at once (reason ``"shed"``).
-        scope: who shares the ``capacity`` slots: ``"process"`` (default,
-            this process alone), or a ``RedisScope`` (every process on every
-            host using the same Redis and ``name``; ``name`` is then
-            required). With a RedisScope the local stage above still runs
-            first, in each process; see ``fastapi_concurrency_limiter.redis``.
+        scope: who shares the ``capacity`` slots. ``"process"`` (default):
+            this process alone. ``"host"``: every process of this user on
+            this machine that creates a host resource of the same ``name``
+            (for example the workers of ``uvicorn --workers 4`` or gunicorn)
+            shares one pool of ``capacity`` slots and one queue. ``name`` is
+            then required (letters, digits, ``_``, ``-``, ``.``, at most 64),
+            and every process must use the same ``capacity``, ``queue`` and
+            ``max_waiting`` (ValueError naming both otherwise). Statistics:
+            ``capacity``, ``in_use``, ``waiting`` and ``peak_in_use`` are
+            host-wide; the counters and histograms count this process's
+            requests. A ``RedisScope``: every process on every host using
+            the same Redis and ``name`` (then required); the local stage
+            above still runs first, in each process; see
+            ``fastapi_concurrency_limiter.redis``.
         adaptive: ``True`` or an ``AdaptiveLimit``: the number of slots in
             force (``limit``) then moves by itself between
             ``AdaptiveLimit.min_limit`` and ``capacity``, from the measured
@@ -77,10 +92,20 @@ class Resource:
         queue: QueueName = "fifo",
         adaptive_target: float = DEFAULT_ADAPTIVE_TARGET,
         adaptive_interval: float = DEFAULT_ADAPTIVE_INTERVAL,
-        scope: Literal["process"] | RedisScope = "process",
+        scope: ScopeName | RedisScope = "process",
         adaptive: bool | AdaptiveLimit = False,
     ) -> None:
         check_int("capacity", capacity, minimum=1)
+        if isinstance(scope, str) and scope not in _SCOPES:
+            raise ValueError(
+                f"scope must be 'process', 'host' or a RedisScope(...), got {scope!r}"
+            )
+        if scope == "host":
+            if not isinstance(name, str) or not _HOST_NAME.fullmatch(name):
+                raise (ValueError if name is None or isinstance(name, str) else TypeError)(
+                    "name must be 1 to 64 letters, digits, '_', '-' or '.' with "
+                    f"scope='host' (it names the shared pool), got {name!r}"
+                )
         if name is not None and not isinstance(name, str):
             raise TypeError(f"name must be a non-empty str or None, got {name!r}")
         if name == "":
@@ -92,7 +117,14 @@ class Resource:
         interval = check_seconds("adaptive_interval", adaptive_interval, positive=True)
         algorithm = algorithm_for(adaptive, capacity)
         self._core = _core.Resource(
-            name or "", capacity, max_waiting, _QUEUES[queue], target, interval, algorithm
+            name or "",
+            capacity,
+            max_waiting,
+            _QUEUES[queue],
+            target,
+            interval,
+            algorithm,
+            _SCOPES[scope] if isinstance(scope, str) else _core.Scope.process,
         )
         self._cluster: ClusterStage | None = _bind_scope(scope, name, capacity)
         self._selection = Selection(_core.ResourceSet([self._core]), (self,))
@@ -147,6 +179,13 @@ class Resource:
     def queue(self) -> str:
         return self._core.queue.name
 
+    @property
+    def scope(self) -> str:
+        """``"process"``, ``"host"``, or ``"cluster"`` for a RedisScope."""
+        if self._cluster is not None:
+            return "cluster"
+        return self._core.scope.name
+
     async def acquire(self) -> None:
         """Takes one slot, waiting as long as it takes (the original
         package's low-level call; routes use ``@limiter.resources``). Pair
@@ -198,8 +237,9 @@ class Resource:
         return s
 
     def __repr__(self) -> str:
+        scope = ", scope='host'" if self.scope == "host" else ""
         return (
-            f"Resource({self.capacity}, name={self.name!r}, limit={self.limit}, "
+            f"Resource({self.capacity}, name={self.name!r}{scope}, limit={self.limit}, "
             f"in_use={self.in_use}, waiting={self.waiting})"
         )
 
@@ -207,10 +247,10 @@ class Resource:
 def _bind_scope(scope: object, name: str | None, capacity: int) -> ClusterStage | None:
     from .redis import RedisScope
 
-    if scope == "process":
+    if scope in ("process", "host"):
         return None
     if isinstance(scope, RedisScope):
         if name is None:
             raise ValueError("a resource with scope=RedisScope(...) needs a name (its Redis key)")
         return scope._bind(name, capacity)
-    raise ValueError(f"scope must be 'process' or a RedisScope, got {scope!r}")
+    raise ValueError(f"scope must be 'process', 'host' or a RedisScope(...), got {scope!r}")

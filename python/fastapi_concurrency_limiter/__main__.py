@@ -1,0 +1,86 @@
+"""Operators' commands for host-scoped resources.
+
+    python -m fastapi_concurrency_limiter status [--json]
+    python -m fastapi_concurrency_limiter reset NAME
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+from . import _core
+
+
+def _snapshot() -> list[dict[str, Any]]:
+    return [
+        {
+            "name": r.name,
+            "capacity": r.capacity,
+            "queue": r.queue.name,
+            "max_waiting": r.max_waiting,
+            "in_use": r.in_use,
+            "waiting": r.waiting,
+            "repairs": r.repairs,
+            "processes": [
+                {"pid": p.pid, "held": p.held, "waiting": p.waiting, "alive": p.alive}
+                for p in r.processes
+            ],
+        }
+        for r in _core.list_host_resources()
+    ]
+
+
+def _status(as_json: bool) -> int:
+    resources = _snapshot()
+    if as_json:
+        print(json.dumps(resources, indent=2))
+        return 0
+    if not resources:
+        print("no host resources")
+        return 0
+    for r in resources:
+        if r["capacity"] == 0:
+            print(f"{r['name']}: unreadable (corrupt or foreign); `reset` removes it")
+            continue
+        bound = "unbounded" if r["max_waiting"] is None else f"max {r['max_waiting']}"
+        print(
+            f"{r['name']}: capacity {r['capacity']}, in use {r['in_use']}, "
+            f"waiting {r['waiting']} ({r['queue']}, {bound})"
+        )
+        for p in r["processes"]:
+            state = "" if p["alive"] else "  (dead, being reclaimed)"
+            print(f"  pid {p['pid']}: holds {p['held']}, waiting {p['waiting']}{state}")
+    return 0
+
+
+def _reset(name: str) -> int:
+    try:
+        _core.remove_host_resource(name)
+    except (RuntimeError, ValueError) as e:
+        print(f"reset refused: {e}", file=sys.stderr)
+        return 1
+    print(f"removed host resource {name!r}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m fastapi_concurrency_limiter",
+        description="Inspect and reset this user's host-scoped resources.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+    status = commands.add_parser("status", help="list host resources and their processes")
+    status.add_argument("--json", action="store_true", help="machine-readable output")
+    reset = commands.add_parser("reset", help="remove a host resource no live process uses")
+    reset.add_argument("name")
+    args = parser.parse_args(argv)
+    if args.command == "status":
+        return _status(args.json)
+    return _reset(args.name)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

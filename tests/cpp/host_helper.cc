@@ -1,0 +1,130 @@
+// A process for the host-scope tests: uses a host resource as told on the
+// command line, reports on stdout, and is then usually killed by the test.
+// A separate program (started with posix_spawn) rather than a forked copy
+// of the test, so that the tests also run under ThreadSanitizer.
+//
+//   host_helper hold NAME CAPACITY QUEUE N HOLD_MS    takes N slots, prints
+//       "ready", holds them HOLD_MS (< 0: until killed)
+//   host_helper wait NAME CAPACITY QUEUE TIMEOUT_MS HOLD_MS    waits for a
+//       slot; prints "granted <steady ns>" or "rejected <outcome>", holds it
+//       HOLD_MS, releases, exits
+//   host_helper lock NAME CAPACITY QUEUE    takes the shared lock, prints
+//       "locked", never gives it back
+//   host_helper open NAME CAPACITY QUEUE    prints "ok" or "error <message>"
+//   host_helper churn NAME CAPACITY QUEUE ROUNDS COUNTER_FILE    acquires
+//       with random short timeouts and holds, counting the holders of all
+//       processes in COUNTER_FILE (two int64: running, peak); prints "done"
+#include <fcntl.h>
+#include <sys/mman.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <chrono>
+#include <random>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <memory>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "concurrency_limiter/concurrency_limiter.h"
+
+namespace cl = concurrency_limiter;
+
+namespace {
+
+void say(const std::string& line) {
+  std::printf("%s\n", line.c_str());
+  std::fflush(stdout);
+}
+
+void hold_for(long ms) {
+  if (ms < 0) {
+    for (;;) std::this_thread::sleep_for(std::chrono::hours(1));
+  }
+  std::this_thread::sleep_for(std::chrono::milliseconds(ms));
+}
+
+cl::QueueDiscipline queue_of(const std::string& q) {
+  if (q == "lifo") return cl::QueueDiscipline::kLifo;
+  if (q == "adaptive") return cl::QueueDiscipline::kAdaptive;
+  return cl::QueueDiscipline::kFifo;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  if (argc < 5) return 2;
+  const std::string mode = argv[1];
+  std::shared_ptr<cl::Resource> r;
+  try {
+    r = std::make_shared<cl::Resource>(cl::ResourceOptions{.name = argv[2],
+                                                           .capacity = std::atoll(argv[3]),
+                                                           .queue = queue_of(argv[4]),
+                                                           // The tests' adaptive settings.
+                                                           .adaptive_target = std::chrono::milliseconds(1),
+                                                           .adaptive_interval = std::chrono::milliseconds(2),
+                                                           .scope = cl::Scope::kHost});
+  } catch (const std::exception& e) {
+    say(std::string("error ") + e.what());
+    return 0;
+  }
+  if (mode == "open") {
+    say("ok");
+    return 0;
+  }
+  if (mode == "hold" && argc >= 7) {
+    std::vector<cl::Permit> permits;
+    for (int i = 0; i < std::atoi(argv[5]); ++i) {
+      permits.push_back(r->acquire_for(std::chrono::seconds(30)));
+      if (!permits.back()) {
+        say("rejected");
+        return 1;
+      }
+    }
+    say("ready");
+    hold_for(std::atol(argv[6]));
+    return 0;
+  }
+  if (mode == "wait" && argc >= 7) {
+    cl::Permit p = r->acquire_for(std::chrono::milliseconds(std::atol(argv[5])));
+    if (p) {
+      say("granted " + std::to_string(std::chrono::duration_cast<std::chrono::nanoseconds>(
+                                          cl::Clock::now().time_since_epoch())
+                                          .count()));
+      hold_for(std::atol(argv[6]));
+    } else {
+      say("rejected " + std::string(cl::to_string(p.outcome())));
+    }
+    return 0;
+  }
+  if (mode == "churn" && argc >= 7) {
+    const int fd = ::open(argv[6], O_RDWR);
+    auto* counter = static_cast<std::atomic<std::int64_t>*>(
+        ::mmap(nullptr, 16, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0));
+    if (fd < 0 || counter == MAP_FAILED) return 3;
+    std::mt19937 rng(static_cast<unsigned>(::getpid()));
+    for (long i = 0; i < std::atol(argv[5]); ++i) {
+      cl::Permit p = r->acquire_for(std::chrono::microseconds(rng() % 3000));
+      if (!p) continue;
+      const std::int64_t running = counter[0].fetch_add(1) + 1;
+      std::int64_t peak = counter[1].load();
+      while (running > peak && !counter[1].compare_exchange_weak(peak, running)) {
+      }
+      std::this_thread::sleep_for(std::chrono::microseconds(rng() % 500));
+      counter[0].fetch_sub(1);
+    }
+    say("done");
+    return 0;
+  }
+  if (mode == "lock") {
+    cl::Permit p = r->try_acquire();  // registers this process
+    p.release();
+    cl::testing::hold_host_lock_forever(*r);
+    say("locked");
+    hold_for(-1);
+  }
+  return 2;
+}

@@ -1,0 +1,579 @@
+// Host scope: one pool of slots for every process of the machine. The
+// multi-process tests start real processes (tests/cpp/host_helper.cc).
+#include <fcntl.h>
+#include <poll.h>
+#include <signal.h>
+#include <spawn.h>
+#include <sys/mman.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <gtest/gtest.h>
+
+#include <chrono>
+#include <cstdio>
+#include <cstring>
+#include <fstream>
+#include <random>
+#include <stop_token>
+#include <sstream>
+#include <stdexcept>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "test_util.h"
+
+extern char** environ;
+
+namespace concurrency_limiter {
+namespace {
+
+using namespace std::chrono_literals;
+using testing::eventually;
+
+std::string unique_name(const std::string& test) {
+  static int runs = 0;  // --gtest_repeat runs a test again in this process
+  return "t" + std::to_string(::getpid()) + "." + std::to_string(++runs) + "-" + test;
+}
+
+std::string shm_path(const std::string& name) {
+  return "/fcl-host." + std::to_string(::getuid()) + "." + name;
+}
+
+// Removes the segment when the test ends (this process may still map it).
+struct Cleanup {
+  std::string name;
+  ~Cleanup() { ::shm_unlink(shm_path(name).c_str()); }
+};
+
+std::shared_ptr<Resource> host_resource(const std::string& name, std::int64_t capacity,
+                                        QueueDiscipline queue = QueueDiscipline::kFifo,
+                                        std::optional<std::int64_t> max_waiting = {}) {
+  return std::make_shared<Resource>(ResourceOptions{.name = name,
+                                                    .capacity = capacity,
+                                                    .max_waiting = max_waiting,
+                                                    .queue = queue,
+                                                    .scope = Scope::kHost});
+}
+
+// A helper process with its stdout on a pipe.
+class Child {
+ public:
+  explicit Child(std::vector<std::string> args) {
+    int fds[2];
+    if (::pipe2(fds, O_CLOEXEC) != 0) throw std::runtime_error("pipe");
+    posix_spawn_file_actions_t actions;
+    posix_spawn_file_actions_init(&actions);
+    posix_spawn_file_actions_adddup2(&actions, fds[1], 1);
+    args.insert(args.begin(), HOST_HELPER);
+    std::vector<char*> argv;
+    for (auto& a : args) argv.push_back(a.data());
+    argv.push_back(nullptr);
+    if (::posix_spawn(&pid_, HOST_HELPER, &actions, nullptr, argv.data(), environ) != 0) {
+      throw std::runtime_error("posix_spawn");
+    }
+    posix_spawn_file_actions_destroy(&actions);
+    ::close(fds[1]);
+    fd_ = fds[0];
+  }
+  Child(const Child&) = delete;
+  ~Child() {
+    if (pid_ > 0) kill();
+    ::close(fd_);
+  }
+  pid_t pid() const { return pid_; }
+
+  // The next line it prints, or "" after `timeout` or at its exit.
+  std::string line(std::chrono::milliseconds timeout = 20s) {
+    const auto give_up = std::chrono::steady_clock::now() + timeout;
+    for (;;) {
+      const auto nl = buffer_.find('\n');
+      if (nl != std::string::npos) {
+        std::string out = buffer_.substr(0, nl);
+        buffer_.erase(0, nl + 1);
+        return out;
+      }
+      const auto left = std::chrono::duration_cast<std::chrono::milliseconds>(
+          give_up - std::chrono::steady_clock::now());
+      if (left.count() <= 0) return "";
+      pollfd p{fd_, POLLIN, 0};
+      if (::poll(&p, 1, static_cast<int>(left.count())) <= 0) return "";
+      char buf[256];
+      const ssize_t n = ::read(fd_, buf, sizeof buf);
+      if (n <= 0) return "";
+      buffer_.append(buf, static_cast<std::size_t>(n));
+    }
+  }
+  void kill() {
+    ::kill(pid_, SIGKILL);
+    join();
+  }
+  int join() {
+    int status = 0;
+    if (pid_ > 0) ::waitpid(pid_, &status, 0);
+    pid_ = -1;
+    return status;
+  }
+
+ private:
+  pid_t pid_ = -1;
+  int fd_ = -1;
+  std::string buffer_;
+};
+
+std::int64_t ns_of(const std::string& granted_line) {
+  return std::stoll(granted_line.substr(granted_line.find(' ') + 1));
+}
+
+// The machine-wide view of one resource.
+HostResourceInfo info_of(const std::string& name) {
+  for (auto& info : list_host_resources()) {
+    if (info.name == name) return info;
+  }
+  throw std::runtime_error("no host resource " + name);
+}
+
+// free + held by live processes == capacity, and nobody dead still counted.
+void expect_invariant(const std::string& name) {
+  const HostResourceInfo info = info_of(name);
+  std::int64_t held = 0;
+  for (const auto& p : info.processes) {
+    if (p.alive) held += p.held;
+  }
+  EXPECT_LE(info.in_use, info.capacity);
+  EXPECT_GE(info.in_use, held);  // granted entries not yet taken count too
+}
+
+TEST(HostResource, AcquiresAndReleasesLikeAProcessResource) {
+  const std::string name = unique_name("basic");
+  Cleanup cleanup{name};
+  auto db = host_resource(name, 2);
+  EXPECT_EQ(db->scope(), Scope::kHost);
+  Permit a = db->try_acquire();
+  Permit b = db->acquire_for(1s);
+  ASSERT_TRUE(a);
+  ASSERT_TRUE(b);
+  EXPECT_EQ(db->in_use(), 2);
+  Permit c = db->acquire_for(20ms);
+  EXPECT_FALSE(c);
+  EXPECT_EQ(c.outcome(), Outcome::kTimeout);
+  EXPECT_EQ(c.refused_by_name(), name);
+  a.release();
+  EXPECT_EQ(db->in_use(), 1);
+  const ResourceStatistics s = db->statistics();
+  EXPECT_EQ(s.acquired_total, 2u);
+  EXPECT_EQ(s.rejected(Outcome::kTimeout), 1u);
+  EXPECT_EQ(s.peak_in_use, 2);
+}
+
+TEST(HostResource, HandsOffToAWaitingThreadAndPassesOnACancelledGrant) {
+  const std::string name = unique_name("handoff");
+  Cleanup cleanup{name};
+  auto db = host_resource(name, 1);
+  auto set = std::make_shared<const ResourceSet>(std::vector<std::shared_ptr<Resource>>{db});
+  Permit held = db->try_acquire();
+  testing::Recorder rec;
+  Acquisition waiter(set);
+  ASSERT_EQ(waiter.start(rec.callback()), Outcome::kPending);
+  EXPECT_EQ(db->waiting(), 1);
+  held.release();
+  ASSERT_TRUE(eventually([&] { return waiter.state() == Acquisition::State::kGranted; }));
+  // A grant racing with a cancel: the cancel loses and the slot is passed on.
+  Acquisition second(set);
+  ASSERT_EQ(second.start([](Outcome) {}), Outcome::kPending);
+  waiter.release();                 // grants `second`
+  second.cancel(Outcome::kTimeout);  // too late: it holds the slot
+  EXPECT_EQ(second.state(), Acquisition::State::kGranted);
+  second.release();
+  EXPECT_EQ(db->in_use(), 0);
+  EXPECT_EQ(db->waiting(), 0);
+}
+
+TEST(HostResource, MixesWithProcessResourcesInOneLimiter) {
+  const std::string name = unique_name("mixed");
+  Cleanup cleanup{name};
+  auto db = host_resource(name, 1);
+  auto local = testing::make_resource("local", 1);
+  Limiter limiter({local, db}, 1s);
+  auto both = limiter.select({local, db});
+  Permit p = limiter.acquire(both);
+  ASSERT_TRUE(p);
+  Permit q = limiter.acquire_for(both, 20ms);
+  EXPECT_FALSE(q);
+  EXPECT_EQ(q.outcome(), Outcome::kTimeout);
+  EXPECT_EQ(q.refused_by_name(), "local");
+  // Stuck on the host resource while holding the local one: the local slot
+  // comes back with the timeout.
+  Permit only_db = db->try_acquire();
+  EXPECT_FALSE(only_db);
+  p.release();
+  Permit r = db->try_acquire();
+  ASSERT_TRUE(r);
+  Permit s = limiter.acquire_for(both, 20ms);
+  EXPECT_FALSE(s);
+  EXPECT_EQ(s.refused_by_name(), name);
+  EXPECT_EQ(local->in_use(), 0);
+}
+
+TEST(HostResource, MaxWaitingBoundsTheQueue) {
+  const std::string name = unique_name("bounded");
+  Cleanup cleanup{name};
+  auto db = host_resource(name, 1, QueueDiscipline::kFifo, 1);
+  auto set = std::make_shared<const ResourceSet>(std::vector<std::shared_ptr<Resource>>{db});
+  Permit held = db->try_acquire();
+  Acquisition first(set), second(set);
+  EXPECT_EQ(first.start([](Outcome) {}), Outcome::kPending);
+  EXPECT_EQ(second.start([](Outcome) {}), Outcome::kQueueFull);
+  EXPECT_EQ(db->statistics().rejected(Outcome::kQueueFull), 1u);
+}
+
+TEST(HostResource, SameNameInOneProcessSharesThePool) {
+  const std::string name = unique_name("twice");
+  Cleanup cleanup{name};
+  auto a = host_resource(name, 1);
+  auto b = host_resource(name, 1);
+  Permit p = a->try_acquire();
+  EXPECT_TRUE(p);
+  EXPECT_FALSE(b->try_acquire());
+  EXPECT_EQ(b->in_use(), 1);
+}
+
+TEST(HostResource, BadNamesAreRejectedNamingTheParameter) {
+  for (const std::string& bad : {std::string(""), std::string("a/b"), std::string(65, 'x'),
+                                std::string("sp ace"), std::string("caf\xc3\xa9")}) {
+    try {
+      host_resource(bad, 1);
+      FAIL() << "accepted name '" << bad << "'";
+    } catch (const std::invalid_argument& e) {
+      EXPECT_NE(std::string(e.what()).find("name"), std::string::npos) << e.what();
+    }
+  }
+}
+
+TEST(HostResource, ConfigurationMismatchNamesBothConfigurations) {
+  const std::string name = unique_name("mismatch");
+  Cleanup cleanup{name};
+  auto a = host_resource(name, 2);
+  // In this process, and in another one (which checks the segment itself).
+  try {
+    host_resource(name, 3);
+    FAIL();
+  } catch (const std::invalid_argument& e) {
+    EXPECT_NE(std::string(e.what()).find("capacity=2"), std::string::npos) << e.what();
+    EXPECT_NE(std::string(e.what()).find("capacity=3"), std::string::npos) << e.what();
+  }
+  Child other({"open", name, "2", "lifo"});
+  const std::string reply = other.line();
+  EXPECT_NE(reply.find("queue=fifo"), std::string::npos) << reply;
+  EXPECT_NE(reply.find("queue=lifo"), std::string::npos) << reply;
+  Child same({"open", name, "2", "fifo"});
+  EXPECT_EQ(same.line(), "ok");
+}
+
+TEST(HostResource, CorruptOrForeignSegmentsGetAClearError) {
+  const std::string name = unique_name("corrupt");
+  Cleanup cleanup{name};
+  const auto write_segment = [&](std::size_t size, char fill) {
+    ::shm_unlink(shm_path(name).c_str());
+    const int fd = ::shm_open(shm_path(name).c_str(), O_RDWR | O_CREAT | O_EXCL, 0600);
+    ASSERT_GE(fd, 0);
+    std::vector<char> bytes(size, fill);
+    ASSERT_EQ(::write(fd, bytes.data(), bytes.size()), static_cast<ssize_t>(bytes.size()));
+    ::close(fd);
+  };
+  // Wrong size, then the right size with a foreign header: each is a
+  // std::runtime_error that says what is wrong, not a crash. (Separate
+  // processes, as this one keeps a segment it opened mapped.)
+  write_segment(100, 'x');
+  Child small({"open", name, "1", "fifo"});
+  EXPECT_NE(small.line().find("has 100 bytes"), std::string::npos);
+  const std::size_t real_size = [&] {
+    const std::string other = unique_name("size");
+    Cleanup c{other};
+    host_resource(other, 1);
+    const int fd = ::shm_open(shm_path(other).c_str(), O_RDONLY, 0);
+    const off_t size = ::lseek(fd, 0, SEEK_END);
+    ::close(fd);
+    return static_cast<std::size_t>(size);
+  }();
+  write_segment(real_size, '\x5a');
+  Child foreign({"open", name, "1", "fifo"});
+  EXPECT_NE(foreign.line().find("not a host resource segment"), std::string::npos);
+  // A segment that others can read is refused too.
+  ::fchmod(::shm_open(shm_path(name).c_str(), O_RDWR, 0), 0644);
+  Child shared({"open", name, "1", "fifo"});
+  EXPECT_NE(shared.line().find("not private"), std::string::npos);
+}
+
+// Garbage in the tables (not the header) must never crash a process: every
+// index read from the segment is checked, and the state is rebuilt.
+TEST(HostResource, GarbageInTheTablesNeverCrashes) {
+  const std::string name = unique_name("garbage");
+  Cleanup cleanup{name};
+  auto db = host_resource(name, 2);
+  Permit p = db->try_acquire();
+  const int fd = ::shm_open(shm_path(name).c_str(), O_RDWR, 0);
+  ASSERT_GE(fd, 0);
+  const off_t size = ::lseek(fd, 0, SEEK_END);
+  auto* bytes = static_cast<unsigned char*>(
+      ::mmap(nullptr, static_cast<std::size_t>(size), PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0));
+  ::close(fd);
+  ASSERT_NE(bytes, MAP_FAILED);
+  std::mt19937 rng(7);
+  // Past the header (a few hundred bytes): the process and waiter tables.
+  for (off_t i = 1024; i < size; i += 1 + static_cast<off_t>(rng() % 64)) {
+    bytes[i] = static_cast<unsigned char>(rng());
+  }
+  for (int i = 0; i < 50; ++i) {
+    Permit q = db->acquire_for(1ms);
+    auto set = std::make_shared<const ResourceSet>(std::vector<std::shared_ptr<Resource>>{db});
+    Acquisition a(set);
+    a.start([](Outcome) {});
+    a.cancel();
+    a.release();
+  }
+  testing::sweep_host_processes(*db);
+  p.release();
+  (void)db->statistics();
+  (void)list_host_resources();
+  ::munmap(bytes, static_cast<std::size_t>(size));
+}
+
+// Waiters queued from two processes in a known order are served in the
+// discipline's order.
+void check_order(QueueDiscipline queue, const std::string& queue_name, bool first_wins) {
+  const std::string name = unique_name("order-" + queue_name);
+  Cleanup cleanup{name};
+  auto db = host_resource(name, 1, queue);
+  Permit held = db->try_acquire();
+  ASSERT_TRUE(held);
+  Child first({"wait", name, "1", queue_name, "20000", "20"});
+  ASSERT_TRUE(eventually([&] { return db->waiting() == 1; }));
+  Child second({"wait", name, "1", queue_name, "20000", "20"});
+  ASSERT_TRUE(eventually([&] { return db->waiting() == 2; }));
+  held.release();
+  const std::string a = first.line(), b = second.line();
+  ASSERT_EQ(a.rfind("granted ", 0), 0u) << a;
+  ASSERT_EQ(b.rfind("granted ", 0), 0u) << b;
+  if (first_wins) {
+    EXPECT_LT(ns_of(a), ns_of(b));
+  } else {
+    EXPECT_GT(ns_of(a), ns_of(b));
+  }
+  first.join();
+  second.join();
+  EXPECT_EQ(db->in_use(), 0);
+}
+
+TEST(HostResource, FifoOrderAcrossProcesses) { check_order(QueueDiscipline::kFifo, "fifo", true); }
+TEST(HostResource, LifoOrderAcrossProcesses) { check_order(QueueDiscipline::kLifo, "lifo", false); }
+
+TEST(HostResource, WaiterInAnotherProcessTimesOut) {
+  const std::string name = unique_name("timeout");
+  Cleanup cleanup{name};
+  auto db = host_resource(name, 1);
+  Permit held = db->try_acquire();
+  Child waiter({"wait", name, "1", "fifo", "50", "0"});
+  EXPECT_EQ(waiter.line(), "rejected timeout");
+  waiter.join();
+  EXPECT_EQ(db->waiting(), 0);
+  held.release();
+  EXPECT_EQ(db->in_use(), 0);
+}
+
+// Start time (field 22 of /proc/PID/stat) of a live process.
+std::uint64_t start_time(pid_t pid) {
+  std::ifstream in("/proc/" + std::to_string(pid) + "/stat");
+  std::string all((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  std::istringstream fields(all.substr(all.rfind(')') + 2));
+  std::string f;
+  for (int i = 3; i <= 22; ++i) fields >> f;
+  return std::stoull(f);
+}
+
+TEST(HostResource, PidReuseNeitherStealsNorLeaks) {
+  const std::string name = unique_name("pidreuse");
+  Cleanup cleanup{name};
+  auto db = host_resource(name, 3);
+  Permit mine = db->try_acquire();  // registers this process
+  // A dead holder whose pid now belongs to a live process (this one): the
+  // start time differs, so its slot comes back.
+  testing::forge_host_process(*db, ::getpid(), start_time(::getpid()) + 1, 1);
+  // A live holder, registered with its real start time: kept.
+  Child live({"hold", name, "3", "fifo", "0", "-1"});
+  ASSERT_EQ(live.line(), "ready");
+  testing::forge_host_process(*db, live.pid(), start_time(live.pid()), 1);
+  EXPECT_EQ(db->in_use(), 3);
+  testing::sweep_host_processes(*db);
+  EXPECT_EQ(db->in_use(), 2);  // the impostor's slot is back, nothing else
+  live.kill();
+  testing::sweep_host_processes(*db);
+  EXPECT_EQ(db->in_use(), 1);  // the dead one's slot is back
+  // This process kept its own slot throughout.
+  mine.release();
+  EXPECT_EQ(db->in_use(), 0);
+}
+
+// SIGKILL a process that holds slots, waits, or is inside the shared lock;
+// after every cycle the other processes proceed, and the invariant holds.
+TEST(HostResource, CrashLoop) {
+  const std::string name = unique_name("crash");
+  Cleanup cleanup{name};
+  constexpr std::int64_t kCapacity = 2;
+  auto db = host_resource(name, kCapacity);
+  Permit registered = db->try_acquire();  // registers this process (its sweeper)
+  registered.release();
+  std::mt19937 rng(12345);
+  auto slowest = std::chrono::steady_clock::duration::zero();
+  constexpr int kCycles = 200;
+  for (int cycle = 0; cycle < kCycles; ++cycle) {
+    const int mode = static_cast<int>(rng() % 3);
+    const std::string n = std::to_string(1 + rng() % kCapacity);
+    if (mode == 0) {
+      // A holder dies; a waiter in a third process gets its slot.
+      Child holder({"hold", name, "2", "fifo", std::to_string(kCapacity), "-1"});
+      ASSERT_EQ(holder.line(), "ready") << "cycle " << cycle;
+      Child waiter({"wait", name, "2", "fifo", "10000", "0"});
+      ASSERT_TRUE(eventually([&] { return db->waiting() == 1; }));
+      const auto killed = std::chrono::steady_clock::now();
+      holder.kill();
+      const std::string got = waiter.line();
+      ASSERT_EQ(got.rfind("granted", 0), 0u) << "cycle " << cycle << ": " << got;
+      slowest = std::max(slowest, std::chrono::steady_clock::now() - killed);
+      waiter.join();
+    } else if (mode == 1) {
+      // A waiter dies in the queue; it leaves it.
+      Permit p1 = db->try_acquire(), p2 = db->try_acquire();
+      Child waiter({"wait", name, "2", "fifo", "10000", "0"});
+      ASSERT_TRUE(eventually([&] { return db->waiting() == 1; })) << "cycle " << cycle;
+      waiter.kill();
+      const auto killed = std::chrono::steady_clock::now();
+      ASSERT_TRUE(eventually([&] { return db->waiting() == 0; })) << "cycle " << cycle;
+      slowest = std::max(slowest, std::chrono::steady_clock::now() - killed);
+    } else {
+      // A process dies inside the shared lock; the next locker repairs.
+      Child locker({"lock", name, "2", "fifo"});
+      ASSERT_EQ(locker.line(), "locked") << "cycle " << cycle;
+      locker.kill();
+      Permit p = db->acquire_for(5s);
+      ASSERT_TRUE(p) << "cycle " << cycle;
+    }
+    ASSERT_TRUE(eventually([&] { return db->in_use() == 0 && db->waiting() == 0; }))
+        << "cycle " << cycle << " in_use " << db->in_use();
+    expect_invariant(name);
+  }
+  const HostResourceInfo info = info_of(name);
+  EXPECT_EQ(info.in_use, 0);
+  EXPECT_EQ(info.waiting, 0);
+  EXPECT_GT(info.repairs, 0u);
+  for (const auto& p : info.processes) EXPECT_TRUE(p.alive) << p.pid;
+  std::printf("slowest recovery after a SIGKILL: %.0f ms\n",
+              std::chrono::duration<double, std::milli>(slowest).count());
+  EXPECT_LT(slowest, 1s);
+}
+
+// Processes and threads acquiring with short random timeouts, some
+// cancelled: never more holders than capacity, everything back at the end.
+TEST(HostResource, ChurnAcrossProcessesAndThreads) {
+  for (const auto& [queue, queue_name] :
+       {std::pair{QueueDiscipline::kFifo, "fifo"}, std::pair{QueueDiscipline::kLifo, "lifo"},
+        std::pair{QueueDiscipline::kAdaptive, "adaptive"}}) {
+    const std::string name = unique_name(std::string("churn-") + queue_name);
+    Cleanup cleanup{name};
+    constexpr std::int64_t kCapacity = 3;
+    auto db = std::make_shared<Resource>(ResourceOptions{.name = name,
+                                                         .capacity = kCapacity,
+                                                         .queue = queue,
+                                                         .adaptive_target = 1ms,
+                                                         .adaptive_interval = 2ms,
+                                                         .scope = Scope::kHost});
+    char path[] = "/tmp/fcl-churn-XXXXXX";
+    const int fd = ::mkstemp(path);
+    ASSERT_GE(fd, 0);
+    ASSERT_EQ(::ftruncate(fd, 16), 0);
+    auto* counter = static_cast<std::atomic<std::int64_t>*>(
+        ::mmap(nullptr, 16, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0));
+    ASSERT_NE(counter, MAP_FAILED);
+    std::vector<std::unique_ptr<Child>> children;
+    for (int i = 0; i < 2; ++i) {
+      children.push_back(std::make_unique<Child>(
+          std::vector<std::string>{"churn", name, "3", queue_name, "300", path}));
+    }
+    std::vector<std::thread> threads;
+    for (int t = 0; t < 3; ++t) {
+      threads.emplace_back([&, t] {
+        std::mt19937 rng(t);
+        for (int i = 0; i < 300; ++i) {
+          std::stop_source stop;
+          std::thread canceller;
+          if (i % 7 == 0) canceller = std::thread([&] { stop.request_stop(); });
+          Permit p = db->acquire_for(std::chrono::microseconds(rng() % 3000), stop.get_token());
+          if (canceller.joinable()) canceller.join();
+          if (!p) continue;
+          const std::int64_t running = counter[0].fetch_add(1) + 1;
+          std::int64_t peak = counter[1].load();
+          while (running > peak && !counter[1].compare_exchange_weak(peak, running)) {
+          }
+          std::this_thread::sleep_for(std::chrono::microseconds(rng() % 500));
+          counter[0].fetch_sub(1);
+        }
+      });
+    }
+    for (auto& t : threads) t.join();
+    for (auto& c : children) EXPECT_EQ(c->line(60s), "done");
+    EXPECT_LE(counter[1].load(), kCapacity) << queue_name;
+    EXPECT_GE(counter[1].load(), 2) << queue_name;
+    EXPECT_EQ(counter[0].load(), 0);
+    EXPECT_TRUE(eventually([&] { return db->in_use() == 0 && db->waiting() == 0; }))
+        << queue_name << ": in_use " << db->in_use() << ", waiting " << db->waiting();
+    ::munmap(counter, 16);
+    ::close(fd);
+    ::unlink(path);
+  }
+}
+
+TEST(HostResource, ResetRefusesWhileInUse) {
+  const std::string name = unique_name("reset");
+  Cleanup cleanup{name};
+  {
+    Child holder({"hold", name, "1", "fifo", "1", "-1"});
+    ASSERT_EQ(holder.line(), "ready");
+    try {
+      remove_host_resource(name);
+      FAIL();
+    } catch (const std::runtime_error& e) {
+      EXPECT_NE(std::string(e.what()).find(std::to_string(holder.pid())), std::string::npos);
+    }
+  }  // killed
+  remove_host_resource(name);
+  EXPECT_THROW(info_of(name), std::runtime_error);
+}
+
+#if !defined(__SANITIZE_THREAD__)
+// A resource created before fork() (gunicorn --preload): the child registers
+// as a process of its own. (Not under TSan, which does not support threads
+// started after a multi-threaded fork.)
+TEST(HostResource, WorksInAForkedChild) {
+  const std::string name = unique_name("fork");
+  Cleanup cleanup{name};
+  auto db = host_resource(name, 1);
+  Permit held = db->try_acquire();
+  const pid_t child = ::fork();
+  if (child == 0) {
+    Permit p = db->acquire_for(10s);  // waits for the parent's release
+    const bool granted = static_cast<bool>(p);
+    p.release();
+    ::_exit(granted ? 0 : 1);
+  }
+  ASSERT_TRUE(eventually([&] { return db->waiting() == 1; }));
+  held.release();
+  int status = 0;
+  ::waitpid(child, &status, 0);
+  EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0);
+  EXPECT_EQ(db->in_use(), 0);
+}
+#endif
+
+}  // namespace
+}  // namespace concurrency_limiter

@@ -1,0 +1,238 @@
+"""Host scope: one limit for every worker process of the machine."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import struct
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+import pytest
+from fastapi import FastAPI
+
+from fastapi_concurrency_limiter import Limiter, Resource, ServerBusy
+
+from .conftest import _free_port
+
+pytestmark = pytest.mark.anyio
+HERE = Path(__file__).parent
+
+
+def unique(test: str) -> str:
+    return f"py{os.getpid()}-{test}-{time.monotonic_ns() % 10**9}"
+
+
+@pytest.fixture
+def name(request: pytest.FixtureRequest) -> Iterator[str]:
+    """A fresh host resource name, removed afterwards (its shared segment
+    outlives the processes that used it)."""
+    n = unique(request.node.name[:20].replace("[", "-").replace("]", ""))
+    yield n
+    shm = Path(f"/dev/shm/fcl-host.{os.getuid()}.{n}")
+    shm.unlink(missing_ok=True)
+
+
+def test_host_scope_needs_a_valid_name() -> None:
+    with pytest.raises(ValueError, match="name must be 1 to 64 letters.*scope='host'"):
+        Resource(1, scope="host")
+    for bad in ["", "a/b", "x" * 65, "sp ace"]:
+        with pytest.raises(ValueError, match="name must be"):
+            Resource(1, name=bad, scope="host")
+    with pytest.raises(ValueError, match="scope must be one of 'process', 'host'"):
+        Resource(1, name="x", scope="cluster")  # type: ignore[arg-type]
+
+
+def test_other_configuration_is_a_value_error_naming_both(name: str) -> None:
+    Resource(2, name=name, scope="host")
+    with pytest.raises(ValueError, match="capacity=2.*capacity=3"):
+        Resource(3, name=name, scope="host")
+    with pytest.raises(ValueError, match="queue=fifo.*queue=lifo"):
+        Resource(2, name=name, scope="host", queue="lifo")
+
+
+def _hold_in_subprocess(
+    name: str, capacity: int, seconds: float, extra: str = ""
+) -> subprocess.Popen[str]:
+    code = (
+        "import sys, time, asyncio\n"
+        "from fastapi_concurrency_limiter import Resource\n"
+        f"r = Resource({capacity}, name={name!r}, scope='host'{extra})\n"
+        "async def main():\n"
+        # One task per slot: a task may hold a resource only once.
+        f"    await asyncio.gather(*[r.acquire() for _ in range({capacity})])\n"
+        "    print('ready', flush=True)\n"
+        f"    await asyncio.sleep({seconds})\n"
+        f"    for _ in range({capacity}): r.release()\n"
+        "asyncio.run(main())\n"
+    )
+    p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    assert p.stdout is not None and p.stdout.readline().strip() == "ready"
+    return p
+
+
+async def test_a_release_in_another_process_grants_a_waiting_request(name: str) -> None:
+    db = Resource(1, name=name, scope="host")
+    limiter = Limiter(timeout=10, resources=[db])
+    holder = _hold_in_subprocess(name, 1, 0.3)
+    assert db.in_use == 1
+    started = time.monotonic()
+    async with limiter.acquire([db]):
+        waited = time.monotonic() - started
+        assert db.in_use == 1
+    holder.wait()
+    assert 0.1 < waited < 5
+    assert db.in_use == 0
+    s = db.statistics()
+    assert (s.acquired_total, s.in_use, s.waiting) == (1, 0, 0)
+
+
+async def test_timeouts_and_routes_work_for_host_resources(name: str) -> None:
+    db = Resource(1, name=name, scope="host")
+    limiter = Limiter(timeout=0.05, resources=[db])
+    app = FastAPI()
+
+    @app.get("/q")
+    @limiter.resources([db])
+    async def q() -> dict[str, int]:
+        return {"ok": 1}
+
+    holder = _hold_in_subprocess(name, 1, 1.0)
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://app") as client:
+        r = await client.get("/q")
+        assert r.status_code == 503
+        holder.wait()
+        assert (await client.get("/q")).status_code == 200
+    assert db.statistics().rejected_total["timeout"] == 1
+
+    async def try_once() -> None:
+        async with limiter.acquire([db], timeout=0):
+            pass
+
+    async with limiter.acquire([db]):
+        with pytest.raises(ServerBusy):
+            await asyncio.create_task(try_once())  # another task: no slot left
+
+
+async def test_a_killed_holder_gives_its_slots_back(name: str) -> None:
+    db = Resource(2, name=name, scope="host")
+    limiter = Limiter(timeout=5, resources=[db])
+    holder = _hold_in_subprocess(name, 2, 60)
+    assert db.in_use == 2
+    holder.kill()
+    holder.wait()
+    started = time.monotonic()
+    async with limiter.acquire([db]):
+        assert time.monotonic() - started < 1.0
+    assert db.in_use == 0
+
+
+def test_status_and_reset(name: str) -> None:
+    db = Resource(3, name=name, scope="host", max_waiting=7)
+    env = {**os.environ}
+    cmd = [sys.executable, "-m", "fastapi_concurrency_limiter"]
+    holder = _hold_in_subprocess(name, 3, 60, extra=", max_waiting=7")
+    try:
+        out = subprocess.run(cmd + ["status", "--json"], capture_output=True, text=True, env=env)
+        assert out.returncode == 0, out.stderr
+        mine = [r for r in json.loads(out.stdout) if r["name"] == name]
+        assert len(mine) == 1
+        assert mine[0]["capacity"] == 3 and mine[0]["in_use"] == 3
+        assert mine[0]["max_waiting"] == 7
+        assert {"pid": holder.pid, "held": 3, "waiting": 0, "alive": True} in mine[0]["processes"]
+        text = subprocess.run(cmd + ["status"], capture_output=True, text=True).stdout
+        assert f"pid {holder.pid}: holds 3" in text
+        refused = subprocess.run(cmd + ["reset", name], capture_output=True, text=True)
+        assert refused.returncode == 1
+        assert str(holder.pid) in refused.stderr
+    finally:
+        holder.kill()
+        holder.wait()
+    del db  # this process never acquired it: not registered
+    done = subprocess.run(cmd + ["reset", name], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert name not in subprocess.run(cmd + ["status"], capture_output=True, text=True).stdout
+
+
+# --- real multi-worker servers ---------------------------------------------------
+
+
+@contextmanager
+def server(argv: list[str], env: dict[str, str], port: int) -> Iterator[str]:
+    proc = subprocess.Popen(argv, cwd=HERE, env=env, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                httpx.get(url + "/ready", timeout=1)
+                break
+            except httpx.TransportError:
+                if time.monotonic() > deadline or proc.poll() is not None:
+                    raise RuntimeError("server did not start") from None
+                time.sleep(0.05)
+        time.sleep(0.5)  # let every worker come up
+        yield url
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def _servers(port: int) -> dict[str, list[str]]:
+    py = sys.executable
+    gunicorn = [py, "-m", "gunicorn", "-w", "3", "-k", "uvicorn.workers.UvicornWorker"]
+    bind = ["-b", f"127.0.0.1:{port}", "--log-level", "warning", "host_app:app"]
+    return {
+        "uvicorn": [py, "-m", "uvicorn", "host_app:app", "--workers", "3", "--host",
+                    "127.0.0.1", "--port", str(port), "--log-level", "warning"],
+        "gunicorn": gunicorn + bind,
+        "gunicorn-preload": gunicorn + ["--preload"] + bind,
+    }
+
+
+async def _hammer(url: str, requests: int) -> set[int]:
+    limits = httpx.Limits(max_connections=requests)
+    async with httpx.AsyncClient(base_url=url, timeout=60, limits=limits) as client:
+        rs = await asyncio.gather(*[client.get("/work") for _ in range(requests)])
+    assert [r.status_code for r in rs] == [200] * requests
+    return {r.json()["pid"] for r in rs}
+
+
+@pytest.mark.parametrize("kind", ["uvicorn", "gunicorn", "gunicorn-preload"])
+@pytest.mark.parametrize("scope", ["host", "process"])
+async def test_workers_share_one_limit(kind: str, scope: str, name: str, tmp_path: Path) -> None:
+    capacity = 2
+    counter = tmp_path / "counter"
+    counter.write_bytes(struct.pack("qq", 0, 0))
+    env = {
+        **os.environ,
+        "FCL_TEST_SCOPE": scope,
+        "FCL_TEST_NAME": name,
+        "FCL_TEST_CAPACITY": str(capacity),
+        "FCL_TEST_COUNTER": str(counter),
+    }
+    port = _free_port()
+    with server(_servers(port)[kind], env, port) as url:
+        pids: set[int] = set()
+        for _ in range(3):
+            pids |= await _hammer(url, 60)
+    running, peak = struct.unpack("qq", counter.read_bytes())
+    assert running == 0
+    assert len(pids) > 1, "the requests should have been served by several workers"
+    if scope == "host":
+        assert peak == capacity
+    else:
+        # Per process, each worker admits `capacity`: the reason host scope exists.
+        assert peak > capacity
