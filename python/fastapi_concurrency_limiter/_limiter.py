@@ -14,8 +14,8 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 
 from . import _core
-from ._clustered import Releasable, running_loop_time, with_cluster
 from ._adaptive import SUCCESS, completion_of
+from ._clustered import Releasable, running_loop_time, with_cluster
 from ._holding import Holds, Selection, check, current_task, holds_of, leave, running_loop, task_on
 from ._holding import _held as _holds
 from ._openapi import document_busy_responses, limited_endpoints
