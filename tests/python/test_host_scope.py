@@ -46,7 +46,7 @@ def test_host_scope_needs_a_valid_name() -> None:
     for bad in ["", "a/b", "x" * 65, "sp ace"]:
         with pytest.raises(ValueError, match="name must be"):
             Resource(1, name=bad, scope="host")
-    with pytest.raises(ValueError, match="scope must be one of 'process', 'host'"):
+    with pytest.raises(ValueError, match="scope must be 'process', 'host' or a RedisScope"):
         Resource(1, name="x", scope="cluster")  # type: ignore[arg-type]
 
 
