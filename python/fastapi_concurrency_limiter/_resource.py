@@ -115,6 +115,11 @@ class Resource:
             raise ValueError(f"queue must be one of 'fifo', 'lifo', 'adaptive', got {queue!r}")
         target = check_seconds("adaptive_target", adaptive_target, positive=True)
         interval = check_seconds("adaptive_interval", adaptive_interval, positive=True)
+        if scope == "host" and adaptive is not False:
+            raise ValueError(
+                "adaptive must be False with scope='host' (for now): a host pool "
+                f"keeps a fixed limit, its capacity; got adaptive={adaptive!r}"
+            )
         algorithm = algorithm_for(adaptive, capacity)
         self._core = _core.Resource(
             name or "",

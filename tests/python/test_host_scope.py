@@ -50,6 +50,18 @@ def test_host_scope_needs_a_valid_name() -> None:
         Resource(1, name="x", scope="cluster")  # type: ignore[arg-type]
 
 
+def test_host_resources_keep_a_fixed_limit(name: str) -> None:
+    """An adaptive or hand-set limit is per process; a host pool's limit is its
+    capacity, and asking otherwise fails at start-up, not per request."""
+    with pytest.raises(ValueError, match="adaptive must be False with scope='host'"):
+        Resource(4, name=name, scope="host", adaptive=True)
+    db = Resource(4, name=name, scope="host")
+    assert db.limit == 4
+    assert db.statistics().limit == 4
+    with pytest.raises(ValueError, match="scope 'host'"):
+        db.set_limit(2)
+
+
 def test_other_configuration_is_a_value_error_naming_both(name: str) -> None:
     Resource(2, name=name, scope="host")
     with pytest.raises(ValueError, match="capacity=2.*capacity=3"):
