@@ -6,8 +6,10 @@ same run.
     contended:   many tasks on a capacity-1 resource; every acquisition
                  waits and is granted by a handoff from the releasing task
 
-Prints ns per acquire+release and the ratio ours / asyncio.Semaphore
-(< 1.0: ours is cheaper). Best of several rounds, to damp a noisy machine.
+Prints CPU ns per acquire+release and the ratio ours / asyncio.Semaphore
+(< 1.0: ours is cheaper). CPU time of the process rather than wall-clock
+time, so that other work on a loaded machine does not count; best of
+several rounds, to damp the rest of the noise.
 
     python bench/python_bench.py [--rounds 7] [--n 200000]
 """
@@ -140,13 +142,16 @@ def contended_sleep_only() -> Bench:
     return contended(lambda: (lambda: nothing))
 
 
-def measure(bench: Bench, n: int, rounds: int) -> float:
-    """Best ns per operation over ``rounds``."""
-    best = float("inf")
+def measure(benches: dict[str, Bench], n: int, rounds: int) -> dict[str, float]:
+    """Best CPU ns per operation of each bench over ``rounds``. The benches
+    take turns within each round, so that a burst of load on the machine
+    hits them all alike rather than one of them."""
+    best = dict.fromkeys(benches, float("inf"))
     for _ in range(rounds):
-        t0 = time.perf_counter_ns()
-        asyncio.run(bench(n))
-        best = min(best, (time.perf_counter_ns() - t0) / n)
+        for name, bench in benches.items():
+            t0 = time.process_time_ns()
+            asyncio.run(bench(n))
+            best[name] = min(best[name], (time.process_time_ns() - t0) / n)
     return best
 
 
@@ -156,29 +161,35 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=100_000)
     args = parser.parse_args()
 
-    base = measure(uncontended_semaphore(), args.n, args.rounds)
+    ns = measure({
+        "sem": uncontended_semaphore(),
+        "sem+timeout": uncontended_semaphore_with_timeout(),
+        "acquire": uncontended_acquire(),
+        "decorator": uncontended_decorator(),
+    }, args.n, args.rounds)
+    base = ns["sem"]
     rows = [
         ("uncontended", "asyncio.Semaphore (async with)", base, base),
-        ("uncontended", "asyncio.Semaphore + asyncio.timeout",
-         measure(uncontended_semaphore_with_timeout(), args.n, args.rounds), base),
-        ("uncontended", "limiter.acquire([db]) (async with)",
-         measure(uncontended_acquire(), args.n, args.rounds), base),
-        ("uncontended", "@limiter.resources([db]) endpoint call",
-         measure(uncontended_decorator(), args.n, args.rounds), base),
+        ("uncontended", "asyncio.Semaphore + asyncio.timeout", ns["sem+timeout"], base),
+        ("uncontended", "limiter.acquire([db]) (async with)", ns["acquire"], base),
+        ("uncontended", "@limiter.resources([db]) endpoint call", ns["decorator"], base),
     ]
-    overhead = measure(contended_sleep_only(), args.n, args.rounds)
-    sem = measure(contended_semaphore(), args.n, args.rounds) - overhead
-    ours = measure(contended_acquire(), args.n, args.rounds) - overhead
-    decorated = measure(contended_decorator(), args.n, args.rounds) - overhead
+    ns = measure({
+        "overhead": contended_sleep_only(),
+        "sem": contended_semaphore(),
+        "acquire": contended_acquire(),
+        "decorator": contended_decorator(),
+    }, args.n, args.rounds)
+    sem, ours, decorated = (ns[k] - ns["overhead"] for k in ("sem", "acquire", "decorator"))
     rows += [
         ("contended", f"asyncio.Semaphore(1), {TASKS} tasks (handoff)", sem, sem),
         ("contended", f"limiter.acquire, Resource(1), {TASKS} tasks (handoff)", ours, sem),
         ("contended", f"@limiter.resources endpoint, {TASKS} tasks (handoff)", decorated, sem),
     ]
     print(f"{'case':<12} {'mechanism':<52} {'ns/op':>9} {'ratio':>7}")
-    for case, name, ns, ref in rows:
-        print(f"{case:<12} {name:<52} {ns:>9.0f} {ns / ref:>7.2f}")
-    print("ratio = ns/op divided by asyncio.Semaphore's in the same case "
+    for case, name, ns_op, ref in rows:
+        print(f"{case:<12} {name:<52} {ns_op:>9.0f} {ns_op / ref:>7.2f}")
+    print("ratio = CPU ns/op divided by asyncio.Semaphore's in the same case "
           "(contended: task-switching cost of the harness subtracted)")
 
 
