@@ -29,6 +29,7 @@
 #include <vector>
 
 #include "concurrency_limiter/asio.h"
+#include "cv_semaphore.h"
 
 namespace cl = concurrency_limiter;
 using namespace std::chrono_literals;
@@ -37,29 +38,7 @@ namespace {
 
 constexpr int kWorkers = 4;
 
-// The textbook semaphore: a count under a mutex, waiters on a condition
-// variable.
-class CondvarSemaphore {
- public:
-  explicit CondvarSemaphore(int count) : count_(count) {}
-  void acquire() {
-    std::unique_lock lock(mu_);
-    cv_.wait(lock, [&] { return count_ > 0; });
-    --count_;
-  }
-  void release() {
-    {
-      std::lock_guard lock(mu_);
-      ++count_;
-    }
-    cv_.notify_one();
-  }
-
- private:
-  std::mutex mu_;
-  std::condition_variable cv_;
-  int count_;  // guarded by mu_
-};
+using CondvarSemaphore = bench::CvSemaphore;
 
 struct Engine {
   std::shared_ptr<cl::Resource> db;
