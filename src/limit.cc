@@ -213,20 +213,19 @@ void GradientLimit::on_window(const SampleWindow::Summary& w) {
     }
   }
 
-  // A limit less than half used is never lowered below twice the use: that
-  // much headroom says nothing about the downstream, and low load is no
-  // reason to shrink.
+  // A limit less than half used does not bind: latency measured under it
+  // says nothing about the limit (at light load it is mostly noise: a pause
+  // of the process, a busy neighbour), and low load is no reason to shrink.
+  // It is neither lowered nor raised; the window that uses it decides.
   const double limit_now = static_cast<double>(in_force());
   const double used = static_cast<double>(w.max_in_flight);
-  const bool under_used = used < limit_now / 2;
-  const double keep = under_used ? std::min(limit_, 2.0 * used) : 0.0;
+  if (used < limit_now / 2) return;
 
   const double ratio = latency / no_load_;
   // Queueing: the concurrency that would carry this window's throughput
   // (n / latency) at the tolerated latency, never more than halving.
-  const double cut = std::clamp(o_.tolerance * n / ratio,
-                                std::max(limit_ * 0.5, keep), limit_);
-  if (!no_load_trusted_ && !under_used) {
+  const double cut = std::clamp(o_.tolerance * n / ratio, limit_ * 0.5, limit_);
+  if (!no_load_trusted_) {
     // The no-load latency may still contain queueing: step below the
     // concurrency it was measured at and see whether latency follows. While
     // it falls in proportion (plainly past the knee) the steps are halvings.
@@ -240,8 +239,6 @@ void GradientLimit::on_window(const SampleWindow::Summary& w) {
     limit_ = bounded(ratio > o_.tolerance ? std::min(cut, probe) : probe);
   } else if (ratio > o_.tolerance) {
     limit_ = bounded(cut);
-  } else if (under_used || !no_load_trusted_) {
-    return;
   } else if (ratio <= 1.05) {
     // At no-load latency: far from the knee, grow multiplicatively.
     limit_ = bounded(std::max(limit_ + 1.0, limit_ * o_.tolerance));

@@ -180,8 +180,9 @@ struct GradientOptions {
 //     overload cannot make the limit creep up.
 //   - latency normal and the limit at least half used: +1, or x tolerance
 //     when latency is at the no-load level (far from the knee).
-//   - limit less than half used: never lowered below twice the use, and not
-//     raised.
+//   - limit less than half used (by the window's peak): neither lowered nor
+//     raised, whatever the latency. It does not bind, and latency at light
+//     load is mostly noise.
 //   - drops above `drop_rate` of the window: x backoff, nothing else learned.
 // Bounded to [min_limit, capacity]. Against a downstream whose latency is
 // base x max(1, in_flight / k) it settles between k and tolerance x k + 1

@@ -132,6 +132,23 @@ TEST(GradientLimit, DoesNotDecreaseAtLowLoad) {
   EXPECT_EQ(hi, 20);
 }
 
+TEST(GradientLimit, LightLoadLatencyNoiseDoesNotShrinkTheLimit) {
+  // One request at a time against a limit of 20; every third window is four times
+  // as slow (a pause, a busy neighbour). The limit does not bind, so the noise
+  // must not cut it: a spike later would find it shrunk for no reason.
+  GradientLimit gradient(GradientOptions{.initial_limit = 20, .min_window_samples = 5});
+  gradient.start(kCapacity);
+  Clock::time_point now{};
+  std::int64_t limit = 20;
+  for (int i = 0; i < 600; ++i) {
+    const auto service = (i / 5) % 3 == 2 ? 4ms : 1ms;
+    now += service + 1s;
+    limit = gradient.update(
+        LimitSample{.end = now, .service_time = service, .in_flight = 1});
+    ASSERT_EQ(limit, 20) << "sample " << i;
+  }
+}
+
 TEST(GradientLimit, DecreasesUnderSustainedErrors) {
   // The downstream has room for everyone, but 30% of requests fail.
   GradientLimit gradient;
