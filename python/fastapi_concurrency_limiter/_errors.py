@@ -8,7 +8,15 @@ from fastapi import HTTPException
 BUSY_DETAIL = "Server busy, please retry later"
 
 #: Why a request was turned away.
-REASONS = ("timeout", "queue_full", "shed", "disconnected", "cancelled", "unavailable")
+REASONS = (
+    "timeout",
+    "queue_full",
+    "shed",
+    "disconnected",
+    "cancelled",
+    "key_limit",
+    "unavailable",
+)
 
 
 class ServerBusy(HTTPException):
@@ -27,7 +35,10 @@ class ServerBusy(HTTPException):
         reason: ``"timeout"`` (no slot within the timeout), ``"queue_full"``
             (the resource's queue was at ``max_waiting``), ``"shed"`` (the
             adaptive queue dropped it early), ``"disconnected"`` (the client
-            left while it waited), ``"cancelled"``, or ``"unavailable"``
+            left while it waited), ``"cancelled"``, ``"key_limit"`` (the
+            request's key already held its ``per_key`` share of the
+            resource, which had room for other keys, until the timeout), or
+            ``"unavailable"``
             (a cluster-scoped resource's Redis could not be reached, see
             ``RedisScope``'s ``on_error``).
         retry_after: seconds sent in the ``Retry-After`` header, or ``None``.
