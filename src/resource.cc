@@ -1,6 +1,7 @@
 #include "concurrency_limiter/resource.h"
 
 #include <algorithm>
+#include <cassert>
 #include <atomic>
 #include <stdexcept>
 #include <string>
@@ -321,14 +322,30 @@ bool Resource::key_has_room_locked(const std::string* key) const {
 }
 
 void Resource::key_acquired_locked(const std::string* key) {
-  if (key != nullptr) ++keys_[*key].held;
+  if (key != nullptr) change_held_locked(keys_[*key], +1);
+}
+
+void Resource::change_held_locked(detail::KeyCount& count, std::int64_t delta) {
+  const bool had_room = count.held < per_key_;
+  count.held += delta;
+  const bool has_room = count.held < per_key_;
+  // The key's waiters stop or start being ones a free slot may go to.
+  if (had_room && !has_room) {
+    eligible_waiting_ -= count.waiting;
+  } else if (!had_room && has_room) {
+    eligible_waiting_ += count.waiting;
+  }
+}
+
+bool Resource::eligible_locked(const detail::WaiterNode& node) const {
+  return node.key_count_ == nullptr || node.key_count_->held < per_key_;
 }
 
 void Resource::key_released_locked(const std::string* key) {
   if (key == nullptr) return;
   const auto it = keys_.find(*key);
   if (it == keys_.end()) return;  // not reached: every held slot has an entry
-  --it->second.held;
+  change_held_locked(it->second, -1);
   erase_key_if_idle_locked(it);
 }
 
@@ -348,11 +365,24 @@ void Resource::erase_key_if_idle_locked(KeyMap::iterator it) {
 }
 
 detail::WaiterNode* Resource::first_eligible_locked(bool from_head) {
+  assert(eligible_waiting_ >= 0 && eligible_waiting_ <= waiting_);
+  if (eligible_waiting_ == 0) {
+#ifndef NDEBUG
+    for (detail::WaiterNode* n = head_; n != nullptr; n = n->next_) {
+      assert(!eligible_locked(*n));
+    }
+#endif
+    // Every waiter is held back by its key's share: all of them are passed
+    // over at once, without a walk through the queue.
+    if (head_ != nullptr) ++passed_over_;
+    return nullptr;
+  }
   for (detail::WaiterNode* n = from_head ? head_ : tail_; n != nullptr;
        n = from_head ? n->next_ : n->prev_) {
-    if (n->key_count_ == nullptr || n->key_count_->held < per_key_) return n;
+    if (eligible_locked(*n)) return n;
     n->held_back_ = true;  // a slot is there, its share keeps it out
   }
+  assert(false && "eligible_waiting_ counts a waiter that is not queued");
   return nullptr;
 }
 
@@ -442,7 +472,8 @@ State Resource::abandon(detail::WaiterNode& node, Outcome reason) {
   if (state == State::kQueued) {
     // Its key's share kept it from a slot the resource had, and still
     // holds it back: that, not the resource, is why it waited in vain.
-    if (reason == Outcome::kTimeout && node.held_back_ &&
+    if (reason == Outcome::kTimeout &&
+        (node.held_back_ || node.passed_over_seen_ != passed_over_) &&
         node.key_count_ != nullptr && node.key_count_->held >= per_key_) {
       reason = Outcome::kKeyLimit;
     }
@@ -552,6 +583,8 @@ void Resource::link_tail(detail::WaiterNode& node, Clock::time_point now) {
   // Queued with a slot free: only its key's share can be the reason.
   node.held_back_ = per_key_ != 0 && in_use_of(word_.load(std::memory_order_relaxed)) <
                                          limit_.load(std::memory_order_relaxed);
+  node.passed_over_seen_ = passed_over_;
+  if (per_key_ != 0 && eligible_locked(node)) ++eligible_waiting_;
   node.state_ = State::kQueued;
   node.outcome_ = Outcome::kPending;
   node.next_ = nullptr;
@@ -577,6 +610,7 @@ void Resource::unlink(detail::WaiterNode& node) {
     tail_ = node.prev_;
   }
   node.prev_ = node.next_ = nullptr;
+  if (per_key_ != 0 && eligible_locked(node)) --eligible_waiting_;
   if (node.key_count_ != nullptr) {
     --node.key_count_->waiting;
     node.key_count_ = nullptr;
@@ -647,7 +681,7 @@ detail::WaiterNode* Resource::pick_locked(Clock::time_point now,
 void Resource::grant_locked(detail::WaiterNode& node, Clock::time_point now) {
   // Held before the waiter leaves, so the key's entry is not erased between
   // (and no lookup or allocation is needed).
-  if (node.key_count_ != nullptr) ++node.key_count_->held;
+  if (node.key_count_ != nullptr) change_held_locked(*node.key_count_, +1);
   unlink(node);
   node.state_ = State::kGranted;
   node.outcome_ = Outcome::kGranted;

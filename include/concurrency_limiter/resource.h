@@ -219,6 +219,8 @@ class WaiterNode {
   // Per-key shares: whether the node's share has kept it from a slot the
   // resource had (see kKeyLimit); guarded by the resource's mu_.
   bool held_back_ = false;
+  // The resource's passed_over_ when the node was queued; guarded by its mu_.
+  std::uint64_t passed_over_seen_ = 0;
 };
 
 // Nodes whose fate was decided under a resource's mutex and whose owners must
@@ -489,12 +491,18 @@ class Resource : public std::enable_shared_from_this<Resource> {
   bool key_has_room_locked(const std::string* key) const CL_REQUIRES(mu_);
   void key_acquired_locked(const std::string* key) CL_REQUIRES(mu_);
   void key_released_locked(const std::string* key) CL_REQUIRES(mu_);
+  // Moves a key's count of held slots, keeping eligible_waiting_ in step.
+  void change_held_locked(detail::KeyCount& count, std::int64_t delta) CL_REQUIRES(mu_);
+  // Whether a free slot may go to the queued `node` (its key has room).
+  bool eligible_locked(const detail::WaiterNode& node) const CL_REQUIRES(mu_);
   using KeyMap = std::unordered_map<std::string, detail::KeyCount>;
   // Erases the key's entry (an element of keys_) if it holds and waits for
   // nothing.
   void erase_key_if_idle_locked(KeyMap::iterator it) CL_REQUIRES(mu_);
   // The first waiter, in the order `from_head`, that a free slot may go to.
-  // Marks the waiters it passes over as held back by their share.
+  // Marks the waiters it passes over as held back by their share; when no
+  // waiter may have the slot (eligible_waiting_ == 0) it walks nothing and
+  // counts passed_over_ instead.
   detail::WaiterNode* first_eligible_locked(bool from_head) CL_REQUIRES(mu_);
   void note_rejection_locked(Outcome reason) CL_REQUIRES(mu_);
   void link_tail(detail::WaiterNode& node, Clock::time_point now) CL_REQUIRES(mu_);
@@ -548,6 +556,13 @@ class Resource : public std::enable_shared_from_this<Resource> {
   // those (see key_released_locked() and unlink()). Node-based, so a
   // KeyCount stays put while its key is in the map.
   KeyMap keys_ CL_GUARDED_BY(mu_);
+  // Queued waiters a free slot may go to: without a key, or whose key is
+  // below its share. Zero: a release frees the slot without walking the
+  // queue (a key flooding it does not slow every release down).
+  std::int64_t eligible_waiting_ CL_GUARDED_BY(mu_) = 0;
+  // Times a free slot passed over every waiter (all held back by their
+  // shares); a waiter that sees it move was held back (see kKeyLimit).
+  std::uint64_t passed_over_ CL_GUARDED_BY(mu_) = 0;
   // Releases taken out of word_ before they could wrap.
   std::uint64_t releases_folded_ CL_GUARDED_BY(mu_) = 0;
   // Counters and histograms. wait_seconds holds the grants that waited only;
