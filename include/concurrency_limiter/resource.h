@@ -60,8 +60,10 @@
 // follows the keys active now, not the keys ever seen; statistics report
 // them as active_keys. A resource with a per-key share takes and gives back
 // every slot under its mutex (the lock-free path below is for resources
-// without one), and a release scans the queue past the waiters of keys at
-// their share, so it costs time proportional to those waiters (bounded by
+// without one). A release that no queued waiter may take (all held back by
+// their shares) frees the slot at once; one that some waiter may take walks
+// the queue, in the discipline's order, past the waiters of keys at their
+// share in front of it, so it costs time proportional to those (bounded by
 // max_waiting). Host scope does not support a per-key share: the
 // constructor refuses the combination.
 //
