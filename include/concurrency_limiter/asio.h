@@ -477,10 +477,28 @@ class AcquireInitiation {
 
   template <class Handler>
   void operator()(Handler&& handler, std::shared_ptr<const ResourceSet> set,
-                  Clock::duration timeout, std::optional<std::string> key) const {
+                  Clock::duration timeout) const {
+    start(std::forward<Handler>(handler), std::make_unique<Acquisition>(std::move(set)),
+          timeout);
+  }
+  // With a key, null for none. (A pointer, not a std::optional: GCC 12
+  // warns, wrongly, of an uninitialised optional<string> carried through
+  // async_initiate.)
+  template <class Handler>
+  void operator()(Handler&& handler, std::shared_ptr<const ResourceSet> set,
+                  Clock::duration timeout, std::unique_ptr<std::string> key) const {
+    std::optional<std::string> k;
+    if (key) k = std::move(*key);
+    start(std::forward<Handler>(handler),
+          std::make_unique<Acquisition>(std::move(set), std::move(k)), timeout);
+  }
+
+ private:
+  template <class Handler>
+  void start(Handler&& handler, std::unique_ptr<Acquisition> acquisition,
+             Clock::duration timeout) const {
     using H = std::decay_t<Handler>;
     auto handler_ex = asio::get_associated_executor(handler, ex_);
-    auto acquisition = std::make_unique<Acquisition>(std::move(set), std::move(key));
     if (acquisition->try_acquire()) {
       // Uncontended: no timer, no bookkeeping, one post.
       asio::post(handler_ex,
@@ -500,7 +518,6 @@ class AcquireInitiation {
     op->start(owner_ex, timeout);
   }
 
- private:
   IoExecutor ex_;
 };
 
@@ -527,7 +544,7 @@ auto async_acquire(const Executor& io_executor, const Limiter& limiter,
   (void)limiter;  // the set carries the resources; the limiter validated it
   return asio::async_initiate<CompletionToken, void(std::error_code, Permit)>(
       detail::AcquireInitiation<Executor>(io_executor), token,
-      std::move(set), timeout, std::optional<std::string>());
+      std::move(set), timeout);
 }
 
 // For client `key` (see "Key" above).
@@ -539,8 +556,8 @@ auto async_acquire(const Executor& io_executor, const Limiter& limiter,
                    CompletionToken&& token) {
   (void)limiter;  // the set carries the resources; the limiter validated it
   return asio::async_initiate<CompletionToken, void(std::error_code, Permit)>(
-      detail::AcquireInitiation<Executor>(io_executor), token,
-      std::move(set), timeout, std::move(key));
+      detail::AcquireInitiation<Executor>(io_executor), token, std::move(set), timeout,
+      key ? std::make_unique<std::string>(std::move(*key)) : nullptr);
 }
 
 // With the limiter's timeout.
