@@ -320,7 +320,7 @@ WaiterNode* HostPool::settle_own_locked(std::uint32_t i, NoticeList& notices,
 bool HostPool::standing_locked(std::int64_t now_ns) {
   host::Header& h = seg_->header;
   const std::uint32_t head = h.queue.head;
-  if (head >= kMaxWaiters || h.waiting <= h.limit.load(std::memory_order_relaxed) ||
+  if (head >= kMaxWaiters || h.waiting <= limit() ||
       now_ns - seg_->entries[head].enqueued_ns <= target_ns_) {
     h.above_target_since_ns = -1;
     return false;
@@ -369,7 +369,7 @@ std::uint32_t HostPool::pick_locked(std::int64_t now_ns, NoticeList& notices,
 }
 
 void HostPool::hand_over_locked(std::int64_t now_ns, NoticeList& notices, Wakes& wakes) {
-  if (seg_->header.in_use > seg_->header.limit.load(std::memory_order_relaxed)) {
+  if (seg_->header.in_use > limit()) {
     // The limit was lowered: retire the slot instead of handing it over.
     --seg_->header.in_use;
     return;
@@ -384,7 +384,7 @@ void HostPool::hand_over_locked(std::int64_t now_ns, NoticeList& notices, Wakes&
 
 void HostPool::fill_locked(std::int64_t now_ns, NoticeList& notices, Wakes& wakes) {
   host::Header& h = seg_->header;
-  while (h.in_use < h.limit.load(std::memory_order_relaxed)) {
+  while (h.in_use < limit()) {
     const std::uint32_t next = pick_locked(now_ns, notices, wakes);
     if (next == kNone) return;
     ++h.in_use;
@@ -434,7 +434,7 @@ bool HostPool::try_grant(bool& measure) noexcept {
   }
   Locked locked(*this);
   host::Header& h = seg_->header;
-  if (h.in_use >= h.limit.load(std::memory_order_relaxed) || h.waiting > 0) return false;
+  if (h.in_use >= limit() || h.waiting > 0) return false;
   ++h.in_use;
   h.peak_in_use = std::max(h.peak_in_use, h.in_use);
   ++me().held;
@@ -451,7 +451,7 @@ Outcome HostPool::enqueue(WaiterNode& node, NoticeList& notices) {
   ensure_registered_locked();
   Locked locked(*this);
   host::Header& h = seg_->header;
-  if (h.in_use < h.limit.load(std::memory_order_relaxed) && h.waiting == 0) {
+  if (h.in_use < limit() && h.waiting == 0) {
     ++h.in_use;
     h.peak_in_use = std::max(h.peak_in_use, h.in_use);
     ++me().held;
@@ -581,19 +581,21 @@ void HostPool::release(bool measured, Clock::time_point granted_at, Clock::time_
   hand_over_locked(now_ns, notices, locked.wakes);
   if (algorithm_.adaptive() && measured && completion != Completion::kIgnored) {
     // Every process's samples feed the one algorithm, under the segment mutex.
-    const std::int64_t limit = algorithm_.update(
+    const std::int64_t wanted = algorithm_.update(
         seg_->header, LimitSample{.end = now,
                                   .service_time = now - granted_at,
-                                  .in_flight = std::max<std::int64_t>(in_flight, 1),
+                                  .in_flight = std::clamp<std::int64_t>(in_flight, 1, capacity_),
                                   .dropped = completion == Completion::kDropped});
-    if (limit != seg_->header.limit.load(std::memory_order_relaxed)) {
-      put_limit_locked(limit, now_ns, notices, locked.wakes);
+    if (wanted != limit()) {
+      put_limit_locked(wanted, now_ns, notices, locked.wakes);
     }
   }
 }
 
 std::int64_t HostPool::limit() const noexcept {
-  return seg_->header.limit.load(std::memory_order_relaxed);
+  // Read from shared memory: bounds-checked like every other value.
+  return std::clamp<std::int64_t>(seg_->header.limit.load(std::memory_order_relaxed), 1,
+                                  capacity_);
 }
 
 void HostPool::set_limit(std::int64_t limit) {
@@ -624,7 +626,7 @@ ResourceStatistics HostPool::statistics() {
   s.in_use = seg_->header.in_use;
   s.waiting = seg_->header.waiting;
   s.peak_in_use = seg_->header.peak_in_use;
-  s.limit = seg_->header.limit.load(std::memory_order_relaxed);
+  s.limit = limit();
   return s;
 }
 
