@@ -18,7 +18,7 @@ import httpx
 import pytest
 from fastapi import FastAPI
 
-from fastapi_concurrency_limiter import Limiter, Resource, ServerBusy
+from fastapi_concurrency_limiter import AdaptiveLimit, Limiter, Resource, ServerBusy
 
 from .conftest import _free_port
 
@@ -73,16 +73,20 @@ def test_the_limit_is_host_wide(name: str) -> None:
 # The AdaptiveLimit of the adaptive host tests: a window is every 2 requests
 # (no minimum time), and a window with a drop halves the limit. Every
 # process must use the same settings.
-_ADAPTIVE = (
-    "AdaptiveLimit(initial_limit=8, window=0, min_window_samples=2, backoff=0.5, drop_rate=0)"
-)
+_ADAPTIVE = {
+    "initial_limit": 8,
+    "window": 0,
+    "min_window_samples": 2,
+    "backoff": 0.5,
+    "drop_rate": 0,
+}
 
 # A worker process: on each line of stdin, "drop" makes one request that
 # fails (a dropped sample), "stats" prints the limit its statistics show.
 _ADAPTIVE_WORKER = """
 import asyncio, sys
 from fastapi_concurrency_limiter import AdaptiveLimit, Limiter, Resource
-db = Resource(8, name=sys.argv[1], scope="host", adaptive=ADAPTIVE)
+db = Resource(8, name=sys.argv[1], scope="host", adaptive=AdaptiveLimit(**ADAPTIVE))
 limiter = Limiter(timeout=10, resources=[db])
 
 async def drop():
@@ -97,7 +101,7 @@ for line in sys.stdin:
     if line.strip() == "drop":
         asyncio.run(drop())
     print(db.statistics().limit, flush=True)
-""".replace("ADAPTIVE", _ADAPTIVE)
+""".replace("ADAPTIVE", repr(_ADAPTIVE))
 
 
 def test_adaptive_host_resource_one_limit_fed_by_every_worker(name: str) -> None:
@@ -142,16 +146,12 @@ def test_adaptive_host_resource_one_limit_fed_by_every_worker(name: str) -> None
             w.kill()
             w.wait()
     # This process opens it too, with the same settings, and sees the same.
-    from fastapi_concurrency_limiter import AdaptiveLimit
-
-    db = Resource(8, name=name, scope="host", adaptive=eval(_ADAPTIVE))
+    db = Resource(8, name=name, scope="host", adaptive=AdaptiveLimit(**_ADAPTIVE))
     assert db.adaptive
     assert db.limit == db.statistics().limit == 2
 
 
 def test_adaptive_settings_must_match_across_processes(name: str) -> None:
-    from fastapi_concurrency_limiter import AdaptiveLimit
-
     Resource(4, name=name, scope="host", adaptive=True)
     with pytest.raises(ValueError, match="adaptive=GradientLimit.*adaptive=False"):
         Resource(4, name=name, scope="host")
