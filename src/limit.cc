@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <stdexcept>
 #include <string>
 #include <utility>
@@ -61,6 +62,15 @@ double initial(std::int64_t min_limit, std::int64_t initial_limit,
   return static_cast<double>(initial_limit);
 }
 
+// A bool copied from bytes that may be damaged (shared memory) holds 0 or 1
+// afterwards; it is read as a byte, never as a bool that might be neither.
+void make_valid(bool& b) noexcept {
+  unsigned char byte;
+  std::memcpy(&byte, &b, 1);
+  byte = byte != 0 ? 1 : 0;
+  std::memcpy(&b, &byte, 1);
+}
+
 // `x` clamped to [lo, hi]; lo if it is not a number.
 double in_range(double x, double lo, double hi) {
   return std::isfinite(x) ? std::clamp(x, lo, hi) : lo;
@@ -100,6 +110,7 @@ std::optional<SampleWindow::Summary> SampleWindow::add(const LimitSample& s) {
 void SampleWindow::repair(Clock::duration min_time, std::int64_t min_samples) noexcept {
   min_time_ = min_time;
   min_samples_ = min_samples;
+  make_valid(started_);
   const bool ok = samples_ >= 0 && drops_ >= 0 && drops_ <= samples_ &&
                   max_in_flight_ >= 0 && std::isfinite(latency_sum_) &&
                   latency_sum_ >= 0.0 && std::isfinite(in_flight_sum_) &&
@@ -134,7 +145,7 @@ std::int64_t AimdLimit::start(std::int64_t capacity) {
 }
 
 void AimdLimit::restore(const State& state, std::int64_t capacity) noexcept {
-  s_ = state;
+  std::memcpy(static_cast<void*>(&s_), &state, sizeof s_);  // bytes: see make_valid()
   s_.window.repair(o_.window, o_.min_window_samples);
   s_.max = static_cast<double>(capacity);
   s_.limit = in_range(s_.limit, static_cast<double>(o_.min_limit), s_.max);
@@ -176,7 +187,7 @@ std::int64_t GradientLimit::start(std::int64_t capacity) {
 }
 
 void GradientLimit::restore(const State& state, std::int64_t capacity) noexcept {
-  s_ = state;
+  std::memcpy(static_cast<void*>(&s_), &state, sizeof s_);  // bytes: see make_valid()
   s_.window.repair(o_.window, o_.min_window_samples);
   s_.max = static_cast<double>(capacity);
   s_.limit = in_range(s_.limit, static_cast<double>(o_.min_limit), s_.max);
@@ -191,7 +202,9 @@ void GradientLimit::restore(const State& state, std::int64_t capacity) noexcept 
     s_.probed = false;
     s_.probe_latency = s_.probe_in_flight = 0.0;
   }
-  // bool fields copied from foreign bytes may hold other values than 0/1.
+  make_valid(s_.no_load_trusted);
+  make_valid(s_.probed);
+  make_valid(s_.changed);
   s_.no_load_trusted = s_.no_load_trusted && s_.no_load > 0.0;
   s_.probed = s_.probed && s_.probe_in_flight > 0.0;
   s_.changed = s_.changed && s_.changed_at != Clock::time_point{};

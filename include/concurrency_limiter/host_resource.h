@@ -90,6 +90,8 @@ struct HostProcessInfo {
 struct HostResourceInfo {
   std::string name;
   std::int64_t capacity = 0;
+  std::int64_t limit = 0;     // in force now, 1..capacity
+  bool adaptive = false;      // a limit algorithm moves the limit
   std::optional<std::int64_t> max_waiting;
   QueueDiscipline queue = QueueDiscipline::kFifo;
   std::int64_t in_use = 0;

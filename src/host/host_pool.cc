@@ -7,9 +7,9 @@
 #include <unistd.h>
 
 #include <algorithm>
-#include <cstring>
 #include <atomic>
 #include <chrono>
+#include <cstring>
 #include <map>
 #include <stdexcept>
 #include <thread>
@@ -603,6 +603,9 @@ void HostPool::set_limit(std::int64_t limit) {
   NoticeList notices;  // fired after every lock is released
   {
     std::lock_guard lock(mu_);
+    // Registered (again, in a forked child) so that the grants decided here
+    // tell this process's waiters, not the parent's.
+    ensure_registered_locked();
     Locked locked(*this);
     put_limit_locked(limit, now_ns, notices, locked.wakes);
   }

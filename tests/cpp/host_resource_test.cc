@@ -564,6 +564,8 @@ TEST(HostResource, SetLimitInOneProcessIsTheLimitOfEveryProcess) {
   EXPECT_TRUE(b);
   EXPECT_FALSE(c);
   EXPECT_EQ(info_of(name).in_use, 2);
+  EXPECT_EQ(info_of(name).limit, 2);
+  EXPECT_FALSE(info_of(name).adaptive);
   EXPECT_THROW(db->set_limit(5), std::invalid_argument);
   EXPECT_THROW(db->set_limit(0), std::invalid_argument);
 }
@@ -601,6 +603,7 @@ TEST(HostResource, SamplesOfEveryProcessFeedOneAlgorithm) {
   Cleanup cleanup{name};
   auto db = adaptive_host_resource(name, 8);
   EXPECT_TRUE(db->adaptive());
+  EXPECT_TRUE(info_of(name).adaptive);
   EXPECT_EQ(db->limit(), 8);
   // A window is 2 samples. One drop here and one in another process close
   // one window with drops: the shared limit halves. Separate algorithms

@@ -68,6 +68,12 @@ def test_the_limit_is_host_wide(name: str) -> None:
     assert db.limit == 3
     with pytest.raises(ValueError, match="limit .* must be an integer in \\[1, capacity=4\\]"):
         db.set_limit(5)
+    cmd = [sys.executable, "-m", "fastapi_concurrency_limiter", "status"]
+    status = json.loads(subprocess.run(cmd + ["--json"], capture_output=True, text=True).stdout)
+    mine = [r for r in status if r["name"] == name]
+    assert (mine[0]["capacity"], mine[0]["limit"], mine[0]["adaptive"]) == (4, 3, False)
+    text = subprocess.run(cmd, capture_output=True, text=True).stdout
+    assert f"{name}: capacity 4, limit 3, in use 0" in text
 
 
 # The AdaptiveLimit of the adaptive host tests: a window is every 2 requests
