@@ -8,8 +8,7 @@ from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any
 
-from fastapi import FastAPI
-from fastapi.routing import APIRoute
+from fastapi import FastAPI, routing
 
 from ._asgi import LimitedApp
 from ._errors import Rejection
@@ -64,10 +63,17 @@ def _route_gates(dependant: Dependant, gates: Gates) -> Iterator[Gate]:
             yield gate
 
 
+# Recent FastAPI keeps an included router's routes behind one entry, and
+# gives each its effective dependencies through this.
+_contexts: Callable[[Iterable[Any]], Iterable[Any]] = getattr(
+    routing, "iter_route_contexts", lambda routes: routes
+)
+
+
 def _walk(routes: Iterable[Any], gates: Gates, outer: tuple[Gate, ...]) -> Iterator[
     tuple[Any, tuple[Gate, ...]]
 ]:
-    for route in routes:
+    for route in _contexts(routes):
         app = getattr(route, "app", None)
         inner = outer + ((app._gate,) if isinstance(app, LimitedApp) else ())
         dependant = getattr(route, "dependant", None)
@@ -88,7 +94,7 @@ def document_busy_responses(app: FastAPI, gates: Gates) -> None:
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
             for route, route_gates in _walk(app.routes, gates, ()):
-                if isinstance(route, APIRoute) and route_gates:
+                if route_gates and isinstance(getattr(route, "responses", None), dict):
                     rejection = route_gates[-1].rejection
                     route.responses.setdefault(rejection.status_code, busy_response(rejection))
         return generate()
