@@ -65,7 +65,10 @@ async def refuse(
     if _DENIAL in (scope.get("extensions") or {}):
 
         async def deny(message: Message) -> None:
-            message["type"] = "websocket." + message["type"]
+            # Recent Starlette responses name the messages themselves in a
+            # WebSocket scope; older ones send the HTTP ones.
+            if not message["type"].startswith("websocket."):
+                message = {**message, "type": "websocket." + message["type"]}
             await send(message)
 
         await response(scope, _nothing_to_read, deny)
