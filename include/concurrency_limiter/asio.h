@@ -144,6 +144,7 @@ inline std::string outcome_message(int value, std::string_view resource) {
     case Outcome::kShed: return "shed from the queue of " + on;
     case Outcome::kDisconnected: return "client disconnected while waiting for " + on;
     case Outcome::kCancelled: return "cancelled while waiting for " + on;
+    case Outcome::kKeyLimit: return "key at its per-key share of " + on;
     case Outcome::kPending: return "still waiting for " + on;
   }
   return "unknown outcome";

@@ -56,7 +56,7 @@ class Gate:
         acquisition = (
             _core.Acquisition(self._rset)
             if key is None
-            else _core.Acquisition(self._rset, key)  # type: ignore[call-arg]
+            else _core.Acquisition(self._rset, key)
         )
         granted: Releasable = acquisition
         acquired = acquisition.try_acquire()

@@ -29,8 +29,8 @@ REASONS = (
     "shed",
     "disconnected",
     "cancelled",
-    "unavailable",
     "key_limit",
+    "unavailable",
 )
 
 
@@ -52,10 +52,12 @@ class ServerBusy(_HTTPException):
         reason: ``"timeout"`` (no slot within the timeout), ``"queue_full"``
             (the resource's queue was at ``max_waiting``), ``"shed"`` (the
             adaptive queue dropped it early), ``"disconnected"`` (the client
-            left while it waited), ``"cancelled"``, ``"unavailable"``
+            left while it waited), ``"cancelled"``, ``"key_limit"`` (the
+            request's key already held its ``per_key`` share of the
+            resource, which had room for other keys, until the timeout), or
+            ``"unavailable"``
             (a cluster-scoped resource's Redis could not be reached, see
-            ``RedisScope``'s ``on_error``), or ``"key_limit"`` (the
-            request's key already held its share of a ``per_key`` resource).
+            ``RedisScope``'s ``on_error``).
         retry_after: seconds sent in the ``Retry-After`` header, or ``None``.
         status_code: the HTTP status (``Limiter(status_code=...)``, 503 by
             default).

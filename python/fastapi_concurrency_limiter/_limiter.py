@@ -274,7 +274,11 @@ class Limiter:
         return Gate(self, selection, own_timeout)
 
     def acquire(
-        self, resources: Sequence[Resource], *, timeout: float | None = None
+        self,
+        resources: Sequence[Resource],
+        *,
+        timeout: float | None = None,
+        key: str | None = None,
     ) -> _Hold:
         """Holds ``resources`` for the body of an ``async with`` block, for
         code that is not a route (background jobs, scripts)::
@@ -287,10 +291,22 @@ class Limiter:
         the calling task holds a slot that makes waiting a possible
         deadlock. The returned object may be kept and entered again, also
         concurrently.
+
+        ``key`` names the client the slots are for (an API key, a user, a
+        tenant): on resources created with ``per_key=N`` it holds at most
+        ``N`` slots, waits without holding up other keys beyond that, and is
+        refused with reason ``"key_limit"`` if it was held back by its share
+        until the timeout. ``None`` (default): exempt from per-key shares,
+        counted in the total. Resources without ``per_key`` ignore it::
+
+            async with limiter.acquire([db], key=request.headers.get("x-api-key")):
+                ...
         """
         selection = self._select(resources)
         own_timeout = None if timeout is None else check_seconds("timeout", timeout)
-        return _Hold(self, selection, own_timeout)
+        if key is not None and not isinstance(key, str):
+            raise TypeError(f"key must be a str or None, got {type(key).__name__} {key!r}")
+        return _Hold(self, selection, own_timeout, key)
 
     def instrument(self, app: FastAPI) -> None:
         """Documents the rejection response (body schema and ``Retry-After``)
@@ -336,12 +352,19 @@ class _Hold:
     back to the newest entry made by the exiting task.
     """
 
-    __slots__ = ("_limiter", "_selection", "_timeout", "_entries", "_outer")
+    __slots__ = ("_limiter", "_selection", "_timeout", "_key", "_entries", "_outer")
 
-    def __init__(self, limiter: Limiter, selection: Selection, timeout: float | None) -> None:
+    def __init__(
+        self,
+        limiter: Limiter,
+        selection: Selection,
+        timeout: float | None,
+        key: str | None = None,
+    ) -> None:
         self._limiter = limiter
         self._selection = selection
         self._timeout = timeout
+        self._key = key
         # The frame objects are kept while their entry lasts, so that no
         # other frame can reuse the key.
         self._entries: dict[FrameType, tuple[Releasable, Holds]] = {}
@@ -357,7 +380,7 @@ class _Hold:
             holds = holds_of(task)
         elif holds:
             check(holds, selection)
-        acquisition = _core.Acquisition(selection.rset)
+        acquisition = _core.Acquisition(selection.rset, self._key)
         granted: Releasable = acquisition
         if not acquisition.try_acquire():
             limiter = self._limiter
@@ -573,7 +596,7 @@ def _limit(
         elif holds:
             check(holds, selection)
         acquisition = (
-            Acquisition(rset, kwargs.pop(_KEY_PARAM))  # type: ignore[call-arg]
+            Acquisition(rset, kwargs.pop(_KEY_PARAM))
             if keyed
             else Acquisition(rset)
         )
