@@ -386,14 +386,19 @@ class _Hold:
             limiter = self._limiter
             timeout = limiter._timeout if self._timeout is None else self._timeout
             started = running_loop_time()
-            await wait(acquisition, timeout, limiter._retry_after)
+            await wait(acquisition, timeout, limiter._retry_after, rejection=limiter._rejection)
         elif selection.clusters:
             limiter = self._limiter
             timeout = limiter._timeout if self._timeout is None else self._timeout
             started = running_loop_time()
         if selection.clusters:
             granted = await with_cluster(
-                acquisition, selection.clusters, started, timeout, limiter._retry_after
+                acquisition,
+                selection.clusters,
+                started,
+                timeout,
+                limiter._retry_after,
+                rejection=limiter._rejection,
             )
         holds.append(selection)
         entries = self._entries
