@@ -96,3 +96,13 @@ def test_bad_rejection_arguments_are_refused_at_construction(
 ) -> None:
     with pytest.raises(error, match=match):
         Limiter(timeout=1, resources=[Resource(1)], **kwargs)  # type: ignore[arg-type]
+
+
+async def test_acquire_raises_server_busy_with_the_limiters_status_and_detail() -> None:
+    db = Resource(1, name="db")
+    limiter = Limiter(timeout=0, resources=[db], status_code=429, detail="later", retry_after=None)
+    async with held_elsewhere(limiter, [db]):
+        with pytest.raises(ServerBusy) as busy:
+            async with limiter.acquire([db]):
+                pass
+    assert (busy.value.status_code, busy.value.detail, busy.value.headers) == (429, "later", None)

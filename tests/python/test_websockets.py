@@ -155,3 +155,19 @@ async def test_websocket_refusal_uses_the_limiters_status_and_detail() -> None:
                 await connect(ws_url)
     assert refused.value.response.status_code == 429
     assert json.loads(refused.value.response.body) == {"detail": "slow down"}
+
+
+@pytest.mark.parametrize("make", [fastapi_app, starlette_app], ids=["decorator", "asgi"])
+async def test_client_that_leaves_while_waiting_leaves_the_queue(make) -> None:  # type: ignore[no-untyped-def]
+    db = Resource(1, name="db")
+    limiter = Limiter(timeout=30, resources=[db])
+    with serve(make(db, limiter)) as url:
+        ws_url = url.replace("http://", "ws://") + "/ws"
+        async with connect(ws_url) as holder:
+            waiter = asyncio.ensure_future(connect(ws_url))
+            await eventually(lambda: db.waiting == 1)
+            waiter.cancel()  # the client gives up during the handshake
+            await eventually(lambda: db.waiting == 0)
+            assert db.statistics().rejected_total["disconnected"] == 1
+            assert await _say(holder, "a") == "1:a"
+    await eventually(lambda: db.in_use == 0)
