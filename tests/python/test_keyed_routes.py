@@ -10,11 +10,13 @@ from typing import Any
 
 import httpx
 import pytest
-from fastapi import APIRouter, Depends, FastAPI, Header, Request
+from fastapi import APIRouter, Depends, FastAPI, Header, Request, WebSocket
 from starlette.applications import Starlette
 from starlette.requests import HTTPConnection
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
+from websockets.asyncio.client import connect
+from websockets.exceptions import InvalidStatus
 
 from fastapi_concurrency_limiter import Limiter, Resource
 
@@ -131,3 +133,25 @@ def test_key_that_is_not_callable_is_refused_at_start_up() -> None:
     for make in (limiter.resources, limiter.dependency, limiter.asgi):
         with pytest.raises(TypeError, match="key must be a callable"):
             make([db], key="x-api-key")  # type: ignore[operator]
+
+
+async def test_websocket_connections_are_limited_per_key() -> None:
+    db = Resource(3, name="db", per_key=1)
+    limiter = Limiter(timeout=0.05, resources=[db])
+    app = FastAPI()
+
+    @app.websocket("/ws")
+    @limiter.resources([db], key=lambda websocket: websocket.headers.get("x-api-key"))
+    async def ws(websocket: WebSocket) -> None:
+        await websocket.accept()
+        await websocket.receive_text()
+
+    with serve(app) as url:
+        ws_url = url.replace("http://", "ws://") + "/ws"
+        async with connect(ws_url, additional_headers={"x-api-key": "a"}):
+            with pytest.raises(InvalidStatus):
+                await connect(ws_url, additional_headers={"x-api-key": "a"})
+            async with connect(ws_url, additional_headers={"x-api-key": "b"}):
+                await eventually(lambda: db.in_use == 2)
+    assert db.statistics().rejected_total["key_limit"] == 1
+    await eventually(lambda: db.in_use == 0)
