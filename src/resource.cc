@@ -343,10 +343,11 @@ void Resource::erase_key_if_idle_locked(KeyMap::iterator it) {
   }
 }
 
-detail::WaiterNode* Resource::first_eligible_locked(bool from_head) const {
+detail::WaiterNode* Resource::first_eligible_locked(bool from_head) {
   for (detail::WaiterNode* n = from_head ? head_ : tail_; n != nullptr;
        n = from_head ? n->next_ : n->prev_) {
     if (n->key_count_ == nullptr || n->key_count_->held < per_key_) return n;
+    n->held_back_ = true;  // a slot is there, its share keeps it out
   }
   return nullptr;
 }
@@ -435,11 +436,10 @@ State Resource::abandon(detail::WaiterNode& node, Outcome reason) {
   detail::MutexLock lock(mu_);
   const State state = node.state_;
   if (state == State::kQueued) {
-    // Held back by its key's share while others could have had a slot.
-    if (reason == Outcome::kTimeout && node.key_count_ != nullptr &&
-        node.key_count_->held >= per_key_ &&
-        in_use_of(word_.load(std::memory_order_relaxed)) <
-            limit_.load(std::memory_order_relaxed)) {
+    // Its key's share kept it from a slot the resource had, and still
+    // holds it back: that, not the resource, is why it waited in vain.
+    if (reason == Outcome::kTimeout && node.held_back_ &&
+        node.key_count_ != nullptr && node.key_count_->held >= per_key_) {
       reason = Outcome::kKeyLimit;
     }
     unlink(node);
@@ -545,6 +545,9 @@ void Resource::link_tail(detail::WaiterNode& node, Clock::time_point now) {
     node.key_count_ = &count;
   }
   node.enqueued_at_ = now;
+  // Queued with a slot free: only its key's share can be the reason.
+  node.held_back_ = per_key_ != 0 && in_use_of(word_.load(std::memory_order_relaxed)) <
+                                         limit_.load(std::memory_order_relaxed);
   node.state_ = State::kQueued;
   node.outcome_ = Outcome::kPending;
   node.next_ = nullptr;

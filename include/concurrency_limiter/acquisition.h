@@ -32,8 +32,8 @@
 // resource with a per-key share (ResourceOptions::per_key, see resource.h)
 // the key holds at most that many slots, and a request whose key is at its
 // share waits without holding up requests of other keys; if its deadline
-// passes while it is held back that way (the resource had room for others),
-// it is rejected with kKeyLimit instead of kTimeout. std::nullopt (the
+// passes while it is held back that way (its share kept it from a slot the
+// resource had for others), it is rejected with kKeyLimit, not kTimeout. std::nullopt (the
 // default) is exempt from every per-key share but counts toward the total.
 // Resources without a per-key share ignore the key.
 //

@@ -22,8 +22,8 @@ enum class Outcome : std::uint8_t {
   kDisconnected, // the client went away while waiting (set by the front end)
   kCancelled,    // the caller cancelled the wait
   kKeyLimit,     // the deadline passed while the request's key held its
-                 // whole per-key share of a resource that had room for
-                 // other keys (ResourceOptions::per_key)
+                 // whole per-key share, which had kept it from a slot the
+                 // resource had for other keys (ResourceOptions::per_key)
   kPending,      // still queued; the completion callback will say how it ends
 };
 

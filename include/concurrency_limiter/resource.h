@@ -47,9 +47,11 @@
 // other, but it does not hold up the requests behind it: a freed slot goes,
 // in the discipline's order, to the first waiter whose key is below its share
 // (or that has no key), and a newcomer takes a free slot at once if its key
-// has room and no waiter that could use the slot is queued. A waiter that
-// times out while its key held its whole share and the resource had room for
-// other keys is rejected with kKeyLimit instead of kTimeout. A request
+// has room and no waiter that could use the slot is queued. A waiter whose
+// deadline passes while its key holds its whole share, after that share kept
+// it from a slot the resource had (free, or handed to another key past it),
+// is rejected with kKeyLimit instead of kTimeout; one that only ever waited
+// for a full resource gets kTimeout. A request
 // without a key (std::nullopt) is exempt from the share but counts toward
 // the total, which is what protects the resource. The per-key state (a count
 // of held slots and of waiters) exists only while the key holds or waits for
@@ -214,6 +216,9 @@ class WaiterNode {
   // While queued on a resource with a per-key share and key_ is set: the
   // key's entry in that resource's key map; guarded by the resource's mu_.
   KeyCount* key_count_ = nullptr;
+  // Per-key shares: whether the node's share has kept it from a slot the
+  // resource had (see kKeyLimit); guarded by the resource's mu_.
+  bool held_back_ = false;
 };
 
 // Nodes whose fate was decided under a resource's mutex and whose owners must
@@ -489,7 +494,8 @@ class Resource : public std::enable_shared_from_this<Resource> {
   // nothing.
   void erase_key_if_idle_locked(KeyMap::iterator it) CL_REQUIRES(mu_);
   // The first waiter, in the order `from_head`, that a free slot may go to.
-  detail::WaiterNode* first_eligible_locked(bool from_head) const CL_REQUIRES(mu_);
+  // Marks the waiters it passes over as held back by their share.
+  detail::WaiterNode* first_eligible_locked(bool from_head) CL_REQUIRES(mu_);
   void note_rejection_locked(Outcome reason) CL_REQUIRES(mu_);
   void link_tail(detail::WaiterNode& node, Clock::time_point now) CL_REQUIRES(mu_);
   void unlink(detail::WaiterNode& node) CL_REQUIRES(mu_);

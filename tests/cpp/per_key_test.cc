@@ -134,6 +134,30 @@ TEST(PerKey, TimeoutWhileHeldBackByTheShareIsKeyLimit) {
   EXPECT_EQ(to_string(Outcome::kKeyLimit), "key_limit");
 }
 
+TEST(PerKey, HeldBackByTheShareStaysKeyLimitOnceOthersFillTheResource) {
+  auto db = keyed(3, 1);
+  Request a1(db, "A"), a2(db, "A");
+  ASSERT_EQ(a1.start(), Outcome::kGranted);
+  ASSERT_EQ(a2.start(), Outcome::kPending);  // two slots free, A at its share
+  Request b(db, "B"), c(db, "C");
+  ASSERT_EQ(b.start(), Outcome::kGranted);
+  ASSERT_EQ(c.start(), Outcome::kGranted);  // full now
+  a2.acq.expire();
+  EXPECT_EQ(a2.rec.outcomes, std::vector<Outcome>{Outcome::kKeyLimit});
+}
+
+TEST(PerKey, PassedOverByAFreedSlotIsKeyLimit) {
+  auto db = keyed(2, 1);
+  Request a1(db, "A"), b1(db, "B"), a2(db, "A");
+  ASSERT_EQ(a1.start(), Outcome::kGranted);
+  ASSERT_EQ(b1.start(), Outcome::kGranted);
+  ASSERT_EQ(a2.start(), Outcome::kPending);  // the resource is full
+  b1.acq.release();  // the freed slot cannot go to a2
+  EXPECT_TRUE(a2.rec.outcomes.empty());
+  a2.acq.expire();
+  EXPECT_EQ(a2.rec.outcomes, std::vector<Outcome>{Outcome::kKeyLimit});
+}
+
 TEST(PerKey, TimeoutOfAFullResourceIsTimeout) {
   auto db = keyed(2, 1);
   Request a1(db, "A"), b1(db, "B"), a2(db, "A");
