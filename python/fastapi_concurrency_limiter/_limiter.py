@@ -11,6 +11,7 @@ from types import FrameType, TracebackType
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import WebSocketException
 from starlette.requests import HTTPConnection, Request
 from starlette.types import ASGIApp
 from starlette.websockets import WebSocket
@@ -18,7 +19,7 @@ from starlette.websockets import WebSocket
 from . import _core
 from ._adaptive import SUCCESS, completion_of
 from ._admission import Gate
-from ._asgi import KeyOf, LimitedApp, OnReject, refuse
+from ._asgi import TRY_AGAIN_LATER, KeyOf, LimitedApp, OnReject, refuse
 from ._clustered import Releasable, running_loop_time, with_cluster
 from ._errors import BUSY_DETAIL, Rejection, ServerBusy
 from ._holding import Holds, Selection, check, current_task, holds_of, leave, running_loop, task_on
@@ -197,14 +198,24 @@ class Limiter:
         Same order rules (ValueError here), timeout, 503, disconnect
         handling, deadlock check and ``key`` as the decorator. When the slots
         are given back depends on FastAPI's handling of dependencies with
-        ``yield``: see the README's "Limiting a router". For HTTP routes;
-        limit WebSocket endpoints with the decorator or ``asgi()``.
+        ``yield``: see the README's "Limiting a router". On a WebSocket
+        route the connection holds the slots for its life; one turned away
+        is closed before it is accepted (``WebSocketException`` 1013, which
+        the server answers with HTTP 403): the decorator and ``asgi()``
+        refuse with the limiter's status instead.
         """
         gate = self._gate(resources, timeout)
         key_dependency = _key_dependency(key, gate)
 
-        async def limit(request: Request, **kwargs: Any) -> AsyncIterator[None]:
-            granted, holds = await gate.admit(request, kwargs.get(_KEY_PARAM))
+        async def limit(connection: HTTPConnection, **kwargs: Any) -> AsyncIterator[None]:
+            try:
+                granted, holds = await gate.admit(connection, kwargs.get(_KEY_PARAM))
+            except ServerBusy as exc:
+                if connection.scope["type"] == "websocket":
+                    # A dependency cannot answer the handshake itself: the
+                    # close before accept is refused with HTTP 403.
+                    raise WebSocketException(TRY_AGAIN_LATER, "Server busy") from exc
+                raise
             try:
                 yield
             except BaseException as exc:
@@ -213,7 +224,9 @@ class Limiter:
             gate.release(granted, holds)
 
         sig = inspect.Signature([
-            inspect.Parameter("request", inspect.Parameter.KEYWORD_ONLY, annotation=Request)
+            inspect.Parameter(
+                "connection", inspect.Parameter.KEYWORD_ONLY, annotation=HTTPConnection
+            )
         ])
         if key_dependency is not None:
             sig = _with_param(sig, _KEY_PARAM, Any, key_dependency)

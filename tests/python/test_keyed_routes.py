@@ -16,7 +16,7 @@ from starlette.requests import HTTPConnection
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from websockets.asyncio.client import connect
-from websockets.exceptions import InvalidStatus
+from websockets.exceptions import ConnectionClosedError, InvalidStatus
 
 from fastapi_concurrency_limiter import Limiter, Resource
 
@@ -149,8 +149,14 @@ async def test_websocket_connections_are_limited_per_key() -> None:
     with serve(app) as url:
         ws_url = url.replace("http://", "ws://") + "/ws"
         async with connect(ws_url, additional_headers={"x-api-key": "a"}):
-            with pytest.raises(InvalidStatus):
-                await connect(ws_url, additional_headers={"x-api-key": "a"})
+            try:  # refused: 503 where the server offers the denial response, else 1013
+                refused = await connect(ws_url, additional_headers={"x-api-key": "a"})
+            except InvalidStatus as e:
+                assert e.response.status_code == 503
+            else:
+                with pytest.raises(ConnectionClosedError) as closed:
+                    await refused.recv()
+                assert closed.value.rcvd is not None and closed.value.rcvd.code == 1013
             async with connect(ws_url, additional_headers={"x-api-key": "b"}):
                 await eventually(lambda: db.in_use == 2)
     assert db.statistics().rejected_total["key_limit"] == 1

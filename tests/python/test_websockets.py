@@ -8,7 +8,7 @@ import json
 from typing import Any
 
 import pytest
-from fastapi import FastAPI, WebSocket
+from fastapi import Depends, FastAPI, WebSocket
 from starlette.applications import Starlette
 from starlette.routing import WebSocketRoute
 from starlette.types import Receive, Scope, Send
@@ -171,3 +171,23 @@ async def test_client_that_leaves_while_waiting_leaves_the_queue(make) -> None: 
             assert db.statistics().rejected_total["disconnected"] == 1
             assert await _say(holder, "a") == "1:a"
     await eventually(lambda: db.in_use == 0)
+
+
+async def test_app_wide_dependency_limits_websocket_routes_too() -> None:
+    db = Resource(1, name="db")
+    limiter = Limiter(timeout=0.05, resources=[db])
+    app = FastAPI(dependencies=[Depends(limiter.dependency([db]))])
+
+    @app.websocket("/ws")
+    async def ws(websocket: WebSocket) -> None:
+        await _echo(websocket, db)
+
+    with serve(app) as url:
+        ws_url = url.replace("http://", "ws://") + "/ws"
+        async with connect(ws_url) as holder:
+            assert await _say(holder, "a") == "1:a"  # held for the connection's life
+            with pytest.raises(InvalidStatus) as refused:
+                await connect(ws_url)
+            assert refused.value.response.status_code == 403
+    await eventually(lambda: db.in_use == 0)
+    assert db.statistics().rejected_total["timeout"] == 1
