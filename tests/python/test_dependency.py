@@ -245,3 +245,21 @@ async def test_instrument_documents_the_503_of_a_router_limited_by_a_dependency(
     paths = a.app.openapi()["paths"]
     assert "503" in paths["/work"]["get"]["responses"]
     assert "503" not in paths["/free"]["get"]["responses"]
+
+
+async def test_limited_mount_over_a_route_limited_again_fails_at_start_up() -> None:
+    db = Resource(1, name="db")
+    limiter = Limiter(timeout=1, resources=[db])
+    inner = FastAPI()
+
+    @inner.get("/again")
+    @limiter.resources([db])
+    async def again() -> dict[str, int]:
+        return {"ok": 1}
+
+    app = FastAPI()
+    app.mount("/inner", limiter.asgi([db])(inner))
+    limiter.instrument(app)
+    with pytest.raises(ValueError, match="'/again' is limited twice"):
+        async with app.router.lifespan_context(app):
+            pass
