@@ -153,4 +153,6 @@ class LimitedApp:
     def __getattr__(self, name: str) -> Any:
         # Starlette reads attributes of a mounted app (``routes``, for
         # url_path_for): show the wrapped app's.
+        if name == "app":  # not set yet (a copy being made)
+            raise AttributeError(name)
         return getattr(self.app, name)

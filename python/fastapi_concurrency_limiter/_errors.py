@@ -87,7 +87,7 @@ class Rejection:
     """What a limiter answers a request it turns away: status, ``detail`` and
     ``Retry-After``, validated once at construction."""
 
-    __slots__ = ("retry_after", "status_code", "detail", "body")
+    __slots__ = ("retry_after", "status_code", "detail")
 
     def __init__(self, retry_after: int | None, status_code: int, detail: object) -> None:
         check_int("retry_after", retry_after, minimum=0, allow_none=True)
@@ -98,10 +98,8 @@ class Rejection:
             )
         if not 400 <= status_code <= 599:
             raise ValueError(f"status_code must be an int in 400..599, got {status_code!r}")
-        try:
-            body = json.dumps(
-                {"detail": detail}, ensure_ascii=False, allow_nan=False, separators=(",", ":")
-            ).encode()
+        try:  # as Starlette's JSONResponse will
+            json.dumps({"detail": detail}, ensure_ascii=False, allow_nan=False)
         except (TypeError, ValueError) as e:
             raise TypeError(
                 f"detail must be JSON-serialisable (str, number, bool, None, list, dict), "
@@ -110,23 +108,8 @@ class Rejection:
         self.retry_after = retry_after
         self.status_code = status_code
         self.detail = detail
-        #: The JSON body as Starlette's JSONResponse would send it.
-        self.body = body
 
     def error(self, resource: str, reason: str) -> ServerBusy:
         return ServerBusy(
             resource, reason, self.retry_after, status_code=self.status_code, detail=self.detail
         )
-
-    def headers(self) -> list[tuple[bytes, bytes]]:
-        headers = [
-            (b"content-type", b"application/json"),
-            (b"content-length", str(len(self.body)).encode()),
-        ]
-        if self.retry_after is not None:
-            headers.append((b"retry-after", str(self.retry_after).encode()))
-        return headers
-
-
-#: The original package's rejection.
-DEFAULT_REJECTION = Rejection(1, 503, BUSY_DETAIL)
