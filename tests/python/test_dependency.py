@@ -9,7 +9,7 @@ import threading
 import fastapi
 import httpx
 import pytest
-from fastapi import APIRouter, Depends, FastAPI
+from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import StreamingResponse
 
 from fastapi_concurrency_limiter import Limiter, Resource
@@ -263,3 +263,24 @@ async def test_limited_mount_over_a_route_limited_again_fails_at_start_up() -> N
     with pytest.raises(ValueError, match="'/again' is limited twice"):
         async with app.router.lifespan_context(app):
             pass
+
+
+async def test_body_read_while_waiting_reaches_the_endpoint_on_a_real_server() -> None:
+    db = Resource(1, name="db")
+    limiter = Limiter(timeout=30, resources=[db])
+    app = FastAPI()
+    router = APIRouter(dependencies=[Depends(limiter.dependency([db]))])
+
+    @router.post("/echo")
+    async def echo(request: Request) -> object:
+        return await request.json()
+
+    app.include_router(router)
+    payload = {"message": "x" * 70_000}  # several body chunks
+    with serve(app) as url:
+        async with httpx.AsyncClient(base_url=url, timeout=30) as client:
+            async with held_elsewhere(limiter, [db]):
+                post = asyncio.ensure_future(client.post("/echo", json=payload))
+                await eventually(lambda: db.waiting == 1)
+            r = await post
+    assert r.status_code == 200 and r.json() == payload
