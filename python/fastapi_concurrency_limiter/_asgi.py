@@ -60,7 +60,9 @@ async def refuse(
             response = await response
     scope = connection.scope
     if scope["type"] == "http":
-        await response(scope, _nothing_to_read, send)
+        # The request's own channel: a streamed rejection body watches it
+        # for a client that leaves.
+        await response(scope, connection._receive, send)  # type: ignore[attr-defined]
         return
     if _DENIAL in (scope.get("extensions") or {}):
 
@@ -78,7 +80,7 @@ async def refuse(
 
 
 async def _nothing_to_read() -> Message:
-    # A rejection's response never reads the request.
+    # A denial response has no request body to read.
     return {"type": "http.disconnect"}
 
 
