@@ -34,11 +34,18 @@ from .redis import RedisScopeError
 
 try:
     import redis.asyncio as aioredis
+    from redis.asyncio.cluster import RedisCluster
     from redis.asyncio.retry import Retry
     from redis.backoff import NoBackoff
+    from redis.crc import key_slot
     from redis.exceptions import (
         AuthenticationError,
+        ClusterDownError,
+        MasterDownError,
+        RedisClusterException,
         ResponseError,
+        SlotNotCoveredError,
+        TryAgainError,
     )
     from redis.exceptions import (
         ConnectionError as RedisConnectionError,
@@ -58,12 +65,18 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("fastapi_concurrency_limiter.redis")
 
-# Redis is unreachable: refused, reset, timed out.
+# Redis is unreachable: refused, reset, timed out; in a Redis Cluster, the
+# node of the resource's slot is down or no node can be reached.
 _UNREACHABLE: tuple[type[BaseException], ...] = (
     RedisConnectionError,
     RedisTimeoutError,
     OSError,
     asyncio.TimeoutError,
+    ClusterDownError,
+    MasterDownError,
+    TryAgainError,
+    SlotNotCoveredError,
+    RedisClusterException,
 )
 # After a failure, requests go straight to on_error for this long (instead of
 # each waiting for its own timeout); a successful heartbeat ends it earlier.
@@ -105,10 +118,10 @@ class ClusterPermit:
 
     __slots__ = ("_stage", "_client", "_id", "__weakref__")
 
-    def __init__(self, stage: ClusterStage, client: _Client | None, permit_id: str | None):
+    def __init__(self, stage: ClusterStage, client: _Client, permit_id: str):
         self._stage = stage
-        self._client = client
-        self._id = permit_id  # None: admitted by on_error
+        self._client: _Client | None = client
+        self._id: str | None = permit_id
 
     def release(self) -> None:
         """From any thread. A permit that is never released (its holder
@@ -118,7 +131,6 @@ class ClusterPermit:
         self._client = self._id = None
         if client is not None and permit_id is not None:
             client.release(stage, permit_id)
-        stage._fallback.discard(self)
 
 
 class ClusterStage:
@@ -135,8 +147,6 @@ class ClusterStage:
         self.notify_prefix = f"{tag}:notify:"
         self.in_use = 0  # cluster-wide, from the last reply
         self.processes = 0  # at the last heartbeat
-        # Permits admitted under on_error="local" (weakly, as held ones).
-        self._fallback: weakref.WeakSet[ClusterPermit] = weakref.WeakSet()
         self.admitted_unlimited_total = 0
         self.unavailable_total = 0
 
@@ -157,28 +167,31 @@ class ClusterStage:
         client = self.scope._client()
         loop = client.loop
         if client.down_until > loop.time():
-            return self._on_error()
+            return self._on_error(client)
         try:
+            if client.has_unrecorded(self):
+                # Back after an outage: the requests admitted by on_error
+                # count before this one may take a slot.
+                await client.heartbeat(self)
             return await client.acquire(self, deadline, request)
         except _UNREACHABLE as e:
             client.mark_down(e)
-            return self._on_error()
+            return self._on_error(client)
 
-    def _on_error(self) -> ClusterPermit:
+    def _on_error(self, client: _Client) -> ClusterPermit:
         mode = self.scope.on_error
         if mode == "allow" or (mode == "local" and self._used_here() < self.local_share):
             self.admitted_unlimited_total += 1
-            permit = ClusterPermit(self, None, None)
-            if mode == "local":
-                self._fallback.add(permit)
-            return permit
+            # Held as any permit, and recorded in Redis by the first
+            # heartbeat that reaches it.
+            return client.hold_unrecorded(self)
         self.unavailable_total += 1
         raise ClusterRefused(self.name, "unavailable")
 
     def _used_here(self) -> int:
-        """Slots this process uses: cluster slots held and fallback admissions."""
-        held = sum(1 for c in self.scope._clients.values() for p in c.permits() if p._stage is self)
-        return held + len(self._fallback)
+        """Slots this process uses: cluster slots held, admissions by
+        on_error included."""
+        return sum(1 for c in self.scope._clients.values() for p in c.permits() if p._stage is self)
 
     def statistics(self) -> ClusterStatistics:
         clients = list(self.scope._clients.values())
@@ -199,7 +212,9 @@ class ClusterStage:
 @dataclass
 class _Waiter:
     stage: ClusterStage
-    future: asyncio.Future[bool]
+    # True: granted; False: its deadline came or its client left; None:
+    # Redis became unreachable (the request gets on_error).
+    future: asyncio.Future[bool | None]
     deadline: float | None
 
 
@@ -213,32 +228,49 @@ class _Client:
         options: dict[str, Any] = {
             "decode_responses": True,
             "socket_connect_timeout": scope.timeout,
-            # Retries are ours: one, with the same waiter id (idempotent).
-            "retry": Retry(NoBackoff(), 0),
         }
-        self.redis = aioredis.Redis.from_url(scope.url, socket_timeout=scope.timeout, **options)
         # BLPOP blocks for up to a heartbeat; its reply may take that long.
         self._block = max(0.1, scope.heartbeat)
-        self.listen_redis = aioredis.Redis.from_url(
-            scope.url,
-            socket_timeout=self._block + scope.timeout,
-            single_connection_client=True,
-            **options,
-        )
+        if scope.cluster:
+            # Commands go to the node of their keys' slot. One retry (the
+            # scripts are idempotent), for a redirection after a failover.
+            options["retry"] = Retry(NoBackoff(), 1)
+            self.redis: Any = RedisCluster.from_url(
+                scope.url, socket_timeout=scope.timeout, **options
+            )
+            # One connection per blocked BLPOP, taken from its node's pool.
+            self.listen_redis: Any = RedisCluster.from_url(
+                scope.url, socket_timeout=self._block + scope.timeout, **options
+            )
+        else:
+            # Retries are ours: one, with the same waiter id (idempotent).
+            options["retry"] = Retry(NoBackoff(), 0)
+            self.redis = aioredis.Redis.from_url(scope.url, socket_timeout=scope.timeout, **options)
+            self.listen_redis = aioredis.Redis.from_url(
+                scope.url,
+                socket_timeout=self._block + scope.timeout,
+                single_connection_client=True,
+                **options,
+            )
         self.scripts = {name: self.redis.register_script(text) for name, text in _SCRIPTS.items()}
         self.waiters: dict[str, _Waiter] = {}
         # Held permits, weakly: one that its holder dropped without
         # releasing is not renewed (its lease then gives the slot back).
         # A plain dict, so that statistics() may copy it from another thread.
         self.held: dict[str, weakref.ref[ClusterPermit]] = {}
+        # Held permits admitted by on_error that Redis does not know yet.
+        self.unrecorded: set[str] = set()
         self._thread = threading.get_ident()
         self.stages: list[ClusterStage] = []
         self.down_until = 0.0
         self._ids = itertools.count()
         self._tasks: set[asyncio.Task[Any]] = set()
-        self._listener: asyncio.Task[None] | None = None
+        # One listener (a task with its blocked BLPOP) per group of notify
+        # lists: one group with a single Redis; one per hash slot in a Redis
+        # Cluster, where the keys of one BLPOP must share a slot.
+        self._listeners: dict[int, asyncio.Task[None]] = {}
+        self._listening: dict[int, list[str]] = {}
         self._heartbeat: asyncio.Task[None] | None = None
-        self._listening: list[str] = []
         self._closed = False
 
     # -- calls ------------------------------------------------------------
@@ -271,17 +303,22 @@ class _Client:
             # READONLY; LOADING, BUSY, OOM...): for requests, as unreachable.
             raise _Unserved(message) from e
 
+    def _group(self, stage: ClusterStage) -> int:
+        """The listener that reads ``stage``'s notify list."""
+        return key_slot(stage.notify_prefix.encode()) if self.scope.cluster else 0
+
     def _register(self, stage: ClusterStage) -> None:
-        if stage in self.stages:
+        if stage in self.stages or self._closed:
             return
         self.stages.append(stage)
         if self._heartbeat is None:
             self._heartbeat = self.loop.create_task(self._heartbeat_loop())
-        if self._listener is None:
-            self._listener = self.loop.create_task(self._listen_loop())
-        elif self._listening:
+        group = self._group(stage)
+        if group not in self._listeners:
+            self._listeners[group] = self.loop.create_task(self._listen_loop(group))
+        elif lists := self._listening.get(group):
             # Wake the blocked BLPOP so that it listens to the new list too.
-            self.spawn(self.redis.lpush(self._listening[0], ""))
+            self.spawn(self.redis.lpush(lists[0], ""))
 
     def new_id(self) -> str:
         return f"{self.process}:{next(self._ids)}"
@@ -292,7 +329,7 @@ class _Client:
         self._register(stage)
         loop = self.loop
         waiter_id = self.new_id()
-        future: asyncio.Future[bool] = loop.create_future()
+        future: asyncio.Future[bool | None] = loop.create_future()
         # Registered before the call: a grant may be notified before its reply.
         waiter = self.waiters[waiter_id] = _Waiter(stage, future, deadline)
         try:
@@ -362,6 +399,9 @@ class _Client:
             if watcher is not None and body is not None and request is not None:
                 watcher.cancel()
                 body.hand_back(request)
+        if granted is None:
+            self._abandon(stage, waiter_id)
+            raise RedisConnectionError("Redis became unreachable while the request waited")
         if not granted:
             self._abandon(stage, waiter_id)
             raise ClusterRefused(stage.name, "disconnected" if left.happened else "timeout")
@@ -371,6 +411,21 @@ class _Client:
         permit = ClusterPermit(stage, self, permit_id)
         self.held[permit_id] = weakref.ref(permit)
         return permit
+
+    def hold_unrecorded(self, stage: ClusterStage) -> ClusterPermit:
+        """A permit admitted by on_error: held here, recorded in Redis by
+        the next heartbeat that reaches it."""
+        self._register(stage)
+        permit_id = self.new_id()
+        self.unrecorded.add(permit_id)
+        return self._hold(stage, permit_id)
+
+    def has_unrecorded(self, stage: ClusterStage) -> bool:
+        for permit_id in list(self.unrecorded):
+            ref = self.held.get(permit_id)
+            if ref is not None and (permit := ref()) is not None and permit._stage is stage:
+                return True
+        return False
 
     def permits(self) -> list[ClusterPermit]:
         return [p for ref in list(self.held.values()) if (p := ref()) is not None]
@@ -391,6 +446,9 @@ class _Client:
                 self.loop.call_soon_threadsafe(self.release, stage, permit_id)
             return
         self.held.pop(permit_id, None)
+        if permit_id in self.unrecorded:  # Redis never knew it
+            self.unrecorded.discard(permit_id)
+            return
         self.spawn(self._release(stage, permit_id))
 
     async def _release(self, stage: ClusterStage, permit_id: str) -> None:
@@ -425,13 +483,19 @@ class _Client:
                 self.scope.on_error,
             )
         self.down_until = self.loop.time() + _DOWN_FOR
+        # The requests waiting in Redis's queue (or about to join it) get
+        # on_error now rather than at their deadlines.
+        for waiter in list(self.waiters.values()):
+            if not waiter.future.done():
+                waiter.future.set_result(None)
 
-    async def _listen_loop(self) -> None:
+    async def _listen_loop(self, group: int) -> None:
         backoff = 0.05
         while not self._closed:
-            self._listening = [s.notify_prefix + self.process for s in self.stages]
+            lists = [s.notify_prefix + self.process for s in self.stages if self._group(s) == group]
+            self._listening[group] = lists
             try:
-                item = await self.listen_redis.blpop(self._listening, timeout=self._block)
+                item = await self.listen_redis.blpop(lists, timeout=self._block)
             except asyncio.CancelledError:
                 raise
             except Exception as e:  # noqa: BLE001 - anything: retry after a pause
@@ -480,6 +544,7 @@ class _Client:
             permit = ref()
             if permit is None:  # dropped without release: let its lease end
                 del self.held[permit_id]
+                self.unrecorded.discard(permit_id)
             elif permit._stage is stage:
                 held.append(permit_id)
         waiting: list[Any] = []
@@ -492,10 +557,17 @@ class _Client:
         )
         stage.processes, stage.in_use = int(reply[0]), int(reply[1])
         self.down_until = 0.0
+        for permit_id in held:
+            self.unrecorded.discard(permit_id)
+            if permit_id not in self.held:
+                # Released while the heartbeat was on its way, which may
+                # have put it back: release it again (idempotent).
+                self.spawn(self._release(stage, permit_id))
         if reply[2]:
             logger.warning(
-                "resource %r: %d slot(s) held here were reclaimed while Redis was unreachable; "
-                "the cluster may be over its limit until those requests end",
+                "resource %r: %d request(s) running here (admitted by on_error, or whose lease "
+                "ran out while Redis was unreachable) put the cluster over its limit; no slot "
+                "is granted until the requests in flight are below it",
                 stage.name,
                 len(reply[2]),
             )
@@ -537,26 +609,31 @@ class _Client:
         self._closed = True
         if self._heartbeat is not None:
             self._heartbeat.cancel()
-        listener = self._listener
-        if listener is not None and self._listening:
-            # Wake the blocked BLPOP rather than cancel it (a cancelled
+        listeners = list(self._listeners.values())
+        wake = [lists[0] for lists in self._listening.values() if lists]
+        if wake:
+            # Wake the blocked BLPOPs rather than cancel them (a cancelled
             # blocking read may take redis-py a while to unwind).
             try:
-                await asyncio.wait_for(self.redis.lpush(self._listening[0], ""), self.scope.timeout)
-                await asyncio.wait({listener}, timeout=self.scope.timeout)
+                await asyncio.wait_for(
+                    asyncio.gather(*(self.redis.lpush(key, "") for key in wake)),
+                    self.scope.timeout,
+                )
+                await asyncio.wait(listeners, timeout=self.scope.timeout)
             except Exception:  # noqa: BLE001,S110 - cancelled below
                 pass
-        if listener is not None:
+        for listener in listeners:
             listener.cancel()
         for permit_id, permit in [(i, r()) for i, r in list(self.held.items())]:
-            if permit is None:
+            if permit is None or permit_id in self.unrecorded:
                 continue
             try:
                 await asyncio.wait_for(self._release(permit._stage, permit_id), self.scope.timeout)
             except Exception:  # noqa: BLE001,S110 - the lease reclaims it
                 pass
         self.held.clear()
-        pending = [t for t in (self._listener, self._heartbeat, *self._tasks) if t is not None]
+        self.unrecorded.clear()
+        pending = [t for t in (*listeners, self._heartbeat, *self._tasks) if t is not None]
         if pending:
             # Bounded: a call stuck on a hung Redis ends with its timeout.
             await asyncio.wait(pending, timeout=self.scope.timeout)
@@ -570,7 +647,7 @@ class _Disconnect:
 
     __slots__ = ("_future", "happened")
 
-    def __init__(self, future: asyncio.Future[bool]) -> None:
+    def __init__(self, future: asyncio.Future[bool | None]) -> None:
         self._future = future
         self.happened = False
 
@@ -580,6 +657,6 @@ class _Disconnect:
             self._future.set_result(False)
 
 
-def _set_unless_done(future: asyncio.Future[bool], value: bool) -> None:
+def _set_unless_done(future: asyncio.Future[bool | None], value: bool) -> None:
     if not future.done():
         future.set_result(value)
