@@ -559,17 +559,18 @@ class _Client:
         self.down_until = 0.0
         for permit_id in held:
             self.unrecorded.discard(permit_id)
+        for permit_id in reply[2]:
             if permit_id not in self.held:
-                # Released while the heartbeat was on its way, which may
-                # have put it back: release it again (idempotent).
+                # Released while the heartbeat was on its way, which put it
+                # back: release it again.
                 self.spawn(self._release(stage, permit_id))
-        if reply[2]:
+        if int(reply[4]):
             logger.warning(
                 "resource %r: %d request(s) running here (admitted by on_error, or whose lease "
                 "ran out while Redis was unreachable) put the cluster over its limit; no slot "
                 "is granted until the requests in flight are below it",
                 stage.name,
-                len(reply[2]),
+                int(reply[4]),
             )
         for waiter_id in reply[3]:
             waiter = self.waiters.get(waiter_id)

@@ -6,8 +6,8 @@
 -- freed slots. Permits Redis does not know are put back (see below).
 -- Waiters Redis no longer knows are reported lost (their process queues
 -- them again).
--- Returns {processes alive, in use, {permits put back beyond the
--- capacity}, {lost waiters}}.
+-- Returns {processes alive, in use, {permits put back}, {lost waiters},
+-- how many were put back beyond the capacity}.
 local bad = check_config(true)
 if bad then
   return redis.error_reply(bad)
@@ -24,12 +24,16 @@ local n = tonumber(ARGV[4])
 -- know (admitted by on_error during an outage, or its lease ran out while
 -- the process could not reach Redis, or Redis lost its data) is put back
 -- even beyond the capacity, so that no slot is granted while the requests
--- really running fill it. Those put back beyond the capacity are reported.
-local over = {}
+-- really running fill it.
+local added = {}
+local over = 0
 for i = 5, 4 + n do
   local id = ARGV[i]
-  if not redis.call('ZSCORE', holders, id) and redis.call('ZCARD', holders) >= capacity then
-    table.insert(over, id)
+  if not redis.call('ZSCORE', holders, id) then
+    table.insert(added, id)
+    if redis.call('ZCARD', holders) >= capacity then
+      over = over + 1
+    end
   end
   redis.call('ZADD', holders, now + lease, id)
 end
@@ -48,4 +52,4 @@ for i = 5 + n, #ARGV, 2 do
   end
 end
 grant_free()
-return {redis.call('ZCARD', procs), redis.call('ZCARD', holders), over, lost_waiters}
+return {redis.call('ZCARD', procs), redis.call('ZCARD', holders), added, lost_waiters, over}
