@@ -649,6 +649,76 @@ def test_requests_admitted_during_an_outage_count_after_it(
     run(main)
 
 
+@pytest.mark.parametrize("on_error", ["reject", "allow", "local"])
+def test_random_timeouts_cancellations_and_outages_leave_nothing_held(
+    redis_server: RedisServer, on_error: str
+) -> None:
+    """Two processes' worth of requests with random timeouts, some cancelled
+    at random moments, while Redis is paused and restarted: afterwards
+    nothing is held or queued, in Redis or in either process, and the full
+    capacity can be taken again."""
+    import random
+
+    rng = random.Random(7)
+
+    async def main() -> None:
+        url = redis_server.url()
+        scopes = [
+            RedisScope(url, on_error=on_error, key_prefix="test", lease=0.9, timeout=0.2)  # type: ignore[arg-type]
+            for _ in range(2)
+        ]
+        dbs = [Resource(3, name="db", scope=scope) for scope in scopes]
+        limiters = [Limiter(timeout=1, resources=[db]) for db in dbs]
+        outcomes: list[str] = []
+
+        async def request(i: int) -> None:
+            limiter, db = limiters[i % 2], dbs[i % 2]
+            try:
+                async with limiter.acquire([db], timeout=rng.choice([0, 0.05, 0.3, 1])):
+                    await asyncio.sleep(rng.random() * 0.05)
+                outcomes.append("ok")
+            except ServerBusy as e:
+                outcomes.append(e.reason)
+
+        async def load(seconds: float) -> None:
+            tasks: list[asyncio.Task[None]] = []
+            end = time.monotonic() + seconds
+            i = 0
+            while time.monotonic() < end:
+                tasks.append(asyncio.create_task(request(i)))
+                i += 1
+                await asyncio.sleep(rng.random() * 0.01)
+                if rng.random() < 0.2:  # cancel a random one, at any stage
+                    rng.choice(tasks).cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+        await load(1)
+        redis_server.pause()
+        try:
+            await load(1)
+        finally:
+            redis_server.resume()
+        await load(0.5)
+        redis_server.restart()
+        await load(1)
+        # Consistent within a lease or two: nothing held, nothing queued.
+        await _until(lambda: holders(redis_server) == [], timeout=5)
+        await _until(lambda: redis_server.client().zcard("{test:db}:queue") == 0, timeout=5)
+        for db in dbs:
+            stats = db.statistics()
+            assert stats.in_use == 0 and stats.waiting == 0
+            assert stats.cluster is not None
+            assert stats.cluster.held_here == 0 and stats.cluster.waiting_here == 0
+        assert "ok" in outcomes
+        await asyncio.sleep(1.2)  # past the pause after the last failure
+        # The whole capacity can be taken again: no slot was lost.
+        assert await _try_many(limiters[0], dbs[0], 3) == ["ok"] * 3
+        for scope in scopes:
+            await scope.aclose()
+
+    run(main)
+
+
 def test_a_read_only_replica_counts_as_unavailable(redis_server: RedisServer) -> None:
     """After a failover a client may reach a replica: its READONLY errors
     get the on_error behaviour, not a 500."""
