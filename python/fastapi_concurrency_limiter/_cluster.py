@@ -2,8 +2,10 @@
 
 One ``_Client`` per process and event loop keeps a connection pool for the
 scripts (one round trip each), one connection blocked on BLPOP of this
-process's notify lists (0 round trips per waiter while waiting), and a
-heartbeat task that renews the process's leases. A ``ClusterStage`` is one
+process's notify lists (0 round trips per waiter while waiting; in a Redis
+Cluster one per hash slot, as a BLPOP's keys must share a slot), and a
+heartbeat task that renews the process's leases and records the requests
+admitted by ``on_error`` once Redis is back. A ``ClusterStage`` is one
 resource's view: ``acquire()`` returns a ``ClusterPermit`` or raises
 ``ClusterRefused``.
 
@@ -12,7 +14,8 @@ timeout, the wait for a notification has the loop's timer. A wait that ends
 without its slot (deadline, cancellation, Redis error) cancels in Redis
 best-effort in the background; a grant that arrives late is released. What
 best-effort misses, the lease reclaims: only permits the process still holds
-are renewed.
+are renewed. When Redis is found unreachable, the requests waiting in its
+queue get ``on_error`` at once.
 """
 
 from __future__ import annotations
