@@ -42,6 +42,7 @@ try:
     from redis.backoff import NoBackoff
     from redis.crc import key_slot
     from redis.exceptions import (
+        AskError,
         AuthenticationError,
         ClusterDownError,
         MasterDownError,
@@ -175,7 +176,7 @@ class ClusterStage:
             if client.has_unrecorded(self):
                 # Back after an outage: the requests admitted by on_error
                 # count before this one may take a slot.
-                await client.heartbeat(self)
+                await client.record(self, deadline)
             return await client.acquire(self, deadline, request)
         except _UNREACHABLE as e:
             client.mark_down(e)
@@ -274,6 +275,7 @@ class _Client:
         self._listeners: dict[int, asyncio.Task[None]] = {}
         self._listening: dict[int, list[str]] = {}
         self._heartbeat: asyncio.Task[None] | None = None
+        self._recording: dict[ClusterStage, asyncio.Task[None]] = {}
         self._closed = False
 
     # -- calls ------------------------------------------------------------
@@ -289,22 +291,45 @@ class _Client:
             )
             self.down_until = 0.0
             return reply
-        except AuthenticationError as e:
-            raise RedisScopeError(f"Redis refused the credentials of {self.scope!r}: {e}") from e
-        except ResponseError as e:
+        except (AuthenticationError, ResponseError, RedisClusterException) as e:
             message = str(e)
             if "CAPACITY_MISMATCH" in message:
                 raise RedisScopeError(
                     f"resource {stage.name!r}: {message.split('CAPACITY_MISMATCH', 1)[1].strip()}"
                     " (every process must use the same capacity for one name)"
                 ) from e
-            if "NOAUTH" in message or "WRONGPASS" in message:
-                raise RedisScopeError(
-                    f"Redis refused the credentials of {self.scope!r}: {e}"
-                ) from e
-            # Redis cannot serve the call (a replica after a failover:
-            # READONLY; LOADING, BUSY, OOM...): for requests, as unreachable.
-            raise _Unserved(message) from e
+            problem = self._misconfigured(e)
+            if problem is not None:
+                raise problem from e
+            if isinstance(e, ResponseError):
+                # Redis cannot serve the call (a replica after a failover:
+                # READONLY; LOADING, BUSY, OOM, CLUSTERDOWN...): for
+                # requests, as unreachable.
+                raise _Unserved(message) from e
+            raise
+
+    def _misconfigured(self, error: BaseException) -> RedisScopeError | None:
+        """The error that ``error`` means, when it says the scope is
+        misconfigured rather than Redis unreachable."""
+        seen: BaseException | None = error
+        while seen is not None:
+            message = str(seen)
+            if isinstance(seen, AuthenticationError) or "NOAUTH" in message or (
+                "WRONGPASS" in message
+            ):
+                return RedisScopeError(f"Redis refused the credentials of {self.scope!r}: {seen}")
+            if isinstance(seen, AskError) and not self.scope.cluster:  # MOVED or ASK
+                return RedisScopeError(
+                    f"Redis at {self.scope!r} is a node of a Redis Cluster: "
+                    "use RedisScope(..., cluster=True)"
+                )
+            if "Cluster mode is not enabled" in message:
+                return RedisScopeError(
+                    f"Redis at {self.scope!r} is not a Redis Cluster: "
+                    "use RedisScope(...) without cluster=True"
+                )
+            seen = seen.__cause__ or seen.__context__
+        return None
 
     def _group(self, stage: ClusterStage) -> int:
         """The listener that reads ``stage``'s notify list."""
@@ -429,6 +454,22 @@ class _Client:
             if ref is not None and (permit := ref()) is not None and permit._stage is stage:
                 return True
         return False
+
+    async def record(self, stage: ClusterStage, deadline: float | None) -> None:
+        """Records the permits on_error admitted (a heartbeat, shared by the
+        requests that arrive meanwhile), within ``deadline``."""
+        task = self._recording.get(stage)
+        if task is None or task.done():
+            task = self._recording[stage] = self.loop.create_task(self.heartbeat(stage))
+            self._tasks.add(task)
+            task.add_done_callback(self._done)
+        left = None if deadline is None else max(deadline - self.loop.time(), _TRY_ONCE)
+        try:
+            await asyncio.wait_for(asyncio.shield(task), left)
+        except asyncio.TimeoutError:
+            if task.done():  # the heartbeat's own timeout: unreachable
+                raise
+            raise ClusterRefused(stage.name, "timeout") from None
 
     def permits(self) -> list[ClusterPermit]:
         return [p for ref in list(self.held.values()) if (p := ref()) is not None]
@@ -595,16 +636,13 @@ class _Client:
     async def check(self, stages: Sequence[ClusterStage]) -> None:
         try:
             await self.redis.ping()
-        except AuthenticationError as e:
-            raise RedisScopeError(f"Redis refused the credentials of {self.scope!r}: {e}") from e
-        except ResponseError as e:
-            if "NOAUTH" in str(e) or "WRONGPASS" in str(e):
-                raise RedisScopeError(
-                    f"Redis refused the credentials of {self.scope!r}: {e}"
-                ) from e
+            for script in self.scripts.values():
+                await self.redis.script_load(script.script)
+        except (AuthenticationError, ResponseError, RedisClusterException) as e:
+            problem = self._misconfigured(e)
+            if problem is not None:
+                raise problem from e
             raise
-        for script in self.scripts.values():
-            await self.redis.script_load(script.script)
         for stage in stages:
             self._register(stage)
             await self.heartbeat(stage)

@@ -48,8 +48,9 @@ DEFAULT_KEY_PREFIX = "concurrency_limiter"
 
 class RedisScopeError(RuntimeError):
     """The cluster scope is misconfigured: Redis refused the credentials, a
-    resource's capacity differs from the one other processes use, or the
-    ``redis`` package is missing. Not an outage: ``on_error`` does not apply."""
+    resource's capacity differs from the one other processes use, ``cluster``
+    does not match the server (a Redis Cluster or not), or the ``redis``
+    package is missing. Not an outage: ``on_error`` does not apply."""
 
 
 class RedisScope:

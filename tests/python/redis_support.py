@@ -181,6 +181,11 @@ class RedisClusterServers:
             timeout=10,
         ).stdout
 
+    def kill(self, port: int) -> None:
+        proc = self.procs[self.ports.index(port)]
+        proc.kill()
+        proc.wait(10)
+
     def client(self) -> Any:
         from redis.cluster import RedisCluster
 
@@ -209,8 +214,7 @@ def _wait_for_ping(port: int, proc: subprocess.Popen[bytes]) -> None:
         time.sleep(0.02)
 
 
-@pytest.fixture(scope="module")
-def redis_cluster() -> Iterator[RedisClusterServers]:
+def _cluster() -> Iterator[RedisClusterServers]:
     if REDIS_SERVER is None or REDIS_CLI is None:
         pytest.skip("redis-server is not installed (make system-deps installs the Debian package)")
     servers = RedisClusterServers()
@@ -219,6 +223,18 @@ def redis_cluster() -> Iterator[RedisClusterServers]:
         yield servers
     finally:
         servers.close()
+
+
+@pytest.fixture(scope="module")
+def redis_cluster() -> Iterator[RedisClusterServers]:
+    """A Redis Cluster shared by a module's tests."""
+    yield from _cluster()
+
+
+@pytest.fixture
+def own_redis_cluster() -> Iterator[RedisClusterServers]:
+    """A Redis Cluster for one test (that may break it)."""
+    yield from _cluster()
 
 
 class Worker:

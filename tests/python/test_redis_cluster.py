@@ -14,13 +14,24 @@ import pytest
 from redis.crc import key_slot
 
 from fastapi_concurrency_limiter import Limiter, Resource
-from fastapi_concurrency_limiter.redis import RedisScope
+from fastapi_concurrency_limiter.redis import RedisScope, RedisScopeError
 
-from .redis_support import RedisClusterServers, Worker, needs_redis, redis_cluster
+from .redis_support import (
+    RedisClusterServers,
+    RedisServer,
+    Worker,
+    needs_redis,
+    own_redis_cluster,
+    redis_cluster,
+    redis_server,
+)
 from .test_redis_processes import max_overlap, workers
+from .test_redis_scope import _try
+from .test_redis_scope import _until as _until_async
 
 pytestmark = needs_redis
-__all__ = ["redis_cluster"]  # the fixture, imported for the tests below
+# The fixtures, imported for the tests below.
+__all__ = ["own_redis_cluster", "redis_cluster", "redis_server"]
 
 
 def _node_of(cluster: Any, name: str) -> str:
@@ -120,6 +131,100 @@ def test_one_process_with_resources_on_every_node(redis_cluster: RedisClusterSer
         assert sorted(granted) == sorted(names)
         await scope.aclose()
         await other.aclose()
+
+    asyncio.run(main())
+
+
+def test_round_trips_per_request_are_those_of_a_single_redis(
+    redis_cluster: RedisClusterServers,
+) -> None:
+    """1 script to take a free slot, 1 to release, on the node of the
+    resource's slot."""
+
+    async def main() -> None:
+        scope = RedisScope(redis_cluster.url(), key_prefix="trips", cluster=True)
+        db = Resource(2, name="db", scope=scope)
+        limiter = Limiter(timeout=5, resources=[db])
+        await scope.check()
+        client = redis_cluster.client()
+        node = client.get_node_from_key("{trips:db}:holders")
+
+        def evalsha_calls() -> int:
+            stats = client.info("commandstats", target_nodes=node)
+            return int(stats.get("cmdstat_evalsha", {}).get("calls", 0))
+
+        before = evalsha_calls()
+        for _ in range(10):
+            async with limiter.acquire([db]):
+                pass
+        await _until_async(lambda: client.zcard("{trips:db}:holders") == 0)
+        calls = evalsha_calls() - before
+        # Heartbeats (every 3.3 s) may add one or two.
+        assert 20 <= calls <= 22, calls
+        client.close()
+        await scope.aclose()
+
+    asyncio.run(main())
+
+
+def test_cluster_mode_against_a_single_redis_is_a_clear_error(
+    redis_server: RedisServer,
+) -> None:
+    async def main() -> None:
+        scope = RedisScope(redis_server.url(), key_prefix="test", cluster=True)
+        Resource(1, name="db", scope=scope)
+        with pytest.raises(RedisScopeError, match="not a Redis Cluster"):
+            await scope.check()
+        await scope.aclose()
+
+    asyncio.run(main())
+
+
+def test_a_single_redis_client_against_a_cluster_is_a_clear_error(
+    redis_cluster: RedisClusterServers,
+) -> None:
+    async def main() -> None:
+        client = redis_cluster.client()
+        here = f"127.0.0.1:{redis_cluster.ports[0]}"
+        name = next(n for n in ("db", "cache", "search", "files") if _node_of(client, n) != here)
+        client.close()
+        scope = RedisScope(redis_cluster.url(), key_prefix="test")
+        Resource(1, name=name, scope=scope)
+        with pytest.raises(RedisScopeError, match="cluster=True"):
+            await scope.check()
+        await scope.aclose()
+
+    asyncio.run(main())
+
+
+def test_a_master_killed_while_a_request_waits(
+    own_redis_cluster: RedisClusterServers,
+) -> None:
+    """The master of the resource's slot dies (no replica takes over): the
+    waiter gets on_error at once, new requests too; nothing hangs."""
+    redis_cluster = own_redis_cluster
+
+    async def main() -> None:
+        url = redis_cluster.url()
+        other = RedisScope(url, key_prefix="kill", cluster=True, timeout=0.5, lease=3)
+        elsewhere = Resource(1, name="db", scope=other)
+        await elsewhere.acquire()
+        scope = RedisScope(url, key_prefix="kill", cluster=True, timeout=0.5, lease=3)
+        db = Resource(1, name="db", scope=scope)
+        limiter = Limiter(timeout=30, resources=[db])
+        await scope.check()
+        client = redis_cluster.client()
+        node = client.get_node_from_key("{kill:db}:holders")
+        waiter = asyncio.create_task(_try(limiter, db))
+        await _until_async(lambda: client.zcard("{kill:db}:queue") == 1)
+        client.close()
+        started = time.monotonic()
+        redis_cluster.kill(int(node.port))
+        assert await asyncio.wait_for(waiter, 10) == "unavailable"
+        assert await asyncio.wait_for(_try(limiter, db), 10) == "unavailable"
+        assert time.monotonic() - started < 10  # far from the 30 s deadline
+        await asyncio.wait_for(scope.aclose(), 10)
+        await asyncio.wait_for(other.aclose(), 10)
 
     asyncio.run(main())
 
