@@ -21,6 +21,7 @@ queue get ``on_error`` at once.
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import logging
 import threading
@@ -169,8 +170,7 @@ class ClusterStage:
         ``"unavailable"``, or ``"disconnected"`` when ``request``'s client
         leaves while it waits), or RedisScopeError on misconfiguration."""
         client = self.scope._client()
-        loop = client.loop
-        if client.down_until > loop.time():
+        if client.is_down(self):
             return self._on_error(client)
         try:
             if client.has_unrecorded(self):
@@ -179,7 +179,7 @@ class ClusterStage:
                 await client.record(self, deadline)
             return await client.acquire(self, deadline, request)
         except _UNREACHABLE as e:
-            client.mark_down(e)
+            client.mark_down(e, self)
             return self._on_error(client)
 
     def _on_error(self, client: _Client) -> ClusterPermit:
@@ -199,7 +199,7 @@ class ClusterStage:
 
     def statistics(self) -> ClusterStatistics:
         clients = list(self.scope._clients.values())
-        down = any(c.down_until > c.loop.time() for c in clients if not c.loop.is_closed())
+        down = any(c.is_down(self) for c in clients if not c.loop.is_closed())
         return ClusterStatistics(
             in_use=self.in_use,
             held_here=sum(1 for c in clients for p in c.permits() if p._stage is self),
@@ -266,7 +266,10 @@ class _Client:
         self.unrecorded: set[str] = set()
         self._thread = threading.get_ident()
         self.stages: list[ClusterStage] = []
-        self.down_until = 0.0
+        # Loop time until which requests go straight to on_error, by listener
+        # group: a single Redis is one; in a Redis Cluster a node that is
+        # down affects only the resources whose slots it serves.
+        self._down: dict[int, float] = {}
         self._ids = itertools.count()
         self._tasks: set[asyncio.Task[Any]] = set()
         # One listener (a task with its blocked BLPOP) per group of notify
@@ -289,7 +292,7 @@ class _Client:
             reply = await self.scripts[name](
                 keys=self._keys(stage), args=[stage.capacity, lease_ms, self.process, *args]
             )
-            self.down_until = 0.0
+            self._down.pop(self._group(stage), None)
             return reply
         except (AuthenticationError, ResponseError, RedisClusterException) as e:
             message = str(e)
@@ -346,7 +349,7 @@ class _Client:
             self._listeners[group] = self.loop.create_task(self._listen_loop(group))
         elif lists := self._listening.get(group):
             # Wake the blocked BLPOP so that it listens to the new list too.
-            self.spawn(self.redis.lpush(lists[0], ""))
+            self.spawn(self.redis.lpush(lists[0], ""), stage)
 
     def new_id(self) -> str:
         return f"{self.process}:{next(self._ids)}"
@@ -365,10 +368,9 @@ class _Client:
         except BaseException:
             # Unknown whether Redis took it: take it back, best-effort.
             self.waiters.pop(waiter_id, None)
-            self.spawn(self._cancel(stage, waiter_id))
+            self.spawn(self._cancel(stage, waiter_id), stage)
             raise
         stage.in_use = in_use
-        self.down_until = 0.0
         if status == _GRANTED:
             self.waiters.pop(waiter_id, None)
             return self._hold(stage, waiter_id)
@@ -461,8 +463,7 @@ class _Client:
         task = self._recording.get(stage)
         if task is None or task.done():
             task = self._recording[stage] = self.loop.create_task(self.heartbeat(stage))
-            self._tasks.add(task)
-            task.add_done_callback(self._done)
+            self._track(task, stage)
         left = None if deadline is None else max(deadline - self.loop.time(), _TRY_ONCE)
         try:
             await asyncio.wait_for(asyncio.shield(task), left)
@@ -478,7 +479,7 @@ class _Client:
         """A wait ended without its slot: leave the queue, or pass on a slot
         granted at that instant."""
         self.waiters.pop(waiter_id, None)
-        self.spawn(self._cancel(stage, waiter_id))
+        self.spawn(self._cancel(stage, waiter_id), stage)
 
     async def _cancel(self, stage: ClusterStage, waiter_id: str) -> None:
         reply = await self._call("cancel", stage, waiter_id)
@@ -493,7 +494,7 @@ class _Client:
         if permit_id in self.unrecorded:  # Redis never knew it
             self.unrecorded.discard(permit_id)
             return
-        self.spawn(self._release(stage, permit_id))
+        self.spawn(self._release(stage, permit_id), stage)
 
     async def _release(self, stage: ClusterStage, permit_id: str) -> None:
         reply = await self._call("release", stage, permit_id)
@@ -501,36 +502,47 @@ class _Client:
 
     # -- background -------------------------------------------------------
 
-    def spawn(self, coroutine: Any) -> None:
-        """Runs a best-effort call in the background; failures are left to
-        the lease (logged at debug level)."""
+    def spawn(self, coroutine: Any, stage: ClusterStage) -> None:
+        """Runs a best-effort call about ``stage`` in the background;
+        failures are left to the lease (an unreachable Redis is marked
+        down)."""
         if self._closed or self.loop.is_closed():
             coroutine.close()
             return
-        task = self.loop.create_task(coroutine)
-        self._tasks.add(task)
-        task.add_done_callback(self._done)
+        self._track(self.loop.create_task(coroutine), stage)
 
-    def _done(self, task: asyncio.Task[Any]) -> None:
+    def _track(self, task: asyncio.Task[Any], stage: ClusterStage) -> None:
+        self._tasks.add(task)
+        task.add_done_callback(functools.partial(self._done, stage))
+
+    def _done(self, stage: ClusterStage, task: asyncio.Task[Any]) -> None:
         self._tasks.discard(task)
         if not task.cancelled() and (e := task.exception()) is not None:
             if isinstance(e, _UNREACHABLE):
-                self.mark_down(e)
+                self.mark_down(e, stage)
             else:
                 logger.warning("Redis call failed: %r", e)
 
-    def mark_down(self, error: BaseException) -> None:
-        if self.down_until <= self.loop.time():
+    def is_down(self, stage: ClusterStage) -> bool:
+        """Whether requests for ``stage`` go straight to on_error."""
+        return self._down.get(self._group(stage), 0.0) > self.loop.time()
+
+    def mark_down(self, error: BaseException, stage: ClusterStage) -> None:
+        self._mark_down(error, self._group(stage))
+
+    def _mark_down(self, error: BaseException, group: int) -> None:
+        now = self.loop.time()
+        if self._down.get(group, 0.0) <= now:
             logger.warning(
                 "Redis unreachable (%s): on_error=%r applies",
                 str(error) or type(error).__name__,
                 self.scope.on_error,
             )
-        self.down_until = self.loop.time() + _DOWN_FOR
+        self._down[group] = now + _DOWN_FOR
         # The requests waiting in Redis's queue (or about to join it) get
         # on_error now rather than at their deadlines.
         for waiter in list(self.waiters.values()):
-            if not waiter.future.done():
+            if not waiter.future.done() and self._group(waiter.stage) == group:
                 waiter.future.set_result(None)
 
     async def _listen_loop(self, group: int) -> None:
@@ -544,7 +556,7 @@ class _Client:
                 raise
             except Exception as e:  # noqa: BLE001 - anything: retry after a pause
                 if isinstance(e, _UNREACHABLE):
-                    self.mark_down(e)
+                    self._mark_down(e, group)
                 else:
                     logger.warning("Redis listener failed: %r", e)
                 await asyncio.sleep(backoff)
@@ -563,19 +575,22 @@ class _Client:
                 # Granted after its wait ended: give it back.
                 stage = next((s for s in self.stages if key.startswith(s.notify_prefix)), None)
                 if stage is not None:
-                    self.spawn(self._release(stage, waiter_id))
+                    self.spawn(self._release(stage, waiter_id), stage)
 
     async def _heartbeat_loop(self) -> None:
         while not self._closed:
             await asyncio.sleep(self.scope.heartbeat)
+            failed: set[int] = set()
             for stage in list(self.stages):
+                if self._group(stage) in failed:
+                    continue  # not twice the timeout on one Redis (node)
                 try:
                     await self.heartbeat(stage)
                 except asyncio.CancelledError:
                     raise
                 except _UNREACHABLE as e:
-                    self.mark_down(e)
-                    break
+                    self.mark_down(e, stage)
+                    failed.add(self._group(stage))
                 except Exception as e:  # noqa: BLE001 - keep beating
                     logger.warning("Redis heartbeat failed: %r", e)
 
@@ -600,14 +615,13 @@ class _Client:
             self._call("heartbeat", stage, len(held), *held, *waiting), self.scope.timeout
         )
         stage.processes, stage.in_use = int(reply[0]), int(reply[1])
-        self.down_until = 0.0
         for permit_id in held:
             self.unrecorded.discard(permit_id)
         for permit_id in reply[2]:
             if permit_id not in self.held:
                 # Released while the heartbeat was on its way, which put it
                 # back: release it again.
-                self.spawn(self._release(stage, permit_id))
+                self.spawn(self._release(stage, permit_id), stage)
         if int(reply[4]):
             logger.warning(
                 "resource %r: %d request(s) running here (admitted by on_error, or whose lease "
@@ -619,7 +633,7 @@ class _Client:
         for waiter_id in reply[3]:
             waiter = self.waiters.get(waiter_id)
             if waiter is not None and not waiter.future.done():
-                self.spawn(self._requeue(waiter, waiter_id))
+                self.spawn(self._requeue(waiter, waiter_id), stage)
 
     async def _requeue(self, waiter: _Waiter, waiter_id: str) -> None:
         try:
@@ -631,7 +645,7 @@ class _Client:
             if not waiter.future.done():
                 waiter.future.set_result(True)
             else:
-                self.spawn(self._release(waiter.stage, waiter_id))
+                self.spawn(self._release(waiter.stage, waiter_id), waiter.stage)
 
     async def check(self, stages: Sequence[ClusterStage]) -> None:
         try:

@@ -34,17 +34,17 @@ pytestmark = needs_redis
 __all__ = ["own_redis_cluster", "redis_cluster", "redis_server"]
 
 
-def _node_of(cluster: Any, name: str) -> str:
-    node = cluster.get_node_from_key(f"{{test:{name}}}:holders")
+def _node_of(cluster: Any, name: str, prefix: str = "test") -> str:
+    node = cluster.get_node_from_key(f"{{{prefix}:{name}}}:holders")
     return f"{node.host}:{node.port}"
 
 
-def _names_on_two_nodes(servers: RedisClusterServers) -> tuple[str, str]:
+def _names_on_two_nodes(servers: RedisClusterServers, prefix: str = "test") -> tuple[str, str]:
     client = servers.client()
     try:
         first = "db"
         for other in ("cache", "search", "files", "mail", "queue", "index", "auth"):
-            if _node_of(client, other) != _node_of(client, first):
+            if _node_of(client, other, prefix) != _node_of(client, first, prefix):
                 return first, other
     finally:
         client.close()
@@ -200,29 +200,40 @@ def test_a_single_redis_client_against_a_cluster_is_a_clear_error(
 def test_a_master_killed_while_a_request_waits(
     own_redis_cluster: RedisClusterServers,
 ) -> None:
-    """The master of the resource's slot dies (no replica takes over): the
-    waiter gets on_error at once, new requests too; nothing hangs."""
+    """The master of a resource's slot dies (no replica takes over): its
+    waiter gets on_error at once, its new requests too; nothing hangs. A
+    resource on another node goes on as before: its waiter stays queued and
+    is granted."""
     redis_cluster = own_redis_cluster
 
     async def main() -> None:
         url = redis_cluster.url()
-        other = RedisScope(url, key_prefix="kill", cluster=True, timeout=0.5, lease=3)
-        elsewhere = Resource(1, name="db", scope=other)
-        await elsewhere.acquire()
-        scope = RedisScope(url, key_prefix="kill", cluster=True, timeout=0.5, lease=3)
-        db = Resource(1, name="db", scope=scope)
-        limiter = Limiter(timeout=30, resources=[db])
-        await scope.check()
         client = redis_cluster.client()
-        node = client.get_node_from_key("{kill:db}:holders")
-        waiter = asyncio.create_task(_try(limiter, db))
-        await _until_async(lambda: client.zcard("{kill:db}:queue") == 1)
-        client.close()
+        a, b = _names_on_two_nodes(redis_cluster, "kill")
+        other = RedisScope(url, key_prefix="kill", cluster=True, timeout=0.5, lease=3)
+        there = [Resource(1, name=n, scope=other) for n in (a, b)]
+        for r in there:
+            await r.acquire()
+        scope = RedisScope(url, key_prefix="kill", cluster=True, timeout=0.5, lease=3)
+        here = [Resource(1, name=n, scope=scope) for n in (a, b)]
+        limiter = Limiter(timeout=30, resources=here)
+        await scope.check()
+        node = client.get_node_from_key(f"{{kill:{a}}}:holders")
+        waiters = [asyncio.create_task(_try(limiter, r)) for r in here]
+        for n in (a, b):
+            await _until_async(lambda n=n: client.zcard(f"{{kill:{n}}}:queue") == 1)
         started = time.monotonic()
         redis_cluster.kill(int(node.port))
-        assert await asyncio.wait_for(waiter, 10) == "unavailable"
-        assert await asyncio.wait_for(_try(limiter, db), 10) == "unavailable"
+        assert await asyncio.wait_for(waiters[0], 10) == "unavailable"
+        assert await asyncio.wait_for(_try(limiter, here[0]), 10) == "unavailable"
         assert time.monotonic() - started < 10  # far from the 30 s deadline
+        assert not waiters[1].done()
+        stats = here[1].statistics().cluster
+        assert stats is not None and stats.reachable and stats.waiting_here == 1
+        there[1].release()
+        assert await asyncio.wait_for(waiters[1], 10) == "ok"
+        assert await asyncio.wait_for(_try(limiter, here[1]), 10) == "ok"
+        client.close()
         await asyncio.wait_for(scope.aclose(), 10)
         await asyncio.wait_for(other.aclose(), 10)
 
