@@ -319,11 +319,18 @@ def series_chart(variant: VariantData, path: Path) -> None:
         )
     capacity = variant.config.get("db_capacity")
     processes = int(variant.config.get("workers") or 1) * int(variant.config.get("instances") or 1)
+    # Host and Redis scope: one limit for all processes (reports from before
+    # the field was recorded: known by their app).
+    shared = variant.config.get(
+        "db_shared", variant.config.get("app") in ("package-host", "package-redis")
+    )
     if capacity is not None:
-        ax.axhline(
-            capacity, color="#2ca02c", lw=1, ls="--", label=f"Resource capacity ({capacity})"
-        )
-        if processes > 1:
+        label = f"Resource capacity ({capacity})"
+        if shared and processes > 1:
+            both = "both" if processes == 2 else f"all {processes}"
+            label = f"Resource capacity: {capacity} across {both} processes"
+        ax.axhline(capacity, color="#2ca02c", lw=1, ls="--", label=label)
+        if processes > 1 and not shared:
             ax.axhline(
                 capacity * processes,
                 color="#d62728",
@@ -334,7 +341,7 @@ def series_chart(variant: VariantData, path: Path) -> None:
     ax.set_ylabel("database queries in flight")
     top = max(
         float(in_flight.peak.max()) if in_flight is not None and in_flight.peak.size else 0.0,
-        float(capacity or 0) * processes,
+        float(capacity or 0) * (1 if shared else processes),
         1.0,
     )
     ax.set_ylim(0, top * 1.3)
