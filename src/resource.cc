@@ -339,7 +339,11 @@ void Resource::erase_key_if_idle_locked(KeyMap::iterator it) {
   // give it back once the map is mostly empty, so memory follows the keys
   // active now.
   if (keys_.bucket_count() > 1024 && keys_.size() * 16 < keys_.bucket_count()) {
-    keys_.rehash(keys_.size() * 2);
+    try {
+      keys_.rehash(keys_.size() * 2);
+    } catch (...) {
+      // Out of memory for the smaller array: the map is unchanged, keep it.
+    }
   }
 }
 
@@ -641,8 +645,9 @@ detail::WaiterNode* Resource::pick_locked(Clock::time_point now,
 }
 
 void Resource::grant_locked(detail::WaiterNode& node, Clock::time_point now) {
-  // Held before the waiter leaves: the key's entry must not be erased between.
-  if (per_key_ != 0) key_acquired_locked(node.key_);
+  // Held before the waiter leaves, so the key's entry is not erased between
+  // (and no lookup or allocation is needed).
+  if (node.key_count_ != nullptr) ++node.key_count_->held;
   unlink(node);
   node.state_ = State::kGranted;
   node.outcome_ = Outcome::kGranted;

@@ -18,6 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from fastapi_concurrency_limiter import Limiter, Resource, ServerBusy
 from fastapi_concurrency_limiter._errors import REASONS
 from fastapi_concurrency_limiter.prometheus import metrics_app
+from fastapi_concurrency_limiter.redis import RedisScope
 
 from .conftest import eventually, serve
 
@@ -50,6 +51,8 @@ def test_per_key_is_validated_at_construction() -> None:
         Resource(2, per_key="1")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="per_key.*scope"):
         Resource(2, name="perkey-host", scope="host", per_key=1)
+    with pytest.raises(ValueError, match="per_key.*scope"):
+        Resource(2, name="perkey-redis", scope=RedisScope(), per_key=1)  # never connects
     assert Resource(2, per_key=2).per_key == 2
     assert Resource(2).per_key is None
     assert "key_limit" in REASONS
