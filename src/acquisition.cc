@@ -8,8 +8,10 @@ namespace concurrency_limiter {
 
 using NodeState = detail::WaiterNode::State;
 
-Acquisition::Acquisition(std::shared_ptr<const ResourceSet> set)
+Acquisition::Acquisition(std::shared_ptr<const ResourceSet> set,
+                         std::optional<std::string> key)
     : set_(std::move(set)),
+      key_(std::move(key)),
       count_(set_ ? static_cast<std::uint32_t>(set_->size()) : 0),
       nodes_(new Node[count_]),
       refused_(count_) {
@@ -17,6 +19,7 @@ Acquisition::Acquisition(std::shared_ptr<const ResourceSet> set)
   for (std::uint32_t i = 0; i < count_; ++i) {
     nodes_[i].owner = this;
     nodes_[i].index = i;
+    nodes_[i].key_ = key_ptr();
   }
 }
 
@@ -56,10 +59,10 @@ bool Acquisition::try_acquire() {
   bool measure = false;
   for (std::uint32_t i = 0; i < count_; ++i) {
     bool m = false;
-    if (!resource(i).try_grant(m)) {
+    if (!resource(i).try_grant(m, key_ptr())) {
       refused_ = i;
       // Undo the slots taken on the way, leaving no trace in the statistics.
-      for (std::uint32_t j = i; j-- > 0;) resource(j).revert_grant(notices);
+      for (std::uint32_t j = i; j-- > 0;) resource(j).revert_grant(notices, key_ptr());
       return false;
     }
     measure = measure || m;
@@ -133,7 +136,8 @@ void Acquisition::release_held_locked(detail::NoticeList& notices,
   const Clock::time_point now = measured ? Clock::now() : Clock::time_point{};
   while (held_ > 0) {
     --held_;
-    resource(held_).release(measured, granted_at_, now, completion, notices);
+    resource(held_).release(measured, granted_at_, now, completion, notices,
+                            key_ptr());
   }
 }
 
@@ -176,7 +180,10 @@ void Acquisition::cancel(Outcome reason) {
     Node& node = nodes_[held_];
     const NodeState s = resource(held_).abandon(node, reason);
     if (s == NodeState::kQueued) {
-      reject_locked(held_, reason, notices);
+      // The resource may have turned kTimeout into kKeyLimit; the node is
+      // settled, nobody else writes it now.
+      final_outcome = node.outcome_;
+      reject_locked(held_, final_outcome, notices);
     } else if (s == NodeState::kGranted) {
       // The resource granted the slot first; its notice will find the state
       // settled and do nothing.

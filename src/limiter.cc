@@ -98,6 +98,14 @@ Permit Limiter::acquire_for(const std::shared_ptr<const ResourceSet>& set,
   return p;
 }
 
+Permit Limiter::acquire_for(const std::shared_ptr<const ResourceSet>& set,
+                            std::optional<std::string> key,
+                            Clock::duration timeout, std::stop_token stop) const {
+  // The Acquisition takes free slots at once, under the resources' mutexes.
+  return acquire_blocking(set, detail::deadline_after(timeout), std::move(stop),
+                          std::move(key));
+}
+
 Permit Limiter::acquire_waiting(const std::shared_ptr<const ResourceSet>& set,
                                 Clock::duration timeout,
                                 std::stop_token stop) const {

@@ -120,11 +120,12 @@ struct Signal {
 }  // namespace
 
 Permit acquire_blocking(std::shared_ptr<const ResourceSet> set,
-                        Clock::time_point deadline, std::stop_token stop) {
+                        Clock::time_point deadline, std::stop_token stop,
+                        std::optional<std::string> key) {
   // Declared before the acquisition so that it outlives the acquisition's
   // destructor, which waits for a completion still in flight.
   Signal signal;
-  auto acq = std::make_unique<Acquisition>(std::move(set));
+  auto acq = std::make_unique<Acquisition>(std::move(set), std::move(key));
   const Outcome o = acq->start([&signal](Outcome) { signal.notify(); });
   if (o == Outcome::kPending) {
     // Runs at once in this thread if a stop was already requested.

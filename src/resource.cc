@@ -49,6 +49,16 @@ ResourceOptions validated(ResourceOptions o) {
         "name is required for scope 'host': every process opening the same "
         "name shares its slots");
   }
+  if (o.per_key < 0 || o.per_key > o.capacity) {
+    throw std::invalid_argument(
+        "per_key must be an integer in [1, capacity=" + std::to_string(o.capacity) +
+        "], or 0 for no per-key share, got " + std::to_string(o.per_key));
+  }
+  if (o.scope == Scope::kHost && o.per_key != 0) {
+    throw std::invalid_argument(
+        "per_key is not supported with scope 'host': per-key shares are kept "
+        "by one process");
+  }
   if (o.name.empty()) o.name = generated_name();
   return o;
 }
@@ -124,6 +134,7 @@ Resource::Resource(ResourceOptions o, int)
       target_(o.adaptive_target),
       interval_(o.adaptive_interval),
       algorithm_(std::move(o.limit_algorithm)),
+      per_key_(o.per_key),
       limit_(algorithm_ ? std::clamp<std::int64_t>(algorithm_->start(capacity_), 1, capacity_)
                         : capacity_) {
   detail::MutexLock lock(mu_);
@@ -229,6 +240,7 @@ ResourceStatistics Resource::statistics() const {
   }
   s.waiting = waiting_;
   s.limit = limit_.load(std::memory_order_relaxed);
+  s.active_keys = static_cast<std::int64_t>(keys_.size());
   return s;
 }
 
@@ -275,7 +287,82 @@ void Resource::note_rejection_locked(Outcome reason) {
   if constexpr (kStatistics) ++stats_.rejected_total[rejection_index(reason)];
 }
 
+bool Resource::keyed_try_grant(bool& measure, const std::string* key) noexcept {
+  detail::MutexLock lock(mu_);
+  // While a slot is free, no queued waiter could take it (every change that
+  // could let one take it hands the slot over at once): no one is passed.
+  const std::uint64_t w = word_.load(std::memory_order_relaxed);
+  if (in_use_of(w) >= limit_.load(std::memory_order_relaxed) ||
+      !key_has_room_locked(key)) {
+    return false;
+  }
+  try {
+    key_acquired_locked(key);
+  } catch (...) {
+    return false;  // out of memory for the key's entry: as if no slot
+  }
+  measure = note_grant(word_.fetch_add(kInUseOne, std::memory_order_acquire) + kInUseOne);
+  return true;
+}
+
+bool Resource::key_has_room_locked(const std::string* key) const {
+  if (key == nullptr) return true;  // no key: exempt from the share
+  const auto it = keys_.find(*key);
+  return it == keys_.end() || it->second.held < per_key_;
+}
+
+void Resource::key_acquired_locked(const std::string* key) {
+  if (key != nullptr) ++keys_[*key].held;
+}
+
+void Resource::key_released_locked(const std::string* key) {
+  if (key == nullptr) return;
+  const auto it = keys_.find(*key);
+  if (it == keys_.end()) return;  // not reached: every held slot has an entry
+  --it->second.held;
+  erase_key_if_idle_locked(it);
+}
+
+void Resource::erase_key_if_idle_locked(KeyMap::iterator it) {
+  if (it->second.held > 0 || it->second.waiting > 0) return;
+  keys_.erase(it);
+  // The bucket array does not shrink by itself: after a burst of many keys,
+  // give it back once the map is mostly empty, so memory follows the keys
+  // active now.
+  if (keys_.bucket_count() > 1024 && keys_.size() * 16 < keys_.bucket_count()) {
+    try {
+      keys_.rehash(keys_.size() * 2);
+    } catch (...) {
+      // Out of memory for the smaller array: the map is unchanged, keep it.
+    }
+  }
+}
+
+detail::WaiterNode* Resource::first_eligible_locked(bool from_head) {
+  for (detail::WaiterNode* n = from_head ? head_ : tail_; n != nullptr;
+       n = from_head ? n->next_ : n->prev_) {
+    if (n->key_count_ == nullptr || n->key_count_->held < per_key_) return n;
+    n->held_back_ = true;  // a slot is there, its share keeps it out
+  }
+  return nullptr;
+}
+
 bool Resource::grant_at_once_locked(detail::WaiterNode& node) {
+  if (per_key_ != 0) {
+    // Every grant of a keyed resource is made under mu_, and while a slot is
+    // free no queued waiter could take it: the newcomer passes nobody.
+    const std::uint64_t w = word_.load(std::memory_order_relaxed);
+    if (in_use_of(w) >= limit_.load(std::memory_order_relaxed) ||
+        !key_has_room_locked(node.key_)) {
+      return false;
+    }
+    key_acquired_locked(node.key_);
+    node.measure_ = note_grant(word_.fetch_add(kInUseOne, std::memory_order_acquire) + kInUseOne);
+    node.granted_at_ = {};
+    node.state_ = State::kGranted;
+    node.outcome_ = Outcome::kGranted;
+    return true;
+  }
   std::uint64_t w = word_.load(std::memory_order_relaxed);
   do {
     if ((w & kWaitersBit) != 0 ||
@@ -314,7 +401,12 @@ Outcome Resource::enqueue(detail::WaiterNode& node,
     // LIFO-like queues keep the newest: the oldest waiter makes room.
     reject_locked(*head_, Outcome::kQueueFull, notices);
   }
-  if (waiting_ == 0) {
+  if (per_key_ != 0) {
+    // Keyed: every grant and release takes mu_, so the bit only has to be
+    // set (it may be set while slots are free: waiters held back by their
+    // key's share).
+    if (waiting_ == 0) word_.fetch_or(kWaitersBit, std::memory_order_acq_rel);
+  } else if (waiting_ == 0) {
     // Announce the waiter before linking it: the CAS succeeds only while
     // every slot is held; once it has, every release takes mu_ and finds the
     // node. If a slot was freed meanwhile, take it instead of waiting.
@@ -339,6 +431,12 @@ State Resource::abandon(detail::WaiterNode& node, Outcome reason) {
   detail::MutexLock lock(mu_);
   const State state = node.state_;
   if (state == State::kQueued) {
+    // Its key's share kept it from a slot the resource had, and still
+    // holds it back: that, not the resource, is why it waited in vain.
+    if (reason == Outcome::kTimeout && node.held_back_ &&
+        node.key_count_ != nullptr && node.key_count_->held >= per_key_) {
+      reason = Outcome::kKeyLimit;
+    }
     unlink(node);
     node.state_ = State::kRejected;
     node.outcome_ = reason;
@@ -347,8 +445,15 @@ State Resource::abandon(detail::WaiterNode& node, Outcome reason) {
   return state;
 }
 
-void Resource::revert_grant(detail::NoticeList& notices) {
+void Resource::revert_grant(detail::NoticeList& notices, const std::string* key) {
   if (host_) return host_->revert_grant(notices);
+  if (per_key_ != 0) {
+    const auto now = Clock::now();
+    detail::MutexLock lock(mu_);
+    key_released_locked(key);
+    hand_over_locked(now, /*count_release=*/false, notices);
+    return;
+  }
   // Without the lock while nobody waits: in_use - 1, no release counted.
   std::uint64_t w = word_.load(std::memory_order_relaxed);
   while ((w & kWaitersBit) == 0) {
@@ -370,7 +475,7 @@ void Resource::count_rejection(Outcome reason) {
 
 void Resource::release(bool measured, Clock::time_point granted_at,
                        Clock::time_point now, Completion completion,
-                       detail::NoticeList& notices) {
+                       detail::NoticeList& notices, const std::string* key) {
   if (host_) return host_->release(measured, granted_at, now, completion, notices);
   if (!measured && try_give_back()) return;
   // A handoff needs the time (wait statistics, the adaptive queue).
@@ -393,8 +498,9 @@ void Resource::release(bool measured, Clock::time_point granted_at,
         // a release to it twice, so the release is counted under mu_ as well.
         hold_measured_.store(true, std::memory_order_release);
       }
-  }
-  hand_over_locked(now, /*count_release=*/true, notices);
+    }
+    key_released_locked(key);
+    hand_over_locked(now, /*count_release=*/true, notices);
   }
   if (algorithm_ && measured && completion != Completion::kIgnored) {
     learn(LimitSample{.end = now,
@@ -427,7 +533,16 @@ void Resource::hand_over_locked(Clock::time_point now, bool count_release,
 }
 
 void Resource::link_tail(detail::WaiterNode& node, Clock::time_point now) {
+  if (per_key_ != 0 && node.key_ != nullptr) {
+    // First, as it may allocate (and throw): nothing is changed yet.
+    detail::KeyCount& count = keys_[*node.key_];
+    ++count.waiting;
+    node.key_count_ = &count;
+  }
   node.enqueued_at_ = now;
+  // Queued with a slot free: only its key's share can be the reason.
+  node.held_back_ = per_key_ != 0 && in_use_of(word_.load(std::memory_order_relaxed)) <
+                                         limit_.load(std::memory_order_relaxed);
   node.state_ = State::kQueued;
   node.outcome_ = Outcome::kPending;
   node.next_ = nullptr;
@@ -453,6 +568,11 @@ void Resource::unlink(detail::WaiterNode& node) {
     tail_ = node.prev_;
   }
   node.prev_ = node.next_ = nullptr;
+  if (node.key_count_ != nullptr) {
+    --node.key_count_->waiting;
+    node.key_count_ = nullptr;
+    erase_key_if_idle_locked(keys_.find(*node.key_));
+  }
   if (--waiting_ == 0) {
     // The queue is empty: releases may go without the lock again.
     word_.fetch_and(~kWaitersBit, std::memory_order_release);
@@ -499,19 +619,26 @@ void Resource::shed_locked(Clock::time_point now,
 
 detail::WaiterNode* Resource::pick_locked(Clock::time_point now,
                                           detail::NoticeList& notices) {
+  bool from_head = true;
   switch (discipline_) {
     case QueueDiscipline::kFifo:
-      return head_;
+      break;
     case QueueDiscipline::kLifo:
-      return tail_;
+      from_head = false;
+      break;
     case QueueDiscipline::kAdaptive:
       shed_locked(now, notices);
-      return standing_locked(now) ? tail_ : head_;
+      from_head = !standing_locked(now);
+      break;
   }
-  return head_;
+  if (per_key_ != 0) return first_eligible_locked(from_head);
+  return from_head ? head_ : tail_;
 }
 
 void Resource::grant_locked(detail::WaiterNode& node, Clock::time_point now) {
+  // Held before the waiter leaves, so the key's entry is not erased between
+  // (and no lookup or allocation is needed).
+  if (node.key_count_ != nullptr) ++node.key_count_->held;
   unlink(node);
   node.state_ = State::kGranted;
   node.outcome_ = Outcome::kGranted;

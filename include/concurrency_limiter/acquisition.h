@@ -28,6 +28,17 @@
 // succeeds) or handed on to the next waiter. A slot is never lost and the
 // callback is never called twice.
 //
+// Key: an acquisition may carry a key (a client, an API key, a tenant). On a
+// resource with a per-key share (ResourceOptions::per_key, see resource.h)
+// the key holds at most that many slots, and a request whose key is at its
+// share waits without holding up requests of other keys; if its deadline
+// passes while it is held back that way (its share kept it from a slot the
+// resource had for others), it is rejected with kKeyLimit, not kTimeout. std::nullopt (the
+// default) is exempt from every per-key share but counts toward the total.
+// Resources without a per-key share ignore the key.
+//
+//   Acquisition acq(set, "tenant-1");
+//
 // Thread safety: all member functions may be called from any thread,
 // concurrently with grants made by other threads' releases. The callback runs
 // on whichever thread decided the outcome: a releasing thread, or the thread
@@ -40,6 +51,8 @@
 #include <cstdint>
 #include <functional>
 #include <memory>
+#include <optional>
+#include <string>
 
 #include "concurrency_limiter/deadline_queue.h"
 #include "concurrency_limiter/internal/mutex.h"
@@ -62,7 +75,9 @@ class Acquisition {
     kReleased,  // was granted, gave everything back
   };
 
-  explicit Acquisition(std::shared_ptr<const ResourceSet> set);
+  // `key`: see "Key" above; copied, and constant for the acquisition's life.
+  explicit Acquisition(std::shared_ptr<const ResourceSet> set,
+                       std::optional<std::string> key = std::nullopt);
   Acquisition(const Acquisition&) = delete;
   Acquisition& operator=(const Acquisition&) = delete;
   // Cancels a pending wait or releases held slots. If a releasing thread is
@@ -93,6 +108,8 @@ class Acquisition {
   // it out, the callback gets that reason (kShed, kQueueFull). No effect in
   // any other state.
   // `reason` must be a rejection (kTimeout, kCancelled, kDisconnected...).
+  // A kTimeout of a request held back by its key's share is reported as
+  // kKeyLimit (see "Key" above).
   void cancel(Outcome reason = Outcome::kCancelled);
 
   // The deadline has passed: cancel(kTimeout).
@@ -114,6 +131,7 @@ class Acquisition {
   const std::shared_ptr<const ResourceSet>& resource_set() const noexcept {
     return set_;
   }
+  const std::optional<std::string>& key() const noexcept { return key_; }
 
  private:
   friend class DeadlineQueue;
@@ -149,6 +167,9 @@ class Acquisition {
   Resource& resource(std::uint32_t i) const { return *set_->resources()[i]; }
 
   const std::shared_ptr<const ResourceSet> set_;
+  const std::optional<std::string> key_;
+  // &*key_, or null: what the resources are given.
+  const std::string* key_ptr() const noexcept { return key_ ? &*key_ : nullptr; }
   const std::uint32_t count_;
   std::unique_ptr<Node[]> nodes_;
 

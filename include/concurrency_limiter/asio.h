@@ -66,6 +66,13 @@
 // executor cannot name one (use_future); it must outlive its operations'
 // completions, as for any Asio operation.
 //
+// Key: the overloads taking a `std::optional<std::string> key` before the
+// timeout acquire for that client (see "Key" in acquisition.h): on resources
+// with a per-key share no key holds more than its share, a key at its share
+// waits without holding up other keys, and a timeout caused by the share
+// completes with kKeyLimit (also equal to std::errc::timed_out). std::nullopt
+// is exempt from the share, as the overloads without a key are.
+//
 // Thread safety: async_acquire() may be called from any thread, concurrently
 // with itself and with releases from other threads.
 #pragma once
@@ -144,6 +151,7 @@ inline std::string outcome_message(int value, std::string_view resource) {
     case Outcome::kShed: return "shed from the queue of " + on;
     case Outcome::kDisconnected: return "client disconnected while waiting for " + on;
     case Outcome::kCancelled: return "cancelled while waiting for " + on;
+    case Outcome::kKeyLimit: return "key at its per-key share of " + on;
     case Outcome::kPending: return "still waiting for " + on;
   }
   return "unknown outcome";
@@ -164,7 +172,8 @@ class OutcomeCategory : public std::error_category {
     if (cond == default_error_condition(value)) return true;
     const auto o = static_cast<Outcome>(value);
     return (o == Outcome::kCancelled && cond == std::errc::operation_canceled) ||
-           (o == Outcome::kTimeout && cond == std::errc::timed_out);
+           ((o == Outcome::kTimeout || o == Outcome::kKeyLimit) &&
+            cond == std::errc::timed_out);
   }
 
  private:
@@ -468,10 +477,10 @@ class AcquireInitiation {
 
   template <class Handler>
   void operator()(Handler&& handler, std::shared_ptr<const ResourceSet> set,
-                  Clock::duration timeout) const {
+                  Clock::duration timeout, std::optional<std::string> key) const {
     using H = std::decay_t<Handler>;
     auto handler_ex = asio::get_associated_executor(handler, ex_);
-    auto acquisition = std::make_unique<Acquisition>(std::move(set));
+    auto acquisition = std::make_unique<Acquisition>(std::move(set), std::move(key));
     if (acquisition->try_acquire()) {
       // Uncontended: no timer, no bookkeeping, one post.
       asio::post(handler_ex,
@@ -518,7 +527,20 @@ auto async_acquire(const Executor& io_executor, const Limiter& limiter,
   (void)limiter;  // the set carries the resources; the limiter validated it
   return asio::async_initiate<CompletionToken, void(std::error_code, Permit)>(
       detail::AcquireInitiation<Executor>(io_executor), token,
-      std::move(set), timeout);
+      std::move(set), timeout, std::optional<std::string>());
+}
+
+// For client `key` (see "Key" above).
+template <class Executor, class CompletionToken>
+  requires detail::kIsExecutor<Executor>
+auto async_acquire(const Executor& io_executor, const Limiter& limiter,
+                   std::shared_ptr<const ResourceSet> set,
+                   std::optional<std::string> key, Clock::duration timeout,
+                   CompletionToken&& token) {
+  (void)limiter;  // the set carries the resources; the limiter validated it
+  return asio::async_initiate<CompletionToken, void(std::error_code, Permit)>(
+      detail::AcquireInitiation<Executor>(io_executor), token,
+      std::move(set), timeout, std::move(key));
 }
 
 // With the limiter's timeout.

@@ -17,6 +17,7 @@
 
 #include <chrono>
 #include <memory>
+#include <optional>
 #include <stop_token>
 #include <string>
 #include <vector>
@@ -69,6 +70,21 @@ class Limiter {
                        Clock::time_point deadline,
                        std::stop_token stop = {}) const;
   Permit try_acquire(const std::shared_ptr<const ResourceSet>& set) const;
+
+  // The same for a request of client `key` (see "Key" in acquisition.h):
+  // on resources with a per-key share (ResourceOptions::per_key) the key
+  // holds at most that many slots; a request held back by its share blocks
+  // without holding up other keys, and is rejected with kKeyLimit if its
+  // deadline passes that way. std::nullopt is exempt from the share, as the
+  // calls above are. Unlike them these take the resources' mutexes even when
+  // slots are free.
+  Permit acquire(const std::shared_ptr<const ResourceSet>& set,
+                 std::optional<std::string> key, std::stop_token stop = {}) const {
+    return acquire_for(set, std::move(key), timeout_, std::move(stop));
+  }
+  Permit acquire_for(const std::shared_ptr<const ResourceSet>& set,
+                     std::optional<std::string> key, Clock::duration timeout,
+                     std::stop_token stop = {}) const;
 
   // One snapshot per registered resource, in registration order.
   std::vector<ResourceStatistics> statistics() const;

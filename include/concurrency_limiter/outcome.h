@@ -21,11 +21,14 @@ enum class Outcome : std::uint8_t {
   kShed,         // the adaptive queue dropped a waiter that waited too long
   kDisconnected, // the client went away while waiting (set by the front end)
   kCancelled,    // the caller cancelled the wait
+  kKeyLimit,     // the deadline passed while the request's key held its
+                 // whole per-key share, which had kept it from a slot the
+                 // resource had for other keys (ResourceOptions::per_key)
   kPending,      // still queued; the completion callback will say how it ends
 };
 
 // Number of rejection reasons, i.e. outcomes other than kGranted and kPending.
-inline constexpr std::size_t kRejectionReasonCount = 5;
+inline constexpr std::size_t kRejectionReasonCount = 6;
 
 // True for the outcomes that mean "turned away".
 constexpr bool is_rejection(Outcome o) noexcept {
@@ -39,7 +42,7 @@ constexpr std::size_t rejection_index(Outcome o) noexcept {
 
 // Stable lower-case names used in errors, statistics and metrics labels:
 // "granted", "timeout", "queue_full", "shed", "disconnected", "cancelled",
-// "pending".
+// "key_limit", "pending".
 std::string_view to_string(Outcome o) noexcept;
 
 }  // namespace concurrency_limiter

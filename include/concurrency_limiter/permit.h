@@ -17,6 +17,7 @@
 #pragma once
 
 #include <memory>
+#include <optional>
 #include <stop_token>
 #include <string>
 #include <type_traits>
@@ -124,9 +125,11 @@ static_assert(std::is_nothrow_move_assignable_v<Permit>);
 static_assert(!std::is_copy_constructible_v<Permit>);
 
 // Blocks the calling thread on `acquisition` until it is decided, the
-// deadline passes or `stop` is requested. Used by the acquire_* functions.
+// deadline passes or `stop` is requested, for a request of `key` (see
+// acquisition.h). Used by the acquire_* functions.
 Permit acquire_blocking(std::shared_ptr<const ResourceSet> set,
-                        Clock::time_point deadline, std::stop_token stop);
+                        Clock::time_point deadline, std::stop_token stop,
+                        std::optional<std::string> key = std::nullopt);
 
 // Wraps a finished acquisition.
 Permit make_permit(std::unique_ptr<Acquisition> acquisition);

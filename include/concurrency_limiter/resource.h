@@ -40,6 +40,31 @@
 //              than the number of slots. Full queue: as kLifo while standing,
 //              as kFifo otherwise.
 //
+// Per-key shares (ResourceOptions::per_key = N): each request may carry a key
+// (a client, an API key, a tenant; see Acquisition). No key holds more than N
+// of the resource's slots, and all keys together still hold at most `limit`.
+// A request whose key already holds N slots waits in the queue like any
+// other, but it does not hold up the requests behind it: a freed slot goes,
+// in the discipline's order, to the first waiter whose key is below its share
+// (or that has no key), and a newcomer takes a free slot at once if its key
+// has room and no waiter that could use the slot is queued. A waiter whose
+// deadline passes while its key holds its whole share, after that share kept
+// it from a slot the resource had (free, or handed to another key past it),
+// is rejected with kKeyLimit instead of kTimeout; one that only ever waited
+// for a full resource gets kTimeout. A request
+// without a key (std::nullopt) is exempt from the share but counts toward
+// the total, which is what protects the resource. The per-key state (a count
+// of held slots and of waiters) exists only while the key holds or waits for
+// a slot: it is erased when the key's last slot is released or its last
+// waiter leaves the queue (granted, timed out, cancelled, shed), so memory
+// follows the keys active now, not the keys ever seen; statistics report
+// them as active_keys. A resource with a per-key share takes and gives back
+// every slot under its mutex (the lock-free path below is for resources
+// without one), and a release scans the queue past the waiters of keys at
+// their share, so it costs time proportional to those waiters (bounded by
+// max_waiting). Host scope does not support a per-key share: the
+// constructor refuses the combination.
+//
 // Thread safety: every member function may be called from any thread. While
 // nobody waits, a slot is taken and given back with one atomic
 // compare-and-swap each, without a lock; a request that has to wait, and
@@ -63,6 +88,7 @@
 #include <stop_token>
 #include <string>
 #include <string_view>
+#include <unordered_map>
 #include <utility>
 #include <vector>
 
@@ -122,12 +148,24 @@ struct ResourceOptions {
   // (required: letters, digits, '_', '-', '.', at most 64). See
   // host_resource.h.
   Scope scope = Scope::kProcess;
+  // Most slots one key may hold (see "Per-key shares" above): 0 (the
+  // default) means no per-key share, otherwise 1..capacity. A limit below
+  // per_key makes the share moot, it does not lower the total. Not supported
+  // with scope kHost (std::invalid_argument).
+  std::int64_t per_key = 0;
 };
 
 namespace detail {
 
 class NoticeList;
 class HostPool;
+
+// Per-key state of a resource with a per-key share; lives in the resource's
+// key map, guarded by its mutex, only while held + waiting > 0.
+struct KeyCount {
+  std::int64_t held = 0;     // slots the key holds
+  std::int64_t waiting = 0;  // waiters of the key in the queue
+};
 
 // A queued request for one slot of one resource: an intrusive list node, so
 // that queueing never allocates. The resource links and unlinks it and
@@ -176,6 +214,14 @@ class WaiterNode {
   // Host scope: index of the node's entry in the shared waiter table while
   // it is queued; guarded by the host pool's local mutex.
   std::uint32_t host_entry_ = 0;
+  // The request's key (owned by the Acquisition, constant), null for none.
+  const std::string* key_ = nullptr;
+  // While queued on a resource with a per-key share and key_ is set: the
+  // key's entry in that resource's key map; guarded by the resource's mu_.
+  KeyCount* key_count_ = nullptr;
+  // Per-key shares: whether the node's share has kept it from a slot the
+  // resource had (see kKeyLimit); guarded by the resource's mu_.
+  bool held_back_ = false;
 };
 
 // Nodes whose fate was decided under a resource's mutex and whose owners must
@@ -245,6 +291,8 @@ class Resource : public std::enable_shared_from_this<Resource> {
   std::optional<std::int64_t> max_waiting() const noexcept;
   QueueDiscipline queue() const noexcept { return discipline_; }
   Scope scope() const noexcept { return host_ ? Scope::kHost : Scope::kProcess; }
+  // Most slots one key may hold; 0: no per-key share.
+  std::int64_t per_key() const noexcept { return per_key_; }
 
   // Slots held right now, and requests waiting right now. A snapshot: it may
   // be stale by the time the caller looks at it.
@@ -257,8 +305,11 @@ class Resource : public std::enable_shared_from_this<Resource> {
   // A free slot with nobody waiting is taken without a lock, a heap
   // allocation or a clock read.
   //
+  // These take a slot without a key (exempt from a per-key share); use an
+  // Acquisition or Limiter::acquire() to pass one.
+  //
   // try_acquire(): never blocks. Succeeds only if a slot is free and nobody is
-  //   waiting; otherwise the returned Permit is empty with kTimeout (it is a
+  //   waiting (with a per-key share: nobody who could use it); otherwise the returned Permit is empty with kTimeout (it is a
   //   zero timeout), without counting a rejection.
   // acquire_until(deadline): blocks the calling thread until a slot is handed
   //   to it (kGranted), the deadline passes (kTimeout), the queue rejects it
@@ -334,8 +385,11 @@ class Resource : public std::enable_shared_from_this<Resource> {
   // Takes a free slot without the lock if nobody waits. `measure` is set to
   // whether the statistics want this hold timed (then the caller reads the
   // clock for its start and passes measured=true to release()).
-  bool try_grant(bool& measure) noexcept CL_EXCLUDES(mu_) {
+  // `key`: the request's key, null for none (per-key shares only).
+  bool try_grant(bool& measure, const std::string* key = nullptr) noexcept
+      CL_EXCLUDES(mu_) {
     if (host_) return host_try_grant(measure);
+    if (per_key_ != 0) return keyed_try_grant(measure, key);
     std::uint64_t w = word_.load(std::memory_order_relaxed);
     do {
       if ((w & kWaitersBit) != 0 ||
@@ -357,7 +411,7 @@ class Resource : public std::enable_shared_from_this<Resource> {
   // Gives back an unmeasured slot without the lock if nobody waits. False:
   // someone waits, use release().
   bool try_give_back() noexcept CL_EXCLUDES(mu_) {
-    if (host_) return false;  // host scope: release() does it all
+    if (host_ || per_key_ != 0) return false;  // release() does it all
     std::uint64_t w = word_.load(std::memory_order_relaxed);
     do {
       if ((w & kWaitersBit) != 0) return false;
@@ -387,6 +441,9 @@ class Resource : public std::enable_shared_from_this<Resource> {
   // try_grant() and limit() of a host-scoped resource (src/host/).
   bool host_try_grant(bool& measure) noexcept;
   std::int64_t host_limit() const noexcept;
+  // try_grant() of a resource with a per-key share: under mu_.
+  bool keyed_try_grant(bool& measure, const std::string* key) noexcept
+      CL_EXCLUDES(mu_);
   void fold_releases() noexcept CL_EXCLUDES(mu_);
   void fold_releases_locked() noexcept CL_REQUIRES(mu_);
 
@@ -406,7 +463,9 @@ class Resource : public std::enable_shared_from_this<Resource> {
       CL_EXCLUDES(mu_);
   // Gives back a slot taken by try_grant() a moment ago, as if it had never
   // been granted: no acquisition, wait or hold is counted.
-  void revert_grant(detail::NoticeList& notices) CL_EXCLUDES(mu_);
+  // `key`: the key the slot was taken for, null for none.
+  void revert_grant(detail::NoticeList& notices, const std::string* key = nullptr)
+      CL_EXCLUDES(mu_);
   // Counts a rejection that the resource itself did not decide.
   void count_rejection(Outcome reason) CL_EXCLUDES(mu_);
   // Gives back one slot: hands it to the next waiter, frees it, or retires it
@@ -414,9 +473,11 @@ class Resource : public std::enable_shared_from_this<Resource> {
   // grant of the request's last slot; `now` read by the caller) is recorded
   // in the hold-time histogram and, unless `completion` is kIgnored, fed to
   // the limit algorithm (holds of adaptive resources are always measured).
+  // `key`: the key the slot was held for, null for none.
   void release(bool measured, Clock::time_point granted_at,
                Clock::time_point now, Completion completion,
-               detail::NoticeList& notices) CL_EXCLUDES(mu_);
+               detail::NoticeList& notices, const std::string* key = nullptr)
+      CL_EXCLUDES(mu_);
   // Feeds one sample to the limit algorithm and puts its limit in force.
   void learn(const LimitSample& sample, detail::NoticeList& notices)
       CL_EXCLUDES(mu_, algorithm_mu_);
@@ -430,6 +491,19 @@ class Resource : public std::enable_shared_from_this<Resource> {
   // `count_release`: false when undoing a grant (revert_grant()).
   void hand_over_locked(Clock::time_point now, bool count_release,
                         detail::NoticeList& notices) CL_REQUIRES(mu_);
+  // Per-key shares: whether a request of `key` (null: none) may take one
+  // more slot as far as its share goes; the key's count of held slots
+  // raised and lowered (erasing the entry when nothing is left).
+  bool key_has_room_locked(const std::string* key) const CL_REQUIRES(mu_);
+  void key_acquired_locked(const std::string* key) CL_REQUIRES(mu_);
+  void key_released_locked(const std::string* key) CL_REQUIRES(mu_);
+  using KeyMap = std::unordered_map<std::string, detail::KeyCount>;
+  // Erases the key's entry (an element of keys_) if it holds and waits for
+  // nothing.
+  void erase_key_if_idle_locked(KeyMap::iterator it) CL_REQUIRES(mu_);
+  // The first waiter, in the order `from_head`, that a free slot may go to.
+  // Marks the waiters it passes over as held back by their share.
+  detail::WaiterNode* first_eligible_locked(bool from_head) CL_REQUIRES(mu_);
   void note_rejection_locked(Outcome reason) CL_REQUIRES(mu_);
   void link_tail(detail::WaiterNode& node, Clock::time_point now) CL_REQUIRES(mu_);
   void unlink(detail::WaiterNode& node) CL_REQUIRES(mu_);
@@ -455,6 +529,7 @@ class Resource : public std::enable_shared_from_this<Resource> {
   const Clock::duration target_;
   const Clock::duration interval_;
   const std::shared_ptr<LimitAlgorithm> algorithm_;  // null: fixed limit
+  const std::int64_t per_key_;  // 0: no per-key share
   // Slots in force, 1..capacity_. Written under mu_ (seq_cst, see the
   // protocol above); read without it by the lock-free path.
   std::atomic<std::int64_t> limit_;
@@ -477,6 +552,10 @@ class Resource : public std::enable_shared_from_this<Resource> {
   detail::WaiterNode* tail_ CL_GUARDED_BY(mu_) = nullptr;  // newest waiter
   // Since when the oldest waiter has been older than target_ without a break.
   std::optional<Clock::time_point> above_target_since_ CL_GUARDED_BY(mu_);
+  // Per-key shares: the keys holding or waiting for a slot now, and only
+  // those (see key_released_locked() and unlink()). Node-based, so a
+  // KeyCount stays put while its key is in the map.
+  KeyMap keys_ CL_GUARDED_BY(mu_);
   // Releases taken out of word_ before they could wrap.
   std::uint64_t releases_folded_ CL_GUARDED_BY(mu_) = 0;
   // Counters and histograms. wait_seconds holds the grants that waited only;

@@ -66,6 +66,9 @@ struct ResourceStatistics {
   std::int64_t limit = 0;            // slots in force right now (<= capacity)
   std::int64_t in_use = 0;           // slots held right now
   std::int64_t waiting = 0;          // waiters queued right now
+  // Keys (ResourceOptions::per_key) holding or waiting for a slot right now;
+  // 0 for a resource without a per-key share.
+  std::int64_t active_keys = 0;
   std::int64_t peak_in_use = 0;      // highest in_use ever seen
   std::optional<std::int64_t> max_waiting;  // nullopt: unbounded queue
   QueueDiscipline queue = QueueDiscipline::kFifo;

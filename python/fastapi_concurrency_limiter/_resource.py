@@ -83,6 +83,17 @@ class Resource:
             service times and errors of the requests (with ``scope="host"``,
             of every process's requests). ``False`` (default):
             ``limit == capacity`` unless ``set_limit()`` changes it.
+        per_key: most slots one key (a client, an API key, a tenant: the
+            ``key=`` given where the resource is acquired) may hold, an
+            integer in ``1..capacity``; ``None`` (default): no per-key share.
+            All keys together still hold at most ``capacity`` (or ``limit``).
+            A request whose key is at its share waits without holding up
+            other keys' requests, and if its timeout passes while the
+            resource had room for others it gets 503 with reason
+            ``"key_limit"``. A key of ``None`` is exempt from the share but
+            counts toward the total. The engine keeps per-key state only
+            while a key holds or waits for a slot (``statistics().active_keys``).
+            Not supported with ``scope="host"`` or a ``RedisScope`` (ValueError).
     """
 
     __slots__ = ("_core", "_selection", "_held", "_before", "_cluster", "__weakref__")
@@ -98,8 +109,25 @@ class Resource:
         adaptive_interval: float = DEFAULT_ADAPTIVE_INTERVAL,
         scope: ScopeName | RedisScope = "process",
         adaptive: bool | AdaptiveLimit = False,
+        per_key: int | None = None,
     ) -> None:
         check_int("capacity", capacity, minimum=1)
+        if per_key is not None:
+            if isinstance(per_key, bool) or not isinstance(per_key, int):
+                raise TypeError(
+                    f"per_key must be an integer in [1, capacity={capacity}] or None, "
+                    f"got {per_key!r}"
+                )
+            if not 1 <= per_key <= capacity:
+                raise ValueError(
+                    f"per_key must be an integer in [1, capacity={capacity}] or None, "
+                    f"got {per_key!r}"
+                )
+            if scope != "process":
+                raise ValueError(
+                    "per_key is only supported with scope='process': per-key shares are "
+                    f"kept by one process's engine; got scope={scope!r}"
+                )
         if isinstance(scope, str) and scope not in _SCOPES:
             raise ValueError(
                 f"scope must be 'process', 'host' or a RedisScope(...), got {scope!r}"
@@ -129,6 +157,7 @@ class Resource:
             interval,
             algorithm,
             _SCOPES[scope] if isinstance(scope, str) else _core.Scope.process,
+            per_key or 0,
         )
         self._cluster: ClusterStage | None = _bind_scope(scope, name, capacity)
         self._selection = Selection(_core.ResourceSet([self._core]), (self,))
@@ -183,6 +212,11 @@ class Resource:
     @property
     def queue(self) -> str:
         return self._core.queue.name
+
+    @property
+    def per_key(self) -> int | None:
+        """Most slots one key may hold; ``None``: no per-key share."""
+        return self._core.per_key or None
 
     @property
     def scope(self) -> str:

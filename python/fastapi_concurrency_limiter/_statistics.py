@@ -58,12 +58,15 @@ class ResourceStatistics:
     limit: int
     in_use: int
     waiting: int
+    #: With ``per_key``: keys holding or waiting for a slot right now (the
+    #: per-key state the resource keeps); 0 otherwise.
+    active_keys: int
     peak_in_use: int
     max_waiting: int | None
     queue: str
     acquired_total: int
     #: Requests turned away, by reason: timeout, queue_full, shed,
-    #: disconnected, cancelled.
+    #: disconnected, cancelled, key_limit.
     rejected_total: Mapping[str, int]
     #: Time from request to grant, of granted requests.
     wait_seconds: HistogramSnapshot
@@ -81,6 +84,7 @@ class ResourceStatistics:
             limit=s.limit,
             in_use=s.in_use,
             waiting=s.waiting,
+            active_keys=s.active_keys,
             peak_in_use=s.peak_in_use,
             max_waiting=s.max_waiting,
             queue=s.queue.name,

@@ -13,11 +13,14 @@ the process started, as Prometheus expects):
     concurrency_limiter_limit                      gauge (slots in force, <= capacity)
     concurrency_limiter_in_use                     gauge
     concurrency_limiter_waiting                    gauge
+    concurrency_limiter_active_keys                gauge (keys holding or waiting,
+                                                   with per_key; else 0)
     concurrency_limiter_peak_in_use                gauge
     concurrency_limiter_max_waiting                gauge (absent when unbounded)
     concurrency_limiter_acquired_total             counter
     concurrency_limiter_rejected_total{reason}     counter (timeout, queue_full,
-                                                   shed, disconnected, cancelled)
+                                                   shed, disconnected, cancelled,
+                                                   key_limit)
     concurrency_limiter_wait_seconds               histogram (granted requests)
     concurrency_limiter_hold_seconds               histogram
 
@@ -163,6 +166,11 @@ class _Families:
             ),
             "waiting": GaugeMetricFamily(
                 f"{PREFIX}_waiting", "Requests waiting for a slot right now.", labels=["resource"]
+            ),
+            "active_keys": GaugeMetricFamily(
+                f"{PREFIX}_active_keys",
+                "Keys holding or waiting for a slot right now (resources with per_key).",
+                labels=["resource"],
             ),
             "peak_in_use": GaugeMetricFamily(
                 f"{PREFIX}_peak_in_use", "Most slots ever held at once.", labels=["resource"]

@@ -149,6 +149,28 @@ TEST(AsyncAcquire, TimeoutLeavesTheQueueAndNamesTheResource) {
   EXPECT_EQ(f.db->statistics().rejected(Outcome::kTimeout), 1u);
 }
 
+TEST(AsyncAcquire, KeyAtItsShareCompletesWithKeyLimitWhileOtherKeysGetIn) {
+  auto db = std::make_shared<Resource>(
+      ResourceOptions{.name = "db", .capacity = 3, .per_key = 1});
+  Limiter limiter({db}, 5s);
+  auto needs_db = limiter.select({db});
+  asio::io_context io;
+  Result first, second, other;
+  async_acquire(io, limiter, needs_db, std::optional<std::string>("a"), 5s, record(first));
+  async_acquire(io, limiter, needs_db, std::optional<std::string>("a"), 20ms, record(second));
+  async_acquire(io, limiter, needs_db, std::optional<std::string>("b"), 5s, record(other));
+  io.run();
+  EXPECT_TRUE(first.permit);
+  EXPECT_TRUE(other.permit);
+  ASSERT_TRUE(second.ec.has_value());
+  EXPECT_TRUE(*second.ec == Outcome::kKeyLimit);
+  EXPECT_TRUE(*second.ec == std::errc::timed_out);
+  EXPECT_EQ(second.ec->message(), "key at its per-key share of resource 'db'");
+  first.permit.release();
+  other.permit.release();
+  EXPECT_EQ(db->statistics().active_keys, 0);
+}
+
 TEST(AsyncAcquire, ZeroTimeoutTriesOnce) {
   Fixture f;
   asio::io_context io;
