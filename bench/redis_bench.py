@@ -11,6 +11,10 @@ for the run (on a free port of 127.0.0.1, in a temporary directory).
     notification      a slot released in one process to the waiter running
                       in another: the release's round trip, the hand-off in
                       Lua, and the waiting process's BLPOP waking it
+    Redis Cluster     acquire+release with RedisScope(cluster=True) on a
+                      local cluster of three masters (started when
+                      redis-cli is there), and the commands per request that
+                      the node of the resource's slot receives
 
 Prints medians and 99th percentiles (microseconds). Needs redis-server.
 
@@ -22,6 +26,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import multiprocessing
+import os
 import shutil
 import socket
 import statistics
@@ -31,6 +36,8 @@ import time
 from multiprocessing.connection import Connection
 
 import redis
+import redis.asyncio
+import redis.cluster
 
 from fastapi_concurrency_limiter import Limiter, Resource
 from fastapi_concurrency_limiter.redis import RedisScope
@@ -136,6 +143,84 @@ async def acquire_release(url: str, n: int, client: redis.Redis) -> None:
     print(f"Redis commands per request     {per_request:.3f}  (acquire 1 + release 1)")
 
 
+def start_cluster(directory: str, masters: int = 3) -> tuple[list[subprocess.Popen[bytes]], int]:
+    """A Redis Cluster of ``masters`` nodes without replicas; returns the
+    processes and the port of one node."""
+    server, cli = shutil.which("redis-server"), shutil.which("redis-cli")
+    assert server is not None and cli is not None
+    ports = [free_port() for _ in range(masters)]
+    procs = []
+    for port in ports:
+        node = os.path.join(directory, str(port))
+        os.makedirs(node)
+        args = [server, "--port", str(port), "--cluster-port", str(free_port()),
+                "--bind", "127.0.0.1", "--dir", node, "--cluster-enabled", "yes",
+                "--save", "", "--appendonly", "no"]  # fmt: skip
+        procs.append(subprocess.Popen(args, stdout=subprocess.DEVNULL))
+    for port in ports:
+        client = redis.Redis(port=port)
+        for _ in range(500):
+            try:
+                client.ping()
+                break
+            except redis.ConnectionError:
+                time.sleep(0.01)
+    subprocess.run(
+        [cli, "--cluster", "create", *(f"127.0.0.1:{p}" for p in ports),
+         "--cluster-replicas", "0", "--cluster-yes"],  # fmt: skip
+        check=True,
+        stdout=subprocess.DEVNULL,
+    )
+    for port in ports:
+        client = redis.Redis(port=port, decode_responses=True)
+        for _ in range(500):
+            if "cluster_state:ok" in client.execute_command("CLUSTER INFO"):
+                break
+            time.sleep(0.02)
+    return procs, ports[0]
+
+
+async def cluster_acquire_release(url: str, n: int) -> None:
+    scope = RedisScope(url, key_prefix="bench", cluster=True)
+    db = Resource(5, name="db", scope=scope)
+    limiter = Limiter(timeout=5, resources=[db])
+    await scope.check()
+    client = redis.cluster.RedisCluster.from_url(url)
+    node = client.get_node_from_key("{bench:db}:holders")
+    node_client = redis.Redis(host=node.host, port=int(node.port))
+
+    async def timed() -> list[float]:
+        samples = []
+        for _ in range(n):
+            start = time.perf_counter()
+            async with limiter.acquire([db]):
+                pass
+            samples.append(time.perf_counter() - start)
+        return samples
+
+    aio = redis.asyncio.Redis(host=node.host, port=int(node.port))
+    pings = []
+    for _ in range(n):
+        start = time.perf_counter()
+        await aio.ping()
+        pings.append(time.perf_counter() - start)
+    await aio.aclose()
+    await timed()  # warm-up
+    await asyncio.sleep(0.1)
+    before = commands(node_client)
+    samples = await timed()
+    await asyncio.sleep(0.1)
+    per_request = (commands(node_client) - before) / n
+    await scope.aclose()
+    client.close()
+    print(f"Redis Cluster (3 masters): PING to the slot's node {percentiles(pings)}")
+    print(f"acquire+release, RedisScope(cluster=True) {percentiles(samples)}")
+    print(
+        f"  (ratio to a PING: {statistics.median(samples) / statistics.median(pings):.2f})"
+    )
+    print(f"Redis commands per request on the slot's node {per_request:.3f}")
+
+
 def waiter_process(url: str, rounds: int, pipe: Connection) -> None:
     async def main() -> None:
         scope = RedisScope(url, key_prefix="bench")
@@ -198,6 +283,16 @@ def main() -> None:
         finally:
             proc.kill()
             proc.wait()
+        if shutil.which("redis-cli") is None:
+            print("Redis Cluster: skipped (redis-cli is not installed)")
+            return
+        procs, port = start_cluster(directory)
+        try:
+            asyncio.run(cluster_acquire_release(f"redis://127.0.0.1:{port}/0", args.n))
+        finally:
+            for p in procs:
+                p.kill()
+                p.wait()
 
 
 if __name__ == "__main__":

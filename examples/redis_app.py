@@ -5,6 +5,8 @@ Redis: start a Redis, then run several workers.
     redis-server --port 6379 --save '' &
     uvicorn redis_app:app --app-dir examples --workers 4
 
+(For a Redis Cluster: REDIS_URL=redis://node:port REDIS_CLUSTER=1.)
+
 Each worker admits at most 5 queries itself; all of them together at most 5
 (with process scope, 4 workers would admit 20). Overload it and watch the
 cluster-wide count:
@@ -30,6 +32,8 @@ cluster = RedisScope(
     lease=10,  # a crashed worker's slots come back within 10 s
     on_error="reject",  # Redis down: 503 rather than an unprotected database
     key_prefix="example",
+    # REDIS_CLUSTER=1: REDIS_URL names a node of a Redis Cluster.
+    cluster=os.environ.get("REDIS_CLUSTER") == "1",
 )
 database = Resource(5, name="db", scope=cluster, queue="adaptive", max_waiting=50)
 limiter = Limiter(timeout=2, resources=[database])

@@ -3,7 +3,8 @@
 # a C++ toolchain, Clang (for its thread-safety analysis), CMake, Ninja,
 # pkg-config, GoogleTest, Google Benchmark, standalone Asio and SQLite (the
 # Asio integration and the C++ demo server), Python's venv and headers, and
-# redis-server (the cluster-scope tests start their own on a free port).
+# redis-server and redis-tools (the cluster-scope tests start their own
+# servers on free ports, and join three into a Redis Cluster with redis-cli).
 # Needs root (or sudo) only when something is missing.
 set -euo pipefail
 
@@ -16,6 +17,7 @@ command -v pkg-config >/dev/null || need+=(pkg-config)
 [ -f /usr/include/gtest/gtest.h ] || need+=(libgtest-dev)
 [ -f /usr/include/benchmark/benchmark.h ] || need+=(libbenchmark-dev)
 command -v redis-server >/dev/null || need+=(redis-server)
+command -v redis-cli >/dev/null || need+=(redis-tools)
 [ -f /usr/include/asio.hpp ] || need+=(libasio-dev)
 [ -f /usr/include/sqlite3.h ] || need+=(libsqlite3-dev)
 python3 -m venv --help >/dev/null 2>&1 || need+=(python3-venv)

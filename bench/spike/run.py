@@ -506,6 +506,7 @@ def run_variant(
             "workers": variant.workers,
             "instances": variant.instances,
             "db_capacity": variant.db_capacity,
+            "db_shared": variant.db_shared,
             "series": list(variant.series),
         }
     )

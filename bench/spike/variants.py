@@ -158,7 +158,9 @@ class Variant:
     instances: int = 1
     """App processes on separate ports, standing for separate hosts; users are split across them."""
     db_capacity: int | None = 5
-    """The database resource's configured capacity (per process), drawn on the series chart."""
+    """The database resource's configured capacity, drawn on the series chart."""
+    db_shared: bool = False
+    """The capacity is one limit shared by all processes (host or Redis scope), not one each."""
     series: tuple[str, ...] = (probe.DB_IN_FLIGHT,)
     """Gauges charted in ``<variant>-series.png``; ``probe.DB_LIMIT`` is drawn when recorded."""
     env: Mapping[str, str] = field(default_factory=dict)
@@ -239,6 +241,7 @@ _REGISTRY: list[Variant] = [
         color="#8c564b",
         app="package-redis",
         instances=2,
+        db_shared=True,
         services=_redis_server,
     ),
     Variant(
@@ -274,6 +277,7 @@ _REGISTRY: list[Variant] = [
         color="#bcbd22",
         app="package-host",
         workers=2,
+        db_shared=True,
     ),
 ]
 

@@ -16,6 +16,11 @@ resource and dragging every other endpoint down with it::
     @app.get("/messages")
     @limiter.resources([database_resource])
     async def read_messages(): ...
+
+The same limiter also limits a whole router
+(``APIRouter(dependencies=[Depends(limiter.dependency([...]))])``), any ASGI
+app or mount (``limiter.asgi([...])(app)``, no FastAPI needed) and WebSocket
+endpoints.
 """
 
 from ._adaptive import AdaptiveLimit

@@ -14,7 +14,7 @@ import asyncio
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Protocol
 
-from ._errors import ServerBusy
+from ._errors import Rejection, ServerBusy
 from ._logging import log_rejection
 
 if TYPE_CHECKING:
@@ -65,6 +65,8 @@ async def with_cluster(
     timeout: float | None,
     retry_after: int | None,
     request: Request | None = None,
+    *,
+    rejection: Rejection | None = None,
 ) -> ClusteredAcquisition:
     """Takes one cluster slot of each of ``stages`` for a request that holds
     its local slots (``acquisition``); the deadline is ``started + timeout``
@@ -82,6 +84,8 @@ async def with_cluster(
     except ClusterRefused as e:
         ClusteredAcquisition(acquisition, permits).release()
         log_rejection(e.resource, e.reason, running_loop_time() - started)
+        if rejection is not None:
+            raise rejection.error(e.resource, e.reason) from None
         raise ServerBusy(e.resource, e.reason, retry_after) from None
     except BaseException:
         ClusteredAcquisition(acquisition, permits).release()

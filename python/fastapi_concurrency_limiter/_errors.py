@@ -1,8 +1,23 @@
-"""The exception a request gets when it cannot have its resources."""
+"""The exception a request gets when it cannot have its resources, and the
+response a rejection sends where no exception handler runs."""
 
 from __future__ import annotations
 
-from fastapi import HTTPException
+import json
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from fastapi import HTTPException as _HTTPException
+else:
+    try:
+        from fastapi import HTTPException as _HTTPException
+    except ImportError:
+        # A plain Starlette app (the ASGI wrapper) needs no FastAPI. FastAPI's
+        # HTTPException subclasses this one, and FastAPI's own handler for it
+        # answers both alike.
+        from starlette.exceptions import HTTPException as _HTTPException
+
+from ._validation import check_int
 
 #: The response body of every rejection, exactly as the original package.
 BUSY_DETAIL = "Server busy, please retry later"
@@ -19,12 +34,14 @@ REASONS = (
 )
 
 
-class ServerBusy(HTTPException):
-    """HTTP 503: a resource the route needs had no free slot in time.
+class ServerBusy(_HTTPException):
+    """HTTP 503 (or the limiter's ``status_code``): a resource the route needs
+    had no free slot in time.
 
-    A subclass of FastAPI's ``HTTPException``, so without any setup the client
-    gets status 503 and ``{"detail": "Server busy, please retry later"}``. To
-    shape the response yourself, register a handler::
+    A subclass of FastAPI's ``HTTPException`` (Starlette's where FastAPI is
+    not installed), so without any setup the client gets status 503 and
+    ``{"detail": "Server busy, please retry later"}``. To shape the response
+    yourself, register a handler::
 
         @app.exception_handler(ServerBusy)
         async def busy(request, exc: ServerBusy):
@@ -42,14 +59,57 @@ class ServerBusy(HTTPException):
             (a cluster-scoped resource's Redis could not be reached, see
             ``RedisScope``'s ``on_error``).
         retry_after: seconds sent in the ``Retry-After`` header, or ``None``.
+        status_code: the HTTP status (``Limiter(status_code=...)``, 503 by
+            default).
+        detail: the ``detail`` of the JSON body (``Limiter(detail=...)``).
     """
 
-    def __init__(self, resource: str, reason: str, retry_after: int | None = None) -> None:
+    def __init__(
+        self,
+        resource: str,
+        reason: str,
+        retry_after: int | None = None,
+        *,
+        status_code: int = 503,
+        detail: object = BUSY_DETAIL,
+    ) -> None:
         headers = None if retry_after is None else {"Retry-After": str(retry_after)}
-        super().__init__(status_code=503, detail=BUSY_DETAIL, headers=headers)
+        super().__init__(status_code=status_code, detail=detail, headers=headers)
         self.resource = resource
         self.reason = reason
         self.retry_after = retry_after
 
     def __repr__(self) -> str:
         return f"ServerBusy(resource={self.resource!r}, reason={self.reason!r})"
+
+
+class Rejection:
+    """What a limiter answers a request it turns away: status, ``detail`` and
+    ``Retry-After``, validated once at construction."""
+
+    __slots__ = ("retry_after", "status_code", "detail")
+
+    def __init__(self, retry_after: int | None, status_code: int, detail: object) -> None:
+        check_int("retry_after", retry_after, minimum=0, allow_none=True)
+        if isinstance(status_code, bool) or not isinstance(status_code, int):
+            raise TypeError(
+                f"status_code must be an int in 400..599, "
+                f"got {type(status_code).__name__} {status_code!r}"
+            )
+        if not 400 <= status_code <= 599:
+            raise ValueError(f"status_code must be an int in 400..599, got {status_code!r}")
+        try:  # as Starlette's JSONResponse will
+            json.dumps({"detail": detail}, ensure_ascii=False, allow_nan=False)
+        except (TypeError, ValueError) as e:
+            raise TypeError(
+                f"detail must be JSON-serialisable (str, number, bool, None, list, dict), "
+                f"got {type(detail).__name__} {detail!r}: {e}"
+            ) from None
+        self.retry_after = retry_after
+        self.status_code = status_code
+        self.detail = detail
+
+    def error(self, resource: str, reason: str) -> ServerBusy:
+        return ServerBusy(
+            resource, reason, self.retry_after, status_code=self.status_code, detail=self.detail
+        )

@@ -9,9 +9,10 @@ second case is every ``Limiter``'s registration order: a resource may be
 asked for while another is held only if no limiter registers it before the
 held one.
 
-Only the route decorator, ``limiter.acquire()`` and ``Resource.acquire()``
-record holds, keyed by the task that took them (a task spawned by a holder
-does not inherit its holds: it may wait for the holder without deadlock).
+Only the route decorator, ``limiter.dependency()``, ``limiter.asgi()``,
+``limiter.acquire()`` and ``Resource.acquire()`` record holds, keyed by the
+task that took them (a task spawned by a holder does not inherit its holds:
+it may wait for the holder without deadlock).
 """
 
 from __future__ import annotations

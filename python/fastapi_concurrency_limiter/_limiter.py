@@ -5,25 +5,33 @@ from __future__ import annotations
 import functools
 import inspect
 import sys
+import weakref
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from types import FrameType, TracebackType
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
-from fastapi import Depends, FastAPI
 from starlette.concurrency import run_in_threadpool
-from starlette.requests import Request
+from starlette.exceptions import WebSocketException
+from starlette.requests import HTTPConnection, Request
+from starlette.types import ASGIApp
+from starlette.websockets import WebSocket
 
 from . import _core
 from ._adaptive import SUCCESS, completion_of
+from ._admission import Gate
+from ._asgi import TRY_AGAIN_LATER, KeyOf, LimitedApp, OnReject, refuse
 from ._clustered import Releasable, running_loop_time, with_cluster
+from ._errors import BUSY_DETAIL, Rejection, ServerBusy
 from ._holding import Holds, Selection, check, current_task, holds_of, leave, running_loop, task_on
 from ._holding import _held as _holds
-from ._openapi import document_busy_responses, limited_endpoints
 from ._resource import Resource
 from ._statistics import LimiterStatistics
 from ._streaming import STREAMED, Held, release_after_sending
-from ._validation import check_int, check_seconds
+from ._validation import check_seconds
 from ._waiting import wait
+
+if TYPE_CHECKING:
+    from fastapi import FastAPI
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -33,6 +41,13 @@ _REQUEST_PARAM = "_concurrency_limiter_request"
 # Keyword under which a generator endpoint gets its slots from the hidden
 # dependency that waits for them.
 _SLOTS_PARAM = "_concurrency_limiter_slots"
+# Keyword under which an endpoint or dependency gets the result of its key
+# function, resolved by FastAPI's dependency injection.
+_KEY_PARAM = "_concurrency_limiter_key"
+
+#: Every limited endpoint and dependency function -> its gate (for the
+#: OpenAPI 503 and the start-up check of routes limited twice).
+gates: weakref.WeakKeyDictionary[Callable[..., Any], Gate] = weakref.WeakKeyDictionary()
 
 
 class Limiter:
@@ -46,6 +61,10 @@ class Limiter:
             are always acquired (so no two requests can deadlock).
         retry_after: seconds to put in the ``Retry-After`` header of the
             503, or ``None`` to send none.
+        status_code: the HTTP status of a rejection, an int in 400..599
+            (e.g. 429).
+        detail: the ``detail`` of a rejection's JSON body
+            (``{"detail": detail}``); anything JSON-serialisable.
     """
 
     def __init__(
@@ -54,10 +73,12 @@ class Limiter:
         resources: Sequence[Resource],
         *,
         retry_after: int | None = 1,
+        status_code: int = 503,
+        detail: Any = BUSY_DETAIL,
     ) -> None:
         self._timeout = _check_timeout(timeout)
         self._resources = _check_resources("resources", resources)
-        check_int("retry_after", retry_after, minimum=0, allow_none=True)
+        self._rejection = Rejection(retry_after, status_code, detail)
         self._retry_after = retry_after
         # The engine validates the registry (no resource or name twice); its
         # own timeout is unused here (the event loop keeps the deadlines).
@@ -82,6 +103,14 @@ class Limiter:
     def retry_after(self) -> int | None:
         return self._retry_after
 
+    @property
+    def status_code(self) -> int:
+        return self._rejection.status_code
+
+    @property
+    def detail(self) -> Any:
+        return self._rejection.detail
+
     def _select(self, resources: Sequence[Resource]) -> Selection:
         try:
             return self._sets[tuple(resources)]  # validated before
@@ -104,7 +133,11 @@ class Limiter:
         return selection
 
     def resources(
-        self, resources: Sequence[Resource], *, timeout: float | None = None
+        self,
+        resources: Sequence[Resource],
+        *,
+        timeout: float | None = None,
+        key: Callable[..., Any] | None = None,
     ) -> Callable[[F], F]:
         """Route decorator: the endpoint runs only while it holds a slot of
         each of ``resources``, taken in registration order; a request that
@@ -118,12 +151,22 @@ class Limiter:
 
         Works for ``async def`` and ``def`` endpoints (a ``def`` endpoint
         waits on the event loop, then runs in the thread pool as FastAPI
-        runs it), and for generator endpoints. An endpoint whose response
+        runs it), for generator endpoints, and for WebSocket endpoints
+        (``@app.websocket``: the connection holds the slots for its whole
+        life; one that cannot get them in time is refused before it is
+        accepted, see the README's "WebSockets"). An endpoint whose response
         body is produced while it is sent (a generator endpoint, a returned
         ``StreamingResponse`` or ``FileResponse``) holds the slots until the
         body has been sent or the client has gone. ``timeout`` overrides the
         limiter's for this route. While a request waits, a client
         disconnect takes it out of the queue.
+
+        ``key``: a function giving the request's key for the ``per_key``
+        share of the resources (``None``: no key), resolved by FastAPI's
+        dependency injection, so it may take the ``Request`` and other
+        dependencies (``Depends(current_user)``); sync or ``async``. A
+        parameter without annotation gets the ``Request`` (or the
+        ``WebSocket``): ``key=lambda request: request.headers.get("x-api-key")``.
 
         Raises ValueError at decoration time for an empty list, a resource
         that is not registered, one listed twice, resources out of
@@ -132,13 +175,116 @@ class Limiter:
         already holds a slot that makes waiting a possible deadlock gets
         RuntimeError (see the README's "Deadlocks").
         """
-        selection = self._select(resources)
-        own_timeout = None if timeout is None else check_seconds("timeout", timeout)
+        gate = self._gate(resources, timeout)
+        key_dependency = _key_dependency(key, gate)
 
         def decorator(func: F) -> F:
-            return _limit(func, self, selection, own_timeout)  # type: ignore[return-value]
+            return _limit(func, gate, key_dependency)  # type: ignore[return-value]
 
         return decorator
+
+    def dependency(
+        self,
+        resources: Sequence[Resource],
+        *,
+        timeout: float | None = None,
+        key: Callable[..., Any] | None = None,
+    ) -> Callable[..., AsyncIterator[None]]:
+        """A FastAPI dependency that holds a slot of each of ``resources``
+        while the endpoint runs, to limit a whole router or app::
+
+            router = APIRouter(dependencies=[Depends(limiter.dependency([db]))])
+
+        Same order rules (ValueError here), timeout, 503, disconnect
+        handling, deadlock check and ``key`` as the decorator. When the slots
+        are given back depends on FastAPI's handling of dependencies with
+        ``yield``: see the README's "Limiting a router". On a WebSocket
+        route the connection holds the slots for its life; one turned away
+        is closed before it is accepted (``WebSocketException`` 1013, which
+        the server answers with HTTP 403): the decorator and ``asgi()``
+        refuse with the limiter's status instead.
+        """
+        gate = self._gate(resources, timeout)
+        key_dependency = _key_dependency(key, gate)
+
+        async def limit(connection: HTTPConnection, **kwargs: Any) -> AsyncIterator[None]:
+            try:
+                granted, holds = await gate.admit(connection, kwargs.get(_KEY_PARAM))
+            except ServerBusy as exc:
+                if connection.scope["type"] == "websocket":
+                    # A dependency cannot answer the handshake itself: the
+                    # close before accept is refused with HTTP 403.
+                    raise WebSocketException(TRY_AGAIN_LATER, "Server busy") from exc
+                raise
+            try:
+                yield
+            except BaseException as exc:
+                gate.release(granted, holds, completion_of(exc))
+                raise
+            gate.release(granted, holds)
+
+        sig = inspect.Signature([
+            inspect.Parameter(
+                "connection", inspect.Parameter.KEYWORD_ONLY, annotation=HTTPConnection
+            )
+        ])
+        if key_dependency is not None:
+            sig = _with_param(sig, _KEY_PARAM, Any, key_dependency)
+        limit.__signature__ = sig  # type: ignore[attr-defined]
+        limit.__qualname__ = limit.__name__ = "concurrency_limit"
+        gates[limit] = gate
+        return limit
+
+    def asgi(
+        self,
+        resources: Sequence[Resource],
+        *,
+        timeout: float | None = None,
+        key: KeyOf | None = None,
+        on_reject: OnReject | None = None,
+    ) -> Callable[[ASGIApp], LimitedApp]:
+        """Wraps any ASGI app so that each of its HTTP requests and WebSocket
+        connections holds a slot of each of ``resources``: a Starlette
+        ``Route`` endpoint, a ``Mount``ed sub-app, a whole app::
+
+            app.mount("/files", limiter.asgi([disk])(files_app))
+
+        An HTTP request holds its slots until its response has been sent
+        completely (or the client is gone, or the app raised); a WebSocket
+        connection for its whole life. A request turned away gets the
+        limiter's response (503 and ``{"detail": ...}``, ``Retry-After``);
+        a WebSocket connection is refused before it is accepted. Lifespan
+        and other scopes pass through. Needs no FastAPI.
+
+        ``key``: ``key(connection)`` (sync or ``async``) gets the Starlette
+        ``Request`` or ``WebSocket`` and returns its key (str) or ``None``.
+        ``on_reject``: ``on_reject(connection, exc)`` (sync or ``async``)
+        returns the Starlette ``Response`` to send instead of the limiter's
+        (for a WebSocket: as the handshake's denial response where the
+        server supports it). Same order rules (ValueError here), timeout and
+        deadlock check as the decorator.
+        """
+        gate = self._gate(resources, timeout)
+        if key is not None and not callable(key):
+            raise TypeError(f"key must be a callable (connection) -> str | None, got {key!r}")
+        if key is not None:
+            _check_keyed(gate)
+        if on_reject is not None and not callable(on_reject):
+            raise TypeError(
+                f"on_reject must be a callable (connection, exc) -> Response, got {on_reject!r}"
+            )
+
+        def wrap(app: ASGIApp) -> LimitedApp:
+            if not callable(app):
+                raise TypeError(f"app must be an ASGI app, got {type(app).__name__} {app!r}")
+            return LimitedApp(app, gate, key, on_reject)
+
+        return wrap
+
+    def _gate(self, resources: Sequence[Resource], timeout: float | None) -> Gate:
+        selection = self._select(resources)
+        own_timeout = None if timeout is None else check_seconds("timeout", timeout)
+        return Gate(self, selection, own_timeout)
 
     def acquire(
         self,
@@ -176,11 +322,18 @@ class Limiter:
         return _Hold(self, selection, own_timeout, key)
 
     def instrument(self, app: FastAPI) -> None:
-        """Documents the 503 response (body schema and ``Retry-After``) of
-        every route this library limits in ``app``'s OpenAPI schema, so that
-        generated clients know it can happen. Call once, e.g. right after
-        creating the app; routes declared later are covered too."""
-        document_busy_responses(app)
+        """Documents the rejection response (body schema and ``Retry-After``)
+        of every route this library limits in ``app``'s OpenAPI schema, so
+        that generated clients know it can happen; and, when the app starts,
+        refuses with ValueError a route limited twice on one resource (a
+        router's or route's ``dependency()`` and the decorator), which
+        would otherwise fail each of its requests with RuntimeError. Call
+        once, e.g. right after creating the app; routes declared later are
+        covered too."""
+        from ._openapi import check_routes_at_startup, document_busy_responses
+
+        document_busy_responses(app, gates)
+        check_routes_at_startup(app, gates)
 
     def statistics(self) -> LimiterStatistics:
         """Snapshots of every registered resource, in registration order."""
@@ -246,14 +399,19 @@ class _Hold:
             limiter = self._limiter
             timeout = limiter._timeout if self._timeout is None else self._timeout
             started = running_loop_time()
-            await wait(acquisition, timeout, limiter._retry_after)
+            await wait(acquisition, timeout, limiter._retry_after, rejection=limiter._rejection)
         elif selection.clusters:
             limiter = self._limiter
             timeout = limiter._timeout if self._timeout is None else self._timeout
             started = running_loop_time()
         if selection.clusters:
             granted = await with_cluster(
-                acquisition, selection.clusters, started, timeout, limiter._retry_after
+                acquisition,
+                selection.clusters,
+                started,
+                timeout,
+                limiter._retry_after,
+                rejection=limiter._rejection,
             )
         holds.append(selection)
         entries = self._entries
@@ -363,20 +521,83 @@ def _with_param(
     return sig.replace(parameters=params)
 
 
+def _websocket_parameter(sig: inspect.Signature) -> str | None:
+    for p in sig.parameters.values():
+        ann = p.annotation
+        if isinstance(ann, type) and issubclass(ann, WebSocket):
+            return p.name
+    return None
+
+
+def _check_keyed(gate: Gate) -> None:
+    resources = gate.selection.resources
+    if not any(getattr(r, "per_key", None) for r in resources):
+        names = ", ".join(repr(r.name) for r in resources)
+        raise ValueError(
+            f"key: none of the resources [{names}] has a per-key share, so a key would "
+            "change nothing; give one of them Resource(capacity, per_key=N), or leave key out"
+        )
+
+
+def _key_dependency(key: Callable[..., Any] | None, gate: Gate) -> Any:
+    """``Depends(...)`` on ``key``, for the decorator and the dependency: a
+    wrapper that FastAPI resolves like any dependency (so ``key`` may take
+    the Request and other dependencies), calls ``key`` on the event loop
+    (sync or async) and checks what it returns. Parameters of ``key``
+    without annotation get the connection (Request or WebSocket)."""
+    if key is None:
+        return None
+    if not callable(key):
+        raise TypeError(f"key must be a callable returning str | None, got {key!r}")
+    _check_keyed(gate)
+    from fastapi import Depends
+
+    sig = _signature(key)
+    params = []
+    positional: list[str] = []
+    for p in sig.parameters.values():
+        if p.kind in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD):
+            raise TypeError(f"key: {key!r} may not take *{p.name} or **{p.name}")
+        if p.kind is inspect.Parameter.POSITIONAL_ONLY:
+            positional.append(p.name)
+        if p.annotation is inspect.Parameter.empty and p.default is inspect.Parameter.empty:
+            p = p.replace(annotation=HTTPConnection)
+        params.append(p.replace(kind=inspect.Parameter.KEYWORD_ONLY))
+
+    async def key_of(**kwargs: Any) -> str | None:
+        args = [kwargs.pop(name) for name in positional]
+        value = key(*args, **kwargs)
+        if inspect.isawaitable(value):
+            value = await value
+        if value is not None and not isinstance(value, str):
+            raise TypeError(f"key must return a str or None, got {type(value).__name__} {value!r}")
+        return value
+
+    key_of.__signature__ = sig.replace(  # type: ignore[attr-defined]
+        parameters=params, return_annotation=inspect.Signature.empty
+    )
+    return Depends(key_of)
+
+
 def _limit(
     func: Callable[..., Any],
-    limiter: Limiter,
-    selection: Selection,
-    own_timeout: float | None,
+    gate: Gate,
+    key_dependency: Any,
 ) -> Callable[..., Any]:
     sig = _signature(func)
     if inspect.isgeneratorfunction(func) or inspect.isasyncgenfunction(func):
-        return _limit_generator(func, limiter, selection, own_timeout, sig)
+        return _limit_generator(func, gate, key_dependency, sig)
+    socket_name = _websocket_parameter(sig)
+    if socket_name is not None:
+        return _limit_websocket(func, gate, key_dependency, sig, socket_name)
     request_name = _request_parameter(sig)
     injected = request_name is None
+    keyed = key_dependency is not None
     is_async = _is_async(func)
+    selection = gate.selection
     rset = selection.rset
     clusters = selection.clusters
+    settle = gate.settle
     Acquisition = _core.Acquisition
 
     @functools.wraps(func)
@@ -385,28 +606,22 @@ def _limit(
             request = kwargs.pop(_REQUEST_PARAM, None)
         else:
             request = kwargs.get(request_name)  # type: ignore[arg-type]
-        # What this task holds (inlined: this is the fast path).
+        # Gate.admit(), inlined up to the wait: this is the fast path.
         task = task_on(running_loop())
         holds = _holds.get(id(task))
         if holds is None:
             holds = holds_of(task)
         elif holds:
             check(holds, selection)
-        acquisition = Acquisition(rset)
+        acquisition = (
+            Acquisition(rset, kwargs.pop(_KEY_PARAM))
+            if keyed
+            else Acquisition(rset)
+        )
         granted: Releasable = acquisition
-        if not acquisition.try_acquire():
-            timeout = limiter._timeout if own_timeout is None else own_timeout
-            started = running_loop_time()
-            await wait(acquisition, timeout, limiter._retry_after, request)
-            if clusters:
-                granted = await with_cluster(
-                    acquisition, clusters, started, timeout, limiter._retry_after, request
-                )
-        elif clusters:
-            timeout = limiter._timeout if own_timeout is None else own_timeout
-            granted = await with_cluster(
-                acquisition, clusters, running_loop_time(), timeout, limiter._retry_after, request
-            )
+        acquired = acquisition.try_acquire()
+        if not acquired or clusters:
+            granted = await settle(acquisition, acquired, request)
         holds.append(selection)
         try:
             if is_async:
@@ -429,19 +644,60 @@ def _limit(
         return result
 
     # FastAPI reads parameters from __signature__: the user's own, plus the
-    # Request the decorator needs to notice disconnects.
-    endpoint.__signature__ = (  # type: ignore[attr-defined]
-        _with_param(sig, _REQUEST_PARAM, Request) if injected else sig
-    )
-    limited_endpoints[endpoint] = limiter._retry_after
+    # Request the decorator needs to notice disconnects, and the key.
+    if injected:
+        sig = _with_param(sig, _REQUEST_PARAM, Request)
+    if keyed:
+        sig = _with_param(sig, _KEY_PARAM, Any, key_dependency)
+    endpoint.__signature__ = sig  # type: ignore[attr-defined]
+    gates[endpoint] = gate
+    return endpoint
+
+
+def _limit_websocket(
+    func: Callable[..., Any],
+    gate: Gate,
+    key_dependency: Any,
+    sig: inspect.Signature,
+    socket_name: str,
+) -> Callable[..., Any]:
+    """A WebSocket endpoint holds its slots while it runs, i.e. for the
+    life of the connection. It waits before the endpoint accepts; a
+    connection turned away is refused before it is accepted (see
+    ``refuse``), and the endpoint does not run."""
+    keyed = key_dependency is not None
+
+    @functools.wraps(func)
+    async def endpoint(*args: Any, **kwargs: Any) -> Any:
+        websocket: WebSocket = kwargs[socket_name]
+        try:
+            granted, holds = await gate.admit(
+                websocket, kwargs.pop(_KEY_PARAM) if keyed else None
+            )
+        except ServerBusy as exc:
+            # The raw channel: Starlette's WebSocket.send() of some
+            # supported versions refuses the denial messages.
+            await refuse(websocket, websocket._send, exc)
+            return None
+        try:
+            result = await func(*args, **kwargs)
+        except BaseException as exc:
+            gate.release(granted, holds, completion_of(exc))
+            raise
+        gate.release(granted, holds)
+        return result
+
+    if keyed:
+        sig = _with_param(sig, _KEY_PARAM, Any, key_dependency)
+    endpoint.__signature__ = sig  # type: ignore[attr-defined]
+    gates[endpoint] = gate
     return endpoint
 
 
 def _limit_generator(
     func: Callable[..., Any],
-    limiter: Limiter,
-    selection: Selection,
-    own_timeout: float | None,
+    gate: Gate,
+    key_dependency: Any,
     sig: inspect.Signature,
 ) -> Callable[..., Any]:
     """A generator endpoint (FastAPI streams what it yields) holds its
@@ -451,27 +707,22 @@ def _limit_generator(
     wrapper releases them when the generator is exhausted or closed, and
     the dependency's exit, after the response has been sent or the client
     has gone, in any case."""
+    from fastapi import Depends
 
-    async def slots(request: Request) -> AsyncIterator[Held]:
-        holds = holds_of(current_task())
-        if holds:
-            check(holds, selection)
-        acquisition = _core.Acquisition(selection.rset)
-        granted: Releasable = acquisition
-        timeout = limiter._timeout if own_timeout is None else own_timeout
-        started = running_loop_time()
-        if not acquisition.try_acquire():
-            await wait(acquisition, timeout, limiter._retry_after, request)
-        if selection.clusters:
-            granted = await with_cluster(
-                acquisition, selection.clusters, started, timeout, limiter._retry_after, request
-            )
-        holds.append(selection)
-        held = Held(granted, holds, selection)
+    async def slots(request: Request, **kwargs: Any) -> AsyncIterator[Held]:
+        granted, holds = await gate.admit(request, kwargs.get(_KEY_PARAM))
+        held = Held(granted, holds, gate.selection)
         try:
             yield held
         finally:
             held.release()
+
+    slots_sig = inspect.Signature([
+        inspect.Parameter("request", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=Request)
+    ])
+    if key_dependency is not None:
+        slots_sig = _with_param(slots_sig, _KEY_PARAM, Any, key_dependency)
+    slots.__signature__ = slots_sig  # type: ignore[attr-defined]
 
     endpoint: Any
     if inspect.isasyncgenfunction(func):
@@ -499,6 +750,6 @@ def _limit_generator(
         endpoint = sync_endpoint
 
     endpoint.__signature__ = _with_param(sig, _SLOTS_PARAM, Any, Depends(slots))
-    limited_endpoints[endpoint] = limiter._retry_after
+    gates[endpoint] = gate
     limited: Callable[..., Any] = endpoint
     return limited

@@ -14,13 +14,16 @@ client reading it holds nothing.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from starlette.responses import FileResponse, Response, StreamingResponse
 from starlette.types import Message, Receive, Scope, Send
 
 from ._clustered import Releasable
 from ._holding import Holds, Selection, leave
+
+if TYPE_CHECKING:
+    from . import _core
 
 #: Responses whose body is produced while they are sent.
 STREAMED = (StreamingResponse, FileResponse)
@@ -39,10 +42,13 @@ class Held:
         self._holds = holds
         self._selection = selection
 
-    def release(self) -> None:
+    def release(self, completion: _core.Completion | None = None) -> None:
         acquisition, self._acquisition = self._acquisition, None
         if acquisition is not None:
-            acquisition.release()
+            if completion is None:
+                acquisition.release()
+            else:
+                acquisition.release(completion)
             leave(self._holds, self._selection)
 
 

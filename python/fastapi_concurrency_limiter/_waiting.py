@@ -15,11 +15,11 @@ import time
 import weakref
 from typing import Protocol
 
-from starlette.requests import Request
+from starlette.requests import HTTPConnection
 from starlette.types import Message, Receive
 
 from . import _core
-from ._errors import ServerBusy
+from ._errors import Rejection, ServerBusy
 from ._logging import log_rejection
 
 _GRANTED = _core.Outcome.granted
@@ -150,7 +150,7 @@ class _Body:
                 if not self._complete and self._size >= BODY_BUFFER_LIMIT:
                     return
 
-    def hand_back(self, request: Request) -> None:
+    def hand_back(self, request: HTTPConnection) -> None:
         """Serves what was read, then the rest of the channel, to whoever
         reads ``request`` next (the handler's ``await request.json()``...)."""
         if not self._chunks and not self._complete and not self._disconnected:
@@ -172,14 +172,54 @@ class _Body:
                 return pending.pop()
             return await rest()
 
-        request._receive = replay
+        request._receive = replay  # type: ignore[attr-defined]
+
+
+class _Socket:
+    """The messages a waiting WebSocket connection's watcher has read,
+    handed back to the endpoint afterwards: the ``websocket.connect`` that
+    opens every connection, and a ``websocket.disconnect`` (the client gave
+    up before it was accepted), which ends the wait."""
+
+    __slots__ = ("_receive", "_read")
+
+    def __init__(self, receive: Receive) -> None:
+        self._receive = receive
+        self._read: list[Message] = []
+
+    async def watch(self, acquisition: Cancellable) -> None:
+        receive = self._receive
+        while True:
+            try:
+                message = await receive()
+            except Exception:
+                return
+            self._read.append(message)
+            if message["type"] == "websocket.disconnect":
+                acquisition.cancel(_DISCONNECTED)
+                return
+
+    def hand_back(self, connection: HTTPConnection) -> None:
+        if not self._read:
+            return
+        pending = self._read[::-1]
+        rest = self._receive
+
+        async def replay() -> Message:
+            if pending:
+                return pending.pop()
+            return await rest()
+
+        connection._receive = replay  # type: ignore[attr-defined]
 
 
 async def wait(
     acquisition: _core.Acquisition,
     timeout: float | None,
     retry_after: int | None,
-    request: Request | None = None,
+    request: HTTPConnection | None = None,
+    *,
+    rejection: Rejection | None = None,
 ) -> None:
     """The slow path, after ``acquisition.try_acquire()`` found no free slot:
     queues in the engine and waits up to ``timeout`` seconds (``None``: no
@@ -187,9 +227,13 @@ async def wait(
     ``release()``), or raises ServerBusy. If the calling task is cancelled,
     nothing is left held or queued.
 
-    With a ``request``, nothing of it is read before the engine has queued
-    it: a request turned away at once (a full queue, ``timeout=0``) is
-    answered without reading its body."""
+    With a ``request`` (a Starlette ``Request`` or ``WebSocket``), a client
+    that goes away while it waits ends the wait (reason ``disconnected``);
+    nothing of it is read before the engine has queued it: a request turned
+    away at once (a full queue, ``timeout=0``) is answered without reading
+    its body. What the watcher read is handed back to ``request``.
+    ``rejection``: the status and body of the ServerBusy (else the
+    original's, with ``retry_after``)."""
     loop = asyncio.get_running_loop()
     started = loop.time()
     future: asyncio.Future[_core.Outcome] = loop.create_future()
@@ -202,9 +246,11 @@ async def wait(
                 timer.add(loop, acquisition, started + timeout)
             else:  # "try once": rejected now, not after a turn of the loop
                 acquisition.expire()
-        body = watcher = None
+        body: _Body | _Socket | None = None
+        watcher = None
         if request is not None and not future.done():
-            body = _Body(request.receive)
+            receive = request._receive  # type: ignore[attr-defined]
+            body = _Socket(receive) if request.scope["type"] == "websocket" else _Body(receive)
             watcher = loop.create_task(body.watch(acquisition))
         try:
             outcome = await future
@@ -226,4 +272,6 @@ async def wait(
         resource = acquisition.refused_by or ""
         reason = _REASON[outcome]
         log_rejection(resource, reason, loop.time() - started)
+        if rejection is not None:
+            raise rejection.error(resource, reason)
         raise ServerBusy(resource, reason, retry_after)

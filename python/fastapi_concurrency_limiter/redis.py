@@ -48,8 +48,9 @@ DEFAULT_KEY_PREFIX = "concurrency_limiter"
 
 class RedisScopeError(RuntimeError):
     """The cluster scope is misconfigured: Redis refused the credentials, a
-    resource's capacity differs from the one other processes use, or the
-    ``redis`` package is missing. Not an outage: ``on_error`` does not apply."""
+    resource's capacity differs from the one other processes use, ``cluster``
+    does not match the server (a Redis Cluster or not), or the ``redis``
+    package is missing. Not an outage: ``on_error`` does not apply."""
 
 
 class RedisScope:
@@ -77,6 +78,9 @@ class RedisScope:
         timeout: seconds one command may take before Redis counts as
             unreachable (then ``on_error`` applies; it is tried again after
             a second, or at the next successful heartbeat).
+        cluster: ``True`` for a Redis Cluster: ``url`` names any of its
+            nodes, the others are discovered, and each command goes to the
+            node of its resource's hash slot (``/db`` must be 0).
 
     Wrong credentials raise ``RedisScopeError``: at start-up with
     ``FastAPI(lifespan=scope.lifespan)`` (or ``await scope.check()`` in a
@@ -89,6 +93,7 @@ class RedisScope:
         "on_error",
         "key_prefix",
         "timeout",
+        "cluster",
         "_stages",
         "_clients",
         "_pid",
@@ -104,6 +109,7 @@ class RedisScope:
         on_error: OnError = "reject",
         key_prefix: str = DEFAULT_KEY_PREFIX,
         timeout: float = 1.0,
+        cluster: bool = False,
     ) -> None:
         if not isinstance(url, str) or not url.startswith(("redis://", "rediss://", "unix://")):
             raise ValueError(f"url must be a redis://, rediss:// or unix:// URL, got {url!r}")
@@ -122,6 +128,11 @@ class RedisScope:
         self.on_error: OnError = on_error
         self.key_prefix = key_prefix
         self.timeout = check_seconds("timeout", timeout, positive=True)
+        if not isinstance(cluster, bool):
+            raise ValueError(f"cluster must be True or False, got {cluster!r}")
+        if cluster:
+            _check_cluster_url(url)
+        self.cluster = cluster
         self._stages: dict[str, ClusterStage] = {}
         # One client per event loop (a redis.asyncio connection belongs to
         # the loop that opened it), renewed in a forked child.
@@ -201,7 +212,19 @@ class RedisScope:
     def __repr__(self) -> str:
         return (
             f"RedisScope({_redact(self.url)!r}, lease={self.lease}, "
-            f"on_error={self.on_error!r}, key_prefix={self.key_prefix!r})"
+            f"on_error={self.on_error!r}, key_prefix={self.key_prefix!r}"
+            + (", cluster=True)" if self.cluster else ")")
+        )
+
+
+def _check_cluster_url(url: str) -> None:
+    if url.startswith("unix://"):
+        raise ValueError(f"url must be a redis:// or rediss:// URL with cluster=True, got {url!r}")
+    path = url.partition("://")[2].partition("?")[0].partition("/")[2]
+    if path not in ("", "0"):
+        raise ValueError(
+            f"url must name database 0 (or none) with cluster=True: a Redis Cluster has "
+            f"one database, got {_redact(url)!r}"
         )
 
 

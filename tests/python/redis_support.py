@@ -21,6 +21,7 @@ from typing import Any
 import pytest
 
 REDIS_SERVER = shutil.which("redis-server")
+REDIS_CLI = shutil.which("redis-cli")
 WORKER = Path(__file__).with_name("redis_worker.py")
 
 needs_redis = pytest.mark.skipif(
@@ -117,6 +118,123 @@ def redis_server() -> Iterator[RedisServer]:
         yield server
     finally:
         server.close()
+
+
+class RedisClusterServers:
+    """A Redis Cluster of three masters (no replicas): three redis-server
+    processes with cluster mode on, joined by ``redis-cli --cluster create``."""
+
+    def __init__(self, masters: int = 3) -> None:
+        self.dir = tempfile.mkdtemp(prefix="redis-cluster-test-")
+        self.ports = [free_port() for _ in range(masters)]
+        self.procs: list[subprocess.Popen[bytes]] = []
+
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.ports[0]}/0"
+
+    def start(self) -> None:
+        assert REDIS_SERVER is not None and REDIS_CLI is not None
+        for port in self.ports:
+            node_dir = os.path.join(self.dir, str(port))
+            os.mkdir(node_dir)
+            args = [
+                REDIS_SERVER,
+                "--port", str(port),
+                "--cluster-port", str(free_port()),
+                "--bind", "127.0.0.1",
+                "--dir", node_dir,
+                "--cluster-enabled", "yes",
+                "--cluster-config-file", "nodes.conf",
+                "--save", "",
+                "--appendonly", "no",
+                "--daemonize", "no",
+                "--logfile", os.path.join(node_dir, "redis.log"),
+            ]  # fmt: skip
+            self.procs.append(
+                subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            )
+        for port in self.ports:
+            _wait_for_ping(port, self.procs[0])
+        subprocess.run(
+            [
+                REDIS_CLI, "--cluster", "create",
+                *(f"127.0.0.1:{port}" for port in self.ports),
+                "--cluster-replicas", "0", "--cluster-yes",
+            ],  # fmt: skip
+            check=True,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            timeout=60,
+        )
+        deadline = time.monotonic() + 20
+        while not all("cluster_state:ok" in self.cluster_info(port) for port in self.ports):
+            if time.monotonic() > deadline:
+                raise RuntimeError("the Redis Cluster did not come up")
+            time.sleep(0.1)
+
+    def cluster_info(self, port: int) -> str:
+        assert REDIS_CLI is not None
+        return subprocess.run(
+            [REDIS_CLI, "-p", str(port), "cluster", "info"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout
+
+    def kill(self, port: int) -> None:
+        proc = self.procs[self.ports.index(port)]
+        proc.kill()
+        proc.wait(10)
+
+    def client(self) -> Any:
+        from redis.cluster import RedisCluster
+
+        return RedisCluster.from_url(self.url(), decode_responses=True, socket_timeout=5)
+
+    def close(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(10)
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def _wait_for_ping(port: int, proc: subprocess.Popen[bytes]) -> None:
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2) as s:
+                s.sendall(b"PING\r\n")
+                if s.recv(64).startswith(b"+PONG"):
+                    return
+        except OSError:
+            pass
+        if time.monotonic() > deadline or proc.poll() is not None:
+            raise RuntimeError(f"redis-server did not start on port {port}")
+        time.sleep(0.02)
+
+
+def _cluster() -> Iterator[RedisClusterServers]:
+    if REDIS_SERVER is None or REDIS_CLI is None:
+        pytest.skip("redis-server is not installed (make system-deps installs the Debian package)")
+    servers = RedisClusterServers()
+    try:
+        servers.start()
+        yield servers
+    finally:
+        servers.close()
+
+
+@pytest.fixture(scope="module")
+def redis_cluster() -> Iterator[RedisClusterServers]:
+    """A Redis Cluster shared by a module's tests."""
+    yield from _cluster()
+
+
+@pytest.fixture
+def own_redis_cluster() -> Iterator[RedisClusterServers]:
+    """A Redis Cluster for one test (that may break it)."""
+    yield from _cluster()
 
 
 class Worker:

@@ -3,12 +3,14 @@ client of its own, driven by JSON lines on stdin, answering on stdout.
 
     python redis_worker.py URL CAPACITY [--lease S] [--scope redis|process]
                                         [--on-error MODE] [--prefix P]
+                                        [--cluster] [--resources A,B]
 
-Commands: {"op": "hold", "name": N, "timeout": S} takes a slot and keeps it
-until {"op": "release", "name": N}; {"op": "hammer", "tasks": T,
-"iterations": I, "hold": S, "timeout": S} runs T tasks that each take and
-give back a slot I times, and reports the intervals in which they held it;
-{"op": "exit"}.
+Commands: {"op": "hold", "name": N, "timeout": S} takes a slot (of the
+first resource) and keeps it until {"op": "release", "name": N};
+{"op": "hammer", "tasks": T, "iterations": I, "hold": S, "timeout": S} runs
+T tasks that each take and give back a slot I times (task i uses resource
+i modulo their number), and reports the intervals in which they held it,
+in all and by resource; {"op": "exit"}.
 """
 
 from __future__ import annotations
@@ -37,15 +39,24 @@ async def main() -> None:
     parser.add_argument("--scope", default="redis")
     parser.add_argument("--on-error", default="reject")
     parser.add_argument("--prefix", default="test")
+    parser.add_argument("--cluster", action="store_true")
+    parser.add_argument("--resources", default="db")
     args = parser.parse_args()
 
     scope: Any = "process"
     if args.scope == "redis":
         scope = RedisScope(
-            args.url, lease=args.lease, on_error=args.on_error, key_prefix=args.prefix
+            args.url,
+            lease=args.lease,
+            on_error=args.on_error,
+            key_prefix=args.prefix,
+            cluster=args.cluster,
         )
-    db = Resource(args.capacity, name="db", scope=scope)
-    limiter = Limiter(timeout=10, resources=[db])
+    resources = [
+        Resource(args.capacity, name=name, scope=scope) for name in args.resources.split(",")
+    ]
+    db = resources[0]
+    limiter = Limiter(timeout=10, resources=resources)
 
     loop = asyncio.get_running_loop()
     commands: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
@@ -68,11 +79,13 @@ async def main() -> None:
         except ServerBusy as e:
             say("refused", name=name, reason=e.reason, t=time.monotonic())
 
-    async def hammer(iterations: int, hold_for: float, timeout: float) -> list[Any]:
+    async def hammer(
+        resource: Resource, iterations: int, hold_for: float, timeout: float
+    ) -> list[Any]:
         intervals: list[Any] = []
         for _ in range(iterations):
             try:
-                async with limiter.acquire([db], timeout=timeout):
+                async with limiter.acquire([resource], timeout=timeout):
                     start = time.monotonic()
                     await asyncio.sleep(hold_for)
                     intervals.append((start, time.monotonic()))
@@ -92,15 +105,19 @@ async def main() -> None:
         elif op == "release":
             releases[command["name"]].set()
         elif op == "hammer":
+            used = [resources[i % len(resources)] for i in range(command["tasks"])]
             results = await asyncio.gather(
                 *(
-                    hammer(command["iterations"], command["hold"], command.get("timeout", 10))
-                    for _ in range(command["tasks"])
+                    hammer(r, command["iterations"], command["hold"], command.get("timeout", 10))
+                    for r in used
                 )
             )
             intervals = [i for r in results for i in r if not isinstance(i, str)]
             refused = [i for r in results for i in r if isinstance(i, str)]
-            say("hammered", intervals=intervals, refused=refused)
+            by_resource: dict[str, list[Any]] = {r.name: [] for r in resources}
+            for r, result in zip(used, results, strict=True):
+                by_resource[r.name] += [i for i in result if not isinstance(i, str)]
+            say("hammered", intervals=intervals, refused=refused, by_resource=by_resource)
         elif op == "stats":
             say("stats", **_stats(db))
         elif op == "exit":

@@ -434,7 +434,7 @@ def test_redis_paused_longer_than_the_timeout(redis_server: RedisServer, on_erro
         url = redis_server.url()
         scope = RedisScope(url, on_error=on_error, key_prefix="test", lease=1.5, timeout=0.3)  # type: ignore[arg-type]
         db = Resource(4, name="db", scope=scope)
-        limiter = Limiter(timeout=0.8, resources=[db])
+        limiter = Limiter(timeout=6, resources=[db])
         # Another process holds 3 of the 4 slots, this one holds the last;
         # then one more request of this process waits in Redis's queue.
         other = RedisScope(url, key_prefix="test", lease=1.5)
@@ -451,15 +451,18 @@ def test_redis_paused_longer_than_the_timeout(redis_server: RedisServer, on_erro
         redis_server.pause()
         try:
             started = time.monotonic()
-            # The queued request ends at its deadline, and new ones get the
-            # on_error behaviour; nothing hangs.
-            assert await waiter == "timeout"
-            assert time.monotonic() - started < 1.5
+            # The queued request gets the on_error behaviour once the
+            # heartbeat (every 0.5 s) finds Redis unreachable, not at its
+            # 6 s deadline; so do new ones; nothing hangs.
+            waited = await waiter
+            assert time.monotonic() - started < 4
             outcomes = await _try_many(limiter, db, 2)
-            assert time.monotonic() - started < 3
+            assert time.monotonic() - started < 5
         finally:
             redis_server.resume()
-        # "local": the holder uses 1 of the share of 2.
+        # "local": the holder uses 1 of the share of 2 (the queued request
+        # took the other and gave it back).
+        assert waited == {"reject": "unavailable", "allow": "ok", "local": "ok"}[on_error]
         expected = {
             "reject": ["unavailable"] * 2,
             "allow": ["ok"] * 2,
@@ -520,7 +523,47 @@ def test_redis_restarted(redis_server: RedisServer, on_error: str) -> None:
     run(main)
 
 
-def test_a_waiter_lost_in_a_restart_is_queued_again(redis_server: RedisServer) -> None:
+@pytest.mark.parametrize("on_error", ["reject", "allow", "local"])
+def test_a_waiter_queued_when_redis_is_killed_gets_on_error_at_once(
+    redis_server: RedisServer, on_error: str
+) -> None:
+    """Redis goes away while a request waits in its queue: the request gets
+    the on_error behaviour when the listener's connection breaks, not at
+    its deadline."""
+
+    async def main() -> None:
+        url = redis_server.url()
+        other = RedisScope(url, key_prefix="test", lease=3, timeout=0.3)
+        elsewhere = Resource(2, name="db", scope=other)
+        await asyncio.gather(*(asyncio.create_task(elsewhere.acquire()) for _ in range(2)))
+        scope = RedisScope(url, on_error=on_error, key_prefix="test", lease=3, timeout=0.3)  # type: ignore[arg-type]
+        db = Resource(2, name="db", scope=scope)
+        limiter = Limiter(timeout=30, resources=[db])
+        await scope.check()  # 2 processes: the local share is 2 // 2 = 1
+        waiter = asyncio.create_task(_try(limiter, db, hold=True))
+        await _until(lambda: redis_server.client().zcard("{test:db}:queue") == 1)
+        started = time.monotonic()
+        redis_server.stop()
+        assert await asyncio.wait_for(waiter, 10) == {
+            "reject": "unavailable",
+            "allow": "ok",
+            "local": "ok",
+        }[on_error]
+        assert time.monotonic() - started < 10  # far from its 30 s deadline
+        stats = db.statistics().cluster
+        assert stats is not None and not stats.reachable and stats.waiting_here == 0
+        assert stats.held_here == 0  # the admitted one has ended
+        await scope.aclose()
+        await other.aclose()
+
+    run(main)
+
+
+def test_a_waiter_lost_by_redis_is_queued_again(redis_server: RedisServer) -> None:
+    """Redis loses its data without dropping the connections (a failover to
+    a replica that had not received the latest writes; here FLUSHALL): the
+    holder's heartbeat puts its slot back, the waiter's queues it again."""
+
     async def main() -> None:
         url = redis_server.url()
         other = RedisScope(url, key_prefix="test", lease=0.9, timeout=0.3)
@@ -531,8 +574,7 @@ def test_a_waiter_lost_in_a_restart_is_queued_again(redis_server: RedisServer) -
         limiter = Limiter(timeout=8, resources=[db])
         waiter = asyncio.create_task(_try(limiter, db))
         await _until(lambda: redis_server.client().zcard("{test:db}:queue") == 1)
-        redis_server.restart()
-        # The holder's heartbeat puts its slot back, the waiter's queues it again.
+        redis_server.client().flushall()
         await _until(lambda: len(holders(redis_server)) == 1, timeout=3)
         await _until(lambda: redis_server.client().zcard("{test:db}:queue") == 1, timeout=3)
         assert not waiter.done()
@@ -541,6 +583,138 @@ def test_a_waiter_lost_in_a_restart_is_queued_again(redis_server: RedisServer) -
         await _until(lambda: holders(redis_server) == [])
         await scope.aclose()
         await other.aclose()
+
+    run(main)
+
+
+@pytest.mark.parametrize("fault", ["restart", "pause"])
+@pytest.mark.parametrize("on_error", ["allow", "local"])
+def test_requests_admitted_during_an_outage_count_after_it(
+    redis_server: RedisServer, on_error: str, fault: str
+) -> None:
+    """Requests admitted by on_error while Redis is unreachable, and slots
+    whose lease ran out meanwhile, are put back once Redis is reachable
+    again, beyond the capacity if need be: no slot is granted until the
+    requests really running are below it."""
+
+    async def main() -> None:
+        url = redis_server.url()
+        lease = 0.9
+        scope = RedisScope(url, on_error=on_error, key_prefix="test", lease=lease, timeout=0.3)  # type: ignore[arg-type]
+        db = Resource(4, name="db", scope=scope)
+        limiter = Limiter(timeout=5, resources=[db])
+        other = RedisScope(url, key_prefix="test", lease=lease, timeout=0.3)
+        elsewhere = Resource(4, name="db", scope=other)
+        other_limiter = Limiter(timeout=0.6, resources=[elsewhere])
+        # This process holds 1 slot, the other one 3: the cluster is full.
+        a1 = _Holder(limiter, db)
+        await a1.started.wait()
+        others = [_Holder(other_limiter, elsewhere) for _ in range(3)]
+        await asyncio.gather(*(h.started.wait() for h in others))
+        await scope.check()  # 2 processes: the local share is 4 // 2 = 2
+        assert len(holders(redis_server)) == 4
+
+        if fault == "restart":
+            redis_server.stop()  # comes back empty
+        else:
+            redis_server.pause()
+        try:
+            a2 = _Holder(limiter, db)  # admitted by on_error: 5 running
+            await asyncio.wait_for(a2.started.wait(), 5)
+            if fault == "pause":
+                await asyncio.sleep(lease + 0.3)  # every lease runs out
+        finally:
+            if fault == "restart":
+                redis_server.start()
+            else:
+                redis_server.resume()
+        # The heartbeats put back all 5 running requests.
+        await _until(lambda: len(holders(redis_server)) == 5, timeout=5)
+        assert await _try(other_limiter, elsewhere) == "timeout"
+        a2.release.set()
+        await a2.task
+        await _until(lambda: len(holders(redis_server)) == 4)
+        assert await _try(other_limiter, elsewhere) == "timeout"  # 4 running: still full
+        a1.release.set()
+        await a1.task
+        await _until(lambda: len(holders(redis_server)) == 3)
+        assert await _try(other_limiter, elsewhere) == "ok"
+        for h in others:
+            h.release.set()
+        await asyncio.gather(*(h.task for h in others))
+        await _until(lambda: holders(redis_server) == [])
+        await scope.aclose()
+        await other.aclose()
+
+    run(main)
+
+
+@pytest.mark.parametrize("on_error", ["reject", "allow", "local"])
+def test_random_timeouts_cancellations_and_outages_leave_nothing_held(
+    redis_server: RedisServer, on_error: str
+) -> None:
+    """Two processes' worth of requests with random timeouts, some cancelled
+    at random moments, while Redis is paused and restarted: afterwards
+    nothing is held or queued, in Redis or in either process, and the full
+    capacity can be taken again."""
+    import random
+
+    rng = random.Random(7)
+
+    async def main() -> None:
+        url = redis_server.url()
+        scopes = [
+            RedisScope(url, on_error=on_error, key_prefix="test", lease=0.9, timeout=0.2)  # type: ignore[arg-type]
+            for _ in range(2)
+        ]
+        dbs = [Resource(3, name="db", scope=scope) for scope in scopes]
+        limiters = [Limiter(timeout=1, resources=[db]) for db in dbs]
+        outcomes: list[str] = []
+
+        async def request(i: int) -> None:
+            limiter, db = limiters[i % 2], dbs[i % 2]
+            try:
+                async with limiter.acquire([db], timeout=rng.choice([0, 0.05, 0.3, 1])):
+                    await asyncio.sleep(rng.random() * 0.05)
+                outcomes.append("ok")
+            except ServerBusy as e:
+                outcomes.append(e.reason)
+
+        async def load(seconds: float) -> None:
+            tasks: list[asyncio.Task[None]] = []
+            end = time.monotonic() + seconds
+            i = 0
+            while time.monotonic() < end:
+                tasks.append(asyncio.create_task(request(i)))
+                i += 1
+                await asyncio.sleep(rng.random() * 0.01)
+                if rng.random() < 0.2:  # cancel a random one, at any stage
+                    rng.choice(tasks).cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+        await load(1)
+        redis_server.pause()
+        try:
+            await load(1)
+        finally:
+            redis_server.resume()
+        await load(0.5)
+        redis_server.restart()
+        await load(1)
+        # Consistent within a lease or two: nothing held, nothing queued.
+        await _until(lambda: holders(redis_server) == [], timeout=5)
+        await _until(lambda: redis_server.client().zcard("{test:db}:queue") == 0, timeout=5)
+        for db in dbs:
+            stats = db.statistics()
+            assert stats.in_use == 0 and stats.waiting == 0
+            assert stats.cluster is not None
+            assert stats.cluster.held_here == 0 and stats.cluster.waiting_here == 0
+        assert "ok" in outcomes
+        await asyncio.sleep(1.2)  # past the pause after the last failure
+        # The whole capacity can be taken again: no slot was lost.
+        assert await _try_many(limiters[0], dbs[0], 3) == ["ok"] * 3
+        for scope in scopes:
+            await scope.aclose()
 
     run(main)
 

@@ -3,12 +3,11 @@
 -- for the waiters it has queued.
 --
 -- Renews the process's leases and waiters, reclaims expired ones, grants
--- freed slots. A permit Redis no longer knows (its lease ran out while the
--- process could not reach Redis, or Redis lost its data) is put back if a
--- slot is free, since its request is running; otherwise it is reported
--- lost. Waiters Redis no longer knows are reported lost (their process
--- queues them again).
--- Returns {processes alive, in use, {lost permits}, {lost waiters}}.
+-- freed slots. Permits Redis does not know are put back (see below).
+-- Waiters Redis no longer knows are reported lost (their process queues
+-- them again).
+-- Returns {processes alive, in use, {permits put back}, {lost waiters},
+-- how many were put back beyond the capacity}.
 local bad = check_config(true)
 if bad then
   return redis.error_reply(bad)
@@ -21,16 +20,22 @@ if redis.call('EXISTS', notify) == 1 then
   redis.call('PEXPIRE', notify, notify_ttl)
 end
 local n = tonumber(ARGV[4])
-local lost_permits = {}
+-- Every permit the process holds is a running request: one Redis does not
+-- know (admitted by on_error during an outage, or its lease ran out while
+-- the process could not reach Redis, or Redis lost its data) is put back
+-- even beyond the capacity, so that no slot is granted while the requests
+-- really running fill it.
+local added = {}
+local over = 0
 for i = 5, 4 + n do
   local id = ARGV[i]
-  if redis.call('ZSCORE', holders, id) then
-    redis.call('ZADD', holders, now + lease, id)
-  elseif redis.call('ZCARD', holders) < capacity then
-    redis.call('ZADD', holders, now + lease, id)
-  else
-    table.insert(lost_permits, id)
+  if not redis.call('ZSCORE', holders, id) then
+    table.insert(added, id)
+    if redis.call('ZCARD', holders) >= capacity then
+      over = over + 1
+    end
   end
+  redis.call('ZADD', holders, now + lease, id)
 end
 local lost_waiters = {}
 for i = 5 + n, #ARGV, 2 do
@@ -47,4 +52,4 @@ for i = 5 + n, #ARGV, 2 do
   end
 end
 grant_free()
-return {redis.call('ZCARD', procs), redis.call('ZCARD', holders), lost_permits, lost_waiters}
+return {redis.call('ZCARD', procs), redis.call('ZCARD', holders), added, lost_waiters, over}

@@ -1,0 +1,116 @@
+"""The one way in of every limited entry point (the decorator, the
+dependency, the ASGI wrapper): the deadlock check, the engine's acquisition
+with its fast path, the wait, the cluster stage; and the release."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from starlette.requests import Request
+
+from . import _core
+from ._clustered import Releasable, running_loop_time, with_cluster
+from ._errors import Rejection
+from ._holding import Holds, Selection, check, holds_of, leave, running_loop, task_on
+from ._holding import _held as _holds
+from ._waiting import wait
+
+if TYPE_CHECKING:
+    from starlette.requests import HTTPConnection
+
+    from ._limiter import Limiter
+
+
+class Gate:
+    """One limited entry point: its resources, its own timeout (``None``: the
+    limiter's, read per request since it is assignable) and the limiter's
+    rejection."""
+
+    __slots__ = ("_limiter", "selection", "_rset", "_clusters", "_timeout", "rejection")
+
+    def __init__(self, limiter: Limiter, selection: Selection, timeout: float | None) -> None:
+        self._limiter = limiter
+        self.selection = selection
+        self._rset = selection.rset
+        self._clusters = selection.clusters
+        self._timeout = timeout
+        self.rejection: Rejection = limiter._rejection
+
+    async def admit(
+        self, connection: HTTPConnection | None, key: str | None = None
+    ) -> tuple[Releasable, Holds]:
+        """Takes the slots for the running task, waiting up to the timeout;
+        returns what to release and the task's holds (``release()``).
+        While it waits, a client that leaves (``connection``'s receive
+        channel, an HTTP request or a WebSocket) ends the wait. Raises
+        ServerBusy, or RuntimeError when the task holds slots that make
+        waiting a possible deadlock; nothing is held then."""
+        selection = self.selection
+        # What this task holds (inlined: this is the fast path).
+        task = task_on(running_loop())
+        holds = _holds.get(id(task))
+        if holds is None:
+            holds = holds_of(task)
+        elif holds:
+            check(holds, selection)
+        acquisition = (
+            _core.Acquisition(self._rset)
+            if key is None
+            else _core.Acquisition(self._rset, key)
+        )
+        granted: Releasable = acquisition
+        acquired = acquisition.try_acquire()
+        if not acquired or self._clusters:
+            granted = await self.settle(acquisition, acquired, connection)
+        holds.append(selection)
+        return granted, holds
+
+    async def settle(
+        self, acquisition: _core.Acquisition, acquired: bool, connection: HTTPConnection | None
+    ) -> Releasable:
+        """The rest of ``admit()`` after ``acquisition.try_acquire()``
+        (``acquired``: what it returned) for an acquisition that found no
+        free slot or has a cluster stage: waits, takes the cluster slots.
+        The decorator inlines what comes before (its fast path)."""
+        timeout = self._limiter._timeout if self._timeout is None else self._timeout
+        started = running_loop_time()
+        if not acquired:
+            rejection = self.rejection
+            await wait(acquisition, timeout, rejection.retry_after, connection, rejection=rejection)
+        if self._clusters:
+            return await self._cluster(acquisition, started, timeout, connection)
+        return acquisition
+
+    async def _cluster(
+        self,
+        acquisition: _core.Acquisition,
+        started: float,
+        timeout: float | None,
+        connection: HTTPConnection | None,
+    ) -> Releasable:
+        # The cluster stage watches HTTP requests' receive channels only.
+        request = connection if isinstance(connection, Request) else None
+        rejection = self.rejection
+        return await with_cluster(
+            acquisition,
+            self._clusters,
+            started,
+            timeout,
+            rejection.retry_after,
+            request,
+            rejection=rejection,
+        )
+
+    def release(
+        self, granted: Releasable, holds: Holds, completion: _core.Completion | None = None
+    ) -> None:
+        """Gives back what ``admit()`` returned."""
+        if completion is None:
+            granted.release()
+        else:
+            granted.release(completion)
+        selection = self.selection
+        if holds and holds[-1] is selection:
+            holds.pop()
+        else:
+            leave(holds, selection)

@@ -1,0 +1,160 @@
+"""Limiting any ASGI app (``limiter.asgi([...])(app)``), and answering the
+requests and WebSocket connections a limiter turns away. Plain ASGI and
+Starlette only: this module must not need FastAPI."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+
+from starlette.requests import HTTPConnection, Request
+from starlette.responses import JSONResponse, Response
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.websockets import WebSocket
+
+from ._adaptive import completion_of
+from ._errors import ServerBusy
+from ._streaming import Held
+
+if TYPE_CHECKING:
+    from ._admission import Gate
+
+#: ``on_reject(connection, exc)``: the response for a request or WebSocket
+#: connection turned away (sync or async).
+OnReject = Callable[[HTTPConnection, ServerBusy], "Response | Awaitable[Response]"]
+#: ``key(connection)``: the key of a request or WebSocket connection (sync or async).
+KeyOf = Callable[[HTTPConnection], "str | None | Awaitable[str | None]"]
+
+# WebSocket close code 1013, "try again later" (RFC 6455 registry).
+TRY_AGAIN_LATER = 1013
+_DENIAL = "websocket.http.response"
+# Messages after which a response has sent everything.
+_LAST = ("http.response.body", "http.response.pathsend", "http.response.zerocopysend")
+
+
+def busy_response(exc: ServerBusy) -> Response:
+    """The response FastAPI's own handler sends for ``exc``: status, JSON
+    ``{"detail": ...}`` and its headers (``Retry-After``)."""
+    return JSONResponse({"detail": exc.detail}, status_code=exc.status_code, headers=exc.headers)
+
+
+async def refuse(
+    connection: HTTPConnection,
+    send: Send,
+    exc: ServerBusy,
+    on_reject: OnReject | None = None,
+) -> None:
+    """Answers a request or a not yet accepted WebSocket connection turned
+    away with ``exc``. A WebSocket gets the response as the handshake's
+    HTTP response where the server offers the denial extension
+    (``websocket.http.response``), else the handshake completes and the
+    connection is closed at once with code 1013 (ASGI has no other way to
+    refuse a handshake than 403)."""
+    response: Response | Awaitable[Response]
+    if on_reject is None:
+        response = busy_response(exc)
+    else:
+        response = on_reject(connection, exc)
+        if inspect.isawaitable(response):
+            response = await response
+    scope = connection.scope
+    if scope["type"] == "http":
+        # The request's own channel: a streamed rejection body watches it
+        # for a client that leaves.
+        await response(scope, connection._receive, send)  # type: ignore[attr-defined]
+        return
+    if _DENIAL in (scope.get("extensions") or {}):
+
+        async def deny(message: Message) -> None:
+            # Recent Starlette responses name the messages themselves in a
+            # WebSocket scope; older ones send the HTTP ones.
+            if not message["type"].startswith("websocket."):
+                message = {**message, "type": "websocket." + message["type"]}
+            await send(message)
+
+        await response(scope, _nothing_to_read, deny)
+        return
+    await send({"type": "websocket.accept"})
+    await send({"type": "websocket.close", "code": TRY_AGAIN_LATER, "reason": "Server busy"})
+
+
+async def _nothing_to_read() -> Message:
+    # A denial response has no request body to read.
+    return {"type": "http.disconnect"}
+
+
+async def key_of(key: KeyOf, connection: HTTPConnection) -> str | None:
+    value = key(connection)
+    if inspect.isawaitable(value):
+        value = await value
+    if value is not None and not isinstance(value, str):
+        raise TypeError(f"key must return a str or None, got {type(value).__name__} {value!r}")
+    return value
+
+
+class LimitedApp:
+    """An ASGI app whose HTTP requests and WebSocket connections each hold a
+    slot of the limiter's resources: an HTTP request until its response has
+    been sent completely (or the client is gone, or the app fails), a
+    WebSocket connection for its whole life. Other scopes (``lifespan``)
+    pass through untouched."""
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        gate: Gate,
+        key: KeyOf | None = None,
+        on_reject: OnReject | None = None,
+    ) -> None:
+        self.app = app
+        self._gate = gate
+        self._key = key
+        self._on_reject = on_reject
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        kind = scope["type"]
+        if kind != "http" and kind != "websocket":
+            await self.app(scope, receive, send)
+            return
+        connection: HTTPConnection
+        if kind == "http":
+            connection = Request(scope, receive, send)
+        else:
+            connection = WebSocket(scope, receive, send)
+        gate = self._gate
+        key = None if self._key is None else await key_of(self._key, connection)
+        try:
+            granted, holds = await gate.admit(connection, key)
+        except ServerBusy as exc:
+            await refuse(connection, send, exc, self._on_reject)
+            return
+        held = Held(granted, holds, gate.selection)
+        # The watcher may have read messages while the request waited: they
+        # are served again from the connection's receive.
+        receive = connection._receive
+        if kind == "http":
+            release = held.release
+
+            async def send_then_release(message: Message) -> None:
+                await send(message)
+                if message["type"] in _LAST and not message.get("more_body", False):
+                    release()
+
+            sender: Send = send_then_release
+        else:
+            sender = send
+        try:
+            await self.app(scope, receive, sender)
+        except BaseException as exc:
+            held.release(completion_of(exc))
+            raise
+        finally:
+            held.release()
+
+    def __getattr__(self, name: str) -> Any:
+        # Starlette reads attributes of a mounted app (``routes``, for
+        # url_path_for): show the wrapped app's.
+        if name == "app":  # not set yet (a copy being made)
+            raise AttributeError(name)
+        return getattr(self.app, name)
