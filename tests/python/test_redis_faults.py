@@ -18,7 +18,7 @@ import pytest
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from fastapi_concurrency_limiter import Limiter, Resource
+from fastapi_concurrency_limiter import Limiter, Resource, ServerBusy
 from fastapi_concurrency_limiter.redis import RedisScope
 
 from .redis_support import RedisServer, needs_redis, redis_server
@@ -215,7 +215,7 @@ def test_a_waiter_queued_again_and_notified_keeps_its_slot(redis_server: RedisSe
 
 _VICTIM = r"""
 import asyncio, sys
-from fastapi_concurrency_limiter import Limiter, Resource
+from fastapi_concurrency_limiter import Limiter, Resource, ServerBusy
 from fastapi_concurrency_limiter.redis import RedisScope
 
 async def main():
@@ -437,5 +437,74 @@ def test_the_ticket_counter_expires_when_unused(redis_server: RedisServer) -> No
         assert await waiter == "ok"
         await scope.aclose()
         await other.aclose()
+
+    run(main)
+
+
+def test_random_timeouts_cancellations_and_lost_background_calls_leave_nothing_held(
+    redis_server: RedisServer,
+) -> None:
+    """Two processes' worth of requests with random timeouts, some cancelled
+    at random moments, while half the releases and cancellations fail as a
+    network blip would (each attempt): no request gets on_error for it, and
+    once every process has sent a heartbeat, nothing is held or queued (the
+    lease, 30 s, has not reclaimed anything) and the full capacity can be
+    taken again."""
+    import random
+
+    rng = random.Random(11)
+
+    async def main() -> None:
+        url = redis_server.url()
+        scopes = [RedisScope(url, key_prefix="test", lease=30, timeout=0.5) for _ in range(2)]
+        dbs = [Resource(3, name="db", scope=scope) for scope in scopes]
+        limiters = [Limiter(timeout=1, resources=[db]) for db in dbs]
+        for scope in scopes:
+            await scope.check()
+            client = scope._client()
+            real = client._call
+
+            async def flaky(name: str, stage: Any, *args: Any, real: Any = real) -> Any:
+                if name in ("release", "cancel") and rng.random() < 0.5:
+                    raise RedisConnectionError("blip")
+                return await real(name, stage, *args)
+
+            client._call = flaky
+        outcomes: list[str] = []
+
+        async def request(i: int) -> None:
+            limiter, db = limiters[i % 2], dbs[i % 2]
+            try:
+                async with limiter.acquire([db], timeout=rng.choice([0, 0.05, 0.3, 1])):
+                    await asyncio.sleep(rng.random() * 0.05)
+                outcomes.append("ok")
+            except ServerBusy as e:
+                outcomes.append(e.reason)
+
+        tasks: list[asyncio.Task[None]] = []
+        for i in range(300):
+            tasks.append(asyncio.create_task(request(i)))
+            await asyncio.sleep(rng.random() * 0.01)
+            if rng.random() < 0.2:  # cancel a random one, at any stage
+                rng.choice(tasks).cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        assert "ok" in outcomes and "unavailable" not in outcomes
+        clients = [scope._client() for scope in scopes]
+        await _until(lambda: all(not c._tasks or all(t.done() for t in c._tasks) for c in clients))
+        for db, client in zip(dbs, clients, strict=True):
+            stage = db._cluster
+            assert stage is not None
+            await client.heartbeat(stage)
+            assert not client.pending.get(stage)
+        assert holders(redis_server) == [] and _queue(redis_server) == []
+        for db in dbs:
+            stats = db.statistics()
+            assert stats.in_use == 0 and stats.waiting == 0
+            assert stats.cluster is not None
+            assert stats.cluster.held_here == 0 and stats.cluster.waiting_here == 0
+        results = [_try(limiters[i % 2], dbs[i % 2], hold=True) for i in range(3)]
+        assert await asyncio.gather(*results) == ["ok"] * 3
+        for scope in scopes:
+            await scope.aclose()
 
     run(main)
