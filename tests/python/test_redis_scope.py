@@ -170,6 +170,34 @@ def test_capacity_mismatch_is_a_clear_error(redis_server: RedisServer) -> None:
     run(main)
 
 
+def test_rediss_url_over_tls() -> None:
+    """rediss:// with the server's CA: the scripts, the hand-off through the
+    notify list and the release all go over TLS."""
+    server = RedisServer(tls=True)
+    server.start()
+
+    async def main() -> None:
+        scope = RedisScope(server.url(), key_prefix="test")
+        db = Resource(1, name="db", scope=scope)
+        limiter = Limiter(timeout=10, resources=[db])
+        await scope.check()
+        other = RedisScope(server.url(), key_prefix="test")
+        elsewhere = Resource(1, name="db", scope=other)
+        await elsewhere.acquire()
+        waiter = asyncio.create_task(_try(limiter, db))
+        await _until(lambda: server.client().zcard("{test:db}:queue") == 1)
+        elsewhere.release()
+        assert await waiter == "ok"
+        await _until(lambda: holders(server) == [])
+        await scope.aclose()
+        await other.aclose()
+
+    try:
+        run(main)
+    finally:
+        server.close()
+
+
 def test_wrong_credentials_fail_at_start_up() -> None:
     server = RedisServer(password="s3cret")
     server.start()
