@@ -263,7 +263,9 @@ class Limiter:
             app.mount("/files", limiter.asgi([disk])(files_app))
 
         An HTTP request holds its slots until its response has been sent
-        completely (or the client is gone, or the app raised); a WebSocket
+        completely or the app has returned or raised (a client that
+        leaves once the app runs does not end the app, so its slots stay
+        held until it returns); a WebSocket
         connection for its whole life. A request turned away gets the
         limiter's response (503 and ``{"detail": ...}``, ``Retry-After``);
         a WebSocket connection is refused before it is accepted. Lifespan

@@ -436,3 +436,31 @@ async def test_plain_starlette_handler_for_server_busy_answers_the_wrappers_refu
             r = await client.get("/")
         assert (r.status_code, r.text) == (429, "come back later")
         assert (await client.get("/")).text == "ok"
+
+
+async def test_client_that_leaves_while_the_app_runs_leaves_the_slots_to_the_app() -> None:
+    # On a real server: the client goes once the app runs, before any
+    # response. The wrapper does not end the app; the app learns of it from
+    # its own receive(), still holding the slot, and its return frees it.
+    import socket
+
+    db = Resource(1, name="db")
+    limiter = Limiter(timeout=5, resources=[db])
+    seen: list[int] = []
+    running = threading.Event()
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        running.set()
+        while (await receive())["type"] != "http.disconnect":
+            pass
+        seen.append(db.in_use)
+
+    with serve(Starlette(routes=[Route("/", limiter.asgi([db])(app))])) as url:  # type: ignore[arg-type]
+        host, port = url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port))) as client:
+            client.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            await eventually(running.is_set)
+            assert db.in_use == 1
+        await eventually(lambda: seen != [])
+        assert seen == [1]
+        await eventually(lambda: db.in_use == 0)
