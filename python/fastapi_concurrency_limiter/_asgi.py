@@ -55,7 +55,7 @@ def app_handler(scope: Scope, status_code: int, app: object = None) -> OnReject 
         handlers = getattr(candidate, "exception_handlers", None)
         if not isinstance(handlers, dict) or not handlers:
             continue
-        handler = handlers.get(status_code)
+        handler = None if status_code == 500 else handlers.get(status_code)
         if handler is not None:
             return handler  # type: ignore[no-any-return]
         for cls in ServerBusy.__mro__:
