@@ -223,6 +223,8 @@ NB_MODULE(_core, m) {
   nb::class_<cl::HostResourceInfo>(m, "HostResourceInfo")
       .def_ro("name", &cl::HostResourceInfo::name)
       .def_ro("capacity", &cl::HostResourceInfo::capacity)
+      .def_ro("limit", &cl::HostResourceInfo::limit)
+      .def_ro("adaptive", &cl::HostResourceInfo::adaptive)
       .def_ro("max_waiting", &cl::HostResourceInfo::max_waiting)
       .def_ro("queue", &cl::HostResourceInfo::queue)
       .def_ro("in_use", &cl::HostResourceInfo::in_use)

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <stdexcept>
 #include <string>
 #include <utility>
@@ -61,10 +62,27 @@ double initial(std::int64_t min_limit, std::int64_t initial_limit,
   return static_cast<double>(initial_limit);
 }
 
+// A bool copied from bytes that may be damaged (shared memory) holds 0 or 1
+// afterwards; it is read as a byte, never as a bool that might be neither.
+void make_valid(bool& b) noexcept {
+  unsigned char byte;
+  std::memcpy(&byte, &b, 1);
+  byte = byte != 0 ? 1 : 0;
+  std::memcpy(&b, &byte, 1);
+}
+
+// `x` clamped to [lo, hi]; lo if it is not a number.
+double in_range(double x, double lo, double hi) {
+  return std::isfinite(x) ? std::clamp(x, lo, hi) : lo;
+}
+
 }  // namespace
 
 std::optional<SampleWindow::Summary> SampleWindow::add(const LimitSample& s) {
-  if (!started_) started_ = s.end;
+  if (!started_) {
+    started_ = true;
+    started_at_ = s.end;
+  }
   ++samples_;
   if (s.dropped) {
     ++drops_;
@@ -73,7 +91,7 @@ std::optional<SampleWindow::Summary> SampleWindow::add(const LimitSample& s) {
     in_flight_sum_ += static_cast<double>(s.in_flight);
   }
   max_in_flight_ = std::max(max_in_flight_, s.in_flight);
-  if (samples_ < min_samples_ || s.end - *started_ < min_time_) return std::nullopt;
+  if (samples_ < min_samples_ || s.end - started_at_ < min_time_) return std::nullopt;
 
   Summary w;
   w.samples = samples_;
@@ -83,10 +101,26 @@ std::optional<SampleWindow::Summary> SampleWindow::add(const LimitSample& s) {
     w.mean_in_flight = in_flight_sum_ / static_cast<double>(ok);
   }
   w.max_in_flight = max_in_flight_;
-  started_ = s.end;
+  started_at_ = s.end;
   samples_ = drops_ = max_in_flight_ = 0;
   latency_sum_ = in_flight_sum_ = 0.0;
   return w;
+}
+
+void SampleWindow::repair(Clock::duration min_time, std::int64_t min_samples) noexcept {
+  min_time_ = min_time;
+  min_samples_ = min_samples;
+  make_valid(started_);
+  const bool ok = samples_ >= 0 && drops_ >= 0 && drops_ <= samples_ &&
+                  max_in_flight_ >= 0 && std::isfinite(latency_sum_) &&
+                  latency_sum_ >= 0.0 && std::isfinite(in_flight_sum_) &&
+                  in_flight_sum_ >= 0.0;
+  if (!ok) {
+    started_ = false;
+    started_at_ = {};
+    samples_ = drops_ = max_in_flight_ = 0;
+    latency_sum_ = in_flight_sum_ = 0.0;
+  }
 }
 
 std::int64_t FixedLimit::start(std::int64_t capacity) {
@@ -95,7 +129,7 @@ std::int64_t FixedLimit::start(std::int64_t capacity) {
 }
 
 AimdLimit::AimdLimit(AimdOptions options)
-    : o_(options), window_(o_.window, o_.min_window_samples) {
+    : o_(options), s_{.window = SampleWindow(o_.window, o_.min_window_samples)} {
   check_bounds(o_.min_limit, o_.initial_limit);
   check_window(o_.window, o_.min_window_samples);
   check_backoff(o_.backoff);
@@ -105,27 +139,34 @@ AimdLimit::AimdLimit(AimdOptions options)
 }
 
 std::int64_t AimdLimit::start(std::int64_t capacity) {
-  limit_ = initial(o_.min_limit, o_.initial_limit, capacity);
-  max_ = static_cast<double>(capacity);
-  return static_cast<std::int64_t>(limit_);
+  s_.limit = initial(o_.min_limit, o_.initial_limit, capacity);
+  s_.max = static_cast<double>(capacity);
+  return static_cast<std::int64_t>(s_.limit);
+}
+
+void AimdLimit::restore(const State& state, std::int64_t capacity) noexcept {
+  std::memcpy(static_cast<void*>(&s_), &state, sizeof s_);  // bytes: see make_valid()
+  s_.window.repair(o_.window, o_.min_window_samples);
+  s_.max = static_cast<double>(capacity);
+  s_.limit = in_range(s_.limit, static_cast<double>(o_.min_limit), s_.max);
 }
 
 std::int64_t AimdLimit::update(const LimitSample& sample) {
-  if (const auto w = window_.add(sample)) {
+  if (const auto w = s_.window.add(sample)) {
     const bool slow = o_.timeout > Clock::duration::zero() &&
                       w->mean_latency > seconds(o_.timeout);
     if (w->drops > 0 || slow) {
-      limit_ *= o_.backoff;
-    } else if (static_cast<double>(w->max_in_flight) >= std::floor(limit_) / 2) {
-      limit_ += 1.0;
+      s_.limit *= o_.backoff;
+    } else if (static_cast<double>(w->max_in_flight) >= std::floor(s_.limit) / 2) {
+      s_.limit += 1.0;
     }
-    limit_ = std::clamp(limit_, static_cast<double>(o_.min_limit), max_);
+    s_.limit = std::clamp(s_.limit, static_cast<double>(o_.min_limit), s_.max);
   }
-  return static_cast<std::int64_t>(limit_);
+  return static_cast<std::int64_t>(s_.limit);
 }
 
 GradientLimit::GradientLimit(GradientOptions options)
-    : o_(options), window_(o_.window, o_.min_window_samples) {
+    : o_(options), s_{.window = SampleWindow(o_.window, o_.min_window_samples)} {
   check_bounds(o_.min_limit, o_.initial_limit);
   check_window(o_.window, o_.min_window_samples);
   check_backoff(o_.backoff);
@@ -140,39 +181,64 @@ GradientLimit::GradientLimit(GradientOptions options)
 }
 
 std::int64_t GradientLimit::start(std::int64_t capacity) {
-  limit_ = initial(o_.min_limit, o_.initial_limit, capacity);
-  max_ = static_cast<double>(capacity);
+  s_.limit = initial(o_.min_limit, o_.initial_limit, capacity);
+  s_.max = static_cast<double>(capacity);
   return in_force();
+}
+
+void GradientLimit::restore(const State& state, std::int64_t capacity) noexcept {
+  std::memcpy(static_cast<void*>(&s_), &state, sizeof s_);  // bytes: see make_valid()
+  s_.window.repair(o_.window, o_.min_window_samples);
+  s_.max = static_cast<double>(capacity);
+  s_.limit = in_range(s_.limit, static_cast<double>(o_.min_limit), s_.max);
+  // A latency estimate out of range is forgotten and learned again.
+  if (!std::isfinite(s_.no_load) || s_.no_load < 0.0 ||
+      !std::isfinite(s_.no_load_in_flight) || s_.no_load_in_flight < 0.0) {
+    s_.no_load = s_.no_load_in_flight = 0.0;
+    s_.no_load_trusted = false;
+  }
+  if (!std::isfinite(s_.probe_latency) || !std::isfinite(s_.probe_in_flight) ||
+      s_.probe_latency < 0.0 || s_.probe_in_flight < 0.0) {
+    s_.probed = false;
+    s_.probe_latency = s_.probe_in_flight = 0.0;
+  }
+  make_valid(s_.no_load_trusted);
+  make_valid(s_.probed);
+  make_valid(s_.changed);
+  s_.no_load_trusted = s_.no_load_trusted && s_.no_load > 0.0;
+  s_.probed = s_.probed && s_.probe_in_flight > 0.0;
+  s_.changed = s_.changed && s_.changed_at != Clock::time_point{};
 }
 
 std::int64_t GradientLimit::in_force() const noexcept {
   // The limit is kept fractional so that small steps accumulate; the slots
   // in force are its integer part (a small epsilon absorbs rounding).
-  return static_cast<std::int64_t>(std::floor(limit_ + 1e-9));
+  return static_cast<std::int64_t>(std::floor(s_.limit + 1e-9));
 }
 
 std::int64_t GradientLimit::update(const LimitSample& sample) {
   // The requests granted before the first release started on an idle
   // downstream, as the concurrency ramped up: not representative.
-  if (!changed_at_) changed_at_ = sample.end;
+  if (!s_.changed) {
+    s_.changed = true;
+    s_.changed_at = sample.end;
+  }
   // A request granted before the limit last changed ran under the old limit:
   // it would blur the effect of the change, so it is left out.
-  if (changed_at_ && sample.end - sample.service_time < *changed_at_) {
-    return in_force();
-  }
-  if (const auto w = window_.add(sample)) {
+  if (sample.end - sample.service_time < s_.changed_at) return in_force();
+  if (const auto w = s_.window.add(sample)) {
     const std::int64_t before = in_force();
     on_window(*w);
-    if (in_force() != before) changed_at_ = sample.end;
+    if (in_force() != before) s_.changed_at = sample.end;
   }
   return in_force();
 }
 
 void GradientLimit::on_window(const SampleWindow::Summary& w) {
-  const bool after_probe = std::exchange(probed_, false);
+  const bool after_probe = std::exchange(s_.probed, false);
   const double floor_limit = static_cast<double>(o_.min_limit);
   const auto bounded = [&](double limit) {
-    return std::clamp(limit, floor_limit, max_);
+    return std::clamp(limit, floor_limit, s_.max);
   };
 
   // Drops are a sign of overload with no usable latency (a request that
@@ -181,7 +247,7 @@ void GradientLimit::on_window(const SampleWindow::Summary& w) {
   const std::int64_t ok = w.samples - w.drops;
   if (w.drops > 0 && static_cast<double>(w.drops) >
                          o_.drop_rate * static_cast<double>(w.samples)) {
-    limit_ = bounded(limit_ * o_.backoff);
+    s_.limit = bounded(s_.limit * o_.backoff);
     return;
   }
   if (ok == 0) return;
@@ -194,22 +260,22 @@ void GradientLimit::on_window(const SampleWindow::Summary& w) {
   // window at clearly lower concurrency was not faster (or at the floor,
   // below which nothing can be tried).
   const bool at_floor = n <= floor_limit + 0.5;
-  if (no_load_ == 0.0 || latency < 0.9 * no_load_) {
-    no_load_ = latency;
-    no_load_in_flight_ = n;
-    no_load_trusted_ = at_floor;
+  if (s_.no_load == 0.0 || latency < 0.9 * s_.no_load) {
+    s_.no_load = latency;
+    s_.no_load_in_flight = n;
+    s_.no_load_trusted = at_floor;
   } else {
     // Lower concurrency, about the same latency: the estimate holds.
-    if (n <= 0.85 * no_load_in_flight_ && latency <= o_.tolerance * no_load_) {
-      no_load_trusted_ = true;
+    if (n <= 0.85 * s_.no_load_in_flight && latency <= o_.tolerance * s_.no_load) {
+      s_.no_load_trusted = true;
     }
-    if (latency < no_load_) {
-      no_load_ = latency;
+    if (latency < s_.no_load) {
+      s_.no_load = latency;
     } else if (at_floor) {
       // At the floor the limiter adds no concurrency: a slower mean here
       // means the downstream itself got slower. Relearn.
-      no_load_ += (latency - no_load_) * 0.5;
-      no_load_trusted_ = true;
+      s_.no_load += (latency - s_.no_load) * 0.5;
+      s_.no_load_trusted = true;
     }
   }
 
@@ -221,29 +287,30 @@ void GradientLimit::on_window(const SampleWindow::Summary& w) {
   const double used = static_cast<double>(w.max_in_flight);
   if (used < limit_now / 2) return;
 
-  const double ratio = latency / no_load_;
+  const double ratio = latency / s_.no_load;
   // Queueing: the concurrency that would carry this window's throughput
   // (n / latency) at the tolerated latency, never more than halving.
-  const double cut = std::clamp(o_.tolerance * n / ratio, limit_ * 0.5, limit_);
-  if (!no_load_trusted_) {
+  const double cut =
+      std::clamp(o_.tolerance * n / ratio, s_.limit * 0.5, s_.limit);
+  if (!s_.no_load_trusted) {
     // The no-load latency may still contain queueing: step below the
     // concurrency it was measured at and see whether latency follows. While
     // it falls in proportion (plainly past the knee) the steps are halvings.
     const bool proportional =
-        after_probe && probe_in_flight_ > 1.05 * n &&
-        probe_latency_ / latency >= 1.0 + 0.75 * (probe_in_flight_ / n - 1.0);
-    probed_ = true;
-    probe_latency_ = latency;
-    probe_in_flight_ = n;
-    const double probe = std::min(limit_, n) * (proportional ? 0.5 : 0.8);
-    limit_ = bounded(ratio > o_.tolerance ? std::min(cut, probe) : probe);
+        after_probe && s_.probe_in_flight > 1.05 * n &&
+        s_.probe_latency / latency >= 1.0 + 0.75 * (s_.probe_in_flight / n - 1.0);
+    s_.probed = true;
+    s_.probe_latency = latency;
+    s_.probe_in_flight = n;
+    const double probe = std::min(s_.limit, n) * (proportional ? 0.5 : 0.8);
+    s_.limit = bounded(ratio > o_.tolerance ? std::min(cut, probe) : probe);
   } else if (ratio > o_.tolerance) {
-    limit_ = bounded(cut);
+    s_.limit = bounded(cut);
   } else if (ratio <= 1.05) {
     // At no-load latency: far from the knee, grow multiplicatively.
-    limit_ = bounded(std::max(limit_ + 1.0, limit_ * o_.tolerance));
+    s_.limit = bounded(std::max(s_.limit + 1.0, s_.limit * o_.tolerance));
   } else {
-    limit_ = bounded(limit_ + 1.0);
+    s_.limit = bounded(s_.limit + 1.0);
   }
 }
 

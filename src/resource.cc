@@ -49,11 +49,6 @@ ResourceOptions validated(ResourceOptions o) {
         "name is required for scope 'host': every process opening the same "
         "name shares its slots");
   }
-  if (o.scope == Scope::kHost && o.limit_algorithm) {
-    throw std::invalid_argument(
-        "limit_algorithm is not supported with scope 'host' yet: a host "
-        "resource has a fixed capacity shared by every process");
-  }
   if (o.per_key < 0 || o.per_key > o.capacity) {
     throw std::invalid_argument(
         "per_key must be an integer in [1, capacity=" + std::to_string(o.capacity) +
@@ -149,7 +144,7 @@ Resource::Resource(ResourceOptions o, int)
   stats_.queue = discipline_;
   if (o.scope == Scope::kHost) {
     o.name = name_;  // moved from above
-    host_ = detail::HostPool::get(o);
+    host_ = detail::HostPool::get(o, algorithm_.get());
   }
 }
 
@@ -161,17 +156,13 @@ std::optional<std::int64_t> Resource::max_waiting() const noexcept {
 }
 
 void Resource::set_limit(std::int64_t limit) {
-  if (host_) {
-    throw std::invalid_argument("set_limit() of resource '" + name_ +
-                                "': a resource of scope 'host' has a fixed "
-                                "limit (its capacity)");
-  }
   if (limit < 1 || limit > capacity_) {
     throw std::invalid_argument("limit of resource '" + name_ +
                                 "' must be an integer in [1, capacity=" +
                                 std::to_string(capacity_) + "], got " +
                                 std::to_string(limit));
   }
+  if (host_) return host_->set_limit(limit);
   detail::NoticeList notices;  // fired after mu_ is unlocked
   const auto now = Clock::now();
   detail::MutexLock lock(mu_);
@@ -223,9 +214,7 @@ std::int64_t Resource::waiting() const {
 
 ResourceStatistics Resource::statistics() const {
   if (host_) {
-    ResourceStatistics s = host_->statistics();
-    s.limit = capacity_;  // a host resource's limit is fixed
-    return s;
+    return host_->statistics();
   }
   detail::MutexLock lock(mu_);
   // One load of the word: with mu_ held, everything else below is still.
@@ -270,6 +259,8 @@ void Resource::attribute_unmeasured_locked(std::uint64_t releases) const {
 bool Resource::host_try_grant(bool& measure) noexcept {
   return host_->try_grant(measure);
 }
+
+std::int64_t Resource::host_limit() const noexcept { return host_->limit(); }
 
 void Resource::raise_peak(std::int64_t n) noexcept {
   std::int64_t peak = peak_in_use_.load(std::memory_order_relaxed);
@@ -485,7 +476,7 @@ void Resource::count_rejection(Outcome reason) {
 void Resource::release(bool measured, Clock::time_point granted_at,
                        Clock::time_point now, Completion completion,
                        detail::NoticeList& notices, const std::string* key) {
-  if (host_) return host_->release(measured, granted_at, now, notices);
+  if (host_) return host_->release(measured, granted_at, now, completion, notices);
   if (!measured && try_give_back()) return;
   // A handoff needs the time (wait statistics, the adaptive queue).
   if (!measured) now = Clock::now();

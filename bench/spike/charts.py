@@ -324,7 +324,18 @@ def series_chart(variant: VariantData, path: Path) -> None:
     shared = variant.config.get(
         "db_shared", variant.config.get("app") in ("package-host", "package-redis")
     )
-    if capacity is not None:
+    # With a moving limit, the chart is scaled to the limit and the queries
+    # in flight: a capacity far above them (an adaptive resource's ceiling)
+    # would squash both into a flat line at the bottom.
+    moving = limit is not None and limit.value.size > 0
+    shown = [float(limit.value.max())] if moving and limit is not None else []
+    if in_flight is not None and in_flight.peak.size:
+        shown.append(float(in_flight.peak.max()))
+    off_chart = moving and capacity is not None and capacity > 2 * max([*shown, 1.0])
+    if capacity is not None and off_chart:
+        label = f"Resource capacity ({capacity}, off the chart)"
+        ax.plot([], [], color="#2ca02c", lw=1, ls="--", label=label)
+    elif capacity is not None:
         label = f"Resource capacity ({capacity})"
         if shared and processes > 1:
             both = "both" if processes == 2 else f"all {processes}"
@@ -338,10 +349,11 @@ def series_chart(variant: VariantData, path: Path) -> None:
                 ls=":",
                 label=f"{capacity} per process x {processes} processes",
             )
-    ax.set_ylabel("database queries in flight")
+    ax.set_ylabel("database queries in flight" + (" / limit" if moving else ""))
     top = max(
         float(in_flight.peak.max()) if in_flight is not None and in_flight.peak.size else 0.0,
-        float(capacity or 0) * (1 if shared else processes),
+        0.0 if off_chart else float(capacity or 0) * (1 if shared else processes),
+        *shown,
         1.0,
     )
     ax.set_ylim(0, top * 1.3)

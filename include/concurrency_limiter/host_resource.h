@@ -28,7 +28,8 @@
 //     slot on.
 //   - The name must be 1 to 64 letters, digits, '_', '-' or '.'. Segments
 //     are per user ("/dev/shm/fcl-host.<uid>.<name>", mode 0600). Opening an
-//     existing name with another capacity, queue or max_waiting throws
+//     existing name with another capacity, queue, max_waiting or limit
+//     algorithm throws
 //     std::invalid_argument naming both configurations; a foreign or corrupt
 //     segment throws std::runtime_error.
 //   - A process that dies (even SIGKILL, even inside the lock) gives its
@@ -43,7 +44,23 @@
 //   - Bounds: at most 256 processes use one host resource at a time, and at
 //     most 4096 requests wait for it at a time over all processes (more are
 //     rejected with kQueueFull).
-//   - Statistics: capacity, in_use, waiting and peak_in_use are
+//   - Limit: the limit in force (1..capacity, capacity unless changed) is
+//     host-wide. set_limit() in any process changes it for all: raising it
+//     grants waiters of every process at once (through the same futex
+//     hand-off), lowering it revokes nothing (released slots are retired
+//     until in_use <= limit).
+//   - Adaptive: with a limit_algorithm, one algorithm moves the host-wide
+//     limit, fed by the samples of every process (service time from the
+//     grant to the release, drop outcome, in-flight = host-wide in_use). Its
+//     state lives in the segment and is updated under the shared mutex at
+//     each release, so only the built-in GradientLimit, AimdLimit and
+//     FixedLimit are accepted (a custom LimitAlgorithm throws
+//     std::invalid_argument); every process must pass the same kind and
+//     options (std::invalid_argument naming both otherwise). The process's
+//     own instance is used only for its kind and options. A process killed
+//     during an update loses that sample and nothing else: the state is
+//     double-buffered, and every value read back is brought into range.
+//   - Statistics: capacity, limit, in_use, waiting and peak_in_use are
 //     machine-wide; acquired_total, rejected_total and the wait and hold
 //     histograms count this process's requests.
 //   - Each process runs one background thread per host resource it uses.
@@ -73,6 +90,8 @@ struct HostProcessInfo {
 struct HostResourceInfo {
   std::string name;
   std::int64_t capacity = 0;
+  std::int64_t limit = 0;     // in force now, 1..capacity
+  bool adaptive = false;      // a limit algorithm moves the limit
   std::optional<std::int64_t> max_waiting;
   QueueDiscipline queue = QueueDiscipline::kFifo;
   std::int64_t in_use = 0;
@@ -98,6 +117,10 @@ void hold_host_lock_forever(const Resource& resource);
 void forge_host_process(const Resource& resource, pid_t pid, std::uint64_t start_time,
                         std::int64_t held);
 void sweep_host_processes(const Resource& resource);
+// Takes the shared lock of `resource`, writes garbage over the uncommitted
+// copy of its limit algorithm's state, as a process killed in the middle of
+// an update would leave it, and never gives the lock back.
+void die_in_host_limit_update(const Resource& resource);
 }  // namespace testing
 
 }  // namespace concurrency_limiter

@@ -19,11 +19,19 @@
 // Thread safety: a resource calls its algorithm's start() once and then
 // update() for every sample, never two calls at once, so an algorithm needs no
 // locking of its own. An algorithm instance belongs to one resource.
+//
+// Host scope (host_resource.h): one limit for every process of the machine
+// needs one algorithm fed by every process's samples, so its state lives in
+// shared memory, where an object with virtual functions cannot. The built-in
+// algorithms therefore keep their whole state in a trivially copyable
+// `State` (state(), restore()), and their options in plain structs; a host
+// resource accepts only them (a custom LimitAlgorithm is refused).
 #pragma once
 
 #include <chrono>
 #include <cstdint>
 #include <optional>
+#include <type_traits>
 
 namespace concurrency_limiter {
 
@@ -87,10 +95,16 @@ class SampleWindow {
   // the next window), nullopt otherwise.
   std::optional<Summary> add(const LimitSample& sample);
 
+  // After a copy read from shared memory: puts the window's settings back to
+  // (min_time, min_samples) and, if any count or sum is out of range, starts
+  // a new window (the samples so far are lost, nothing else).
+  void repair(Clock::duration min_time, std::int64_t min_samples) noexcept;
+
  private:
   Clock::duration min_time_;
   std::int64_t min_samples_;
-  std::optional<Clock::time_point> started_;
+  bool started_ = false;  // started_at_ is set
+  Clock::time_point started_at_{};
   std::int64_t samples_ = 0;
   std::int64_t drops_ = 0;
   double latency_sum_ = 0.0;
@@ -104,6 +118,8 @@ class FixedLimit final : public LimitAlgorithm {
   explicit FixedLimit(std::int64_t limit) : limit_(limit) {}
   std::int64_t start(std::int64_t capacity) override;
   std::int64_t update(const LimitSample&) override { return limit_; }
+  // The limit as given (before start() clamps it).
+  std::int64_t value() const noexcept { return limit_; }
 
  private:
   std::int64_t limit_;
@@ -120,6 +136,8 @@ struct AimdOptions {
   Clock::duration timeout = Clock::duration::zero();
   Clock::duration window = std::chrono::seconds(1);
   std::int64_t min_window_samples = 10;
+
+  bool operator==(const AimdOptions&) const = default;
 };
 
 // Additive increase, multiplicative decrease, per window: +1 when the window
@@ -132,13 +150,23 @@ class AimdLimit final : public LimitAlgorithm {
   explicit AimdLimit(AimdOptions options = {});
   std::int64_t start(std::int64_t capacity) override;
   std::int64_t update(const LimitSample& sample) override;
-  double limit() const noexcept { return limit_; }
+  double limit() const noexcept { return s_.limit; }
+
+  // Everything update() changes (see "Host scope" above).
+  struct State {
+    SampleWindow window;
+    double max = 1.0;
+    double limit = 1.0;
+  };
+  const AimdOptions& options() const noexcept { return o_; }
+  const State& state() const noexcept { return s_; }
+  // Puts `state` in force (after start(capacity)), bringing every value into
+  // range first: a state read from shared memory may be damaged.
+  void restore(const State& state, std::int64_t capacity) noexcept;
 
  private:
   AimdOptions o_;
-  SampleWindow window_;
-  double max_ = 1.0;
-  double limit_ = 1.0;
+  State s_;
 };
 
 struct GradientOptions {
@@ -156,6 +184,8 @@ struct GradientOptions {
   double drop_rate = 0.05;
   Clock::duration window = std::chrono::seconds(1);
   std::int64_t min_window_samples = 10;
+
+  bool operator==(const GradientOptions&) const = default;
 };
 
 // A latency gradient in the spirit of Netflix's Gradient2 and Envoy's
@@ -196,26 +226,42 @@ class GradientLimit final : public LimitAlgorithm {
 
   // The limit before rounding down, and the no-load latency estimate in
   // seconds (0 until the first window): for tests and benchmarks.
-  double limit() const noexcept { return limit_; }
-  double no_load_latency() const noexcept { return no_load_; }
+  double limit() const noexcept { return s_.limit; }
+  double no_load_latency() const noexcept { return s_.no_load; }
+
+  // Everything update() changes (see "Host scope" above).
+  struct State {
+    SampleWindow window;
+    double max = 1.0;
+    double limit = 1.0;
+    double no_load = 0.0;            // seconds; 0: not measured yet
+    double no_load_in_flight = 0.0;  // concurrency it was measured at
+    bool no_load_trusted = false;
+    // The previous window ended with a downward probe (probe_*).
+    bool probed = false;
+    // When the limit in force last changed (valid if changed).
+    bool changed = false;
+    Clock::time_point changed_at{};
+    double probe_latency = 0.0;
+    double probe_in_flight = 0.0;
+  };
+  const GradientOptions& options() const noexcept { return o_; }
+  const State& state() const noexcept { return s_; }
+  // Puts `state` in force (after start(capacity)), bringing every value into
+  // range first: a state read from shared memory may be damaged.
+  void restore(const State& state, std::int64_t capacity) noexcept;
 
  private:
   std::int64_t in_force() const noexcept;
   void on_window(const SampleWindow::Summary& w);
 
   GradientOptions o_;
-  SampleWindow window_;
-  double max_ = 1.0;
-  double limit_ = 1.0;
-  double no_load_ = 0.0;            // seconds; 0: not measured yet
-  double no_load_in_flight_ = 0.0;  // concurrency it was measured at
-  bool no_load_trusted_ = false;
-  // When the limit in force last changed.
-  std::optional<Clock::time_point> changed_at_;
-  // The previous window, when it ended with a downward probe.
-  bool probed_ = false;
-  double probe_latency_ = 0.0;
-  double probe_in_flight_ = 0.0;
+  State s_;
 };
+
+static_assert(std::is_trivially_copyable_v<AimdOptions>);
+static_assert(std::is_trivially_copyable_v<AimdLimit::State>);
+static_assert(std::is_trivially_copyable_v<GradientOptions>);
+static_assert(std::is_trivially_copyable_v<GradientLimit::State>);
 
 }  // namespace concurrency_limiter

@@ -138,7 +138,10 @@ struct ResourceOptions {
   // Moves the limit by itself (e.g. GradientLimit); null: the limit stays at
   // capacity unless set_limit() changes it. Its start(capacity) is called by
   // the constructor and may throw std::invalid_argument. Owned by this
-  // resource alone. Every hold of an adaptive resource is timed.
+  // resource alone. Every hold of an adaptive resource is timed. Scope::kHost
+  // accepts only GradientLimit, AimdLimit and FixedLimit (see
+  // host_resource.h): one algorithm of their kind and options then serves the
+  // whole host; std::invalid_argument otherwise.
   std::shared_ptr<LimitAlgorithm> limit_algorithm;
   // kHost: one pool of `capacity` slots and one queue for every process of
   // this user on this machine that opens a resource of the same `name`
@@ -268,8 +271,10 @@ class Resource : public std::enable_shared_from_this<Resource> {
 
   const std::string& name() const noexcept { return name_; }
   std::int64_t capacity() const noexcept { return capacity_; }
-  // The slots in force now, 1..capacity. A snapshot, as in_use().
+  // The slots in force now, 1..capacity. A snapshot, as in_use(). Host
+  // scope: the limit in force host-wide.
   std::int64_t limit() const noexcept {
+    if (host_) return host_limit();
     return limit_.load(std::memory_order_relaxed);
   }
   // Puts `limit` slots in force. Throws std::invalid_argument unless
@@ -278,7 +283,9 @@ class Resource : public std::enable_shared_from_this<Resource> {
   // released). Lowering it revokes nothing: each slot released while
   // in_use > limit is retired instead of handed over, and no slot is granted
   // until in_use < limit. On a resource with a limit algorithm, the
-  // algorithm moves the limit again at its next decision.
+  // algorithm moves the limit again at its next decision. Host scope: the
+  // limit of every process (waiters of other processes are granted by their
+  // own background threads, woken at once).
   void set_limit(std::int64_t limit) CL_EXCLUDES(mu_);
   bool adaptive() const noexcept { return algorithm_ != nullptr; }
   std::optional<std::int64_t> max_waiting() const noexcept;
@@ -431,8 +438,9 @@ class Resource : public std::enable_shared_from_this<Resource> {
     }
   }
   void raise_peak(std::int64_t n) noexcept;
-  // try_grant() of a host-scoped resource (src/host/).
+  // try_grant() and limit() of a host-scoped resource (src/host/).
   bool host_try_grant(bool& measure) noexcept;
+  std::int64_t host_limit() const noexcept;
   // try_grant() of a resource with a per-key share: under mu_.
   bool keyed_try_grant(bool& measure, const std::string* key) noexcept
       CL_EXCLUDES(mu_);

@@ -19,6 +19,8 @@ def _snapshot() -> list[dict[str, Any]]:
         {
             "name": r.name,
             "capacity": r.capacity,
+            "limit": r.limit,
+            "adaptive": r.adaptive,
             "queue": r.queue.name,
             "max_waiting": r.max_waiting,
             "in_use": r.in_use,
@@ -46,8 +48,11 @@ def _status(as_json: bool) -> int:
             print(f"{r['name']}: unreadable (corrupt or foreign); `reset` removes it")
             continue
         bound = "unbounded" if r["max_waiting"] is None else f"max {r['max_waiting']}"
+        limit = ""
+        if r["adaptive"] or r["limit"] != r["capacity"]:
+            limit = f", limit {r['limit']}" + (" (adaptive)" if r["adaptive"] else "")
         print(
-            f"{r['name']}: capacity {r['capacity']}, in use {r['in_use']}, "
+            f"{r['name']}: capacity {r['capacity']}{limit}, in use {r['in_use']}, "
             f"waiting {r['waiting']} ({r['queue']}, {bound})"
         )
         for p in r["processes"]:

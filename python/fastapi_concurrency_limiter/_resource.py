@@ -66,18 +66,22 @@ class Resource:
             (for example the workers of ``uvicorn --workers 4`` or gunicorn)
             shares one pool of ``capacity`` slots and one queue. ``name`` is
             then required (letters, digits, ``_``, ``-``, ``.``, at most 64),
-            and every process must use the same ``capacity``, ``queue`` and
-            ``max_waiting`` (ValueError naming both otherwise). Statistics:
-            ``capacity``, ``in_use``, ``waiting`` and ``peak_in_use`` are
-            host-wide; the counters and histograms count this process's
-            requests. A ``RedisScope``: every process on every host using
+            and every process must use the same ``capacity``, ``queue``,
+            ``max_waiting`` and ``adaptive`` (ValueError naming both
+            otherwise). The ``limit`` is host-wide too: ``set_limit()`` in
+            one process sets it for all, and with ``adaptive`` one algorithm
+            moves it, fed by the requests of every process. Statistics:
+            ``capacity``, ``limit``, ``in_use``, ``waiting`` and
+            ``peak_in_use`` are host-wide; the counters and histograms count
+            this process's requests. A ``RedisScope``: every process on every host using
             the same Redis and ``name`` (then required); the local stage
             above still runs first, in each process; see
             ``fastapi_concurrency_limiter.redis``.
         adaptive: ``True`` or an ``AdaptiveLimit``: the number of slots in
             force (``limit``) then moves by itself between
             ``AdaptiveLimit.min_limit`` and ``capacity``, from the measured
-            service times and errors of the requests. ``False`` (default):
+            service times and errors of the requests (with ``scope="host"``,
+            of every process's requests). ``False`` (default):
             ``limit == capacity`` unless ``set_limit()`` changes it.
         per_key: most slots one key (a client, an API key, a tenant: the
             ``key=`` given where the resource is acquired) may hold, an
@@ -143,11 +147,6 @@ class Resource:
             raise ValueError(f"queue must be one of 'fifo', 'lifo', 'adaptive', got {queue!r}")
         target = check_seconds("adaptive_target", adaptive_target, positive=True)
         interval = check_seconds("adaptive_interval", adaptive_interval, positive=True)
-        if scope == "host" and adaptive is not False:
-            raise ValueError(
-                "adaptive must be False with scope='host' (for now): a host pool "
-                f"keeps a fixed limit, its capacity; got adaptive={adaptive!r}"
-            )
         algorithm = algorithm_for(adaptive, capacity)
         self._core = _core.Resource(
             name or "",
@@ -186,7 +185,8 @@ class Resource:
         """Puts ``limit`` slots in force, 1 <= limit <= capacity. Raising it
         grants waiting requests at once; lowering it revokes no slot: slots
         are retired as they are released until ``in_use <= limit``. On an
-        adaptive resource the limit moves on from there by itself."""
+        adaptive resource the limit moves on from there by itself. With
+        ``scope="host"`` it is the limit of every process on the host."""
         check_int("limit", limit, minimum=1)
         self._core.set_limit(limit)
 

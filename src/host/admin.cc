@@ -51,10 +51,13 @@ std::vector<HostResourceInfo> list_host_resources() {
     info.capacity = c.capacity;
     if (c.max_waiting >= 0) info.max_waiting = c.max_waiting;
     info.queue = static_cast<QueueDiscipline>(c.queue);
+    info.adaptive = c.limit.kind != static_cast<std::uint32_t>(detail::host::LimitKind::kNone);
     std::vector<std::uint64_t> start_times;
     {
       SegmentLock lock(*s);
       info.in_use = s->header.in_use;
+      info.limit = std::clamp<std::int64_t>(s->header.limit.load(std::memory_order_relaxed), 1,
+                                            std::max<std::int64_t>(c.capacity, 1));
       info.waiting = s->header.waiting;
       info.repairs = s->header.repairs;
       for (std::uint32_t p = 0; p < kMaxProcesses; ++p) {

@@ -9,6 +9,7 @@
 #include <algorithm>
 #include <atomic>
 #include <chrono>
+#include <cstring>
 #include <map>
 #include <stdexcept>
 #include <thread>
@@ -59,7 +60,7 @@ constexpr auto kSweepInterval = std::chrono::milliseconds(200);
 
 constexpr bool kStatistics = CL_STATISTICS != 0;
 
-host::Config config_of(const ResourceOptions& o) {
+host::Config config_of(const ResourceOptions& o, const LimitAlgorithm* algorithm) {
   return host::Config{
       .capacity = o.capacity,
       .max_waiting = o.max_waiting ? *o.max_waiting : -1,
@@ -67,14 +68,16 @@ host::Config config_of(const ResourceOptions& o) {
       .reserved = 0,
       .target_ns = std::chrono::duration_cast<std::chrono::nanoseconds>(o.adaptive_target).count(),
       .interval_ns =
-          std::chrono::duration_cast<std::chrono::nanoseconds>(o.adaptive_interval).count()};
+          std::chrono::duration_cast<std::chrono::nanoseconds>(o.adaptive_interval).count(),
+      .limit = host::limit_config_of(algorithm)};
 }
 
 }  // namespace
 
-std::shared_ptr<HostPool> HostPool::get(const ResourceOptions& o) {
+std::shared_ptr<HostPool> HostPool::get(const ResourceOptions& o,
+                                         const LimitAlgorithm* algorithm) {
   host::check_name(o.name);
-  const host::Config config = config_of(o);
+  const host::Config config = config_of(o, algorithm);
   std::lock_guard lock(registry_mu());
   static std::once_flag fork_handlers;
   std::call_once(fork_handlers, [] {
@@ -91,10 +94,7 @@ std::shared_ptr<HostPool> HostPool::get(const ResourceOptions& o) {
   if (it != registry().end()) {
     // Opened before in this process: same segment, same checks.
     const host::Config& theirs = it->second->seg_->header.config;
-    if (theirs.capacity != config.capacity || theirs.max_waiting != config.max_waiting ||
-        theirs.queue != config.queue ||
-        (config.queue == static_cast<std::uint32_t>(QueueDiscipline::kAdaptive) &&
-         (theirs.target_ns != config.target_ns || theirs.interval_ns != config.interval_ns))) {
+    if (!host::same_config(theirs, config)) {
       throw std::invalid_argument(
           "host resource '" + o.name + "' already exists on this host with " +
           host::describe(theirs) + "; this process asks for " + host::describe(config) +
@@ -104,7 +104,7 @@ std::shared_ptr<HostPool> HostPool::get(const ResourceOptions& o) {
   }
   ino_t inode = 0;
   host::Segment* seg = host::open_segment(o.name, &config, &inode);
-  auto pool = std::make_shared<HostPool>(o.name, seg, inode, o);
+  auto pool = std::make_shared<HostPool>(o.name, seg, inode, o, config);
   registry().emplace(o.name, pool);
   return pool;
 }
@@ -115,15 +115,17 @@ std::shared_ptr<HostPool> HostPool::find(const std::string& name) {
   return it == registry().end() ? nullptr : it->second;
 }
 
-HostPool::HostPool(std::string name, host::Segment* segment, ino_t inode, ResourceOptions o)
+HostPool::HostPool(std::string name, host::Segment* segment, ino_t inode, ResourceOptions o,
+                   const host::Config& config)
     : name_(std::move(name)),
       seg_(segment),
       inode_(inode),
       capacity_(o.capacity),
       max_waiting_(o.max_waiting ? *o.max_waiting : -1),
       discipline_(o.queue),
-      target_ns_(config_of(o).target_ns),
-      interval_ns_(config_of(o).interval_ns) {
+      target_ns_(config.target_ns),
+      interval_ns_(config.interval_ns),
+      algorithm_(config) {
   stats_.name = name_;
   stats_.capacity = capacity_;
   stats_.max_waiting = o.max_waiting;
@@ -303,7 +305,7 @@ WaiterNode* HostPool::settle_own_locked(std::uint32_t i, NoticeList& notices,
     node->state_ = NodeState::kGranted;
     node->outcome_ = Outcome::kGranted;
     node->granted_at_ = from_ns(decided_ns);
-    node->measure_ = kStatistics;
+    node->measure_ = kStatistics || algorithm_.adaptive();
     note_grant_locked(
         std::max(0.0, std::chrono::duration<double>(node->granted_at_ - node->enqueued_at_)
                           .count()));
@@ -318,7 +320,7 @@ WaiterNode* HostPool::settle_own_locked(std::uint32_t i, NoticeList& notices,
 bool HostPool::standing_locked(std::int64_t now_ns) {
   host::Header& h = seg_->header;
   const std::uint32_t head = h.queue.head;
-  if (head >= kMaxWaiters || h.waiting <= capacity_ ||
+  if (head >= kMaxWaiters || h.waiting <= limit() ||
       now_ns - seg_->entries[head].enqueued_ns <= target_ns_) {
     h.above_target_since_ns = -1;
     return false;
@@ -367,6 +369,11 @@ std::uint32_t HostPool::pick_locked(std::int64_t now_ns, NoticeList& notices,
 }
 
 void HostPool::hand_over_locked(std::int64_t now_ns, NoticeList& notices, Wakes& wakes) {
+  if (seg_->header.in_use > limit()) {
+    // The limit was lowered: retire the slot instead of handing it over.
+    --seg_->header.in_use;
+    return;
+  }
   const std::uint32_t next = pick_locked(now_ns, notices, wakes);
   if (next != kNone) {
     decide_locked(next, Outcome::kGranted, now_ns, notices, wakes);  // in_use stays
@@ -377,13 +384,21 @@ void HostPool::hand_over_locked(std::int64_t now_ns, NoticeList& notices, Wakes&
 
 void HostPool::fill_locked(std::int64_t now_ns, NoticeList& notices, Wakes& wakes) {
   host::Header& h = seg_->header;
-  while (h.in_use < capacity_) {
+  while (h.in_use < limit()) {
     const std::uint32_t next = pick_locked(now_ns, notices, wakes);
     if (next == kNone) return;
     ++h.in_use;
     h.peak_in_use = std::max(h.peak_in_use, h.in_use);
     decide_locked(next, Outcome::kGranted, now_ns, notices, wakes);
   }
+}
+
+void HostPool::put_limit_locked(std::int64_t limit, std::int64_t now_ns, NoticeList& notices,
+                                Wakes& wakes) {
+  seg_->header.limit.store(limit, std::memory_order_relaxed);
+  // Raised: the new slots go to waiters of every process at once. Lowered:
+  // hand_over_locked() retires released slots until in_use <= limit.
+  fill_locked(now_ns, notices, wakes);
 }
 
 void HostPool::reclaim_locked(std::uint32_t proc, NoticeList& notices, Wakes& wakes) {
@@ -419,13 +434,13 @@ bool HostPool::try_grant(bool& measure) noexcept {
   }
   Locked locked(*this);
   host::Header& h = seg_->header;
-  if (h.in_use >= capacity_ || h.waiting > 0) return false;
+  if (h.in_use >= limit() || h.waiting > 0) return false;
   ++h.in_use;
   h.peak_in_use = std::max(h.peak_in_use, h.in_use);
   ++me().held;
   note_grant_locked(0.0);
   // Every hold is timed: the clock read is small next to the shared lock.
-  measure = kStatistics;
+  measure = kStatistics || algorithm_.adaptive();
   return true;
 }
 
@@ -436,12 +451,12 @@ Outcome HostPool::enqueue(WaiterNode& node, NoticeList& notices) {
   ensure_registered_locked();
   Locked locked(*this);
   host::Header& h = seg_->header;
-  if (h.in_use < capacity_ && h.waiting == 0) {
+  if (h.in_use < limit() && h.waiting == 0) {
     ++h.in_use;
     h.peak_in_use = std::max(h.peak_in_use, h.in_use);
     ++me().held;
     node.granted_at_ = {};  // granted at once: the hold starts now
-    node.measure_ = kStatistics;
+    node.measure_ = kStatistics || algorithm_.adaptive();
     node.state_ = NodeState::kGranted;
     node.outcome_ = Outcome::kGranted;
     note_grant_locked(0.0);
@@ -548,7 +563,7 @@ void HostPool::count_rejection(Outcome reason) {
 }
 
 void HostPool::release(bool measured, Clock::time_point granted_at, Clock::time_point now,
-                       NoticeList& notices) {
+                       Completion completion, NoticeList& notices) {
   if (!measured) now = Clock::now();
   std::lock_guard lock(mu_);
   if constexpr (kStatistics) {
@@ -560,8 +575,41 @@ void HostPool::release(bool measured, Clock::time_point granted_at, Clock::time_
   if (me_ == kNone || generation_ != g_generation.load(std::memory_order_relaxed)) return;
   Locked locked(*this);
   if (me().held <= 0) return;
+  const std::int64_t in_flight = seg_->header.in_use;  // host-wide, this one included
   --me().held;
-  hand_over_locked(to_ns(now), notices, locked.wakes);
+  const std::int64_t now_ns = to_ns(now);
+  hand_over_locked(now_ns, notices, locked.wakes);
+  if (algorithm_.adaptive() && measured && completion != Completion::kIgnored) {
+    // Every process's samples feed the one algorithm, under the segment mutex.
+    const std::int64_t wanted = algorithm_.update(
+        seg_->header, LimitSample{.end = now,
+                                  .service_time = now - granted_at,
+                                  .in_flight = std::clamp<std::int64_t>(in_flight, 1, capacity_),
+                                  .dropped = completion == Completion::kDropped});
+    if (wanted != limit()) {
+      put_limit_locked(wanted, now_ns, notices, locked.wakes);
+    }
+  }
+}
+
+std::int64_t HostPool::limit() const noexcept {
+  // Read from shared memory: bounds-checked like every other value.
+  return std::clamp<std::int64_t>(seg_->header.limit.load(std::memory_order_relaxed), 1,
+                                  capacity_);
+}
+
+void HostPool::set_limit(std::int64_t limit) {
+  const std::int64_t now_ns = to_ns(Clock::now());
+  NoticeList notices;  // fired after every lock is released
+  {
+    std::lock_guard lock(mu_);
+    // Registered (again, in a forked child) so that the grants decided here
+    // tell this process's waiters, not the parent's.
+    ensure_registered_locked();
+    Locked locked(*this);
+    put_limit_locked(limit, now_ns, notices, locked.wakes);
+  }
+  notices.fire();
 }
 
 std::int64_t HostPool::in_use() {
@@ -581,6 +629,7 @@ ResourceStatistics HostPool::statistics() {
   s.in_use = seg_->header.in_use;
   s.waiting = seg_->header.waiting;
   s.peak_in_use = seg_->header.peak_in_use;
+  s.limit = limit();
   return s;
 }
 
@@ -703,6 +752,16 @@ void HostPool::forge_process(pid_t pid, std::uint64_t start_time, std::int64_t h
 
 void HostPool::sweep_now() { sweep(); }
 
+void HostPool::die_mid_update() {
+  // As a process killed in the middle of an algorithm update: the lock is
+  // held, the uncommitted copy half written (here: garbage), the commit not
+  // done. Deliberately never unlocked: the test kills this process next.
+  ::pthread_mutex_lock(&seg_->header.mutex);
+  host::Header& h = seg_->header;
+  auto& next = h.algorithm[(h.algorithm_current & 1) ^ 1];
+  std::memset(static_cast<void*>(&next), 0xff, sizeof next);
+}
+
 }  // namespace concurrency_limiter::detail
 
 namespace concurrency_limiter {
@@ -728,6 +787,8 @@ void forge_host_process(const Resource& resource, pid_t pid, std::uint64_t start
 }
 
 void sweep_host_processes(const Resource& resource) { pool_of(resource)->sweep_now(); }
+
+void die_in_host_limit_update(const Resource& resource) { pool_of(resource)->die_mid_update(); }
 
 }  // namespace testing
 }  // namespace concurrency_limiter

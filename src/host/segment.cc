@@ -39,7 +39,8 @@ std::int64_t now_ns() {
       .count();
 }
 
-void init_segment(Segment& s, const std::string& name, const Config& config) {
+void init_segment(Segment& s, const std::string& name, const Config& config,
+                  std::int64_t limit, const AlgorithmState& algorithm) {
   // Fresh pages from ftruncate are zero; set what is not.
   Header& h = s.header;
   h.version = kVersion;
@@ -61,6 +62,10 @@ void init_segment(Segment& s, const std::string& name, const Config& config) {
   h.next_ticket = 1;
   h.next_incarnation = 1;
   h.above_target_since_ns = -1;
+  h.algorithm_current = 0;
+  h.algorithm[0] = algorithm;
+  h.algorithm[1] = algorithm;
+  h.limit.store(limit, std::memory_order_relaxed);
   h.queue = {kNone, kNone};
   for (Process& p : s.processes) p.decided = {kNone, kNone};
   for (std::uint32_t i = 0; i < kMaxWaiters; ++i) {
@@ -92,17 +97,164 @@ void validate_layout(const Segment& s, const std::string& name) {
       c.interval_ns <= 0) {
     throw bad("configuration out of range");
   }
+  try {
+    SharedAlgorithm check(c);
+  } catch (const std::exception& e) {
+    throw bad(std::string("limit algorithm out of range: ") + e.what());
+  }
   if (std::strncmp(h.name, name.c_str(), sizeof h.name) != 0) throw bad("name");
 }
+
+std::string seconds_text(Clock::duration d) {
+  char buf[32];
+  std::snprintf(buf, sizeof buf, "%g", std::chrono::duration<double>(d).count());
+  return buf;
+}
+
+std::string describe_limit(const LimitConfig& l) {
+  char buf[128];
+  switch (static_cast<LimitKind>(l.kind)) {
+    case LimitKind::kNone:
+      return "adaptive=False";
+    case LimitKind::kFixed:
+      return "adaptive=FixedLimit(" + std::to_string(l.fixed) + ")";
+    case LimitKind::kAimd: {
+      const AimdOptions& o = l.aimd;
+      std::snprintf(buf, sizeof buf, "backoff=%g", o.backoff);
+      return "adaptive=AimdLimit(min_limit=" + std::to_string(o.min_limit) +
+             ", initial_limit=" + std::to_string(o.initial_limit) + ", " + buf +
+             ", timeout=" + seconds_text(o.timeout) + ", window=" + seconds_text(o.window) +
+             ", min_window_samples=" + std::to_string(o.min_window_samples) + ")";
+    }
+    case LimitKind::kGradient: {
+      const GradientOptions& o = l.gradient;
+      std::snprintf(buf, sizeof buf, "tolerance=%g, backoff=%g, drop_rate=%g", o.tolerance,
+                    o.backoff, o.drop_rate);
+      return "adaptive=GradientLimit(min_limit=" + std::to_string(o.min_limit) +
+             ", initial_limit=" + std::to_string(o.initial_limit) + ", " + buf +
+             ", window=" + seconds_text(o.window) +
+             ", min_window_samples=" + std::to_string(o.min_window_samples) + ")";
+    }
+  }
+  return "adaptive=<unknown kind " + std::to_string(l.kind) + ">";
+}
+
+bool same_limit(const LimitConfig& a, const LimitConfig& b) {
+  if (a.kind != b.kind) return false;
+  switch (static_cast<LimitKind>(a.kind)) {
+    case LimitKind::kNone:
+      return true;
+    case LimitKind::kFixed:
+      return a.fixed == b.fixed;
+    case LimitKind::kAimd:
+      return a.aimd == b.aimd;
+    case LimitKind::kGradient:
+      return a.gradient == b.gradient;
+  }
+  return false;
+}
+
+}  // namespace
 
 bool same_config(const Config& a, const Config& b) {
   return a.capacity == b.capacity && a.max_waiting == b.max_waiting &&
          a.queue == b.queue &&
          (a.queue != static_cast<std::uint32_t>(QueueDiscipline::kAdaptive) ||
-          (a.target_ns == b.target_ns && a.interval_ns == b.interval_ns));
+          (a.target_ns == b.target_ns && a.interval_ns == b.interval_ns)) &&
+         same_limit(a.limit, b.limit);
 }
 
-}  // namespace
+LimitConfig limit_config_of(const LimitAlgorithm* algorithm) {
+  LimitConfig l{};
+  l.kind = static_cast<std::uint32_t>(LimitKind::kNone);
+  if (!algorithm) return l;
+  if (const auto* g = dynamic_cast<const GradientLimit*>(algorithm)) {
+    l.kind = static_cast<std::uint32_t>(LimitKind::kGradient);
+    l.gradient = g->options();
+  } else if (const auto* a = dynamic_cast<const AimdLimit*>(algorithm)) {
+    l.kind = static_cast<std::uint32_t>(LimitKind::kAimd);
+    l.aimd = a->options();
+  } else if (const auto* f = dynamic_cast<const FixedLimit*>(algorithm)) {
+    l.kind = static_cast<std::uint32_t>(LimitKind::kFixed);
+    l.fixed = f->value();
+  } else {
+    throw std::invalid_argument(
+        "limit_algorithm of a resource of scope 'host' must be a GradientLimit, "
+        "AimdLimit or FixedLimit: one algorithm serves every process, so its state "
+        "lives in shared memory, which a custom LimitAlgorithm cannot");
+  }
+  return l;
+}
+
+SharedAlgorithm::SharedAlgorithm(const Config& config)
+    : kind_(static_cast<LimitKind>(config.limit.kind)), capacity_(config.capacity) {
+  switch (kind_) {
+    case LimitKind::kNone:
+      break;
+    case LimitKind::kFixed:
+      fixed_.emplace(config.limit.fixed);
+      break;
+    case LimitKind::kAimd:
+      aimd_.emplace(config.limit.aimd);
+      break;
+    case LimitKind::kGradient:
+      gradient_.emplace(config.limit.gradient);
+      break;
+    default:
+      throw std::invalid_argument("unknown limit algorithm kind " +
+                                  std::to_string(config.limit.kind));
+  }
+  // Checks the options against the capacity (throws if they do not fit).
+  AlgorithmState unused{.aimd = {.window = SampleWindow({}, 1)},
+                        .gradient = {.window = SampleWindow({}, 1)}};
+  start(unused);
+}
+
+std::int64_t SharedAlgorithm::start(AlgorithmState& state) {
+  std::int64_t limit = capacity_;
+  switch (kind_) {
+    case LimitKind::kNone:
+      break;
+    case LimitKind::kFixed:
+      limit = fixed_->start(capacity_);
+      break;
+    case LimitKind::kAimd:
+      limit = aimd_->start(capacity_);
+      state.aimd = aimd_->state();
+      break;
+    case LimitKind::kGradient:
+      limit = gradient_->start(capacity_);
+      state.gradient = gradient_->state();
+      break;
+  }
+  return std::clamp<std::int64_t>(limit, 1, capacity_);
+}
+
+std::int64_t SharedAlgorithm::update(Header& h, const LimitSample& sample) noexcept {
+  const std::uint32_t current = h.algorithm_current & 1;
+  const AlgorithmState& from = h.algorithm[current];
+  AlgorithmState& to = h.algorithm[current ^ 1];
+  std::int64_t limit = h.limit.load(std::memory_order_relaxed);
+  switch (kind_) {
+    case LimitKind::kNone:
+      return limit;
+    case LimitKind::kFixed:
+      return std::clamp<std::int64_t>(fixed_->update(sample), 1, capacity_);
+    case LimitKind::kAimd:
+      aimd_->restore(from.aimd, capacity_);
+      limit = aimd_->update(sample);
+      to.aimd = aimd_->state();
+      break;
+    case LimitKind::kGradient:
+      gradient_->restore(from.gradient, capacity_);
+      limit = gradient_->update(sample);
+      to.gradient = gradient_->state();
+      break;
+  }
+  // The commit: until this store, the committed copy is the old one.
+  h.algorithm_current = current ^ 1;
+  return std::clamp<std::int64_t>(limit, 1, capacity_);
+}
 
 void check_name(const std::string& name) {
   const bool ok =
@@ -140,6 +292,7 @@ std::string describe(const Config& c) {
     out += ", adaptive_target=" + std::to_string(c.target_ns / 1e9) +
            ", adaptive_interval=" + std::to_string(c.interval_ns / 1e9);
   }
+  out += ", " + describe_limit(c.limit);
   return out;
 }
 
@@ -151,6 +304,11 @@ bool is_linked(const std::string& name, ino_t inode) {
 Segment* open_segment(const std::string& name, const Config* config, ino_t* inode) {
   check_name(name);
   const std::string shm = segment_name(name);
+  // The algorithm's starting point, for a segment created here (throws
+  // std::invalid_argument before anything is created if it does not fit).
+  AlgorithmState initial_state{.aimd = {.window = SampleWindow({}, 1)},
+                               .gradient = {.window = SampleWindow({}, 1)}};
+  const std::int64_t initial_limit = config ? SharedAlgorithm(*config).start(initial_state) : 0;
   const auto give_up = std::chrono::steady_clock::now() + std::chrono::seconds(2);
   for (;;) {
     if (config) {
@@ -174,7 +332,7 @@ Segment* open_segment(const std::string& name, const Config* config, ino_t* inod
           throw os_error("host resource '" + name + "': cannot map " + shm, err);
         }
         auto* s = static_cast<Segment*>(p);
-        init_segment(*s, name, *config);
+        init_segment(*s, name, *config, initial_limit, initial_state);
         s->header.magic.store(kMagic, std::memory_order_release);
         return s;
       }
@@ -342,6 +500,10 @@ void rebuild(Segment& s) {
   ++h.repairs;
   h.needs_rebuild = 0;
   const std::int64_t capacity = std::max<std::int64_t>(h.config.capacity, 1);
+  const std::int64_t limit =
+      std::clamp<std::int64_t>(h.limit.load(std::memory_order_relaxed), 1, capacity);
+  h.limit.store(limit, std::memory_order_relaxed);
+  h.algorithm_current &= 1;  // the state itself is brought into range at each use
   std::int64_t in_use = 0;
   for (Process& p : s.processes) {
     if (p.pid <= 0) {
@@ -404,7 +566,7 @@ void rebuild(Segment& s) {
   // waiters queued: grant it now.
   const bool lifo = h.config.queue == static_cast<std::uint32_t>(QueueDiscipline::kLifo);
   const std::int64_t now = now_ns();
-  while (h.in_use < capacity && h.queue.head != kNone) {
+  while (h.in_use < limit && h.queue.head != kNone) {
     const std::uint32_t i = lifo ? h.queue.tail : h.queue.head;
     Entry& e = s.entries[i];
     unlink(s, h.queue, i);

@@ -32,7 +32,10 @@ class HostPool {
  public:
   // The pool of `options.name` in this process, opening (or creating) its
   // segment on first use. Throws as host::open_segment().
-  static std::shared_ptr<HostPool> get(const ResourceOptions& options);
+  // `algorithm`: the resource's limit algorithm, or null; only its kind and
+  // options are used (throws std::invalid_argument for a custom one).
+  static std::shared_ptr<HostPool> get(const ResourceOptions& options,
+                                       const LimitAlgorithm* algorithm);
   // The pool of `name` if this process opened it; else null.
   static std::shared_ptr<HostPool> find(const std::string& name);
 
@@ -43,8 +46,15 @@ class HostPool {
   WaiterNode::State abandon(WaiterNode& node, Outcome reason);
   void revert_grant(NoticeList& notices);
   void count_rejection(Outcome reason);
+  // A measured hold (every hold of an adaptive resource is) feeds the shared
+  // limit algorithm unless `completion` is kIgnored.
   void release(bool measured, Clock::time_point granted_at, Clock::time_point now,
-               NoticeList& notices);
+               Completion completion, NoticeList& notices);
+  // The limit in force host-wide (a snapshot, no lock), and setting it:
+  // raising it grants waiters of every process at once; lowering it retires
+  // slots as they are released.
+  std::int64_t limit() const noexcept;
+  void set_limit(std::int64_t limit);
   std::int64_t in_use();
   std::int64_t waiting();
   ResourceStatistics statistics();
@@ -58,8 +68,10 @@ class HostPool {
   void hold_lock_forever();
   void forge_process(pid_t pid, std::uint64_t start_time, std::int64_t held);
   void sweep_now();
+  void die_mid_update();
 
-  HostPool(std::string name, host::Segment* segment, ino_t inode, ResourceOptions options);
+  HostPool(std::string name, host::Segment* segment, ino_t inode, ResourceOptions options,
+           const host::Config& config);
 
  private:
   // Processes to FUTEX_WAKE once the segment's mutex is released.
@@ -100,6 +112,8 @@ class HostPool {
   bool mine(const host::Entry& e) const;
   void hand_over_locked(std::int64_t now_ns, NoticeList& notices, Wakes& wakes);
   void fill_locked(std::int64_t now_ns, NoticeList& notices, Wakes& wakes);
+  void put_limit_locked(std::int64_t limit, std::int64_t now_ns, NoticeList& notices,
+                        Wakes& wakes);
   bool standing_locked(std::int64_t now_ns);
   void shed_locked(std::int64_t now_ns, NoticeList& notices, Wakes& wakes);
   std::uint32_t pick_locked(std::int64_t now_ns, NoticeList& notices, Wakes& wakes);
@@ -124,6 +138,9 @@ class HostPool {
   const std::int64_t interval_ns_;
 
   std::mutex mu_;
+  // This process's instance of the shared limit algorithm; guarded by mu_
+  // (and used under the segment mutex).
+  host::SharedAlgorithm algorithm_;
   // Process slot and registration; guarded by mu_.
   std::uint32_t me_ = host::kNone;
   std::uint64_t incarnation_ = 0;

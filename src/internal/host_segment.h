@@ -15,6 +15,15 @@
 // A grant is "held" either by the process (Process::held, once its owner has
 // taken it) or by a granted Entry (decided, its owner not yet told); so
 //   in_use == sum(Process::held) + count(granted entries) <= capacity.
+// The limit in force (Header::limit, 1..capacity) bounds new grants; after
+// it was lowered, in_use may exceed it until enough slots are released.
+//
+// Adaptive limits: the state of the resource's one limit algorithm (a
+// built-in one, see limit.h) lives in the header, double-buffered: an update
+// reads the committed copy, writes the other, then flips
+// Header::algorithm_current. A process that dies mid-update leaves the
+// committed copy intact (the sample is lost); every copy read is brought
+// into range before use (restore()).
 #pragma once
 
 #include <pthread.h>
@@ -23,13 +32,17 @@
 #include <atomic>
 #include <cstddef>
 #include <cstdint>
+#include <optional>
 #include <string>
+#include <type_traits>
 #include <vector>
+
+#include "concurrency_limiter/limit.h"
 
 namespace concurrency_limiter::detail::host {
 
 inline constexpr std::uint64_t kMagic = 0x3130545348434c46ull;  // "FLCHST01"
-inline constexpr std::uint32_t kVersion = 1;
+inline constexpr std::uint32_t kVersion = 2;  // 2: limit in force, limit algorithm
 // Processes that may use one host resource at the same time.
 inline constexpr std::uint32_t kMaxProcesses = 256;
 // Requests that may wait for one host resource at the same time, over all
@@ -40,6 +53,17 @@ inline constexpr std::size_t kMaxNameLength = 64;
 
 enum class EntryState : std::uint32_t { kFree = 0, kQueued, kGranted, kRejected };
 
+// Which limit algorithm moves the limit (built-in ones only).
+enum class LimitKind : std::uint32_t { kNone = 0, kFixed, kAimd, kGradient };
+
+struct LimitConfig {
+  std::uint32_t kind;  // LimitKind
+  std::uint32_t reserved;
+  std::int64_t fixed;  // kFixed: FixedLimit::value()
+  AimdOptions aimd;    // kAimd
+  GradientOptions gradient;  // kGradient
+};
+
 struct Config {
   std::int64_t capacity;
   std::int64_t max_waiting;  // -1: unbounded
@@ -47,6 +71,13 @@ struct Config {
   std::uint32_t reserved;
   std::int64_t target_ns;    // adaptive_target
   std::int64_t interval_ns;  // adaptive_interval
+  LimitConfig limit;
+};
+
+// The state of the resource's limit algorithm (that of `Config::limit.kind`).
+struct AlgorithmState {
+  AimdLimit::State aimd;
+  GradientLimit::State gradient;
 };
 
 struct List {
@@ -110,6 +141,12 @@ struct Header {
   // Set when a link read from the segment was out of range (it is then
   // ignored): the unlocker rebuilds before releasing the mutex.
   std::uint32_t needs_rebuild;
+  // Which of `algorithm` is committed (0 or 1; bit 0 is used).
+  std::uint32_t algorithm_current;
+  // Slots in force, 1..capacity. Written under the mutex; read without it
+  // (relaxed) for Resource::limit(), a snapshot.
+  std::atomic<std::int64_t> limit;
+  AlgorithmState algorithm[2];
 };
 
 struct Segment {
@@ -119,6 +156,8 @@ struct Segment {
 };
 
 static_assert(std::atomic<std::uint64_t>::is_always_lock_free);
+static_assert(std::atomic<std::int64_t>::is_always_lock_free);
+static_assert(std::is_trivially_copyable_v<AlgorithmState>);
 static_assert(std::atomic<std::uint32_t>::is_always_lock_free);
 static_assert(sizeof(std::atomic<std::uint32_t>) == sizeof(std::uint32_t));
 
@@ -154,6 +193,34 @@ std::uint64_t start_time_of(pid_t pid);
 bool is_dead(pid_t pid, std::uint64_t start_time);
 
 std::string describe(const Config& c);
+bool same_config(const Config& a, const Config& b);
+
+// The LimitConfig of a resource's `algorithm` (null: none). Throws
+// std::invalid_argument for an algorithm that is not a built-in one.
+LimitConfig limit_config_of(const LimitAlgorithm* algorithm);
+
+// One process's handle on the resource's shared limit algorithm: a local
+// instance of the built-in algorithm of `Config::limit`, loaded from and
+// stored back to the segment around each sample.
+class SharedAlgorithm {
+ public:
+  // Throws std::invalid_argument if the configuration is out of range.
+  explicit SharedAlgorithm(const Config& config);
+  bool adaptive() const noexcept { return kind_ != LimitKind::kNone; }
+  // The limit to start from; writes the initial state to `state`.
+  std::int64_t start(AlgorithmState& state);
+  // Feeds `sample` to the committed state of `h` and commits the new one;
+  // returns the limit the algorithm puts in force (1..capacity). Requires
+  // the mutex.
+  std::int64_t update(Header& h, const LimitSample& sample) noexcept;
+
+ private:
+  LimitKind kind_;
+  std::int64_t capacity_;
+  std::optional<FixedLimit> fixed_;
+  std::optional<AimdLimit> aimd_;
+  std::optional<GradientLimit> gradient_;
+};
 
 // Intrusive lists of entries, through Entry::prev/next; require the mutex.
 // A link out of range is treated as the end of the list and sets

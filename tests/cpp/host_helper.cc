@@ -14,6 +14,17 @@
 //   host_helper churn NAME CAPACITY QUEUE ROUNDS COUNTER_FILE    acquires
 //       with random short timeouts and holds, counting the holders of all
 //       processes in COUNTER_FILE (two int64: running, peak); prints "done"
+//   host_helper limit NAME CAPACITY QUEUE    prints "limit <limit in force>"
+//   host_helper setlimit NAME CAPACITY QUEUE N    set_limit(N), prints
+//       "limit <limit in force>"
+//   host_helper drop NAME CAPACITY QUEUE N    acquires and releases a slot N
+//       times, reporting each as dropped; prints "limit <limit in force>"
+//   host_helper dieupdate NAME CAPACITY QUEUE    takes the shared lock and
+//       damages the limit algorithm's uncommitted state as a crash in the
+//       middle of an update would; prints "locked", never gives it back
+//
+// QUEUE is "fifo", "lifo" or "adaptive", optionally followed by "+aimd": the
+// resource then has the tests' AIMD limit (host_test_aimd() below).
 #include <fcntl.h>
 #include <sys/mman.h>
 #include <unistd.h>
@@ -30,6 +41,7 @@
 #include <vector>
 
 #include "concurrency_limiter/concurrency_limiter.h"
+#include "host_test_util.h"
 
 namespace cl = concurrency_limiter;
 
@@ -48,10 +60,17 @@ void hold_for(long ms) {
 }
 
 cl::QueueDiscipline queue_of(const std::string& q) {
-  if (q == "lifo") return cl::QueueDiscipline::kLifo;
-  if (q == "adaptive") return cl::QueueDiscipline::kAdaptive;
+  if (q.rfind("lifo", 0) == 0) return cl::QueueDiscipline::kLifo;
+  if (q.rfind("adaptive", 0) == 0) return cl::QueueDiscipline::kAdaptive;
   return cl::QueueDiscipline::kFifo;
 }
+
+std::shared_ptr<cl::LimitAlgorithm> algorithm_of(const std::string& q) {
+  if (q.size() > 5 && q.substr(q.size() - 5) == "+aimd") return cl::testing_host_aimd();
+  return nullptr;
+}
+
+void say_limit(const cl::Resource& r) { say("limit " + std::to_string(r.limit())); }
 
 }  // namespace
 
@@ -66,6 +85,7 @@ int main(int argc, char** argv) {
                                                            // The tests' adaptive settings.
                                                            .adaptive_target = std::chrono::milliseconds(1),
                                                            .adaptive_interval = std::chrono::milliseconds(2),
+                                                           .limit_algorithm = algorithm_of(argv[4]),
                                                            .scope = cl::Scope::kHost});
   } catch (const std::exception& e) {
     say(std::string("error ") + e.what());
@@ -118,6 +138,34 @@ int main(int argc, char** argv) {
     }
     say("done");
     return 0;
+  }
+  if (mode == "limit") {
+    say_limit(*r);
+    return 0;
+  }
+  if (mode == "setlimit" && argc >= 6) {
+    r->set_limit(std::atoll(argv[5]));
+    say_limit(*r);
+    return 0;
+  }
+  if (mode == "drop" && argc >= 6) {
+    for (int i = 0; i < std::atoi(argv[5]); ++i) {
+      cl::Permit p = r->acquire_for(std::chrono::seconds(30));
+      if (!p) {
+        say("rejected");
+        return 1;
+      }
+      p.release(cl::Completion::kDropped);
+    }
+    say_limit(*r);
+    return 0;
+  }
+  if (mode == "dieupdate") {
+    cl::Permit p = r->try_acquire();  // registers this process
+    p.release(cl::Completion::kIgnored);
+    cl::testing::die_in_host_limit_update(*r);
+    say("locked");
+    hold_for(-1);
   }
   if (mode == "lock") {
     cl::Permit p = r->try_acquire();  // registers this process

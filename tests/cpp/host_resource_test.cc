@@ -11,6 +11,7 @@
 #include <gtest/gtest.h>
 
 #include <chrono>
+#include <cstddef>
 #include <cstdio>
 #include <cstring>
 #include <fstream>
@@ -22,6 +23,8 @@
 #include <thread>
 #include <vector>
 
+#include "host_test_util.h"
+#include "internal/host_segment.h"
 #include "test_util.h"
 
 extern char** environ;
@@ -531,6 +534,184 @@ TEST(HostResource, ChurnAcrossProcessesAndThreads) {
     ::close(fd);
     ::unlink(path);
   }
+}
+
+// ---- The limit in force and the adaptive limit, host-wide ----
+
+std::shared_ptr<Resource> adaptive_host_resource(const std::string& name,
+                                                 std::int64_t capacity) {
+  return std::make_shared<Resource>(ResourceOptions{.name = name,
+                                                    .capacity = capacity,
+                                                    .limit_algorithm = testing_host_aimd(),
+                                                    .scope = Scope::kHost});
+}
+
+TEST(HostResource, SetLimitInOneProcessIsTheLimitOfEveryProcess) {
+  const std::string name = unique_name("setlimit");
+  Cleanup cleanup{name};
+  auto db = host_resource(name, 4);
+  EXPECT_EQ(db->limit(), 4);
+  db->set_limit(1);
+  Child reader({"limit", name, "4", "fifo"});
+  EXPECT_EQ(reader.line(), "limit 1");
+  // A limit set by another process is in force here: one slot, then none.
+  Child setter({"setlimit", name, "4", "fifo", "2"});
+  EXPECT_EQ(setter.line(), "limit 2");
+  EXPECT_EQ(db->limit(), 2);
+  EXPECT_EQ(db->statistics().limit, 2);
+  Permit a = db->try_acquire(), b = db->try_acquire(), c = db->try_acquire();
+  EXPECT_TRUE(a);
+  EXPECT_TRUE(b);
+  EXPECT_FALSE(c);
+  EXPECT_EQ(info_of(name).in_use, 2);
+  EXPECT_EQ(info_of(name).limit, 2);
+  EXPECT_FALSE(info_of(name).adaptive);
+  EXPECT_THROW(db->set_limit(5), std::invalid_argument);
+  EXPECT_THROW(db->set_limit(0), std::invalid_argument);
+}
+
+TEST(HostResource, RaisingTheLimitWakesAWaiterInAnotherProcess) {
+  const std::string name = unique_name("raise");
+  Cleanup cleanup{name};
+  auto db = host_resource(name, 4);
+  db->set_limit(1);
+  Permit held = db->try_acquire();
+  ASSERT_TRUE(held);
+  Child waiter({"wait", name, "4", "fifo", "20000", "-1"});
+  ASSERT_TRUE(eventually([&] { return db->waiting() == 1; }));
+  // The slot is still held here: only the new limit can let the waiter in.
+  db->set_limit(2);
+  EXPECT_EQ(waiter.line().rfind("granted ", 0), 0u);
+  EXPECT_EQ(db->in_use(), 2);
+  EXPECT_EQ(db->waiting(), 0);
+  // Lowering it revokes nothing; the released slot is retired.
+  db->set_limit(1);
+  EXPECT_EQ(db->in_use(), 2);
+  Child blocked({"wait", name, "4", "fifo", "20000", "0"});
+  ASSERT_TRUE(eventually([&] { return db->waiting() == 1; }));
+  held.release();  // in_use 2 > limit 1: retired, not handed over
+  EXPECT_EQ(db->in_use(), 1);
+  EXPECT_EQ(db->waiting(), 1);
+  waiter.kill();  // its slot comes back through the sweep and goes to `blocked`
+  EXPECT_EQ(blocked.line().rfind("granted ", 0), 0u);
+  blocked.join();
+  ASSERT_TRUE(eventually([&] { return db->in_use() == 0; }));
+}
+
+TEST(HostResource, SamplesOfEveryProcessFeedOneAlgorithm) {
+  const std::string name = unique_name("shared-aimd");
+  Cleanup cleanup{name};
+  auto db = adaptive_host_resource(name, 8);
+  EXPECT_TRUE(db->adaptive());
+  EXPECT_TRUE(info_of(name).adaptive);
+  EXPECT_EQ(db->limit(), 8);
+  // A window is 2 samples. One drop here and one in another process close
+  // one window with drops: the shared limit halves. Separate algorithms
+  // would each have seen half a window and kept 8.
+  Permit p = db->try_acquire();
+  ASSERT_TRUE(p);
+  p.release(Completion::kDropped);
+  EXPECT_EQ(db->limit(), 8);
+  Child other({"drop", name, "8", "fifo+aimd", "1"});
+  EXPECT_EQ(other.line(), "limit 4");
+  EXPECT_EQ(db->limit(), 4);
+  EXPECT_EQ(db->statistics().limit, 4);
+  // And the other way round: two more drops from another process halve it.
+  Child third({"drop", name, "8", "fifo+aimd", "2"});
+  EXPECT_EQ(third.line(), "limit 2");
+  EXPECT_EQ(db->limit(), 2);
+  Child reader({"limit", name, "8", "fifo+aimd"});
+  EXPECT_EQ(reader.line(), "limit 2");
+}
+
+TEST(HostResource, AdaptiveSettingsMustMatchAndBeBuiltIn) {
+  const std::string name = unique_name("adaptive-mismatch");
+  Cleanup cleanup{name};
+  auto db = adaptive_host_resource(name, 8);
+  try {
+    host_resource(name, 8);  // no algorithm
+    FAIL();
+  } catch (const std::invalid_argument& e) {
+    EXPECT_NE(std::string(e.what()).find("adaptive=False"), std::string::npos) << e.what();
+    EXPECT_NE(std::string(e.what()).find("adaptive=AimdLimit(min_limit=1, initial_limit=8"),
+              std::string::npos)
+        << e.what();
+  }
+  Child plain({"open", name, "8", "fifo"});
+  const std::string reply = plain.line();
+  EXPECT_NE(reply.find("adaptive=False"), std::string::npos) << reply;
+  EXPECT_NE(reply.find("adaptive=AimdLimit("), std::string::npos) << reply;
+  Child same({"open", name, "8", "fifo+aimd"});
+  EXPECT_EQ(same.line(), "ok");
+
+  struct Custom final : LimitAlgorithm {
+    std::int64_t start(std::int64_t capacity) override { return capacity; }
+    std::int64_t update(const LimitSample&) override { return 1; }
+  };
+  try {
+    std::make_shared<Resource>(ResourceOptions{.name = unique_name("custom"),
+                                               .capacity = 4,
+                                               .limit_algorithm = std::make_shared<Custom>(),
+                                               .scope = Scope::kHost});
+    FAIL();
+  } catch (const std::invalid_argument& e) {
+    EXPECT_NE(std::string(e.what()).find("GradientLimit, AimdLimit or FixedLimit"),
+              std::string::npos)
+        << e.what();
+  }
+}
+
+TEST(HostResource, AProcessKilledInsideAnAlgorithmUpdateLeavesAValidState) {
+  const std::string name = unique_name("die-update");
+  Cleanup cleanup{name};
+  auto db = adaptive_host_resource(name, 8);
+  // Half a window: one dropped sample, committed.
+  Permit p = db->try_acquire();
+  p.release(Completion::kDropped);
+  const std::uint64_t repairs = info_of(name).repairs;
+  {
+    Child dying({"dieupdate", name, "8", "fifo+aimd"});
+    ASSERT_EQ(dying.line(), "locked");
+  }  // SIGKILLed with the lock held and the uncommitted copy garbage
+  // The next locker repairs; the committed state (8, one drop pending)
+  // carries on: one more drop closes the window and halves the limit.
+  Permit q = db->acquire_for(10s);
+  ASSERT_TRUE(q);
+  EXPECT_GT(info_of(name).repairs, repairs);
+  q.release(Completion::kDropped);
+  EXPECT_EQ(db->limit(), 4);
+  for (int i = 0; i < 2; ++i) db->acquire_for(10s).release(Completion::kDropped);
+  EXPECT_EQ(db->limit(), 2);
+}
+
+TEST(HostResource, GarbageInTheAlgorithmStateIsBroughtIntoRange) {
+  const std::string name = unique_name("algorithm-garbage");
+  Cleanup cleanup{name};
+  auto db = adaptive_host_resource(name, 8);
+  const int fd = ::shm_open(shm_path(name).c_str(), O_RDWR, 0);
+  ASSERT_GE(fd, 0);
+  const off_t size = ::lseek(fd, 0, SEEK_END);
+  auto* bytes = static_cast<unsigned char*>(
+      ::mmap(nullptr, static_cast<std::size_t>(size), PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0));
+  ::close(fd);
+  ASSERT_NE(bytes, MAP_FAILED);
+  // The limit in force and both copies of the algorithm's state.
+  const std::size_t from = offsetof(detail::host::Header, limit);
+  const std::size_t to = sizeof(detail::host::Header);
+  std::mt19937 rng(11);
+  for (int round = 0; round < 20; ++round) {
+    for (std::size_t i = from; i < to; ++i) {
+      if (rng() % 4 == 0) bytes[i] = static_cast<unsigned char>(rng());
+    }
+    for (int i = 0; i < 6; ++i) {
+      Permit q = db->acquire_for(1ms);
+      if (q) q.release(i % 2 ? Completion::kDropped : Completion::kSuccess);
+    }
+    EXPECT_GE(db->limit(), 1);
+    EXPECT_LE(db->limit(), 8);
+    EXPECT_LE(db->in_use(), 8);
+  }
+  ::munmap(bytes, static_cast<std::size_t>(size));
 }
 
 TEST(HostResource, ResetRefusesWhileInUse) {

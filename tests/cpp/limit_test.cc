@@ -5,6 +5,7 @@
 
 #include <cmath>
 #include <cstdio>
+#include <cstring>
 #include <stdexcept>
 
 #include "simulation.h"
@@ -241,6 +242,45 @@ TEST(GradientLimit, RejectsBadOptionsNamingThem) {
   EXPECT_NE(message([] { GradientLimit(GradientOptions{.initial_limit = 9}).start(3); })
                 .find("initial_limit (9) must be <= capacity (3)"),
             std::string::npos);
+}
+
+// What a host resource does with the state at every release: another
+// instance with the same options, given the state, carries on exactly where
+// the first one was; a damaged state is brought into range and still works.
+TEST(GradientLimit, StateRestoredElsewhereCarriesOnAndDamageIsRepaired) {
+  const GradientOptions options{.min_limit = 2, .initial_limit = kCapacity};
+  GradientLimit original(options);
+  ClosedLoopSimulation sim(original, kCapacity, kClients);
+  sim.downstream.k = 4.0;
+  sim.run_until(15.0);
+  GradientLimit copy(options);
+  copy.start(kCapacity);
+  copy.restore(original.state(), kCapacity);
+  for (int i = 0; i < 200; ++i) {
+    const LimitSample s{.end = Clock::time_point(std::chrono::seconds(15)) + i * 10ms,
+                        .service_time = 40ms,
+                        .in_flight = 4,
+                        .dropped = i % 7 == 0};
+    ASSERT_EQ(copy.update(s), original.update(s)) << i;
+  }
+  EXPECT_EQ(copy.limit(), original.limit());
+
+  GradientLimit::State damaged = original.state();
+  std::memset(static_cast<void*>(&damaged), 0xff, sizeof damaged);
+  GradientLimit repaired(options);
+  repaired.start(kCapacity);
+  repaired.restore(damaged, kCapacity);
+  EXPECT_GE(repaired.limit(), 2.0);
+  EXPECT_LE(repaired.limit(), static_cast<double>(kCapacity));
+  for (int i = 0; i < 50; ++i) {
+    const std::int64_t limit = repaired.update(LimitSample{
+        .end = Clock::time_point(std::chrono::seconds(30)) + i * 100ms,
+        .service_time = 10ms,
+        .dropped = true});
+    EXPECT_GE(limit, 2);
+    EXPECT_LE(limit, kCapacity);
+  }
+  EXPECT_EQ(repaired.limit(), 2.0);  // out of range, then drops: the floor
 }
 
 TEST(AimdLimit, GrowsWhileUsedAndBacksOffOnDrops) {

@@ -1,10 +1,14 @@
 // The runtime limit of a resource: set_limit(), retirement of slots, and the
 // samples an adaptive resource feeds its limit algorithm.
+#include <sys/mman.h>
+#include <unistd.h>
+
 #include <gtest/gtest.h>
 
 #include <atomic>
 #include <mutex>
 #include <random>
+#include <stop_token>
 #include <stdexcept>
 #include <string>
 #include <thread>
@@ -206,15 +210,27 @@ TEST(AdaptiveResource, PutsTheAlgorithmsLimitInForceOnRelease) {
 // set_limit() racing with blocking acquisitions, timeouts, stops and
 // releases: once the limit in force is L and in_use has come down to L, no
 // grant ever takes in_use above L; every slot comes back in the end.
-TEST(ResourceLimitStress, SetLimitUnderConcurrentAcquireReleaseAndCancel) {
+// A name for a host resource of this test run, and its segment removed at
+// the end (host_resource_test.cc has the multi-process tests).
+struct HostName {
+  std::string name;
+  explicit HostName(const std::string& test)
+      : name("t" + std::to_string(::getpid()) + "-" + test) {}
+  ~HostName() {
+    ::shm_unlink(("/fcl-host." + std::to_string(::getuid()) + "." + name).c_str());
+  }
+};
+
+void set_limit_stress(Scope scope) {
   constexpr std::int64_t kCapacity = 8;
   constexpr int kThreads = 8;
   constexpr int kIterations = 400;
   for (QueueDiscipline q : {QueueDiscipline::kFifo, QueueDiscipline::kLifo,
                             QueueDiscipline::kAdaptive}) {
+    HostName host("limit-stress-" + std::string(to_string(q)));
     auto r = std::make_shared<Resource>(ResourceOptions{
-        .name = "db", .capacity = kCapacity, .queue = q,
-        .adaptive_target = 1ms, .adaptive_interval = 2ms});
+        .name = scope == Scope::kHost ? host.name : "db", .capacity = kCapacity, .queue = q,
+        .adaptive_target = 1ms, .adaptive_interval = 2ms, .scope = scope});
     std::mutex mu;  // guards the two below
     int holders = 0;                  // counted after the grant, before release
     std::int64_t settled_limit = kCapacity;  // 0 while shrinking
@@ -275,6 +291,15 @@ TEST(ResourceLimitStress, SetLimitUnderConcurrentAcquireReleaseAndCancel) {
   }
 }
 
+TEST(ResourceLimitStress, SetLimitUnderConcurrentAcquireReleaseAndCancel) {
+  set_limit_stress(Scope::kProcess);
+}
+
+// The same with the limit in the shared segment of a host resource.
+TEST(ResourceLimitStress, HostSetLimitUnderConcurrentAcquireReleaseAndCancel) {
+  set_limit_stress(Scope::kHost);
+}
+
 // A real GradientLimit fed by threads: no assertion on where it goes, only
 // that it stays in bounds and every slot comes back (for the sanitizers).
 TEST(ResourceLimitStress, AdaptiveResourceUnderThreads) {
@@ -296,6 +321,44 @@ TEST(ResourceLimitStress, AdaptiveResourceUnderThreads) {
     });
   }
   for (auto& w : workers) w.join();
+  EXPECT_EQ(r->in_use(), 0);
+  EXPECT_EQ(r->waiting(), 0);
+}
+
+// The shared algorithm of a host resource fed by threads with random
+// timeouts and cancels: the limit stays in bounds, no grant exceeds the
+// capacity, every slot comes back.
+TEST(ResourceLimitStress, AdaptiveHostResourceUnderThreads) {
+  HostName host("adaptive-stress");
+  auto r = std::make_shared<Resource>(ResourceOptions{
+      .name = host.name,
+      .capacity = 8,
+      .limit_algorithm = std::make_shared<GradientLimit>(
+          GradientOptions{.window = 1ms, .min_window_samples = 5}),
+      .scope = Scope::kHost});
+  std::atomic<int> holders{0};
+  std::atomic<bool> over{false};
+  std::vector<std::thread> workers;
+  for (int t = 0; t < 6; ++t) {
+    workers.emplace_back([&, t] {
+      std::mt19937 rng(static_cast<unsigned>(t) + 1);
+      for (int i = 0; i < 300; ++i) {
+        std::stop_source stop;
+        if (rng() % 8 == 0) stop.request_stop();
+        Permit p = r->acquire_for(std::chrono::microseconds(rng() % 2000), stop.get_token());
+        if (!p) continue;
+        if (holders.fetch_add(1) + 1 > 8) over = true;
+        const std::int64_t limit = r->limit();
+        EXPECT_GE(limit, 1);
+        EXPECT_LE(limit, 8);
+        std::this_thread::sleep_for(std::chrono::microseconds(rng() % 300));
+        holders.fetch_sub(1);
+        p.release(rng() % 10 == 0 ? Completion::kDropped : Completion::kSuccess);
+      }
+    });
+  }
+  for (auto& w : workers) w.join();
+  EXPECT_FALSE(over);
   EXPECT_EQ(r->in_use(), 0);
   EXPECT_EQ(r->waiting(), 0);
 }

@@ -18,7 +18,7 @@ import httpx
 import pytest
 from fastapi import FastAPI
 
-from fastapi_concurrency_limiter import Limiter, Resource, ServerBusy
+from fastapi_concurrency_limiter import AdaptiveLimit, Limiter, Resource, ServerBusy
 
 from .conftest import _free_port
 
@@ -50,16 +50,120 @@ def test_host_scope_needs_a_valid_name() -> None:
         Resource(1, name="x", scope="cluster")  # type: ignore[arg-type]
 
 
-def test_host_resources_keep_a_fixed_limit(name: str) -> None:
-    """An adaptive or hand-set limit is per process; a host pool's limit is its
-    capacity, and asking otherwise fails at start-up, not per request."""
-    with pytest.raises(ValueError, match="adaptive must be False with scope='host'"):
-        Resource(4, name=name, scope="host", adaptive=True)
+def test_the_limit_is_host_wide(name: str) -> None:
+    """set_limit() in one process is the limit of every process."""
     db = Resource(4, name=name, scope="host")
     assert db.limit == 4
-    assert db.statistics().limit == 4
-    with pytest.raises(ValueError, match="scope 'host'"):
-        db.set_limit(2)
+    db.set_limit(2)
+    assert db.statistics().limit == 2
+    code = (
+        "from fastapi_concurrency_limiter import Resource\n"
+        f"r = Resource(4, name={name!r}, scope='host')\n"
+        "print(r.limit, r.statistics().limit, flush=True)\n"
+        "r.set_limit(3)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["2", "2"]
+    assert db.limit == 3
+    with pytest.raises(ValueError, match="limit .* must be an integer in \\[1, capacity=4\\]"):
+        db.set_limit(5)
+    cmd = [sys.executable, "-m", "fastapi_concurrency_limiter", "status"]
+    status = json.loads(subprocess.run(cmd + ["--json"], capture_output=True, text=True).stdout)
+    mine = [r for r in status if r["name"] == name]
+    assert (mine[0]["capacity"], mine[0]["limit"], mine[0]["adaptive"]) == (4, 3, False)
+    text = subprocess.run(cmd, capture_output=True, text=True).stdout
+    assert f"{name}: capacity 4, limit 3, in use 0" in text
+
+
+# The AdaptiveLimit of the adaptive host tests: a window is every 2 requests
+# (no minimum time), and a window with a drop halves the limit. Every
+# process must use the same settings.
+_ADAPTIVE = {
+    "initial_limit": 8,
+    "window": 0,
+    "min_window_samples": 2,
+    "backoff": 0.5,
+    "drop_rate": 0,
+}
+
+# A worker process: on each line of stdin, "drop" makes one request that
+# fails (a dropped sample), "stats" prints the limit its statistics show.
+_ADAPTIVE_WORKER = """
+import asyncio, sys
+from fastapi_concurrency_limiter import AdaptiveLimit, Limiter, Resource
+db = Resource(8, name=sys.argv[1], scope="host", adaptive=AdaptiveLimit(**ADAPTIVE))
+limiter = Limiter(timeout=10, resources=[db])
+
+async def drop():
+    try:
+        async with limiter.acquire([db]):
+            raise RuntimeError("the database failed")
+    except RuntimeError:
+        pass
+
+print("ready", flush=True)
+for line in sys.stdin:
+    if line.strip() == "drop":
+        asyncio.run(drop())
+    print(db.statistics().limit, flush=True)
+""".replace("ADAPTIVE", repr(_ADAPTIVE))
+
+
+def test_adaptive_host_resource_one_limit_fed_by_every_worker(name: str) -> None:
+    """Two worker processes (spawned, as uvicorn --workers does) on one host
+    adaptive resource: one algorithm learns from the requests of both, and
+    both show the same limit."""
+    workers = [
+        subprocess.Popen(
+            [sys.executable, "-c", _ADAPTIVE_WORKER, name],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(2)
+    ]
+
+    def ask(worker: subprocess.Popen[str], command: str) -> int:
+        assert worker.stdin is not None and worker.stdout is not None
+        worker.stdin.write(command + "\n")
+        worker.stdin.flush()
+        return int(worker.stdout.readline())
+
+    try:
+        for w in workers:
+            assert w.stdout is not None and w.stdout.readline().strip() == "ready"
+        a, b = workers
+        # The algorithm leaves out the very first request (it started on an
+        # idle downstream). Then one failed request in each worker: half a
+        # window each. Only one algorithm fed by both closes a window, with
+        # drops: 8 -> 4. (Separate ones would each still be at 8, the
+        # second worker's having seen nothing but its own first request.)
+        assert ask(a, "drop") == 8
+        assert ask(a, "drop") == 8
+        assert ask(b, "drop") == 4
+        assert ask(a, "stats") == 4
+        # Two more in the first worker: 4 -> 2, seen by the second.
+        ask(a, "drop")
+        assert ask(a, "drop") == 2
+        assert ask(b, "stats") == 2
+    finally:
+        for w in workers:
+            w.kill()
+            w.wait()
+    # This process opens it too, with the same settings, and sees the same.
+    db = Resource(8, name=name, scope="host", adaptive=AdaptiveLimit(**_ADAPTIVE))
+    assert db.adaptive
+    assert db.limit == db.statistics().limit == 2
+
+
+def test_adaptive_settings_must_match_across_processes(name: str) -> None:
+    Resource(4, name=name, scope="host", adaptive=True)
+    with pytest.raises(ValueError, match="adaptive=GradientLimit.*adaptive=False"):
+        Resource(4, name=name, scope="host")
+    with pytest.raises(ValueError, match="tolerance=1.25.*tolerance=1.5"):
+        Resource(4, name=name, scope="host", adaptive=AdaptiveLimit(tolerance=1.5))
+    assert Resource(4, name=name, scope="host", adaptive=AdaptiveLimit()).adaptive
 
 
 def test_other_configuration_is_a_value_error_naming_both(name: str) -> None:
