@@ -464,3 +464,52 @@ async def test_client_that_leaves_while_the_app_runs_leaves_the_slots_to_the_app
         await eventually(lambda: seen != [])
         assert seen == [1]
         await eventually(lambda: db.in_use == 0)
+
+
+async def test_whole_app_over_a_middleware_with_nested_limits_and_cancellations_leaks_nothing() -> (
+    None
+):
+    # The scope's record of the wrapper's holds, under random cancellations:
+    # a nested limit on a later resource waits (or times out) as usual, one
+    # on the held resource fails at once; nothing stays held or queued.
+    from fastapi import FastAPI
+
+    api = Resource(4, name="api")
+    db = Resource(2, name="db")
+    limiter = Limiter(timeout=0.05, resources=[api, db])
+    inner = FastAPI()
+
+    @inner.middleware("http")
+    async def passing(request: Request, call_next):  # type: ignore[no-untyped-def]
+        return await call_next(request)
+
+    @inner.get("/later")
+    @limiter.resources([db])
+    async def later() -> dict[str, int]:
+        await asyncio.sleep(random.random() * 0.01)
+        return {"ok": 1}
+
+    @inner.get("/again")
+    @limiter.resources([api])
+    async def again() -> dict[str, int]:
+        return {"ok": 1}
+
+    app = limiter.asgi([api])(inner)
+    transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)  # type: ignore[arg-type]
+    rng = random.Random(7)
+    async with httpx.AsyncClient(transport=transport, base_url="http://app") as client:
+
+        async def one(path: str) -> int:
+            try:
+                r = await asyncio.wait_for(client.get(path), rng.random() * 0.5)
+                return r.status_code
+            except asyncio.TimeoutError:
+                return 0
+
+        paths = ["/later"] * 160 + ["/again"] * 40
+        rng.shuffle(paths)
+        codes = await asyncio.gather(*[one(p) for p in paths])
+    assert {c for c, p in zip(codes, paths, strict=True) if p == "/again"} <= {0, 500, 503}
+    assert {c for c, p in zip(codes, paths, strict=True) if p == "/later"} <= {0, 200, 503}
+    assert 500 in codes and 200 in codes, sorted(set(codes))
+    await eventually(lambda: (api.in_use, api.waiting, db.in_use, db.waiting) == (0, 0, 0, 0))
