@@ -107,6 +107,13 @@ std::optional<SampleWindow::Summary> SampleWindow::add(const LimitSample& s) {
   return w;
 }
 
+void SampleWindow::reset() noexcept {
+  started_ = false;
+  started_at_ = {};
+  samples_ = drops_ = max_in_flight_ = 0;
+  latency_sum_ = in_flight_sum_ = 0.0;
+}
+
 void SampleWindow::repair(Clock::duration min_time, std::int64_t min_samples) noexcept {
   min_time_ = min_time;
   min_samples_ = min_samples;
@@ -115,12 +122,7 @@ void SampleWindow::repair(Clock::duration min_time, std::int64_t min_samples) no
                   max_in_flight_ >= 0 && std::isfinite(latency_sum_) &&
                   latency_sum_ >= 0.0 && std::isfinite(in_flight_sum_) &&
                   in_flight_sum_ >= 0.0;
-  if (!ok) {
-    started_ = false;
-    started_at_ = {};
-    samples_ = drops_ = max_in_flight_ = 0;
-    latency_sum_ = in_flight_sum_ = 0.0;
-  }
+  if (!ok) reset();
 }
 
 std::int64_t FixedLimit::start(std::int64_t capacity) {
@@ -163,6 +165,11 @@ std::int64_t AimdLimit::update(const LimitSample& sample) {
     s_.limit = std::clamp(s_.limit, static_cast<double>(o_.min_limit), s_.max);
   }
   return static_cast<std::int64_t>(s_.limit);
+}
+
+void AimdLimit::on_set_limit(std::int64_t limit, Clock::time_point) noexcept {
+  s_.limit = std::clamp(static_cast<double>(limit), static_cast<double>(o_.min_limit), s_.max);
+  s_.window.reset();
 }
 
 GradientLimit::GradientLimit(GradientOptions options)
@@ -232,6 +239,14 @@ std::int64_t GradientLimit::update(const LimitSample& sample) {
     if (in_force() != before) s_.changed_at = sample.end;
   }
   return in_force();
+}
+
+void GradientLimit::on_set_limit(std::int64_t limit, Clock::time_point now) noexcept {
+  s_.limit = std::clamp(static_cast<double>(limit), static_cast<double>(o_.min_limit), s_.max);
+  s_.window.reset();
+  s_.probed = false;
+  s_.changed = true;
+  s_.changed_at = now;
 }
 
 void GradientLimit::on_window(const SampleWindow::Summary& w) {

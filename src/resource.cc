@@ -166,6 +166,15 @@ void Resource::set_limit(std::int64_t limit) {
   if (host_) return host_->set_limit(limit);
   detail::NoticeList notices;  // fired after mu_ is unlocked
   const auto now = Clock::now();
+  if (algorithm_) {
+    // The algorithm moves on from `limit`: told under algorithm_mu_, so that
+    // no update() in flight puts its older limit back afterwards.
+    detail::MutexLock algorithm_lock(algorithm_mu_);
+    algorithm_->on_set_limit(limit, now);
+    detail::MutexLock lock(mu_);
+    set_limit_locked(limit, now, notices);
+    return;
+  }
   detail::MutexLock lock(mu_);
   set_limit_locked(limit, now, notices);
 }

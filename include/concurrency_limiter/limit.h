@@ -73,6 +73,16 @@ class LimitAlgorithm {
   // same as before. Called with no lock of the resource held, but serialised;
   // must not throw (it runs on the release path).
   virtual std::int64_t update(const LimitSample& sample) = 0;
+
+  // Resource::set_limit() put `limit` (in [1, capacity]) in force at `now`:
+  // the algorithm should move on from it at its next decision instead of
+  // returning its own limit from before. Serialised with update() like it;
+  // must not throw. The default does nothing, so an algorithm that ignores
+  // it puts its own limit back with the next update() that returns one.
+  virtual void on_set_limit(std::int64_t limit, Clock::time_point now) noexcept {
+    static_cast<void>(limit);
+    static_cast<void>(now);
+  }
 };
 
 // Groups samples into windows of at least `min_time` and `min_samples`
@@ -100,6 +110,9 @@ class SampleWindow {
   // a new window (the samples so far are lost, nothing else).
   void repair(Clock::duration min_time, std::int64_t min_samples) noexcept;
 
+  // Forgets the samples of the current window.
+  void reset() noexcept;
+
  private:
   Clock::duration min_time_;
   std::int64_t min_samples_;
@@ -118,6 +131,10 @@ class FixedLimit final : public LimitAlgorithm {
   explicit FixedLimit(std::int64_t limit) : limit_(limit) {}
   std::int64_t start(std::int64_t capacity) override;
   std::int64_t update(const LimitSample&) override { return limit_; }
+  // Adopts `limit` as its constant.
+  void on_set_limit(std::int64_t limit, Clock::time_point) noexcept override {
+    limit_ = limit;
+  }
   // The limit as given (before start() clamps it).
   std::int64_t value() const noexcept { return limit_; }
 
@@ -150,6 +167,8 @@ class AimdLimit final : public LimitAlgorithm {
   explicit AimdLimit(AimdOptions options = {});
   std::int64_t start(std::int64_t capacity) override;
   std::int64_t update(const LimitSample& sample) override;
+  // Moves on from `limit`; the current window's samples are dropped.
+  void on_set_limit(std::int64_t limit, Clock::time_point now) noexcept override;
   double limit() const noexcept { return s_.limit; }
 
   // Everything update() changes (see "Host scope" above).
@@ -223,6 +242,9 @@ class GradientLimit final : public LimitAlgorithm {
   explicit GradientLimit(GradientOptions options = {});
   std::int64_t start(std::int64_t capacity) override;
   std::int64_t update(const LimitSample& sample) override;
+  // Moves on from `limit`, as from a change of its own: the current window
+  // is dropped and requests granted before `now` are left out.
+  void on_set_limit(std::int64_t limit, Clock::time_point now) noexcept override;
 
   // The limit before rounding down, and the no-load latency estimate in
   // seconds (0 until the first window): for tests and benchmarks.

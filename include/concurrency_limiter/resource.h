@@ -287,10 +287,13 @@ class Resource : public std::enable_shared_from_this<Resource> {
   // released). Lowering it revokes nothing: each slot released while
   // in_use > limit is retired instead of handed over, and no slot is granted
   // until in_use < limit. On a resource with a limit algorithm, the
-  // algorithm moves the limit again at its next decision. Host scope: the
+  // algorithm is told (LimitAlgorithm::on_set_limit) and moves on from
+  // `limit` at its next decision (the built-in ones keep it within their
+  // min_limit; a custom algorithm that ignores the hook puts its own limit
+  // back at its next update). Host scope: the
   // limit of every process (waiters of other processes are granted by their
   // own background threads, woken at once).
-  void set_limit(std::int64_t limit) CL_EXCLUDES(mu_);
+  void set_limit(std::int64_t limit) CL_EXCLUDES(mu_, algorithm_mu_);
   bool adaptive() const noexcept { return algorithm_ != nullptr; }
   std::optional<std::int64_t> max_waiting() const noexcept;
   QueueDiscipline queue() const noexcept { return discipline_; }

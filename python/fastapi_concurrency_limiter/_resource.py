@@ -185,7 +185,9 @@ class Resource:
         """Puts ``limit`` slots in force, 1 <= limit <= capacity. Raising it
         grants waiting requests at once; lowering it revokes no slot: slots
         are retired as they are released until ``in_use <= limit``. On an
-        adaptive resource the limit moves on from there by itself. With
+        adaptive resource the algorithm adopts it (within ``min_limit``),
+        leaves out the requests granted before it, and moves the limit on
+        from there at its next decision. With
         ``scope="host"`` it is the limit of every process on the host."""
         check_int("limit", limit, minimum=1)
         self._core.set_limit(limit)

@@ -599,7 +599,8 @@ std::int64_t HostPool::limit() const noexcept {
 }
 
 void HostPool::set_limit(std::int64_t limit) {
-  const std::int64_t now_ns = to_ns(Clock::now());
+  const Clock::time_point now = Clock::now();
+  const std::int64_t now_ns = to_ns(now);
   NoticeList notices;  // fired after every lock is released
   {
     std::lock_guard lock(mu_);
@@ -607,6 +608,9 @@ void HostPool::set_limit(std::int64_t limit) {
     // tell this process's waiters, not the parent's.
     ensure_registered_locked();
     Locked locked(*this);
+    // The shared algorithm moves on from `limit` (under the segment mutex,
+    // like every update).
+    if (algorithm_.adaptive()) algorithm_.set_limit(seg_->header, limit, now);
     put_limit_locked(limit, now_ns, notices, locked.wakes);
   }
   notices.fire();

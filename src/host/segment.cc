@@ -239,7 +239,8 @@ std::int64_t SharedAlgorithm::update(Header& h, const LimitSample& sample) noexc
     case LimitKind::kNone:
       return limit;
     case LimitKind::kFixed:
-      return std::clamp<std::int64_t>(fixed_->update(sample), 1, capacity_);
+      // The limit it started the segment with, or the last set_limit()'s.
+      return std::clamp<std::int64_t>(limit, 1, capacity_);
     case LimitKind::kAimd:
       aimd_->restore(from.aimd, capacity_);
       limit = aimd_->update(sample);
@@ -254,6 +255,28 @@ std::int64_t SharedAlgorithm::update(Header& h, const LimitSample& sample) noexc
   // The commit: until this store, the committed copy is the old one.
   h.algorithm_current = current ^ 1;
   return std::clamp<std::int64_t>(limit, 1, capacity_);
+}
+
+void SharedAlgorithm::set_limit(Header& h, std::int64_t limit, Clock::time_point now) noexcept {
+  const std::uint32_t current = h.algorithm_current & 1;
+  const AlgorithmState& from = h.algorithm[current];
+  AlgorithmState& to = h.algorithm[current ^ 1];
+  switch (kind_) {
+    case LimitKind::kNone:
+    case LimitKind::kFixed:
+      return;  // no shared state: a fixed limit stays where set_limit puts it
+    case LimitKind::kAimd:
+      aimd_->restore(from.aimd, capacity_);
+      aimd_->on_set_limit(limit, now);
+      to.aimd = aimd_->state();
+      break;
+    case LimitKind::kGradient:
+      gradient_->restore(from.gradient, capacity_);
+      gradient_->on_set_limit(limit, now);
+      to.gradient = gradient_->state();
+      break;
+  }
+  h.algorithm_current = current ^ 1;
 }
 
 void check_name(const std::string& name) {

@@ -213,6 +213,10 @@ class SharedAlgorithm {
   // returns the limit the algorithm puts in force (1..capacity). Requires
   // the mutex.
   std::int64_t update(Header& h, const LimitSample& sample) noexcept;
+  // Resource::set_limit(): the committed state of `h` moves on from `limit`
+  // (LimitAlgorithm::on_set_limit), committed like update(). Requires the
+  // mutex.
+  void set_limit(Header& h, std::int64_t limit, Clock::time_point now) noexcept;
 
  private:
   LimitKind kind_;

@@ -624,6 +624,26 @@ TEST(HostResource, SamplesOfEveryProcessFeedOneAlgorithm) {
   EXPECT_EQ(reader.line(), "limit 2");
 }
 
+// set_limit() moves the shared algorithm too: every process's samples carry
+// on from the set limit, not from the algorithm's limit before it.
+TEST(HostResource, SetLimitIsWhereTheSharedAlgorithmMovesOnFrom) {
+  const std::string name = unique_name("setlimit-aimd");
+  Cleanup cleanup{name};
+  auto db = adaptive_host_resource(name, 8);
+  ASSERT_EQ(db->limit(), 8);
+  db->set_limit(4);
+  EXPECT_EQ(db->limit(), 4);
+  // Two successes close a window that used 1 of 4: no change (the
+  // algorithm's own limit was 8).
+  db->try_acquire().release();
+  db->try_acquire().release();
+  EXPECT_EQ(db->limit(), 4);
+  // Two drops in another process: halved from 4.
+  Child other({"drop", name, "8", "fifo+aimd", "2"});
+  EXPECT_EQ(other.line(), "limit 2");
+  EXPECT_EQ(db->limit(), 2);
+}
+
 TEST(HostResource, AdaptiveSettingsMustMatchAndBeBuiltIn) {
   const std::string name = unique_name("adaptive-mismatch");
   Cleanup cleanup{name};

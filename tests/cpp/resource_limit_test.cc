@@ -207,6 +207,44 @@ TEST(AdaptiveResource, PutsTheAlgorithmsLimitInForceOnRelease) {
   EXPECT_EQ(r->in_use(), 1);
 }
 
+// set_limit() on an adaptive resource: the algorithm moves on from the set
+// limit instead of putting its own back at the next release.
+TEST(AdaptiveResource, SetLimitIsWhereTheAlgorithmMovesOnFrom) {
+  auto aimd = std::make_shared<AimdLimit>(AimdOptions{
+      .initial_limit = 20, .window = Clock::duration::zero(), .min_window_samples = 1});
+  auto a = adaptive_resource("aimd", 50, aimd);
+  ASSERT_EQ(a->limit(), 20);
+  a->set_limit(5);
+  a->try_acquire().release();  // a window that used 1 of 5: no change
+  EXPECT_EQ(a->limit(), 5);
+  Permit p = a->try_acquire();
+  p.release(Completion::kDropped);  // x0.9 of 5, not of 20
+  EXPECT_EQ(a->limit(), 4);
+
+  auto gradient = std::make_shared<GradientLimit>(GradientOptions{
+      .initial_limit = 20, .window = Clock::duration::zero(), .min_window_samples = 1});
+  auto g = adaptive_resource("gradient", 50, gradient);
+  g->try_acquire().release();  // the first sample only marks the start
+  Permit before = g->try_acquire();
+  g->set_limit(5);
+  EXPECT_EQ(g->limit(), 5);
+  before.release();  // granted before the change: left out
+  EXPECT_EQ(g->limit(), 5);
+  EXPECT_EQ(gradient->no_load_latency(), 0.0);
+  Permit after = g->try_acquire();  // granted after it: learned from
+  std::this_thread::sleep_for(1ms);
+  after.release();
+  EXPECT_GT(gradient->no_load_latency(), 0.0);
+  EXPECT_EQ(g->limit(), 5);
+  EXPECT_DOUBLE_EQ(gradient->limit(), 5.0);
+
+  // A fixed-limit algorithm takes the set limit as its constant.
+  auto f = adaptive_resource("fixed", 50, std::make_shared<FixedLimit>(20));
+  f->set_limit(7);
+  f->try_acquire().release();
+  EXPECT_EQ(f->limit(), 7);
+}
+
 // set_limit() racing with blocking acquisitions, timeouts, stops and
 // releases: once the limit in force is L and in_use has come down to L, no
 // grant ever takes in_use above L; every slot comes back in the end.

@@ -167,3 +167,18 @@ async def test_errors_inside_limiter_acquire_count_as_drops() -> None:
     async with limiter.acquire([db]):
         pass
     assert db.limit == 9
+
+
+async def test_set_limit_on_an_adaptive_resource_is_where_it_moves_on_from() -> None:
+    """The limit set by hand stays in force: the algorithm moves on from it at
+    its next decision instead of putting its own limit back at the next
+    release."""
+    db = Resource(50, adaptive=True)
+    limiter = Limiter(timeout=None, resources=[db])
+    assert db.limit == 20
+    db.set_limit(5)
+    for _ in range(3):
+        async with limiter.acquire([db]):
+            await asyncio.sleep(0.001)
+        assert db.limit == 5
+    assert db.statistics().limit == 5
