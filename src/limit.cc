@@ -212,6 +212,13 @@ void GradientLimit::restore(const State& state, std::int64_t capacity) noexcept 
   make_valid(s_.no_load_trusted);
   make_valid(s_.probed);
   make_valid(s_.changed);
+  make_valid(s_.cut);
+  if (!std::isfinite(s_.cut_latency) || !std::isfinite(s_.cut_in_flight) ||
+      !std::isfinite(s_.cut_from) || !(s_.cut_latency > 0.0) ||
+      !(s_.cut_in_flight > 0.0) || s_.cut_from < 0.0) {
+    s_.cut = false;
+    s_.cut_from = s_.cut_latency = s_.cut_in_flight = 0.0;
+  }
   s_.no_load_trusted = s_.no_load_trusted && s_.no_load > 0.0;
   s_.probed = s_.probed && s_.probe_in_flight > 0.0;
   s_.changed = s_.changed && s_.changed_at != Clock::time_point{};
@@ -245,12 +252,14 @@ void GradientLimit::on_set_limit(std::int64_t limit, Clock::time_point now) noex
   s_.limit = std::clamp(static_cast<double>(limit), static_cast<double>(o_.min_limit), s_.max);
   s_.window.reset();
   s_.probed = false;
+  s_.cut = false;
   s_.changed = true;
   s_.changed_at = now;
 }
 
 void GradientLimit::on_window(const SampleWindow::Summary& w) {
   const bool after_probe = std::exchange(s_.probed, false);
+  const bool after_cut = std::exchange(s_.cut, false);
   const double floor_limit = static_cast<double>(o_.min_limit);
   const auto bounded = [&](double limit) {
     return std::clamp(limit, floor_limit, s_.max);
@@ -286,6 +295,18 @@ void GradientLimit::on_window(const SampleWindow::Summary& w) {
     }
     if (latency < s_.no_load) {
       s_.no_load = latency;
+    } else if (after_cut && n <= 0.85 * s_.cut_in_flight &&
+               latency / s_.cut_latency > 1.0 - 0.5 * (1.0 - n / s_.cut_in_flight) &&
+               latency <= o_.tolerance * s_.cut_latency) {
+      // The cut lowered the concurrency, latency stayed about where it was:
+      // it was not queueing but a slower downstream. Relearn, and undo the
+      // cut. (Latency that rose further says nothing of the kind: the
+      // downstream is still changing.)
+      s_.no_load = latency;
+      s_.no_load_in_flight = n;
+      s_.no_load_trusted = true;
+      s_.limit = std::max(s_.limit, bounded(s_.cut_from));
+      return;
     } else if (at_floor) {
       // At the floor the limiter adds no concurrency: a slower mean here
       // means the downstream itself got slower. Relearn.
@@ -320,6 +341,10 @@ void GradientLimit::on_window(const SampleWindow::Summary& w) {
     const double probe = std::min(s_.limit, n) * (proportional ? 0.5 : 0.8);
     s_.limit = bounded(ratio > o_.tolerance ? std::min(cut, probe) : probe);
   } else if (ratio > o_.tolerance) {
+    s_.cut = true;
+    s_.cut_from = s_.limit;
+    s_.cut_latency = latency;
+    s_.cut_in_flight = n;
     s_.limit = bounded(cut);
   } else if (ratio <= 1.05) {
     // At no-load latency: far from the knee, grow multiplicatively.

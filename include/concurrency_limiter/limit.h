@@ -221,12 +221,17 @@ struct GradientOptions {
 //     downstream is plainly past its knee). Nothing is ever pinned to a
 //     minimum and a trusted estimate is not probed again, so there is no
 //     periodic probe and no 503 dip. The estimate moves up only from windows
-//     at the floor, where the latency cannot be the limiter's doing.
+//     at the floor, where the latency cannot be the limiter's doing, and
+//     after a cut that did not lower the latency (below).
 //   - latency above tolerance x no-load: the limit is cut to the concurrency
 //     that carries the window's throughput at that latency (Little's law:
 //     tolerance x in_flight x no-load / latency), at most by half per window.
 //     There is no queue term while latency is elevated, so a moderate
 //     overload cannot make the limit creep up.
+//   - a cut that lowered the concurrency clearly while latency fell by less
+//     than half as much: the latency was not queueing, the downstream itself
+//     got slower. The no-load estimate is stale: it becomes the new window's
+//     latency and the cut is undone (instead of cutting on to the floor).
 //   - latency normal and the limit at least half used: +1, or x tolerance
 //     when latency is at the no-load level (far from the knee).
 //   - limit less than half used (by the window's peak): neither lowered nor
@@ -266,6 +271,12 @@ class GradientLimit final : public LimitAlgorithm {
     Clock::time_point changed_at{};
     double probe_latency = 0.0;
     double probe_in_flight = 0.0;
+    // The previous window ended with a queueing cut (cut_*): the limit
+    // before it, and the window's latency and concurrency.
+    bool cut = false;
+    double cut_from = 0.0;
+    double cut_latency = 0.0;
+    double cut_in_flight = 0.0;
   };
   const GradientOptions& options() const noexcept { return o_; }
   const State& state() const noexcept { return s_; }

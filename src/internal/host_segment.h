@@ -42,7 +42,7 @@
 namespace concurrency_limiter::detail::host {
 
 inline constexpr std::uint64_t kMagic = 0x3130545348434c46ull;  // "FLCHST01"
-inline constexpr std::uint32_t kVersion = 2;  // 2: limit in force, limit algorithm
+inline constexpr std::uint32_t kVersion = 3;  // 2: limit in force, limit algorithm; 3: cut state
 // Processes that may use one host resource at the same time.
 inline constexpr std::uint32_t kMaxProcesses = 256;
 // Requests that may wait for one host resource at the same time, over all

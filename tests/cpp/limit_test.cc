@@ -20,12 +20,13 @@ constexpr std::int64_t kCapacity = 50;
 constexpr std::int64_t kClients = 100;
 
 // Successes per simulated second with the best fixed limit, over `seconds`.
-double best_static_goodput(double k, double seconds) {
+double best_static_goodput(double k, double seconds, double base = 0.1) {
   double best = 0.0;
   for (std::int64_t limit = 1; limit <= 2 * static_cast<std::int64_t>(k) + 2; ++limit) {
     FixedLimit fixed(limit);
     ClosedLoopSimulation sim(fixed, kCapacity, kClients);
     sim.downstream.k = k;
+    sim.downstream.base = base;
     sim.run_until(seconds);
     best = std::max(best, static_cast<double>(sim.completed()) / seconds);
   }
@@ -204,6 +205,33 @@ TEST(GradientLimit, RelearnsWhenTheDownstreamItselfGetsSlower) {
   EXPECT_GE(static_cast<double>(lo), 0.8 * 4);
   EXPECT_LE(static_cast<double>(hi), 1.5 * 4);
   EXPECT_NEAR(gradient.no_load_latency(), 0.2, 0.04);
+}
+
+TEST(GradientLimit, ADownstreamThatGetsSlowerDoesNotCollapseTheLimit) {
+  // Every request twice (three times) as slow from one moment, same knee: a
+  // cut that lowers the concurrency without lowering the latency shows the
+  // no-load estimate is stale. The limit must not be cut on to the floor
+  // (a limit of 1 against a downstream with room for 4 idles it).
+  for (double factor : {2.0, 3.0}) {
+    constexpr double k = 4.0;
+    GradientLimit gradient;
+    ClosedLoopSimulation sim(gradient, kCapacity, kClients);
+    sim.downstream.k = k;
+    sim.run_until(40.0);
+    sim.downstream.base = 0.1 * factor;
+    const std::int64_t done_before = sim.completed();
+    sim.run_until(100.0);
+    const auto [lo, hi] = sim.limit_range(46.0, 100.0);  // after 6 s
+    EXPECT_GE(static_cast<double>(lo), 0.8 * k) << "x" << factor;
+    EXPECT_LE(static_cast<double>(hi), 1.5 * k) << "x" << factor;
+    EXPECT_GE(sim.limit_range(40.0, 100.0).first, 2) << "x" << factor;
+    const double goodput = static_cast<double>(sim.completed() - done_before) / 60.0;
+    const double best = best_static_goodput(k, 60.0, 0.1 * factor);
+    EXPECT_GE(goodput, 0.9 * best) << "x" << factor;
+    std::printf("base x%.0f: limit %lld-%lld from 6 s after, goodput %.2f of the best fixed limit\n",
+                factor, static_cast<long long>(lo), static_cast<long long>(hi), goodput / best);
+    EXPECT_NEAR(gradient.no_load_latency(), 0.1 * factor, 0.02 * factor);
+  }
 }
 
 TEST(GradientLimit, StaysWithinItsBounds) {
