@@ -4,32 +4,64 @@ from __future__ import annotations
 
 import asyncio
 import math
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from numbers import Real
 
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
+from starlette.websockets import WebSocketDisconnect
 
 from . import _core
 from ._validation import check_int, check_seconds
 
+if sys.version_info >= (3, 11):
+    _Group: type[BaseException] | None = BaseExceptionGroup
+else:  # anyio's backport, where installed
+    try:
+        from exceptiongroup import BaseExceptionGroup as _Group
+    except ImportError:  # pragma: no cover
+        _Group = None
+
 SUCCESS = _core.Completion.success
 _DROPPED = _core.Completion.dropped
 _IGNORED = _core.Completion.ignored
+# Ends of a request that are its client's doing: they say nothing about the
+# downstream. A WebSocket session lasts as long as its client wants, normal
+# close or not, so its length is no service time either.
+_CLIENT_ENDS = (asyncio.CancelledError, ClientDisconnect, WebSocketDisconnect)
 
 
 def completion_of(exc: BaseException | None) -> _core.Completion:
     """How a handler that held slots ended, for adaptive resources: an error
     or a timeout is ``dropped`` (a sign of overload); a client error the
     handler chose to raise (``HTTPException`` below 500) is a normal
-    response; a cancelled handler (its client went away) tells nothing."""
+    response; an end that is the client's doing tells nothing (``ignored``):
+    a cancelled handler, Starlette's ``ClientDisconnect`` and
+    ``WebSocketDisconnect`` (whatever the close code: a session lasts as long
+    as its client wants). An exception group is a drop only if one of its
+    exceptions is; one of client ends only is ignored; otherwise success."""
     if exc is None:
         return SUCCESS
     if isinstance(exc, HTTPException) and exc.status_code < 500:
         return SUCCESS
-    if isinstance(exc, asyncio.CancelledError):
+    if isinstance(exc, _CLIENT_ENDS):
         return _IGNORED
+    if _Group is not None and isinstance(exc, _Group):
+        return _completion_of_group(exc)
     return _DROPPED
+
+
+def _completion_of_group(group: BaseException) -> _core.Completion:
+    ignored_only = True
+    for inner in getattr(group, "exceptions", ()):
+        completion = completion_of(inner)
+        if completion == _DROPPED:
+            return _DROPPED
+        if completion != _IGNORED:
+            ignored_only = False
+    return _IGNORED if ignored_only else SUCCESS
 
 
 @dataclass(frozen=True)

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import sys
 import time
 from collections.abc import Callable
 
 import httpx
 import pytest
 from fastapi import FastAPI, HTTPException
+from starlette.requests import ClientDisconnect
+from starlette.websockets import WebSocketDisconnect
 
 from fastapi_concurrency_limiter import AdaptiveLimit, Limiter, Resource
 
@@ -182,3 +185,42 @@ async def test_set_limit_on_an_adaptive_resource_is_where_it_moves_on_from() -> 
             await asyncio.sleep(0.001)
         assert db.limit == 5
     assert db.statistics().limit == 5
+
+
+def _client_ends() -> list[BaseException]:
+    ends: list[BaseException] = [ClientDisconnect(), WebSocketDisconnect(code=1000),
+                                 WebSocketDisconnect(code=1006)]
+    if sys.version_info >= (3, 11):
+        ends += [
+            BaseExceptionGroup("tasks", [ClientDisconnect(), asyncio.CancelledError()]),
+            ExceptionGroup("tasks", [HTTPException(status_code=404)]),
+        ]
+    return ends
+
+
+@pytest.mark.parametrize("end", _client_ends(), ids=repr)
+async def test_ends_that_are_the_clients_doing_are_not_drops(end: BaseException) -> None:
+    """A client that went away (a request body it stopped sending, a closed
+    WebSocket), or a task group of nothing but such ends and handler answers,
+    says nothing about the downstream: the limit is not cut."""
+    db = Resource(10, adaptive=AdaptiveLimit(window=0, min_window_samples=1))
+    limiter = Limiter(timeout=1, resources=[db])
+    async with limiter.acquire([db]):
+        pass  # (the first release only marks the start)
+    for _ in range(5):
+        with pytest.raises(type(end)):
+            async with limiter.acquire([db]):
+                raise end
+    assert db.limit == 10
+
+
+@pytest.mark.skipif(sys.version_info < (3, 11), reason="exception groups are 3.11+")
+async def test_a_task_group_with_a_failure_is_a_drop() -> None:
+    db = Resource(10, adaptive=AdaptiveLimit(window=0, min_window_samples=1))
+    limiter = Limiter(timeout=1, resources=[db])
+    async with limiter.acquire([db]):
+        pass
+    with pytest.raises(ExceptionGroup):
+        async with limiter.acquire([db]):
+            raise ExceptionGroup("tasks", [ClientDisconnect(), RuntimeError("query failed")])
+    assert db.limit == 9  # x 0.9
