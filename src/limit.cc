@@ -114,14 +114,15 @@ void SampleWindow::reset() noexcept {
   latency_sum_ = in_flight_sum_ = 0.0;
 }
 
-void SampleWindow::repair(Clock::duration min_time, std::int64_t min_samples) noexcept {
+void SampleWindow::repair(Clock::duration min_time, std::int64_t min_samples,
+                          Clock::time_point now) noexcept {
   min_time_ = min_time;
   min_samples_ = min_samples;
   make_valid(started_);
   const bool ok = samples_ >= 0 && drops_ >= 0 && drops_ <= samples_ &&
                   max_in_flight_ >= 0 && std::isfinite(latency_sum_) &&
                   latency_sum_ >= 0.0 && std::isfinite(in_flight_sum_) &&
-                  in_flight_sum_ >= 0.0;
+                  in_flight_sum_ >= 0.0 && !(started_ && started_at_ > now);
   if (!ok) reset();
 }
 
@@ -146,9 +147,10 @@ std::int64_t AimdLimit::start(std::int64_t capacity) {
   return static_cast<std::int64_t>(s_.limit);
 }
 
-void AimdLimit::restore(const State& state, std::int64_t capacity) noexcept {
+void AimdLimit::restore(const State& state, std::int64_t capacity,
+                        Clock::time_point now) noexcept {
   std::memcpy(static_cast<void*>(&s_), &state, sizeof s_);  // bytes: see make_valid()
-  s_.window.repair(o_.window, o_.min_window_samples);
+  s_.window.repair(o_.window, o_.min_window_samples, now);
   s_.max = static_cast<double>(capacity);
   s_.limit = in_range(s_.limit, static_cast<double>(o_.min_limit), s_.max);
 }
@@ -193,9 +195,10 @@ std::int64_t GradientLimit::start(std::int64_t capacity) {
   return in_force();
 }
 
-void GradientLimit::restore(const State& state, std::int64_t capacity) noexcept {
+void GradientLimit::restore(const State& state, std::int64_t capacity,
+                            Clock::time_point now) noexcept {
   std::memcpy(static_cast<void*>(&s_), &state, sizeof s_);  // bytes: see make_valid()
-  s_.window.repair(o_.window, o_.min_window_samples);
+  s_.window.repair(o_.window, o_.min_window_samples, now);
   s_.max = static_cast<double>(capacity);
   s_.limit = in_range(s_.limit, static_cast<double>(o_.min_limit), s_.max);
   // A latency estimate out of range is forgotten and learned again.
@@ -221,7 +224,7 @@ void GradientLimit::restore(const State& state, std::int64_t capacity) noexcept 
   }
   s_.no_load_trusted = s_.no_load_trusted && s_.no_load > 0.0;
   s_.probed = s_.probed && s_.probe_in_flight > 0.0;
-  s_.changed = s_.changed && s_.changed_at != Clock::time_point{};
+  s_.changed = s_.changed && s_.changed_at != Clock::time_point{} && s_.changed_at <= now;
 }
 
 std::int64_t GradientLimit::in_force() const noexcept {

@@ -106,9 +106,11 @@ class SampleWindow {
   std::optional<Summary> add(const LimitSample& sample);
 
   // After a copy read from shared memory: puts the window's settings back to
-  // (min_time, min_samples) and, if any count or sum is out of range, starts
+  // (min_time, min_samples) and, if any count or sum is out of range or the
+  // window started after `now` (a state from another clock's time), starts
   // a new window (the samples so far are lost, nothing else).
-  void repair(Clock::duration min_time, std::int64_t min_samples) noexcept;
+  void repair(Clock::duration min_time, std::int64_t min_samples,
+              Clock::time_point now) noexcept;
 
   // Forgets the samples of the current window.
   void reset() noexcept;
@@ -180,8 +182,10 @@ class AimdLimit final : public LimitAlgorithm {
   const AimdOptions& options() const noexcept { return o_; }
   const State& state() const noexcept { return s_; }
   // Puts `state` in force (after start(capacity)), bringing every value into
-  // range first: a state read from shared memory may be damaged.
-  void restore(const State& state, std::int64_t capacity) noexcept;
+  // range first: a state read from shared memory may be damaged. Times
+  // later than `now` (a state written with another clock) count as unset:
+  // kept, they would hold every decision until the clock caught up.
+  void restore(const State& state, std::int64_t capacity, Clock::time_point now) noexcept;
 
  private:
   AimdOptions o_;
@@ -281,8 +285,10 @@ class GradientLimit final : public LimitAlgorithm {
   const GradientOptions& options() const noexcept { return o_; }
   const State& state() const noexcept { return s_; }
   // Puts `state` in force (after start(capacity)), bringing every value into
-  // range first: a state read from shared memory may be damaged.
-  void restore(const State& state, std::int64_t capacity) noexcept;
+  // range first: a state read from shared memory may be damaged. Times
+  // later than `now` (a state written with another clock) count as unset:
+  // kept, they would hold every decision until the clock caught up.
+  void restore(const State& state, std::int64_t capacity, Clock::time_point now) noexcept;
 
  private:
   std::int64_t in_force() const noexcept;

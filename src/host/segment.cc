@@ -242,12 +242,12 @@ std::int64_t SharedAlgorithm::update(Header& h, const LimitSample& sample) noexc
       // The limit it started the segment with, or the last set_limit()'s.
       return std::clamp<std::int64_t>(limit, 1, capacity_);
     case LimitKind::kAimd:
-      aimd_->restore(from.aimd, capacity_);
+      aimd_->restore(from.aimd, capacity_, sample.end);
       limit = aimd_->update(sample);
       to.aimd = aimd_->state();
       break;
     case LimitKind::kGradient:
-      gradient_->restore(from.gradient, capacity_);
+      gradient_->restore(from.gradient, capacity_, sample.end);
       limit = gradient_->update(sample);
       to.gradient = gradient_->state();
       break;
@@ -266,12 +266,12 @@ void SharedAlgorithm::set_limit(Header& h, std::int64_t limit, Clock::time_point
     case LimitKind::kFixed:
       return;  // no shared state: a fixed limit stays where set_limit puts it
     case LimitKind::kAimd:
-      aimd_->restore(from.aimd, capacity_);
+      aimd_->restore(from.aimd, capacity_, now);
       aimd_->on_set_limit(limit, now);
       to.aimd = aimd_->state();
       break;
     case LimitKind::kGradient:
-      gradient_->restore(from.gradient, capacity_);
+      gradient_->restore(from.gradient, capacity_, now);
       gradient_->on_set_limit(limit, now);
       to.gradient = gradient_->state();
       break;

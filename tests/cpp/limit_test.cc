@@ -283,7 +283,7 @@ TEST(GradientLimit, StateRestoredElsewhereCarriesOnAndDamageIsRepaired) {
   sim.run_until(15.0);
   GradientLimit copy(options);
   copy.start(kCapacity);
-  copy.restore(original.state(), kCapacity);
+  copy.restore(original.state(), kCapacity, Clock::time_point(std::chrono::seconds(15)));
   for (int i = 0; i < 200; ++i) {
     const LimitSample s{.end = Clock::time_point(std::chrono::seconds(15)) + i * 10ms,
                         .service_time = 40ms,
@@ -297,7 +297,7 @@ TEST(GradientLimit, StateRestoredElsewhereCarriesOnAndDamageIsRepaired) {
   std::memset(static_cast<void*>(&damaged), 0xff, sizeof damaged);
   GradientLimit repaired(options);
   repaired.start(kCapacity);
-  repaired.restore(damaged, kCapacity);
+  repaired.restore(damaged, kCapacity, Clock::time_point(std::chrono::seconds(30)));
   EXPECT_GE(repaired.limit(), 2.0);
   EXPECT_LE(repaired.limit(), static_cast<double>(kCapacity));
   for (int i = 0; i < 50; ++i) {
@@ -309,6 +309,40 @@ TEST(GradientLimit, StateRestoredElsewhereCarriesOnAndDamageIsRepaired) {
     EXPECT_LE(limit, kCapacity);
   }
   EXPECT_EQ(repaired.limit(), 2.0);  // out of range, then drops: the floor
+}
+
+// A state written with another clock (its times later than now) must not
+// freeze the algorithm: its change time and window start count as unset.
+TEST(GradientLimit, StateFromAnotherClocksTimeDoesNotFreezeIt) {
+  const GradientOptions options{.initial_limit = 10};
+  GradientLimit other(options);
+  ClosedLoopSimulation sim(other, kCapacity, kClients);
+  sim.downstream.k = 8.0;
+  sim.run_until(300.0);  // its times reach 300 s; ours start at 10 s
+  const double before = other.limit();
+  GradientLimit here(options);
+  here.start(kCapacity);
+  const Clock::time_point now(std::chrono::seconds(10));
+  here.restore(other.state(), kCapacity, now);
+  EXPECT_DOUBLE_EQ(here.limit(), before);
+  for (int i = 1; i <= 300; ++i) {  // 30 s of drops
+    here.update(LimitSample{.end = now + i * 100ms, .service_time = 50ms,
+                            .in_flight = 4, .dropped = true});
+  }
+  EXPECT_LT(here.limit(), before * 0.5);
+
+  AimdLimit aimd_other(AimdOptions{.initial_limit = 10});
+  ClosedLoopSimulation aimd_sim(aimd_other, kCapacity, kClients);
+  aimd_sim.run_until(300.0);
+  AimdLimit aimd_here(AimdOptions{.initial_limit = 10});
+  aimd_here.start(kCapacity);
+  aimd_here.restore(aimd_other.state(), kCapacity, now);
+  const double aimd_before = aimd_here.limit();
+  for (int i = 1; i <= 300; ++i) {
+    aimd_here.update(LimitSample{.end = now + i * 100ms, .service_time = 50ms,
+                                 .in_flight = 4, .dropped = true});
+  }
+  EXPECT_LT(aimd_here.limit(), aimd_before * 0.5);
 }
 
 TEST(AimdLimit, GrowsWhileUsedAndBacksOffOnDrops) {
