@@ -207,6 +207,7 @@ NB_MODULE(_core, m) {
       .def("cancel", &cl::Acquisition::cancel, "reason"_a = cl::Outcome::kCancelled)
       .def("release", &cl::Acquisition::release,
            "completion"_a = cl::Completion::kSuccess)
+      .def("restart_service_clock", &cl::Acquisition::restart_service_clock)
       .def_prop_ro("outcome", &cl::Acquisition::outcome)
       .def_prop_ro("state", &cl::Acquisition::state)
       .def_prop_ro("refused_by", [](const cl::Acquisition& a) -> std::optional<std::string> {

@@ -120,6 +120,11 @@ void Acquisition::complete_locked() {
   }
 }
 
+void Acquisition::restart_service_clock() {
+  detail::MutexLock lock(mu_);
+  if (state_ == State::kGranted && measured_) granted_at_ = Clock::now();
+}
+
 void Acquisition::reject_locked(std::uint32_t index, Outcome reason,
                                 detail::NoticeList& notices) {
   refused_ = index;

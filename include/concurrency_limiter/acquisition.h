@@ -122,6 +122,15 @@ class Acquisition {
   // kSuccess.
   void release(Completion completion = Completion::kSuccess);
 
+  // The work starts now: the hold of a granted acquisition is timed from
+  // this call instead of the grant of its last slot, both the service time
+  // its release reports to adaptive resources and the hold time of the
+  // statistics. For a caller that waits for something else after the grant
+  // (e.g. a cluster-wide permit) before doing its work, so that this wait
+  // does not count as service time. Blocks only on the acquisition's own
+  // mutex; no effect unless granted (or if its holds are not timed).
+  void restart_service_clock();
+
   State state() const;
   // The final outcome, or kPending while not decided.
   Outcome outcome() const;

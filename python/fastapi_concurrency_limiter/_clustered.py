@@ -92,4 +92,7 @@ async def with_cluster(
     except BaseException:
         ClusteredAcquisition(acquisition, permits).release(_core.Completion.ignored)
         raise
+    # The work starts now: waiting in Redis's queue is not service time for
+    # an adaptive local limit.
+    acquisition.restart_service_clock()
     return ClusteredAcquisition(acquisition, permits)

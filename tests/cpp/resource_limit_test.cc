@@ -173,6 +173,22 @@ TEST(AdaptiveResource, ServiceTimeExcludesQueueingAndStartsAtTheLastGrant) {
   EXPECT_LT(algorithm->samples[0].service_time, 40ms);
 }
 
+TEST(AdaptiveResource, ServiceTimeStartsAtARestartedServiceClock) {
+  // A caller that waits for something else after the grant (a cluster-wide
+  // permit) restarts the clock: that wait is not service time.
+  auto algorithm = std::make_shared<ScriptedLimit>(1);
+  auto db = adaptive_resource("db", 1, algorithm);
+  Acquisition acq(set_of({db}));
+  acq.restart_service_clock();  // not granted yet: no effect, no error
+  ASSERT_TRUE(acq.try_acquire());
+  std::this_thread::sleep_for(50ms);  // waiting elsewhere
+  acq.restart_service_clock();
+  acq.release();
+  ASSERT_EQ(algorithm->samples.size(), 1u);
+  EXPECT_LT(algorithm->samples[0].service_time, 40ms);
+  acq.restart_service_clock();  // released: no effect
+}
+
 TEST(AdaptiveResource, FailedAcquisitionsTeachNothing) {
   auto algorithm = std::make_shared<ScriptedLimit>(1);
   auto db = adaptive_resource("db", 1, algorithm);

@@ -131,6 +131,35 @@ def test_a_cluster_refusal_teaches_the_local_adaptive_limit_nothing(
     run(main)
 
 
+def test_waiting_in_the_cluster_queue_is_not_service_time(redis_server: RedisServer) -> None:
+    """The hold of a clustered request (the adaptive limit's service time,
+    and the hold time of the statistics) starts when its cluster slot is
+    granted: a wait in Redis's queue is not the downstream being slow."""
+
+    async def main() -> None:
+        from fastapi_concurrency_limiter import AdaptiveLimit
+
+        scope = RedisScope(redis_server.url(), key_prefix="test")
+        db = Resource(1, name="db", scope=scope, adaptive=AdaptiveLimit())
+        limiter = Limiter(timeout=10, resources=[db])
+        await scope.check()
+        other = RedisScope(redis_server.url(), key_prefix="test")
+        elsewhere = Resource(1, name="db", scope=other)
+        await elsewhere.acquire()
+        request = asyncio.create_task(_try(limiter, db))
+        await _until(lambda: redis_server.client().zcard("{test:db}:queue") == 1)
+        await asyncio.sleep(1.0)  # queued in Redis, holding the local slot
+        elsewhere.release()
+        assert await request == "ok"
+        hold = db.statistics().hold_seconds
+        assert hold.count == 1
+        assert hold.sum < 0.5, hold.sum  # the work itself, not the 1 s wait
+        await scope.aclose()
+        await other.aclose()
+
+    run(main)
+
+
 def test_keys_use_the_prefix_and_the_database_of_the_url(redis_server: RedisServer) -> None:
     async def main() -> None:
         scope = RedisScope(redis_server.url(db=3), key_prefix="shop")
