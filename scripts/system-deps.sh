@@ -4,7 +4,8 @@
 # pkg-config, GoogleTest, Google Benchmark, standalone Asio and SQLite (the
 # Asio integration and the C++ demo server), Python's venv and headers, and
 # redis-server and redis-tools (the cluster-scope tests start their own
-# servers on free ports, and join three into a Redis Cluster with redis-cli).
+# servers on free ports, and join three into a Redis Cluster with redis-cli),
+# and openssl (a certificate for the test of Redis over TLS).
 # Needs root (or sudo) only when something is missing.
 set -euo pipefail
 
@@ -18,6 +19,7 @@ command -v pkg-config >/dev/null || need+=(pkg-config)
 [ -f /usr/include/benchmark/benchmark.h ] || need+=(libbenchmark-dev)
 command -v redis-server >/dev/null || need+=(redis-server)
 command -v redis-cli >/dev/null || need+=(redis-tools)
+command -v openssl >/dev/null || need+=(openssl)
 [ -f /usr/include/asio.hpp ] || need+=(libasio-dev)
 [ -f /usr/include/sqlite3.h ] || need+=(libsqlite3-dev)
 python3 -m venv --help >/dev/null 2>&1 || need+=(python3-venv)

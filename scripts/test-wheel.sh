@@ -4,6 +4,9 @@
 # user's machine that has none), and runs the Python suite against it:
 #
 #   scripts/test-wheel.sh DIST VENV PYTHON [pytest arguments...]
+#
+# PINS (optional): requirements installed together with the test
+# dependencies, e.g. PINS="fastapi==0.117.*" to test an older FastAPI.
 set -euo pipefail
 
 dist=$(realpath "$1") venv=$2 python=$3
@@ -39,7 +42,11 @@ pip=(python -m pip --quiet --disable-pip-version-check)
 # From DIST only: pip picks the wheel whose tags this interpreter accepts.
 "${pip[@]}" install --no-index --no-deps --find-links "$dist" fastapi-concurrency-limiter
 # Then the runtime and test dependencies, as wheels only.
-"${pip[@]}" install --only-binary :all: "fastapi-concurrency-limiter[test]"
+# PINS: requirements split on spaces, not globbed (fastapi==0.117.*).
+set -f
+# shellcheck disable=SC2086
+"${pip[@]}" install --only-binary :all: "fastapi-concurrency-limiter[test]" ${PINS:-}
+set +f
 
 # Show which wheel is under test, and that the tests import it (not sources).
 python - <<'PY'
@@ -48,6 +55,7 @@ import fastapi_concurrency_limiter as fcl
 wheel = importlib.metadata.distribution("fastapi-concurrency-limiter").read_text("WHEEL") or ""
 tags = [line.split(": ", 1)[1] for line in wheel.splitlines() if line.startswith("Tag: ")]
 assert fcl.__file__ and fcl.__file__.startswith(sys.prefix), fcl.__file__
-print(f"== Python {sys.version.split()[0]}: wheel {', '.join(tags)}, no compiler on PATH")
+versions = ", ".join(f"{d} {importlib.metadata.version(d)}" for d in ("fastapi", "starlette"))
+print(f"== Python {sys.version.split()[0]}: wheel {', '.join(tags)}, no compiler on PATH; {versions}")
 PY
 python -m pytest -q "$@"

@@ -11,7 +11,17 @@ from starlette.requests import Request
 from . import _core
 from ._clustered import Releasable, running_loop_time, with_cluster
 from ._errors import Rejection
-from ._holding import Holds, Selection, check, holds_of, leave, running_loop, task_on
+from ._holding import (
+    REQUEST,
+    SCOPE_HOLDS,
+    Holds,
+    Selection,
+    check,
+    holds_of,
+    leave,
+    running_loop,
+    task_on,
+)
 from ._holding import _held as _holds
 from ._waiting import wait
 
@@ -53,6 +63,11 @@ class Gate:
             holds = holds_of(task)
         elif holds:
             check(holds, selection)
+        if connection is not None:
+            # What limiter.asgi() holds for this request, maybe in another task.
+            outer = connection.scope.get(SCOPE_HOLDS)
+            if outer:
+                check(outer, selection, REQUEST)
         acquisition = (
             _core.Acquisition(self._rset)
             if key is None

@@ -15,9 +15,11 @@ from starlette.websockets import WebSocket
 
 from ._adaptive import completion_of
 from ._errors import ServerBusy
+from ._holding import SCOPE_HOLDS, Holds, leave
 from ._streaming import Held
 
 if TYPE_CHECKING:
+    from . import _core
     from ._admission import Gate
 
 #: ``on_reject(connection, exc)``: the response for a request or WebSocket
@@ -39,26 +41,62 @@ def busy_response(exc: ServerBusy) -> Response:
     return JSONResponse({"detail": exc.detail}, status_code=exc.status_code, headers=exc.headers)
 
 
+def app_handler(scope: Scope, status_code: int, app: object = None) -> OnReject | None:
+    """The exception handler the app registered for ``ServerBusy``, as
+    Starlette's ``ExceptionMiddleware`` would pick it for a ``ServerBusy``
+    raised in an endpoint: one for its status code, else one for
+    ``ServerBusy`` or a base class (``HTTPException``: FastAPI's default
+    handler answers as ``busy_response``). Looked up on ``app`` (the app a
+    ``limiter.asgi()`` wraps) if it is a Starlette app, then on the app the
+    request came through (``scope["app"]``, set by Starlette). ``None``
+    when neither has one. Handlers for 500 and ``Exception`` belong to the
+    server-error middleware, which a rejection does not reach: skipped."""
+    for candidate in (app, scope.get("app")):
+        handlers = getattr(candidate, "exception_handlers", None)
+        if not isinstance(handlers, dict) or not handlers:
+            continue
+        handler = None if status_code == 500 else handlers.get(status_code)
+        if handler is not None:
+            return handler  # type: ignore[no-any-return]
+        for cls in ServerBusy.__mro__:
+            if cls is Exception:
+                break
+            handler = handlers.get(cls)
+            if handler is not None:
+                return handler  # type: ignore[no-any-return]
+    return None
+
+
 async def refuse(
     connection: HTTPConnection,
     send: Send,
     exc: ServerBusy,
     on_reject: OnReject | None = None,
+    app: object = None,
 ) -> None:
     """Answers a request or a not yet accepted WebSocket connection turned
-    away with ``exc``. A WebSocket gets the response as the handshake's
+    away with ``exc``: with ``on_reject``'s response, else with that of the
+    app's exception handler for ``ServerBusy`` (``app_handler``), else with
+    ``busy_response``. A WebSocket gets the response as the handshake's
     HTTP response where the server offers the denial extension
     (``websocket.http.response``), else the handshake completes and the
     connection is closed at once with code 1013 (ASGI has no other way to
-    refuse a handshake than 403)."""
-    response: Response | Awaitable[Response]
-    if on_reject is None:
+    refuse a handshake than 403). An exception handler that returns
+    ``None`` for a WebSocket has answered it itself (as Starlette's
+    WebSocket handlers do)."""
+    scope = connection.scope
+    handler = on_reject if on_reject is not None else app_handler(scope, exc.status_code, app)
+    response: Response | Awaitable[Response] | None
+    if handler is None:
         response = busy_response(exc)
     else:
-        response = on_reject(connection, exc)
+        response = handler(connection, exc)
         if inspect.isawaitable(response):
             response = await response
-    scope = connection.scope
+        if response is None:
+            if scope["type"] == "websocket" and on_reject is None:
+                return
+            response = busy_response(exc)
     if scope["type"] == "http":
         # The request's own channel: a streamed rejection body watches it
         # for a client that leaves.
@@ -96,7 +134,8 @@ async def key_of(key: KeyOf, connection: HTTPConnection) -> str | None:
 class LimitedApp:
     """An ASGI app whose HTTP requests and WebSocket connections each hold a
     slot of the limiter's resources: an HTTP request until its response has
-    been sent completely (or the client is gone, or the app fails), a
+    been sent completely or the app has returned or raised (a client that
+    leaves once the app runs does not end it: see the README), a
     WebSocket connection for its whole life. Other scopes (``lifespan``)
     pass through untouched."""
 
@@ -127,14 +166,26 @@ class LimitedApp:
         try:
             granted, holds = await gate.admit(connection, key)
         except ServerBusy as exc:
-            await refuse(connection, send, exc, self._on_reject)
+            await refuse(connection, send, exc, self._on_reject, self.app)
             return
-        held = Held(granted, holds, gate.selection)
+        selection = gate.selection
+        held = Held(granted, holds, selection)
+        # Also recorded in the scope, for entry points of this request that
+        # run in another task (behind a BaseHTTPMiddleware): they must not
+        # wait for these slots.
+        in_scope = scope.get(SCOPE_HOLDS)
+        if in_scope is None:
+            in_scope = scope[SCOPE_HOLDS] = Holds()
+        in_scope.append(selection)
+
+        def release(completion: _core.Completion | None = None) -> None:
+            held.release(completion)
+            leave(in_scope, selection)
+
         # The watcher may have read messages while the request waited: they
         # are served again from the connection's receive.
         receive = connection._receive
         if kind == "http":
-            release = held.release
 
             async def send_then_release(message: Message) -> None:
                 await send(message)
@@ -147,10 +198,10 @@ class LimitedApp:
         try:
             await self.app(scope, receive, sender)
         except BaseException as exc:
-            held.release(completion_of(exc))
+            release(completion_of(exc))
             raise
         finally:
-            held.release()
+            release()
 
     def __getattr__(self, name: str) -> Any:
         # Starlette reads attributes of a mounted app (``routes``, for

@@ -12,16 +12,19 @@ resource's view: ``acquire()`` returns a ``ClusterPermit`` or raises
 Every wait keeps its local deadline even when Redis hangs: commands have a
 timeout, the wait for a notification has the loop's timer. A wait that ends
 without its slot (deadline, cancellation, Redis error) cancels in Redis
-best-effort in the background; a grant that arrives late is released. What
-best-effort misses, the lease reclaims: only permits the process still holds
-are renewed. When Redis is found unreachable, the requests waiting in its
-queue get ``on_error`` at once.
+in the background; a grant that arrives late is released. Background
+releases and cancellations are retried, and those that still fail go with
+the next heartbeat; what never reaches Redis, the lease reclaims: only
+permits the process still holds are renewed. When Redis is found
+unreachable (a failure confirmed by a second one), the requests waiting in
+its queue get ``on_error`` at once.
 """
 
 from __future__ import annotations
 
 import asyncio
 import functools
+import hashlib
 import itertools
 import logging
 import threading
@@ -47,6 +50,7 @@ try:
         AuthenticationError,
         ClusterDownError,
         MasterDownError,
+        NoScriptError,
         RedisClusterException,
         ResponseError,
         SlotNotCoveredError,
@@ -83,9 +87,13 @@ _UNREACHABLE: tuple[type[BaseException], ...] = (
     SlotNotCoveredError,
     RedisClusterException,
 )
-# After a failure, requests go straight to on_error for this long (instead of
-# each waiting for its own timeout); a successful heartbeat ends it earlier.
+# Once a failure is confirmed (a second call fails, or a check right after
+# it), requests go straight to on_error for this long (instead of each
+# waiting for its own timeout); a successful call ends it earlier.
 _DOWN_FOR = 1.0
+# Attempts of a background release or cancellation before it is left to the
+# next heartbeat, and the pause before each retry.
+_BACKGROUND_RETRIES = (0.0, 0.05, 0.2)
 # Seconds a request whose deadline has passed (a zero timeout: "try once")
 # may still spend on its one acquire round trip.
 _TRY_ONCE = 0.05
@@ -220,6 +228,9 @@ class _Waiter:
     # Redis became unreachable (the request gets on_error).
     future: asyncio.Future[bool | None]
     deadline: float | None
+    # Redis answered that it queued this waiter: only such waiters are
+    # renewed (and, when Redis lost them, queued again) by the heartbeat.
+    queued: bool = False
 
 
 class _Client:
@@ -229,6 +240,10 @@ class _Client:
         self.scope = scope
         self.loop = loop
         self.process = scope._process_id()
+        # This client's own id (a process has one client per event loop):
+        # its notify list and the prefix of its waiter ids. A grant for a
+        # waiter of this loop reaches this loop's listener only.
+        self.id = f"{self.process}.{next(_CLIENT_IDS)}"
         options: dict[str, Any] = {
             "decode_responses": True,
             "socket_connect_timeout": scope.timeout,
@@ -256,7 +271,11 @@ class _Client:
                 single_connection_client=True,
                 **options,
             )
-        self.scripts = {name: self.redis.register_script(text) for name, text in _SCRIPTS.items()}
+        self.shas = {name: _sha1(text) for name, text in _SCRIPTS.items()}
+        # Scripts are loaded once (on every master of a Redis Cluster)
+        # before the first call, and again after a NOSCRIPT reply.
+        self._scripts_version = 0  # 0: not loaded yet
+        self._loading: asyncio.Lock | None = None
         self.waiters: dict[str, _Waiter] = {}
         # Held permits, weakly: one that its holder dropped without
         # releasing is not renewed (its lease then gives the slot back).
@@ -264,6 +283,15 @@ class _Client:
         self.held: dict[str, weakref.ref[ClusterPermit]] = {}
         # Held permits admitted by on_error that Redis does not know yet.
         self.unrecorded: set[str] = set()
+        # Ids granted to a waiter whose request has not taken its permit
+        # yet (the listener must not give them back).
+        self._granting: set[str] = set()
+        # Releases and cancellations that did not reach Redis, by stage:
+        # sent with the next heartbeat.
+        self.pending: dict[ClusterStage, set[str]] = {}
+        # Failed calls in a row, by listener group; a success resets it.
+        self._failures: dict[int, int] = {}
+        self._confirming: dict[int, asyncio.Task[None]] = {}
         self._thread = threading.get_ident()
         self.stages: list[ClusterStage] = []
         # Loop time until which requests go straight to on_error, by listener
@@ -284,15 +312,41 @@ class _Client:
     # -- calls ------------------------------------------------------------
 
     def _keys(self, stage: ClusterStage) -> list[str]:
-        return [*stage.keys, stage.notify_prefix + self.process]
+        return [*stage.keys, stage.notify_prefix + self.id]
+
+    async def _load_scripts(self, seen: int = 0) -> None:
+        """Loads the scripts unless they were loaded after version ``seen``
+        (the one that was missing: a restarted Redis or a promoted replica
+        may lack them). One load at a time per client."""
+        if self._loading is None:
+            self._loading = asyncio.Lock()
+        async with self._loading:
+            if self._scripts_version != seen:
+                return  # loaded meanwhile
+            for text in _SCRIPTS.values():
+                # On every master in a Redis Cluster.
+                await self.redis.script_load(text)
+            self._scripts_version = seen + 1
+
+    async def _evalsha(self, name: str, keys: list[str], args: list[Any]) -> Any:
+        if self._scripts_version == 0:
+            await self._load_scripts()
+        version = self._scripts_version
+        try:
+            return await self.redis.evalsha(self.shas[name], len(keys), *keys, *args)
+        except NoScriptError:
+            await self._load_scripts(version)
+            return await self.redis.evalsha(self.shas[name], len(keys), *keys, *args)
 
     async def _call(self, name: str, stage: ClusterStage, *args: Any) -> Any:
         lease_ms = int(self.scope.lease * 1000)
+        group = self._group(stage)
         try:
-            reply = await self.scripts[name](
-                keys=self._keys(stage), args=[stage.capacity, lease_ms, self.process, *args]
+            reply = await self._evalsha(
+                name, self._keys(stage), [stage.capacity, lease_ms, self.process, *args]
             )
-            self._down.pop(self._group(stage), None)
+            self._down.pop(group, None)
+            self._failures.pop(group, None)
             return reply
         except (AuthenticationError, ResponseError, RedisClusterException) as e:
             message = str(e)
@@ -310,6 +364,13 @@ class _Client:
                 # requests, as unreachable.
                 raise _Unserved(message) from e
             raise
+        except _UNREACHABLE:
+            raise
+        except Exception as e:  # noqa: BLE001 - an unexpected failure of the client
+            # Not a misconfiguration we know of: for the request, as an
+            # unreachable Redis (on_error applies), not a 500.
+            logger.warning("Redis call %r failed unexpectedly", name, exc_info=True)
+            raise _Unserved(f"{type(e).__name__}: {e}") from e
 
     def _misconfigured(self, error: BaseException) -> RedisScopeError | None:
         """The error that ``error`` means, when it says the scope is
@@ -352,7 +413,7 @@ class _Client:
             self.spawn(self.redis.lpush(lists[0], ""), stage)
 
     def new_id(self) -> str:
-        return f"{self.process}:{next(self._ids)}"
+        return f"{self.id}:{next(self._ids)}"
 
     async def acquire(
         self, stage: ClusterStage, deadline: float | None, request: Request | None
@@ -366,9 +427,10 @@ class _Client:
         try:
             status, in_use = await self._send_acquire(stage, waiter_id, deadline)
         except BaseException:
-            # Unknown whether Redis took it: take it back, best-effort.
+            # Unknown whether Redis took it: take it back (retried).
             self.waiters.pop(waiter_id, None)
-            self.spawn(self._cancel(stage, waiter_id), stage)
+            self._granting.discard(waiter_id)
+            self.give_back(stage, waiter_id, "cancel")
             raise
         stage.in_use = in_use
         if status == _GRANTED:
@@ -377,6 +439,7 @@ class _Client:
         if status == _NO_SLOT:
             self.waiters.pop(waiter_id, None)
             raise ClusterRefused(stage.name, "timeout")
+        waiter.queued = True
         return await self._wait(waiter, waiter_id, request)
 
     async def _send_acquire(
@@ -387,9 +450,10 @@ class _Client:
             wait_ms = -1 if left is None else max(0, int(left * 1000))
             call = self._call("acquire", stage, waiter_id, wait_ms)
             try:
-                if left is not None and left < self.scope.timeout:
-                    # The request's deadline comes before the command's. A
-                    # deadline that has (almost) passed still gets one try.
+                if left is not None:
+                    # Never past the request's deadline (a script reload
+                    # included). A deadline that has (almost) passed still
+                    # gets one try.
                     reply = await asyncio.wait_for(call, max(left, _TRY_ONCE))
                 else:
                     reply = await call
@@ -421,6 +485,7 @@ class _Client:
         try:
             granted = await future
         except BaseException:
+            self._granting.discard(waiter_id)
             self._abandon(stage, waiter_id)
             raise
         finally:
@@ -440,7 +505,17 @@ class _Client:
     def _hold(self, stage: ClusterStage, permit_id: str) -> ClusterPermit:
         permit = ClusterPermit(stage, self, permit_id)
         self.held[permit_id] = weakref.ref(permit)
+        self._granting.discard(permit_id)
         return permit
+
+    def _grant(self, waiter_id: str, waiter: _Waiter) -> bool:
+        """Ends ``waiter``'s wait with its slot, if it still waits."""
+        if self.waiters.get(waiter_id) is not waiter or waiter.future.done():
+            return False
+        del self.waiters[waiter_id]
+        self._granting.add(waiter_id)
+        waiter.future.set_result(True)
+        return True
 
     def hold_unrecorded(self, stage: ClusterStage) -> ClusterPermit:
         """A permit admitted by on_error: held here, recorded in Redis by
@@ -479,11 +554,38 @@ class _Client:
         """A wait ended without its slot: leave the queue, or pass on a slot
         granted at that instant."""
         self.waiters.pop(waiter_id, None)
-        self.spawn(self._cancel(stage, waiter_id), stage)
+        self.give_back(stage, waiter_id, "cancel")
 
-    async def _cancel(self, stage: ClusterStage, waiter_id: str) -> None:
-        reply = await self._call("cancel", stage, waiter_id)
-        stage.in_use = int(reply[1])
+    def give_back(self, stage: ClusterStage, permit_id: str, script: str) -> None:
+        """Releases a permit or cancels a wait (``script``) in the
+        background: retried, then left to the next heartbeat. Both are
+        idempotent by id; a failure here never fails other requests."""
+        if self._closed or self.loop.is_closed():
+            return
+        self._track(self.loop.create_task(self._give_back(stage, permit_id, script)), stage)
+
+    async def _give_back(self, stage: ClusterStage, permit_id: str, script: str) -> None:
+        error: BaseException | None = None
+        for pause in _BACKGROUND_RETRIES:
+            if pause:
+                await asyncio.sleep(pause)
+            try:
+                reply = await asyncio.wait_for(
+                    self._call(script, stage, permit_id), self.scope.timeout
+                )
+            except _UNREACHABLE as e:
+                error = e
+                continue
+            stage.in_use = int(reply[1])
+            return
+        logger.info(
+            "resource %r: %s of %s did not reach Redis (%s); the next heartbeat sends it",
+            stage.name,
+            script,
+            permit_id,
+            str(error) or type(error).__name__,
+        )
+        self.pending.setdefault(stage, set()).add(permit_id)
 
     def release(self, stage: ClusterStage, permit_id: str) -> None:
         if threading.get_ident() != self._thread:
@@ -494,7 +596,7 @@ class _Client:
         if permit_id in self.unrecorded:  # Redis never knew it
             self.unrecorded.discard(permit_id)
             return
-        self.spawn(self._release(stage, permit_id), stage)
+        self.give_back(stage, permit_id, "release")
 
     async def _release(self, stage: ClusterStage, permit_id: str) -> None:
         reply = await self._call("release", stage, permit_id)
@@ -504,8 +606,7 @@ class _Client:
 
     def spawn(self, coroutine: Any, stage: ClusterStage) -> None:
         """Runs a best-effort call about ``stage`` in the background;
-        failures are left to the lease (an unreachable Redis is marked
-        down)."""
+        failures are logged (and left to the lease)."""
         if self._closed or self.loop.is_closed():
             coroutine.close()
             return
@@ -516,19 +617,55 @@ class _Client:
         task.add_done_callback(functools.partial(self._done, stage))
 
     def _done(self, stage: ClusterStage, task: asyncio.Task[Any]) -> None:
+        # A background call that failed affects no request: the requests
+        # waiting in Redis's queue keep waiting.
         self._tasks.discard(task)
         if not task.cancelled() and (e := task.exception()) is not None:
-            if isinstance(e, _UNREACHABLE):
-                self.mark_down(e, stage)
-            else:
-                logger.warning("Redis call failed: %r", e)
+            logger.warning("Redis call failed: %r", e)
 
     def is_down(self, stage: ClusterStage) -> bool:
         """Whether requests for ``stage`` go straight to on_error."""
         return self._down.get(self._group(stage), 0.0) > self.loop.time()
 
     def mark_down(self, error: BaseException, stage: ClusterStage) -> None:
-        self._mark_down(error, self._group(stage))
+        """A call about ``stage`` failed: Redis is declared unreachable for
+        the other requests once confirmed (a second failure in a row, or a
+        check that fails too); one slow reply is not an outage."""
+        self._suspect(error, self._group(stage), stage)
+
+    def _suspect(self, error: BaseException, group: int, stage: ClusterStage | None) -> None:
+        if self.is_down_group(group):
+            self._down[group] = self.loop.time() + _DOWN_FOR
+            return
+        failures = self._failures[group] = self._failures.get(group, 0) + 1
+        if failures >= 2:
+            self._mark_down(error, group)
+            return
+        if stage is None:
+            stage = next((s for s in self.stages if self._group(s) == group), None)
+        task = self._confirming.get(group)
+        if stage is not None and (task is None or task.done()) and not self._closed:
+            task = self._confirming[group] = self.loop.create_task(
+                self._confirm(error, group, stage)
+            )
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _confirm(self, error: BaseException, group: int, stage: ClusterStage) -> None:
+        """Checks Redis (the node of ``stage``'s slot) after a failure."""
+        try:
+            # A keyed command: in a Redis Cluster, it goes to the slot's node.
+            await asyncio.wait_for(self.redis.exists(stage.keys[5]), self.scope.timeout)
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # noqa: BLE001 - confirmed
+            if self._failures.get(group, 0) >= 1:
+                self._mark_down(error, group)
+            return
+        self._failures.pop(group, None)
+
+    def is_down_group(self, group: int) -> bool:
+        return self._down.get(group, 0.0) > self.loop.time()
 
     def _mark_down(self, error: BaseException, group: int) -> None:
         now = self.loop.time()
@@ -548,7 +685,7 @@ class _Client:
     async def _listen_loop(self, group: int) -> None:
         backoff = 0.05
         while not self._closed:
-            lists = [s.notify_prefix + self.process for s in self.stages if self._group(s) == group]
+            lists = [s.notify_prefix + self.id for s in self.stages if self._group(s) == group]
             self._listening[group] = lists
             try:
                 item = await self.listen_redis.blpop(lists, timeout=self._block)
@@ -556,7 +693,7 @@ class _Client:
                 raise
             except Exception as e:  # noqa: BLE001 - anything: retry after a pause
                 if isinstance(e, _UNREACHABLE):
-                    self._mark_down(e, group)
+                    self._suspect(e, group, None)
                 else:
                     logger.warning("Redis listener failed: %r", e)
                 await asyncio.sleep(backoff)
@@ -568,14 +705,15 @@ class _Client:
             key, waiter_id = str(item[0]), str(item[1])
             if not waiter_id:  # a wake-up to listen to a new list
                 continue
-            waiter = self.waiters.pop(waiter_id, None)
-            if waiter is not None and not waiter.future.done():
-                waiter.future.set_result(True)
-            else:
-                # Granted after its wait ended: give it back.
-                stage = next((s for s in self.stages if key.startswith(s.notify_prefix)), None)
-                if stage is not None:
-                    self.spawn(self._release(stage, waiter_id), stage)
+            waiter = self.waiters.get(waiter_id)
+            if waiter is not None and self._grant(waiter_id, waiter):
+                continue
+            if waiter_id in self.held or waiter_id in self._granting:
+                continue  # the acquire's own reply granted it: in use
+            # Granted after its wait ended: give it back.
+            stage = next((s for s in self.stages if key.startswith(s.notify_prefix)), None)
+            if stage is not None:
+                self.give_back(stage, waiter_id, "release")
 
     async def _heartbeat_loop(self) -> None:
         while not self._closed:
@@ -608,12 +746,21 @@ class _Client:
                 held.append(permit_id)
         waiting: list[Any] = []
         for waiter_id, w in self.waiters.items():
-            if w.stage is stage:
+            # Not those whose acquire is on its way: Redis may not know them
+            # yet, which is no loss.
+            if w.stage is stage and w.queued and not w.future.done():
                 left = -1 if w.deadline is None else max(0, int((w.deadline - now) * 1000))
                 waiting += [waiter_id, left]
+        given_back = list(self.pending.get(stage, ()))
         reply = await asyncio.wait_for(
-            self._call("heartbeat", stage, len(held), *held, *waiting), self.scope.timeout
+            self._call(
+                "heartbeat", stage, len(held), *held, len(given_back), *given_back, *waiting
+            ),
+            self.scope.timeout,
         )
+        pending = self.pending.get(stage)
+        if pending is not None:
+            pending.difference_update(given_back)
         stage.processes, stage.in_use = int(reply[0]), int(reply[1])
         for permit_id in held:
             self.unrecorded.discard(permit_id)
@@ -621,7 +768,7 @@ class _Client:
             if permit_id not in self.held:
                 # Released while the heartbeat was on its way, which put it
                 # back: release it again.
-                self.spawn(self._release(stage, permit_id), stage)
+                self.give_back(stage, permit_id, "release")
         if int(reply[4]):
             logger.warning(
                 "resource %r: %d request(s) running here (admitted by on_error, or whose lease "
@@ -632,26 +779,43 @@ class _Client:
             )
         for waiter_id in reply[3]:
             waiter = self.waiters.get(waiter_id)
-            if waiter is not None and not waiter.future.done():
+            if waiter is not None and waiter.queued and not waiter.future.done():
+                waiter.queued = False  # until Redis has queued it again
                 self.spawn(self._requeue(waiter, waiter_id), stage)
 
     async def _requeue(self, waiter: _Waiter, waiter_id: str) -> None:
+        """Queues again a waiter Redis lost, unless its wait has ended."""
+        stage = waiter.stage
+        if self.waiters.get(waiter_id) is not waiter or waiter.future.done():
+            return
         try:
-            status, in_use = await self._send_acquire(waiter.stage, waiter_id, waiter.deadline)
+            status, in_use = await self._send_acquire(stage, waiter_id, waiter.deadline)
         except ClusterRefused:
             return  # its deadline has come: the loop timer ends the wait
-        waiter.stage.in_use = in_use
-        if status == _GRANTED and self.waiters.pop(waiter_id, None) is waiter:
-            if not waiter.future.done():
-                waiter.future.set_result(True)
-            else:
-                self.spawn(self._release(waiter.stage, waiter_id), waiter.stage)
+        except _UNREACHABLE:
+            # Its wait goes on (or ends at its deadline); whatever the acquire
+            # did in Redis is taken back if the wait ends meanwhile.
+            if self.waiters.get(waiter_id) is not waiter or waiter.future.done():
+                self.give_back(stage, waiter_id, "cancel")
+            return
+        stage.in_use = in_use
+        if waiter_id in self.held or waiter_id in self._granting:
+            return  # granted meanwhile (through its notify list)
+        if self.waiters.get(waiter_id) is not waiter or waiter.future.done():
+            # Its wait ended while the acquire was on its way (its own
+            # cancel may have reached Redis first): take back what it got.
+            if status != _NO_SLOT:
+                self.give_back(stage, waiter_id, "cancel")
+            return
+        if status == _GRANTED:
+            self._grant(waiter_id, waiter)
+        elif status == _QUEUED:
+            waiter.queued = True
 
     async def check(self, stages: Sequence[ClusterStage]) -> None:
         try:
             await self.redis.ping()
-            for script in self.scripts.values():
-                await self.redis.script_load(script.script)
+            await self._load_scripts(self._scripts_version)
         except (AuthenticationError, ResponseError, RedisClusterException) as e:
             problem = self._misconfigured(e)
             if problem is not None:
@@ -711,6 +875,13 @@ class _Disconnect:
         if not self._future.done():
             self.happened = True
             self._future.set_result(False)
+
+
+def _sha1(text: str) -> str:
+    return hashlib.sha1(text.encode()).hexdigest()  # noqa: S324 - Redis's script id
+
+
+_CLIENT_IDS = itertools.count()
 
 
 def _set_unless_done(future: asyncio.Future[bool | None], value: bool) -> None:

@@ -14,13 +14,13 @@ import asyncio
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Protocol
 
+from . import _core
 from ._errors import Rejection, ServerBusy
 from ._logging import log_rejection
 
 if TYPE_CHECKING:
     from starlette.requests import Request
 
-    from . import _core
     from ._cluster import ClusterPermit, ClusterStage
 
 
@@ -81,13 +81,15 @@ async def with_cluster(
     try:
         for stage in stages:
             permits.append(await stage.acquire(deadline, request))
+    # A request that never ran teaches an adaptive local limit nothing: its
+    # local slot goes back as "ignored", not as a success lasting its wait.
     except ClusterRefused as e:
-        ClusteredAcquisition(acquisition, permits).release()
+        ClusteredAcquisition(acquisition, permits).release(_core.Completion.ignored)
         log_rejection(e.resource, e.reason, running_loop_time() - started)
         if rejection is not None:
             raise rejection.error(e.resource, e.reason) from None
         raise ServerBusy(e.resource, e.reason, retry_after) from None
     except BaseException:
-        ClusteredAcquisition(acquisition, permits).release()
+        ClusteredAcquisition(acquisition, permits).release(_core.Completion.ignored)
         raise
     return ClusteredAcquisition(acquisition, permits)

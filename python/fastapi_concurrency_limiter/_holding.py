@@ -12,7 +12,10 @@ held one.
 Only the route decorator, ``limiter.dependency()``, ``limiter.asgi()``,
 ``limiter.acquire()`` and ``Resource.acquire()`` record holds, keyed by the
 task that took them (a task spawned by a holder does not inherit its holds:
-it may wait for the holder without deadlock).
+it may wait for the holder without deadlock). ``limiter.asgi()`` also
+records its holds in the request's ASGI scope (``SCOPE_HOLDS``): an entry
+point of the same request that runs in another task (the endpoint behind a
+``BaseHTTPMiddleware`` runs in a task of its own) checks those too.
 """
 
 from __future__ import annotations
@@ -42,6 +45,11 @@ class Selection:
 
 
 Owner = object  # an asyncio.Task, or None outside of any task
+
+#: ASGI scope key: the ``Holds`` of the ``limiter.asgi()`` wrappers the
+#: request went through (a middleware that copies the scope copies the
+#: reference, so a release is seen there too).
+SCOPE_HOLDS = "fastapi_concurrency_limiter.holds"
 
 running_loop = asyncio._get_running_loop
 task_on: Callable[[asyncio.AbstractEventLoop | None], Owner]
@@ -100,22 +108,23 @@ def holds_of(owner: Owner) -> Holds:
     return holds
 
 
-def check(holds: Holds, selection: Selection) -> None:
+def check(holds: Holds, selection: Selection, holder: str = "this task") -> None:
     """RuntimeError if a task holding ``holds`` may not wait for
-    ``selection`` (that could deadlock)."""
+    ``selection`` (that could deadlock). ``holder``: who holds them, for
+    the message."""
     for holding in holds:
         for have in holding.resources:
             for want in selection.resources:
                 if want is have:
                     raise RuntimeError(
-                        f"this task already holds a slot of resource {have.name!r} "
+                        f"{holder} already holds a slot of resource {have.name!r} "
                         f"and asks for resource {want.name!r} again: it would wait "
                         "for itself (a deadlock once every slot is taken). Hold it "
                         "once, in the outermost place that needs it."
                     )
                 if want in have._before:
                     raise RuntimeError(
-                        f"this task holds a slot of resource {have.name!r} and asks "
+                        f"{holder} holds a slot of resource {have.name!r} and asks "
                         f"for resource {want.name!r}, which a Limiter registers before "
                         f"{have.name!r}: another request holding {want.name!r} and "
                         f"waiting for {have.name!r} would deadlock with it. Acquire "
@@ -123,6 +132,20 @@ def check(holds: Holds, selection: Selection) -> None:
                         f"limiter.resources([{want.name!r}, {have.name!r}]) "
                         "(as Resource objects)."
                     )
+
+
+REQUEST = (
+    "this request (through limiter.asgi(), in another task: e.g. behind a "
+    "BaseHTTPMiddleware)"
+)
+
+
+def check_scope(scope: dict[str, object], selection: Selection) -> None:
+    """``check()`` against what ``limiter.asgi()`` wrappers hold for the
+    request of ``scope``."""
+    outer = scope.get(SCOPE_HOLDS)
+    if outer:
+        check(outer, selection, REQUEST)  # type: ignore[arg-type]
 
 
 def leave(holds: Holds, selection: Selection) -> None:

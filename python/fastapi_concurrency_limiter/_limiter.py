@@ -22,7 +22,18 @@ from ._admission import Gate
 from ._asgi import TRY_AGAIN_LATER, KeyOf, LimitedApp, OnReject, refuse
 from ._clustered import Releasable, running_loop_time, with_cluster
 from ._errors import BUSY_DETAIL, Rejection, ServerBusy
-from ._holding import Holds, Selection, check, current_task, holds_of, leave, running_loop, task_on
+from ._holding import (
+    REQUEST,
+    SCOPE_HOLDS,
+    Holds,
+    Selection,
+    check,
+    current_task,
+    holds_of,
+    leave,
+    running_loop,
+    task_on,
+)
 from ._holding import _held as _holds
 from ._resource import Resource
 from ._statistics import LimiterStatistics
@@ -198,7 +209,9 @@ class Limiter:
         Same order rules (ValueError here), timeout, 503, disconnect
         handling, deadlock check and ``key`` as the decorator. When the slots
         are given back depends on FastAPI's handling of dependencies with
-        ``yield``: see the README's "Limiting a router". On a WebSocket
+        ``yield``: see the README's "Limiting a router" (from FastAPI 0.118,
+        after the response's background tasks have run, unless it is used
+        as ``Depends(..., scope="function")``). On a WebSocket
         route the connection holds the slots for its life; one turned away
         is closed before it is accepted (``WebSocketException`` 1013, which
         the server answers with HTTP 403): the decorator and ``asgi()``
@@ -250,7 +263,9 @@ class Limiter:
             app.mount("/files", limiter.asgi([disk])(files_app))
 
         An HTTP request holds its slots until its response has been sent
-        completely (or the client is gone, or the app raised); a WebSocket
+        completely or the app has returned or raised (a client that
+        leaves once the app runs does not end the app, so its slots stay
+        held until it returns); a WebSocket
         connection for its whole life. A request turned away gets the
         limiter's response (503 and ``{"detail": ...}``, ``Retry-After``);
         a WebSocket connection is refused before it is accepted. Lifespan
@@ -261,8 +276,13 @@ class Limiter:
         ``on_reject``: ``on_reject(connection, exc)`` (sync or ``async``)
         returns the Starlette ``Response`` to send instead of the limiter's
         (for a WebSocket: as the handshake's denial response where the
-        server supports it). Same order rules (ValueError here), timeout and
-        deadlock check as the decorator.
+        server supports it). Without it, the app's exception handler for
+        ``ServerBusy`` answers if there is one (on the wrapped app, else on
+        ``scope["app"]``; see the README's "Your own rejection"). Same
+        order rules (ValueError here), timeout and deadlock check as the
+        decorator; what the wrapper holds is recorded in the request's
+        scope, so that a nested limit of the same request is refused with
+        RuntimeError also from another task.
         """
         gate = self._gate(resources, timeout)
         if key is not None and not callable(key):
@@ -613,6 +633,12 @@ def _limit(
             holds = holds_of(task)
         elif holds:
             check(holds, selection)
+        # What limiter.asgi() holds for this request, maybe in another task
+        # (behind a BaseHTTPMiddleware).
+        if request is not None:
+            outer = request.scope.get(SCOPE_HOLDS)
+            if outer:
+                check(outer, selection, REQUEST)
         acquisition = (
             Acquisition(rset, kwargs.pop(_KEY_PARAM))
             if keyed
@@ -677,7 +703,7 @@ def _limit_websocket(
         except ServerBusy as exc:
             # The raw channel: Starlette's WebSocket.send() of some
             # supported versions refuses the denial messages.
-            await refuse(websocket, websocket._send, exc)
+            await refuse(websocket, websocket._send, exc)  # the app's handler if any
             return None
         try:
             result = await func(*args, **kwargs)

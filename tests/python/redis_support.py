@@ -8,6 +8,7 @@ import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -39,14 +40,29 @@ def free_port() -> int:
 class RedisServer:
     """One redis-server process, restartable on the same port."""
 
-    def __init__(self, password: str | None = None) -> None:
+    def __init__(self, password: str | None = None, tls: bool = False) -> None:
         self.port = free_port()
         self.password = password
+        self.tls = tls
         self.dir = tempfile.mkdtemp(prefix="redis-test-")
         self.proc: subprocess.Popen[bytes] | None = None
+        self.cert = os.path.join(self.dir, "cert.pem")
+        if tls:
+            # A self-signed certificate for 127.0.0.1, its own CA.
+            subprocess.run(
+                [
+                    "openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+                    "-keyout", os.path.join(self.dir, "key.pem"), "-out", self.cert,
+                    "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
+                ],
+                check=True,
+                capture_output=True,
+            )  # fmt: skip
 
     def url(self, db: int = 0) -> str:
         auth = f":{self.password}@" if self.password else ""
+        if self.tls:
+            return f"rediss://{auth}127.0.0.1:{self.port}/{db}?ssl_ca_certs={self.cert}"
         return f"redis://{auth}127.0.0.1:{self.port}/{db}"
 
     def start(self) -> None:
@@ -63,20 +79,34 @@ class RedisServer:
         ]  # fmt: skip
         if self.password:
             args += ["--requirepass", self.password]
+        if self.tls:
+            args[1:3] = ["--port", "0", "--tls-port", str(self.port)]
+            args += [
+                "--tls-cert-file", self.cert,
+                "--tls-key-file", os.path.join(self.dir, "key.pem"),
+                "--tls-ca-cert-file", self.cert,
+                "--tls-auth-clients", "no",
+            ]  # fmt: skip
         self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 10
         while True:
             try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as s:
-                    s.sendall(b"PING\r\n")
-                    reply = s.recv(64)
-                    if reply.startswith((b"+PONG", b"-NOAUTH")):
-                        return
+                if self._ping():
+                    return
             except OSError:
                 pass
             if time.monotonic() > deadline or self.proc.poll() is not None:
                 raise RuntimeError(f"redis-server did not start on port {self.port}")
             time.sleep(0.02)
+
+    def _ping(self) -> bool:
+        with socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as raw:
+            s = raw
+            if self.tls:
+                context = ssl.create_default_context(cafile=self.cert)
+                s = context.wrap_socket(raw, server_hostname="127.0.0.1")
+            s.sendall(b"PING\r\n")
+            return s.recv(64).startswith((b"+PONG", b"-NOAUTH"))
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:

@@ -298,3 +298,218 @@ def test_a_plain_starlette_app_works_without_fastapi() -> None:
     )
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == "200 hello 503 Server busy, please retry later 1".split()
+
+
+async def test_whole_app_wrapped_over_a_middleware_fails_nested_limits_at_once() -> None:
+    # The endpoint behind @app.middleware("http") (a BaseHTTPMiddleware) runs
+    # in a task of its own: without timeout, a nested limit on a resource
+    # the wrapper holds would wait for its own slot forever.
+    from fastapi import APIRouter, Depends, FastAPI
+
+    db = Resource(1, name="db")
+    api = Resource(1, name="api")
+    limiter = Limiter(timeout=None, resources=[db, api])
+    inner = FastAPI()
+
+    @inner.middleware("http")
+    async def passing(request: Request, call_next):  # type: ignore[no-untyped-def]
+        return await call_next(request)
+
+    @inner.get("/decorated")
+    @limiter.resources([db])
+    async def decorated() -> dict[str, int]:
+        return {"ok": 1}
+
+    @inner.get("/earlier")  # db is registered before api, which the wrapper holds
+    @limiter.resources([db])
+    async def earlier() -> dict[str, int]:
+        return {"ok": 1}
+
+    router = APIRouter(dependencies=[Depends(limiter.dependency([db]))])
+
+    @router.get("/router")
+    async def routed() -> dict[str, int]:
+        return {"ok": 1}
+
+    @inner.get("/later")  # api comes after db: allowed
+    @limiter.resources([api])
+    async def later() -> dict[str, int]:
+        return {"in_use": api.in_use}
+
+    inner.include_router(router)
+    app = Starlette(routes=[
+        Mount("/db", app=limiter.asgi([db])(inner)),
+        Mount("/api", app=limiter.asgi([api])(inner)),
+    ])
+    with serve(app) as url:  # type: ignore[arg-type]
+        for path in ("/db/decorated", "/db/router", "/api/earlier"):
+            # (uvicorn closes the connection of a request whose app raised)
+            async with httpx.AsyncClient(base_url=url, timeout=20) as client:
+                assert (await client.get(path)).status_code == 500, path
+        async with httpx.AsyncClient(base_url=url, timeout=20) as client:
+            r = await client.get("/db/later")
+            assert (r.status_code, r.json()) == (200, {"in_use": 1})
+    assert (db.in_use, db.waiting, api.in_use, api.waiting) == (0, 0, 0, 0)
+
+
+async def test_nested_limit_behind_a_middleware_names_the_request_as_holder() -> None:
+    from fastapi import FastAPI
+
+    db = Resource(1, name="db")
+    limiter = Limiter(timeout=None, resources=[db])
+    inner = FastAPI()
+
+    @inner.middleware("http")
+    async def passing(request: Request, call_next):  # type: ignore[no-untyped-def]
+        return await call_next(request)
+
+    @inner.get("/x")
+    @limiter.resources([db])
+    async def x() -> dict[str, int]:
+        return {"ok": 1}
+
+    transport = httpx.ASGITransport(app=limiter.asgi([db])(inner))
+    async with httpx.AsyncClient(transport=transport, base_url="http://app") as client:
+        with pytest.raises(RuntimeError, match="this request .* holds a slot of resource 'db'"):
+            await client.get("/x")
+    assert (db.in_use, db.waiting) == (0, 0)
+
+
+async def test_app_handler_for_server_busy_answers_the_wrappers_refusals_on_a_real_server() -> None:
+    from fastapi import FastAPI
+
+    db = Resource(1, name="db")
+    api = Resource(1, name="api")
+    limiter = Limiter(timeout=0, resources=[api, db])  # api: taken first, by the whole app
+
+    async def plain(scope: Scope, receive: Receive, send: Send) -> None:
+        await PlainTextResponse("ok")(scope, receive, send)
+
+    def handler(request: HTTPConnection, exc: ServerBusy) -> Response:
+        return JSONResponse({"busy": exc.resource, "why": exc.reason}, status_code=429)
+
+    def sub_handler(request: HTTPConnection, exc: Exception) -> Response:
+        return PlainTextResponse("sub busy", status_code=429)
+
+    app = FastAPI()
+    app.add_exception_handler(ServerBusy, handler)  # type: ignore[arg-type]
+    app.mount("/mounted", limiter.asgi([db])(plain))
+    # A wrapped Starlette app's own handler comes first (by status code)...
+    sub = Starlette(routes=[Route("/", plain)], exception_handlers={503: sub_handler})
+    app.mount("/sub", limiter.asgi([db])(sub))
+    # ...if it has one for this rejection: else the app the request came through.
+    other = Starlette(routes=[Route("/", plain)], exception_handlers={429: sub_handler})
+    app.mount("/other", limiter.asgi([db])(other))
+    # A whole app wrapped (no scope["app"] yet): the wrapped app's handler.
+    whole = limiter.asgi([api])(app)
+    with serve(whole) as url:  # type: ignore[arg-type]
+        async with httpx.AsyncClient(base_url=url, timeout=20) as client:
+            async with held_elsewhere(limiter, [db]):
+                mounted, in_sub, in_other = await asyncio.gather(
+                    *[client.get(p) for p in ("/mounted/", "/sub/", "/other/")]
+                )
+            async with held_elsewhere(limiter, [api]):
+                outermost = await client.get("/mounted/")
+    expected = (429, {"busy": "db", "why": "timeout"})
+    assert (mounted.status_code, mounted.json()) == expected
+    assert (in_sub.status_code, in_sub.text) == (429, "sub busy")
+    assert (in_other.status_code, in_other.json()) == expected
+    assert (outermost.status_code, outermost.json()) == (429, {"busy": "api", "why": "timeout"})
+    assert (db.in_use, api.in_use) == (0, 0)
+
+
+async def test_plain_starlette_handler_for_server_busy_answers_the_wrappers_refusals(
+    asgi_client,  # type: ignore[no-untyped-def]
+) -> None:
+    db = Resource(1, name="db")
+    limiter = Limiter(timeout=0, resources=[db])
+
+    async def busy(request: Request, exc: Exception) -> Response:
+        return PlainTextResponse("come back later", status_code=429)
+
+    app = Starlette(
+        routes=[Route("/", limiter.asgi([db])(PlainTextResponse("ok")))],
+        exception_handlers={ServerBusy: busy},
+    )
+    async with asgi_client(app) as client:
+        async with held_elsewhere(limiter, [db]):
+            r = await client.get("/")
+        assert (r.status_code, r.text) == (429, "come back later")
+        assert (await client.get("/")).text == "ok"
+
+
+async def test_client_that_leaves_while_the_app_runs_leaves_the_slots_to_the_app() -> None:
+    # On a real server: the client goes once the app runs, before any
+    # response. The wrapper does not end the app; the app learns of it from
+    # its own receive(), still holding the slot, and its return frees it.
+    import socket
+
+    db = Resource(1, name="db")
+    limiter = Limiter(timeout=5, resources=[db])
+    seen: list[int] = []
+    running = threading.Event()
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        running.set()
+        while (await receive())["type"] != "http.disconnect":
+            pass
+        seen.append(db.in_use)
+
+    with serve(Starlette(routes=[Route("/", limiter.asgi([db])(app))])) as url:  # type: ignore[arg-type]
+        host, port = url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port))) as client:
+            client.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            await eventually(running.is_set)
+            assert db.in_use == 1
+        await eventually(lambda: seen != [])
+        assert seen == [1]
+        await eventually(lambda: db.in_use == 0)
+
+
+async def test_whole_app_over_a_middleware_with_nested_limits_and_cancellations_leaks_nothing() -> (
+    None
+):
+    # The scope's record of the wrapper's holds, under random cancellations:
+    # a nested limit on a later resource waits (or times out) as usual, one
+    # on the held resource fails at once; nothing stays held or queued.
+    from fastapi import FastAPI
+
+    api = Resource(4, name="api")
+    db = Resource(2, name="db")
+    limiter = Limiter(timeout=0.05, resources=[api, db])
+    inner = FastAPI()
+
+    @inner.middleware("http")
+    async def passing(request: Request, call_next):  # type: ignore[no-untyped-def]
+        return await call_next(request)
+
+    @inner.get("/later")
+    @limiter.resources([db])
+    async def later() -> dict[str, int]:
+        await asyncio.sleep(random.random() * 0.01)
+        return {"ok": 1}
+
+    @inner.get("/again")
+    @limiter.resources([api])
+    async def again() -> dict[str, int]:
+        return {"ok": 1}
+
+    app = limiter.asgi([api])(inner)
+    transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)  # type: ignore[arg-type]
+    rng = random.Random(7)
+    async with httpx.AsyncClient(transport=transport, base_url="http://app") as client:
+
+        async def one(path: str) -> int:
+            try:
+                r = await asyncio.wait_for(client.get(path), rng.random() * 0.5)
+                return r.status_code
+            except asyncio.TimeoutError:
+                return 0
+
+        paths = ["/later"] * 160 + ["/again"] * 40
+        rng.shuffle(paths)
+        codes = await asyncio.gather(*[one(p) for p in paths])
+    assert {c for c, p in zip(codes, paths, strict=True) if p == "/again"} <= {0, 500, 503}
+    assert {c for c, p in zip(codes, paths, strict=True) if p == "/later"} <= {0, 200, 503}
+    assert 500 in codes and 200 in codes, sorted(set(codes))
+    await eventually(lambda: (api.in_use, api.waiting, db.in_use, db.waiting) == (0, 0, 0, 0))

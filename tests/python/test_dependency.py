@@ -9,7 +9,7 @@ import threading
 import fastapi
 import httpx
 import pytest
-from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi import APIRouter, BackgroundTasks, Depends, FastAPI, Request
 from fastapi.responses import StreamingResponse
 
 from fastapi_concurrency_limiter import Limiter, Resource
@@ -284,3 +284,49 @@ async def test_body_read_while_waiting_reaches_the_endpoint_on_a_real_server() -
                 await eventually(lambda: db.waiting == 1)
             r = await post
     assert r.status_code == 200 and r.json() == payload
+
+
+async def test_background_tasks_run_with_the_dependencys_slots_from_fastapi_0_118() -> None:
+    # What a background task sees of the slots, on a real server: the
+    # decorator has given them back; the default dependency still holds
+    # them on FastAPI >= 0.118 (its exit code runs after the response,
+    # background tasks included); Depends(..., scope="function") does not.
+    db = Resource(2, name="db")
+    limiter = Limiter(timeout=1, resources=[db])
+    app = FastAPI()
+    seen: dict[str, int] = {}
+
+    def job(path: str) -> None:
+        seen[path] = db.in_use
+
+    @app.get("/dependency", dependencies=[Depends(limiter.dependency([db]))])
+    async def dependency(tasks: BackgroundTasks) -> dict[str, int]:
+        tasks.add_task(job, "/dependency")
+        return {"ok": 1}
+
+    @app.get("/decorator")
+    @limiter.resources([db])
+    async def decorator(tasks: BackgroundTasks) -> dict[str, int]:
+        tasks.add_task(job, "/decorator")
+        return {"ok": 1}
+
+    paths = ["/dependency", "/decorator"]
+    if HAS_DEPENDENCY_SCOPE:
+        paths.append("/function")
+
+        @app.get(
+            "/function",
+            dependencies=[Depends(limiter.dependency([db]), scope="function")],  # type: ignore[call-arg]
+        )
+        async def function(tasks: BackgroundTasks) -> dict[str, int]:
+            tasks.add_task(job, "/function")
+            return {"ok": 1}
+
+    with serve(app) as url:
+        async with httpx.AsyncClient(base_url=url, timeout=20) as client:
+            for path in paths:
+                assert (await client.get(path)).status_code == 200
+                await eventually(lambda path=path: path in seen)  # type: ignore[misc]
+                await eventually(lambda: db.in_use == 0)
+    assert seen.pop("/dependency") == (1 if EXIT_AFTER_RESPONSE else 0)
+    assert set(seen.values()) == {0}

@@ -96,6 +96,41 @@ def test_a_zero_timeout_tries_once(redis_server: RedisServer) -> None:
     run(main)
 
 
+def test_a_cluster_refusal_teaches_the_local_adaptive_limit_nothing(
+    redis_server: RedisServer,
+) -> None:
+    """A request refused by the cluster stage never ran: its local slot goes
+    back without a sample. Fed as a success, it would close the window below
+    with one drop in two samples (over the 5% drop rate) and cut the limit."""
+
+    async def main() -> None:
+        from fastapi_concurrency_limiter import AdaptiveLimit
+
+        scope = RedisScope(redis_server.url(), key_prefix="test")
+        db = Resource(
+            8, name="db", scope=scope, adaptive=AdaptiveLimit(window=0, min_window_samples=2)
+        )
+        limiter = Limiter(timeout=0.2, resources=[db])
+        await scope.check()
+        assert await _try(limiter, db) == "ok"  # the first release starts the algorithm
+        other = RedisScope(redis_server.url(), key_prefix="test")
+        elsewhere = Resource(8, name="db", scope=other)
+        await _until(lambda: holders(redis_server) == [])
+        await asyncio.gather(*(elsewhere.acquire() for _ in range(8)))
+        assert await _try(limiter, db) == "timeout"  # refused by the cluster stage
+        for _ in range(8):
+            elsewhere.release()
+        await _until(lambda: holders(redis_server) == [])
+        with pytest.raises(ValueError):
+            async with limiter.acquire([db]):
+                raise ValueError("query failed")  # a drop: one sample of two
+        assert db.limit == 8
+        await scope.aclose()
+        await other.aclose()
+
+    run(main)
+
+
 def test_keys_use_the_prefix_and_the_database_of_the_url(redis_server: RedisServer) -> None:
     async def main() -> None:
         scope = RedisScope(redis_server.url(db=3), key_prefix="shop")
@@ -168,6 +203,34 @@ def test_capacity_mismatch_is_a_clear_error(redis_server: RedisServer) -> None:
         await b.aclose()
 
     run(main)
+
+
+def test_rediss_url_over_tls() -> None:
+    """rediss:// with the server's CA: the scripts, the hand-off through the
+    notify list and the release all go over TLS."""
+    server = RedisServer(tls=True)
+    server.start()
+
+    async def main() -> None:
+        scope = RedisScope(server.url(), key_prefix="test")
+        db = Resource(1, name="db", scope=scope)
+        limiter = Limiter(timeout=10, resources=[db])
+        await scope.check()
+        other = RedisScope(server.url(), key_prefix="test")
+        elsewhere = Resource(1, name="db", scope=other)
+        await elsewhere.acquire()
+        waiter = asyncio.create_task(_try(limiter, db))
+        await _until(lambda: server.client().zcard("{test:db}:queue") == 1)
+        elsewhere.release()
+        assert await waiter == "ok"
+        await _until(lambda: holders(server) == [])
+        await scope.aclose()
+        await other.aclose()
+
+    try:
+        run(main)
+    finally:
+        server.close()
 
 
 def test_wrong_credentials_fail_at_start_up() -> None:

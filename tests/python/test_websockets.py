@@ -9,13 +9,14 @@ from typing import Any
 
 import pytest
 from fastapi import Depends, FastAPI, WebSocket
+from fastapi.responses import JSONResponse
 from starlette.applications import Starlette
 from starlette.routing import WebSocketRoute
 from starlette.types import Receive, Scope, Send
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosedError, InvalidStatus
 
-from fastapi_concurrency_limiter import Limiter, Resource
+from fastapi_concurrency_limiter import Limiter, Resource, ServerBusy
 
 from .conftest import eventually, serve
 
@@ -141,6 +142,29 @@ async def test_waiting_connection_gets_the_slot_when_one_frees_up() -> None:
         async with await waiter as ws:
             assert await _say(ws, "x") == "1:x"
     await eventually(lambda: (db.in_use, db.waiting) == (0, 0))
+
+
+@pytest.mark.parametrize("make", [fastapi_app, starlette_app], ids=["decorator", "asgi"])
+async def test_websocket_refusal_is_the_apps_server_busy_handlers_response(make) -> None:  # type: ignore[no-untyped-def]
+    db = Resource(1, name="db")
+    limiter = Limiter(timeout=0, resources=[db])
+    limited = make(db, limiter)
+
+    async def busy(connection: object, exc: ServerBusy) -> JSONResponse:
+        return JSONResponse({"custom": exc.reason}, status_code=429)
+
+    limited.add_exception_handler(ServerBusy, busy)
+    app = Offers(limited)
+    with serve(app) as url:
+        ws_url = url.replace("http://", "ws://") + "/ws"
+        async with connect(ws_url) as first:
+            app.require_denial()
+            with pytest.raises(InvalidStatus) as refused:
+                await connect(ws_url)
+            assert await _say(first, "x") == "1:x"
+    assert refused.value.response.status_code == 429
+    assert json.loads(refused.value.response.body) == {"custom": "timeout"}
+    await eventually(lambda: db.in_use == 0)
 
 
 async def test_websocket_refusal_uses_the_limiters_status_and_detail() -> None:

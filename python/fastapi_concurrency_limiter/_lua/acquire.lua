@@ -30,7 +30,11 @@ if wait > 0 and now + wait < expiry then
   expiry = now + wait
 end
 redis.call('ZADD', queue, redis.call('INCR', ticket), id)
+redis.call('PEXPIRE', ticket, config_ttl)
 redis.call('ZADD', wexp, expiry, id)
-redis.call('HSET', wmeta, id, notify)
+redis.call('HSET', wmeta, id, process .. ' ' .. notify)
 redis.call('PEXPIRE', notify, notify_ttl)
+-- The process is alive (it may not have sent a heartbeat yet).
+redis.call('ZADD', procs, now + lease, process)
+redis.call('PEXPIRE', procs, notify_ttl)
 return {0, in_use}

@@ -8,10 +8,13 @@
 --   KEYS[3] ticket   counter (INCR)
 --   KEYS[4] wexp     ZSET  waiter id -> when a waiter is dropped (ms): its
 --                    deadline, or one lease after its process last spoke
---   KEYS[5] wmeta    HASH  waiter id -> notify list of its process
+--   KEYS[5] wmeta    HASH  waiter id -> "process notify-list" of its process
+--                    and the notify list of its event loop's client
 --   KEYS[6] config   the capacity every process must agree on
---   KEYS[7] procs    ZSET  process id -> liveness expiry (ms)
---   KEYS[8] notify   LIST  this process's notify list (same hash tag)
+--   KEYS[7] procs    ZSET  process id -> liveness expiry (ms): one lease
+--                    after its last heartbeat (or queued acquire)
+--   KEYS[8] notify   LIST  the notify list of the calling client (one per
+--                    process and event loop; same hash tag)
 -- ARGV[1] capacity, ARGV[2] lease (ms), ARGV[3] process id; then the
 -- script's own arguments from ARGV[4] on.
 --
@@ -65,7 +68,11 @@ end
 
 -- Direct hand-off: while a slot is free, the head of the queue gets it and
 -- its process is told on its notify list (a list, not pub/sub: a wake-up
--- waits there until read, it is never lost).
+-- waits there until read, it is never lost). A head whose process has
+-- stopped speaking (crashed, killed) leaves the queue without a slot; a
+-- granted lease never outlives its process's liveness (the next heartbeat
+-- renews it), so a process that dies right after its last heartbeat holds
+-- a slot at most one lease after that heartbeat.
 local function grant_free()
   local free = capacity - redis.call('ZCARD', holders)
   while free > 0 do
@@ -73,13 +80,22 @@ local function grant_free()
     if not head then
       break
     end
-    local list = redis.call('HGET', wmeta, head)
+    local meta = redis.call('HGET', wmeta, head)
     drop_waiter(head)
-    redis.call('ZADD', holders, now + lease, head)
-    if list then
-      redis.call('LPUSH', list, head)
-      redis.call('PEXPIRE', list, notify_ttl)
+    if meta then
+      local cut = string.find(meta, ' ', 1, true)
+      local owner, list = string.sub(meta, 1, cut - 1), string.sub(meta, cut + 1)
+      local alive = tonumber(redis.call('ZSCORE', procs, owner))
+      if alive and alive > now then
+        local expiry = now + lease
+        if alive < expiry then
+          expiry = alive
+        end
+        redis.call('ZADD', holders, expiry, head)
+        redis.call('LPUSH', list, head)
+        redis.call('PEXPIRE', list, notify_ttl)
+        free = free - 1
+      end
     end
-    free = free - 1
   end
 end

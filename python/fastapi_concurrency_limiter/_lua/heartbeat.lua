@@ -1,6 +1,8 @@
 -- heartbeat: ARGV[4] number of permits n, ARGV[5..4+n] the permits this
--- process holds, then pairs (waiter id, ms left before its deadline or -1)
--- for the waiters it has queued.
+-- process holds; then the number of ids to give back r and those r ids
+-- (releases and cancellations that did not reach Redis when they were
+-- made); then pairs (waiter id, ms left before its deadline or -1) for the
+-- waiters it has queued.
 --
 -- Renews the process's leases and waiters, reclaims expired ones, grants
 -- freed slots. Permits Redis does not know are put back (see below).
@@ -19,7 +21,17 @@ redis.call('PEXPIRE', procs, notify_ttl)
 if redis.call('EXISTS', notify) == 1 then
   redis.call('PEXPIRE', notify, notify_ttl)
 end
+-- The ticket counter lives while processes use the resource: were it to
+-- start again while waiters are queued, newcomers would pass them.
+if redis.call('EXISTS', ticket) == 1 then
+  redis.call('PEXPIRE', ticket, config_ttl)
+end
 local n = tonumber(ARGV[4])
+local r = tonumber(ARGV[5 + n])
+for i = 6 + n, 5 + n + r do
+  drop_waiter(ARGV[i])
+  redis.call('ZREM', holders, ARGV[i])
+end
 -- Every permit the process holds is a running request: one Redis does not
 -- know (admitted by on_error during an outage, or its lease ran out while
 -- the process could not reach Redis, or Redis lost its data) is put back
@@ -38,7 +50,7 @@ for i = 5, 4 + n do
   redis.call('ZADD', holders, now + lease, id)
 end
 local lost_waiters = {}
-for i = 5 + n, #ARGV, 2 do
+for i = 6 + n + r, #ARGV, 2 do
   local id = ARGV[i]
   local left = tonumber(ARGV[i + 1])
   if redis.call('ZSCORE', queue, id) then
@@ -47,7 +59,10 @@ for i = 5 + n, #ARGV, 2 do
       expiry = now + left
     end
     redis.call('ZADD', wexp, expiry, id)
-  elseif not redis.call('ZSCORE', holders, id) then
+  elseif redis.call('ZSCORE', holders, id) then
+    -- Granted, the notification not read yet: renew its lease.
+    redis.call('ZADD', holders, now + lease, id)
+  else
     table.insert(lost_waiters, id)
   end
 end

@@ -1,0 +1,510 @@
+"""Cluster scope under faults that touch one call or one process, against a
+real redis-server: a release or cancellation that does not reach Redis, a
+waiter whose acquire is still on its way when the heartbeat runs, a process
+killed while its waiter is queued, two event loops in one process, an
+unexpected client error, a lost script cache, one slow reply."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import threading
+from typing import Any
+
+import pytest
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from fastapi_concurrency_limiter import Limiter, Resource, ServerBusy
+from fastapi_concurrency_limiter.redis import RedisScope
+
+from .redis_support import RedisServer, needs_redis, redis_server
+from .test_redis_scope import _Holder, _try, _until, holders, run
+
+pytestmark = needs_redis
+__all__ = ["redis_server"]  # the fixture, imported for the tests below
+
+
+def _queue(server: RedisServer) -> list[str]:
+    return list(server.client().zrange("{test:db}:queue", 0, -1))
+
+
+def _failing(client: Any, script: str, times: int) -> None:
+    """The next ``times`` calls of ``script`` fail as a network blip would."""
+    real = client._call
+    left = [times]
+
+    async def call(name: str, stage: Any, *args: Any) -> Any:
+        if name == script and left[0] > 0:
+            left[0] -= 1
+            raise RedisConnectionError("blip")
+        return await real(name, stage, *args)
+
+    client._call = call
+
+
+@pytest.mark.parametrize("blips", [1, 3])
+def test_a_release_that_does_not_reach_redis_fails_no_waiter(
+    redis_server: RedisServer, blips: int
+) -> None:
+    """A release lost to a network blip: the request queued behind it in the
+    same process still gets the slot (not on_error), and the slot comes back
+    at once (retried) or with the next heartbeat (after every retry failed),
+    not after a lease."""
+
+    async def main() -> None:
+        url = redis_server.url()
+        other = RedisScope(url, key_prefix="test", lease=30)
+        elsewhere = Resource(2, name="db", scope=other)
+        await elsewhere.acquire()  # another process holds 1 of 2
+        scope = RedisScope(url, key_prefix="test", lease=30)
+        db = Resource(2, name="db", scope=scope)
+        limiter = Limiter(timeout=10, resources=[db])
+        holder = _Holder(limiter, db)
+        await holder.started.wait()
+        waiter = asyncio.create_task(_try(limiter, db))
+        await _until(lambda: len(_queue(redis_server)) == 1)
+        client = scope._client()
+        stage = db._cluster
+        assert stage is not None
+        _failing(client, "release", blips)
+        holder.release.set()
+        await holder.task
+        if blips == 1:
+            assert await waiter == "ok"
+        else:
+            # Every retry failed: the slot stays taken until the heartbeat
+            # (run here rather than waited for) gives it back.
+            await _until(lambda: client.pending.get(stage))
+            assert not client.is_down(stage) and not waiter.done()
+            await client.heartbeat(stage)
+            assert await waiter == "ok"
+            assert not client.pending.get(stage)
+        await _until(lambda: len(holders(redis_server)) == 1)  # the other process's
+        elsewhere.release()
+        await _until(lambda: holders(redis_server) == [])
+        await scope.aclose()
+        await other.aclose()
+
+    run(main)
+
+
+def test_a_cancel_that_does_not_reach_redis_goes_with_the_heartbeat(
+    redis_server: RedisServer,
+) -> None:
+    """A request gives up while queued and its cancellation fails every
+    retry: the next heartbeat takes it out of the queue, and the slot goes to
+    the next waiter, not to nobody."""
+
+    async def main() -> None:
+        url = redis_server.url()
+        other = RedisScope(url, key_prefix="test", lease=30)
+        elsewhere = Resource(2, name="db", scope=other)
+        await asyncio.gather(*(asyncio.create_task(elsewhere.acquire()) for _ in range(2)))
+        scope = RedisScope(url, key_prefix="test", lease=30)
+        db = Resource(2, name="db", scope=scope)
+        limiter = Limiter(timeout=30, resources=[db])
+        stage = db._cluster
+        assert stage is not None
+        await scope.check()
+        client = scope._client()
+        quitter = asyncio.create_task(_try(limiter, db))
+        await _until(lambda: len(_queue(redis_server)) == 1)
+        gone = _queue(redis_server)[0]
+        _failing(client, "cancel", 3)
+        quitter.cancel()
+        await _until(lambda: gone in client.pending.get(stage, ()))
+        assert _queue(redis_server) == [gone]  # still queued in Redis
+        waiter = asyncio.create_task(_try(limiter, db))
+        await _until(lambda: len(_queue(redis_server)) == 2)
+        await client.heartbeat(stage)
+        assert gone not in _queue(redis_server)
+        elsewhere.release()
+        assert await waiter == "ok"
+        elsewhere.release()
+        await _until(lambda: holders(redis_server) == [])
+        await scope.aclose()
+        await other.aclose()
+
+    run(main)
+
+
+def test_an_acquire_on_its_way_is_not_queued_again_by_the_heartbeat(
+    redis_server: RedisServer,
+) -> None:
+    """The heartbeat runs while a request's acquire is on its way: it must
+    not queue the request again behind its back (a request refused meanwhile
+    would leave a slot that nobody holds)."""
+
+    async def main() -> None:
+        scope = RedisScope(redis_server.url(), key_prefix="test", lease=30)
+        db = Resource(1, name="db", scope=scope)
+        stage = db._cluster
+        assert stage is not None
+        await scope.check()
+        client = scope._client()
+        loop = asyncio.get_running_loop()
+        from fastapi_concurrency_limiter._cluster import _Waiter
+
+        # Registered, its acquire not answered yet (a zero timeout: one try).
+        waiter = client.waiters["in-flight"] = _Waiter(stage, loop.create_future(), loop.time())
+        await client.heartbeat(stage)
+        client.waiters.pop("in-flight")  # its reply: no slot, the request is refused
+        await asyncio.sleep(0.3)  # what the heartbeat might have set off
+        assert holders(redis_server) == [] and _queue(redis_server) == []
+        assert not waiter.future.done()
+        await scope.aclose()
+
+    run(main)
+
+
+def test_a_waiter_queued_again_and_notified_keeps_its_slot(redis_server: RedisServer) -> None:
+    """A waiter Redis lost is queued again and granted; the grant also
+    reaches its notify list: the listener must not give back a permit that
+    is in use."""
+
+    async def main() -> None:
+        url = redis_server.url()
+        other = RedisScope(url, key_prefix="test", lease=30)
+        elsewhere = Resource(1, name="db", scope=other)
+        await elsewhere.acquire()
+        scope = RedisScope(url, key_prefix="test", lease=30)
+        db = Resource(1, name="db", scope=scope)
+        limiter = Limiter(timeout=20, resources=[db])
+        await scope.check()
+        client = scope._client()
+        # The listener reads notifications late: the reply of the acquire
+        # that queues the waiter again comes first.
+        real_blpop = client.listen_redis.blpop
+
+        async def late_blpop(*args: Any, **kwargs: Any) -> Any:
+            item = await real_blpop(*args, **kwargs)
+            if item is not None and item[1]:
+                await asyncio.sleep(0.5)
+            return item
+
+        client.listen_redis.blpop = late_blpop
+        stage = db._cluster
+        assert stage is not None
+        await client.redis.lpush(stage.notify_prefix + client.id, "")  # re-enters the loop
+        await asyncio.sleep(0.2)
+        holder = _Holder(limiter, db)
+        await _until(lambda: len(_queue(redis_server)) == 1)
+        waiter_id = _queue(redis_server)[0]
+        waiter = client.waiters[waiter_id]
+        elsewhere.release()  # grants the waiter, notified (late)
+        await _until(lambda: holders(redis_server) == [waiter_id])
+        # As after a heartbeat that found it lost: the acquire is sent again
+        # with the same id and answers "granted".
+        waiter.queued = False
+        await client._requeue(waiter, waiter_id)
+        await holder.started.wait()
+        await asyncio.sleep(1.0)  # the late notification has been read
+        assert holders(redis_server) == [waiter_id]  # still held by the running request
+        holder.release.set()
+        await holder.task
+        await _until(lambda: holders(redis_server) == [])
+        await scope.aclose()
+        await other.aclose()
+
+    run(main)
+
+
+_VICTIM = r"""
+import asyncio, sys
+from fastapi_concurrency_limiter import Limiter, Resource, ServerBusy
+from fastapi_concurrency_limiter.redis import RedisScope
+
+async def main():
+    scope = RedisScope(sys.argv[1], key_prefix="test", lease=float(sys.argv[2]))
+    db = Resource(1, name="db", scope=scope)
+    await scope.check()
+    print(scope._process_id(), flush=True)
+    async with Limiter(timeout=60, resources=[db]).acquire([db]):
+        await asyncio.sleep(100)
+
+asyncio.run(main())
+"""
+
+
+def test_a_killed_process_gets_no_slot_beyond_its_liveness(redis_server: RedisServer) -> None:
+    """A process is killed while its request is queued: a slot granted to
+    that request ends when the process's lease would have (one lease after
+    it last spoke), not a full lease after the grant; then the live waiter
+    behind it gets the slot."""
+
+    async def main() -> None:
+        url = redis_server.url()
+        lease = 3.0
+        holding = RedisScope(url, key_prefix="test", lease=lease)
+        held = Resource(1, name="db", scope=holding)
+        await held.acquire()
+        victim = subprocess.Popen(
+            [sys.executable, "-c", _VICTIM, url, str(lease)], stdout=subprocess.PIPE, text=True
+        )
+        try:
+            assert victim.stdout is not None
+            victim_process = victim.stdout.readline().strip()
+            await _until(lambda: len(_queue(redis_server)) == 1, timeout=20)
+            victim_waiter = _queue(redis_server)[0]
+            scope = RedisScope(url, key_prefix="test", lease=lease)
+            db = Resource(1, name="db", scope=scope)
+            waiter = asyncio.create_task(_try(Limiter(timeout=30, resources=[db]), db))
+            await _until(lambda: len(_queue(redis_server)) == 2)
+            os.kill(victim.pid, signal.SIGKILL)
+            victim.wait()
+        finally:
+            if victim.poll() is None:
+                victim.kill()
+                victim.wait()
+        r = redis_server.client()
+        liveness = r.zscore("{test:db}:procs", victim_process)
+        held.release()
+        await _until(lambda: victim_waiter in holders(redis_server) or waiter.done())
+        if victim_waiter in holders(redis_server):
+            expiry = r.zscore("{test:db}:holders", victim_waiter)
+            assert liveness is not None and expiry is not None
+            assert expiry <= liveness
+        assert await waiter == "ok"
+        await _until(lambda: holders(redis_server) == [])
+        await scope.aclose()
+        await holding.aclose()
+
+    run(main)
+
+
+def test_two_event_loops_of_one_process_each_get_their_own_grants(
+    redis_server: RedisServer,
+) -> None:
+    """One scope used by two event loops (two threads): a grant for a
+    request of one loop reaches that loop, never the other's listener."""
+    url = redis_server.url()
+    scope = RedisScope(url, key_prefix="test", lease=30)
+    db = Resource(1, name="db", scope=scope)
+    stop = threading.Event()
+    idle_ready = threading.Event()
+
+    async def idle_loop() -> None:
+        await scope.check()  # its listener blocks on its own notify list
+        idle_ready.set()
+        while not stop.is_set():
+            await asyncio.sleep(0.05)
+        await scope.aclose()
+
+    thread = threading.Thread(target=lambda: asyncio.run(idle_loop()))
+    thread.start()
+
+    async def main() -> None:
+        other = RedisScope(url, key_prefix="test", lease=30)
+        elsewhere = Resource(1, name="db", scope=other)
+        assert idle_ready.wait(10)  # the other loop's listener blocks first
+        await scope.check()
+        clients = list(scope._clients.values())
+        assert len(clients) == 2 and clients[0].id != clients[1].id
+        for _ in range(6):
+            await elsewhere.acquire()
+            task = asyncio.create_task(db.acquire())
+            await _until(lambda: len(_queue(redis_server)) == 1)
+            elsewhere.release()
+            # Within a heartbeat (10 s) only if the grant reached this loop.
+            await asyncio.wait_for(task, 5)
+            db.release()
+            await _until(lambda: holders(redis_server) == [])
+        await scope.aclose()
+        await other.aclose()
+
+    try:
+        run(main)
+    finally:
+        stop.set()
+        thread.join(10)
+
+
+def test_an_unexpected_client_error_is_on_error_not_a_crash(redis_server: RedisServer) -> None:
+    async def main() -> None:
+        scope = RedisScope(redis_server.url(), key_prefix="test", lease=30)
+        db = Resource(1, name="db", scope=scope)
+        limiter = Limiter(timeout=5, resources=[db])
+        await scope.check()
+        client = scope._client()
+        real = client.redis.evalsha
+
+        async def broken(*args: Any) -> Any:
+            raise AttributeError("'NoneType' object has no attribute 'writelines'")
+
+        client.redis.evalsha = broken
+        assert await _try(limiter, db) == "unavailable"  # on_error="reject": a 503
+        client.redis.evalsha = real
+        await _until(lambda: not client.is_down(db._cluster))  # type: ignore[arg-type]
+        assert await _try(limiter, db) == "ok"
+        await _until(lambda: holders(redis_server) == [])
+        await scope.aclose()
+
+    run(main)
+
+
+def test_scripts_lost_by_redis_are_loaded_again(redis_server: RedisServer) -> None:
+    async def main() -> None:
+        scope = RedisScope(redis_server.url(), key_prefix="test", lease=30)
+        db = Resource(1, name="db", scope=scope)
+        limiter = Limiter(timeout=5, resources=[db])
+        assert await _try(limiter, db) == "ok"
+        redis_server.client().script_flush()
+        assert await asyncio.gather(*(_try(limiter, db) for _ in range(3))) == ["ok"] * 3
+        await _until(lambda: holders(redis_server) == [])
+        await scope.aclose()
+
+    run(main)
+
+
+def test_a_hung_acquire_ends_at_the_request_deadline(redis_server: RedisServer) -> None:
+    """Whatever the command timeout, the acquire never outlasts the
+    request's own deadline."""
+
+    async def main() -> None:
+        scope = RedisScope(redis_server.url(), key_prefix="test", lease=30, timeout=0.2)
+        db = Resource(1, name="db", scope=scope)
+        limiter = Limiter(timeout=1, resources=[db])
+        await scope.check()
+        client = scope._client()
+        real = client.redis.evalsha
+
+        async def hung(*args: Any) -> Any:
+            await asyncio.sleep(60)
+
+        client.redis.evalsha = hung
+        assert await asyncio.wait_for(_try(limiter, db), 10) == "timeout"
+        client.redis.evalsha = real
+        await scope.aclose()
+
+    run(main)
+
+
+def test_one_slow_reply_does_not_fail_the_queued_requests(redis_server: RedisServer) -> None:
+    """on_error="reject": one request's call times out; it gets a 503, the
+    request queued meanwhile keeps waiting and new requests still go to
+    Redis (one failure is not an outage)."""
+
+    async def main() -> None:
+        url = redis_server.url()
+        other = RedisScope(url, key_prefix="test", lease=30)
+        elsewhere = Resource(2, name="db", scope=other)
+        await asyncio.gather(*(asyncio.create_task(elsewhere.acquire()) for _ in range(2)))
+        scope = RedisScope(url, key_prefix="test", lease=30)
+        db = Resource(2, name="db", scope=scope)
+        limiter = Limiter(timeout=20, resources=[db])
+        await scope.check()
+        client = scope._client()
+        stage = db._cluster
+        assert stage is not None
+        waiter = asyncio.create_task(_try(limiter, db))
+        await _until(lambda: len(_queue(redis_server)) == 1)
+        real = client._call
+
+        async def slow_once(name: str, stage: Any, *args: Any) -> Any:
+            client._call = real
+            raise RedisTimeoutError("Timeout reading from socket")
+
+        client._call = slow_once
+        assert await _try(limiter, db) == "unavailable"
+        await asyncio.sleep(0.3)  # the check after the failure has run
+        assert not waiter.done() and not client.is_down(stage)
+        elsewhere.release()
+        assert await waiter == "ok"
+        elsewhere.release()
+        await _until(lambda: holders(redis_server) == [])
+        await scope.aclose()
+        await other.aclose()
+
+    run(main)
+
+
+def test_the_ticket_counter_expires_when_unused(redis_server: RedisServer) -> None:
+    async def main() -> None:
+        url = redis_server.url()
+        other = RedisScope(url, key_prefix="test", lease=30)
+        elsewhere = Resource(1, name="db", scope=other)
+        await elsewhere.acquire()
+        scope = RedisScope(url, key_prefix="test", lease=30)
+        db = Resource(1, name="db", scope=scope)
+        waiter = asyncio.create_task(_try(Limiter(timeout=20, resources=[db]), db))
+        await _until(lambda: len(_queue(redis_server)) == 1)
+        assert redis_server.client().pttl("{test:db}:ticket") > 0
+        elsewhere.release()
+        assert await waiter == "ok"
+        await scope.aclose()
+        await other.aclose()
+
+    run(main)
+
+
+def test_random_timeouts_cancellations_and_lost_background_calls_leave_nothing_held(
+    redis_server: RedisServer,
+) -> None:
+    """Two processes' worth of requests with random timeouts, some cancelled
+    at random moments, while half the releases and cancellations fail as a
+    network blip would (each attempt): no request gets on_error for it, and
+    once every process has sent a heartbeat, nothing is held or queued (the
+    lease, 30 s, has not reclaimed anything) and the full capacity can be
+    taken again."""
+    import random
+
+    rng = random.Random(11)
+
+    async def main() -> None:
+        url = redis_server.url()
+        scopes = [RedisScope(url, key_prefix="test", lease=30, timeout=0.5) for _ in range(2)]
+        dbs = [Resource(3, name="db", scope=scope) for scope in scopes]
+        limiters = [Limiter(timeout=1, resources=[db]) for db in dbs]
+        for scope in scopes:
+            await scope.check()
+            client = scope._client()
+            real = client._call
+
+            async def flaky(name: str, stage: Any, *args: Any, real: Any = real) -> Any:
+                if name in ("release", "cancel") and rng.random() < 0.5:
+                    raise RedisConnectionError("blip")
+                return await real(name, stage, *args)
+
+            client._call = flaky
+        outcomes: list[str] = []
+
+        async def request(i: int) -> None:
+            limiter, db = limiters[i % 2], dbs[i % 2]
+            try:
+                async with limiter.acquire([db], timeout=rng.choice([0, 0.05, 0.3, 1])):
+                    await asyncio.sleep(rng.random() * 0.05)
+                outcomes.append("ok")
+            except ServerBusy as e:
+                outcomes.append(e.reason)
+
+        tasks: list[asyncio.Task[None]] = []
+        for i in range(300):
+            tasks.append(asyncio.create_task(request(i)))
+            await asyncio.sleep(rng.random() * 0.01)
+            if rng.random() < 0.2:  # cancel a random one, at any stage
+                rng.choice(tasks).cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        assert "ok" in outcomes and "unavailable" not in outcomes
+        clients = [scope._client() for scope in scopes]
+        await _until(lambda: all(not c._tasks or all(t.done() for t in c._tasks) for c in clients))
+        for db, client in zip(dbs, clients, strict=True):
+            stage = db._cluster
+            assert stage is not None
+            await client.heartbeat(stage)
+            assert not client.pending.get(stage)
+        assert holders(redis_server) == [] and _queue(redis_server) == []
+        for db in dbs:
+            stats = db.statistics()
+            assert stats.in_use == 0 and stats.waiting == 0
+            assert stats.cluster is not None
+            assert stats.cluster.held_here == 0 and stats.cluster.waiting_here == 0
+        results = [_try(limiters[i % 2], dbs[i % 2], hold=True) for i in range(3)]
+        assert await asyncio.gather(*results) == ["ok"] * 3
+        for scope in scopes:
+            await scope.aclose()
+
+    run(main)
