@@ -7,7 +7,8 @@
 //   handoff/...         two threads taking turns on one slot (capacity 1):
 //                       every acquire has to wait for the other's release
 //   engine-only cases   the callback API (also with a per-key share), a handoff to a queued waiter on one
-//                       thread, and the DeadlineQueue with interleaved timeouts
+//                       thread, a per-key handoff past a key flooding the queue (printed as the ratio
+//                       to the same round with no flood), and the DeadlineQueue with interleaved timeouts
 //
 // Build once with -DCL_STATISTICS=OFF as well to see what the statistics
 // cost: the Makefile's `bench` target prints both.
@@ -228,6 +229,36 @@ void engine_handoff_to_queued_waiter(benchmark::State& state) {
   holder->release();
 }
 
+// Per-key shares with one key flooding the queue: capacity 2, per_key 1. Key
+// A holds a slot and has `waiters` more requests queued at its share; key B
+// holds the other slot and, each round, queues a request and releases its
+// slot, which is handed to that request past every waiter of A. The cost of
+// a round must not grow with A's waiters: printed as the ratio to the round
+// with none, measured in the same run.
+void per_key_flooded(benchmark::State& state, int waiters) {
+  auto r = std::make_shared<cl::Resource>(
+      cl::ResourceOptions{.name = "db", .capacity = 2, .per_key = 1});
+  auto set = std::make_shared<const cl::ResourceSet>(std::vector{r});
+  cl::Acquisition a_holder(set, "A");
+  a_holder.try_acquire();
+  std::vector<std::unique_ptr<cl::Acquisition>> flood;
+  for (int i = 0; i < waiters; ++i) {
+    flood.push_back(std::make_unique<cl::Acquisition>(set, "A"));
+    flood.back()->start([](cl::Outcome) {});
+  }
+  auto holder = std::make_unique<cl::Acquisition>(set, "B");
+  holder->try_acquire();
+  for (auto _ : state) {
+    auto waiter = std::make_unique<cl::Acquisition>(set, "B");
+    waiter->start([](cl::Outcome) {});  // queues behind A's waiters
+    holder->release();                  // hands the slot to it
+    holder = std::move(waiter);
+  }
+  holder->release();
+  flood.clear();  // cancels A's waiters
+  a_holder.release();
+}
+
 // n acquisitions registered with deadlines from two interleaved timeouts
 // (two routes, 1 s and 5 s, requests arriving alternately): time per add().
 // Flat in n: the queue no longer walks the list on each add.
@@ -300,6 +331,13 @@ class RatioReporter : public benchmark::ConsoleReporter {
       }
     }
     std::printf("(ns per operation; ratio = engine / baseline, both measured in this run)\n");
+    const auto none = times_.find("per_key_flooded/0_waiters");
+    const auto flooded = times_.find("per_key_flooded/10000_waiters");
+    if (none != times_.end() && flooded != times_.end()) {
+      std::printf("\nper-key handoff past a key with 10^4 waiters at its share: %.1f ns, "
+                  "%.2fx the round with none (%.1f ns), by CPU time\n",
+                  flooded->second.cpu, flooded->second.cpu / none->second.cpu, none->second.cpu);
+    }
   }
 
  private:
@@ -333,6 +371,8 @@ int main(int argc, char** argv) {
       ->UseRealTime();
   benchmark::RegisterBenchmark("engine_handoff_to_queued_waiter",
                                engine_handoff_to_queued_waiter);
+  benchmark::RegisterBenchmark("per_key_flooded/0_waiters", per_key_flooded, 0);
+  benchmark::RegisterBenchmark("per_key_flooded/10000_waiters", per_key_flooded, 10000);
   benchmark::RegisterBenchmark("deadline_queue_interleaved", deadline_queue_interleaved)
       ->RangeMultiplier(8)
       ->Range(512, 32768);

@@ -143,6 +143,7 @@ Resource::Resource(ResourceOptions o, int)
   stats_.capacity = capacity_;
   stats_.max_waiting = o.max_waiting;
   stats_.queue = discipline_;
+  if (per_key_ != 0) make_spares_locked(keyless_);
   if (o.scope == Scope::kHost) {
     o.name = name_;  // moved from above
     host_ = detail::HostPool::get(o, algorithm_.get());
@@ -328,17 +329,49 @@ void Resource::key_acquired_locked(const std::string* key) {
 void Resource::change_held_locked(detail::KeyCount& count, std::int64_t delta) {
   const bool had_room = count.held < per_key_;
   count.held += delta;
-  const bool has_room = count.held < per_key_;
   // The key's waiters stop or start being ones a free slot may go to.
-  if (had_room && !has_room) {
-    eligible_waiting_ -= count.waiting;
-  } else if (!had_room && has_room) {
-    eligible_waiting_ += count.waiting;
+  if (had_room != (count.held < per_key_) && count.head != nullptr) refile_locked(count);
+}
+
+void Resource::make_spares_locked(detail::KeyCount& count) {
+  if (count.filed != detail::KeyCount::Filed::kNone) return;  // in use
+  if (!count.first_spare) {
+    count.first_spare = spares_.extract(spares_.insert({0, &count}).first);
+  }
+  if (!count.second_spare) {
+    count.second_spare = spares_.extract(spares_.insert({0, &count}).first);
   }
 }
 
-bool Resource::eligible_locked(const detail::WaiterNode& node) const {
-  return node.key_count_ == nullptr || node.key_count_->held < per_key_;
+void Resource::refile_locked(detail::KeyCount& count) noexcept {
+  using Filed = detail::KeyCount::Filed;
+  // Out of the orders it is in (back into its spares), then into the ones
+  // that fit now: moving entries between orders never allocates.
+  if (count.filed == Filed::kEligible) {
+    count.first_spare = eligible_by_oldest_.extract(count.first_entry);
+    count.second_spare = eligible_by_newest_.extract(count.second_entry);
+  } else if (count.filed == Filed::kBlocked) {
+    count.second_spare = blocked_by_count_.extract(count.second_entry);
+  }
+  count.filed = Filed::kNone;
+  if (count.head == nullptr) return;
+  if (count.held < per_key_) {
+    count.first_spare.value() = {count.head->seq_, &count};
+    count.second_spare.value() = {count.tail->seq_, &count};
+    count.first_entry = eligible_by_oldest_.insert(std::move(count.first_spare)).position;
+    count.second_entry = eligible_by_newest_.insert(std::move(count.second_spare)).position;
+    count.filed = Filed::kEligible;
+  } else {
+    count.second_spare.value() = {static_cast<std::uint64_t>(count.waiting), &count};
+    count.second_entry = blocked_by_count_.insert(std::move(count.second_spare)).position;
+    count.filed = Filed::kBlocked;
+  }
+}
+
+bool Resource::held_back_locked(const detail::WaiterNode& node) const {
+  return node.held_back_ || node.passed_over_seen_ != passed_over_ ||
+         node.seq_ < fifo_passed_below_ ||
+         (lifo_passed_from_ < node.seq_ && node.seq_ < lifo_passed_to_);
 }
 
 void Resource::key_released_locked(const std::string* key) {
@@ -365,25 +398,31 @@ void Resource::erase_key_if_idle_locked(KeyMap::iterator it) {
 }
 
 detail::WaiterNode* Resource::first_eligible_locked(bool from_head) {
-  assert(eligible_waiting_ >= 0 && eligible_waiting_ <= waiting_);
-  if (eligible_waiting_ == 0) {
-#ifndef NDEBUG
-    for (detail::WaiterNode* n = head_; n != nullptr; n = n->next_) {
-      assert(!eligible_locked(*n));
-    }
-#endif
+  assert(eligible_by_oldest_.size() == eligible_by_newest_.size());
+  if (eligible_by_oldest_.empty()) {
     // Every waiter is held back by its key's share: all of them are passed
-    // over at once, without a walk through the queue.
+    // over at once.
     if (head_ != nullptr) ++passed_over_;
     return nullptr;
   }
-  for (detail::WaiterNode* n = from_head ? head_ : tail_; n != nullptr;
-       n = from_head ? n->next_ : n->prev_) {
-    if (eligible_locked(*n)) return n;
-    n->held_back_ = true;  // a slot is there, its share keeps it out
+  if (from_head) {
+    // The oldest waiter that may have the slot: every older one is held
+    // back by its share.
+    detail::WaiterNode* n = eligible_by_oldest_.begin()->second->head;
+    fifo_passed_below_ = std::max(fifo_passed_below_, n->seq_);
+    return n;
   }
-  assert(false && "eligible_waiting_ counts a waiter that is not queued");
-  return nullptr;
+  // The newest that may have it: every newer one is held back.
+  detail::WaiterNode* n = std::prev(eligible_by_newest_.end())->second->tail;
+  if (n->seq_ < next_seq_) {
+    if (lifo_passed_from_ < lifo_passed_to_ && n->seq_ < lifo_passed_to_) {
+      lifo_passed_from_ = std::min(lifo_passed_from_, n->seq_);  // overlaps
+    } else {
+      lifo_passed_from_ = n->seq_;
+    }
+    lifo_passed_to_ = next_seq_ + 1;
+  }
+  return n;
 }
 
 bool Resource::grant_at_once_locked(detail::WaiterNode& node) {
@@ -425,7 +464,14 @@ Outcome Resource::enqueue(detail::WaiterNode& node,
   detail::MutexLock lock(mu_);
   if (grant_at_once_locked(node)) return Outcome::kGranted;
   shed_locked(now, notices);
-  if (max_waiting_ >= 0 && waiting_ >= max_waiting_) {
+  if (max_waiting_ >= 0 && waiting_ >= max_waiting_ && per_key_ != 0 &&
+      !blocked_by_count_.empty() && key_has_room_locked(node.key_)) {
+    // One key must not fill the queue: a newcomer below its share takes the
+    // place of the newest waiter of the key at its share with the most
+    // waiters (it waits for its own key's slots, not the resource's).
+    reject_locked(*std::prev(blocked_by_count_.end())->second->tail, Outcome::kKeyLimit,
+                  notices);
+  } else if (max_waiting_ >= 0 && waiting_ >= max_waiting_) {
     // FIFO order (also the adaptive queue's, until a queue stands) turns the
     // newcomer away; newest-first order pushes the oldest waiter out.
     const bool newest_first =
@@ -472,9 +518,8 @@ State Resource::abandon(detail::WaiterNode& node, Outcome reason) {
   if (state == State::kQueued) {
     // Its key's share kept it from a slot the resource had, and still
     // holds it back: that, not the resource, is why it waited in vain.
-    if (reason == Outcome::kTimeout &&
-        (node.held_back_ || node.passed_over_seen_ != passed_over_) &&
-        node.key_count_ != nullptr && node.key_count_->held >= per_key_) {
+    if (reason == Outcome::kTimeout && node.key_ != nullptr && node.key_count_ != nullptr &&
+        node.key_count_->held >= per_key_ && held_back_locked(node)) {
       reason = Outcome::kKeyLimit;
     }
     unlink(node);
@@ -573,18 +618,26 @@ void Resource::hand_over_locked(Clock::time_point now, bool count_release,
 }
 
 void Resource::link_tail(detail::WaiterNode& node, Clock::time_point now) {
-  if (per_key_ != 0 && node.key_ != nullptr) {
-    // First, as it may allocate (and throw): nothing is changed yet.
-    detail::KeyCount& count = keys_[*node.key_];
-    ++count.waiting;
-    node.key_count_ = &count;
+  detail::KeyCount* count = nullptr;
+  if (per_key_ != 0) {
+    count = &keyless_;
+    if (node.key_ != nullptr) {
+      // First, as it may allocate (and throw): nothing is changed yet.
+      const auto it = keys_.try_emplace(*node.key_).first;
+      try {
+        make_spares_locked(it->second);
+      } catch (...) {
+        erase_key_if_idle_locked(it);
+        throw;
+      }
+      count = &it->second;
+    }
   }
   node.enqueued_at_ = now;
   // Queued with a slot free: only its key's share can be the reason.
   node.held_back_ = per_key_ != 0 && in_use_of(word_.load(std::memory_order_relaxed)) <
                                          limit_.load(std::memory_order_relaxed);
   node.passed_over_seen_ = passed_over_;
-  if (per_key_ != 0 && eligible_locked(node)) ++eligible_waiting_;
   node.state_ = State::kQueued;
   node.outcome_ = Outcome::kPending;
   node.next_ = nullptr;
@@ -596,6 +649,22 @@ void Resource::link_tail(detail::WaiterNode& node, Clock::time_point now) {
   }
   tail_ = &node;
   ++waiting_;
+  if (count != nullptr) {
+    // At the tail of its key's list too, and the key refiled (its newest
+    // waiter, or its count, changed).
+    node.seq_ = ++next_seq_;
+    node.key_count_ = count;
+    ++count->waiting;
+    node.key_prev_ = count->tail;
+    node.key_next_ = nullptr;
+    if (count->tail != nullptr) {
+      count->tail->key_next_ = &node;
+    } else {
+      count->head = &node;
+    }
+    count->tail = &node;
+    refile_locked(*count);
+  }
 }
 
 void Resource::unlink(detail::WaiterNode& node) {
@@ -610,11 +679,26 @@ void Resource::unlink(detail::WaiterNode& node) {
     tail_ = node.prev_;
   }
   node.prev_ = node.next_ = nullptr;
-  if (per_key_ != 0 && eligible_locked(node)) --eligible_waiting_;
-  if (node.key_count_ != nullptr) {
-    --node.key_count_->waiting;
+  if (detail::KeyCount* count = node.key_count_) {
+    // Refiled if its oldest or newest waiter, or its count of waiters in the
+    // blocked order, changes.
+    const bool refile = node.key_prev_ == nullptr || node.key_next_ == nullptr ||
+                        count->filed == detail::KeyCount::Filed::kBlocked;
+    if (node.key_prev_ != nullptr) {
+      node.key_prev_->key_next_ = node.key_next_;
+    } else {
+      count->head = node.key_next_;
+    }
+    if (node.key_next_ != nullptr) {
+      node.key_next_->key_prev_ = node.key_prev_;
+    } else {
+      count->tail = node.key_prev_;
+    }
+    node.key_prev_ = node.key_next_ = nullptr;
+    --count->waiting;
     node.key_count_ = nullptr;
-    erase_key_if_idle_locked(keys_.find(*node.key_));
+    if (refile) refile_locked(*count);
+    if (node.key_ != nullptr) erase_key_if_idle_locked(keys_.find(*node.key_));
   }
   if (--waiting_ == 0) {
     // The queue is empty: releases may go without the lock again.
@@ -681,7 +765,9 @@ detail::WaiterNode* Resource::pick_locked(Clock::time_point now,
 void Resource::grant_locked(detail::WaiterNode& node, Clock::time_point now) {
   // Held before the waiter leaves, so the key's entry is not erased between
   // (and no lookup or allocation is needed).
-  if (node.key_count_ != nullptr) change_held_locked(*node.key_count_, +1);
+  if (node.key_ != nullptr && node.key_count_ != nullptr) {
+    change_held_locked(*node.key_count_, +1);
+  }
   unlink(node);
   node.state_ = State::kGranted;
   node.outcome_ = Outcome::kGranted;

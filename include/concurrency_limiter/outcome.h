@@ -23,7 +23,9 @@ enum class Outcome : std::uint8_t {
   kCancelled,    // the caller cancelled the wait
   kKeyLimit,     // the deadline passed while the request's key held its
                  // whole per-key share, which had kept it from a slot the
-                 // resource had for other keys (ResourceOptions::per_key)
+                 // resource had for other keys; or, queued at its share, it
+                 // made room in a full queue for a request of a key below
+                 // its share (ResourceOptions::per_key)
   kPending,      // still queued; the completion callback will say how it ends
 };
 

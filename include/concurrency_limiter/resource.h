@@ -51,7 +51,9 @@
 // deadline passes while its key holds its whole share, after that share kept
 // it from a slot the resource had (free, or handed to another key past it),
 // is rejected with kKeyLimit instead of kTimeout; one that only ever waited
-// for a full resource gets kTimeout. A request
+// for a full resource gets kTimeout. (Under LIFO order, a waiter passed over
+// by a handoff that is followed, before its deadline, by handoffs that pass
+// only waiters newer than itself may get kTimeout instead.) A request
 // without a key (std::nullopt) is exempt from the share but counts toward
 // the total, which is what protects the resource. The per-key state (a count
 // of held slots and of waiters) exists only while the key holds or waits for
@@ -60,12 +62,21 @@
 // follows the keys active now, not the keys ever seen; statistics report
 // them as active_keys. A resource with a per-key share takes and gives back
 // every slot under its mutex (the lock-free path below is for resources
-// without one). A release that no queued waiter may take (all held back by
-// their shares) frees the slot at once; one that some waiter may take walks
-// the queue, in the discipline's order, past the waiters of keys at their
-// share in front of it, so it costs time proportional to those (bounded by
-// max_waiting). Host scope does not support a per-key share: the
-// constructor refuses the combination.
+// without one). Each key's waiters wait in their own FIFO list, and only the
+// keys below their share (and the waiters without a key) are in the order a
+// free slot is handed out by: a grant, release, timeout or cancel costs
+// O(log k) for k keys with waiters, however many waiters a key at its share
+// has queued. The order is the discipline's: the oldest eligible waiter for
+// FIFO, the newest for LIFO, each as in the whole queue; the adaptive
+// queue's standing test, its shedding of stale waiters and max_waiting look
+// at the whole queue, every key's waiters included.
+//   Full queue: a newcomer whose key is below its share (or that has no
+// key) is not turned away while a key at its share has waiters: the newest
+// waiter of the key at its share with the most waiters is rejected with
+// kKeyLimit to make room, so one key cannot fill the queue and lock the
+// others out. Otherwise the discipline's full-queue rule above applies.
+// Host scope does not support a per-key share: the constructor refuses the
+// combination.
 //
 // Thread safety: every member function may be called from any thread. While
 // nobody waits, a slot is taken and given back with one atomic
@@ -87,6 +98,7 @@
 #include <functional>
 #include <memory>
 #include <optional>
+#include <set>
 #include <stop_token>
 #include <string>
 #include <string_view>
@@ -162,11 +174,33 @@ namespace detail {
 class NoticeList;
 class HostPool;
 
+class WaiterNode;
+struct KeyCount;
+
+// Keys with queued waiters, ordered by a number of one of their waiters
+// (an arrival number, or a count of waiters), ties broken by address.
+using KeyOrder = std::set<std::pair<std::uint64_t, KeyCount*>>;
+
 // Per-key state of a resource with a per-key share; lives in the resource's
-// key map, guarded by its mutex, only while held + waiting > 0.
+// key map, guarded by its mutex, only while held + waiting > 0 (the waiters
+// without a key have one more, kept by the resource for its life).
 struct KeyCount {
   std::int64_t held = 0;     // slots the key holds
   std::int64_t waiting = 0;  // waiters of the key in the queue
+  // The key's waiters, oldest first (linked through key_prev_/key_next_).
+  WaiterNode* head = nullptr;
+  WaiterNode* tail = nullptr;
+  // While the key has waiters it is filed in the resource's key orders:
+  // kEligible (below its share: its oldest and newest waiters are the ones
+  // a free slot may go to) or kBlocked (at its share).
+  enum class Filed : std::uint8_t { kNone, kEligible, kBlocked };
+  Filed filed = Filed::kNone;
+  KeyOrder::iterator first_entry{};   // kEligible: by oldest waiter
+  KeyOrder::iterator second_entry{};  // kEligible: by newest; kBlocked: by count
+  // The two entries while the key is not filed: allocated once when the key
+  // first queues a waiter, so filing and refiling it never allocates.
+  KeyOrder::node_type first_spare;
+  KeyOrder::node_type second_spare;
 };
 
 // A queued request for one slot of one resource: an intrusive list node, so
@@ -226,6 +260,11 @@ class WaiterNode {
   bool held_back_ = false;
   // The resource's passed_over_ when the node was queued; guarded by its mu_.
   std::uint64_t passed_over_seen_ = 0;
+  // Per-key shares: the node's arrival number in its resource's queue, and
+  // its links in its key's list of waiters; guarded by the resource's mu_.
+  std::uint64_t seq_ = 0;
+  WaiterNode* key_prev_ = nullptr;
+  WaiterNode* key_next_ = nullptr;
 };
 
 // Nodes whose fate was decided under a resource's mutex and whose owners must
@@ -504,19 +543,24 @@ class Resource : public std::enable_shared_from_this<Resource> {
   bool key_has_room_locked(const std::string* key) const CL_REQUIRES(mu_);
   void key_acquired_locked(const std::string* key) CL_REQUIRES(mu_);
   void key_released_locked(const std::string* key) CL_REQUIRES(mu_);
-  // Moves a key's count of held slots, keeping eligible_waiting_ in step.
+  // Moves a key's count of held slots, refiling the key if it crosses its
+  // share.
   void change_held_locked(detail::KeyCount& count, std::int64_t delta) CL_REQUIRES(mu_);
-  // Whether a free slot may go to the queued `node` (its key has room).
-  bool eligible_locked(const detail::WaiterNode& node) const CL_REQUIRES(mu_);
+  // Allocates the key's two spare order entries if it has none (may throw).
+  void make_spares_locked(detail::KeyCount& count) CL_REQUIRES(mu_);
+  // Files the key in the orders its waiters and share put it in now
+  // (eligible_by_oldest_/eligible_by_newest_, blocked_by_count_, or none).
+  void refile_locked(detail::KeyCount& count) noexcept CL_REQUIRES(mu_);
   using KeyMap = std::unordered_map<std::string, detail::KeyCount>;
   // Erases the key's entry (an element of keys_) if it holds and waits for
   // nothing.
   void erase_key_if_idle_locked(KeyMap::iterator it) CL_REQUIRES(mu_);
-  // The first waiter, in the order `from_head`, that a free slot may go to.
-  // Marks the waiters it passes over as held back by their share; when no
-  // waiter may have the slot (eligible_waiting_ == 0) it walks nothing and
-  // counts passed_over_ instead.
+  // The first waiter, in the order `from_head`, that a free slot may go to,
+  // which the caller grants: records whom it passes over (see kKeyLimit).
+  // When no waiter may have the slot it counts passed_over_ instead.
   detail::WaiterNode* first_eligible_locked(bool from_head) CL_REQUIRES(mu_);
+  // Whether a queued node's share has kept it from a slot the resource had.
+  bool held_back_locked(const detail::WaiterNode& node) const CL_REQUIRES(mu_);
   void note_rejection_locked(Outcome reason) CL_REQUIRES(mu_);
   void link_tail(detail::WaiterNode& node, Clock::time_point now) CL_REQUIRES(mu_);
   void unlink(detail::WaiterNode& node) CL_REQUIRES(mu_);
@@ -569,10 +613,28 @@ class Resource : public std::enable_shared_from_this<Resource> {
   // those (see key_released_locked() and unlink()). Node-based, so a
   // KeyCount stays put while its key is in the map.
   KeyMap keys_ CL_GUARDED_BY(mu_);
-  // Queued waiters a free slot may go to: without a key, or whose key is
-  // below its share. Zero: a release frees the slot without walking the
-  // queue (a key flooding it does not slow every release down).
-  std::int64_t eligible_waiting_ CL_GUARDED_BY(mu_) = 0;
+  // The waiters without a key, as one more key that is never at its share.
+  detail::KeyCount keyless_ CL_GUARDED_BY(mu_);
+  // Keys with waiters and below their share (keyless_ included), by the
+  // arrival number of their oldest waiter and of their newest: the first of
+  // the one and the last of the other are the waiters FIFO and LIFO order
+  // hand a free slot to. Keys with waiters at their share, by their count of
+  // waiters (the last loses a waiter when the queue is full, see enqueue()).
+  detail::KeyOrder eligible_by_oldest_ CL_GUARDED_BY(mu_);
+  detail::KeyOrder eligible_by_newest_ CL_GUARDED_BY(mu_);
+  detail::KeyOrder blocked_by_count_ CL_GUARDED_BY(mu_);
+  // Always empty: makes the spare entries of make_spares_locked().
+  detail::KeyOrder spares_ CL_GUARDED_BY(mu_);
+  // Arrival number of the latest waiter queued (per-key shares only).
+  std::uint64_t next_seq_ CL_GUARDED_BY(mu_) = 0;
+  // Whom handoffs passed over (see kKeyLimit): a FIFO-order handoff to the
+  // waiter numbered s passes every queued waiter older than s, so those
+  // below the highest such s were passed; a LIFO-order one passes every
+  // queued waiter newer than it, numbered in (lifo_passed_from_,
+  // lifo_passed_to_) (the latest run of overlapping such ranges).
+  std::uint64_t fifo_passed_below_ CL_GUARDED_BY(mu_) = 0;
+  std::uint64_t lifo_passed_from_ CL_GUARDED_BY(mu_) = 0;
+  std::uint64_t lifo_passed_to_ CL_GUARDED_BY(mu_) = 0;
   // Times a free slot passed over every waiter (all held back by their
   // shares); a waiter that sees it move was held back (see kKeyLimit).
   std::uint64_t passed_over_ CL_GUARDED_BY(mu_) = 0;

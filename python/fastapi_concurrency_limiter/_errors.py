@@ -54,10 +54,11 @@ class ServerBusy(_HTTPException):
             adaptive queue dropped it early), ``"disconnected"`` (the client
             left while it waited), ``"cancelled"``, ``"key_limit"`` (the
             request's key already held its ``per_key`` share of the
-            resource, which had room for other keys, until the timeout), or
-            ``"unavailable"``
-            (a cluster-scoped resource's Redis could not be reached, see
-            ``RedisScope``'s ``on_error``).
+            resource, which had room for other keys, until the timeout; or,
+            with the queue at ``max_waiting``, it was the newest waiter of
+            such a key and gave its place to a request of a key below its
+            share), or ``"unavailable"`` (a cluster-scoped resource's Redis
+            could not be reached, see ``RedisScope``'s ``on_error``).
         retry_after: seconds sent in the ``Retry-After`` header, or ``None``.
         status_code: the HTTP status (``Limiter(status_code=...)``, 503 by
             default).

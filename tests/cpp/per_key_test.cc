@@ -300,6 +300,187 @@ TEST(PerKey, FullQueueStillBoundsTheWaiters) {
   EXPECT_EQ(db->statistics().active_keys, 1);
 }
 
+TEST(PerKey, FullQueueGivesANewcomerBelowItsShareThePlaceOfTheFloodingKeysNewest) {
+  auto db = keyed(2, 1, QueueDiscipline::kFifo, 3);
+  Request a1(db, "A"), c1(db, "C");
+  ASSERT_EQ(a1.start(), Outcome::kGranted);
+  ASSERT_EQ(c1.start(), Outcome::kGranted);
+  Request a2(db, "A"), a3(db, "A"), a4(db, "A");
+  ASSERT_EQ(a2.start(), Outcome::kPending);
+  ASSERT_EQ(a3.start(), Outcome::kPending);
+  ASSERT_EQ(a4.start(), Outcome::kPending);  // A alone fills the queue
+  Request b1(db, "B");
+  EXPECT_EQ(b1.start(), Outcome::kPending);  // B is below its share: it waits
+  EXPECT_EQ(a4.rec.outcomes, std::vector<Outcome>{Outcome::kKeyLimit});
+  EXPECT_EQ(a4.acq.refused_by(), db.get());
+  EXPECT_TRUE(a2.rec.outcomes.empty());
+  EXPECT_TRUE(a3.rec.outcomes.empty());
+  ResourceStatistics s = db->statistics();
+  EXPECT_EQ(s.waiting, 3);
+  EXPECT_EQ(s.rejected(Outcome::kKeyLimit), 1u);
+  EXPECT_EQ(s.rejected(Outcome::kQueueFull), 0u);
+  c1.acq.release();  // A is still at its share: B is served
+  EXPECT_EQ(b1.rec.outcomes, std::vector<Outcome>{Outcome::kGranted});
+  // A newcomer at its share is turned away as before, and so is any
+  // newcomer once no key at its share waits.
+  Request a5(db, "A");
+  EXPECT_EQ(a5.start(), Outcome::kPending);  // the queue has room again
+  Request a6(db, "A");
+  EXPECT_EQ(a6.start(), Outcome::kQueueFull);
+  EXPECT_TRUE(a5.rec.outcomes.empty());
+}
+
+TEST(PerKey, FullQueueTakesThePlaceFromTheKeyWithTheMostWaiters) {
+  auto db = keyed(2, 1, QueueDiscipline::kFifo, 3);
+  Request a1(db, "A"), d1(db, "D");
+  ASSERT_EQ(a1.start(), Outcome::kGranted);
+  ASSERT_EQ(d1.start(), Outcome::kGranted);
+  Request a2(db, "A"), a3(db, "A"), d2(db, "D");
+  ASSERT_EQ(a2.start(), Outcome::kPending);
+  ASSERT_EQ(a3.start(), Outcome::kPending);
+  ASSERT_EQ(d2.start(), Outcome::kPending);  // the newest waiter is D's
+  Request n1(db, std::nullopt);  // no key: exempt from the share
+  EXPECT_EQ(n1.start(), Outcome::kPending);
+  EXPECT_EQ(a3.rec.outcomes, std::vector<Outcome>{Outcome::kKeyLimit});
+  EXPECT_TRUE(d2.rec.outcomes.empty());
+  // A and D have one waiter each now: one of them makes room, then the other.
+  Request b1(db, "B");
+  EXPECT_EQ(b1.start(), Outcome::kPending);
+  EXPECT_EQ(a2.rec.outcomes.size() + d2.rec.outcomes.size(), 1u);
+  Request e1(db, "E");
+  EXPECT_EQ(e1.start(), Outcome::kPending);
+  EXPECT_EQ(a2.rec.outcomes, std::vector<Outcome>{Outcome::kKeyLimit});
+  EXPECT_EQ(d2.rec.outcomes, std::vector<Outcome>{Outcome::kKeyLimit});
+  // Only waiters below their share are left: newcomers are turned away,
+  // whether below their share or at it.
+  Request g1(db, "G"), a4(db, "A");
+  EXPECT_EQ(g1.start(), Outcome::kQueueFull);
+  EXPECT_EQ(a4.start(), Outcome::kQueueFull);
+  ResourceStatistics s = db->statistics();
+  EXPECT_EQ(s.waiting, 3);
+  EXPECT_EQ(s.rejected(Outcome::kKeyLimit), 3u);
+  EXPECT_EQ(s.rejected(Outcome::kQueueFull), 2u);
+  EXPECT_EQ(s.active_keys, 4);  // A, D (holding), B, E (waiting); none for n1
+}
+
+TEST(PerKey, KeyBackBelowItsShareIsServedInArrivalOrder) {
+  auto db = keyed(2, 1);
+  Request a1(db, "A"), c1(db, "C");
+  ASSERT_EQ(a1.start(), Outcome::kGranted);
+  ASSERT_EQ(c1.start(), Outcome::kGranted);
+  Request a2(db, "A"), b1(db, "B"), a3(db, "A"), b2(db, "B");
+  for (Request* r : {&a2, &b1, &a3, &b2}) ASSERT_EQ(r->start(), Outcome::kPending);
+  c1.acq.release();  // A at its share: its older waiter is passed
+  EXPECT_EQ(b1.rec.outcomes, std::vector<Outcome>{Outcome::kGranted});
+  a1.acq.release();  // A has room: its oldest waiter is the oldest of all
+  EXPECT_EQ(a2.rec.outcomes, std::vector<Outcome>{Outcome::kGranted});
+  EXPECT_TRUE(a3.rec.outcomes.empty());
+  EXPECT_TRUE(b2.rec.outcomes.empty());
+  b1.acq.release();
+  EXPECT_EQ(b2.rec.outcomes, std::vector<Outcome>{Outcome::kGranted});
+  a2.acq.release();
+  EXPECT_EQ(a3.rec.outcomes, std::vector<Outcome>{Outcome::kGranted});
+}
+
+TEST(PerKey, LifoKeyBackBelowItsShareIsServedNewestFirst) {
+  auto db = keyed(2, 1, QueueDiscipline::kLifo);
+  Request a1(db, "A"), c1(db, "C");
+  ASSERT_EQ(a1.start(), Outcome::kGranted);
+  ASSERT_EQ(c1.start(), Outcome::kGranted);
+  Request a2(db, "A"), b1(db, "B"), a3(db, "A"), b2(db, "B");
+  for (Request* r : {&a2, &b1, &a3, &b2}) ASSERT_EQ(r->start(), Outcome::kPending);
+  c1.acq.release();
+  EXPECT_EQ(b2.rec.outcomes, std::vector<Outcome>{Outcome::kGranted});
+  a1.acq.release();  // B at its share now: A's newest
+  EXPECT_EQ(a3.rec.outcomes, std::vector<Outcome>{Outcome::kGranted});
+  b2.acq.release();
+  EXPECT_EQ(b1.rec.outcomes, std::vector<Outcome>{Outcome::kGranted});
+  EXPECT_TRUE(a2.rec.outcomes.empty());
+}
+
+TEST(PerKey, HandoffToAnOlderWaiterLeavesATimeoutATimeout) {
+  auto db = keyed(2, 1);
+  Request a1(db, "A"), c1(db, "C");
+  ASSERT_EQ(a1.start(), Outcome::kGranted);
+  ASSERT_EQ(c1.start(), Outcome::kGranted);
+  Request b1(db, "B"), a2(db, "A"), b2(db, "B");
+  for (Request* r : {&b1, &a2, &b2}) ASSERT_EQ(r->start(), Outcome::kPending);
+  c1.acq.release();  // to b1, older than a2: a2 was not passed
+  ASSERT_EQ(b1.rec.outcomes, std::vector<Outcome>{Outcome::kGranted});
+  a2.acq.expire();
+  EXPECT_EQ(a2.rec.outcomes, std::vector<Outcome>{Outcome::kTimeout});
+  // Passed by a handoff to a newer waiter: kKeyLimit.
+  Request a3(db, "A"), b3(db, "B");
+  ASSERT_EQ(a3.start(), Outcome::kPending);
+  ASSERT_EQ(b3.start(), Outcome::kPending);
+  b1.acq.release();  // to b2, older than a3
+  ASSERT_EQ(b2.rec.outcomes, std::vector<Outcome>{Outcome::kGranted});
+  b2.acq.release();  // to b3, newer than a3
+  ASSERT_EQ(b3.rec.outcomes, std::vector<Outcome>{Outcome::kGranted});
+  a3.acq.expire();
+  EXPECT_EQ(a3.rec.outcomes, std::vector<Outcome>{Outcome::kKeyLimit});
+}
+
+TEST(PerKey, LifoHandoffPastANewerWaiterIsKeyLimit) {
+  auto db = keyed(2, 1, QueueDiscipline::kLifo);
+  Request a1(db, "A"), c1(db, "C");
+  ASSERT_EQ(a1.start(), Outcome::kGranted);
+  ASSERT_EQ(c1.start(), Outcome::kGranted);
+  Request b1(db, "B"), a2(db, "A"), a3(db, "A");
+  for (Request* r : {&b1, &a2, &a3}) ASSERT_EQ(r->start(), Outcome::kPending);
+  c1.acq.release();  // to b1, past the newer a2 and a3
+  ASSERT_EQ(b1.rec.outcomes, std::vector<Outcome>{Outcome::kGranted});
+  a2.acq.expire();
+  EXPECT_EQ(a2.rec.outcomes, std::vector<Outcome>{Outcome::kKeyLimit});
+  Request b2(db, "B");
+  ASSERT_EQ(b2.start(), Outcome::kPending);
+  b1.acq.release();  // to b2, the newest: a3 is not passed again, but was
+  ASSERT_EQ(b2.rec.outcomes, std::vector<Outcome>{Outcome::kGranted});
+  a3.acq.expire();
+  EXPECT_EQ(a3.rec.outcomes, std::vector<Outcome>{Outcome::kKeyLimit});
+}
+
+// A key with many waiters at its share: the others are served, in order,
+// and everything drains with nothing left behind.
+TEST(PerKey, FloodingKeyDrainsAndLeavesNothing) {
+  for (QueueDiscipline q : {QueueDiscipline::kFifo, QueueDiscipline::kLifo,
+                            QueueDiscipline::kAdaptive}) {
+    auto db = keyed(3, 1, q);
+    std::vector<std::unique_ptr<Request>> flood;
+    for (int i = 0; i < 300; ++i) {
+      flood.push_back(std::make_unique<Request>(db, "A"));
+      flood.back()->start();
+    }
+    auto b = std::make_unique<Request>(db, "B");
+    ASSERT_EQ(b->start(), Outcome::kGranted);
+    for (int i = 0; i < 100; ++i) {
+      auto next = std::make_unique<Request>(db, "B");
+      ASSERT_EQ(next->start(), Outcome::kPending);
+      b->acq.release();
+      ASSERT_EQ(next->rec.outcomes, std::vector<Outcome>{Outcome::kGranted});
+      b = std::move(next);
+    }
+    b->acq.release();
+    EXPECT_EQ(db->in_use(), 1);  // A's first
+    // A's waiters are served one at a time, each once the one before is done.
+    for (std::size_t served = 0; served < flood.size(); ++served) {
+      for (auto& r : flood) {
+        if (r->acq.state() == Acquisition::State::kGranted) {
+          r->acq.release();
+          break;
+        }
+      }
+    }
+    for (auto& r : flood) {
+      EXPECT_EQ(r->acq.state(), Acquisition::State::kReleased);
+    }
+    EXPECT_EQ(db->in_use(), 0);
+    ResourceStatistics s = db->statistics();
+    EXPECT_EQ(s.waiting, 0);
+    EXPECT_EQ(s.active_keys, 0);
+  }
+}
+
 // 10^5 distinct keys pass through a small resource, with a few of them
 // holding and a few waiting at any time: the per-key state follows the
 // active keys only, and nothing is left once they are gone.
@@ -360,7 +541,9 @@ TEST_P(PerKeyStress, InvariantsHoldAndNothingLeaks) {
   auto db = std::make_shared<Resource>(ResourceOptions{
       .name = "db",
       .capacity = kCapacity,
-      .max_waiting = 10,
+      // Short enough to fill: newcomers below their share then take the
+      // places of waiters of keys at theirs.
+      .max_waiting = 4,
       .queue = GetParam(),
       .adaptive_target = 1ms,
       .adaptive_interval = 2ms,
@@ -387,7 +570,8 @@ TEST_P(PerKeyStress, InvariantsHoldAndNothingLeaks) {
     threads.emplace_back([&, t] {
       std::mt19937 rng(static_cast<unsigned>(t) * 7919u + 1u);
       for (int i = 0; i < kIterations; ++i) {
-        const int k = static_cast<int>(rng() % (kKeys + 1));  // kKeys: no key
+        // Half the requests are key-0's, which floods; kKeys: no key.
+        const int k = rng() % 2 == 0 ? 0 : static_cast<int>(rng() % (kKeys + 1));
         std::optional<std::string> key;
         if (k < kKeys) key = "key-" + std::to_string(k);
         std::stop_source stop;

@@ -103,6 +103,35 @@ async def test_a_timeout_at_the_share_is_key_limit() -> None:
     assert s.active_keys == 0
 
 
+async def test_one_key_cannot_fill_the_queue() -> None:
+    db = Resource(2, name="db", per_key=1, max_waiting=3)
+    limiter = Limiter(timeout=30, resources=[db])
+    holders = [Holder(limiter, [db], "a"), Holder(limiter, [db], "c")]
+    await asyncio.gather(*(h.entered.wait() for h in holders))
+    flood = [Holder(limiter, [db], "a") for _ in range(3)]
+    await eventually(lambda: db.waiting == 3)  # "a" alone fills the queue
+    b = Holder(limiter, [db], "b")  # below its share: it gets a place
+    with pytest.raises(ServerBusy) as info:
+        await flood[2].task  # the newest of "a" made room
+    assert info.value.reason == "key_limit"
+    assert db.waiting == 3
+    with pytest.raises(ServerBusy) as info:  # "a" is at its share: refused
+        async with limiter.acquire([db], key="a"):
+            pass
+    assert info.value.reason == "queue_full"
+    await holders[1].finish()  # "c" leaves: the slot goes to "b", not "a"
+    await b.entered.wait()
+    assert not any(h.entered.is_set() for h in flood)
+    await b.finish()
+    await holders[0].finish()
+    for h in flood[:2]:
+        await h.entered.wait()
+        await h.finish()
+    s = db.statistics()
+    assert (s.in_use, s.waiting, s.active_keys) == (0, 0, 0)
+    assert (s.rejected_total["key_limit"], s.rejected_total["queue_full"]) == (1, 1)
+
+
 async def test_no_key_is_exempt_from_the_share_but_counted_in_the_total() -> None:
     db = Resource(2, name="db", per_key=1)
     limiter = Limiter(timeout=0.02, resources=[db])
