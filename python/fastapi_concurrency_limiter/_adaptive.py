@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import builtins
+import importlib
 import math
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from numbers import Real
@@ -16,12 +17,13 @@ from starlette.websockets import WebSocketDisconnect
 from . import _core
 from ._validation import check_int, check_seconds
 
-if sys.version_info >= (3, 11):
-    _Group: type[BaseException] | None = BaseExceptionGroup
-else:  # anyio's backport, where installed
+# BaseExceptionGroup: built in from Python 3.11; before, anyio's backport
+# (the `exceptiongroup` package) where installed.
+_Group: type[BaseException] | None = getattr(builtins, "BaseExceptionGroup", None)
+if _Group is None:  # pragma: no cover
     try:
-        from exceptiongroup import BaseExceptionGroup as _Group
-    except ImportError:  # pragma: no cover
+        _Group = importlib.import_module("exceptiongroup").BaseExceptionGroup
+    except ImportError:
         _Group = None
 
 SUCCESS = _core.Completion.success
