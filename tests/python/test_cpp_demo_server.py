@@ -234,8 +234,9 @@ def test_clients_that_hang_up_while_waiting_leave_the_queue(
             assert time.monotonic() < deadline, stats
             time.sleep(0.05)
     # The waiting ones never ran their query: they left the queue when their
-    # client went.
-    assert db["cancelled"] > 0 and stats["queries_total"] == db["acquired"] < 100
+    # client went. (A slot granted at the very moment its client hung up is
+    # counted as acquired, given back at once, and runs no query either.)
+    assert db["cancelled"] > 0 and stats["queries_total"] <= db["acquired"] < 100
     assert db["waiting"] == 0
 
 
