@@ -90,6 +90,31 @@ def _redis_server(_variant: Variant) -> Iterator[dict[str, str]]:
             process.wait()
 
 
+HOST_RESOURCE = "spike-db"
+"""The host-scoped database resource of ``fcl-host`` (``app.py``)."""
+
+
+def _reset_host_resource() -> None:
+    """Removes the host resource if it exists and no process uses it: a
+    segment left by an earlier run, maybe by another version of the package
+    (whose layout this one refuses), must not fail the variant."""
+    subprocess.run(
+        [sys.executable, "-m", "fastapi_concurrency_limiter", "reset", HOST_RESOURCE],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        check=False,  # "no host resource named ...": nothing to remove
+    )
+
+
+@contextlib.contextmanager
+def _fresh_host_resource(_variant: Variant) -> Iterator[dict[str, str]]:
+    _reset_host_resource()
+    try:
+        yield {}
+    finally:
+        _reset_host_resource()
+
+
 def _this_interpreter(_progress: Callable[[str], None]) -> Path:
     return Path(sys.executable)
 
@@ -278,6 +303,7 @@ _REGISTRY: list[Variant] = [
         app="package-host",
         workers=2,
         db_shared=True,
+        services=_fresh_host_resource,
     ),
 ]
 
