@@ -25,10 +25,13 @@ for tool in sh env uname; do
   ln -s "$(command -v "$tool")" "$tools/$tool"
 done
 # The cluster-scope tests start a redis-server of their own (they skip
-# without one).
-if command -v redis-server >/dev/null; then
-  ln -s "$(command -v redis-server)" "$tools/redis-server"
-fi
+# without one), join three into a Redis Cluster with redis-cli, and make a
+# certificate with openssl for the test over TLS.
+for tool in redis-server redis-cli openssl; do
+  if command -v "$tool" >/dev/null; then
+    ln -s "$(command -v "$tool")" "$tools/$tool"
+  fi
+done
 export PATH="$venv/bin:$tools"
 unset CC CXX
 for compiler in cc c++ gcc g++ clang clang++; do

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import shutil
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -234,6 +235,7 @@ def test_capacity_mismatch_is_a_clear_error(redis_server: RedisServer) -> None:
     run(main)
 
 
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs openssl for a certificate")
 def test_rediss_url_over_tls() -> None:
     """rediss:// with the server's CA: the scripts, the hand-off through the
     notify list and the release all go over TLS."""
