@@ -77,8 +77,12 @@ async def test_random_timeouts_cancellations_and_errors_leave_nothing_held() -> 
                 codes.append(0)
 
         await asyncio.gather(*[one() for _ in range(600)])
-    assert set(codes) <= {0, 200, 500, 503}
-    assert 200 in codes and (0 in codes or 503 in codes)
+        assert set(codes) <= {0, 200, 500, 503}
+        assert 0 in codes or 503 in codes
+        # After the storm every entry point still serves (however slow the
+        # machine was, which decides how many of the storm's requests got in).
+        for path in ("/router", "/decorated", "/mount/"):
+            assert (await client.get(path, headers={"x-key": "a"})).status_code == 200
     for resource in (db, files):
         await eventually(lambda r=resource: (r.in_use, r.waiting) == (0, 0))  # type: ignore[misc]
     assert db.statistics().active_keys == files.statistics().active_keys == 0
