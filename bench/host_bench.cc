@@ -205,9 +205,7 @@ int main() {
     percentiles("flock, process to process", *s, 2);
   }
   ::unlink(lock_path.c_str());
-  // This process still uses them, so remove_host_resource() would refuse.
-  for (const std::string& n : {name, name + "-1"}) {
-    ::shm_unlink(("/fcl-host." + std::to_string(::getuid()) + "." + n).c_str());
-  }
+  // This process still uses them: a plain reset would refuse.
+  for (const std::string& n : {name, name + "-1"}) cl::remove_host_resource(n, /*force=*/true);
   return 0;
 }

@@ -29,7 +29,8 @@ nb::dict rejected_by_reason(const cl::ResourceStatistics& s) {
   nb::dict out;
   for (cl::Outcome o : {cl::Outcome::kTimeout, cl::Outcome::kQueueFull,
                         cl::Outcome::kShed, cl::Outcome::kDisconnected,
-                        cl::Outcome::kCancelled, cl::Outcome::kKeyLimit}) {
+                        cl::Outcome::kCancelled, cl::Outcome::kKeyLimit,
+                        cl::Outcome::kUnavailable}) {
     out[nb::str(cl::to_string(o).data())] = s.rejected(o);
   }
   return out;
@@ -49,6 +50,7 @@ NB_MODULE(_core, m) {
       .value("disconnected", cl::Outcome::kDisconnected)
       .value("cancelled", cl::Outcome::kCancelled)
       .value("key_limit", cl::Outcome::kKeyLimit)
+      .value("unavailable", cl::Outcome::kUnavailable)
       .value("pending", cl::Outcome::kPending);
 
   nb::enum_<cl::Completion>(m, "Completion", "How a request that held slots ended.")
@@ -140,6 +142,8 @@ NB_MODULE(_core, m) {
       .def_prop_ro("max_waiting", &cl::Resource::max_waiting)
       .def_prop_ro("queue", &cl::Resource::queue)
       .def_prop_ro("scope", &cl::Resource::scope)
+      .def_prop_ro("host_note", &cl::Resource::host_note)
+      .def_prop_ro("host_note_is_warning", &cl::Resource::host_note_is_warning)
       .def_prop_ro("per_key", &cl::Resource::per_key)
       .def_prop_ro("in_use", &cl::Resource::in_use)
       .def_prop_ro("waiting", &cl::Resource::waiting)
@@ -219,7 +223,8 @@ NB_MODULE(_core, m) {
       .def_ro("pid", &cl::HostProcessInfo::pid)
       .def_ro("held", &cl::HostProcessInfo::held)
       .def_ro("waiting", &cl::HostProcessInfo::waiting)
-      .def_ro("alive", &cl::HostProcessInfo::alive);
+      .def_ro("alive", &cl::HostProcessInfo::alive)
+      .def_ro("other_pid_namespace", &cl::HostProcessInfo::other_pid_namespace);
 
   nb::class_<cl::HostResourceInfo>(m, "HostResourceInfo")
       .def_ro("name", &cl::HostResourceInfo::name)
@@ -231,11 +236,12 @@ NB_MODULE(_core, m) {
       .def_ro("in_use", &cl::HostResourceInfo::in_use)
       .def_ro("waiting", &cl::HostResourceInfo::waiting)
       .def_ro("repairs", &cl::HostResourceInfo::repairs)
+      .def_ro("problem", &cl::HostResourceInfo::problem)
       .def_ro("processes", &cl::HostResourceInfo::processes);
 
   m.def("list_host_resources", &cl::list_host_resources);
   // std::runtime_error -> RuntimeError (refused: live processes, no such name).
-  m.def("remove_host_resource", &cl::remove_host_resource, "name"_a);
+  m.def("remove_host_resource", &cl::remove_host_resource, "name"_a, "force"_a = false);
 
   nb::class_<cl::DeadlineQueue>(m, "DeadlineQueue")
       .def(nb::init<>())

@@ -146,22 +146,23 @@ Resource::Resource(ResourceOptions o, int)
   if (per_key_ != 0) make_spares_locked(keyless_);
   if (o.scope == Scope::kHost) {
     o.name = name_;  // moved from above
-    host_ = detail::HostPool::get(o, algorithm_.get());
+    host_ = detail::HostPool::get(o, algorithm_.get(), host_note_, host_note_warning_);
   }
 }
 
 Resource::~Resource() = default;
 
 std::optional<std::int64_t> Resource::max_waiting() const noexcept {
-  if (max_waiting_ < 0) return std::nullopt;
-  return max_waiting_;
+  const std::int64_t max_waiting = host_ ? host_->max_waiting() : max_waiting_;
+  if (max_waiting < 0) return std::nullopt;
+  return max_waiting;
 }
 
 void Resource::set_limit(std::int64_t limit) {
-  if (limit < 1 || limit > capacity_) {
+  if (limit < 1 || limit > capacity()) {
     throw std::invalid_argument("limit of resource '" + name_ +
                                 "' must be an integer in [1, capacity=" +
-                                std::to_string(capacity_) + "], got " +
+                                std::to_string(capacity()) + "], got " +
                                 std::to_string(limit));
   }
   if (host_) return host_->set_limit(limit);
@@ -272,6 +273,8 @@ bool Resource::host_try_grant(bool& measure) noexcept {
 }
 
 std::int64_t Resource::host_limit() const noexcept { return host_->limit(); }
+std::int64_t Resource::host_capacity() const noexcept { return host_->capacity(); }
+QueueDiscipline Resource::host_queue() const noexcept { return host_->queue(); }
 
 void Resource::raise_peak(std::int64_t n) noexcept {
   std::int64_t peak = peak_in_use_.load(std::memory_order_relaxed);

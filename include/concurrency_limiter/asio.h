@@ -152,6 +152,7 @@ inline std::string outcome_message(int value, std::string_view resource) {
     case Outcome::kDisconnected: return "client disconnected while waiting for " + on;
     case Outcome::kCancelled: return "cancelled while waiting for " + on;
     case Outcome::kKeyLimit: return "key at its per-key share of " + on;
+    case Outcome::kUnavailable: return "shared state unavailable for " + on;
     case Outcome::kPending: return "still waiting for " + on;
   }
   return "unknown outcome";
@@ -173,7 +174,8 @@ class OutcomeCategory : public std::error_category {
     const auto o = static_cast<Outcome>(value);
     return (o == Outcome::kCancelled && cond == std::errc::operation_canceled) ||
            ((o == Outcome::kTimeout || o == Outcome::kKeyLimit) &&
-            cond == std::errc::timed_out);
+            cond == std::errc::timed_out) ||
+           (o == Outcome::kUnavailable && cond == std::errc::resource_unavailable_try_again);
   }
 
  private:

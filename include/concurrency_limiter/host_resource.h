@@ -26,21 +26,52 @@
 //     process-shared robust mutex, held for a few instructions; a grant that
 //     races with a timeout or cancel is decided once, and a loser passes the
 //     slot on.
-//   - The name must be 1 to 64 letters, digits, '_', '-' or '.'. Segments
-//     are per user ("/dev/shm/fcl-host.<uid>.<name>", mode 0600). Opening an
-//     existing name with another capacity, queue, max_waiting or limit
-//     algorithm throws
-//     std::invalid_argument naming both configurations; a foreign or corrupt
-//     segment throws std::runtime_error.
+//   - The name must be 1 to 64 letters, digits, '_', '-' or '.', not dots
+//     only. Segments are per user: files of mode 0600 in a directory of
+//     mode 0700, /dev/shm/fcl-host.<uid>/<name> (FCL_HOST_DIR chooses
+//     another directory; every process sharing a resource must use the
+//     same). A directory or file that another user created first, a
+//     symbolic link, or a file others can read is refused with a
+//     std::runtime_error that names its owner and what to do. A segment is
+//     built under no name and linked into place complete: a creator killed
+//     half-way leaves nothing, and a slow one makes nobody wait.
+//   - Configuration: the newest process wins. A process that opens the
+//     name with another capacity, queue, max_waiting or limit algorithm puts
+//     its configuration in force for every process (host_note() says so);
+//     the others follow it from their next operation (capacity(), limit(),
+//     statistics() read it). Raising the capacity grants waiters at once;
+//     lowering it revokes no held slot (released slots are retired until
+//     in_use <= the new limit). So a redeploy with a changed capacity, or a
+//     graceful reload (gunicorn HUP) whose new workers start while old ones
+//     drain, keeps serving; once the reload is over, the new capacity is in
+//     force everywhere.
+//   - A corrupt segment, or one of another layout version, is replaced when
+//     no live process uses it; otherwise opening throws std::runtime_error
+//     saying so (a mixed-version deploy cannot share one pool).
 //   - A process that dies (even SIGKILL, even inside the lock) gives its
 //     slots back and leaves the queue within about 200 ms: every process's
-//     background thread checks the registered processes for positive
-//     evidence of death (no such pid, a zombie, or another start time, so a
-//     reused pid neither keeps nor steals the slots) and the next locker
-//     after a death inside the lock rebuilds the state.
-//   - fork(): a child registers as a new process at its first acquisition
+//     background thread checks the registered processes, and the next
+//     locker after a death inside the lock rebuilds the state. Death is
+//     proved, never guessed: each registered process holds a kernel lock
+//     (an open-file-description lock on its byte of the segment's file)
+//     for as long as it lives, which the kernel drops when it dies. A
+//     process out of file descriptors, one whose main thread has exited, a
+//     reused pid, or a process in another PID namespace sharing /dev/shm
+//     (containers of one pod) are all judged correctly.
+//   - A process registers when it opens the resource (so `status` lists it
+//     and `reset` refuses while it lives); if its background thread cannot
+//     start, opening throws and nothing stays registered.
+//   - fork(): a child registers as a new process at its first operation
 //     (so a resource created before fork, as with gunicorn --preload,
 //     works). Slots or waits the parent had at the fork stay the parent's.
+//   - The shared mutex is taken with a bound of about one second: while a
+//     process stopped or hung inside it keeps it (or if it is corrupt),
+//     requests are refused at once with Outcome::kUnavailable, releases are
+//     applied later by the background thread, and nothing blocks for long.
+//   - Reset: remove_host_resource() refuses while a live process uses the
+//     name; with `force`, it removes it anyway, and each live process
+//     attaches to a new segment at its next operation (its waiters are
+//     refused with kUnavailable; slots it held are not carried over).
 //   - Bounds: at most 256 processes use one host resource at a time, and at
 //     most 4096 requests wait for it at a time over all processes (more are
 //     rejected with kQueueFull).
@@ -84,6 +115,9 @@ struct HostProcessInfo {
   std::int64_t held = 0;     // slots it holds
   std::int64_t waiting = 0;  // requests it has queued
   bool alive = true;         // false: dead, to be reclaimed
+  // Registered from another PID namespace than the caller's (its pid is
+  // that namespace's).
+  bool other_pid_namespace = false;
 };
 
 // A snapshot of one host resource of this user.
@@ -98,29 +132,41 @@ struct HostResourceInfo {
   std::int64_t waiting = 0;
   std::uint64_t repairs = 0;  // times the state was rebuilt after a crash
   std::vector<HostProcessInfo> processes;
+  // Empty, or why the fields above are not known: the segment is corrupt or
+  // of another version (capacity 0), or its lock was not free within a
+  // second (a process stopped inside it?).
+  std::string problem;
 };
 
-// This user's host resources on this machine, sorted by name. Segments that
-// cannot be read are reported with capacity 0 and no processes.
+// This user's host resources on this machine, sorted by name: files in the
+// segment directory that have a valid name and belong to this user (others
+// are ignored). A segment that cannot be read is reported with capacity 0
+// and its `problem`. Never waits more than about a second per segment.
 std::vector<HostResourceInfo> list_host_resources();
 
-// Removes the host resource `name` if no live process is registered with
-// it. Throws std::runtime_error naming the live pids otherwise, or if there
-// is no such resource; std::invalid_argument for a bad name.
-void remove_host_resource(const std::string& name);
+// Removes the host resource `name` if no live process uses it; with
+// `force`, even then (they attach to a new one at their next operation).
+// Needs no lock (works on a corrupt segment, or one whose lock a stopped
+// process holds). Throws std::runtime_error naming the live pids when
+// refused, if there is no such resource, or if the file cannot be removed
+// (naming its owner); std::invalid_argument for a bad name.
+void remove_host_resource(const std::string& name, bool force = false);
 
 namespace testing {
 // Test hooks (crash tests): take the shared lock of `resource` and never
 // give it back; register a fake process with `held` slots (PID reuse); run
 // this process's dead-process sweep now.
 void hold_host_lock_forever(const Resource& resource);
-void forge_host_process(const Resource& resource, pid_t pid, std::uint64_t start_time,
-                        std::int64_t held);
+// (forge: a process whose liveness lock nobody holds, as a dead one.)
+void forge_host_process(const Resource& resource, pid_t pid, std::int64_t held);
 void sweep_host_processes(const Resource& resource);
 // Takes the shared lock of `resource`, writes garbage over the uncommitted
 // copy of its limit algorithm's state, as a process killed in the middle of
 // an update would leave it, and never gives the lock back.
 void die_in_host_limit_update(const Resource& resource);
+// While `fail` is set, a host resource's background thread fails to start
+// (as when the process is out of threads).
+void fail_host_thread_start(bool fail);
 }  // namespace testing
 
 }  // namespace concurrency_limiter

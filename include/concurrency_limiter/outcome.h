@@ -26,11 +26,14 @@ enum class Outcome : std::uint8_t {
                  // resource had for other keys; or, queued at its share, it
                  // made room in a full queue for a request of a key below
                  // its share (ResourceOptions::per_key)
+  kUnavailable,  // the resource's shared state could not be reached in time
+                 // (host scope: its lock held by a process stopped inside
+                 // it, or a corrupt segment); refused at once
   kPending,      // still queued; the completion callback will say how it ends
 };
 
 // Number of rejection reasons, i.e. outcomes other than kGranted and kPending.
-inline constexpr std::size_t kRejectionReasonCount = 6;
+inline constexpr std::size_t kRejectionReasonCount = 7;
 
 // True for the outcomes that mean "turned away".
 constexpr bool is_rejection(Outcome o) noexcept {
@@ -44,7 +47,7 @@ constexpr std::size_t rejection_index(Outcome o) noexcept {
 
 // Stable lower-case names used in errors, statistics and metrics labels:
 // "granted", "timeout", "queue_full", "shed", "disconnected", "cancelled",
-// "key_limit", "pending".
+// "key_limit", "unavailable", "pending".
 std::string_view to_string(Outcome o) noexcept;
 
 }  // namespace concurrency_limiter

@@ -313,7 +313,10 @@ class Resource : public std::enable_shared_from_this<Resource> {
   ~Resource();
 
   const std::string& name() const noexcept { return name_; }
-  std::int64_t capacity() const noexcept { return capacity_; }
+  // The number of slots. Host scope: the capacity in force host-wide, which
+  // a newer process opening the name with another configuration changes
+  // (see host_resource.h).
+  std::int64_t capacity() const noexcept { return host_ ? host_capacity() : capacity_; }
   // The slots in force now, 1..capacity. A snapshot, as in_use(). Host
   // scope: the limit in force host-wide.
   std::int64_t limit() const noexcept {
@@ -335,8 +338,14 @@ class Resource : public std::enable_shared_from_this<Resource> {
   void set_limit(std::int64_t limit) CL_EXCLUDES(mu_, algorithm_mu_);
   bool adaptive() const noexcept { return algorithm_ != nullptr; }
   std::optional<std::int64_t> max_waiting() const noexcept;
-  QueueDiscipline queue() const noexcept { return discipline_; }
+  QueueDiscipline queue() const noexcept { return host_ ? host_queue() : discipline_; }
   Scope scope() const noexcept { return host_ ? Scope::kHost : Scope::kProcess; }
+  // Host scope: what opening the name changed, for the log (empty if
+  // nothing): a configuration replaced by this one (newest wins), or a
+  // corrupt segment that no live process used replaced by a new one.
+  // host_note_is_warning(): processes using the old configuration were alive.
+  const std::string& host_note() const noexcept { return host_note_; }
+  bool host_note_is_warning() const noexcept { return host_note_warning_; }
   // Most slots one key may hold; 0: no per-key share.
   std::int64_t per_key() const noexcept { return per_key_; }
 
@@ -487,6 +496,8 @@ class Resource : public std::enable_shared_from_this<Resource> {
   // try_grant() and limit() of a host-scoped resource (src/host/).
   bool host_try_grant(bool& measure) noexcept;
   std::int64_t host_limit() const noexcept;
+  std::int64_t host_capacity() const noexcept;
+  QueueDiscipline host_queue() const noexcept;
   // try_grant() of a resource with a per-key share: under mu_.
   bool keyed_try_grant(bool& measure, const std::string* key) noexcept
       CL_EXCLUDES(mu_);
@@ -650,6 +661,8 @@ class Resource : public std::enable_shared_from_this<Resource> {
   // Host scope: every operation above is delegated to the machine-wide pool
   // (src/host/); null for process scope. Set once by the constructor.
   std::shared_ptr<detail::HostPool> host_;
+  std::string host_note_;
+  bool host_note_warning_ = false;
 };
 
 }  // namespace concurrency_limiter

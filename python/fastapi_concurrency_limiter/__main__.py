@@ -1,7 +1,7 @@
 """Operators' commands for host-scoped resources.
 
     python -m fastapi_concurrency_limiter status [--json]
-    python -m fastapi_concurrency_limiter reset NAME
+    python -m fastapi_concurrency_limiter reset [--force] NAME
 """
 
 from __future__ import annotations
@@ -26,8 +26,15 @@ def _snapshot() -> list[dict[str, Any]]:
             "in_use": r.in_use,
             "waiting": r.waiting,
             "repairs": r.repairs,
+            "problem": r.problem or None,
             "processes": [
-                {"pid": p.pid, "held": p.held, "waiting": p.waiting, "alive": p.alive}
+                {
+                    "pid": p.pid,
+                    "held": p.held,
+                    "waiting": p.waiting,
+                    "alive": p.alive,
+                    "other_pid_namespace": p.other_pid_namespace,
+                }
                 for p in r.processes
             ],
         }
@@ -44,8 +51,11 @@ def _status(as_json: bool) -> int:
         print("no host resources")
         return 0
     for r in resources:
-        if r["capacity"] == 0:
-            print(f"{r['name']}: unreadable (corrupt or foreign); `reset` removes it")
+        if r["problem"] is not None and r["capacity"] == 0:
+            print(f"{r['name']}: unreadable ({r['problem']})")
+            continue
+        if r["problem"] is not None:
+            print(f"{r['name']}: capacity {r['capacity']}, busy ({r['problem']})")
             continue
         bound = "unbounded" if r["max_waiting"] is None else f"max {r['max_waiting']}"
         limit = ""
@@ -57,13 +67,15 @@ def _status(as_json: bool) -> int:
         )
         for p in r["processes"]:
             state = "" if p["alive"] else "  (dead, being reclaimed)"
-            print(f"  pid {p['pid']}: holds {p['held']}, waiting {p['waiting']}{state}")
+            if p["other_pid_namespace"]:
+                state += "  (pid of another PID namespace)"
+            print(f"  pid {p['pid']}: held {p['held']}, waiting {p['waiting']}{state}")
     return 0
 
 
-def _reset(name: str) -> int:
+def _reset(name: str, force: bool) -> int:
     try:
-        _core.remove_host_resource(name)
+        _core.remove_host_resource(name, force)
     except (RuntimeError, ValueError) as e:
         print(f"reset refused: {e}", file=sys.stderr)
         return 1
@@ -80,11 +92,17 @@ def main(argv: list[str] | None = None) -> int:
     status = commands.add_parser("status", help="list host resources and their processes")
     status.add_argument("--json", action="store_true", help="machine-readable output")
     reset = commands.add_parser("reset", help="remove a host resource no live process uses")
+    reset.add_argument(
+        "--force",
+        action="store_true",
+        help="remove it even while live processes use it (they attach to a new one at "
+        "their next request; their waiting requests get 503)",
+    )
     reset.add_argument("name")
     args = parser.parse_args(argv)
     if args.command == "status":
         return _status(args.json)
-    return _reset(args.name)
+    return _reset(args.name, args.force)
 
 
 if __name__ == "__main__":

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import re
 from typing import TYPE_CHECKING, Literal
 
 from . import _core
 from ._adaptive import AdaptiveLimit, algorithm_for
 from ._clustered import Releasable, running_loop_time, with_cluster
+from ._logging import logger
 from ._holding import Holds, Selection, check, current_task, current_task_or_none, holds_of, leave
 from ._statistics import ResourceStatistics
 from ._validation import check_int, check_seconds
@@ -28,7 +30,7 @@ _QUEUES: dict[str, _core.QueueDiscipline] = {
 ScopeName = Literal["process", "host"]
 _SCOPES: dict[str, _core.Scope] = {"process": _core.Scope.process, "host": _core.Scope.host}
 # Host resources are named after a shared-memory file: keep names portable.
-_HOST_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+_HOST_NAME = re.compile(r"(?!\.+$)[A-Za-z0-9_.-]{1,64}")
 
 #: Default ``adaptive_target``: see the README's "Overload control".
 DEFAULT_ADAPTIVE_TARGET = 0.5
@@ -65,10 +67,12 @@ class Resource:
             this machine that creates a host resource of the same ``name``
             (for example the workers of ``uvicorn --workers 4`` or gunicorn)
             shares one pool of ``capacity`` slots and one queue. ``name`` is
-            then required (letters, digits, ``_``, ``-``, ``.``, at most 64),
-            and every process must use the same ``capacity``, ``queue``,
-            ``max_waiting`` and ``adaptive`` (ValueError naming both
-            otherwise). The ``limit`` is host-wide too: ``set_limit()`` in
+            then required (letters, digits, ``_``, ``-``, ``.``, at most 64,
+            not dots only). The newest process's ``capacity``, ``queue``,
+            ``max_waiting`` and ``adaptive`` are in force for every process
+            (a redeploy or a gunicorn reload with another capacity takes
+            effect everywhere, logged once; held slots are never revoked).
+            The ``limit`` is host-wide too: ``set_limit()`` in
             one process sets it for all, and with ``adaptive`` one algorithm
             moves it, fed by the requests of every process. Statistics:
             ``capacity``, ``limit``, ``in_use``, ``waiting`` and
@@ -135,7 +139,7 @@ class Resource:
         if scope == "host":
             if not isinstance(name, str) or not _HOST_NAME.fullmatch(name):
                 raise (ValueError if name is None or isinstance(name, str) else TypeError)(
-                    "name must be 1 to 64 letters, digits, '_', '-' or '.' with "
+                    "name must be 1 to 64 letters, digits, '_', '-' or '.' (not dots only) with "
                     f"scope='host' (it names the shared pool), got {name!r}"
                 )
         if name is not None and not isinstance(name, str):
@@ -159,6 +163,15 @@ class Resource:
             _SCOPES[scope] if isinstance(scope, str) else _core.Scope.process,
             per_key or 0,
         )
+        if self._core.host_note:
+            # A redeploy or reload with another configuration (newest wins),
+            # or a corrupt segment replaced: said once, where operators look.
+            logger.log(
+                logging.WARNING if self._core.host_note_is_warning else logging.INFO,
+                "%s",
+                self._core.host_note,
+                extra={"resource": name, "scope": "host"},
+            )
         self._cluster: ClusterStage | None = _bind_scope(scope, name, capacity)
         self._selection = Selection(_core.ResourceSet([self._core]), (self,))
         # Slots taken by acquire(), and the task that took each.

@@ -1,17 +1,21 @@
 #include "internal/host_pool.h"
 
+#include <fcntl.h>
 #include <linux/futex.h>
 #include <pthread.h>
+#include <sys/stat.h>
 #include <sys/syscall.h>
 #include <time.h>
 #include <unistd.h>
 
 #include <algorithm>
 #include <atomic>
+#include <cerrno>
 #include <chrono>
 #include <cstring>
 #include <map>
 #include <stdexcept>
+#include <system_error>
 #include <thread>
 #include <utility>
 
@@ -31,6 +35,9 @@ using NodeState = WaiterNode::State;
 // Bumped in every forked child: a pool registered in an older generation
 // belongs to the parent and must register again.
 std::atomic<std::uint64_t> g_generation{1};
+
+// Test hook: the next background threads fail to start.
+std::atomic<bool> g_fail_thread_start{false};
 
 // Pools of this process by name. Never destroyed: segments stay mapped, and
 // background threads keep running, until the process exits.
@@ -57,6 +64,9 @@ Clock::time_point from_ns(std::int64_t ns) {
 // Background thread: how long a futex wait lasts before the next sweep for
 // dead processes.
 constexpr auto kSweepInterval = std::chrono::milliseconds(200);
+// How long requests are refused at once after the shared state could not be
+// reached, unless the background thread reaches it sooner.
+constexpr auto kUnavailableFor = std::chrono::milliseconds(1000);
 
 constexpr bool kStatistics = CL_STATISTICS != 0;
 
@@ -72,12 +82,30 @@ host::Config config_of(const ResourceOptions& o, const LimitAlgorithm* algorithm
       .limit = host::limit_config_of(algorithm)};
 }
 
+// "/proc/self/fd/N" without allocating (it is built in a fork child).
+void self_fd_path(int fd, char (&out)[32]) {
+  static constexpr char kPrefix[] = "/proc/self/fd/";
+  std::memcpy(out, kPrefix, sizeof kPrefix - 1);
+  char digits[12];
+  int n = 0;
+  unsigned v = static_cast<unsigned>(fd);
+  do {
+    digits[n++] = static_cast<char>('0' + v % 10);
+    v /= 10;
+  } while (v != 0);
+  std::size_t at = sizeof kPrefix - 1;
+  while (n > 0) out[at++] = digits[--n];
+  out[at] = '\0';
+}
+
 }  // namespace
 
-std::shared_ptr<HostPool> HostPool::get(const ResourceOptions& o,
-                                         const LimitAlgorithm* algorithm) {
+std::shared_ptr<HostPool> HostPool::get(const ResourceOptions& o, const LimitAlgorithm* algorithm,
+                                         std::string& note, bool& warning) {
   host::check_name(o.name);
   const host::Config config = config_of(o, algorithm);
+  note.clear();
+  warning = false;
   std::lock_guard lock(registry_mu());
   static std::once_flag fork_handlers;
   std::call_once(fork_handlers, [] {
@@ -85,26 +113,45 @@ std::shared_ptr<HostPool> HostPool::get(const ResourceOptions& o,
                      &HostPool::after_fork_child);
   });
   auto it = registry().find(o.name);
-  if (it != registry().end() && !host::is_linked(o.name, it->second->inode_)) {
-    // Removed (reset) since this process opened it: Resources created from
-    // now on use the new one.
-    registry().erase(it);
-    it = registry().end();
-  }
   if (it != registry().end()) {
-    // Opened before in this process: same segment, same checks.
-    const host::Config& theirs = it->second->seg_->header.config;
-    if (!host::same_config(theirs, config)) {
-      throw std::invalid_argument(
-          "host resource '" + o.name + "' already exists on this host with " +
-          host::describe(theirs) + "; this process asks for " + host::describe(config) +
-          ". Use the same configuration in every process, or another name");
+    // Opened before in this process. Another configuration: the newest
+    // wins here as across processes.
+    HostPool& pool = *it->second;
+    if (!host::is_linked(o.name, pool.inode_)) pool.detached_.store(true);
+    NoticeList notices;
+    {
+      std::lock_guard pool_lock(pool.mu_);
+      pool.attach_locked(notices);
+      Locked locked(pool);
+      if (!host::same_config(pool.cfg(), config)) {
+        const std::string theirs = host::describe(pool.cfg());
+        host::install_config(*pool.seg(), config);
+        pool.fill_locked(to_ns(Clock::now()), notices, locked.wakes);
+        note = "host resource '" + o.name + "': configuration " + theirs + " replaced by " +
+               host::describe(config) +
+               " (newest wins: the processes using it follow the new one; slots they hold "
+               "stay held)";
+        warning = true;
+      }
     }
+    notices.fire();
     return it->second;
   }
-  ino_t inode = 0;
-  host::Segment* seg = host::open_segment(o.name, &config, &inode);
-  auto pool = std::make_shared<HostPool>(o.name, seg, inode, o, config);
+  host::Opened opened = host::open_segment(o.name, config, host::Adopt::kNewestWins);
+  note = opened.note;
+  warning = opened.others_alive;
+  auto pool = std::make_shared<HostPool>(o.name, config, opened);
+  NoticeList notices;
+  {
+    std::lock_guard pool_lock(pool->mu_);
+    pool->attach_locked(notices);  // registers: `status` lists this process from now on
+    if (!note.empty()) {
+      // A configuration that raised the limit grants waiters at once.
+      Locked locked(*pool);
+      pool->fill_locked(to_ns(Clock::now()), notices, locked.wakes);
+    }
+  }
+  notices.fire();
   registry().emplace(o.name, pool);
   return pool;
 }
@@ -115,21 +162,14 @@ std::shared_ptr<HostPool> HostPool::find(const std::string& name) {
   return it == registry().end() ? nullptr : it->second;
 }
 
-HostPool::HostPool(std::string name, host::Segment* segment, ino_t inode, ResourceOptions o,
-                   const host::Config& config)
-    : name_(std::move(name)),
-      seg_(segment),
-      inode_(inode),
-      capacity_(o.capacity),
-      max_waiting_(o.max_waiting ? *o.max_waiting : -1),
-      discipline_(o.queue),
-      target_ns_(config.target_ns),
-      interval_ns_(config.interval_ns),
-      algorithm_(config) {
+HostPool::HostPool(std::string name, const host::Config& config, host::Opened opened)
+    : name_(std::move(name)), config_(config), seg_(opened.segment), fd_(opened.fd),
+      inode_(opened.inode) {
   stats_.name = name_;
-  stats_.capacity = capacity_;
-  stats_.max_waiting = o.max_waiting;
-  stats_.queue = discipline_;
+}
+
+void HostPool::fail_thread_start(bool fail) noexcept {
+  g_fail_thread_start.store(fail, std::memory_order_relaxed);
 }
 
 // --- fork ------------------------------------------------------------------
@@ -146,57 +186,132 @@ void HostPool::after_fork_parent() noexcept {
 }
 
 void HostPool::after_fork_child() noexcept {
-  // The child registers as a new process at its first acquisition (it has no
+  // The child registers as a new process at its first operation (it has no
   // background thread yet; starting one here is not safe in every runtime).
+  // Its liveness lock must be its own: the inherited descriptor shares the
+  // parent's open file description, and with it the parent's lock, so it
+  // is replaced by a new description of the same file.
   g_generation.fetch_add(1, std::memory_order_relaxed);
-  for (auto& [name, pool] : registry()) pool->mu_.unlock();
+  for (auto& [name, pool] : registry()) {
+    if (pool->fd_ >= 0) {
+      char path[32];
+      self_fd_path(pool->fd_, path);
+      const int fresh = ::open(path, O_RDWR | O_CLOEXEC);
+      if (fresh >= 0) {
+        ::dup3(fresh, pool->fd_, O_CLOEXEC);
+        ::close(fresh);
+      } else {
+        ::close(pool->fd_);
+        pool->fd_ = -1;  // opened again at registration
+      }
+    }
+    pool->mu_.unlock();
+  }
   registry_mu().unlock();
 }
 
-void HostPool::ensure_registered_locked() {
-  const std::uint64_t generation = g_generation.load(std::memory_order_relaxed);
-  if (me_ != kNone && generation_ == generation) return;
-  const pid_t pid = ::getpid();
-  const std::uint64_t start = host::start_time_of(pid);
-  if (start == 0) {
-    throw std::runtime_error("host resource '" + name_ +
-                             "': cannot read this process's start time from /proc");
+// --- attachment --------------------------------------------------------------
+
+bool HostPool::must_attach_locked() const noexcept {
+  return me_ == kNone || generation_ != g_generation.load(std::memory_order_relaxed) ||
+         detached_.load(std::memory_order_relaxed) ||
+         seg()->header.retired.load(std::memory_order_relaxed) != 0;
+}
+
+void HostPool::attach_locked(NoticeList& notices) {
+  if (!must_attach_locked()) return;
+  if (detached_.load(std::memory_order_relaxed) ||
+      seg()->header.retired.load(std::memory_order_relaxed) != 0) {
+    reattach_locked(notices);
   }
+  if (me_ == kNone || generation_ != g_generation.load(std::memory_order_relaxed)) {
+    register_locked();
+  }
+}
+
+void HostPool::reattach_locked(NoticeList& notices) {
+  // An operator removed the segment (reset --force) while this process used
+  // it. Its waiters there are refused; its held slots are not carried over
+  // (their releases go nowhere); it attaches to the segment now in place,
+  // or creates one, with the configuration found there if any.
+  for (std::uint32_t i = 0; i < nodes_.size(); ++i) {
+    if (WaiterNode* node = nodes_[i]) {
+      nodes_[i] = nullptr;
+      node->state_ = NodeState::kRejected;
+      node->outcome_ = Outcome::kUnavailable;
+      note_rejection_locked(Outcome::kUnavailable);
+      node->completing_.store(true, std::memory_order_relaxed);  // published by mu_
+      notices.push(node);
+    }
+  }
+  host::Opened opened = host::open_segment(name_, config_, host::Adopt::kTheirs);
+  held_elsewhere_ += held_local_;
+  held_local_ = 0;
+  pending_releases_ = 0;
+  orphans_.clear();
+  // Closing the old file drops this process's liveness lock there: anyone
+  // still using the old segment reclaims what this process held in it.
+  if (fd_ >= 0) ::close(fd_);
+  fd_ = opened.fd;
+  inode_ = opened.inode;
+  seg_.store(opened.segment, std::memory_order_release);
+  detached_.store(false, std::memory_order_relaxed);
+  unavailable_until_ns_.store(0, std::memory_order_relaxed);
+  me_ = kNone;
+}
+
+void HostPool::register_locked() {
+  const std::uint64_t generation = g_generation.load(std::memory_order_relaxed);
+  if (fd_ < 0) {
+    // A fork child whose descriptor could not be renewed: open the file
+    // again, if it is still the same one.
+    const int fd = ::open(host::segment_path(name_).c_str(), O_RDWR | O_NOFOLLOW | O_CLOEXEC);
+    struct stat st {};
+    if (fd < 0 || ::fstat(fd, &st) != 0 || st.st_ino != inode_) {
+      const int err = errno;
+      if (fd >= 0) ::close(fd);
+      if (fd >= 0) {
+        detached_.store(true, std::memory_order_relaxed);
+        throw std::runtime_error("host resource '" + name_ +
+                                 "': its segment was replaced; the next call attaches to it");
+      }
+      throw std::runtime_error("host resource '" + name_ + "': cannot open " +
+                               host::segment_path(name_) + ": " + std::strerror(err));
+    }
+    fd_ = fd;
+  }
+  const pid_t pid = ::getpid();
+  const std::uint64_t pid_ns = host::pid_namespace();
   std::uint32_t slot = kNone;
   NoticeList notices;  // nothing of ours can be queued yet
   {
     Locked locked(*this);
-    host::Header& h = seg_->header;
-    if (h.retired) {
-      throw std::runtime_error("host resource '" + name_ +
-                               "' was reset by an operator while this process had it "
-                               "open; restart the process to use a new one");
-    }
-    for (int pass = 0; pass < 2 && slot == kNone; ++pass) {
+    const auto take_free_slot = [&] {
       for (std::uint32_t p = 0; p < kMaxProcesses; ++p) {
-        if (seg_->processes[p].pid == 0) {
-          slot = p;
-          break;
+        // A free slot whose lock is still held belongs to a process that
+        // registered no further: left alone.
+        if (seg()->processes[p].pid == 0 && host::lock_slot(fd_, p)) return p;
+      }
+      return kNone;
+    };
+    slot = take_free_slot();
+    if (slot == kNone) {
+      // Full: reclaim dead processes now rather than at the next sweep.
+      for (std::uint32_t p = 0; p < kMaxProcesses; ++p) {
+        if (seg()->processes[p].pid != 0 && host::liveness(fd_, p) == host::Liveness::kDead) {
+          reclaim_locked(p, notices, locked.wakes);
         }
       }
-      if (slot == kNone && pass == 0) {
-        // Full: reclaim dead processes now rather than at the next sweep.
-        for (std::uint32_t p = 0; p < kMaxProcesses; ++p) {
-          const Process& q = seg_->processes[p];
-          if (host::is_dead(q.pid, q.start_time)) {
-            reclaim_locked(p, notices, locked.wakes);
-          }
-        }
-      }
+      slot = take_free_slot();
     }
     if (slot == kNone) {
       throw std::runtime_error("host resource '" + name_ + "': more than " +
                                std::to_string(kMaxProcesses) +
                                " processes use it at the same time");
     }
-    Process& p = seg_->processes[slot];
-    p.start_time = start;
-    p.incarnation = h.next_incarnation++;
+    Process& p = seg()->processes[slot];
+    p.pid_namespace = pid_ns;
+    p.incarnation = seg()->header.next_incarnation++;
     p.held = 0;
     p.waiting = 0;
     p.decided = {kNone, kNone};
@@ -205,8 +320,68 @@ void HostPool::ensure_registered_locked() {
   }
   me_ = slot;
   generation_ = generation;
+  held_local_ = 0;
   nodes_.assign(kMaxWaiters, nullptr);
-  std::thread([this, slot] { run(slot); }).detach();
+  if (thread_generation_ == generation) return;  // it follows the new slot
+  try {
+    if (g_fail_thread_start.load(std::memory_order_relaxed)) {
+      throw std::system_error(std::make_error_code(std::errc::resource_unavailable_try_again));
+    }
+    std::thread([this] { run(); }).detach();
+    thread_generation_ = generation;
+  } catch (const std::system_error& e) {
+    // Without its thread no grant decided by another process would reach
+    // this process: registered it must not stay.
+    try {
+      Locked locked(*this);
+      reclaim_locked(slot, notices, locked.wakes);
+    } catch (const host::Unavailable&) {
+      // Unlocking its byte below is enough: a sweeper reclaims the slot.
+    }
+    host::unlock_slot(fd_, slot);
+    me_ = kNone;
+    throw std::runtime_error("host resource '" + name_ +
+                             "': cannot start its background thread (" + e.what() +
+                             "); this process is not registered");
+  }
+}
+
+bool HostPool::unavailable_now() const noexcept {
+  const std::int64_t until = unavailable_until_ns_.load(std::memory_order_relaxed);
+  return until != 0 && to_ns(Clock::now()) < until;
+}
+
+void HostPool::mark_unavailable() noexcept {
+  unavailable_until_ns_.store(to_ns(Clock::now() + kUnavailableFor), std::memory_order_relaxed);
+}
+
+host::SharedAlgorithm* HostPool::algorithm_locked() {
+  const host::Header& h = seg()->header;
+  if (algorithm_generation_ != h.config_generation) {
+    algorithm_.reset();
+    try {
+      algorithm_.emplace(h.config);
+    } catch (const std::invalid_argument&) {
+      // Out of range: checked when the segment was opened, so garbage
+      // written since; the limit stays where it is.
+    }
+    algorithm_generation_ = h.config_generation;
+  }
+  return algorithm_ && algorithm_->adaptive() ? &*algorithm_ : nullptr;
+}
+
+std::int64_t HostPool::capacity() const noexcept {
+  return std::clamp<std::int64_t>(seg()->header.capacity_now.load(std::memory_order_relaxed), 1,
+                                  Resource::kMaxCapacity);
+}
+
+std::int64_t HostPool::max_waiting() const noexcept {
+  return std::max<std::int64_t>(seg()->header.max_waiting_now.load(std::memory_order_relaxed), -1);
+}
+
+QueueDiscipline HostPool::queue() const noexcept {
+  const std::uint32_t q = seg()->header.queue_now.load(std::memory_order_relaxed);
+  return q <= 2 ? static_cast<QueueDiscipline>(q) : QueueDiscipline::kFifo;
 }
 
 // --- engine operations -------------------------------------------------------
@@ -216,24 +391,24 @@ bool HostPool::mine(const Entry& e) const {
 }
 
 std::uint32_t HostPool::allocate_entry_locked() {
-  host::Header& h = seg_->header;
+  host::Header& h = seg()->header;
   const std::uint32_t i = h.free_head;
   if (i == kNone) return kNone;
-  if (i >= kMaxWaiters || seg_->entries[i].state != as_u32(EntryState::kFree)) {
+  if (i >= kMaxWaiters || seg()->entries[i].state != as_u32(EntryState::kFree)) {
     h.needs_rebuild = 1;
     return kNone;
   }
-  h.free_head = seg_->entries[i].next;
+  h.free_head = seg()->entries[i].next;
   return i;
 }
 
 void HostPool::free_entry_locked(std::uint32_t i) {
-  Entry& e = seg_->entries[i];
+  Entry& e = seg()->entries[i];
   e.state = as_u32(EntryState::kFree);
   e.process = kNone;
   e.prev = kNone;
-  e.next = seg_->header.free_head;
-  seg_->header.free_head = i;
+  e.next = seg()->header.free_head;
+  seg()->header.free_head = i;
 }
 
 void HostPool::note_grant_locked(double waited) {
@@ -249,11 +424,11 @@ void HostPool::note_rejection_locked(Outcome reason) {
 
 void HostPool::decide_locked(std::uint32_t i, Outcome outcome, std::int64_t now_ns,
                              NoticeList& notices, Wakes& wakes) {
-  host::Header& h = seg_->header;
-  Entry& e = seg_->entries[i];
-  host::unlink(*seg_, h.queue, i);
+  host::Header& h = seg()->header;
+  Entry& e = seg()->entries[i];
+  host::unlink(*seg(), h.queue, i);
   --h.waiting;
-  if (e.process < kMaxProcesses) --seg_->processes[e.process].waiting;
+  if (e.process < kMaxProcesses) --seg()->processes[e.process].waiting;
   e.decided_ns = now_ns;
   e.outcome = static_cast<std::uint32_t>(outcome);
   e.state = as_u32(outcome == Outcome::kGranted ? EntryState::kGranted : EntryState::kRejected);
@@ -269,7 +444,7 @@ void HostPool::decide_locked(std::uint32_t i, Outcome outcome, std::int64_t now_
     return;
   }
   // Another process's waiter: its background thread takes it from here.
-  host::push_back(*seg_, seg_->processes[e.process].decided, i);
+  host::push_back(*seg(), seg()->processes[e.process].decided, i);
   if (wakes.overflow) return;
   for (std::uint32_t k = 0; k < wakes.count; ++k) {
     if (wakes.procs[k] == e.process) return;
@@ -283,7 +458,7 @@ void HostPool::decide_locked(std::uint32_t i, Outcome outcome, std::int64_t now_
 
 WaiterNode* HostPool::settle_own_locked(std::uint32_t i, NoticeList& notices,
                                         Wakes& wakes) {
-  Entry& e = seg_->entries[i];
+  Entry& e = seg()->entries[i];
   const bool granted = e.state == as_u32(EntryState::kGranted);
   Outcome outcome = static_cast<Outcome>(e.outcome);
   if (!granted && !is_rejection(outcome)) outcome = Outcome::kCancelled;
@@ -291,12 +466,16 @@ WaiterNode* HostPool::settle_own_locked(std::uint32_t i, NoticeList& notices,
   WaiterNode* node = nodes_[i];
   nodes_[i] = nullptr;
   free_entry_locked(i);
-  if (granted) ++me().held;  // from the granted entry to this process
+  if (granted) {
+    ++me().held;  // from the granted entry to this process
+    ++held_local_;
+  }
   if (!node) {
     // No local waiter (cannot happen unless the table was rebuilt): a
     // granted slot goes to the next waiter.
     if (granted) {
       --me().held;
+      --held_local_;
       hand_over_locked(decided_ns, notices, wakes);
     }
     return nullptr;
@@ -305,7 +484,7 @@ WaiterNode* HostPool::settle_own_locked(std::uint32_t i, NoticeList& notices,
     node->state_ = NodeState::kGranted;
     node->outcome_ = Outcome::kGranted;
     node->granted_at_ = from_ns(decided_ns);
-    node->measure_ = kStatistics || algorithm_.adaptive();
+    node->measure_ = kStatistics || algorithm_locked() != nullptr;
     note_grant_locked(
         std::max(0.0, std::chrono::duration<double>(node->granted_at_ - node->enqueued_at_)
                           .count()));
@@ -318,26 +497,29 @@ WaiterNode* HostPool::settle_own_locked(std::uint32_t i, NoticeList& notices,
 }
 
 bool HostPool::standing_locked(std::int64_t now_ns) {
-  host::Header& h = seg_->header;
+  host::Header& h = seg()->header;
   const std::uint32_t head = h.queue.head;
   if (head >= kMaxWaiters || h.waiting <= limit() ||
-      now_ns - seg_->entries[head].enqueued_ns <= target_ns_) {
+      now_ns - seg()->entries[head].enqueued_ns <= cfg().target_ns) {
     h.above_target_since_ns = -1;
     return false;
   }
   if (h.above_target_since_ns < 0) {
-    h.above_target_since_ns = seg_->entries[head].enqueued_ns + target_ns_;
+    h.above_target_since_ns = seg()->entries[head].enqueued_ns + cfg().target_ns;
   }
-  return now_ns - h.above_target_since_ns >= interval_ns_;
+  return now_ns - h.above_target_since_ns >= cfg().interval_ns;
 }
 
 void HostPool::shed_locked(std::int64_t now_ns, NoticeList& notices, Wakes& wakes) {
-  if (discipline_ != QueueDiscipline::kAdaptive || !standing_locked(now_ns)) return;
-  host::Header& h = seg_->header;
+  if (cfg().queue != static_cast<std::uint32_t>(QueueDiscipline::kAdaptive) ||
+      !standing_locked(now_ns)) {
+    return;
+  }
+  host::Header& h = seg()->header;
   for (std::uint32_t steps = 0; steps < kMaxWaiters; ++steps) {
     const std::uint32_t head = h.queue.head;
     if (head >= kMaxWaiters ||
-        now_ns - seg_->entries[head].enqueued_ns <= target_ns_ + interval_ns_) {
+        now_ns - seg()->entries[head].enqueued_ns <= cfg().target_ns + cfg().interval_ns) {
       return;
     }
     decide_locked(head, Outcome::kShed, now_ns, notices, wakes);
@@ -346,9 +528,9 @@ void HostPool::shed_locked(std::int64_t now_ns, NoticeList& notices, Wakes& wake
 
 std::uint32_t HostPool::pick_locked(std::int64_t now_ns, NoticeList& notices,
                                     Wakes& wakes) {
-  host::Header& h = seg_->header;
+  host::Header& h = seg()->header;
   std::uint32_t i = kNone;
-  switch (discipline_) {
+  switch (static_cast<QueueDiscipline>(cfg().queue)) {
     case QueueDiscipline::kFifo:
       i = h.queue.head;
       break;
@@ -359,9 +541,12 @@ std::uint32_t HostPool::pick_locked(std::int64_t now_ns, NoticeList& notices,
       shed_locked(now_ns, notices, wakes);
       i = standing_locked(now_ns) ? h.queue.tail : h.queue.head;
       break;
+    default:  // out of range: garbage written since the segment was opened
+      i = h.queue.head;
+      break;
   }
   if (i == kNone) return kNone;
-  if (i >= kMaxWaiters || seg_->entries[i].state != as_u32(EntryState::kQueued)) {
+  if (i >= kMaxWaiters || seg()->entries[i].state != as_u32(EntryState::kQueued)) {
     h.needs_rebuild = 1;
     return kNone;
   }
@@ -369,21 +554,21 @@ std::uint32_t HostPool::pick_locked(std::int64_t now_ns, NoticeList& notices,
 }
 
 void HostPool::hand_over_locked(std::int64_t now_ns, NoticeList& notices, Wakes& wakes) {
-  if (seg_->header.in_use > limit()) {
+  if (seg()->header.in_use > limit()) {
     // The limit was lowered: retire the slot instead of handing it over.
-    --seg_->header.in_use;
+    --seg()->header.in_use;
     return;
   }
   const std::uint32_t next = pick_locked(now_ns, notices, wakes);
   if (next != kNone) {
     decide_locked(next, Outcome::kGranted, now_ns, notices, wakes);  // in_use stays
   } else {
-    --seg_->header.in_use;
+    --seg()->header.in_use;
   }
 }
 
 void HostPool::fill_locked(std::int64_t now_ns, NoticeList& notices, Wakes& wakes) {
-  host::Header& h = seg_->header;
+  host::Header& h = seg()->header;
   while (h.in_use < limit()) {
     const std::uint32_t next = pick_locked(now_ns, notices, wakes);
     if (next == kNone) return;
@@ -395,21 +580,21 @@ void HostPool::fill_locked(std::int64_t now_ns, NoticeList& notices, Wakes& wake
 
 void HostPool::put_limit_locked(std::int64_t limit, std::int64_t now_ns, NoticeList& notices,
                                 Wakes& wakes) {
-  seg_->header.limit.store(limit, std::memory_order_relaxed);
+  seg()->header.limit.store(limit, std::memory_order_relaxed);
   // Raised: the new slots go to waiters of every process at once. Lowered:
   // hand_over_locked() retires released slots until in_use <= limit.
   fill_locked(now_ns, notices, wakes);
 }
 
 void HostPool::reclaim_locked(std::uint32_t proc, NoticeList& notices, Wakes& wakes) {
-  host::Header& h = seg_->header;
-  Process& p = seg_->processes[proc];
-  std::int64_t freed = std::clamp<std::int64_t>(p.held, 0, capacity_);
+  host::Header& h = seg()->header;
+  Process& p = seg()->processes[proc];
+  std::int64_t freed = std::clamp<std::int64_t>(p.held, 0, h.held_bound);
   for (std::uint32_t i = 0; i < kMaxWaiters; ++i) {
-    Entry& e = seg_->entries[i];
+    Entry& e = seg()->entries[i];
     if (e.state == as_u32(EntryState::kFree) || e.process != proc) continue;
     if (e.state == as_u32(EntryState::kQueued)) {
-      host::unlink(*seg_, h.queue, i);
+      host::unlink(*seg(), h.queue, i);
       --h.waiting;
     } else if (e.state == as_u32(EntryState::kGranted)) {
       ++freed;
@@ -417,7 +602,7 @@ void HostPool::reclaim_locked(std::uint32_t proc, NoticeList& notices, Wakes& wa
     free_entry_locked(i);
   }
   p.pid = 0;
-  p.start_time = 0;
+  p.pid_namespace = 0;
   p.held = 0;
   p.waiting = 0;
   p.decided = {kNone, kNone};
@@ -425,76 +610,93 @@ void HostPool::reclaim_locked(std::uint32_t proc, NoticeList& notices, Wakes& wa
   fill_locked(to_ns(Clock::now()), notices, wakes);
 }
 
+Outcome HostPool::refuse_locked(WaiterNode& node, Outcome reason) {
+  note_rejection_locked(reason);
+  node.state_ = NodeState::kRejected;
+  node.outcome_ = reason;
+  return reason;
+}
+
 bool HostPool::try_grant(bool& measure) noexcept {
   std::lock_guard lock(mu_);
+  // Anything unusual (registration, a reset, an unreachable lock) is left
+  // to enqueue(), which can report it.
+  if (must_attach_locked() || unavailable_now()) return false;
   try {
-    ensure_registered_locked();
+    Locked locked(*this);
+    host::Header& h = seg()->header;
+    if (h.in_use >= limit() || h.waiting > 0) return false;
+    ++h.in_use;
+    h.peak_in_use = std::max(h.peak_in_use, h.in_use);
+    ++me().held;
+    ++held_local_;
+    note_grant_locked(0.0);
+    // Every hold is timed: the clock read is small next to the shared lock.
+    measure = kStatistics || algorithm_locked() != nullptr;
+    return true;
   } catch (...) {
-    return false;  // enqueue() will throw the error
+    mark_unavailable();
+    return false;
   }
-  Locked locked(*this);
-  host::Header& h = seg_->header;
-  if (h.in_use >= limit() || h.waiting > 0) return false;
-  ++h.in_use;
-  h.peak_in_use = std::max(h.peak_in_use, h.in_use);
-  ++me().held;
-  note_grant_locked(0.0);
-  // Every hold is timed: the clock read is small next to the shared lock.
-  measure = kStatistics || algorithm_.adaptive();
-  return true;
 }
 
 Outcome HostPool::enqueue(WaiterNode& node, NoticeList& notices) {
   const auto now = Clock::now();
   const std::int64_t now_ns = to_ns(now);
   std::lock_guard lock(mu_);
-  ensure_registered_locked();
-  Locked locked(*this);
-  host::Header& h = seg_->header;
-  if (h.in_use < limit() && h.waiting == 0) {
-    ++h.in_use;
-    h.peak_in_use = std::max(h.peak_in_use, h.in_use);
-    ++me().held;
-    node.granted_at_ = {};  // granted at once: the hold starts now
-    node.measure_ = kStatistics || algorithm_.adaptive();
-    node.state_ = NodeState::kGranted;
-    node.outcome_ = Outcome::kGranted;
-    note_grant_locked(0.0);
-    return Outcome::kGranted;
+  try {
+    attach_locked(notices);  // after a reset: a new segment, the breaker closed
+    if (unavailable_now()) return refuse_locked(node, Outcome::kUnavailable);
+    Locked locked(*this);
+    host::Header& h = seg()->header;
+    if (h.in_use < limit() && h.waiting == 0) {
+      ++h.in_use;
+      h.peak_in_use = std::max(h.peak_in_use, h.in_use);
+      ++me().held;
+      ++held_local_;
+      node.granted_at_ = {};  // granted at once: the hold starts now
+      node.measure_ = kStatistics || algorithm_locked() != nullptr;
+      node.state_ = NodeState::kGranted;
+      node.outcome_ = Outcome::kGranted;
+      note_grant_locked(0.0);
+      return Outcome::kGranted;
+    }
+    shed_locked(now_ns, notices, locked.wakes);
+    const std::int64_t max_waiting = cfg().max_waiting;
+    if (max_waiting >= 0 && h.waiting >= max_waiting) {
+      const auto discipline = static_cast<QueueDiscipline>(cfg().queue);
+      const bool newest_first =
+          discipline == QueueDiscipline::kLifo ||
+          (discipline == QueueDiscipline::kAdaptive && standing_locked(now_ns));
+      if (!newest_first || h.waiting == 0 || h.queue.head >= kMaxWaiters) {
+        return refuse_locked(node, Outcome::kQueueFull);
+      }
+      decide_locked(h.queue.head, Outcome::kQueueFull, now_ns, notices, locked.wakes);
+    }
+    const std::uint32_t i = allocate_entry_locked();
+    // The waiter table is full.
+    if (i == kNone) return refuse_locked(node, Outcome::kQueueFull);
+    Entry& e = seg()->entries[i];
+    e.process = me_;
+    e.incarnation = incarnation_;
+    e.ticket = h.next_ticket++;
+    e.enqueued_ns = now_ns;
+    e.decided_ns = 0;
+    e.outcome = static_cast<std::uint32_t>(Outcome::kPending);
+    e.state = as_u32(EntryState::kQueued);
+    host::push_back(*seg(), h.queue, i);
+    ++h.waiting;
+    ++me().waiting;
+    nodes_[i] = &node;
+    node.host_entry_ = i;
+    node.enqueued_at_ = now;
+    node.state_ = NodeState::kQueued;
+    node.outcome_ = Outcome::kPending;
+    return Outcome::kPending;
+  } catch (const host::Unavailable&) {
+    mark_unavailable();
+    return refuse_locked(node, Outcome::kUnavailable);
   }
-  shed_locked(now_ns, notices, locked.wakes);
-  const auto reject = [&] {
-    note_rejection_locked(Outcome::kQueueFull);
-    node.state_ = NodeState::kRejected;
-    node.outcome_ = Outcome::kQueueFull;
-    return Outcome::kQueueFull;
-  };
-  if (max_waiting_ >= 0 && h.waiting >= max_waiting_) {
-    const bool newest_first =
-        discipline_ == QueueDiscipline::kLifo ||
-        (discipline_ == QueueDiscipline::kAdaptive && standing_locked(now_ns));
-    if (!newest_first || h.waiting == 0 || h.queue.head >= kMaxWaiters) return reject();
-    decide_locked(h.queue.head, Outcome::kQueueFull, now_ns, notices, locked.wakes);
-  }
-  const std::uint32_t i = allocate_entry_locked();
-  if (i == kNone) return reject();  // the waiter table is full
-  Entry& e = seg_->entries[i];
-  e.process = me_;
-  e.incarnation = incarnation_;
-  e.ticket = h.next_ticket++;
-  e.enqueued_ns = now_ns;
-  e.decided_ns = 0;
-  e.outcome = static_cast<std::uint32_t>(Outcome::kPending);
-  e.state = as_u32(EntryState::kQueued);
-  host::push_back(*seg_, h.queue, i);
-  ++h.waiting;
-  ++me().waiting;
-  nodes_[i] = &node;
-  node.host_entry_ = i;
-  node.enqueued_at_ = now;
-  node.state_ = NodeState::kQueued;
-  node.outcome_ = Outcome::kPending;
-  return Outcome::kPending;
 }
 
 NodeState HostPool::abandon(WaiterNode& node, Outcome reason) {
@@ -513,34 +715,41 @@ NodeState HostPool::abandon(WaiterNode& node, Outcome reason) {
       nodes_[i] != &node) {
     return lost();
   }
-  Locked locked(*this);
-  Entry& e = seg_->entries[i];
-  if (!mine(e)) {
+  try {
+    Locked locked(*this);
+    Entry& e = seg()->entries[i];
+    if (!mine(e)) {
+      nodes_[i] = nullptr;
+      return lost();
+    }
+    NoticeList unused;  // settling our own entry notifies nobody
+    if (e.state == as_u32(EntryState::kQueued)) {
+      host::Header& h = seg()->header;
+      host::unlink(*seg(), h.queue, i);
+      --h.waiting;
+      --me().waiting;
+      nodes_[i] = nullptr;
+      free_entry_locked(i);
+      return lost();
+    }
+    if (e.state == as_u32(EntryState::kGranted) || e.state == as_u32(EntryState::kRejected)) {
+      // Decided by another process, not yet taken by our background thread:
+      // take it here, so the thread never tells this node.
+      host::unlink(*seg(), me().decided, i);
+      settle_own_locked(i, unused, locked.wakes);
+      return node.state_;
+    }
     nodes_[i] = nullptr;
     return lost();
-  }
-  NoticeList unused;  // settling our own entry notifies nobody
-  if (e.state == as_u32(EntryState::kQueued)) {
-    host::Header& h = seg_->header;
-    host::unlink(*seg_, h.queue, i);
-    --h.waiting;
-    --me().waiting;
+  } catch (const host::Unavailable&) {
+    // The shared queue cannot be reached now: the node stops waiting, and
+    // the background thread takes its entry out of the queue (or passes on
+    // a slot granted meanwhile) once the lock is back.
+    mark_unavailable();
     nodes_[i] = nullptr;
-    free_entry_locked(i);
-    node.state_ = NodeState::kRejected;
-    node.outcome_ = reason;
-    note_rejection_locked(reason);
-    return NodeState::kQueued;
+    orphans_.push_back(i);
+    return lost();
   }
-  if (e.state == as_u32(EntryState::kGranted) || e.state == as_u32(EntryState::kRejected)) {
-    // Decided by another process, not yet taken by our background thread:
-    // take it here, so the thread never tells this node.
-    host::unlink(*seg_, me().decided, i);
-    settle_own_locked(i, unused, locked.wakes);
-    return node.state_;
-  }
-  nodes_[i] = nullptr;
-  return lost();
 }
 
 void HostPool::revert_grant(NoticeList& notices) {
@@ -551,10 +760,21 @@ void HostPool::revert_grant(NoticeList& notices) {
     --stats_.wait_seconds.counts[0];
     --stats_.wait_seconds.count;
   }
-  Locked locked(*this);
-  if (me().held <= 0) return;
-  --me().held;
-  hand_over_locked(now_ns, notices, locked.wakes);
+  if (held_elsewhere_ > 0) {
+    --held_elsewhere_;
+    return;
+  }
+  if (held_local_ <= 0) return;
+  --held_local_;
+  try {
+    Locked locked(*this);
+    if (me().held <= 0) return;
+    --me().held;
+    hand_over_locked(now_ns, notices, locked.wakes);
+  } catch (const host::Unavailable&) {
+    mark_unavailable();
+    ++pending_releases_;
+  }
 }
 
 void HostPool::count_rejection(Outcome reason) {
@@ -573,29 +793,45 @@ void HostPool::release(bool measured, Clock::time_point granted_at, Clock::time_
   }
   // A permit inherited across fork: the slot is the parent's to give back.
   if (me_ == kNone || generation_ != g_generation.load(std::memory_order_relaxed)) return;
-  Locked locked(*this);
-  if (me().held <= 0) return;
-  const std::int64_t in_flight = seg_->header.in_use;  // host-wide, this one included
-  --me().held;
-  const std::int64_t now_ns = to_ns(now);
-  hand_over_locked(now_ns, notices, locked.wakes);
-  if (algorithm_.adaptive() && measured && completion != Completion::kIgnored) {
-    // Every process's samples feed the one algorithm, under the segment mutex.
-    const std::int64_t wanted = algorithm_.update(
-        seg_->header, LimitSample{.end = now,
-                                  .service_time = now - granted_at,
-                                  .in_flight = std::clamp<std::int64_t>(in_flight, 1, capacity_),
-                                  .dropped = completion == Completion::kDropped});
-    if (wanted != limit()) {
-      put_limit_locked(wanted, now_ns, notices, locked.wakes);
+  if (held_elsewhere_ > 0) {
+    // A slot of a segment an operator removed: nothing to give back here.
+    --held_elsewhere_;
+    return;
+  }
+  if (held_local_ <= 0) return;
+  --held_local_;
+  try {
+    Locked locked(*this);
+    if (me().held <= 0) return;
+    const std::int64_t in_flight = seg()->header.in_use;  // host-wide, this one included
+    --me().held;
+    // The sample's time is read under the lock, so that samples reach the
+    // shared window in time order whichever process gives them.
+    const Clock::time_point end = Clock::now();
+    const std::int64_t end_ns = to_ns(end);
+    hand_over_locked(end_ns, notices, locked.wakes);
+    host::SharedAlgorithm* algorithm = algorithm_locked();
+    if (algorithm && measured && completion != Completion::kIgnored) {
+      // Every process's samples feed the one algorithm, under the segment mutex.
+      const std::int64_t wanted = algorithm->update(
+          seg()->header,
+          LimitSample{.end = end,
+                      .service_time = now - granted_at,
+                      .in_flight = std::clamp<std::int64_t>(in_flight, 1, capacity()),
+                      .dropped = completion == Completion::kDropped});
+      if (wanted != limit()) put_limit_locked(wanted, end_ns, notices, locked.wakes);
     }
+  } catch (const host::Unavailable&) {
+    // Given back by the background thread once the lock is back.
+    mark_unavailable();
+    ++pending_releases_;
   }
 }
 
 std::int64_t HostPool::limit() const noexcept {
   // Read from shared memory: bounds-checked like every other value.
-  return std::clamp<std::int64_t>(seg_->header.limit.load(std::memory_order_relaxed), 1,
-                                  capacity_);
+  return std::clamp<std::int64_t>(seg()->header.limit.load(std::memory_order_relaxed), 1,
+                                  capacity());
 }
 
 void HostPool::set_limit(std::int64_t limit) {
@@ -606,34 +842,59 @@ void HostPool::set_limit(std::int64_t limit) {
     std::lock_guard lock(mu_);
     // Registered (again, in a forked child) so that the grants decided here
     // tell this process's waiters, not the parent's.
-    ensure_registered_locked();
+    attach_locked(notices);
     Locked locked(*this);
+    if (limit > capacity()) {
+      throw std::invalid_argument("limit of resource '" + name_ +
+                                  "' must be an integer in [1, capacity=" +
+                                  std::to_string(capacity()) + "], got " +
+                                  std::to_string(limit));
+    }
     // The shared algorithm moves on from `limit` (under the segment mutex,
     // like every update).
-    if (algorithm_.adaptive()) algorithm_.set_limit(seg_->header, limit, now);
+    if (host::SharedAlgorithm* algorithm = algorithm_locked()) {
+      algorithm->set_limit(seg()->header, limit, now);
+    }
     put_limit_locked(limit, now_ns, notices, locked.wakes);
   }
   notices.fire();
 }
 
-std::int64_t HostPool::in_use() {
-  SegmentLock lock(*seg_);
-  return seg_->header.in_use;
+std::int64_t HostPool::in_use() noexcept {
+  try {
+    SegmentLock lock(*seg());
+    return seg()->header.in_use;
+  } catch (const host::Unavailable&) {
+    return in_use_snapshot_.load(std::memory_order_relaxed);
+  }
 }
 
-std::int64_t HostPool::waiting() {
-  SegmentLock lock(*seg_);
-  return seg_->header.waiting;
+std::int64_t HostPool::waiting() noexcept {
+  try {
+    SegmentLock lock(*seg());
+    return seg()->header.waiting;
+  } catch (const host::Unavailable&) {
+    return waiting_snapshot_.load(std::memory_order_relaxed);
+  }
 }
 
 ResourceStatistics HostPool::statistics() {
   std::lock_guard lock(mu_);
   ResourceStatistics s = stats_;
-  SegmentLock shared(*seg_);
-  s.in_use = seg_->header.in_use;
-  s.waiting = seg_->header.waiting;
-  s.peak_in_use = seg_->header.peak_in_use;
+  s.capacity = capacity();
+  const std::int64_t max_waiting = this->max_waiting();
+  s.max_waiting = max_waiting < 0 ? std::nullopt : std::optional<std::int64_t>(max_waiting);
+  s.queue = queue();
   s.limit = limit();
+  try {
+    SegmentLock shared(*seg());
+    s.in_use = seg()->header.in_use;
+    s.waiting = seg()->header.waiting;
+    s.peak_in_use = seg()->header.peak_in_use;
+  } catch (const host::Unavailable&) {
+    s.in_use = in_use_snapshot_.load(std::memory_order_relaxed);
+    s.waiting = waiting_snapshot_.load(std::memory_order_relaxed);
+  }
   return s;
 }
 
@@ -649,76 +910,105 @@ void HostPool::wake(host::Segment* seg, const Wakes& wakes) noexcept {
   for (std::uint32_t k = 0; k < wakes.count; ++k) host::wake_process(*seg, wakes.procs[k]);
 }
 
+void HostPool::catch_up_locked(NoticeList& notices, Wakes& wakes) {
+  // Releases and abandoned waits that could not reach the lock when made.
+  const std::int64_t now_ns = to_ns(Clock::now());
+  for (; pending_releases_ > 0; --pending_releases_) {
+    if (me().held <= 0) {
+      pending_releases_ = 0;
+      break;
+    }
+    --me().held;
+    hand_over_locked(now_ns, notices, wakes);
+  }
+  for (const std::uint32_t i : orphans_) {
+    if (i >= kMaxWaiters) continue;
+    const Entry& e = seg()->entries[i];
+    if (!mine(e) || e.state != as_u32(EntryState::kQueued)) {
+      continue;  // decided meanwhile: deliver() passes a grant on (no node)
+    }
+    host::Header& h = seg()->header;
+    host::unlink(*seg(), h.queue, i);
+    --h.waiting;
+    --me().waiting;
+    free_entry_locked(i);
+  }
+  orphans_.clear();
+}
+
 void HostPool::deliver() {
   NoticeList notices;  // fired after every lock is released
   {
     std::lock_guard lock(mu_);
-    if (me_ == kNone) return;
-    Locked locked(*this);
-    host::List& decided = me().decided;
-    for (std::uint32_t steps = 0; steps < kMaxWaiters && decided.head != kNone; ++steps) {
-      const std::uint32_t i = decided.head;
-      if (i >= kMaxWaiters || !mine(seg_->entries[i])) {
-        seg_->header.needs_rebuild = 1;
-        break;
+    if (me_ == kNone || generation_ != g_generation.load(std::memory_order_relaxed)) return;
+    try {
+      Locked locked(*this);
+      unavailable_until_ns_.store(0, std::memory_order_relaxed);  // reached: close the breaker
+      catch_up_locked(notices, locked.wakes);
+      host::List& decided = me().decided;
+      for (std::uint32_t steps = 0; steps < kMaxWaiters && decided.head != kNone; ++steps) {
+        const std::uint32_t i = decided.head;
+        if (i >= kMaxWaiters || !mine(seg()->entries[i])) {
+          seg()->header.needs_rebuild = 1;
+          break;
+        }
+        host::unlink(*seg(), decided, i);
+        if (WaiterNode* node = settle_own_locked(i, notices, locked.wakes)) {
+          node->completing_.store(true, std::memory_order_relaxed);  // published by mu_
+          notices.push(node);
+        }
       }
-      host::unlink(*seg_, decided, i);
-      if (WaiterNode* node = settle_own_locked(i, notices, locked.wakes)) {
-        node->completing_.store(true, std::memory_order_relaxed);  // published by mu_
-        notices.push(node);
-      }
+    } catch (const host::Unavailable&) {
+      mark_unavailable();
     }
   }
   notices.fire();
 }
 
 void HostPool::sweep() {
-  struct Registered {
-    std::uint32_t slot;
-    pid_t pid;
-    std::uint64_t start_time;
-    std::uint64_t incarnation;
-  };
-  std::vector<Registered> dead;
-  {
-    std::vector<Registered> registered;
-    {
-      SegmentLock lock(*seg_);
-      for (std::uint32_t p = 0; p < kMaxProcesses; ++p) {
-        const Process& q = seg_->processes[p];
-        if (q.pid != 0) registered.push_back({p, q.pid, q.start_time, q.incarnation});
-      }
-    }
-    // /proc is read without any lock; the identity is checked again below.
-    for (const Registered& r : registered) {
-      if (host::is_dead(r.pid, r.start_time)) dead.push_back(r);
-    }
-  }
-  if (dead.empty()) return;
   NoticeList notices;
   {
     std::lock_guard lock(mu_);
-    Locked locked(*this);
-    for (const Registered& r : dead) {
-      const Process& q = seg_->processes[r.slot];
-      if (q.pid == r.pid && q.start_time == r.start_time && q.incarnation == r.incarnation) {
-        reclaim_locked(r.slot, notices, locked.wakes);
+    if (me_ == kNone || generation_ != g_generation.load(std::memory_order_relaxed)) return;
+    if (!host::is_linked(name_, inode_)) detached_.store(true, std::memory_order_relaxed);
+    try {
+      Locked locked(*this);
+      // Only proof of death counts: no lock on the process's byte. A check
+      // that fails (no descriptor left, say) proves nothing.
+      for (std::uint32_t p = 0; p < kMaxProcesses; ++p) {
+        if (p == me_ || seg()->processes[p].pid == 0) continue;
+        if (host::liveness(fd_, p) == host::Liveness::kDead) {
+          reclaim_locked(p, notices, locked.wakes);
+        }
       }
+    } catch (const host::Unavailable&) {
+      mark_unavailable();
     }
   }
   notices.fire();
 }
 
-void HostPool::run(std::uint32_t slot) {
-  std::atomic<std::uint32_t>& word = seg_->processes[slot].futex;
+void HostPool::run() {
   auto last_sweep = Clock::now();
   for (;;) {
-    const std::uint32_t seen = word.load(std::memory_order_acquire);
+    std::atomic<std::uint32_t>* word = nullptr;
+    std::uint32_t seen = 0;
+    {
+      std::lock_guard lock(mu_);
+      if (me_ != kNone) {
+        word = &seg()->processes[me_].futex;
+        seen = word->load(std::memory_order_acquire);
+      }
+    }
     deliver();
-    // A wake-up arriving after `seen` was read makes the wait return at once.
     const timespec timeout{0, std::chrono::nanoseconds(kSweepInterval).count()};
-    ::syscall(SYS_futex, reinterpret_cast<std::uint32_t*>(&word), FUTEX_WAIT, seen, &timeout,
-              nullptr, 0);
+    if (word) {
+      // A wake-up arriving after `seen` was read makes the wait return at once.
+      ::syscall(SYS_futex, reinterpret_cast<std::uint32_t*>(word), FUTEX_WAIT, seen, &timeout,
+                nullptr, 0);
+    } else {
+      std::this_thread::sleep_for(kSweepInterval);  // between two attachments
+    }
     const auto now = Clock::now();
     if (now - last_sweep >= kSweepInterval) {
       sweep();
@@ -731,18 +1021,20 @@ void HostPool::run(std::uint32_t slot) {
 
 void HostPool::hold_lock_forever() {
   // Deliberately never unlocked: the test kills this process next.
-  ::pthread_mutex_lock(&seg_->header.mutex);
+  ::pthread_mutex_lock(&seg()->header.mutex);
 }
 
-void HostPool::forge_process(pid_t pid, std::uint64_t start_time, std::int64_t held) {
+void HostPool::forge_process(pid_t pid, std::int64_t held) {
   std::lock_guard lock(mu_);
   Locked locked(*this);
-  host::Header& h = seg_->header;
-  if (h.in_use + held > capacity_) throw std::logic_error("forge_process: not enough free slots");
+  host::Header& h = seg()->header;
+  if (h.in_use + held > capacity()) {
+    throw std::logic_error("forge_process: not enough free slots");
+  }
   for (std::uint32_t p = 0; p < kMaxProcesses; ++p) {
-    Process& q = seg_->processes[p];
-    if (q.pid != 0) continue;
-    q.start_time = start_time;
+    Process& q = seg()->processes[p];
+    if (q.pid != 0 || host::liveness(fd_, p) != host::Liveness::kDead) continue;
+    q.pid_namespace = 0;
     q.incarnation = h.next_incarnation++;
     q.held = held;
     q.waiting = 0;
@@ -760,8 +1052,8 @@ void HostPool::die_mid_update() {
   // As a process killed in the middle of an algorithm update: the lock is
   // held, the uncommitted copy half written (here: garbage), the commit not
   // done. Deliberately never unlocked: the test kills this process next.
-  ::pthread_mutex_lock(&seg_->header.mutex);
-  host::Header& h = seg_->header;
+  ::pthread_mutex_lock(&seg()->header.mutex);
+  host::Header& h = seg()->header;
   auto& next = h.algorithm[(h.algorithm_current & 1) ^ 1];
   std::memset(static_cast<void*>(&next), 0xff, sizeof next);
 }
@@ -785,14 +1077,15 @@ namespace testing {
 
 void hold_host_lock_forever(const Resource& resource) { pool_of(resource)->hold_lock_forever(); }
 
-void forge_host_process(const Resource& resource, pid_t pid, std::uint64_t start_time,
-                        std::int64_t held) {
-  pool_of(resource)->forge_process(pid, start_time, held);
+void forge_host_process(const Resource& resource, pid_t pid, std::int64_t held) {
+  pool_of(resource)->forge_process(pid, held);
 }
 
 void sweep_host_processes(const Resource& resource) { pool_of(resource)->sweep_now(); }
 
 void die_in_host_limit_update(const Resource& resource) { pool_of(resource)->die_mid_update(); }
+
+void fail_host_thread_start(bool fail) { detail::HostPool::fail_thread_start(fail); }
 
 }  // namespace testing
 }  // namespace concurrency_limiter

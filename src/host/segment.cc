@@ -6,9 +6,12 @@
 #include <sys/mman.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
+#include <time.h>
 #include <unistd.h>
 
 #include <algorithm>
+#include <array>
+#include <atomic>
 #include <cerrno>
 #include <chrono>
 #include <cstdio>
@@ -52,6 +55,11 @@ void init_segment(Segment& s, const std::string& name, const Config& config,
   h.entry_size = sizeof(Entry);
   h.mutex_size = sizeof(pthread_mutex_t);
   h.config = config;
+  h.config_generation = 1;
+  h.held_bound = config.capacity;
+  h.capacity_now.store(config.capacity, std::memory_order_relaxed);
+  h.max_waiting_now.store(config.max_waiting, std::memory_order_relaxed);
+  h.queue_now.store(config.queue, std::memory_order_relaxed);
   std::snprintf(h.name, sizeof h.name, "%s", name.c_str());
   pthread_mutexattr_t attr;
   pthread_mutexattr_init(&attr);
@@ -75,34 +83,31 @@ void init_segment(Segment& s, const std::string& name, const Config& config,
   h.free_head = 0;
 }
 
-// Throws unless the header describes this layout.
-void validate_layout(const Segment& s, const std::string& name) {
+// What is wrong with the header, or "" if it describes this layout.
+std::string validate_layout(const Segment& s, const std::string& name) {
   const Header& h = s.header;
-  const auto bad = [&](const std::string& what) {
-    return std::runtime_error("host resource '" + name + "': shared segment " +
-                              segment_name(name) + " is corrupt or of another "
-                              "version (" + what + "); remove it with "
-                              "`python -m fastapi_concurrency_limiter reset " +
-                              name + "` once no process uses it");
+  const auto bad = [](const std::string& what) {
+    return "corrupt or of another version (" + what + ")";
   };
-  if (h.version != kVersion) throw bad("version " + std::to_string(h.version));
+  if (h.version != kVersion) return bad("version " + std::to_string(h.version));
   if (h.header_size != sizeof(Header) || h.total_size != sizeof(Segment) ||
       h.max_processes != kMaxProcesses || h.max_waiters != kMaxWaiters ||
       h.process_size != sizeof(Process) || h.entry_size != sizeof(Entry) ||
       h.mutex_size != sizeof(pthread_mutex_t)) {
-    throw bad("layout");
+    return bad("layout");
   }
   const Config& c = h.config;
-  if (c.capacity < 1 || c.max_waiting < -1 || c.queue > 2 || c.target_ns <= 0 ||
-      c.interval_ns <= 0) {
-    throw bad("configuration out of range");
+  if (c.capacity < 1 || c.capacity > Resource::kMaxCapacity || c.max_waiting < -1 ||
+      c.queue > 2 || c.target_ns <= 0 || c.interval_ns <= 0) {
+    return bad("configuration out of range");
   }
   try {
     SharedAlgorithm check(c);
   } catch (const std::exception& e) {
-    throw bad(std::string("limit algorithm out of range: ") + e.what());
+    return bad(std::string("limit algorithm out of range: ") + e.what());
   }
-  if (std::strncmp(h.name, name.c_str(), sizeof h.name) != 0) throw bad("name");
+  if (std::strncmp(h.name, name.c_str(), sizeof h.name) != 0) return bad("name");
+  return "";
 }
 
 std::string seconds_text(Clock::duration d) {
@@ -285,24 +290,214 @@ void check_name(const std::string& name) {
       std::all_of(name.begin(), name.end(), [](char ch) {
         return (ch >= 'a' && ch <= 'z') || (ch >= 'A' && ch <= 'Z') ||
                (ch >= '0' && ch <= '9') || ch == '_' || ch == '-' || ch == '.';
-      });
+      }) &&
+      !std::all_of(name.begin(), name.end(), [](char ch) { return ch == '.'; });
   if (!ok) {
     throw std::invalid_argument(
-        "name must be 1 to 64 letters, digits, '_', '-' or '.' for scope "
-        "'host', got '" + name + "'");
+        "name must be 1 to 64 letters, digits, '_', '-' or '.' (not dots only) for "
+        "scope 'host', got '" + name + "'");
   }
 }
 
-std::string segment_prefix() {
-  return "fcl-host." + std::to_string(::getuid()) + ".";
+namespace {
+
+const char* custom_dir() {
+  const char* dir = std::getenv("FCL_HOST_DIR");
+  return dir && *dir ? dir : nullptr;
 }
 
-std::string segment_name(const std::string& name) {
+struct FdCloser {
+  int fd;
+  ~FdCloser() {
+    if (fd >= 0) ::close(fd);
+  }
+};
+
+// Opens `name` in `dir`: its descriptor, or -1 if there is none. Throws
+// unless it is a regular file private to this user.
+int open_file(int dir, const std::string& name, struct stat& st) {
+  const int fd = ::openat(dir, name.c_str(), O_RDWR | O_NOFOLLOW | O_CLOEXEC);
+  if (fd < 0) {
+    if (errno == ENOENT) return -1;
+    throw os_error("host resource '" + name + "': cannot open " + segment_path(name), errno);
+  }
+  if (::fstat(fd, &st) != 0) {
+    const int err = errno;
+    ::close(fd);
+    throw os_error("host resource '" + name + "': cannot stat " + segment_path(name), err);
+  }
+  if (!S_ISREG(st.st_mode) || st.st_uid != ::getuid() || (st.st_mode & 077) != 0) {
+    ::close(fd);
+    char mode[8];
+    std::snprintf(mode, sizeof mode, "%03o", static_cast<unsigned>(st.st_mode & 0777));
+    throw std::runtime_error("host resource '" + name + "': " + segment_path(name) +
+                             " is not a file private to this user (owner uid " +
+                             std::to_string(st.st_uid) + ", mode " + mode +
+                             "); refusing to use it");
+  }
+  return fd;
+}
+
+// Maps the segment open as `fd` if it is a valid one of this layout; null
+// otherwise, with what is wrong in `problem`.
+Segment* map_valid(int fd, const struct stat& st, const std::string& name,
+                   std::string& problem) {
+  if (static_cast<std::uint64_t>(st.st_size) != sizeof(Segment)) {
+    problem = "of " + std::to_string(st.st_size) + " bytes, expected " +
+              std::to_string(sizeof(Segment)) + " (corrupt, or of another version)";
+    return nullptr;
+  }
+  void* p = ::mmap(nullptr, sizeof(Segment), PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+  if (p == MAP_FAILED) {
+    throw os_error("host resource '" + name + "': cannot map " + segment_path(name), errno);
+  }
+  auto* s = static_cast<Segment*>(p);
+  if (s->header.magic.load(std::memory_order_acquire) != kMagic) {
+    problem = "not a host resource segment (foreign or corrupt header)";
+  } else {
+    problem = validate_layout(*s, name);
+  }
+  if (!problem.empty()) {
+    ::munmap(p, sizeof(Segment));
+    return nullptr;
+  }
+  return s;
+}
+
+// Removes `name` from `dir` if it is still the file with `inode`.
+void unlink_if_same(int dir, const std::string& name, ino_t inode) {
+  struct stat st {};
+  if (::fstatat(dir, name.c_str(), &st, AT_SYMLINK_NOFOLLOW) == 0 && st.st_ino == inode) {
+    ::unlinkat(dir, name.c_str(), 0);
+  }
+}
+
+AlgorithmState empty_state() {
+  return AlgorithmState{.aimd = {.window = SampleWindow({}, 1)},
+                        .gradient = {.window = SampleWindow({}, 1)}};
+}
+
+// Builds a complete segment under no name, then links it into `dir` as
+// `name`, so that nobody ever sees a half-made one. Returns it, or an empty
+// Opened if `name` exists already (another process linked first).
+Opened create_linked(int dir, const std::string& name, const Config& config) {
+  AlgorithmState state = empty_state();
+  const std::int64_t limit = SharedAlgorithm(config).start(state);
+  std::string temp;  // where O_TMPFILE is not supported
+  int fd = ::openat(dir, ".", O_TMPFILE | O_RDWR | O_CLOEXEC, 0600);
+  if (fd < 0 && (errno == EOPNOTSUPP || errno == EISDIR || errno == EINVAL)) {
+    static std::atomic<unsigned> counter{0};
+    // '~' is not allowed in names: never taken for a segment by anyone.
+    temp = "~" + std::to_string(::getpid()) + "." + std::to_string(++counter) + "." + name;
+    fd = ::openat(dir, temp.c_str(), O_RDWR | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0600);
+  }
+  if (fd < 0) {
+    throw os_error("host resource '" + name + "': cannot create " + segment_path(name), errno);
+  }
+  void* p = MAP_FAILED;
+  const auto fail = [&](const char* what, int err) {
+    if (p != MAP_FAILED) ::munmap(p, sizeof(Segment));
+    ::close(fd);
+    if (!temp.empty()) ::unlinkat(dir, temp.c_str(), 0);
+    return os_error("host resource '" + name + "': cannot " + what + " " + segment_path(name), err);
+  };
+  if (::fchmod(fd, 0600) != 0 || ::ftruncate(fd, sizeof(Segment)) != 0) throw fail("size", errno);
+  p = ::mmap(nullptr, sizeof(Segment), PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+  if (p == MAP_FAILED) throw fail("map", errno);
+  auto* s = static_cast<Segment*>(p);
+  init_segment(*s, name, config, limit, state);
+  s->header.magic.store(kMagic, std::memory_order_release);
+  // From here on it is visible, and complete.
+  int rc;
+  if (temp.empty()) {
+    char self[64];
+    std::snprintf(self, sizeof self, "/proc/self/fd/%d", fd);
+    rc = ::linkat(AT_FDCWD, self, dir, name.c_str(), AT_SYMLINK_FOLLOW);
+  } else {
+    rc = ::linkat(dir, temp.c_str(), dir, name.c_str(), 0);
+  }
+  const int err = errno;
+  if (rc != 0) {
+    if (err == EEXIST) {
+      ::munmap(p, sizeof(Segment));
+      ::close(fd);
+      if (!temp.empty()) ::unlinkat(dir, temp.c_str(), 0);
+      return {};
+    }
+    throw fail("link", err);
+  }
+  if (!temp.empty()) ::unlinkat(dir, temp.c_str(), 0);
+  struct stat st {};
+  ::fstat(fd, &st);
+  Opened out;
+  out.segment = s;
+  out.fd = fd;
+  out.inode = st.st_ino;
+  return out;
+}
+
+std::string header_name(const Header& h) {
+  return std::string(h.name, ::strnlen(h.name, sizeof h.name));
+}
+
+}  // namespace
+
+std::string segment_dir() {
+  if (const char* dir = custom_dir()) return dir;
+  return "/dev/shm/fcl-host." + std::to_string(::getuid());
+}
+
+std::string segment_path(const std::string& name) {
   // Appended piecewise: GCC 12 at -O3 warns (-Wrestrict) on "/" + string.
-  std::string out = "/";
-  out += segment_prefix();
+  std::string out = segment_dir();
+  out += '/';
   out += name;
   return out;
+}
+
+int open_segment_dir(bool create) {
+  const std::string dir = segment_dir();
+  const bool custom = custom_dir() != nullptr;
+  if (create && !custom && ::mkdir(dir.c_str(), 0700) != 0 && errno != EEXIST) {
+    throw os_error("host scope: cannot create the directory " + dir, errno);
+  }
+  const int fd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+  const std::string fix =
+      "; remove it (it may take root), or set FCL_HOST_DIR to a directory that only this "
+      "user can write, such as $XDG_RUNTIME_DIR";
+  if (fd < 0) {
+    const int err = errno;
+    if (err == ENOENT && !create) return -1;
+    if (err == ELOOP || err == ENOTDIR) {
+      throw std::runtime_error("host scope: " + dir +
+                               " is a symbolic link or not a directory; refusing to use it" +
+                               fix);
+    }
+    throw os_error("host scope: cannot open the directory " + dir, err);
+  }
+  struct stat st {};
+  if (::fstat(fd, &st) != 0) {
+    const int err = errno;
+    ::close(fd);
+    throw os_error("host scope: cannot stat the directory " + dir, err);
+  }
+  if (st.st_uid != ::getuid()) {
+    ::close(fd);
+    throw std::runtime_error("host scope: the directory " + dir + " belongs to uid " +
+                             std::to_string(st.st_uid) + ", not to this user (uid " +
+                             std::to_string(::getuid()) +
+                             "): another user created it first" + fix);
+  }
+  if ((st.st_mode & 077) != 0) {
+    // Ours: the default directory is made private again; a directory the
+    // user chose is refused if others can write in it.
+    if (custom ? (st.st_mode & 022) != 0 : ::fchmod(fd, 0700) != 0) {
+      ::close(fd);
+      throw std::runtime_error("host scope: the directory " + dir +
+                               " is writable by other users; refusing to use it" + fix);
+    }
+  }
+  return fd;
 }
 
 std::string describe(const Config& c) {
@@ -321,130 +516,170 @@ std::string describe(const Config& c) {
 
 bool is_linked(const std::string& name, ino_t inode) {
   struct stat st {};
-  return ::stat(("/dev/shm" + segment_name(name)).c_str(), &st) == 0 && st.st_ino == inode;
+  if (::stat(segment_path(name).c_str(), &st) == 0) return st.st_ino == inode;
+  return errno != ENOENT && errno != ENOTDIR;  // only proof counts
 }
 
-Segment* open_segment(const std::string& name, const Config* config, ino_t* inode) {
+bool lock_slot(int fd, std::uint32_t slot) noexcept {
+  struct flock fl {};
+  fl.l_type = F_WRLCK;
+  fl.l_whence = SEEK_SET;
+  fl.l_start = kLockBase + slot;
+  fl.l_len = 1;
+  return fd >= 0 && ::fcntl(fd, F_OFD_SETLK, &fl) == 0;
+}
+
+void unlock_slot(int fd, std::uint32_t slot) noexcept {
+  struct flock fl {};
+  fl.l_type = F_UNLCK;
+  fl.l_whence = SEEK_SET;
+  fl.l_start = kLockBase + slot;
+  fl.l_len = 1;
+  if (fd >= 0) ::fcntl(fd, F_OFD_SETLK, &fl);
+}
+
+namespace {
+
+Liveness probe(int fd, off_t start, off_t len) noexcept {
+  if (fd < 0) return Liveness::kUnknown;
+  struct flock fl {};
+  fl.l_type = F_WRLCK;
+  fl.l_whence = SEEK_SET;
+  fl.l_start = start;
+  fl.l_len = len;
+  if (::fcntl(fd, F_OFD_GETLK, &fl) != 0) return Liveness::kUnknown;
+  return fl.l_type == F_UNLCK ? Liveness::kDead : Liveness::kAlive;
+}
+
+}  // namespace
+
+Liveness liveness(int fd, std::uint32_t slot) noexcept { return probe(fd, kLockBase + slot, 1); }
+
+Liveness any_alive(int fd) noexcept { return probe(fd, kLockBase, kMaxProcesses); }
+
+std::uint64_t pid_namespace() noexcept {
+  struct stat st {};
+  return ::stat("/proc/self/ns/pid", &st) == 0 ? static_cast<std::uint64_t>(st.st_ino) : 0;
+}
+
+void install_config(Segment& s, const Config& config) {
+  AlgorithmState state = empty_state();
+  const std::int64_t limit = SharedAlgorithm(config).start(state);  // may throw: first
+  Header& h = s.header;
+  h.config = config;
+  ++h.config_generation;
+  h.held_bound = std::clamp<std::int64_t>(std::max(h.held_bound, config.capacity), 1,
+                                          Resource::kMaxCapacity);
+  h.capacity_now.store(config.capacity, std::memory_order_relaxed);
+  h.max_waiting_now.store(config.max_waiting, std::memory_order_relaxed);
+  h.queue_now.store(config.queue, std::memory_order_relaxed);
+  h.algorithm[0] = state;
+  h.algorithm[1] = state;
+  h.algorithm_current = 0;
+  h.above_target_since_ns = -1;
+  h.limit.store(std::clamp<std::int64_t>(limit, 1, config.capacity), std::memory_order_relaxed);
+}
+
+Opened open_segment(const std::string& name, const Config& config, Adopt adopt) {
   check_name(name);
-  const std::string shm = segment_name(name);
-  // The algorithm's starting point, for a segment created here (throws
-  // std::invalid_argument before anything is created if it does not fit).
-  AlgorithmState initial_state{.aimd = {.window = SampleWindow({}, 1)},
-                               .gradient = {.window = SampleWindow({}, 1)}};
-  const std::int64_t initial_limit = config ? SharedAlgorithm(*config).start(initial_state) : 0;
-  const auto give_up = std::chrono::steady_clock::now() + std::chrono::seconds(2);
-  for (;;) {
-    if (config) {
-      const int fd = ::shm_open(shm.c_str(), O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
-      if (fd >= 0) {
-        // Created here: size, initialise, then publish the magic.
-        if (::fchmod(fd, 0600) != 0 || ::ftruncate(fd, sizeof(Segment)) != 0) {
-          const int err = errno;
-          ::close(fd);
-          ::shm_unlink(shm.c_str());
-          throw os_error("host resource '" + name + "': cannot size " + shm, err);
-        }
-        struct stat created {};
-        ::fstat(fd, &created);
-        if (inode) *inode = created.st_ino;
-        void* p = ::mmap(nullptr, sizeof(Segment), PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
-        const int err = errno;
-        ::close(fd);
-        if (p == MAP_FAILED) {
-          ::shm_unlink(shm.c_str());
-          throw os_error("host resource '" + name + "': cannot map " + shm, err);
-        }
-        auto* s = static_cast<Segment*>(p);
-        init_segment(*s, name, *config, initial_limit, initial_state);
-        s->header.magic.store(kMagic, std::memory_order_release);
-        return s;
-      }
-      if (errno != EEXIST) {
-        throw os_error("host resource '" + name + "': cannot create " + shm, errno);
-      }
-    }
-    const int fd = ::shm_open(shm.c_str(), O_RDWR | O_CLOEXEC, 0);
-    if (fd < 0) {
-      if (errno == ENOENT && config) continue;  // removed meanwhile: create it
-      if (errno == ENOENT) {
-        throw std::runtime_error("no host resource named '" + name + "'");
-      }
-      throw os_error("host resource '" + name + "': cannot open " + shm, errno);
+  SharedAlgorithm check(config);  // std::invalid_argument before anything is made
+  const int dir = open_segment_dir(true);
+  FdCloser dir_closer{dir};
+  const std::string path = segment_path(name);
+  std::string replaced;
+  for (int attempt = 0;; ++attempt) {
+    if (attempt == 100) {
+      throw std::runtime_error("host resource '" + name + "': " + path +
+                               " keeps being replaced while this process opens it");
     }
     struct stat st {};
-    if (::fstat(fd, &st) != 0) {
-      const int err = errno;
-      ::close(fd);
-      throw os_error("host resource '" + name + "': cannot stat " + shm, err);
+    const int fd = open_file(dir, name, st);
+    if (fd < 0) {
+      Opened created = create_linked(dir, name, config);
+      if (!created.segment) continue;  // another process linked one first: use it
+      created.note = replaced;
+      return created;
     }
-    if (inode) *inode = st.st_ino;
-    if (st.st_uid != ::getuid() || (st.st_mode & 077) != 0) {
-      ::close(fd);
-      throw std::runtime_error("host resource '" + name + "': " + shm +
-                               " is not private to this user (owner or mode); "
-                               "refusing to use it");
-    }
-    if (static_cast<std::uint64_t>(st.st_size) != sizeof(Segment)) {
-      ::close(fd);
-      // A creator sizes it right after creating it: wait a moment for it.
-      if (st.st_size == 0 && std::chrono::steady_clock::now() < give_up) {
-        std::this_thread::sleep_for(std::chrono::milliseconds(1));
-        continue;
-      }
-      throw std::runtime_error(
-          "host resource '" + name + "': shared segment " + shm + " has " +
-          std::to_string(st.st_size) + " bytes, expected " +
-          std::to_string(sizeof(Segment)) +
-          " (corrupt, or of another version); remove it with `python -m "
-          "fastapi_concurrency_limiter reset " + name + "` once no process uses it");
-    }
-    void* p = ::mmap(nullptr, sizeof(Segment), PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
-    const int err = errno;
-    ::close(fd);
-    if (p == MAP_FAILED) {
-      throw os_error("host resource '" + name + "': cannot map " + shm, err);
-    }
-    auto* s = static_cast<Segment*>(p);
-    const std::uint64_t magic = s->header.magic.load(std::memory_order_acquire);
-    if (magic != kMagic) {
-      ::munmap(p, sizeof(Segment));
-      if (magic == 0 && std::chrono::steady_clock::now() < give_up) {
-        std::this_thread::sleep_for(std::chrono::milliseconds(1));
-        continue;  // still being initialised by its creator
-      }
-      throw std::runtime_error(
-          "host resource '" + name + "': " + shm + " is not a host resource "
-          "segment (foreign or corrupt header); remove it with `python -m "
-          "fastapi_concurrency_limiter reset " + name + "` once no process uses it");
-    }
+    std::string problem;
+    Segment* s = nullptr;
     try {
-      validate_layout(*s, name);
+      s = map_valid(fd, st, name, problem);
     } catch (...) {
-      ::munmap(p, sizeof(Segment));
+      ::close(fd);
       throw;
     }
-    bool retired;
-    {
-      SegmentLock lock(*s);
-      retired = s->header.retired != 0;
+    Opened out;
+    out.segment = s;
+    out.fd = fd;
+    out.inode = st.st_ino;
+    if (s && s->header.retired.load(std::memory_order_acquire) != 0) {
+      problem = "retired by an operator's reset";
     }
-    if (retired) {
-      // Removed by an operator after we opened it; a new one will be made.
-      // (Never unmapped: another thread may be about to lock it.)
-      if (!config) throw std::runtime_error("no host resource named '" + name + "'");
-      std::this_thread::sleep_for(std::chrono::milliseconds(1));
-      continue;
+    if (s && problem.empty()) {
+      try {
+        SegmentLock lock(*s);
+        if (!same_config(s->header.config, config) && adopt == Adopt::kNewestWins) {
+          const std::string theirs = describe(s->header.config);
+          // Nobody's lock is this process's yet: every live one is another's.
+          out.others_alive = any_alive(fd) == Liveness::kAlive;
+          install_config(*s, config);
+          out.note = "host resource '" + name + "': configuration " + theirs + " replaced by " +
+                     describe(config) +
+                     (out.others_alive
+                          ? " (newest wins: the processes using it follow the new one; "
+                            "slots they hold stay held)"
+                          : " (no live process used it)");
+        }
+      } catch (const Unavailable& e) {
+        if (e.corrupt()) {
+          problem = e.what();
+        } else {
+          // Held by a process stopped inside the lock: attach anyway; every
+          // operation is refused as unavailable until the lock comes back.
+          out.note = std::string(e.what()) + "; configuration not compared";
+          out.others_alive = true;
+        }
+      }
+      if (problem.empty()) {
+        if (out.note.empty()) out.note = replaced;
+        return out;
+      }
+      ::munmap(s, sizeof(Segment));  // never locked by this process's other threads
     }
-    if (config && !same_config(s->header.config, *config)) {
-      const std::string theirs = describe(s->header.config);
-      ::munmap(p, sizeof(Segment));
-      throw std::invalid_argument(
-          "host resource '" + name + "' already exists on this host with " +
-          theirs + "; this process asks for " + describe(*config) +
-          ". Use the same configuration in every process, or another name");
+    // Corrupt, of another version, or retired: replaced when no live
+    // process uses it.
+    if (any_alive(fd) != Liveness::kDead) {
+      ::close(fd);
+      throw std::runtime_error(
+          "host resource '" + name + "': " + path + " is " + problem +
+          ", and a live process still uses it; stop the processes that use it, or remove it "
+          "with `python -m fastapi_concurrency_limiter reset --force " + name + "`");
     }
-    return s;
+    unlink_if_same(dir, name, st.st_ino);
+    ::close(fd);
+    replaced = "host resource '" + name + "': replaced " + path + ", which was " + problem +
+               " and used by no live process";
   }
+}
+
+Opened inspect_segment(const std::string& name) {
+  check_name(name);
+  const int dir = open_segment_dir(false);
+  if (dir < 0) throw std::runtime_error("no host resource named '" + name + "'");
+  FdCloser dir_closer{dir};
+  struct stat st {};
+  const int fd = open_file(dir, name, st);
+  if (fd < 0) throw std::runtime_error("no host resource named '" + name + "'");
+  Opened out;
+  out.fd = fd;
+  out.inode = st.st_ino;
+  try {
+    out.segment = map_valid(fd, st, name, out.note);
+  } catch (...) {
+    ::close(fd);
+    throw;
+  }
+  return out;
 }
 
 void push_back(Segment& s, List& list, std::uint32_t i) {
@@ -499,16 +734,32 @@ void wake_process(Segment& s, std::uint32_t p) noexcept {
             nullptr, nullptr, 0);
 }
 
-SegmentLock::SegmentLock(Segment& s) : s_(s) {
-  const int rc = ::pthread_mutex_lock(&s.header.mutex);
+SegmentLock::SegmentLock(Segment& s, std::chrono::nanoseconds wait) : s_(s) {
+  // CLOCK_REALTIME, as pthread_mutex_timedlock wants: a clock step changes
+  // the bound, nothing else.
+  timespec deadline{};
+  ::clock_gettime(CLOCK_REALTIME, &deadline);
+  const auto ns = static_cast<std::int64_t>(deadline.tv_nsec) + wait.count();
+  deadline.tv_sec += static_cast<time_t>(ns / 1'000'000'000);
+  deadline.tv_nsec = static_cast<long>(ns % 1'000'000'000);
+  const int rc = ::pthread_mutex_timedlock(&s.header.mutex, &deadline);
   if (rc == EOWNERDEAD) {
     // Its last holder died inside: the derived state may be half-updated.
     rebuild(s);
     ::pthread_mutex_consistent(&s.header.mutex);
+  } else if (rc == ETIMEDOUT) {
+    throw Unavailable("host resource '" + header_name(s.header) +
+                          "': its shared lock was not released within " +
+                          std::to_string(std::chrono::duration_cast<std::chrono::milliseconds>(wait).count()) +
+                          " ms (a process stopped or hung while holding it?)",
+                      false);
   } else if (rc != 0) {
-    std::fprintf(stderr, "concurrency_limiter: host resource '%.64s': cannot lock its "
-                 "shared mutex: %s\n", s.header.name, std::strerror(rc));
-    std::abort();
+    throw Unavailable("host resource '" + header_name(s.header) +
+                          "': its shared lock is unusable (" + std::strerror(rc) +
+                          "): the segment is corrupt; remove it with `python -m "
+                          "fastapi_concurrency_limiter reset --force " +
+                          header_name(s.header) + "`",
+                      true);
   }
   if (s.header.needs_rebuild) rebuild(s);
 }
@@ -518,11 +769,13 @@ SegmentLock::~SegmentLock() {
   ::pthread_mutex_unlock(&s_.header.mutex);
 }
 
-void rebuild(Segment& s) {
+void rebuild(Segment& s) noexcept {
   Header& h = s.header;
   ++h.repairs;
   h.needs_rebuild = 0;
-  const std::int64_t capacity = std::max<std::int64_t>(h.config.capacity, 1);
+  const std::int64_t capacity =
+      std::clamp<std::int64_t>(h.config.capacity, 1, Resource::kMaxCapacity);
+  h.held_bound = std::clamp<std::int64_t>(h.held_bound, capacity, Resource::kMaxCapacity);
   const std::int64_t limit =
       std::clamp<std::int64_t>(h.limit.load(std::memory_order_relaxed), 1, capacity);
   h.limit.store(limit, std::memory_order_relaxed);
@@ -533,12 +786,15 @@ void rebuild(Segment& s) {
       p.pid = 0;
       p.held = 0;
     }
-    p.held = std::clamp<std::int64_t>(p.held, 0, capacity);
+    p.held = std::clamp<std::int64_t>(p.held, 0, h.held_bound);
     p.decided = {kNone, kNone};
     p.waiting = 0;
     in_use += p.held;
   }
-  std::vector<std::uint32_t> queued, decided;
+  // On the stack, not the heap: this runs with the mutex held, where an
+  // allocation failure would leave it locked for good.
+  std::array<std::uint32_t, kMaxWaiters> queued, decided;
+  std::size_t n_queued = 0, n_decided = 0;
   std::uint64_t max_ticket = 0;
   for (std::uint32_t i = 0; i < kMaxWaiters; ++i) {
     Entry& e = s.entries[i];
@@ -554,24 +810,24 @@ void rebuild(Segment& s) {
     }
     max_ticket = std::max(max_ticket, e.ticket);
     if (e.state == static_cast<std::uint32_t>(EntryState::kQueued)) {
-      queued.push_back(i);
+      queued[n_queued++] = i;
     } else {
       if (e.state == static_cast<std::uint32_t>(EntryState::kGranted)) ++in_use;
-      decided.push_back(i);
+      decided[n_decided++] = i;
     }
   }
   const auto by_ticket = [&](std::uint32_t a, std::uint32_t b) {
     return s.entries[a].ticket < s.entries[b].ticket;
   };
-  std::sort(queued.begin(), queued.end(), by_ticket);
-  std::sort(decided.begin(), decided.end(), by_ticket);
+  std::sort(queued.begin(), queued.begin() + static_cast<std::ptrdiff_t>(n_queued), by_ticket);
+  std::sort(decided.begin(), decided.begin() + static_cast<std::ptrdiff_t>(n_decided), by_ticket);
   h.queue = {kNone, kNone};
-  for (std::uint32_t i : queued) {
-    push_back(s, h.queue, i);
-    ++s.processes[s.entries[i].process].waiting;
+  for (std::size_t k = 0; k < n_queued; ++k) {
+    push_back(s, h.queue, queued[k]);
+    ++s.processes[s.entries[queued[k]].process].waiting;
   }
-  for (std::uint32_t i : decided) {
-    push_back(s, s.processes[s.entries[i].process].decided, i);
+  for (std::size_t k = 0; k < n_decided; ++k) {
+    push_back(s, s.processes[s.entries[decided[k]].process].decided, decided[k]);
   }
   h.free_head = kNone;
   for (std::uint32_t i = kMaxWaiters; i-- > 0;) {
@@ -580,11 +836,11 @@ void rebuild(Segment& s) {
       h.free_head = i;
     }
   }
-  h.waiting = static_cast<std::int64_t>(queued.size());
+  h.waiting = static_cast<std::int64_t>(n_queued);
   h.in_use = in_use;
   h.next_ticket = std::max(h.next_ticket, max_ticket + 1);
   h.above_target_since_ns = -1;
-  h.peak_in_use = std::clamp<std::int64_t>(h.peak_in_use, 0, capacity);
+  h.peak_in_use = std::clamp<std::int64_t>(h.peak_in_use, 0, h.held_bound);
   // A holder that died while handing a slot over leaves it free with
   // waiters queued: grant it now.
   const bool lifo = h.config.queue == static_cast<std::uint32_t>(QueueDiscipline::kLifo);
@@ -606,47 +862,6 @@ void rebuild(Segment& s) {
   for (std::uint32_t p = 0; p < kMaxProcesses; ++p) {
     if (s.processes[p].pid != 0) wake_process(s, p);
   }
-}
-
-std::uint64_t start_time_of(pid_t pid) {
-  char path[64];
-  std::snprintf(path, sizeof path, "/proc/%d/stat", static_cast<int>(pid));
-  const int fd = ::open(path, O_RDONLY | O_CLOEXEC);
-  if (fd < 0) return 0;
-  char buf[1024];
-  const ssize_t n = ::read(fd, buf, sizeof buf - 1);
-  ::close(fd);
-  if (n <= 0) return 0;
-  buf[n] = '\0';
-  // The command name (field 2) may contain anything, ')' included: fields
-  // are counted after the last ')'.
-  const char* p = std::strrchr(buf, ')');
-  if (!p) return 0;
-  ++p;
-  // Field 3 is the state, field 22 the start time.
-  int field = 2;
-  std::uint64_t start = 0;
-  char state = '?';
-  while (*p && field < 22) {
-    while (*p == ' ') ++p;
-    ++field;
-    if (field == 3) state = *p;
-    if (field == 22) start = std::strtoull(p, nullptr, 10);
-    while (*p && *p != ' ') ++p;
-  }
-  if (state == 'Z' || state == 'X' || state == 'x') return 0;
-  return start;
-}
-
-bool is_dead(pid_t pid, std::uint64_t start_time) {
-  if (pid <= 0) return true;
-  if (::kill(pid, 0) != 0 && errno == ESRCH) return true;
-  const std::uint64_t now = start_time_of(pid);
-  if (now == 0) {
-    // No /proc entry, or a zombie: dead, unless /proc cannot be read at all.
-    return ::access("/proc/self/stat", R_OK) == 0;
-  }
-  return now != start_time;
 }
 
 }  // namespace concurrency_limiter::detail::host

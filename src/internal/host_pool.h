@@ -31,32 +31,47 @@ namespace concurrency_limiter::detail {
 class HostPool {
  public:
   // The pool of `options.name` in this process, opening (or creating) its
-  // segment on first use. Throws as host::open_segment().
+  // segment on first use and registering this process with it (a forked
+  // child registers again at its first operation). Throws as
+  // host::open_segment(), and std::runtime_error if the background thread
+  // cannot start (nothing stays registered then).
   // `algorithm`: the resource's limit algorithm, or null; only its kind and
   // options are used (throws std::invalid_argument for a custom one).
+  // An existing pool or segment with another configuration takes this one
+  // (newest wins); `note` then says so (`warning`: processes using the old
+  // one are alive), as it does when a corrupt segment was replaced.
   static std::shared_ptr<HostPool> get(const ResourceOptions& options,
-                                       const LimitAlgorithm* algorithm);
+                                       const LimitAlgorithm* algorithm, std::string& note,
+                                       bool& warning);
   // The pool of `name` if this process opened it; else null.
   static std::shared_ptr<HostPool> find(const std::string& name);
 
   // Takes a free slot if nobody waits; never throws (false instead: the
   // slow path, enqueue(), reports the error). Sets `measure` (always timed).
   bool try_grant(bool& measure) noexcept;
+  // Outcome::kUnavailable when the shared state cannot be reached in time.
   Outcome enqueue(WaiterNode& node, NoticeList& notices);
   WaiterNode::State abandon(WaiterNode& node, Outcome reason);
   void revert_grant(NoticeList& notices);
   void count_rejection(Outcome reason);
   // A measured hold (every hold of an adaptive resource is) feeds the shared
-  // limit algorithm unless `completion` is kIgnored.
+  // limit algorithm unless `completion` is kIgnored. A release that cannot
+  // reach the shared state now is applied by the background thread later.
   void release(bool measured, Clock::time_point granted_at, Clock::time_point now,
                Completion completion, NoticeList& notices);
+  // The configuration in force host-wide (snapshots, no lock).
+  std::int64_t capacity() const noexcept;
+  std::int64_t max_waiting() const noexcept;  // -1: unbounded
+  QueueDiscipline queue() const noexcept;
   // The limit in force host-wide (a snapshot, no lock), and setting it:
   // raising it grants waiters of every process at once; lowering it retires
-  // slots as they are released.
+  // slots as they are released. Throws host::Unavailable (a
+  // std::runtime_error) if the shared state cannot be reached.
   std::int64_t limit() const noexcept;
   void set_limit(std::int64_t limit);
-  std::int64_t in_use();
-  std::int64_t waiting();
+  // Snapshots; the last known values while the shared state is unreachable.
+  std::int64_t in_use() noexcept;
+  std::int64_t waiting() noexcept;
   ResourceStatistics statistics();
 
   // Fork handlers (pthread_atfork), for every pool of the process.
@@ -66,12 +81,12 @@ class HostPool {
 
   // Test hooks.
   void hold_lock_forever();
-  void forge_process(pid_t pid, std::uint64_t start_time, std::int64_t held);
+  void forge_process(pid_t pid, std::int64_t held);
   void sweep_now();
   void die_mid_update();
+  static void fail_thread_start(bool fail) noexcept;
 
-  HostPool(std::string name, host::Segment* segment, ino_t inode, ResourceOptions options,
-           const host::Config& config);
+  HostPool(std::string name, const host::Config& config, host::Opened opened);
 
  private:
   // Processes to FUTEX_WAKE once the segment's mutex is released.
@@ -80,11 +95,15 @@ class HostPool {
     std::uint32_t count = 0;
     bool overflow = false;  // too many: wake every registered process
   };
-  // Holds the segment mutex; repairs the state if its last holder died.
+  // Holds the segment mutex (throws host::Unavailable, see SegmentLock); if
+  // its last holder died inside, repairs the state first. On unlock, keeps
+  // the snapshots of in_use and waiting, then wakes `wakes`.
   class Locked {
    public:
-    explicit Locked(HostPool& pool) : seg_(pool.seg_) { lock_.emplace(*seg_); }
+    explicit Locked(HostPool& pool) : pool_(pool), seg_(pool.seg()) { lock_.emplace(*seg_); }
     ~Locked() {
+      pool_.in_use_snapshot_.store(seg_->header.in_use, std::memory_order_relaxed);
+      pool_.waiting_snapshot_.store(seg_->header.waiting, std::memory_order_relaxed);
       lock_.reset();
       HostPool::wake(seg_, wakes);
     }
@@ -93,15 +112,29 @@ class HostPool {
     Wakes wakes;
 
    private:
+    HostPool& pool_;
     host::Segment* seg_;
     std::optional<host::SegmentLock> lock_;
   };
 
-  // Require mu_.
-  void ensure_registered_locked();
+  host::Segment* seg() const noexcept { return seg_.load(std::memory_order_acquire); }
   // Require mu_ and the segment mutex.
-  host::Process& me() { return seg_->processes[me_]; }
-  bool valid_entry(std::uint32_t i) const { return i < host::kMaxWaiters; }
+  const host::Config& cfg() const { return seg()->header.config; }
+  host::Process& me() { return seg()->processes[me_]; }
+  host::SharedAlgorithm* algorithm_locked();
+
+  // Require mu_. Registers this process (again after fork), attaches to a
+  // new segment after a reset, starts the background thread.
+  bool must_attach_locked() const noexcept;
+  void attach_locked(NoticeList& notices);
+  void register_locked();
+  void reattach_locked(NoticeList& notices);
+  // The breaker: after the shared state could not be reached, requests are
+  // refused at once (kUnavailable) until the background thread reaches it.
+  bool unavailable_now() const noexcept;
+  void mark_unavailable() noexcept;
+
+  // Require mu_ and the segment mutex.
   std::uint32_t allocate_entry_locked();
   void free_entry_locked(std::uint32_t i);
   void decide_locked(std::uint32_t i, Outcome outcome, std::int64_t now_ns,
@@ -118,35 +151,54 @@ class HostPool {
   void shed_locked(std::int64_t now_ns, NoticeList& notices, Wakes& wakes);
   std::uint32_t pick_locked(std::int64_t now_ns, NoticeList& notices, Wakes& wakes);
   void reclaim_locked(std::uint32_t proc, NoticeList& notices, Wakes& wakes);
+  void catch_up_locked(NoticeList& notices, Wakes& wakes);
   void note_grant_locked(double waited);
   void note_rejection_locked(Outcome reason);
+  Outcome refuse_locked(WaiterNode& node, Outcome reason);
 
-  // Background thread: takes this process's decided entries, sweeps dead
-  // processes every 200 ms.
-  void run(std::uint32_t slot);
+  // Background thread: takes this process's decided entries, applies what
+  // could not be applied at once, sweeps dead processes every 200 ms.
+  void run();
   void deliver();
   void sweep();
   static void wake(host::Segment* seg, const Wakes& wakes) noexcept;
 
   const std::string name_;
-  host::Segment* const seg_;
-  const ino_t inode_;  // of the segment's file, to notice its removal
-  const std::int64_t capacity_;
-  const std::int64_t max_waiting_;
-  const QueueDiscipline discipline_;
-  const std::int64_t target_ns_;
-  const std::int64_t interval_ns_;
+  const host::Config config_;  // what this process asked for
 
   std::mutex mu_;
-  // This process's instance of the shared limit algorithm; guarded by mu_
-  // (and used under the segment mutex).
-  host::SharedAlgorithm algorithm_;
+  // The segment attached to: changes only when an operator's reset makes
+  // this process attach to a new one (the old one stays mapped). Written
+  // under mu_; read without it for snapshots.
+  std::atomic<host::Segment*> seg_;
+  // Guarded by mu_: the segment's file (liveness locks) and inode.
+  int fd_ = -1;
+  ino_t inode_ = 0;
+  // This process's instance of the shared limit algorithm, for the
+  // configuration generation it was made for; guarded by mu_ (and used
+  // under the segment mutex).
+  std::optional<host::SharedAlgorithm> algorithm_;
+  std::uint64_t algorithm_generation_ = 0;
   // Process slot and registration; guarded by mu_.
   std::uint32_t me_ = host::kNone;
   std::uint64_t incarnation_ = 0;
-  std::uint64_t generation_ = 0;  // fork generation it was registered in
+  std::uint64_t generation_ = 0;         // fork generation it was registered in
+  std::uint64_t thread_generation_ = 0;  // fork generation of its running thread
   // The local node of each of this process's entries; guarded by mu_.
   std::vector<WaiterNode*> nodes_;
+  // Guarded by mu_: slots this process holds in the attached segment; held
+  // in a segment left behind by a reset (their releases go nowhere); and
+  // releases, abandoned entries not yet applied for want of the lock.
+  std::int64_t held_local_ = 0;
+  std::int64_t held_elsewhere_ = 0;
+  std::int64_t pending_releases_ = 0;
+  std::vector<std::uint32_t> orphans_;
+  // Set by the background thread when the segment's file was removed.
+  std::atomic<bool> detached_{false};
+  // Steady-clock ns until which requests are refused as unavailable.
+  std::atomic<std::int64_t> unavailable_until_ns_{0};
+  std::atomic<std::int64_t> in_use_snapshot_{0};
+  std::atomic<std::int64_t> waiting_snapshot_{0};
   ResourceStatistics stats_;  // this process's counters; guarded by mu_
 };
 

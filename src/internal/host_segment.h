@@ -1,22 +1,37 @@
 // The shared-memory segment of a host-scoped resource: its fixed layout, and
 // how it is created, opened, validated and locked.
 //
-// One segment per resource name and user, in /dev/shm, mode 0600. Layout:
-// a Header, then kMaxProcesses Process slots, then kMaxWaiters Entries. Every
-// field below the header's mutex is guarded by that mutex (process-shared,
-// robust). Fields are split in two kinds:
-//   primary  the facts: which process slots are in use (pid, start time,
-//            incarnation), how many slots each holds, and each waiter
-//            entry's state, owner and ticket;
+// One file per resource name in a private per-user directory on tmpfs
+// (/dev/shm/fcl-host.<uid>, mode 0700, or $FCL_HOST_DIR), mode 0600. A
+// segment is built under no name (O_TMPFILE) and linked into place complete,
+// so a half-made segment is never visible. Layout: a Header, then
+// kMaxProcesses Process slots, then kMaxWaiters Entries. Every field below
+// the header's mutex is guarded by that mutex (process-shared, robust,
+// taken with a bound: see SegmentLock). Fields are split in two kinds:
+//   primary  the facts: which process slots are in use (pid, incarnation),
+//            how many slots each holds, and each waiter entry's state,
+//            owner and ticket;
 //   derived  counters and links kept for speed (in_use, waiting, the queue
 //            and per-process lists, the free list). rebuild() recomputes
 //            them from the primary fields, after a process died inside the
 //            lock or when a value read from the segment is out of range.
 // A grant is "held" either by the process (Process::held, once its owner has
 // taken it) or by a granted Entry (decided, its owner not yet told); so
-//   in_use == sum(Process::held) + count(granted entries) <= capacity.
+//   in_use == sum(Process::held) + count(granted entries).
 // The limit in force (Header::limit, 1..capacity) bounds new grants; after
-// it was lowered, in_use may exceed it until enough slots are released.
+// it was lowered (or the capacity was, by a newer configuration), in_use may
+// exceed it until enough slots are released.
+//
+// Liveness: a registered process holds an open-file-description lock
+// (F_OFD_SETLK) on one byte of the file, at kLockBase + its slot, for as
+// long as it lives; the kernel drops it when the process dies, whatever its
+// PID namespace, however it dies. A slot whose byte nobody locks belongs to
+// a dead process (proof, not a guess); a failed check proves nothing. PIDs
+// are kept for people (status), never for deciding death.
+//
+// Configuration: the newest process to open a name with another
+// configuration wins (Header::config, config_generation): every process
+// follows it from its next operation. Lowering revokes no held slot.
 //
 // Adaptive limits: the state of the resource's one limit algorithm (a
 // built-in one, see limit.h) lives in the header, double-buffered: an update
@@ -30,9 +45,11 @@
 #include <sys/types.h>
 
 #include <atomic>
+#include <chrono>
 #include <cstddef>
 #include <cstdint>
 #include <optional>
+#include <stdexcept>
 #include <string>
 #include <type_traits>
 #include <vector>
@@ -42,7 +59,9 @@
 namespace concurrency_limiter::detail::host {
 
 inline constexpr std::uint64_t kMagic = 0x3130545348434c46ull;  // "FLCHST01"
-inline constexpr std::uint32_t kVersion = 3;  // 2: limit in force, limit algorithm; 3: cut state
+// 2: limit in force, limit algorithm; 3: cut state; 4: liveness locks,
+// configuration that the newest process sets, private directory.
+inline constexpr std::uint32_t kVersion = 4;
 // Processes that may use one host resource at the same time.
 inline constexpr std::uint32_t kMaxProcesses = 256;
 // Requests that may wait for one host resource at the same time, over all
@@ -50,6 +69,11 @@ inline constexpr std::uint32_t kMaxProcesses = 256;
 inline constexpr std::uint32_t kMaxWaiters = 4096;
 inline constexpr std::uint32_t kNone = 0xffffffffu;
 inline constexpr std::size_t kMaxNameLength = 64;
+// Liveness locks: process slot p is alive while some open file description
+// locks byte kLockBase + p of the segment's file. Past any segment's end
+// (locks need no data there), and the same in every layout version, so
+// that a process of one version can tell whether one of another is alive.
+inline constexpr off_t kLockBase = off_t{1} << 40;
 
 enum class EntryState : std::uint32_t { kFree = 0, kQueued, kGranted, kRejected };
 
@@ -86,10 +110,10 @@ struct List {
 };
 
 struct Process {
-  std::int32_t pid;  // 0: the slot is free (primary)
+  std::int32_t pid;  // 0: the slot is free (primary); for people only
   std::uint32_t reserved;
-  std::uint64_t start_time;   // field 22 of /proc/PID/stat (primary)
-  std::uint64_t incarnation;  // new for each registration (primary)
+  std::uint64_t pid_namespace;  // inode of its /proc/self/ns/pid, for people
+  std::uint64_t incarnation;    // new for each registration (primary)
   std::int64_t held;          // slots the process holds (primary)
   // Bumped (then FUTEX_WAKE) whenever an entry of this process is decided by
   // another process; the owner's thread waits on it. Shared, not private.
@@ -123,12 +147,24 @@ struct Header {
   std::uint32_t entry_size;
   std::uint32_t mutex_size;
   std::uint32_t reserved;
-  Config config;
   char name[kMaxNameLength + 8];
+  // Set by an operator's reset, with or without the mutex: processes attach
+  // to a new segment at their next operation.
+  std::atomic<std::uint32_t> retired;
+  std::uint32_t reserved2;
+  // Snapshots of `config` (written under the mutex with it) for readers
+  // without the lock: Resource::capacity(), max_waiting(), queue().
+  std::atomic<std::int64_t> capacity_now;
+  std::atomic<std::int64_t> max_waiting_now;
+  std::atomic<std::uint32_t> queue_now;
+  std::uint32_t reserved3;
   pthread_mutex_t mutex;  // process-shared, robust
   // Guarded by mutex:
-  std::uint32_t retired;  // set by remove(): openers must create a new one
-  std::uint32_t reserved2;
+  Config config;                     // the newest process's configuration
+  std::uint64_t config_generation;   // bumped when `config` changes
+  // Most slots one process may be recorded as holding: the largest capacity
+  // this segment has had (held slots outlive a lowered capacity).
+  std::int64_t held_bound;
   std::int64_t in_use;       // derived
   std::int64_t waiting;      // derived
   std::int64_t peak_in_use;
@@ -162,35 +198,96 @@ static_assert(std::atomic<std::uint32_t>::is_always_lock_free);
 static_assert(sizeof(std::atomic<std::uint32_t>) == sizeof(std::uint32_t));
 
 // Throws std::invalid_argument unless `name` is 1 to 64 letters, digits,
-// '_', '-' or '.'.
+// '_', '-' or '.', and not made of dots only.
 void check_name(const std::string& name);
-// The segment's name for shm_open: "/fcl-host.<uid>.<name>".
-std::string segment_name(const std::string& name);
-// Prefix of this user's segments in /dev/shm.
-std::string segment_prefix();
+// This user's segment directory: $FCL_HOST_DIR, or /dev/shm/fcl-host.<uid>.
+std::string segment_dir();
+// The path of the segment of `name` (for messages and tests).
+std::string segment_path(const std::string& name);
+// Opens this user's segment directory (creating the default one, mode 0700)
+// and returns its descriptor. Throws std::runtime_error saying what to fix
+// when it is not a directory private to this user (another user created it
+// first, a symbolic link, group- or world-writable), or cannot be opened.
+// With `create` false and no directory yet, returns -1.
+int open_segment_dir(bool create);
 
-// Maps the segment of `name`, creating and initialising it with `config` if
-// it does not exist. `config` null: open an existing one for inspection only
-// (throws std::runtime_error if there is none). Throws std::invalid_argument
-// if it exists with another configuration (naming both), std::runtime_error
-// if it is foreign, corrupt or not this user's. The mapping is never undone.
-// `inode`, if given, receives the segment's inode (see is_linked()).
-Segment* open_segment(const std::string& name, const Config* config,
-                      ino_t* inode = nullptr);
-// True while the segment of `name` in /dev/shm is still the one with
-// `inode` (not removed by an operator since it was opened).
+// Thrown when the segment's shared state cannot be reached in time (its
+// mutex held too long by a process stopped or hung inside it) or at all
+// (the mutex is corrupt). Requests are then refused with
+// Outcome::kUnavailable; an operator's reset (--force) repairs a corrupt one.
+class Unavailable : public std::runtime_error {
+ public:
+  Unavailable(const std::string& what, bool corrupt)
+      : std::runtime_error(what), corrupt_(corrupt) {}
+  // True when waiting longer would not help: the mutex itself is broken.
+  bool corrupt() const noexcept { return corrupt_; }
+
+ private:
+  bool corrupt_;
+};
+
+// One opened segment: the mapping (never undone while a process may use it)
+// and its file, kept open for the liveness locks.
+struct Opened {
+  Segment* segment = nullptr;
+  int fd = -1;
+  ino_t inode = 0;
+  // What opening it changed, for the log: a configuration replaced (none of
+  // its processes alive) or overridden (others alive: `others_alive`).
+  std::string note;
+  bool others_alive = false;
+};
+
+// How open_segment() treats an existing segment with another configuration.
+enum class Adopt {
+  kNewestWins,  // this process's configuration replaces it
+  kTheirs,      // keep it (re-attaching after a reset)
+};
+
+// Maps the segment of `name`, creating it with `config` if there is none.
+// An existing one with another configuration: see Adopt. A corrupt one, or
+// one of another layout version, is replaced when no process holding a
+// liveness lock uses it; otherwise std::runtime_error saying who uses it
+// and how to remove it. Throws std::runtime_error if it is not this user's
+// or cannot be created; Unavailable if its mutex cannot be taken.
+Opened open_segment(const std::string& name, const Config& config, Adopt adopt);
+// Maps an existing segment for an operator (status, reset): no
+// configuration change, no registration. Throws std::runtime_error ("no
+// host resource named ...") if there is none, or if it is not this user's.
+// If it is corrupt or of another version, `segment` is null and `note` says
+// what is wrong (`fd` is open all the same, for the liveness locks). The
+// caller unmaps and closes.
+Opened inspect_segment(const std::string& name);
+// True while `name` in the directory is still the file with `inode` (not
+// removed or replaced by an operator since it was opened). True as well
+// when this cannot be checked (no descriptor left): only proof counts.
 bool is_linked(const std::string& name, ino_t inode);
 
 // Repairs and rebuilds the derived fields from the primary ones; requires
 // the mutex. Also used when a value read from the segment is out of range.
-void rebuild(Segment& s);
+// Allocates nothing (it runs while the mutex is held after EOWNERDEAD).
+void rebuild(Segment& s) noexcept;
 
-// Process identity: the start time of `pid` (field 22 of /proc/PID/stat), or
-// 0 if the process does not exist or is a zombie.
-std::uint64_t start_time_of(pid_t pid);
-// True only on positive evidence that the process registered as (pid,
-// start_time) is gone: no such pid, a zombie, or another start time.
-bool is_dead(pid_t pid, std::uint64_t start_time);
+// Liveness (see the top of this file).
+enum class Liveness { kAlive, kDead, kUnknown };
+// Takes process slot `slot`'s liveness lock through `fd`, without waiting;
+// false if another open file description holds it or it cannot be taken.
+bool lock_slot(int fd, std::uint32_t slot) noexcept;
+void unlock_slot(int fd, std::uint32_t slot) noexcept;
+// Whether the process of `slot` is alive, as seen through `fd`: kDead only
+// when no other open file description locks its byte (a lock taken through
+// `fd` itself is not seen: never ask about your own slot). kUnknown when
+// the check itself fails.
+Liveness liveness(int fd, std::uint32_t slot) noexcept;
+// Whether any open file description other than `fd`'s locks a liveness byte.
+Liveness any_alive(int fd) noexcept;
+// This process's PID namespace (inode of /proc/self/ns/pid), 0 if unknown.
+std::uint64_t pid_namespace() noexcept;
+
+// Puts `config` in force in `s`: the limit and the algorithm's state start
+// anew, held slots stay held. Requires the mutex. Does not grant waiters
+// (the caller does, if the limit rose).
+void install_config(Segment& s, const Config& config);
 
 std::string describe(const Config& c);
 bool same_config(const Config& a, const Config& b);
@@ -232,13 +329,15 @@ class SharedAlgorithm {
 void push_back(Segment& s, List& list, std::uint32_t i);
 void unlink(Segment& s, List& list, std::uint32_t i);
 
-// Locks the segment's mutex; if its last holder died inside, rebuilds the
-// state first. The destructor rebuilds if needs_rebuild was set, then
-// unlocks. Aborts the process if the mutex is unusable (cannot happen unless
-// the segment was overwritten).
+// Locks the segment's mutex, waiting at most `wait` (about a second by
+// default: a process stopped or hung inside the lock must not hang every
+// other process); if its last holder died inside, rebuilds the state first.
+// Throws Unavailable on timeout, or if the mutex is unusable (a corrupt
+// segment). The destructor rebuilds if needs_rebuild was set, then unlocks.
+inline constexpr std::chrono::milliseconds kLockWait{1000};
 class SegmentLock {
  public:
-  explicit SegmentLock(Segment& s);
+  explicit SegmentLock(Segment& s, std::chrono::nanoseconds wait = kLockWait);
   ~SegmentLock();
   SegmentLock(const SegmentLock&) = delete;
   SegmentLock& operator=(const SegmentLock&) = delete;

@@ -19,6 +19,11 @@
 //       "limit <limit in force>"
 //   host_helper drop NAME CAPACITY QUEUE N    acquires and releases a slot N
 //       times, reporting each as dropped; prints "limit <limit in force>"
+//   host_helper nofds NAME CAPACITY QUEUE MS    opens the resource, uses up
+//       its file descriptors, prints "exhausted", lives MS more (its
+//       background thread sweeps meanwhile), prints "done"
+//   host_helper mainexit NAME CAPACITY QUEUE    takes a slot, prints
+//       "ready", then its main thread exits while another thread lives on
 //   host_helper dieupdate NAME CAPACITY QUEUE    takes the shared lock and
 //       damages the limit algorithm's uncommitted state as a crash in the
 //       middle of an update would; prints "locked", never gives it back
@@ -26,7 +31,9 @@
 // QUEUE is "fifo", "lifo" or "adaptive", optionally followed by "+aimd": the
 // resource then has the tests' AIMD limit (host_test_aimd() below).
 #include <fcntl.h>
+#include <pthread.h>
 #include <sys/mman.h>
+#include <sys/resource.h>
 #include <unistd.h>
 
 #include <atomic>
@@ -75,6 +82,27 @@ void say_limit(const cl::Resource& r) { say("limit " + std::to_string(r.limit())
 }  // namespace
 
 int main(int argc, char** argv) {
+  if (argc >= 2 && std::string(argv[1]) == "--unshare") {
+    // "wait ..." again, in a PID namespace (and /proc) of its own.
+    if (std::system("unshare --pid --fork --mount-proc true >/dev/null 2>&1") != 0) {
+      say("error unshare is not permitted here");
+      return 0;
+    }
+    std::vector<char*> args{const_cast<char*>("unshare"), const_cast<char*>("--pid"),
+                            const_cast<char*>("--fork"), const_cast<char*>("--mount-proc"),
+                            const_cast<char*>("/proc/self/exe"), const_cast<char*>("wait")};
+    std::string self = std::string("/proc/") + std::to_string(::getpid()) + "/exe";
+    char resolved[4096];
+    const ssize_t n = ::readlink(self.c_str(), resolved, sizeof resolved - 1);
+    if (n <= 0) return 2;
+    resolved[n] = '\0';
+    args[4] = resolved;
+    for (int i = 2; i < argc; ++i) args.push_back(argv[i]);
+    args.push_back(nullptr);
+    ::execvp("unshare", args.data());
+    say("error unshare cannot start");
+    return 0;
+  }
   if (argc < 5) return 2;
   const std::string mode = argv[1];
   std::shared_ptr<cl::Resource> r;
@@ -138,6 +166,28 @@ int main(int argc, char** argv) {
     }
     say("done");
     return 0;
+  }
+  if (mode == "nofds" && argc >= 6) {
+    rlimit limit{};
+    ::getrlimit(RLIMIT_NOFILE, &limit);
+    limit.rlim_cur = std::min<rlim_t>(limit.rlim_cur, 4096);
+    ::setrlimit(RLIMIT_NOFILE, &limit);
+    while (::open("/dev/null", O_RDONLY) >= 0) {
+    }
+    say("exhausted");
+    hold_for(std::atol(argv[5]));
+    say("done");
+    return 0;
+  }
+  if (mode == "mainexit") {
+    static cl::Permit held = r->acquire_for(std::chrono::seconds(30));
+    if (!held) {
+      say("rejected");
+      return 1;
+    }
+    say("ready");
+    std::thread([] { hold_for(-1); }).detach();
+    ::pthread_exit(nullptr);  // the process lives on in the other thread
   }
   if (mode == "limit") {
     say_limit(*r);

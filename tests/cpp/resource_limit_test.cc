@@ -14,6 +14,7 @@
 #include <thread>
 #include <vector>
 
+#include "internal/host_segment.h"
 #include "test_util.h"
 
 namespace concurrency_limiter {
@@ -271,7 +272,7 @@ struct HostName {
   explicit HostName(const std::string& test)
       : name("t" + std::to_string(::getpid()) + "-" + test) {}
   ~HostName() {
-    ::shm_unlink(("/fcl-host." + std::to_string(::getuid()) + "." + name).c_str());
+    ::unlink(detail::host::segment_path(name).c_str());
   }
 };
 

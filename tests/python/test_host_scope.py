@@ -36,14 +36,14 @@ def name(request: pytest.FixtureRequest) -> Iterator[str]:
     outlives the processes that used it)."""
     n = unique(request.node.name[:20].replace("[", "-").replace("]", ""))
     yield n
-    shm = Path(f"/dev/shm/fcl-host.{os.getuid()}.{n}")
+    shm = Path(os.environ.get("FCL_HOST_DIR") or f"/dev/shm/fcl-host.{os.getuid()}") / n
     shm.unlink(missing_ok=True)
 
 
 def test_host_scope_needs_a_valid_name() -> None:
     with pytest.raises(ValueError, match="name must be 1 to 64 letters.*scope='host'"):
         Resource(1, scope="host")
-    for bad in ["", "a/b", "x" * 65, "sp ace"]:
+    for bad in ["", "a/b", "x" * 65, "sp ace", ".", ".."]:
         with pytest.raises(ValueError, match="name must be"):
             Resource(1, name=bad, scope="host")
     with pytest.raises(ValueError, match="scope must be 'process', 'host' or a RedisScope"):
@@ -157,21 +157,28 @@ def test_adaptive_host_resource_one_limit_fed_by_every_worker(name: str) -> None
     assert db.limit == db.statistics().limit == 2
 
 
-def test_adaptive_settings_must_match_across_processes(name: str) -> None:
-    Resource(4, name=name, scope="host", adaptive=True)
-    with pytest.raises(ValueError, match="adaptive=GradientLimit.*adaptive=False"):
-        Resource(4, name=name, scope="host")
-    with pytest.raises(ValueError, match="tolerance=1.25.*tolerance=1.5"):
-        Resource(4, name=name, scope="host", adaptive=AdaptiveLimit(tolerance=1.5))
-    assert Resource(4, name=name, scope="host", adaptive=AdaptiveLimit()).adaptive
+def test_the_newest_adaptive_settings_are_in_force(name: str) -> None:
+    first = Resource(4, name=name, scope="host", adaptive=AdaptiveLimit(**_ADAPTIVE))
+    assert first.limit == 2
+    Resource(4, name=name, scope="host")
+    assert first.limit == 4  # a fixed limit now, for both
 
 
-def test_other_configuration_is_a_value_error_naming_both(name: str) -> None:
-    Resource(2, name=name, scope="host")
-    with pytest.raises(ValueError, match="capacity=2.*capacity=3"):
-        Resource(3, name=name, scope="host")
-    with pytest.raises(ValueError, match="queue=fifo.*queue=lifo"):
-        Resource(2, name=name, scope="host", queue="lifo")
+def test_the_newest_configuration_wins_and_says_so(
+    name: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A redeploy or a reload with another configuration: the newest process's
+    is in force for every process (logged once), held slots stay held."""
+    old = Resource(2, name=name, scope="host")
+    with caplog.at_level("INFO", logger="fastapi_concurrency_limiter"):
+        new = Resource(3, name=name, scope="host", queue="lifo")
+    assert old.capacity == new.capacity == 3
+    assert old.queue == "lifo"
+    records = [r for r in caplog.records if name in r.getMessage()]
+    assert len(records) == 1
+    assert "capacity=2" in records[0].getMessage() and "capacity=3" in records[0].getMessage()
+    with pytest.raises(ValueError, match="limit .* must be an integer in \\[1, capacity=3\\]"):
+        old.set_limit(4)
 
 
 def _hold_in_subprocess(
@@ -263,17 +270,22 @@ def test_status_and_reset(name: str) -> None:
         assert len(mine) == 1
         assert mine[0]["capacity"] == 3 and mine[0]["in_use"] == 3
         assert mine[0]["max_waiting"] == 7
-        assert {"pid": holder.pid, "held": 3, "waiting": 0, "alive": True} in mine[0]["processes"]
+        held = {"pid": holder.pid, "held": 3, "waiting": 0, "alive": True,
+                "other_pid_namespace": False}
+        assert held in mine[0]["processes"]
+        # Registered at open, before any request: this process too.
+        assert os.getpid() in [p["pid"] for p in mine[0]["processes"]]
         text = subprocess.run(cmd + ["status"], capture_output=True, text=True).stdout
-        assert f"pid {holder.pid}: holds 3" in text
+        assert f"pid {holder.pid}: held 3" in text
         refused = subprocess.run(cmd + ["reset", name], capture_output=True, text=True)
         assert refused.returncode == 1
         assert str(holder.pid) in refused.stderr
     finally:
         holder.kill()
         holder.wait()
-    del db  # this process never acquired it: not registered
-    done = subprocess.run(cmd + ["reset", name], capture_output=True, text=True)
+    del db
+    # This process still has it open: only a forced reset removes it.
+    done = subprocess.run(cmd + ["reset", "--force", name], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert name not in subprocess.run(cmd + ["status"], capture_output=True, text=True).stdout
 
