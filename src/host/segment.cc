@@ -388,7 +388,13 @@ Opened create_linked(int dir, const std::string& name, const Config& config) {
   if (fd < 0 && (errno == EOPNOTSUPP || errno == EISDIR || errno == EINVAL)) {
     static std::atomic<unsigned> counter{0};
     // '~' is not allowed in names: never taken for a segment by anyone.
-    temp = "~" + std::to_string(::getpid()) + "." + std::to_string(++counter) + "." + name;
+    // Appended piecewise: GCC 12 at -O3 warns (-Wrestrict) on "~" + string.
+    temp = "~";
+    temp += std::to_string(::getpid());
+    temp += '.';
+    temp += std::to_string(++counter);
+    temp += '.';
+    temp += name;
     fd = ::openat(dir, temp.c_str(), O_RDWR | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0600);
   }
   if (fd < 0) {

@@ -158,10 +158,11 @@ def test_adaptive_host_resource_one_limit_fed_by_every_worker(name: str) -> None
 
 
 def test_the_newest_adaptive_settings_are_in_force(name: str) -> None:
-    first = Resource(4, name=name, scope="host", adaptive=AdaptiveLimit(**_ADAPTIVE))
-    assert first.limit == 2
-    Resource(4, name=name, scope="host")
-    assert first.limit == 4  # a fixed limit now, for both
+    first = Resource(8, name=name, scope="host", adaptive=AdaptiveLimit(**_ADAPTIVE))
+    first.set_limit(3)
+    assert first.limit == 3
+    Resource(8, name=name, scope="host")
+    assert first.limit == 8  # a fixed limit now, for both
 
 
 def test_the_newest_configuration_wins_and_says_so(
