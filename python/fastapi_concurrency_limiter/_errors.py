@@ -58,7 +58,9 @@ class ServerBusy(_HTTPException):
             with the queue at ``max_waiting``, it was the newest waiter of
             such a key and gave its place to a request of a key below its
             share), or ``"unavailable"`` (a cluster-scoped resource's Redis
-            could not be reached, see ``RedisScope``'s ``on_error``).
+            could not be reached, see ``RedisScope``'s ``on_error``; or a
+            host-scoped resource's shared lock was held by a process stopped
+            inside it, or its segment is corrupt).
         retry_after: seconds sent in the ``Retry-After`` header, or ``None``.
         status_code: the HTTP status (``Limiter(status_code=...)``, 503 by
             default).

@@ -66,7 +66,9 @@ class ResourceStatistics:
     queue: str
     acquired_total: int
     #: Requests turned away, by reason: timeout, queue_full, shed,
-    #: disconnected, cancelled, key_limit.
+    #: disconnected, cancelled, key_limit, unavailable (a host resource
+    #: whose shared lock was out of reach; a cluster resource's Redis
+    #: outages are counted in ``cluster.unavailable_total``).
     rejected_total: Mapping[str, int]
     #: Time from request to grant, of granted requests.
     wait_seconds: HistogramSnapshot

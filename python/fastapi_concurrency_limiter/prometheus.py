@@ -20,7 +20,9 @@ the process started, as Prometheus expects):
     concurrency_limiter_acquired_total             counter
     concurrency_limiter_rejected_total{reason}     counter (timeout, queue_full,
                                                    shed, disconnected, cancelled,
-                                                   key_limit)
+                                                   key_limit, unavailable: a host
+                                                   resource's shared lock out
+                                                   of reach)
     concurrency_limiter_wait_seconds               histogram (granted requests)
     concurrency_limiter_hold_seconds               histogram
 
