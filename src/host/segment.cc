@@ -7,6 +7,10 @@
 #include <sys/stat.h>
 #include <sys/syscall.h>
 #include <time.h>
+
+#if defined(__SANITIZE_THREAD__)
+#include <sanitizer/tsan_interface.h>
+#endif
 #include <unistd.h>
 
 #include <algorithm>
@@ -479,6 +483,14 @@ int open_segment_dir(bool create) {
                                " is a symbolic link or not a directory; refusing to use it" +
                                fix);
     }
+    struct stat st {};
+    if (::lstat(dir.c_str(), &st) == 0 && st.st_uid != ::getuid()) {
+      // Typically EACCES: another user's private directory.
+      throw std::runtime_error("host scope: the directory " + dir + " belongs to uid " +
+                               std::to_string(st.st_uid) + ", not to this user (uid " +
+                               std::to_string(::getuid()) + "): another user created it first (" +
+                               std::strerror(err) + ")" + fix);
+    }
     throw os_error("host scope: cannot open the directory " + dir, err);
   }
   struct stat st {};
@@ -748,12 +760,26 @@ SegmentLock::SegmentLock(Segment& s, std::chrono::nanoseconds wait) : s_(s) {
   const auto ns = static_cast<std::int64_t>(deadline.tv_nsec) + wait.count();
   deadline.tv_sec += static_cast<time_t>(ns / 1'000'000'000);
   deadline.tv_nsec = static_cast<long>(ns % 1'000'000'000);
-  const int rc = ::pthread_mutex_timedlock(&s.header.mutex, &deadline);
+  // The uncontended case without the clock's deadline; then a bounded wait.
+  int rc = ::pthread_mutex_trylock(&s.header.mutex);
+  if (rc == EBUSY) {
+    rc = ::pthread_mutex_timedlock(&s.header.mutex, &deadline);
+#if defined(__SANITIZE_THREAD__)
+    // ThreadSanitizer counts an EOWNERDEAD return of trylock and lock as
+    // locked, but not of timedlock: told here.
+    if (rc == EOWNERDEAD) {
+      __tsan_mutex_pre_lock(&s.header.mutex, 0);
+      __tsan_mutex_post_lock(&s.header.mutex, 0, 0);
+    }
+#endif
+  }
   if (rc == EOWNERDEAD) {
     // Its last holder died inside: the derived state may be half-updated.
     rebuild(s);
     ::pthread_mutex_consistent(&s.header.mutex);
-  } else if (rc == ETIMEDOUT) {
+    rc = 0;
+  }
+  if (rc == ETIMEDOUT) {
     throw Unavailable("host resource '" + header_name(s.header) +
                           "': its shared lock was not released within " +
                           std::to_string(std::chrono::duration_cast<std::chrono::milliseconds>(wait).count()) +
