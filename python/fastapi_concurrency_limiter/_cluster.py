@@ -98,6 +98,10 @@ _BACKGROUND_RETRIES = (0.0, 0.05, 0.2)
 # may still spend on its one acquire round trip.
 _TRY_ONCE = 0.05
 _GRANTED, _QUEUED, _NO_SLOT = 1, 0, -1
+# Connections of a process's pool for the scripts (per event loop). More
+# concurrent calls wait for a connection: each call takes one for a single
+# round trip, so a healthy Redis turns the pool over in microseconds.
+_POOL_SIZE = 64
 
 
 def _load_scripts() -> dict[str, str]:
@@ -250,6 +254,7 @@ class _Client:
         }
         # BLPOP blocks for up to a heartbeat; its reply may take that long.
         self._block = max(0.1, scope.heartbeat)
+        self._pool: Any = None
         if scope.cluster:
             # Commands go to the node of their keys' slot. One retry (the
             # scripts are idempotent), for a redirection after a failover.
@@ -264,7 +269,18 @@ class _Client:
         else:
             # Retries are ours: one, with the same waiter id (idempotent).
             options["retry"] = Retry(NoBackoff(), 0)
-            self.redis = aioredis.Redis.from_url(scope.url, socket_timeout=scope.timeout, **options)
+            # A burst of calls waits for a connection rather than failing
+            # (redis-py's default pool raises past its size, which would
+            # look like an outage); each wait is bounded by the request's
+            # deadline (or, for background calls, by ``timeout``).
+            self._pool = aioredis.BlockingConnectionPool.from_url(
+                scope.url,
+                max_connections=_POOL_SIZE,
+                timeout=None,
+                socket_timeout=scope.timeout,
+                **options,
+            )
+            self.redis = aioredis.Redis(connection_pool=self._pool)
             self.listen_redis = aioredis.Redis.from_url(
                 scope.url,
                 socket_timeout=self._block + scope.timeout,
@@ -858,6 +874,8 @@ class _Client:
             # Bounded: a call stuck on a hung Redis ends with its timeout.
             await asyncio.wait(pending, timeout=self.scope.timeout)
         await self.redis.aclose()
+        if self._pool is not None:
+            await self._pool.disconnect()
         await self.listen_redis.aclose()
 
 

@@ -22,7 +22,7 @@ from fastapi_concurrency_limiter import Limiter, Resource, ServerBusy
 from fastapi_concurrency_limiter.redis import RedisScope
 
 from .redis_support import RedisServer, needs_redis, redis_server
-from .test_redis_scope import _Holder, _try, _until, holders, run
+from .test_redis_scope import _Holder, _try, _try_many, _until, holders, run
 
 pytestmark = needs_redis
 __all__ = ["redis_server"]  # the fixture, imported for the tests below
@@ -508,3 +508,30 @@ def test_random_timeouts_cancellations_and_lost_background_calls_leave_nothing_h
             await scope.aclose()
 
     run(main)
+
+
+@pytest.mark.parametrize("on_error", ["reject", "allow"])
+def test_a_burst_past_the_connection_pool_is_not_an_outage(
+    redis_server: RedisServer, on_error: str
+) -> None:
+    """More concurrent Redis calls than a default connection pool holds (200
+    requests of capacity 200, healthy Redis): every one is admitted under the
+    cluster limit; none is taken for an outage (503 "unavailable", or an
+    admission without the limit)."""
+
+    async def main() -> None:
+        scope = RedisScope(redis_server.url(), key_prefix="test", lease=30, on_error=on_error)  # type: ignore[arg-type]
+        db = Resource(200, name="db", scope=scope)
+        limiter = Limiter(timeout=15, resources=[db])
+        await scope.check()
+        outcomes = await _try_many(limiter, db, 200)
+        assert outcomes == ["ok"] * 200
+        stats = db.statistics().cluster
+        assert stats is not None
+        assert stats.reachable and stats.admitted_unlimited_total == 0
+        assert stats.unavailable_total == 0
+        await _until(lambda: holders(redis_server) == [])
+        await scope.aclose()
+
+    run(main)
+
