@@ -793,6 +793,14 @@ class _Client:
                 stage.name,
                 int(reply[4]),
             )
+        for waiter_id in reply[5]:
+            # Granted in Redis, its notification not read: it may have been
+            # lost with its BLPOP reply (a reset connection, a reply later
+            # than the socket timeout). The grant is delivered here, within
+            # a heartbeat, rather than never.
+            waiter = self.waiters.get(waiter_id)
+            if waiter is not None and waiter.stage is stage:
+                self._grant(waiter_id, waiter)
         for waiter_id in reply[3]:
             waiter = self.waiters.get(waiter_id)
             if waiter is not None and waiter.queued and not waiter.future.done():

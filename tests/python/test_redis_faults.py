@@ -21,7 +21,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from fastapi_concurrency_limiter import Limiter, Resource, ServerBusy
 from fastapi_concurrency_limiter.redis import RedisScope
 
-from .redis_support import RedisServer, needs_redis, redis_server
+from .redis_support import RedisProxy, RedisServer, needs_redis, redis_server
 from .test_redis_scope import _Holder, _try, _try_many, _until, holders, run
 
 pytestmark = needs_redis
@@ -535,3 +535,34 @@ def test_a_burst_past_the_connection_pool_is_not_an_outage(
 
     run(main)
 
+
+def test_a_grant_whose_notification_is_lost_is_delivered_by_the_heartbeat(
+    redis_server: RedisServer,
+) -> None:
+    """BLPOP pops the grant, then its reply is lost (the connection drops):
+    the queued request still gets its slot within about one heartbeat, not
+    at its deadline (and its slot is not renewed for nobody)."""
+
+    async def main() -> None:
+        proxy = RedisProxy(redis_server.port)
+        port = await proxy.start()
+        other = RedisScope(redis_server.url(), key_prefix="test", lease=30)
+        elsewhere = Resource(1, name="db", scope=other)
+        await elsewhere.acquire()
+        scope = RedisScope(proxy.url(port), key_prefix="test", lease=3)  # heartbeat 1 s
+        db = Resource(1, name="db", scope=scope)
+        limiter = Limiter(timeout=15, resources=[db])
+        await scope.check()
+        waiter = asyncio.create_task(_try(limiter, db, hold=True))
+        await _until(lambda: len(_queue(redis_server)) == 1)
+        proxy.drop_next_grant = True
+        elsewhere.release()
+        await _until(lambda: proxy.dropped == 1)
+        # Within a few heartbeats (1 s each), far from the 15 s deadline.
+        assert await asyncio.wait_for(waiter, 6) == "ok"
+        await _until(lambda: holders(redis_server) == [])
+        await scope.aclose()
+        await other.aclose()
+        proxy.close()
+
+    run(main)

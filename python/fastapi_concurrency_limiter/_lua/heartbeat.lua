@@ -9,7 +9,7 @@
 -- Waiters Redis no longer knows are reported lost (their process queues
 -- them again).
 -- Returns {processes alive, in use, {permits put back}, {lost waiters},
--- how many were put back beyond the capacity}.
+-- how many were put back beyond the capacity, {waiters found granted}}.
 local bad = check_config(true)
 if bad then
   return redis.error_reply(bad)
@@ -50,6 +50,7 @@ for i = 5, 4 + n do
   redis.call('ZADD', holders, now + lease, id)
 end
 local lost_waiters = {}
+local granted = {}
 for i = 6 + n + r, #ARGV, 2 do
   local id = ARGV[i]
   local left = tonumber(ARGV[i + 1])
@@ -60,11 +61,14 @@ for i = 6 + n + r, #ARGV, 2 do
     end
     redis.call('ZADD', wexp, expiry, id)
   elseif redis.call('ZSCORE', holders, id) then
-    -- Granted, the notification not read yet: renew its lease.
+    -- Granted, the notification not read yet (or lost with its reply):
+    -- renew its lease and tell the process, which resolves the waiter.
     redis.call('ZADD', holders, now + lease, id)
+    table.insert(granted, id)
   else
     table.insert(lost_waiters, id)
   end
 end
 grant_free()
-return {redis.call('ZCARD', procs), redis.call('ZCARD', holders), added, lost_waiters, over}
+return {redis.call('ZCARD', procs), redis.call('ZCARD', holders), added, lost_waiters, over,
+  granted}
