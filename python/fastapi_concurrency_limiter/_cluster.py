@@ -29,10 +29,10 @@ import itertools
 import logging
 import threading
 import weakref
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass
 from importlib import resources
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from ._core import Outcome
 from ._statistics import ClusterStatistics
@@ -73,6 +73,7 @@ if TYPE_CHECKING:
     from .redis import RedisScope
 
 logger = logging.getLogger("fastapi_concurrency_limiter.redis")
+_T = TypeVar("_T")
 
 # Redis is unreachable: refused, reset, timed out; in a Redis Cluster, the
 # node of the resource's slot is down or no node can be reached.
@@ -704,7 +705,7 @@ class _Client:
             lists = [s.notify_prefix + self.id for s in self.stages if self._group(s) == group]
             self._listening[group] = lists
             try:
-                item = await self.listen_redis.blpop(lists, timeout=self._block)
+                item = await _detached(self.listen_redis.blpop(lists, timeout=self._block))
             except asyncio.CancelledError:
                 raise
             except Exception as e:  # noqa: BLE001 - anything: retry after a pause
@@ -739,7 +740,7 @@ class _Client:
                 if self._group(stage) in failed:
                     continue  # not twice the timeout on one Redis (node)
                 try:
-                    await self.heartbeat(stage)
+                    await _detached(self.heartbeat(stage))
                 except asyncio.CancelledError:
                     raise
                 except _UNREACHABLE as e:
@@ -901,6 +902,27 @@ class _Disconnect:
         if not self._future.done():
             self.happened = True
             self._future.set_result(False)
+
+
+async def _detached(coroutine: Coroutine[Any, Any, _T]) -> _T:
+    """Awaits ``coroutine`` in a task of its own: cancelling the caller (a
+    background loop, when the event loop shuts down) ends the caller at
+    once. redis-py may turn the cancellation of a blocked read into a
+    timeout, which a loop that retries would take for a failed call and go
+    on, so that ``asyncio.run()`` never returned."""
+    task = asyncio.ensure_future(coroutine)
+    try:
+        await asyncio.wait((task,))
+    except asyncio.CancelledError:
+        task.cancel()
+        task.add_done_callback(_consume)
+        raise
+    return task.result()
+
+
+def _consume(task: asyncio.Future[Any]) -> None:
+    if not task.cancelled():
+        task.exception()
 
 
 def _sha1(text: str) -> str:

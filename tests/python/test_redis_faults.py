@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from typing import Any
 
 import pytest
@@ -566,3 +567,58 @@ def test_a_grant_whose_notification_is_lost_is_delivered_by_the_heartbeat(
         proxy.close()
 
     run(main)
+
+
+_WAITED = r"""
+import asyncio, sys
+from fastapi_concurrency_limiter import Limiter, Resource
+from fastapi_concurrency_limiter.redis import RedisScope
+
+async def main():
+    scope = RedisScope(sys.argv[1], key_prefix="test", lease=float(sys.argv[2]))
+    db = Resource(1, name="db", scope=scope)
+    async with Limiter(timeout=30, resources=[db]).acquire([db]):
+        print("granted", flush=True)
+    print("left", flush=True)
+
+asyncio.run(main())
+print("exited", flush=True)
+"""
+
+
+def test_a_process_that_waited_in_redis_queue_exits(redis_server: RedisServer) -> None:
+    """The only slot is held by a process that is then killed; another
+    process waits in Redis's queue, gets the slot when the lease ends, and
+    leaves: ``asyncio.run()`` returns (its listener and heartbeat end when
+    the loop cancels them), without ``aclose()``."""
+    url = redis_server.url()
+    lease = 1.5
+    holder = subprocess.Popen(
+        [sys.executable, "-c", _VICTIM, url, str(lease)], stdout=subprocess.PIPE, text=True
+    )
+    waiting = None
+    try:
+        assert holder.stdout is not None
+        holder.stdout.readline()  # its process id: it is about to hold the slot
+        r = redis_server.client()
+        deadline = time.monotonic() + 20
+        while r.zcard("{test:db}:holders") != 1:
+            assert time.monotonic() < deadline, "the holder took no slot"
+            time.sleep(0.02)
+        waiting = subprocess.Popen(
+            [sys.executable, "-c", _WAITED, url, str(lease)], stdout=subprocess.PIPE, text=True
+        )
+        while r.zcard("{test:db}:queue") != 1:
+            assert time.monotonic() < deadline, "the waiter did not queue"
+            time.sleep(0.02)
+        holder.kill()
+        holder.wait(10)
+        out, _ = waiting.communicate(timeout=15)
+        assert out.split() == ["granted", "left", "exited"]
+        assert waiting.returncode == 0
+    finally:
+        for proc in (holder, waiting):
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+                proc.wait(10)
+
