@@ -851,37 +851,40 @@ class _Client:
             await self.heartbeat(stage)
 
     async def aclose(self) -> None:
+        """Gives back the permits still held and stops the listeners and
+        the heartbeat, within about one ``timeout`` in total however many
+        permits are held: the releases go concurrently under one deadline
+        (what does not reach Redis, the lease reclaims)."""
         self._closed = True
+        deadline = self.loop.time() + self.scope.timeout
         if self._heartbeat is not None:
             self._heartbeat.cancel()
         listeners = list(self._listeners.values())
         wake = [lists[0] for lists in self._listening.values() if lists]
-        if wake:
-            # Wake the blocked BLPOPs rather than cancel them (a cancelled
-            # blocking read may take redis-py a while to unwind).
-            try:
-                await asyncio.wait_for(
-                    asyncio.gather(*(self.redis.lpush(key, "") for key in wake)),
-                    self.scope.timeout,
-                )
-                await asyncio.wait(listeners, timeout=self.scope.timeout)
-            except Exception:  # noqa: BLE001,S110 - cancelled below
-                pass
-        for listener in listeners:
-            listener.cancel()
-        for permit_id, permit in [(i, r()) for i, r in list(self.held.items())]:
-            if permit is None or permit_id in self.unrecorded:
-                continue
-            try:
-                await asyncio.wait_for(self._release(permit._stage, permit_id), self.scope.timeout)
-            except Exception:  # noqa: BLE001,S110 - the lease reclaims it
-                pass
+        releases = [
+            self._release(permit._stage, permit_id)
+            for permit_id, permit in [(i, r()) for i, r in list(self.held.items())]
+            if permit is not None and permit_id not in self.unrecorded
+        ]
         self.held.clear()
         self.unrecorded.clear()
+        # Wake the blocked BLPOPs rather than cancel them (a cancelled
+        # blocking read may take redis-py a while to unwind).
+        calls = [asyncio.ensure_future(c) for c in releases]
+        calls += [asyncio.ensure_future(self.redis.lpush(key, "")) for key in wake]
+        # Background releases and cancellations already on their way, too.
+        background = [*self._tasks]
+        if calls or background or listeners:
+            await asyncio.wait([*calls, *background, *listeners], timeout=self.scope.timeout)
+        # Whatever has not ended by now is left to the lease.
+        for call in calls:
+            call.cancel()
+            call.add_done_callback(_consume)
         pending = [t for t in (*listeners, self._heartbeat, *self._tasks) if t is not None]
+        for task in pending:
+            task.cancel()
         if pending:
-            # Bounded: a call stuck on a hung Redis ends with its timeout.
-            await asyncio.wait(pending, timeout=self.scope.timeout)
+            await asyncio.wait(pending, timeout=max(0.05, deadline - self.loop.time()))
         await self.redis.aclose()
         if self._pool is not None:
             await self._pool.disconnect()
