@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from ._core import Outcome
 from ._statistics import ClusterStatistics
 from ._waiting import _Body
-from .redis import RedisScopeError
+from .redis import MINIMUM_REDIS_VERSION, RedisScopeError, RedisUnreachableError, _redact
 
 try:
     import redis.asyncio as aioredis
@@ -395,10 +395,23 @@ class _Client:
         seen: BaseException | None = error
         while seen is not None:
             message = str(seen)
-            if isinstance(seen, AuthenticationError) or "NOAUTH" in message or (
-                "WRONGPASS" in message
+            if "HELLO must be called with the client already authenticated" in message or (
+                "NOAUTH" in message or "Authentication required" in message
             ):
-                return RedisScopeError(f"Redis refused the credentials of {self.scope!r}: {seen}")
+                return RedisScopeError(
+                    f"Redis at {_redact(self.scope.url)} requires a password, and the URL "
+                    "gives none: redis://:PASSWORD@host:port/db (or redis://USER:PASSWORD@...)"
+                )
+            if isinstance(seen, AuthenticationError) or "WRONGPASS" in message:
+                return RedisScopeError(
+                    f"Redis refused the credentials of {self.scope!r}: {seen} "
+                    "(check the user name and password in the URL)"
+                )
+            if "DB index is out of range" in message:
+                return RedisScopeError(
+                    f"Redis at {_redact(self.scope.url)} has no such database: the URL's /db "
+                    "must be below the server's `databases` setting (16 by default)"
+                )
             if isinstance(seen, AskError) and not self.scope.cluster:  # MOVED or ASK
                 return RedisScopeError(
                     f"Redis at {self.scope!r} is a node of a Redis Cluster: "
@@ -838,17 +851,48 @@ class _Client:
             waiter.queued = True
 
     async def check(self, stages: Sequence[ClusterStage]) -> None:
+        """Checks the configuration against Redis: credentials, database,
+        ``cluster=``, the server's version, each resource's capacity.
+        Raises RedisScopeError when it is wrong, RedisUnreachableError when
+        Redis cannot be reached (the resources are registered all the same:
+        the heartbeat finds Redis when it answers)."""
+        for stage in stages:
+            self._register(stage)
         try:
             await self.redis.ping()
+            await self._check_version()
             await self._load_scripts(self._scripts_version)
-        except (AuthenticationError, ResponseError, RedisClusterException) as e:
+            for stage in stages:
+                await self.heartbeat(stage)
+        except RedisScopeError:
+            raise
+        except Exception as e:
             problem = self._misconfigured(e)
             if problem is not None:
                 raise problem from e
-            raise
-        for stage in stages:
-            self._register(stage)
-            await self.heartbeat(stage)
+            if not isinstance(e, (*_UNREACHABLE, ResponseError)):
+                raise
+            for group in {self._group(stage) for stage in stages}:
+                self._mark_down(e, group)
+            raise RedisUnreachableError(
+                f"Redis at {_redact(self.scope.url)} cannot be reached "
+                f"({str(e) or type(e).__name__}): check that redis-server runs there and "
+                "that this host may connect to it (host, port, TLS, firewall)"
+            ) from e
+
+    async def _check_version(self) -> None:
+        info = await self.redis.info("server")
+        found: list[str] = []
+        if isinstance(info, dict) and "redis_version" in info:
+            found.append(str(info["redis_version"]))
+        elif isinstance(info, dict):  # a Redis Cluster: by node
+            found += [str(i["redis_version"]) for i in info.values() if "redis_version" in i]
+        for version in found:
+            if _version(version) < MINIMUM_REDIS_VERSION:
+                raise RedisScopeError(
+                    f"Redis at {_redact(self.scope.url)} is version {version}; the cluster "
+                    f"scope needs Redis {'.'.join(map(str, MINIMUM_REDIS_VERSION))} or later"
+                )
 
     async def aclose(self) -> None:
         """Gives back the permits still held and stops the listeners and
@@ -926,6 +970,14 @@ async def _detached(coroutine: Coroutine[Any, Any, _T]) -> _T:
 def _consume(task: asyncio.Future[Any]) -> None:
     if not task.cancelled():
         task.exception()
+
+
+def _version(text: str) -> tuple[int, ...]:
+    parts = []
+    for part in text.split(".")[:3]:
+        digits = "".join(itertools.takewhile(str.isdigit, part))
+        parts.append(int(digits or 0))
+    return tuple(parts)
 
 
 def _sha1(text: str) -> str:

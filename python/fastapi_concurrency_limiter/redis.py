@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import uuid
 import weakref
@@ -36,6 +37,8 @@ from ._validation import check_seconds
 
 if TYPE_CHECKING:
     from ._cluster import ClusterStage, _Client
+
+logger = logging.getLogger("fastapi_concurrency_limiter.redis")
 
 OnError = Literal["reject", "allow", "local"]
 _ON_ERROR = ("reject", "allow", "local")
@@ -51,6 +54,17 @@ class RedisScopeError(RuntimeError):
     resource's capacity differs from the one other processes use, ``cluster``
     does not match the server (a Redis Cluster or not), or the ``redis``
     package is missing. Not an outage: ``on_error`` does not apply."""
+
+
+class RedisUnreachableError(RedisScopeError, ConnectionError):
+    """``check()`` could not reach Redis (refused, reset, no answer within
+    ``timeout``, or Redis cannot serve). An outage, not a misconfiguration:
+    ``lifespan`` logs it and starts the app, and requests get ``on_error``
+    until Redis answers."""
+
+
+#: The oldest Redis the cluster scope runs on (float ``BLPOP`` timeouts).
+MINIMUM_REDIS_VERSION = (6, 0)
 
 
 class RedisScope:
@@ -177,24 +191,34 @@ class RedisScope:
         return client
 
     async def check(self) -> None:
-        """Connects, authenticates and checks every resource's capacity
-        against the one in Redis; raises ``RedisScopeError`` on wrong
-        credentials or a capacity mismatch, ``ConnectionError`` when Redis
-        cannot be reached. Call it in the app's lifespan to fail at
-        start-up rather than at the first request."""
+        """Connects, authenticates, checks the server's version (at least
+        6.0) and every resource's capacity against the one in Redis; raises
+        ``RedisScopeError`` on a misconfiguration (credentials, database,
+        ``cluster``, version, capacity), ``RedisUnreachableError`` (also a
+        ``ConnectionError``) when Redis cannot be reached. Call it in the
+        app's lifespan to fail at start-up rather than at the first
+        request."""
         await self._client().check(list(self._stages.values()))
 
     @contextlib.asynccontextmanager
     async def lifespan(self, app: object = None) -> AsyncIterator[None]:
         """A FastAPI lifespan that checks Redis at start-up (``check()``: the
-        app does not start with wrong credentials) and gives back this
-        process's slots at shutdown::
+        app does not start with a misconfiguration such as wrong
+        credentials; it does start when Redis is unreachable, with a
+        warning, and ``on_error`` applies until Redis answers) and gives
+        back this process's slots at shutdown::
 
             app = FastAPI(lifespan=cluster.lifespan)
 
         Inside a lifespan of your own: ``async with cluster.lifespan(app):``.
         """
-        await self.check()
+        try:
+            await self.check()
+        except RedisUnreachableError as e:
+            # Not a reason not to start: on_error applies until Redis answers.
+            logger.warning(
+                "%s; starting anyway: on_error=%r applies until it answers", e, self.on_error
+            )
         try:
             yield
         finally:
@@ -237,4 +261,12 @@ def _redact(url: str) -> str:
     return f"{scheme}{sep}{user}:***@{host}"
 
 
-__all__ = ["DEFAULT_KEY_PREFIX", "DEFAULT_LEASE", "OnError", "RedisScope", "RedisScopeError"]
+__all__ = [
+    "DEFAULT_KEY_PREFIX",
+    "DEFAULT_LEASE",
+    "MINIMUM_REDIS_VERSION",
+    "OnError",
+    "RedisScope",
+    "RedisScopeError",
+    "RedisUnreachableError",
+]

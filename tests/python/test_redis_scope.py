@@ -317,6 +317,98 @@ def test_the_lifespan_refuses_to_start_with_wrong_credentials() -> None:
         server.close()
 
 
+@pytest.mark.parametrize("on_error", ["allow", "reject"])
+def test_the_app_starts_while_redis_is_down_and_uses_it_once_up(on_error: str) -> None:
+    """Redis unreachable at start-up is an outage, not a misconfiguration:
+    the app starts (a warning), requests get on_error, and once Redis runs
+    they are limited by it again."""
+    server = RedisServer()  # not started yet
+    try:
+        scope = RedisScope(
+            server.url(),
+            key_prefix="test",
+            lease=1.5,
+            timeout=0.3,
+            on_error=on_error,  # type: ignore[arg-type]
+        )
+        db = Resource(1, name="db", scope=scope)
+        limiter = Limiter(timeout=2, resources=[db])
+        app = FastAPI(lifespan=scope.lifespan)
+
+        @app.get("/q")
+        @limiter.resources([db])
+        async def q() -> dict[str, int]:
+            return {"held": len(holders(server)) if server.proc is not None else -1}
+
+        with TestClient(app) as http:
+            first = http.get("/q")
+            assert first.status_code == (200 if on_error == "allow" else 503)
+            server.start()
+            deadline = time.monotonic() + 15
+            while True:
+                response = http.get("/q")
+                if response.status_code == 200 and response.json() == {"held": 1}:
+                    break  # held in Redis: the cluster limit applies again
+                assert time.monotonic() < deadline, response.text
+                time.sleep(0.1)
+        assert server.client().zcard("{test:db}:holders") == 0
+    finally:
+        server.close()
+
+
+def test_start_up_errors_say_what_to_fix(redis_server: RedisServer) -> None:
+    """Each start-up failure is a RedisScopeError that says what to fix."""
+    from fastapi_concurrency_limiter.redis import RedisUnreachableError
+
+    protected = RedisServer(password="s3cret")
+    protected.start()
+
+    async def check(url: str, **options: Any) -> None:
+        scope = RedisScope(url, key_prefix="test", timeout=0.5, **options)
+        Resource(1, name="db", scope=scope)
+        try:
+            await scope.check()
+        finally:
+            await scope.aclose()
+
+    async def main() -> None:
+        no_password = f"redis://127.0.0.1:{protected.port}/0"
+        with pytest.raises(RedisScopeError, match="requires a password"):
+            await check(no_password)
+        with pytest.raises(RedisScopeError, match="no such database"):
+            await check(redis_server.url(db=99))
+        down = f"redis://:hush@127.0.0.1:{free_port()}/0"
+        with pytest.raises(RedisUnreachableError, match="cannot be reached") as caught:
+            await check(down)
+        assert isinstance(caught.value, ConnectionError) and "hush" not in str(caught.value)
+
+    try:
+        run(main)
+    finally:
+        protected.close()
+
+
+def test_a_redis_older_than_6_is_refused_at_start_up(redis_server: RedisServer) -> None:
+    async def main() -> None:
+        scope = RedisScope(redis_server.url(), key_prefix="test")
+        Resource(1, name="db", scope=scope)
+        client = scope._client()
+        real = client.redis.info
+
+        async def old_info(*args: Any, **kwargs: Any) -> Any:
+            info = await real(*args, **kwargs)
+            return {**info, "redis_version": "5.0.14"}
+
+        client.redis.info = old_info
+        with pytest.raises(RedisScopeError, match=r"version 5\.0\.14.*needs Redis 6\.0"):
+            await scope.check()
+        client.redis.info = real
+        await scope.check()
+        await scope.aclose()
+
+    run(main)
+
+
 def test_a_route_answers_503_with_the_cluster_limit(redis_server: RedisServer) -> None:
     scope = RedisScope(redis_server.url(), key_prefix="test")
     db = Resource(1, name="db", scope=scope)
