@@ -324,6 +324,7 @@ class _Client:
         self._listening: dict[int, list[str]] = {}
         self._heartbeat: asyncio.Task[None] | None = None
         self._recording: dict[ClusterStage, asyncio.Task[None]] = {}
+        self._probes: dict[ClusterStage, asyncio.Task[None]] = {}
         self._closed = False
 
     # -- calls ------------------------------------------------------------
@@ -479,12 +480,15 @@ class _Client:
             left = None if deadline is None else deadline - self.loop.time()
             wait_ms = -1 if left is None else max(0, int(left * 1000))
             call = self._call("acquire", stage, waiter_id, wait_ms)
+            bound = _silence_bound(left, self.scope.timeout)
             try:
-                if left is not None:
+                if bound is not None:
                     # Never past the request's deadline (a script reload
-                    # included). A deadline that has (almost) passed still
-                    # gets one try.
-                    reply = await asyncio.wait_for(call, max(left, _TRY_ONCE))
+                    # included), and a silent Redis is found with time to
+                    # spare for on_error: never a "timeout" because Redis
+                    # said nothing. A deadline that has (almost) passed
+                    # still gets one try.
+                    reply = await asyncio.wait_for(call, bound)
                 else:
                     reply = await call
                 return int(reply[0]), int(reply[1])
@@ -494,18 +498,25 @@ class _Client:
                 if attempt or (deadline is not None and deadline <= self.loop.time()):
                     raise
             except asyncio.TimeoutError:
-                if deadline is not None and deadline <= self.loop.time():
-                    raise ClusterRefused(stage.name, "timeout") from None
-                raise
+                raise RedisTimeoutError(
+                    f"no answer within {bound:.3f} s (part of the request's deadline)"
+                ) from None
         raise AssertionError("unreachable")
 
     async def _wait(
         self, waiter: _Waiter, waiter_id: str, request: Request | None
     ) -> ClusterPermit:
         stage, future, deadline = waiter.stage, waiter.future, waiter.deadline
-        timer = None
+        timer = probing = None
+        probe: list[asyncio.Task[None]] = []
         if deadline is not None:
-            timer = self.loop.call_at(deadline, _set_unless_done, future, False)
+            timer = self.loop.call_at(deadline, _expire, future, probe)
+            # A little before the deadline, a probe: if Redis has not
+            # answered it by the deadline, Redis is silent and the request
+            # gets on_error rather than "timeout".
+            lead = _silence_bound(deadline - self.loop.time(), self.scope.timeout, 0.25)
+            if lead is not None and deadline - lead > self.loop.time():
+                probing = self.loop.call_at(deadline - lead, self._probe, stage, probe)
         body = watcher = None
         left = _Disconnect(future)
         if request is not None and not future.done():
@@ -521,6 +532,8 @@ class _Client:
         finally:
             if timer is not None:
                 timer.cancel()
+            if probing is not None:
+                probing.cancel()
             if watcher is not None and body is not None and request is not None:
                 watcher.cancel()
                 body.hand_back(request)
@@ -531,6 +544,26 @@ class _Client:
             self._abandon(stage, waiter_id)
             raise ClusterRefused(stage.name, "disconnected" if left.happened else "timeout")
         return self._hold(stage, waiter_id)
+
+    def _probe(self, stage: ClusterStage, into: list[asyncio.Task[None]]) -> None:
+        """Checks that Redis answers (the node of ``stage``'s slot), sharing
+        a probe already on its way; ``into`` receives the probe's task."""
+        task = self._probes.get(stage)
+        if task is None or task.done():
+            if self._closed:
+                return
+            task = self._probes[stage] = self.loop.create_task(self._run_probe(stage))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+            task.add_done_callback(_consume)
+        into.append(task)
+
+    async def _run_probe(self, stage: ClusterStage) -> None:
+        try:
+            await asyncio.wait_for(self.redis.exists(stage.keys[5]), self.scope.timeout)
+        except _UNREACHABLE as e:
+            self._suspect(e, self._group(stage), stage)
+            raise
 
     def _hold(self, stage: ClusterStage, permit_id: str) -> ClusterPermit:
         permit = ClusterPermit(stage, self, permit_id)
@@ -569,13 +602,15 @@ class _Client:
         if task is None or task.done():
             task = self._recording[stage] = self.loop.create_task(self.heartbeat(stage))
             self._track(task, stage)
-        left = None if deadline is None else max(deadline - self.loop.time(), _TRY_ONCE)
+        left = None if deadline is None else deadline - self.loop.time()
+        bound = _silence_bound(left, self.scope.timeout)
         try:
-            await asyncio.wait_for(asyncio.shield(task), left)
+            await asyncio.wait_for(asyncio.shield(task), bound)
         except asyncio.TimeoutError:
             if task.done():  # the heartbeat's own timeout: unreachable
                 raise
-            raise ClusterRefused(stage.name, "timeout") from None
+            # Redis is silent: on_error, not "timeout".
+            raise RedisTimeoutError(f"no answer within {bound} s") from None
 
     def permits(self) -> list[ClusterPermit]:
         return [p for ref in list(self.held.values()) if (p := ref()) is not None]
@@ -987,6 +1022,22 @@ def _sha1(text: str) -> str:
 _CLIENT_IDS = itertools.count()
 
 
-def _set_unless_done(future: asyncio.Future[bool | None], value: bool) -> None:
-    if not future.done():
-        future.set_result(value)
+def _expire(future: asyncio.Future[bool | None], probe: list[asyncio.Task[None]]) -> None:
+    """A wait's deadline: "timeout", or on_error (None) when the probe sent
+    a little before has not been answered (Redis is silent) or failed."""
+    if future.done():
+        return
+    silent = bool(probe) and (
+        not probe[0].done() or probe[0].cancelled() or probe[0].exception() is not None
+    )
+    future.set_result(None if silent else False)
+
+
+def _silence_bound(left: float | None, timeout: float, share: float = 0.5) -> float | None:
+    """How long a request with ``left`` seconds (``None``: no deadline) lets
+    Redis stay silent before it counts as unreachable: the command
+    ``timeout``, and at most ``share`` of what is left, so that on_error
+    still applies in time (at least one short try)."""
+    if left is None:
+        return None
+    return max(_TRY_ONCE, min(timeout, left * share))

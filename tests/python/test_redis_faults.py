@@ -363,7 +363,8 @@ def test_scripts_lost_by_redis_are_loaded_again(redis_server: RedisServer) -> No
 
 def test_a_hung_acquire_ends_at_the_request_deadline(redis_server: RedisServer) -> None:
     """Whatever the command timeout, the acquire never outlasts the
-    request's own deadline."""
+    request's own deadline; a Redis that does not answer is unreachable
+    (on_error="reject": 503 "unavailable"), not a "timeout"."""
 
     async def main() -> None:
         scope = RedisScope(redis_server.url(), key_prefix="test", lease=30, timeout=0.2)
@@ -377,7 +378,7 @@ def test_a_hung_acquire_ends_at_the_request_deadline(redis_server: RedisServer) 
             await asyncio.sleep(60)
 
         client.redis.evalsha = hung
-        assert await asyncio.wait_for(_try(limiter, db), 10) == "timeout"
+        assert await asyncio.wait_for(_try(limiter, db), 10) == "unavailable"
         client.redis.evalsha = real
         await scope.aclose()
 
@@ -643,5 +644,47 @@ def test_aclose_takes_about_one_timeout_on_a_hung_redis(redis_server: RedisServe
             redis_server.resume()
         # About one timeout (0.5 s); one after another it was 20 of them.
         assert took < 3.0, took
+
+    run(main)
+
+
+@pytest.mark.parametrize("queued", [False, True])
+def test_a_silent_redis_gets_on_error_even_with_a_short_request_timeout(
+    redis_server: RedisServer, queued: bool
+) -> None:
+    """The request's timeout (1 s) is no longer than Redis's command timeout
+    (1 s, the default) and Redis is paused (SIGSTOP): under on_error="allow"
+    the request is admitted, never refused with "timeout" because Redis said
+    nothing, whether its acquire was on its way or it waited in Redis's
+    queue."""
+
+    async def main() -> None:
+        url = redis_server.url()
+        other = RedisScope(url, key_prefix="test", lease=30)
+        elsewhere = Resource(1, name="db", scope=other)
+        scope = RedisScope(url, key_prefix="test", lease=30, on_error="allow")
+        db = Resource(1, name="db", scope=scope)
+        limiter = Limiter(timeout=1, resources=[db])
+        await scope.check()
+        if queued:
+            await elsewhere.acquire()
+            request = asyncio.create_task(_try(limiter, db))
+            await _until(lambda: len(_queue(redis_server)) == 1)
+            redis_server.pause()
+        else:
+            redis_server.pause()
+            request = asyncio.create_task(_try(limiter, db))
+        try:
+            started = time.monotonic()
+            outcome = await asyncio.wait_for(request, 10)
+            took = time.monotonic() - started
+        finally:
+            redis_server.resume()
+        assert outcome == "ok"
+        assert took < 5  # about the request's timeout; generous for a loaded machine
+        await scope.aclose()
+        if queued:
+            elsewhere.release()
+        await other.aclose()
 
     run(main)
