@@ -63,6 +63,8 @@ class RedisUnreachableError(RedisScopeError, ConnectionError):
     until Redis answers."""
 
 
+_NOT_IN_NAMES = frozenset("{}:")
+
 #: The oldest Redis the cluster scope runs on (float ``BLPOP`` timeouts).
 MINIMUM_REDIS_VERSION = (6, 0)
 
@@ -126,7 +128,8 @@ class RedisScope:
         cluster: bool = False,
     ) -> None:
         if not isinstance(url, str) or not url.startswith(("redis://", "rediss://", "unix://")):
-            raise ValueError(f"url must be a redis://, rediss:// or unix:// URL, got {url!r}")
+            shown = _redact(url) if isinstance(url, str) else type(url).__name__
+            raise ValueError(f"url must be a redis://, rediss:// or unix:// URL, got {shown!r}")
         if on_error not in _ON_ERROR:
             raise ValueError(
                 f"on_error must be one of 'reject', 'allow', 'local', got {on_error!r}"
@@ -165,6 +168,14 @@ class RedisScope:
         """The cluster stage of the resource ``name`` (one per name)."""
         from ._cluster import ClusterStage
 
+        if not name or any(c in _NOT_IN_NAMES or c.isspace() for c in name):
+            # A ':' would let two (key_prefix, name) pairs share keys
+            # ("app" + "billing:db" and "app:billing" + "db"); a brace would
+            # end the hash tag early.
+            raise ValueError(
+                "the name of a resource with scope=RedisScope(...) is part of its Redis keys: "
+                f"no '{{', '}}', ':' or whitespace, got {name!r}"
+            )
         stage = self._stages.get(name)
         if stage is not None:
             raise ValueError(f"RedisScope already has a resource named {name!r}")
@@ -243,7 +254,9 @@ class RedisScope:
 
 def _check_cluster_url(url: str) -> None:
     if url.startswith("unix://"):
-        raise ValueError(f"url must be a redis:// or rediss:// URL with cluster=True, got {url!r}")
+        raise ValueError(
+            f"url must be a redis:// or rediss:// URL with cluster=True, got {_redact(url)!r}"
+        )
     path = url.partition("://")[2].partition("?")[0].partition("/")[2]
     if path not in ("", "0"):
         raise ValueError(
@@ -253,12 +266,26 @@ def _check_cluster_url(url: str) -> None:
 
 
 def _redact(url: str) -> str:
+    """``url`` without its credentials: the user name and password of the
+    user info, and the value of every query option that may carry one."""
     scheme, sep, rest = url.partition("://")
+    if not sep:  # not a URL at all: it may be anything, a password included
+        return "***"
+    rest, qmark, query = rest.partition("?")
     auth, at, host = rest.rpartition("@")
-    if not at:
-        return url
-    user = auth.partition(":")[0]
-    return f"{scheme}{sep}{user}:***@{host}"
+    shown = f"{scheme}{sep}***@{host}" if at else f"{scheme}{sep}{rest}"
+    if qmark:
+        options = []
+        for option in query.split("&"):
+            key, eq, value = option.partition("=")
+            if eq and any(word in key.lower() for word in _SECRET_OPTIONS):
+                value = "***"
+            options.append(f"{key}{eq}{value}")
+        shown += "?" + "&".join(options)
+    return shown
+
+
+_SECRET_OPTIONS = ("pass", "user", "auth", "token", "secret", "key")
 
 
 __all__ = [

@@ -409,6 +409,67 @@ def test_a_redis_older_than_6_is_refused_at_start_up(redis_server: RedisServer) 
     run(main)
 
 
+@pytest.mark.parametrize("name", ["billing:db", "db}", "{db", "my db", "db\n"])
+def test_cluster_resource_names_cannot_make_keys_collide(
+    redis_server: RedisServer, name: str
+) -> None:
+    """key_prefix="app" with "billing:db" would share the keys of
+    key_prefix="app:billing" with "db"; a brace would end the hash tag."""
+    scope = RedisScope(redis_server.url(), key_prefix="app")
+    with pytest.raises(ValueError, match="no '\\{', '\\}', ':' or whitespace"):
+        Resource(1, name=name, scope=scope)
+
+    async def main() -> None:
+        # Names that pass share nothing across prefixes.
+        team_a = RedisScope(redis_server.url(), key_prefix="app")
+        team_b = RedisScope(redis_server.url(), key_prefix="app:billing")
+        a = Resource(1, name="billing-db", scope=team_a)
+        b = Resource(1, name="db", scope=team_b)
+        await a.acquire()
+        await asyncio.wait_for(b.acquire(), 5)  # not refused by team A's load
+        a.release()
+        b.release()
+        await team_a.aclose()
+        await team_b.aclose()
+
+    run(main)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "redis://:hunter2@127.0.0.1:{port}/0",
+        "redis://admin:hunter2@127.0.0.1:{port}/0",
+        "redis://127.0.0.1:{port}/0?password=hunter2",
+        "redis://127.0.0.1:{port}/0?username=admin&password=hunter2",
+    ],
+)
+def test_credentials_never_show(url: str) -> None:
+    """Neither the password nor the user name appears in the scope's repr,
+    in the start-up error for wrong credentials, or in the error for a
+    mistyped scheme, whether given as user info or as query options."""
+    server = RedisServer(password="s3cret")
+    server.start()
+    try:
+        url = url.format(port=server.port)
+        scope = RedisScope(url, key_prefix="test")
+        Resource(1, name="db", scope=scope)
+        assert "hunter2" not in repr(scope) and "admin" not in repr(scope)
+
+        async def main() -> None:
+            with pytest.raises(RedisScopeError) as caught:
+                await scope.check()
+            await scope.aclose()
+            assert "hunter2" not in str(caught.value) and "admin" not in str(caught.value)
+
+        run(main)
+        with pytest.raises(ValueError) as mistyped:
+            RedisScope("reddis" + url[len("redis") :])
+        assert "hunter2" not in str(mistyped.value) and "admin" not in str(mistyped.value)
+    finally:
+        server.close()
+
+
 def test_a_route_answers_503_with_the_cluster_limit(redis_server: RedisServer) -> None:
     scope = RedisScope(redis_server.url(), key_prefix="test")
     db = Resource(1, name="db", scope=scope)
