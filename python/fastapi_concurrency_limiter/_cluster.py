@@ -108,10 +108,12 @@ _POOL_SIZE = 64
 def _load_scripts() -> dict[str, str]:
     folder = resources.files(__package__).joinpath("_lua")
     common = folder.joinpath("common.lua").read_text()
-    return {
+    scripts = {
         name: common + "\n" + folder.joinpath(f"{name}.lua").read_text()
         for name in ("acquire", "release", "cancel", "heartbeat")
     }
+    scripts["notify"] = folder.joinpath("notify.lua").read_text()
+    return scripts
 
 
 _SCRIPTS = _load_scripts()
@@ -365,6 +367,7 @@ class _Client:
             )
             self._down.pop(group, None)
             self._failures.pop(group, None)
+            self._wake(stage, reply[-1])
             return reply
         except (AuthenticationError, ResponseError, RedisClusterException) as e:
             message = str(e)
@@ -389,6 +392,36 @@ class _Client:
             # unreachable Redis (on_error applies), not a 500.
             logger.warning("Redis call %r failed unexpectedly", name, exc_info=True)
             raise _Unserved(f"{type(e).__name__}: {e}") from e
+
+    def _wake(self, stage: ClusterStage, notices: Sequence[str]) -> None:
+        """Delivers the grants a script made: to this client's own waiters
+        at once, to other clients through their notify lists (in the
+        background; a wake-up that fails is made up for by the waiter's
+        heartbeat)."""
+        own = stage.notify_prefix + self.id
+        for i in range(0, len(notices) - 1, 2):
+            key, waiter_id = str(notices[i]), str(notices[i + 1])
+            if key == own:
+                self._deliver(stage, waiter_id)
+            else:
+                self.spawn(self._notify(key, waiter_id), stage)
+
+    async def _notify(self, key: str, waiter_id: str) -> None:
+        ttl_ms = int(3 * self.scope.lease * 1000)
+        await asyncio.wait_for(
+            self._evalsha("notify", [key], [waiter_id, ttl_ms]), self.scope.timeout
+        )
+
+    def _deliver(self, stage: ClusterStage | None, waiter_id: str) -> None:
+        """A grant for ``waiter_id`` of this client: its waiter gets the
+        slot; a grant that came after its wait ended is given back."""
+        waiter = self.waiters.get(waiter_id)
+        if waiter is not None and self._grant(waiter_id, waiter):
+            return
+        if waiter_id in self.held or waiter_id in self._granting:
+            return  # the acquire's own reply granted it: in use
+        if stage is not None:
+            self.give_back(stage, waiter_id, "release")
 
     def _misconfigured(self, error: BaseException) -> RedisScopeError | None:
         """The error that ``error`` means, when it says the scope is
@@ -441,7 +474,7 @@ class _Client:
             self._listeners[group] = self.loop.create_task(self._listen_loop(group))
         elif lists := self._listening.get(group):
             # Wake the blocked BLPOP so that it listens to the new list too.
-            self.spawn(self.redis.lpush(lists[0], ""), stage)
+            self.spawn(self._notify(lists[0], ""), stage)
 
     def new_id(self) -> str:
         return f"{self.id}:{next(self._ids)}"
@@ -770,15 +803,8 @@ class _Client:
             key, waiter_id = str(item[0]), str(item[1])
             if not waiter_id:  # a wake-up to listen to a new list
                 continue
-            waiter = self.waiters.get(waiter_id)
-            if waiter is not None and self._grant(waiter_id, waiter):
-                continue
-            if waiter_id in self.held or waiter_id in self._granting:
-                continue  # the acquire's own reply granted it: in use
-            # Granted after its wait ended: give it back.
             stage = next((s for s in self.stages if key.startswith(s.notify_prefix)), None)
-            if stage is not None:
-                self.give_back(stage, waiter_id, "release")
+            self._deliver(stage, waiter_id)
 
     async def _heartbeat_loop(self) -> None:
         while not self._closed:
@@ -950,7 +976,7 @@ class _Client:
         # Wake the blocked BLPOPs rather than cancel them (a cancelled
         # blocking read may take redis-py a while to unwind).
         calls = [asyncio.ensure_future(c) for c in releases]
-        calls += [asyncio.ensure_future(self.redis.lpush(key, "")) for key in wake]
+        calls += [asyncio.ensure_future(self._notify(key, "")) for key in wake]
         # Background releases and cancellations already on their way, too.
         background = [*self._tasks]
         if calls or background or listeners:

@@ -688,3 +688,160 @@ def test_a_silent_redis_gets_on_error_even_with_a_short_request_timeout(
         await other.aclose()
 
     run(main)
+
+
+def _keys_without_ttl(server: RedisServer, pattern: str = "{test:db}*") -> dict[str, int]:
+    r = server.client()
+    return {key: ttl for key in r.keys(pattern) if (ttl := r.pttl(key)) == -1}
+
+
+def test_every_key_expires_after_a_crash(redis_server: RedisServer) -> None:
+    """A process holding the only slot and one waiting in Redis's queue are
+    SIGKILLed: every key of the resource has a time to live, and all but the
+    capacity and the ticket counter (a minute) are gone within a few
+    leases, though no process touches the resource again."""
+    url = redis_server.url()
+    lease = 1.5
+    procs = []
+    try:
+        holder = subprocess.Popen(
+            [sys.executable, "-c", _VICTIM, url, str(lease)], stdout=subprocess.PIPE, text=True
+        )
+        procs.append(holder)
+        assert holder.stdout is not None
+        holder.stdout.readline()
+        r = redis_server.client()
+        deadline = time.monotonic() + 20
+        while r.zcard("{test:db}:holders") != 1:
+            assert time.monotonic() < deadline, "the holder took no slot"
+            time.sleep(0.02)
+        waiting = subprocess.Popen(
+            [sys.executable, "-c", _VICTIM, url, str(lease)], stdout=subprocess.PIPE, text=True
+        )
+        procs.append(waiting)
+        while r.zcard("{test:db}:queue") != 1:
+            assert time.monotonic() < deadline, "the waiter did not queue"
+            time.sleep(0.02)
+        for proc in procs:
+            proc.kill()
+            proc.wait(10)
+        assert _keys_without_ttl(redis_server) == {}
+        lasting = {"{test:db}:config", "{test:db}:ticket"}
+        deadline = time.monotonic() + 6 * lease + 5
+        while set(r.keys("{test:db}*")) - lasting:
+            assert time.monotonic() < deadline, r.keys("{test:db}*")
+            time.sleep(0.1)
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(10)
+
+
+def test_every_key_expires_after_a_shutdown_during_a_stall(redis_server: RedisServer) -> None:
+    """A process holding a slot, with a request queued behind another
+    process, shuts down while Redis is paused: whatever its calls (sent but
+    not answered) leave once Redis resumes has a time to live."""
+
+    async def main() -> None:
+        url = redis_server.url()
+        other = RedisScope(url, key_prefix="test", lease=1.5)
+        elsewhere = Resource(2, name="db", scope=other)
+        scope = RedisScope(url, key_prefix="test", lease=1.5, timeout=0.3)
+        db = Resource(2, name="db", scope=scope)
+        limiter = Limiter(timeout=20, resources=[db])
+        await scope.check()
+        await db.acquire()
+        await elsewhere.acquire()
+        waiter = asyncio.create_task(_try(limiter, db))
+        await _until(lambda: len(_queue(redis_server)) == 1)
+        redis_server.pause()
+        try:
+            waiter.cancel()
+            await asyncio.gather(waiter, return_exceptions=True)
+            await scope.aclose()
+        finally:
+            redis_server.resume()
+        await asyncio.sleep(0.3)  # Redis runs what was sent during the pause
+        assert _keys_without_ttl(redis_server) == {}
+        elsewhere.release()
+        await other.aclose()
+        assert _keys_without_ttl(redis_server) == {}
+
+    run(main)
+
+
+def test_scripts_touch_only_the_keys_they_declare(redis_server: RedisServer) -> None:
+    """Every key a script reads or writes is one of its KEYS (Redis-compatible
+    servers that enforce declared keys refuse the others), hand-offs between
+    two clients included; checked with MONITOR, which lists the commands a
+    script runs."""
+    import re
+    import socket
+
+    lines: list[str] = []
+    monitor = socket.create_connection(("127.0.0.1", redis_server.port))
+    monitor.sendall(b"MONITOR\r\n")
+    stop = threading.Event()
+
+    def read() -> None:
+        buffer = b""
+        monitor.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                data = monitor.recv(65536)
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            if not data:
+                return
+            buffer += data
+            *complete, buffer = buffer.split(b"\r\n")
+            lines.extend(line.decode(errors="replace") for line in complete)
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+
+    async def main() -> None:
+        url = redis_server.url()
+        scopes = [RedisScope(url, key_prefix="test", lease=30) for _ in range(2)]
+        dbs = [Resource(1, name="db", scope=scope) for scope in scopes]
+        limiters = [Limiter(timeout=10, resources=[db]) for db in dbs]
+        for scope in scopes:
+            await scope.check()
+        holder = _Holder(limiters[0], dbs[0])
+        await holder.started.wait()
+        waiter = asyncio.create_task(_try(limiters[1], dbs[1], hold=True))
+        await _until(lambda: len(_queue(redis_server)) == 1)
+        holder.release.set()  # hands the slot over to the other client
+        await holder.task
+        assert await waiter == "ok"
+        await _until(lambda: holders(redis_server) == [])
+        for scope in scopes:
+            await scope.aclose()
+
+    try:
+        run(main)
+        time.sleep(0.3)
+    finally:
+        stop.set()
+        reader.join(5)
+        monitor.close()
+    quoted = re.compile(r'"((?:[^"\\]|\\.)*)"')
+    declared: list[str] = []
+    checked = 0
+    for line in lines:
+        args = quoted.findall(line)
+        if not args:
+            continue
+        if "[0 lua]" not in line:
+            if args[0].upper() == "EVALSHA":
+                declared = args[3 : 3 + int(args[2])]
+            continue
+        command = args[0].upper()
+        if command == "TIME":
+            continue
+        assert args[1] in declared, f"{command} {args[1]} not among {declared}"
+        checked += 1
+    assert checked > 0

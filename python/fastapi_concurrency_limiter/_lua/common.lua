@@ -14,7 +14,8 @@
 --   KEYS[7] procs    ZSET  process id -> liveness expiry (ms): one lease
 --                    after its last heartbeat (or queued acquire)
 --   KEYS[8] notify   LIST  the notify list of the calling client (one per
---                    process and event loop; same hash tag)
+--                    process and event loop; same hash tag); other
+--                    clients' lists are pushed by the notify script
 -- ARGV[1] capacity, ARGV[2] lease (ms), ARGV[3] process id; then the
 -- script's own arguments from ARGV[4] on.
 --
@@ -66,13 +67,22 @@ local function purge()
   end
 end
 
+-- Wake-ups for the processes whose waiters a script granted: pairs (notify
+-- list, waiter id), returned as the script's last reply element. The
+-- calling process pushes each onto its list (the notify script, which
+-- declares that key) or, for its own waiters, resolves them at once; a
+-- script never touches a key it was not given. A wake-up that is lost
+-- (the caller died, the push failed) is made up for by the waiter's
+-- heartbeat, which reports the waiters it finds granted.
+local notices = {}
+
 -- Direct hand-off: while a slot is free, the head of the queue gets it and
 -- its process is told on its notify list (a list, not pub/sub: a wake-up
--- waits there until read, it is never lost). A head whose process has
--- stopped speaking (crashed, killed) leaves the queue without a slot; a
--- granted lease never outlives its process's liveness (the next heartbeat
--- renews it), so a process that dies right after its last heartbeat holds
--- a slot at most one lease after that heartbeat.
+-- waits there until read). A head whose process has stopped speaking
+-- (crashed, killed) leaves the queue without a slot; a granted lease never
+-- outlives its process's liveness (the next heartbeat renews it), so a
+-- process that dies right after its last heartbeat holds a slot at most
+-- one lease after that heartbeat.
 local function grant_free()
   local free = capacity - redis.call('ZCARD', holders)
   while free > 0 do
@@ -92,10 +102,36 @@ local function grant_free()
           expiry = alive
         end
         redis.call('ZADD', holders, expiry, head)
-        redis.call('LPUSH', list, head)
-        redis.call('PEXPIRE', list, notify_ttl)
+        table.insert(notices, list)
+        table.insert(notices, head)
         free = free - 1
       end
     end
   end
+end
+
+-- Every key of the resource expires once nothing in it is alive: holders a
+-- lease after the last lease in it ends, the queue, its deadlines and its
+-- wake-up addresses a lease after the last waiter's. So a crashed
+-- process's entries never outlive it by more than a few leases, even if no
+-- script touches the resource again.
+local function expire_keys()
+  local last = redis.call('ZRANGE', holders, -1, -1, 'WITHSCORES')
+  if last[2] then
+    redis.call('PEXPIREAT', holders, tonumber(last[2]) + lease)
+  end
+  last = redis.call('ZRANGE', wexp, -1, -1, 'WITHSCORES')
+  if last[2] then
+    local at = tonumber(last[2]) + lease
+    redis.call('PEXPIREAT', wexp, at)
+    redis.call('PEXPIREAT', queue, at)
+    redis.call('PEXPIREAT', wmeta, at)
+  end
+end
+
+-- Each script's reply: its own elements, then the wake-ups to send.
+local function reply(values)
+  expire_keys()
+  table.insert(values, notices)
+  return values
 end

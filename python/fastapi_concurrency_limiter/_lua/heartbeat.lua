@@ -9,7 +9,8 @@
 -- Waiters Redis no longer knows are reported lost (their process queues
 -- them again).
 -- Returns {processes alive, in use, {permits put back}, {lost waiters},
--- how many were put back beyond the capacity, {waiters found granted}}.
+-- how many were put back beyond the capacity, {waiters found granted},
+-- wake-ups}.
 local bad = check_config(true)
 if bad then
   return redis.error_reply(bad)
@@ -70,5 +71,5 @@ for i = 6 + n + r, #ARGV, 2 do
   end
 end
 grant_free()
-return {redis.call('ZCARD', procs), redis.call('ZCARD', holders), added, lost_waiters, over,
-  granted}
+return reply({redis.call('ZCARD', procs), redis.call('ZCARD', holders), added, lost_waiters, over,
+  granted})
