@@ -136,12 +136,15 @@ class ClusterPermit:
     """One request's cluster slot; ``release()`` gives it back (in the
     background: the request does not wait for Redis)."""
 
-    __slots__ = ("_stage", "_client", "_id", "__weakref__")
+    __slots__ = ("_stage", "_client", "_id", "token", "__weakref__")
 
-    def __init__(self, stage: ClusterStage, client: _Client, permit_id: str):
+    def __init__(self, stage: ClusterStage, client: _Client, permit_id: str, token: int = 0):
         self._stage = stage
         self._client: _Client | None = client
         self._id: str | None = permit_id
+        #: The grant's fencing token: strictly increasing per resource (0
+        #: for a request admitted by on_error, which Redis did not grant).
+        self.token = token
 
     def release(self) -> None:
         """From any thread. A permit that is never released (its holder
@@ -162,13 +165,18 @@ class ClusterStage:
         self.capacity = capacity
         tag = "{" + f"{scope.key_prefix}:{name}" + "}"
         self.keys = tuple(
-            f"{tag}:{k}" for k in ("holders", "queue", "ticket", "wexp", "wmeta", "config", "procs")
-        )
+            f"{tag}:{k}"
+            for k in (
+                "holders", "queue", "ticket", "wexp", "wmeta", "config", "procs",
+                "fence", "tokens", "reclaimed",
+            )
+        )  # fmt: skip
         self.notify_prefix = f"{tag}:notify:"
         self.in_use = 0  # cluster-wide, from the last reply
         self.processes = 0  # at the last heartbeat
         self.admitted_unlimited_total = 0
         self.unavailable_total = 0
+        self.leases_lost_total = 0
 
     @property
     def local_share(self) -> int:
@@ -225,6 +233,7 @@ class ClusterStage:
             reachable=not down,
             admitted_unlimited_total=self.admitted_unlimited_total,
             unavailable_total=self.unavailable_total,
+            leases_lost_total=self.leases_lost_total,
         )
 
 
@@ -238,6 +247,8 @@ class _Waiter:
     # Redis answered that it queued this waiter: only such waiters are
     # renewed (and, when Redis lost them, queued again) by the heartbeat.
     queued: bool = False
+    # The fencing token of its grant.
+    token: int = 0
 
 
 class _Client:
@@ -332,7 +343,7 @@ class _Client:
     # -- calls ------------------------------------------------------------
 
     def _keys(self, stage: ClusterStage) -> list[str]:
-        return [*stage.keys, stage.notify_prefix + self.id]
+        return [*stage.keys[:7], stage.notify_prefix + self.id, *stage.keys[7:]]
 
     async def _load_scripts(self, seen: int = 0) -> None:
         """Loads the scripts unless they were loaded after version ``seen``
@@ -400,11 +411,11 @@ class _Client:
         heartbeat)."""
         own = stage.notify_prefix + self.id
         for i in range(0, len(notices) - 1, 2):
-            key, waiter_id = str(notices[i]), str(notices[i + 1])
+            key, grant = str(notices[i]), str(notices[i + 1])
             if key == own:
-                self._deliver(stage, waiter_id)
+                self._deliver(stage, grant)
             else:
-                self.spawn(self._notify(key, waiter_id), stage)
+                self.spawn(self._notify(key, grant), stage)
 
     async def _notify(self, key: str, waiter_id: str) -> None:
         ttl_ms = int(3 * self.scope.lease * 1000)
@@ -412,11 +423,13 @@ class _Client:
             self._evalsha("notify", [key], [waiter_id, ttl_ms]), self.scope.timeout
         )
 
-    def _deliver(self, stage: ClusterStage | None, waiter_id: str) -> None:
-        """A grant for ``waiter_id`` of this client: its waiter gets the
-        slot; a grant that came after its wait ended is given back."""
+    def _deliver(self, stage: ClusterStage | None, grant: str) -> None:
+        """A grant (``"waiter-id token"``) for a waiter of this client: the
+        waiter gets the slot; a grant that came after its wait ended is
+        given back."""
+        waiter_id, _, token = grant.partition(" ")
         waiter = self.waiters.get(waiter_id)
-        if waiter is not None and self._grant(waiter_id, waiter):
+        if waiter is not None and self._grant(waiter_id, waiter, _token(token)):
             return
         if waiter_id in self.held or waiter_id in self._granting:
             return  # the acquire's own reply granted it: in use
@@ -489,7 +502,7 @@ class _Client:
         # Registered before the call: a grant may be notified before its reply.
         waiter = self.waiters[waiter_id] = _Waiter(stage, future, deadline)
         try:
-            status, in_use = await self._send_acquire(stage, waiter_id, deadline)
+            status, in_use, token = await self._send_acquire(stage, waiter_id, deadline)
         except BaseException:
             # Unknown whether Redis took it: take it back (retried).
             self.waiters.pop(waiter_id, None)
@@ -499,7 +512,7 @@ class _Client:
         stage.in_use = in_use
         if status == _GRANTED:
             self.waiters.pop(waiter_id, None)
-            return self._hold(stage, waiter_id)
+            return self._hold(stage, waiter_id, token)
         if status == _NO_SLOT:
             self.waiters.pop(waiter_id, None)
             raise ClusterRefused(stage.name, "timeout")
@@ -508,7 +521,7 @@ class _Client:
 
     async def _send_acquire(
         self, stage: ClusterStage, waiter_id: str, deadline: float | None
-    ) -> tuple[int, int]:
+    ) -> tuple[int, int, int]:
         for attempt in (0, 1):
             left = None if deadline is None else deadline - self.loop.time()
             wait_ms = -1 if left is None else max(0, int(left * 1000))
@@ -524,7 +537,7 @@ class _Client:
                     reply = await asyncio.wait_for(call, bound)
                 else:
                     reply = await call
-                return int(reply[0]), int(reply[1])
+                return int(reply[0]), int(reply[1]), _token(reply[2])
             except RedisConnectionError:
                 # A blip: the script may have run without its reply reaching
                 # us. Retrying with the same waiter id is safe.
@@ -576,7 +589,7 @@ class _Client:
         if not granted:
             self._abandon(stage, waiter_id)
             raise ClusterRefused(stage.name, "disconnected" if left.happened else "timeout")
-        return self._hold(stage, waiter_id)
+        return self._hold(stage, waiter_id, waiter.token)
 
     def _probe(self, stage: ClusterStage, into: list[asyncio.Task[None]]) -> None:
         """Checks that Redis answers (the node of ``stage``'s slot), sharing
@@ -598,16 +611,17 @@ class _Client:
             self._suspect(e, self._group(stage), stage)
             raise
 
-    def _hold(self, stage: ClusterStage, permit_id: str) -> ClusterPermit:
-        permit = ClusterPermit(stage, self, permit_id)
+    def _hold(self, stage: ClusterStage, permit_id: str, token: int = 0) -> ClusterPermit:
+        permit = ClusterPermit(stage, self, permit_id, token)
         self.held[permit_id] = weakref.ref(permit)
         self._granting.discard(permit_id)
         return permit
 
-    def _grant(self, waiter_id: str, waiter: _Waiter) -> bool:
+    def _grant(self, waiter_id: str, waiter: _Waiter, token: int = 0) -> bool:
         """Ends ``waiter``'s wait with its slot, if it still waits."""
         if self.waiters.get(waiter_id) is not waiter or waiter.future.done():
             return False
+        waiter.token = token
         del self.waiters[waiter_id]
         self._granting.add(waiter_id)
         waiter.future.set_result(True)
@@ -675,6 +689,8 @@ class _Client:
                 error = e
                 continue
             stage.in_use = int(reply[1])
+            if script == "release" and int(reply[0]) == 2:
+                self._lease_lost(stage, permit_id, None)
             return
         logger.info(
             "resource %r: %s of %s did not reach Redis (%s); the next heartbeat sends it",
@@ -699,6 +715,30 @@ class _Client:
     async def _release(self, stage: ClusterStage, permit_id: str) -> None:
         reply = await self._call("release", stage, permit_id)
         stage.in_use = int(reply[1])
+        if int(reply[0]) == 2:
+            self._lease_lost(stage, permit_id, None)
+
+    def _lease_lost(
+        self, stage: ClusterStage, permit_id: str, permit: ClusterPermit | None
+    ) -> None:
+        """Redis took back ``permit_id``'s slot after its lease ran out (the
+        process could not renew it in time): its request ran, or runs, over
+        the cluster limit, and its fencing token is stale."""
+        stage.leases_lost_total += 1
+        token = permit.token if permit is not None else None
+        logger.warning(
+            "resource %r: the lease of permit %s (fencing token %s) ran out before it was "
+            "renewed and Redis took its slot back; the request held it beyond its lease",
+            stage.name,
+            permit_id,
+            token,
+        )
+        callback = self.scope.on_lease_lost
+        if callback is not None:
+            try:
+                callback(stage.name, token)
+            except Exception:  # noqa: BLE001 - the user's callback
+                logger.exception("on_lease_lost failed")
 
     # -- background -------------------------------------------------------
 
@@ -868,14 +908,19 @@ class _Client:
                 stage.name,
                 int(reply[4]),
             )
-        for waiter_id in reply[5]:
+        for grant in reply[5]:
             # Granted in Redis, its notification not read: it may have been
             # lost with its BLPOP reply (a reset connection, a reply later
             # than the socket timeout). The grant is delivered here, within
             # a heartbeat, rather than never.
+            waiter_id, _, token = str(grant).partition(" ")
             waiter = self.waiters.get(waiter_id)
             if waiter is not None and waiter.stage is stage:
-                self._grant(waiter_id, waiter)
+                self._grant(waiter_id, waiter, _token(token))
+        for permit_id in reply[6]:
+            # Not renewed: its slot is no longer this process's.
+            lost = self.held.pop(permit_id) if permit_id in self.held else None
+            self._lease_lost(stage, permit_id, lost() if lost is not None else None)
         for waiter_id in reply[3]:
             waiter = self.waiters.get(waiter_id)
             if waiter is not None and waiter.queued and not waiter.future.done():
@@ -888,7 +933,7 @@ class _Client:
         if self.waiters.get(waiter_id) is not waiter or waiter.future.done():
             return
         try:
-            status, in_use = await self._send_acquire(stage, waiter_id, waiter.deadline)
+            status, in_use, token = await self._send_acquire(stage, waiter_id, waiter.deadline)
         except ClusterRefused:
             return  # its deadline has come: the loop timer ends the wait
         except _UNREACHABLE:
@@ -907,7 +952,7 @@ class _Client:
                 self.give_back(stage, waiter_id, "cancel")
             return
         if status == _GRANTED:
-            self._grant(waiter_id, waiter)
+            self._grant(waiter_id, waiter, token)
         elif status == _QUEUED:
             waiter.queued = True
 
@@ -1031,6 +1076,13 @@ async def _detached(coroutine: Coroutine[Any, Any, _T]) -> _T:
 def _consume(task: asyncio.Future[Any]) -> None:
     if not task.cancelled():
         task.exception()
+
+
+def _token(value: Any) -> int:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return 0
 
 
 def _version(text: str) -> tuple[int, ...]:

@@ -30,13 +30,14 @@ import logging
 import os
 import uuid
 import weakref
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING, Literal
 
 from ._validation import check_seconds
 
 if TYPE_CHECKING:
     from ._cluster import ClusterStage, _Client
+    from ._resource import Resource
 
 logger = logging.getLogger("fastapi_concurrency_limiter.redis")
 
@@ -97,6 +98,12 @@ class RedisScope:
         cluster: ``True`` for a Redis Cluster: ``url`` names any of its
             nodes, the others are discovered, and each command goes to the
             node of its resource's hash slot (``/db`` must be 0).
+        on_lease_lost: called as ``on_lease_lost(resource_name, token)``
+            when this process learns that Redis took back one of its slots
+            because its lease ran out before it was renewed (a pause longer
+            than the lease): the request held it beyond the cluster limit,
+            and its fencing token (``None`` if unknown) is stale. Also
+            logged (WARNING) and counted (``leases_lost_total``).
 
     Wrong credentials raise ``RedisScopeError``: at start-up with
     ``FastAPI(lifespan=scope.lifespan)`` (or ``await scope.check()`` in a
@@ -110,6 +117,7 @@ class RedisScope:
         "key_prefix",
         "timeout",
         "cluster",
+        "on_lease_lost",
         "_stages",
         "_clients",
         "_pid",
@@ -126,6 +134,7 @@ class RedisScope:
         key_prefix: str = DEFAULT_KEY_PREFIX,
         timeout: float = 1.0,
         cluster: bool = False,
+        on_lease_lost: Callable[[str, int | None], object] | None = None,
     ) -> None:
         if not isinstance(url, str) or not url.startswith(("redis://", "rediss://", "unix://")):
             shown = _redact(url) if isinstance(url, str) else type(url).__name__
@@ -150,6 +159,9 @@ class RedisScope:
         if cluster:
             _check_cluster_url(url)
         self.cluster = cluster
+        if on_lease_lost is not None and not callable(on_lease_lost):
+            raise ValueError(f"on_lease_lost must be callable or None, got {on_lease_lost!r}")
+        self.on_lease_lost = on_lease_lost
         self._stages: dict[str, ClusterStage] = {}
         # One client per event loop (a redis.asyncio connection belongs to
         # the loop that opened it), renewed in a forked child.
@@ -252,6 +264,33 @@ class RedisScope:
         )
 
 
+def fencing_token(request: object, resource: Resource) -> int:
+    """The fencing token of the cluster slot of ``resource`` that the
+    request being served holds (an endpoint limited by the decorator or a
+    dependency)::
+
+        @app.post("/orders")
+        @limiter.resources([db])
+        async def create(request: Request):
+            token = fencing_token(request, db)
+
+    Tokens grow strictly per resource: a write that carries its token and is
+    refused when the stored token is larger cannot come from a holder whose
+    lease ran out (see the README). 0 for a request admitted by ``on_error``
+    without a slot. Raises LookupError when the request holds no cluster
+    slot of ``resource``. In ``async with limiter.acquire([db]) as permit``:
+    ``permit.token(db)``."""
+    scope = getattr(request, "scope", None)
+    held = scope.get("state", {}).get(_TOKENS) if isinstance(scope, dict) else None
+    if held is None:
+        raise LookupError(f"the request holds no cluster slot of {resource.name!r}")
+    return int(held.token(resource))
+
+
+# Where the decorator keeps a request's cluster slots (its ``state``).
+_TOKENS = "fastapi_concurrency_limiter.cluster"
+
+
 def _check_cluster_url(url: str) -> None:
     if url.startswith("unix://"):
         raise ValueError(
@@ -296,4 +335,5 @@ __all__ = [
     "RedisScope",
     "RedisScopeError",
     "RedisUnreachableError",
+    "fencing_token",
 ]

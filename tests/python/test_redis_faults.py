@@ -16,14 +16,16 @@ import time
 from typing import Any
 
 import pytest
+from fastapi import FastAPI, Request
+from fastapi.testclient import TestClient
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from fastapi_concurrency_limiter import Limiter, Resource, ServerBusy
-from fastapi_concurrency_limiter.redis import RedisScope
+from fastapi_concurrency_limiter.redis import RedisScope, fencing_token
 
 from .redis_support import RedisProxy, RedisServer, needs_redis, redis_server
-from .test_redis_scope import _Holder, _try, _try_many, _until, holders, run
+from .test_redis_scope import _Holder, _scrape, _try, _try_many, _until, holders, run
 
 pytestmark = needs_redis
 __all__ = ["redis_server"]  # the fixture, imported for the tests below
@@ -698,7 +700,7 @@ def _keys_without_ttl(server: RedisServer, pattern: str = "{test:db}*") -> dict[
 def test_every_key_expires_after_a_crash(redis_server: RedisServer) -> None:
     """A process holding the only slot and one waiting in Redis's queue are
     SIGKILLed: every key of the resource has a time to live, and all but the
-    capacity and the ticket counter (a minute) are gone within a few
+    capacity, the ticket and fence counters (a minute) are gone within a few
     leases, though no process touches the resource again."""
     url = redis_server.url()
     lease = 1.5
@@ -726,7 +728,7 @@ def test_every_key_expires_after_a_crash(redis_server: RedisServer) -> None:
             proc.kill()
             proc.wait(10)
         assert _keys_without_ttl(redis_server) == {}
-        lasting = {"{test:db}:config", "{test:db}:ticket"}
+        lasting = {"{test:db}:config", "{test:db}:ticket", "{test:db}:fence", "{test:db}:reclaimed"}
         deadline = time.monotonic() + 6 * lease + 5
         while set(r.keys("{test:db}*")) - lasting:
             assert time.monotonic() < deadline, r.keys("{test:db}*")
@@ -845,3 +847,90 @@ def test_scripts_touch_only_the_keys_they_declare(redis_server: RedisServer) -> 
         assert args[1] in declared, f"{command} {args[1]} not among {declared}"
         checked += 1
     assert checked > 0
+
+
+def test_fencing_tokens_grow_and_a_lost_lease_is_reported(redis_server: RedisServer) -> None:
+    """Each grant carries a token, strictly increasing per resource, readable
+    by the request. A holder that cannot renew its lease in time (here: its
+    heartbeats fail) loses its slot to a waiter with a larger token; when it
+    reaches Redis again, its renewal takes nothing back, and it learns that
+    its lease was lost: a counter, a WARNING, the on_lease_lost callback."""
+
+    async def main() -> None:
+        url = redis_server.url()
+        lost: list[tuple[str, int | None]] = []
+        scope = RedisScope(
+            url, key_prefix="test", lease=1.2, on_lease_lost=lambda n, t: lost.append((n, t))
+        )
+        db = Resource(1, name="db", scope=scope)
+        limiter = Limiter(timeout=10, resources=[db])
+        other = RedisScope(url, key_prefix="test", lease=1.2)
+        elsewhere = Resource(1, name="db", scope=other)
+        other_limiter = Limiter(timeout=10, resources=[elsewhere])
+        await scope.check()
+        client = scope._client()
+        stage = db._cluster
+        assert stage is not None
+        tokens = []
+        for _ in range(3):
+            async with limiter.acquire([db]) as permit:
+                assert permit is not None
+                tokens.append(permit.token(db))
+        assert tokens == sorted(set(tokens)) and tokens[0] > 0
+        await _until(lambda: holders(redis_server) == [])
+
+        hold = limiter.acquire([db])
+        permit = await hold.__aenter__()
+        assert permit is not None
+        mine = permit.token(db)
+        assert mine > tokens[-1]
+        _failing(client, "heartbeat", 1000)  # this process cannot renew
+        taken = asyncio.Event()
+        done = asyncio.Event()
+        theirs: list[int] = []
+
+        async def waiter() -> None:
+            async with other_limiter.acquire([elsewhere]) as granted:
+                assert granted is not None
+                theirs.append(granted.token(elsewhere))
+                taken.set()
+                await done.wait()
+
+        task = asyncio.create_task(waiter())
+        await asyncio.wait_for(taken.wait(), 8)  # after this process's lease ran out
+        assert theirs[0] > mine
+        client._call = type(client)._call.__get__(client)  # reaches Redis again
+        await client.heartbeat(stage)
+        assert lost == [("db", mine)]
+        assert db.statistics().cluster.leases_lost_total == 1  # type: ignore[union-attr]
+        assert len(holders(redis_server)) == 1  # the renewal took nothing back
+        await hold.__aexit__(None, None, None)  # a stale release frees nothing
+        await asyncio.sleep(0.3)
+        assert len(holders(redis_server)) == 1
+        assert "concurrency_limiter_leases_lost_total" in _scrape(limiter)
+        done.set()
+        await task
+        await _until(lambda: holders(redis_server) == [])
+        await scope.aclose()
+        await other.aclose()
+
+    run(main)
+
+
+def test_fencing_token_of_a_request(redis_server: RedisServer) -> None:
+    """The decorator's request reads its token with fencing_token()."""
+    scope = RedisScope(redis_server.url(), key_prefix="test")
+    db = Resource(2, name="db", scope=scope)
+    limiter = Limiter(timeout=5, resources=[db])
+    app = FastAPI(lifespan=scope.lifespan)
+
+    @app.get("/write")
+    @limiter.resources([db])
+    async def write(request: Request) -> dict[str, int]:
+        return {"token": fencing_token(request, db)}
+
+    with TestClient(app) as http:
+        answers = [http.get("/write") for _ in range(3)]
+        assert [a.status_code for a in answers] == [200] * 3, answers[0].text
+        seen = [a.json()["token"] for a in answers]
+    assert seen == sorted(set(seen)) and seen[0] > 0

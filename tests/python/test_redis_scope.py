@@ -183,8 +183,10 @@ def test_acquire_is_idempotent_per_waiter_id(redis_server: RedisServer) -> None:
         assert stage is not None
         client = scope._client()
         # The same acquire sent twice (a retry after a lost reply): one slot.
-        assert await client._send_acquire(stage, "w1", None) == (1, 1)
-        assert await client._send_acquire(stage, "w1", None) == (1, 1)
+        first = await client._send_acquire(stage, "w1", None)
+        assert first[:2] == (1, 1) and first[2] > 0
+        # The retry finds the grant, with its fencing token.
+        assert await client._send_acquire(stage, "w1", None) == first
         # Queued twice: one place in the queue.
         assert (await client._send_acquire(stage, "w2", None))[0] == 0
         assert (await client._send_acquire(stage, "w2", None))[0] == 0

@@ -9,7 +9,7 @@ if redis.call('ZREM', queue, id) == 1 then
 end
 redis.call('ZREM', wexp, id)
 redis.call('HDEL', wmeta, id)
-if redis.call('ZREM', holders, id) == 1 then
+if drop_holder(id) == 1 then
   state = 2
 end
 purge()
