@@ -153,7 +153,7 @@ class ClusterPermit:
         stage, client, permit_id = self._stage, self._client, self._id
         self._client = self._id = None
         if client is not None and permit_id is not None:
-            client.release(stage, permit_id)
+            client.release(stage, permit_id, self.token)
 
 
 class ClusterStage:
@@ -668,15 +668,19 @@ class _Client:
         self.waiters.pop(waiter_id, None)
         self.give_back(stage, waiter_id, "cancel")
 
-    def give_back(self, stage: ClusterStage, permit_id: str, script: str) -> None:
+    def give_back(
+        self, stage: ClusterStage, permit_id: str, script: str, token: int | None = None
+    ) -> None:
         """Releases a permit or cancels a wait (``script``) in the
         background: retried, then left to the next heartbeat. Both are
         idempotent by id; a failure here never fails other requests."""
         if self._closed or self.loop.is_closed():
             return
-        self._track(self.loop.create_task(self._give_back(stage, permit_id, script)), stage)
+        self._track(self.loop.create_task(self._give_back(stage, permit_id, script, token)), stage)
 
-    async def _give_back(self, stage: ClusterStage, permit_id: str, script: str) -> None:
+    async def _give_back(
+        self, stage: ClusterStage, permit_id: str, script: str, token: int | None = None
+    ) -> None:
         error: BaseException | None = None
         for pause in _BACKGROUND_RETRIES:
             if pause:
@@ -690,7 +694,7 @@ class _Client:
                 continue
             stage.in_use = int(reply[1])
             if script == "release" and int(reply[0]) == 2:
-                self._lease_lost(stage, permit_id, None)
+                self._lease_lost(stage, permit_id, token)
             return
         logger.info(
             "resource %r: %s of %s did not reach Redis (%s); the next heartbeat sends it",
@@ -701,31 +705,29 @@ class _Client:
         )
         self.pending.setdefault(stage, set()).add(permit_id)
 
-    def release(self, stage: ClusterStage, permit_id: str) -> None:
+    def release(self, stage: ClusterStage, permit_id: str, token: int | None = None) -> None:
         if threading.get_ident() != self._thread:
             if not self.loop.is_closed():
-                self.loop.call_soon_threadsafe(self.release, stage, permit_id)
+                self.loop.call_soon_threadsafe(self.release, stage, permit_id, token)
             return
         self.held.pop(permit_id, None)
         if permit_id in self.unrecorded:  # Redis never knew it
             self.unrecorded.discard(permit_id)
             return
-        self.give_back(stage, permit_id, "release")
+        self.give_back(stage, permit_id, "release", token)
 
-    async def _release(self, stage: ClusterStage, permit_id: str) -> None:
+    async def _release(self, stage: ClusterStage, permit_id: str, token: int | None = None) -> None:
         reply = await self._call("release", stage, permit_id)
         stage.in_use = int(reply[1])
         if int(reply[0]) == 2:
-            self._lease_lost(stage, permit_id, None)
+            self._lease_lost(stage, permit_id, token)
 
-    def _lease_lost(
-        self, stage: ClusterStage, permit_id: str, permit: ClusterPermit | None
-    ) -> None:
+    def _lease_lost(self, stage: ClusterStage, permit_id: str, token: int | None) -> None:
         """Redis took back ``permit_id``'s slot after its lease ran out (the
-        process could not renew it in time): its request ran, or runs, over
-        the cluster limit, and its fencing token is stale."""
+        process could not renew it in time) and granted it again: its
+        request ran, or runs, over the cluster limit, and its fencing token
+        (``token``) is stale."""
         stage.leases_lost_total += 1
-        token = permit.token if permit is not None else None
         logger.warning(
             "resource %r: the lease of permit %s (fencing token %s) ran out before it was "
             "renewed and Redis took its slot back; the request held it beyond its lease",
@@ -920,7 +922,8 @@ class _Client:
         for permit_id in reply[6]:
             # Not renewed: its slot is no longer this process's.
             lost = self.held.pop(permit_id) if permit_id in self.held else None
-            self._lease_lost(stage, permit_id, lost() if lost is not None else None)
+            permit = lost() if lost is not None else None
+            self._lease_lost(stage, permit_id, permit.token if permit is not None else None)
         for waiter_id in reply[3]:
             waiter = self.waiters.get(waiter_id)
             if waiter is not None and waiter.queued and not waiter.future.done():
@@ -1012,7 +1015,7 @@ class _Client:
         listeners = list(self._listeners.values())
         wake = [lists[0] for lists in self._listening.values() if lists]
         releases = [
-            self._release(permit._stage, permit_id)
+            self._release(permit._stage, permit_id, permit.token)
             for permit_id, permit in [(i, r()) for i, r in list(self.held.items())]
             if permit is not None and permit_id not in self.unrecorded
         ]

@@ -102,7 +102,7 @@ class RedisScope:
             when this process learns that Redis took back one of its slots
             because its lease ran out before it was renewed (a pause longer
             than the lease): the request held it beyond the cluster limit,
-            and its fencing token (``None`` if unknown) is stale. Also
+            and its fencing token (``None`` for a permit no longer held) is stale. Also
             logged (WARNING) and counted (``leases_lost_total``).
 
     Wrong credentials raise ``RedisScopeError``: at start-up with
