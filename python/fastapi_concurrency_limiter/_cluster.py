@@ -965,13 +965,12 @@ class _Client:
         Raises RedisScopeError when it is wrong, RedisUnreachableError when
         Redis cannot be reached (the resources are registered all the same:
         the heartbeat finds Redis when it answers)."""
-        for stage in stages:
-            self._register(stage)
         try:
             await self.redis.ping()
             await self._check_version()
             await self._load_scripts(self._scripts_version)
             for stage in stages:
+                self._register(stage)
                 await self.heartbeat(stage)
         except RedisScopeError:
             raise
@@ -981,6 +980,8 @@ class _Client:
                 raise problem from e
             if not isinstance(e, (*_UNREACHABLE, ResponseError)):
                 raise
+            for stage in stages:
+                self._register(stage)  # the heartbeat finds Redis when it answers
             for group in {self._group(stage) for stage in stages}:
                 self._mark_down(e, group)
             raise RedisUnreachableError(
