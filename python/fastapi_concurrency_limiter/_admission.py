@@ -24,6 +24,7 @@ from ._holding import (
 )
 from ._holding import _held as _holds
 from ._waiting import wait
+from .redis import _TOKENS as _CLUSTER_SLOTS  # the request's cluster slots, in its state
 
 if TYPE_CHECKING:
     from starlette.requests import HTTPConnection
@@ -69,9 +70,7 @@ class Gate:
             if outer:
                 check(outer, selection, REQUEST)
         acquisition = (
-            _core.Acquisition(self._rset)
-            if key is None
-            else _core.Acquisition(self._rset, key)
+            _core.Acquisition(self._rset) if key is None else _core.Acquisition(self._rset, key)
         )
         granted: Releasable = acquisition
         acquired = acquisition.try_acquire()
@@ -106,7 +105,7 @@ class Gate:
         # The cluster stage watches HTTP requests' receive channels only.
         request = connection if isinstance(connection, Request) else None
         rejection = self.rejection
-        return await with_cluster(
+        granted = await with_cluster(
             acquisition,
             self._clusters,
             started,
@@ -115,6 +114,10 @@ class Gate:
             request,
             rejection=rejection,
         )
+        if connection is not None:
+            # For fencing_token(request, resource).
+            connection.scope.setdefault("state", {})[_CLUSTER_SLOTS] = granted
+        return granted
 
     def release(
         self, granted: Releasable, holds: Holds, completion: _core.Completion | None = None

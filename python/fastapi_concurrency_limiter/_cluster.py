@@ -29,15 +29,15 @@ import itertools
 import logging
 import threading
 import weakref
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass
 from importlib import resources
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from ._core import Outcome
 from ._statistics import ClusterStatistics
 from ._waiting import _Body
-from .redis import RedisScopeError
+from .redis import MINIMUM_REDIS_VERSION, RedisScopeError, RedisUnreachableError, _redact
 
 try:
     import redis.asyncio as aioredis
@@ -73,6 +73,7 @@ if TYPE_CHECKING:
     from .redis import RedisScope
 
 logger = logging.getLogger("fastapi_concurrency_limiter.redis")
+_T = TypeVar("_T")
 
 # Redis is unreachable: refused, reset, timed out; in a Redis Cluster, the
 # node of the resource's slot is down or no node can be reached.
@@ -98,15 +99,21 @@ _BACKGROUND_RETRIES = (0.0, 0.05, 0.2)
 # may still spend on its one acquire round trip.
 _TRY_ONCE = 0.05
 _GRANTED, _QUEUED, _NO_SLOT = 1, 0, -1
+# Connections of a process's pool for the scripts (per event loop). More
+# concurrent calls wait for a connection: each call takes one for a single
+# round trip, so a healthy Redis turns the pool over in microseconds.
+_POOL_SIZE = 64
 
 
 def _load_scripts() -> dict[str, str]:
     folder = resources.files(__package__).joinpath("_lua")
     common = folder.joinpath("common.lua").read_text()
-    return {
+    scripts = {
         name: common + "\n" + folder.joinpath(f"{name}.lua").read_text()
         for name in ("acquire", "release", "cancel", "heartbeat")
     }
+    scripts["notify"] = folder.joinpath("notify.lua").read_text()
+    return scripts
 
 
 _SCRIPTS = _load_scripts()
@@ -129,12 +136,15 @@ class ClusterPermit:
     """One request's cluster slot; ``release()`` gives it back (in the
     background: the request does not wait for Redis)."""
 
-    __slots__ = ("_stage", "_client", "_id", "__weakref__")
+    __slots__ = ("_stage", "_client", "_id", "token", "__weakref__")
 
-    def __init__(self, stage: ClusterStage, client: _Client, permit_id: str):
+    def __init__(self, stage: ClusterStage, client: _Client, permit_id: str, token: int = 0):
         self._stage = stage
         self._client: _Client | None = client
         self._id: str | None = permit_id
+        #: The grant's fencing token: strictly increasing per resource (0
+        #: for a request admitted by on_error, which Redis did not grant).
+        self.token = token
 
     def release(self) -> None:
         """From any thread. A permit that is never released (its holder
@@ -143,7 +153,7 @@ class ClusterPermit:
         stage, client, permit_id = self._stage, self._client, self._id
         self._client = self._id = None
         if client is not None and permit_id is not None:
-            client.release(stage, permit_id)
+            client.release(stage, permit_id, self.token)
 
 
 class ClusterStage:
@@ -155,13 +165,18 @@ class ClusterStage:
         self.capacity = capacity
         tag = "{" + f"{scope.key_prefix}:{name}" + "}"
         self.keys = tuple(
-            f"{tag}:{k}" for k in ("holders", "queue", "ticket", "wexp", "wmeta", "config", "procs")
-        )
+            f"{tag}:{k}"
+            for k in (
+                "holders", "queue", "ticket", "wexp", "wmeta", "config", "procs",
+                "fence", "tokens", "reclaimed",
+            )
+        )  # fmt: skip
         self.notify_prefix = f"{tag}:notify:"
         self.in_use = 0  # cluster-wide, from the last reply
         self.processes = 0  # at the last heartbeat
         self.admitted_unlimited_total = 0
         self.unavailable_total = 0
+        self.leases_lost_total = 0
 
     @property
     def local_share(self) -> int:
@@ -218,6 +233,7 @@ class ClusterStage:
             reachable=not down,
             admitted_unlimited_total=self.admitted_unlimited_total,
             unavailable_total=self.unavailable_total,
+            leases_lost_total=self.leases_lost_total,
         )
 
 
@@ -231,6 +247,8 @@ class _Waiter:
     # Redis answered that it queued this waiter: only such waiters are
     # renewed (and, when Redis lost them, queued again) by the heartbeat.
     queued: bool = False
+    # The fencing token of its grant.
+    token: int = 0
 
 
 class _Client:
@@ -250,6 +268,7 @@ class _Client:
         }
         # BLPOP blocks for up to a heartbeat; its reply may take that long.
         self._block = max(0.1, scope.heartbeat)
+        self._pool: Any = None
         if scope.cluster:
             # Commands go to the node of their keys' slot. One retry (the
             # scripts are idempotent), for a redirection after a failover.
@@ -264,7 +283,18 @@ class _Client:
         else:
             # Retries are ours: one, with the same waiter id (idempotent).
             options["retry"] = Retry(NoBackoff(), 0)
-            self.redis = aioredis.Redis.from_url(scope.url, socket_timeout=scope.timeout, **options)
+            # A burst of calls waits for a connection rather than failing
+            # (redis-py's default pool raises past its size, which would
+            # look like an outage); each wait is bounded by the request's
+            # deadline (or, for background calls, by ``timeout``).
+            self._pool = aioredis.BlockingConnectionPool.from_url(
+                scope.url,
+                max_connections=_POOL_SIZE,
+                timeout=None,
+                socket_timeout=scope.timeout,
+                **options,
+            )
+            self.redis = aioredis.Redis(connection_pool=self._pool)
             self.listen_redis = aioredis.Redis.from_url(
                 scope.url,
                 socket_timeout=self._block + scope.timeout,
@@ -307,12 +337,13 @@ class _Client:
         self._listening: dict[int, list[str]] = {}
         self._heartbeat: asyncio.Task[None] | None = None
         self._recording: dict[ClusterStage, asyncio.Task[None]] = {}
+        self._probes: dict[ClusterStage, asyncio.Task[None]] = {}
         self._closed = False
 
     # -- calls ------------------------------------------------------------
 
     def _keys(self, stage: ClusterStage) -> list[str]:
-        return [*stage.keys, stage.notify_prefix + self.id]
+        return [*stage.keys[:7], stage.notify_prefix + self.id, *stage.keys[7:]]
 
     async def _load_scripts(self, seen: int = 0) -> None:
         """Loads the scripts unless they were loaded after version ``seen``
@@ -347,6 +378,7 @@ class _Client:
             )
             self._down.pop(group, None)
             self._failures.pop(group, None)
+            self._wake(stage, reply[-1])
             return reply
         except (AuthenticationError, ResponseError, RedisClusterException) as e:
             message = str(e)
@@ -372,16 +404,61 @@ class _Client:
             logger.warning("Redis call %r failed unexpectedly", name, exc_info=True)
             raise _Unserved(f"{type(e).__name__}: {e}") from e
 
+    def _wake(self, stage: ClusterStage, notices: Sequence[str]) -> None:
+        """Delivers the grants a script made: to this client's own waiters
+        at once, to other clients through their notify lists (in the
+        background; a wake-up that fails is made up for by the waiter's
+        heartbeat)."""
+        own = stage.notify_prefix + self.id
+        for i in range(0, len(notices) - 1, 2):
+            key, grant = str(notices[i]), str(notices[i + 1])
+            if key == own:
+                self._deliver(stage, grant)
+            else:
+                self.spawn(self._notify(key, grant), stage)
+
+    async def _notify(self, key: str, waiter_id: str) -> None:
+        ttl_ms = int(3 * self.scope.lease * 1000)
+        await asyncio.wait_for(
+            self._evalsha("notify", [key], [waiter_id, ttl_ms]), self.scope.timeout
+        )
+
+    def _deliver(self, stage: ClusterStage | None, grant: str) -> None:
+        """A grant (``"waiter-id token"``) for a waiter of this client: the
+        waiter gets the slot; a grant that came after its wait ended is
+        given back."""
+        waiter_id, _, token = grant.partition(" ")
+        waiter = self.waiters.get(waiter_id)
+        if waiter is not None and self._grant(waiter_id, waiter, _token(token)):
+            return
+        if waiter_id in self.held or waiter_id in self._granting:
+            return  # the acquire's own reply granted it: in use
+        if stage is not None:
+            self.give_back(stage, waiter_id, "release")
+
     def _misconfigured(self, error: BaseException) -> RedisScopeError | None:
         """The error that ``error`` means, when it says the scope is
         misconfigured rather than Redis unreachable."""
         seen: BaseException | None = error
         while seen is not None:
             message = str(seen)
-            if isinstance(seen, AuthenticationError) or "NOAUTH" in message or (
-                "WRONGPASS" in message
+            if "HELLO must be called with the client already authenticated" in message or (
+                "NOAUTH" in message or "Authentication required" in message
             ):
-                return RedisScopeError(f"Redis refused the credentials of {self.scope!r}: {seen}")
+                return RedisScopeError(
+                    f"Redis at {_redact(self.scope.url)} requires a password, and the URL "
+                    "gives none: redis://:PASSWORD@host:port/db (or redis://USER:PASSWORD@...)"
+                )
+            if isinstance(seen, AuthenticationError) or "WRONGPASS" in message:
+                return RedisScopeError(
+                    f"Redis refused the credentials of {self.scope!r}: {seen} "
+                    "(check the user name and password in the URL)"
+                )
+            if "DB index is out of range" in message:
+                return RedisScopeError(
+                    f"Redis at {_redact(self.scope.url)} has no such database: the URL's /db "
+                    "must be below the server's `databases` setting (16 by default)"
+                )
             if isinstance(seen, AskError) and not self.scope.cluster:  # MOVED or ASK
                 return RedisScopeError(
                     f"Redis at {self.scope!r} is a node of a Redis Cluster: "
@@ -410,7 +487,7 @@ class _Client:
             self._listeners[group] = self.loop.create_task(self._listen_loop(group))
         elif lists := self._listening.get(group):
             # Wake the blocked BLPOP so that it listens to the new list too.
-            self.spawn(self.redis.lpush(lists[0], ""), stage)
+            self.spawn(self._notify(lists[0], ""), stage)
 
     def new_id(self) -> str:
         return f"{self.id}:{next(self._ids)}"
@@ -425,7 +502,7 @@ class _Client:
         # Registered before the call: a grant may be notified before its reply.
         waiter = self.waiters[waiter_id] = _Waiter(stage, future, deadline)
         try:
-            status, in_use = await self._send_acquire(stage, waiter_id, deadline)
+            status, in_use, token = await self._send_acquire(stage, waiter_id, deadline)
         except BaseException:
             # Unknown whether Redis took it: take it back (retried).
             self.waiters.pop(waiter_id, None)
@@ -435,7 +512,7 @@ class _Client:
         stage.in_use = in_use
         if status == _GRANTED:
             self.waiters.pop(waiter_id, None)
-            return self._hold(stage, waiter_id)
+            return self._hold(stage, waiter_id, token)
         if status == _NO_SLOT:
             self.waiters.pop(waiter_id, None)
             raise ClusterRefused(stage.name, "timeout")
@@ -444,38 +521,48 @@ class _Client:
 
     async def _send_acquire(
         self, stage: ClusterStage, waiter_id: str, deadline: float | None
-    ) -> tuple[int, int]:
+    ) -> tuple[int, int, int]:
         for attempt in (0, 1):
             left = None if deadline is None else deadline - self.loop.time()
             wait_ms = -1 if left is None else max(0, int(left * 1000))
             call = self._call("acquire", stage, waiter_id, wait_ms)
+            bound = _silence_bound(left, self.scope.timeout)
             try:
-                if left is not None:
+                if bound is not None:
                     # Never past the request's deadline (a script reload
-                    # included). A deadline that has (almost) passed still
-                    # gets one try.
-                    reply = await asyncio.wait_for(call, max(left, _TRY_ONCE))
+                    # included), and a silent Redis is found with time to
+                    # spare for on_error: never a "timeout" because Redis
+                    # said nothing. A deadline that has (almost) passed
+                    # still gets one try.
+                    reply = await asyncio.wait_for(call, bound)
                 else:
                     reply = await call
-                return int(reply[0]), int(reply[1])
+                return int(reply[0]), int(reply[1]), _token(reply[2])
             except RedisConnectionError:
                 # A blip: the script may have run without its reply reaching
                 # us. Retrying with the same waiter id is safe.
                 if attempt or (deadline is not None and deadline <= self.loop.time()):
                     raise
             except asyncio.TimeoutError:
-                if deadline is not None and deadline <= self.loop.time():
-                    raise ClusterRefused(stage.name, "timeout") from None
-                raise
+                raise RedisTimeoutError(
+                    f"no answer within {bound:.3f} s (part of the request's deadline)"
+                ) from None
         raise AssertionError("unreachable")
 
     async def _wait(
         self, waiter: _Waiter, waiter_id: str, request: Request | None
     ) -> ClusterPermit:
         stage, future, deadline = waiter.stage, waiter.future, waiter.deadline
-        timer = None
+        timer = probing = None
+        probe: list[asyncio.Task[None]] = []
         if deadline is not None:
-            timer = self.loop.call_at(deadline, _set_unless_done, future, False)
+            timer = self.loop.call_at(deadline, _expire, future, probe)
+            # A little before the deadline, a probe: if Redis has not
+            # answered it by the deadline, Redis is silent and the request
+            # gets on_error rather than "timeout".
+            lead = _silence_bound(deadline - self.loop.time(), self.scope.timeout, 0.25)
+            if lead is not None and deadline - lead > self.loop.time():
+                probing = self.loop.call_at(deadline - lead, self._probe, stage, probe)
         body = watcher = None
         left = _Disconnect(future)
         if request is not None and not future.done():
@@ -491,6 +578,8 @@ class _Client:
         finally:
             if timer is not None:
                 timer.cancel()
+            if probing is not None:
+                probing.cancel()
             if watcher is not None and body is not None and request is not None:
                 watcher.cancel()
                 body.hand_back(request)
@@ -500,18 +589,39 @@ class _Client:
         if not granted:
             self._abandon(stage, waiter_id)
             raise ClusterRefused(stage.name, "disconnected" if left.happened else "timeout")
-        return self._hold(stage, waiter_id)
+        return self._hold(stage, waiter_id, waiter.token)
 
-    def _hold(self, stage: ClusterStage, permit_id: str) -> ClusterPermit:
-        permit = ClusterPermit(stage, self, permit_id)
+    def _probe(self, stage: ClusterStage, into: list[asyncio.Task[None]]) -> None:
+        """Checks that Redis answers (the node of ``stage``'s slot), sharing
+        a probe already on its way; ``into`` receives the probe's task."""
+        task = self._probes.get(stage)
+        if task is None or task.done():
+            if self._closed:
+                return
+            task = self._probes[stage] = self.loop.create_task(self._run_probe(stage))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+            task.add_done_callback(_consume)
+        into.append(task)
+
+    async def _run_probe(self, stage: ClusterStage) -> None:
+        try:
+            await asyncio.wait_for(self.redis.exists(stage.keys[5]), self.scope.timeout)
+        except _UNREACHABLE as e:
+            self._suspect(e, self._group(stage), stage)
+            raise
+
+    def _hold(self, stage: ClusterStage, permit_id: str, token: int = 0) -> ClusterPermit:
+        permit = ClusterPermit(stage, self, permit_id, token)
         self.held[permit_id] = weakref.ref(permit)
         self._granting.discard(permit_id)
         return permit
 
-    def _grant(self, waiter_id: str, waiter: _Waiter) -> bool:
+    def _grant(self, waiter_id: str, waiter: _Waiter, token: int = 0) -> bool:
         """Ends ``waiter``'s wait with its slot, if it still waits."""
         if self.waiters.get(waiter_id) is not waiter or waiter.future.done():
             return False
+        waiter.token = token
         del self.waiters[waiter_id]
         self._granting.add(waiter_id)
         waiter.future.set_result(True)
@@ -539,13 +649,15 @@ class _Client:
         if task is None or task.done():
             task = self._recording[stage] = self.loop.create_task(self.heartbeat(stage))
             self._track(task, stage)
-        left = None if deadline is None else max(deadline - self.loop.time(), _TRY_ONCE)
+        left = None if deadline is None else deadline - self.loop.time()
+        bound = _silence_bound(left, self.scope.timeout)
         try:
-            await asyncio.wait_for(asyncio.shield(task), left)
+            await asyncio.wait_for(asyncio.shield(task), bound)
         except asyncio.TimeoutError:
             if task.done():  # the heartbeat's own timeout: unreachable
                 raise
-            raise ClusterRefused(stage.name, "timeout") from None
+            # Redis is silent: on_error, not "timeout".
+            raise RedisTimeoutError(f"no answer within {bound} s") from None
 
     def permits(self) -> list[ClusterPermit]:
         return [p for ref in list(self.held.values()) if (p := ref()) is not None]
@@ -556,15 +668,19 @@ class _Client:
         self.waiters.pop(waiter_id, None)
         self.give_back(stage, waiter_id, "cancel")
 
-    def give_back(self, stage: ClusterStage, permit_id: str, script: str) -> None:
+    def give_back(
+        self, stage: ClusterStage, permit_id: str, script: str, token: int | None = None
+    ) -> None:
         """Releases a permit or cancels a wait (``script``) in the
         background: retried, then left to the next heartbeat. Both are
         idempotent by id; a failure here never fails other requests."""
         if self._closed or self.loop.is_closed():
             return
-        self._track(self.loop.create_task(self._give_back(stage, permit_id, script)), stage)
+        self._track(self.loop.create_task(self._give_back(stage, permit_id, script, token)), stage)
 
-    async def _give_back(self, stage: ClusterStage, permit_id: str, script: str) -> None:
+    async def _give_back(
+        self, stage: ClusterStage, permit_id: str, script: str, token: int | None = None
+    ) -> None:
         error: BaseException | None = None
         for pause in _BACKGROUND_RETRIES:
             if pause:
@@ -577,6 +693,8 @@ class _Client:
                 error = e
                 continue
             stage.in_use = int(reply[1])
+            if script == "release" and int(reply[0]) == 2:
+                self._lease_lost(stage, permit_id, token)
             return
         logger.info(
             "resource %r: %s of %s did not reach Redis (%s); the next heartbeat sends it",
@@ -587,20 +705,42 @@ class _Client:
         )
         self.pending.setdefault(stage, set()).add(permit_id)
 
-    def release(self, stage: ClusterStage, permit_id: str) -> None:
+    def release(self, stage: ClusterStage, permit_id: str, token: int | None = None) -> None:
         if threading.get_ident() != self._thread:
             if not self.loop.is_closed():
-                self.loop.call_soon_threadsafe(self.release, stage, permit_id)
+                self.loop.call_soon_threadsafe(self.release, stage, permit_id, token)
             return
         self.held.pop(permit_id, None)
         if permit_id in self.unrecorded:  # Redis never knew it
             self.unrecorded.discard(permit_id)
             return
-        self.give_back(stage, permit_id, "release")
+        self.give_back(stage, permit_id, "release", token)
 
-    async def _release(self, stage: ClusterStage, permit_id: str) -> None:
+    async def _release(self, stage: ClusterStage, permit_id: str, token: int | None = None) -> None:
         reply = await self._call("release", stage, permit_id)
         stage.in_use = int(reply[1])
+        if int(reply[0]) == 2:
+            self._lease_lost(stage, permit_id, token)
+
+    def _lease_lost(self, stage: ClusterStage, permit_id: str, token: int | None) -> None:
+        """Redis took back ``permit_id``'s slot after its lease ran out (the
+        process could not renew it in time) and granted it again: its
+        request ran, or runs, over the cluster limit, and its fencing token
+        (``token``) is stale."""
+        stage.leases_lost_total += 1
+        logger.warning(
+            "resource %r: the lease of permit %s (fencing token %s) ran out before it was "
+            "renewed and Redis took its slot back; the request held it beyond its lease",
+            stage.name,
+            permit_id,
+            token,
+        )
+        callback = self.scope.on_lease_lost
+        if callback is not None:
+            try:
+                callback(stage.name, token)
+            except Exception:  # noqa: BLE001 - the user's callback
+                logger.exception("on_lease_lost failed")
 
     # -- background -------------------------------------------------------
 
@@ -688,7 +828,7 @@ class _Client:
             lists = [s.notify_prefix + self.id for s in self.stages if self._group(s) == group]
             self._listening[group] = lists
             try:
-                item = await self.listen_redis.blpop(lists, timeout=self._block)
+                item = await _detached(self.listen_redis.blpop(lists, timeout=self._block))
             except asyncio.CancelledError:
                 raise
             except Exception as e:  # noqa: BLE001 - anything: retry after a pause
@@ -705,15 +845,8 @@ class _Client:
             key, waiter_id = str(item[0]), str(item[1])
             if not waiter_id:  # a wake-up to listen to a new list
                 continue
-            waiter = self.waiters.get(waiter_id)
-            if waiter is not None and self._grant(waiter_id, waiter):
-                continue
-            if waiter_id in self.held or waiter_id in self._granting:
-                continue  # the acquire's own reply granted it: in use
-            # Granted after its wait ended: give it back.
             stage = next((s for s in self.stages if key.startswith(s.notify_prefix)), None)
-            if stage is not None:
-                self.give_back(stage, waiter_id, "release")
+            self._deliver(stage, waiter_id)
 
     async def _heartbeat_loop(self) -> None:
         while not self._closed:
@@ -723,7 +856,7 @@ class _Client:
                 if self._group(stage) in failed:
                     continue  # not twice the timeout on one Redis (node)
                 try:
-                    await self.heartbeat(stage)
+                    await _detached(self.heartbeat(stage))
                 except asyncio.CancelledError:
                     raise
                 except _UNREACHABLE as e:
@@ -777,6 +910,20 @@ class _Client:
                 stage.name,
                 int(reply[4]),
             )
+        for grant in reply[5]:
+            # Granted in Redis, its notification not read: it may have been
+            # lost with its BLPOP reply (a reset connection, a reply later
+            # than the socket timeout). The grant is delivered here, within
+            # a heartbeat, rather than never.
+            waiter_id, _, token = str(grant).partition(" ")
+            waiter = self.waiters.get(waiter_id)
+            if waiter is not None and waiter.stage is stage:
+                self._grant(waiter_id, waiter, _token(token))
+        for permit_id in reply[6]:
+            # Not renewed: its slot is no longer this process's.
+            lost = self.held.pop(permit_id) if permit_id in self.held else None
+            permit = lost() if lost is not None else None
+            self._lease_lost(stage, permit_id, permit.token if permit is not None else None)
         for waiter_id in reply[3]:
             waiter = self.waiters.get(waiter_id)
             if waiter is not None and waiter.queued and not waiter.future.done():
@@ -789,7 +936,7 @@ class _Client:
         if self.waiters.get(waiter_id) is not waiter or waiter.future.done():
             return
         try:
-            status, in_use = await self._send_acquire(stage, waiter_id, waiter.deadline)
+            status, in_use, token = await self._send_acquire(stage, waiter_id, waiter.deadline)
         except ClusterRefused:
             return  # its deadline has come: the loop timer ends the wait
         except _UNREACHABLE:
@@ -808,56 +955,93 @@ class _Client:
                 self.give_back(stage, waiter_id, "cancel")
             return
         if status == _GRANTED:
-            self._grant(waiter_id, waiter)
+            self._grant(waiter_id, waiter, token)
         elif status == _QUEUED:
             waiter.queued = True
 
     async def check(self, stages: Sequence[ClusterStage]) -> None:
+        """Checks the configuration against Redis: credentials, database,
+        ``cluster=``, the server's version, each resource's capacity.
+        Raises RedisScopeError when it is wrong, RedisUnreachableError when
+        Redis cannot be reached (the resources are registered all the same:
+        the heartbeat finds Redis when it answers)."""
         try:
             await self.redis.ping()
+            await self._check_version()
             await self._load_scripts(self._scripts_version)
-        except (AuthenticationError, ResponseError, RedisClusterException) as e:
+            for stage in stages:
+                self._register(stage)
+                await self.heartbeat(stage)
+        except RedisScopeError:
+            raise
+        except Exception as e:
             problem = self._misconfigured(e)
             if problem is not None:
                 raise problem from e
-            raise
-        for stage in stages:
-            self._register(stage)
-            await self.heartbeat(stage)
+            if not isinstance(e, (*_UNREACHABLE, ResponseError)):
+                raise
+            for stage in stages:
+                self._register(stage)  # the heartbeat finds Redis when it answers
+            for group in {self._group(stage) for stage in stages}:
+                self._mark_down(e, group)
+            raise RedisUnreachableError(
+                f"Redis at {_redact(self.scope.url)} cannot be reached "
+                f"({str(e) or type(e).__name__}): check that redis-server runs there and "
+                "that this host may connect to it (host, port, TLS, firewall)"
+            ) from e
+
+    async def _check_version(self) -> None:
+        info = await self.redis.info("server")
+        found: list[str] = []
+        if isinstance(info, dict) and "redis_version" in info:
+            found.append(str(info["redis_version"]))
+        elif isinstance(info, dict):  # a Redis Cluster: by node
+            found += [str(i["redis_version"]) for i in info.values() if "redis_version" in i]
+        for version in found:
+            if _version(version) < MINIMUM_REDIS_VERSION:
+                raise RedisScopeError(
+                    f"Redis at {_redact(self.scope.url)} is version {version}; the cluster "
+                    f"scope needs Redis {'.'.join(map(str, MINIMUM_REDIS_VERSION))} or later"
+                )
 
     async def aclose(self) -> None:
+        """Gives back the permits still held and stops the listeners and
+        the heartbeat, within about one ``timeout`` in total however many
+        permits are held: the releases go concurrently under one deadline
+        (what does not reach Redis, the lease reclaims)."""
         self._closed = True
+        deadline = self.loop.time() + self.scope.timeout
         if self._heartbeat is not None:
             self._heartbeat.cancel()
         listeners = list(self._listeners.values())
         wake = [lists[0] for lists in self._listening.values() if lists]
-        if wake:
-            # Wake the blocked BLPOPs rather than cancel them (a cancelled
-            # blocking read may take redis-py a while to unwind).
-            try:
-                await asyncio.wait_for(
-                    asyncio.gather(*(self.redis.lpush(key, "") for key in wake)),
-                    self.scope.timeout,
-                )
-                await asyncio.wait(listeners, timeout=self.scope.timeout)
-            except Exception:  # noqa: BLE001,S110 - cancelled below
-                pass
-        for listener in listeners:
-            listener.cancel()
-        for permit_id, permit in [(i, r()) for i, r in list(self.held.items())]:
-            if permit is None or permit_id in self.unrecorded:
-                continue
-            try:
-                await asyncio.wait_for(self._release(permit._stage, permit_id), self.scope.timeout)
-            except Exception:  # noqa: BLE001,S110 - the lease reclaims it
-                pass
+        releases = [
+            self._release(permit._stage, permit_id, permit.token)
+            for permit_id, permit in [(i, r()) for i, r in list(self.held.items())]
+            if permit is not None and permit_id not in self.unrecorded
+        ]
         self.held.clear()
         self.unrecorded.clear()
+        # Wake the blocked BLPOPs rather than cancel them (a cancelled
+        # blocking read may take redis-py a while to unwind).
+        calls = [asyncio.ensure_future(c) for c in releases]
+        calls += [asyncio.ensure_future(self._notify(key, "")) for key in wake]
+        # Background releases and cancellations already on their way, too.
+        background = [*self._tasks]
+        if calls or background or listeners:
+            await asyncio.wait([*calls, *background, *listeners], timeout=self.scope.timeout)
+        # Whatever has not ended by now is left to the lease.
+        for call in calls:
+            call.cancel()
+            call.add_done_callback(_consume)
         pending = [t for t in (*listeners, self._heartbeat, *self._tasks) if t is not None]
+        for task in pending:
+            task.cancel()
         if pending:
-            # Bounded: a call stuck on a hung Redis ends with its timeout.
-            await asyncio.wait(pending, timeout=self.scope.timeout)
+            await asyncio.wait(pending, timeout=max(0.05, deadline - self.loop.time()))
         await self.redis.aclose()
+        if self._pool is not None:
+            await self._pool.disconnect()
         await self.listen_redis.aclose()
 
 
@@ -877,6 +1061,42 @@ class _Disconnect:
             self._future.set_result(False)
 
 
+async def _detached(coroutine: Coroutine[Any, Any, _T]) -> _T:
+    """Awaits ``coroutine`` in a task of its own: cancelling the caller (a
+    background loop, when the event loop shuts down) ends the caller at
+    once. redis-py may turn the cancellation of a blocked read into a
+    timeout, which a loop that retries would take for a failed call and go
+    on, so that ``asyncio.run()`` never returned."""
+    task = asyncio.ensure_future(coroutine)
+    try:
+        await asyncio.wait((task,))
+    except asyncio.CancelledError:
+        task.cancel()
+        task.add_done_callback(_consume)
+        raise
+    return task.result()
+
+
+def _consume(task: asyncio.Future[Any]) -> None:
+    if not task.cancelled():
+        task.exception()
+
+
+def _token(value: Any) -> int:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return 0
+
+
+def _version(text: str) -> tuple[int, ...]:
+    parts = []
+    for part in text.split(".")[:3]:
+        digits = "".join(itertools.takewhile(str.isdigit, part))
+        parts.append(int(digits or 0))
+    return tuple(parts)
+
+
 def _sha1(text: str) -> str:
     return hashlib.sha1(text.encode()).hexdigest()  # noqa: S324 - Redis's script id
 
@@ -884,6 +1104,22 @@ def _sha1(text: str) -> str:
 _CLIENT_IDS = itertools.count()
 
 
-def _set_unless_done(future: asyncio.Future[bool | None], value: bool) -> None:
-    if not future.done():
-        future.set_result(value)
+def _expire(future: asyncio.Future[bool | None], probe: list[asyncio.Task[None]]) -> None:
+    """A wait's deadline: "timeout", or on_error (None) when the probe sent
+    a little before has not been answered (Redis is silent) or failed."""
+    if future.done():
+        return
+    silent = bool(probe) and (
+        not probe[0].done() or probe[0].cancelled() or probe[0].exception() is not None
+    )
+    future.set_result(None if silent else False)
+
+
+def _silence_bound(left: float | None, timeout: float, share: float = 0.5) -> float | None:
+    """How long a request with ``left`` seconds (``None``: no deadline) lets
+    Redis stay silent before it counts as unreachable: the command
+    ``timeout``, and at most ``share`` of what is left, so that on_error
+    still applies in time (at least one short try)."""
+    if left is None:
+        return None
+    return max(_TRY_ONCE, min(timeout, left * share))

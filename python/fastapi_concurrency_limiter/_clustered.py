@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     from starlette.requests import Request
 
     from ._cluster import ClusterPermit, ClusterStage
+    from ._resource import Resource
 
 
 class Releasable(Protocol):
@@ -40,11 +41,21 @@ class ClusteredAcquisition:
     both, once, from any thread of the loop's (the cluster's in the
     background)."""
 
-    __slots__ = ("_acquisition", "_permits")
+    __slots__ = ("_acquisition", "_permits", "_held")
 
     def __init__(self, acquisition: _core.Acquisition, permits: list[ClusterPermit]) -> None:
         self._acquisition = acquisition
         self._permits: list[ClusterPermit] | None = permits
+        self._held = tuple(permits)  # for token() after the release
+
+    def token(self, resource: Resource) -> int:
+        """The fencing token of this request's cluster slot of ``resource``
+        (see ``fencing_token``); LookupError if it holds none."""
+        stage = resource._cluster
+        for permit in self._held:
+            if stage is not None and permit._stage is stage:
+                return permit.token
+        raise LookupError(f"no cluster slot of {resource.name!r} is held here")
 
     def release(self, completion: _core.Completion | None = None) -> None:
         permits, self._permits = self._permits, None

@@ -20,7 +20,7 @@ from . import _core
 from ._adaptive import SUCCESS, completion_of
 from ._admission import Gate
 from ._asgi import TRY_AGAIN_LATER, KeyOf, LimitedApp, OnReject, refuse
-from ._clustered import Releasable, running_loop_time, with_cluster
+from ._clustered import ClusteredAcquisition, Releasable, running_loop_time, with_cluster
 from ._errors import BUSY_DETAIL, Rejection, ServerBusy
 from ._holding import (
     REQUEST,
@@ -403,7 +403,9 @@ class _Hold:
         self._entries: dict[FrameType, tuple[Releasable, Holds]] = {}
         self._outer: dict[FrameType, list[tuple[Releasable, Holds]]] | None = None
 
-    async def __aenter__(self) -> None:
+    async def __aenter__(self) -> ClusteredAcquisition | None:
+        """With cluster-scoped resources, returns what the entry holds:
+        ``permit.token(resource)`` is the fencing token of its slot."""
         frame = sys._getframe(1)
         selection = self._selection
         # What this task holds (inlined: this is the fast path).
@@ -441,6 +443,7 @@ class _Hold:
                 self._outer = {}
             self._outer.setdefault(frame, []).append(outer)
         entries[frame] = (granted, holds)
+        return granted if selection.clusters else None  # type: ignore[return-value]
 
     async def __aexit__(
         self,

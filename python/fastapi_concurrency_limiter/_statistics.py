@@ -45,6 +45,9 @@ class ClusterStatistics:
     admitted_unlimited_total: int
     #: Requests turned away because Redis was unreachable.
     unavailable_total: int
+    #: Slots Redis took back because their lease ran out before this
+    #: process renewed them (their requests held them beyond the limit).
+    leases_lost_total: int = 0
 
 
 @dataclass(frozen=True)

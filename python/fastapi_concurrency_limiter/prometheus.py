@@ -36,6 +36,8 @@ stage, and these are added:
     concurrency_limiter_cluster_unavailable_total  counter (503s: Redis unreachable)
     concurrency_limiter_cluster_unlimited_total    counter (admitted by on_error
                                                    without a cluster slot)
+    concurrency_limiter_leases_lost_total          counter (cluster slots whose
+                                                   lease ran out unrenewed)
 
 The values are read from the engine's statistics at scrape time: nothing is
 added to the request path. Any number of limiters may report to one
@@ -218,6 +220,12 @@ class _Families:
             "admitted_unlimited_total": CounterMetricFamily(
                 f"{PREFIX}_cluster_unlimited",
                 "Requests admitted without a cluster slot while Redis was unreachable.",
+                labels=["resource"],
+            ),
+            "leases_lost_total": CounterMetricFamily(
+                f"{PREFIX}_leases_lost",
+                "Cluster slots Redis took back because their lease ran out before this process "
+                "renewed them.",
                 labels=["resource"],
             ),
         }

@@ -26,16 +26,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import uuid
 import weakref
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING, Literal
 
 from ._validation import check_seconds
 
 if TYPE_CHECKING:
     from ._cluster import ClusterStage, _Client
+    from ._resource import Resource
+
+logger = logging.getLogger("fastapi_concurrency_limiter.redis")
 
 OnError = Literal["reject", "allow", "local"]
 _ON_ERROR = ("reject", "allow", "local")
@@ -51,6 +55,19 @@ class RedisScopeError(RuntimeError):
     resource's capacity differs from the one other processes use, ``cluster``
     does not match the server (a Redis Cluster or not), or the ``redis``
     package is missing. Not an outage: ``on_error`` does not apply."""
+
+
+class RedisUnreachableError(RedisScopeError, ConnectionError):
+    """``check()`` could not reach Redis (refused, reset, no answer within
+    ``timeout``, or Redis cannot serve). An outage, not a misconfiguration:
+    ``lifespan`` logs it and starts the app, and requests get ``on_error``
+    until Redis answers."""
+
+
+_NOT_IN_NAMES = frozenset("{}:")
+
+#: The oldest Redis the cluster scope runs on (float ``BLPOP`` timeouts).
+MINIMUM_REDIS_VERSION = (6, 0)
 
 
 class RedisScope:
@@ -81,6 +98,12 @@ class RedisScope:
         cluster: ``True`` for a Redis Cluster: ``url`` names any of its
             nodes, the others are discovered, and each command goes to the
             node of its resource's hash slot (``/db`` must be 0).
+        on_lease_lost: called as ``on_lease_lost(resource_name, token)``
+            when this process learns that Redis took back one of its slots
+            because its lease ran out before it was renewed (a pause longer
+            than the lease): the request held it beyond the cluster limit,
+            and its fencing token (``None`` for a permit no longer held) is stale. Also
+            logged (WARNING) and counted (``leases_lost_total``).
 
     Wrong credentials raise ``RedisScopeError``: at start-up with
     ``FastAPI(lifespan=scope.lifespan)`` (or ``await scope.check()`` in a
@@ -94,6 +117,7 @@ class RedisScope:
         "key_prefix",
         "timeout",
         "cluster",
+        "on_lease_lost",
         "_stages",
         "_clients",
         "_pid",
@@ -110,9 +134,11 @@ class RedisScope:
         key_prefix: str = DEFAULT_KEY_PREFIX,
         timeout: float = 1.0,
         cluster: bool = False,
+        on_lease_lost: Callable[[str, int | None], object] | None = None,
     ) -> None:
         if not isinstance(url, str) or not url.startswith(("redis://", "rediss://", "unix://")):
-            raise ValueError(f"url must be a redis://, rediss:// or unix:// URL, got {url!r}")
+            shown = _redact(url) if isinstance(url, str) else type(url).__name__
+            raise ValueError(f"url must be a redis://, rediss:// or unix:// URL, got {shown!r}")
         if on_error not in _ON_ERROR:
             raise ValueError(
                 f"on_error must be one of 'reject', 'allow', 'local', got {on_error!r}"
@@ -133,6 +159,9 @@ class RedisScope:
         if cluster:
             _check_cluster_url(url)
         self.cluster = cluster
+        if on_lease_lost is not None and not callable(on_lease_lost):
+            raise ValueError(f"on_lease_lost must be callable or None, got {on_lease_lost!r}")
+        self.on_lease_lost = on_lease_lost
         self._stages: dict[str, ClusterStage] = {}
         # One client per event loop (a redis.asyncio connection belongs to
         # the loop that opened it), renewed in a forked child.
@@ -151,6 +180,14 @@ class RedisScope:
         """The cluster stage of the resource ``name`` (one per name)."""
         from ._cluster import ClusterStage
 
+        if not name or any(c in _NOT_IN_NAMES or c.isspace() for c in name):
+            # A ':' would let two (key_prefix, name) pairs share keys
+            # ("app" + "billing:db" and "app:billing" + "db"); a brace would
+            # end the hash tag early.
+            raise ValueError(
+                "the name of a resource with scope=RedisScope(...) is part of its Redis keys: "
+                f"no '{{', '}}', ':' or whitespace, got {name!r}"
+            )
         stage = self._stages.get(name)
         if stage is not None:
             raise ValueError(f"RedisScope already has a resource named {name!r}")
@@ -177,24 +214,34 @@ class RedisScope:
         return client
 
     async def check(self) -> None:
-        """Connects, authenticates and checks every resource's capacity
-        against the one in Redis; raises ``RedisScopeError`` on wrong
-        credentials or a capacity mismatch, ``ConnectionError`` when Redis
-        cannot be reached. Call it in the app's lifespan to fail at
-        start-up rather than at the first request."""
+        """Connects, authenticates, checks the server's version (at least
+        6.0) and every resource's capacity against the one in Redis; raises
+        ``RedisScopeError`` on a misconfiguration (credentials, database,
+        ``cluster``, version, capacity), ``RedisUnreachableError`` (also a
+        ``ConnectionError``) when Redis cannot be reached. Call it in the
+        app's lifespan to fail at start-up rather than at the first
+        request."""
         await self._client().check(list(self._stages.values()))
 
     @contextlib.asynccontextmanager
     async def lifespan(self, app: object = None) -> AsyncIterator[None]:
         """A FastAPI lifespan that checks Redis at start-up (``check()``: the
-        app does not start with wrong credentials) and gives back this
-        process's slots at shutdown::
+        app does not start with a misconfiguration such as wrong
+        credentials; it does start when Redis is unreachable, with a
+        warning, and ``on_error`` applies until Redis answers) and gives
+        back this process's slots at shutdown::
 
             app = FastAPI(lifespan=cluster.lifespan)
 
         Inside a lifespan of your own: ``async with cluster.lifespan(app):``.
         """
-        await self.check()
+        try:
+            await self.check()
+        except RedisUnreachableError as e:
+            # Not a reason not to start: on_error applies until Redis answers.
+            logger.warning(
+                "%s; starting anyway: on_error=%r applies until it answers", e, self.on_error
+            )
         try:
             yield
         finally:
@@ -217,9 +264,38 @@ class RedisScope:
         )
 
 
+def fencing_token(request: object, resource: Resource) -> int:
+    """The fencing token of the cluster slot of ``resource`` that the
+    request being served holds (an endpoint limited by the decorator or a
+    dependency)::
+
+        @app.post("/orders")
+        @limiter.resources([db])
+        async def create(request: Request):
+            token = fencing_token(request, db)
+
+    Tokens grow strictly per resource: a write that carries its token and is
+    refused when the stored token is larger cannot come from a holder whose
+    lease ran out (see the README). 0 for a request admitted by ``on_error``
+    without a slot. Raises LookupError when the request holds no cluster
+    slot of ``resource``. In ``async with limiter.acquire([db]) as permit``:
+    ``permit.token(db)``."""
+    scope = getattr(request, "scope", None)
+    held = scope.get("state", {}).get(_TOKENS) if isinstance(scope, dict) else None
+    if held is None:
+        raise LookupError(f"the request holds no cluster slot of {resource.name!r}")
+    return int(held.token(resource))
+
+
+# Where the decorator keeps a request's cluster slots (its ``state``).
+_TOKENS = "fastapi_concurrency_limiter.cluster"
+
+
 def _check_cluster_url(url: str) -> None:
     if url.startswith("unix://"):
-        raise ValueError(f"url must be a redis:// or rediss:// URL with cluster=True, got {url!r}")
+        raise ValueError(
+            f"url must be a redis:// or rediss:// URL with cluster=True, got {_redact(url)!r}"
+        )
     path = url.partition("://")[2].partition("?")[0].partition("/")[2]
     if path not in ("", "0"):
         raise ValueError(
@@ -229,12 +305,35 @@ def _check_cluster_url(url: str) -> None:
 
 
 def _redact(url: str) -> str:
+    """``url`` without its credentials: the user name and password of the
+    user info, and the value of every query option that may carry one."""
     scheme, sep, rest = url.partition("://")
+    if not sep:  # not a URL at all: it may be anything, a password included
+        return "***"
+    rest, qmark, query = rest.partition("?")
     auth, at, host = rest.rpartition("@")
-    if not at:
-        return url
-    user = auth.partition(":")[0]
-    return f"{scheme}{sep}{user}:***@{host}"
+    shown = f"{scheme}{sep}***@{host}" if at else f"{scheme}{sep}{rest}"
+    if qmark:
+        options = []
+        for option in query.split("&"):
+            key, eq, value = option.partition("=")
+            if eq and any(word in key.lower() for word in _SECRET_OPTIONS):
+                value = "***"
+            options.append(f"{key}{eq}{value}")
+        shown += "?" + "&".join(options)
+    return shown
 
 
-__all__ = ["DEFAULT_KEY_PREFIX", "DEFAULT_LEASE", "OnError", "RedisScope", "RedisScopeError"]
+_SECRET_OPTIONS = ("pass", "user", "auth", "token", "secret", "key")
+
+
+__all__ = [
+    "DEFAULT_KEY_PREFIX",
+    "DEFAULT_LEASE",
+    "MINIMUM_REDIS_VERSION",
+    "OnError",
+    "RedisScope",
+    "RedisScopeError",
+    "RedisUnreachableError",
+    "fencing_token",
+]

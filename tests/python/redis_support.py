@@ -317,3 +317,83 @@ class Worker:
                 self.proc.wait(10)
             except (OSError, subprocess.TimeoutExpired):
                 self.kill()
+
+
+class RedisProxy:
+    """A TCP proxy to a redis-server on 127.0.0.1, run on the test's event
+    loop, that injects network faults: ``drop_next_grant`` loses the next
+    notification a blocked ``BLPOP`` receives (Redis has popped it; the
+    proxy closes the client's connection instead of passing the reply on),
+    ``reset()`` closes every open connection."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.drop_next_grant = False
+        self.dropped = 0
+        self.resets = 0
+        self._server: Any = None
+        self._writers: set[Any] = set()
+
+    async def start(self) -> int:
+        import asyncio
+
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        return int(self._server.sockets[0].getsockname()[1])
+
+    def url(self, port: int, db: int = 0) -> str:
+        return f"redis://127.0.0.1:{port}/{db}"
+
+    async def _serve(self, reader: Any, writer: Any) -> None:
+        import asyncio
+
+        try:
+            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.port)
+        except OSError:
+            writer.close()
+            return
+        self._writers |= {writer, up_writer}
+        blocked = [False]  # this connection's last command was a BLPOP
+
+        def close() -> None:
+            for w in (writer, up_writer):
+                w.close()
+                self._writers.discard(w)
+
+        async def requests() -> None:
+            try:
+                while data := await reader.read(65536):
+                    blocked[0] = b"BLPOP" in data.upper()
+                    up_writer.write(data)
+                    await up_writer.drain()
+            except (ConnectionError, OSError):
+                pass
+            finally:
+                close()
+
+        async def replies() -> None:
+            try:
+                while data := await up_reader.read(65536):
+                    if blocked[0] and self.drop_next_grant and data.startswith(b"*2"):
+                        self.drop_next_grant = False
+                        self.dropped += 1
+                        return
+                    writer.write(data)
+                    await writer.drain()
+            except (ConnectionError, OSError):
+                pass
+            finally:
+                close()
+
+        await asyncio.gather(requests(), replies())
+
+    def reset(self) -> None:
+        """Closes every connection through the proxy (clients see a reset)."""
+        self.resets += 1
+        for w in list(self._writers):
+            w.close()
+        self._writers.clear()
+
+    def close(self) -> None:
+        self.reset()
+        if self._server is not None:
+            self._server.close()

@@ -125,3 +125,20 @@ def _until(condition: Any, timeout: float = 20) -> None:
         if time.monotonic() > deadline:
             raise AssertionError("condition not met in time")
         time.sleep(0.02)
+
+
+def test_a_burst_in_two_processes_stays_within_the_capacity(redis_server: RedisServer) -> None:
+    """Two processes, capacity 200, each with 200 tasks at once (more Redis
+    calls than a default connection pool holds), on_error="allow": running
+    out of connections is not an outage, so no request is admitted without
+    the cluster limit and never more than 200 run at once."""
+    capacity = 200
+    args = (redis_server.url(), str(capacity), "--on-error", "allow")
+    with workers(2, *args) as procs:
+        for w in procs:
+            w.send(op="hammer", tasks=capacity, iterations=3, hold=0.05, timeout=20)
+        reports = [w.expect("hammered", timeout=60) for w in procs]
+    intervals = [i for r in reports for i in r["intervals"]]
+    assert sum(len(r["refused"]) for r in reports) == 0
+    assert len(intervals) == 2 * capacity * 3
+    assert max_overlap(intervals) <= capacity

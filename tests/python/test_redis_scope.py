@@ -183,8 +183,10 @@ def test_acquire_is_idempotent_per_waiter_id(redis_server: RedisServer) -> None:
         assert stage is not None
         client = scope._client()
         # The same acquire sent twice (a retry after a lost reply): one slot.
-        assert await client._send_acquire(stage, "w1", None) == (1, 1)
-        assert await client._send_acquire(stage, "w1", None) == (1, 1)
+        first = await client._send_acquire(stage, "w1", None)
+        assert first[:2] == (1, 1) and first[2] > 0
+        # The retry finds the grant, with its fencing token.
+        assert await client._send_acquire(stage, "w1", None) == first
         # Queued twice: one place in the queue.
         assert (await client._send_acquire(stage, "w2", None))[0] == 0
         assert (await client._send_acquire(stage, "w2", None))[0] == 0
@@ -313,6 +315,159 @@ def test_the_lifespan_refuses_to_start_with_wrong_credentials() -> None:
             assert http.get("/q").status_code == 200
         # Shut down: nothing left held.
         assert server.client().zcard("{test:db}:holders") == 0
+    finally:
+        server.close()
+
+
+@pytest.mark.parametrize("on_error", ["allow", "reject"])
+def test_the_app_starts_while_redis_is_down_and_uses_it_once_up(on_error: str) -> None:
+    """Redis unreachable at start-up is an outage, not a misconfiguration:
+    the app starts (a warning), requests get on_error, and once Redis runs
+    they are limited by it again."""
+    server = RedisServer()  # not started yet
+    try:
+        scope = RedisScope(
+            server.url(),
+            key_prefix="test",
+            lease=1.5,
+            timeout=0.3,
+            on_error=on_error,  # type: ignore[arg-type]
+        )
+        db = Resource(1, name="db", scope=scope)
+        limiter = Limiter(timeout=2, resources=[db])
+        app = FastAPI(lifespan=scope.lifespan)
+
+        @app.get("/q")
+        @limiter.resources([db])
+        async def q() -> dict[str, int]:
+            return {"held": len(holders(server)) if server.proc is not None else -1}
+
+        with TestClient(app) as http:
+            first = http.get("/q")
+            assert first.status_code == (200 if on_error == "allow" else 503)
+            server.start()
+            deadline = time.monotonic() + 15
+            while True:
+                response = http.get("/q")
+                if response.status_code == 200 and response.json() == {"held": 1}:
+                    break  # held in Redis: the cluster limit applies again
+                assert time.monotonic() < deadline, response.text
+                time.sleep(0.1)
+        assert server.client().zcard("{test:db}:holders") == 0
+    finally:
+        server.close()
+
+
+def test_start_up_errors_say_what_to_fix(redis_server: RedisServer) -> None:
+    """Each start-up failure is a RedisScopeError that says what to fix."""
+    from fastapi_concurrency_limiter.redis import RedisUnreachableError
+
+    protected = RedisServer(password="s3cret")
+    protected.start()
+
+    async def check(url: str, **options: Any) -> None:
+        scope = RedisScope(url, key_prefix="test", timeout=0.5, **options)
+        Resource(1, name="db", scope=scope)
+        try:
+            await scope.check()
+        finally:
+            await scope.aclose()
+
+    async def main() -> None:
+        no_password = f"redis://127.0.0.1:{protected.port}/0"
+        with pytest.raises(RedisScopeError, match="requires a password"):
+            await check(no_password)
+        with pytest.raises(RedisScopeError, match="no such database"):
+            await check(redis_server.url(db=99))
+        down = f"redis://:hush@127.0.0.1:{free_port()}/0"
+        with pytest.raises(RedisUnreachableError, match="cannot be reached") as caught:
+            await check(down)
+        assert isinstance(caught.value, ConnectionError) and "hush" not in str(caught.value)
+
+    try:
+        run(main)
+    finally:
+        protected.close()
+
+
+def test_a_redis_older_than_6_is_refused_at_start_up(redis_server: RedisServer) -> None:
+    async def main() -> None:
+        scope = RedisScope(redis_server.url(), key_prefix="test")
+        Resource(1, name="db", scope=scope)
+        client = scope._client()
+        real = client.redis.info
+
+        async def old_info(*args: Any, **kwargs: Any) -> Any:
+            info = await real(*args, **kwargs)
+            return {**info, "redis_version": "5.0.14"}
+
+        client.redis.info = old_info
+        with pytest.raises(RedisScopeError, match=r"version 5\.0\.14.*needs Redis 6\.0"):
+            await scope.check()
+        client.redis.info = real
+        await scope.check()
+        await scope.aclose()
+
+    run(main)
+
+
+@pytest.mark.parametrize("name", ["billing:db", "db}", "{db", "my db", "db\n"])
+def test_cluster_resource_names_cannot_make_keys_collide(
+    redis_server: RedisServer, name: str
+) -> None:
+    """key_prefix="app" with "billing:db" would share the keys of
+    key_prefix="app:billing" with "db"; a brace would end the hash tag."""
+    scope = RedisScope(redis_server.url(), key_prefix="app")
+    with pytest.raises(ValueError, match="no '\\{', '\\}', ':' or whitespace"):
+        Resource(1, name=name, scope=scope)
+
+    async def main() -> None:
+        # Names that pass share nothing across prefixes.
+        team_a = RedisScope(redis_server.url(), key_prefix="app")
+        team_b = RedisScope(redis_server.url(), key_prefix="app:billing")
+        a = Resource(1, name="billing-db", scope=team_a)
+        b = Resource(1, name="db", scope=team_b)
+        await a.acquire()
+        await asyncio.wait_for(b.acquire(), 5)  # not refused by team A's load
+        a.release()
+        b.release()
+        await team_a.aclose()
+        await team_b.aclose()
+
+    run(main)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "redis://:hunter2@127.0.0.1:{port}/0",
+        "redis://admin:hunter2@127.0.0.1:{port}/0",
+        "redis://127.0.0.1:{port}/0?password=hunter2",
+        "redis://127.0.0.1:{port}/0?username=admin&password=hunter2",
+    ],
+)
+def test_credentials_never_show(url: str) -> None:
+    """Neither the password nor the user name appears in the scope's repr,
+    in the start-up error for wrong credentials, or in the error for a
+    mistyped scheme, whether given as user info or as query options."""
+    server = RedisServer(password="s3cret")
+    server.start()
+    try:
+        url = url.format(port=server.port)
+        scope = RedisScope(url, key_prefix="test")
+        Resource(1, name="db", scope=scope)
+        assert "hunter2" not in repr(scope) and "admin" not in repr(scope)
+
+        async def main() -> None:
+            with pytest.raises(RedisScopeError) as caught:
+                await scope.check()
+            await scope.aclose()
+            assert "hunter2" not in str(caught.value) and "admin" not in str(caught.value)
+
+        run(main)
+        with pytest.raises(ValueError) as mistyped:
+            RedisScope("reddis" + url[len("redis") :])
+        assert "hunter2" not in str(mistyped.value) and "admin" not in str(mistyped.value)
     finally:
         server.close()
 

@@ -1,7 +1,7 @@
 -- acquire: ARGV[4] waiter id, ARGV[5] longest wait in ms (0: take a free
 -- slot or give up; -1: no deadline).
--- Returns {status, in use}: status 1 granted (the waiter id is now a permit
--- with a lease), 0 queued (its process is told on its notify list when
+-- Returns {status, in use, fencing token ('0' unless granted), wake-ups}:
+-- status 1 granted (the waiter id is now a permit with a lease), 0 queued (its process is told on its notify list when
 -- granted), -1 no free slot and no wait.
 local bad = check_config()
 if bad then
@@ -12,18 +12,19 @@ local wait = tonumber(ARGV[5])
 purge()
 grant_free()
 if redis.call('ZSCORE', holders, id) then
-  return {1, redis.call('ZCARD', holders)}  -- a retry of a granted acquire
+  -- A retry of a granted acquire.
+  return reply({1, redis.call('ZCARD', holders), redis.call('HGET', tokens, id) or '0'})
 end
 if redis.call('ZSCORE', queue, id) then
-  return {0, redis.call('ZCARD', holders)}  -- a retry of a queued acquire
+  return reply({0, redis.call('ZCARD', holders), '0'})  -- a retry of a queued acquire
 end
 local in_use = redis.call('ZCARD', holders)
 if in_use < capacity and redis.call('ZCARD', queue) == 0 then
   redis.call('ZADD', holders, now + lease, id)
-  return {1, in_use + 1}
+  return reply({1, in_use + 1, grant_token(id)})
 end
 if wait == 0 then
-  return {-1, in_use}
+  return reply({-1, in_use, '0'})
 end
 local expiry = now + lease
 if wait > 0 and now + wait < expiry then
@@ -37,4 +38,4 @@ redis.call('PEXPIRE', notify, notify_ttl)
 -- The process is alive (it may not have sent a heartbeat yet).
 redis.call('ZADD', procs, now + lease, process)
 redis.call('PEXPIRE', procs, notify_ttl)
-return {0, in_use}
+return reply({0, in_use, '0'})

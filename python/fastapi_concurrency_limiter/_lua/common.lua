@@ -14,15 +14,22 @@
 --   KEYS[7] procs    ZSET  process id -> liveness expiry (ms): one lease
 --                    after its last heartbeat (or queued acquire)
 --   KEYS[8] notify   LIST  the notify list of the calling client (one per
---                    process and event loop; same hash tag)
+--                    process and event loop; same hash tag); other
+--                    clients' lists are pushed by the notify script
+--   KEYS[9] fence    the last fencing token granted (see grant_token)
+--   KEYS[10] tokens  HASH  permit id -> its fencing token
+--   KEYS[11] reclaimed ZSET permit id -> the fence when its lease ran out
+--                    and Redis took its slot back (about config_ttl): a
+--                    later grant means its token is stale (see regranted)
 -- ARGV[1] capacity, ARGV[2] lease (ms), ARGV[3] process id; then the
 -- script's own arguments from ARGV[4] on.
 --
 -- A waiter id becomes its permit id when granted, so a retried call finds
 -- what the first one did (acquire is idempotent per waiter id).
 
-local holders, queue, ticket, wexp, wmeta, config, procs, notify =
-  KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7], KEYS[8]
+local holders, queue, ticket, wexp, wmeta, config, procs, notify, fence, tokens, reclaimed =
+  KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7], KEYS[8], KEYS[9], KEYS[10],
+  KEYS[11]
 local capacity = tonumber(ARGV[1])
 local lease = tonumber(ARGV[2])
 local process = ARGV[3]
@@ -50,6 +57,38 @@ local function check_config(refresh)
   return nil
 end
 
+-- A grant's fencing token: strictly increasing per resource, also across
+-- the expiry of the fence key or a Redis restart that lost it: at least
+-- the Redis clock in microseconds (so it keeps growing as long as the
+-- clock of Redis does not go back).
+local function grant_token(id)
+  local last = tonumber(redis.call('GET', fence) or '0')
+  local token = math.max(last + 1, now * 1000)
+  local text = string.format('%.0f', token)
+  redis.call('SET', fence, text, 'PX', config_ttl)
+  redis.call('HSET', tokens, id, text)
+  return text
+end
+
+-- A permit leaves the holders (released, passed on, expired).
+local function drop_holder(id)
+  redis.call('HDEL', tokens, id)
+  return redis.call('ZREM', holders, id)
+end
+
+-- For a permit whose lease ran out and whose slot Redis took back: true
+-- when a slot has been granted since (the permit's token is stale, its
+-- slot may be another's), false when not; nil for a permit Redis never
+-- took back. Forgets it either way.
+local function regranted(id)
+  local mark = redis.call('ZSCORE', reclaimed, id)
+  if not mark then
+    return nil
+  end
+  redis.call('ZREM', reclaimed, id)
+  return tonumber(redis.call('GET', fence) or '0') > tonumber(mark)
+end
+
 local function drop_waiter(id)
   redis.call('ZREM', queue, id)
   redis.call('ZREM', wexp, id)
@@ -59,20 +98,39 @@ end
 -- Leases of crashed or paused holders end; waiters past their deadline, or
 -- of processes that stopped speaking, leave the queue.
 local function purge()
+  local ended = redis.call('ZRANGEBYSCORE', holders, '-inf', now)
+  if #ended > 0 then
+    -- Any grant from now on has a larger token than this mark.
+    local mark = math.max(tonumber(redis.call('GET', fence) or '0'), now * 1000 - 1)
+    for _, id in ipairs(ended) do
+      redis.call('HDEL', tokens, id)
+      redis.call('ZADD', reclaimed, string.format('%.0f', mark), id)
+    end
+  end
   redis.call('ZREMRANGEBYSCORE', holders, '-inf', now)
+  redis.call('ZREMRANGEBYSCORE', reclaimed, '-inf', string.format('%.0f', (now - config_ttl) * 1000))
   local gone = redis.call('ZRANGEBYSCORE', wexp, '-inf', now)
   for _, id in ipairs(gone) do
     drop_waiter(id)
   end
 end
 
+-- Wake-ups for the processes whose waiters a script granted: pairs (notify
+-- list, "waiter-id token"), returned as the script's last reply element. The
+-- calling process pushes each onto its list (the notify script, which
+-- declares that key) or, for its own waiters, resolves them at once; a
+-- script never touches a key it was not given. A wake-up that is lost
+-- (the caller died, the push failed) is made up for by the waiter's
+-- heartbeat, which reports the waiters it finds granted.
+local notices = {}
+
 -- Direct hand-off: while a slot is free, the head of the queue gets it and
 -- its process is told on its notify list (a list, not pub/sub: a wake-up
--- waits there until read, it is never lost). A head whose process has
--- stopped speaking (crashed, killed) leaves the queue without a slot; a
--- granted lease never outlives its process's liveness (the next heartbeat
--- renews it), so a process that dies right after its last heartbeat holds
--- a slot at most one lease after that heartbeat.
+-- waits there until read). A head whose process has stopped speaking
+-- (crashed, killed) leaves the queue without a slot; a granted lease never
+-- outlives its process's liveness (the next heartbeat renews it), so a
+-- process that dies right after its last heartbeat holds a slot at most
+-- one lease after that heartbeat.
 local function grant_free()
   local free = capacity - redis.call('ZCARD', holders)
   while free > 0 do
@@ -92,10 +150,40 @@ local function grant_free()
           expiry = alive
         end
         redis.call('ZADD', holders, expiry, head)
-        redis.call('LPUSH', list, head)
-        redis.call('PEXPIRE', list, notify_ttl)
+        table.insert(notices, list)
+        table.insert(notices, head .. ' ' .. grant_token(head))
         free = free - 1
       end
     end
   end
+end
+
+-- Every key of the resource expires once nothing in it is alive: holders a
+-- lease after the last lease in it ends, the queue, its deadlines and its
+-- wake-up addresses a lease after the last waiter's. So a crashed
+-- process's entries never outlive it by more than a few leases, even if no
+-- script touches the resource again.
+local function expire_keys()
+  local last = redis.call('ZRANGE', holders, -1, -1, 'WITHSCORES')
+  if last[2] then
+    redis.call('PEXPIREAT', holders, tonumber(last[2]) + lease)
+    redis.call('PEXPIREAT', tokens, tonumber(last[2]) + lease)
+  end
+  last = redis.call('ZRANGE', wexp, -1, -1, 'WITHSCORES')
+  if last[2] then
+    local at = tonumber(last[2]) + lease
+    redis.call('PEXPIREAT', wexp, at)
+    redis.call('PEXPIREAT', queue, at)
+    redis.call('PEXPIREAT', wmeta, at)
+  end
+  if redis.call('EXISTS', reclaimed) == 1 then
+    redis.call('PEXPIRE', reclaimed, config_ttl)
+  end
+end
+
+-- Each script's reply: its own elements, then the wake-ups to send.
+local function reply(values)
+  expire_keys()
+  table.insert(values, notices)
+  return values
 end

@@ -9,7 +9,8 @@
 -- Waiters Redis no longer knows are reported lost (their process queues
 -- them again).
 -- Returns {processes alive, in use, {permits put back}, {lost waiters},
--- how many were put back beyond the capacity}.
+-- how many were put back beyond the capacity, {"waiter-id token" found
+-- granted}, {permits whose lease was lost}, wake-ups}.
 local bad = check_config(true)
 if bad then
   return redis.error_reply(bad)
@@ -30,26 +31,35 @@ local n = tonumber(ARGV[4])
 local r = tonumber(ARGV[5 + n])
 for i = 6 + n, 5 + n + r do
   drop_waiter(ARGV[i])
-  redis.call('ZREM', holders, ARGV[i])
+  drop_holder(ARGV[i])
+  redis.call('ZREM', reclaimed, ARGV[i])
 end
--- Every permit the process holds is a running request: one Redis does not
--- know (admitted by on_error during an outage, or its lease ran out while
--- the process could not reach Redis, or Redis lost its data) is put back
--- even beyond the capacity, so that no slot is granted while the requests
--- really running fill it.
+-- Every permit the process holds is a running request. One whose lease ran
+-- out, while Redis has granted slots since and they fill the capacity, is
+-- not renewed (its fencing token is stale; its slot is another's):
+-- reported lost. Any other that Redis does not hold (its lease ran out but
+-- its slot is free, admitted by on_error during an outage, or Redis lost
+-- its data) is put back even beyond the capacity, so that no slot is
+-- granted while the requests really running fill it.
 local added = {}
+local lost = {}
 local over = 0
 for i = 5, 4 + n do
   local id = ARGV[i]
-  if not redis.call('ZSCORE', holders, id) then
+  if redis.call('ZSCORE', holders, id) then
+    redis.call('ZADD', holders, now + lease, id)
+  elseif regranted(id) and redis.call('ZCARD', holders) >= capacity then
+    table.insert(lost, id)
+  else
     table.insert(added, id)
     if redis.call('ZCARD', holders) >= capacity then
       over = over + 1
     end
+    redis.call('ZADD', holders, now + lease, id)
   end
-  redis.call('ZADD', holders, now + lease, id)
 end
 local lost_waiters = {}
+local granted = {}
 for i = 6 + n + r, #ARGV, 2 do
   local id = ARGV[i]
   local left = tonumber(ARGV[i + 1])
@@ -60,11 +70,14 @@ for i = 6 + n + r, #ARGV, 2 do
     end
     redis.call('ZADD', wexp, expiry, id)
   elseif redis.call('ZSCORE', holders, id) then
-    -- Granted, the notification not read yet: renew its lease.
+    -- Granted, the notification not read yet (or lost with its reply):
+    -- renew its lease and tell the process, which resolves the waiter.
     redis.call('ZADD', holders, now + lease, id)
+    table.insert(granted, id .. ' ' .. (redis.call('HGET', tokens, id) or '0'))
   else
     table.insert(lost_waiters, id)
   end
 end
 grant_free()
-return {redis.call('ZCARD', procs), redis.call('ZCARD', holders), added, lost_waiters, over}
+return reply({redis.call('ZCARD', procs), redis.call('ZCARD', holders), added, lost_waiters, over,
+  granted, lost})
