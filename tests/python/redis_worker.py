@@ -38,6 +38,9 @@ async def main() -> None:
     parser.add_argument("--lease", type=float, default=10.0)
     parser.add_argument("--scope", default="redis")
     parser.add_argument("--on-error", default="reject")
+    # Redis's command timeout: a longer one keeps a machine too busy to
+    # answer quickly from being taken for an outage.
+    parser.add_argument("--redis-timeout", type=float, default=1.0)
     parser.add_argument("--prefix", default="test")
     parser.add_argument("--cluster", action="store_true")
     parser.add_argument("--resources", default="db")
@@ -49,6 +52,7 @@ async def main() -> None:
             args.url,
             lease=args.lease,
             on_error=args.on_error,
+            timeout=args.redis_timeout,
             key_prefix=args.prefix,
             cluster=args.cluster,
         )

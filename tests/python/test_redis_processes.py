@@ -133,7 +133,9 @@ def test_a_burst_in_two_processes_stays_within_the_capacity(redis_server: RedisS
     out of connections is not an outage, so no request is admitted without
     the cluster limit and never more than 200 run at once."""
     capacity = 200
-    args = (redis_server.url(), str(capacity), "--on-error", "allow")
+    # A generous command timeout: on a loaded machine a slow reply must not
+    # count as an outage (which "allow" would then admit past the limit).
+    args = (redis_server.url(), str(capacity), "--on-error", "allow", "--redis-timeout", "10")
     with workers(2, *args) as procs:
         for w in procs:
             w.send(op="hammer", tasks=capacity, iterations=3, hold=0.05, timeout=20)
