@@ -21,6 +21,7 @@
 #include <thread>
 #include <vector>
 
+#include "host_test_util.h"
 #include "internal/host_segment.h"
 #include "test_util.h"
 
@@ -440,6 +441,40 @@ TEST(HostReview, AForcedResetKeepsTheConfigurationInForce) {
   ASSERT_TRUE(p);
   EXPECT_EQ(db->capacity(), 5);
   EXPECT_EQ(info_of(name).capacity, 5);
+}
+
+
+// --- a stale limit algorithm after re-attaching ----------------------------
+
+// HostPool keeps its SharedAlgorithm for a configuration generation number,
+// and generation numbers are per segment: a new segment starts at 1 again.
+// After reset --force, a process whose old segment was at generation 1
+// re-attaches to a new one at generation 1 made with another configuration
+// (here: not adaptive) and keeps feeding its samples to its old AIMD
+// instance, which moves the limit of a resource that has no algorithm.
+TEST(HostReview, AfterAForcedResetTheLimitAlgorithmIsTheNewSegments) {
+  const std::string name = unique_name("stale-algorithm");
+  Cleanup cleanup{name};
+  auto db = std::make_shared<Resource>(ResourceOptions{.name = name,
+                                                       .capacity = 8,
+                                                       .limit_algorithm = testing_host_aimd(),
+                                                       .scope = Scope::kHost});
+  {
+    Permit p = db->try_acquire();  // builds this process's algorithm (generation 1)
+    ASSERT_TRUE(p);
+    p.release(Completion::kSuccess);
+  }
+  remove_host_resource(name, /*force=*/true);
+  Child plain({"hold", name, "8", "fifo", "0", "-1"});  // the new segment: not adaptive
+  ASSERT_EQ(plain.line(), "ready");
+  ASSERT_FALSE(info_of(name).adaptive);
+  for (int i = 0; i < 2; ++i) {  // one window of the tests' AIMD, with drops
+    Permit p = db->acquire_for(2s);
+    ASSERT_TRUE(p) << to_string(p.outcome());
+    p.release(Completion::kDropped);
+  }
+  EXPECT_EQ(info_of(name).limit, 8) << "a resource without an algorithm had its limit moved";
+  EXPECT_EQ(db->limit(), 8);
 }
 
 }  // namespace
