@@ -477,5 +477,33 @@ TEST(HostReview, AfterAForcedResetTheLimitAlgorithmIsTheNewSegments) {
   EXPECT_EQ(db->limit(), 8);
 }
 
+
+// --- a failed open leaks its descriptor and mapping -------------------------
+
+int open_descriptors() {
+  int n = 0;
+  for (int fd = 0; fd < 4096; ++fd) {
+    if (::fcntl(fd, F_GETFD) >= 0) ++n;
+  }
+  return n;
+}
+
+// When opening fails after the segment was opened (here: the background
+// thread cannot start, as when the process is out of threads), the HostPool
+// is dropped without closing its file or unmapping the segment (it has no
+// destructor): each failed attempt leaks a descriptor and the mapping, so
+// an application that retries runs out of descriptors.
+TEST(HostReview, AFailedOpenLeaksNoDescriptor) {
+  const std::string name = unique_name("open-leak");
+  Cleanup cleanup{name};
+  const int before = open_descriptors();
+  testing::fail_host_thread_start(true);
+  for (int i = 0; i < 5; ++i) {
+    EXPECT_THROW(host_resource(name, 1), std::runtime_error);
+  }
+  testing::fail_host_thread_start(false);
+  EXPECT_EQ(open_descriptors(), before) << "descriptors leaked by 5 failed opens";
+}
+
 }  // namespace
 }  // namespace concurrency_limiter
