@@ -505,5 +505,35 @@ TEST(HostReview, AFailedOpenLeaksNoDescriptor) {
   EXPECT_EQ(open_descriptors(), before) << "descriptors leaked by 5 failed opens";
 }
 
+
+// --- a retired segment still in place ---------------------------------------
+
+// remove_host_resource() marks the segment retired, then unlinks it. A
+// process whose next operation falls between the two (or after an unlink
+// that failed: reset then reports an error, but the mark stays) re-attaches
+// by opening the same file again, finds it retired, and refuses it because
+// "a live process still uses it": itself, through its old descriptor's
+// liveness lock. Every operation then throws std::runtime_error (a 500, or
+// std::terminate inside a notice, see above) until the file is gone.
+TEST(HostReview, AProcessReattachingToARetiredSegmentStillLinkedDoesNotFail) {
+  const std::string name = unique_name("retired-linked");
+  Cleanup cleanup{name};
+  auto db = host_resource(name, 1);
+  const int fd = ::open(shm_path(name).c_str(), O_RDWR);
+  ASSERT_GE(fd, 0);
+  auto* seg = static_cast<detail::host::Segment*>(::mmap(
+      nullptr, sizeof(detail::host::Segment), PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0));
+  ::close(fd);
+  ASSERT_NE(seg, MAP_FAILED);
+  seg->header.retired.store(1);  // as reset does first
+  ::munmap(seg, sizeof(detail::host::Segment));
+  try {
+    Permit p = db->acquire_for(1s);
+    EXPECT_TRUE(p) << to_string(p.outcome());
+  } catch (const std::exception& e) {
+    ADD_FAILURE() << "the request threw: " << e.what();
+  }
+}
+
 }  // namespace
 }  // namespace concurrency_limiter
