@@ -15,6 +15,7 @@
 #include <atomic>
 #include <chrono>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <stdexcept>
 #include <string>
@@ -60,17 +61,17 @@ HostResourceInfo info_of(const std::string& name) {
 // A helper process (host_helper) with its stdout on a pipe.
 class Child {
  public:
-  explicit Child(std::vector<std::string> args) {
+  explicit Child(std::vector<std::string> args, const char* program = HOST_HELPER) {
     int fds[2];
     if (::pipe2(fds, O_CLOEXEC) != 0) throw std::runtime_error("pipe");
     posix_spawn_file_actions_t actions;
     posix_spawn_file_actions_init(&actions);
     posix_spawn_file_actions_adddup2(&actions, fds[1], 1);
-    args.insert(args.begin(), HOST_HELPER);
+    args.insert(args.begin(), program);
     std::vector<char*> argv;
     for (auto& a : args) argv.push_back(a.data());
     argv.push_back(nullptr);
-    if (::posix_spawn(&pid_, HOST_HELPER, &actions, nullptr, argv.data(), environ) != 0) {
+    if (::posix_spawn(&pid_, program, &actions, nullptr, argv.data(), environ) != 0) {
       throw std::runtime_error("posix_spawn");
     }
     posix_spawn_file_actions_destroy(&actions);
@@ -532,6 +533,42 @@ TEST(HostReview, AProcessReattachingToARetiredSegmentStillLinkedDoesNotFail) {
     EXPECT_TRUE(p) << to_string(p.outcome());
   } catch (const std::exception& e) {
     ADD_FAILURE() << "the request threw: " << e.what();
+  }
+}
+
+
+// --- a rolling upgrade from the previous release ------------------------------
+
+// The previous release kept a segment at /dev/shm/fcl-host.<uid>.<name>
+// (shm_open); this one at /dev/shm/fcl-host.<uid>/<name>, and never looks at
+// the old place. During a rolling upgrade (gunicorn HUP: new workers start
+// with the new code while old ones drain) old and new workers use two
+// independent pools: up to twice the capacity reaches the database, with no
+// error and no log. README: "one of another layout version ... if a live
+// process uses it, start-up fails with an error saying which".
+// Needs the previous release's helper: build tests/cpp/host_helper.cc of
+// 143b83e and set FCL_REVIEW_OLD_HELPER to it, e.g.
+//   git archive 143b83e | tar -x -C /tmp/v3 && cmake -S /tmp/v3 -B /tmp/v3/build -G Ninja
+//   cmake --build /tmp/v3/build --target host_helper
+TEST(HostReview, ARollingUpgradeFromThePreviousReleaseNeverDoublesTheCapacity) {
+  const char* old = std::getenv("FCL_REVIEW_OLD_HELPER");
+  if (old == nullptr || ::access(old, X_OK) != 0) {
+    GTEST_SKIP() << "set FCL_REVIEW_OLD_HELPER to host_helper built from 143b83e";
+  }
+  const std::string name = unique_name("upgrade");
+  Cleanup cleanup{name};
+  struct FlatCleanup {
+    std::string path;
+    ~FlatCleanup() { ::unlink(path.c_str()); }
+  } flat{"/dev/shm/fcl-host." + std::to_string(::getuid()) + "." + name};
+  Child previous({"hold", name, "1", "fifo", "1", "-1"}, old);  // an old worker holds the slot
+  ASSERT_EQ(previous.line(), "ready");
+  try {
+    auto db = host_resource(name, 1);  // a new worker of the same deployment
+    Permit p = db->try_acquire();
+    EXPECT_FALSE(p) << "two holders of a capacity-1 resource: the old release's and the new one's";
+  } catch (const std::runtime_error& e) {
+    SUCCEED() << "refused: " << e.what();  // what the README promises
   }
 }
 
