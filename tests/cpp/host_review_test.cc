@@ -293,6 +293,33 @@ TEST(HostReview, AHostResourceThatCannotReattachDoesNotAbortAWaitingRequest) {
   });
   EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0) << describe_status(status);
 }
+
+// The same without any reset: a worker forked from a process that opened the
+// resource (gunicorn --preload) registers at its first operation. If that
+// first operation is the second stage of a [process, host] request, it runs
+// inside the noexcept notice; a registration that fails (the background
+// thread cannot start: issue 16 #4 wants "fail the call with a clear error")
+// throws through it: std::terminate.
+TEST(HostReview, AForkChildWhoseRegistrationFailsInsideANoticeDoesNotAbort) {
+  const std::string name = unique_name("terminate-fork");
+  Cleanup cleanup{name};
+  auto db = host_resource(name, 1);  // opened before fork, as with --preload
+  const int status = in_child([&] {
+    auto local = testing::make_resource("local", 1);
+    Limiter limiter({local, db}, 10s);
+    const auto both = limiter.select({local, db});
+    Permit first = local->try_acquire();
+    if (!first) return 2;
+    std::thread waiter([&] { Permit p = limiter.acquire_for(both, 10s); });
+    if (!eventually([&] { return local->waiting() == 1; })) return 3;
+    testing::fail_host_thread_start(true);  // out of threads
+    first.release();  // the waiter advances to db: its first operation here
+    testing::fail_host_thread_start(false);
+    waiter.join();
+    return 0;
+  });
+  EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0) << describe_status(status);
+}
 #endif
 
 // --- a stuck lock at start-up ---------------------------------------------
