@@ -43,7 +43,11 @@ def _snapshot() -> list[dict[str, Any]]:
 
 
 def _status(as_json: bool) -> int:
-    resources = _snapshot()
+    try:
+        resources = _snapshot()
+    except RuntimeError as e:  # the segment directory itself is unusable
+        print(f"status: {e}", file=sys.stderr)
+        return 1
     if as_json:
         print(json.dumps(resources, indent=2))
         return 0

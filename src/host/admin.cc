@@ -51,6 +51,17 @@ std::vector<std::string> names() {
   return out;
 }
 
+std::string validate_config_of(const Segment& s) {
+  const auto& c = s.header.config;
+  try {
+    host::SharedAlgorithm check(c);
+  } catch (const std::exception& e) {
+    return std::string("corrupt (limit algorithm out of range: ") + e.what() + ")";
+  }
+  return c.capacity < 1 || c.max_waiting < -1 || c.queue > 2 ? "corrupt (configuration out of range)"
+                                                              : "";
+}
+
 void close_opened(const host::Opened& o) {
   if (o.segment) ::munmap(o.segment, sizeof(Segment));
   if (o.fd >= 0) ::close(o.fd);
@@ -82,6 +93,7 @@ std::vector<HostResourceInfo> list_host_resources() {
     try {
       host::SegmentLock lock(*s);
       const auto& c = s->header.config;
+      info.problem = validate_config_of(*s);
       info.capacity = c.capacity;
       if (c.max_waiting >= 0) info.max_waiting = c.max_waiting;
       info.queue = static_cast<QueueDiscipline>(c.queue);
@@ -149,14 +161,9 @@ void remove_host_resource(const std::string& name, bool force) {
                              "); stop them first, or use --force (they then attach to a "
                              "new segment at their next request)");
   }
-  if (s) {
-    // Processes that still have it open move to a new one at their next
-    // operation; set without the mutex, which may be unusable.
-    s->header.retired.store(1, std::memory_order_release);
-    ::munmap(s, sizeof(Segment));
-  }
   if (::unlinkat(dir, name.c_str(), 0) != 0) {
     const int err = errno;
+    if (s) ::munmap(s, sizeof(Segment));
     struct stat st {};
     std::string owner;
     if (::fstatat(dir, name.c_str(), &st, AT_SYMLINK_NOFOLLOW) == 0) {
@@ -164,6 +171,12 @@ void remove_host_resource(const std::string& name, bool force) {
     }
     throw std::runtime_error("host resource '" + name + "': cannot remove " + path + owner +
                              ": " + std::strerror(err));
+  }
+  if (s) {
+    // Removed: processes that still have it open move to a new one at their
+    // next operation. Set without the mutex, which may be unusable.
+    s->header.retired.store(1, std::memory_order_release);
+    ::munmap(s, sizeof(Segment));
   }
 }
 

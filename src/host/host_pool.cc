@@ -3,6 +3,7 @@
 #include <fcntl.h>
 #include <linux/futex.h>
 #include <pthread.h>
+#include <sys/mman.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
 #include <time.h>
@@ -66,7 +67,9 @@ Clock::time_point from_ns(std::int64_t ns) {
 constexpr auto kSweepInterval = std::chrono::milliseconds(200);
 // How long requests are refused at once after the shared state could not be
 // reached, unless the background thread reaches it sooner.
-constexpr auto kUnavailableFor = std::chrono::milliseconds(1000);
+// The background thread keeps it open while it cannot reach the lock (each
+// of its tries takes up to a second) and closes it as soon as it can.
+constexpr auto kUnavailableFor = std::chrono::milliseconds(3000);
 
 constexpr bool kStatistics = CL_STATISTICS != 0;
 
@@ -117,10 +120,10 @@ std::shared_ptr<HostPool> HostPool::get(const ResourceOptions& o, const LimitAlg
     // Opened before in this process. Another configuration: the newest
     // wins here as across processes.
     HostPool& pool = *it->second;
-    if (!host::is_linked(o.name, pool.inode_)) pool.detached_.store(true);
     NoticeList notices;
     {
       std::lock_guard pool_lock(pool.mu_);
+      if (!host::is_linked(o.name, pool.inode_)) pool.detached_.store(true);
       pool.attach_locked(notices);
       Locked locked(pool);
       if (!host::same_config(pool.cfg(), config)) {
@@ -144,16 +147,45 @@ std::shared_ptr<HostPool> HostPool::get(const ResourceOptions& o, const LimitAlg
   NoticeList notices;
   {
     std::lock_guard pool_lock(pool->mu_);
-    pool->attach_locked(notices);  // registers: `status` lists this process from now on
-    if (!note.empty()) {
-      // A configuration that raised the limit grants waiters at once.
+    try {
+      // Registers (`status` lists this process from now on) and starts the
+      // background thread.
+      pool->attach_locked(notices);
+    } catch (const host::Unavailable& e) {
+      if (e.corrupt()) {
+        pool->close_locked();
+        throw;
+      }
+      // A process stopped inside the lock: this one starts all the same;
+      // its background thread registers it once the lock is back, and its
+      // requests are refused as unavailable until then.
+      pool->mark_unavailable();
+      pool->start_thread_locked();
+    } catch (...) {
+      pool->close_locked();  // nothing registered, no thread: nothing uses it
+      throw;
+    }
+  }
+  // In the registry before anything else can fail: its thread uses it.
+  registry().emplace(o.name, pool);
+  if (!note.empty()) {
+    // A configuration that raised the limit grants waiters at once (or the
+    // next sweep of any process does).
+    try {
+      std::lock_guard pool_lock(pool->mu_);
       Locked locked(*pool);
       pool->fill_locked(to_ns(Clock::now()), notices, locked.wakes);
+    } catch (const host::Unavailable&) {
     }
   }
   notices.fire();
-  registry().emplace(o.name, pool);
   return pool;
+}
+
+void HostPool::close_locked() noexcept {
+  if (fd_ >= 0) ::close(fd_);
+  fd_ = -1;
+  ::munmap(seg(), sizeof(Segment));
 }
 
 std::shared_ptr<HostPool> HostPool::find(const std::string& name) {
@@ -205,6 +237,10 @@ void HostPool::after_fork_child() noexcept {
         pool->fd_ = -1;  // opened again at registration
       }
     }
+    // What the parent had not applied yet is the parent's (clear() frees
+    // nothing).
+    pool->pending_releases_ = 0;
+    pool->orphans_.clear();
     pool->mu_.unlock();
   }
   registry_mu().unlock();
@@ -231,9 +267,18 @@ void HostPool::attach_locked(NoticeList& notices) {
 
 void HostPool::reattach_locked(NoticeList& notices) {
   // An operator removed the segment (reset --force) while this process used
-  // it. Its waiters there are refused; its held slots are not carried over
-  // (their releases go nowhere); it attaches to the segment now in place,
-  // or creates one, with the configuration found there if any.
+  // it. Its waiters there are refused; the slots it holds are carried over
+  // (counted in the new segment until released, as if granted there, so
+  // every release has one place to go); it attaches to the segment now in
+  // place, or creates one with the configuration that was in force.
+  host::Config config = config_;
+  try {
+    SegmentLock lock(*seg(), std::chrono::milliseconds(100));
+    config = seg()->header.config;
+    host::SharedAlgorithm check(config);  // in range, or this process's own
+  } catch (const std::exception&) {
+    config = config_;
+  }
   for (std::uint32_t i = 0; i < nodes_.size(); ++i) {
     if (WaiterNode* node = nodes_[i]) {
       nodes_[i] = nullptr;
@@ -244,19 +289,23 @@ void HostPool::reattach_locked(NoticeList& notices) {
       notices.push(node);
     }
   }
-  host::Opened opened = host::open_segment(name_, config_, host::Adopt::kTheirs);
-  held_elsewhere_ += held_local_;
-  held_local_ = 0;
-  pending_releases_ = 0;
-  orphans_.clear();
-  // Closing the old file drops this process's liveness lock there: anyone
-  // still using the old segment reclaims what this process held in it.
+  // Closing the old file first drops this process's liveness lock there:
+  // anyone still using the old segment reclaims what this process held in
+  // it, and the process itself never looks alive to its own probe.
   if (fd_ >= 0) ::close(fd_);
+  fd_ = -1;
+  host::Opened opened = host::open_segment(name_, config, host::Adopt::kTheirs);
+  carried_ = held_local_;
+  held_local_ = 0;
+  pending_releases_ = 0;  // their slots stay counted: carried over instead
+  orphans_.clear();
   fd_ = opened.fd;
   inode_ = opened.inode;
   seg_.store(opened.segment, std::memory_order_release);
   detached_.store(false, std::memory_order_relaxed);
   unavailable_until_ns_.store(0, std::memory_order_relaxed);
+  algorithm_.reset();
+  algorithm_generation_ = 0;
   me_ = kNone;
 }
 
@@ -310,9 +359,14 @@ void HostPool::register_locked() {
                                " processes use it at the same time");
     }
     Process& p = seg()->processes[slot];
+    host::Header& h = seg()->header;
     p.pid_namespace = pid_ns;
-    p.incarnation = seg()->header.next_incarnation++;
-    p.held = 0;
+    p.incarnation = h.next_incarnation++;
+    // Slots carried over from a removed segment count here until released
+    // (even above the capacity: nothing new is granted until they are).
+    p.held = carried_;
+    h.in_use += carried_;
+    h.held_bound = std::max(h.held_bound, h.in_use);
     p.waiting = 0;
     p.decided = {kNone, kNone};
     p.pid = pid;
@@ -320,15 +374,11 @@ void HostPool::register_locked() {
   }
   me_ = slot;
   generation_ = generation;
-  held_local_ = 0;
+  held_local_ = carried_;
+  carried_ = 0;
   nodes_.assign(kMaxWaiters, nullptr);
-  if (thread_generation_ == generation) return;  // it follows the new slot
   try {
-    if (g_fail_thread_start.load(std::memory_order_relaxed)) {
-      throw std::system_error(std::make_error_code(std::errc::resource_unavailable_try_again));
-    }
-    std::thread([this] { run(); }).detach();
-    thread_generation_ = generation;
+    start_thread_locked();
   } catch (const std::system_error& e) {
     // Without its thread no grant decided by another process would reach
     // this process: registered it must not stay.
@@ -344,6 +394,16 @@ void HostPool::register_locked() {
                              "': cannot start its background thread (" + e.what() +
                              "); this process is not registered");
   }
+}
+
+void HostPool::start_thread_locked() {
+  const std::uint64_t generation = g_generation.load(std::memory_order_relaxed);
+  if (thread_generation_ == generation) return;  // it follows the new slot
+  if (g_fail_thread_start.load(std::memory_order_relaxed)) {
+    throw std::system_error(std::make_error_code(std::errc::resource_unavailable_try_again));
+  }
+  std::thread([this] { run(); }).detach();
+  thread_generation_ = generation;
 }
 
 bool HostPool::unavailable_now() const noexcept {
@@ -645,8 +705,12 @@ Outcome HostPool::enqueue(WaiterNode& node, NoticeList& notices) {
   const std::int64_t now_ns = to_ns(now);
   std::lock_guard lock(mu_);
   try {
-    attach_locked(notices);  // after a reset: a new segment, the breaker closed
+    if (detached_.load(std::memory_order_relaxed) ||
+        seg()->header.retired.load(std::memory_order_relaxed) != 0) {
+      attach_locked(notices);  // after a reset: a new segment, the breaker closed
+    }
     if (unavailable_now()) return refuse_locked(node, Outcome::kUnavailable);
+    attach_locked(notices);  // registers (again after fork)
     Locked locked(*this);
     host::Header& h = seg()->header;
     if (h.in_use < limit() && h.waiting == 0) {
@@ -695,6 +759,11 @@ Outcome HostPool::enqueue(WaiterNode& node, NoticeList& notices) {
     return Outcome::kPending;
   } catch (const host::Unavailable&) {
     mark_unavailable();
+    return refuse_locked(node, Outcome::kUnavailable);
+  } catch (const std::exception&) {
+    // Attaching or registering failed (no descriptor left, no thread): this
+    // request is refused, never thrown at (enqueue() may run inside a
+    // notice, where an exception would end the process).
     return refuse_locked(node, Outcome::kUnavailable);
   }
 }
@@ -760,10 +829,7 @@ void HostPool::revert_grant(NoticeList& notices) {
     --stats_.wait_seconds.counts[0];
     --stats_.wait_seconds.count;
   }
-  if (held_elsewhere_ > 0) {
-    --held_elsewhere_;
-    return;
-  }
+  if (me_ == kNone || generation_ != g_generation.load(std::memory_order_relaxed)) return;
   if (held_local_ <= 0) return;
   --held_local_;
   try {
@@ -793,11 +859,6 @@ void HostPool::release(bool measured, Clock::time_point granted_at, Clock::time_
   }
   // A permit inherited across fork: the slot is the parent's to give back.
   if (me_ == kNone || generation_ != g_generation.load(std::memory_order_relaxed)) return;
-  if (held_elsewhere_ > 0) {
-    // A slot of a segment an operator removed: nothing to give back here.
-    --held_elsewhere_;
-    return;
-  }
   if (held_local_ <= 0) return;
   --held_local_;
   try {
@@ -861,6 +922,7 @@ void HostPool::set_limit(std::int64_t limit) {
 }
 
 std::int64_t HostPool::in_use() noexcept {
+  if (unavailable_now()) return in_use_snapshot_.load(std::memory_order_relaxed);
   try {
     SegmentLock lock(*seg());
     return seg()->header.in_use;
@@ -870,6 +932,7 @@ std::int64_t HostPool::in_use() noexcept {
 }
 
 std::int64_t HostPool::waiting() noexcept {
+  if (unavailable_now()) return waiting_snapshot_.load(std::memory_order_relaxed);
   try {
     SegmentLock lock(*seg());
     return seg()->header.waiting;
@@ -886,14 +949,15 @@ ResourceStatistics HostPool::statistics() {
   s.max_waiting = max_waiting < 0 ? std::nullopt : std::optional<std::int64_t>(max_waiting);
   s.queue = queue();
   s.limit = limit();
+  s.in_use = in_use_snapshot_.load(std::memory_order_relaxed);
+  s.waiting = waiting_snapshot_.load(std::memory_order_relaxed);
+  if (unavailable_now()) return s;  // snapshots: never wait on a stuck lock
   try {
     SegmentLock shared(*seg());
     s.in_use = seg()->header.in_use;
     s.waiting = seg()->header.waiting;
     s.peak_in_use = seg()->header.peak_in_use;
   } catch (const host::Unavailable&) {
-    s.in_use = in_use_snapshot_.load(std::memory_order_relaxed);
-    s.waiting = waiting_snapshot_.load(std::memory_order_relaxed);
   }
   return s;
 }
@@ -936,12 +1000,27 @@ void HostPool::catch_up_locked(NoticeList& notices, Wakes& wakes) {
   orphans_.clear();
 }
 
+bool HostPool::probe_lock() noexcept {
+  // Waits for the segment's lock without holding mu_, so that a lock a
+  // stopped process keeps stalls no request behind this thread.
+  try {
+    SegmentLock lock(*seg());
+    return true;
+  } catch (const host::Unavailable&) {
+    mark_unavailable();
+    return false;
+  }
+}
+
 void HostPool::deliver() {
+  if (!probe_lock()) return;
   NoticeList notices;  // fired after every lock is released
   {
     std::lock_guard lock(mu_);
-    if (me_ == kNone || generation_ != g_generation.load(std::memory_order_relaxed)) return;
     try {
+      // Registration left for later (the lock was out of reach at open),
+      // or a new segment after a reset.
+      if (must_attach_locked()) attach_locked(notices);
       Locked locked(*this);
       unavailable_until_ns_.store(0, std::memory_order_relaxed);  // reached: close the breaker
       catch_up_locked(notices, locked.wakes);
@@ -960,12 +1039,15 @@ void HostPool::deliver() {
       }
     } catch (const host::Unavailable&) {
       mark_unavailable();
+    } catch (const std::exception&) {
+      // Cannot register now (no descriptor, say): tried again next round.
     }
   }
   notices.fire();
 }
 
 void HostPool::sweep() {
+  if (!probe_lock()) return;
   NoticeList notices;
   {
     std::lock_guard lock(mu_);
@@ -981,6 +1063,9 @@ void HostPool::sweep() {
           reclaim_locked(p, notices, locked.wakes);
         }
       }
+      // Free slots with waiters (a process that raised the capacity died
+      // before granting them, say): granted now.
+      fill_locked(to_ns(Clock::now()), notices, locked.wakes);
     } catch (const host::Unavailable&) {
       mark_unavailable();
     }

@@ -1,5 +1,6 @@
 #include "internal/host_segment.h"
 
+#include <dirent.h>
 #include <fcntl.h>
 #include <signal.h>
 #include <linux/futex.h>
@@ -87,7 +88,22 @@ void init_segment(Segment& s, const std::string& name, const Config& config,
   h.free_head = 0;
 }
 
-// What is wrong with the header, or "" if it describes this layout.
+// What is wrong with the configuration (read under the mutex), or "".
+std::string validate_config(const Config& c) {
+  if (c.capacity < 1 || c.capacity > Resource::kMaxCapacity || c.max_waiting < -1 ||
+      c.queue > 2 || c.target_ns <= 0 || c.interval_ns <= 0) {
+    return "corrupt (configuration out of range)";
+  }
+  try {
+    SharedAlgorithm check(c);
+  } catch (const std::exception& e) {
+    return std::string("corrupt (limit algorithm out of range: ") + e.what() + ")";
+  }
+  return "";
+}
+
+// What is wrong with the header's layout, or "" if it describes this one.
+// The configuration is not read here: it changes under the mutex.
 std::string validate_layout(const Segment& s, const std::string& name) {
   const Header& h = s.header;
   const auto bad = [](const std::string& what) {
@@ -99,16 +115,6 @@ std::string validate_layout(const Segment& s, const std::string& name) {
       h.process_size != sizeof(Process) || h.entry_size != sizeof(Entry) ||
       h.mutex_size != sizeof(pthread_mutex_t)) {
     return bad("layout");
-  }
-  const Config& c = h.config;
-  if (c.capacity < 1 || c.capacity > Resource::kMaxCapacity || c.max_waiting < -1 ||
-      c.queue > 2 || c.target_ns <= 0 || c.interval_ns <= 0) {
-    return bad("configuration out of range");
-  }
-  try {
-    SharedAlgorithm check(c);
-  } catch (const std::exception& e) {
-    return bad(std::string("limit algorithm out of range: ") + e.what());
   }
   if (std::strncmp(h.name, name.c_str(), sizeof h.name) != 0) return bad("name");
   return "";
@@ -446,6 +452,69 @@ Opened create_linked(int dir, const std::string& name, const Config& config) {
   return out;
 }
 
+// The kind field of a mutex made as init_segment() makes it.
+int mutex_kind() {
+  static const int kind = [] {
+    pthread_mutexattr_t attr;
+    pthread_mutexattr_init(&attr);
+    pthread_mutexattr_setpshared(&attr, PTHREAD_PROCESS_SHARED);
+    pthread_mutexattr_setrobust(&attr, PTHREAD_MUTEX_ROBUST);
+    pthread_mutex_t m;
+    pthread_mutex_init(&m, &attr);
+    const int k = m.__data.__kind;
+    pthread_mutex_destroy(&m);
+    pthread_mutexattr_destroy(&attr);
+    return k;
+  }();
+  return kind;
+}
+
+// The previous release kept segments at /dev/shm/fcl-host.<uid>.<name>,
+// with no liveness locks. A process still mapping it (a worker of the old
+// release during a rolling upgrade) shows in /proc/PID/maps: then the two
+// releases cannot share one limit, and opening is refused; otherwise the
+// file is removed. Returns what was done, for the log ("" if nothing).
+std::string retire_previous_release(const std::string& name) {
+  std::string flat = "/dev/shm/fcl-host.";
+  flat += std::to_string(::getuid());
+  flat += '.';
+  flat += name;
+  struct stat st {};
+  if (::lstat(flat.c_str(), &st) != 0 || !S_ISREG(st.st_mode) || st.st_uid != ::getuid()) {
+    return "";
+  }
+  std::string users;
+  if (DIR* proc = ::opendir("/proc")) {
+    while (const dirent* d = ::readdir(proc)) {
+      if (d->d_name[0] < '1' || d->d_name[0] > '9') continue;
+      const std::string maps = std::string("/proc/") + d->d_name + "/maps";
+      std::FILE* f = std::fopen(maps.c_str(), "re");
+      if (!f) continue;  // gone, or another user's
+      char line[4096];
+      bool uses = false;
+      while (!uses && std::fgets(line, sizeof line, f)) {
+        const char* path = std::strchr(line, '/');
+        if (!path) continue;
+        const std::size_t n = std::strcspn(path, "\n");
+        uses = std::string(path, n).rfind(flat, 0) == 0;
+      }
+      std::fclose(f);
+      if (uses) users += (users.empty() ? "" : ", ") + std::string(d->d_name);
+    }
+    ::closedir(proc);
+  }
+  if (!users.empty()) {
+    throw std::runtime_error(
+        "host resource '" + name + "': " + flat +
+        " belongs to an older release of fastapi-concurrency-limiter, still used by pids " +
+        users + "; the two releases cannot share one limit: stop those processes first (a "
+        "restart, not a rolling reload, across this upgrade)");
+  }
+  ::unlink(flat.c_str());
+  return "host resource '" + name + "': removed " + flat +
+         ", left by an older release and used by no process";
+}
+
 std::string header_name(const Header& h) {
   return std::string(h.name, ::strnlen(h.name, sizeof h.name));
 }
@@ -604,7 +673,7 @@ Opened open_segment(const std::string& name, const Config& config, Adopt adopt) 
   const int dir = open_segment_dir(true);
   FdCloser dir_closer{dir};
   const std::string path = segment_path(name);
-  std::string replaced;
+  std::string replaced = retire_previous_release(name);
   for (int attempt = 0;; ++attempt) {
     if (attempt == 100) {
       throw std::runtime_error("host resource '" + name + "': " + path +
@@ -630,13 +699,22 @@ Opened open_segment(const std::string& name, const Config& config, Adopt adopt) 
     out.segment = s;
     out.fd = fd;
     out.inode = st.st_ino;
+    bool retired = false;
     if (s && s->header.retired.load(std::memory_order_acquire) != 0) {
       problem = "retired by an operator's reset";
+      retired = true;
     }
     if (s && problem.empty()) {
       try {
         SegmentLock lock(*s);
-        if (!same_config(s->header.config, config) && adopt == Adopt::kNewestWins) {
+        const std::string bad_config = validate_config(s->header.config);
+        if (!bad_config.empty()) {
+          // Garbage where the configuration should be: this one replaces it.
+          install_config(*s, config);
+          out.note = "host resource '" + name + "': " + bad_config + " replaced by " +
+                     describe(config);
+          out.others_alive = true;
+        } else if (!same_config(s->header.config, config) && adopt == Adopt::kNewestWins) {
           const std::string theirs = describe(s->header.config);
           // Nobody's lock is this process's yet: every live one is another's.
           out.others_alive = any_alive(fd) == Liveness::kAlive;
@@ -664,9 +742,9 @@ Opened open_segment(const std::string& name, const Config& config, Adopt adopt) 
       }
       ::munmap(s, sizeof(Segment));  // never locked by this process's other threads
     }
-    // Corrupt, of another version, or retired: replaced when no live
-    // process uses it.
-    if (any_alive(fd) != Liveness::kDead) {
+    // Corrupt or of another version: replaced when no live process uses
+    // it. Retired: an operator removed it already, whoever still has it.
+    if (!retired && any_alive(fd) != Liveness::kDead) {
       ::close(fd);
       throw std::runtime_error(
           "host resource '" + name + "': " + path + " is " + problem +
@@ -760,6 +838,16 @@ SegmentLock::SegmentLock(Segment& s, std::chrono::nanoseconds wait) : s_(s) {
   const auto ns = static_cast<std::int64_t>(deadline.tv_nsec) + wait.count();
   deadline.tv_sec += static_cast<time_t>(ns / 1'000'000'000);
   deadline.tv_nsec = static_cast<long>(ns % 1'000'000'000);
+  // A mutex of another kind than the one made here is garbage: given to
+  // glibc, some kinds abort the process (priority inheritance with a dead
+  // owner), others fail with EINVAL.
+  if (s.header.mutex.__data.__kind != mutex_kind()) {
+    throw Unavailable("host resource '" + header_name(s.header) +
+                          "': its shared lock is corrupt (unknown kind); remove it with "
+                          "`python -m fastapi_concurrency_limiter reset --force " +
+                          header_name(s.header) + "`",
+                      true);
+  }
   // The uncontended case without the clock's deadline; then a bounded wait.
   int rc = ::pthread_mutex_trylock(&s.header.mutex);
   if (rc == EBUSY) {

@@ -129,6 +129,11 @@ class HostPool {
   void attach_locked(NoticeList& notices);
   void register_locked();
   void reattach_locked(NoticeList& notices);
+  void start_thread_locked();
+  // Gives up the segment (a failed open: nothing registered, no thread).
+  void close_locked() noexcept;
+  // Takes and gives back the segment's lock without mu_ (background thread).
+  bool probe_lock() noexcept;
   // The breaker: after the shared state could not be reached, requests are
   // refused at once (kUnavailable) until the background thread reaches it.
   bool unavailable_now() const noexcept;
@@ -186,11 +191,10 @@ class HostPool {
   std::uint64_t thread_generation_ = 0;  // fork generation of its running thread
   // The local node of each of this process's entries; guarded by mu_.
   std::vector<WaiterNode*> nodes_;
-  // Guarded by mu_: slots this process holds in the attached segment; held
-  // in a segment left behind by a reset (their releases go nowhere); and
-  // releases, abandoned entries not yet applied for want of the lock.
+  // Guarded by mu_: slots this process holds in the attached segment;
+  // releases and abandoned entries not yet applied for want of the lock.
   std::int64_t held_local_ = 0;
-  std::int64_t held_elsewhere_ = 0;
+  std::int64_t carried_ = 0;  // held_local_ of a removed segment, until registered
   std::int64_t pending_releases_ = 0;
   std::vector<std::uint32_t> orphans_;
   // Set by the background thread when the segment's file was removed.

@@ -22,6 +22,9 @@
 //   host_helper nofds NAME CAPACITY QUEUE MS    opens the resource, uses up
 //       its file descriptors, prints "exhausted", lives MS more (its
 //       background thread sweeps meanwhile), prints "done"
+//   host_helper oldrelease NAME    maps the file where the previous release
+//       kept the segment of NAME (as a worker of it would), prints "ready",
+//       lives until killed
 //   host_helper mainexit NAME CAPACITY QUEUE    takes a slot, prints
 //       "ready", then its main thread exits while another thread lives on
 //   host_helper dieupdate NAME CAPACITY QUEUE    takes the shared lock and
@@ -102,6 +105,18 @@ int main(int argc, char** argv) {
     ::execvp("unshare", args.data());
     say("error unshare cannot start");
     return 0;
+  }
+  if (argc >= 3 && std::string(argv[1]) == "oldrelease") {
+    const std::string flat =
+        "/dev/shm/fcl-host." + std::to_string(::getuid()) + "." + std::string(argv[2]);
+    const int fd = ::open(flat.c_str(), O_RDWR | O_CREAT, 0600);
+    if (fd < 0 || ::ftruncate(fd, 4096) != 0 ||
+        ::mmap(nullptr, 4096, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0) == MAP_FAILED) {
+      say("error cannot map " + flat);
+      return 0;
+    }
+    say("ready");
+    hold_for(-1);
   }
   if (argc < 5) return 2;
   const std::string mode = argv[1];

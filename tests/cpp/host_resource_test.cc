@@ -852,7 +852,8 @@ TEST(HostResource, AForcedResetIsSurvivedByLiveProcesses) {
   Permit after = db->acquire_for(1s);
   ASSERT_TRUE(after);
   EXPECT_TRUE(mine());
-  EXPECT_EQ(db->in_use(), 1);  // what was held before the reset is not carried over
+  EXPECT_EQ(db->in_use(), 2);  // what was held before the reset is carried over
+  EXPECT_FALSE(db->try_acquire());
   before.release();
   EXPECT_EQ(db->in_use(), 1);
   after.release();

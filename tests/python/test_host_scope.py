@@ -288,7 +288,18 @@ def test_status_and_reset(name: str) -> None:
     # This process still has it open: only a forced reset removes it.
     done = subprocess.run(cmd + ["reset", "--force", name], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
-    assert name not in subprocess.run(cmd + ["status"], capture_output=True, text=True).stdout
+    # This process lives on with the resource open: it attaches to a new
+    # segment (its background thread does, without waiting for a request),
+    # where the dead holder is not.
+    deadline = time.monotonic() + 10
+    while True:
+        out = subprocess.run(cmd + ["status", "--json"], capture_output=True, text=True)
+        mine = [r for r in json.loads(out.stdout) if r["name"] == name]
+        if mine and [p["pid"] for p in mine[0]["processes"]] == [os.getpid()]:
+            break
+        assert time.monotonic() < deadline, mine
+        time.sleep(0.1)
+    assert mine[0]["in_use"] == 0
 
 
 # --- real multi-worker servers ---------------------------------------------------

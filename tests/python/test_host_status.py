@@ -1,4 +1,4 @@
-"""Review of the host-scope rewrite (issue 16): the operators' commands."""
+"""Host scope: the operators' commands when the segment directory is unusable."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ def test_status_with_an_unusable_directory_says_why_without_a_traceback() -> Non
     # created first, or a symbolic link): `reset` says why in one line, but
     # `status` dies with a Python traceback (the RuntimeError of
     # list_host_resources() is not caught).
-    with tempfile.TemporaryDirectory(prefix="fcl-review-", dir="/dev/shm") as d:
+    with tempfile.TemporaryDirectory(prefix="fcl-status-", dir="/dev/shm") as d:
         os.chmod(d, 0o777)
         out = subprocess.run(CLI + ["status"], capture_output=True, text=True, timeout=60,
                              env=_env(FCL_HOST_DIR=d))
