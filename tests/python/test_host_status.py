@@ -6,7 +6,6 @@ import os
 import subprocess
 import sys
 import tempfile
-from pathlib import Path
 
 CLI = [sys.executable, "-m", "fastapi_concurrency_limiter"]
 
