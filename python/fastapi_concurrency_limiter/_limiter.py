@@ -35,6 +35,7 @@ from ._holding import (
     task_on,
 )
 from ._holding import _held as _holds
+from ._order import catch_at_decoration, record
 from ._resource import Resource
 from ._statistics import LimiterStatistics
 from ._streaming import STREAMED, Held, release_after_sending
@@ -190,7 +191,11 @@ class Limiter:
         key_dependency = _key_dependency(key, gate)
 
         def decorator(func: F) -> F:
-            return _limit(func, gate, key_dependency)  # type: ignore[return-value]
+            limited = _limit(func, gate, key_dependency)
+            # Above the route decorator, the route has the original already.
+            record(func)
+            catch_at_decoration(func, sys._getframe(1))
+            return limited  # type: ignore[return-value]
 
         return decorator
 
@@ -347,11 +352,15 @@ class Limiter:
         that generated clients know it can happen; and, when the app starts,
         refuses with ValueError a route limited twice on one resource (a
         router's or route's ``dependency()`` and the decorator), which
-        would otherwise fail each of its requests with RuntimeError. Call
-        once, e.g. right after creating the app; routes declared later are
-        covered too."""
-        from ._openapi import check_routes_at_startup, document_busy_responses
+        would otherwise fail each of its requests with RuntimeError, and a
+        route whose ``@limiter.resources(...)`` is above the route decorator
+        (which registered the function unlimited): now for the routes
+        declared so far, and when the app starts for all. Call once, e.g.
+        right after creating the app; routes declared later are covered
+        too."""
+        from ._openapi import check_order, check_routes_at_startup, document_busy_responses
 
+        check_order(app)
         document_busy_responses(app, gates)
         check_routes_at_startup(app, gates)
 
