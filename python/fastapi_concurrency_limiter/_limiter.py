@@ -8,7 +8,7 @@ import sys
 import weakref
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from types import FrameType, TracebackType
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import WebSocketException
@@ -35,6 +35,7 @@ from ._holding import (
     task_on,
 )
 from ._holding import _held as _holds
+from ._keys import key_from
 from ._order import catch_at_decoration, record
 from ._resource import Resource
 from ._statistics import LimiterStatistics
@@ -454,6 +455,22 @@ class _Hold:
         entries[frame] = (granted, holds)
         return granted if selection.clusters else None  # type: ignore[return-value]
 
+    def __enter__(self) -> NoReturn:
+        # A plain ``with`` would otherwise fail with "does not support the
+        # context manager protocol", which does not say what to write.
+        raise TypeError(
+            "limiter.acquire() holds its slots with 'async with limiter.acquire([...]):' "
+            "(in an async function), not with a plain 'with'"
+        )
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        return None  # never entered: __enter__ raises
+
     async def __aexit__(
         self,
         exc_type: type[BaseException] | None,
@@ -601,9 +618,7 @@ def _key_dependency(key: Callable[..., Any] | None, gate: Gate) -> Any:
         value = key(*args, **kwargs)
         if inspect.isawaitable(value):
             value = await value
-        if value is not None and not isinstance(value, str):
-            raise TypeError(f"key must return a str or None, got {type(value).__name__} {value!r}")
-        return value
+        return key_from(value, key)
 
     key_of.__signature__ = sig.replace(  # type: ignore[attr-defined]
         parameters=params, return_annotation=inspect.Signature.empty
