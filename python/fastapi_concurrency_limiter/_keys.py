@@ -3,11 +3,18 @@
 
 from __future__ import annotations
 
+import hashlib
 import uuid
 from collections.abc import Callable
 from typing import Any
 
 from ._logging import logger
+
+#: Longest key kept as it is, in UTF-8 bytes; a longer one is replaced by
+#: its SHA-256 (``"sha256:"`` and 64 hex digits), so that every waiter's key
+#: costs the engine a bounded amount of memory however long the client's
+#: header. Collision-resistant: two long keys still get shares of their own.
+MAX_KEY_BYTES = 256
 
 # Key functions already reported as returning something that is no key:
 # the ERROR is logged once each, the TypeError raised on every request.
@@ -19,10 +26,10 @@ def key_from(value: object, key: Callable[..., Any]) -> str | None:
     is, an int or a UUID as its text; TypeError naming ``key`` and the type
     for anything else (a tuple, bytes, a user object...), which would only
     be guessed at."""
-    if value is None or type(value) is str:
-        return value
+    if value is None:
+        return None
     if isinstance(value, str):
-        return str(value)
+        return bounded(str(value))
     if isinstance(value, int) and not isinstance(value, bool):
         return str(int(value))
     if isinstance(value, uuid.UUID):
@@ -36,3 +43,16 @@ def key_from(value: object, key: Callable[..., Any]) -> str | None:
         _reported.add(id(key))
         logger.error("%s", message, extra={"key_function": name, "key_type": type(value).__name__})
     raise TypeError(message)
+
+
+def bounded(key: str) -> str:
+    """``key`` as it is if at most ``MAX_KEY_BYTES`` long in UTF-8, else its
+    SHA-256 in hex."""
+    # A str of n characters is at most 4n bytes in UTF-8: short ones are
+    # not encoded at all.
+    if len(key) * 4 <= MAX_KEY_BYTES:
+        return key
+    data = key.encode("utf-8", "surrogatepass")
+    if len(data) <= MAX_KEY_BYTES:
+        return key
+    return "sha256:" + hashlib.sha256(data).hexdigest()

@@ -35,7 +35,7 @@ from ._holding import (
     task_on,
 )
 from ._holding import _held as _holds
-from ._keys import key_from
+from ._keys import bounded, key_from
 from ._order import catch_at_decoration, record
 from ._resource import Resource
 from ._statistics import LimiterStatistics
@@ -336,7 +336,10 @@ class Limiter:
         ``N`` slots, waits without holding up other keys beyond that, and is
         refused with reason ``"key_limit"`` if it was held back by its share
         until the timeout. ``None`` (default): exempt from per-key shares,
-        counted in the total. Resources without ``per_key`` ignore it::
+        counted in the total. A key longer than 256 bytes (UTF-8) is replaced
+        by its SHA-256, so that each waiter costs bounded memory. Keys must
+        come from authenticated data: a client choosing a new one per request
+        gets a new share each time. Resources without ``per_key`` ignore it::
 
             async with limiter.acquire([db], key=request.headers.get("x-api-key")):
                 ...
@@ -345,7 +348,7 @@ class Limiter:
         own_timeout = None if timeout is None else check_seconds("timeout", timeout)
         if key is not None and not isinstance(key, str):
             raise TypeError(f"key must be a str or None, got {type(key).__name__} {key!r}")
-        return _Hold(self, selection, own_timeout, key)
+        return _Hold(self, selection, own_timeout, None if key is None else bounded(key))
 
     def instrument(self, app: FastAPI) -> None:
         """Documents the rejection response (body schema and ``Retry-After``)
