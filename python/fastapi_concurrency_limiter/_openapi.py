@@ -13,6 +13,7 @@ from fastapi import FastAPI, routing
 from ._asgi import LimitedApp
 from ._errors import Rejection
 from ._holding import Holds, check
+from ._order import describe, misordered
 
 if TYPE_CHECKING:
     from fastapi.dependencies.models import Dependant
@@ -103,11 +104,24 @@ def document_busy_responses(app: FastAPI, gates: Gates) -> None:
     app.openapi = openapi  # type: ignore[method-assign]
 
 
+def check_order(app: FastAPI) -> None:
+    """ValueError naming the first route of ``app`` whose endpoint was
+    limited only after the route had registered it (the decorator above
+    the route decorator): its requests would run unlimited."""
+    routes = (
+        (route, getattr(route.dependant, "call", None)) for route, _ in _walk(app.routes, {}, ())
+    )
+    for route, func in misordered(routes):
+        raise ValueError(describe(route, func))
+
+
 def check_routes(app: FastAPI, gates: Gates) -> None:
     """ValueError naming the route if a request of one of ``app``'s routes
     would ask for slots its own task already holds (a router's dependency
     and the decorator on one resource): each such request would fail with
-    RuntimeError."""
+    RuntimeError; or if its decorator is above the route decorator
+    (``check_order``)."""
+    check_order(app)
     for route, route_gates in _walk(app.routes, gates, ()):
         holds = Holds()
         for gate in route_gates:

@@ -13,7 +13,7 @@ from ._clustered import Releasable, running_loop_time, with_cluster
 from ._holding import Holds, Selection, check, current_task, current_task_or_none, holds_of, leave
 from ._logging import logger
 from ._statistics import ResourceStatistics
-from ._validation import check_int, check_seconds
+from ._validation import INT64_MAX, check_int, check_seconds
 from ._waiting import wait
 
 if TYPE_CHECKING:
@@ -31,6 +31,9 @@ ScopeName = Literal["process", "host"]
 _SCOPES: dict[str, _core.Scope] = {"process": _core.Scope.process, "host": _core.Scope.host}
 # Host resources are named after a shared-memory file: keep names portable.
 _HOST_NAME = re.compile(r"(?!\.+$)[A-Za-z0-9_.-]{1,64}")
+
+#: Most slots a resource may have (the engine's ``Resource::kMaxCapacity``).
+MAX_CAPACITY = 2**31 - 1
 
 #: Default ``adaptive_target``: see the README's "Overload control".
 DEFAULT_ADAPTIVE_TARGET = 0.5
@@ -115,7 +118,7 @@ class Resource:
         adaptive: bool | AdaptiveLimit = False,
         per_key: int | None = None,
     ) -> None:
-        check_int("capacity", capacity, minimum=1)
+        check_int("capacity", capacity, minimum=1, maximum=MAX_CAPACITY)
         if per_key is not None:
             if isinstance(per_key, bool) or not isinstance(per_key, int):
                 raise TypeError(
@@ -146,7 +149,7 @@ class Resource:
             raise TypeError(f"name must be a non-empty str or None, got {name!r}")
         if name == "":
             raise ValueError("name must be a non-empty str or None, got ''")
-        check_int("max_waiting", max_waiting, minimum=0, allow_none=True)
+        check_int("max_waiting", max_waiting, minimum=0, maximum=INT64_MAX, allow_none=True)
         if queue not in _QUEUES:
             raise ValueError(f"queue must be one of 'fifo', 'lifo', 'adaptive', got {queue!r}")
         target = check_seconds("adaptive_target", adaptive_target, positive=True)
@@ -203,6 +206,11 @@ class Resource:
         from there at its next decision. With
         ``scope="host"`` it is the limit of every process on the host."""
         check_int("limit", limit, minimum=1)
+        if limit > MAX_CAPACITY:  # more than any capacity; the engine's wording
+            raise ValueError(
+                f"limit of resource {self.name!r} must be an integer in "
+                f"[1, capacity={self.capacity}], got {limit!r}"
+            )
         self._core.set_limit(limit)
 
     @property

@@ -6,18 +6,33 @@ from __future__ import annotations
 import math
 from numbers import Real
 
+#: Largest value of the engine's 64-bit integers (queue lengths).
+INT64_MAX = 2**63 - 1
 
-def check_int(name: str, value: object, *, minimum: int, allow_none: bool = False) -> None:
+
+def check_int(
+    name: str,
+    value: object,
+    *,
+    minimum: int,
+    maximum: int | None = None,
+    allow_none: bool = False,
+) -> None:
     """Raise TypeError unless ``value`` is an int (not a bool); ValueError if
-    it is below ``minimum``."""
+    it is below ``minimum`` or above ``maximum``."""
     if value is None and allow_none:
         return
+    none = " or None" if allow_none else ""
     if isinstance(value, bool) or not isinstance(value, int):
-        allowed = f"an integer >= {minimum}" + (" or None" if allow_none else "")
-        raise TypeError(f"{name} must be {allowed}, got {type(value).__name__} {value!r}")
+        raise TypeError(
+            f"{name} must be an integer >= {minimum}{none}, got {type(value).__name__} {value!r}"
+        )
     if value < minimum:
-        allowed = f"an integer >= {minimum}" + (" or None" if allow_none else "")
-        raise ValueError(f"{name} must be {allowed}, got {value!r}")
+        raise ValueError(f"{name} must be an integer >= {minimum}{none}, got {value!r}")
+    if maximum is not None and value > maximum:
+        raise ValueError(
+            f"{name} must be an integer >= {minimum} and <= {maximum}{none}, got {value!r}"
+        )
 
 
 #: Longest duration accepted (about 31 years): beyond it the engine's

@@ -31,8 +31,12 @@ _REASON = {outcome: outcome.name for outcome in _core.Outcome}
 
 #: Bytes of its body that a waiting request may have read into memory (per
 #: request): the watcher reads the body only to see a disconnect behind it,
-#: and stops reading beyond this; the rest stays unread in the connection
-#: until the handler reads it. About what the ASGI server itself buffers.
+#: and stops reading before another chunk as large as the largest so far
+#: would pass this; the rest stays unread in the connection until the
+#: handler reads it. About what the ASGI server itself buffers. A server's
+#: chunk cannot be split: one larger than all before it (the first chunk, if
+#: it alone is larger than this) can still take the buffer past the limit,
+#: by at most that one chunk.
 BODY_BUFFER_LIMIT = 64 * 1024
 # asyncio runs a timer up to one clock tick early.
 _CLOCK_RESOLUTION = time.get_clock_info("monotonic").resolution
@@ -116,12 +120,13 @@ class _Body:
     the wait ends) and the rest stays in the connection.
     """
 
-    __slots__ = ("_receive", "_chunks", "_size", "_complete", "_disconnected")
+    __slots__ = ("_receive", "_chunks", "_size", "_largest", "_complete", "_disconnected")
 
     def __init__(self, receive: Receive) -> None:
         self._receive = receive
         self._chunks: list[bytes] = []
         self._size = 0
+        self._largest = 0  # the largest chunk read, to guess the next one's size
         self._complete = False
         self._disconnected = False
 
@@ -146,8 +151,11 @@ class _Body:
                 if chunk:
                     self._chunks.append(chunk)
                     self._size += len(chunk)
+                    self._largest = max(self._largest, len(chunk))
                 self._complete = not message.get("more_body", False)
-                if not self._complete and self._size >= BODY_BUFFER_LIMIT:
+                # Stop before the limit rather than after: a chunk read is
+                # held whatever its size.
+                if not self._complete and self._size + self._largest > BODY_BUFFER_LIMIT:
                     return
 
     def hand_back(self, request: HTTPConnection) -> None:

@@ -4,7 +4,10 @@ Expose them from the same FastAPI app with one line::
 
     from fastapi_concurrency_limiter.prometheus import metrics_app
 
-    app.mount("/metrics", metrics_app(limiter))
+    app.add_route("/metrics", metrics_app(limiter))
+
+(``add_route`` serves ``/metrics`` itself; ``app.mount("/metrics", ...)``
+serves ``/metrics/`` and answers ``/metrics`` with a redirect.)
 
 Metrics (all labelled ``resource``; counters and histograms are totals since
 the process started, as Prometheus expects):
@@ -283,10 +286,24 @@ def register(limiter: Limiter, registry: CollectorRegistry = REGISTRY) -> Limite
     return collector
 
 
+class _MetricsApp:
+    """prometheus_client's ASGI app, as an object: Starlette takes a plain
+    function given to ``add_route`` for a request handler, an object with
+    ``__call__`` for an ASGI app."""
+
+    def __init__(self, app: Any) -> None:
+        self._app = app
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        await self._app(scope, receive, send)
+
+
 def metrics_app(limiter: Limiter, registry: CollectorRegistry = REGISTRY) -> Any:
     """An ASGI app serving ``registry`` (with ``limiter``'s metrics) in the
-    Prometheus text format: ``app.mount("/metrics", metrics_app(limiter))``.
-    Call it for as many limiters as needed; each call adds its limiter to the
-    same registry's metrics."""
+    Prometheus text format: ``app.add_route("/metrics", metrics_app(limiter))``
+    (serves ``/metrics``; ``/metrics/`` is redirected there), or
+    ``app.mount("/metrics", ...)`` (serves ``/metrics/``; ``/metrics`` is
+    redirected there). Call it for as many limiters as needed; each call adds
+    its limiter to the same registry's metrics."""
     register(limiter, registry)
-    return make_asgi_app(registry=registry)
+    return _MetricsApp(make_asgi_app(registry=registry))

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 import math
+import uuid
+from collections.abc import Callable
 
+import httpx
 import pytest
+from fastapi import FastAPI, Request
 
 from fastapi_concurrency_limiter import Limiter, Resource
 
@@ -82,3 +87,87 @@ def test_decorator_rejects_bad_resource_lists_at_decoration_time() -> None:
         limiter.resources([db], timeout=-1)
     with pytest.raises(ValueError, match=r"retry_after must be an integer >= 0 or None"):
         Limiter(timeout=1, resources=[db], retry_after=-1)
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda: Resource(2**63), r"capacity must be an integer >= 1 and <= 2147483647, got 922"),
+        (lambda: Resource(2**31), r"capacity must be an integer >= 1 and <= 2147483647, got 214"),
+        (
+            lambda: Resource(1, max_waiting=2**63),
+            r"max_waiting must be an integer >= 0 and <= 9223372036854775807 or None, got 922",
+        ),
+        (
+            lambda: Resource(3, name="big").set_limit(2**63),
+            r"limit of resource 'big' must be an integer in \[1, capacity=3\], got 922",
+        ),
+    ],
+)
+def test_integers_too_large_for_the_engine_get_the_usual_range_error(
+    make: Callable[[], object], message: str
+) -> None:
+    with pytest.raises(ValueError, match=message):
+        make()
+
+
+@pytest.mark.anyio
+async def test_a_plain_with_on_acquire_says_to_use_async_with() -> None:
+    db = Resource(1)
+    limiter = Limiter(timeout=1, resources=[db])
+    with pytest.raises(TypeError, match=r"'async with limiter.acquire\(\[\.\.\.\]\):'"):
+        with limiter.acquire([db]):  # type: ignore[attr-defined]
+            pass
+    assert (db.in_use, db.waiting) == (0, 0)
+
+
+def test_a_limiter_without_resources_is_allowed_and_limits_nothing() -> None:
+    # As in the original package: e.g. a configuration that lists none yet.
+    limiter = Limiter(timeout=1, resources=[])
+    assert limiter.statistics().resources == ()
+    with pytest.raises(ValueError, match="is not registered with this Limiter"):
+        limiter.resources([Resource(1, name="elsewhere")])
+
+
+def _keyed_app(key: Callable[..., object]) -> tuple[FastAPI, Resource]:
+    db = Resource(2, name="db", per_key=1)
+    limiter = Limiter(timeout=1, resources=[db])
+    app = FastAPI()
+
+    @app.get("/work")
+    @limiter.resources([db], key=key)
+    async def work() -> dict[str, int]:
+        return {"active_keys": db.statistics().active_keys}
+
+    return app, db
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("value", [42, uuid.UUID(int=7)])
+async def test_a_key_function_may_return_an_int_or_a_uuid(value: object) -> None:
+    app, db = _keyed_app(lambda request: value)
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=app), base_url="http://app"
+    ) as client:
+        response = await client.get("/work")
+    assert response.status_code == 200 and response.json() == {"active_keys": 1}
+    assert (db.in_use, db.waiting) == (0, 0)
+
+
+@pytest.mark.anyio
+async def test_a_key_function_returning_another_type_is_refused_naming_key_and_type(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    def tenant_of(request: Request) -> object:
+        return ("acme", 1)
+
+    app, db = _keyed_app(tenant_of)
+    caplog.set_level(logging.ERROR, logger="fastapi_concurrency_limiter")
+    transport = httpx.ASGITransport(app=app, raise_app_exceptions=True)
+    async with httpx.AsyncClient(transport=transport, base_url="http://app") as client:
+        refused = r"key: .*tenant_of returned a tuple; .* str, an int"
+        for _ in range(3):
+            with pytest.raises(TypeError, match=refused):
+                await client.get("/work")
+    assert len([r for r in caplog.records if "tenant_of returned a tuple" in r.getMessage()]) == 1
+    assert (db.in_use, db.waiting) == (0, 0)
