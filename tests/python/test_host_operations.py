@@ -659,9 +659,13 @@ def test_reset_refuses_while_an_idle_process_has_it_open_and_force_reattaches(
     assert refused.returncode != 0, f"reset removed a resource a live process has open: {said}"
     assert "in use" in said and str(idle.pid) in said, said
 
+    segment = segment_dir() / name
+    before = segment.stat().st_ino
     forced = cli("reset", "--force", name)
     assert forced.returncode == 0, forced.stdout + forced.stderr
-    assert not (segment_dir() / name).exists()
+    # Removed: the live process attaches to a new one (its background
+    # thread may already have made it), never to the removed file.
+    assert not segment.exists() or segment.stat().st_ino != before
 
     reply = idle.ask("acquire 5")
     assert reply == "granted", f"after `reset --force`, the live process's acquire: {reply}"
