@@ -66,12 +66,20 @@
 //     works). Slots or waits the parent had at the fork stay the parent's.
 //   - The shared mutex is taken with a bound of about one second: while a
 //     process stopped or hung inside it keeps it (or if it is corrupt),
-//     requests are refused at once with Outcome::kUnavailable, releases are
-//     applied later by the background thread, and nothing blocks for long.
+//     requests are refused with Outcome::kUnavailable (the first within
+//     about a second, then at once until the background thread reaches the
+//     lock again), releases are applied later by the background thread,
+//     statistics answer from snapshots, and a process that opens the name
+//     meanwhile starts and registers once the lock is back.
 //   - Reset: remove_host_resource() refuses while a live process uses the
 //     name; with `force`, it removes it anyway, and each live process
-//     attaches to a new segment at its next operation (its waiters are
-//     refused with kUnavailable; slots it held are not carried over).
+//     attaches to a new segment at once (its background thread does; its
+//     waiters are refused with kUnavailable; the slots it holds are carried
+//     over and count in the new segment until released).
+//   - Upgrade: the previous release kept segments at
+//     /dev/shm/fcl-host.<uid>.<name>. While a process still maps that file,
+//     opening the name throws std::runtime_error (two releases cannot share
+//     one limit); an unused one is removed (host_note() says so).
 //   - Bounds: at most 256 processes use one host resource at a time, and at
 //     most 4096 requests wait for it at a time over all processes (more are
 //     rejected with kQueueFull).
