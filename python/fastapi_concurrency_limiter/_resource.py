@@ -10,8 +10,8 @@ from typing import TYPE_CHECKING, Literal
 from . import _core
 from ._adaptive import AdaptiveLimit, algorithm_for
 from ._clustered import Releasable, running_loop_time, with_cluster
-from ._logging import logger
 from ._holding import Holds, Selection, check, current_task, current_task_or_none, holds_of, leave
+from ._logging import logger
 from ._statistics import ResourceStatistics
 from ._validation import check_int, check_seconds
 from ._waiting import wait
