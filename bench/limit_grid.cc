@@ -5,7 +5,7 @@
 // over the measurement). The goals: throughput >= 0.90, latency <= 1.50.
 //
 //   limit_grid                 every built-in algorithm
-//   limit_grid gradient        that one only
+//   limit_grid gradient2 aimd  those only
 #include <cstdio>
 #include <cstring>
 #include <memory>
@@ -22,6 +22,8 @@ using cl::testing::GridResult;
 namespace {
 
 std::unique_ptr<cl::LimitAlgorithm> make(const std::string& name) {
+  if (name == "gradient2") return std::make_unique<cl::Gradient2Limit>();
+  if (name == "vegas") return std::make_unique<cl::VegasLimit>();
   if (name == "aimd") return std::make_unique<cl::AimdLimit>();
   if (name == "gradient") return std::make_unique<cl::GradientLimit>();
   return nullptr;
@@ -39,10 +41,10 @@ struct Totals {
 int main(int argc, char** argv) {
   std::vector<std::string> names;
   for (int i = 1; i < argc; ++i) names.emplace_back(argv[i]);
-  if (names.empty()) names = {"gradient", "aimd"};
+  if (names.empty()) names = {"gradient2", "vegas", "aimd", "gradient"};
   for (const auto& n : names) {
     if (!make(n)) {
-      std::fprintf(stderr, "unknown algorithm %s (gradient, aimd)\n", n.c_str());
+      std::fprintf(stderr, "unknown algorithm %s (gradient2, vegas, aimd, gradient)\n", n.c_str());
       return 2;
     }
   }
