@@ -376,9 +376,17 @@ void NoLoadLatency::add(double latency, double in_flight, double n,
   if (!settled) return;
   const double a = std::min(1.0, n / smoothing_samples);
   if (in_flight <= 1.05 * value_in_flight || at_floor) {
+    if (!at_floor && smoothed > 1.5 * value && smoothed_in_flight <= 1.05 * value_in_flight) {
+      // Much slower at no more concurrency: the knee moved down, or the
+      // downstream itself got slower. Which one, the descent tells (latency
+      // falls with concurrency only in the first case).
+      settled = descending = false;
+      step_samples = step_latency = step_in_flight = 0.0;
+      return;
+    }
     // At the concurrency the estimate was measured at or below it: the
     // latency of this window is no-load latency too (an unbiased average,
-    // not a minimum), or the downstream got slower.
+    // not a minimum).
     value += a * (latency - value);
   } else if (smoothed < value) {
     // More concurrency and no slower (smoothed over several windows, so

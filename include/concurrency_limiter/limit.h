@@ -322,6 +322,9 @@ class GradientLimit final : public LimitAlgorithm {
 //     samples / `long_window` (at most 0.2 % per window), the long-term
 //     average of Gradient2, too slow for queueing held at the tolerance to
 //     make the limit creep up;
+//   - latency smoothed over the last windows 1.5x the estimate or more at
+//     no more concurrency means the knee moved down or the downstream got
+//     slower: the descent below tells which, once;
 //   - a first estimate measured with the limit in use may include queueing
 //     (a resource that starts above the downstream's knee): until a step to
 //     half the concurrency is not clearly faster (latency fell by less than
