@@ -317,6 +317,9 @@ TEST(HostResource, CorruptOrForeignSegmentsAreReplacedUnlessInUse) {
   const std::string refused = foreign.line();
   EXPECT_NE(refused.find("a live process still uses it"), std::string::npos) << refused;
   EXPECT_NE(refused.find("reset --force"), std::string::npos) << refused;
+  // Until the refused process has exited (slowly under a sanitizer's exit
+  // checks), it too holds a liveness lock on the segment.
+  EXPECT_EQ(foreign.line(), "");
   ::close(user);
   // A segment that others can read is refused too.
   Child fresh({"open", name, "1", "fifo"});
