@@ -44,8 +44,8 @@ namespace concurrency_limiter {
 using Clock = std::chrono::steady_clock;
 
 // Where adaptive limits start by default (as Netflix's Gradient2): high
-// enough not to throttle a fresh process much (the limit grows by up to x1.25
-// per window), low enough that a moderately busy resource uses half of it,
+// enough not to throttle a fresh process much (the limit grows by a tenth or
+// more per decision while latency stays at the no-load level), low enough that a moderately busy resource uses half of it,
 // which is what the algorithms need to learn anything.
 inline constexpr std::int64_t kDefaultInitialLimit = 20;
 

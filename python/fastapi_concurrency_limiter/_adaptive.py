@@ -111,7 +111,6 @@ class AdaptiveLimit:
         min_window_samples: fewest samples in a window, an integer >= 1.
     """
 
-    algorithm: str = "gradient2"
     min_limit: int = 1
     initial_limit: int | None = None
     tolerance: float | None = None
@@ -119,6 +118,8 @@ class AdaptiveLimit:
     drop_rate: float = 0.05
     window: float = 1.0
     min_window_samples: int = 10
+    # Last, so that the fields before keep their positions.
+    algorithm: str = "gradient2"
 
     def _algorithm(self, capacity: int) -> _core.LimitAlgorithm:
         """The engine's algorithm, after checking every field against
