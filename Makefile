@@ -12,6 +12,8 @@
 #                      QUICK=1 is a short smoke run of every variant (~3 min)
 #   make bench         microbenchmarks (Python API vs asyncio.Semaphore, engine,
 #                      async_acquire through Asio)
+#   make bench-adaptive  the limit algorithms on the grid of service-time
+#                      distributions and knees, in simulated time (seconds)
 #   make bench-redis   cluster scope against a local redis-server: latency,
 #                      round trips per request, cross-process hand-off
 #   make lint          ruff and mypy --strict
@@ -28,7 +30,7 @@ JOBS ?= 2
 PYTHONS ?= 3.10 3.11 3.12 3.13
 DIST := dist
 
-.PHONY: all system-deps venv install lint test cpp-test cpp-test-release cpp-test-asan cpp-test-tsan thread-safety cpp-package-test py-test wheels test-all-pythons demo bench bench-redis clean
+.PHONY: all system-deps venv install lint test cpp-test cpp-test-release cpp-test-asan cpp-test-tsan thread-safety cpp-package-test py-test wheels test-all-pythons demo bench bench-adaptive bench-redis clean
 
 all: test
 
@@ -154,7 +156,7 @@ demo: install
 
 # The engine benchmark runs twice: as shipped, and with the statistics
 # counters compiled out, to show what they cost.
-bench: install
+bench: install bench-adaptive
 	$(PY) bench/python_bench.py
 	$(PY) bench/python_host_bench.py
 	cmake -S . -B $(BUILD)/release -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo >/dev/null
@@ -171,6 +173,14 @@ bench: install
 	cmake --build $(BUILD)/release -j $(JOBS) --target concurrency_limiter_asio_bench
 	@echo "== async_acquire through an io_context"
 	$(BUILD)/release/concurrency_limiter_asio_bench --benchmark_repetitions=5 --benchmark_report_aggregates_only=true
+
+# Per cell, each algorithm's throughput and mean latency as ratios to the
+# best fixed limit's, and the limit it settled at (bench/limit_grid.cc).
+bench-adaptive:
+	cmake -S . -B $(BUILD)/release -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo >/dev/null
+	cmake --build $(BUILD)/release -j $(JOBS) --target limit_grid
+	@echo "== limit algorithms on the grid (simulated time)"
+	$(BUILD)/release/limit_grid
 
 bench-redis: install
 	$(PY) bench/redis_bench.py

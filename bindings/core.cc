@@ -74,6 +74,47 @@ NB_MODULE(_core, m) {
            }),
            "min_limit"_a, "initial_limit"_a, "tolerance"_a, "backoff"_a,
            "drop_rate"_a, "window"_a, "min_window_samples"_a);
+  nb::class_<cl::Gradient2Limit, cl::LimitAlgorithm>(m, "Gradient2Limit")
+      .def(nb::new_([](std::int64_t min_limit, std::int64_t initial_limit,
+                       double tolerance, double backoff, double drop_rate,
+                       double window, std::int64_t min_window_samples) {
+             return std::make_shared<cl::Gradient2Limit>(cl::Gradient2Options{
+                 .min_limit = min_limit,
+                 .initial_limit = initial_limit,
+                 .tolerance = tolerance,
+                 .backoff = backoff,
+                 .drop_rate = drop_rate,
+                 .window = from_seconds(window),
+                 .min_window_samples = min_window_samples});
+           }),
+           "min_limit"_a, "initial_limit"_a, "tolerance"_a, "backoff"_a,
+           "drop_rate"_a, "window"_a, "min_window_samples"_a);
+  nb::class_<cl::VegasLimit, cl::LimitAlgorithm>(m, "VegasLimit")
+      .def(nb::new_([](std::int64_t min_limit, std::int64_t initial_limit,
+                       double backoff, double drop_rate, double window,
+                       std::int64_t min_window_samples) {
+             return std::make_shared<cl::VegasLimit>(cl::VegasOptions{
+                 .min_limit = min_limit,
+                 .initial_limit = initial_limit,
+                 .backoff = backoff,
+                 .drop_rate = drop_rate,
+                 .window = from_seconds(window),
+                 .min_window_samples = min_window_samples});
+           }),
+           "min_limit"_a, "initial_limit"_a, "backoff"_a, "drop_rate"_a, "window"_a,
+           "min_window_samples"_a);
+  nb::class_<cl::AimdLimit, cl::LimitAlgorithm>(m, "AimdLimit")
+      .def(nb::new_([](std::int64_t min_limit, std::int64_t initial_limit,
+                       double backoff, double window, std::int64_t min_window_samples) {
+             return std::make_shared<cl::AimdLimit>(cl::AimdOptions{
+                 .min_limit = min_limit,
+                 .initial_limit = initial_limit,
+                 .backoff = backoff,
+                 .window = from_seconds(window),
+                 .min_window_samples = min_window_samples});
+           }),
+           "min_limit"_a, "initial_limit"_a, "backoff"_a, "window"_a,
+           "min_window_samples"_a);
 
   nb::enum_<cl::QueueDiscipline>(m, "QueueDiscipline")
       .value("fifo", cl::QueueDiscipline::kFifo)

@@ -358,3 +358,393 @@ void GradientLimit::on_window(const SampleWindow::Summary& w) {
 }
 
 }  // namespace concurrency_limiter
+
+namespace concurrency_limiter {
+
+void NoLoadLatency::add(double latency, double in_flight, double n,
+                        double smoothing_samples, double long_window, bool at_floor) noexcept {
+  if (!(n > 0.0) || !(latency > 0.0)) return;
+  if (smoothed == 0.0) {
+    smoothed = latency;
+    smoothed_in_flight = in_flight;
+  } else {
+    const double a = std::min(1.0, n / smoothing_samples);
+    smoothed += a * (latency - smoothed);
+    smoothed_in_flight += a * (in_flight - smoothed_in_flight);
+  }
+  samples = std::min(samples + n, 1e15);
+  if (!settled) return;
+  const double a = std::min(1.0, n / smoothing_samples);
+  if (in_flight <= 1.05 * value_in_flight || at_floor) {
+    if (!at_floor && smoothed > 1.5 * value && smoothed_in_flight <= 1.05 * value_in_flight) {
+      // Much slower at no more concurrency: the knee moved down, or the
+      // downstream itself got slower. Which one, the descent tells (latency
+      // falls with concurrency only in the first case).
+      settled = descending = false;
+      step_samples = step_latency = step_in_flight = 0.0;
+      return;
+    }
+    // At the concurrency the estimate was measured at or below it: the
+    // latency of this window is no-load latency too (an unbiased average,
+    // not a minimum).
+    value += a * (latency - value);
+  } else if (smoothed < value) {
+    // More concurrency and no slower (smoothed over several windows, so
+    // that one lucky window does not move the reference up): the
+    // downstream had room for it.
+    value += a * (latency - value);
+    value_in_flight = in_flight;
+  } else {
+    value += std::min(0.002, n / long_window) * (latency - value);
+  }
+}
+
+double NoLoadLatency::descend(double latency, double in_flight, double n,
+                              bool at_floor) noexcept {
+  if (settled || !(n > 0.0) || !(latency > 0.0)) return 1.0;
+  step_samples += n;
+  step_latency += latency * n;
+  step_in_flight += in_flight * n;
+  if (step_samples < kDescentSamples && !at_floor) return 1.0;
+  const double l = step_latency / step_samples;
+  const double f = step_in_flight / step_samples;
+  step_samples = step_latency = step_in_flight = 0.0;
+  // The step before ran at about twice the concurrency: was it about twice
+  // as slow (the downstream past its knee, queueing)? Then go on down.
+  bool settle = at_floor;
+  if (descending) {
+    const double fewer = descent_in_flight / f;
+    settle = settle || fewer < 1.2 ||
+             descent_latency / l < 1.0 + 0.5 * (fewer - 1.0);
+  }
+  if (settle) {
+    settled = true;
+    descending = false;
+    value = smoothed = l;
+    value_in_flight = smoothed_in_flight = f;
+    samples = 0.0;
+    return 1.0;
+  }
+  descending = true;
+  descent_latency = l;
+  descent_in_flight = f;
+  return 0.5;
+}
+
+void NoLoadLatency::repair() noexcept {
+  make_valid(settled);
+  make_valid(descending);
+  const auto bad = [](double x) { return !std::isfinite(x) || x < 0.0; };
+  if (bad(smoothed) || bad(samples) || bad(value) || bad(smoothed_in_flight) ||
+      bad(value_in_flight)) {
+    smoothed = samples = value = smoothed_in_flight = value_in_flight = 0.0;
+    settled = false;
+  }
+  if (bad(descent_latency) || bad(descent_in_flight) || bad(step_samples) ||
+      bad(step_latency) || bad(step_in_flight)) {
+    descending = false;
+    descent_latency = descent_in_flight = 0.0;
+    step_samples = step_latency = step_in_flight = 0.0;
+  }
+  if (settled && value == 0.0) settled = false;
+}
+
+namespace {
+
+void check_common(std::int64_t min_limit, std::int64_t initial_limit, Clock::duration window,
+                  std::int64_t min_window_samples, double backoff, double drop_rate,
+                  double smoothing, double smoothing_samples, double long_window) {
+  check_bounds(min_limit, initial_limit);
+  check_window(window, min_window_samples);
+  check_backoff(backoff);
+  if (!(drop_rate >= 0.0 && drop_rate < 1.0)) {
+    throw std::invalid_argument("drop_rate must be in [0, 1), got " + std::to_string(drop_rate));
+  }
+  if (!(smoothing > 0.0 && smoothing <= 1.0)) {
+    throw std::invalid_argument("smoothing must be in (0, 1], got " + std::to_string(smoothing));
+  }
+  if (!(smoothing_samples >= 1.0 && std::isfinite(smoothing_samples))) {
+    throw std::invalid_argument("smoothing_samples must be >= 1, got " +
+                                std::to_string(smoothing_samples));
+  }
+  if (!(long_window >= 1.0 && std::isfinite(long_window))) {
+    throw std::invalid_argument("long_window must be >= 1, got " + std::to_string(long_window));
+  }
+}
+
+// Adds window `w` to `pending`; true when `pending` may be decided on: it
+// spans at least 10 of its mean latencies (`span`: from the last decision
+// to the window's end). A window only a few latencies long holds the short
+// requests that finished in it but not the long one each slot is still
+// serving at its end: with heavy-tailed service times it looks much faster
+// than the downstream is.
+bool decide(SampleWindow::Summary& pending, const SampleWindow::Summary& w,
+            Clock::duration span) {
+  const auto ok = [](const SampleWindow::Summary& x) {
+    return static_cast<double>(x.samples - x.drops);
+  };
+  const double a = ok(pending), b = ok(w);
+  if (a + b > 0.0) {
+    pending.mean_latency = (pending.mean_latency * a + w.mean_latency * b) / (a + b);
+    pending.mean_in_flight = (pending.mean_in_flight * a + w.mean_in_flight * b) / (a + b);
+  }
+  pending.samples += w.samples;
+  pending.drops += w.drops;
+  pending.max_in_flight = std::max(pending.max_in_flight, w.max_in_flight);
+  return seconds(span) >= 10.0 * pending.mean_latency;
+}
+
+Clock::duration hold(double latency) {
+  return std::chrono::duration_cast<Clock::duration>(
+      std::chrono::duration<double>(std::min(2.0 * latency, 3600.0)));
+}
+
+bool too_many_drops(const SampleWindow::Summary& w, double drop_rate) {
+  return w.drops > 0 &&
+         static_cast<double>(w.drops) > drop_rate * static_cast<double>(w.samples);
+}
+
+std::int64_t floor_of(double limit) {
+  // The limit is kept fractional so that small steps accumulate; the slots
+  // in force are its integer part (a small epsilon absorbs rounding).
+  return static_cast<std::int64_t>(std::floor(limit + 1e-9));
+}
+
+}  // namespace
+
+Gradient2Limit::Gradient2Limit(Gradient2Options options)
+    : o_(options),
+      s_{.window = SampleWindow(o_.window, o_.min_window_samples),
+         .max = 1.0,
+         .limit = 1.0,
+         .no_load = NoLoadLatency{},
+         .changed = false,
+         .changed_at = {},
+         .decided_at = {},
+         .pending = {}} {
+  check_common(o_.min_limit, o_.initial_limit, o_.window, o_.min_window_samples, o_.backoff,
+               o_.drop_rate, o_.smoothing, o_.smoothing_samples, o_.long_window);
+  if (!(o_.tolerance > 1.0 && std::isfinite(o_.tolerance))) {
+    throw std::invalid_argument("tolerance must be > 1, got " + std::to_string(o_.tolerance));
+  }
+  if (!(o_.queue_size >= 0.0 && std::isfinite(o_.queue_size))) {
+    throw std::invalid_argument("queue_size must be >= 0, got " + std::to_string(o_.queue_size));
+  }
+}
+
+std::int64_t Gradient2Limit::start(std::int64_t capacity) {
+  s_.limit = initial(o_.min_limit, o_.initial_limit, capacity);
+  s_.max = static_cast<double>(capacity);
+  return in_force();
+}
+
+std::int64_t Gradient2Limit::in_force() const noexcept { return floor_of(s_.limit); }
+
+void Gradient2Limit::restore(const State& state, std::int64_t capacity,
+                             Clock::time_point now) noexcept {
+  std::memcpy(static_cast<void*>(&s_), &state, sizeof s_);  // bytes: see make_valid()
+  s_.window.repair(o_.window, o_.min_window_samples, now);
+  s_.max = static_cast<double>(capacity);
+  s_.limit = in_range(s_.limit, static_cast<double>(o_.min_limit), s_.max);
+  s_.no_load.repair();
+  const SampleWindow::Summary& p = s_.pending;
+  if (p.samples < 0 || p.drops < 0 || p.drops > p.samples || p.max_in_flight < 0 ||
+      !std::isfinite(p.mean_latency) || p.mean_latency < 0.0 ||
+      !std::isfinite(p.mean_in_flight) || p.mean_in_flight < 0.0) {
+    s_.pending = {};
+  }
+  make_valid(s_.changed);
+  s_.changed = s_.changed && s_.changed_at != Clock::time_point{} && s_.changed_at <= now &&
+               s_.decided_at != Clock::time_point{} && s_.decided_at <= now;
+}
+
+std::int64_t Gradient2Limit::update(const LimitSample& sample) {
+  // The requests granted before the first release started on an idle
+  // downstream, as the concurrency ramped up: not representative.
+  if (!s_.changed) {
+    s_.changed = true;
+    s_.changed_at = s_.decided_at = sample.end;
+    return in_force();
+  }
+  // For two latencies after the limit changed, requests that ran under the
+  // old limit are still finishing: left out. (Leaving out instead the
+  // requests granted before the change would keep, shortly after it, only
+  // the short ones: a window of them looks faster than the downstream is.)
+  if (sample.end < s_.changed_at + hold(s_.no_load.smoothed)) return in_force();
+  if (const auto w = s_.window.add(sample)) {
+    if (!decide(s_.pending, *w, sample.end - s_.decided_at)) return in_force();
+    s_.decided_at = sample.end;
+    const std::int64_t before = in_force();
+    // The first window still holds the ramp from an idle downstream: its
+    // latency is learned from, no decision taken, and the next starts clean.
+    const bool first = s_.no_load.smoothed == 0.0;
+    on_window(std::exchange(s_.pending, {}), first);
+    if (first || in_force() != before) s_.changed_at = sample.end;
+  }
+  return in_force();
+}
+
+void Gradient2Limit::on_set_limit(std::int64_t limit, Clock::time_point now) noexcept {
+  s_.limit = std::clamp(static_cast<double>(limit), static_cast<double>(o_.min_limit), s_.max);
+  s_.window.reset();
+  s_.pending = {};
+  s_.changed = true;
+  s_.changed_at = s_.decided_at = now;
+}
+
+void Gradient2Limit::on_window(const SampleWindow::Summary& w, bool first) {
+  const double floor_limit = static_cast<double>(o_.min_limit);
+  const auto bounded = [&](double limit) { return std::clamp(limit, floor_limit, s_.max); };
+  if (too_many_drops(w, o_.drop_rate)) {
+    s_.limit = bounded(s_.limit * o_.backoff);
+    return;
+  }
+  const auto ok = static_cast<double>(w.samples - w.drops);
+  if (ok == 0.0) return;
+  const double latency = w.mean_latency;
+  const bool at_floor = in_force() <= o_.min_limit;
+  NoLoadLatency& nl = s_.no_load;
+  nl.add(latency, w.mean_in_flight, ok, o_.smoothing_samples, o_.long_window, at_floor);
+
+  const double limit_now = static_cast<double>(in_force());
+  if (first || static_cast<double>(w.max_in_flight) < limit_now / 2) return;  // or under-used
+  if (!nl.settled) {
+    s_.limit = bounded(s_.limit * nl.descend(latency, w.mean_in_flight, ok, at_floor));
+    return;
+  }
+  const double ratio = latency / nl.value;
+  const double gradient = std::clamp(o_.tolerance / ratio, 0.5, 1.0);
+  const double queue = o_.queue_size > 0.0 ? o_.queue_size : std::sqrt(s_.limit);
+  double next = s_.limit * gradient;
+  if (ratio <= 1.1) {
+    next = std::max(s_.limit + queue, s_.limit * 1.5);
+  } else if (ratio <= 1.0 + (o_.tolerance - 1.0) / 2) {
+    next += queue;
+  } else if (ratio <= o_.tolerance) {
+    return;  // between: hold
+  }
+  s_.limit = bounded(s_.limit * (1.0 - o_.smoothing) + next * o_.smoothing);
+}
+
+VegasLimit::VegasLimit(VegasOptions options)
+    : o_(options),
+      s_{.window = SampleWindow(o_.window, o_.min_window_samples),
+         .max = 1.0,
+         .limit = 1.0,
+         .no_load = NoLoadLatency{},
+         .changed = false,
+         .changed_at = {},
+         .decided_at = {},
+         .pending = {}} {
+  check_common(o_.min_limit, o_.initial_limit, o_.window, o_.min_window_samples, o_.backoff,
+               o_.drop_rate, o_.smoothing, o_.smoothing_samples, o_.long_window);
+  const auto positive = [](double x) { return x > 0.0 && std::isfinite(x); };
+  if (!positive(o_.alpha) || !positive(o_.beta) || !(o_.alpha < o_.beta)) {
+    throw std::invalid_argument("alpha and beta must be > 0 with alpha < beta, got " +
+                                std::to_string(o_.alpha) + " and " + std::to_string(o_.beta));
+  }
+  if (!(o_.threshold >= 0.0 && o_.threshold < o_.alpha)) {
+    throw std::invalid_argument("threshold must be in [0, alpha), got " +
+                                std::to_string(o_.threshold));
+  }
+  if (!(o_.min_queue >= 0.0 && std::isfinite(o_.min_queue))) {
+    throw std::invalid_argument("min_queue must be >= 0, got " + std::to_string(o_.min_queue));
+  }
+}
+
+std::int64_t VegasLimit::start(std::int64_t capacity) {
+  s_.limit = initial(o_.min_limit, o_.initial_limit, capacity);
+  s_.max = static_cast<double>(capacity);
+  return in_force();
+}
+
+std::int64_t VegasLimit::in_force() const noexcept { return floor_of(s_.limit); }
+
+void VegasLimit::restore(const State& state, std::int64_t capacity,
+                         Clock::time_point now) noexcept {
+  std::memcpy(static_cast<void*>(&s_), &state, sizeof s_);  // bytes: see make_valid()
+  s_.window.repair(o_.window, o_.min_window_samples, now);
+  s_.max = static_cast<double>(capacity);
+  s_.limit = in_range(s_.limit, static_cast<double>(o_.min_limit), s_.max);
+  s_.no_load.repair();
+  const SampleWindow::Summary& p = s_.pending;
+  if (p.samples < 0 || p.drops < 0 || p.drops > p.samples || p.max_in_flight < 0 ||
+      !std::isfinite(p.mean_latency) || p.mean_latency < 0.0 ||
+      !std::isfinite(p.mean_in_flight) || p.mean_in_flight < 0.0) {
+    s_.pending = {};
+  }
+  make_valid(s_.changed);
+  s_.changed = s_.changed && s_.changed_at != Clock::time_point{} && s_.changed_at <= now &&
+               s_.decided_at != Clock::time_point{} && s_.decided_at <= now;
+}
+
+std::int64_t VegasLimit::update(const LimitSample& sample) {
+  // The requests granted before the first release started on an idle
+  // downstream, as the concurrency ramped up: not representative.
+  if (!s_.changed) {
+    s_.changed = true;
+    s_.changed_at = s_.decided_at = sample.end;
+    return in_force();
+  }
+  // For two latencies after the limit changed, requests that ran under the
+  // old limit are still finishing: left out. (Leaving out instead the
+  // requests granted before the change would keep, shortly after it, only
+  // the short ones: a window of them looks faster than the downstream is.)
+  if (sample.end < s_.changed_at + hold(s_.no_load.smoothed)) return in_force();
+  if (const auto w = s_.window.add(sample)) {
+    if (!decide(s_.pending, *w, sample.end - s_.decided_at)) return in_force();
+    s_.decided_at = sample.end;
+    const std::int64_t before = in_force();
+    const bool first = s_.no_load.smoothed == 0.0;  // as Gradient2Limit's
+    on_window(std::exchange(s_.pending, {}), first);
+    if (first || in_force() != before) s_.changed_at = sample.end;
+  }
+  return in_force();
+}
+
+void VegasLimit::on_set_limit(std::int64_t limit, Clock::time_point now) noexcept {
+  s_.limit = std::clamp(static_cast<double>(limit), static_cast<double>(o_.min_limit), s_.max);
+  s_.window.reset();
+  s_.pending = {};
+  s_.changed = true;
+  s_.changed_at = s_.decided_at = now;
+}
+
+void VegasLimit::on_window(const SampleWindow::Summary& w, bool first) {
+  const double floor_limit = static_cast<double>(o_.min_limit);
+  const auto bounded = [&](double limit) { return std::clamp(limit, floor_limit, s_.max); };
+  if (too_many_drops(w, o_.drop_rate)) {
+    s_.limit = bounded(s_.limit * o_.backoff);
+    return;
+  }
+  const auto ok = static_cast<double>(w.samples - w.drops);
+  if (ok == 0.0) return;
+  const double latency = w.mean_latency;
+  const bool at_floor = in_force() <= o_.min_limit;
+  NoLoadLatency& nl = s_.no_load;
+  nl.add(latency, w.mean_in_flight, ok, o_.smoothing_samples, o_.long_window, at_floor);
+
+  const double limit_now = static_cast<double>(in_force());
+  if (first || static_cast<double>(w.max_in_flight) < limit_now / 2) return;  // or under-used
+  if (!nl.settled) {
+    s_.limit = bounded(s_.limit * nl.descend(latency, w.mean_in_flight, ok, at_floor));
+    return;
+  }
+  const double log_limit = std::log10(std::max(s_.limit, 1.0));
+  const double queue = s_.limit * (1.0 - nl.value / latency);
+  const double alpha = std::max(o_.min_queue, o_.alpha * log_limit);
+  const double beta = std::max(2.0 * o_.min_queue, o_.beta * log_limit);
+  double next = s_.limit;
+  if (queue <= o_.threshold * log_limit) {
+    next = s_.limit + std::max(1.0, o_.beta * log_limit);
+  } else if (queue < alpha) {
+    next = s_.limit + std::max(log_limit, 0.5);
+  } else if (queue > beta) {
+    next = s_.limit - std::max(log_limit, 0.5);
+  } else {
+    return;
+  }
+  s_.limit = bounded(s_.limit * (1.0 - o_.smoothing) + next * o_.smoothing);
+}
+
+}  // namespace concurrency_limiter

@@ -92,8 +92,8 @@
 //     limit, fed by the samples of every process (service time from the
 //     grant to the release, drop outcome, in-flight = host-wide in_use). Its
 //     state lives in the segment and is updated under the shared mutex at
-//     each release, so only the built-in GradientLimit, AimdLimit and
-//     FixedLimit are accepted (a custom LimitAlgorithm throws
+//     each release, so only the built-in Gradient2Limit, VegasLimit,
+//     GradientLimit, AimdLimit and FixedLimit are accepted (a custom LimitAlgorithm throws
 //     std::invalid_argument); every process must pass the same kind and
 //     options (std::invalid_argument naming both otherwise). The process's
 //     own instance is used only for its kind and options. A process killed

@@ -8,12 +8,18 @@
 //
 //   auto db = std::make_shared<Resource>(ResourceOptions{
 //       .name = "db", .capacity = 50,
-//       .limit_algorithm = std::make_shared<GradientLimit>()});
+//       .limit_algorithm = std::make_shared<Gradient2Limit>()});
 //
-// Shipped algorithms:
-//   GradientLimit  finds the concurrency past which the downstream only gets
-//                  slower (the default of adaptive resources);
+// Shipped algorithms (compared on the grid of bench/limit_grid.cc; README,
+// "Adaptive limits"):
+//   Gradient2Limit a latency gradient against a long-term no-load latency,
+//                  after Netflix's Gradient2 (the default of adaptive
+//                  resources);
+//   VegasLimit     keeps an estimated queue between two thresholds, after
+//                  Netflix's VegasLimit;
 //   AimdLimit      additive increase, multiplicative decrease on drops;
+//   GradientLimit  the default of earlier versions: it collapses when
+//                  service times vary widely;
 //   FixedLimit     a constant.
 //
 // Thread safety: a resource calls its algorithm's start() once and then
@@ -38,8 +44,8 @@ namespace concurrency_limiter {
 using Clock = std::chrono::steady_clock;
 
 // Where adaptive limits start by default (as Netflix's Gradient2): high
-// enough not to throttle a fresh process much (the limit grows by up to x1.25
-// per window), low enough that a moderately busy resource uses half of it,
+// enough not to throttle a fresh process much (the limit grows by a tenth or
+// more per decision while latency stays at the no-load level), low enough that a moderately busy resource uses half of it,
 // which is what the algorithms need to learn anything.
 inline constexpr std::int64_t kDefaultInitialLimit = 20;
 
@@ -298,9 +304,235 @@ class GradientLimit final : public LimitAlgorithm {
   State s_;
 };
 
+// The no-load latency of a downstream, learned from decisions' windows for
+// Gradient2Limit and VegasLimit. Service times vary (a lognormal, a few slow
+// requests among fast ones), so the lowest window mean is no estimate: with
+// windows of 10 samples it lies far below the true mean, and a limit that
+// takes it for the no-load latency sees queueing everywhere and collapses
+// (GradientLimit with 300 ms and 1 s service times). Instead the estimate is
+// an average, kept with the concurrency it was measured at:
+//   - a window at that concurrency or lower (or at the floor) moves it
+//     towards its mean by samples / `smoothing_samples` (at most all the
+//     way): at no more concurrency, a slower window is noise or a slower
+//     downstream, not queueing of the limiter's making, so the average is
+//     unbiased and a slower downstream is learned again without a probe;
+//   - a window at more concurrency moves it the same way, and the
+//     concurrency up, when the latency smoothed over the last windows is
+//     below it (the downstream had room for more); otherwise it moves by
+//     samples / `long_window` (at most 0.2 % per window), the long-term
+//     average of Gradient2, too slow for queueing held at the tolerance to
+//     make the limit creep up;
+//   - latency smoothed over the last windows 1.5x the estimate or more at
+//     no more concurrency means the knee moved down or the downstream got
+//     slower: the descent below tells which, once;
+//   - a first estimate measured with the limit in use may include queueing
+//     (a resource that starts above the downstream's knee): until a step to
+//     half the concurrency is not clearly faster (latency fell by less than
+//     half as much), the algorithm halves its limit once per step of
+//     kDescentSamples. This descent happens once, when the load first uses
+//     the limit, never again: there is no periodic probe and no dip.
+struct NoLoadLatency {
+  double smoothed = 0.0;  // seconds; 0: no window yet
+  double smoothed_in_flight = 0.0;
+  double samples = 0.0;   // samples smoothed so far (capped)
+  double value = 0.0;     // the estimate, seconds; 0: none yet
+  double value_in_flight = 0.0;  // the concurrency it was measured at
+  bool settled = false;   // the descent is over
+  bool descending = false;
+  double descent_latency = 0.0;    // the last descent step's mean
+  double descent_in_flight = 0.0;
+  // The current descent step's sums (a step decides on kDescentSamples).
+  double step_samples = 0.0;
+  double step_latency = 0.0;
+  double step_in_flight = 0.0;
+
+  static constexpr double kDescentSamples = 100.0;
+
+  // Feeds a window (its mean latency, mean concurrency and successes).
+  void add(double latency, double in_flight, double samples, double smoothing_samples,
+           double long_window, bool at_floor) noexcept;
+  // While not settled, for a window measured with the limit in use: returns
+  // the multiplier for the limit (0.5 for a descent step, 1 otherwise).
+  double descend(double latency, double in_flight, double samples, bool at_floor) noexcept;
+
+  // Brings damaged values into range (a state read from shared memory).
+  void repair() noexcept;
+};
+
+struct Gradient2Options {
+  std::int64_t min_limit = 1;
+  // 0: kDefaultInitialLimit, or capacity if lower (min_limit if higher).
+  std::int64_t initial_limit = 0;
+  // A window's mean latency up to `tolerance` x the no-load latency is not
+  // cut for; above it the gradient tolerance x no_load / latency (clamped to
+  // [0.5, 1]) scales the limit. > 1. (Netflix's rttTolerance.)
+  double tolerance = 1.3;
+  // How much of each new limit is taken: limit = limit x (1 - smoothing) +
+  // new x smoothing. In (0, 1].
+  double smoothing = 0.2;
+  // The queue allowance added to a limit whose latency is at the no-load
+  // level (within half the tolerance): lets it grow. 0: sqrt(limit).
+  double queue_size = 0.0;
+  // Samples over which the no-load latency is averaged (NoLoadLatency).
+  // >= 1.
+  double smoothing_samples = 100.0;
+  // Samples over which the no-load latency follows a latency that stays
+  // higher at more concurrency (the long-term average of Gradient2;
+  // Netflix's longWindow). >= 1.
+  double long_window = 600.0;
+  // Multiplier applied when more than `drop_rate` of a window's requests
+  // were dropped. In (0, 1).
+  double backoff = 0.9;
+  // Fraction of drops in a window tolerated without a cut, in [0, 1).
+  double drop_rate = 0.05;
+  Clock::duration window = std::chrono::seconds(1);
+  std::int64_t min_window_samples = 10;
+
+  bool operator==(const Gradient2Options&) const = default;
+};
+
+// Netflix's Gradient2, made to hold when service times vary:
+//   gradient = clamp(tolerance x no_load / latency, 0.5, 1)
+//   new      = limit x gradient + queue      (queue only near no-load latency)
+//   limit    = limit x (1 - smoothing) + new x smoothing
+// per decision, where latency is the mean of the windows since the last
+// decision and no_load the estimate of NoLoadLatency, and:
+//   - a decision waits until its windows span 10 of their mean latencies:
+//     a window only a few latencies long holds the short requests that
+//     finished in it but not the long one each slot is still serving at its
+//     end, and with heavy-tailed service times looks much faster than the
+//     downstream is; for two latencies after the limit changed, requests
+//     still finishing ran under the old limit and are left out;
+//   - the queue allowance is added only while latency is within half the
+//     tolerance of no-load (Netflix adds it always, so a moderate overload
+//     that holds latency at the tolerance makes the limit creep up, their
+//     PR #134); between that and the tolerance the limit holds;
+//   - at no-load latency (within 10 %) the limit grows x1.5 per decision
+//     (before smoothing), to reach a ceiling far above in seconds;
+//   - the very first request is left out (it started on an idle
+//     downstream), and the first decision only learns latency;
+//   - drops above `drop_rate` of a window cut the limit x backoff and teach
+//     nothing else (a failed request's latency is no service time);
+//   - a limit less than half used (by the window's peak) is neither lowered
+//     nor raised.
+// Bounded to [min_limit, capacity].
+class Gradient2Limit final : public LimitAlgorithm {
+ public:
+  // Throws std::invalid_argument on out-of-range options.
+  explicit Gradient2Limit(Gradient2Options options = {});
+  std::int64_t start(std::int64_t capacity) override;
+  std::int64_t update(const LimitSample& sample) override;
+  // Moves on from `limit`; the current window's samples are dropped.
+  void on_set_limit(std::int64_t limit, Clock::time_point now) noexcept override;
+
+  double limit() const noexcept { return s_.limit; }
+  double no_load_latency() const noexcept { return s_.no_load.value; }
+
+  // Everything update() changes (see "Host scope" above).
+  struct State {
+    SampleWindow window;
+    double max = 1.0;
+    double limit = 1.0;
+    NoLoadLatency no_load;
+    // When the limit in force last changed (valid if changed): requests
+    // that finish shortly after it ran under the old limit and are left out.
+    bool changed = false;
+    Clock::time_point changed_at{};
+    // When the last decision was taken (valid if changed), and the windows
+    // since, until they span enough latencies to be decided on.
+    Clock::time_point decided_at{};
+    SampleWindow::Summary pending;
+  };
+  const Gradient2Options& options() const noexcept { return o_; }
+  const State& state() const noexcept { return s_; }
+  // As GradientLimit::restore().
+  void restore(const State& state, std::int64_t capacity, Clock::time_point now) noexcept;
+
+ private:
+  std::int64_t in_force() const noexcept;
+  void on_window(const SampleWindow::Summary& w, bool first);
+
+  Gradient2Options o_;
+  State s_;
+};
+
+struct VegasOptions {
+  std::int64_t min_limit = 1;
+  // 0: kDefaultInitialLimit, or capacity if lower (min_limit if higher).
+  std::int64_t initial_limit = 0;
+  // Queue thresholds as multiples of log10(limit) (at least `min_queue`
+  // each): below alpha the limit grows by log10(limit), above beta it
+  // shrinks by as much; at most `threshold` x log10(limit) queued, it grows
+  // by beta x log10(limit) (far from the knee). As Netflix's VegasLimit.
+  double alpha = 3.0;
+  double beta = 6.0;
+  double threshold = 1.0;
+  // The smallest alpha and beta, in requests: at a limit of 2 or 3,
+  // log10 is too small to mean a queue.
+  double min_queue = 0.5;
+  // How much of each new limit is taken, in (0, 1].
+  double smoothing = 1.0;
+  // As Gradient2Options.
+  double smoothing_samples = 100.0;
+  double long_window = 600.0;
+  double backoff = 0.9;
+  double drop_rate = 0.05;
+  Clock::duration window = std::chrono::seconds(1);
+  std::int64_t min_window_samples = 10;
+
+  bool operator==(const VegasOptions&) const = default;
+};
+
+// TCP Vegas applied to concurrency, after Netflix's VegasLimit: the queue
+// is estimated as limit x (1 - no_load / latency) per decision (decisions
+// as Gradient2Limit's) and kept between alpha and beta. The no-load latency is NoLoadLatency's (Netflix
+// takes the lowest sample and resets it now and then, which noise biases
+// low). Drops cut x backoff (Netflix subtracts log10(limit)); an under-used
+// limit does not move. Bounded to [min_limit, capacity].
+class VegasLimit final : public LimitAlgorithm {
+ public:
+  // Throws std::invalid_argument on out-of-range options.
+  explicit VegasLimit(VegasOptions options = {});
+  std::int64_t start(std::int64_t capacity) override;
+  std::int64_t update(const LimitSample& sample) override;
+  void on_set_limit(std::int64_t limit, Clock::time_point now) noexcept override;
+
+  double limit() const noexcept { return s_.limit; }
+  double no_load_latency() const noexcept { return s_.no_load.value; }
+
+  struct State {
+    SampleWindow window;
+    double max = 1.0;
+    double limit = 1.0;
+    NoLoadLatency no_load;
+    // When the limit in force last changed (valid if changed): requests
+    // that finish shortly after it ran under the old limit and are left out.
+    bool changed = false;
+    Clock::time_point changed_at{};
+    // When the last decision was taken (valid if changed), and the windows
+    // since, until they span enough latencies to be decided on.
+    Clock::time_point decided_at{};
+    SampleWindow::Summary pending;
+  };
+  const VegasOptions& options() const noexcept { return o_; }
+  const State& state() const noexcept { return s_; }
+  void restore(const State& state, std::int64_t capacity, Clock::time_point now) noexcept;
+
+ private:
+  std::int64_t in_force() const noexcept;
+  void on_window(const SampleWindow::Summary& w, bool first);
+
+  VegasOptions o_;
+  State s_;
+};
+
 static_assert(std::is_trivially_copyable_v<AimdOptions>);
 static_assert(std::is_trivially_copyable_v<AimdLimit::State>);
 static_assert(std::is_trivially_copyable_v<GradientOptions>);
 static_assert(std::is_trivially_copyable_v<GradientLimit::State>);
+static_assert(std::is_trivially_copyable_v<Gradient2Options>);
+static_assert(std::is_trivially_copyable_v<Gradient2Limit::State>);
+static_assert(std::is_trivially_copyable_v<VegasOptions>);
+static_assert(std::is_trivially_copyable_v<VegasLimit::State>);
 
 }  // namespace concurrency_limiter

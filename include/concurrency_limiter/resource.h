@@ -149,11 +149,11 @@ struct ResourceOptions {
   // kAdaptive only: how long the oldest waiter must stay above the target
   // before the queue counts as standing. Must be > 0.
   Clock::duration adaptive_interval = std::chrono::milliseconds(1500);
-  // Moves the limit by itself (e.g. GradientLimit); null: the limit stays at
+  // Moves the limit by itself (e.g. Gradient2Limit); null: the limit stays at
   // capacity unless set_limit() changes it. Its start(capacity) is called by
   // the constructor and may throw std::invalid_argument. Owned by this
   // resource alone. Every hold of an adaptive resource is timed. Scope::kHost
-  // accepts only GradientLimit, AimdLimit and FixedLimit (see
+  // accepts only the built-in algorithms of limit.h (see
   // host_resource.h): one algorithm of their kind and options then serves the
   // whole host; std::invalid_argument otherwise.
   std::shared_ptr<LimitAlgorithm> limit_algorithm;

@@ -66,6 +66,14 @@ def _completion_of_group(group: BaseException) -> _core.Completion:
     return _IGNORED if ignored_only else SUCCESS
 
 
+# The algorithms AdaptiveLimit offers by name; the first is the default (the
+# best on the grid of bench/limit_grid.cc; README, "Adaptive limits").
+ALGORITHMS = ("gradient2", "vegas", "aimd", "gradient")
+
+# Each algorithm's tolerance when none is given (vegas and aimd have none).
+_TOLERANCE = {"gradient2": 1.3, "gradient": 1.25}
+
+
 @dataclass(frozen=True)
 class AdaptiveLimit:
     """Tuning of ``Resource(capacity, adaptive=AdaptiveLimit(...))``.
@@ -78,6 +86,13 @@ class AdaptiveLimit:
     limits".
 
     Args:
+        algorithm: how the limit moves: ``"gradient2"`` (default: a latency
+            gradient against a long-term no-load latency, after Netflix's
+            Gradient2), ``"vegas"`` (keeps an estimated queue between two
+            thresholds, after Netflix's VegasLimit), ``"aimd"`` (+1 while
+            used, x ``backoff`` on drops; ignores latency) or ``"gradient"``
+            (the algorithm of earlier versions: it collapses when service
+            times vary widely).
         min_limit: the floor, an integer >= 1 and <= capacity.
         initial_limit: where the limit starts; ``None`` (default): 20, or
             ``capacity`` if lower (as Netflix's Gradient2). A limit less
@@ -85,26 +100,35 @@ class AdaptiveLimit:
             would stay there until a burst fills half of it.
         tolerance: a window's mean service time up to ``tolerance`` times
             the no-load service time is normal; above it the limit is cut.
-            > 1.
+            > 1; ``None`` (default): 1.3 for ``"gradient2"``, 1.25 for
+            ``"gradient"``. Not used by ``"vegas"`` and ``"aimd"``.
         backoff: multiplier applied when more than ``drop_rate`` of a
             window's requests were dropped, in (0, 1).
         drop_rate: fraction of dropped requests tolerated per window, in
-            [0, 1): errors unrelated to overload should not shrink the limit.
+            [0, 1): errors unrelated to overload should not shrink the limit
+            (``"aimd"`` cuts on any drop).
         window: shortest window of samples, in seconds.
         min_window_samples: fewest samples in a window, an integer >= 1.
     """
 
     min_limit: int = 1
     initial_limit: int | None = None
-    tolerance: float = 1.25
+    tolerance: float | None = None
     backoff: float = 0.9
     drop_rate: float = 0.05
     window: float = 1.0
     min_window_samples: int = 10
+    # Last, so that the fields before keep their positions.
+    algorithm: str = "gradient2"
 
-    def _algorithm(self, capacity: int) -> _core.GradientLimit:
+    def _algorithm(self, capacity: int) -> _core.LimitAlgorithm:
         """The engine's algorithm, after checking every field against
         ``capacity``; the messages name the field and what it accepts."""
+        if not isinstance(self.algorithm, str) or self.algorithm not in ALGORITHMS:
+            allowed = ", ".join(repr(a) for a in ALGORITHMS)
+            raise ValueError(
+                f"AdaptiveLimit.algorithm must be one of {allowed}, got {self.algorithm!r}"
+            )
         check_int("AdaptiveLimit.min_limit", self.min_limit, minimum=1)
         if self.min_limit > capacity:
             raise ValueError(
@@ -119,7 +143,14 @@ class AdaptiveLimit:
                 f"AdaptiveLimit.initial_limit must be <= capacity ({capacity}), "
                 f"got {self.initial_limit!r}"
             )
-        tolerance = _check_real("AdaptiveLimit.tolerance", self.tolerance, "> 1", lambda x: x > 1)
+        tolerance = 0.0
+        if self.tolerance is not None or self.algorithm in _TOLERANCE:
+            tolerance = _check_real(
+                "AdaptiveLimit.tolerance",
+                _TOLERANCE.get(self.algorithm, 1.3) if self.tolerance is None else self.tolerance,
+                "> 1",
+                lambda x: x > 1,
+            )
         backoff = _check_real(
             "AdaptiveLimit.backoff", self.backoff, "in (0, 1)", lambda x: 0 < x < 1
         )
@@ -128,13 +159,22 @@ class AdaptiveLimit:
         )
         window = check_seconds("AdaptiveLimit.window", self.window)
         check_int("AdaptiveLimit.min_window_samples", self.min_window_samples, minimum=1)
+        initial = self.initial_limit or 0
+        if self.algorithm == "gradient2":
+            return _core.Gradient2Limit(
+                self.min_limit, initial, tolerance, backoff, drop_rate, window,
+                self.min_window_samples,
+            )
+        if self.algorithm == "vegas":
+            return _core.VegasLimit(
+                self.min_limit, initial, backoff, drop_rate, window, self.min_window_samples
+            )
+        if self.algorithm == "aimd":
+            return _core.AimdLimit(
+                self.min_limit, initial, backoff, window, self.min_window_samples
+            )
         return _core.GradientLimit(
-            self.min_limit,
-            self.initial_limit or 0,
-            tolerance,
-            backoff,
-            drop_rate,
-            window,
+            self.min_limit, initial, tolerance, backoff, drop_rate, window,
             self.min_window_samples,
         )
 
@@ -148,7 +188,7 @@ def _check_real(name: str, value: object, allowed: str, ok: Callable[[float], bo
     return x
 
 
-def algorithm_for(adaptive: object, capacity: int) -> _core.GradientLimit | None:
+def algorithm_for(adaptive: object, capacity: int) -> _core.LimitAlgorithm | None:
     """The limit algorithm for ``Resource(capacity, adaptive=...)``."""
     if adaptive is False:
         return None

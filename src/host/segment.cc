@@ -150,6 +150,33 @@ std::string describe_limit(const LimitConfig& l) {
              ", window=" + seconds_text(o.window) +
              ", min_window_samples=" + std::to_string(o.min_window_samples) + ")";
     }
+    case LimitKind::kGradient2: {
+      const Gradient2Options& o = l.gradient2;
+      char more[160];
+      std::snprintf(buf, sizeof buf, "tolerance=%g, smoothing=%g, queue_size=%g", o.tolerance,
+                    o.smoothing, o.queue_size);
+      std::snprintf(more, sizeof more,
+                    "smoothing_samples=%g, long_window=%g, backoff=%g, drop_rate=%g",
+                    o.smoothing_samples, o.long_window, o.backoff, o.drop_rate);
+      return "adaptive=Gradient2Limit(min_limit=" + std::to_string(o.min_limit) +
+             ", initial_limit=" + std::to_string(o.initial_limit) + ", " + buf + ", " + more +
+             ", window=" + seconds_text(o.window) +
+             ", min_window_samples=" + std::to_string(o.min_window_samples) + ")";
+    }
+    case LimitKind::kVegas: {
+      const VegasOptions& o = l.vegas;
+      char more[160];
+      std::snprintf(buf, sizeof buf, "alpha=%g, beta=%g, threshold=%g, min_queue=%g", o.alpha,
+                    o.beta, o.threshold, o.min_queue);
+      std::snprintf(more, sizeof more,
+                    "smoothing=%g, smoothing_samples=%g, long_window=%g, backoff=%g, "
+                    "drop_rate=%g",
+                    o.smoothing, o.smoothing_samples, o.long_window, o.backoff, o.drop_rate);
+      return "adaptive=VegasLimit(min_limit=" + std::to_string(o.min_limit) +
+             ", initial_limit=" + std::to_string(o.initial_limit) + ", " + buf + ", " + more +
+             ", window=" + seconds_text(o.window) +
+             ", min_window_samples=" + std::to_string(o.min_window_samples) + ")";
+    }
   }
   return "adaptive=<unknown kind " + std::to_string(l.kind) + ">";
 }
@@ -165,9 +192,16 @@ bool same_limit(const LimitConfig& a, const LimitConfig& b) {
       return a.aimd == b.aimd;
     case LimitKind::kGradient:
       return a.gradient == b.gradient;
+    case LimitKind::kGradient2:
+      return a.gradient2 == b.gradient2;
+    case LimitKind::kVegas:
+      return a.vegas == b.vegas;
   }
   return false;
 }
+
+// Every algorithm's state, empty (below).
+AlgorithmState empty_state();
 
 }  // namespace
 
@@ -186,6 +220,12 @@ LimitConfig limit_config_of(const LimitAlgorithm* algorithm) {
   if (const auto* g = dynamic_cast<const GradientLimit*>(algorithm)) {
     l.kind = static_cast<std::uint32_t>(LimitKind::kGradient);
     l.gradient = g->options();
+  } else if (const auto* g2 = dynamic_cast<const Gradient2Limit*>(algorithm)) {
+    l.kind = static_cast<std::uint32_t>(LimitKind::kGradient2);
+    l.gradient2 = g2->options();
+  } else if (const auto* v = dynamic_cast<const VegasLimit*>(algorithm)) {
+    l.kind = static_cast<std::uint32_t>(LimitKind::kVegas);
+    l.vegas = v->options();
   } else if (const auto* a = dynamic_cast<const AimdLimit*>(algorithm)) {
     l.kind = static_cast<std::uint32_t>(LimitKind::kAimd);
     l.aimd = a->options();
@@ -194,8 +234,9 @@ LimitConfig limit_config_of(const LimitAlgorithm* algorithm) {
     l.fixed = f->value();
   } else {
     throw std::invalid_argument(
-        "limit_algorithm of a resource of scope 'host' must be a GradientLimit, "
-        "AimdLimit or FixedLimit: one algorithm serves every process, so its state "
+        "limit_algorithm of a resource of scope 'host' must be a Gradient2Limit, "
+        "VegasLimit, GradientLimit, AimdLimit or FixedLimit: one algorithm serves "
+        "every process, so its state "
         "lives in shared memory, which a custom LimitAlgorithm cannot");
   }
   return l;
@@ -215,13 +256,18 @@ SharedAlgorithm::SharedAlgorithm(const Config& config)
     case LimitKind::kGradient:
       gradient_.emplace(config.limit.gradient);
       break;
+    case LimitKind::kGradient2:
+      gradient2_.emplace(config.limit.gradient2);
+      break;
+    case LimitKind::kVegas:
+      vegas_.emplace(config.limit.vegas);
+      break;
     default:
       throw std::invalid_argument("unknown limit algorithm kind " +
                                   std::to_string(config.limit.kind));
   }
   // Checks the options against the capacity (throws if they do not fit).
-  AlgorithmState unused{.aimd = {.window = SampleWindow({}, 1)},
-                        .gradient = {.window = SampleWindow({}, 1)}};
+  AlgorithmState unused = empty_state();
   start(unused);
 }
 
@@ -240,6 +286,14 @@ std::int64_t SharedAlgorithm::start(AlgorithmState& state) {
     case LimitKind::kGradient:
       limit = gradient_->start(capacity_);
       state.gradient = gradient_->state();
+      break;
+    case LimitKind::kGradient2:
+      limit = gradient2_->start(capacity_);
+      state.gradient2 = gradient2_->state();
+      break;
+    case LimitKind::kVegas:
+      limit = vegas_->start(capacity_);
+      state.vegas = vegas_->state();
       break;
   }
   return std::clamp<std::int64_t>(limit, 1, capacity_);
@@ -266,6 +320,16 @@ std::int64_t SharedAlgorithm::update(Header& h, const LimitSample& sample) noexc
       limit = gradient_->update(sample);
       to.gradient = gradient_->state();
       break;
+    case LimitKind::kGradient2:
+      gradient2_->restore(from.gradient2, capacity_, sample.end);
+      limit = gradient2_->update(sample);
+      to.gradient2 = gradient2_->state();
+      break;
+    case LimitKind::kVegas:
+      vegas_->restore(from.vegas, capacity_, sample.end);
+      limit = vegas_->update(sample);
+      to.vegas = vegas_->state();
+      break;
   }
   // The commit: until this store, the committed copy is the old one.
   h.algorithm_current = current ^ 1;
@@ -289,6 +353,16 @@ void SharedAlgorithm::set_limit(Header& h, std::int64_t limit, Clock::time_point
       gradient_->restore(from.gradient, capacity_, now);
       gradient_->on_set_limit(limit, now);
       to.gradient = gradient_->state();
+      break;
+    case LimitKind::kGradient2:
+      gradient2_->restore(from.gradient2, capacity_, now);
+      gradient2_->on_set_limit(limit, now);
+      to.gradient2 = gradient2_->state();
+      break;
+    case LimitKind::kVegas:
+      vegas_->restore(from.vegas, capacity_, now);
+      vegas_->on_set_limit(limit, now);
+      to.vegas = vegas_->state();
       break;
   }
   h.algorithm_current = current ^ 1;
@@ -384,7 +458,9 @@ void unlink_if_same(int dir, const std::string& name, ino_t inode) {
 
 AlgorithmState empty_state() {
   return AlgorithmState{.aimd = {.window = SampleWindow({}, 1)},
-                        .gradient = {.window = SampleWindow({}, 1)}};
+                        .gradient = {.window = SampleWindow({}, 1)},
+                        .gradient2 = Gradient2Limit().state(),
+                        .vegas = VegasLimit().state()};
 }
 
 // Builds a complete segment under no name, then links it into `dir` as

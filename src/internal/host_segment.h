@@ -60,8 +60,9 @@ namespace concurrency_limiter::detail::host {
 
 inline constexpr std::uint64_t kMagic = 0x3130545348434c46ull;  // "FLCHST01"
 // 2: limit in force, limit algorithm; 3: cut state; 4: liveness locks,
-// configuration that the newest process sets, private directory.
-inline constexpr std::uint32_t kVersion = 4;
+// configuration that the newest process sets, private directory;
+// 5: Gradient2Limit and VegasLimit (their options and state).
+inline constexpr std::uint32_t kVersion = 5;
 // Processes that may use one host resource at the same time.
 inline constexpr std::uint32_t kMaxProcesses = 256;
 // Requests that may wait for one host resource at the same time, over all
@@ -78,7 +79,7 @@ inline constexpr off_t kLockBase = off_t{1} << 40;
 enum class EntryState : std::uint32_t { kFree = 0, kQueued, kGranted, kRejected };
 
 // Which limit algorithm moves the limit (built-in ones only).
-enum class LimitKind : std::uint32_t { kNone = 0, kFixed, kAimd, kGradient };
+enum class LimitKind : std::uint32_t { kNone = 0, kFixed, kAimd, kGradient, kGradient2, kVegas };
 
 struct LimitConfig {
   std::uint32_t kind;  // LimitKind
@@ -86,6 +87,8 @@ struct LimitConfig {
   std::int64_t fixed;  // kFixed: FixedLimit::value()
   AimdOptions aimd;    // kAimd
   GradientOptions gradient;  // kGradient
+  Gradient2Options gradient2;  // kGradient2
+  VegasOptions vegas;          // kVegas
 };
 
 struct Config {
@@ -102,6 +105,8 @@ struct Config {
 struct AlgorithmState {
   AimdLimit::State aimd;
   GradientLimit::State gradient;
+  Gradient2Limit::State gradient2;
+  VegasLimit::State vegas;
 };
 
 struct List {
@@ -321,6 +326,8 @@ class SharedAlgorithm {
   std::optional<FixedLimit> fixed_;
   std::optional<AimdLimit> aimd_;
   std::optional<GradientLimit> gradient_;
+  std::optional<Gradient2Limit> gradient2_;
+  std::optional<VegasLimit> vegas_;
 };
 
 // Intrusive lists of entries, through Entry::prev/next; require the mutex.

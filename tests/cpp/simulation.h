@@ -2,8 +2,10 @@
 // and measure limit algorithms deterministically (no threads, no clock).
 //
 // The downstream has a knee at `k` concurrent requests: up to k, each takes
-// `base`; past it, they share its capacity, so each takes
-// base * in_flight / k (throughput stays at k / base, latency grows).
+// a service time drawn with mean `base`; past it, they share its capacity,
+// so each takes that times in_flight / k (throughput stays at k / base,
+// latency grows). The draw is +-`jitter` around `base` by default, or one of
+// the distributions real service times follow (ServiceTimes).
 #pragma once
 
 #include <algorithm>
@@ -17,15 +19,55 @@
 
 namespace concurrency_limiter::testing {
 
+// How service times below the knee vary around their mean.
+enum class ServiceTimes {
+  kJitter,       // uniform in [1-jitter, 1+jitter] x mean
+  kExponential,  // coefficient of variation 1
+  kLognormal05,  // lognormal, sigma 0.5 (CV 0.53)
+  kLognormal10,  // lognormal, sigma 1.0 (CV 1.31)
+  kBimodal,      // 90 % fast, 10 % ten times slower (CV 1.42)
+};
+
+inline const char* to_string(ServiceTimes d) {
+  switch (d) {
+    case ServiceTimes::kJitter: return "jitter";
+    case ServiceTimes::kExponential: return "exp";
+    case ServiceTimes::kLognormal05: return "logn0.5";
+    case ServiceTimes::kLognormal10: return "logn1.0";
+    case ServiceTimes::kBimodal: return "bimodal";
+  }
+  return "?";
+}
+
 struct SimulatedDownstream {
-  double base = 0.1;  // seconds, at or below the knee
+  double base = 0.1;  // seconds: the mean service time at or below the knee
   double k = 4.0;     // the knee: concurrency it serves without slowing down
-  double jitter = 0.1;  // each latency is scaled by a factor in [1-j, 1+j]
+  double jitter = 0.1;  // kJitter: each latency is scaled by a factor in [1-j, 1+j]
+  ServiceTimes service_times = ServiceTimes::kJitter;
   // Fraction of requests that fail (reported as dropped), for error tests.
   double error_rate = 0.0;
 
   double latency(std::int64_t in_flight) const {
     return base * std::max(1.0, static_cast<double>(in_flight) / k);
+  }
+
+  // A factor of mean 1 that scales latency() for one request.
+  template <class Rng>
+  double draw(Rng& rng) const {
+    std::uniform_real_distribution<double> unit(0.0, 1.0);
+    switch (service_times) {
+      case ServiceTimes::kJitter:
+        return 1.0 + jitter * (2.0 * unit(rng) - 1.0);
+      case ServiceTimes::kExponential:
+        return std::exponential_distribution<double>(1.0)(rng);
+      case ServiceTimes::kLognormal05:
+        return std::lognormal_distribution<double>(-0.125, 0.5)(rng);
+      case ServiceTimes::kLognormal10:
+        return std::lognormal_distribution<double>(-0.5, 1.0)(rng);
+      case ServiceTimes::kBimodal:
+        return (unit(rng) < 0.9 ? 1.0 : 10.0) / 1.9;
+    }
+    return 1.0;
   }
 };
 
@@ -57,8 +99,7 @@ class ClosedLoopSimulation {
         --waiting_;
         ++in_use_;
         peak_over_limit_ = std::max(peak_over_limit_, in_use_ - limit_);
-        const double factor =
-            1.0 + downstream.jitter * (2.0 * unit_(rng_) - 1.0);
+        const double factor = downstream.draw(rng_);
         const bool fails = unit_(rng_) < downstream.error_rate;
         events_.push({now_ + downstream.latency(in_use_) * factor, now_, fails});
       }
@@ -73,7 +114,10 @@ class ClosedLoopSimulation {
       s.dropped = e.fails;
       --in_use_;
       ++waiting_;  // the client sends its next request at once
-      if (!e.fails) ++completed_;
+      if (!e.fails) {
+        ++completed_;
+        latency_sum_ += e.end - e.start;
+      }
       const std::int64_t limit = algorithm_.update(s);
       if (limit != limit_) {
         limit_ = limit;
@@ -86,6 +130,8 @@ class ClosedLoopSimulation {
   double now() const { return now_; }
   std::int64_t limit() const { return limit_; }
   std::int64_t completed() const { return completed_; }  // successes so far
+  // The sum of the successes' service times so far, in seconds.
+  double latency_sum() const { return latency_sum_; }
   // Every change of the limit, in time order (the first at time 0).
   const std::vector<Point>& trace() const { return trace_; }
 
@@ -121,6 +167,7 @@ class ClosedLoopSimulation {
   std::int64_t in_use_ = 0;
   std::int64_t waiting_;
   std::int64_t completed_ = 0;
+  double latency_sum_ = 0.0;
   std::int64_t peak_over_limit_ = 0;
   double now_ = 0.0;
   std::mt19937 rng_;

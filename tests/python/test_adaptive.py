@@ -99,6 +99,18 @@ def test_adaptive_true_starts_at_twenty_or_the_capacity() -> None:
         (AdaptiveLimit(window=-1), ValueError, "AdaptiveLimit.window must be a finite number"),
         (AdaptiveLimit(min_window_samples=0), ValueError, "AdaptiveLimit.min_window_samples"),
         (AdaptiveLimit(tolerance="x"), TypeError, "AdaptiveLimit.tolerance must be a number"),  # type: ignore[arg-type]
+        (
+            AdaptiveLimit(algorithm="netflix"),
+            ValueError,
+            r"AdaptiveLimit.algorithm must be one of 'gradient2', 'vegas', 'aimd', "
+            r"'gradient', got 'netflix'",
+        ),
+        (AdaptiveLimit(algorithm=2), ValueError, "AdaptiveLimit.algorithm must be one of"),  # type: ignore[arg-type]
+        (
+            AdaptiveLimit(algorithm="vegas", tolerance=0.5),
+            ValueError,
+            r"AdaptiveLimit.tolerance must be a number > 1",
+        ),
     ],
 )
 def test_adaptive_settings_are_validated_at_start_up(
@@ -108,11 +120,36 @@ def test_adaptive_settings_are_validated_at_start_up(
         Resource(4, adaptive=adaptive)  # type: ignore[arg-type]
 
 
+@pytest.mark.parametrize("algorithm", ["gradient2", "vegas", "aimd", "gradient"])
+async def test_every_algorithm_starts_adapts_to_drops_and_shows_its_limit(algorithm: str) -> None:
+    """Each algorithm by name: the limit starts where asked, a failed
+    request cuts it (x backoff), and statistics show the limit in force."""
+    db = Resource(
+        10,
+        adaptive=AdaptiveLimit(
+            algorithm=algorithm, initial_limit=8, window=0, min_window_samples=1, drop_rate=0
+        ),
+    )
+    assert db.limit == 8
+    limiter = Limiter(timeout=1, resources=[db])
+    async with limiter.acquire([db]):
+        pass  # (the first release only marks the start)
+    with pytest.raises(ValueError):
+        async with limiter.acquire([db]):
+            raise ValueError("query failed")
+    assert db.limit == 7  # 8 x 0.9, rounded down
+    assert db.statistics().limit == 7
+
+
+def test_the_default_algorithm_is_gradient2() -> None:
+    assert AdaptiveLimit().algorithm == "gradient2"
+
+
 async def test_adaptive_limit_moves_when_service_time_grows_with_concurrency() -> None:
     """A downstream with a knee at 2: past it, each request takes longer in
     proportion to the number in flight. 20 busy clients against a limit
     starting at 20 make it move down (in real time on a loaded machine:
-    only that it reacts; tests/cpp/limit_test.cc checks where it settles, in
+    only that it reacts; tests/cpp/limit_grid_test.cc checks where it settles, in
     simulated time)."""
     db = Resource(
         20, name="db", adaptive=AdaptiveLimit(window=0.05, min_window_samples=5)
