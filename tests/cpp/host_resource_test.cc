@@ -311,7 +311,8 @@ TEST(HostResource, CorruptOrForeignSegmentsAreReplacedUnlessInUse) {
   EXPECT_LT(std::chrono::steady_clock::now() - started, 1500ms);
   // A foreign header while a live process holds a liveness lock on it.
   write_segment(sizeof(detail::host::Segment), '\x5a');
-  const int user = ::open(shm_path(name).c_str(), O_RDWR);
+  // Close-on-exec: a helper spawned meanwhile must not share its lock.
+  const int user = ::open(shm_path(name).c_str(), O_RDWR | O_CLOEXEC);
   ASSERT_TRUE(detail::host::lock_slot(user, 7));
   Child foreign({"open", name, "1", "fifo"});
   const std::string refused = foreign.line();
