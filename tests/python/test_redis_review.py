@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import asyncio
 import threading
-import time
 from typing import Any
 
 import pytest
+from redis.exceptions import ConnectionError as RedisConnectionError
 
-from fastapi_concurrency_limiter import Limiter, Resource, ServerBusy
+from fastapi_concurrency_limiter import Limiter, Resource
 from fastapi_concurrency_limiter.redis import RedisScope
 
 from .redis_support import RedisServer, needs_redis, redis_server
@@ -54,9 +54,7 @@ class _LatencyProxy:
             writer.close()
             return
 
-        async def pump(
-            src: asyncio.StreamReader, dst: asyncio.StreamWriter, delay: float
-        ) -> None:
+        async def pump(src: asyncio.StreamReader, dst: asyncio.StreamWriter, delay: float) -> None:
             try:
                 while data := await src.read(65536):
                     if delay:
@@ -91,11 +89,11 @@ def test_review_a_burst_on_a_slow_but_healthy_redis_is_not_an_outage(
     Redis answers every command in 0.25 s (well within the 1 s ``timeout``),
     400 requests of capacity 400 arrive at once, each may wait 15 s. The
     64-connection pool (warm: its connections are open) serves them in
-    about 1.6 s: every request fits in its deadline. But the wait for a pooled connection counts against the
-    command's silence bound (min(timeout, half the deadline) = 1 s): past it
-    the request is taken for an unreachable Redis, the confirmation probe
-    (through the same exhausted pool) fails too, and Redis is declared down:
-    503 "unavailable" though Redis answered every call."""
+    about 1.6 s: every request fits in its deadline. But the wait for a
+    pooled connection counts against the command's silence bound
+    (min(timeout, half the deadline) = 1 s): past it the request is taken
+    for an unreachable Redis, the confirmation probe (through the same
+    exhausted pool) fails too, and Redis is declared down: 503 "unavailable" though Redis answered every call."""
     proxy = _LatencyProxy(redis_server.port, 0.25)
     port = proxy.start()
 
@@ -341,3 +339,114 @@ def test_review_a_holder_paused_past_a_minute_learns_its_lease_was_lost(
         )
 
     asyncio.run(asyncio.wait_for(main(), 120))
+
+
+# -- 7. Lost-lease detection: a stale release sent with the heartbeat -----------
+
+
+def test_review_a_stale_release_sent_with_the_heartbeat_reports_the_lost_lease(
+    redis_server: RedisServer,
+) -> None:
+    """Capacity 1: A's lease runs out (its heartbeats fail) and B is granted
+    the slot and holds it. A's request ends; its release meets a network
+    blip (all 3 attempts fail) and goes with the next heartbeat, which
+    drops the reclaim mark without a word: A never learns that its lease
+    was lost (the same release sent directly reports it)."""
+
+    async def main() -> None:
+        url = redis_server.url()
+        lost: list[tuple[str, int | None]] = []
+        scope = RedisScope(
+            url, key_prefix="test", lease=1.2, on_lease_lost=lambda n, t: lost.append((n, t))
+        )
+        db = Resource(1, name="db", scope=scope)
+        limiter = Limiter(timeout=10, resources=[db])
+        other = RedisScope(url, key_prefix="test", lease=1.2)
+        elsewhere = Resource(1, name="db", scope=other)
+        other_limiter = Limiter(timeout=10, resources=[elsewhere])
+        await scope.check()
+        client = scope._client()
+        stage = db._cluster
+        assert stage is not None
+        hold = limiter.acquire([db])
+        permit = await hold.__aenter__()
+        assert permit is not None
+        mine = permit.token(db)
+        real = client._call
+        heartbeat_fails = [True]
+        release_fails = [3]
+
+        async def call(name: str, stage: Any, *args: Any) -> Any:
+            if name == "heartbeat" and heartbeat_fails[0]:
+                raise RedisConnectionError("paused")
+            if name == "release" and release_fails[0] > 0:
+                release_fails[0] -= 1
+                raise RedisConnectionError("blip")
+            return await real(name, stage, *args)
+
+        client._call = call
+        taken = asyncio.Event()
+        done = asyncio.Event()
+
+        async def b() -> None:
+            async with other_limiter.acquire([elsewhere]):
+                taken.set()
+                await done.wait()
+
+        task = asyncio.create_task(b())
+        await asyncio.wait_for(taken.wait(), 8)  # A's lease ran out; B holds
+        await hold.__aexit__(None, None, None)  # A's request ends: release lost
+        await _until(lambda: release_fails[0] == 0 and stage in client.pending)
+        await _until(lambda: bool(client.pending.get(stage)))
+        heartbeat_fails[0] = False
+        await client.heartbeat(stage)  # sends the release
+        await asyncio.sleep(0.3)
+        done.set()
+        await task
+        await scope.aclose()
+        await other.aclose()
+        assert (lost, stage.leases_lost_total) == ([("db", mine)], 1), lost
+
+    run(main)
+
+
+# -- 8. Lost-lease detection: a false report at the release ---------------------
+
+
+def test_review_a_release_after_a_lapse_within_the_capacity_is_no_lost_lease(
+    redis_server: RedisServer,
+) -> None:
+    """Capacity 2: A's lease lapses (its heartbeats fail) while one slot is
+    free anyway; C takes a free slot. Never more than 2 ran at once. Found by
+    A's heartbeat, this is no lost lease (the heartbeat checks the
+    capacity: A's permit is put back); found by A's release, it is reported
+    lost ("the request held it beyond its lease", on_lease_lost called): the
+    same situation is judged two ways, and the release's report is false."""
+
+    async def main() -> None:
+        url = redis_server.url()
+        lost: list[tuple[str, int | None]] = []
+        scope = RedisScope(
+            url, key_prefix="test", lease=1.2, on_lease_lost=lambda n, t: lost.append((n, t))
+        )
+        db = Resource(2, name="db", scope=scope)
+        limiter = Limiter(timeout=10, resources=[db])
+        other = RedisScope(url, key_prefix="test", lease=1.2)
+        elsewhere = Resource(2, name="db", scope=other)
+        await scope.check()
+        client = scope._client()
+        hold = limiter.acquire([db])
+        permit = await hold.__aenter__()
+        assert permit is not None
+        _failing(client, "heartbeat", 1000)
+        await asyncio.sleep(1.6)  # A's lease (1.2 s) has run out
+        await elsewhere.acquire()  # C: reclaims A's slot and takes a slot
+        assert len(holders(redis_server)) == 1  # C alone; A still runs: 2 of 2
+        await hold.__aexit__(None, None, None)
+        await asyncio.sleep(0.5)
+        elsewhere.release()
+        await scope.aclose()
+        await other.aclose()
+        assert lost == [], f"reported lost though never over the capacity: {lost}"
+
+    run(main)
