@@ -93,7 +93,8 @@ def test_review_a_burst_on_a_slow_but_healthy_redis_is_not_an_outage(
     pooled connection counts against the command's silence bound
     (min(timeout, half the deadline) = 1 s): past it the request is taken
     for an unreachable Redis, the confirmation probe (through the same
-    exhausted pool) fails too, and Redis is declared down: 503 "unavailable" though Redis answered every call."""
+    exhausted pool) fails too, and Redis is declared down: 503
+    "unavailable" though Redis answered every call."""
     proxy = _LatencyProxy(redis_server.port, 0.25)
     port = proxy.start()
 
