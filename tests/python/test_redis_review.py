@@ -9,10 +9,12 @@ import threading
 from typing import Any
 
 import pytest
+from fastapi import Depends, FastAPI, Request
+from fastapi.testclient import TestClient
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from fastapi_concurrency_limiter import Limiter, Resource
-from fastapi_concurrency_limiter.redis import RedisScope
+from fastapi_concurrency_limiter.redis import RedisScope, fencing_token
 
 from .redis_support import RedisServer, needs_redis, redis_server
 from .test_redis_faults import _failing, _queue
@@ -451,3 +453,38 @@ def test_review_a_release_after_a_lapse_within_the_capacity_is_no_lost_lease(
         assert lost == [], f"reported lost though never over the capacity: {lost}"
 
     run(main)
+
+
+# -- 9. fencing_token(): a second gate hides the first one's slots --------------
+
+
+def test_review_fencing_token_of_every_cluster_slot_a_request_holds(
+    redis_server: RedisServer,
+) -> None:
+    """A route limited by a router dependency ([cache]) and by the decorator
+    ([db]) holds a cluster slot of each. The request keeps one entry for its
+    cluster slots in its state: the decorator's overwrites the
+    dependency's, and fencing_token(request, cache) raises LookupError
+    ("holds no cluster slot") for a slot the request does hold."""
+    scope = RedisScope(redis_server.url(), key_prefix="test")
+    cache = Resource(2, name="cache", scope=scope)
+    db = Resource(2, name="db", scope=scope)
+    limiter = Limiter(timeout=5, resources=[cache, db])
+    app = FastAPI(lifespan=scope.lifespan)
+
+    @app.get("/write", dependencies=[Depends(limiter.dependency([cache]))])
+    @limiter.resources([db])
+    async def write(request: Request) -> dict[str, Any]:
+        tokens: dict[str, Any] = {}
+        for resource in (cache, db):
+            try:
+                tokens[resource.name] = fencing_token(request, resource)
+            except LookupError as e:
+                tokens[resource.name] = f"LookupError: {e}"
+        return tokens
+
+    with TestClient(app) as http:
+        answer = http.get("/write")
+    assert answer.status_code == 200, answer.text
+    tokens = answer.json()
+    assert all(isinstance(t, int) and t > 0 for t in tokens.values()), tokens
