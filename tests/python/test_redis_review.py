@@ -488,3 +488,60 @@ def test_review_fencing_token_of_every_cluster_slot_a_request_holds(
     assert answer.status_code == 200, answer.text
     tokens = answer.json()
     assert all(isinstance(t, int) and t > 0 for t in tokens.values()), tokens
+
+
+# -- 10. A stale token after a Redis restart ------------------------------------
+
+
+def test_review_a_renewal_after_a_restart_and_a_new_grant_reports_the_lost_lease(
+    redis_server: RedisServer,
+) -> None:
+    """Capacity 1: A holds the slot; Redis restarts (no persistence: every key
+    is lost) and B is granted the slot, with a larger token (the fence
+    restarts from Redis's clock). A's next heartbeat puts its permit back
+    beside B's (2 holders of 1, logged as an on_error admission) and A is
+    not told that its token is stale, though the token it holds is smaller
+    than the fence: Redis can tell (the release and renewal could carry the
+    token and compare it with the fence) but only looks for reclaim marks,
+    which the restart lost."""
+
+    async def main() -> None:
+        url = redis_server.url()
+        lost: list[tuple[str, int | None]] = []
+        scope = RedisScope(
+            url, key_prefix="test", lease=1.5, on_lease_lost=lambda n, t: lost.append((n, t))
+        )
+        db = Resource(1, name="db", scope=scope)
+        limiter = Limiter(timeout=10, resources=[db])
+        await scope.check()
+        client = scope._client()
+        stage = db._cluster
+        assert stage is not None
+        hold = limiter.acquire([db])
+        permit = await hold.__aenter__()
+        assert permit is not None
+        mine = permit.token(db)
+        _failing(client, "heartbeat", 1000)  # no renewal while Redis restarts
+        redis_server.restart()
+        other = RedisScope(url, key_prefix="test", lease=1.5)
+        elsewhere = Resource(1, name="db", scope=other)
+        other_limiter = Limiter(timeout=10, resources=[elsewhere])
+        granted = await other_limiter.acquire([elsewhere]).__aenter__()
+        assert granted is not None
+        assert granted.token(elsewhere) > mine
+        client._call = type(client)._call.__get__(client)
+        for _ in range(3):  # the first call may meet a connection the restart closed
+            try:
+                await client.heartbeat(stage)
+                break
+            except Exception:  # noqa: BLE001
+                await asyncio.sleep(0.2)
+        now_held = holders(redis_server)
+        await hold.__aexit__(None, None, None)
+        await scope.aclose()
+        await other.aclose()
+        assert (len(now_held), lost) == (1, [("db", mine)]), (
+            f"holders after A's renewal: {now_held} (capacity 1); leases lost: {lost}"
+        )
+
+    run(main)
