@@ -310,9 +310,18 @@ def _redact(url: str) -> str:
     scheme, sep, rest = url.partition("://")
     if not sep:  # not a URL at all: it may be anything, a password included
         return "***"
+    # The user info ends at the last '@' of the authority (up to the first
+    # '/'), looked for before the query is split off: a password pasted
+    # as it is may hold a '?'. An '@' in a query with no path before it
+    # hides more than needed, never less.
+    authority = rest.partition("/")[0]
+    at = authority.rfind("@")
+    shown = f"{scheme}{sep}"
+    if at >= 0:
+        shown += "***@"
+        rest = rest[at + 1 :]
     rest, qmark, query = rest.partition("?")
-    auth, at, host = rest.rpartition("@")
-    shown = f"{scheme}{sep}***@{host}" if at else f"{scheme}{sep}{rest}"
+    shown += rest
     if qmark:
         options = []
         for option in query.split("&"):
