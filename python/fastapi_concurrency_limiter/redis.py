@@ -282,12 +282,14 @@ def fencing_token(request: object, resource: Resource) -> int:
     ``permit.token(db)``."""
     scope = getattr(request, "scope", None)
     held = scope.get("state", {}).get(_TOKENS) if isinstance(scope, dict) else None
-    if held is None:
+    stage = resource._cluster
+    if not isinstance(held, dict) or stage is None or stage not in held:
         raise LookupError(f"the request holds no cluster slot of {resource.name!r}")
-    return int(held.token(resource))
+    return int(held[stage])
 
 
-# Where the decorator keeps a request's cluster slots (its ``state``).
+# Where the gates keep a request's fencing tokens (its ``state``): one map,
+# cluster stage -> token, that every gate of the request adds to.
 _TOKENS = "fastapi_concurrency_limiter.cluster"
 
 
