@@ -722,6 +722,10 @@ class _Client:
         if int(reply[0]) == 2:
             self._lease_lost(stage, permit_id, token)
 
+    async def _cancel(self, stage: ClusterStage, waiter_id: str) -> None:
+        reply = await self._call("cancel", stage, waiter_id)
+        stage.in_use = int(reply[1])
+
     def _lease_lost(self, stage: ClusterStage, permit_id: str, token: int | None) -> None:
         """Redis took back ``permit_id``'s slot after its lease ran out (the
         process could not renew it in time) and granted it again: its
@@ -1022,6 +1026,14 @@ class _Client:
         ]
         self.held.clear()
         self.unrecorded.clear()
+        # The requests waiting in Redis's queue: nobody will read their
+        # grants any more. Their waits end now (on_error, as for an
+        # unreachable Redis) and their cancellations go with the releases.
+        for waiter_id, waiter in list(self.waiters.items()):
+            releases.append(self._cancel(waiter.stage, waiter_id))
+            if not waiter.future.done():
+                waiter.future.set_result(None)
+        self.waiters.clear()
         # Wake the blocked BLPOPs rather than cancel them (a cancelled
         # blocking read may take redis-py a while to unwind).
         calls = [asyncio.ensure_future(c) for c in releases]
