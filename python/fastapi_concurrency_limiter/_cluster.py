@@ -168,7 +168,7 @@ class ClusterStage:
             f"{tag}:{k}"
             for k in (
                 "holders", "queue", "ticket", "wexp", "wmeta", "config", "procs",
-                "fence", "tokens", "reclaimed",
+                "fence", "tokens", "filled",
             )
         )  # fmt: skip
         self.notify_prefix = f"{tag}:notify:"
@@ -316,9 +316,9 @@ class _Client:
         # Ids granted to a waiter whose request has not taken its permit
         # yet (the listener must not give them back).
         self._granting: set[str] = set()
-        # Releases and cancellations that did not reach Redis, by stage:
-        # sent with the next heartbeat.
-        self.pending: dict[ClusterStage, set[str]] = {}
+        # Releases (with their fencing token) and cancellations (token 0)
+        # that did not reach Redis, by stage: sent with the next heartbeat.
+        self.pending: dict[ClusterStage, dict[str, int]] = {}
         # Failed calls in a row, by listener group; a success resets it.
         self._failures: dict[int, int] = {}
         self._confirming: dict[int, asyncio.Task[None]] = {}
@@ -434,7 +434,7 @@ class _Client:
         if waiter_id in self.held or waiter_id in self._granting:
             return  # the acquire's own reply granted it: in use
         if stage is not None:
-            self.give_back(stage, waiter_id, "release")
+            self.give_back(stage, waiter_id, "release", _token(token))
 
     def _misconfigured(self, error: BaseException) -> RedisScopeError | None:
         """The error that ``error`` means, when it says the scope is
@@ -686,9 +686,8 @@ class _Client:
             if pause:
                 await asyncio.sleep(pause)
             try:
-                reply = await asyncio.wait_for(
-                    self._call(script, stage, permit_id), self.scope.timeout
-                )
+                args = (permit_id, token or 0) if script == "release" else (permit_id,)
+                reply = await asyncio.wait_for(self._call(script, stage, *args), self.scope.timeout)
             except _UNREACHABLE as e:
                 error = e
                 continue
@@ -703,21 +702,22 @@ class _Client:
             permit_id,
             str(error) or type(error).__name__,
         )
-        self.pending.setdefault(stage, set()).add(permit_id)
+        self.pending.setdefault(stage, {})[permit_id] = (token or 0) if script == "release" else 0
 
     def release(self, stage: ClusterStage, permit_id: str, token: int | None = None) -> None:
         if threading.get_ident() != self._thread:
             if not self.loop.is_closed():
                 self.loop.call_soon_threadsafe(self.release, stage, permit_id, token)
             return
-        self.held.pop(permit_id, None)
+        if self.held.pop(permit_id, None) is None:
+            return  # its lease was lost (already reported): nothing to give back
         if permit_id in self.unrecorded:  # Redis never knew it
             self.unrecorded.discard(permit_id)
             return
         self.give_back(stage, permit_id, "release", token)
 
     async def _release(self, stage: ClusterStage, permit_id: str, token: int | None = None) -> None:
-        reply = await self._call("release", stage, permit_id)
+        reply = await self._call("release", stage, permit_id, token or 0)
         stage.in_use = int(reply[1])
         if int(reply[0]) == 2:
             self._lease_lost(stage, permit_id, token)
@@ -873,7 +873,8 @@ class _Client:
         """Renews this process's leases and waiters of ``stage``; queues
         again the waiters Redis lost."""
         now = self.loop.time()
-        held = []
+        held: list[str] = []
+        renewals: list[Any] = []
         for permit_id, ref in list(self.held.items()):
             permit = ref()
             if permit is None:  # dropped without release: let its lease end
@@ -881,6 +882,8 @@ class _Client:
                 self.unrecorded.discard(permit_id)
             elif permit._stage is stage:
                 held.append(permit_id)
+                # With its fencing token: a stale renewal changes nothing.
+                renewals += [permit_id, permit.token]
         waiting: list[Any] = []
         for waiter_id, w in self.waiters.items():
             # Not those whose acquire is on its way: Redis may not know them
@@ -888,24 +891,29 @@ class _Client:
             if w.stage is stage and w.queued and not w.future.done():
                 left = -1 if w.deadline is None else max(0, int((w.deadline - now) * 1000))
                 waiting += [waiter_id, left]
-        given_back = list(self.pending.get(stage, ()))
+        given_back = dict(self.pending.get(stage, {}))
+        returned = [x for pair in given_back.items() for x in pair]
         reply = await asyncio.wait_for(
             self._call(
-                "heartbeat", stage, len(held), *held, len(given_back), *given_back, *waiting
+                "heartbeat", stage, len(held), *renewals, len(given_back), *returned, *waiting
             ),
             self.scope.timeout,
         )
         pending = self.pending.get(stage)
         if pending is not None:
-            pending.difference_update(given_back)
+            for permit_id in given_back:
+                pending.pop(permit_id, None)
+            if not pending:
+                del self.pending[stage]
         stage.processes, stage.in_use = int(reply[0]), int(reply[1])
         for permit_id in held:
             self.unrecorded.discard(permit_id)
+        tokens = dict(zip(held, renewals[1::2], strict=True))
         for permit_id in reply[2]:
             if permit_id not in self.held:
                 # Released while the heartbeat was on its way, which put it
                 # back: release it again.
-                self.give_back(stage, permit_id, "release")
+                self.give_back(stage, permit_id, "release", tokens.get(permit_id))
         if int(reply[4]):
             logger.warning(
                 "resource %r: %d request(s) running here (admitted by on_error, or whose lease "
@@ -924,10 +932,13 @@ class _Client:
             if waiter is not None and waiter.stage is stage:
                 self._grant(waiter_id, waiter, _token(token))
         for permit_id in reply[6]:
-            # Not renewed: its slot is no longer this process's.
-            lost = self.held.pop(permit_id) if permit_id in self.held else None
-            permit = lost() if lost is not None else None
-            self._lease_lost(stage, permit_id, permit.token if permit is not None else None)
+            # A stale renewal or release: its slot is no longer this
+            # process's (not renewed, not released again).
+            self.held.pop(permit_id, None)
+            if permit_id in tokens:
+                self._lease_lost(stage, permit_id, tokens[permit_id])
+            elif permit_id in given_back:
+                self._lease_lost(stage, permit_id, given_back[permit_id] or None)
         for waiter_id in reply[3]:
             waiter = self.waiters.get(waiter_id)
             if waiter is not None and waiter.queued and not waiter.future.done():

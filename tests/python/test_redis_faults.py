@@ -728,7 +728,7 @@ def test_every_key_expires_after_a_crash(redis_server: RedisServer) -> None:
             proc.kill()
             proc.wait(10)
         assert _keys_without_ttl(redis_server) == {}
-        lasting = {"{test:db}:config", "{test:db}:ticket", "{test:db}:fence", "{test:db}:reclaimed"}
+        lasting = {"{test:db}:config", "{test:db}:ticket", "{test:db}:fence", "{test:db}:filled"}
         deadline = time.monotonic() + 6 * lease + 5
         while set(r.keys("{test:db}*")) - lasting:
             assert time.monotonic() < deadline, r.keys("{test:db}*")
