@@ -172,6 +172,11 @@ local function expire_keys()
   if last[2] then
     redis.call('PEXPIREAT', holders, tonumber(last[2]) + lease)
     redis.call('PEXPIREAT', tokens, tonumber(last[2]) + lease)
+    -- The fence lives while any permit is held (and config_ttl after):
+    -- a holder paused for longer is still found stale.
+    local keep = math.max(tonumber(last[2]) + lease, now + config_ttl)
+    redis.call('PEXPIREAT', fence, keep)
+    redis.call('PEXPIREAT', filled, keep)
   end
   last = redis.call('ZRANGE', wexp, -1, -1, 'WITHSCORES')
   if last[2] then
