@@ -18,9 +18,10 @@
 --                    clients' lists are pushed by the notify script
 --   KEYS[9] fence    the last fencing token granted (see grant_token)
 --   KEYS[10] tokens  HASH  permit id -> its fencing token
---   KEYS[11] filled  the token of the last grant that filled the capacity
---                    (see stale): a permit Redis does not hold whose token
---                    is below it ran while its slot was another's
+--   KEYS[11] filled  HASH  'at': when (ms) a grant last filled the
+--                    capacity; 'epoch': when these keys were created (a
+--                    Redis that lost its data, or keys that expired, start
+--                    a new epoch). See stale.
 -- ARGV[1] capacity, ARGV[2] lease (ms), ARGV[3] process id; then the
 -- script's own arguments from ARGV[4] on.
 --
@@ -68,7 +69,7 @@ local function grant_token(id)
   redis.call('SET', fence, text, 'PX', config_ttl)
   redis.call('HSET', tokens, id, text)
   if redis.call('ZCARD', holders) >= capacity then
-    redis.call('SET', filled, text, 'PX', config_ttl)
+    redis.call('HSET', filled, 'at', now)
   end
   return text
 end
@@ -79,15 +80,28 @@ local function drop_holder(id)
   return redis.call('ZREM', holders, id)
 end
 
--- The one rule for a renewal or a release of permit ``id`` carrying its
--- fencing token ``token`` (0: admitted by on_error, no token): true when
--- it is stale, so that it changes nothing and its process is told that
--- the lease was lost. Stale: Redis holds the permit under another token,
--- or does not hold it (its lease ran out, or Redis lost its data) and a
--- grant since its own filled the capacity: the slot it counted on was
--- another's while it ran. A permit that lapsed while a slot was free
--- anyway ran within the capacity: not stale.
-local function stale(id, token)
+-- The resource's epoch (see KEYS[11]), created when missing.
+local function epoch()
+  local current = redis.call('HGET', filled, 'epoch')
+  if not current then
+    current = tostring(now)
+    redis.call('HSET', filled, 'epoch', current)
+    redis.call('PEXPIRE', filled, config_ttl)
+  end
+  return current
+end
+
+-- The one rule for a renewal or a release of permit ``id``, given its
+-- fencing token ``token`` (0: admitted by on_error, no token), when Redis
+-- last held it for sure ``since`` (ms: its grant or its last renewal) and
+-- the epoch it was held in: true when it is stale, so that it changes
+-- nothing and its process is told that the lease was lost. Stale: Redis
+-- holds the permit under another token; or Redis does not hold it and a
+-- grant filled the capacity without it: after its lease ran out (same
+-- epoch), or after ``since`` when Redis lost it (another epoch: a restart,
+-- a failover). A permit that lapsed while a slot was free anyway ran within
+-- the capacity: not stale.
+local function stale(id, token, since, held_in)
   token = tonumber(token) or 0
   if token <= 0 then
     return false
@@ -96,7 +110,12 @@ local function stale(id, token)
     local stored = tonumber(redis.call('HGET', tokens, id) or '0')
     return stored ~= 0 and stored ~= token
   end
-  return tonumber(redis.call('GET', filled) or '0') > token
+  local at = tonumber(redis.call('HGET', filled, 'at') or '0')
+  since = tonumber(since) or 0
+  if held_in ~= '' and held_in ~= epoch() then
+    return at > since
+  end
+  return at >= since + lease
 end
 
 local function drop_waiter(id)
@@ -155,7 +174,7 @@ local function grant_free()
         end
         redis.call('ZADD', holders, expiry, head)
         table.insert(notices, list)
-        table.insert(notices, head .. ' ' .. grant_token(head))
+        table.insert(notices, head .. ' ' .. grant_token(head) .. ' ' .. epoch())
         free = free - 1
       end
     end
@@ -176,6 +195,7 @@ local function expire_keys()
     -- a holder paused for longer is still found stale.
     local keep = math.max(tonumber(last[2]) + lease, now + config_ttl)
     redis.call('PEXPIREAT', fence, keep)
+    epoch()
     redis.call('PEXPIREAT', filled, keep)
   end
   last = redis.call('ZRANGE', wexp, -1, -1, 'WITHSCORES')

@@ -1,7 +1,8 @@
--- heartbeat: ARGV[4] number of permits n, then n pairs (permit id, fencing
--- token) for the permits this process holds; then the number of ids to
--- give back r and r pairs (id, token) (releases, with their token, and
--- cancellations, token 0, that did not reach Redis when they were made);
+-- heartbeat: ARGV[4] number of permits n, then n quadruples (permit id,
+-- fencing token, when Redis last held it for sure in ms, its epoch: see
+-- stale) for the permits this process holds; then the number of ids to
+-- give back r and r quadruples (releases, as above, and cancellations,
+-- token 0, that did not reach Redis when they were made);
 -- then pairs (waiter id, ms left before its deadline or -1) for the
 -- waiters it has queued.
 --
@@ -12,7 +13,8 @@
 -- Returns {processes alive, in use, {permits put back}, {lost waiters},
 -- how many were put back beyond the capacity, {"waiter-id token" found
 -- granted}, {permits and releases found stale: their lease was lost},
--- wake-ups}.
+-- the resource's epoch, Redis's time in ms (when the permits renewed were
+-- held for sure), wake-ups}.
 local bad = check_config(true)
 if bad then
   return redis.error_reply(bad)
@@ -30,15 +32,15 @@ if redis.call('EXISTS', ticket) == 1 then
   redis.call('PEXPIRE', ticket, config_ttl)
 end
 local n = tonumber(ARGV[4])
-local first = 5 + 2 * n  -- ARGV index of r
+local first = 5 + 4 * n  -- ARGV index of r
 local r = tonumber(ARGV[first])
 -- Renewals and releases follow one rule (see stale): a stale one changes
 -- nothing and is reported lost.
 local lost = {}
-for i = first + 1, first + 2 * r, 2 do
+for i = first + 1, first + 4 * r, 4 do
   local id, token = ARGV[i], ARGV[i + 1]
   drop_waiter(id)
-  if stale(id, token) then
+  if stale(id, token, ARGV[i + 2], ARGV[i + 3]) then
     table.insert(lost, id)
   else
     drop_holder(id)
@@ -52,9 +54,9 @@ end
 -- fill it.
 local added = {}
 local over = 0
-for i = 5, 4 + 2 * n, 2 do
+for i = 5, 4 + 4 * n, 4 do
   local id, token = ARGV[i], ARGV[i + 1]
-  if stale(id, token) then
+  if stale(id, token, ARGV[i + 2], ARGV[i + 3]) then
     table.insert(lost, id)
   elseif redis.call('ZSCORE', holders, id) then
     redis.call('ZADD', holders, now + lease, id)
@@ -71,7 +73,7 @@ for i = 5, 4 + 2 * n, 2 do
 end
 local lost_waiters = {}
 local granted = {}
-for i = first + 1 + 2 * r, #ARGV, 2 do
+for i = first + 1 + 4 * r, #ARGV, 2 do
   local id = ARGV[i]
   local left = tonumber(ARGV[i + 1])
   if redis.call('ZSCORE', queue, id) then
@@ -84,11 +86,11 @@ for i = first + 1 + 2 * r, #ARGV, 2 do
     -- Granted, the notification not read yet (or lost with its reply):
     -- renew its lease and tell the process, which resolves the waiter.
     redis.call('ZADD', holders, now + lease, id)
-    table.insert(granted, id .. ' ' .. (redis.call('HGET', tokens, id) or '0'))
+    table.insert(granted, id .. ' ' .. (redis.call('HGET', tokens, id) or '0') .. ' ' .. epoch())
   else
     table.insert(lost_waiters, id)
   end
 end
 grant_free()
 return reply({redis.call('ZCARD', procs), redis.call('ZCARD', holders), added, lost_waiters, over,
-  granted, lost})
+  granted, lost, epoch(), now})
