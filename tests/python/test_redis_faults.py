@@ -1345,17 +1345,19 @@ def test_a_renewal_after_a_restart_and_a_new_grant_reports_the_lost_lease(
 
 
 def test_soak_resets_pauses_and_cancellations_keep_the_limit(redis_server: RedisServer) -> None:
-    """About 12 s of three processes' worth of requests (three scopes, each
-    its own process id in Redis) through a proxy that resets every
-    connection at random moments, while Redis is paused (SIGSTOP, shorter
-    than the lease) now and then and some requests are cancelled.
-    Invariants: never more than the capacity running at once (on_error
-    "reject": nothing is admitted without a slot), no request answered long
-    after its deadline, and nothing held or queued at the end."""
+    """``FCL_SOAK_SECONDS`` (60 by default) of three processes' worth of
+    requests (three scopes, each its own process id in Redis) through a
+    proxy that resets every connection at random moments, while Redis is
+    paused (SIGSTOP, shorter than the lease) now and then and some requests
+    are cancelled. Invariants: never more than the capacity running at once
+    (on_error "reject": nothing is admitted without a slot), no request
+    answered long after its deadline, and nothing held or queued at the
+    end."""
     import random
 
     rng = random.Random(17)
     capacity = 3
+    seconds = float(os.environ.get("FCL_SOAK_SECONDS", "60"))
 
     async def main() -> None:
         proxy = RedisProxy(redis_server.port)
@@ -1391,7 +1393,7 @@ def test_soak_resets_pauses_and_cancellations_keep_the_limit(redis_server: Redis
                 late.append(loop.time() - started - timeout)
 
         async def faults() -> None:
-            end = loop.time() + 10
+            end = loop.time() + seconds
             while loop.time() < end:
                 await asyncio.sleep(rng.uniform(0.3, 1.0))
                 if rng.random() < 0.6:
@@ -1416,7 +1418,12 @@ def test_soak_resets_pauses_and_cancellations_keep_the_limit(redis_server: Redis
         await asyncio.gather(*tasks, return_exceptions=True)
         assert most <= capacity
         assert "ok" in outcomes and len(outcomes) > 100 and proxy.resets > 0
-        # Generous for a loaded 2-core machine (the goal is 0.1 s).
+        # The goal is 0.1 s. The bound is 1 s: the three "processes" share
+        # one event loop here, and on a loaded 2-core machine a SIGSTOPped
+        # Redis, a proxy reset and hundreds of tasks resuming at once can
+        # delay a request's timer callback by several hundred ms, which is
+        # the machine, not the protocol (every wait ends at its deadline by
+        # the loop's timer, whatever Redis does).
         assert max(late, default=0) < 1.0, max(late)
         # Every process's heartbeat sends what its background calls could
         # not; then nothing is held or queued.
@@ -1431,4 +1438,4 @@ def test_soak_resets_pauses_and_cancellations_keep_the_limit(redis_server: Redis
             await scope.aclose()
         proxy.close()
 
-    run(main)
+    asyncio.run(asyncio.wait_for(main(), seconds + 60))
