@@ -115,8 +115,10 @@ class Gate:
             rejection=rejection,
         )
         if connection is not None:
-            # For fencing_token(request, resource).
-            connection.scope.setdefault("state", {})[_CLUSTER_SLOTS] = granted
+            # For fencing_token(request, resource): merged with the tokens
+            # of the request's other gates (a dependency and the decorator).
+            state = connection.scope.setdefault("state", {})
+            state.setdefault(_CLUSTER_SLOTS, {}).update(granted.tokens())
         return granted
 
     def release(

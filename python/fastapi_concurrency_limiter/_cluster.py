@@ -23,13 +23,15 @@ its queue get ``on_error`` at once.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import contextvars
 import functools
 import hashlib
 import itertools
 import logging
 import threading
 import weakref
-from collections.abc import Coroutine, Sequence
+from collections.abc import AsyncIterator, Coroutine, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -99,10 +101,21 @@ _BACKGROUND_RETRIES = (0.0, 0.05, 0.2)
 # may still spend on its one acquire round trip.
 _TRY_ONCE = 0.05
 _GRANTED, _QUEUED, _NO_SLOT = 1, 0, -1
-# Connections of a process's pool for the scripts (per event loop). More
-# concurrent calls wait for a connection: each call takes one for a single
-# round trip, so a healthy Redis turns the pool over in microseconds.
+
+# Connections of a process's pool for the requests' scripts (per event
+# loop). More concurrent calls wait for a connection: each call takes one
+# for a single round trip, so a healthy Redis turns the pool over quickly,
+# and a slow one is not made slower by hundreds of connections. The wait
+# for a connection is bounded by the request's deadline and is never taken
+# for Redis's silence: the silence bound starts once a connection is held.
 _POOL_SIZE = 64
+# Headroom in that pool beyond the calls that hold a turn (a script load,
+# the start-up checks), so that a call holding a turn never waits for one.
+_POOL_SPARE = 4
+# The heartbeats, probes and confirmations have a pool of their own, never
+# starved by the requests: at most one call per resource (heartbeat, probe)
+# and per listener group (confirmation) at a time.
+_CONTROL_POOL_SIZE = 1000
 
 
 def _load_scripts() -> dict[str, str]:
@@ -123,6 +136,15 @@ class _Unserved(RedisConnectionError):
     """Redis answered with an error that says it cannot serve the call."""
 
 
+class _NoTurn(Exception):
+    """No pooled connection came free within the call's wait: the process
+    is busy, Redis is not silent."""
+
+
+# A background release or cancellation that failed so is tried again.
+_RETRIED: tuple[type[BaseException], ...] = (*_UNREACHABLE, _NoTurn)
+
+
 class ClusterRefused(Exception):
     """The cluster stage turned a request away (the glue answers 503)."""
 
@@ -136,15 +158,30 @@ class ClusterPermit:
     """One request's cluster slot; ``release()`` gives it back (in the
     background: the request does not wait for Redis)."""
 
-    __slots__ = ("_stage", "_client", "_id", "token", "__weakref__")
+    __slots__ = ("_stage", "_client", "_id", "token", "since", "epoch", "__weakref__")
 
-    def __init__(self, stage: ClusterStage, client: _Client, permit_id: str, token: int = 0):
+    def __init__(
+        self,
+        stage: ClusterStage,
+        client: _Client,
+        permit_id: str,
+        token: int = 0,
+        epoch: str = "",
+    ):
         self._stage = stage
         self._client: _Client | None = client
         self._id: str | None = permit_id
         #: The grant's fencing token: strictly increasing per resource (0
         #: for a request admitted by on_error, which Redis did not grant).
         self.token = token
+        # When Redis last held it for sure (ms, Redis's clock: the token
+        # starts from it), and the resource's epoch then: what a renewal or
+        # a release sends for Redis to tell a stale one.
+        self.since = token // 1000
+        self.epoch = epoch
+
+    def proof(self) -> _Proof:
+        return (self.token, self.since, self.epoch)
 
     def release(self) -> None:
         """From any thread. A permit that is never released (its holder
@@ -153,7 +190,7 @@ class ClusterPermit:
         stage, client, permit_id = self._stage, self._client, self._id
         self._client = self._id = None
         if client is not None and permit_id is not None:
-            client.release(stage, permit_id, self.token)
+            client.release(stage, permit_id, self.proof())
 
 
 class ClusterStage:
@@ -168,7 +205,7 @@ class ClusterStage:
             f"{tag}:{k}"
             for k in (
                 "holders", "queue", "ticket", "wexp", "wmeta", "config", "procs",
-                "fence", "tokens", "reclaimed",
+                "fence", "tokens", "filled",
             )
         )  # fmt: skip
         self.notify_prefix = f"{tag}:notify:"
@@ -247,8 +284,20 @@ class _Waiter:
     # Redis answered that it queued this waiter: only such waiters are
     # renewed (and, when Redis lost them, queued again) by the heartbeat.
     queued: bool = False
-    # The fencing token of its grant.
+    # The fencing token of its grant, and the resource's epoch then.
     token: int = 0
+    epoch: str = ""
+
+
+@dataclass
+class _Beat:
+    """A heartbeat's call: the permits it renews and the releases and
+    cancellations it sends (id -> what tells a stale one: token, since,
+    epoch; a cancellation's token is 0), and its arguments."""
+
+    tokens: dict[str, _Proof]
+    given_back: dict[str, _Proof]
+    args: list[Any]
 
 
 class _Client:
@@ -269,6 +318,7 @@ class _Client:
         # BLPOP blocks for up to a heartbeat; its reply may take that long.
         self._block = max(0.1, scope.heartbeat)
         self._pool: Any = None
+        self._control_pool: Any = None
         if scope.cluster:
             # Commands go to the node of their keys' slot. One retry (the
             # scripts are idempotent), for a redirection after a failover.
@@ -280,27 +330,39 @@ class _Client:
             self.listen_redis: Any = RedisCluster.from_url(
                 scope.url, socket_timeout=self._block + scope.timeout, **options
             )
+            # Its pools (one per node) do not make calls wait.
+            self.control: Any = self.redis
         else:
             # Retries are ours: one, with the same waiter id (idempotent).
             options["retry"] = Retry(NoBackoff(), 0)
-            # A burst of calls waits for a connection rather than failing
-            # (redis-py's default pool raises past its size, which would
-            # look like an outage); each wait is bounded by the request's
-            # deadline (or, for background calls, by ``timeout``).
+            # A burst of calls waits for its turn (``_turns``) rather than
+            # failing (redis-py's default pool raises past its size, which
+            # would look like an outage); each wait is bounded by the
+            # request's deadline, and a call that has its turn finds a
+            # connection at once.
             self._pool = aioredis.BlockingConnectionPool.from_url(
                 scope.url,
-                max_connections=_POOL_SIZE,
+                max_connections=_POOL_SIZE + _POOL_SPARE,
                 timeout=None,
                 socket_timeout=scope.timeout,
                 **options,
             )
             self.redis = aioredis.Redis(connection_pool=self._pool)
+            self._control_pool = aioredis.ConnectionPool.from_url(
+                scope.url,
+                max_connections=_CONTROL_POOL_SIZE,
+                socket_timeout=scope.timeout,
+                **options,
+            )
+            self.control = aioredis.Redis(connection_pool=self._control_pool)
             self.listen_redis = aioredis.Redis.from_url(
                 scope.url,
                 socket_timeout=self._block + scope.timeout,
                 single_connection_client=True,
                 **options,
             )
+        # Turns for the requests' calls: one per pooled connection.
+        self._turns = asyncio.Semaphore(_POOL_SIZE)
         self.shas = {name: _sha1(text) for name, text in _SCRIPTS.items()}
         # Scripts are loaded once (on every master of a Redis Cluster)
         # before the first call, and again after a NOSCRIPT reply.
@@ -316,9 +378,9 @@ class _Client:
         # Ids granted to a waiter whose request has not taken its permit
         # yet (the listener must not give them back).
         self._granting: set[str] = set()
-        # Releases and cancellations that did not reach Redis, by stage:
-        # sent with the next heartbeat.
-        self.pending: dict[ClusterStage, set[str]] = {}
+        # Releases (with their fencing token) and cancellations (token 0)
+        # that did not reach Redis, by stage: sent with the next heartbeat.
+        self.pending: dict[ClusterStage, dict[str, _Proof]] = {}
         # Failed calls in a row, by listener group; a success resets it.
         self._failures: dict[int, int] = {}
         self._confirming: dict[int, asyncio.Task[None]] = {}
@@ -356,26 +418,79 @@ class _Client:
                 return  # loaded meanwhile
             for text in _SCRIPTS.values():
                 # On every master in a Redis Cluster.
-                await self.redis.script_load(text)
+                await self.control.script_load(text)
             self._scripts_version = seen + 1
 
-    async def _evalsha(self, name: str, keys: list[str], args: list[Any]) -> Any:
+    async def _evalsha(
+        self, name: str, keys: list[str], args: list[Any], control: bool = False
+    ) -> Any:
+        redis = (_CONTROL.get() or self.control) if control else self.redis
         if self._scripts_version == 0:
             await self._load_scripts()
         version = self._scripts_version
         try:
-            return await self.redis.evalsha(self.shas[name], len(keys), *keys, *args)
+            return await redis.evalsha(self.shas[name], len(keys), *keys, *args)
         except NoScriptError:
             await self._load_scripts(version)
-            return await self.redis.evalsha(self.shas[name], len(keys), *keys, *args)
+            return await redis.evalsha(self.shas[name], len(keys), *keys, *args)
 
-    async def _call(self, name: str, stage: ClusterStage, *args: Any) -> Any:
-        lease_ms = int(self.scope.lease * 1000)
+    async def _turn(self, until: float | None) -> bool:
+        """Waits for a turn to use a pooled connection until ``until`` (loop
+        time; ``None``: no limit); False when none came in time. Waiting
+        for a turn is no sign of Redis's health."""
+        if until is None:
+            await self._turns.acquire()
+            return True
+        left = until - self.loop.time()
+        if left <= 0:
+            if self._turns.locked():
+                return False
+            await self._turns.acquire()
+            return True
+        try:
+            await asyncio.wait_for(self._turns.acquire(), left)
+        except asyncio.TimeoutError:
+            return False
+        return True
+
+    async def _run(
+        self,
+        name: str,
+        stage: ClusterStage,
+        *args: Any,
+        bound: float | None,
+        until: float | None = None,
+    ) -> Any:
+        """Runs script ``name`` through the requests' pool: waits for a
+        turn until ``until`` (raises _NoTurn when none comes in time), then
+        lets Redis answer within ``bound`` seconds (``None``: no limit)
+        from the moment the call holds its connection."""
+        if not await self._turn(until):
+            raise _NoTurn()
+        try:
+            call = self._call(name, stage, *args)
+            return await (call if bound is None else asyncio.wait_for(call, bound))
+        finally:
+            self._turns.release()
+
+    def _args(self, stage: ClusterStage, *args: Any) -> list[Any]:
+        return [stage.capacity, int(self.scope.lease * 1000), self.process, *args]
+
+    async def _call(self, name: str, stage: ClusterStage, *args: Any, control: bool = False) -> Any:
+        return await self._interpret(
+            name, stage, self._evalsha(name, self._keys(stage), self._args(stage, *args), control)
+        )
+
+    async def _interpret(self, name: str, stage: ClusterStage, call: Any) -> Any:
+        """The reply of script ``name`` about ``stage``: ``call`` is the call
+        to await (or its reply, or the exception it raised); raises
+        RedisScopeError on misconfiguration, one of _UNREACHABLE when Redis
+        cannot serve it."""
         group = self._group(stage)
         try:
-            reply = await self._evalsha(
-                name, self._keys(stage), [stage.capacity, lease_ms, self.process, *args]
-            )
+            if isinstance(call, BaseException):
+                raise call
+            reply = await call if asyncio.iscoroutine(call) else call
             self._down.pop(group, None)
             self._failures.pop(group, None)
             self._wake(stage, reply[-1])
@@ -418,23 +533,31 @@ class _Client:
                 self.spawn(self._notify(key, grant), stage)
 
     async def _notify(self, key: str, waiter_id: str) -> None:
+        # On a control connection, opened beforehand: a wake-up is never
+        # lost to a burst of requests or to the opening of a connection.
         ttl_ms = int(3 * self.scope.lease * 1000)
-        await asyncio.wait_for(
-            self._evalsha("notify", [key], [waiter_id, ttl_ms]), self.scope.timeout
-        )
+        async with self._control_connection() as redis:
+            on = _CONTROL.set(redis)
+            try:
+                await asyncio.wait_for(
+                    self._evalsha("notify", [key], [waiter_id, ttl_ms], control=True),
+                    self.scope.timeout,
+                )
+            finally:
+                _CONTROL.reset(on)
 
     def _deliver(self, stage: ClusterStage | None, grant: str) -> None:
-        """A grant (``"waiter-id token"``) for a waiter of this client: the
+        """A grant (``"waiter-id token epoch"``) for a waiter of this client: the
         waiter gets the slot; a grant that came after its wait ended is
         given back."""
-        waiter_id, _, token = grant.partition(" ")
+        waiter_id, token, epoch = _grant_parts(grant)
         waiter = self.waiters.get(waiter_id)
-        if waiter is not None and self._grant(waiter_id, waiter, _token(token)):
+        if waiter is not None and self._grant(waiter_id, waiter, token, epoch):
             return
         if waiter_id in self.held or waiter_id in self._granting:
             return  # the acquire's own reply granted it: in use
         if stage is not None:
-            self.give_back(stage, waiter_id, "release")
+            self.give_back(stage, waiter_id, "release", (token, token // 1000, epoch))
 
     def _misconfigured(self, error: BaseException) -> RedisScopeError | None:
         """The error that ``error`` means, when it says the scope is
@@ -502,7 +625,7 @@ class _Client:
         # Registered before the call: a grant may be notified before its reply.
         waiter = self.waiters[waiter_id] = _Waiter(stage, future, deadline)
         try:
-            status, in_use, token = await self._send_acquire(stage, waiter_id, deadline)
+            status, in_use, token, epoch = await self._send_acquire(stage, waiter_id, deadline)
         except BaseException:
             # Unknown whether Redis took it: take it back (retried).
             self.waiters.pop(waiter_id, None)
@@ -512,7 +635,7 @@ class _Client:
         stage.in_use = in_use
         if status == _GRANTED:
             self.waiters.pop(waiter_id, None)
-            return self._hold(stage, waiter_id, token)
+            return self._hold(stage, waiter_id, token, epoch)
         if status == _NO_SLOT:
             self.waiters.pop(waiter_id, None)
             raise ClusterRefused(stage.name, "timeout")
@@ -521,23 +644,30 @@ class _Client:
 
     async def _send_acquire(
         self, stage: ClusterStage, waiter_id: str, deadline: float | None
-    ) -> tuple[int, int, int]:
+    ) -> tuple[int, int, int, str]:
         for attempt in (0, 1):
-            left = None if deadline is None else deadline - self.loop.time()
-            wait_ms = -1 if left is None else max(0, int(left * 1000))
-            call = self._call("acquire", stage, waiter_id, wait_ms)
-            bound = _silence_bound(left, self.scope.timeout)
+            # The wait for a pooled connection is bounded by the deadline
+            # (a deadline that has passed: one try if one is free at once)
+            # and answered "timeout": the process is busy, Redis is not
+            # silent.
+            if not await self._turn(deadline):
+                raise ClusterRefused(stage.name, "timeout")
             try:
+                left = None if deadline is None else deadline - self.loop.time()
+                wait_ms = -1 if left is None else max(0, int(left * 1000))
+                call = self._call("acquire", stage, waiter_id, wait_ms)
+                # Counted from now, the connection held: never past the
+                # request's deadline (a script reload included), and a
+                # silent Redis is found with time to spare for on_error:
+                # never a "timeout" because Redis said nothing. A deadline
+                # that has (almost) passed still gets one try.
+                bound = _silence_bound(left, self.scope.timeout)
                 if bound is not None:
-                    # Never past the request's deadline (a script reload
-                    # included), and a silent Redis is found with time to
-                    # spare for on_error: never a "timeout" because Redis
-                    # said nothing. A deadline that has (almost) passed
-                    # still gets one try.
                     reply = await asyncio.wait_for(call, bound)
                 else:
                     reply = await call
-                return int(reply[0]), int(reply[1]), _token(reply[2])
+                epoch = str(reply[3]) if len(reply) > 4 else ""
+                return int(reply[0]), int(reply[1]), _token(reply[2]), epoch
             except RedisConnectionError:
                 # A blip: the script may have run without its reply reaching
                 # us. Retrying with the same waiter id is safe.
@@ -547,6 +677,8 @@ class _Client:
                 raise RedisTimeoutError(
                     f"no answer within {bound:.3f} s (part of the request's deadline)"
                 ) from None
+            finally:
+                self._turns.release()
         raise AssertionError("unreachable")
 
     async def _wait(
@@ -589,7 +721,7 @@ class _Client:
         if not granted:
             self._abandon(stage, waiter_id)
             raise ClusterRefused(stage.name, "disconnected" if left.happened else "timeout")
-        return self._hold(stage, waiter_id, waiter.token)
+        return self._hold(stage, waiter_id, waiter.token, waiter.epoch)
 
     def _probe(self, stage: ClusterStage, into: list[asyncio.Task[None]]) -> None:
         """Checks that Redis answers (the node of ``stage``'s slot), sharing
@@ -606,22 +738,26 @@ class _Client:
 
     async def _run_probe(self, stage: ClusterStage) -> None:
         try:
-            await asyncio.wait_for(self.redis.exists(stage.keys[5]), self.scope.timeout)
+            async with self._control_connection() as redis:
+                await asyncio.wait_for(redis.exists(stage.keys[5]), self.scope.timeout)
         except _UNREACHABLE as e:
             self._suspect(e, self._group(stage), stage)
             raise
 
-    def _hold(self, stage: ClusterStage, permit_id: str, token: int = 0) -> ClusterPermit:
-        permit = ClusterPermit(stage, self, permit_id, token)
+    def _hold(
+        self, stage: ClusterStage, permit_id: str, token: int = 0, epoch: str = ""
+    ) -> ClusterPermit:
+        permit = ClusterPermit(stage, self, permit_id, token, epoch)
         self.held[permit_id] = weakref.ref(permit)
         self._granting.discard(permit_id)
         return permit
 
-    def _grant(self, waiter_id: str, waiter: _Waiter, token: int = 0) -> bool:
+    def _grant(self, waiter_id: str, waiter: _Waiter, token: int = 0, epoch: str = "") -> bool:
         """Ends ``waiter``'s wait with its slot, if it still waits."""
         if self.waiters.get(waiter_id) is not waiter or waiter.future.done():
             return False
         waiter.token = token
+        waiter.epoch = epoch
         del self.waiters[waiter_id]
         self._granting.add(waiter_id)
         waiter.future.set_result(True)
@@ -669,32 +805,38 @@ class _Client:
         self.give_back(stage, waiter_id, "cancel")
 
     def give_back(
-        self, stage: ClusterStage, permit_id: str, script: str, token: int | None = None
+        self, stage: ClusterStage, permit_id: str, script: str, proof: _Proof | None = None
     ) -> None:
         """Releases a permit or cancels a wait (``script``) in the
         background: retried, then left to the next heartbeat. Both are
         idempotent by id; a failure here never fails other requests."""
         if self._closed or self.loop.is_closed():
             return
-        self._track(self.loop.create_task(self._give_back(stage, permit_id, script, token)), stage)
+        self._track(self.loop.create_task(self._give_back(stage, permit_id, script, proof)), stage)
 
     async def _give_back(
-        self, stage: ClusterStage, permit_id: str, script: str, token: int | None = None
+        self, stage: ClusterStage, permit_id: str, script: str, proof: _Proof | None = None
     ) -> None:
+        proof = proof if script == "release" and proof is not None else _NO_PROOF
         error: BaseException | None = None
         for pause in _BACKGROUND_RETRIES:
             if pause:
                 await asyncio.sleep(pause)
             try:
-                reply = await asyncio.wait_for(
-                    self._call(script, stage, permit_id), self.scope.timeout
+                args = (permit_id, *proof) if script == "release" else (permit_id,)
+                reply = await self._run(
+                    script,
+                    stage,
+                    *args,
+                    bound=self.scope.timeout,
+                    until=self.loop.time() + self.scope.timeout,
                 )
-            except _UNREACHABLE as e:
+            except _RETRIED as e:
                 error = e
                 continue
             stage.in_use = int(reply[1])
             if script == "release" and int(reply[0]) == 2:
-                self._lease_lost(stage, permit_id, token)
+                self._lease_lost(stage, permit_id, proof[0])
             return
         logger.info(
             "resource %r: %s of %s did not reach Redis (%s); the next heartbeat sends it",
@@ -703,24 +845,31 @@ class _Client:
             permit_id,
             str(error) or type(error).__name__,
         )
-        self.pending.setdefault(stage, set()).add(permit_id)
+        self.pending.setdefault(stage, {})[permit_id] = proof
 
-    def release(self, stage: ClusterStage, permit_id: str, token: int | None = None) -> None:
+    def release(self, stage: ClusterStage, permit_id: str, proof: _Proof = (0, 0, "")) -> None:
         if threading.get_ident() != self._thread:
             if not self.loop.is_closed():
-                self.loop.call_soon_threadsafe(self.release, stage, permit_id, token)
+                self.loop.call_soon_threadsafe(self.release, stage, permit_id, proof)
             return
-        self.held.pop(permit_id, None)
+        if self.held.pop(permit_id, None) is None:
+            return  # its lease was lost (already reported): nothing to give back
         if permit_id in self.unrecorded:  # Redis never knew it
             self.unrecorded.discard(permit_id)
             return
-        self.give_back(stage, permit_id, "release", token)
+        self.give_back(stage, permit_id, "release", proof)
 
-    async def _release(self, stage: ClusterStage, permit_id: str, token: int | None = None) -> None:
-        reply = await self._call("release", stage, permit_id)
+    async def _release(
+        self, stage: ClusterStage, permit_id: str, proof: _Proof = (0, 0, "")
+    ) -> None:
+        reply = await self._run("release", stage, permit_id, *proof, bound=None)
         stage.in_use = int(reply[1])
         if int(reply[0]) == 2:
-            self._lease_lost(stage, permit_id, token)
+            self._lease_lost(stage, permit_id, proof[0])
+
+    async def _cancel(self, stage: ClusterStage, waiter_id: str) -> None:
+        reply = await self._run("cancel", stage, waiter_id, bound=None)
+        stage.in_use = int(reply[1])
 
     def _lease_lost(self, stage: ClusterStage, permit_id: str, token: int | None) -> None:
         """Redis took back ``permit_id``'s slot after its lease ran out (the
@@ -795,7 +944,8 @@ class _Client:
         """Checks Redis (the node of ``stage``'s slot) after a failure."""
         try:
             # A keyed command: in a Redis Cluster, it goes to the slot's node.
-            await asyncio.wait_for(self.redis.exists(stage.keys[5]), self.scope.timeout)
+            async with self._control_connection() as redis:
+                await asyncio.wait_for(redis.exists(stage.keys[5]), self.scope.timeout)
         except asyncio.CancelledError:
             raise
         except Exception:  # noqa: BLE001 - confirmed
@@ -849,34 +999,59 @@ class _Client:
             self._deliver(stage, waiter_id)
 
     async def _heartbeat_loop(self) -> None:
+        # Rounds start every ``heartbeat`` seconds from the start of the
+        # previous one (not from its end), and a round renews every resource
+        # at once: a resource's lease is renewed every ``heartbeat`` seconds
+        # however many resources there are and however slow Redis is
+        # (each call is bounded by ``_heartbeat_timeout``, below it).
+        start = self.loop.time()
         while not self._closed:
-            await asyncio.sleep(self.scope.heartbeat)
+            start = max(start + self.scope.heartbeat, self.loop.time())
+            await asyncio.sleep(start - self.loop.time())
+            stages = list(self.stages)
+            results = await _detached(self._beat(stages))
             failed: set[int] = set()
-            for stage in list(self.stages):
-                if self._group(stage) in failed:
-                    continue  # not twice the timeout on one Redis (node)
-                try:
-                    await _detached(self.heartbeat(stage))
-                except asyncio.CancelledError:
-                    raise
-                except _UNREACHABLE as e:
-                    self.mark_down(e, stage)
-                    failed.add(self._group(stage))
-                except Exception as e:  # noqa: BLE001 - keep beating
-                    logger.warning("Redis heartbeat failed: %r", e)
+            for stage, result in zip(stages, results, strict=True):
+                if isinstance(result, asyncio.CancelledError):
+                    raise result
+                if isinstance(result, _UNREACHABLE):
+                    if self._group(stage) not in failed:  # one failure per Redis (node)
+                        failed.add(self._group(stage))
+                        self.mark_down(result, stage)
+                elif isinstance(result, BaseException):
+                    logger.warning("Redis heartbeat failed: %r", result)
+
+    @property
+    def _heartbeat_timeout(self) -> float:
+        """How long a renewal may take: ``timeout``, at most one heartbeat
+        period, so that a lease sees at least two rounds before it ends."""
+        return min(self.scope.timeout, self.scope.heartbeat)
 
     async def heartbeat(self, stage: ClusterStage) -> None:
         """Renews this process's leases and waiters of ``stage``; queues
         again the waiters Redis lost."""
+        async with self._control_connection() as redis:
+            beat = self._heartbeat_args(stage)
+            on = _CONTROL.set(redis)
+            try:
+                reply = await asyncio.wait_for(
+                    self._call("heartbeat", stage, *beat.args), self._heartbeat_timeout
+                )
+            finally:
+                _CONTROL.reset(on)
+        self._heartbeat_reply(stage, beat, reply)
+
+    def _heartbeat_args(self, stage: ClusterStage) -> _Beat:
         now = self.loop.time()
-        held = []
+        renewals: dict[str, _Proof] = {}
         for permit_id, ref in list(self.held.items()):
             permit = ref()
             if permit is None:  # dropped without release: let its lease end
                 del self.held[permit_id]
                 self.unrecorded.discard(permit_id)
             elif permit._stage is stage:
-                held.append(permit_id)
+                # With what tells a stale renewal, which changes nothing.
+                renewals[permit_id] = permit.proof()
         waiting: list[Any] = []
         for waiter_id, w in self.waiters.items():
             # Not those whose acquire is on its way: Redis may not know them
@@ -884,16 +1059,54 @@ class _Client:
             if w.stage is stage and w.queued and not w.future.done():
                 left = -1 if w.deadline is None else max(0, int((w.deadline - now) * 1000))
                 waiting += [waiter_id, left]
-        given_back = list(self.pending.get(stage, ()))
-        reply = await asyncio.wait_for(
-            self._call(
-                "heartbeat", stage, len(held), *held, len(given_back), *given_back, *waiting
-            ),
-            self.scope.timeout,
+        given_back = dict(self.pending.get(stage, {}))
+        args = [
+            len(renewals),
+            *(x for i, proof in renewals.items() for x in (i, *proof)),
+            len(given_back),
+            *(x for i, proof in given_back.items() for x in (i, *proof)),
+            *waiting,
+        ]
+        return _Beat(renewals, given_back, args)
+
+    async def _beat(self, stages: Sequence[ClusterStage]) -> list[Any]:
+        """One heartbeat round: every resource at once, each on a control
+        connection of its own; each result is None or the exception its
+        resource's heartbeat met."""
+        return list(
+            await asyncio.gather(*(self.heartbeat(s) for s in stages), return_exceptions=True)
         )
+
+    @contextlib.asynccontextmanager
+    async def _control_connection(self) -> AsyncIterator[Any]:
+        """A client on one connection of the control pool, opened (within
+        ``timeout``) before the call it serves: the bound of a renewal or a
+        probe counts Redis's answer only, not the opening of a connection."""
+        pool = self._control_pool
+        if pool is None:  # a Redis Cluster: its node pools do not make calls wait
+            yield self.control
+            return
+        try:
+            connection = await asyncio.wait_for(pool.get_connection(), self.scope.timeout)
+        except asyncio.TimeoutError:
+            raise RedisTimeoutError("no connection to Redis within the timeout") from None
+        client = aioredis.Redis(connection_pool=pool)
+        client.connection = connection
+        try:
+            yield client
+        finally:
+            client.connection = None
+            await pool.release(connection)
+
+    def _heartbeat_reply(self, stage: ClusterStage, beat: _Beat, reply: Any) -> None:
+        tokens, given_back = beat.tokens, beat.given_back
+        held = list(tokens)
         pending = self.pending.get(stage)
         if pending is not None:
-            pending.difference_update(given_back)
+            for permit_id in given_back:
+                pending.pop(permit_id, None)
+            if not pending:
+                del self.pending[stage]
         stage.processes, stage.in_use = int(reply[0]), int(reply[1])
         for permit_id in held:
             self.unrecorded.discard(permit_id)
@@ -901,7 +1114,7 @@ class _Client:
             if permit_id not in self.held:
                 # Released while the heartbeat was on its way, which put it
                 # back: release it again.
-                self.give_back(stage, permit_id, "release")
+                self.give_back(stage, permit_id, "release", tokens.get(permit_id))
         if int(reply[4]):
             logger.warning(
                 "resource %r: %d request(s) running here (admitted by on_error, or whose lease "
@@ -915,15 +1128,26 @@ class _Client:
             # lost with its BLPOP reply (a reset connection, a reply later
             # than the socket timeout). The grant is delivered here, within
             # a heartbeat, rather than never.
-            waiter_id, _, token = str(grant).partition(" ")
+            waiter_id, token, epoch = _grant_parts(str(grant))
             waiter = self.waiters.get(waiter_id)
             if waiter is not None and waiter.stage is stage:
-                self._grant(waiter_id, waiter, _token(token))
+                self._grant(waiter_id, waiter, token, epoch)
         for permit_id in reply[6]:
-            # Not renewed: its slot is no longer this process's.
-            lost = self.held.pop(permit_id) if permit_id in self.held else None
-            permit = lost() if lost is not None else None
-            self._lease_lost(stage, permit_id, permit.token if permit is not None else None)
+            # A stale renewal or release: its slot is no longer this
+            # process's (not renewed, not released again).
+            self.held.pop(permit_id, None)
+            if permit_id in tokens:
+                self._lease_lost(stage, permit_id, tokens[permit_id][0])
+            elif permit_id in given_back:
+                self._lease_lost(stage, permit_id, given_back[permit_id][0] or None)
+        if len(reply) > 9:
+            # The permits renewed (or put back) were held at Redis's ``now``.
+            epoch, now = str(reply[7]), int(reply[8])
+            for permit_id in tokens:
+                ref = self.held.get(permit_id)
+                permit = ref() if ref is not None else None
+                if permit is not None and permit_id not in reply[6]:
+                    permit.since, permit.epoch = now, epoch
         for waiter_id in reply[3]:
             waiter = self.waiters.get(waiter_id)
             if waiter is not None and waiter.queued and not waiter.future.done():
@@ -936,7 +1160,9 @@ class _Client:
         if self.waiters.get(waiter_id) is not waiter or waiter.future.done():
             return
         try:
-            status, in_use, token = await self._send_acquire(stage, waiter_id, waiter.deadline)
+            status, in_use, token, epoch = await self._send_acquire(
+                stage, waiter_id, waiter.deadline
+            )
         except ClusterRefused:
             return  # its deadline has come: the loop timer ends the wait
         except _UNREACHABLE:
@@ -955,7 +1181,7 @@ class _Client:
                 self.give_back(stage, waiter_id, "cancel")
             return
         if status == _GRANTED:
-            self._grant(waiter_id, waiter, token)
+            self._grant(waiter_id, waiter, token, epoch)
         elif status == _QUEUED:
             waiter.queued = True
 
@@ -1016,12 +1242,20 @@ class _Client:
         listeners = list(self._listeners.values())
         wake = [lists[0] for lists in self._listening.values() if lists]
         releases = [
-            self._release(permit._stage, permit_id, permit.token)
+            self._release(permit._stage, permit_id, permit.proof())
             for permit_id, permit in [(i, r()) for i, r in list(self.held.items())]
             if permit is not None and permit_id not in self.unrecorded
         ]
         self.held.clear()
         self.unrecorded.clear()
+        # The requests waiting in Redis's queue: nobody will read their
+        # grants any more. Their waits end now (on_error, as for an
+        # unreachable Redis) and their cancellations go with the releases.
+        for waiter_id, waiter in list(self.waiters.items()):
+            releases.append(self._cancel(waiter.stage, waiter_id))
+            if not waiter.future.done():
+                waiter.future.set_result(None)
+        self.waiters.clear()
         # Wake the blocked BLPOPs rather than cancel them (a cancelled
         # blocking read may take redis-py a while to unwind).
         calls = [asyncio.ensure_future(c) for c in releases]
@@ -1042,6 +1276,8 @@ class _Client:
         await self.redis.aclose()
         if self._pool is not None:
             await self._pool.disconnect()
+            await self.control.aclose()
+            await self._control_pool.disconnect()
         await self.listen_redis.aclose()
 
 
@@ -1082,6 +1318,19 @@ def _consume(task: asyncio.Future[Any]) -> None:
         task.exception()
 
 
+# What tells a stale renewal or release (see stale in common.lua): the
+# permit's fencing token, when Redis last held it for sure (ms), its epoch.
+_Proof = tuple[int, int, str]
+_NO_PROOF: _Proof = (0, 0, "")
+
+
+def _grant_parts(grant: str) -> tuple[str, int, str]:
+    """A grant's ``"waiter-id token epoch"``."""
+    parts = grant.split(" ")
+    token = _token(parts[1]) if len(parts) > 1 else 0
+    return parts[0], token, parts[2] if len(parts) > 2 else ""
+
+
 def _token(value: Any) -> int:
     try:
         return int(value)
@@ -1102,6 +1351,9 @@ def _sha1(text: str) -> str:
 
 
 _CLIENT_IDS = itertools.count()
+# The control connection the heartbeat's script runs on (see
+# ``_Client._control_connection``).
+_CONTROL: contextvars.ContextVar[Any] = contextvars.ContextVar("control", default=None)
 
 
 def _expire(future: asyncio.Future[bool | None], probe: list[asyncio.Task[None]]) -> None:

@@ -57,6 +57,10 @@ class ClusteredAcquisition:
                 return permit.token
         raise LookupError(f"no cluster slot of {resource.name!r} is held here")
 
+    def tokens(self) -> dict[ClusterStage, int]:
+        """The fencing token of each cluster slot held, by stage."""
+        return {permit._stage: permit.token for permit in self._held}
+
     def release(self, completion: _core.Completion | None = None) -> None:
         permits, self._permits = self._permits, None
         if permits is not None:

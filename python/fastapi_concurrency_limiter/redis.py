@@ -94,7 +94,10 @@ class RedisScope:
             ``{key_prefix:name}:...`` (one hash tag: one Redis Cluster slot).
         timeout: seconds one command may take before Redis counts as
             unreachable (then ``on_error`` applies; it is tried again after
-            a second, or at the next successful heartbeat).
+            a second, or at the next successful heartbeat). A renewal may
+            take at most ``min(timeout, lease / 3)``, whatever ``timeout``
+            is, so that a lease sees at least two renewal rounds before it
+            runs out.
         cluster: ``True`` for a Redis Cluster: ``url`` names any of its
             nodes, the others are discovered, and each command goes to the
             node of its resource's hash slot (``/db`` must be 0).
@@ -282,12 +285,14 @@ def fencing_token(request: object, resource: Resource) -> int:
     ``permit.token(db)``."""
     scope = getattr(request, "scope", None)
     held = scope.get("state", {}).get(_TOKENS) if isinstance(scope, dict) else None
-    if held is None:
+    stage = resource._cluster
+    if not isinstance(held, dict) or stage is None or stage not in held:
         raise LookupError(f"the request holds no cluster slot of {resource.name!r}")
-    return int(held.token(resource))
+    return int(held[stage])
 
 
-# Where the decorator keeps a request's cluster slots (its ``state``).
+# Where the gates keep a request's fencing tokens (its ``state``): one map,
+# cluster stage -> token, that every gate of the request adds to.
 _TOKENS = "fastapi_concurrency_limiter.cluster"
 
 
@@ -310,9 +315,18 @@ def _redact(url: str) -> str:
     scheme, sep, rest = url.partition("://")
     if not sep:  # not a URL at all: it may be anything, a password included
         return "***"
+    # The user info ends at the last '@' of the authority (up to the first
+    # '/'), looked for before the query is split off: a password pasted
+    # as it is may hold a '?'. An '@' in a query with no path before it
+    # hides more than needed, never less.
+    authority = rest.partition("/")[0]
+    at = authority.rfind("@")
+    shown = f"{scheme}{sep}"
+    if at >= 0:
+        shown += "***@"
+        rest = rest[at + 1 :]
     rest, qmark, query = rest.partition("?")
-    auth, at, host = rest.rpartition("@")
-    shown = f"{scheme}{sep}***@{host}" if at else f"{scheme}{sep}{rest}"
+    shown += rest
     if qmark:
         options = []
         for option in query.split("&"):

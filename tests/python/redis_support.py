@@ -3,6 +3,7 @@ a temporary directory, without persistence, stopped afterwards."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import shutil
@@ -397,3 +398,60 @@ class RedisProxy:
         self.reset()
         if self._server is not None:
             self._server.close()
+
+
+class LatencyProxy:
+    """A TCP proxy to a redis-server on 127.0.0.1 that delays every reply by
+    ``latency`` seconds: a healthy Redis far away (or busy), each command
+    answered well within the scope's ``timeout``. Runs on an event loop of
+    its own in a thread, so that the test's loop does not slow it down."""
+
+    def __init__(self, port: int, latency: float) -> None:
+        self.port = port
+        self.latency = latency
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
+        self._server: Any = None
+
+    def start(self) -> int:
+        self._thread.start()
+        future = asyncio.run_coroutine_threadsafe(self._start(), self._loop)
+        return future.result(10)
+
+    async def _start(self) -> int:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        return int(self._server.sockets[0].getsockname()[1])
+
+    def url(self, port: int) -> str:
+        return f"redis://127.0.0.1:{port}/0"
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.port)
+        except OSError:
+            writer.close()
+            return
+
+        async def pump(src: asyncio.StreamReader, dst: asyncio.StreamWriter, delay: float) -> None:
+            try:
+                while data := await src.read(65536):
+                    if delay:
+                        await asyncio.sleep(delay)
+                    dst.write(data)
+                    await dst.drain()
+            except (ConnectionError, OSError):
+                pass
+            finally:
+                writer.close()
+                up_writer.close()
+
+        await asyncio.gather(pump(reader, up_writer, 0.0), pump(up_reader, writer, self.latency))
+
+    def close(self) -> None:
+        async def stop() -> None:
+            if self._server is not None:
+                self._server.close()
+
+        asyncio.run_coroutine_threadsafe(stop(), self._loop).result(10)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(10)

@@ -16,7 +16,7 @@ import time
 from typing import Any
 
 import pytest
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.testclient import TestClient
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -24,7 +24,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from fastapi_concurrency_limiter import Limiter, Resource, ServerBusy
 from fastapi_concurrency_limiter.redis import RedisScope, fencing_token
 
-from .redis_support import RedisProxy, RedisServer, needs_redis, redis_server
+from .redis_support import LatencyProxy, RedisProxy, RedisServer, needs_redis, redis_server
 from .test_redis_scope import _Holder, _scrape, _try, _try_many, _until, holders, run
 
 pytestmark = needs_redis
@@ -728,7 +728,7 @@ def test_every_key_expires_after_a_crash(redis_server: RedisServer) -> None:
             proc.kill()
             proc.wait(10)
         assert _keys_without_ttl(redis_server) == {}
-        lasting = {"{test:db}:config", "{test:db}:ticket", "{test:db}:fence", "{test:db}:reclaimed"}
+        lasting = {"{test:db}:config", "{test:db}:ticket", "{test:db}:fence", "{test:db}:filled"}
         deadline = time.monotonic() + 6 * lease + 5
         while set(r.keys("{test:db}*")) - lasting:
             assert time.monotonic() < deadline, r.keys("{test:db}*")
@@ -942,18 +942,422 @@ def test_fencing_token_of_a_request(redis_server: RedisServer) -> None:
     assert seen == sorted(set(seen)) and seen[0] > 0
 
 
+def test_a_burst_on_a_slow_but_healthy_redis_is_not_an_outage(
+    redis_server: RedisServer,
+) -> None:
+    """Waiting for a pooled connection is not Redis's silence. Redis answers
+    every command in 0.25 s (well within the 1 s ``timeout``), 400 requests
+    of capacity 400 arrive at once, each may wait 15 s: the 64 pooled
+    connections (warm: open) serve them in about 1.6 s. The silence bound
+    of a call starts once it holds a connection, so none is taken for an
+    unreachable Redis: every request is admitted, none is "unavailable"."""
+    proxy = LatencyProxy(redis_server.port, 0.25)
+    port = proxy.start()
+
+    async def main() -> None:
+        scope = RedisScope(proxy.url(port), key_prefix="test", lease=30, on_error="reject")
+        db = Resource(400, name="db", scope=scope)
+        limiter = Limiter(timeout=15, resources=[db])
+        await scope.check()
+        # Warm-up: requests without a deadline (no silence bound) fill the
+        # pool with its 64 connections, so that only the wait for a
+        # connection is measured below (not the connection handshakes).
+        warm = Limiter(timeout=None, resources=[db])
+        assert await _try_many(warm, db, 64) == ["ok"] * 64
+        await _until(lambda: holders(redis_server) == [])
+        await _until(lambda: len(_client_pool(scope)._available_connections) == 64)
+        outcomes = await _try_many(limiter, db, 400)
+        stats = db.statistics().cluster
+        assert stats is not None
+        counts = {o: outcomes.count(o) for o in set(outcomes)}
+        assert "unavailable" not in counts, counts
+        assert stats.unavailable_total == 0, counts
+        assert counts == {"ok": 400}, counts
+        await scope.aclose()
+
+    try:
+        run(main)
+    finally:
+        proxy.close()
+
+
+def _client_pool(scope: RedisScope) -> Any:
+    return scope._client()._pool
+
+
+def test_a_live_holder_keeps_its_slot_with_several_resources_on_a_slow_redis(
+    redis_server: RedisServer,
+) -> None:
+    """One process holds the only slot of one of its 10 cluster resources,
+    alive and never paused; Redis answers every call in 0.2 s (within the
+    1 s ``timeout``: not an outage). A heartbeat round renews every resource
+    at once, every ``lease / 3`` from the start of the previous round, so
+    the 1.5 s lease never runs out: another process waiting 8 s for the
+    slot times out, and no lease is reported lost."""
+    proxy = LatencyProxy(redis_server.port, 0.2)
+    port = proxy.start()
+
+    async def main() -> None:
+        lost: list[tuple[str, int | None]] = []
+        scope = RedisScope(
+            proxy.url(port),
+            key_prefix="test",
+            lease=1.5,
+            on_lease_lost=lambda name, token: lost.append((name, token)),
+        )
+        resources = [Resource(1, name=f"r{i}", scope=scope) for i in range(10)]
+        await scope.check()  # registers the 10 resources: one heartbeat each
+        target = resources[-1]
+        await target.acquire()  # held until the end of the test
+        other = RedisScope(redis_server.url(), key_prefix="test", lease=1.5)
+        elsewhere = Resource(1, name="r9", scope=other)
+        other_limiter = Limiter(timeout=8, resources=[elsewhere])
+        outcome = await _try(other_limiter, elsewhere)
+        assert (outcome, lost) == ("timeout", []), (
+            f"another process got the slot ({outcome}) while its holder still runs; "
+            f"leases lost: {lost}"
+        )
+        target.release()
+        await scope.aclose()
+        await other.aclose()
+
+    try:
+        run(main)
+    finally:
+        proxy.close()
+
+
+def test_a_renewal_after_the_slot_was_granted_again_reports_the_lost_lease(
+    redis_server: RedisServer,
+) -> None:
+    """Fencing rule: a renewal with a stale token changes nothing, and the
+    process learns that its lease was lost. Capacity 1: A's lease runs out
+    (its heartbeats fail), B is granted the slot (a larger token) and
+    releases it; then A's heartbeat reaches Redis. A's permit is not put
+    back, and A is told once (counter, on_lease_lost with its token); its
+    release afterwards reports nothing more."""
+
+    async def main() -> None:
+        url = redis_server.url()
+        lost: list[tuple[str, int | None]] = []
+        scope = RedisScope(
+            url, key_prefix="test", lease=1.2, on_lease_lost=lambda n, t: lost.append((n, t))
+        )
+        db = Resource(1, name="db", scope=scope)
+        limiter = Limiter(timeout=10, resources=[db])
+        other = RedisScope(url, key_prefix="test", lease=1.2)
+        elsewhere = Resource(1, name="db", scope=other)
+        other_limiter = Limiter(timeout=10, resources=[elsewhere])
+        await scope.check()
+        client = scope._client()
+        stage = db._cluster
+        assert stage is not None
+        hold = limiter.acquire([db])
+        permit = await hold.__aenter__()
+        assert permit is not None
+        mine = permit.token(db)
+        _failing(client, "heartbeat", 1000)  # this process cannot renew
+        theirs: list[int] = []
+        async with other_limiter.acquire([elsewhere]) as granted:  # after A's lease ran out
+            assert granted is not None
+            theirs.append(granted.token(elsewhere))
+        assert theirs[0] > mine  # A's token is stale
+        await _until(lambda: holders(redis_server) == [])
+        client._call = type(client)._call.__get__(client)  # reaches Redis again
+        await client.heartbeat(stage)
+        renewed = holders(redis_server)
+        await hold.__aexit__(None, None, None)
+        await asyncio.sleep(0.5)
+        assert (renewed, lost, stage.leases_lost_total) == ([], [("db", mine)], 1), (
+            f"stale permit put back in Redis: {renewed}; reported lost: {lost}"
+        )
+        await scope.aclose()
+        await other.aclose()
+
+    run(main)
+
+
+def test_aclose_ends_the_waits_in_redis_queue(redis_server: RedisServer) -> None:
+    """A request without a deadline waits in Redis's queue when the scope is
+    closed (a lifespan's shutdown, ``scope.aclose()``): nobody will read its
+    grant any more, so aclose() ends its wait (on_error) rather than leave
+    it waiting forever, and cancels it in Redis."""
+
+    async def main() -> None:
+        url = redis_server.url()
+        other = RedisScope(url, key_prefix="test", lease=30)
+        elsewhere = Resource(1, name="db", scope=other)
+        await elsewhere.acquire()
+        scope = RedisScope(url, key_prefix="test", lease=3)
+        db = Resource(1, name="db", scope=scope)
+        await scope.check()
+        waiter = asyncio.create_task(db.acquire())
+        await _until(lambda: len(_queue(redis_server)) == 1)
+        await scope.aclose()
+        elsewhere.release()
+        done, _ = await asyncio.wait({waiter}, timeout=10)
+        if not done:
+            waiter.cancel()
+            await asyncio.gather(waiter, return_exceptions=True)
+        await other.aclose()
+        assert done, "the request waiting in Redis's queue still waits 10 s after aclose()"
+
+    run(main)
+
+
+def test_a_holder_paused_past_a_minute_learns_its_lease_was_lost(
+    redis_server: RedisServer,
+) -> None:
+    """Kleppmann's case, a long pause: capacity 1, A's lease runs out while
+    it is paused (its heartbeats fail) and B holds the slot from then on.
+    A comes back after 62 s, longer than the fence keys would live without
+    holders: they live as long as a permit is held, so A's renewal is found
+    stale. A's permit is not put back beside B's (1 holder of 1) and A is
+    told that its lease was lost."""
+
+    async def main() -> None:
+        url = redis_server.url()
+        lost: list[tuple[str, int | None]] = []
+        scope = RedisScope(
+            url, key_prefix="test", lease=1.2, on_lease_lost=lambda n, t: lost.append((n, t))
+        )
+        db = Resource(1, name="db", scope=scope)
+        limiter = Limiter(timeout=10, resources=[db])
+        other = RedisScope(url, key_prefix="test", lease=1.2)
+        elsewhere = Resource(1, name="db", scope=other)
+        other_limiter = Limiter(timeout=10, resources=[elsewhere])
+        await scope.check()
+        client = scope._client()
+        stage = db._cluster
+        assert stage is not None
+        hold = limiter.acquire([db])
+        permit = await hold.__aenter__()
+        assert permit is not None
+        _failing(client, "heartbeat", 100000)  # paused: no renewal reaches Redis
+        taken = asyncio.Event()
+        done = asyncio.Event()
+
+        async def b() -> None:
+            async with other_limiter.acquire([elsewhere]):
+                taken.set()
+                await done.wait()
+
+        task = asyncio.create_task(b())
+        await asyncio.wait_for(taken.wait(), 8)
+        await asyncio.sleep(62)
+        client._call = type(client)._call.__get__(client)  # A is back
+        await client.heartbeat(stage)
+        now_held = holders(redis_server)
+        done.set()
+        await task
+        await hold.__aexit__(None, None, None)
+        await scope.aclose()
+        await other.aclose()
+        assert (len(now_held), len(lost)) == (1, 1), (
+            f"holders after A's renewal: {now_held} (capacity 1); leases lost reported: {lost}"
+        )
+
+    asyncio.run(asyncio.wait_for(main(), 120))
+
+
+def test_a_stale_release_sent_with_the_heartbeat_reports_the_lost_lease(
+    redis_server: RedisServer,
+) -> None:
+    """Capacity 1: A's lease runs out (its heartbeats fail) and B is granted
+    the slot and holds it. A's request ends; its release meets a network
+    blip (all 3 attempts fail) and goes with the next heartbeat, which
+    finds it stale by its token: it frees nothing and A is told that its
+    lease was lost, as a release sent directly would."""
+
+    async def main() -> None:
+        url = redis_server.url()
+        lost: list[tuple[str, int | None]] = []
+        scope = RedisScope(
+            url, key_prefix="test", lease=1.2, on_lease_lost=lambda n, t: lost.append((n, t))
+        )
+        db = Resource(1, name="db", scope=scope)
+        limiter = Limiter(timeout=10, resources=[db])
+        other = RedisScope(url, key_prefix="test", lease=1.2)
+        elsewhere = Resource(1, name="db", scope=other)
+        other_limiter = Limiter(timeout=10, resources=[elsewhere])
+        await scope.check()
+        client = scope._client()
+        stage = db._cluster
+        assert stage is not None
+        hold = limiter.acquire([db])
+        permit = await hold.__aenter__()
+        assert permit is not None
+        mine = permit.token(db)
+        real = client._call
+        heartbeat_fails = [True]
+        release_fails = [3]
+
+        async def call(name: str, stage: Any, *args: Any) -> Any:
+            if name == "heartbeat" and heartbeat_fails[0]:
+                raise RedisConnectionError("paused")
+            if name == "release" and release_fails[0] > 0:
+                release_fails[0] -= 1
+                raise RedisConnectionError("blip")
+            return await real(name, stage, *args)
+
+        client._call = call
+        taken = asyncio.Event()
+        done = asyncio.Event()
+
+        async def b() -> None:
+            async with other_limiter.acquire([elsewhere]):
+                taken.set()
+                await done.wait()
+
+        task = asyncio.create_task(b())
+        await asyncio.wait_for(taken.wait(), 8)  # A's lease ran out; B holds
+        await hold.__aexit__(None, None, None)  # A's request ends: release lost
+        await _until(lambda: release_fails[0] == 0 and stage in client.pending)
+        await _until(lambda: bool(client.pending.get(stage)))
+        heartbeat_fails[0] = False
+        await client.heartbeat(stage)  # sends the release
+        await asyncio.sleep(0.3)
+        done.set()
+        await task
+        await scope.aclose()
+        await other.aclose()
+        assert (lost, stage.leases_lost_total) == ([("db", mine)], 1), lost
+
+    run(main)
+
+
+def test_a_release_after_a_lapse_within_the_capacity_is_no_lost_lease(
+    redis_server: RedisServer,
+) -> None:
+    """Capacity 2: A's lease lapses (its heartbeats fail) while one slot is
+    free anyway; C takes a free slot. Never more than 2 ran at once: A's
+    release is no lost lease (the same judgement as its heartbeat's, which
+    would put its permit back), and on_lease_lost is not called."""
+
+    async def main() -> None:
+        url = redis_server.url()
+        lost: list[tuple[str, int | None]] = []
+        scope = RedisScope(
+            url, key_prefix="test", lease=1.2, on_lease_lost=lambda n, t: lost.append((n, t))
+        )
+        db = Resource(2, name="db", scope=scope)
+        limiter = Limiter(timeout=10, resources=[db])
+        other = RedisScope(url, key_prefix="test", lease=1.2)
+        elsewhere = Resource(2, name="db", scope=other)
+        await scope.check()
+        client = scope._client()
+        hold = limiter.acquire([db])
+        permit = await hold.__aenter__()
+        assert permit is not None
+        _failing(client, "heartbeat", 1000)
+        await asyncio.sleep(1.6)  # A's lease (1.2 s) has run out
+        await elsewhere.acquire()  # C: reclaims A's slot and takes a slot
+        assert len(holders(redis_server)) == 1  # C alone; A still runs: 2 of 2
+        await hold.__aexit__(None, None, None)
+        await asyncio.sleep(0.5)
+        elsewhere.release()
+        await scope.aclose()
+        await other.aclose()
+        assert lost == [], f"reported lost though never over the capacity: {lost}"
+
+    run(main)
+
+
+def test_fencing_token_of_every_cluster_slot_a_request_holds(
+    redis_server: RedisServer,
+) -> None:
+    """A route limited by a router dependency ([cache]) and by the decorator
+    ([db]) holds a cluster slot of each: fencing_token(request, r) gives
+    the token of each, the gates' tokens merged in the request's state."""
+    scope = RedisScope(redis_server.url(), key_prefix="test")
+    cache = Resource(2, name="cache", scope=scope)
+    db = Resource(2, name="db", scope=scope)
+    limiter = Limiter(timeout=5, resources=[cache, db])
+    app = FastAPI(lifespan=scope.lifespan)
+
+    @app.get("/write", dependencies=[Depends(limiter.dependency([cache]))])
+    @limiter.resources([db])
+    async def write(request: Request) -> dict[str, Any]:
+        tokens: dict[str, Any] = {}
+        for resource in (cache, db):
+            try:
+                tokens[resource.name] = fencing_token(request, resource)
+            except LookupError as e:
+                tokens[resource.name] = f"LookupError: {e}"
+        return tokens
+
+    with TestClient(app) as http:
+        answer = http.get("/write")
+    assert answer.status_code == 200, answer.text
+    tokens = answer.json()
+    assert all(isinstance(t, int) and t > 0 for t in tokens.values()), tokens
+
+
+def test_a_renewal_after_a_restart_and_a_new_grant_reports_the_lost_lease(
+    redis_server: RedisServer,
+) -> None:
+    """Capacity 1: A holds the slot; Redis restarts (no persistence: every
+    key is lost) and B is granted the slot, with a larger token (the fence
+    starts again from Redis's clock). A's next heartbeat carries its token,
+    smaller than the one that filled the capacity: its permit is not put
+    back beside B's (1 holder of 1) and A is told that its lease was lost."""
+
+    async def main() -> None:
+        url = redis_server.url()
+        lost: list[tuple[str, int | None]] = []
+        scope = RedisScope(
+            url, key_prefix="test", lease=1.5, on_lease_lost=lambda n, t: lost.append((n, t))
+        )
+        db = Resource(1, name="db", scope=scope)
+        limiter = Limiter(timeout=10, resources=[db])
+        await scope.check()
+        client = scope._client()
+        stage = db._cluster
+        assert stage is not None
+        hold = limiter.acquire([db])
+        permit = await hold.__aenter__()
+        assert permit is not None
+        mine = permit.token(db)
+        _failing(client, "heartbeat", 1000)  # no renewal while Redis restarts
+        redis_server.restart()
+        other = RedisScope(url, key_prefix="test", lease=1.5)
+        elsewhere = Resource(1, name="db", scope=other)
+        other_limiter = Limiter(timeout=10, resources=[elsewhere])
+        granted = await other_limiter.acquire([elsewhere]).__aenter__()
+        assert granted is not None
+        assert granted.token(elsewhere) > mine
+        client._call = type(client)._call.__get__(client)
+        for _ in range(3):  # the first call may meet a connection the restart closed
+            try:
+                await client.heartbeat(stage)
+                break
+            except Exception:  # noqa: BLE001
+                await asyncio.sleep(0.2)
+        now_held = holders(redis_server)
+        await hold.__aexit__(None, None, None)
+        await scope.aclose()
+        await other.aclose()
+        assert (len(now_held), lost) == (1, [("db", mine)]), (
+            f"holders after A's renewal: {now_held} (capacity 1); leases lost: {lost}"
+        )
+
+    run(main)
+
+
 def test_soak_resets_pauses_and_cancellations_keep_the_limit(redis_server: RedisServer) -> None:
-    """About 12 s of three processes' worth of requests (three scopes, each
-    its own process id in Redis) through a proxy that resets every
-    connection at random moments, while Redis is paused (SIGSTOP, shorter
-    than the lease) now and then and some requests are cancelled.
-    Invariants: never more than the capacity running at once (on_error
-    "reject": nothing is admitted without a slot), no request answered long
-    after its deadline, and nothing held or queued at the end."""
+    """``FCL_SOAK_SECONDS`` (60 by default) of three processes' worth of
+    requests (three scopes, each its own process id in Redis) through a
+    proxy that resets every connection at random moments, while Redis is
+    paused (SIGSTOP, shorter than the lease) now and then and some requests
+    are cancelled. Invariants: never more than the capacity running at once
+    (on_error "reject": nothing is admitted without a slot), no request
+    answered long after its deadline, and nothing held or queued at the
+    end."""
     import random
 
     rng = random.Random(17)
     capacity = 3
+    seconds = float(os.environ.get("FCL_SOAK_SECONDS", "60"))
 
     async def main() -> None:
         proxy = RedisProxy(redis_server.port)
@@ -989,7 +1393,7 @@ def test_soak_resets_pauses_and_cancellations_keep_the_limit(redis_server: Redis
                 late.append(loop.time() - started - timeout)
 
         async def faults() -> None:
-            end = loop.time() + 10
+            end = loop.time() + seconds
             while loop.time() < end:
                 await asyncio.sleep(rng.uniform(0.3, 1.0))
                 if rng.random() < 0.6:
@@ -1014,7 +1418,12 @@ def test_soak_resets_pauses_and_cancellations_keep_the_limit(redis_server: Redis
         await asyncio.gather(*tasks, return_exceptions=True)
         assert most <= capacity
         assert "ok" in outcomes and len(outcomes) > 100 and proxy.resets > 0
-        # Generous for a loaded 2-core machine (the goal is 0.1 s).
+        # The goal is 0.1 s. The bound is 1 s: the three "processes" share
+        # one event loop here, and on a loaded 2-core machine a SIGSTOPped
+        # Redis, a proxy reset and hundreds of tasks resuming at once can
+        # delay a request's timer callback by several hundred ms, which is
+        # the machine, not the protocol (every wait ends at its deadline by
+        # the loop's timer, whatever Redis does).
         assert max(late, default=0) < 1.0, max(late)
         # Every process's heartbeat sends what its background calls could
         # not; then nothing is held or queued.
@@ -1029,4 +1438,4 @@ def test_soak_resets_pauses_and_cancellations_keep_the_limit(redis_server: Redis
             await scope.aclose()
         proxy.close()
 
-    run(main)
+    asyncio.run(asyncio.wait_for(main(), seconds + 60))

@@ -472,6 +472,22 @@ def test_credentials_never_show(url: str) -> None:
         server.close()
 
 
+@pytest.mark.parametrize(
+    "url",
+    [
+        "redis://:s3cr?et@127.0.0.1:6379/0",
+        "redis://user:s3cr?et@127.0.0.1:6379/0",
+        "unix://:s3cr?et@/tmp/redis.sock",
+    ],
+)
+def test_a_password_with_a_question_mark_never_shows(url: str) -> None:
+    """Passwords are pasted as they are: one with a raw '?' (not
+    percent-encoded) never shows in the repr (nor in any error that shows
+    the URL): the user info is found before the query is split off."""
+    shown = repr(RedisScope(url))
+    assert "s3cr" not in shown and "et@" not in shown, shown
+
+
 def test_a_route_answers_503_with_the_cluster_limit(redis_server: RedisServer) -> None:
     scope = RedisScope(redis_server.url(), key_prefix="test")
     db = Resource(1, name="db", scope=scope)

@@ -1,6 +1,7 @@
 -- acquire: ARGV[4] waiter id, ARGV[5] longest wait in ms (0: take a free
 -- slot or give up; -1: no deadline).
--- Returns {status, in use, fencing token ('0' unless granted), wake-ups}:
+-- Returns {status, in use, fencing token ('0' unless granted), epoch (see
+-- stale), wake-ups}:
 -- status 1 granted (the waiter id is now a permit with a lease), 0 queued (its process is told on its notify list when
 -- granted), -1 no free slot and no wait.
 local bad = check_config()
@@ -13,7 +14,7 @@ purge()
 grant_free()
 if redis.call('ZSCORE', holders, id) then
   -- A retry of a granted acquire.
-  return reply({1, redis.call('ZCARD', holders), redis.call('HGET', tokens, id) or '0'})
+  return reply({1, redis.call('ZCARD', holders), redis.call('HGET', tokens, id) or '0', epoch()})
 end
 if redis.call('ZSCORE', queue, id) then
   return reply({0, redis.call('ZCARD', holders), '0'})  -- a retry of a queued acquire
@@ -21,7 +22,8 @@ end
 local in_use = redis.call('ZCARD', holders)
 if in_use < capacity and redis.call('ZCARD', queue) == 0 then
   redis.call('ZADD', holders, now + lease, id)
-  return reply({1, in_use + 1, grant_token(id)})
+  local token = grant_token(id)
+  return reply({1, in_use + 1, token, epoch()})
 end
 if wait == 0 then
   return reply({-1, in_use, '0'})

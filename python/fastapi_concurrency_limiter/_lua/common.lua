@@ -18,16 +18,17 @@
 --                    clients' lists are pushed by the notify script
 --   KEYS[9] fence    the last fencing token granted (see grant_token)
 --   KEYS[10] tokens  HASH  permit id -> its fencing token
---   KEYS[11] reclaimed ZSET permit id -> the fence when its lease ran out
---                    and Redis took its slot back (about config_ttl): a
---                    later grant means its token is stale (see regranted)
+--   KEYS[11] filled  HASH  'at': when (ms) a grant last filled the
+--                    capacity; 'epoch': when these keys were created (a
+--                    Redis that lost its data, or keys that expired, start
+--                    a new epoch). See stale.
 -- ARGV[1] capacity, ARGV[2] lease (ms), ARGV[3] process id; then the
 -- script's own arguments from ARGV[4] on.
 --
 -- A waiter id becomes its permit id when granted, so a retried call finds
 -- what the first one did (acquire is idempotent per waiter id).
 
-local holders, queue, ticket, wexp, wmeta, config, procs, notify, fence, tokens, reclaimed =
+local holders, queue, ticket, wexp, wmeta, config, procs, notify, fence, tokens, filled =
   KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7], KEYS[8], KEYS[9], KEYS[10],
   KEYS[11]
 local capacity = tonumber(ARGV[1])
@@ -67,6 +68,9 @@ local function grant_token(id)
   local text = string.format('%.0f', token)
   redis.call('SET', fence, text, 'PX', config_ttl)
   redis.call('HSET', tokens, id, text)
+  if redis.call('ZCARD', holders) >= capacity then
+    redis.call('HSET', filled, 'at', now)
+  end
   return text
 end
 
@@ -76,17 +80,42 @@ local function drop_holder(id)
   return redis.call('ZREM', holders, id)
 end
 
--- For a permit whose lease ran out and whose slot Redis took back: true
--- when a slot has been granted since (the permit's token is stale, its
--- slot may be another's), false when not; nil for a permit Redis never
--- took back. Forgets it either way.
-local function regranted(id)
-  local mark = redis.call('ZSCORE', reclaimed, id)
-  if not mark then
-    return nil
+-- The resource's epoch (see KEYS[11]), created when missing.
+local function epoch()
+  local current = redis.call('HGET', filled, 'epoch')
+  if not current then
+    current = tostring(now)
+    redis.call('HSET', filled, 'epoch', current)
+    redis.call('PEXPIRE', filled, config_ttl)
   end
-  redis.call('ZREM', reclaimed, id)
-  return tonumber(redis.call('GET', fence) or '0') > tonumber(mark)
+  return current
+end
+
+-- The one rule for a renewal or a release of permit ``id``, given its
+-- fencing token ``token`` (0: admitted by on_error, no token), when Redis
+-- last held it for sure ``since`` (ms: its grant or its last renewal) and
+-- the epoch it was held in: true when it is stale, so that it changes
+-- nothing and its process is told that the lease was lost. Stale: Redis
+-- holds the permit under another token; or Redis does not hold it and a
+-- grant filled the capacity without it: after its lease ran out (same
+-- epoch), or after ``since`` when Redis lost it (another epoch: a restart,
+-- a failover). A permit that lapsed while a slot was free anyway ran within
+-- the capacity: not stale.
+local function stale(id, token, since, held_in)
+  token = tonumber(token) or 0
+  if token <= 0 then
+    return false
+  end
+  if redis.call('ZSCORE', holders, id) then
+    local stored = tonumber(redis.call('HGET', tokens, id) or '0')
+    return stored ~= 0 and stored ~= token
+  end
+  local at = tonumber(redis.call('HGET', filled, 'at') or '0')
+  since = tonumber(since) or 0
+  if held_in ~= '' and held_in ~= epoch() then
+    return at > since
+  end
+  return at >= since + lease
 end
 
 local function drop_waiter(id)
@@ -99,16 +128,10 @@ end
 -- of processes that stopped speaking, leave the queue.
 local function purge()
   local ended = redis.call('ZRANGEBYSCORE', holders, '-inf', now)
-  if #ended > 0 then
-    -- Any grant from now on has a larger token than this mark.
-    local mark = math.max(tonumber(redis.call('GET', fence) or '0'), now * 1000 - 1)
-    for _, id in ipairs(ended) do
-      redis.call('HDEL', tokens, id)
-      redis.call('ZADD', reclaimed, string.format('%.0f', mark), id)
-    end
+  for _, id in ipairs(ended) do
+    redis.call('HDEL', tokens, id)
   end
   redis.call('ZREMRANGEBYSCORE', holders, '-inf', now)
-  redis.call('ZREMRANGEBYSCORE', reclaimed, '-inf', string.format('%.0f', (now - config_ttl) * 1000))
   local gone = redis.call('ZRANGEBYSCORE', wexp, '-inf', now)
   for _, id in ipairs(gone) do
     drop_waiter(id)
@@ -151,7 +174,7 @@ local function grant_free()
         end
         redis.call('ZADD', holders, expiry, head)
         table.insert(notices, list)
-        table.insert(notices, head .. ' ' .. grant_token(head))
+        table.insert(notices, head .. ' ' .. grant_token(head) .. ' ' .. epoch())
         free = free - 1
       end
     end
@@ -168,6 +191,12 @@ local function expire_keys()
   if last[2] then
     redis.call('PEXPIREAT', holders, tonumber(last[2]) + lease)
     redis.call('PEXPIREAT', tokens, tonumber(last[2]) + lease)
+    -- The fence lives while any permit is held (and config_ttl after):
+    -- a holder paused for longer is still found stale.
+    local keep = math.max(tonumber(last[2]) + lease, now + config_ttl)
+    redis.call('PEXPIREAT', fence, keep)
+    epoch()
+    redis.call('PEXPIREAT', filled, keep)
   end
   last = redis.call('ZRANGE', wexp, -1, -1, 'WITHSCORES')
   if last[2] then
@@ -175,9 +204,6 @@ local function expire_keys()
     redis.call('PEXPIREAT', wexp, at)
     redis.call('PEXPIREAT', queue, at)
     redis.call('PEXPIREAT', wmeta, at)
-  end
-  if redis.call('EXISTS', reclaimed) == 1 then
-    redis.call('PEXPIRE', reclaimed, config_ttl)
   end
 end
 

@@ -1,7 +1,9 @@
--- heartbeat: ARGV[4] number of permits n, ARGV[5..4+n] the permits this
--- process holds; then the number of ids to give back r and those r ids
--- (releases and cancellations that did not reach Redis when they were
--- made); then pairs (waiter id, ms left before its deadline or -1) for the
+-- heartbeat: ARGV[4] number of permits n, then n quadruples (permit id,
+-- fencing token, when Redis last held it for sure in ms, its epoch: see
+-- stale) for the permits this process holds; then the number of ids to
+-- give back r and r quadruples (releases, as above, and cancellations,
+-- token 0, that did not reach Redis when they were made);
+-- then pairs (waiter id, ms left before its deadline or -1) for the
 -- waiters it has queued.
 --
 -- Renews the process's leases and waiters, reclaims expired ones, grants
@@ -10,7 +12,9 @@
 -- them again).
 -- Returns {processes alive, in use, {permits put back}, {lost waiters},
 -- how many were put back beyond the capacity, {"waiter-id token" found
--- granted}, {permits whose lease was lost}, wake-ups}.
+-- granted}, {permits and releases found stale: their lease was lost},
+-- the resource's epoch, Redis's time in ms (when the permits renewed were
+-- held for sure), wake-ups}.
 local bad = check_config(true)
 if bad then
   return redis.error_reply(bad)
@@ -28,39 +32,48 @@ if redis.call('EXISTS', ticket) == 1 then
   redis.call('PEXPIRE', ticket, config_ttl)
 end
 local n = tonumber(ARGV[4])
-local r = tonumber(ARGV[5 + n])
-for i = 6 + n, 5 + n + r do
-  drop_waiter(ARGV[i])
-  drop_holder(ARGV[i])
-  redis.call('ZREM', reclaimed, ARGV[i])
-end
--- Every permit the process holds is a running request. One whose lease ran
--- out, while Redis has granted slots since and they fill the capacity, is
--- not renewed (its fencing token is stale; its slot is another's):
--- reported lost. Any other that Redis does not hold (its lease ran out but
--- its slot is free, admitted by on_error during an outage, or Redis lost
--- its data) is put back even beyond the capacity, so that no slot is
--- granted while the requests really running fill it.
-local added = {}
+local first = 5 + 4 * n  -- ARGV index of r
+local r = tonumber(ARGV[first])
+-- Renewals and releases follow one rule (see stale): a stale one changes
+-- nothing and is reported lost.
 local lost = {}
-local over = 0
-for i = 5, 4 + n do
-  local id = ARGV[i]
-  if redis.call('ZSCORE', holders, id) then
-    redis.call('ZADD', holders, now + lease, id)
-  elseif regranted(id) and redis.call('ZCARD', holders) >= capacity then
+for i = first + 1, first + 4 * r, 4 do
+  local id, token = ARGV[i], ARGV[i + 1]
+  drop_waiter(id)
+  if stale(id, token, ARGV[i + 2], ARGV[i + 3]) then
     table.insert(lost, id)
+  else
+    drop_holder(id)
+  end
+end
+-- Every other permit the process holds is a running request. One that
+-- Redis does not hold and that is not stale (its lease ran out while a
+-- slot was free anyway, admitted by on_error during an outage, or Redis
+-- lost its data and granted nothing since) is put back even beyond the
+-- capacity, so that no slot is granted while the requests really running
+-- fill it.
+local added = {}
+local over = 0
+for i = 5, 4 + 4 * n, 4 do
+  local id, token = ARGV[i], ARGV[i + 1]
+  if stale(id, token, ARGV[i + 2], ARGV[i + 3]) then
+    table.insert(lost, id)
+  elseif redis.call('ZSCORE', holders, id) then
+    redis.call('ZADD', holders, now + lease, id)
   else
     table.insert(added, id)
     if redis.call('ZCARD', holders) >= capacity then
       over = over + 1
     end
     redis.call('ZADD', holders, now + lease, id)
+    if tonumber(token) > 0 then
+      redis.call('HSET', tokens, id, token)
+    end
   end
 end
 local lost_waiters = {}
 local granted = {}
-for i = 6 + n + r, #ARGV, 2 do
+for i = first + 1 + 4 * r, #ARGV, 2 do
   local id = ARGV[i]
   local left = tonumber(ARGV[i + 1])
   if redis.call('ZSCORE', queue, id) then
@@ -73,11 +86,11 @@ for i = 6 + n + r, #ARGV, 2 do
     -- Granted, the notification not read yet (or lost with its reply):
     -- renew its lease and tell the process, which resolves the waiter.
     redis.call('ZADD', holders, now + lease, id)
-    table.insert(granted, id .. ' ' .. (redis.call('HGET', tokens, id) or '0'))
+    table.insert(granted, id .. ' ' .. (redis.call('HGET', tokens, id) or '0') .. ' ' .. epoch())
   else
     table.insert(lost_waiters, id)
   end
 end
 grant_free()
 return reply({redis.call('ZCARD', procs), redis.call('ZCARD', holders), added, lost_waiters, over,
-  granted, lost})
+  granted, lost, epoch(), now})

@@ -1,11 +1,15 @@
--- release: ARGV[4] permit id. Frees its slot and hands free slots to the
--- head of the queue. Returns {1 if it was held, 2 if its lease had run out
--- and a slot was granted since (its token is stale), else 0; in use;
--- wake-ups}.
+-- release: ARGV[4] permit id, ARGV[5] its fencing token, ARGV[6] when Redis
+-- last held it for sure (ms), ARGV[7] the epoch it was held in (see stale).
+-- Frees its slot and
+-- hands free slots to the head of the queue. A stale release (see stale)
+-- changes nothing. Returns {1 if it was held, 2 if it is stale (its lease
+-- was lost), else 0; in use; wake-ups}.
 local id = ARGV[4]
-local held = drop_holder(id)
-if held == 0 and regranted(id) then
-  held = 2  -- its lease had run out and its slot was granted again since
+local held = 0
+if stale(id, ARGV[5], ARGV[6], ARGV[7]) then
+  held = 2
+else
+  held = drop_holder(id)
 end
 purge()
 grant_free()
