@@ -41,12 +41,12 @@ def test_free_slot_in_one_round_trip_then_fifo_hand_off(redis_server: RedisServe
         db = Resource(2, name="db", scope=scope)
         limiter = Limiter(timeout=5, resources=[db])
         order: list[int] = []
-        release = asyncio.Event()
+        releases = [asyncio.Event(), asyncio.Event()]
 
         async def request(i: int) -> None:
             async with limiter.acquire([db]):
                 order.append(i)
-                await release.wait()
+                await releases[i].wait()
 
         await scope.check()  # loads the scripts
         calls_before = _evalsha_calls(redis_server)
@@ -67,7 +67,11 @@ def test_free_slot_in_one_round_trip_then_fifo_hand_off(redis_server: RedisServe
         for i in range(2):
             waiting.append(asyncio.create_task(queued(i)))
             await _until(lambda n=i + 1: redis_server.client().zcard("{test:db}:queue") == n)
-        release.set()
+        # One slot at a time: the head of Redis's queue gets each.
+        releases[0].set()
+        await _until(lambda: len(later) >= 1)
+        assert later[0] == 0
+        releases[1].set()
         await asyncio.gather(*holding, *waiting)
         assert later == [0, 1]
         await _until(lambda: holders(redis_server) == [])
