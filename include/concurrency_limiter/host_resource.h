@@ -160,21 +160,4 @@ std::vector<HostResourceInfo> list_host_resources();
 // (naming its owner); std::invalid_argument for a bad name.
 void remove_host_resource(const std::string& name, bool force = false);
 
-namespace testing {
-// Test hooks (crash tests): take the shared lock of `resource` and never
-// give it back; register a fake process with `held` slots (PID reuse); run
-// this process's dead-process sweep now.
-void hold_host_lock_forever(const Resource& resource);
-// (forge: a process whose liveness lock nobody holds, as a dead one.)
-void forge_host_process(const Resource& resource, pid_t pid, std::int64_t held);
-void sweep_host_processes(const Resource& resource);
-// Takes the shared lock of `resource`, writes garbage over the uncommitted
-// copy of its limit algorithm's state, as a process killed in the middle of
-// an update would leave it, and never gives the lock back.
-void die_in_host_limit_update(const Resource& resource);
-// While `fail` is set, a host resource's background thread fails to start
-// (as when the process is out of threads).
-void fail_host_thread_start(bool fail);
-}  // namespace testing
-
 }  // namespace concurrency_limiter

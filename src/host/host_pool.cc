@@ -1,4 +1,5 @@
 #include "internal/host_pool.h"
+#include "internal/test_hooks.h"
 
 #include <fcntl.h>
 #include <linux/futex.h>

@@ -52,6 +52,7 @@
 
 #include "concurrency_limiter/concurrency_limiter.h"
 #include "host_test_util.h"
+#include "internal/test_hooks.h"
 
 namespace cl = concurrency_limiter;
 

@@ -25,6 +25,7 @@
 
 #include "host_test_util.h"
 #include "internal/host_segment.h"
+#include "internal/test_hooks.h"
 #include "test_util.h"
 
 extern char** environ;
