@@ -58,7 +58,7 @@ install: venv
 	$(PY) -m pip install --quiet --no-build-isolation --no-deps -C build-dir=$(BUILD)/python .
 
 define cpp_suite
-	cmake -S . -B $(BUILD)/$(1) -G Ninja -DCMAKE_BUILD_TYPE=$(2) -DCL_SANITIZE=$(3) >/dev/null
+	cmake -S . -B $(BUILD)/$(1) -G Ninja -DCMAKE_BUILD_TYPE=$(2) -DCL_SANITIZE=$(3) -DCL_WERROR=ON >/dev/null
 	cmake --build $(BUILD)/$(1) -j $(JOBS)
 	cd $(BUILD)/$(1) && ctest --output-on-failure -j $(JOBS)
 endef
@@ -79,31 +79,24 @@ cpp-test-tsan:
 _tsan:
 	$(call cpp_suite,tsan,RelWithDebInfo,thread)
 
-# The library and its tests built once with Clang's thread-safety analysis,
-# warnings as errors: the locking annotations are checked, not just comments.
+# The library, its tests and the examples built once with Clang's
+# thread-safety analysis, warnings as errors: the locking annotations are
+# checked, not just comments, and the project builds with Clang.
 thread-safety: system-deps
 	cmake -S . -B $(BUILD)/thread-safety -G Ninja -DCMAKE_BUILD_TYPE=Debug \
 		-DCMAKE_CXX_COMPILER=clang++ -DCMAKE_CXX_FLAGS="-Wthread-safety -Werror" \
-		-DCL_BUILD_BENCHMARKS=OFF -DCL_BUILD_EXAMPLES=OFF >/dev/null
+		-DCL_WERROR=ON -DCL_BUILD_BENCHMARKS=OFF >/dev/null
 	cmake --build $(BUILD)/thread-safety -j $(JOBS)
 
-# Installs the library into a fresh prefix other than the configured one (the
-# installed tree must be relocatable), then configures, builds and runs
-# tests/cmake-consumer against it (find_package and pkg-config).
+# The ways a C++ project consumes the library, built and run
+# (scripts/cpp-package-test.sh): the installed package, static and shared,
+# through find_package and pkg-config, with GCC and Clang (the Asio target
+# with the coroutine example too); add_subdirectory and FetchContent. The
+# static library stays installed in $(PACKAGE)/prefix.
 PACKAGE := $(BUILD)/package
 cpp-package-test: system-deps
 	rm -rf $(PACKAGE)
-	cmake -S . -B $(PACKAGE)/build -G Ninja -DCMAKE_BUILD_TYPE=Release \
-		-DCMAKE_INSTALL_PREFIX=$(CURDIR)/$(PACKAGE)/configured-prefix \
-		-DCL_BUILD_TESTS=OFF -DCL_BUILD_BENCHMARKS=OFF -DCL_BUILD_EXAMPLES=OFF >/dev/null
-	cmake --build $(PACKAGE)/build -j $(JOBS)
-	cmake --install $(PACKAGE)/build --prefix $(CURDIR)/$(PACKAGE)/prefix >/dev/null
-	PKG_CONFIG_PATH=$$(dirname $$(find $(CURDIR)/$(PACKAGE)/prefix -name concurrency_limiter.pc)) \
-		cmake -S tests/cmake-consumer -B $(PACKAGE)/consumer -G Ninja \
-		-DCMAKE_PREFIX_PATH=$(CURDIR)/$(PACKAGE)/prefix >/dev/null
-	cmake --build $(PACKAGE)/consumer
-	$(PACKAGE)/consumer/consumer
-	$(PACKAGE)/consumer/consumer_pkgconfig
+	scripts/cpp-package-test.sh $(PACKAGE) $(JOBS)
 
 cpp-test: system-deps
 	$(MAKE) --no-print-directory cpp-test-release cpp-test-asan cpp-test-tsan thread-safety cpp-package-test

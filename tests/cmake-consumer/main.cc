@@ -6,6 +6,11 @@
 #include <cstdio>
 #include <memory>
 
+#ifdef CONSUMER_EXPECTS_CXX23
+// The build asked for C++23: nothing the library exports may lower it.
+static_assert(__cplusplus > 202002L, "compiled as C++20 although the consumer asked for C++23");
+#endif
+
 namespace cl = concurrency_limiter;
 
 int main() {
