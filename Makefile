@@ -1,9 +1,10 @@
 # One entry point for people and CI.
 #
 #   make test          build everything, run the C++ suites (plain, ASan+UBSan,
-#                      TSan), the Clang thread-safety build, the installed
-#                      package's consumer test, and the Python tests, those
-#                      also on every supported Python against the wheels
+#                      TSan; warnings as errors), the Clang thread-safety
+#                      build, the C++ consumer builds (installed package,
+#                      add_subdirectory, FetchContent), and the Python tests,
+#                      those also on every supported Python against the wheels
 #   make wheels        manylinux wheels for every supported Python, in dist/
 #   make test-all-pythons  the Python suite on each supported Python, each in a
 #                      fresh venv that installs the wheel without a compiler
