@@ -3,6 +3,7 @@
 #
 #   scripts/cpp-package-test.sh OUT [JOBS]
 #
+#   0. a plain configure of this tree (top level: tests on) has no -Werror;
 #   1. the static library (Release) installed into OUT/prefix, a prefix other
 #      than the configured one (the installed tree must be relocatable), and
 #      tests/cmake-consumer built against it with GCC and with Clang: the
@@ -63,6 +64,16 @@ consume_installed() {
   done
   "$build/coroutine_limit" >/dev/null
 }
+
+step "a plain configure of this tree: no -Werror"
+# Tests, benchmarks and examples are on (top level), but a new compiler's
+# new warning must not fail a user's build: -Werror only with CL_WERROR=ON.
+quiet cmake -S . -B "$out/plain" -G Ninja -DCMAKE_BUILD_TYPE=Release
+if ! grep -q concurrency_limiter_tests "$out/plain/build.ninja" || grep -q -- -Werror "$out/plain/build.ninja"; then
+  echo "a plain configure has no test suite, or compiles with -Werror:" >&2
+  grep -- -Werror "$out/plain/build.ninja" | sort -u >&2
+  exit 1
+fi
 
 step "static library, installed"
 install_library "$out/prefix" "$out/build" -DCMAKE_BUILD_TYPE=Release
