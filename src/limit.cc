@@ -10,6 +10,13 @@
 namespace concurrency_limiter {
 namespace {
 
+// Gradient2Limit's decisions: the growth per decision at no-load latency,
+// and the successes a decision needs at least (the mean of fewer is too
+// noisy to tell a limit 1.5x past the knee from one at it when service
+// times vary as an exponential or worse).
+constexpr double kGrowth = 1.5;
+constexpr double kDecisionSamples = 40.0;
+
 double seconds(Clock::duration d) {
   return std::chrono::duration<double>(d).count();
 }
@@ -362,7 +369,7 @@ void GradientLimit::on_window(const SampleWindow::Summary& w) {
 namespace concurrency_limiter {
 
 void NoLoadLatency::add(double latency, double in_flight, double n,
-                        double smoothing_samples, double long_window, bool at_floor) noexcept {
+                        double smoothing_samples, double /*long_window*/, bool at_floor) noexcept {
   if (!(n > 0.0) || !(latency > 0.0)) return;
   if (smoothed == 0.0) {
     smoothed = latency;
@@ -388,15 +395,15 @@ void NoLoadLatency::add(double latency, double in_flight, double n,
     // latency of this window is no-load latency too (an unbiased average,
     // not a minimum).
     value += a * (latency - value);
-  } else if (smoothed < value) {
-    // More concurrency and no slower (smoothed over several windows, so
-    // that one lucky window does not move the reference up): the
-    // downstream had room for it.
-    value += a * (latency - value);
-    value_in_flight = in_flight;
-  } else {
-    value += std::min(0.002, n / long_window) * (latency - value);
   }
+  // At more concurrency the estimate does not move. Following the windows
+  // that happen to be faster would sink it below the true no-load latency
+  // (a minimum of noisy means), and following the long-term average
+  // (Gradient2's long window) would let latency held past the knee become
+  // the reference, the limit then growing past the knee step by step (the
+  // creep of Netflix PR #134). A downstream that got slower is learned
+  // anyway: the cuts bring the limit back to the concurrency the estimate
+  // was measured at, where windows average it again.
 }
 
 double NoLoadLatency::descend(double latency, double in_flight, double n,
@@ -415,7 +422,7 @@ double NoLoadLatency::descend(double latency, double in_flight, double n,
   if (descending) {
     const double fewer = descent_in_flight / f;
     settle = settle || fewer < 1.2 ||
-             descent_latency / l < 1.0 + 0.5 * (fewer - 1.0);
+             descent_latency / l < 1.0 + 0.35 * (fewer - 1.0);
   }
   if (settle) {
     settled = true;
@@ -451,6 +458,7 @@ void NoLoadLatency::repair() noexcept {
 
 namespace {
 
+
 void check_common(std::int64_t min_limit, std::int64_t initial_limit, Clock::duration window,
                   std::int64_t min_window_samples, double backoff, double drop_rate,
                   double smoothing, double smoothing_samples, double long_window) {
@@ -479,7 +487,7 @@ void check_common(std::int64_t min_limit, std::int64_t initial_limit, Clock::dur
 // serving at its end: with heavy-tailed service times it looks much faster
 // than the downstream is.
 bool decide(SampleWindow::Summary& pending, const SampleWindow::Summary& w,
-            Clock::duration span) {
+            Clock::duration span, bool settled) {
   const auto ok = [](const SampleWindow::Summary& x) {
     return static_cast<double>(x.samples - x.drops);
   };
@@ -491,7 +499,9 @@ bool decide(SampleWindow::Summary& pending, const SampleWindow::Summary& w,
   pending.samples += w.samples;
   pending.drops += w.drops;
   pending.max_in_flight = std::max(pending.max_in_flight, w.max_in_flight);
-  return seconds(span) >= 10.0 * pending.mean_latency;
+  // A descent step counts its own samples (NoLoadLatency::kDescentSamples).
+  return seconds(span) >= 10.0 * pending.mean_latency &&
+         (!settled || ok(pending) >= kDecisionSamples);
 }
 
 Clock::duration hold(double latency) {
@@ -572,7 +582,7 @@ std::int64_t Gradient2Limit::update(const LimitSample& sample) {
   // the short ones: a window of them looks faster than the downstream is.)
   if (sample.end < s_.changed_at + hold(s_.no_load.smoothed)) return in_force();
   if (const auto w = s_.window.add(sample)) {
-    if (!decide(s_.pending, *w, sample.end - s_.decided_at)) return in_force();
+    if (!decide(s_.pending, *w, sample.end - s_.decided_at, s_.no_load.settled)) return in_force();
     s_.decided_at = sample.end;
     const std::int64_t before = in_force();
     // The first window still holds the ramp from an idle downstream: its
@@ -615,10 +625,23 @@ void Gradient2Limit::on_window(const SampleWindow::Summary& w, bool first) {
   const double ratio = latency / nl.value;
   const double gradient = std::clamp(o_.tolerance / ratio, 0.5, 1.0);
   const double queue = o_.queue_size > 0.0 ? o_.queue_size : std::sqrt(s_.limit);
-  double next = s_.limit * gradient;
+  // At no-load latency (within 10 %), far from the knee: x1.5 at once.
+  // Past the tolerance: the gradient at once, from the slots in force (the
+  // concurrency the latency was measured at; from a fractional limit above
+  // them a cut may not lower them at all). Smoothing either (Netflix's 0.2)
+  // makes every move take five decisions, and a decision takes ten
+  // latencies: minutes with 1 s service times, during which the limit sits
+  // far above the knee or far below the ceiling.
   if (ratio <= 1.1) {
-    next = std::max(s_.limit + queue, s_.limit * 1.5);
-  } else if (ratio <= 1.0 + (o_.tolerance - 1.0) / 2) {
+    s_.limit = bounded(std::max(limit_now + queue, limit_now * kGrowth));
+    return;
+  }
+  if (ratio > o_.tolerance) {
+    s_.limit = bounded(limit_now * gradient);
+    return;
+  }
+  double next = s_.limit * gradient;
+  if (ratio <= 1.0 + (o_.tolerance - 1.0) / 2) {
     next += queue;
   } else if (ratio <= o_.tolerance) {
     return;  // between: hold
@@ -692,7 +715,7 @@ std::int64_t VegasLimit::update(const LimitSample& sample) {
   // the short ones: a window of them looks faster than the downstream is.)
   if (sample.end < s_.changed_at + hold(s_.no_load.smoothed)) return in_force();
   if (const auto w = s_.window.add(sample)) {
-    if (!decide(s_.pending, *w, sample.end - s_.decided_at)) return in_force();
+    if (!decide(s_.pending, *w, sample.end - s_.decided_at, s_.no_load.settled)) return in_force();
     s_.decided_at = sample.end;
     const std::int64_t before = in_force();
     const bool first = s_.no_load.smoothed == 0.0;  // as Gradient2Limit's
