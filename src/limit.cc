@@ -10,12 +10,33 @@
 namespace concurrency_limiter {
 namespace {
 
-// Gradient2Limit's decisions: the growth per decision at no-load latency,
-// and the successes a decision needs at least (the mean of fewer is too
-// noisy to tell a limit 1.5x past the knee from one at it when service
-// times vary as an exponential or worse).
+// Gradient2Limit's decisions (measured on the grid of tests/cpp/limit_grid.h):
+// - kGrowth: the most the slots in force grow per decision at no-load
+//   latency; less when the latency is already up to 10 % above it, so that
+//   a limit just past the knee does not jump beyond 1.5x the knee
+//   (kGrowthTarget / ratio);
+// - kDecisionSamples: the successes a decision needs at least. With 40,
+//   exponential service times let a limit at a knee of 2 look 1.3x slow,
+//   and one at 3 look at no-load latency, often enough to move the limit
+//   between 1 and 4;
+// - kMinGradient: the deepest cut per decision. A decision rests on 80
+//   successes or more, so a latency 4x the no-load one is no noise: the
+//   knee fell, and halving per decision (Netflix's 0.5) takes one decision
+//   per halving, ten latencies each, to get there;
+// - latencies a decision spans: kDecisionSpan (heavy tails: a window only
+//   a few latencies long holds the short requests that finished in it but
+//   not the long one each slot is still serving at its end), kDescentSpan
+//   for a descent step (which counts its own 100 samples, and leaves out
+//   the requests granted before the step, so the bias does not arise),
+//   kFirstSpan for the first decision, which only learns the latency that
+//   sets how long requests are left out after a change.
 constexpr double kGrowth = 1.5;
-constexpr double kDecisionSamples = 40.0;
+constexpr double kGrowthTarget = 1.4;
+constexpr double kDecisionSamples = 80.0;
+constexpr double kMinGradient = 0.25;
+constexpr double kDecisionSpan = 10.0;
+constexpr double kDescentSpan = 4.0;
+constexpr double kFirstSpan = 2.0;
 
 double seconds(Clock::duration d) {
   return std::chrono::duration<double>(d).count();
@@ -486,8 +507,14 @@ void check_common(std::int64_t min_limit, std::int64_t initial_limit, Clock::dur
 // requests that finished in it but not the long one each slot is still
 // serving at its end: with heavy-tailed service times it looks much faster
 // than the downstream is.
+bool too_many_drops(const SampleWindow::Summary& w, double drop_rate) {
+  return w.drops > 0 &&
+         static_cast<double>(w.drops) > drop_rate * static_cast<double>(w.samples);
+}
+
 bool decide(SampleWindow::Summary& pending, const SampleWindow::Summary& w,
-            Clock::duration span, bool settled) {
+            Clock::duration span, bool settled, double drop_rate,
+            double latencies = kDecisionSpan) {
   const auto ok = [](const SampleWindow::Summary& x) {
     return static_cast<double>(x.samples - x.drops);
   };
@@ -499,8 +526,11 @@ bool decide(SampleWindow::Summary& pending, const SampleWindow::Summary& w,
   pending.samples += w.samples;
   pending.drops += w.drops;
   pending.max_in_flight = std::max(pending.max_in_flight, w.max_in_flight);
-  // A descent step counts its own samples (NoLoadLatency::kDescentSamples).
-  return seconds(span) >= 10.0 * pending.mean_latency &&
+  // Drops are decided on at once, whatever the successes (they cut x
+  // backoff per window). A descent step counts its own samples
+  // (NoLoadLatency::kDescentSamples).
+  if (too_many_drops(pending, drop_rate)) return true;
+  return seconds(span) >= latencies * pending.mean_latency &&
          (!settled || ok(pending) >= kDecisionSamples);
 }
 
@@ -509,10 +539,6 @@ Clock::duration hold(double latency) {
       std::chrono::duration<double>(std::min(2.0 * latency, 3600.0)));
 }
 
-bool too_many_drops(const SampleWindow::Summary& w, double drop_rate) {
-  return w.drops > 0 &&
-         static_cast<double>(w.drops) > drop_rate * static_cast<double>(w.samples);
-}
 
 std::int64_t floor_of(double limit) {
   // The limit is kept fractional so that small steps accumulate; the slots
@@ -581,8 +607,20 @@ std::int64_t Gradient2Limit::update(const LimitSample& sample) {
   // requests granted before the change would keep, shortly after it, only
   // the short ones: a window of them looks faster than the downstream is.)
   if (sample.end < s_.changed_at + hold(s_.no_load.smoothed)) return in_force();
+  // During the descent, a request granted before the last step ran at the
+  // concurrency before it: left out too (a straggler from twice the
+  // concurrency would make the step look as slow as the one before).
+  if (!s_.no_load.settled && sample.end - sample.service_time < s_.changed_at) {
+    return in_force();
+  }
   if (const auto w = s_.window.add(sample)) {
-    if (!decide(s_.pending, *w, sample.end - s_.decided_at, s_.no_load.settled)) return in_force();
+    const double span = s_.no_load.smoothed == 0.0 ? kFirstSpan
+                        : !s_.no_load.settled      ? kDescentSpan
+                                                   : kDecisionSpan;
+    if (!decide(s_.pending, *w, sample.end - s_.decided_at, s_.no_load.settled, o_.drop_rate,
+                span)) {
+      return in_force();
+    }
     s_.decided_at = sample.end;
     const std::int64_t before = in_force();
     // The first window still holds the ramp from an idle downstream: its
@@ -623,17 +661,18 @@ void Gradient2Limit::on_window(const SampleWindow::Summary& w, bool first) {
     return;
   }
   const double ratio = latency / nl.value;
-  const double gradient = std::clamp(o_.tolerance / ratio, 0.5, 1.0);
+  const double gradient = std::clamp(o_.tolerance / ratio, kMinGradient, 1.0);
   const double queue = o_.queue_size > 0.0 ? o_.queue_size : std::sqrt(s_.limit);
-  // At no-load latency (within 10 %), far from the knee: x1.5 at once.
-  // Past the tolerance: the gradient at once, from the slots in force (the
+  // At no-load latency (within 10 %), far from the knee: up to x1.5 at
+  // once. Past the tolerance: the gradient at once, from the slots in force (the
   // concurrency the latency was measured at; from a fractional limit above
   // them a cut may not lower them at all). Smoothing either (Netflix's 0.2)
   // makes every move take five decisions, and a decision takes ten
   // latencies: minutes with 1 s service times, during which the limit sits
   // far above the knee or far below the ceiling.
   if (ratio <= 1.1) {
-    s_.limit = bounded(std::max(limit_now + queue, limit_now * kGrowth));
+    const double growth = std::clamp(kGrowthTarget / ratio, 1.0, kGrowth);
+    s_.limit = bounded(std::max(limit_now + queue, limit_now * growth));
     return;
   }
   if (ratio > o_.tolerance) {
@@ -715,7 +754,9 @@ std::int64_t VegasLimit::update(const LimitSample& sample) {
   // the short ones: a window of them looks faster than the downstream is.)
   if (sample.end < s_.changed_at + hold(s_.no_load.smoothed)) return in_force();
   if (const auto w = s_.window.add(sample)) {
-    if (!decide(s_.pending, *w, sample.end - s_.decided_at, s_.no_load.settled)) return in_force();
+    if (!decide(s_.pending, *w, sample.end - s_.decided_at, s_.no_load.settled, o_.drop_rate)) {
+      return in_force();
+    }
     s_.decided_at = sample.end;
     const std::int64_t before = in_force();
     const bool first = s_.no_load.smoothed == 0.0;  // as Gradient2Limit's

@@ -368,7 +368,7 @@ struct Gradient2Options {
   std::int64_t initial_limit = 0;
   // A window's mean latency up to `tolerance` x the no-load latency is not
   // cut for; above it the gradient tolerance x no_load / latency (clamped to
-  // [0.5, 1]) scales the limit. > 1. (Netflix's rttTolerance.)
+  // [0.25, 1]) scales the slots in force. > 1. (Netflix's rttTolerance.)
   double tolerance = 1.3;
   // How much of each new limit is taken: limit = limit x (1 - smoothing) +
   // new x smoothing, for the moves between no-load latency and the
@@ -397,13 +397,13 @@ struct Gradient2Options {
 };
 
 // Netflix's Gradient2, made to hold when service times vary:
-//   gradient = clamp(tolerance x no_load / latency, 0.5, 1)
+//   gradient = clamp(tolerance x no_load / latency, 0.25, 1)
 //   new      = limit x gradient + queue      (queue only near no-load latency)
-//   limit    = limit x (1 - smoothing) + new x smoothing
+//   limit    = limit x (1 - smoothing) + new x smoothing   (see below)
 // per decision, where latency is the mean of the windows since the last
 // decision and no_load the estimate of NoLoadLatency, and:
 //   - a decision waits until its windows span 10 of their mean latencies
-//     and hold at least 40 successes (fewer are too noisy to tell a limit
+//     and hold at least 80 successes (fewer are too noisy to tell a limit
 //     1.5x past the knee from one at it with exponential service times):
 //     a window only a few latencies long holds the short requests that
 //     finished in it but not the long one each slot is still serving at its
@@ -414,11 +414,14 @@ struct Gradient2Options {
 //     tolerance of no-load (Netflix adds it always, so a moderate overload
 //     that holds latency at the tolerance makes the limit creep up, their
 //     PR #134); between that and the tolerance the limit holds;
-//   - at no-load latency (within 10 %) the slots in force grow x1.5 per
-//     decision, and past the tolerance they are cut by the gradient, both
-//     at once, without smoothing: smoothed, every move takes five
-//     decisions of ten latencies each, minutes with 1 s service times,
-//     while the limit sits far below the ceiling or far past the knee;
+//   - at no-load latency (within 10 %) the slots in force grow by up to
+//     x1.5 per decision (1.4 / ratio: to no more than 1.4x the knee from a
+//     limit already past it), and past the tolerance they are cut by the
+//     gradient (down to a quarter: a decision on 80 successes that sees
+//     4x the no-load latency sees a knee that fell), both at once, without
+//     smoothing: smoothed, every move takes five decisions of ten
+//     latencies each, minutes with 1 s service times, while the limit sits
+//     far below the ceiling or far past the knee;
 //   - the very first request is left out (it started on an idle
 //     downstream), and the first decision only learns latency;
 //   - drops above `drop_rate` of a window cut the limit x backoff and teach

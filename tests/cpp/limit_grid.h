@@ -57,11 +57,31 @@ struct GridResult {
   double limit = 0.0;       // time-weighted mean limit in force
 };
 
-// How long a cell runs: a warm-up, then the measurement. Long enough for
-// windows of 10 samples at a limit of 2 and 1 s service times to come many
-// times (200 means), at least a minute for the fast ones.
+// How long a cell runs: a warm-up, then the measurement, each at least a
+// time and a number of requests. The time: long enough for windows of 10
+// samples at a limit of 2 and 1 s service times to come many times (200
+// means), at least a minute for the fast ones. The requests: the
+// measurement counts at least as many as the best fixed limit's (10000),
+// so that both are measured as precisely (800 requests, as a cell with 1 s
+// service times and a knee of 2 gave in 400 s, leave +-5 % of noise on the
+// throughput, the fixed limit's 10000 +-1 %); the warm-up holds at least
+// 2000, so that an algorithm has learned from as many requests in a slow
+// cell as it would in a second of a fast one, whatever the knee. (A warm-up
+// in mean service times alone gave the slow cells with small knees, where
+// requests queue past the knee at the initial limit, 20 latencies at that
+// limit: the limit was still coming down from it when the measurement
+// began.)
 inline double warmup_seconds(const GridCell& c) { return std::max(60.0, 200.0 * c.mean); }
 inline double measure_seconds(const GridCell& c) { return std::max(120.0, 400.0 * c.mean); }
+inline constexpr std::int64_t kWarmupRequests = 2000;
+inline constexpr std::int64_t kMeasureRequests = 10000;
+
+// Runs `sim` until `seconds` from now and `requests` more successes.
+inline void run_for(ClosedLoopSimulation& sim, double seconds, std::int64_t requests) {
+  const std::int64_t target = sim.completed() + requests;
+  sim.run_until(sim.now() + seconds);
+  while (sim.completed() < target) sim.run_until(sim.now() + seconds / 10.0);
+}
 
 inline double mean_limit(const ClosedLoopSimulation& sim, double from, double to) {
   const auto& trace = sim.trace();
@@ -79,12 +99,12 @@ inline GridResult run_cell(LimitAlgorithm& algorithm, const GridCell& cell,
                            std::uint32_t seed = 1) {
   ClosedLoopSimulation sim(algorithm, kGridCapacity, kGridClients, seed);
   configure(sim, cell);
-  const double warmup = warmup_seconds(cell);
-  const double end = warmup + measure_seconds(cell);
-  sim.run_until(warmup);
+  run_for(sim, warmup_seconds(cell), kWarmupRequests);
+  const double warmup = sim.now();
   const std::int64_t done = sim.completed();
   const double latency = sim.latency_sum();
-  sim.run_until(end);
+  run_for(sim, measure_seconds(cell), kMeasureRequests);
+  const double end = sim.now();
   GridResult r;
   const auto n = static_cast<double>(sim.completed() - done);
   r.throughput = n / (end - warmup);
