@@ -57,10 +57,12 @@ const std::map<std::string, Exception>& gradient2_exceptions() {
 // Every cell: throughput >= 0.90x and mean latency <= 1.50x the best fixed
 // limit's, except the cells above, which must still hold what they measure
 // (no collapse, no runaway). At least 78 of the 80 cells meet both goals.
+// (Under a sanitizer, the 60 cells of grid_cells_to_test().)
 TEST(AdaptiveGrid, Gradient2MeetsTheGoalsOnTheGrid) {
   int met = 0;
   std::set<std::string> seen;
-  for (const GridCell& cell : testing::grid_cells()) {
+  const auto cells = testing::grid_cells_to_test();
+  for (const GridCell& cell : cells) {
     const auto best = testing::best_fixed(cell);
     Gradient2Limit algorithm;
     const auto r = testing::run_cell(algorithm, cell);
@@ -82,15 +84,15 @@ TEST(AdaptiveGrid, Gradient2MeetsTheGoalsOnTheGrid) {
     }
   }
   EXPECT_EQ(seen.size(), gradient2_exceptions().size());  // no stale entries
-  EXPECT_GE(met, 78);
-  std::printf("cells meeting both goals: %d of %zu\n", met, testing::grid_cells().size());
+  EXPECT_GE(met, static_cast<int>(cells.size() - gradient2_exceptions().size()));
+  std::printf("cells meeting both goals: %d of %zu\n", met, cells.size());
 }
 
 // Vegas keeps throughput everywhere (its queue thresholds are requests, not
 // a ratio: at small knees it holds 1-3 requests queued, hence the latency).
 TEST(AdaptiveGrid, VegasKeepsThroughputOnTheGrid) {
   double worst = 1e9;
-  for (const GridCell& cell : testing::grid_cells()) {
+  for (const GridCell& cell : testing::grid_cells_to_test()) {
     const auto best = testing::best_fixed(cell);
     VegasLimit algorithm;
     const auto r = testing::run_cell(algorithm, cell);
@@ -105,7 +107,7 @@ TEST(AdaptiveGrid, VegasKeepsThroughputOnTheGrid) {
 // Without a knee the limit reaches the ceiling (the capacity): in every
 // cell the limit in force touches 50 during the measurement.
 TEST(AdaptiveGrid, WithoutAKneeTheLimitReachesTheCeiling) {
-  for (const GridCell& cell : testing::grid_cells()) {
+  for (const GridCell& cell : testing::grid_cells_to_test()) {
     if (cell.k != 0.0) continue;
     Gradient2Limit algorithm;
     ClosedLoopSimulation sim(algorithm, kCapacity, kClients);
