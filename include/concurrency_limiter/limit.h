@@ -12,7 +12,7 @@
 //
 // Shipped algorithms (compared on the grid of bench/limit_grid.cc; README,
 // "Adaptive limits"):
-//   Gradient2Limit a latency gradient against a long-term no-load latency,
+//   Gradient2Limit a latency gradient against an averaged no-load latency,
 //                  after Netflix's Gradient2 (the default of adaptive
 //                  resources);
 //   VegasLimit     keeps an estimated queue between two thresholds, after
@@ -328,10 +328,10 @@ class GradientLimit final : public LimitAlgorithm {
 //   - a first estimate measured with the limit in use may include queueing
 //     (a resource that starts above the downstream's knee): until a step to
 //     half the concurrency is not clearly faster (latency fell by less than
-//     half as much), the algorithm halves its limit once per step of
-//     kDescentSamples (latency that fell by less than 0.35x as much as the
-//     concurrency ends it: a false end would keep queueing in the
-//     estimate, one step too many costs only the growth back). This descent
+//     0.35x as much: a false end would keep queueing in the estimate, one
+//     step too many costs only the growth back), the algorithm halves its
+//     limit once per step of kDescentSamples, leaving out the requests
+//     granted before the step (they ran at twice the concurrency). This descent
 //     happens once, when the load first uses the limit, never again: there
 //     is no periodic probe and no dip.
 struct NoLoadLatency {
