@@ -10,6 +10,34 @@
 namespace concurrency_limiter {
 namespace {
 
+// Gradient2Limit's decisions (measured on the grid of tests/cpp/limit_grid.h):
+// - kGrowth: the most the slots in force grow per decision at no-load
+//   latency; less when the latency is already up to 10 % above it, so that
+//   a limit just past the knee does not jump beyond 1.5x the knee
+//   (kGrowthTarget / ratio);
+// - kDecisionSamples: the successes a decision needs at least. With 40,
+//   exponential service times let a limit at a knee of 2 look 1.3x slow,
+//   and one at 3 look at no-load latency, often enough to move the limit
+//   between 1 and 4;
+// - kMinGradient: the deepest cut per decision. A decision rests on 80
+//   successes or more, so a latency 4x the no-load one is no noise: the
+//   knee fell, and halving per decision (Netflix's 0.5) takes one decision
+//   per halving, ten latencies each, to get there;
+// - latencies a decision spans: kDecisionSpan (heavy tails: a window only
+//   a few latencies long holds the short requests that finished in it but
+//   not the long one each slot is still serving at its end), kDescentSpan
+//   for a descent step (which counts its own 100 samples, and leaves out
+//   the requests granted before the step, so the bias does not arise),
+//   kFirstSpan for the first decision, which only learns the latency that
+//   sets how long requests are left out after a change.
+constexpr double kGrowth = 1.5;
+constexpr double kGrowthTarget = 1.4;
+constexpr double kDecisionSamples = 80.0;
+constexpr double kMinGradient = 0.25;
+constexpr double kDecisionSpan = 10.0;
+constexpr double kDescentSpan = 4.0;
+constexpr double kFirstSpan = 2.0;
+
 double seconds(Clock::duration d) {
   return std::chrono::duration<double>(d).count();
 }
@@ -362,7 +390,7 @@ void GradientLimit::on_window(const SampleWindow::Summary& w) {
 namespace concurrency_limiter {
 
 void NoLoadLatency::add(double latency, double in_flight, double n,
-                        double smoothing_samples, double long_window, bool at_floor) noexcept {
+                        double smoothing_samples, double /*long_window*/, bool at_floor) noexcept {
   if (!(n > 0.0) || !(latency > 0.0)) return;
   if (smoothed == 0.0) {
     smoothed = latency;
@@ -388,15 +416,15 @@ void NoLoadLatency::add(double latency, double in_flight, double n,
     // latency of this window is no-load latency too (an unbiased average,
     // not a minimum).
     value += a * (latency - value);
-  } else if (smoothed < value) {
-    // More concurrency and no slower (smoothed over several windows, so
-    // that one lucky window does not move the reference up): the
-    // downstream had room for it.
-    value += a * (latency - value);
-    value_in_flight = in_flight;
-  } else {
-    value += std::min(0.002, n / long_window) * (latency - value);
   }
+  // At more concurrency the estimate does not move. Following the windows
+  // that happen to be faster would sink it below the true no-load latency
+  // (a minimum of noisy means), and following the long-term average
+  // (Gradient2's long window) would let latency held past the knee become
+  // the reference, the limit then growing past the knee step by step (the
+  // creep of Netflix PR #134). A downstream that got slower is learned
+  // anyway: the cuts bring the limit back to the concurrency the estimate
+  // was measured at, where windows average it again.
 }
 
 double NoLoadLatency::descend(double latency, double in_flight, double n,
@@ -415,7 +443,7 @@ double NoLoadLatency::descend(double latency, double in_flight, double n,
   if (descending) {
     const double fewer = descent_in_flight / f;
     settle = settle || fewer < 1.2 ||
-             descent_latency / l < 1.0 + 0.5 * (fewer - 1.0);
+             descent_latency / l < 1.0 + 0.35 * (fewer - 1.0);
   }
   if (settle) {
     settled = true;
@@ -451,6 +479,7 @@ void NoLoadLatency::repair() noexcept {
 
 namespace {
 
+
 void check_common(std::int64_t min_limit, std::int64_t initial_limit, Clock::duration window,
                   std::int64_t min_window_samples, double backoff, double drop_rate,
                   double smoothing, double smoothing_samples, double long_window) {
@@ -478,8 +507,14 @@ void check_common(std::int64_t min_limit, std::int64_t initial_limit, Clock::dur
 // requests that finished in it but not the long one each slot is still
 // serving at its end: with heavy-tailed service times it looks much faster
 // than the downstream is.
+bool too_many_drops(const SampleWindow::Summary& w, double drop_rate) {
+  return w.drops > 0 &&
+         static_cast<double>(w.drops) > drop_rate * static_cast<double>(w.samples);
+}
+
 bool decide(SampleWindow::Summary& pending, const SampleWindow::Summary& w,
-            Clock::duration span) {
+            Clock::duration span, bool settled, double drop_rate,
+            double latencies = kDecisionSpan) {
   const auto ok = [](const SampleWindow::Summary& x) {
     return static_cast<double>(x.samples - x.drops);
   };
@@ -491,7 +526,12 @@ bool decide(SampleWindow::Summary& pending, const SampleWindow::Summary& w,
   pending.samples += w.samples;
   pending.drops += w.drops;
   pending.max_in_flight = std::max(pending.max_in_flight, w.max_in_flight);
-  return seconds(span) >= 10.0 * pending.mean_latency;
+  // Drops are decided on at once, whatever the successes (they cut x
+  // backoff per window). A descent step counts its own samples
+  // (NoLoadLatency::kDescentSamples).
+  if (too_many_drops(pending, drop_rate)) return true;
+  return seconds(span) >= latencies * pending.mean_latency &&
+         (!settled || ok(pending) >= kDecisionSamples);
 }
 
 Clock::duration hold(double latency) {
@@ -499,10 +539,6 @@ Clock::duration hold(double latency) {
       std::chrono::duration<double>(std::min(2.0 * latency, 3600.0)));
 }
 
-bool too_many_drops(const SampleWindow::Summary& w, double drop_rate) {
-  return w.drops > 0 &&
-         static_cast<double>(w.drops) > drop_rate * static_cast<double>(w.samples);
-}
 
 std::int64_t floor_of(double limit) {
   // The limit is kept fractional so that small steps accumulate; the slots
@@ -571,8 +607,20 @@ std::int64_t Gradient2Limit::update(const LimitSample& sample) {
   // requests granted before the change would keep, shortly after it, only
   // the short ones: a window of them looks faster than the downstream is.)
   if (sample.end < s_.changed_at + hold(s_.no_load.smoothed)) return in_force();
+  // During the descent, a request granted before the last step ran at the
+  // concurrency before it: left out too (a straggler from twice the
+  // concurrency would make the step look as slow as the one before).
+  if (!s_.no_load.settled && sample.end - sample.service_time < s_.changed_at) {
+    return in_force();
+  }
   if (const auto w = s_.window.add(sample)) {
-    if (!decide(s_.pending, *w, sample.end - s_.decided_at)) return in_force();
+    const double span = s_.no_load.smoothed == 0.0 ? kFirstSpan
+                        : !s_.no_load.settled      ? kDescentSpan
+                                                   : kDecisionSpan;
+    if (!decide(s_.pending, *w, sample.end - s_.decided_at, s_.no_load.settled, o_.drop_rate,
+                span)) {
+      return in_force();
+    }
     s_.decided_at = sample.end;
     const std::int64_t before = in_force();
     // The first window still holds the ramp from an idle downstream: its
@@ -613,12 +661,26 @@ void Gradient2Limit::on_window(const SampleWindow::Summary& w, bool first) {
     return;
   }
   const double ratio = latency / nl.value;
-  const double gradient = std::clamp(o_.tolerance / ratio, 0.5, 1.0);
+  const double gradient = std::clamp(o_.tolerance / ratio, kMinGradient, 1.0);
   const double queue = o_.queue_size > 0.0 ? o_.queue_size : std::sqrt(s_.limit);
-  double next = s_.limit * gradient;
+  // At no-load latency (within 10 %), far from the knee: up to x1.5 at
+  // once. Past the tolerance: the gradient at once, from the slots in force (the
+  // concurrency the latency was measured at; from a fractional limit above
+  // them a cut may not lower them at all). Smoothing either (Netflix's 0.2)
+  // makes every move take five decisions, and a decision takes ten
+  // latencies: minutes with 1 s service times, during which the limit sits
+  // far above the knee or far below the ceiling.
   if (ratio <= 1.1) {
-    next = std::max(s_.limit + queue, s_.limit * 1.5);
-  } else if (ratio <= 1.0 + (o_.tolerance - 1.0) / 2) {
+    const double growth = std::clamp(kGrowthTarget / ratio, 1.0, kGrowth);
+    s_.limit = bounded(std::max(limit_now + queue, limit_now * growth));
+    return;
+  }
+  if (ratio > o_.tolerance) {
+    s_.limit = bounded(limit_now * gradient);
+    return;
+  }
+  double next = s_.limit * gradient;
+  if (ratio <= 1.0 + (o_.tolerance - 1.0) / 2) {
     next += queue;
   } else if (ratio <= o_.tolerance) {
     return;  // between: hold
@@ -692,7 +754,9 @@ std::int64_t VegasLimit::update(const LimitSample& sample) {
   // the short ones: a window of them looks faster than the downstream is.)
   if (sample.end < s_.changed_at + hold(s_.no_load.smoothed)) return in_force();
   if (const auto w = s_.window.add(sample)) {
-    if (!decide(s_.pending, *w, sample.end - s_.decided_at)) return in_force();
+    if (!decide(s_.pending, *w, sample.end - s_.decided_at, s_.no_load.settled, o_.drop_rate)) {
+      return in_force();
+    }
     s_.decided_at = sample.end;
     const std::int64_t before = in_force();
     const bool first = s_.no_load.smoothed == 0.0;  // as Gradient2Limit's

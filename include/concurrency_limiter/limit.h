@@ -12,7 +12,7 @@
 //
 // Shipped algorithms (compared on the grid of bench/limit_grid.cc; README,
 // "Adaptive limits"):
-//   Gradient2Limit a latency gradient against a long-term no-load latency,
+//   Gradient2Limit a latency gradient against an averaged no-load latency,
 //                  after Netflix's Gradient2 (the default of adaptive
 //                  resources);
 //   VegasLimit     keeps an estimated queue between two thresholds, after
@@ -316,21 +316,24 @@ class GradientLimit final : public LimitAlgorithm {
 //     way): at no more concurrency, a slower window is noise or a slower
 //     downstream, not queueing of the limiter's making, so the average is
 //     unbiased and a slower downstream is learned again without a probe;
-//   - a window at more concurrency moves it the same way, and the
-//     concurrency up, when the latency smoothed over the last windows is
-//     below it (the downstream had room for more); otherwise it moves by
-//     samples / `long_window` (at most 0.2 % per window), the long-term
-//     average of Gradient2, too slow for queueing held at the tolerance to
-//     make the limit creep up;
+//   - a window at more concurrency does not move it: following the faster
+//     ones would sink it below the true no-load latency (a minimum of
+//     noisy means), following the long-term average would let queueing
+//     held at the tolerance become the reference and the limit creep up
+//     (Netflix PR #134). A slower downstream is learned from the windows
+//     at no more concurrency, where the cuts bring the limit;
 //   - latency smoothed over the last windows 1.5x the estimate or more at
 //     no more concurrency means the knee moved down or the downstream got
 //     slower: the descent below tells which, once;
 //   - a first estimate measured with the limit in use may include queueing
 //     (a resource that starts above the downstream's knee): until a step to
 //     half the concurrency is not clearly faster (latency fell by less than
-//     half as much), the algorithm halves its limit once per step of
-//     kDescentSamples. This descent happens once, when the load first uses
-//     the limit, never again: there is no periodic probe and no dip.
+//     0.35x as much: a false end would keep queueing in the estimate, one
+//     step too many costs only the growth back), the algorithm halves its
+//     limit once per step of kDescentSamples, leaving out the requests
+//     granted before the step (they ran at twice the concurrency). This descent
+//     happens once, when the load first uses the limit, never again: there
+//     is no periodic probe and no dip.
 struct NoLoadLatency {
   double smoothed = 0.0;  // seconds; 0: no window yet
   double smoothed_in_flight = 0.0;
@@ -365,10 +368,12 @@ struct Gradient2Options {
   std::int64_t initial_limit = 0;
   // A window's mean latency up to `tolerance` x the no-load latency is not
   // cut for; above it the gradient tolerance x no_load / latency (clamped to
-  // [0.5, 1]) scales the limit. > 1. (Netflix's rttTolerance.)
+  // [0.25, 1]) scales the slots in force. > 1. (Netflix's rttTolerance.)
   double tolerance = 1.3;
   // How much of each new limit is taken: limit = limit x (1 - smoothing) +
-  // new x smoothing. In (0, 1].
+  // new x smoothing, for the moves between no-load latency and the
+  // tolerance (the queue allowance); growth at no-load latency and cuts
+  // past the tolerance are taken whole. In (0, 1].
   double smoothing = 0.2;
   // The queue allowance added to a limit whose latency is at the no-load
   // level (within half the tolerance): lets it grow. 0: sqrt(limit).
@@ -376,9 +381,9 @@ struct Gradient2Options {
   // Samples over which the no-load latency is averaged (NoLoadLatency).
   // >= 1.
   double smoothing_samples = 100.0;
-  // Samples over which the no-load latency follows a latency that stays
-  // higher at more concurrency (the long-term average of Gradient2;
-  // Netflix's longWindow). >= 1.
+  // Netflix's longWindow. No longer used (NoLoadLatency does not follow
+  // latency at more concurrency: that is what let Gradient2 creep up);
+  // still checked, >= 1, so that existing options stay valid.
   double long_window = 600.0;
   // Multiplier applied when more than `drop_rate` of a window's requests
   // were dropped. In (0, 1).
@@ -392,12 +397,14 @@ struct Gradient2Options {
 };
 
 // Netflix's Gradient2, made to hold when service times vary:
-//   gradient = clamp(tolerance x no_load / latency, 0.5, 1)
+//   gradient = clamp(tolerance x no_load / latency, 0.25, 1)
 //   new      = limit x gradient + queue      (queue only near no-load latency)
-//   limit    = limit x (1 - smoothing) + new x smoothing
+//   limit    = limit x (1 - smoothing) + new x smoothing   (see below)
 // per decision, where latency is the mean of the windows since the last
 // decision and no_load the estimate of NoLoadLatency, and:
-//   - a decision waits until its windows span 10 of their mean latencies:
+//   - a decision waits until its windows span 10 of their mean latencies
+//     and hold at least 80 successes (fewer are too noisy to tell a limit
+//     1.5x past the knee from one at it with exponential service times):
 //     a window only a few latencies long holds the short requests that
 //     finished in it but not the long one each slot is still serving at its
 //     end, and with heavy-tailed service times looks much faster than the
@@ -407,8 +414,14 @@ struct Gradient2Options {
 //     tolerance of no-load (Netflix adds it always, so a moderate overload
 //     that holds latency at the tolerance makes the limit creep up, their
 //     PR #134); between that and the tolerance the limit holds;
-//   - at no-load latency (within 10 %) the limit grows x1.5 per decision
-//     (before smoothing), to reach a ceiling far above in seconds;
+//   - at no-load latency (within 10 %) the slots in force grow by up to
+//     x1.5 per decision (1.4 / ratio: to no more than 1.4x the knee from a
+//     limit already past it), and past the tolerance they are cut by the
+//     gradient (down to a quarter: a decision on 80 successes that sees
+//     4x the no-load latency sees a knee that fell), both at once, without
+//     smoothing: smoothed, every move takes five decisions of ten
+//     latencies each, minutes with 1 s service times, while the limit sits
+//     far below the ceiling or far past the knee;
 //   - the very first request is left out (it started on an idle
 //     downstream), and the first decision only learns latency;
 //   - drops above `drop_rate` of a window cut the limit x backoff and teach

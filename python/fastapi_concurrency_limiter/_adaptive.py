@@ -87,7 +87,7 @@ class AdaptiveLimit:
 
     Args:
         algorithm: how the limit moves: ``"gradient2"`` (default: a latency
-            gradient against a long-term no-load latency, after Netflix's
+            gradient against the averaged no-load latency, after Netflix's
             Gradient2), ``"vegas"`` (keeps an estimated queue between two
             thresholds, after Netflix's VegasLimit), ``"aimd"`` (+1 while
             used, x ``backoff`` on drops; ignores latency) or ``"gradient"``

@@ -3,6 +3,7 @@
 // algorithms, for Gradient2Limit (the default) and VegasLimit.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <cstring>
@@ -29,12 +30,17 @@ constexpr std::int64_t kClients = 100;
 // The cells where Gradient2Limit misses a goal, with the bounds it holds
 // there (throughput and mean latency as ratios to the best fixed limit's:
 // the goal where it is met, else what was measured with a 5 % margin). The
-// test prints the measurements, as does make bench-adaptive; README,
-// "Adaptive limits". Mostly small knees with slow or heavy-tailed service
-// times: a decision needs many samples to tell 1.3x from noise, and at a
-// limit of 2-4 they come slowly, so the limit wanders between k/2 and 2k;
-// and the heaviest tails without a knee, where the limit stays below the
-// ceiling part of the time.
+// test prints the measurements, as does make bench-adaptive. Both are the
+// no-load estimate's noise: it is settled from one step of 100 samples,
+// and with the heaviest tails (lognormal sigma 1, bimodal: CV 1.3-1.4) such
+// a mean is off by 13-14 % (one standard deviation). Here it came out 24 %
+// (logn1.0) and 30 % (bimodal: 0.065 s for 0.05 s) above the true no-load
+// latency, so the limit holds at 1.3x the tolerance past the knee instead
+// of 1x-1.3x. Settling on 200 samples fixes these two cells and costs
+// five others (bimodal, latency 1.5-1.8x: the longer descent at startup
+// and after the knee moves); averaging into the estimate the windows at
+// more concurrency that look like no-load (within 10 %) lets it ratchet
+// up with the limit (21 cells miss).
 struct Exception {
   double throughput;  // at least
   double latency;     // at most
@@ -42,44 +48,21 @@ struct Exception {
 
 const std::map<std::string, Exception>& gradient2_exceptions() {
   static const std::map<std::string, Exception> exceptions = {
-      {"exp 50ms k=4", {0.90, 1.8}},
-      {"exp 50ms k=8", {0.90, 1.6}},
-      {"exp 300ms no knee", {0.84, 1.5}},
-      {"exp 300ms k=2", {0.81, 2.6}},
-      {"exp 300ms k=4", {0.83, 1.5}},
-      {"exp 1s k=2", {0.82, 2.7}},
-      {"logn0.5 300ms k=2", {0.84, 3.0}},
-      {"logn0.5 300ms k=4", {0.83, 1.5}},
-      {"logn0.5 1s k=2", {0.83, 2.9}},
-      {"logn0.5 1s k=4", {0.83, 1.5}},
-      {"logn1.0 5ms k=2", {0.90, 1.7}},
-      {"logn1.0 50ms k=2", {0.90, 1.9}},
-      {"logn1.0 50ms k=4", {0.90, 1.6}},
-      {"logn1.0 300ms no knee", {0.63, 1.5}},
-      {"logn1.0 300ms k=2", {0.83, 2.7}},
-      {"logn1.0 1s no knee", {0.79, 1.5}},
-      {"logn1.0 1s k=2", {0.90, 2.7}},
-      {"bimodal 50ms k=4", {0.88, 1.9}},
-      {"bimodal 50ms k=8", {0.90, 2.2}},
-      {"bimodal 300ms no knee", {0.80, 1.5}},
-      {"bimodal 300ms k=2", {0.80, 2.5}},
-      {"bimodal 300ms k=4", {0.84, 1.5}},
-      {"bimodal 300ms k=8", {0.67, 1.5}},
-      {"bimodal 1s no knee", {0.83, 1.5}},
-      {"bimodal 1s k=2", {0.90, 6.5}},
-      {"bimodal 1s k=4", {0.82, 1.5}},
-      {"bimodal 1s k=8", {0.71, 1.5}},
+      {"logn1.0 300ms k=8", {0.90, 1.71}},
+      {"bimodal 50ms k=32", {0.90, 1.62}},
   };
   return exceptions;
 }
 
 // Every cell: throughput >= 0.90x and mean latency <= 1.50x the best fixed
 // limit's, except the cells above, which must still hold what they measure
-// (no collapse, no runaway). At least 53 of the 80 cells meet both goals.
+// (no collapse, no runaway). At least 78 of the 80 cells meet both goals.
+// (Under a sanitizer, the 60 cells of grid_cells_to_test().)
 TEST(AdaptiveGrid, Gradient2MeetsTheGoalsOnTheGrid) {
   int met = 0;
   std::set<std::string> seen;
-  for (const GridCell& cell : testing::grid_cells()) {
+  const auto cells = testing::grid_cells_to_test();
+  for (const GridCell& cell : cells) {
     const auto best = testing::best_fixed(cell);
     Gradient2Limit algorithm;
     const auto r = testing::run_cell(algorithm, cell);
@@ -101,15 +84,15 @@ TEST(AdaptiveGrid, Gradient2MeetsTheGoalsOnTheGrid) {
     }
   }
   EXPECT_EQ(seen.size(), gradient2_exceptions().size());  // no stale entries
-  EXPECT_GE(met, 53);
-  std::printf("cells meeting both goals: %d of %zu\n", met, testing::grid_cells().size());
+  EXPECT_GE(met, static_cast<int>(cells.size() - gradient2_exceptions().size()));
+  std::printf("cells meeting both goals: %d of %zu\n", met, cells.size());
 }
 
 // Vegas keeps throughput everywhere (its queue thresholds are requests, not
 // a ratio: at small knees it holds 1-3 requests queued, hence the latency).
 TEST(AdaptiveGrid, VegasKeepsThroughputOnTheGrid) {
   double worst = 1e9;
-  for (const GridCell& cell : testing::grid_cells()) {
+  for (const GridCell& cell : testing::grid_cells_to_test()) {
     const auto best = testing::best_fixed(cell);
     VegasLimit algorithm;
     const auto r = testing::run_cell(algorithm, cell);
@@ -124,7 +107,7 @@ TEST(AdaptiveGrid, VegasKeepsThroughputOnTheGrid) {
 // Without a knee the limit reaches the ceiling (the capacity): in every
 // cell the limit in force touches 50 during the measurement.
 TEST(AdaptiveGrid, WithoutAKneeTheLimitReachesTheCeiling) {
-  for (const GridCell& cell : testing::grid_cells()) {
+  for (const GridCell& cell : testing::grid_cells_to_test()) {
     if (cell.k != 0.0) continue;
     Gradient2Limit algorithm;
     ClosedLoopSimulation sim(algorithm, kCapacity, kClients);
@@ -141,18 +124,22 @@ TEST(AdaptiveGrid, WithoutAKneeTheLimitReachesTheCeiling) {
 
 // The knee moves (k = 4, then 8, then 2, 60 s each): from 20 s after each
 // change the limit should stay within [0.8k, 1.5k]. Asserted where it
-// holds: 5 ms service times except the heaviest tail (lognormal sigma 1)
-// going down to k = 2, and 50 ms exponential and lognormal sigma 0.5 going
-// up to k = 8. Elsewhere (printed, README): at k = 2 the limit dips to 1
-// now and then (a cut from 2.x is a floor of 1), and at 300 ms a decision
-// at a limit of 2-8 needs more than 20 s of samples.
+// holds (13 of the 24 changes): every distribution at 5 ms, and at 50 ms
+// exponential going up to 8, lognormal sigma 0.5 both ways, lognormal
+// sigma 1 going down to 2; at 300 ms lognormal sigma 0.5 going down to 2.
+// Elsewhere (printed): at 300 ms a decision needs 80 successes spanning ten
+// latencies, 10-20 s at a limit of 2-12, so 20 s hold one or two of them;
+// at 50 ms with heavy tails the limit passes 1.5k now and then (13-15 at
+// k = 8) or dips to 3 at k = 4.
 TEST(AdaptiveGrid, FollowsTheKneeWithin20Seconds) {
-  const auto asserted = [](ServiceTimes d, double mean, double k) {
-    if (mean == 0.005) return !(d == ServiceTimes::kLognormal10 && k == 2.0);
-    if (mean == 0.05 && k == 8.0) {
-      return d == ServiceTimes::kExponential || d == ServiceTimes::kLognormal05;
-    }
-    return false;
+  const std::set<std::string> asserted = {
+      "exp 5 8",     "exp 5 2",     "logn0.5 5 8", "logn0.5 5 2",  "logn1.0 5 8",
+      "logn1.0 5 2", "bimodal 5 8", "bimodal 5 2", "exp 50 8",     "logn0.5 50 8",
+      "logn0.5 50 2", "logn1.0 50 2", "logn0.5 300 2"};
+  const auto is_asserted = [&](ServiceTimes d, double mean, double k) {
+    return asserted.count(std::string(to_string(d)) + " " +
+                          std::to_string(static_cast<int>(mean * 1000 + 0.5)) + " " +
+                          std::to_string(static_cast<int>(k))) > 0;
   };
   int within_count = 0, phases = 0;
   for (ServiceTimes d : {ServiceTimes::kExponential, ServiceTimes::kLognormal05,
@@ -174,7 +161,7 @@ TEST(AdaptiveGrid, FollowsTheKneeWithin20Seconds) {
         if (start > 0.0) {  // the first phase starts from 20, not from a knee
           ++phases;
           within_count += within ? 1 : 0;
-          if (asserted(d, mean, k)) {
+          if (is_asserted(d, mean, k)) {
             EXPECT_TRUE(within) << to_string(d) << " " << mean << " s, k=" << k << ": limit "
                                 << lo << "-" << hi;
           }
@@ -188,6 +175,7 @@ TEST(AdaptiveGrid, FollowsTheKneeWithin20Seconds) {
   }
   std::printf("within [0.8k, 1.5k] from 20 s after a change: %d of %d changes\n",
               within_count, phases);
+  EXPECT_GE(within_count, 13);
 }
 
 // Moderate overload (twice the knee in clients) for 10 minutes: no upward
@@ -375,7 +363,8 @@ void restored_state_carries_on(const Options& options) {
     later.update(LimitSample{.end = t5 + i * 100ms, .service_time = 50ms, .in_flight = 4,
                              .dropped = true});
   }
-  EXPECT_LT(later.limit(), before * 0.5);
+  EXPECT_LE(later.limit(), std::max(2.0, before * 0.5));  // the floor is 2
+  EXPECT_LT(later.limit(), before);
 }
 
 TEST(Gradient2Limit, StateRestoredElsewhereCarriesOnAndDamageIsRepaired) {
