@@ -22,7 +22,7 @@ async def current_user(authorization: str | None = Header(None)) -> str | None:
     return authorization   # look the user up here
 
 
-async def tenant(user: str | None = Depends(current_user)) -> str | None:  # async, uses a dependency
+async def tenant(user: str | None = Depends(current_user)) -> str | None:  # uses a dependency
     return None if user is None else f"tenant-of-{user}"
 
 
