@@ -10,8 +10,8 @@
 //       .name = "db", .capacity = 50,
 //       .limit_algorithm = std::make_shared<Gradient2Limit>()});
 //
-// Shipped algorithms (compared on the grid of bench/limit_grid.cc; README,
-// "Adaptive limits"):
+// Shipped algorithms (compared on the grid of bench/limit_grid.cc;
+// docs/adaptive.md):
 //   Gradient2Limit a latency gradient against an averaged no-load latency,
 //                  after Netflix's Gradient2 (the default of adaptive
 //                  resources);

@@ -67,7 +67,7 @@ def _completion_of_group(group: BaseException) -> _core.Completion:
 
 
 # The algorithms AdaptiveLimit offers by name; the first is the default (the
-# best on the grid of bench/limit_grid.cc; README, "Adaptive limits").
+# best on the grid of bench/limit_grid.cc; docs/adaptive.md).
 ALGORITHMS = ("gradient2", "vegas", "aimd", "gradient")
 
 # Each algorithm's tolerance when none is given (vegas and aimd have none).
@@ -82,8 +82,7 @@ class AdaptiveLimit:
     ``min_limit`` and ``capacity`` from the service times of finished
     requests (grant to release; waiting is not counted) and from their
     outcome: a request whose handler raised or timed out counts as dropped.
-    ``adaptive=True`` is ``AdaptiveLimit()``. See the README, "Adaptive
-    limits".
+    ``adaptive=True`` is ``AdaptiveLimit()``. See docs/adaptive.md.
 
     Args:
         algorithm: how the limit moves: ``"gradient2"`` (default: a latency

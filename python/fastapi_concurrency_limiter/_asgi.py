@@ -134,7 +134,7 @@ class LimitedApp:
     """An ASGI app whose HTTP requests and WebSocket connections each hold a
     slot of the limiter's resources: an HTTP request until its response has
     been sent completely or the app has returned or raised (a client that
-    leaves once the app runs does not end it: see the README), a
+    leaves once the app runs does not end it: see docs/entry-points.md), a
     WebSocket connection for its whole life. Other scopes (``lifespan``)
     pass through untouched."""
 

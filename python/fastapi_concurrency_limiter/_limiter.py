@@ -167,7 +167,7 @@ class Limiter:
         runs it), for generator endpoints, and for WebSocket endpoints
         (``@app.websocket``: the connection holds the slots for its whole
         life; one that cannot get them in time is refused before it is
-        accepted, see the README's "WebSockets"). An endpoint whose response
+        accepted, see docs/entry-points.md, "WebSockets"). An endpoint whose response
         body is produced while it is sent (a generator endpoint, a returned
         ``StreamingResponse`` or ``FileResponse``) holds the slots until the
         body has been sent or the client has gone. ``timeout`` overrides the
@@ -186,7 +186,7 @@ class Limiter:
         registration order or in an order another Limiter contradicts;
         TypeError for items that are not Resources. A request whose task
         already holds a slot that makes waiting a possible deadlock gets
-        RuntimeError (see the README's "Deadlocks").
+        RuntimeError (see docs/usage.md, "Deadlocks").
         """
         gate = self._gate(resources, timeout)
         key_dependency = _key_dependency(key, gate)
@@ -215,7 +215,7 @@ class Limiter:
         Same order rules (ValueError here), timeout, 503, disconnect
         handling, deadlock check and ``key`` as the decorator. When the slots
         are given back depends on FastAPI's handling of dependencies with
-        ``yield``: see the README's "Limiting a router" (from FastAPI 0.118,
+        ``yield``: see docs/entry-points.md, "Limiting a router" (from FastAPI 0.118,
         after the response's background tasks have run, unless it is used
         as ``Depends(..., scope="function")``). On a WebSocket
         route the connection holds the slots for its life; one turned away
@@ -284,7 +284,7 @@ class Limiter:
         (for a WebSocket: as the handshake's denial response where the
         server supports it). Without it, the app's exception handler for
         ``ServerBusy`` answers if there is one (on the wrapped app, else on
-        ``scope["app"]``; see the README's "Your own rejection"). Same
+        ``scope["app"]``; see docs/entry-points.md, "Your own rejection"). Same
         order rules (ValueError here), timeout and deadlock check as the
         decorator; what the wrapper holds is recorded in the request's
         scope, so that a nested limit of the same request is refused with

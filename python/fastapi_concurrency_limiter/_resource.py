@@ -35,7 +35,7 @@ _HOST_NAME = re.compile(r"(?!\.+$)[A-Za-z0-9_.-]{1,64}")
 #: Most slots a resource may have (the engine's ``Resource::kMaxCapacity``).
 MAX_CAPACITY = 2**31 - 1
 
-#: Default ``adaptive_target``: see the README's "Overload control".
+#: Default ``adaptive_target``: see docs/overload.md.
 DEFAULT_ADAPTIVE_TARGET = 0.5
 #: Default ``adaptive_interval``.
 DEFAULT_ADAPTIVE_INTERVAL = 1.5

@@ -19,7 +19,7 @@ the queue; a release hands the slot to the oldest waiter, whose process
 learns it on its own notify list, read by one blocked connection per
 process (no polling). Slots are leases renewed by a heartbeat: a crashed
 process's slots come back within ``lease`` plus one heartbeat. See the
-README's "One limit across hosts" for the guarantees.
+docs/operations.md, "One limit across hosts", for the guarantees.
 """
 
 from __future__ import annotations
@@ -279,7 +279,7 @@ def fencing_token(request: object, resource: Resource) -> int:
 
     Tokens grow strictly per resource: a write that carries its token and is
     refused when the stored token is larger cannot come from a holder whose
-    lease ran out (see the README). 0 for a request admitted by ``on_error``
+    lease ran out (see docs/operations.md). 0 for a request admitted by ``on_error``
     without a slot. Raises LookupError when the request holds no cluster
     slot of ``resource``. In ``async with limiter.acquire([db]) as permit``:
     ``permit.token(db)``."""
