@@ -509,7 +509,13 @@ async def test_whole_app_over_a_middleware_with_nested_limits_and_cancellations_
         paths = ["/later"] * 160 + ["/again"] * 40
         rng.shuffle(paths)
         codes = await asyncio.gather(*[one(p) for p in paths])
-    assert {c for c, p in zip(codes, paths, strict=True) if p == "/again"} <= {0, 500, 503}
-    assert {c for c, p in zip(codes, paths, strict=True) if p == "/later"} <= {0, 200, 503}
-    assert 500 in codes and 200 in codes, sorted(set(codes))
+        assert {c for c, p in zip(codes, paths, strict=True) if p == "/again"} <= {0, 500, 503}
+        assert {c for c, p in zip(codes, paths, strict=True) if p == "/later"} <= {0, 200, 503}
+        await eventually(
+            lambda: (api.in_use, api.waiting, db.in_use, db.waiting) == (0, 0, 0, 0)
+        )
+        # After the storm both paths still behave (how many of each answer
+        # the storm got depends on the machine's speed, so it is not asserted).
+        assert (await client.get("/later")).status_code == 200
+        assert (await client.get("/again")).status_code == 500
     await eventually(lambda: (api.in_use, api.waiting, db.in_use, db.waiting) == (0, 0, 0, 0))

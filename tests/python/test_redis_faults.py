@@ -992,7 +992,8 @@ def test_a_live_holder_keeps_its_slot_with_several_resources_on_a_slow_redis(
     alive and never paused; Redis answers every call in 0.2 s (within the
     1 s ``timeout``: not an outage). A heartbeat round renews every resource
     at once, every ``lease / 3`` from the start of the previous round, so
-    the 1.5 s lease never runs out: another process waiting 8 s for the
+    the 2 s lease never runs out (renewing the 10 one by one would take
+    2 s): another process waiting 8 s for the
     slot times out, and no lease is reported lost."""
     proxy = LatencyProxy(redis_server.port, 0.2)
     port = proxy.start()
@@ -1002,14 +1003,14 @@ def test_a_live_holder_keeps_its_slot_with_several_resources_on_a_slow_redis(
         scope = RedisScope(
             proxy.url(port),
             key_prefix="test",
-            lease=1.5,
+            lease=2.0,
             on_lease_lost=lambda name, token: lost.append((name, token)),
         )
         resources = [Resource(1, name=f"r{i}", scope=scope) for i in range(10)]
         await scope.check()  # registers the 10 resources: one heartbeat each
         target = resources[-1]
         await target.acquire()  # held until the end of the test
-        other = RedisScope(redis_server.url(), key_prefix="test", lease=1.5)
+        other = RedisScope(redis_server.url(), key_prefix="test", lease=2.0)
         elsewhere = Resource(1, name="r9", scope=other)
         other_limiter = Limiter(timeout=8, resources=[elsewhere])
         outcome = await _try(other_limiter, elsewhere)
