@@ -32,6 +32,7 @@ namespace {
 //   sets how long requests are left out after a change.
 constexpr double kGrowth = 1.5;
 constexpr double kGrowthTarget = 1.4;
+constexpr double kGrowthNearKnee = 1.2;
 constexpr double kDecisionSamples = 80.0;
 constexpr double kMinGradient = 0.25;
 constexpr double kDecisionSpan = 10.0;
@@ -408,7 +409,7 @@ void NoLoadLatency::add(double latency, double in_flight, double n,
       // Much slower at no more concurrency: the knee moved down, or the
       // downstream itself got slower. Which one, the descent tells (latency
       // falls with concurrency only in the first case).
-      settled = descending = false;
+      settled = descending = past_knee = false;
       step_samples = step_latency = step_in_flight = 0.0;
       return;
     }
@@ -440,19 +441,32 @@ double NoLoadLatency::descend(double latency, double in_flight, double n,
   // The step before ran at about twice the concurrency: was it about twice
   // as slow (the downstream past its knee, queueing)? Then go on down.
   bool settle = at_floor;
+  double back = 1.0;
   if (descending) {
     const double fewer = descent_in_flight / f;
-    settle = settle || fewer < 1.2 ||
-             descent_latency / l < 1.0 + 0.35 * (fewer - 1.0);
+    const bool flat = descent_latency / l < 1.0 + 0.35 * (fewer - 1.0);
+    settle = settle || fewer < 1.2 || flat;
+    // The step before was slower, but not much, and an earlier one was much
+    // slower: the knee lies between this step and the one before. Back up
+    // to the step before (the last halving overshot the knee by up to 2x;
+    // at the step before, latency was within 1.35x of no-load) instead of
+    // growing back from here one decision at a time. Without an earlier
+    // much slower step (no knee below the start, or a first step that was
+    // noise) the limit stays, and grows from where the estimate was
+    // measured.
+    if (flat && past_knee && !at_floor && fewer >= 1.2 && descent_latency > l) {
+      back = std::min(2.0, fewer);
+    }
   }
   if (settle) {
     settled = true;
-    descending = false;
+    descending = past_knee = false;
     value = smoothed = l;
     value_in_flight = smoothed_in_flight = f;
     samples = 0.0;
-    return 1.0;
+    return back;
   }
+  past_knee = descending;
   descending = true;
   descent_latency = l;
   descent_in_flight = f;
@@ -462,6 +476,7 @@ double NoLoadLatency::descend(double latency, double in_flight, double n,
 void NoLoadLatency::repair() noexcept {
   make_valid(settled);
   make_valid(descending);
+  make_valid(past_knee);
   const auto bad = [](double x) { return !std::isfinite(x) || x < 0.0; };
   if (bad(smoothed) || bad(samples) || bad(value) || bad(smoothed_in_flight) ||
       bad(value_in_flight)) {
@@ -470,7 +485,7 @@ void NoLoadLatency::repair() noexcept {
   }
   if (bad(descent_latency) || bad(descent_in_flight) || bad(step_samples) ||
       bad(step_latency) || bad(step_in_flight)) {
-    descending = false;
+    descending = past_knee = false;
     descent_latency = descent_in_flight = 0.0;
     step_samples = step_latency = step_in_flight = 0.0;
   }
@@ -557,7 +572,8 @@ Gradient2Limit::Gradient2Limit(Gradient2Options options)
          .changed = false,
          .changed_at = {},
          .decided_at = {},
-         .pending = {}} {
+         .pending = {},
+         .cut_to = 0.0} {
   check_common(o_.min_limit, o_.initial_limit, o_.window, o_.min_window_samples, o_.backoff,
                o_.drop_rate, o_.smoothing, o_.smoothing_samples, o_.long_window);
   if (!(o_.tolerance > 1.0 && std::isfinite(o_.tolerance))) {
@@ -583,6 +599,7 @@ void Gradient2Limit::restore(const State& state, std::int64_t capacity,
   s_.max = static_cast<double>(capacity);
   s_.limit = in_range(s_.limit, static_cast<double>(o_.min_limit), s_.max);
   s_.no_load.repair();
+  s_.cut_to = std::isfinite(s_.cut_to) ? std::clamp(s_.cut_to, 0.0, s_.max) : 0.0;
   const SampleWindow::Summary& p = s_.pending;
   if (p.samples < 0 || p.drops < 0 || p.drops > p.samples || p.max_in_flight < 0 ||
       !std::isfinite(p.mean_latency) || p.mean_latency < 0.0 ||
@@ -672,11 +689,19 @@ void Gradient2Limit::on_window(const SampleWindow::Summary& w, bool first) {
   // far above the knee or far below the ceiling.
   if (ratio <= 1.1) {
     const double growth = std::clamp(kGrowthTarget / ratio, 1.0, kGrowth);
-    s_.limit = bounded(std::max(limit_now + queue, limit_now * growth));
+    double next = std::max(limit_now + 1.0, limit_now * growth);
+    // Above the limit the last cut left, the knee is near: x1.2 (or +1)
+    // per decision, so that a window that looks at no-load latency by
+    // chance does not carry the limit past 1.5x the knee.
+    if (s_.cut_to > 0.0 && next > s_.cut_to) {
+      next = std::max(s_.cut_to, std::max(limit_now + 1.0, limit_now * kGrowthNearKnee));
+    }
+    s_.limit = bounded(next);
     return;
   }
   if (ratio > o_.tolerance) {
     s_.limit = bounded(limit_now * gradient);
+    s_.cut_to = s_.limit;
     return;
   }
   double next = s_.limit * gradient;

@@ -331,7 +331,12 @@ class GradientLimit final : public LimitAlgorithm {
 //     0.35x as much: a false end would keep queueing in the estimate, one
 //     step too many costs only the growth back), the algorithm halves its
 //     limit once per step of kDescentSamples, leaving out the requests
-//     granted before the step (they ran at twice the concurrency). This descent
+//     granted before the step (they ran at twice the concurrency). When an
+//     earlier step was clearly faster than the one before it and the last
+//     one is faster, but not clearly, the knee lies between the last two
+//     steps: the descent ends back at the step before (latency within 1.35x
+//     of no-load there), instead of growing back from half of it one
+//     decision at a time (a minute with 300 ms service times). This descent
 //     happens once, when the load first uses the limit, never again: there
 //     is no periodic probe and no dip.
 struct NoLoadLatency {
@@ -342,6 +347,9 @@ struct NoLoadLatency {
   double value_in_flight = 0.0;  // the concurrency it was measured at
   bool settled = false;   // the descent is over
   bool descending = false;
+  // A descent step found the step before it clearly slower: the knee lies
+  // below the concurrency the descent started from.
+  bool past_knee = false;
   double descent_latency = 0.0;    // the last descent step's mean
   double descent_in_flight = 0.0;
   // The current descent step's sums (a step decides on kDescentSamples).
@@ -414,9 +422,20 @@ struct Gradient2Options {
 //     tolerance of no-load (Netflix adds it always, so a moderate overload
 //     that holds latency at the tolerance makes the limit creep up, their
 //     PR #134); between that and the tolerance the limit holds;
+//   - no decision is taken early on fewer successes when the latency is
+//     far off (a sequential test, e.g. the mean minus three standard errors
+//     above twice the no-load latency after 16): measured on the grid, early
+//     cuts changed nothing (the misses come from growth and the start-up
+//     descent, not from slow cuts) and early growth on 16-40 successes cost
+//     2-5 cells of 80 (heavy tails: windows that short look faster than
+//     the downstream is);
 //   - at no-load latency (within 10 %) the slots in force grow by up to
 //     x1.5 per decision (1.4 / ratio: to no more than 1.4x the knee from a
-//     limit already past it), and past the tolerance they are cut by the
+//     limit already past it; at least +1), but only by x1.2 (at least +1)
+//     above the limit the last cut for latency left, where the knee was:
+//     near it, a window that looks at no-load latency by chance must not
+//     carry the limit past 1.5x the knee (at 9 slots with a knee of 8, x1.5
+//     or +sqrt(limit) gave 13-15). Past the tolerance the slots are cut by the
 //     gradient (down to a quarter: a decision on 80 successes that sees
 //     4x the no-load latency sees a knee that fell), both at once, without
 //     smoothing: smoothed, every move takes five decisions of ten
@@ -455,6 +474,9 @@ class Gradient2Limit final : public LimitAlgorithm {
     // since, until they span enough latencies to be decided on.
     Clock::time_point decided_at{};
     SampleWindow::Summary pending;
+    // The limit the last cut for latency left (0: none yet): the knee lies
+    // about there, and growth above it is slow (x1.2 per decision).
+    double cut_to = 0.0;
   };
   const Gradient2Options& options() const noexcept { return o_; }
   const State& state() const noexcept { return s_; }

@@ -30,17 +30,16 @@ constexpr std::int64_t kClients = 100;
 // The cells where Gradient2Limit misses a goal, with the bounds it holds
 // there (throughput and mean latency as ratios to the best fixed limit's:
 // the goal where it is met, else what was measured with a 5 % margin). The
-// test prints the measurements, as does make bench-adaptive. Both are the
-// no-load estimate's noise: it is settled from one step of 100 samples,
-// and with the heaviest tails (lognormal sigma 1, bimodal: CV 1.3-1.4) such
-// a mean is off by 13-14 % (one standard deviation). Here it came out 24 %
-// (logn1.0) and 30 % (bimodal: 0.065 s for 0.05 s) above the true no-load
-// latency, so the limit holds at 1.3x the tolerance past the knee instead
-// of 1x-1.3x. Settling on 200 samples fixes these two cells and costs
-// five others (bimodal, latency 1.5-1.8x: the longer descent at startup
-// and after the knee moves); averaging into the estimate the windows at
-// more concurrency that look like no-load (within 10 %) lets it ratchet
-// up with the limit (21 cells miss).
+// test prints the measurements, as does make bench-adaptive. The one left
+// is the no-load estimate's noise: it is settled from one step of 100
+// samples, and with the heaviest tails (bimodal: CV 1.4) such a mean is off
+// by 14 % (one standard deviation). Here it came out 30 % above the true
+// no-load latency (0.065 s for 0.05 s), so the limit sits at the capacity
+// with latency 1.5x the best fixed limit's (at 32). Settling on 200 samples
+// fixes this cell and costs others (bimodal, latency 1.5-1.8x: the longer
+// descent at startup and after the knee moves). With other seeds, 1-3
+// cells of 80 miss by as little (latency 1.5-1.7x at 300 ms and 1 s with
+// knees of 2-8).
 struct Exception {
   double throughput;  // at least
   double latency;     // at most
@@ -48,15 +47,14 @@ struct Exception {
 
 const std::map<std::string, Exception>& gradient2_exceptions() {
   static const std::map<std::string, Exception> exceptions = {
-      {"logn1.0 300ms k=8", {0.90, 1.71}},
-      {"bimodal 50ms k=32", {0.90, 1.62}},
+      {"bimodal 50ms k=32", {0.90, 1.61}},
   };
   return exceptions;
 }
 
 // Every cell: throughput >= 0.90x and mean latency <= 1.50x the best fixed
 // limit's, except the cells above, which must still hold what they measure
-// (no collapse, no runaway). At least 78 of the 80 cells meet both goals.
+// (no collapse, no runaway). At least 79 of the 80 cells meet both goals.
 // (Under a sanitizer, the 60 cells of grid_cells_to_test().)
 TEST(AdaptiveGrid, Gradient2MeetsTheGoalsOnTheGrid) {
   int met = 0;
@@ -124,18 +122,22 @@ TEST(AdaptiveGrid, WithoutAKneeTheLimitReachesTheCeiling) {
 
 // The knee moves (k = 4, then 8, then 2, 60 s each): from 20 s after each
 // change the limit should stay within [0.8k, 1.5k]. Asserted where it
-// holds (13 of the 24 changes): every distribution at 5 ms, and at 50 ms
-// exponential going up to 8, lognormal sigma 0.5 both ways, lognormal
-// sigma 1 going down to 2; at 300 ms lognormal sigma 0.5 going down to 2.
-// Elsewhere (printed): at 300 ms a decision needs 80 successes spanning ten
-// latencies, 10-20 s at a limit of 2-12, so 20 s hold one or two of them;
-// at 50 ms with heavy tails the limit passes 1.5k now and then (13-15 at
-// k = 8) or dips to 3 at k = 4.
+// holds (17 of the 24 changes): every distribution at 5 ms; at 50 ms
+// exponential and lognormal sigma 0.5 both ways, lognormal sigma 1 and
+// bimodal going up to 8; at 300 ms lognormal sigma 0.5 both ways and
+// lognormal sigma 1 going down to 2. Elsewhere (printed): at 300 ms a
+// decision needs 80 successes spanning ten latencies, 6-20 s at a limit of
+// 2-10, and the start-up descent from 20 takes most of the first minute,
+// so going up to 8 the limit is still at 3-6 after 20 s; with heavy tails
+// one window in a few looks 1.5x faster or slower than the downstream is,
+// and at k = 2 (where only 2 and 3 are within bounds) a limit of 1 or 4
+// now and then.
 TEST(AdaptiveGrid, FollowsTheKneeWithin20Seconds) {
   const std::set<std::string> asserted = {
-      "exp 5 8",     "exp 5 2",     "logn0.5 5 8", "logn0.5 5 2",  "logn1.0 5 8",
-      "logn1.0 5 2", "bimodal 5 8", "bimodal 5 2", "exp 50 8",     "logn0.5 50 8",
-      "logn0.5 50 2", "logn1.0 50 2", "logn0.5 300 2"};
+      "exp 5 8",      "exp 5 2",      "logn0.5 5 8",   "logn0.5 5 2",   "logn1.0 5 8",
+      "logn1.0 5 2",  "bimodal 5 8",  "bimodal 5 2",   "exp 50 8",      "exp 50 2",
+      "logn0.5 50 8", "logn0.5 50 2", "logn1.0 50 8",  "bimodal 50 8",  "logn0.5 300 8",
+      "logn0.5 300 2", "logn1.0 300 2"};
   const auto is_asserted = [&](ServiceTimes d, double mean, double k) {
     return asserted.count(std::string(to_string(d)) + " " +
                           std::to_string(static_cast<int>(mean * 1000 + 0.5)) + " " +
@@ -175,7 +177,7 @@ TEST(AdaptiveGrid, FollowsTheKneeWithin20Seconds) {
   }
   std::printf("within [0.8k, 1.5k] from 20 s after a change: %d of %d changes\n",
               within_count, phases);
-  EXPECT_GE(within_count, 13);
+  EXPECT_GE(within_count, 17);
 }
 
 // Moderate overload (twice the knee in clients) for 10 minutes: no upward
