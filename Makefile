@@ -65,7 +65,7 @@ install: venv
 	$(PY) -m pip install --quiet --no-build-isolation --no-deps -C build-dir=$(BUILD)/python .
 
 define cpp_suite
-	cmake -S . -B $(BUILD)/$(1) -G Ninja -DCMAKE_BUILD_TYPE=$(2) -DCL_SANITIZE=$(3) -DCL_WERROR=ON >/dev/null
+	cmake -S . -B $(BUILD)/$(1) -G Ninja -DCMAKE_BUILD_TYPE=$(2) -DCL_SANITIZE=$(3) -DCL_WERROR=ON -DCL_BUILD_TESTS=ON >/dev/null
 	cmake --build $(BUILD)/$(1) -j $(JOBS)
 	cd $(BUILD)/$(1) && ctest --output-on-failure -j $(JOBS)
 endef
@@ -92,7 +92,7 @@ _tsan:
 thread-safety: system-deps
 	cmake -S . -B $(BUILD)/thread-safety -G Ninja -DCMAKE_BUILD_TYPE=Debug \
 		-DCMAKE_CXX_COMPILER=clang++ -DCMAKE_CXX_FLAGS="-Wthread-safety -Werror" \
-		-DCL_WERROR=ON -DCL_BUILD_BENCHMARKS=OFF >/dev/null
+		-DCL_WERROR=ON -DCL_BUILD_TESTS=ON -DCL_BUILD_BENCHMARKS=OFF >/dev/null
 	cmake --build $(BUILD)/thread-safety -j $(JOBS)
 
 # The ways a C++ project consumes the library, built and run

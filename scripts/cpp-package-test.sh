@@ -4,6 +4,7 @@
 #   scripts/cpp-package-test.sh OUT [JOBS]
 #
 #   0. a plain configure of this tree (top level: tests on) has no -Werror;
+#      without GoogleTest it leaves the tests out (unless asked for);
 #   1. the static library (Release) installed into OUT/prefix, a prefix other
 #      than the configured one (the installed tree must be relocatable), and
 #      tests/cmake-consumer built against it with GCC and with Clang: the
@@ -72,6 +73,22 @@ quiet cmake -S . -B "$out/plain" -G Ninja -DCMAKE_BUILD_TYPE=Release
 if ! grep -q concurrency_limiter_tests "$out/plain/build.ninja" || grep -q -- -Werror "$out/plain/build.ninja"; then
   echo "a plain configure has no test suite, or compiles with -Werror:" >&2
   grep -- -Werror "$out/plain/build.ninja" | sort -u >&2
+  exit 1
+fi
+
+step "a plain configure without GoogleTest: the tests are left out, said so"
+if ! cmake -S . -B "$out/no-gtest" -G Ninja -DCMAKE_BUILD_TYPE=Release \
+    -DCMAKE_DISABLE_FIND_PACKAGE_GTest=ON >"$out/no-gtest.log" 2>&1 \
+  || ! grep -q "GoogleTest not found: the tests are not built" "$out/no-gtest.log" \
+  || grep -q concurrency_limiter_tests "$out/no-gtest/build.ninja"; then
+  cat "$out/no-gtest.log" >&2
+  echo "a plain configure without GoogleTest failed, or did not leave the tests out" >&2
+  exit 1
+fi
+# Asked for explicitly, the tests require GoogleTest.
+if cmake -S . -B "$out/no-gtest-asked" -G Ninja -DCL_BUILD_TESTS=ON \
+    -DCMAKE_DISABLE_FIND_PACKAGE_GTest=ON >/dev/null 2>&1; then
+  echo "-DCL_BUILD_TESTS=ON without GoogleTest configured without error" >&2
   exit 1
 fi
 
