@@ -92,6 +92,16 @@ class Acquisition {
   // may follow.
   bool try_acquire();
 
+  // The zero-timeout form of start(): takes every slot now if each resource
+  // has one free and nobody waiting for it (as try_acquire()), otherwise is
+  // rejected at once, refused by the first resource without a slot for it
+  // (kTimeout; kKeyLimit if that resource had a slot but the key is at its
+  // share; kUnavailable if it is closed), which counts the rejection. Never
+  // joins a queue, so it never waits behind anyone and never pushes a waiter
+  // out of a full queue. Calls no callback. Returns kGranted or the
+  // rejection. Only valid in state kIdle.
+  Outcome try_once();
+
   // Starts acquiring. Returns kGranted or a rejection (kQueueFull) when that
   // is known at once: then `callback` is never called. Returns kPending when
   // the request is queued: then `callback` is called exactly once, later,
