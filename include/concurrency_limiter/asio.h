@@ -186,7 +186,7 @@ inline std::string outcome_message(int value, std::string_view resource) {
     case Outcome::kDisconnected: return "client disconnected while waiting for " + on;
     case Outcome::kCancelled: return "cancelled while waiting for " + on;
     case Outcome::kKeyLimit: return "key at its per-key share of " + on;
-    case Outcome::kUnavailable: return "shared state unavailable for " + on;
+    case Outcome::kUnavailable: return on + " unavailable (closed, or its shared state out of reach)";
     case Outcome::kPending: return "still waiting for " + on;
   }
   return "unknown outcome";
@@ -667,6 +667,14 @@ template <class T>
 inline constexpr bool kIsExecutor =
     asio::execution::is_executor<T>::value || asio::is_executor<T>::value;
 
+// A token the overloads without an I/O executor accept: anything but a
+// handler without an associated executor (a plain callback), which would
+// have nowhere to run.
+template <class Token>
+inline constexpr bool kCarriesExecutor =
+    !std::is_invocable_v<std::decay_t<Token>&&, std::error_code, Permit> ||
+    !std::is_same_v<asio::associated_executor_t<std::decay_t<Token>>, asio::system_executor>;
+
 }  // namespace detail
 
 // Acquires a slot of every resource in `set` (from limiter.select()) within
@@ -723,6 +731,7 @@ auto async_acquire(ExecutionContext& context, const Limiter& limiter, Args&&... 
 // completion and owns the operation (a coroutine's, use_awaitable; one bound
 // with asio::bind_executor). A handler without one does not compile.
 template <class CompletionToken>
+  requires detail::kCarriesExecutor<CompletionToken>
 auto async_acquire(const Limiter& limiter, std::shared_ptr<const ResourceSet> set,
                    Clock::duration timeout, CompletionToken&& token) {
   static_cast<void>(limiter);  // the timeout is given
@@ -732,6 +741,7 @@ auto async_acquire(const Limiter& limiter, std::shared_ptr<const ResourceSet> se
 }
 
 template <class CompletionToken>
+  requires detail::kCarriesExecutor<CompletionToken>
 auto async_acquire(const Limiter& limiter, std::shared_ptr<const ResourceSet> set,
                    CompletionToken&& token) {
   return async_acquire(limiter, std::move(set), limiter.timeout(),
@@ -739,6 +749,7 @@ auto async_acquire(const Limiter& limiter, std::shared_ptr<const ResourceSet> se
 }
 
 template <class CompletionToken>
+  requires detail::kCarriesExecutor<CompletionToken>
 auto async_acquire(const Limiter& limiter, std::shared_ptr<const ResourceSet> set,
                    std::optional<std::string> key, Clock::duration timeout,
                    CompletionToken&& token) {

@@ -7,7 +7,7 @@
 // queue discipline (no thundering herd, and nobody barges past the queue: a
 // newcomer gets a free slot only when nobody is waiting).
 //
-//   auto db = std::make_shared<Resource>(ResourceOptions{.name = "db", .capacity = 5});
+//   auto db = Resource::create("db", 5);
 //   if (Permit p = db->acquire_for(std::chrono::seconds(2))) {
 //     run_query();        // the slot is held until `p` is destroyed
 //   } else {
