@@ -5,6 +5,8 @@
 // rejected for one reason. `kPending` is only ever returned by
 // `Acquisition::start()` while the request waits in a queue; it is never
 // delivered to a completion callback.
+//
+// Thread safety: plain values and pure functions, usable from any thread.
 #pragma once
 
 #include <cstddef>
