@@ -102,10 +102,11 @@ class Acquisition {
   // rejection. Only valid in state kIdle.
   Outcome try_once();
 
-  // Starts acquiring. Returns kGranted or a rejection (kQueueFull) when that
-  // is known at once: then `callback` is never called. Returns kPending when
-  // the request is queued: then `callback` is called exactly once, later,
-  // with kGranted or a rejection. Only valid in state kIdle.
+  // Starts acquiring. Returns kGranted or a rejection (kQueueFull, or
+  // kUnavailable from a closed resource) when that is known at once: then
+  // `callback` is never called. Returns kPending when the request is queued:
+  // then `callback` is called exactly once, later, with kGranted or a
+  // rejection. Only valid in state kIdle. Use try_once() for a zero timeout.
   Outcome start(Callback callback);
 
   // Stops waiting. Only a pending acquisition is affected: it leaves the

@@ -100,13 +100,16 @@
 // Thread safety: async_acquire() may be called from any thread, concurrently
 // with itself and with releases from other threads.
 //
-// Boost.Asio: not supported; this header needs standalone Asio. Supporting
-// Boost.Asio 1.77+ (the first with per-operation cancellation) means
-// compiling against boost::asio and boost::system::error_code beside asio::
-// and std::error_code, which needs a CI build with such a Boost to keep it
-// working; the Debian release this project builds on ships Boost 1.74, which
-// predates cancellation slots. Standalone Asio and Boost.Asio can coexist in
-// one program.
+// Boost.Asio: not supported; this header needs standalone Asio (1.22+).
+// Boost.Asio 1.77+ has everything used here, but its completion convention
+// is boost::system::error_code, not std::error_code: with std::error_code
+// in the signature, `co_await ... use_awaitable` would not throw on a
+// rejection, and as_tuple users would get the other type. Supporting it means
+// a second completion signature with the Outcome conditions carried through
+// Boost.System's std::error_category interop, and a CI build against Boost
+// 1.77+ to keep it working (Debian 12's default libboost-dev is 1.74, which
+// lacks cancellation slots). Standalone Asio and Boost.Asio can coexist in
+// one program: an io_context of each, async_acquire() on the standalone one.
 #pragma once
 
 #include <asio/associated_allocator.hpp>
