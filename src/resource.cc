@@ -187,17 +187,34 @@ void Resource::close() {
 }
 
 Outcome Resource::refuse_try(const std::string* key) {
+  // The reason a request arriving now would have been refused at once, if
+  // it would have been (a full queue that turns newcomers away); otherwise
+  // the request would have queued, which a try never does: kTimeout (or
+  // kKeyLimit when the resource had a slot, but not for this key).
   Outcome reason = Outcome::kTimeout;
   if (closed()) {
     reason = Outcome::kUnavailable;
-  } else if (!host_ && per_key_ != 0 && key != nullptr) {
+  } else if (host_) {
+    const std::optional<std::int64_t> most = max_waiting();
+    if (most && waiting() >= *most && queue() != QueueDiscipline::kLifo) {
+      reason = Outcome::kQueueFull;
+    }
+  } else {
+    const auto now = Clock::now();
     detail::MutexLock lock(mu_);
-    // The resource had a slot, but not for this key.
-    if (in_use_of(word_.load(std::memory_order_relaxed)) <
-            limit_.load(std::memory_order_relaxed) &&
-        !key_has_room_locked(key)) {
+    const bool newest_first =
+        discipline_ == QueueDiscipline::kLifo ||
+        (discipline_ == QueueDiscipline::kAdaptive && standing_locked(now));
+    const bool room_for_key = key_has_room_locked(key);
+    if (max_waiting_ >= 0 && waiting_ >= max_waiting_ && !newest_first &&
+        !(per_key_ != 0 && !blocked_by_count_.empty() && room_for_key)) {
+      reason = Outcome::kQueueFull;
+    } else if (!room_for_key && in_use_of(word_.load(std::memory_order_relaxed)) <
+                                    limit_.load(std::memory_order_relaxed)) {
       reason = Outcome::kKeyLimit;
     }
+    note_rejection_locked(reason);
+    return reason;
   }
   count_rejection(reason);
   return reason;

@@ -94,9 +94,11 @@ class Acquisition {
 
   // The zero-timeout form of start(): takes every slot now if each resource
   // has one free and nobody waiting for it (as try_acquire()), otherwise is
-  // rejected at once, refused by the first resource without a slot for it
-  // (kTimeout; kKeyLimit if that resource had a slot but the key is at its
-  // share; kUnavailable if it is closed), which counts the rejection. Never
+  // rejected at once, refused by the first resource without a slot for it,
+  // which counts the rejection: kQueueFull where a request arriving now
+  // would have been turned away by a full queue (FIFO order), kUnavailable
+  // if the resource is closed, kKeyLimit if it had a slot but the key is at
+  // its share, otherwise kTimeout (where a request would have queued). Never
   // joins a queue, so it never waits behind anyone and never pushes a waiter
   // out of a full queue. Calls no callback. Returns kGranted or the
   // rejection. Only valid in state kIdle.

@@ -53,7 +53,9 @@
 // it held released at once. One steady_timer per waiting request; no timer at
 // all when a slot is free at once. A zero or negative timeout means "try
 // once": granted if every resource has a slot free with nobody waiting,
-// otherwise kTimeout (posted like any completion); it never joins a queue, so
+// otherwise refused (kTimeout; kQueueFull where a full queue would have
+// turned it away on arrival), posted like any completion; it never joins a
+// queue, so
 // it never takes a slot released later and never pushes a waiter out of a
 // full queue. Clock::duration::max() (or anything beyond a century) waits
 // without a deadline.

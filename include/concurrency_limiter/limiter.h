@@ -65,8 +65,9 @@ class Limiter {
   // deadline passes (kTimeout: whatever was already held is released), a
   // queue rejects it (kQueueFull, kShed), a resource is closed (kUnavailable)
   // or `stop` is requested (kCancelled). A timeout <= 0 (a deadline not in
-  // the future) tries once: all slots now, or kTimeout without joining any
-  // queue (so it never pushes a waiter out of a full queue).
+  // the future) tries once: all slots now, or refused without joining any
+  // queue (kTimeout; kQueueFull where a full queue would have turned the
+  // request away on arrival), so it never pushes a waiter out of a queue.
   // try_acquire() never blocks: all slots now, or none (kTimeout).
   // A request that finds every slot free with nobody waiting takes them
   // without a lock, an allocation or a clock read. A timeout too large to

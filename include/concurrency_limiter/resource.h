@@ -403,9 +403,10 @@ class Resource : public std::enable_shared_from_this<Resource> {
   //   to it (kGranted), the deadline passes (kTimeout), the queue rejects it
   //   (kQueueFull, kShed), the resource is closed (kUnavailable) or `stop` is
   //   requested (kCancelled). A deadline not in the future means "try once":
-  //   a free slot with nobody waiting is granted, otherwise kTimeout (counted
-  //   as a rejection) without ever joining the queue, so it cannot push a
-  //   waiter out of a full queue.
+  //   a free slot with nobody waiting is granted, otherwise the request is
+  //   refused (kTimeout; kQueueFull if a full queue would have turned it away
+  //   on arrival; counted as a rejection) without ever joining the queue, so
+  //   it cannot push a waiter out of a full queue.
   // acquire_for(timeout): acquire_until(now + timeout); a timeout <= 0 tries
   //   once as above; a timeout too large to add to now
   //   (Clock::duration::max()) means "no deadline".
@@ -566,7 +567,7 @@ class Resource : public std::enable_shared_from_this<Resource> {
   // Counts a rejection that the resource itself did not decide.
   void count_rejection(Outcome reason) CL_EXCLUDES(mu_);
   // Why a request of `key` that tried once, without queueing, found no slot
-  // (kUnavailable, kKeyLimit or kTimeout); counts it as a rejection.
+  // (see Acquisition::try_once()); counts it as a rejection.
   Outcome refuse_try(const std::string* key) CL_EXCLUDES(mu_);
   // Gives back one slot: hands it to the next waiter, frees it, or retires it
   // (in_use above the limit). A measured hold (held since `granted_at`, the

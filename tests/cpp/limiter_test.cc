@@ -293,6 +293,16 @@ TEST(ZeroTimeout, NeverPushesAWaiterOutOfAFullLifoQueue) {
   EXPECT_EQ(recorder.outcomes, std::vector{Outcome::kGranted});
 }
 
+TEST(ZeroTimeout, AFullFifoQueueRefusesItAsOnArrival) {
+  auto db = make_resource("db", 1, /*max_waiting=*/0);
+  Limiter limiter({db}, 10s);
+  auto set = limiter.select({db});
+  Permit held = limiter.try_acquire(set);
+  EXPECT_EQ(limiter.acquire_for(set, 0s).outcome(), Outcome::kQueueFull);
+  EXPECT_EQ(db->acquire_for(0s).outcome(), Outcome::kQueueFull);
+  EXPECT_EQ(db->statistics().rejected_total[rejection_index(Outcome::kQueueFull)], 2u);
+}
+
 TEST(ZeroTimeout, TakesAFreeSlotButDoesNotPassAWaiter) {
   auto db = make_resource("db", 2);
   Limiter limiter({db}, 10s);
