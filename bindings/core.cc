@@ -226,6 +226,7 @@ NB_MODULE(_core, m) {
            "resource_set"_a, "key"_a.none() = nb::none())
       .def_prop_ro("key", &cl::Acquisition::key)
       .def("try_acquire", &cl::Acquisition::try_acquire)
+      .def("try_once", &cl::Acquisition::try_once)
       .def("start",
            [](cl::Acquisition& a, std::function<void(cl::Outcome)> callback) {
              // The engine calls back from noexcept code: a Python exception

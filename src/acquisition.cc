@@ -75,6 +75,15 @@ bool Acquisition::try_acquire() {
   return true;
 }
 
+Outcome Acquisition::try_once() {
+  if (try_acquire()) return Outcome::kGranted;
+  detail::MutexLock lock(mu_);
+  const Outcome reason = resource(refused_).refuse_try(key_ptr());
+  state_ = State::kRejected;
+  outcome_ = reason;
+  return reason;
+}
+
 Outcome Acquisition::start(Callback callback) {
   detail::NoticeList notices;
   detail::MutexLock lock(mu_);

@@ -184,7 +184,7 @@ void AimdLimit::restore(const State& state, std::int64_t capacity,
   s_.limit = in_range(s_.limit, static_cast<double>(o_.min_limit), s_.max);
 }
 
-std::int64_t AimdLimit::update(const LimitSample& sample) {
+std::int64_t AimdLimit::update(const LimitSample& sample) noexcept {
   if (const auto w = s_.window.add(sample)) {
     const bool slow = o_.timeout > Clock::duration::zero() &&
                       w->mean_latency > seconds(o_.timeout);
@@ -262,7 +262,7 @@ std::int64_t GradientLimit::in_force() const noexcept {
   return static_cast<std::int64_t>(std::floor(s_.limit + 1e-9));
 }
 
-std::int64_t GradientLimit::update(const LimitSample& sample) {
+std::int64_t GradientLimit::update(const LimitSample& sample) noexcept {
   // The requests granted before the first release started on an idle
   // downstream, as the concurrency ramped up: not representative.
   if (!s_.changed) {
@@ -611,7 +611,7 @@ void Gradient2Limit::restore(const State& state, std::int64_t capacity,
                s_.decided_at != Clock::time_point{} && s_.decided_at <= now;
 }
 
-std::int64_t Gradient2Limit::update(const LimitSample& sample) {
+std::int64_t Gradient2Limit::update(const LimitSample& sample) noexcept {
   // The requests granted before the first release started on an idle
   // downstream, as the concurrency ramped up: not representative.
   if (!s_.changed) {
@@ -765,7 +765,7 @@ void VegasLimit::restore(const State& state, std::int64_t capacity,
                s_.decided_at != Clock::time_point{} && s_.decided_at <= now;
 }
 
-std::int64_t VegasLimit::update(const LimitSample& sample) {
+std::int64_t VegasLimit::update(const LimitSample& sample) noexcept {
   // The requests granted before the first release started on an idle
   // downstream, as the concurrency ramped up: not representative.
   if (!s_.changed) {

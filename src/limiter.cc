@@ -127,6 +127,10 @@ Permit Limiter::try_acquire(const std::shared_ptr<const ResourceSet>& set) const
   return p;
 }
 
+void Limiter::close() {
+  for (const auto& r : resources_) r->close();
+}
+
 std::vector<ResourceStatistics> Limiter::statistics() const {
   std::vector<ResourceStatistics> out;
   out.reserve(resources_.size());

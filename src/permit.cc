@@ -18,7 +18,16 @@ Permit make_permit(std::unique_ptr<Acquisition> acquisition) {
   const Outcome o = acquisition->outcome();
   // A try that found no free slot is not started: it is a zero timeout.
   p.outcome_ = o == Outcome::kPending ? Outcome::kTimeout : o;
-  p.refused_by_ = acquisition->refused_by();
+  // Owned, like the slots of a granted permit: the error may be reported
+  // after the acquisition, and every other owner of the resource, is gone.
+  if (const Resource* refused = acquisition->refused_by()) {
+    for (const auto& r : acquisition->resource_set()->resources()) {
+      if (r.get() == refused) {
+        p.refused_by_ = r;
+        break;
+      }
+    }
+  }
   return p;
 }
 
@@ -36,8 +45,8 @@ bool Permit::take_all(const std::shared_ptr<const ResourceSet>& set) noexcept {
       // Undo the slots taken on the way, leaving no trace in the statistics.
       detail::NoticeList notices;
       for (std::size_t j = i; j-- > 0;) resources[j]->revert_grant(notices);
-      outcome_ = Outcome::kTimeout;
-      refused_by_ = resources[i].get();
+      outcome_ = resources[i]->closed() ? Outcome::kUnavailable : Outcome::kTimeout;
+      refused_by_ = resources[i];
       return false;
     }
     measure = measure || m;
@@ -59,7 +68,7 @@ void Permit::release_slow(Completion completion) noexcept {
   detail::NoticeList notices;  // fired when this function returns
   if (resource_) {
     resource_->release(measured_, granted_at_, now, completion, notices);
-    resource_ = nullptr;
+    resource_.reset();
   } else if (set_) {
     const auto& resources = set_->resources();
     for (std::size_t i = resources.size(); i-- > 0;) {
@@ -126,6 +135,12 @@ Permit acquire_blocking(std::shared_ptr<const ResourceSet> set,
   // destructor, which waits for a completion still in flight.
   Signal signal;
   auto acq = std::make_unique<Acquisition>(std::move(set), std::move(key));
+  // A deadline not in the future tries once and never queues (a queued
+  // request could take a slot released later, or push a waiter out).
+  if (deadline <= Clock::now()) {
+    acq->try_once();
+    return make_permit(std::move(acq));
+  }
   const Outcome o = acq->start([&signal](Outcome) { signal.notify(); });
   if (o == Outcome::kPending) {
     // Runs at once in this thread if a stop was already requested.

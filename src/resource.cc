@@ -2,6 +2,8 @@
 
 #include <algorithm>
 #include <cassert>
+#include <cstdio>
+#include <cstdlib>
 #include <atomic>
 #include <stdexcept>
 #include <string>
@@ -150,7 +152,73 @@ Resource::Resource(ResourceOptions o, int)
   }
 }
 
-Resource::~Resource() = default;
+Resource::~Resource() {
+  if (host_) return;
+  // Only a resource not owned by a shared_ptr can get here with slots held or
+  // requests waiting (everything that uses one owns it): its holders and
+  // waiters would touch freed memory. Refuse loudly rather than corrupt.
+  const std::int64_t held = in_use_of(word_.load(std::memory_order_acquire));
+  std::int64_t waiting = 0;
+  {
+    detail::MutexLock lock(mu_);
+    waiting = waiting_;
+  }
+  if (held != 0 || waiting != 0) {
+    std::fprintf(stderr,
+                 "concurrency_limiter: resource '%s' destroyed while %lld slot(s) "
+                 "held and %lld request(s) waiting; a Resource must outlive its "
+                 "Permits and Acquisitions (create it with Resource::create() so "
+                 "that they keep it alive)\n",
+                 name_.c_str(), static_cast<long long>(held),
+                 static_cast<long long>(waiting));
+    std::abort();
+  }
+}
+
+void Resource::close() {
+  detail::NoticeList notices;  // fired after mu_ is unlocked
+  if (host_) {
+    closed_.store(true, std::memory_order_release);
+    return;
+  }
+  detail::MutexLock lock(mu_);
+  closed_.store(true, std::memory_order_release);
+  while (head_ != nullptr) reject_locked(*head_, Outcome::kUnavailable, notices);
+}
+
+Outcome Resource::refuse_try(const std::string* key) {
+  // The reason a request arriving now would have been refused at once, if
+  // it would have been (a full queue that turns newcomers away); otherwise
+  // the request would have queued, which a try never does: kTimeout (or
+  // kKeyLimit when the resource had a slot, but not for this key).
+  Outcome reason = Outcome::kTimeout;
+  if (closed()) {
+    reason = Outcome::kUnavailable;
+  } else if (host_) {
+    const std::optional<std::int64_t> most = max_waiting();
+    if (most && waiting() >= *most && queue() != QueueDiscipline::kLifo) {
+      reason = Outcome::kQueueFull;
+    }
+  } else {
+    const auto now = Clock::now();
+    detail::MutexLock lock(mu_);
+    const bool newest_first =
+        discipline_ == QueueDiscipline::kLifo ||
+        (discipline_ == QueueDiscipline::kAdaptive && standing_locked(now));
+    const bool room_for_key = key_has_room_locked(key);
+    if (max_waiting_ >= 0 && waiting_ >= max_waiting_ && !newest_first &&
+        !(per_key_ != 0 && !blocked_by_count_.empty() && room_for_key)) {
+      reason = Outcome::kQueueFull;
+    } else if (!room_for_key && in_use_of(word_.load(std::memory_order_relaxed)) <
+                                    limit_.load(std::memory_order_relaxed)) {
+      reason = Outcome::kKeyLimit;
+    }
+    note_rejection_locked(reason);
+    return reason;
+  }
+  count_rejection(reason);
+  return reason;
+}
 
 std::optional<std::int64_t> Resource::max_waiting() const noexcept {
   const std::int64_t max_waiting = host_ ? host_->max_waiting() : max_waiting_;
@@ -462,9 +530,21 @@ bool Resource::grant_at_once_locked(detail::WaiterNode& node) {
 
 Outcome Resource::enqueue(detail::WaiterNode& node,
                           detail::NoticeList& notices) {
+  if (closed()) {
+    count_rejection(Outcome::kUnavailable);
+    node.state_ = State::kRejected;
+    node.outcome_ = Outcome::kUnavailable;
+    return Outcome::kUnavailable;
+  }
   if (host_) return host_->enqueue(node, notices);
   const auto now = Clock::now();
   detail::MutexLock lock(mu_);
+  if (closed_.load(std::memory_order_relaxed)) {  // closed meanwhile
+    note_rejection_locked(Outcome::kUnavailable);
+    node.state_ = State::kRejected;
+    node.outcome_ = Outcome::kUnavailable;
+    return Outcome::kUnavailable;
+  }
   if (grant_at_once_locked(node)) return Outcome::kGranted;
   shed_locked(now, notices);
   if (max_waiting_ >= 0 && waiting_ >= max_waiting_ && per_key_ != 0 &&
@@ -782,19 +862,27 @@ void Resource::grant_locked(detail::WaiterNode& node, Clock::time_point now) {
   }
 }
 
+std::shared_ptr<Resource> Resource::self() {
+  std::shared_ptr<Resource> owned = weak_from_this().lock();
+  if (owned) return owned;
+  // Not owned by a shared_ptr: a pointer that owns nothing (see "Lifetime").
+  return std::shared_ptr<Resource>(std::shared_ptr<Resource>(), this);
+}
+
 Permit Resource::try_acquire() {
   Permit p;
-  p.take(*this);
+  p.take(self());
   return p;
 }
 
 Permit Resource::acquire_until(Clock::time_point deadline,
                                std::stop_token stop) {
   Permit p;
-  if (!p.take(*this)) {
+  std::shared_ptr<Resource> owner = self();
+  if (!p.take(owner)) {
     p = acquire_blocking(
         std::make_shared<const ResourceSet>(
-            std::vector<std::shared_ptr<Resource>>{shared_from_this()}),
+            std::vector<std::shared_ptr<Resource>>{std::move(owner)}),
         deadline, std::move(stop));
   }
   return p;
@@ -802,10 +890,11 @@ Permit Resource::acquire_until(Clock::time_point deadline,
 
 Permit Resource::acquire_for(Clock::duration timeout, std::stop_token stop) {
   Permit p;
-  if (!p.take(*this)) {
+  std::shared_ptr<Resource> owner = self();
+  if (!p.take(owner)) {
     p = acquire_blocking(
         std::make_shared<const ResourceSet>(
-            std::vector<std::shared_ptr<Resource>>{shared_from_this()}),
+            std::vector<std::shared_ptr<Resource>>{std::move(owner)}),
         detail::deadline_after(timeout), std::move(stop));
   }
   return p;

@@ -7,6 +7,7 @@
 #include <chrono>
 #include <cstdio>
 #include <thread>
+#include <utility>
 #include <vector>
 
 #include "concurrency_limiter/concurrency_limiter.h"
@@ -15,9 +16,14 @@ using namespace std::chrono_literals;
 namespace cl = concurrency_limiter;
 
 int main() {
-  auto db = std::make_shared<cl::Resource>(cl::ResourceOptions{
-      .name = "db", .capacity = 2, .max_waiting = 4,
-      .queue = cl::QueueDiscipline::kAdaptive});
+  // Options set one by one: a designated initializer that leaves members out
+  // trips GCC 12's -Wmissing-field-initializers (part of -Wextra).
+  cl::ResourceOptions options;
+  options.name = "db";
+  options.capacity = 2;
+  options.max_waiting = 4;
+  options.queue = cl::QueueDiscipline::kAdaptive;
+  auto db = cl::Resource::create(std::move(options));
   cl::Limiter limiter({db}, 50ms);
   const auto needs_db = limiter.select({db});  // validated once, at start-up
 

@@ -32,7 +32,7 @@ asio::awaitable<void> handle(int id, const cl::Limiter& limiter,
 }
 
 int main() {
-  auto db = std::make_shared<cl::Resource>(cl::ResourceOptions{.name = "db", .capacity = 2});
+  auto db = cl::Resource::create("db", 2);
   cl::Limiter limiter({db}, 2s);
   const auto needs_db = limiter.select({db});  // validated once, at start-up
 

@@ -246,6 +246,15 @@ struct Response {
   bool client_gone = false;  // nothing to send: the client closed the connection
 };
 
+// A designated initializer that leaves members out, as Response{.status = 404},
+// trips GCC 12's -Wmissing-field-initializers (-Wextra): built with this.
+Response reply(int status, std::string body) {
+  Response r;
+  r.status = status;
+  r.body = std::move(body);
+  return r;
+}
+
 std::string_view reason_phrase(int status) {
   switch (status) {
     case 200: return "OK";
@@ -330,8 +339,8 @@ class Server {
         options_(std::move(options)),
         pool_(static_cast<std::size_t>(options_.workers)),
         acceptor_(io),
-        db_(std::make_shared<cl::Resource>(cl::ResourceOptions{.name = "db", .capacity = 5})),
-        file_(std::make_shared<cl::Resource>(cl::ResourceOptions{.name = "file", .capacity = 10})),
+        db_(cl::Resource::create("db", 5)),
+        file_(cl::Resource::create("file", 10)),
         limiter_({db_, file_}, options_.timeout),
         needs_db_(limiter_.select({db_})),
         needs_file_(limiter_.select({file_})) {
@@ -394,15 +403,15 @@ class Server {
       idle_.erase(&socket);
       if (ec) {
         if (ec == asio::error::not_found) {  // headers beyond the limit
-          const Response too_large{.status = 431,
-                                   .body = R"({"detail":"Request Header Fields Too Large"})"};
+          const Response too_large =
+              reply(431, R"({"detail":"Request Header Fields Too Large"})");
           co_await write(socket, too_large, false);
         }
         break;
       }
       Request req;
       if (!parse_head(std::string_view(buffer).substr(0, n), req)) {
-        const Response bad{.status = 400, .body = R"({"detail":"Bad Request"})"};
+        const Response bad = reply(400, R"({"detail":"Bad Request"})");
         co_await write(socket, bad, false);
         break;
       }
@@ -430,22 +439,22 @@ class Server {
   asio::awaitable<Response> route(const Request& req, tcp::socket& socket) {
     if (req.path != "/messages" && req.path != "/file" && req.path != "/health" &&
         req.path != "/stats") {
-      Response r{.status = 404, .body = R"({"detail":"Not Found"})"};
+      Response r = reply(404, R"({"detail":"Not Found"})");
       co_return r;
     }
     if (req.method != "GET") {
-      Response r{.status = 405, .body = R"({"detail":"Method Not Allowed"})"};
+      Response r = reply(405, R"({"detail":"Method Not Allowed"})");
       co_return r;
     }
     if (req.path == "/health") {
       std::string body = R"({"status":"ok","variant":)";
       append_json_string(body, options_.variant);
       body += R"(,"package":")" CL_VERSION R"(","pid":)" + std::to_string(::getpid());
-      Response r{.body = body + "}"};
+      Response r = reply(200, body + "}");
       co_return r;
     }
     if (req.path == "/stats") {
-      Response r{.body = stats()};
+      Response r = reply(200, stats());
       co_return r;
     }
 
@@ -460,12 +469,14 @@ class Server {
                                                limiter_.timeout(), as_tuple_awaitable) ||
                              client_gone(socket));
       if (first.index() == 1) {
-        Response gone{.client_gone = true};
+        Response gone;
+        gone.client_gone = true;
         co_return gone;
       }
       auto& [ec, p] = std::get<0>(first);
       if (ec) {
-        Response busy{.status = 503, .body = std::string(kBusyBody), .retry_after = true};
+        Response busy = reply(503, std::string(kBusyBody));
+        busy.retry_after = true;
         co_return busy;
       }
       permit = std::move(p);
@@ -485,7 +496,7 @@ class Server {
       }
     } catch (const std::exception& e) {
       std::cerr << "error: " << e.what() << std::endl;
-      response = Response{.status = 500, .body = R"({"detail":"Internal Server Error"})"};
+      response = reply(500, R"({"detail":"Internal Server Error"})");
     }
     co_return response;
   }

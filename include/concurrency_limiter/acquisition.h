@@ -92,10 +92,23 @@ class Acquisition {
   // may follow.
   bool try_acquire();
 
-  // Starts acquiring. Returns kGranted or a rejection (kQueueFull) when that
-  // is known at once: then `callback` is never called. Returns kPending when
-  // the request is queued: then `callback` is called exactly once, later,
-  // with kGranted or a rejection. Only valid in state kIdle.
+  // The zero-timeout form of start(): takes every slot now if each resource
+  // has one free and nobody waiting for it (as try_acquire()), otherwise is
+  // rejected at once, refused by the first resource without a slot for it,
+  // which counts the rejection: kQueueFull where a request arriving now
+  // would have been turned away by a full queue (FIFO order), kUnavailable
+  // if the resource is closed, kKeyLimit if it had a slot but the key is at
+  // its share, otherwise kTimeout (where a request would have queued). Never
+  // joins a queue, so it never waits behind anyone and never pushes a waiter
+  // out of a full queue. Calls no callback. Returns kGranted or the
+  // rejection. Only valid in state kIdle.
+  Outcome try_once();
+
+  // Starts acquiring. Returns kGranted or a rejection (kQueueFull, or
+  // kUnavailable from a closed resource) when that is known at once: then
+  // `callback` is never called. Returns kPending when the request is queued:
+  // then `callback` is called exactly once, later, with kGranted or a
+  // rejection. Only valid in state kIdle. Use try_once() for a zero timeout.
   Outcome start(Callback callback);
 
   // Stops waiting. Only a pending acquisition is affected: it leaves the

@@ -36,19 +36,40 @@
 // honoured. An operation keeps its executor's io_context from running out of
 // work while it waits.
 //
+// Executors, as in Asio's own operations: the handler's associated executor
+// runs it. Where the handler has none (a plain callback, use_future), the
+// I/O executor (or io_context) passed as the first argument does; the
+// overloads without that argument require a handler that has one (a
+// coroutine's, one bound with asio::bind_executor) and refuse to compile
+// otherwise. Nothing runs on a hidden thread pool (asio::system_executor).
+//
+// Allocation: the operation and its shared state are allocated through the
+// handler's associated allocator (asio::bind_allocator, a coroutine's frame
+// allocator), as are the completion and the timer's handler. The engine's
+// Acquisition (resources, key) is allocated with operator new.
+//
 // Timeout: `timeout` covers acquiring every resource of the set; when it
 // passes the request leaves the queue and completes with kTimeout, every slot
 // it held released at once. One steady_timer per waiting request; no timer at
 // all when a slot is free at once. A zero or negative timeout means "try
-// once": it waits behind nobody, but never for a slot to be released.
-// Clock::duration::max() (or anything beyond a century) waits without a
-// deadline.
+// once": granted if every resource has a slot free with nobody waiting,
+// otherwise refused (kTimeout; kQueueFull where a full queue would have
+// turned it away on arrival), posted like any completion; it never joins a
+// queue, so
+// it never takes a slot released later and never pushes a waiter out of a
+// full queue. Clock::duration::max() (or anything beyond a century) waits
+// without a deadline.
 //
-// Cancellation: per-operation cancellation (terminal, partial and total) is
+// Cancellation: per-operation cancellation of types terminal and partial is
 // honoured through the handler's associated cancellation slot, so
 // `co_await (async_acquire(..., use_awaitable) || timer.async_wait(use_awaitable))`
 // and every other Asio composition work. A cancelled request leaves the queue
-// and completes with kCancelled; nothing is held and no side effect remains.
+// and completes with kCancelled; nothing is held. Type total alone is not
+// honoured (the request keeps waiting), because the operation cannot promise
+// what it requires, that cancelling leaves no side effect: joining a LIFO,
+// adaptive or per-key queue can already have pushed another waiter out of a
+// full queue (kQueueFull, kKeyLimit) or shed it, which a cancel cannot undo.
+// (Asio's parallel_group and operator|| emit terminal, which is honoured.)
 // The grant-vs-timeout and grant-vs-cancel races are decided once by the
 // engine under the resource's lock: when the slot was granted first, the
 // operation completes with the Permit (and a caller that no longer wants it
@@ -73,10 +94,27 @@
 // completes with kKeyLimit (also equal to std::errc::timed_out). std::nullopt
 // is exempt from the share, as the overloads without a key are.
 //
+// Lifetime: the operation owns the set's resources (and its Permit them, see
+// permit.h): the Limiter may be destroyed while operations wait. Closing a
+// resource (Resource::close(), Limiter::close()) completes its waiting
+// operations with kUnavailable.
+//
 // Thread safety: async_acquire() may be called from any thread, concurrently
 // with itself and with releases from other threads.
+//
+// Boost.Asio: not supported; this header needs standalone Asio (1.22+).
+// Boost.Asio 1.77+ has everything used here, but its completion convention
+// is boost::system::error_code, not std::error_code: with std::error_code
+// in the signature, `co_await ... use_awaitable` would not throw on a
+// rejection, and as_tuple users would get the other type. Supporting it means
+// a second completion signature with the Outcome conditions carried through
+// Boost.System's std::error_category interop, and a CI build against Boost
+// 1.77+ to keep it working (Debian 12's default libboost-dev is 1.74, which
+// lacks cancellation slots). Standalone Asio and Boost.Asio can coexist in
+// one program: an io_context of each, async_acquire() on the standalone one.
 #pragma once
 
+#include <asio/associated_allocator.hpp>
 #include <asio/associated_cancellation_slot.hpp>
 #include <asio/associated_executor.hpp>
 #include <asio/async_result.hpp>
@@ -93,6 +131,7 @@
 #include <chrono>
 #include <map>
 #include <memory>
+#include <new>
 #include <optional>
 #include <string>
 #include <string_view>
@@ -152,7 +191,7 @@ inline std::string outcome_message(int value, std::string_view resource) {
     case Outcome::kDisconnected: return "client disconnected while waiting for " + on;
     case Outcome::kCancelled: return "cancelled while waiting for " + on;
     case Outcome::kKeyLimit: return "key at its per-key share of " + on;
-    case Outcome::kUnavailable: return "shared state unavailable for " + on;
+    case Outcome::kUnavailable: return on + " unavailable (closed, or its shared state out of reach)";
     case Outcome::kPending: return "still waiting for " + on;
   }
   return "unknown outcome";
@@ -225,7 +264,6 @@ class AcquireService;
 // A waiting operation as its service sees it.
 class PendingAcquire {
  public:
-  PendingAcquire() = default;
   PendingAcquire(const PendingAcquire&) = delete;
   PendingAcquire& operator=(const PendingAcquire&) = delete;
 
@@ -259,9 +297,10 @@ class PendingAcquire {
   }
 
  protected:
+  explicit PendingAcquire(std::shared_ptr<Shared> shared) : shared_(std::move(shared)) {}
   ~PendingAcquire() = default;
 
-  std::shared_ptr<Shared> shared_ = std::make_shared<Shared>();
+  std::shared_ptr<Shared> shared_;
 
  private:
   friend class AcquireService;
@@ -356,22 +395,72 @@ void invoke_with(Handler& handler, Permit permit) {
   std::move(handler)(ec, std::move(permit));
 }
 
+template <class Handler>
+using HandlerAllocator = asio::associated_allocator_t<Handler, std::allocator<void>>;
+
+template <class Allocator, class T>
+using Rebound = typename std::allocator_traits<Allocator>::template rebind_alloc<T>;
+
+// A completion decided at once (granted, or a zero timeout refused), posted
+// to the handler's executor with the handler's allocator.
+template <class Handler>
+struct ImmediateCompletion {
+  using allocator_type = HandlerAllocator<Handler>;
+  allocator_type get_allocator() const noexcept {
+    return asio::get_associated_allocator(handler, std::allocator<void>());
+  }
+  void operator()() { invoke_with(handler, std::move(permit)); }
+
+  Handler handler;
+  Permit permit;
+};
+
+// The timer's handler: expires the acquisition unless it was decided.
+template <class Allocator>
+struct ExpireOnTimer {
+  using allocator_type = Allocator;
+  allocator_type get_allocator() const noexcept { return allocator; }
+  void operator()(const std::error_code& ec) const {
+    if (ec) return;  // cancelled: the operation completed first
+    MutexLock lock(shared->cancel_mu);
+    if (shared->acquisition) shared->acquisition->expire();
+  }
+
+  std::shared_ptr<PendingAcquire::Shared> shared;
+  Allocator allocator;
+};
+
 template <class Handler, class HandlerExecutor>
 class AcquireOp final : public PendingAcquire {
  public:
-  AcquireOp(Handler handler, const HandlerExecutor& handler_ex,
-            AcquireService& service, std::unique_ptr<Acquisition> acquisition)
-      : handler_(std::move(handler)),
-        work_(asio::prefer(handler_ex, asio::execution::outstanding_work.tracked)),
-        service_(service),
-        acquisition_(std::move(acquisition)) {}
+  using Allocator = HandlerAllocator<Handler>;
+
+  // Allocates the operation (and its shared state) through the handler's
+  // associated allocator.
+  static AcquireOp* create(Handler handler, const HandlerExecutor& handler_ex,
+                           AcquireService& service,
+                           std::unique_ptr<Acquisition> acquisition) {
+    const Allocator allocator = asio::get_associated_allocator(handler, std::allocator<void>());
+    Rebound<Allocator, AcquireOp> op_allocator(allocator);
+    using Traits = std::allocator_traits<Rebound<Allocator, AcquireOp>>;
+    AcquireOp* op = Traits::allocate(op_allocator, 1);
+    try {
+      auto shared = std::allocate_shared<Shared>(Rebound<Allocator, Shared>(allocator));
+      return ::new (static_cast<void*>(op))
+          AcquireOp(std::move(handler), handler_ex, service, std::move(acquisition),
+                    std::move(shared), allocator);
+    } catch (...) {
+      Traits::deallocate(op_allocator, op, 1);
+      throw;
+    }
+  }
 
   // Arms the timer, connects the cancellation slot and queues the request.
   // The caller owns the operation until this returns.
   template <class OwningExecutor>
   void start(const OwningExecutor& owner_ex, Clock::duration timeout) {
     if (!service_.add(*this)) {  // the context is shutting down
-      delete this;
+      dispose();
       return;
     }
     auto shared = shared_;
@@ -386,19 +475,15 @@ class AcquireOp final : public PendingAcquire {
     // Beyond a century counts as no deadline (and cannot overflow the clock).
     if (timeout < std::chrono::hours(24 * 365 * 100)) {
       timer_.emplace(owner_ex);
-      timer_->expires_after(std::max(timeout, Clock::duration::zero()));
-      timer_->async_wait([shared](const std::error_code& ec) {
-        if (ec) return;  // cancelled: the operation completed first
-        MutexLock lock(shared->cancel_mu);
-        if (shared->acquisition) shared->acquisition->expire();
-      });
+      timer_->expires_after(timeout);
+      timer_->async_wait(ExpireOnTimer<Allocator>{shared, allocator_});
     }
     slot_ = asio::get_associated_cancellation_slot(handler_);
     if (slot_.is_connected()) {
       slot_.assign([shared](asio::cancellation_type type) {
-        constexpr auto honoured = asio::cancellation_type::terminal |
-                                  asio::cancellation_type::partial |
-                                  asio::cancellation_type::total;
+        // Not total: see "Cancellation" at the top of this header.
+        constexpr auto honoured =
+            asio::cancellation_type::terminal | asio::cancellation_type::partial;
         if ((type & honoured) == asio::cancellation_type::none) return;
         MutexLock lock(shared->cancel_mu);
         if (shared->acquisition) shared->acquisition->cancel(Outcome::kCancelled);
@@ -425,12 +510,25 @@ class AcquireOp final : public PendingAcquire {
       MutexLock lock(shared_->cancel_mu);
       shared_->acquisition = nullptr;
     }
-    delete this;
+    dispose();
   }
 
  private:
+  AcquireOp(Handler handler, const HandlerExecutor& handler_ex, AcquireService& service,
+            std::unique_ptr<Acquisition> acquisition, std::shared_ptr<Shared> shared,
+            const Allocator& allocator)
+      : PendingAcquire(std::move(shared)),
+        handler_(std::move(handler)),
+        allocator_(allocator),
+        work_(asio::prefer(handler_ex, asio::execution::outstanding_work.tracked)),
+        service_(service),
+        acquisition_(std::move(acquisition)) {}
+
   // Posted to the handler's executor; owns the operation until it runs.
   struct Completion {
+    using allocator_type = Allocator;
+    allocator_type get_allocator() const noexcept { return op->allocator_; }
+
     AcquireOp* op;
     Completion(AcquireOp* o) : op(o) {}
     Completion(Completion&& other) noexcept : op(std::exchange(other.op, nullptr)) {}
@@ -447,19 +545,29 @@ class AcquireOp final : public PendingAcquire {
     // the acquisition (leaving the queue or releasing its slots), the work.
   }
 
+  // Destroys and frees the operation through the handler's allocator.
+  void dispose() noexcept {
+    Rebound<Allocator, AcquireOp> op_allocator(allocator_);
+    this->~AcquireOp();
+    std::allocator_traits<Rebound<Allocator, AcquireOp>>::deallocate(op_allocator, this, 1);
+  }
+
   void finish() {
     {
       MutexLock lock(shared_->cancel_mu);
       shared_->acquisition = nullptr;  // the timer and the slot can no longer act
     }
     if (slot_.is_connected()) slot_.clear();
+    // The permit owns its resources (or the one that refused it): the error
+    // code below may name a resource nobody else holds any more.
     Permit permit = make_permit(std::move(acquisition_));
     Handler handler = std::move(handler_);
-    delete this;  // frees the timer and the work before the handler runs
+    dispose();  // frees the timer and the work before the handler runs
     invoke_with(handler, std::move(permit));
   }
 
   Handler handler_;
+  Allocator allocator_;
   std::decay_t<decltype(asio::prefer(std::declval<const HandlerExecutor&>(),
                                      asio::execution::outstanding_work.tracked))>
       work_;
@@ -469,13 +577,28 @@ class AcquireOp final : public PendingAcquire {
   asio::cancellation_slot slot_;
 };
 
-template <class IoExecutor>
-class AcquireInitiation {
- public:
-  using executor_type = IoExecutor;
+// The I/O executor of the overloads without one: none. The handler's
+// associated executor must then do (see "Executors" at the top).
+struct NoIoExecutor {};
 
-  explicit AcquireInitiation(const IoExecutor& ex) : ex_(ex) {}
+template <class IoExecutor>
+struct InitiationBase {
+  using executor_type = IoExecutor;
+  explicit InitiationBase(const IoExecutor& ex) : ex_(ex) {}
   executor_type get_executor() const noexcept { return ex_; }
+
+  IoExecutor ex_;
+};
+
+template <>
+struct InitiationBase<NoIoExecutor> {
+  explicit InitiationBase(NoIoExecutor) {}
+};
+
+template <class IoExecutor>
+class AcquireInitiation : public InitiationBase<IoExecutor> {
+ public:
+  explicit AcquireInitiation(const IoExecutor& ex) : InitiationBase<IoExecutor>(ex) {}
 
   template <class Handler>
   void operator()(Handler&& handler, std::shared_ptr<const ResourceSet> set,
@@ -497,35 +620,65 @@ class AcquireInitiation {
 
  private:
   template <class Handler>
+  static auto handler_executor(const Handler& handler, const InitiationBase<IoExecutor>& base) {
+    if constexpr (std::is_same_v<IoExecutor, NoIoExecutor>) {
+      static_assert(!std::is_same_v<asio::associated_executor_t<Handler>, asio::system_executor>,
+                    "async_acquire: this completion handler has no associated executor "
+                    "(a plain callback): pass an I/O executor or an io_context as the "
+                    "first argument, or bind one with asio::bind_executor");
+      return asio::get_associated_executor(handler);
+    } else {
+      return asio::get_associated_executor(handler, base.ex_);
+    }
+  }
+
+  template <class Handler>
   void start(Handler&& handler, std::unique_ptr<Acquisition> acquisition,
              Clock::duration timeout) const {
     using H = std::decay_t<Handler>;
-    auto handler_ex = asio::get_associated_executor(handler, ex_);
-    if (acquisition->try_acquire()) {
-      // Uncontended: no timer, no bookkeeping, one post.
-      asio::post(handler_ex,
-                 [h = H(std::forward<Handler>(handler)),
-                  permit = make_permit(std::move(acquisition))]() mutable {
-                   invoke_with(h, std::move(permit));
-                 });
+    auto handler_ex = handler_executor(handler, *this);
+    // A timeout <= 0 tries once and never queues; otherwise the uncontended
+    // case takes its slots at once.
+    bool decided = true;
+    if (timeout <= Clock::duration::zero()) {
+      acquisition->try_once();
+    } else {
+      decided = acquisition->try_acquire();
+    }
+    if (decided) {
+      // No timer, no bookkeeping, one post.
+      asio::post(handler_ex, ImmediateCompletion<H>{H(std::forward<Handler>(handler)),
+                                                    make_permit(std::move(acquisition))});
       return;
     }
-    auto owner_ex = owning_executor(handler_ex, ex_);
+    auto owner_ex = [&] {
+      if constexpr (std::is_same_v<IoExecutor, NoIoExecutor>) {
+        return handler_ex;
+      } else {
+        return owning_executor(handler_ex, this->ex_);
+      }
+    }();
     static_assert(kHasContext<decltype(owner_ex)>,
                   "async_acquire needs an I/O executor: pass one (or an "
                   "io_context) as its first argument");
     auto& service = asio::use_service<AcquireService>(context_of(owner_ex));
-    auto* op = new AcquireOp<H, decltype(handler_ex)>(
+    auto* op = AcquireOp<H, decltype(handler_ex)>::create(
         H(std::forward<Handler>(handler)), handler_ex, service, std::move(acquisition));
     op->start(owner_ex, timeout);
   }
-
-  IoExecutor ex_;
 };
 
 template <class T>
 inline constexpr bool kIsExecutor =
     asio::execution::is_executor<T>::value || asio::is_executor<T>::value;
+
+// A token the overloads without an I/O executor accept: anything but a
+// handler without an associated executor (a plain callback), which would
+// have nowhere to run.
+template <class Token>
+inline constexpr bool kCarriesExecutor =
+    !std::is_invocable_v<std::decay_t<Token>&&, std::error_code, Permit> ||
+    !std::is_same_v<asio::associated_executor_t<std::decay_t<Token>>, asio::system_executor>;
 
 }  // namespace detail
 
@@ -534,16 +687,18 @@ inline constexpr bool kIsExecutor =
 // (std::error_code, Permit) on the handler's associated executor. See the top
 // of this header for the semantics.
 //
-// `io_executor` (or `context`) is the default executor of handlers that have
-// none (a plain callback), and owns the operation when the handler's executor
-// cannot name an execution context (use_future). Without it the system
-// executor is the default, which suits coroutines and bound handlers.
+// `io_executor` (or `context`) is the executor of handlers that have none (a
+// plain callback), and owns the operation when the handler's executor cannot
+// name an execution context (use_future). The overloads without it require a
+// handler with an associated executor (coroutines, bound handlers).
+// `limiter` selected `set` and supplies the timeout of the overloads without
+// one; `set` owns its resources, so the limiter need not outlive the call.
 template <class Executor, class CompletionToken>
   requires detail::kIsExecutor<Executor>
 auto async_acquire(const Executor& io_executor, const Limiter& limiter,
                    std::shared_ptr<const ResourceSet> set, Clock::duration timeout,
                    CompletionToken&& token) {
-  (void)limiter;  // the set carries the resources; the limiter validated it
+  static_cast<void>(limiter);  // the timeout is given
   return asio::async_initiate<CompletionToken, void(std::error_code, Permit)>(
       detail::AcquireInitiation<Executor>(io_executor), token,
       std::move(set), timeout);
@@ -556,7 +711,7 @@ auto async_acquire(const Executor& io_executor, const Limiter& limiter,
                    std::shared_ptr<const ResourceSet> set,
                    std::optional<std::string> key, Clock::duration timeout,
                    CompletionToken&& token) {
-  (void)limiter;  // the set carries the resources; the limiter validated it
+  static_cast<void>(limiter);  // the timeout is given
   return asio::async_initiate<CompletionToken, void(std::error_code, Permit)>(
       detail::AcquireInitiation<Executor>(io_executor), token, std::move(set), timeout,
       key ? std::make_unique<std::string>(std::move(*key)) : nullptr);
@@ -577,18 +732,37 @@ auto async_acquire(ExecutionContext& context, const Limiter& limiter, Args&&... 
   return async_acquire(context.get_executor(), limiter, std::forward<Args>(args)...);
 }
 
+// Without an I/O executor: the handler's associated executor runs the
+// completion and owns the operation (a coroutine's, use_awaitable; one bound
+// with asio::bind_executor). A handler without one does not compile.
 template <class CompletionToken>
+  requires detail::kCarriesExecutor<CompletionToken>
 auto async_acquire(const Limiter& limiter, std::shared_ptr<const ResourceSet> set,
                    Clock::duration timeout, CompletionToken&& token) {
-  return async_acquire(asio::system_executor(), limiter, std::move(set), timeout,
+  static_cast<void>(limiter);  // the timeout is given
+  return asio::async_initiate<CompletionToken, void(std::error_code, Permit)>(
+      detail::AcquireInitiation<detail::NoIoExecutor>(detail::NoIoExecutor{}), token,
+      std::move(set), timeout);
+}
+
+template <class CompletionToken>
+  requires detail::kCarriesExecutor<CompletionToken>
+auto async_acquire(const Limiter& limiter, std::shared_ptr<const ResourceSet> set,
+                   CompletionToken&& token) {
+  return async_acquire(limiter, std::move(set), limiter.timeout(),
                        std::forward<CompletionToken>(token));
 }
 
 template <class CompletionToken>
+  requires detail::kCarriesExecutor<CompletionToken>
 auto async_acquire(const Limiter& limiter, std::shared_ptr<const ResourceSet> set,
+                   std::optional<std::string> key, Clock::duration timeout,
                    CompletionToken&& token) {
-  return async_acquire(asio::system_executor(), limiter, std::move(set),
-                       limiter.timeout(), std::forward<CompletionToken>(token));
+  static_cast<void>(limiter);  // the timeout is given
+  return asio::async_initiate<CompletionToken, void(std::error_code, Permit)>(
+      detail::AcquireInitiation<detail::NoIoExecutor>(detail::NoIoExecutor{}), token,
+      std::move(set), timeout,
+      key ? std::make_unique<std::string>(std::move(*key)) : nullptr);
 }
 
 }  // namespace concurrency_limiter

@@ -103,6 +103,10 @@
 //     machine-wide; acquired_total, rejected_total and the wait and hold
 //     histograms count this process's requests.
 //   - Each process runs one background thread per host resource it uses.
+//
+// Thread safety: a host-scoped Resource is used from any thread like any
+// other (resource.h); list_host_resources() and remove_host_resource() may
+// be called from any thread, concurrently with everything else.
 #pragma once
 
 #include <sys/types.h>

@@ -76,9 +76,12 @@ class LimitAlgorithm {
   virtual std::int64_t start(std::int64_t capacity) = 0;
 
   // One finished request. Returns the limit to put in force now, often the
-  // same as before. Called with no lock of the resource held, but serialised;
-  // must not throw (it runs on the release path).
-  virtual std::int64_t update(const LimitSample& sample) = 0;
+  // same as before. Called with no lock of the resource held, but serialised.
+  // noexcept: it runs inside Permit::release() and destructors, which cannot
+  // report an error; an exception escaping it ends the program
+  // (std::terminate). Catch what a custom algorithm may throw and return the
+  // previous limit.
+  virtual std::int64_t update(const LimitSample& sample) noexcept = 0;
 
   // Resource::set_limit() put `limit` (in [1, capacity]) in force at `now`:
   // the algorithm should move on from it at its next decision instead of
@@ -138,7 +141,7 @@ class FixedLimit final : public LimitAlgorithm {
  public:
   explicit FixedLimit(std::int64_t limit) : limit_(limit) {}
   std::int64_t start(std::int64_t capacity) override;
-  std::int64_t update(const LimitSample&) override { return limit_; }
+  std::int64_t update(const LimitSample&) noexcept override { return limit_; }
   // Adopts `limit` as its constant.
   void on_set_limit(std::int64_t limit, Clock::time_point) noexcept override {
     limit_ = limit;
@@ -174,7 +177,7 @@ class AimdLimit final : public LimitAlgorithm {
   // Throws std::invalid_argument on out-of-range options.
   explicit AimdLimit(AimdOptions options = {});
   std::int64_t start(std::int64_t capacity) override;
-  std::int64_t update(const LimitSample& sample) override;
+  std::int64_t update(const LimitSample& sample) noexcept override;
   // Moves on from `limit`; the current window's samples are dropped.
   void on_set_limit(std::int64_t limit, Clock::time_point now) noexcept override;
   double limit() const noexcept { return s_.limit; }
@@ -256,7 +259,7 @@ class GradientLimit final : public LimitAlgorithm {
   // Throws std::invalid_argument on out-of-range options.
   explicit GradientLimit(GradientOptions options = {});
   std::int64_t start(std::int64_t capacity) override;
-  std::int64_t update(const LimitSample& sample) override;
+  std::int64_t update(const LimitSample& sample) noexcept override;
   // Moves on from `limit`, as from a change of its own: the current window
   // is dropped and requests granted before `now` are left out.
   void on_set_limit(std::int64_t limit, Clock::time_point now) noexcept override;
@@ -453,7 +456,7 @@ class Gradient2Limit final : public LimitAlgorithm {
   // Throws std::invalid_argument on out-of-range options.
   explicit Gradient2Limit(Gradient2Options options = {});
   std::int64_t start(std::int64_t capacity) override;
-  std::int64_t update(const LimitSample& sample) override;
+  std::int64_t update(const LimitSample& sample) noexcept override;
   // Moves on from `limit`; the current window's samples are dropped.
   void on_set_limit(std::int64_t limit, Clock::time_point now) noexcept override;
 
@@ -529,7 +532,7 @@ class VegasLimit final : public LimitAlgorithm {
   // Throws std::invalid_argument on out-of-range options.
   explicit VegasLimit(VegasOptions options = {});
   std::int64_t start(std::int64_t capacity) override;
-  std::int64_t update(const LimitSample& sample) override;
+  std::int64_t update(const LimitSample& sample) noexcept override;
   void on_set_limit(std::int64_t limit, Clock::time_point now) noexcept override;
 
   double limit() const noexcept { return s_.limit; }

@@ -1,8 +1,8 @@
 // Limiter: the registry of resources, their canonical acquisition order and
 // a default timeout.
 //
-//   auto db = std::make_shared<Resource>(ResourceOptions{.name = "db", .capacity = 5});
-//   auto file = std::make_shared<Resource>(ResourceOptions{.name = "file", .capacity = 10});
+//   auto db = Resource::create("db", 5);
+//   auto file = Resource::create("file", 10);
 //   Limiter limiter({db, file}, std::chrono::seconds(5));
 //   auto both = limiter.select({db, file});   // validated once, at start-up
 //   if (Permit p = limiter.acquire(both)) { ... }
@@ -13,6 +13,16 @@
 // Limiter: register a resource shared by several Limiters in the same
 // relative order in each. The timeout covers acquiring *all* resources of a
 // request together.
+//
+// Lifetime: the Limiter owns its resources through shared_ptr, and so does
+// every ResourceSet, Permit and waiting request: destroying a Limiter (say,
+// replacing it with a new configuration) while requests wait or hold slots
+// is safe; they end as they would have, and the resources go when the last
+// of them does. To fail the waiters at once instead, close() it first.
+//
+// Thread safety: a Limiter is immutable after construction except for
+// close(); every member function may be called from any thread, concurrently
+// with any other (the blocking calls block only the calling thread).
 #pragma once
 
 #include <chrono>
@@ -53,7 +63,11 @@ class Limiter {
   // limiter's timeout (acquire), a given timeout (acquire_for) or until a
   // deadline (acquire_until). Blocks the calling thread until granted, the
   // deadline passes (kTimeout: whatever was already held is released), a
-  // queue rejects it (kQueueFull, kShed) or `stop` is requested (kCancelled).
+  // queue rejects it (kQueueFull, kShed), a resource is closed (kUnavailable)
+  // or `stop` is requested (kCancelled). A timeout <= 0 (a deadline not in
+  // the future) tries once: all slots now, or refused without joining any
+  // queue (kTimeout; kQueueFull where a full queue would have turned the
+  // request away on arrival), so it never pushes a waiter out of a queue.
   // try_acquire() never blocks: all slots now, or none (kTimeout).
   // A request that finds every slot free with nobody waiting takes them
   // without a lock, an allocation or a clock read. A timeout too large to
@@ -85,6 +99,12 @@ class Limiter {
   Permit acquire_for(const std::shared_ptr<const ResourceSet>& set,
                      std::optional<std::string> key, Clock::duration timeout,
                      std::stop_token stop = {}) const;
+
+  // Closes every registered resource (Resource::close()): each request
+  // waiting for one fails with kUnavailable at once, and later requests are
+  // refused with kUnavailable; held slots stay held until released. A
+  // resource shared with another Limiter is closed for that one too.
+  void close();
 
   // One snapshot per registered resource, in registration order.
   std::vector<ResourceStatistics> statistics() const;

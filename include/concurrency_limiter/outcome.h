@@ -5,6 +5,8 @@
 // rejected for one reason. `kPending` is only ever returned by
 // `Acquisition::start()` while the request waits in a queue; it is never
 // delivered to a completion callback.
+//
+// Thread safety: plain values and pure functions, usable from any thread.
 #pragma once
 
 #include <cstddef>
@@ -26,9 +28,10 @@ enum class Outcome : std::uint8_t {
                  // resource had for other keys; or, queued at its share, it
                  // made room in a full queue for a request of a key below
                  // its share (ResourceOptions::per_key)
-  kUnavailable,  // the resource's shared state could not be reached in time
-                 // (host scope: its lock held by a process stopped inside
-                 // it, or a corrupt segment); refused at once
+  kUnavailable,  // the resource was closed (Resource::close()), or its
+                 // shared state could not be reached in time (host scope: its
+                 // lock held by a process stopped inside it, or a corrupt
+                 // segment); refused at once
   kPending,      // still queued; the completion callback will say how it ends
 };
 

@@ -13,7 +13,18 @@
 // no lock. One that had to wait holds its Acquisition. Either way, release()
 // hands each slot to that resource's next waiter, if any.
 //
-// The resources must outlive the Permit (see resource.h, "Lifetime").
+// Lifetime: a Permit owns the resources it holds slots of (and, when empty,
+// the resource that refused it), through shared_ptr, however it was granted:
+// it stays valid after the Limiter, the ResourceSet and every other owner of
+// those resources are gone. (A resource not owned by a shared_ptr must
+// outlive its Permits itself; see resource.h, "Lifetime".)
+//
+// Thread safety: a Permit is a value, like a std::unique_ptr: one object must
+// not be used from two threads at once, but it may be moved to, released on
+// or destroyed on any thread, concurrently with other Permits and with any
+// call on the resources it holds. release() and the destructor never block
+// on another request; they take a resource's mutex for a few instructions
+// when someone waits for the slot.
 #pragma once
 
 #include <memory>
@@ -33,23 +44,23 @@ class Permit {
  public:
   Permit() noexcept = default;  // empty, kCancelled
   Permit(Permit&& other) noexcept
-      : resource_(std::exchange(other.resource_, nullptr)),
+      : resource_(std::move(other.resource_)),
         set_(std::move(other.set_)),
         acquisition_(std::move(other.acquisition_)),
         granted_at_(other.granted_at_),
         measured_(other.measured_),
         outcome_(other.outcome_),
-        refused_by_(other.refused_by_) {}
+        refused_by_(std::move(other.refused_by_)) {}
   Permit& operator=(Permit&& other) noexcept {
     if (this != &other) {
       release();
-      resource_ = std::exchange(other.resource_, nullptr);
+      resource_ = std::move(other.resource_);
       set_ = std::move(other.set_);
       acquisition_ = std::move(other.acquisition_);
       granted_at_ = other.granted_at_;
       measured_ = other.measured_;
       outcome_ = other.outcome_;
-      refused_by_ = other.refused_by_;
+      refused_by_ = std::move(other.refused_by_);
     }
     return *this;
   }
@@ -75,7 +86,7 @@ class Permit {
   void release(Completion completion = Completion::kSuccess) noexcept {
     // The common case inline: one slot, not timed, nobody waiting.
     if (resource_ != nullptr && !measured_ && resource_->try_give_back()) {
-      resource_ = nullptr;
+      resource_.reset();
       return;
     }
     if (*this) release_slow(completion);
@@ -89,35 +100,36 @@ class Permit {
   // Takes a slot of `resource` (of each resource of `set`) if every one has
   // a free slot and nobody waits; otherwise takes nothing, and the permit
   // says kTimeout, refused by the first resource without a free slot.
-  bool take(Resource& resource) noexcept {
+  bool take(const std::shared_ptr<Resource>& resource) noexcept {
     bool measure = false;
-    if (!resource.try_grant(measure)) {
-      outcome_ = Outcome::kTimeout;
-      refused_by_ = &resource;
+    if (!resource->try_grant(measure)) {
+      outcome_ = resource->closed() ? Outcome::kUnavailable : Outcome::kTimeout;
+      refused_by_ = resource;
       return false;
     }
-    resource_ = &resource;
+    resource_ = resource;
     outcome_ = Outcome::kGranted;
     if (measure) start_measuring();
     return true;
   }
   bool take(const std::shared_ptr<const ResourceSet>& set) noexcept {
     const auto& resources = set->resources();
-    return resources.size() == 1 ? take(*resources.front()) : take_all(set);
+    return resources.size() == 1 ? take(resources.front()) : take_all(set);
   }
   bool take_all(const std::shared_ptr<const ResourceSet>& set) noexcept;
   void start_measuring() noexcept;
   void release_slow(Completion completion) noexcept;
 
-  // At most one of the three holds slots.
-  Resource* resource_ = nullptr;  // one slot taken at once
+  // At most one of the three holds slots; each owns its resources, however
+  // the slots were granted.
+  std::shared_ptr<Resource> resource_;  // one slot taken at once
   std::shared_ptr<const ResourceSet> set_;  // a slot of each, taken at once
   std::unique_ptr<Acquisition> acquisition_;  // slots granted after waiting
   // Start of the hold, when the statistics time it (resource_ and set_).
   Clock::time_point granted_at_{};
   bool measured_ = false;
   Outcome outcome_ = Outcome::kCancelled;
-  const Resource* refused_by_ = nullptr;  // see resource.h, "Lifetime"
+  std::shared_ptr<const Resource> refused_by_;  // owned: see refused_by_name()
 };
 
 static_assert(std::is_nothrow_move_constructible_v<Permit>);

@@ -7,7 +7,7 @@
 // queue discipline (no thundering herd, and nobody barges past the queue: a
 // newcomer gets a free slot only when nobody is waiting).
 //
-//   auto db = std::make_shared<Resource>(ResourceOptions{.name = "db", .capacity = 5});
+//   auto db = Resource::create("db", 5);
 //   if (Permit p = db->acquire_for(std::chrono::seconds(2))) {
 //     run_query();        // the slot is held until `p` is destroyed
 //   } else {
@@ -86,10 +86,18 @@
 // adaptive queue) and never while user code (a completion callback) runs.
 // The protocol between the two paths is described at `word_` below.
 //
-// Lifetime: create resources with std::make_shared. A Resource must outlive
-// every Permit and Acquisition that uses it; Limiter and ResourceSet hold it
-// by shared_ptr, which takes care of that, and the blocking calls below need
-// that ownership (they use shared_from_this()).
+// Lifetime: create resources with Resource::create() (or std::make_shared,
+// which is the same). Every Permit, Acquisition, ResourceSet and Limiter
+// that uses a resource owns it through a shared_ptr, so a resource owned
+// that way lives as long as anything holds or waits for one of its slots:
+// dropping the last Limiter while requests wait or hold slots is safe, and
+// those requests end as they would have. To end them sooner, close() the
+// resource (or Limiter::close()): every waiter fails with kUnavailable at
+// once and new requests are refused; held slots stay held until released.
+//   A Resource not owned by a shared_ptr (a local or a member variable)
+// works too, but nothing can keep it alive: it must outlive every Permit and
+// Acquisition that uses it, and its destructor aborts the program, naming
+// the resource, if slots are still held or requests still wait then.
 #pragma once
 
 #include <atomic>
@@ -304,13 +312,37 @@ class Resource : public std::enable_shared_from_this<Resource> {
   static constexpr std::int64_t kMaxCapacity = (std::int64_t{1} << 31) - 1;
 
   // Throws std::invalid_argument naming the parameter and the allowed values
-  // when an option is out of range.
+  // when an option is out of range. Prefer create() (see "Lifetime" above).
   explicit Resource(ResourceOptions options);
   Resource(std::string name, std::int64_t capacity);
 
+  // The resource, owned by a shared_ptr as "Lifetime" above recommends.
+  static std::shared_ptr<Resource> create(ResourceOptions options) {
+    return std::make_shared<Resource>(std::move(options));
+  }
+  static std::shared_ptr<Resource> create(std::string name, std::int64_t capacity) {
+    return std::make_shared<Resource>(std::move(name), capacity);
+  }
+
   Resource(const Resource&) = delete;
   Resource& operator=(const Resource&) = delete;
+  // A resource owned by a shared_ptr is only destroyed once nothing holds or
+  // waits for a slot. One that is not (see "Lifetime" above) aborts the
+  // program with a message naming it if a slot is held or a request waits
+  // (process scope; a host-scoped resource leaves its slots to the host).
   ~Resource();
+
+  // Fails every request waiting for this resource with kUnavailable (their
+  // callbacks and blocked threads are told at once, as for a timeout; a
+  // request waiting for several resources releases what it held) and turns
+  // every later request away with kUnavailable, at once. Slots already held
+  // stay held until their Permit or Acquisition releases them. For a server
+  // shutting down or a configuration being replaced (Seastar's
+  // semaphore::broken()). Idempotent; cannot be undone. Host scope: this
+  // process's new requests are refused; its requests already waiting keep
+  // waiting until granted, timed out or cancelled.
+  void close() CL_EXCLUDES(mu_);
+  bool closed() const noexcept { return closed_.load(std::memory_order_acquire); }
 
   const std::string& name() const noexcept { return name_; }
   // The number of slots. Host scope: the capacity in force host-wide, which
@@ -364,15 +396,20 @@ class Resource : public std::enable_shared_from_this<Resource> {
   // Acquisition or Limiter::acquire() to pass one.
   //
   // try_acquire(): never blocks. Succeeds only if a slot is free and nobody is
-  //   waiting (with a per-key share: nobody who could use it); otherwise the returned Permit is empty with kTimeout (it is a
-  //   zero timeout), without counting a rejection.
+  //   waiting (with a per-key share: nobody who could use it); otherwise the
+  //   returned Permit is empty with kTimeout (it is a zero timeout; kUnavailable
+  //   once closed), without counting a rejection.
   // acquire_until(deadline): blocks the calling thread until a slot is handed
   //   to it (kGranted), the deadline passes (kTimeout), the queue rejects it
-  //   (kQueueFull, kShed) or `stop` is requested (kCancelled). A deadline in
-  //   the past means "try once" but still queues behind nobody: a free slot
-  //   with an empty queue is granted.
-  // acquire_for(timeout): acquire_until(now + timeout); a timeout too large
-  //   to add to now (Clock::duration::max()) means "no deadline".
+  //   (kQueueFull, kShed), the resource is closed (kUnavailable) or `stop` is
+  //   requested (kCancelled). A deadline not in the future means "try once":
+  //   a free slot with nobody waiting is granted, otherwise the request is
+  //   refused (kTimeout; kQueueFull if a full queue would have turned it away
+  //   on arrival; counted as a rejection) without ever joining the queue, so
+  //   it cannot push a waiter out of a full queue.
+  // acquire_for(timeout): acquire_until(now + timeout); a timeout <= 0 tries
+  //   once as above; a timeout too large to add to now
+  //   (Clock::duration::max()) means "no deadline".
   Permit try_acquire();
   Permit acquire_until(Clock::time_point deadline, std::stop_token stop = {});
   Permit acquire_for(Clock::duration timeout, std::stop_token stop = {});
@@ -382,6 +419,9 @@ class Resource : public std::enable_shared_from_this<Resource> {
   friend class Permit;
 
   Resource(ResourceOptions validated_options, int);
+  // shared_from_this(), or for a resource not owned by a shared_ptr a
+  // pointer that owns nothing.
+  std::shared_ptr<Resource> self();
 
   // ---- Slot accounting: the lock-free path and how it meets the queue ----
   //
@@ -443,6 +483,7 @@ class Resource : public std::enable_shared_from_this<Resource> {
   // `key`: the request's key, null for none (per-key shares only).
   bool try_grant(bool& measure, const std::string* key = nullptr) noexcept
       CL_EXCLUDES(mu_) {
+    if (closed_.load(std::memory_order_relaxed)) return false;
     if (host_) return host_try_grant(measure);
     if (per_key_ != 0) return keyed_try_grant(measure, key);
     std::uint64_t w = word_.load(std::memory_order_relaxed);
@@ -525,6 +566,9 @@ class Resource : public std::enable_shared_from_this<Resource> {
       CL_EXCLUDES(mu_);
   // Counts a rejection that the resource itself did not decide.
   void count_rejection(Outcome reason) CL_EXCLUDES(mu_);
+  // Why a request of `key` that tried once, without queueing, found no slot
+  // (see Acquisition::try_once()); counts it as a rejection.
+  Outcome refuse_try(const std::string* key) CL_EXCLUDES(mu_);
   // Gives back one slot: hands it to the next waiter, frees it, or retires it
   // (in_use above the limit). A measured hold (held since `granted_at`, the
   // grant of the request's last slot; `now` read by the caller) is recorded
@@ -598,6 +642,8 @@ class Resource : public std::enable_shared_from_this<Resource> {
   const Clock::duration interval_;
   const std::shared_ptr<LimitAlgorithm> algorithm_;  // null: fixed limit
   const std::int64_t per_key_;  // 0: no per-key share
+  // Set once by close(), under mu_; read without it by try_grant().
+  std::atomic<bool> closed_{false};
   // Slots in force, 1..capacity_. Written under mu_ (seq_cst, see the
   // protocol above); read without it by the lock-free path.
   std::atomic<std::int64_t> limit_;

@@ -20,6 +20,10 @@
 //
 // Histogram buckets are fixed (Prometheus style, cumulative on export) so
 // that snapshots from any process can be merged.
+//
+// Thread safety: Resource::statistics() may be called from any thread; it
+// returns a copy. The types below are plain values without synchronisation:
+// one object is used by one thread at a time.
 #pragma once
 
 #include <array>

@@ -245,15 +245,17 @@ async def wait(
     loop = asyncio.get_running_loop()
     started = loop.time()
     future: asyncio.Future[_core.Outcome] = loop.create_future()
-    outcome = acquisition.start(future, loop)
+    if timeout is not None and timeout <= 0:
+        # "Try once": never queued, so it can neither take a slot released
+        # later nor push a waiter out of a full queue; rejected now.
+        outcome = acquisition.try_once()
+    else:
+        outcome = acquisition.start(future, loop)
     if outcome is _PENDING:
         timer = None
         if timeout is not None:
-            if timeout > 0:
-                timer = _timer_for(loop)
-                timer.add(loop, acquisition, started + timeout)
-            else:  # "try once": rejected now, not after a turn of the loop
-                acquisition.expire()
+            timer = _timer_for(loop)
+            timer.add(loop, acquisition, started + timeout)
         body: _Body | _Socket | None = None
         watcher = None
         if request is not None and not future.done():

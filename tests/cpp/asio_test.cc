@@ -4,6 +4,7 @@
 
 #include <gtest/gtest.h>
 
+#include <asio/bind_allocator.hpp>
 #include <asio/bind_cancellation_slot.hpp>
 #include <asio/bind_executor.hpp>
 #include <asio/cancellation_signal.hpp>
@@ -456,6 +457,191 @@ TEST(AsyncAcquireStress, RandomCancelsTimeoutsAndReleasesLoseNoSlot) {
   EXPECT_EQ(file->waiting(), 0);
   EXPECT_LE(db->statistics().peak_in_use, 3);
   EXPECT_LE(file->statistics().peak_in_use, 2);
+}
+
+// --- Lifetimes, zero timeouts and Asio conventions (issue 20) ---------------
+
+TEST(AsyncAcquireLifetime, AnErrorNamesAResourceOnlyTheRequestStillOwned) {
+  // A live reconfiguration drops the old limiter while a request waits on it.
+  auto db = make_resource("db", 1);
+  auto limiter = std::make_unique<Limiter>(std::vector{db}, 5s);
+  auto set = limiter->select({db});
+  Permit held = limiter->try_acquire(set);
+  asio::io_context io;
+  Result r;
+  async_acquire(io, *limiter, set, 1ms, record(r));
+  limiter.reset();
+  set.reset();
+  db.reset();
+  io.run();
+  ASSERT_TRUE(r.ec.has_value());
+  EXPECT_EQ(r.ec->message(), "timed out waiting for resource 'db'");
+  held.release();
+}
+
+TEST(AsyncAcquire, ClosingTheLimiterCompletesWaitersWithUnavailable) {
+  Fixture f;
+  Permit held = f.limiter.try_acquire(f.needs_db);
+  asio::io_context io;
+  Result waiting, later;
+  async_acquire(io, f.limiter, f.needs_db, 5s, record(waiting));
+  io.poll();
+  f.limiter.close();
+  async_acquire(io, f.limiter, f.needs_db, 5s, record(later));
+  io.run();
+  ASSERT_TRUE(waiting.ec.has_value() && later.ec.has_value());
+  EXPECT_TRUE(*waiting.ec == Outcome::kUnavailable);
+  EXPECT_TRUE(*later.ec == Outcome::kUnavailable);
+  EXPECT_EQ(waiting.ec->message(),
+            "resource 'db' unavailable (closed, or its shared state out of reach)");
+  EXPECT_TRUE(held);
+}
+
+TEST(AsyncAcquire, ZeroTimeoutNeverTakesASlotReleasedAfterTheCall) {
+  Fixture f;
+  Permit held = f.limiter.try_acquire(f.needs_db);
+  asio::io_context io;
+  Result r;
+  async_acquire(io, f.limiter, f.needs_db, 0s, record(r));
+  EXPECT_EQ(f.db->waiting(), 0);
+  held.release();  // after the call, before its completion runs
+  io.run();
+  ASSERT_TRUE(r.ec.has_value());
+  EXPECT_TRUE(*r.ec == Outcome::kTimeout);
+  EXPECT_EQ(r.ec->message(), "timed out waiting for resource 'db'");
+  EXPECT_EQ(f.db->in_use(), 0);
+}
+
+TEST(AsyncAcquire, ZeroTimeoutNeverPushesAWaiterOutOfAFullLifoQueue) {
+  auto db = make_resource("db", 1, /*max_waiting=*/1, QueueDiscipline::kLifo);
+  Limiter limiter({db}, 10s);
+  auto set = limiter.select({db});
+  Permit held = limiter.try_acquire(set);
+  asio::io_context io;
+  Result waiter, probe;
+  async_acquire(io, limiter, set, 10s, record(waiter));
+  async_acquire(io, limiter, set, 0s, record(probe));
+  io.poll();
+  ASSERT_TRUE(probe.ec.has_value());
+  EXPECT_TRUE(*probe.ec == Outcome::kTimeout);
+  EXPECT_FALSE(waiter.ec.has_value());  // still waiting
+  EXPECT_EQ(db->waiting(), 1);
+  held.release();
+  io.run();
+  EXPECT_TRUE(waiter.permit);
+}
+
+TEST(AsyncAcquire, TotalCancellationAloneIsNotHonoured) {
+  Fixture f;
+  Permit held = f.limiter.try_acquire(f.needs_db);
+  asio::io_context io;
+  asio::cancellation_signal signal;
+  Result r;
+  async_acquire(io, f.limiter, f.needs_db, 5s,
+                asio::bind_cancellation_slot(signal.slot(), record(r)));
+  io.poll();
+  signal.emit(asio::cancellation_type::total);
+  io.poll();
+  EXPECT_FALSE(r.ec.has_value());
+  EXPECT_EQ(f.db->waiting(), 1);
+  signal.emit(asio::cancellation_type::partial);
+  io.run();
+  ASSERT_TRUE(r.ec.has_value());
+  EXPECT_TRUE(*r.ec == Outcome::kCancelled);
+}
+
+// Counts what is allocated through it.
+template <class T>
+struct CountingAllocator {
+  using value_type = T;
+  int* allocations;
+  int* live;
+  CountingAllocator(int* a, int* l) noexcept : allocations(a), live(l) {}
+  template <class U>
+  CountingAllocator(const CountingAllocator<U>& o) noexcept
+      : allocations(o.allocations), live(o.live) {}
+  T* allocate(std::size_t n) {
+    ++*allocations;
+    ++*live;
+    return std::allocator<T>().allocate(n);
+  }
+  void deallocate(T* p, std::size_t n) noexcept {
+    --*live;
+    std::allocator<T>().deallocate(p, n);
+  }
+  template <class U>
+  bool operator==(const CountingAllocator<U>& o) const noexcept {
+    return allocations == o.allocations;
+  }
+};
+
+TEST(AsyncAcquire, AllocatesThroughTheHandlersAllocator) {
+  Fixture f;
+  asio::io_context io;
+  int allocations = 0, live = 0;
+  const CountingAllocator<void> allocator(&allocations, &live);
+  Result at_once, waited;
+  async_acquire(io, f.limiter, f.needs_db, 5s, asio::bind_allocator(allocator, record(at_once)));
+  io.run();
+  ASSERT_TRUE(at_once.permit);
+  EXPECT_GE(allocations, 1);  // the posted completion
+  EXPECT_EQ(live, 0);
+
+  allocations = 0;
+  io.restart();
+  async_acquire(io, f.limiter, f.needs_db, 5s, asio::bind_allocator(allocator, record(waited)));
+  EXPECT_GE(allocations, 3);  // the operation, its shared state, the timer's handler
+  EXPECT_GT(live, 0);
+  at_once.permit.release();
+  io.run();
+  EXPECT_TRUE(waited.permit);
+  EXPECT_EQ(live, 0);
+}
+
+template <class Token>
+concept AcceptedWithoutAnIoExecutor =
+    requires(const Limiter& l, std::shared_ptr<const ResourceSet> s, Token t) {
+      async_acquire(l, s, Clock::duration{}, std::move(t));
+    };
+
+TEST(AsyncAcquire, WithoutAnIoExecutorTheHandlerMustBringOne) {
+  auto plain = [](std::error_code, Permit) {};
+  using Bound = decltype(asio::bind_executor(std::declval<asio::io_context&>().get_executor(), plain));
+  // A plain callback has nowhere to run but a hidden thread pool: refused.
+  static_assert(!AcceptedWithoutAnIoExecutor<decltype(plain)>);
+  static_assert(AcceptedWithoutAnIoExecutor<Bound>);
+  static_assert(AcceptedWithoutAnIoExecutor<asio::use_awaitable_t<>>);
+
+  Fixture f;
+  Permit held = f.limiter.try_acquire(f.needs_db);
+  asio::io_context io;
+  Result r;
+  async_acquire(f.limiter, f.needs_db, 5s, asio::bind_executor(io, record(r)));
+  std::thread([&] { held.release(); }).join();
+  io.run();
+  EXPECT_TRUE(r.permit);
+  EXPECT_EQ(r.thread, std::this_thread::get_id());  // the io_context's thread
+}
+
+TEST(AsyncAcquire, KeyedCoroutineWithoutAnExecutorArgument) {
+  Fixture f;
+  asio::io_context io;
+  std::optional<std::error_code> got;
+  bool granted = false;
+  asio::co_spawn(
+      io,
+      [&]() -> asio::awaitable<void> {
+        auto [ec, permit] = co_await async_acquire(
+            f.limiter, f.needs_db, "tenant", 1s,
+            asio::experimental::as_tuple(asio::use_awaitable));
+        got = ec;
+        granted = static_cast<bool>(permit);
+      },
+      asio::detached);
+  io.run();
+  ASSERT_TRUE(got.has_value());
+  EXPECT_FALSE(*got);
+  EXPECT_TRUE(granted);
 }
 
 }  // namespace

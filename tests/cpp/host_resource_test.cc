@@ -749,7 +749,7 @@ TEST(HostResource, AdaptiveSettingsFollowTheNewestAndMustBeBuiltIn) {
 
   struct Custom final : LimitAlgorithm {
     std::int64_t start(std::int64_t capacity) override { return capacity; }
-    std::int64_t update(const LimitSample&) override { return 1; }
+    std::int64_t update(const LimitSample&) noexcept override { return 1; }
   };
   try {
     std::make_shared<Resource>(ResourceOptions{.name = unique_name("custom"),

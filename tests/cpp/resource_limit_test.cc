@@ -33,7 +33,7 @@ class ScriptedLimit final : public LimitAlgorithm {
     started_with = capacity;
     return next;
   }
-  std::int64_t update(const LimitSample& s) override {
+  std::int64_t update(const LimitSample& s) noexcept override {
     samples.push_back(s);
     return next;
   }

@@ -28,6 +28,28 @@ async def test_acquire_holds_for_the_block_and_times_out_with_server_busy() -> N
     assert db.in_use == 0
 
 
+
+async def test_zero_timeout_tries_once_and_never_pushes_a_waiter_out() -> None:
+    """timeout=0 never joins the queue: with LIFO order and a full queue it
+    must not push the real waiter out (it is rejected itself, at once)."""
+    db = Resource(1, name="db", queue="lifo", max_waiting=1)
+    limiter = Limiter(timeout=10, resources=[db])
+
+    async def wait_for_a_slot() -> None:
+        async with limiter.acquire([db]):
+            pass
+
+    async with held_elsewhere(limiter, [db]):
+        waiter = asyncio.ensure_future(wait_for_a_slot())
+        await eventually(lambda: db.waiting == 1)
+        with pytest.raises(ServerBusy) as info:
+            async with limiter.acquire([db], timeout=0):
+                pass
+        assert (info.value.resource, info.value.reason) == ("db", "timeout")
+        assert db.waiting == 1
+        assert not waiter.done()
+    await waiter  # granted once the holder left, not pushed out
+
 async def test_acquire_applies_the_order_rules() -> None:
     db, file = Resource(1), Resource(1)
     limiter = Limiter(timeout=1, resources=[db, file])
