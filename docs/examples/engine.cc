@@ -6,6 +6,7 @@
 #include <memory>
 #include <string_view>
 #include <thread>
+#include <utility>
 #include <vector>
 
 #include "concurrency_limiter/concurrency_limiter.h"
@@ -18,8 +19,11 @@ void reply_503(std::string_view resource, std::string_view reason) {
 }
 
 int main() {
-  auto db = std::make_shared<cl::Resource>(cl::ResourceOptions{
-      .name = "db", .capacity = 5, .queue = cl::QueueDiscipline::kAdaptive});
+  cl::ResourceOptions options;  // set one by one: see "Options" in docs/cpp.md
+  options.name = "db";
+  options.capacity = 5;
+  options.queue = cl::QueueDiscipline::kAdaptive;
+  auto db = cl::Resource::create(std::move(options));
   cl::Limiter limiter({db}, std::chrono::seconds(2));
   const auto needs_db = limiter.select({db});        // validated at start-up
 

@@ -15,7 +15,7 @@ namespace cl = concurrency_limiter;
 
 int main() {
   auto db = std::make_shared<cl::Resource>(cl::ResourceOptions{.name = "db", .capacity = 1});
-  auto file = std::make_shared<cl::Resource>("file", 2);
+  auto file = cl::Resource::create("file", 2);  // the factory
   cl::Limiter limiter({db, file}, std::chrono::milliseconds(10));
   const auto both = limiter.select({db, file});
   {
