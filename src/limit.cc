@@ -674,7 +674,15 @@ void Gradient2Limit::on_window(const SampleWindow::Summary& w, bool first) {
   const double limit_now = static_cast<double>(in_force());
   if (first || static_cast<double>(w.max_in_flight) < limit_now / 2) return;  // or under-used
   if (!nl.settled) {
-    s_.limit = bounded(s_.limit * nl.descend(latency, w.mean_in_flight, ok, at_floor));
+    // A step down halves the concurrency in use: with fewer clients than
+    // the limit (at least half of it used), halving the limit itself would
+    // not lower the concurrency at all, and the descent would settle on a
+    // no-load latency measured at that concurrency, queueing past the knee
+    // included.
+    const double factor = nl.descend(latency, w.mean_in_flight, ok, at_floor);
+    const auto used = static_cast<double>(w.max_in_flight);
+    const double from = factor < 1.0 && used < limit_now ? used : s_.limit;
+    s_.limit = bounded(from * factor);
     return;
   }
   const double ratio = latency / nl.value;

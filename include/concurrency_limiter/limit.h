@@ -333,7 +333,10 @@ class GradientLimit final : public LimitAlgorithm {
 //     half the concurrency is not clearly faster (latency fell by less than
 //     0.35x as much: a false end would keep queueing in the estimate, one
 //     step too many costs only the growth back), the algorithm halves its
-//     limit once per step of kDescentSamples, leaving out the requests
+//     limit once per step of kDescentSamples (from the concurrency in use,
+//     the step's peak, when fewer requests than the limit come: halving a
+//     limit of 20 against 10 clients would change nothing, and the descent
+//     would end with queueing in the estimate), leaving out the requests
 //     granted before the step (they ran at twice the concurrency). When an
 //     earlier step was clearly faster than the one before it and the last
 //     one is faster, but not clearly, the knee lies between the last two

@@ -11,6 +11,7 @@
 #include <set>
 #include <stdexcept>
 #include <string>
+#include <vector>
 
 #include "concurrency_limiter/limit.h"
 #include "limit_grid.h"
@@ -178,6 +179,64 @@ TEST(AdaptiveGrid, FollowsTheKneeWithin20Seconds) {
   std::printf("within [0.8k, 1.5k] from 20 s after a change: %d of %d changes\n",
               within_count, phases);
   EXPECT_GE(within_count, 17);
+}
+
+// Fewer clients than the initial limit (10 against 20, capacity 50), with
+// a knee of 2 or 4 and ~100 ms service times, then a spike to 150 clients:
+// in the spike, throughput >= 0.9x and mean latency <= 1.5x the best fixed
+// limit's (the best of 1-20 in the same run), and the limit ends within
+// [0.8k, 1.5k]. The limit must come down from the concurrency actually in
+// use (10), not stay near the initial 20 with a no-load latency measured
+// at 10 requests queueing past the knee.
+TEST(Gradient2Limit, FewerClientsThanTheLimitThenASpike) {
+  constexpr double kSteady = 120.0, kSpike = 120.0;
+  struct Phase {
+    double throughput, latency;
+    std::int64_t last_limit;
+  };
+  const auto run = [&](LimitAlgorithm& algorithm, ServiceTimes d, double k) {
+    ClosedLoopSimulation sim(algorithm, kCapacity, 10);
+    sim.downstream.service_times = d;
+    sim.downstream.base = 0.1;
+    sim.downstream.k = k;
+    sim.run_until(kSteady);
+    sim.add_clients(140);
+    const std::int64_t done = sim.completed();
+    const double latency = sim.latency_sum();
+    sim.run_until(kSteady + kSpike);
+    const auto n = static_cast<double>(sim.completed() - done);
+    return Phase{n / kSpike, (sim.latency_sum() - latency) / n, sim.limit()};
+  };
+  for (ServiceTimes d : {ServiceTimes::kExponential, ServiceTimes::kLognormal05}) {
+    for (double k : {2.0, 4.0}) {
+      Phase best{0.0, 0.0, 0};
+      std::vector<Phase> fixed;
+      for (std::int64_t l = 1; l <= 20; ++l) {
+        FixedLimit limit(l);
+        fixed.push_back(run(limit, d, k));
+        best.throughput = std::max(best.throughput, fixed.back().throughput);
+      }
+      for (const Phase& f : fixed) {  // as best_fixed(): within 2 %, the fastest
+        if (f.throughput >= 0.98 * best.throughput &&
+            (best.last_limit == 0 || f.latency < best.latency)) {
+          best.latency = f.latency;
+          best.last_limit = f.last_limit;
+        }
+      }
+      Gradient2Limit gradient;
+      const Phase r = run(gradient, d, k);
+      const double thr = r.throughput / best.throughput;
+      const double lat = r.latency / best.latency;
+      EXPECT_GE(thr, 0.9) << to_string(d) << " k=" << k;
+      EXPECT_LE(lat, 1.5) << to_string(d) << " k=" << k;
+      EXPECT_GE(static_cast<double>(r.last_limit), 0.8 * k - 1e-9) << to_string(d) << " k=" << k;
+      EXPECT_LE(static_cast<double>(r.last_limit), 1.5 * k + 1e-9) << to_string(d) << " k=" << k;
+      std::printf("%-8s k=%.0f: spike throughput %.2f latency %.2f of the best fixed (%lld), "
+                  "limit %lld at the end\n",
+                  to_string(d), k, thr, lat, static_cast<long long>(best.last_limit),
+                  static_cast<long long>(r.last_limit));
+    }
+  }
 }
 
 // Moderate overload (twice the knee in clients) for 10 minutes: no upward

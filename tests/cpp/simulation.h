@@ -127,6 +127,9 @@ class ClosedLoopSimulation {
     now_ = end;
   }
 
+  // `n` more clients, each sending its first request at once (a spike).
+  void add_clients(std::int64_t n) { waiting_ += n; }
+
   double now() const { return now_; }
   std::int64_t limit() const { return limit_; }
   std::int64_t completed() const { return completed_; }  // successes so far
