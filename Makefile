@@ -19,10 +19,12 @@
 #                      round trips per request, cross-process hand-off
 #   make lint          ruff and mypy --strict
 #   make docs          the documentation site (MkDocs, docs/), built with
-#                      --strict into build/site (part of make test)
-#   make docs-cpp      compiles and runs every complete C++ block of the README
-#                      and docs/ against the installed CMake package (part of
-#                      make test; the Python blocks run in pytest)
+#                      --strict into build/site (part of make test): a
+#                      broken link or anchor fails it
+#   make docs-cpp      compiles (with -Werror) and runs every complete C++
+#                      block of the README and docs/ against the installed
+#                      CMake package (part of make test; the Python blocks
+#                      run in pytest)
 #
 # Python packages go into .venv; nothing is installed system-wide.
 
@@ -126,7 +128,7 @@ py-test: install
 # The site, with warnings (a broken link or anchor, a missing included file)
 # as errors. NO_MKDOCS_2_WARNING: Material's banner about its successor.
 docs: venv
-	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --quiet --site-dir $(BUILD)/site
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --site-dir $(BUILD)/site
 
 # ruff over the Python sources; mypy --strict over the package (with the
 # compiled module's generated stubs).
@@ -155,7 +157,8 @@ $(WHEEL_STAMP): $(WHEEL_INPUTS) | venv
 # On OLD_FASTAPI_PYTHON the venv gets OLD_FASTAPI instead of the newest
 # FastAPI (and the Starlette pip picks for it), so that the suite also runs
 # where a dependency with yield exits before the response is sent (FastAPI
-# < 0.118, the README's release-timing table).
+# < 0.118: the release-timing table of docs/entry-points.md, "Limiting a
+# router").
 OLD_FASTAPI_PYTHON ?= 3.10
 OLD_FASTAPI ?= fastapi==0.117.*
 test-all-pythons: wheels

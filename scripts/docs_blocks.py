@@ -1,4 +1,4 @@
-"""The code blocks of the README and of docs/*.md, for the tests that run them.
+"""The code blocks of the README and of docs/**/*.md, for the tests that run them.
 
 A block is either a complete program or a fragment, whose first line is a
 comment starting with "fragment" (``# fragment: ...`` in Python,
@@ -18,8 +18,15 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 LANGUAGES = {"python": "python", "py": "python", "cpp": "cpp", "c++": "cpp"}
+# Other names a highlighter takes for Python or C++: a block under one of
+# them would escape the tests, so blocks() refuses them (see unrecognized()).
+ALIASES = {
+    "python3", "py3", "pycon", "pyi", "python-console", "ipython", "ipython3", "sage",
+    "cc", "cxx", "hpp", "hxx", "hh", "h++",
+}  # fmt: skip
 FRAGMENT = {"python": "# fragment", "cpp": "// fragment"}
-_FENCE = re.compile(r"^(?P<indent> *)(?P<fence>```+)(?P<info>[^`\n]*)$")
+# A fence of ``` or ~~~ (CommonMark); a backtick fence's info has no backtick.
+_FENCE = re.compile(r"^(?P<indent> *)(?P<fence>`{3,}(?=[^`]*$)|~{3,})(?P<info>.*)$")
 _INCLUDE = re.compile(r'^--8<-- "(?P<path>[^"]+)"$')
 
 
@@ -43,11 +50,38 @@ class Block:
 
 
 def pages(root: Path = ROOT) -> list[Path]:
-    return [root / "README.md", *sorted((root / "docs").glob("*.md"))]
+    """The README and every Markdown page under docs/ (subdirectories too)."""
+    return [root / "README.md", *sorted((root / "docs").rglob("*.md"))]
 
 
-def blocks(root: Path = ROOT) -> list[Block]:
-    """Every Python and C++ block of the README and of docs/*.md, in order."""
+def _language_name(info: str) -> str:
+    """The language an info string names: ``python``, ``{.python}``,
+    ``{ .py title="x" }`` or ``python title="x"`` -> the first word, lower case."""
+    info = info.strip()
+    if info.startswith("{"):
+        classes = [word[1:] for word in info.strip("{} ").split() if word.startswith(".")]
+        return classes[0].lower() if classes else ""
+    words = info.split()
+    return words[0].lower() if words else ""
+
+
+def _closes(line: str, fence: str) -> bool:
+    """A closing fence: the opening's character, at least as many, no info."""
+    stripped = line.strip()
+    return len(stripped) >= len(fence) and set(stripped) == {fence[0]}
+
+
+def unrecognized(root: Path = ROOT) -> list[str]:
+    """``page:line: name`` for each fence naming Python or C++ in a way the
+    tests do not take (``python3``, ``pycon``, ``cc``...): write ``python``
+    or ``cpp``."""
+    return [f"{page}:{line}: {name}" for page, line, name, _ in _scan(root) if name in ALIASES]
+
+
+def _scan(root: Path) -> list[tuple[str, int, str, list[str]]]:
+    """(page, line of the opening fence, language name, body) of every
+    top-level fenced block (a block inside another, as in a ````markdown
+    block, is the outer block's text)."""
     found = []
     for page in pages(root):
         lines = page.read_text().splitlines()
@@ -59,20 +93,29 @@ def blocks(root: Path = ROOT) -> list[Block]:
                 continue
             indent, fence = len(opening["indent"]), opening["fence"]
             end = i + 1
-            while end < len(lines) and lines[end].strip() != fence:
+            while end < len(lines) and not _closes(lines[end], fence):
                 end += 1
-            info = opening["info"].strip().split()
-            language = LANGUAGES.get(info[0].lower()) if info else None
-            if language is not None:
-                body = [line[indent:] for line in lines[i + 1 : end]]
-                includes = [_INCLUDE.match(line.strip()) for line in body if line.strip()]
-                if includes and all(includes):
-                    paths = tuple(m["path"] for m in includes if m)
-                    text = "".join((root / path).read_text() for path in paths)
-                else:
-                    paths, text = (), "\n".join(body) + "\n"
-                found.append(Block(str(page.relative_to(root)), i + 1, language, text, paths))
+            body = [line[indent:] for line in lines[i + 1 : end]]
+            name = _language_name(opening["info"])
+            found.append((str(page.relative_to(root)), i + 1, name, body))
             i = end + 1
+    return found
+
+
+def blocks(root: Path = ROOT) -> list[Block]:
+    """Every Python and C++ block of the README and of docs/**/*.md, in order."""
+    found = []
+    for page, line, name, body in _scan(root):
+        language = LANGUAGES.get(name)
+        if language is None:
+            continue
+        includes = [_INCLUDE.match(text.strip()) for text in body if text.strip()]
+        if includes and all(includes):
+            paths = tuple(m["path"] for m in includes if m)
+            text = "".join((root / path).read_text() for path in paths)
+        else:
+            paths, text = (), "\n".join(body) + "\n"
+        found.append(Block(page, line, language, text, paths))
     return found
 
 
