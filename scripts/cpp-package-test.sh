@@ -103,8 +103,10 @@ step "consumer of the installed package, GCC"
 consume_installed "$out/prefix" "$out/consumer" -DCMAKE_CXX_COMPILER=g++
 step "pkg-config on a compiler's command line, C++23"
 # As a Makefile would: the consumer's -std=c++23 comes first, and must stay.
+# -Werror=non-virtual-dtor: the public headers' polymorphic classes stay
+# clean under that warning.
 # shellcheck disable=SC2046
-g++ -std=c++23 -DCONSUMER_EXPECTS_CXX23 $(PKG_CONFIG_PATH=$(pc_path "$out/prefix") pkg-config --cflags concurrency_limiter) \
+g++ -std=c++23 -Werror=non-virtual-dtor -DCONSUMER_EXPECTS_CXX23 $(PKG_CONFIG_PATH=$(pc_path "$out/prefix") pkg-config --cflags concurrency_limiter) \
   tests/cmake-consumer/main.cc -o "$out/consumer/consumer_pkgconfig_cxx23" \
   $(PKG_CONFIG_PATH=$(pc_path "$out/prefix") pkg-config --libs concurrency_limiter)
 "$out/consumer/consumer_pkgconfig_cxx23"

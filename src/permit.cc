@@ -18,15 +18,10 @@ Permit make_permit(std::unique_ptr<Acquisition> acquisition) {
   const Outcome o = acquisition->outcome();
   // A try that found no free slot is not started: it is a zero timeout.
   p.outcome_ = o == Outcome::kPending ? Outcome::kTimeout : o;
-  // Owned, like the slots of a granted permit: the error may be reported
-  // after the acquisition, and every other owner of the resource, is gone.
+  // The name only, shared with the resource: the error may be reported
+  // after the acquisition, and the resource itself, are gone.
   if (const Resource* refused = acquisition->refused_by()) {
-    for (const auto& r : acquisition->resource_set()->resources()) {
-      if (r.get() == refused) {
-        p.refused_by_ = r;
-        break;
-      }
-    }
+    p.refused_by_ = Permit::name_of(*refused);
   }
   return p;
 }
@@ -46,7 +41,7 @@ bool Permit::take_all(const std::shared_ptr<const ResourceSet>& set) noexcept {
       detail::NoticeList notices;
       for (std::size_t j = i; j-- > 0;) resources[j]->revert_grant(notices);
       outcome_ = resources[i]->closed() ? Outcome::kUnavailable : Outcome::kTimeout;
-      refused_by_ = resources[i];
+      refused_by_ = resources[i]->shared_name_;
       return false;
     }
     measure = measure || m;

@@ -131,6 +131,8 @@ Resource::Resource(std::string name, std::int64_t capacity)
 // Private tag constructor: `o` is already validated.
 Resource::Resource(ResourceOptions o, int)
     : name_(std::move(o.name)),
+      shared_name_(std::make_shared<const std::string>(name_)),
+      unowned_uses_(std::make_shared<const char>('\0')),
       capacity_(o.capacity),
       max_waiting_(o.max_waiting ? *o.max_waiting : -1),
       discipline_(o.queue),
@@ -153,7 +155,21 @@ Resource::Resource(ResourceOptions o, int)
 }
 
 Resource::~Resource() {
-  if (host_) return;
+  if (host_) {
+    // The host pool counts slots per process, not per Resource object: a
+    // Permit or request still using this one holds a copy of self().
+    const long uses = unowned_uses_.use_count() - 1;
+    if (uses > 0) {
+      std::fprintf(stderr,
+                   "concurrency_limiter: host-scoped resource '%s' destroyed while "
+                   "slots are held or requests wait through it (%ld use(s)); a "
+                   "Resource must outlive its Permits and Acquisitions (create it "
+                   "with Resource::create() so that they keep it alive)\n",
+                   name_.c_str(), uses);
+      std::abort();
+    }
+    return;
+  }
   // Only a resource not owned by a shared_ptr can get here with slots held or
   // requests waiting (everything that uses one owns it): its holders and
   // waiters would touch freed memory. Refuse loudly rather than corrupt.
@@ -865,8 +881,9 @@ void Resource::grant_locked(detail::WaiterNode& node, Clock::time_point now) {
 std::shared_ptr<Resource> Resource::self() {
   std::shared_ptr<Resource> owned = weak_from_this().lock();
   if (owned) return owned;
-  // Not owned by a shared_ptr: a pointer that owns nothing (see "Lifetime").
-  return std::shared_ptr<Resource>(std::shared_ptr<Resource>(), this);
+  // Not owned by a shared_ptr: a pointer that owns nothing (see "Lifetime"),
+  // counted in unowned_uses_ for the destructor's check.
+  return std::shared_ptr<Resource>(unowned_uses_, this);
 }
 
 Permit Resource::try_acquire() {

@@ -45,8 +45,11 @@
 //
 // Allocation: the operation and its shared state are allocated through the
 // handler's associated allocator (asio::bind_allocator, a coroutine's frame
-// allocator), as are the completion and the timer's handler. The engine's
-// Acquisition (resources, key) is allocated with operator new.
+// allocator), as are the completion and the timer's handler. Not everything
+// is: the engine's Acquisition, its waiter nodes and its copy of the key are
+// allocated with the global operator new (and freed with operator delete),
+// whatever the handler's allocator, so every async_acquire() still
+// allocates from the global heap.
 //
 // Timeout: `timeout` covers acquiring every resource of the set; when it
 // passes the request leaves the queue and completes with kTimeout, every slot
@@ -298,7 +301,9 @@ class PendingAcquire {
 
  protected:
   explicit PendingAcquire(std::shared_ptr<Shared> shared) : shared_(std::move(shared)) {}
-  ~PendingAcquire() = default;
+  // Never deleted through a PendingAcquire* (destroy() does it); virtual
+  // only because the friend below makes it accessible (-Wnon-virtual-dtor).
+  virtual ~PendingAcquire() = default;
 
   std::shared_ptr<Shared> shared_;
 

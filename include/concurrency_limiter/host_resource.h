@@ -103,6 +103,17 @@
 //     machine-wide; acquired_total, rejected_total and the wait and hold
 //     histograms count this process's requests.
 //   - Each process runs one background thread per host resource it uses.
+//   - close() is local: it refuses the new requests made through that
+//     Resource object (kUnavailable), and nothing else. Requests already
+//     waiting, in this process as in others, keep waiting until granted,
+//     timed out or cancelled (so one may still be granted a slot after the
+//     close), and other processes, and other Resource objects of the name
+//     in this process, go on as before. To end this process's waiters
+//     sooner, cancel them (a stop_token, Acquisition::cancel()) or wait with
+//     short timeouts.
+//   - Lifetime: a host-scoped Resource not owned by a shared_ptr aborts the
+//     program, naming it, if destroyed while a Permit holds a slot through it
+//     or a request waits through it, as a process-scoped one does.
 //
 // Thread safety: a host-scoped Resource is used from any thread like any
 // other (resource.h); list_host_resources() and remove_host_resource() may

@@ -18,7 +18,8 @@
 // every ResourceSet, Permit and waiting request: destroying a Limiter (say,
 // replacing it with a new configuration) while requests wait or hold slots
 // is safe; they end as they would have, and the resources go when the last
-// of them does. To fail the waiters at once instead, close() it first.
+// of them does. To fail the waiters at once instead, close() it first
+// (host-scoped resources excepted, see close()).
 //
 // Thread safety: a Limiter is immutable after construction except for
 // close(); every member function may be called from any thread, concurrently
@@ -104,6 +105,9 @@ class Limiter {
   // waiting for one fails with kUnavailable at once, and later requests are
   // refused with kUnavailable; held slots stay held until released. A
   // resource shared with another Limiter is closed for that one too.
+  // Host-scoped resources (host_resource.h) only refuse later requests: a
+  // request already waiting for one keeps waiting until it is granted,
+  // times out or is cancelled.
   void close();
 
   // One snapshot per registered resource, in registration order.

@@ -13,11 +13,13 @@
 // no lock. One that had to wait holds its Acquisition. Either way, release()
 // hands each slot to that resource's next waiter, if any.
 //
-// Lifetime: a Permit owns the resources it holds slots of (and, when empty,
-// the resource that refused it), through shared_ptr, however it was granted:
-// it stays valid after the Limiter, the ResourceSet and every other owner of
-// those resources are gone. (A resource not owned by a shared_ptr must
-// outlive its Permits itself; see resource.h, "Lifetime".)
+// Lifetime: a Permit owns the resources it holds slots of, through
+// shared_ptr, however it was granted: it stays valid after the Limiter, the
+// ResourceSet and every other owner of those resources are gone. An empty
+// Permit keeps only the refusing resource's name (refused_by_name()), not the
+// resource, so it may outlive any resource. (A resource not owned by a
+// shared_ptr must outlive the Permits holding its slots; see resource.h,
+// "Lifetime".)
 //
 // Thread safety: a Permit is a value, like a std::unique_ptr: one object must
 // not be used from two threads at once, but it may be moved to, released on
@@ -76,7 +78,7 @@ class Permit {
   // Name of the resource that turned the request away; empty if granted.
   const std::string& refused_by_name() const noexcept {
     static const std::string none;
-    return refused_by_ != nullptr ? refused_by_->name() : none;
+    return refused_by_ != nullptr ? *refused_by_ : none;
   }
 
   // Gives the slots back now, each to its resource's next waiter if one
@@ -104,7 +106,7 @@ class Permit {
     bool measure = false;
     if (!resource->try_grant(measure)) {
       outcome_ = resource->closed() ? Outcome::kUnavailable : Outcome::kTimeout;
-      refused_by_ = resource;
+      refused_by_ = resource->shared_name_;
       return false;
     }
     resource_ = resource;
@@ -129,7 +131,12 @@ class Permit {
   Clock::time_point granted_at_{};
   bool measured_ = false;
   Outcome outcome_ = Outcome::kCancelled;
-  std::shared_ptr<const Resource> refused_by_;  // owned: see refused_by_name()
+  // The refusing resource's name, shared with it: valid after the resource
+  // is gone, even one not owned by a shared_ptr.
+  std::shared_ptr<const std::string> refused_by_;
+  static std::shared_ptr<const std::string> name_of(const Resource& resource) noexcept {
+    return resource.shared_name_;
+  }
 };
 
 static_assert(std::is_nothrow_move_constructible_v<Permit>);

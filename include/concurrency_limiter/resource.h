@@ -94,6 +94,7 @@
 // those requests end as they would have. To end them sooner, close() the
 // resource (or Limiter::close()): every waiter fails with kUnavailable at
 // once and new requests are refused; held slots stay held until released.
+// (Host scope: close() only refuses new requests; see close() below.)
 //   A Resource not owned by a shared_ptr (a local or a member variable)
 // works too, but nothing can keep it alive: it must outlive every Permit and
 // Acquisition that uses it, and its destructor aborts the program, naming
@@ -224,7 +225,9 @@ class WaiterNode {
   WaiterNode& operator=(const WaiterNode&) = delete;
 
  protected:
-  ~WaiterNode() = default;
+  // Never deleted through a WaiterNode*; virtual only because the friends
+  // below make a protected destructor accessible (-Wnon-virtual-dtor).
+  virtual ~WaiterNode() = default;
 
  private:
   friend class concurrency_limiter::Resource;
@@ -329,7 +332,7 @@ class Resource : public std::enable_shared_from_this<Resource> {
   // A resource owned by a shared_ptr is only destroyed once nothing holds or
   // waits for a slot. One that is not (see "Lifetime" above) aborts the
   // program with a message naming it if a slot is held or a request waits
-  // (process scope; a host-scoped resource leaves its slots to the host).
+  // (host scope: a slot held or a request waiting through this object).
   ~Resource();
 
   // Fails every request waiting for this resource with kUnavailable (their
@@ -338,9 +341,15 @@ class Resource : public std::enable_shared_from_this<Resource> {
   // every later request away with kUnavailable, at once. Slots already held
   // stay held until their Permit or Acquisition releases them. For a server
   // shutting down or a configuration being replaced (Seastar's
-  // semaphore::broken()). Idempotent; cannot be undone. Host scope: this
-  // process's new requests are refused; its requests already waiting keep
-  // waiting until granted, timed out or cancelled.
+  // semaphore::broken()). Idempotent; cannot be undone.
+  //   A request for several resources that already holds this one's slot and
+  // waits for another is not failed by this close alone: it keeps the slot
+  // and keeps waiting (and may be granted) unless a resource it still waits
+  // for is closed too. Limiter::close() closes every resource of the Limiter.
+  //   Host scope (host_resource.h): only the new requests made through this
+  // Resource object are refused. Requests already waiting, this process's
+  // included, are not failed: they keep waiting until granted (a slot of the
+  // closed resource may still be granted to them), timed out or cancelled.
   void close() CL_EXCLUDES(mu_);
   bool closed() const noexcept { return closed_.load(std::memory_order_acquire); }
 
@@ -420,7 +429,7 @@ class Resource : public std::enable_shared_from_this<Resource> {
 
   Resource(ResourceOptions validated_options, int);
   // shared_from_this(), or for a resource not owned by a shared_ptr a
-  // pointer that owns nothing.
+  // pointer that owns nothing (it shares unowned_uses_'s count only).
   std::shared_ptr<Resource> self();
 
   // ---- Slot accounting: the lock-free path and how it meets the queue ----
@@ -635,6 +644,13 @@ class Resource : public std::enable_shared_from_this<Resource> {
   static constexpr bool kStatisticsEnabled = CL_STATISTICS != 0;
 
   const std::string name_;
+  // The name again, shared with the Permits this resource refuses, which may
+  // outlive it (see Permit::refused_by_name()).
+  const std::shared_ptr<const std::string> shared_name_;
+  // Copied (aliased to this) by self() when the resource is not owned by a
+  // shared_ptr: its count tells the destructor whether a Permit or a request
+  // still uses the resource (host scope, whose slots are not counted here).
+  const std::shared_ptr<const char> unowned_uses_;
   const std::int64_t capacity_;
   const std::int64_t max_waiting_;  // -1: unbounded
   const QueueDiscipline discipline_;

@@ -241,6 +241,63 @@ TEST(HostResource, SameNameInOneProcessSharesThePool) {
   EXPECT_EQ(b->in_use(), 1);
 }
 
+// close() of a host resource refuses new requests only (host_resource.h):
+// a request already waiting keeps waiting and may still be granted.
+TEST(HostResource, CloseRefusesNewRequestsAndLeavesQueuedOnesWaiting) {
+  const std::string name = unique_name("close");
+  Cleanup cleanup{name};
+  auto db = host_resource(name, 1);
+  auto set = std::make_shared<const ResourceSet>(std::vector<std::shared_ptr<Resource>>{db});
+  Permit held = db->try_acquire();
+  testing::Recorder rec;
+  Acquisition waiter(set);
+  ASSERT_EQ(waiter.start(rec.callback()), Outcome::kPending);
+  db->close();
+  EXPECT_TRUE(db->closed());
+  EXPECT_EQ(db->try_acquire().outcome(), Outcome::kUnavailable);
+  EXPECT_EQ(db->acquire_for(10s).outcome(), Outcome::kUnavailable);
+  EXPECT_TRUE(rec.outcomes.empty());
+  EXPECT_EQ(db->waiting(), 1);
+  held.release();
+  ASSERT_TRUE(eventually([&] { return waiter.state() == Acquisition::State::kGranted; }));
+  waiter.release();
+  EXPECT_EQ(db->in_use(), 0);
+}
+
+// A host resource not owned by a shared_ptr, destroyed with nothing held
+// through it: no abort, and a Permit it refused still names it.
+TEST(HostResource, ALocalResourceWithNothingHeldGoesQuietly) {
+  const std::string name = unique_name("local-quiet");
+  Cleanup cleanup{name};
+  Permit refused;
+  {
+    Resource local(ResourceOptions{.name = name, .capacity = 1, .scope = Scope::kHost});
+    Permit held = local.try_acquire();
+    ASSERT_TRUE(held);
+    refused = local.try_acquire();
+  }
+  EXPECT_EQ(refused.outcome(), Outcome::kTimeout);
+  EXPECT_EQ(refused.refused_by_name(), name);
+}
+
+#if !defined(__SANITIZE_THREAD__)
+// The slot would be released through freed memory: abort, naming it.
+TEST(HostResourceDeathTest, DestroyingALocalResourceWithASlotHeldAborts) {
+  GTEST_FLAG_SET(death_test_style, "threadsafe");
+  const std::string name = unique_name("local-held");
+  Cleanup cleanup{name};
+  EXPECT_DEATH(
+      {
+        Permit outlives;
+        {
+          Resource local(ResourceOptions{.name = name, .capacity = 2, .scope = Scope::kHost});
+          outlives = local.acquire_for(1s);
+        }
+      },
+      "host-scoped resource '.*-local-held' destroyed while slots are held");
+}
+#endif
+
 TEST(HostResource, BadNamesAreRejectedNamingTheParameter) {
   for (const std::string& bad : {std::string(""), std::string("a/b"), std::string(65, 'x'),
                                 std::string("sp ace"), std::string("caf\xc3\xa9")}) {

@@ -172,9 +172,24 @@ TEST(Lifetime, ARefusedPermitNamesAResourceNobodyElseHolds) {
   limiter.reset();
   set.reset();
   db.reset();
-  EXPECT_FALSE(watch.expired());
+  EXPECT_TRUE(watch.expired());  // it keeps the name, not the resource
   EXPECT_EQ(refused.refused_by_name(), "db");
   EXPECT_EQ(refused.outcome(), Outcome::kTimeout);
+}
+
+TEST(Lifetime, ARefusedPermitOutlivesAResourceNotOwnedBySharedPtr) {
+  const std::string name = "a-local-resource-with-a-name-too-long-for-sso";
+  Permit tried, waited;
+  {
+    Resource local(name, 1);
+    Permit held = local.try_acquire();
+    tried = local.try_acquire();
+    waited = local.acquire_for(1ms);  // queued, then timed out
+  }
+  EXPECT_EQ(tried.outcome(), Outcome::kTimeout);
+  EXPECT_EQ(tried.refused_by_name(), name);
+  EXPECT_EQ(waited.outcome(), Outcome::kTimeout);
+  EXPECT_EQ(waited.refused_by_name(), name);
 }
 
 TEST(Lifetime, AResourceNotMadeByMakeSharedWaitsUnderContention) {
@@ -263,6 +278,24 @@ TEST(Close, AKeyedResourceFailsItsWaitersToo) {
   EXPECT_EQ(db->statistics().active_keys, 1);  // "a" still holds its slot
   held.release();
   EXPECT_EQ(db->statistics().active_keys, 0);
+}
+
+TEST(Close, ClosingAResourceAlreadyHeldLeavesARequestWaitingForAnother) {
+  auto a = make_resource("a", 1), b = make_resource("b", 1);
+  Limiter limiter({a, b}, 10s);
+  Permit holds_b = limiter.try_acquire(limiter.select({b}));
+  testing::Recorder recorder;
+  Acquisition waiting(limiter.select({a, b}));  // holds a, waits for b
+  ASSERT_EQ(waiting.start(recorder.callback()), Outcome::kPending);
+  EXPECT_EQ(a->in_use(), 1);
+  a->close();
+  EXPECT_TRUE(recorder.outcomes.empty());
+  EXPECT_EQ(a->in_use(), 1);
+  EXPECT_EQ(b->waiting(), 1);
+  holds_b.release();
+  EXPECT_EQ(recorder.outcomes, std::vector{Outcome::kGranted});
+  waiting.release();
+  EXPECT_EQ(a->in_use(), 0);
 }
 
 // --- A timeout <= 0 tries once and never queues (issue 20) ------------------
