@@ -125,7 +125,10 @@ if [ "$soname" != "libconcurrency_limiter.so.$version" ] || \
 fi
 step "consumer of the installed shared library"
 consume_installed "$out/prefix-shared" "$out/consumer-shared" -DCONSUMER_PKGCONFIG=OFF
-if ! ldd "$out/consumer-shared/consumer" | grep -q "$soname => $out/prefix-shared"; then
+# ldd's output is read whole first: with pipefail, `ldd | grep -q` fails when
+# grep stops reading at its first match and ldd gets SIGPIPE.
+libraries=$(ldd "$out/consumer-shared/consumer")
+if ! grep -q "$soname => $out/prefix-shared" <<<"$libraries"; then
   echo "the consumer does not load $soname from $out/prefix-shared:" >&2
   ldd "$out/consumer-shared/consumer" >&2
   exit 1
@@ -146,7 +149,8 @@ quiet cmake -S tests/cmake-subproject -B "$out/fetchcontent" -G Ninja -DCMAKE_BU
 cmake --build "$out/fetchcontent" -j "$jobs"
 "$out/fetchcontent/consumer"
 "$out/fetchcontent/coroutine_limit" >/dev/null
-ldd "$out/fetchcontent/consumer" | grep -q "libconcurrency_limiter.so" || {
+libraries=$(ldd "$out/fetchcontent/consumer")
+grep -q "libconcurrency_limiter.so" <<<"$libraries" || {
   echo "the FetchContent build did not link the shared library" >&2
   exit 1
 }
