@@ -3,6 +3,7 @@
 // Errors: std::invalid_argument -> ValueError, std::logic_error ->
 // RuntimeError (nanobind's defaults). Durations cross as float seconds.
 #include <nanobind/nanobind.h>
+#include <nanobind/stl/function.h>
 #include <nanobind/stl/optional.h>
 #include <nanobind/stl/shared_ptr.h>
 #include <nanobind/stl/string.h>
@@ -34,48 +35,6 @@ nb::dict rejected_by_reason(const cl::ResourceStatistics& s) {
   }
   return out;
 }
-
-// The Python Acquisition: the engine's, plus the Python objects its
-// callback holds, so that the garbage collector sees them (see
-// CallbackObjects).
-class BoundAcquisition : public cl::Acquisition {
- public:
-  using cl::Acquisition::Acquisition;
-  // Set by start(), with the GIL held.
-  std::shared_ptr<fastapi_concurrency_limiter::CallbackObjects> objects;
-};
-
-// a.start(callback); while the callback is pending, `a` shows the garbage
-// collector the Python objects that it holds.
-cl::Outcome start(BoundAcquisition& a,
-                  std::shared_ptr<fastapi_concurrency_limiter::CallbackObjects> objects,
-                  cl::Acquisition::Callback callback) {
-  const cl::Outcome outcome = a.start(std::move(callback));
-  if (outcome == cl::Outcome::kPending) a.objects = std::move(objects);
-  return outcome;
-}
-
-int acquisition_traverse(PyObject* self, visitproc visit, void* arg) {
-  Py_VISIT(Py_TYPE(self));
-  if (!nb::inst_ready(self)) return 0;
-  if (const auto& objects = nb::inst_ptr<BoundAcquisition>(self)->objects) {
-    for (const nb::object& o : objects->objects) Py_VISIT(o.ptr());
-  }
-  return 0;
-}
-
-// Breaks a cycle through the callback: the callback, if the engine still
-// calls it, then does nothing; destroying the acquisition afterwards leaves
-// its queue.
-int acquisition_clear(PyObject* self) {
-  if (!nb::inst_ready(self)) return 0;
-  if (const auto& objects = nb::inst_ptr<BoundAcquisition>(self)->objects) objects->clear();
-  return 0;
-}
-
-PyType_Slot acquisition_slots[] = {{Py_tp_traverse, (void*)acquisition_traverse},
-                                   {Py_tp_clear, (void*)acquisition_clear},
-                                   {0, nullptr}};
 
 }  // namespace
 
@@ -255,8 +214,7 @@ NB_MODULE(_core, m) {
            "resources"_a)
       .def("statistics", &cl::Limiter::statistics);
 
-  nb::class_<BoundAcquisition> acquisition(m, "Acquisition",
-                                          nb::type_slots(acquisition_slots));
+  nb::class_<cl::Acquisition> acquisition(m, "Acquisition");
   nb::enum_<cl::Acquisition::State>(acquisition, "State")
       .value("idle", cl::Acquisition::State::kIdle)
       .value("pending", cl::Acquisition::State::kPending)
@@ -270,32 +228,25 @@ NB_MODULE(_core, m) {
       .def("try_acquire", &cl::Acquisition::try_acquire)
       .def("try_once", &cl::Acquisition::try_once)
       .def("start",
-           [](BoundAcquisition& a, nb::callable callback) {
-             auto objects = std::make_shared<fastapi_concurrency_limiter::CallbackObjects>(
-                 std::move(callback), nb::object());
+           [](cl::Acquisition& a, std::function<void(cl::Outcome)> callback) {
              // The engine calls back from noexcept code: a Python exception
              // (e.g. a closed event loop) is reported as unraisable instead
              // of unwinding into it.
-             return start(a, objects, [objects](cl::Outcome o) {
-               nb::gil_scoped_acquire gil;
-               // Dropped by the garbage collector: the acquisition was unreachable.
-               if (!objects->objects[0]) return;
+             return a.start([callback = std::move(callback)](cl::Outcome o) {
                try {
-                 objects->objects[0](o);
+                 callback(o);
                } catch (nb::python_error& e) {
+                 nb::gil_scoped_acquire gil;
                  e.discard_as_unraisable("fastapi_concurrency_limiter completion callback");
                }
-               objects->clear();  // called once
              });
            },
            "callback"_a)
       // The asyncio waiter: the completion resolves `future` on `loop`.
       .def("start",
-           [](BoundAcquisition& a, nb::object future, nb::object loop) {
-             fastapi_concurrency_limiter::FutureCompletion completion(std::move(future),
-                                                                     std::move(loop));
-             auto objects = completion.objects();
-             return start(a, std::move(objects), std::move(completion));
+           [](cl::Acquisition& a, nb::object future, nb::object loop) {
+             return a.start(fastapi_concurrency_limiter::FutureCompletion(
+                 std::move(future), std::move(loop)));
            },
            "future"_a, "loop"_a)
       .def("expire", &cl::Acquisition::expire)
@@ -305,7 +256,7 @@ NB_MODULE(_core, m) {
       .def("restart_service_clock", &cl::Acquisition::restart_service_clock)
       .def_prop_ro("outcome", &cl::Acquisition::outcome)
       .def_prop_ro("state", &cl::Acquisition::state)
-      .def_prop_ro("refused_by", [](const BoundAcquisition& a) -> std::optional<std::string> {
+      .def_prop_ro("refused_by", [](const cl::Acquisition& a) -> std::optional<std::string> {
         if (const cl::Resource* r = a.refused_by()) return r->name();
         return std::nullopt;
       });
@@ -336,13 +287,8 @@ NB_MODULE(_core, m) {
 
   nb::class_<cl::DeadlineQueue>(m, "DeadlineQueue")
       .def(nb::init<>())
-      .def("add",
-           [](cl::DeadlineQueue& q, BoundAcquisition& a, double deadline) {
-             return q.add(a, deadline);
-           },
-           "acquisition"_a, "deadline"_a)
-      .def("remove", [](cl::DeadlineQueue& q, BoundAcquisition& a) { q.remove(a); },
-           "acquisition"_a)
+      .def("add", &cl::DeadlineQueue::add, "acquisition"_a, "deadline"_a)
+      .def("remove", &cl::DeadlineQueue::remove, "acquisition"_a)
       .def("expire_due", &cl::DeadlineQueue::expire_due, "now"_a)
       .def_prop_ro("next_deadline", &cl::DeadlineQueue::next_deadline)
       .def("__len__", &cl::DeadlineQueue::size);

@@ -14,8 +14,7 @@
 // future is already done (a cancelled waiter's is); from any other thread it
 // hands the result over with loop.call_soon_threadsafe().
 //
-// Copies share one state (std::function must be copyable) with the Python
-// Acquisition that owns the completion (see CallbackObjects); the Python
+// Copies share one state (std::function must be copyable); the Python
 // references are dropped with the GIL held, whichever thread drops them.
 #pragma once
 
@@ -30,60 +29,29 @@ namespace fastapi_concurrency_limiter {
 
 namespace nb = nanobind;
 
-// The Python objects that an engine callback holds, shared by the callback
-// and the Python Acquisition that owns it. The engine keeps the callback out
-// of Python's sight: without this, a waiter's task that nobody else refers
-// to (its loop closed while it waited) forms a cycle acquisition ->
-// callback -> future -> task -> frame -> acquisition that the garbage
-// collector cannot see, and everything the task refers to outlives the
-// interpreter. The Acquisition's tp_traverse visits these objects and its
-// tp_clear drops them. Only touched with the GIL held; dropped once the
-// callback has run.
-struct CallbackObjects {
-  CallbackObjects(nb::object first, nb::object second)
-      : objects{std::move(first), std::move(second)} {}
-  CallbackObjects(const CallbackObjects&) = delete;
-  CallbackObjects& operator=(const CallbackObjects&) = delete;
-  ~CallbackObjects() {
-    nb::gil_scoped_acquire gil;
-    clear();
-  }
-  // With the GIL held.
-  void clear() noexcept {
-    for (nb::object& o : objects) o.reset();
-  }
-  nb::object objects[2];
-};
-
 class FutureCompletion {
   struct Names;
 
  public:
   FutureCompletion(nb::object future, nb::object loop)
-      : state_(std::make_shared<CallbackObjects>(std::move(future), std::move(loop))) {}
-
-  // The future and the loop, for the Acquisition to share.
-  const std::shared_ptr<CallbackObjects>& objects() const noexcept { return state_; }
+      : state_(std::make_shared<State>(std::move(future), std::move(loop))) {}
 
   // Called by the engine, from noexcept code: a Python error (e.g. the loop
   // is closed) is reported as unraisable instead of unwinding into it.
   void operator()(concurrency_limiter::Outcome outcome) const noexcept {
     nb::gil_scoped_acquire gil;
-    // The garbage collector dropped them (the waiter was unreachable).
-    if (!future()) return;
     try {
       const Names& names = Names::get();
       nb::object result = nb::cast(outcome);
       if (on_loop_thread(names)) {
-        set_unless_done(future(), result);
+        set_unless_done(state_->future, result);
       } else {
-        loop().attr(names.call_soon_threadsafe)(names.set_unless_done_fn, future(),
-                                                result);
+        state_->loop.attr(names.call_soon_threadsafe)(names.set_unless_done_fn,
+                                                      state_->future, result);
       }
     } catch (nb::python_error& e) {
       e.discard_as_unraisable("fastapi_concurrency_limiter completion callback");
     }
-    state_->clear();  // called once: nothing is left to resolve
   }
 
   // Makes the names below; call once at module initialisation, so that no
@@ -96,7 +64,7 @@ class FutureCompletion {
   // asyncio._get_running_loop() makes a getpid() system call before Python
   // 3.12. Loops without the attribute are asked the documented way.
   bool on_loop_thread(const Names& names) const {
-    PyObject* loop = this->loop().ptr();
+    PyObject* loop = state_->loop.ptr();
     PyObject* thread_id = PyObject_GetAttr(loop, names.thread_id.ptr());
     if (thread_id != nullptr) {
       const bool same = thread_id != Py_None && PyLong_Check(thread_id) &&
@@ -121,8 +89,16 @@ class FutureCompletion {
   }
 
  private:
-  const nb::object& future() const noexcept { return state_->objects[0]; }
-  const nb::object& loop() const noexcept { return state_->objects[1]; }
+  struct State {
+    State(nb::object f, nb::object l) : future(std::move(f)), loop(std::move(l)) {}
+    ~State() {
+      nb::gil_scoped_acquire gil;
+      future.reset();
+      loop.reset();
+    }
+    nb::object future;
+    nb::object loop;
+  };
 
   // Interned names and functions, made once (with the GIL) and never freed:
   // callbacks may still run while the interpreter shuts down.
@@ -144,7 +120,7 @@ class FutureCompletion {
     }
   };
 
-  std::shared_ptr<CallbackObjects> state_;
+  std::shared_ptr<State> state_;
 };
 
 }  // namespace fastapi_concurrency_limiter
