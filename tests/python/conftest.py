@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import socket
+import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
@@ -34,11 +35,13 @@ def pytest_unconfigure(config: pytest.Config) -> None:
     shows the same). The callback only times collections, which Hypothesis
     leaves out of its test cases' durations; no test case runs after this.
     """
-    gc.callbacks[:] = [
-        cb
-        for cb in gc.callbacks
-        if getattr(cb, "__module__", None) != "hypothesis.internal.conjecture.junkdrawer"
-    ]
+    module = "hypothesis.internal.conjecture.junkdrawer"
+    gc.callbacks[:] = [cb for cb in gc.callbacks if getattr(cb, "__module__", None) != module]
+    junkdrawer = sys.modules.get(module)
+    if junkdrawer is not None and hasattr(junkdrawer, "_gc_initialized"):
+        # A later Hypothesis run in this process (pytest.main again) installs
+        # its callback anew instead of timing collections no more.
+        junkdrawer._gc_initialized = False
 
 
 @pytest.fixture

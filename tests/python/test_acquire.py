@@ -138,3 +138,32 @@ async def test_stress_random_cancellations_and_timeouts_leave_every_slot_free() 
         s = r.statistics()
         assert s.peak_in_use <= s.capacity
         assert s.hold_seconds.count == s.acquired_total
+
+
+async def test_waiting_tasks_nobody_refers_to_are_not_collected() -> None:
+    # As with asyncio.Semaphore, a task waiting for a slot stays alive while
+    # it waits, even when nothing but the limiter refers to it (a task made
+    # with create_task and not kept): a garbage collection must not end the
+    # wait, and every such task runs once the slot is free.
+    import gc
+
+    db = Resource(1, name="unreferenced-waiters")
+    limiter = Limiter(timeout=None, resources=[db])
+    ran: list[int] = []
+
+    async def worker(i: int) -> None:
+        async with limiter.acquire([db]):
+            ran.append(i)
+
+    async with limiter.acquire([db]):
+        for i in range(50):
+            asyncio.create_task(worker(i))  # noqa: RUF006 (the point of the test)
+        await asyncio.sleep(0.01)
+        gc.collect()
+        assert db.waiting == 50
+    for _ in range(200):
+        if len(ran) == 50:
+            break
+        await asyncio.sleep(0.01)
+    assert sorted(ran) == list(range(50))
+    assert (db.in_use, db.waiting) == (0, 0)

@@ -458,9 +458,13 @@ class Load:
         except httpx.RemoteProtocolError as e:
             if "without sending a response" not in str(e):
                 raise
+        except httpx.ReadError:
+            pass
         # A worker that a reload retires closes the connections it accepted
-        # but has not read a request from yet (uvicorn's shutdown): that
-        # request never ran, and a client retries it (an idempotent GET).
+        # but has not read a request from yet (uvicorn's shutdown): the
+        # client sees the connection end without a response, or reset
+        # (ReadError, depending on the timing and the h11/httpx versions).
+        # That request never ran, and a client retries it (an idempotent GET).
         self.retried += 1
         return await self._client.get(self._path)
 
