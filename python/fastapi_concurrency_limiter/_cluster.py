@@ -424,6 +424,9 @@ class _Client:
     async def _evalsha(
         self, name: str, keys: list[str], args: list[Any], control: bool = False
     ) -> Any:
+        # ``control``: a renewal or a wake-up, on the connection that
+        # ``_control_connection`` opened beforehand (never on a pooled one
+        # that might have to be opened within the call's bound).
         redis = (_CONTROL.get() or self.control) if control else self.redis
         if self._scripts_version == 0:
             await self._load_scripts()
@@ -1000,32 +1003,66 @@ class _Client:
 
     async def _heartbeat_loop(self) -> None:
         # Rounds start every ``heartbeat`` seconds from the start of the
-        # previous one (not from its end), and a round renews every resource
-        # at once: a resource's lease is renewed every ``heartbeat`` seconds
-        # however many resources there are and however slow Redis is
-        # (each call is bounded by ``_heartbeat_timeout``, below it).
+        # previous one, whether or not it has ended, and a round renews
+        # every resource at once: a resource's lease is renewed every
+        # ``heartbeat`` seconds however many resources there are and however
+        # slow Redis is. A resource whose renewal of an earlier round is
+        # still on its way (bounded: the opening of a connection by
+        # ``timeout``, the call by ``_heartbeat_timeout``) sits this round
+        # out, so that one slow renewal delays neither the others nor the
+        # next round.
+        beating: set[ClusterStage] = set()
+        rounds: set[asyncio.Task[None]] = set()
         start = self.loop.time()
-        while not self._closed:
-            start = max(start + self.scope.heartbeat, self.loop.time())
-            await asyncio.sleep(start - self.loop.time())
-            stages = list(self.stages)
-            results = await _detached(self._beat(stages))
-            failed: set[int] = set()
-            for stage, result in zip(stages, results, strict=True):
-                if isinstance(result, asyncio.CancelledError):
-                    raise result
-                if isinstance(result, _UNREACHABLE):
-                    if self._group(stage) not in failed:  # one failure per Redis (node)
-                        failed.add(self._group(stage))
-                        self.mark_down(result, stage)
-                elif isinstance(result, BaseException):
-                    logger.warning("Redis heartbeat failed: %r", result)
+        try:
+            while not self._closed:
+                start = max(start + self.scope.heartbeat, self.loop.time())
+                await asyncio.sleep(start - self.loop.time())
+                stages = [s for s in self.stages if s not in beating]
+                if not stages:
+                    continue
+                beating.update(stages)
+                task = self.loop.create_task(self._round(stages, beating))
+                rounds.add(task)
+                task.add_done_callback(rounds.discard)
+        finally:
+            for task in list(rounds):
+                task.cancel()
+                task.add_done_callback(_consume)
+
+    async def _round(self, stages: list[ClusterStage], beating: set[ClusterStage]) -> None:
+        """One heartbeat round over ``stages``; each leaves ``beating`` as
+        its own renewal ends. A failure to reach Redis is reported once per
+        Redis (node)."""
+
+        async def renew(stage: ClusterStage) -> None:
+            try:
+                await self.heartbeat(stage)
+            finally:
+                beating.discard(stage)
+
+        try:
+            results = await asyncio.gather(*(renew(s) for s in stages), return_exceptions=True)
+        finally:
+            beating.difference_update(stages)
+        failed: set[int] = set()
+        for stage, result in zip(stages, results, strict=True):
+            if isinstance(result, asyncio.CancelledError):
+                raise result
+            if isinstance(result, _UNREACHABLE):
+                if self._group(stage) not in failed:  # one failure per Redis (node)
+                    failed.add(self._group(stage))
+                    self.mark_down(result, stage)
+            elif isinstance(result, BaseException):
+                logger.warning("Redis heartbeat failed: %r", result)
 
     @property
     def _heartbeat_timeout(self) -> float:
-        """How long a renewal may take: ``timeout``, at most one heartbeat
-        period, so that a lease sees at least two rounds before it ends."""
-        return min(self.scope.timeout, self.scope.heartbeat)
+        """How long a renewal may take: ``timeout``, at most 0.9 of one
+        heartbeat period, so that a lease sees at least two rounds before it
+        ends, and a renewal that times out has ended before the next round
+        starts (else its resource would sit that round out)."""
+        return min(self.scope.timeout, 0.9 * self.scope.heartbeat)
 
     async def heartbeat(self, stage: ClusterStage) -> None:
         """Renews this process's leases and waiters of ``stage``; queues
@@ -1035,7 +1072,8 @@ class _Client:
             on = _CONTROL.set(redis)
             try:
                 reply = await asyncio.wait_for(
-                    self._call("heartbeat", stage, *beat.args), self._heartbeat_timeout
+                    self._call("heartbeat", stage, *beat.args, control=True),
+                    self._heartbeat_timeout,
                 )
             finally:
                 _CONTROL.reset(on)
@@ -1068,14 +1106,6 @@ class _Client:
             *waiting,
         ]
         return _Beat(renewals, given_back, args)
-
-    async def _beat(self, stages: Sequence[ClusterStage]) -> list[Any]:
-        """One heartbeat round: every resource at once, each on a control
-        connection of its own; each result is None or the exception its
-        resource's heartbeat met."""
-        return list(
-            await asyncio.gather(*(self.heartbeat(s) for s in stages), return_exceptions=True)
-        )
 
     @contextlib.asynccontextmanager
     async def _control_connection(self) -> AsyncIterator[Any]:

@@ -95,9 +95,9 @@ class RedisScope:
         timeout: seconds one command may take before Redis counts as
             unreachable (then ``on_error`` applies; it is tried again after
             a second, or at the next successful heartbeat). A renewal may
-            take at most ``min(timeout, lease / 3)``, whatever ``timeout``
-            is, so that a lease sees at least two renewal rounds before it
-            runs out.
+            take at most ``min(timeout, 0.9 * lease / 3)``, whatever
+            ``timeout`` is, so that a lease sees at least two renewal rounds
+            before it runs out.
         cluster: ``True`` for a Redis Cluster: ``url`` names any of its
             nodes, the others are discovered, and each command goes to the
             node of its resource's hash slot (``/db`` must be 0).

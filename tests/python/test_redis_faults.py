@@ -40,11 +40,11 @@ def _failing(client: Any, script: str, times: int) -> None:
     real = client._call
     left = [times]
 
-    async def call(name: str, stage: Any, *args: Any) -> Any:
+    async def call(name: str, stage: Any, *args: Any, **kw: Any) -> Any:
         if name == script and left[0] > 0:
             left[0] -= 1
             raise RedisConnectionError("blip")
-        return await real(name, stage, *args)
+        return await real(name, stage, *args, **kw)
 
     client._call = call
 
@@ -408,7 +408,7 @@ def test_one_slow_reply_does_not_fail_the_queued_requests(redis_server: RedisSer
         await _until(lambda: len(_queue(redis_server)) == 1)
         real = client._call
 
-        async def slow_once(name: str, stage: Any, *args: Any) -> Any:
+        async def slow_once(name: str, stage: Any, *args: Any, **kw: Any) -> Any:
             client._call = real
             raise RedisTimeoutError("Timeout reading from socket")
 
@@ -468,10 +468,10 @@ def test_random_timeouts_cancellations_and_lost_background_calls_leave_nothing_h
             client = scope._client()
             real = client._call
 
-            async def flaky(name: str, stage: Any, *args: Any, real: Any = real) -> Any:
+            async def flaky(name: str, stage: Any, *args: Any, real: Any = real, **kw: Any) -> Any:
                 if name in ("release", "cancel") and rng.random() < 0.5:
                     raise RedisConnectionError("blip")
-                return await real(name, stage, *args)
+                return await real(name, stage, *args, **kw)
 
             client._call = flaky
         outcomes: list[str] = []
@@ -991,10 +991,12 @@ def test_a_live_holder_keeps_its_slot_with_several_resources_on_a_slow_redis(
     """One process holds the only slot of one of its 10 cluster resources,
     alive and never paused; Redis answers every call in 0.2 s (within the
     1 s ``timeout``: not an outage). A heartbeat round renews every resource
-    at once, every ``lease / 3`` from the start of the previous round, so
-    the 2 s lease never runs out (renewing the 10 one by one would take
-    2 s): another process waiting 8 s for the
-    slot times out, and no lease is reported lost."""
+    at once, on connections opened beforehand, every ``lease / 3`` from the
+    start of the previous round, so the 2 s lease never runs out (renewing
+    the 10 one by one would take 2 s, and opening a connection takes
+    several round trips): another process waiting 8 s for the slot times
+    out, and no lease is reported lost. On failure the message lists when each renewal of the
+    held resource was sent, so that a stalled process shows as a gap."""
     proxy = LatencyProxy(redis_server.port, 0.2)
     port = proxy.start()
 
@@ -1009,14 +1011,36 @@ def test_a_live_holder_keeps_its_slot_with_several_resources_on_a_slow_redis(
         resources = [Resource(1, name=f"r{i}", scope=scope) for i in range(10)]
         await scope.check()  # registers the 10 resources: one heartbeat each
         target = resources[-1]
+        loop = asyncio.get_running_loop()
+        client = scope._client()
+        sent: list[float] = []
+        ends: list[tuple[float, str]] = []
+        acquired = 0.0
+        beat = client.heartbeat
+
+        async def recorded(stage: Any) -> None:
+            if stage is not target._cluster:
+                return await beat(stage)
+            sent.append(loop.time())
+            try:
+                await beat(stage)
+            except BaseException as e:
+                ends.append((round(loop.time() - acquired, 2), repr(e)))
+                raise
+            ends.append((round(loop.time() - acquired, 2), "ok"))
+
+        client.heartbeat = recorded  # type: ignore[method-assign]
         await target.acquire()  # held until the end of the test
+        acquired = loop.time()
         other = RedisScope(redis_server.url(), key_prefix="test", lease=2.0)
         elsewhere = Resource(1, name="r9", scope=other)
         other_limiter = Limiter(timeout=8, resources=[elsewhere])
         outcome = await _try(other_limiter, elsewhere)
+        renewals = [round(t - acquired, 2) for t in sent if t >= acquired - 1]
         assert (outcome, lost) == ("timeout", []), (
             f"another process got the slot ({outcome}) while its holder still runs; "
-            f"leases lost: {lost}"
+            f"leases lost: {lost}; renewals sent at {renewals} s after the acquire "
+            f"returned, {round(loop.time() - acquired, 2)} s ago; ended {ends}"
         )
         target.release()
         await scope.aclose()
@@ -1026,6 +1050,46 @@ def test_a_live_holder_keeps_its_slot_with_several_resources_on_a_slow_redis(
         run(main)
     finally:
         proxy.close()
+
+
+def test_a_renewal_still_on_its_way_delays_neither_the_others_nor_the_next_round(
+    redis_server: RedisServer,
+) -> None:
+    """One resource's renewal hangs for 3 s (its connection is stuck, say);
+    the other resource's renewals go on every ``lease / 3`` (0.5 s): about
+    six in those 3 s, not one, and the stuck resource is not renewed again
+    while its renewal is still on its way."""
+
+    async def main() -> None:
+        scope = RedisScope(redis_server.url(), key_prefix="test", lease=1.5)
+        stuck = Resource(1, name="stuck", scope=scope)
+        Resource(1, name="free", scope=scope)  # renewed as usual
+        await scope.check()
+        loop = asyncio.get_running_loop()
+        client = scope._client()
+        beat = client.heartbeat
+        calls: dict[str, list[float]] = {"stuck": [], "free": []}
+        hang = asyncio.Event()
+
+        async def slow(stage: Any) -> None:
+            name = "stuck" if stage is stuck._cluster else "free"
+            calls[name].append(loop.time())
+            if name == "stuck" and not hang.is_set():
+                hang.set()
+                await asyncio.sleep(3.0)
+            await beat(stage)
+
+        client.heartbeat = slow  # type: ignore[method-assign]
+        await asyncio.wait_for(hang.wait(), 5)
+        began = loop.time()
+        await asyncio.sleep(3.0)
+        free_beats = [t for t in calls["free"] if t >= began]
+        stuck_beats = [t for t in calls["stuck"] if began <= t < began + 2.9]
+        assert len(free_beats) >= 4, f"'free' renewed {len(free_beats)} times in 3 s"
+        assert stuck_beats == [], "a second renewal of 'stuck' while its first was on its way"
+        await scope.aclose()
+
+    run(main)
 
 
 def test_a_renewal_after_the_slot_was_granted_again_reports_the_lost_lease(
@@ -1198,13 +1262,13 @@ def test_a_stale_release_sent_with_the_heartbeat_reports_the_lost_lease(
         heartbeat_fails = [True]
         release_fails = [3]
 
-        async def call(name: str, stage: Any, *args: Any) -> Any:
+        async def call(name: str, stage: Any, *args: Any, **kw: Any) -> Any:
             if name == "heartbeat" and heartbeat_fails[0]:
                 raise RedisConnectionError("paused")
             if name == "release" and release_fails[0] > 0:
                 release_fails[0] -= 1
                 raise RedisConnectionError("blip")
-            return await real(name, stage, *args)
+            return await real(name, stage, *args, **kw)
 
         client._call = call
         taken = asyncio.Event()

@@ -899,6 +899,9 @@ def test_requests_admitted_during_an_outage_count_after_it(
                 redis_server.resume()
         # The heartbeats put back all 5 running requests.
         await _until(lambda: len(holders(redis_server)) == 5, timeout=5)
+        # The other process takes Redis for reachable again at its next
+        # successful heartbeat (until then its requests get on_error).
+        await _until(lambda: not other._client().is_down_group(0), timeout=5)
         assert await _try(other_limiter, elsewhere) == "timeout"
         a2.release.set()
         await a2.task
