@@ -26,8 +26,12 @@ from fastapi_concurrency_limiter import (
     remaining_budget,
 )
 from fastapi_concurrency_limiter._deadline import format_budget, parse_budget
+from fastapi_concurrency_limiter.redis import RedisScope
 
 from .conftest import eventually, serve
+from .redis_support import RedisServer, redis_server
+
+__all__ = ["redis_server"]  # the fixture, imported for the test below
 
 pytestmark = pytest.mark.anyio
 BUSY = {"detail": "Server busy, please retry later"}
@@ -371,3 +375,32 @@ async def test_acquire_takes_a_deadline_in_seconds() -> None:
     assert db.statistics().rejected_total["deadline"] == 2
     assert (db.in_use, db.waiting) == (0, 0)
     assert remaining_budget() is None and deadline_headers() == {}
+
+
+async def test_cluster_scope_local_stage_refuses_and_the_budget_bounds_redis_s_queue(
+    redis_server: RedisServer,
+) -> None:
+    scope = RedisScope(redis_server.url(), key_prefix="deadline")
+    here = Resource(1, name="db", scope=scope)
+    limiter = Limiter(timeout=30, resources=[here])
+    # Another process's local stage of the same cluster resource.
+    there = Resource(1, name="db", scope=RedisScope(redis_server.url(), key_prefix="deadline"))
+    other = Limiter(timeout=30, resources=[there])
+    with pytest.raises(ServerBusy) as spent:
+        async with limiter.acquire([here], deadline=0):
+            pass
+    assert spent.value.reason == "deadline"
+    assert here.statistics().rejected_total["deadline"] == 1
+    async with limiter.acquire([here]):
+        # Its local stage is free; Redis's queue holds it until the budget
+        # ends (refused as a timeout there: Redis knows no deadlines).
+        with pytest.raises(ServerBusy) as queued:
+            async with other.acquire([there], deadline=0.2):
+                pass
+        assert queued.value.reason == "timeout"
+        # It leaves Redis's queue too (withdrawn in the background).
+        queue = redis_server.client()
+        await eventually(lambda: queue.zcard("{deadline:db}:queue") == 0)
+    assert (there.in_use, there.waiting) == (0, 0)
+    await scope.aclose()
+    await there._cluster.scope.aclose()  # type: ignore[union-attr]
