@@ -60,17 +60,18 @@ _current: contextvars.ContextVar[tuple[float, str] | None] = contextvars.Context
 _warned: set[str] = set()
 
 
-def check_header(header: object) -> str:
-    """``deadline_header``, lower-cased; TypeError/ValueError naming it."""
+def check_header(header: object, name: str = "deadline_header") -> str:
+    """A header name (the parameter ``name``), lower-cased; TypeError or
+    ValueError naming the parameter."""
     if not isinstance(header, str):
         raise TypeError(
-            "deadline_header must be a str naming a request header (e.g. 'grpc-timeout', "
+            f"{name} must be a str naming a request header (e.g. 'grpc-timeout', "
             f"'x-envoy-expected-rq-timeout-ms', 'x-request-timeout') or None, "
             f"got {type(header).__name__} {header!r}"
         )
     if not _TOKEN.fullmatch(header):
         raise ValueError(
-            "deadline_header must name a request header: letters, digits and "
+            f"{name} must name a request header: letters, digits and "
             f"!#$%&'*+-.^_`|~ only, not empty (e.g. 'grpc-timeout'), got {header!r}"
         )
     return header.lower()
@@ -203,7 +204,7 @@ def deadline_headers(name: str | None = None, *, margin: float = 0.0) -> dict[st
             await client.get(url, headers=deadline_headers())
     """
     if name is not None:
-        name = check_header(name)
+        name = check_header(name, "name")
     margin = check_seconds("margin", margin)
     current = _current.get()
     if current is None:

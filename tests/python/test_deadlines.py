@@ -136,6 +136,16 @@ def test_limiter_validates_the_deadline_settings(
         Limiter(timeout=1, resources=[Resource(1)], **kwargs)  # type: ignore[arg-type]
 
 
+def test_deadline_headers_validates_its_arguments() -> None:
+    with pytest.raises(ValueError, match="name must name a request header"):
+        deadline_headers("bad name")
+    with pytest.raises(TypeError, match="name must be a str"):
+        deadline_headers(5)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="margin must be"):
+        deadline_headers(margin=-1)
+    assert deadline_headers("Grpc-Timeout") == {}  # outside a request: no budget
+
+
 def test_deadline_settings_default_off_and_names_are_lower_case() -> None:
     assert Limiter(timeout=1, resources=[Resource(1)]).deadline_header is None
     limiter = Limiter(timeout=1, resources=[Resource(1)], deadline_header="X-Request-Timeout")
