@@ -121,8 +121,9 @@ class Gate:
     ) -> Releasable:
         """The rest of ``admit()`` after ``acquisition.try_acquire()``
         (``acquired``: what it returned) for an acquisition that found no
-        free slot, has a cluster stage or a client ``deadline`` (monotonic,
-        from ``client_deadline()``): waits, takes the cluster slots.
+        free slot or has a cluster stage: waits, takes the cluster slots.
+        ``deadline``: the client's (monotonic, from ``client_deadline()``),
+        which bounds both waits.
         The decorator inlines what comes before (its fast path)."""
         timeout = self._limiter._timeout if self._timeout is None else self._timeout
         started = running_loop_time()

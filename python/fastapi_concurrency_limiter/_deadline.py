@@ -163,11 +163,6 @@ def refuse_spent(acquisition: _core.Acquisition, rejection: Rejection) -> NoRetu
     raise rejection.error(resource, "deadline")
 
 
-def check_deadline(deadline: object) -> float:
-    """``limiter.acquire(deadline=...)``: seconds >= 0."""
-    return check_seconds("deadline", deadline)
-
-
 def remaining_budget() -> float | None:
     """Seconds left of the client's budget for the running request (0.0 once
     spent), or ``None`` when it sent none (no ``deadline_header`` on its
@@ -176,8 +171,9 @@ def remaining_budget() -> float | None:
     Read it in the handler, or in anything it calls or awaits, to give the
     calls it makes no more time than its client will wait::
 
-        async with httpx.AsyncClient() as client:
-            await client.get(url, timeout=remaining_budget() or 10.0)
+        left = remaining_budget()
+        async with httpx.AsyncClient(timeout=10.0 if left is None else left) as client:
+            await client.get(url)
 
     A ``def`` handler (run in the thread pool) sees it too. It is the
     client's budget minus the time since the request arrived, without the
