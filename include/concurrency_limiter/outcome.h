@@ -41,6 +41,11 @@ enum class Outcome : std::uint8_t {
 
 // Number of rejection reasons, i.e. outcomes other than kGranted and kPending.
 inline constexpr std::size_t kRejectionReasonCount = 8;
+// A reason added to Outcome without updating the count fails to compile here
+// (kPending stays last, right after the reasons).
+static_assert(kRejectionReasonCount == static_cast<std::size_t>(Outcome::kPending) - 1,
+              "kRejectionReasonCount must be the number of Outcome values between "
+              "kGranted and kPending: update it with the enum");
 
 // True for the outcomes that mean "turned away".
 constexpr bool is_rejection(Outcome o) noexcept {
