@@ -45,7 +45,12 @@ SCOPE_DEADLINE = "fastapi_concurrency_limiter.deadline"
 _GRPC = re.compile(r"([0-9]{1,8})([HMSmun])")
 _GRPC_UNITS = {"H": 3600.0, "M": 60.0, "S": 1.0, "m": 1e-3, "u": 1e-6, "n": 1e-9}
 _MILLISECONDS = re.compile(r"[0-9]+")
-_SECONDS = re.compile(r"[0-9]+(?:\.[0-9]*)?|\.[0-9]+")
+# Decimal seconds, with an exponent as common float formatters write them
+# ("1e-05", "5.0E-4"); no sign, inf or nan.
+_SECONDS = re.compile(r"(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
+# Envoy milliseconds with more significant digits than this are capped
+# without int(), which refuses numbers of more than 4300 digits.
+_MAX_MS_DIGITS = 15
 # RFC 9110 token characters: what a header name may be made of.
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 
@@ -83,8 +88,9 @@ def parse_budget(header: str, value: str) -> float | None:
     (no timeout). ValueError, saying why, for a value not in the header's
     format: ``grpc-timeout`` 1-8 digits and a unit H, M, S, m, u or n;
     ``x-envoy-expected-rq-timeout-ms`` whole milliseconds; any other header
-    decimal seconds (``2``, ``0.25``). Negative numbers, exponents, ``inf``
-    and ``nan`` are not in any of them."""
+    decimal seconds (``2``, ``0.25``, also with an exponent: ``1e-05``,
+    ``5.0E-4``). Signs, ``inf`` and ``nan`` are not in any of them; a huge
+    value of any length is capped."""
     text = value.strip()
     if header == GRPC_TIMEOUT:
         match = _GRPC.fullmatch(text)
@@ -94,13 +100,16 @@ def parse_budget(header: str, value: str) -> float | None:
     elif header == ENVOY_TIMEOUT:
         if _MILLISECONDS.fullmatch(text) is None:
             raise ValueError("expected whole milliseconds")
-        if int(text) == 0:
+        digits = text.lstrip("0")
+        if not digits:
             return None
-        seconds = int(text) / 1000.0
+        if len(digits) > _MAX_MS_DIGITS:
+            return MAX_SECONDS
+        seconds = int(digits) / 1000.0
     else:
         if _SECONDS.fullmatch(text) is None:
-            raise ValueError("expected seconds as a decimal number")
-        seconds = float(text)
+            raise ValueError("expected seconds as a decimal number (e.g. 2.5 or 1e-05)")
+        seconds = float(text)  # a huge one is inf at most: capped below
     return min(seconds, MAX_SECONDS)
 
 

@@ -68,6 +68,23 @@ def test_budgets_in_each_format(header: str, value: str, seconds: float | None) 
     assert parse_budget(header, value) == pytest.approx(seconds)
 
 
+def test_a_huge_envoy_budget_of_thousands_of_digits_is_capped_not_ignored() -> None:
+    """More digits than int() reads (4300) are still a huge budget: capped
+    as in the seconds format, not refused as unreadable."""
+    huge = "9" * 5000
+    assert parse_budget(OWN, huge) == 1e9
+    assert parse_budget(ENVOY, huge) == 1e9
+    assert parse_budget(ENVOY, "0" * 5000) is None  # still Envoy's "no timeout"
+
+
+@pytest.mark.parametrize("text", ["1e-05", "5.0E-4", "1.0E7", "2e+1"])
+def test_seconds_with_an_exponent_are_read(text: str) -> None:
+    """What common float formatters write: Python's str(0.00001) is
+    '1e-05', Java's Double.toString(0.0005) is '5.0E-4' and of 1e7 '1.0E7'."""
+    assert parse_budget(OWN, text) == pytest.approx(float(text))
+    assert parse_budget(OWN, "1e999") == 1e9  # huge: capped
+
+
 @pytest.mark.parametrize(
     ("header", "value"),
     [
@@ -84,7 +101,9 @@ def test_budgets_in_each_format(header: str, value: str, seconds: float | None) 
         (ENVOY, "abc"),
         (OWN, ""),
         (OWN, "-1"),
-        (OWN, "1e3"),
+        (OWN, "1e"),  # an exponent needs digits
+        (OWN, "-1e3"),
+        (OWN, "1e-3.5"),
         (OWN, "inf"),
         (OWN, "nan"),
         (OWN, "2s"),
