@@ -23,7 +23,9 @@ from ._logging import log_rejection
 from ._validation import MAX_SECONDS, check_seconds
 
 if TYPE_CHECKING:
+    from starlette.applications import Starlette
     from starlette.requests import HTTPConnection
+    from starlette.types import ASGIApp, Receive, Scope, Send
 
     from ._errors import Rejection
 
@@ -41,6 +43,11 @@ DEFAULT_MARGIN = 0.005
 # that every other one of the same request (a dependency and the decorator)
 # counts from the same arrival: {header name: monotonic deadline or None}.
 SCOPE_DEADLINE = "fastapi_concurrency_limiter.deadline"
+# Where limiter.instrument(app)'s outermost middleware stamps when the
+# request reached the app (time.monotonic()), so that the budget counts from
+# there rather than from the first entry point (after the body was read and
+# the dependencies before it ran).
+SCOPE_ARRIVED = "fastapi_concurrency_limiter.arrived"
 
 _GRPC = re.compile(r"([0-9]{1,8})([HMSmun])")
 _GRPC_UNITS = {"H": 3600.0, "M": 60.0, "S": 1.0, "m": 1e-3, "u": 1e-6, "n": 1e-9}
@@ -115,15 +122,18 @@ def parse_budget(header: str, value: str) -> float | None:
 
 def deadline_of(connection: HTTPConnection, header: str) -> float | None:
     """The monotonic time at which the client of ``connection`` gives up
-    (counted from the first call for the request), or ``None`` if it sent
-    no readable budget in ``header``."""
+    (counted from its arrival at the app as stamped by ``StampArrival``,
+    else from the first call for the request), or ``None`` if it sent no
+    readable budget in ``header``."""
     scope = connection.scope
     known: dict[str, float | None] | None = scope.get(SCOPE_DEADLINE)
     if known is None:
         known = scope[SCOPE_DEADLINE] = {}
     elif header in known:
         return known[header]
-    arrived = time.monotonic()
+    arrived: float | None = scope.get(SCOPE_ARRIVED)
+    if arrived is None:
+        arrived = time.monotonic()
     raw = header.encode("latin-1")
     deadline = None
     for name, value in scope.get("headers") or ():
@@ -153,6 +163,39 @@ def _warn_once(header: str, value: str, why: str) -> None:
         why,
         extra={"header": header, "value": shown},
     )
+
+
+class StampArrival:
+    """Pure ASGI middleware, the outermost of an app (``stamp_arrivals()``):
+    stamps in each HTTP request's and WebSocket connection's scope when it
+    arrived, before any other middleware, the body or a dependency runs."""
+
+    __slots__ = ("app",)
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "lifespan" and SCOPE_ARRIVED not in scope:
+            scope[SCOPE_ARRIVED] = time.monotonic()
+        await self.app(scope, receive, send)
+
+
+def stamp_arrivals(app: Starlette) -> None:
+    """Makes ``StampArrival`` the outermost layer of ``app`` (outside the
+    middleware added before or after this call, and its error handler);
+    once per app."""
+    if getattr(app, "_stamps_arrivals", False):
+        return
+    build = app.build_middleware_stack
+
+    def build_middleware_stack() -> ASGIApp:
+        return StampArrival(build())
+
+    app.build_middleware_stack = build_middleware_stack  # type: ignore[method-assign]
+    if app.middleware_stack is not None:  # already started: wrap what runs
+        app.middleware_stack = StampArrival(app.middleware_stack)
+    app._stamps_arrivals = True  # type: ignore[attr-defined]
 
 
 def enter(deadline: float | None, header: str) -> None:

@@ -21,7 +21,7 @@ from ._adaptive import SUCCESS, completion_of
 from ._admission import Gate
 from ._asgi import TRY_AGAIN_LATER, KeyOf, LimitedApp, OnReject, refuse
 from ._clustered import ClusteredAcquisition, Releasable, running_loop_time, with_cluster
-from ._deadline import DEFAULT_MARGIN, check_header, refuse_spent
+from ._deadline import DEFAULT_MARGIN, check_header, refuse_spent, stamp_arrivals
 from ._errors import BUSY_DETAIL, Rejection, ServerBusy
 from ._holding import (
     REQUEST,
@@ -89,7 +89,8 @@ class Limiter:
             - ``deadline_margin``); one with no more than the margin left is
             refused at once, without queueing and without running its
             handler (reason ``"deadline"``). The budget counts from when the
-            first entry point of this package sees the request. A value not
+            request reached the app with ``instrument(app)``, else from when
+            the first entry point of this package sees it. A value not
             in the format (garbage, negative, empty) is ignored, logged once
             per header at WARNING; a huge one leaves the timeout in force.
             ``remaining_budget()`` reads what is left in the handler. See
@@ -403,12 +404,21 @@ class Limiter:
         (which registered the function unlimited): now for the routes
         declared so far, and when the app starts for all. Call once, e.g.
         right after creating the app; routes declared later are covered
-        too."""
+        too.
+
+        With a ``deadline_header``, it also makes a tiny ASGI middleware the
+        outermost layer of ``app`` (outside the other middleware, whenever
+        added): it notes when each request arrives, and the client's budget
+        counts from there instead of from the limiter's first entry point
+        (after the request body was read and the dependencies before it ran).
+        """
         from ._openapi import check_order, check_routes_at_startup, document_busy_responses
 
         check_order(app)
         document_busy_responses(app, gates)
         check_routes_at_startup(app, gates)
+        if self._deadline_header is not None:
+            stamp_arrivals(app)
 
     def statistics(self) -> LimiterStatistics:
         """Snapshots of every registered resource, in registration order."""

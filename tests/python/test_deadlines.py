@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+from typing import Any
 
 import httpx
 import pytest
@@ -433,3 +434,48 @@ async def test_cluster_scope_local_stage_refuses_and_the_budget_bounds_redis_s_q
     assert (there.in_use, there.waiting) == (0, 0)
     await scope.aclose()
     await there._cluster.scope.aclose()  # type: ignore[union-attr]
+
+
+class _Slow:
+    """ASGI middleware that takes ``seconds`` before passing a request on."""
+
+    def __init__(self, app: Any, seconds: float) -> None:
+        self.app, self.seconds = app, seconds
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            await asyncio.sleep(self.seconds)
+        await self.app(scope, receive, send)
+
+
+@pytest.mark.parametrize("slow", ["dependency", "middleware"])
+async def test_with_instrument_the_budget_counts_from_the_request_s_arrival(slow: str) -> None:
+    """A dependency before the decorated handler, or a middleware (added
+    after instrument()), spends 0.1 s of a 0.05 s budget: the client has
+    given up before the limiter is reached, so the request is refused
+    (deadline) and the handler does not run."""
+    db = Resource(1, name="db")
+    limiter = Limiter(timeout=30, resources=[db], deadline_header=OWN)
+    app = FastAPI()
+    limiter.instrument(app)
+    ran: list[float | None] = []
+
+    async def slow_auth() -> None:
+        await asyncio.sleep(0.1)
+
+    @app.get("/x", dependencies=[Depends(slow_auth)] if slow == "dependency" else [])
+    @limiter.resources([db])
+    async def x() -> dict[str, object]:
+        ran.append(remaining_budget())
+        return {"left": remaining_budget()}
+
+    if slow == "middleware":
+        app.add_middleware(_Slow, seconds=0.1)
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+        r = await client.get("/x", headers={OWN: "0.05"})
+        assert r.status_code == 503 and r.json() == BUSY
+        assert ran == []
+        r = await client.get("/x", headers={OWN: "30"})  # enough left: it runs
+        assert r.status_code == 200 and 0 < r.json()["left"] < 30
+    assert db.statistics().rejected_total["deadline"] == 1
