@@ -198,6 +198,27 @@ def stamp_arrivals(app: Starlette) -> None:
     app._stamps_arrivals = True  # type: ignore[attr-defined]
 
 
+def begin() -> contextvars.Token[tuple[float, str] | None]:
+    """Where an entry point of a limiter with a ``deadline_header`` starts
+    with a request: no deadline yet in the running context (an earlier
+    request's of the same task is gone). ``end()`` the token when the
+    request ends."""
+    return _current.set(None)
+
+
+def end(token: contextvars.Token[tuple[float, str] | None]) -> None:
+    """Where that entry point is done with the request: ``remaining_budget()``
+    reads what it read before ``begin()`` (``None`` outside any request), so
+    that the request's budget does not outlive it in its task (an
+    in-process test client runs every request in the caller's)."""
+    try:
+        _current.reset(token)
+    except (ValueError, RuntimeError):
+        # Ended in another context than begun (a thread): that context
+        # never saw the budget; or ended twice.
+        pass
+
+
 def enter(deadline: float | None, header: str) -> None:
     """Makes the request's deadline (``None``: it has none) readable by
     ``remaining_budget()`` in the running context (the request's task: its

@@ -21,7 +21,7 @@ from ._adaptive import SUCCESS, completion_of
 from ._admission import Gate
 from ._asgi import TRY_AGAIN_LATER, KeyOf, LimitedApp, OnReject, refuse
 from ._clustered import ClusteredAcquisition, Releasable, running_loop_time, with_cluster
-from ._deadline import DEFAULT_MARGIN, check_header, refuse_spent, stamp_arrivals
+from ._deadline import DEFAULT_MARGIN, begin, check_header, end, refuse_spent, stamp_arrivals
 from ._errors import BUSY_DETAIL, Rejection, ServerBusy
 from ._holding import (
     REQUEST,
@@ -40,7 +40,7 @@ from ._keys import bounded, key_from
 from ._order import catch_at_decoration, record
 from ._resource import Resource
 from ._statistics import LimiterStatistics
-from ._streaming import STREAMED, Held, release_after_sending
+from ._streaming import STREAMED, Held, end_after_sending, release_after_sending
 from ._validation import check_seconds
 from ._waiting import wait
 
@@ -257,22 +257,28 @@ class Limiter:
         """
         gate = self._gate(resources, timeout)
         key_dependency = _key_dependency(key, gate)
+        deadlines = gate.deadline_header is not None
 
         async def limit(connection: HTTPConnection, **kwargs: Any) -> AsyncIterator[None]:
+            token = begin() if deadlines else None
             try:
-                granted, holds = await gate.admit(connection, kwargs.get(_KEY_PARAM))
-            except ServerBusy as exc:
-                if connection.scope["type"] == "websocket":
-                    # A dependency cannot answer the handshake itself: the
-                    # close before accept is refused with HTTP 403.
-                    raise WebSocketException(TRY_AGAIN_LATER, "Server busy") from exc
-                raise
-            try:
-                yield
-            except BaseException as exc:
-                gate.release(granted, holds, completion_of(exc))
-                raise
-            gate.release(granted, holds)
+                try:
+                    granted, holds = await gate.admit(connection, kwargs.get(_KEY_PARAM))
+                except ServerBusy as exc:
+                    if connection.scope["type"] == "websocket":
+                        # A dependency cannot answer the handshake itself: the
+                        # close before accept is refused with HTTP 403.
+                        raise WebSocketException(TRY_AGAIN_LATER, "Server busy") from exc
+                    raise
+                try:
+                    yield
+                except BaseException as exc:
+                    gate.release(granted, holds, completion_of(exc))
+                    raise
+                gate.release(granted, holds)
+            finally:
+                if token is not None:
+                    end(token)
 
         sig = inspect.Signature([
             inspect.Parameter(
@@ -771,6 +777,26 @@ def _limit(
                 leave(holds, selection)
         return result
 
+    if deadlines:
+        # The request's budget is readable (remaining_budget()) until its
+        # response has been sent, and not after, in its task.
+        limited = endpoint
+
+        @functools.wraps(func)
+        async def endpoint(*args: Any, **kwargs: Any) -> Any:
+            token = begin()
+            try:
+                result = await limited(*args, **kwargs)
+            except BaseException:
+                end(token)
+                raise
+            if isinstance(result, STREAMED):
+                # Its body is produced while it is sent: the budget goes with it.
+                end_after_sending(result, token)
+            else:
+                end(token)
+            return result
+
     # FastAPI reads parameters from __signature__: the user's own, plus the
     # Request the decorator needs to notice disconnects, and the key.
     if injected:
@@ -794,26 +820,32 @@ def _limit_websocket(
     connection turned away is refused before it is accepted (see
     ``refuse``), and the endpoint does not run."""
     keyed = key_dependency is not None
+    deadlines = gate.deadline_header is not None
 
     @functools.wraps(func)
     async def endpoint(*args: Any, **kwargs: Any) -> Any:
         websocket: WebSocket = kwargs[socket_name]
+        token = begin() if deadlines else None
         try:
-            granted, holds = await gate.admit(
-                websocket, kwargs.pop(_KEY_PARAM) if keyed else None
-            )
-        except ServerBusy as exc:
-            # The raw channel: Starlette's WebSocket.send() of some
-            # supported versions refuses the denial messages.
-            await refuse(websocket, websocket._send, exc)  # the app's handler if any
-            return None
-        try:
-            result = await func(*args, **kwargs)
-        except BaseException as exc:
-            gate.release(granted, holds, completion_of(exc))
-            raise
-        gate.release(granted, holds)
-        return result
+            try:
+                granted, holds = await gate.admit(
+                    websocket, kwargs.pop(_KEY_PARAM) if keyed else None
+                )
+            except ServerBusy as exc:
+                # The raw channel: Starlette's WebSocket.send() of some
+                # supported versions refuses the denial messages.
+                await refuse(websocket, websocket._send, exc)  # the app's handler if any
+                return None
+            try:
+                result = await func(*args, **kwargs)
+            except BaseException as exc:
+                gate.release(granted, holds, completion_of(exc))
+                raise
+            gate.release(granted, holds)
+            return result
+        finally:
+            if token is not None:
+                end(token)
 
     if keyed:
         sig = _with_param(sig, _KEY_PARAM, Any, key_dependency)
@@ -837,13 +869,20 @@ def _limit_generator(
     has gone, in any case."""
     from fastapi import Depends
 
+    deadlines = gate.deadline_header is not None
+
     async def slots(request: Request, **kwargs: Any) -> AsyncIterator[Held]:
-        granted, holds = await gate.admit(request, kwargs.get(_KEY_PARAM))
-        held = Held(granted, holds, gate.selection)
+        token = begin() if deadlines else None
         try:
-            yield held
+            granted, holds = await gate.admit(request, kwargs.get(_KEY_PARAM))
+            held = Held(granted, holds, gate.selection)
+            try:
+                yield held
+            finally:
+                held.release()
         finally:
-            held.release()
+            if token is not None:
+                end(token)
 
     slots_sig = inspect.Signature([
         inspect.Parameter("request", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=Request)

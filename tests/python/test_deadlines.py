@@ -8,13 +8,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
 import pytest
 from fastapi import Depends, FastAPI, Request, WebSocket
 from starlette.applications import Starlette
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, StreamingResponse
 from starlette.routing import Route
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
@@ -479,3 +480,65 @@ async def test_with_instrument_the_budget_counts_from_the_request_s_arrival(slow
         r = await client.get("/x", headers={OWN: "30"})  # enough left: it runs
         assert r.status_code == 200 and 0 < r.json()["left"] < 30
     assert db.statistics().rejected_total["deadline"] == 1
+
+
+@pytest.mark.parametrize("entry", ["decorator", "streamed", "dependency", "asgi"])
+async def test_the_budget_does_not_outlive_its_request_in_the_task(entry: str) -> None:
+    """httpx.ASGITransport runs every request in the caller's task: after a
+    limited request with a budget, a route of no limiter (and the test's
+    own code) reads no budget, and deadline_headers() sends none on."""
+    db = Resource(1, name="db")
+    limiter = Limiter(timeout=30, resources=[db], deadline_header=OWN)
+    app = FastAPI()
+    seen: list[float | None] = []
+
+    if entry == "decorator":
+
+        @app.get("/limited")
+        @limiter.resources([db])
+        async def limited() -> dict[str, object]:
+            seen.append(remaining_budget())
+            return {}
+
+    elif entry == "streamed":
+
+        @app.get("/limited")
+        @limiter.resources([db])
+        async def streamed() -> StreamingResponse:
+            async def body() -> AsyncIterator[str]:
+                seen.append(remaining_budget())  # while it is sent: still readable
+                yield "x"
+
+            return StreamingResponse(body())
+
+    elif entry == "dependency":
+
+        @app.get("/limited", dependencies=[Depends(limiter.dependency([db]))])
+        async def by_dependency() -> dict[str, object]:
+            seen.append(remaining_budget())
+            return {}
+
+    else:
+
+        async def endpoint(request: Request) -> JSONResponse:
+            seen.append(remaining_budget())
+            return JSONResponse({})
+
+        app.mount("/limited", limiter.asgi([db])(Starlette(routes=[Route("/", endpoint)])))
+
+    @app.get("/plain")
+    async def plain() -> dict[str, object]:
+        return {"left": remaining_budget(), "headers": deadline_headers()}
+
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+        r = await client.get("/limited/" if entry == "asgi" else "/limited", headers={OWN: "30"})
+        assert r.status_code == 200
+        r = await client.get("/plain")  # no header, no limiter
+        assert r.json() == {"left": None, "headers": {}}
+        r = await client.get("/limited/" if entry == "asgi" else "/limited", headers={OWN: "0"})
+        assert r.status_code == 503  # a refused one leaves nothing behind either
+        r = await client.get("/plain")
+        assert r.json() == {"left": None, "headers": {}}
+    assert len(seen) == 1 and seen[0] is not None and 0 < seen[0] <= 30
+    assert remaining_budget() is None and deadline_headers() == {}
