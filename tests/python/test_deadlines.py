@@ -418,7 +418,14 @@ async def test_cluster_scope_local_stage_refuses_and_the_budget_bounds_redis_s_q
     # Another process's local stage of the same cluster resource.
     there = Resource(1, name="db", scope=RedisScope(redis_server.url(), key_prefix="deadline"))
     # No route timeout: only the budget can end its wait in Redis's queue.
-    other = Limiter(timeout=None, resources=[there])
+    other = Limiter(timeout=None, resources=[there], deadline_header=OWN)
+    app = FastAPI()
+
+    @app.get("/x")
+    @other.resources([there])
+    async def x() -> dict[str, object]:
+        return {}
+
     with pytest.raises(ServerBusy) as spent:
         async with limiter.acquire([here], deadline=0):
             pass
@@ -434,6 +441,13 @@ async def test_cluster_scope_local_stage_refuses_and_the_budget_bounds_redis_s_q
         assert queued.value.reason == "timeout"
         # It leaves Redis's queue too (withdrawn in the background).
         queue = redis_server.client()
+        await eventually(lambda: queue.zcard("{deadline:db}:queue") == 0)
+        # The same for a request's budget read from its header.
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+            with anyio.fail_after(10):
+                r = await client.get("/x", headers={OWN: "0.2"})
+        assert r.status_code == 503 and r.json() == BUSY
         await eventually(lambda: queue.zcard("{deadline:db}:queue") == 0)
     assert (there.in_use, there.waiting) == (0, 0)
     await scope.aclose()
