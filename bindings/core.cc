@@ -30,7 +30,7 @@ nb::dict rejected_by_reason(const cl::ResourceStatistics& s) {
   for (cl::Outcome o : {cl::Outcome::kTimeout, cl::Outcome::kQueueFull,
                         cl::Outcome::kShed, cl::Outcome::kDisconnected,
                         cl::Outcome::kCancelled, cl::Outcome::kKeyLimit,
-                        cl::Outcome::kUnavailable}) {
+                        cl::Outcome::kUnavailable, cl::Outcome::kDeadline}) {
     out[nb::str(cl::to_string(o).data())] = s.rejected(o);
   }
   return out;
@@ -51,6 +51,7 @@ NB_MODULE(_core, m) {
       .value("cancelled", cl::Outcome::kCancelled)
       .value("key_limit", cl::Outcome::kKeyLimit)
       .value("unavailable", cl::Outcome::kUnavailable)
+      .value("deadline", cl::Outcome::kDeadline)
       .value("pending", cl::Outcome::kPending);
 
   nb::enum_<cl::Completion>(m, "Completion", "How a request that held slots ended.")
@@ -227,6 +228,7 @@ NB_MODULE(_core, m) {
       .def_prop_ro("key", &cl::Acquisition::key)
       .def("try_acquire", &cl::Acquisition::try_acquire)
       .def("try_once", &cl::Acquisition::try_once)
+      .def("refuse", &cl::Acquisition::refuse, "reason"_a)
       .def("start",
            [](cl::Acquisition& a, std::function<void(cl::Outcome)> callback) {
              // The engine calls back from noexcept code: a Python exception

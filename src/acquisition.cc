@@ -84,6 +84,22 @@ Outcome Acquisition::try_once() {
   return reason;
 }
 
+Outcome Acquisition::refuse(Outcome reason) {
+  if (!is_rejection(reason)) {
+    throw std::invalid_argument("refuse() needs a rejection reason, got '" +
+                                std::string(to_string(reason)) + "'");
+  }
+  detail::MutexLock lock(mu_);
+  if (state_ != State::kIdle) {
+    throw std::logic_error("refuse() on an acquisition already started");
+  }
+  refused_ = 0;
+  resource(0).count_rejection(reason);
+  state_ = State::kRejected;
+  outcome_ = reason;
+  return reason;
+}
+
 Outcome Acquisition::start(Callback callback) {
   detail::NoticeList notices;
   detail::MutexLock lock(mu_);

@@ -104,6 +104,15 @@ class Acquisition {
   // rejection. Only valid in state kIdle.
   Outcome try_once();
 
+  // Turns the request away without trying for a slot or queueing, for a
+  // reason the caller knows before it starts (kDeadline: the client's budget
+  // is already spent). Counted as a rejection with `reason` by the set's
+  // first resource, which becomes refused_by(); takes nothing, waits for no
+  // lock but that resource's statistics lock, calls no callback. Returns
+  // `reason`. Only valid in state kIdle (std::logic_error otherwise);
+  // `reason` must be a rejection (std::invalid_argument otherwise).
+  Outcome refuse(Outcome reason);
+
   // Starts acquiring. Returns kGranted or a rejection (kQueueFull, or
   // kUnavailable from a closed resource) when that is known at once: then
   // `callback` is never called. Returns kPending when the request is queued:

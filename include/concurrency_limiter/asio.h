@@ -195,6 +195,7 @@ inline std::string outcome_message(int value, std::string_view resource) {
     case Outcome::kCancelled: return "cancelled while waiting for " + on;
     case Outcome::kKeyLimit: return "key at its per-key share of " + on;
     case Outcome::kUnavailable: return on + " unavailable (closed, or its shared state out of reach)";
+    case Outcome::kDeadline: return "client's deadline spent waiting for " + on;
     case Outcome::kPending: return "still waiting for " + on;
   }
   return "unknown outcome";
@@ -215,7 +216,7 @@ class OutcomeCategory : public std::error_category {
     if (cond == default_error_condition(value)) return true;
     const auto o = static_cast<Outcome>(value);
     return (o == Outcome::kCancelled && cond == std::errc::operation_canceled) ||
-           ((o == Outcome::kTimeout || o == Outcome::kKeyLimit) &&
+           ((o == Outcome::kTimeout || o == Outcome::kKeyLimit || o == Outcome::kDeadline) &&
             cond == std::errc::timed_out) ||
            (o == Outcome::kUnavailable && cond == std::errc::resource_unavailable_try_again);
   }

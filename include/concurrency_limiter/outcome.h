@@ -32,11 +32,20 @@ enum class Outcome : std::uint8_t {
                  // shared state could not be reached in time (host scope: its
                  // lock held by a process stopped inside it, or a corrupt
                  // segment); refused at once
+  kDeadline,     // the client's own deadline (a budget it sent with the
+                 // request) was spent before a slot came: refused before
+                 // queueing if already spent on arrival, else it ended the
+                 // wait before the timeout would have (set by the front end)
   kPending,      // still queued; the completion callback will say how it ends
 };
 
 // Number of rejection reasons, i.e. outcomes other than kGranted and kPending.
-inline constexpr std::size_t kRejectionReasonCount = 7;
+inline constexpr std::size_t kRejectionReasonCount = 8;
+// A reason added to Outcome without updating the count fails to compile here
+// (kPending stays last, right after the reasons).
+static_assert(kRejectionReasonCount == static_cast<std::size_t>(Outcome::kPending) - 1,
+              "kRejectionReasonCount must be the number of Outcome values between "
+              "kGranted and kPending: update it with the enum");
 
 // True for the outcomes that mean "turned away".
 constexpr bool is_rejection(Outcome o) noexcept {
@@ -50,7 +59,7 @@ constexpr std::size_t rejection_index(Outcome o) noexcept {
 
 // Stable lower-case names used in errors, statistics and metrics labels:
 // "granted", "timeout", "queue_full", "shed", "disconnected", "cancelled",
-// "key_limit", "unavailable", "pending".
+// "key_limit", "unavailable", "deadline", "pending".
 std::string_view to_string(Outcome o) noexcept;
 
 }  // namespace concurrency_limiter

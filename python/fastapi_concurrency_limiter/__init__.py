@@ -26,6 +26,7 @@ endpoints.
 import logging
 
 from ._adaptive import AdaptiveLimit
+from ._deadline import deadline_headers, remaining_budget
 from ._errors import BUSY_DETAIL, ServerBusy
 from ._limiter import Limiter
 from ._resource import Resource
@@ -40,6 +41,8 @@ __all__ = [
     "Resource",
     "ResourceStatistics",
     "ServerBusy",
+    "deadline_headers",
+    "remaining_budget",
 ]
 __version__ = "0.2.0"
 

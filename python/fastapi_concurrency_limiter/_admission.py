@@ -4,12 +4,14 @@ with its fast path, the wait, the cluster stage; and the release."""
 
 from __future__ import annotations
 
+import time
 from typing import TYPE_CHECKING
 
 from starlette.requests import Request
 
 from . import _core
 from ._clustered import Releasable, running_loop_time, with_cluster
+from ._deadline import deadline_of, enter, refuse_spent
 from ._errors import Rejection
 from ._holding import (
     REQUEST,
@@ -34,10 +36,19 @@ if TYPE_CHECKING:
 
 class Gate:
     """One limited entry point: its resources, its own timeout (``None``: the
-    limiter's, read per request since it is assignable) and the limiter's
-    rejection."""
+    limiter's, read per request since it is assignable), the limiter's
+    rejection and client deadline header (``None``: none read)."""
 
-    __slots__ = ("_limiter", "selection", "_rset", "_clusters", "_timeout", "rejection")
+    __slots__ = (
+        "_limiter",
+        "selection",
+        "_rset",
+        "_clusters",
+        "_timeout",
+        "rejection",
+        "deadline_header",
+        "margin",
+    )
 
     def __init__(self, limiter: Limiter, selection: Selection, timeout: float | None) -> None:
         self._limiter = limiter
@@ -46,6 +57,8 @@ class Gate:
         self._clusters = selection.clusters
         self._timeout = timeout
         self.rejection: Rejection = limiter._rejection
+        self.deadline_header: str | None = limiter._deadline_header
+        self.margin: float = limiter._deadline_margin
 
     async def admit(
         self, connection: HTTPConnection | None, key: str | None = None
@@ -55,7 +68,9 @@ class Gate:
         While it waits, a client that leaves (``connection``'s receive
         channel, an HTTP request or a WebSocket) ends the wait. Raises
         ServerBusy, or RuntimeError when the task holds slots that make
-        waiting a possible deadlock; nothing is held then."""
+        waiting a possible deadlock; nothing is held then. With the
+        limiter's ``deadline_header``, the client's budget bounds the wait,
+        and a spent one is refused before trying (reason ``deadline``)."""
         selection = self.selection
         # What this task holds (inlined: this is the fast path).
         task = task_on(running_loop())
@@ -72,26 +87,64 @@ class Gate:
         acquisition = (
             _core.Acquisition(self._rset) if key is None else _core.Acquisition(self._rset, key)
         )
+        deadline = None
+        if self.deadline_header is not None and connection is not None:
+            deadline = self.client_deadline(acquisition, connection)
         granted: Releasable = acquisition
         acquired = acquisition.try_acquire()
         if not acquired or self._clusters:
-            granted = await self.settle(acquisition, acquired, connection)
+            granted = await self.settle(acquisition, acquired, connection, deadline)
         holds.append(selection)
         return granted, holds
 
+    def client_deadline(
+        self, acquisition: _core.Acquisition, connection: HTTPConnection
+    ) -> float | None:
+        """The monotonic time at which the client of ``connection`` gives up
+        (``None``: it sent no budget), made readable by ``remaining_budget()``;
+        refuses ``acquisition`` (ServerBusy, reason ``deadline``) if no more
+        than the margin is left. Only with a ``deadline_header``."""
+        header = self.deadline_header
+        assert header is not None
+        deadline = deadline_of(connection, header)
+        enter(deadline, header)
+        if deadline is not None and deadline - time.monotonic() <= self.margin:
+            refuse_spent(acquisition, self.rejection)
+        return deadline
+
     async def settle(
-        self, acquisition: _core.Acquisition, acquired: bool, connection: HTTPConnection | None
+        self,
+        acquisition: _core.Acquisition,
+        acquired: bool,
+        connection: HTTPConnection | None,
+        deadline: float | None = None,
     ) -> Releasable:
         """The rest of ``admit()`` after ``acquisition.try_acquire()``
         (``acquired``: what it returned) for an acquisition that found no
         free slot or has a cluster stage: waits, takes the cluster slots.
+        ``deadline``: the client's (monotonic, from ``client_deadline()``),
+        which bounds both waits.
         The decorator inlines what comes before (its fast path)."""
         timeout = self._limiter._timeout if self._timeout is None else self._timeout
         started = running_loop_time()
+        left = None
+        if deadline is not None:
+            left = deadline - time.monotonic() - self.margin
         if not acquired:
             rejection = self.rejection
-            await wait(acquisition, timeout, rejection.retry_after, connection, rejection=rejection)
+            await wait(
+                acquisition,
+                timeout,
+                rejection.retry_after,
+                connection,
+                rejection=rejection,
+                deadline=left,
+            )
         if self._clusters:
+            if left is not None and (timeout is None or left < timeout):
+                # The cluster stage ends with the client's budget too (its
+                # refusal then says "timeout": Redis's queue knows no deadlines).
+                timeout = max(left, 0.0)
             return await self._cluster(acquisition, started, timeout, connection)
         return acquisition
 

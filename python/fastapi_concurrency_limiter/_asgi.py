@@ -14,6 +14,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from starlette.websockets import WebSocket
 
 from ._adaptive import completion_of
+from ._deadline import begin, end
 from ._errors import ServerBusy
 from ._holding import SCOPE_HOLDS, Holds, leave
 from ._keys import key_from
@@ -161,46 +162,53 @@ class LimitedApp:
         else:
             connection = WebSocket(scope, receive, send)
         gate = self._gate
-        key = None if self._key is None else await key_of(self._key, connection)
+        # The request's client deadline (with a deadline_header) is
+        # readable until it ends here, not after, in its task.
+        token = begin() if gate.deadline_header is not None else None
         try:
-            granted, holds = await gate.admit(connection, key)
-        except ServerBusy as exc:
-            await refuse(connection, send, exc, self._on_reject, self.app)
-            return
-        selection = gate.selection
-        held = Held(granted, holds, selection)
-        # Also recorded in the scope, for entry points of this request that
-        # run in another task (behind a BaseHTTPMiddleware): they must not
-        # wait for these slots.
-        in_scope = scope.get(SCOPE_HOLDS)
-        if in_scope is None:
-            in_scope = scope[SCOPE_HOLDS] = Holds()
-        in_scope.append(selection)
+            key = None if self._key is None else await key_of(self._key, connection)
+            try:
+                granted, holds = await gate.admit(connection, key)
+            except ServerBusy as exc:
+                await refuse(connection, send, exc, self._on_reject, self.app)
+                return
+            selection = gate.selection
+            held = Held(granted, holds, selection)
+            # Also recorded in the scope, for entry points of this request that
+            # run in another task (behind a BaseHTTPMiddleware): they must not
+            # wait for these slots.
+            in_scope = scope.get(SCOPE_HOLDS)
+            if in_scope is None:
+                in_scope = scope[SCOPE_HOLDS] = Holds()
+            in_scope.append(selection)
 
-        def release(completion: _core.Completion | None = None) -> None:
-            held.release(completion)
-            leave(in_scope, selection)
+            def release(completion: _core.Completion | None = None) -> None:
+                held.release(completion)
+                leave(in_scope, selection)
 
-        # The watcher may have read messages while the request waited: they
-        # are served again from the connection's receive.
-        receive = connection._receive
-        if kind == "http":
+            # The watcher may have read messages while the request waited: they
+            # are served again from the connection's receive.
+            receive = connection._receive
+            if kind == "http":
 
-            async def send_then_release(message: Message) -> None:
-                await send(message)
-                if message["type"] in _LAST and not message.get("more_body", False):
-                    release()
+                async def send_then_release(message: Message) -> None:
+                    await send(message)
+                    if message["type"] in _LAST and not message.get("more_body", False):
+                        release()
 
-            sender: Send = send_then_release
-        else:
-            sender = send
-        try:
-            await self.app(scope, receive, sender)
-        except BaseException as exc:
-            release(completion_of(exc))
-            raise
+                sender: Send = send_then_release
+            else:
+                sender = send
+            try:
+                await self.app(scope, receive, sender)
+            except BaseException as exc:
+                release(completion_of(exc))
+                raise
+            finally:
+                release()
         finally:
-            release()
+            if token is not None:
+                end(token)
 
     def __getattr__(self, name: str) -> Any:
         # Starlette reads attributes of a mounted app (``routes``, for

@@ -31,6 +31,7 @@ REASONS = (
     "cancelled",
     "key_limit",
     "unavailable",
+    "deadline",
 )
 
 
@@ -60,7 +61,10 @@ class ServerBusy(_HTTPException):
             share), or ``"unavailable"`` (a cluster-scoped resource's Redis
             could not be reached, see ``RedisScope``'s ``on_error``; or a
             host-scoped resource's shared lock was held by a process stopped
-            inside it, or its segment is corrupt).
+            inside it, or its segment is corrupt), or ``"deadline"`` (the
+            client's own budget, read from the limiter's ``deadline_header``
+            or given as ``acquire(deadline=...)``, was spent on arrival or
+            ran out first while it waited).
         retry_after: seconds sent in the ``Retry-After`` header, or ``None``.
         status_code: the HTTP status (``Limiter(status_code=...)``, 503 by
             default).

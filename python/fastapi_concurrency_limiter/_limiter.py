@@ -21,6 +21,7 @@ from ._adaptive import SUCCESS, completion_of
 from ._admission import Gate
 from ._asgi import TRY_AGAIN_LATER, KeyOf, LimitedApp, OnReject, refuse
 from ._clustered import ClusteredAcquisition, Releasable, running_loop_time, with_cluster
+from ._deadline import DEFAULT_MARGIN, begin, check_header, end, refuse_spent, stamp_arrivals
 from ._errors import BUSY_DETAIL, Rejection, ServerBusy
 from ._holding import (
     REQUEST,
@@ -39,7 +40,7 @@ from ._keys import bounded, key_from
 from ._order import catch_at_decoration, record
 from ._resource import Resource
 from ._statistics import LimiterStatistics
-from ._streaming import STREAMED, Held, release_after_sending
+from ._streaming import STREAMED, Held, end_after_sending, release_after_sending
 from ._validation import check_seconds
 from ._waiting import wait
 
@@ -78,6 +79,24 @@ class Limiter:
             (e.g. 429).
         detail: the ``detail`` of a rejection's JSON body
             (``{"detail": detail}``); anything JSON-serialisable.
+        deadline_header: the request header in which clients send their
+            budget (how long they will wait for the response), or ``None``
+            (default) to read none. ``"grpc-timeout"`` is read in gRPC's
+            format (``"250m"``: 1-8 digits and a unit H, M, S, m, u, n),
+            ``"x-envoy-expected-rq-timeout-ms"`` in whole milliseconds (0:
+            no deadline), any other name in decimal seconds (``"2.5"``).
+            A request then waits at most min(timeout, its remaining budget
+            - ``deadline_margin``); one with no more than the margin left is
+            refused at once, without queueing and without running its
+            handler (reason ``"deadline"``). The budget counts from when the
+            request reached the app with ``instrument(app)``, else from when
+            the first entry point of this package sees it. A value not
+            in the format (garbage, negative, empty) is ignored, logged once
+            per header at WARNING; a huge one leaves the timeout in force.
+            ``remaining_budget()`` reads what is left in the handler. See
+            docs/deadlines.md.
+        deadline_margin: seconds (>= 0) of the client's budget kept back
+            for the response to reach it.
     """
 
     def __init__(
@@ -88,8 +107,12 @@ class Limiter:
         retry_after: int | None = 1,
         status_code: int = 503,
         detail: Any = BUSY_DETAIL,
+        deadline_header: str | None = None,
+        deadline_margin: float = DEFAULT_MARGIN,
     ) -> None:
         self._timeout = _check_timeout(timeout)
+        self._deadline_header = None if deadline_header is None else check_header(deadline_header)
+        self._deadline_margin = check_seconds("deadline_margin", deadline_margin)
         self._resources = _check_resources("resources", resources)
         self._rejection = Rejection(retry_after, status_code, detail)
         self._retry_after = retry_after
@@ -111,6 +134,15 @@ class Limiter:
     @timeout.setter
     def timeout(self, value: float | None) -> None:
         self._timeout = _check_timeout(value)
+
+    @property
+    def deadline_header(self) -> str | None:
+        """The header clients' budgets are read from (lower case), or ``None``."""
+        return self._deadline_header
+
+    @property
+    def deadline_margin(self) -> float:
+        return self._deadline_margin
 
     @property
     def retry_after(self) -> int | None:
@@ -225,22 +257,28 @@ class Limiter:
         """
         gate = self._gate(resources, timeout)
         key_dependency = _key_dependency(key, gate)
+        deadlines = gate.deadline_header is not None
 
         async def limit(connection: HTTPConnection, **kwargs: Any) -> AsyncIterator[None]:
+            token = begin() if deadlines else None
             try:
-                granted, holds = await gate.admit(connection, kwargs.get(_KEY_PARAM))
-            except ServerBusy as exc:
-                if connection.scope["type"] == "websocket":
-                    # A dependency cannot answer the handshake itself: the
-                    # close before accept is refused with HTTP 403.
-                    raise WebSocketException(TRY_AGAIN_LATER, "Server busy") from exc
-                raise
-            try:
-                yield
-            except BaseException as exc:
-                gate.release(granted, holds, completion_of(exc))
-                raise
-            gate.release(granted, holds)
+                try:
+                    granted, holds = await gate.admit(connection, kwargs.get(_KEY_PARAM))
+                except ServerBusy as exc:
+                    if connection.scope["type"] == "websocket":
+                        # A dependency cannot answer the handshake itself: the
+                        # close before accept is refused with HTTP 403.
+                        raise WebSocketException(TRY_AGAIN_LATER, "Server busy") from exc
+                    raise
+                try:
+                    yield
+                except BaseException as exc:
+                    gate.release(granted, holds, completion_of(exc))
+                    raise
+                gate.release(granted, holds)
+            finally:
+                if token is not None:
+                    end(token)
 
         sig = inspect.Signature([
             inspect.Parameter(
@@ -318,6 +356,7 @@ class Limiter:
         *,
         timeout: float | None = None,
         key: str | None = None,
+        deadline: float | None = None,
     ) -> _Hold:
         """Holds ``resources`` for the body of an ``async with`` block, for
         code that is not a route (background jobs, scripts)::
@@ -343,12 +382,22 @@ class Limiter:
 
             async with limiter.acquire([db], key=request.headers.get("x-api-key")):
                 ...
+
+        ``deadline``: seconds (>= 0) the caller will wait, counted from each
+        entry, as a client's budget: the entry waits at most min(timeout,
+        deadline - ``deadline_margin``) and one with no more than the margin
+        is refused at once without queueing, reason ``"deadline"`` in either
+        case. ``None`` (default): none. Inside a request, pass on its
+        client's: ``limiter.acquire([db], deadline=remaining_budget())``
+        (not implied, so that work the request leaves behind, such as a
+        background task, is not cut short by its client's budget).
         """
         selection = self._select(resources)
         own_timeout = None if timeout is None else check_seconds("timeout", timeout)
         if key is not None and not isinstance(key, str):
             raise TypeError(f"key must be a str or None, got {type(key).__name__} {key!r}")
-        return _Hold(self, selection, own_timeout, None if key is None else bounded(key))
+        budget = None if deadline is None else check_seconds("deadline", deadline)
+        return _Hold(self, selection, own_timeout, None if key is None else bounded(key), budget)
 
     def instrument(self, app: FastAPI) -> None:
         """Documents the rejection response (body schema and ``Retry-After``)
@@ -361,12 +410,21 @@ class Limiter:
         (which registered the function unlimited): now for the routes
         declared so far, and when the app starts for all. Call once, e.g.
         right after creating the app; routes declared later are covered
-        too."""
+        too.
+
+        With a ``deadline_header``, it also makes a tiny ASGI middleware the
+        outermost layer of ``app`` (outside the other middleware, whenever
+        added): it notes when each request arrives, and the client's budget
+        counts from there instead of from the limiter's first entry point
+        (after the request body was read and the dependencies before it ran).
+        """
         from ._openapi import check_order, check_routes_at_startup, document_busy_responses
 
         check_order(app)
         document_busy_responses(app, gates)
         check_routes_at_startup(app, gates)
+        if self._deadline_header is not None:
+            stamp_arrivals(app)
 
     def statistics(self) -> LimiterStatistics:
         """Snapshots of every registered resource, in registration order."""
@@ -398,7 +456,7 @@ class _Hold:
     back to the newest entry made by the exiting task.
     """
 
-    __slots__ = ("_limiter", "_selection", "_timeout", "_key", "_entries", "_outer")
+    __slots__ = ("_limiter", "_selection", "_timeout", "_key", "_deadline", "_entries", "_outer")
 
     def __init__(
         self,
@@ -406,11 +464,13 @@ class _Hold:
         selection: Selection,
         timeout: float | None,
         key: str | None = None,
+        deadline: float | None = None,
     ) -> None:
         self._limiter = limiter
         self._selection = selection
         self._timeout = timeout
         self._key = key
+        self._deadline = deadline
         # The frame objects are kept while their entry lasts, so that no
         # other frame can reuse the key.
         self._entries: dict[FrameType, tuple[Releasable, Holds]] = {}
@@ -430,15 +490,29 @@ class _Hold:
             check(holds, selection)
         acquisition = _core.Acquisition(selection.rset, self._key)
         granted: Releasable = acquisition
+        left = None
+        if self._deadline is not None:
+            left = self._deadline - self._limiter._deadline_margin
+            if left <= 0:
+                refuse_spent(acquisition, self._limiter._rejection)
         if not acquisition.try_acquire():
             limiter = self._limiter
             timeout = limiter._timeout if self._timeout is None else self._timeout
             started = running_loop_time()
-            await wait(acquisition, timeout, limiter._retry_after, rejection=limiter._rejection)
+            await wait(
+                acquisition,
+                timeout,
+                limiter._retry_after,
+                rejection=limiter._rejection,
+                deadline=left,
+            )
         elif selection.clusters:
             limiter = self._limiter
             timeout = limiter._timeout if self._timeout is None else self._timeout
             started = running_loop_time()
+        if selection.clusters and left is not None and (timeout is None or left < timeout):
+            # The cluster stage ends with the budget too ("timeout" then).
+            timeout = left
         if selection.clusters:
             granted = await with_cluster(
                 acquisition,
@@ -648,6 +722,7 @@ def _limit(
     rset = selection.rset
     clusters = selection.clusters
     settle = gate.settle
+    deadlines = gate.deadline_header is not None
     Acquisition = _core.Acquisition
 
     @functools.wraps(func)
@@ -674,10 +749,13 @@ def _limit(
             if keyed
             else Acquisition(rset)
         )
+        deadline = None
+        if deadlines and request is not None:
+            deadline = gate.client_deadline(acquisition, request)
         granted: Releasable = acquisition
         acquired = acquisition.try_acquire()
         if not acquired or clusters:
-            granted = await settle(acquisition, acquired, request)
+            granted = await settle(acquisition, acquired, request, deadline)
         holds.append(selection)
         try:
             if is_async:
@@ -698,6 +776,26 @@ def _limit(
             else:
                 leave(holds, selection)
         return result
+
+    if deadlines:
+        # The request's budget is readable (remaining_budget()) until its
+        # response has been sent, and not after, in its task.
+        limited = endpoint
+
+        @functools.wraps(func)
+        async def endpoint(*args: Any, **kwargs: Any) -> Any:
+            token = begin()
+            try:
+                result = await limited(*args, **kwargs)
+            except BaseException:
+                end(token)
+                raise
+            if isinstance(result, STREAMED):
+                # Its body is produced while it is sent: the budget goes with it.
+                end_after_sending(result, token)
+            else:
+                end(token)
+            return result
 
     # FastAPI reads parameters from __signature__: the user's own, plus the
     # Request the decorator needs to notice disconnects, and the key.
@@ -722,26 +820,32 @@ def _limit_websocket(
     connection turned away is refused before it is accepted (see
     ``refuse``), and the endpoint does not run."""
     keyed = key_dependency is not None
+    deadlines = gate.deadline_header is not None
 
     @functools.wraps(func)
     async def endpoint(*args: Any, **kwargs: Any) -> Any:
         websocket: WebSocket = kwargs[socket_name]
+        token = begin() if deadlines else None
         try:
-            granted, holds = await gate.admit(
-                websocket, kwargs.pop(_KEY_PARAM) if keyed else None
-            )
-        except ServerBusy as exc:
-            # The raw channel: Starlette's WebSocket.send() of some
-            # supported versions refuses the denial messages.
-            await refuse(websocket, websocket._send, exc)  # the app's handler if any
-            return None
-        try:
-            result = await func(*args, **kwargs)
-        except BaseException as exc:
-            gate.release(granted, holds, completion_of(exc))
-            raise
-        gate.release(granted, holds)
-        return result
+            try:
+                granted, holds = await gate.admit(
+                    websocket, kwargs.pop(_KEY_PARAM) if keyed else None
+                )
+            except ServerBusy as exc:
+                # The raw channel: Starlette's WebSocket.send() of some
+                # supported versions refuses the denial messages.
+                await refuse(websocket, websocket._send, exc)  # the app's handler if any
+                return None
+            try:
+                result = await func(*args, **kwargs)
+            except BaseException as exc:
+                gate.release(granted, holds, completion_of(exc))
+                raise
+            gate.release(granted, holds)
+            return result
+        finally:
+            if token is not None:
+                end(token)
 
     if keyed:
         sig = _with_param(sig, _KEY_PARAM, Any, key_dependency)
@@ -765,13 +869,20 @@ def _limit_generator(
     has gone, in any case."""
     from fastapi import Depends
 
+    deadlines = gate.deadline_header is not None
+
     async def slots(request: Request, **kwargs: Any) -> AsyncIterator[Held]:
-        granted, holds = await gate.admit(request, kwargs.get(_KEY_PARAM))
-        held = Held(granted, holds, gate.selection)
+        token = begin() if deadlines else None
         try:
-            yield held
+            granted, holds = await gate.admit(request, kwargs.get(_KEY_PARAM))
+            held = Held(granted, holds, gate.selection)
+            try:
+                yield held
+            finally:
+                held.release()
         finally:
-            held.release()
+            if token is not None:
+                end(token)
 
     slots_sig = inspect.Signature([
         inspect.Parameter("request", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=Request)

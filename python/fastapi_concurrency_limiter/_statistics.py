@@ -71,7 +71,8 @@ class ResourceStatistics:
     #: Requests turned away, by reason: timeout, queue_full, shed,
     #: disconnected, cancelled, key_limit, unavailable (a host resource
     #: whose shared lock was out of reach; a cluster resource's Redis
-    #: outages are counted in ``cluster.unavailable_total``).
+    #: outages are counted in ``cluster.unavailable_total``), deadline (the
+    #: client's budget was spent).
     rejected_total: Mapping[str, int]
     #: Time from request to grant, of granted requests.
     wait_seconds: HistogramSnapshot

@@ -20,9 +20,12 @@ from starlette.responses import FileResponse, Response, StreamingResponse
 from starlette.types import Message, Receive, Scope, Send
 
 from ._clustered import Releasable
+from ._deadline import end
 from ._holding import Holds, Selection, leave
 
 if TYPE_CHECKING:
+    from contextvars import Token
+
     from . import _core
 
 #: Responses whose body is produced while they are sent.
@@ -33,14 +36,16 @@ _LAST = ("http.response.body", "http.response.pathsend", "http.response.zerocopy
 
 class Held:
     """Slots taken by one acquisition and who took them; ``release()`` gives
-    them back once, from any thread."""
+    them back once, from any thread. ``deadline``: the request's client
+    deadline to end once its response has been sent (``end_after_sending()``)."""
 
-    __slots__ = ("_acquisition", "_holds", "_selection")
+    __slots__ = ("_acquisition", "_holds", "_selection", "deadline")
 
     def __init__(self, acquisition: Releasable, holds: Holds, selection: Selection) -> None:
         self._acquisition: Releasable | None = acquisition
         self._holds = holds
         self._selection = selection
+        self.deadline: Token[tuple[float, str] | None] | None = None
 
     def release(self, completion: _core.Completion | None = None) -> None:
         acquisition, self._acquisition = self._acquisition, None
@@ -70,6 +75,17 @@ def release_after_sending(response: Response, held: Held) -> None:
     response.__class__ = holding
 
 
+def end_after_sending(response: Response, token: Token[tuple[float, str] | None]) -> None:
+    """Makes ``response`` (given to ``release_after_sending()``) end the
+    request's client deadline (``_deadline.begin()``'s ``token``) with its
+    slots, so that its body, produced while it is sent, still reads it."""
+    held: Held | None = response.__dict__.get("_concurrency_limiter_held")
+    if held is None:
+        end(token)
+    else:
+        held.deadline = token
+
+
 def _holding_class(cls: type[Response]) -> type[Response]:
     async def __call__(self: Response, scope: Scope, receive: Receive, send: Send) -> None:
         held: Held | None = self.__dict__.pop("_concurrency_limiter_held", None)
@@ -87,6 +103,10 @@ def _holding_class(cls: type[Response]) -> type[Response]:
             await cls.__call__(self, scope, receive, send_then_release)
         finally:
             release()
+            if held.deadline is not None:
+                # Here, in the context it was begun in (the body may have
+                # been sent from a task of its own).
+                end(held.deadline)
 
     namespace: dict[str, Any] = {
         "__call__": __call__,

@@ -25,6 +25,7 @@ from ._logging import log_rejection
 _GRANTED = _core.Outcome.granted
 _PENDING = _core.Outcome.pending
 _DISCONNECTED = _core.Outcome.disconnected
+_DEADLINE = _core.Outcome.deadline
 # Outcome.name is an enum property, slow enough to show in a profile of a
 # spike's rejections.
 _REASON = {outcome: outcome.name for outcome in _core.Outcome}
@@ -228,6 +229,7 @@ async def wait(
     request: HTTPConnection | None = None,
     *,
     rejection: Rejection | None = None,
+    deadline: float | None = None,
 ) -> None:
     """The slow path, after ``acquisition.try_acquire()`` found no free slot:
     queues in the engine and waits up to ``timeout`` seconds (``None``: no
@@ -241,7 +243,9 @@ async def wait(
     away at once (a full queue, ``timeout=0``) is answered without reading
     its body. What the watcher read is handed back to ``request``.
     ``rejection``: the status and body of the ServerBusy (else the
-    original's, with ``retry_after``)."""
+    original's, with ``retry_after``). ``deadline``: seconds (> 0) the
+    client still waits (its budget less the margin); when it ends before
+    ``timeout`` it ends the wait with reason ``deadline``."""
     loop = asyncio.get_running_loop()
     started = loop.time()
     future: asyncio.Future[_core.Outcome] = loop.create_future()
@@ -253,7 +257,12 @@ async def wait(
         outcome = acquisition.start(future, loop)
     if outcome is _PENDING:
         timer = None
-        if timeout is not None:
+        gives_up = None
+        if deadline is not None and (timeout is None or deadline < timeout):
+            # The client gives up first: its own timer, so that the engine
+            # counts the reason (the loop timer's expiry is a timeout).
+            gives_up = loop.call_at(started + deadline, acquisition.cancel, _DEADLINE)
+        elif timeout is not None:
             timer = _timer_for(loop)
             timer.add(loop, acquisition, started + timeout)
         body: _Body | _Socket | None = None
@@ -275,6 +284,8 @@ async def wait(
         finally:
             if timer is not None:
                 timer.queue.remove(acquisition)
+            if gives_up is not None:
+                gives_up.cancel()
             if watcher is not None:
                 watcher.cancel()
                 body.hand_back(request)  # type: ignore[union-attr, arg-type]

@@ -69,6 +69,31 @@ TEST(Acquisition, CancelWithDisconnectedIsCountedAsSuch) {
   EXPECT_THROW(acq.cancel(Outcome::kGranted), std::invalid_argument);
 }
 
+// A client whose deadline is already spent is refused before it tries: it
+// takes no free slot, never queues, and the first resource counts it.
+TEST(Acquisition, RefuseTakesNothingAndIsCountedByTheFirstResource) {
+  auto db = make_resource("db", 1);
+  auto disk = make_resource("disk", 1);
+  Acquisition acq(set_of({db, disk}));
+  EXPECT_EQ(acq.refuse(Outcome::kDeadline), Outcome::kDeadline);
+  EXPECT_EQ(acq.state(), State::kRejected);
+  EXPECT_EQ(acq.outcome(), Outcome::kDeadline);
+  EXPECT_EQ(acq.refused_by(), db.get());
+  EXPECT_EQ(db->in_use(), 0);
+  EXPECT_EQ(db->waiting(), 0);
+  EXPECT_EQ(db->statistics().rejected(Outcome::kDeadline), 1u);
+  EXPECT_EQ(db->statistics().rejected(Outcome::kTimeout), 0u);
+  EXPECT_EQ(disk->statistics().rejected(Outcome::kDeadline), 0u);
+  EXPECT_EQ(to_string(Outcome::kDeadline), "deadline");
+  EXPECT_THROW(acq.refuse(Outcome::kDeadline), std::logic_error);
+  EXPECT_THROW(acq.start(nullptr), std::logic_error);
+  Acquisition other(set_of({db}));
+  EXPECT_THROW(other.refuse(Outcome::kGranted), std::invalid_argument);
+  EXPECT_THROW(other.refuse(Outcome::kPending), std::invalid_argument);
+  EXPECT_EQ(other.state(), State::kIdle);
+  EXPECT_EQ(other.start(nullptr), Outcome::kGranted);  // still usable
+}
+
 // asyncio's semaphore once lost a slot when a waiter was woken and then
 // cancelled before it ran (CPython gh-90155). Here the owner of a granted
 // acquisition that gives up calls cancel() then release(): the slot must go
