@@ -32,7 +32,7 @@ import logging
 import threading
 import weakref
 from collections.abc import AsyncIterator, Coroutine, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import resources
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -287,6 +287,16 @@ class _Waiter:
     # The fencing token of its grant, and the resource's epoch then.
     token: int = 0
     epoch: str = ""
+
+
+@dataclass
+class _Beats:
+    """The heartbeat loop's state: the resources whose renewal is on its
+    way, those of them that sat a round out meanwhile, the rounds running."""
+
+    on_way: set[ClusterStage] = field(default_factory=set)
+    late: set[ClusterStage] = field(default_factory=set)
+    rounds: set[asyncio.Task[None]] = field(default_factory=set)
 
 
 @dataclass
@@ -1006,55 +1016,66 @@ class _Client:
         # previous one, whether or not it has ended, and a round renews
         # every resource at once: a resource's lease is renewed every
         # ``heartbeat`` seconds however many resources there are and however
-        # slow Redis is. A resource whose renewal of an earlier round is
-        # still on its way (bounded: the opening of a connection by
-        # ``timeout``, the call by ``_heartbeat_timeout``) sits this round
-        # out, so that one slow renewal delays neither the others nor the
-        # next round.
-        beating: set[ClusterStage] = set()
-        rounds: set[asyncio.Task[None]] = set()
+        # slow Redis is. A resource whose renewal is still on its way (its
+        # connection opened again within ``timeout``, then the call within
+        # ``_heartbeat_timeout``) sits the round out, so that one slow
+        # renewal delays neither the others nor the next round; it is
+        # renewed again as soon as that renewal ends, so that a lease still
+        # sees a second try before it runs out.
+        beats = _Beats()
         start = self.loop.time()
         try:
             while not self._closed:
                 start = max(start + self.scope.heartbeat, self.loop.time())
                 await asyncio.sleep(start - self.loop.time())
-                stages = [s for s in self.stages if s not in beating]
-                if not stages:
-                    continue
-                beating.update(stages)
-                task = self.loop.create_task(self._round(stages, beating))
-                rounds.add(task)
-                task.add_done_callback(rounds.discard)
+                beats.late.update(s for s in self.stages if s in beats.on_way)
+                stages = [s for s in self.stages if s not in beats.on_way]
+                if stages:
+                    self._start_round(stages, beats)
         finally:
-            for task in list(rounds):
+            for task in list(beats.rounds):
                 task.cancel()
                 task.add_done_callback(_consume)
 
-    async def _round(self, stages: list[ClusterStage], beating: set[ClusterStage]) -> None:
-        """One heartbeat round over ``stages``; each leaves ``beating`` as
-        its own renewal ends. A failure to reach Redis is reported once per
+    def _start_round(self, stages: list[ClusterStage], beats: _Beats) -> None:
+        beats.on_way.update(stages)
+        task = self.loop.create_task(self._round(stages, beats))
+        beats.rounds.add(task)
+        task.add_done_callback(beats.rounds.discard)
+
+    async def _round(self, stages: list[ClusterStage], beats: _Beats) -> None:
+        """One heartbeat round over ``stages``; each leaves ``beats.on_way``
+        as its own renewal ends, and one that sat a round out meanwhile is
+        renewed again at once. A failure to reach Redis is reported once per
         Redis (node)."""
 
         async def renew(stage: ClusterStage) -> None:
             try:
                 await self.heartbeat(stage)
+            except asyncio.CancelledError:
+                beats.late.discard(stage)  # the loop is ending: no new round
+                raise
             finally:
-                beating.discard(stage)
+                beats.on_way.discard(stage)
+                if stage in beats.late:
+                    beats.late.discard(stage)
+                    if not self._closed:
+                        self._start_round([stage], beats)
 
-        try:
-            results = await asyncio.gather(*(renew(s) for s in stages), return_exceptions=True)
-        finally:
-            beating.difference_update(stages)
+        results = await asyncio.gather(*(renew(s) for s in stages), return_exceptions=True)
         failed: set[int] = set()
+        cancelled = None
         for stage, result in zip(stages, results, strict=True):
             if isinstance(result, asyncio.CancelledError):
-                raise result
-            if isinstance(result, _UNREACHABLE):
+                cancelled = result  # after the others' failures are reported
+            elif isinstance(result, _UNREACHABLE):
                 if self._group(stage) not in failed:  # one failure per Redis (node)
                     failed.add(self._group(stage))
                     self.mark_down(result, stage)
             elif isinstance(result, BaseException):
                 logger.warning("Redis heartbeat failed: %r", result)
+        if cancelled is not None:
+            raise cancelled
 
     @property
     def _heartbeat_timeout(self) -> float:

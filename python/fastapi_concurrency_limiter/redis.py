@@ -94,10 +94,12 @@ class RedisScope:
             ``{key_prefix:name}:...`` (one hash tag: one Redis Cluster slot).
         timeout: seconds one command may take before Redis counts as
             unreachable (then ``on_error`` applies; it is tried again after
-            a second, or at the next successful heartbeat). A renewal may
-            take at most ``min(timeout, 0.9 * lease / 3)``, whatever
-            ``timeout`` is, so that a lease sees at least two renewal rounds
-            before it runs out.
+            a second, or at the next successful heartbeat). A renewal's call
+            may take at most ``min(timeout, 0.9 * lease / 3)``, whatever
+            ``timeout`` is, once its connection is open (opening one again
+            after a failure may take ``timeout`` more); a resource whose
+            renewal outlasts a round is renewed again as soon as it ends, so
+            that a lease sees at least two tries before it runs out.
         cluster: ``True`` for a Redis Cluster: ``url`` names any of its
             nodes, the others are discovered, and each command goes to the
             node of its resource's hash slot (``/db`` must be 0).

@@ -1092,6 +1092,125 @@ def test_a_renewal_still_on_its_way_delays_neither_the_others_nor_the_next_round
     run(main)
 
 
+def test_a_lease_sees_two_renewal_attempts_after_a_failed_one(
+    redis_server: RedisServer,
+) -> None:
+    """RedisScope's docstring: a renewal is bounded "so that a lease sees at
+    least two renewal rounds before it runs out". lease 2 s, timeout 1 s
+    (as in the slow-Redis test), Redis local. A blip of 1.2 s: connections
+    reset, Redis silent (SIGSTOP). The renewal at the blip fails after
+    ``timeout`` (reopening its connection: outside the 0.6 s bound), longer
+    than a period; the next round, on schedule, skips it, and the one after
+    comes exactly one lease after the last successful renewal. Before
+    the change that let rounds overlap the next round started as soon as the late one had ended."""
+
+    async def main() -> None:
+        lost: list[tuple[str, int | None]] = []
+        scope = RedisScope(
+            redis_server.url(),
+            key_prefix="test",
+            lease=2.0,
+            timeout=1.0,
+            on_lease_lost=lambda name, token: lost.append((name, token)),
+        )
+        db = Resource(1, name="db", scope=scope)
+        await scope.check()
+        loop = asyncio.get_running_loop()
+        client = scope._client()
+        beat = client.heartbeat
+        log: list[tuple[float, float, str]] = []
+        t0 = loop.time()
+
+        async def recorded(stage: Any) -> None:
+            began = loop.time()
+            try:
+                await beat(stage)
+            except BaseException as e:
+                log.append((round(began - t0, 2), round(loop.time() - t0, 2), repr(e)))
+                raise
+            log.append((round(began - t0, 2), round(loop.time() - t0, 2), "ok"))
+
+        client.heartbeat = recorded  # type: ignore[method-assign]
+        await db.acquire()  # held by a live process until the end
+        while not log:
+            await asyncio.sleep(0.005)
+        # Just before the next round (a period after the last renewal).
+        await asyncio.sleep(scope.lease / 3 - 0.1 - (loop.time() - t0 - log[-1][0]))
+        with redis_server.client() as admin:
+            admin.client_kill_filter(_type="normal")
+        redis_server.pause()
+        try:
+            await asyncio.sleep(1.2)
+        finally:
+            redis_server.resume()
+        await asyncio.sleep(2.0)
+        ok = [sent for sent, _, what in log if what == "ok"]
+        last = ok[0]  # the last success before the blip
+        tries = [sent for sent, _, _ in log if last < sent < last + scope.lease - 0.05]
+        assert len(tries) >= 2, (
+            f"after the renewal sent at {last} s, {len(tries)} renewal tried before the "
+            f"lease ran out at {last + scope.lease:.2f} s; renewals (sent, ended, outcome): {log}"
+        )
+        db.release()
+        await scope.aclose()
+
+    run(main)
+
+
+def test_a_cancelled_renewal_does_not_hide_the_others_failures(
+    redis_server: RedisServer,
+) -> None:
+    """One resource's renewal ends with CancelledError (not the round's
+    cancellation: something inside it was cancelled), another's finds Redis
+    unreachable in the same round: the failure is still counted (``_round``
+    re-raises the CancelledError first and drops the other results)."""
+
+    async def main() -> None:
+        scope = RedisScope(redis_server.url(), key_prefix="test", lease=1.5)
+        a = Resource(1, name="a", scope=scope)
+        Resource(1, name="b", scope=scope)
+        await scope.check()
+        client = scope._client()
+        beat = client.heartbeat
+        rounds = [0]
+
+        async def odd(stage: Any) -> None:
+            if stage is a._cluster:
+                rounds[0] += 1
+                if rounds[0] == 1:
+                    raise asyncio.CancelledError()
+                return await beat(stage)
+            if rounds[0] == 1:
+                from redis.exceptions import ConnectionError as RedisConnectionError
+
+                raise RedisConnectionError("blip")
+            return await beat(stage)
+
+        reported: list[str] = []
+        mark_down = client.mark_down
+
+        def recorded(error: BaseException, stage: Any) -> None:
+            reported.append(stage.name)
+            mark_down(error, stage)
+
+        client.mark_down = recorded  # type: ignore[method-assign]
+        client.heartbeat = odd  # type: ignore[method-assign]
+        await _until_rounds(rounds, 1)
+        await asyncio.sleep(0.1)
+        assert reported == ["b"], "the unreachable Redis met by 'b' went unreported"
+        await scope.aclose()
+
+    run(main)
+
+
+async def _until_rounds(rounds: list[int], n: int) -> None:
+    for _ in range(500):
+        if rounds[0] >= n:
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("no heartbeat round")
+
+
 def test_a_renewal_after_the_slot_was_granted_again_reports_the_lost_lease(
     redis_server: RedisServer,
 ) -> None:
