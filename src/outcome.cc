@@ -14,6 +14,7 @@ std::string_view to_string(Outcome o) noexcept {
     case Outcome::kCancelled: return "cancelled";
     case Outcome::kKeyLimit: return "key_limit";
     case Outcome::kUnavailable: return "unavailable";
+    case Outcome::kPredictedTimeout: return "predicted_timeout";
     case Outcome::kPending: return "pending";
   }
   return "unknown";

@@ -32,11 +32,15 @@ enum class Outcome : std::uint8_t {
                  // shared state could not be reached in time (host scope: its
                  // lock held by a process stopped inside it, or a corrupt
                  // segment); refused at once
+  kPredictedTimeout,  // early rejection (ResourceOptions::early_reject): the
+                      // wait predicted from the waiters ahead and the
+                      // resource's service-time estimate exceeded the
+                      // request's timeout; refused at once, never queued
   kPending,      // still queued; the completion callback will say how it ends
 };
 
 // Number of rejection reasons, i.e. outcomes other than kGranted and kPending.
-inline constexpr std::size_t kRejectionReasonCount = 7;
+inline constexpr std::size_t kRejectionReasonCount = 8;
 
 // True for the outcomes that mean "turned away".
 constexpr bool is_rejection(Outcome o) noexcept {
@@ -50,7 +54,7 @@ constexpr std::size_t rejection_index(Outcome o) noexcept {
 
 // Stable lower-case names used in errors, statistics and metrics labels:
 // "granted", "timeout", "queue_full", "shed", "disconnected", "cancelled",
-// "key_limit", "unavailable", "pending".
+// "key_limit", "unavailable", "predicted_timeout", "pending".
 std::string_view to_string(Outcome o) noexcept;
 
 }  // namespace concurrency_limiter

@@ -31,6 +31,7 @@ REASONS = (
     "cancelled",
     "key_limit",
     "unavailable",
+    "predicted_timeout",
 )
 
 
@@ -60,7 +61,10 @@ class ServerBusy(_HTTPException):
             share), or ``"unavailable"`` (a cluster-scoped resource's Redis
             could not be reached, see ``RedisScope``'s ``on_error``; or a
             host-scoped resource's shared lock was held by a process stopped
-            inside it, or its segment is corrupt).
+            inside it, or its segment is corrupt), or
+            ``"predicted_timeout"`` (a resource with ``early_reject=True``
+            predicted from its queue and its service-time estimate that the
+            request would time out, and refused it at once).
         retry_after: seconds sent in the ``Retry-After`` header, or ``None``.
         status_code: the HTTP status (``Limiter(status_code=...)``, 503 by
             default).

@@ -250,7 +250,7 @@ async def wait(
         # later nor push a waiter out of a full queue; rejected now.
         outcome = acquisition.try_once()
     else:
-        outcome = acquisition.start(future, loop)
+        outcome = acquisition.start(future, loop, timeout)
     if outcome is _PENDING:
         timer = None
         if timeout is not None:

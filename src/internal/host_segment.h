@@ -62,8 +62,9 @@ inline constexpr std::uint64_t kMagic = 0x3130545348434c46ull;  // "FLCHST01"
 // 2: limit in force, limit algorithm; 3: cut state; 4: liveness locks,
 // configuration that the newest process sets, private directory;
 // 5: Gradient2Limit and VegasLimit (their options and state); 6: their
-// descent remembers a knee below its start, Gradient2Limit its last cut.
-inline constexpr std::uint32_t kVersion = 6;
+// descent remembers a knee below its start, Gradient2Limit its last cut;
+// 7: Outcome::kPredictedTimeout renumbers kPending in the waiter entries.
+inline constexpr std::uint32_t kVersion = 7;
 // Processes that may use one host resource at the same time.
 inline constexpr std::uint32_t kMaxProcesses = 256;
 // Requests that may wait for one host resource at the same time, over all
