@@ -25,7 +25,7 @@ the process started, as Prometheus expects):
                                                    shed, disconnected, cancelled,
                                                    key_limit, unavailable: a host
                                                    resource's shared lock out
-                                                   of reach)
+                                                   of reach, predicted_timeout)
     concurrency_limiter_wait_seconds               histogram (granted requests)
     concurrency_limiter_hold_seconds               histogram
 

@@ -58,7 +58,16 @@ from hypothesis.stateful import (
 
 from fastapi_concurrency_limiter import _core
 
-REASONS = ("timeout", "queue_full", "shed", "disconnected", "cancelled", "key_limit", "unavailable")
+REASONS = (
+    "timeout",
+    "queue_full",
+    "shed",
+    "disconnected",
+    "cancelled",
+    "key_limit",
+    "unavailable",
+    "predicted_timeout",
+)
 DAY = 86400.0
 TINY = 1e-8  # 10 ns
 MAX_LIVE = 12  # acquisition objects alive at once
