@@ -30,7 +30,8 @@ nb::dict rejected_by_reason(const cl::ResourceStatistics& s) {
   for (cl::Outcome o : {cl::Outcome::kTimeout, cl::Outcome::kQueueFull,
                         cl::Outcome::kShed, cl::Outcome::kDisconnected,
                         cl::Outcome::kCancelled, cl::Outcome::kKeyLimit,
-                        cl::Outcome::kUnavailable, cl::Outcome::kDeadline}) {
+                        cl::Outcome::kUnavailable, cl::Outcome::kDeadline,
+                        cl::Outcome::kPredictedTimeout}) {
     out[nb::str(cl::to_string(o).data())] = s.rejected(o);
   }
   return out;
@@ -52,6 +53,7 @@ NB_MODULE(_core, m) {
       .value("key_limit", cl::Outcome::kKeyLimit)
       .value("unavailable", cl::Outcome::kUnavailable)
       .value("deadline", cl::Outcome::kDeadline)
+      .value("predicted_timeout", cl::Outcome::kPredictedTimeout)
       .value("pending", cl::Outcome::kPending);
 
   nb::enum_<cl::Completion>(m, "Completion", "How a request that held slots ended.")
@@ -152,7 +154,8 @@ NB_MODULE(_core, m) {
       .def_ro("acquired_total", &cl::ResourceStatistics::acquired_total)
       .def_prop_ro("rejected_total", &rejected_by_reason)
       .def_ro("wait_seconds", &cl::ResourceStatistics::wait_seconds)
-      .def_ro("hold_seconds", &cl::ResourceStatistics::hold_seconds);
+      .def_ro("hold_seconds", &cl::ResourceStatistics::hold_seconds)
+      .def_ro("service_seconds", &cl::ResourceStatistics::service_seconds);
 
   nb::class_<cl::Resource>(m, "Resource")
       .def(nb::new_([](std::string name, std::int64_t capacity,
@@ -160,7 +163,7 @@ NB_MODULE(_core, m) {
                        cl::QueueDiscipline queue, double adaptive_target,
                        double adaptive_interval,
                        std::shared_ptr<cl::LimitAlgorithm> limit_algorithm,
-                       cl::Scope scope, std::int64_t per_key) {
+                       cl::Scope scope, std::int64_t per_key, bool early_reject) {
              return std::make_shared<cl::Resource>(cl::ResourceOptions{
                  .name = std::move(name),
                  .capacity = capacity,
@@ -170,12 +173,13 @@ NB_MODULE(_core, m) {
                  .adaptive_interval = from_seconds(adaptive_interval),
                  .limit_algorithm = std::move(limit_algorithm),
                  .scope = scope,
-                 .per_key = per_key});
+                 .per_key = per_key,
+                 .early_reject = early_reject});
            }),
            "name"_a, "capacity"_a, "max_waiting"_a.none(), "queue"_a,
            "adaptive_target"_a, "adaptive_interval"_a,
            "limit_algorithm"_a.none() = nb::none(), "scope"_a = cl::Scope::kProcess,
-           "per_key"_a = 0)
+           "per_key"_a = 0, "early_reject"_a = false)
       .def_prop_ro("name", &cl::Resource::name)
       .def_prop_ro("capacity", &cl::Resource::capacity)
       .def_prop_ro("limit", &cl::Resource::limit)
@@ -187,6 +191,7 @@ NB_MODULE(_core, m) {
       .def_prop_ro("host_note", &cl::Resource::host_note)
       .def_prop_ro("host_note_is_warning", &cl::Resource::host_note_is_warning)
       .def_prop_ro("per_key", &cl::Resource::per_key)
+      .def_prop_ro("early_reject", &cl::Resource::early_reject)
       .def_prop_ro("in_use", &cl::Resource::in_use)
       .def_prop_ro("waiting", &cl::Resource::waiting)
       .def("statistics", &cl::Resource::statistics);
@@ -245,12 +250,21 @@ NB_MODULE(_core, m) {
            },
            "callback"_a)
       // The asyncio waiter: the completion resolves `future` on `loop`.
+      // `timeout`: seconds the caller will wait (None: no limit), for early
+      // rejection; the caller's timer still expires the request.
       .def("start",
-           [](cl::Acquisition& a, nb::object future, nb::object loop) {
+           [](cl::Acquisition& a, nb::object future, nb::object loop,
+              std::optional<double> timeout) {
+             cl::Clock::time_point deadline = cl::Clock::time_point::max();
+             // Beyond a century counts as no deadline (and cannot overflow).
+             if (timeout && *timeout < 100.0 * 365 * 24 * 3600) {
+               deadline = cl::Clock::now() + from_seconds(*timeout);
+             }
              return a.start(fastapi_concurrency_limiter::FutureCompletion(
-                 std::move(future), std::move(loop)));
+                                std::move(future), std::move(loop)),
+                            deadline);
            },
-           "future"_a, "loop"_a)
+           "future"_a, "loop"_a, "timeout"_a.none() = nb::none())
       .def("expire", &cl::Acquisition::expire)
       .def("cancel", &cl::Acquisition::cancel, "reason"_a = cl::Outcome::kCancelled)
       .def("release", &cl::Acquisition::release,

@@ -101,11 +101,16 @@ Outcome Acquisition::refuse(Outcome reason) {
 }
 
 Outcome Acquisition::start(Callback callback) {
+  return start(std::move(callback), Clock::time_point::max());
+}
+
+Outcome Acquisition::start(Callback callback, Clock::time_point deadline) {
   detail::NoticeList notices;
   detail::MutexLock lock(mu_);
   if (state_ != State::kIdle) {
     throw std::logic_error("start() on an acquisition already started");
   }
+  for (std::uint32_t i = 0; i < count_; ++i) nodes_[i].deadline_ = deadline;
   state_ = State::kPending;
   callback_ = std::move(callback);
   const Outcome o = advance_locked(notices);

@@ -15,6 +15,7 @@ std::string_view to_string(Outcome o) noexcept {
     case Outcome::kKeyLimit: return "key_limit";
     case Outcome::kUnavailable: return "unavailable";
     case Outcome::kDeadline: return "deadline";
+    case Outcome::kPredictedTimeout: return "predicted_timeout";
     case Outcome::kPending: return "pending";
   }
   return "unknown";

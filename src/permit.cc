@@ -136,7 +136,7 @@ Permit acquire_blocking(std::shared_ptr<const ResourceSet> set,
     acq->try_once();
     return make_permit(std::move(acq));
   }
-  const Outcome o = acq->start([&signal](Outcome) { signal.notify(); });
+  const Outcome o = acq->start([&signal](Outcome) { signal.notify(); }, deadline);
   if (o == Outcome::kPending) {
     // Runs at once in this thread if a stop was already requested.
     std::stop_callback on_stop(stop, [&acq] { acq->cancel(Outcome::kCancelled); });

@@ -62,6 +62,17 @@ ResourceOptions validated(ResourceOptions o) {
         "per_key is not supported with scope 'host': per-key shares are kept "
         "by one process");
   }
+  if (o.early_reject && o.scope == Scope::kHost) {
+    throw std::invalid_argument(
+        "early_reject is not supported with scope 'host': the service-time "
+        "estimate it predicts from is kept by one process");
+  }
+  if (o.early_reject && o.per_key != 0) {
+    throw std::invalid_argument(
+        "early_reject is not supported with per_key: a key at its share does "
+        "not wait behind the whole queue, so its wait cannot be predicted "
+        "from it");
+  }
   if (o.name.empty()) o.name = generated_name();
   return o;
 }
@@ -140,6 +151,7 @@ Resource::Resource(ResourceOptions o, int)
       interval_(o.adaptive_interval),
       algorithm_(std::move(o.limit_algorithm)),
       per_key_(o.per_key),
+      early_reject_(o.early_reject),
       limit_(algorithm_ ? std::clamp<std::int64_t>(algorithm_->start(capacity_), 1, capacity_)
                         : capacity_) {
   detail::MutexLock lock(mu_);
@@ -337,6 +349,7 @@ ResourceStatistics Resource::statistics() const {
   s.waiting = waiting_;
   s.limit = limit_.load(std::memory_order_relaxed);
   s.active_keys = static_cast<std::int64_t>(keys_.size());
+  s.service_seconds = service_.seconds();
   return s;
 }
 
@@ -563,6 +576,21 @@ Outcome Resource::enqueue(detail::WaiterNode& node,
   }
   if (grant_at_once_locked(node)) return Outcome::kGranted;
   shed_locked(now, notices);
+  if (early_reject_ && node.deadline_ != Clock::time_point::max()) {
+    // Waiters ahead in the grant order: all of them in FIFO order, none in
+    // newest-first order (LIFO, a standing adaptive queue).
+    const bool newest_first =
+        discipline_ == QueueDiscipline::kLifo ||
+        (discipline_ == QueueDiscipline::kAdaptive && standing_locked(now));
+    if (!newest_first &&
+        service_.predicts_timeout(waiting_, limit_.load(std::memory_order_relaxed),
+                                  seconds(node.deadline_ - now))) {
+      note_rejection_locked(Outcome::kPredictedTimeout);
+      node.state_ = State::kRejected;
+      node.outcome_ = Outcome::kPredictedTimeout;
+      return Outcome::kPredictedTimeout;
+    }
+  }
   if (max_waiting_ >= 0 && waiting_ >= max_waiting_ && per_key_ != 0 &&
       !blocked_by_count_.empty() && key_has_room_locked(node.key_)) {
     // One key must not fill the queue: a newcomer below its share takes the
@@ -683,6 +711,7 @@ void Resource::release(bool measured, Clock::time_point granted_at,
         hold_measured_.store(true, std::memory_order_release);
       }
     }
+    if (measured) service_.add(seconds(now - granted_at));
     key_released_locked(key);
     hand_over_locked(now, /*count_release=*/true, notices);
   }
@@ -871,7 +900,8 @@ void Resource::grant_locked(detail::WaiterNode& node, Clock::time_point now) {
   node.state_ = State::kGranted;
   node.outcome_ = Outcome::kGranted;
   node.granted_at_ = now;
-  node.measure_ = kStatistics || algorithm_;  // it read the clock anyway
+  // It read the clock anyway.
+  node.measure_ = kStatistics || algorithm_ || early_reject_;
   node.completing_.store(true, std::memory_order_relaxed);  // published by mu_
   if constexpr (kStatistics) {
     stats_.wait_seconds.observe(seconds(now - node.enqueued_at_));

@@ -113,12 +113,20 @@ class Acquisition {
   // `reason` must be a rejection (std::invalid_argument otherwise).
   Outcome refuse(Outcome reason);
 
-  // Starts acquiring. Returns kGranted or a rejection (kQueueFull, or
-  // kUnavailable from a closed resource) when that is known at once: then
-  // `callback` is never called. Returns kPending when the request is queued:
+  // Starts acquiring. Returns kGranted or a rejection (kQueueFull,
+  // kPredictedTimeout, or kUnavailable from a closed resource) when that is
+  // known at once: then `callback` is never called. Returns kPending when
+  // the request is queued:
   // then `callback` is called exactly once, later, with kGranted or a
   // rejection. Only valid in state kIdle. Use try_once() for a zero timeout.
   Outcome start(Callback callback);
+  // As start(callback), telling the resources when the caller will give up
+  // waiting (its timer still has to expire() the request, e.g. through a
+  // DeadlineQueue): a resource with early rejection
+  // (ResourceOptions::early_reject) refuses the request at once, with
+  // kPredictedTimeout, when the wait it predicts exceeds the time left.
+  // Clock::time_point::max(): no deadline (as start(callback)).
+  Outcome start(Callback callback, Clock::time_point deadline);
 
   // Stops waiting. Only a pending acquisition is affected: it leaves the
   // queue, drops every slot it already held, is counted as a rejection with

@@ -196,6 +196,8 @@ inline std::string outcome_message(int value, std::string_view resource) {
     case Outcome::kKeyLimit: return "key at its per-key share of " + on;
     case Outcome::kUnavailable: return on + " unavailable (closed, or its shared state out of reach)";
     case Outcome::kDeadline: return "client's deadline spent waiting for " + on;
+    case Outcome::kPredictedTimeout:
+      return "predicted to time out waiting for " + on + " (refused at once)";
     case Outcome::kPending: return "still waiting for " + on;
   }
   return "unknown outcome";
@@ -216,7 +218,8 @@ class OutcomeCategory : public std::error_category {
     if (cond == default_error_condition(value)) return true;
     const auto o = static_cast<Outcome>(value);
     return (o == Outcome::kCancelled && cond == std::errc::operation_canceled) ||
-           ((o == Outcome::kTimeout || o == Outcome::kKeyLimit || o == Outcome::kDeadline) &&
+           ((o == Outcome::kTimeout || o == Outcome::kKeyLimit || o == Outcome::kDeadline ||
+             o == Outcome::kPredictedTimeout) &&
             cond == std::errc::timed_out) ||
            (o == Outcome::kUnavailable && cond == std::errc::resource_unavailable_try_again);
   }
@@ -495,10 +498,12 @@ class AcquireOp final : public PendingAcquire {
         if (shared->acquisition) shared->acquisition->cancel(Outcome::kCancelled);
       });
     }
-    const Outcome o = acquisition_->start([shared](Outcome) {
-      MutexLock lock(shared->claim_mu);
-      if (PendingAcquire* op = std::exchange(shared->op, nullptr)) op->complete();
-    });
+    const Outcome o = acquisition_->start(
+        [shared](Outcome) {
+          MutexLock lock(shared->claim_mu);
+          if (PendingAcquire* op = std::exchange(shared->op, nullptr)) op->complete();
+        },
+        timer_ ? Clock::now() + timeout : Clock::time_point::max());
     if (o != Outcome::kPending) {  // decided at once: no callback will come
       shared->acquisition = nullptr;
       MutexLock lock(shared->claim_mu);

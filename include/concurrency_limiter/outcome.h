@@ -36,11 +36,15 @@ enum class Outcome : std::uint8_t {
                  // request) was spent before a slot came: refused before
                  // queueing if already spent on arrival, else it ended the
                  // wait before the timeout would have (set by the front end)
+  kPredictedTimeout,  // early rejection (ResourceOptions::early_reject): the
+                      // wait predicted from the waiters ahead and the
+                      // resource's service-time estimate exceeded the
+                      // request's timeout; refused at once, never queued
   kPending,      // still queued; the completion callback will say how it ends
 };
 
 // Number of rejection reasons, i.e. outcomes other than kGranted and kPending.
-inline constexpr std::size_t kRejectionReasonCount = 8;
+inline constexpr std::size_t kRejectionReasonCount = 9;
 // A reason added to Outcome without updating the count fails to compile here
 // (kPending stays last, right after the reasons).
 static_assert(kRejectionReasonCount == static_cast<std::size_t>(Outcome::kPending) - 1,
@@ -59,7 +63,7 @@ constexpr std::size_t rejection_index(Outcome o) noexcept {
 
 // Stable lower-case names used in errors, statistics and metrics labels:
 // "granted", "timeout", "queue_full", "shed", "disconnected", "cancelled",
-// "key_limit", "unavailable", "deadline", "pending".
+// "key_limit", "unavailable", "deadline", "predicted_timeout", "pending".
 std::string_view to_string(Outcome o) noexcept;
 
 }  // namespace concurrency_limiter

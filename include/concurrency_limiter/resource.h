@@ -119,6 +119,7 @@
 #include "concurrency_limiter/internal/thread_annotations.h"
 #include "concurrency_limiter/limit.h"
 #include "concurrency_limiter/outcome.h"
+#include "concurrency_limiter/service_estimate.h"
 #include "concurrency_limiter/statistics.h"
 
 // CL_STATISTICS=0 (a public compile definition of the library built with
@@ -176,6 +177,21 @@ struct ResourceOptions {
   // per_key makes the share moot, it does not lower the total. Not supported
   // with scope kHost (std::invalid_argument).
   std::int64_t per_key = 0;
+  // Early rejection: a request that would have to wait is refused at once,
+  // with kPredictedTimeout, when the wait predicted for it exceeds its
+  // timeout: the waiters ahead of it in the grant order / limit x the
+  // resource's service-time estimate (service_estimate.h, which also says
+  // what it costs in grants). Ahead: FIFO, every waiter; LIFO, none (the
+  // newest is served first: never refused early); adaptive, every waiter
+  // while the queue drains in FIFO order, none while it stands. Only a
+  // request whose timeout the resource is told (Acquisition::start() with a
+  // timeout, acquire_for()/acquire_until(), async_acquire, the Python
+  // package) can be refused early; none is until the first timed hold was
+  // released (no estimate yet). Costs a multiplication under the mutex a
+  // waiting request takes anyway; nothing on the lock-free path. Off by
+  // default. Not supported with scope kHost or a per-key share
+  // (std::invalid_argument).
+  bool early_reject = false;
 };
 
 namespace detail {
@@ -249,6 +265,9 @@ class WaiterNode {
   Clock::time_point enqueued_at_{};
   // When a queued node was handed its slot; unset for a slot granted at once.
   Clock::time_point granted_at_{};
+  // When the request's owner gives up waiting (its timeout), or max() if it
+  // did not say: what early rejection compares the predicted wait with.
+  Clock::time_point deadline_ = Clock::time_point::max();
   // Whether the statistics measure this hold (see Resource::try_grant).
   bool measure_ = false;
   State state_ = State::kIdle;      // guarded by the resource's mu_
@@ -389,6 +408,9 @@ class Resource : public std::enable_shared_from_this<Resource> {
   bool host_note_is_warning() const noexcept { return host_note_warning_; }
   // Most slots one key may hold; 0: no per-key share.
   std::int64_t per_key() const noexcept { return per_key_; }
+  // Whether requests predicted to time out are refused at once
+  // (ResourceOptions::early_reject).
+  bool early_reject() const noexcept { return early_reject_; }
 
   // Slots held right now, and requests waiting right now. A snapshot: it may
   // be stale by the time the caller looks at it.
@@ -658,6 +680,7 @@ class Resource : public std::enable_shared_from_this<Resource> {
   const Clock::duration interval_;
   const std::shared_ptr<LimitAlgorithm> algorithm_;  // null: fixed limit
   const std::int64_t per_key_;  // 0: no per-key share
+  const bool early_reject_;
   // Set once by close(), under mu_; read without it by try_grant().
   std::atomic<bool> closed_{false};
   // Slots in force, 1..capacity_. Written under mu_ (seq_cst, see the
@@ -719,6 +742,8 @@ class Resource : public std::enable_shared_from_this<Resource> {
   // Bucket and duration of the latest measured hold.
   std::size_t last_hold_bucket_ CL_GUARDED_BY(mu_) = 0;
   double last_hold_seconds_ CL_GUARDED_BY(mu_) = 0.0;
+  // Moving estimate of service time, fed by the timed holds at release.
+  ServiceTimeEstimate service_ CL_GUARDED_BY(mu_);
 
   // Host scope: every operation above is delegated to the machine-wide pool
   // (src/host/); null for process scope. Set once by the constructor.

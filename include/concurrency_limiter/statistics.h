@@ -83,6 +83,10 @@ struct ResourceStatistics {
   // Time from the grant of the request's last slot to release (durations
   // sampled, count exact: see above).
   Histogram hold_seconds;
+  // The resource's moving estimate of service time (grant to release), in
+  // seconds: see service_estimate.h. nullopt until a timed hold was released
+  // (and always for host scope, which keeps none).
+  std::optional<double> service_seconds;
 
   std::uint64_t rejected(Outcome reason) const noexcept {
     return rejected_total[rejection_index(reason)];

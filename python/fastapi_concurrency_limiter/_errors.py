@@ -32,6 +32,7 @@ REASONS = (
     "key_limit",
     "unavailable",
     "deadline",
+    "predicted_timeout",
 )
 
 
@@ -64,7 +65,10 @@ class ServerBusy(_HTTPException):
             inside it, or its segment is corrupt), or ``"deadline"`` (the
             client's own budget, read from the limiter's ``deadline_header``
             or given as ``acquire(deadline=...)``, was spent on arrival or
-            ran out first while it waited).
+            ran out first while it waited), or ``"predicted_timeout"`` (a
+            resource with ``early_reject=True`` predicted from its queue and
+            its service-time estimate that the request would time out, and
+            refused it at once).
         retry_after: seconds sent in the ``Retry-After`` header, or ``None``.
         status_code: the HTTP status (``Limiter(status_code=...)``, 503 by
             default).

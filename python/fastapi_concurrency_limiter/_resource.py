@@ -101,6 +101,18 @@ class Resource:
             counts toward the total. The engine keeps per-key state only
             while a key holds or waits for a slot (``statistics().active_keys``).
             Not supported with ``scope="host"`` or a ``RedisScope`` (ValueError).
+        early_reject: ``True``: a request that would have to wait is
+            answered 503 at once (reason ``"predicted_timeout"``) when the
+            wait predicted for it exceeds its timeout: the waiters ahead of
+            it / ``limit`` x the resource's moving estimate of service time
+            (``statistics().service_seconds``). Waiters ahead: every waiter with
+            ``queue="fifo"``, none with ``"lifo"`` (so never refused early),
+            with ``"adaptive"`` every waiter while the queue drains and none
+            while it stands. Never before the first timed request has
+            finished (no estimate yet), nor for a request without a timeout.
+            ``False`` (default): every request waits up to its timeout, as
+            the original package. Not supported with ``scope="host"`` or
+            ``per_key`` (ValueError).
     """
 
     __slots__ = ("_core", "_selection", "_held", "_before", "_cluster", "__weakref__")
@@ -117,6 +129,7 @@ class Resource:
         scope: ScopeName | RedisScope = "process",
         adaptive: bool | AdaptiveLimit = False,
         per_key: int | None = None,
+        early_reject: bool = False,
     ) -> None:
         check_int("capacity", capacity, minimum=1, maximum=MAX_CAPACITY)
         if per_key is not None:
@@ -135,6 +148,18 @@ class Resource:
                     "per_key is only supported with scope='process': per-key shares are "
                     f"kept by one process's engine; got scope={scope!r}"
                 )
+        if not isinstance(early_reject, bool):
+            raise TypeError(f"early_reject must be True or False, got {early_reject!r}")
+        if early_reject and scope == "host":
+            raise ValueError(
+                "early_reject is not supported with scope='host': the service-time "
+                "estimate it predicts from is kept by one process"
+            )
+        if early_reject and per_key is not None:
+            raise ValueError(
+                "early_reject is not supported with per_key: a key at its share does "
+                "not wait behind the whole queue, so its wait cannot be predicted from it"
+            )
         if isinstance(scope, str) and scope not in _SCOPES:
             raise ValueError(
                 f"scope must be 'process', 'host' or a RedisScope(...), got {scope!r}"
@@ -165,6 +190,7 @@ class Resource:
             algorithm,
             _SCOPES[scope] if isinstance(scope, str) else _core.Scope.process,
             per_key or 0,
+            early_reject,
         )
         if self._core.host_note:
             # A redeploy or reload with another configuration (newest wins),
@@ -240,6 +266,11 @@ class Resource:
     def per_key(self) -> int | None:
         """Most slots one key may hold; ``None``: no per-key share."""
         return self._core.per_key or None
+
+    @property
+    def early_reject(self) -> bool:
+        """Whether requests predicted to time out are refused at once."""
+        return self._core.early_reject
 
     @property
     def scope(self) -> str:

@@ -72,12 +72,16 @@ class ResourceStatistics:
     #: disconnected, cancelled, key_limit, unavailable (a host resource
     #: whose shared lock was out of reach; a cluster resource's Redis
     #: outages are counted in ``cluster.unavailable_total``), deadline (the
-    #: client's budget was spent).
+    #: client's budget was spent), predicted_timeout (``early_reject``).
     rejected_total: Mapping[str, int]
     #: Time from request to grant, of granted requests.
     wait_seconds: HistogramSnapshot
     #: Time from grant to release.
     hold_seconds: HistogramSnapshot
+    #: The resource's moving estimate of service time (grant to release), in
+    #: seconds, which ``early_reject`` predicts waits from; ``None`` until a
+    #: timed hold was released (always with ``scope="host"``).
+    service_seconds: float | None
     #: With scope=RedisScope: the cluster side (``in_use`` across every
     #: process, as last seen); the fields above are this process's stage.
     cluster: ClusterStatistics | None = None
@@ -98,6 +102,7 @@ class ResourceStatistics:
             rejected_total=dict(s.rejected_total),
             wait_seconds=HistogramSnapshot._from_core(s.wait_seconds),
             hold_seconds=HistogramSnapshot._from_core(s.hold_seconds),
+            service_seconds=s.service_seconds,
         )
 
 

@@ -254,7 +254,12 @@ async def wait(
         # later nor push a waiter out of a full queue; rejected now.
         outcome = acquisition.try_once()
     else:
-        outcome = acquisition.start(future, loop)
+        # The engine's early rejection predicts against whichever ends the
+        # wait first: the timeout or the client's deadline.
+        ends = timeout
+        if deadline is not None and (timeout is None or deadline < timeout):
+            ends = deadline
+        outcome = acquisition.start(future, loop, ends)
     if outcome is _PENDING:
         timer = None
         gives_up = None

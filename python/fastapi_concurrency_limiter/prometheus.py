@@ -26,7 +26,8 @@ the process started, as Prometheus expects):
                                                    key_limit, unavailable: a host
                                                    resource's shared lock out
                                                    of reach; deadline: the
-                                                   client's budget spent)
+                                                   client's budget spent;
+                                                   predicted_timeout)
     concurrency_limiter_wait_seconds               histogram (granted requests)
     concurrency_limiter_hold_seconds               histogram
 

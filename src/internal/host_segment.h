@@ -63,7 +63,8 @@ inline constexpr std::uint64_t kMagic = 0x3130545348434c46ull;  // "FLCHST01"
 // configuration that the newest process sets, private directory;
 // 5: Gradient2Limit and VegasLimit (their options and state); 6: their
 // descent remembers a knee below its start, Gradient2Limit its last cut;
-// 7: Outcome::kDeadline, so an entry's stored kPending has another value.
+// 7: Outcome::kDeadline and kPredictedTimeout, so an entry's stored kPending
+// has another value.
 inline constexpr std::uint32_t kVersion = 7;
 // Processes that may use one host resource at the same time.
 inline constexpr std::uint32_t kMaxProcesses = 256;

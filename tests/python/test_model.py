@@ -67,6 +67,7 @@ REASONS = (
     "key_limit",
     "unavailable",
     "deadline",
+    "predicted_timeout",
 )
 DAY = 86400.0
 TINY = 1e-8  # 10 ns
