@@ -68,9 +68,12 @@ else:
     task_on = _current_tasks.get
     _get_ident = threading.get_ident
     _base_run_forever = asyncio.BaseEventLoop.run_forever
+    def _no_loop() -> asyncio.AbstractEventLoop | None:
+        return None
+
     # The loop running_loop() found last, if it is one whose _thread_id
-    # tells where it runs.
-    _last_loop: asyncio.AbstractEventLoop | None = None
+    # tells where it runs: weakly, so that a loop that has finished can go.
+    _last_loop: Callable[[], asyncio.AbstractEventLoop | None] = _no_loop
 
     def running_loop() -> asyncio.AbstractEventLoop | None:
         """``asyncio._get_running_loop()`` without its cost before 3.12: a
@@ -81,8 +84,9 @@ else:
         ``run_forever()`` sets it for exactly as long as the loop runs, and
         refuses to run a loop inside another. Loops that run otherwise (a
         replaced ``run_forever``, as ``nest_asyncio`` installs; uvloop) are
-        not remembered, and a forked child forgets the loop."""
-        loop = _last_loop
+        not remembered, and a forked child forgets the loop. The loop is
+        remembered weakly: a finished one is not kept alive."""
+        loop = _last_loop()
         if loop is not None and loop._thread_id == _get_ident():  # type: ignore[attr-defined]
             return loop
         return _find_running_loop()
@@ -95,12 +99,12 @@ else:
             and getattr(type(loop), "run_forever", None) is _base_run_forever
             and getattr(loop, "_thread_id", None) == _get_ident()
         ):
-            _last_loop = loop
+            _last_loop = weakref.ref(loop)
         return loop
 
     def _forget_loop() -> None:
         global _last_loop
-        _last_loop = None
+        _last_loop = _no_loop
 
     os.register_at_fork(after_in_child=_forget_loop)
 

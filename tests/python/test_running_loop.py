@@ -114,7 +114,7 @@ def test_a_loop_with_its_own_run_forever_is_not_remembered() -> None:
 
     async def find() -> None:
         assert running_loop() is asyncio.get_running_loop()
-        assert _holding._last_loop is not asyncio.get_running_loop()  # type: ignore[attr-defined]
+        assert _holding._last_loop() is not asyncio.get_running_loop()  # type: ignore[attr-defined]
 
     loop = OwnLoop()
     try:
