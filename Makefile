@@ -17,6 +17,9 @@
 #                      distributions and knees, in simulated time (seconds)
 #   make bench-redis   cluster scope against a local redis-server: latency,
 #                      round trips per request, cross-process hand-off
+#                      (make bench and make bench-redis end with their ratios
+#                      beside bench/baseline.json: see bench-report)
+#   make bench-baseline  runs both and makes their ratios the new baseline
 #   make lint          ruff and mypy --strict
 #   make docs          the documentation site (MkDocs, docs/), built with
 #                      --strict into build/site (part of make test): a
@@ -38,7 +41,7 @@ JOBS ?= 2
 PYTHONS ?= 3.10 3.11 3.12 3.13
 DIST := dist
 
-.PHONY: all system-deps venv install lint docs docs-cpp test cpp-test cpp-test-release cpp-test-asan cpp-test-tsan thread-safety cpp-package-test py-test wheels test-all-pythons demo bench bench-adaptive bench-redis clean
+.PHONY: all system-deps venv install lint docs docs-cpp test cpp-test cpp-test-release cpp-test-asan cpp-test-tsan thread-safety cpp-package-test py-test wheels test-all-pythons demo bench bench-adaptive bench-redis bench-report bench-baseline clean
 
 all: test
 
@@ -178,8 +181,13 @@ demo: install
 
 # The engine benchmark runs twice: as shipped, and with the statistics
 # counters compiled out, to show what they cost.
+# Each benchmark also writes its ratios under $(BENCH_OUT); bench-report
+# prints them beside the committed baseline.
+BENCH_OUT := $(BUILD)/bench
+
 bench: install bench-adaptive
-	$(PY) bench/python_bench.py
+	@mkdir -p $(BENCH_OUT)
+	$(PY) bench/python_bench.py --json $(BENCH_OUT)/python.json
 	$(PY) bench/python_host_bench.py
 	cmake -S . -B $(BUILD)/release -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo >/dev/null
 	cmake --build $(BUILD)/release -j $(JOBS) --target concurrency_limiter_bench host_bench
@@ -187,7 +195,8 @@ bench: install bench-adaptive
 		-DCL_BUILD_TESTS=OFF -DCL_BUILD_EXAMPLES=OFF >/dev/null
 	cmake --build $(BUILD)/nostats -j $(JOBS) --target concurrency_limiter_bench
 	@echo "== engine, with statistics"
-	$(BUILD)/release/concurrency_limiter_bench --benchmark_repetitions=5 --benchmark_report_aggregates_only=true
+	$(BUILD)/release/concurrency_limiter_bench --benchmark_repetitions=5 --benchmark_report_aggregates_only=true \
+		--benchmark_out=$(BENCH_OUT)/engine.json --benchmark_out_format=json
 	@echo "== engine, statistics compiled out"
 	$(BUILD)/nostats/concurrency_limiter_bench --benchmark_repetitions=5 --benchmark_report_aggregates_only=true
 	@echo "== host scope against process scope and file locks"
@@ -195,6 +204,7 @@ bench: install bench-adaptive
 	cmake --build $(BUILD)/release -j $(JOBS) --target concurrency_limiter_asio_bench
 	@echo "== async_acquire through an io_context"
 	$(BUILD)/release/concurrency_limiter_asio_bench --benchmark_repetitions=5 --benchmark_report_aggregates_only=true
+	@$(MAKE) --no-print-directory bench-report
 
 # Per cell, each algorithm's throughput and mean latency as ratios to the
 # best fixed limit's, and the limit it settled at (bench/limit_grid.cc).
@@ -205,7 +215,20 @@ bench-adaptive:
 	$(BUILD)/release/limit_grid
 
 bench-redis: install
-	$(PY) bench/redis_bench.py
+	@mkdir -p $(BENCH_OUT)
+	$(PY) bench/redis_bench.py --json $(BENCH_OUT)/redis.json
+	@$(MAKE) --no-print-directory bench-report
+
+# The ratios of the last runs (make bench, make bench-redis) beside
+# bench/baseline.json, those more than 25 % above it marked: a report, never
+# a failure (the exit status is 0 either way). Also in $(BENCH_OUT)/ratios.json.
+bench-report:
+	$(PY) bench/ratios.py report $(BENCH_OUT)
+
+# A new baseline: both benchmarks run, then their ratios replace
+# bench/baseline.json (commit it, saying why it moved).
+bench-baseline: bench bench-redis
+	$(PY) bench/ratios.py baseline $(BENCH_OUT)
 
 clean:
 	rm -rf $(BUILD) report $(DIST) .venv-*

@@ -11,13 +11,16 @@ Prints CPU ns per acquire+release and the ratio ours / asyncio.Semaphore
 time, so that other work on a loaded machine does not count; best of
 several rounds, to damp the rest of the noise.
 
-    python bench/python_bench.py [--rounds 7] [--n 200000]
+    python bench/python_bench.py [--rounds 7] [--n 100000] [--json FILE]
+
+--json writes the ratios to FILE as well (bench/ratios.py reads it).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import time
 from collections.abc import Awaitable, Callable
 
@@ -159,6 +162,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--n", type=int, default=100_000)
+    parser.add_argument("--json", help="also write the ratios to this file")
     args = parser.parse_args()
 
     ns = measure({
@@ -191,6 +195,14 @@ def main() -> None:
         print(f"{case:<12} {name:<52} {ns_op:>9.0f} {ns_op / ref:>7.2f}")
     print("ratio = CPU ns/op divided by asyncio.Semaphore's in the same case "
           "(contended: task-switching cost of the harness subtracted)")
+    if args.json:
+        ratios = {
+            f"python {case} {name} / asyncio.Semaphore": ns_op / ref
+            for case, name, ns_op, ref in rows
+            if ns_op is not ref
+        }
+        with open(args.json, "w") as f:
+            json.dump(ratios, f, indent=2)
 
 
 if __name__ == "__main__":

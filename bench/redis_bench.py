@@ -18,13 +18,17 @@ for the run (on a free port of 127.0.0.1, in a temporary directory).
 
 Prints medians and 99th percentiles (microseconds). Needs redis-server.
 
-    python bench/redis_bench.py [--n 2000] [--handoffs 200]
+    python bench/redis_bench.py [--n 2000] [--handoffs 200] [--json FILE]
+
+--json writes the ratios to a PING (medians) and the commands per request to
+FILE as well (bench/ratios.py reads it).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import multiprocessing
 import os
 import shutil
@@ -41,6 +45,9 @@ import redis.cluster
 
 from fastapi_concurrency_limiter import Limiter, Resource
 from fastapi_concurrency_limiter.redis import RedisScope
+
+# What --json writes: name -> ratio (or count), filled in as measured.
+RATIOS: dict[str, float] = {}
 
 
 def free_port() -> int:
@@ -141,6 +148,12 @@ async def acquire_release(url: str, n: int, client: redis.Redis) -> None:
         f"each request's background release delays the next one's acquire)"
     )
     print(f"Redis commands per request     {per_request:.3f}  (acquire 1 + release 1)")
+    RATIOS.update({
+        "redis acquire+release (tight loop) / PING": statistics.median(cluster) / ping,
+        "redis wait for the slot (tight loop) / PING": statistics.median(to_slot) / ping,
+        "redis wait for a free slot (spaced) / PING": statistics.median(spaced) / ping,
+        "redis commands per request": per_request,
+    })
 
 
 def start_cluster(directory: str, masters: int = 3) -> tuple[list[subprocess.Popen[bytes]], int]:
@@ -271,7 +284,17 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--n", type=int, default=2000)
     parser.add_argument("--handoffs", type=int, default=200)
+    parser.add_argument("--json", help="also write the ratios to this file")
     args = parser.parse_args()
+    try:
+        run(args)
+    finally:
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(RATIOS, f, indent=2)
+
+
+def run(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory() as directory:
         proc, port = start_redis(directory)
         try:

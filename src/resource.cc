@@ -541,16 +541,9 @@ bool Resource::grant_at_once_locked(detail::WaiterNode& node) {
     node.outcome_ = Outcome::kGranted;
     return true;
   }
-  std::uint64_t w = word_.load(std::memory_order_relaxed);
-  do {
-    if ((w & kWaitersBit) != 0 ||
-        in_use_of(w) >= limit_.load(std::memory_order_relaxed)) {
-      return false;
-    }
-  } while (!word_.compare_exchange_weak(w, w + kInUseOne,
-                                        std::memory_order_acquire,
-                                        std::memory_order_relaxed));
-  node.measure_ = note_grant(w + kInUseOne);
+  const std::uint64_t granted = take_free_slot();
+  if (granted == 0) return false;
+  node.measure_ = note_grant(granted);
   node.granted_at_ = {};
   node.state_ = State::kGranted;
   node.outcome_ = Outcome::kGranted;

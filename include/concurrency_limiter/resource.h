@@ -517,21 +517,31 @@ class Resource : public std::enable_shared_from_this<Resource> {
     if (closed_.load(std::memory_order_relaxed)) return false;
     if (host_) return host_try_grant(measure);
     if (per_key_ != 0) return keyed_try_grant(measure, key);
+    const std::uint64_t granted = take_free_slot();
+    if (granted == 0) return false;
+    if (in_use_of(granted) > limit_.load(std::memory_order_seq_cst)) {
+      undo_grant();  // set_limit() lowered the limit meanwhile
+      return false;
+    }
+    measure = note_grant(granted);
+    return true;
+  }
+  // The one CAS loop of both grant paths (try_grant() without the lock,
+  // grant_at_once_locked() under mu_): adds one to in_use while kWaitersBit
+  // is clear and in_use < limit. Returns the word it produced (in_use >= 1),
+  // or 0 if no slot was free. Does not re-check the limit: under mu_ it
+  // cannot change (set_limit_locked()), without it try_grant() does.
+  std::uint64_t take_free_slot() noexcept {
     std::uint64_t w = word_.load(std::memory_order_relaxed);
     do {
       if ((w & kWaitersBit) != 0 ||
           in_use_of(w) >= limit_.load(std::memory_order_relaxed)) {
-        return false;
+        return 0;
       }
     } while (!word_.compare_exchange_weak(w, w + kInUseOne,
                                           std::memory_order_seq_cst,
                                           std::memory_order_relaxed));
-    if (in_use_of(w + kInUseOne) > limit_.load(std::memory_order_seq_cst)) {
-      undo_grant();  // set_limit() lowered the limit meanwhile
-      return false;
-    }
-    measure = note_grant(w + kInUseOne);
-    return true;
+    return w + kInUseOne;
   }
   void undo_grant() noexcept CL_EXCLUDES(mu_);
 

@@ -51,18 +51,62 @@ Owner = object  # an asyncio.Task, or None outside of any task
 #: reference, so a release is seen there too).
 SCOPE_HOLDS = "fastapi_concurrency_limiter.holds"
 
-running_loop = asyncio._get_running_loop
+running_loop: Callable[[], asyncio.AbstractEventLoop | None]
 task_on: Callable[[asyncio.AbstractEventLoop | None], Owner]
 """``task_on(running_loop())``: the running task, through two C calls (on
 the fast path, where ``asyncio.current_task()`` would add a Python frame
 before 3.12)."""
 
 if sys.version_info >= (3, 12):
+    running_loop = asyncio._get_running_loop
     task_on = asyncio.current_task
 else:
+    import os
+    import threading
     from asyncio.tasks import _current_tasks  # type: ignore[attr-defined]
 
     task_on = _current_tasks.get
+    _get_ident = threading.get_ident
+    _base_run_forever = asyncio.BaseEventLoop.run_forever
+    def _no_loop() -> asyncio.AbstractEventLoop | None:
+        return None
+
+    # The loop running_loop() found last, if it is one whose _thread_id
+    # tells where it runs: weakly, so that a loop that has finished can go.
+    _last_loop: Callable[[], asyncio.AbstractEventLoop | None] = _no_loop
+
+    def running_loop() -> asyncio.AbstractEventLoop | None:
+        """``asyncio._get_running_loop()`` without its cost before 3.12: a
+        getpid() system call on every call (so that a forked child does not
+        see its parent's loop), about as much as the rest of the fast path's
+        bookkeeping. The loop found last is returned again while its
+        ``_thread_id`` is the calling thread's: asyncio's own
+        ``run_forever()`` sets it for exactly as long as the loop runs, and
+        refuses to run a loop inside another. Loops that run otherwise (a
+        replaced ``run_forever``, as ``nest_asyncio`` installs; uvloop) are
+        not remembered, and a forked child forgets the loop. The loop is
+        remembered weakly: a finished one is not kept alive."""
+        loop = _last_loop()
+        if loop is not None and loop._thread_id == _get_ident():  # type: ignore[attr-defined]
+            return loop
+        return _find_running_loop()
+
+    def _find_running_loop() -> asyncio.AbstractEventLoop | None:
+        global _last_loop
+        loop = asyncio._get_running_loop()
+        if (
+            loop is not None
+            and getattr(type(loop), "run_forever", None) is _base_run_forever
+            and getattr(loop, "_thread_id", None) == _get_ident()
+        ):
+            _last_loop = weakref.ref(loop)
+        return loop
+
+    def _forget_loop() -> None:
+        global _last_loop
+        _last_loop = _no_loop
+
+    os.register_at_fork(after_in_child=_forget_loop)
 
 
 def current_task() -> Owner:
