@@ -577,7 +577,7 @@ Outcome Resource::enqueue(detail::WaiterNode& node,
         (discipline_ == QueueDiscipline::kAdaptive && standing_locked(now));
     if (!newest_first &&
         service_.predicts_timeout(waiting_, limit_.load(std::memory_order_relaxed),
-                                  seconds(node.deadline_ - now))) {
+                                  node.deadline_ <= now ? 0.0 : seconds(node.deadline_ - now))) {
       note_rejection_locked(Outcome::kPredictedTimeout);
       node.state_ = State::kRejected;
       node.outcome_ = Outcome::kPredictedTimeout;
@@ -704,7 +704,9 @@ void Resource::release(bool measured, Clock::time_point granted_at,
         hold_measured_.store(true, std::memory_order_release);
       }
     }
-    if (measured) service_.add(seconds(now - granted_at));
+    // A hold given back unused (a wait cancelled after its grant, a
+    // cluster stage's refusal) says nothing of the service time.
+    if (measured && completion != Completion::kIgnored) service_.add(seconds(now - granted_at));
     key_released_locked(key);
     hand_over_locked(now, /*count_release=*/true, notices);
   }

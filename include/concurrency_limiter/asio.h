@@ -197,7 +197,7 @@ inline std::string outcome_message(int value, std::string_view resource) {
     case Outcome::kUnavailable: return on + " unavailable (closed, or its shared state out of reach)";
     case Outcome::kDeadline: return "client's deadline spent waiting for " + on;
     case Outcome::kPredictedTimeout:
-      return "predicted to time out waiting for " + on + " (refused at once)";
+      return "predicted to time out waiting for " + on;
     case Outcome::kPending: return "still waiting for " + on;
   }
   return "unknown outcome";

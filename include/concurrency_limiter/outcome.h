@@ -39,7 +39,9 @@ enum class Outcome : std::uint8_t {
   kPredictedTimeout,  // early rejection (ResourceOptions::early_reject): the
                       // wait predicted from the waiters ahead and the
                       // resource's service-time estimate exceeded the
-                      // request's timeout; refused at once, never queued
+                      // request's timeout; refused before it queues at that
+                      // resource (after a wait for an earlier resource of
+                      // its set, if it had to wait there)
   kPending,      // still queued; the completion callback will say how it ends
 };
 

@@ -187,10 +187,14 @@ struct ResourceOptions {
   // request whose timeout the resource is told (Acquisition::start() with a
   // timeout, acquire_for()/acquire_until(), async_acquire, the Python
   // package) can be refused early; none is until the first timed hold was
-  // released (no estimate yet). Costs a multiplication under the mutex a
-  // waiting request takes anyway; nothing on the lock-free path. Off by
-  // default. Not supported with scope kHost or a per-key share
-  // (std::invalid_argument).
+  // released (no estimate yet). Every hold of such a resource is timed (two
+  // clock reads, and its release takes the mutex), so that the estimate
+  // follows the downstream at any load; the prediction costs a
+  // multiplication under the mutex a waiting request takes anyway. It counts
+  // every waiter ahead as one that will be served: waiters with shorter
+  // timeouts (or client deadlines) than the newcomer's, which will give up
+  // before their turn, make it pessimistic. Off by default. Not supported
+  // with scope kHost or a per-key share (std::invalid_argument).
   bool early_reject = false;
 };
 
@@ -565,12 +569,12 @@ class Resource : public std::enable_shared_from_this<Resource> {
   // until the first measured hold is recorded).
   bool note_grant(std::uint64_t word) noexcept {
     if constexpr (!kStatisticsEnabled) {
-      return algorithm_ != nullptr;
+      return algorithm_ != nullptr || early_reject_;
     } else {
       const std::int64_t n = in_use_of(word);
       if (n > peak_in_use_.load(std::memory_order_relaxed)) raise_peak(n);
       const std::uint64_t grants = (word >> kReleaseShift) + static_cast<std::uint64_t>(n);
-      return grants % kMeasureEvery == 0 || algorithm_ != nullptr ||
+      return grants % kMeasureEvery == 0 || algorithm_ != nullptr || early_reject_ ||
              !hold_measured_.load(std::memory_order_acquire);
     }
   }

@@ -4,9 +4,10 @@
 //
 // The estimate is an exponentially weighted moving average of the timed
 // holds (see statistics.h: every hold that waited, one in 64 of those granted
-// at once): each new hold moves it by kWeight of the difference, so it
-// follows a change of the downstream's speed within a few dozen releases and
-// one slow request moves it by a sixteenth of its excess only. Updated at
+// at once; every hold of a resource with early rejection), holds given back
+// unused left out: each new hold moves it by kWeight of the difference, so
+// it follows a change of the downstream's speed within a few dozen releases
+// and one slow request moves it by a sixteenth of its excess only. Updated at
 // release, under the resource's mutex that a timed release takes anyway: no
 // allocation, no extra lock, nothing on the lock-free path.
 //
@@ -21,9 +22,12 @@
 // bimodal service times, a spike at twice the capacity): 0.4 to 1.6 % of
 // the early rejections cost a grant (the requests served fall by that many,
 // against the same arrivals without early rejection), and about 87 % of the
-// timeouts become immediate refusals. In an overload a request refused
-// early could always have been served in the place of another one: that
-// exchange, not a lost grant, is what the others are.
+// timeouts become immediate refusals. Asked the other way, "would this
+// refused request have been granted in time had it waited?", the answer is
+// yes for about half of them: in a sustained overload the slots serve as
+// many requests either way, so a request refused early could have been
+// served in the place of one that then timed out. That exchange is what
+// early rejection does; the requests lost to it are the 0.4 to 1.6 %.
 //
 // Thread safety: a plain value; the resource guards it with its mutex.
 #pragma once

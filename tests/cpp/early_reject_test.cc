@@ -4,6 +4,8 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <array>
+#include <atomic>
 #include <cstdio>
 #include <deque>
 #include <queue>
@@ -347,6 +349,159 @@ TEST(EarlyRejectSimulation, RarelyRefusesWhatAWaitWouldHaveServed) {
       EXPECT_LT(early.timed_out * 4, plain.timed_out) << where;
     }
   }
+}
+
+std::shared_ptr<Resource> fifo_early(std::int64_t capacity = 1) {
+  return Resource::create(ResourceOptions{.name = "early",
+                                          .capacity = capacity,
+                                          .queue = QueueDiscipline::kFifo,
+                                          .early_reject = true});
+}
+
+void hold_for(const std::shared_ptr<Resource>& r, Clock::duration hold) {
+  Acquisition a(set_of({r}));
+  ASSERT_TRUE(a.try_acquire());
+  std::this_thread::sleep_for(hold);
+  a.release();
+}
+
+// A slow first hold (a cold start) does not keep refusing once the
+// downstream is fast: every hold of an early-rejecting resource is timed,
+// so 63 fast ones bring the estimate down even when nothing queues.
+TEST(EarlyRejectEdges, AFastDownstreamAfterASlowFirstHoldIsNotRefused) {
+  auto r = fifo_early(1);
+  hold_for(r, 200ms);  // the first hold: a cold start
+  for (int i = 0; i < 63; ++i) hold_for(r, 0ms);  // 63 fast requests since
+  Acquisition holder(set_of({r}));
+  ASSERT_TRUE(holder.try_acquire());
+  Recorder rec;
+  Acquisition waiter(set_of({r}));
+  ASSERT_EQ(waiter.start(rec.callback()), Outcome::kPending);
+  Recorder late_rec;
+  Acquisition late(set_of({r}));
+  EXPECT_EQ(late.start(late_rec.callback(), Clock::now() + 100ms), Outcome::kPending)
+      << "estimate after 64 holds, 63 of them ~0 s: "
+      << r->statistics().service_seconds.value_or(-1) << " s";
+  late.cancel();
+  waiter.cancel();
+}
+
+// A request refused early by the second resource of its set leaves nothing
+// held on the first.
+TEST(EarlyRejectEdges, RefusedBySecondResourceLeavesFirstFree) {
+  auto first = Resource::create("first", 2);
+  auto second = fifo_early(1);
+  hold_for(second, 20ms);
+  Acquisition holder(set_of({second}));
+  ASSERT_TRUE(holder.try_acquire());
+  std::vector<std::unique_ptr<Acquisition>> waiters;
+  std::vector<Recorder> recs(5);
+  for (int i = 0; i < 5; ++i) {
+    waiters.push_back(std::make_unique<Acquisition>(set_of({second})));
+    ASSERT_EQ(waiters.back()->start(recs[static_cast<std::size_t>(i)].callback()),
+              Outcome::kPending);
+  }
+  Recorder rec;
+  Acquisition both(set_of({first, second}));
+  EXPECT_EQ(both.start(rec.callback(), Clock::now() + 10ms), Outcome::kPredictedTimeout);
+  EXPECT_EQ(both.refused_by(), second.get());
+  EXPECT_EQ(first->in_use(), 0);
+  EXPECT_EQ(first->waiting(), 0);
+  EXPECT_EQ(second->waiting(), 5);
+  EXPECT_EQ(second->statistics().rejected(Outcome::kPredictedTimeout), 1u);
+  EXPECT_EQ(first->statistics().rejected(Outcome::kPredictedTimeout), 0u);
+  for (auto& w : waiters) w->cancel();
+}
+
+// Holds given back unused (Completion::kIgnored: granted after the caller
+// stopped waiting) say nothing of the service time.
+TEST(EarlyRejectEdges, IgnoredHoldsDoNotDragTheEstimateDown) {
+  auto r = fifo_early(1);
+  hold_for(r, 50ms);
+  Acquisition holder(set_of({r}));
+  ASSERT_TRUE(holder.try_acquire());
+  std::vector<std::unique_ptr<Acquisition>> waiters;
+  std::vector<Recorder> recs(16);
+  for (int i = 0; i < 16; ++i) {
+    waiters.push_back(std::make_unique<Acquisition>(set_of({r})));
+    ASSERT_EQ(waiters.back()->start(recs[static_cast<std::size_t>(i)].callback()),
+              Outcome::kPending);
+  }
+  holder.release();
+  // Each is granted (a waited hold: timed) and released unused.
+  for (auto& w : waiters) {
+    ASSERT_EQ(w->state(), Acquisition::State::kGranted);
+    w->release(Completion::kIgnored);
+  }
+  const double estimate = r->statistics().service_seconds.value_or(0);
+  EXPECT_GE(estimate, 0.045) << "16 unused holds moved the estimate from >= 50 ms to "
+                             << estimate * 1000 << " ms";
+}
+
+// Concurrent acquire_for() with a statistics reader: nothing held or queued
+// afterwards, each outcome the callers saw counted once (TSan runs it too).
+TEST(EarlyRejectEdges, ConcurrentStressCountsEveryOutcome) {
+  auto r = fifo_early(2);
+  hold_for(r, 1ms);
+  std::atomic<bool> stop{false};
+  std::thread reader([&] {
+    while (!stop.load()) {
+      const auto s = r->statistics();
+      EXPECT_LE(s.in_use, 2);
+    }
+  });
+  std::vector<std::array<std::uint64_t, 12>> seen(4);
+  std::vector<std::thread> threads;
+  for (int t = 0; t < 4; ++t) {
+    threads.emplace_back([&, t] {
+      std::mt19937 rng(static_cast<std::uint32_t>(t));
+      std::uniform_int_distribution<int> wait_us(0, 3000), hold_us(0, 400);
+      for (int i = 0; i < 400; ++i) {
+        Permit p = r->acquire_for(std::chrono::microseconds(wait_us(rng)));
+        ++seen[static_cast<std::size_t>(t)][static_cast<std::size_t>(p.outcome())];
+        if (p) std::this_thread::sleep_for(std::chrono::microseconds(hold_us(rng)));
+      }
+    });
+  }
+  for (auto& th : threads) th.join();
+  stop = true;
+  reader.join();
+  std::array<std::uint64_t, 12> total{};
+  for (const auto& s : seen) {
+    for (std::size_t i = 0; i < total.size(); ++i) total[i] += s[i];
+  }
+  const auto s = r->statistics();
+  EXPECT_EQ(s.in_use, 0);
+  EXPECT_EQ(s.waiting, 0);
+  EXPECT_EQ(s.acquired_total, total[static_cast<std::size_t>(Outcome::kGranted)] + 1);
+  for (Outcome o : {Outcome::kTimeout, Outcome::kPredictedTimeout, Outcome::kQueueFull}) {
+    EXPECT_EQ(s.rejected(o), total[static_cast<std::size_t>(o)]) << to_string(o);
+  }
+  std::printf("granted %llu timeout %llu predicted_timeout %llu\n",
+              static_cast<unsigned long long>(total[static_cast<std::size_t>(Outcome::kGranted)]),
+              static_cast<unsigned long long>(total[static_cast<std::size_t>(Outcome::kTimeout)]),
+              static_cast<unsigned long long>(
+                  total[static_cast<std::size_t>(Outcome::kPredictedTimeout)]));
+}
+
+// A deadline at the clock's minimum is refused like any past deadline
+// (no overflow computing the time left).
+TEST(EarlyRejectEdges, DeadlineAtTheClocksMinimumIsRefusedLikeAnyPastDeadline) {
+  auto r = fifo_early(1);
+  hold_for(r, 5ms);
+  Acquisition holder(set_of({r}));
+  ASSERT_TRUE(holder.try_acquire());
+  Recorder rec0;
+  Acquisition waiter(set_of({r}));
+  ASSERT_EQ(waiter.start(rec0.callback()), Outcome::kPending);
+  Recorder rec1, rec2;
+  Acquisition past(set_of({r}));
+  EXPECT_EQ(past.start(rec1.callback(), Clock::time_point{}), Outcome::kPredictedTimeout);
+  Acquisition minimum(set_of({r}));
+  EXPECT_EQ(minimum.start(rec2.callback(), Clock::time_point::min()),
+            Outcome::kPredictedTimeout);
+  minimum.cancel();
+  waiter.cancel();
 }
 
 }  // namespace
