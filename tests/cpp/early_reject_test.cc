@@ -182,6 +182,8 @@ struct SimulationResult {
   std::int64_t early_would_be_granted = 0;  // in time, had it waited
   // ...by a slot that nobody else took (the queue was empty): capacity lost.
   std::int64_t early_wasted = 0;
+  // How long each request granted after a wait had waited, in arrival order.
+  std::vector<double> granted_waits;
   double false_share() const {
     return early == 0 ? 0.0 : static_cast<double>(early_would_be_granted) /
                                   static_cast<double>(early);
@@ -191,7 +193,11 @@ struct SimulationResult {
   }
 };
 
-SimulationResult simulate(testing::ServiceTimes times, bool early_reject, std::uint32_t seed) {
+// `eagerness`: how much sooner than the engine the rule refuses (2: it
+// refuses a request whose predicted wait exceeds half its timeout), to show
+// what the checks below would catch.
+SimulationResult simulate(testing::ServiceTimes times, bool early_reject, std::uint32_t seed,
+                          double eagerness = 1.0) {
   constexpr std::int64_t kSlots = 10;
   constexpr double kService = 0.05;  // mean, seconds
   constexpr double kTimeout = 1.0;
@@ -225,9 +231,10 @@ SimulationResult simulate(testing::ServiceTimes times, bool early_reject, std::u
   SimulationResult result;
 
   // A hold's start is -1 if it is not timed.
-  auto grant = [&](double now, bool waited) {
+  auto grant = [&](double now, bool waited, double arrival) {
     ++in_use;
     ++result.granted;
+    if (waited) result.granted_waits.push_back(now - arrival);
     const bool timed = waited || at_once++ % 64 == 0;
     const double end = now + kService * downstream.draw(service_rng);
     holds.push({end, timed ? now : -1.0});
@@ -257,8 +264,8 @@ SimulationResult simulate(testing::ServiceTimes times, bool early_reject, std::u
       if (start >= 0.0) estimate.add(end - start);
       if (!queue.empty()) {
         left_queue[static_cast<std::size_t>(queue.front().id)] = end;
+        grant(end, true, queue.front().arrival);
         queue.pop_front();
-        grant(end, true);
       }
     }
     now = next_arrival;
@@ -270,12 +277,12 @@ SimulationResult simulate(testing::ServiceTimes times, bool early_reject, std::u
     const std::int64_t id = result.arrivals++;
     left_queue.push_back(now);
     if (queue.empty() && in_use < kSlots) {
-      grant(now, false);
+      grant(now, false, now);
       continue;
     }
     // The engine's test, with the time the request has left.
     if (early_reject && estimate.predicts_timeout(static_cast<std::int64_t>(queue.size()),
-                                                  kSlots, kTimeout)) {
+                                                  kSlots, kTimeout / eagerness)) {
       ++result.early;
       ghosts.push_back({now, queue.back().id});
       continue;
@@ -292,8 +299,8 @@ SimulationResult simulate(testing::ServiceTimes times, bool early_reject, std::u
     freed.push_back(queue.empty());
     if (!queue.empty()) {
       left_queue[static_cast<std::size_t>(queue.front().id)] = end;
+      grant(end, true, queue.front().arrival);
       queue.pop_front();
-      grant(end, true);
     }
   }
   expire_until(1e300);
@@ -308,6 +315,19 @@ SimulationResult simulate(testing::ServiceTimes times, bool early_reject, std::u
   return result;
 }
 
+// A rule that lets requests wait is expected to grant waits whose 99th
+// percentile is above this share of a plain wait's.
+constexpr double kEagerWaitBound = 0.9;
+
+// The `q` quantile (0..1) of `values`.
+double quantile(std::vector<double> values, double q) {
+  if (values.empty()) return 0.0;
+  const auto k = static_cast<std::size_t>(q * static_cast<double>(values.size() - 1));
+  std::nth_element(values.begin(), values.begin() + static_cast<std::ptrdiff_t>(k),
+                   values.end());
+  return values[k];
+}
+
 // Three figures per run, against the same arrivals without early rejection:
 //  - lost: the share of early rejections that cost a grant, (requests granted
 //    without early rejection - with it) / early rejections;
@@ -317,12 +337,17 @@ SimulationResult simulate(testing::ServiceTimes times, bool early_reject, std::u
 //    granted in time at all (in place of a request served behind it). Under
 //    a sustained overload this is most of them whatever the rule: each
 //    served request could have been another one. Printed, not asserted.
+// And the 99th percentile of the waits of the requests granted after a wait:
+// a rule that refuses what it should not (too eager) keeps the queue short,
+// and with it every wait, far below the timeout; the engine's lets a request
+// wait up to about its timeout, as a plain wait would.
 TEST(EarlyRejectSimulation, RarelyRefusesWhatAWaitWouldHaveServed) {
   using testing::ServiceTimes;
   std::printf(
       "10 slots, mean service 50 ms, timeout 1 s; Poisson arrivals: 30 s at 0.8 x "
-      "capacity, 30 s at 2 x, 30 s at 0.8 x\n%-8s %4s %8s %8s %8s %8s %7s %7s %8s\n",
-      "service", "seed", "arrivals", "granted", "timeout", "early", "lost", "idle", "instead");
+      "capacity, 30 s at 2 x, 30 s at 0.8 x\n%-8s %4s %8s %8s %8s %8s %7s %7s %8s %8s\n",
+      "service", "seed", "arrivals", "granted", "timeout", "early", "lost", "idle", "instead",
+      "wait p99");
   for (ServiceTimes times :
        {ServiceTimes::kExponential, ServiceTimes::kLognormal10, ServiceTimes::kBimodal}) {
     for (std::uint32_t seed : {1u, 2u, 3u}) {
@@ -330,14 +355,17 @@ TEST(EarlyRejectSimulation, RarelyRefusesWhatAWaitWouldHaveServed) {
       const SimulationResult early = simulate(times, true, seed);
       const double lost = static_cast<double>(plain.granted - early.granted) /
                           static_cast<double>(early.early);
-      std::printf("%-8s %4u %8lld %8lld %8lld %8s\n", testing::to_string(times), seed,
-                  static_cast<long long>(plain.arrivals), static_cast<long long>(plain.granted),
-                  static_cast<long long>(plain.timed_out), "off");
-      std::printf("%-8s %4u %8lld %8lld %8lld %8lld %6.2f%% %6.2f%% %7.2f%%\n",
+      const double plain_p99 = quantile(plain.granted_waits, 0.99);
+      const double early_p99 = quantile(early.granted_waits, 0.99);
+      std::printf("%-8s %4u %8lld %8lld %8lld %8s %7s %7s %8s %7.3fs\n",
+                  testing::to_string(times), seed, static_cast<long long>(plain.arrivals),
+                  static_cast<long long>(plain.granted), static_cast<long long>(plain.timed_out),
+                  "off", "", "", "", plain_p99);
+      std::printf("%-8s %4u %8lld %8lld %8lld %8lld %6.2f%% %6.2f%% %7.2f%% %7.3fs\n",
                   testing::to_string(times), seed, static_cast<long long>(early.arrivals),
                   static_cast<long long>(early.granted), static_cast<long long>(early.timed_out),
                   static_cast<long long>(early.early), 100.0 * lost,
-                  100.0 * early.wasted_share(), 100.0 * early.false_share());
+                  100.0 * early.wasted_share(), 100.0 * early.false_share(), early_p99);
       const std::string where = std::string(testing::to_string(times)) + " seed " +
                                 std::to_string(seed);
       ASSERT_EQ(plain.arrivals, early.arrivals) << where;  // the same arrivals
@@ -347,7 +375,25 @@ TEST(EarlyRejectSimulation, RarelyRefusesWhatAWaitWouldHaveServed) {
       EXPECT_LT(early.wasted_share(), 0.02) << where;
       // Most of the refusals come at arrival instead of at the timeout.
       EXPECT_LT(early.timed_out * 4, plain.timed_out) << where;
+      // Those it lets wait may wait about as long as a plain wait lets them.
+      EXPECT_GT(early_p99, kEagerWaitBound * plain_p99) << where;
     }
+  }
+}
+
+// The check on waits above catches a rule twice as eager as the engine's,
+// which the other figures would let through.
+TEST(EarlyRejectSimulation, TheWaitCheckCatchesARuleTwiceAsEager) {
+  using testing::ServiceTimes;
+  for (ServiceTimes times :
+       {ServiceTimes::kExponential, ServiceTimes::kLognormal10, ServiceTimes::kBimodal}) {
+    const SimulationResult plain = simulate(times, false, 1);
+    const SimulationResult eager = simulate(times, true, 1, 2.0);
+    const double eager_p99 = quantile(eager.granted_waits, 0.99);
+    const double plain_p99 = quantile(plain.granted_waits, 0.99);
+    std::printf("%-8s twice as eager: wait p99 %.3f s, plain %.3f s\n",
+                testing::to_string(times), eager_p99, plain_p99);
+    EXPECT_LT(eager_p99, kEagerWaitBound * plain_p99) << testing::to_string(times);
   }
 }
 
@@ -392,15 +438,7 @@ TEST(EarlyRejectEdges, RefusedBySecondResourceLeavesFirstFree) {
   auto first = Resource::create("first", 2);
   auto second = fifo_early(1);
   hold_for(second, 20ms);
-  Acquisition holder(set_of({second}));
-  ASSERT_TRUE(holder.try_acquire());
-  std::vector<std::unique_ptr<Acquisition>> waiters;
-  std::vector<Recorder> recs(5);
-  for (int i = 0; i < 5; ++i) {
-    waiters.push_back(std::make_unique<Acquisition>(set_of({second})));
-    ASSERT_EQ(waiters.back()->start(recs[static_cast<std::size_t>(i)].callback()),
-              Outcome::kPending);
-  }
+  Backlog backlog(second, 5);
   Recorder rec;
   Acquisition both(set_of({first, second}));
   EXPECT_EQ(both.start(rec.callback(), Clock::now() + 10ms), Outcome::kPredictedTimeout);
@@ -410,7 +448,6 @@ TEST(EarlyRejectEdges, RefusedBySecondResourceLeavesFirstFree) {
   EXPECT_EQ(second->waiting(), 5);
   EXPECT_EQ(second->statistics().rejected(Outcome::kPredictedTimeout), 1u);
   EXPECT_EQ(first->statistics().rejected(Outcome::kPredictedTimeout), 0u);
-  for (auto& w : waiters) w->cancel();
 }
 
 // Holds given back unused (Completion::kIgnored: granted after the caller
@@ -418,18 +455,10 @@ TEST(EarlyRejectEdges, RefusedBySecondResourceLeavesFirstFree) {
 TEST(EarlyRejectEdges, IgnoredHoldsDoNotDragTheEstimateDown) {
   auto r = fifo_early(1);
   hold_for(r, 50ms);
-  Acquisition holder(set_of({r}));
-  ASSERT_TRUE(holder.try_acquire());
-  std::vector<std::unique_ptr<Acquisition>> waiters;
-  std::vector<Recorder> recs(16);
-  for (int i = 0; i < 16; ++i) {
-    waiters.push_back(std::make_unique<Acquisition>(set_of({r})));
-    ASSERT_EQ(waiters.back()->start(recs[static_cast<std::size_t>(i)].callback()),
-              Outcome::kPending);
-  }
-  holder.release();
+  Backlog backlog(r, 16);
+  backlog.holders[0]->release();
   // Each is granted (a waited hold: timed) and released unused.
-  for (auto& w : waiters) {
+  for (auto& w : backlog.waiters) {
     ASSERT_EQ(w->state(), Acquisition::State::kGranted);
     w->release(Completion::kIgnored);
   }
