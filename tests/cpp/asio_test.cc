@@ -197,6 +197,43 @@ TEST(AsyncAcquire, QueueFullIsReportedAtOnceThroughTheExecutor) {
   EXPECT_EQ(r.ec->message(), "queue full for resource 'db'");
 }
 
+// async_acquire tells the resource its deadline: an early-rejecting
+// resource with a long queue refuses at once (through the executor), not at
+// the timeout, and the refused request leaves nothing held or queued.
+TEST(AsyncAcquire, PredictedTimeoutIsReportedAtOnceThroughTheExecutor) {
+  auto db = Resource::create(ResourceOptions{.name = "db", .capacity = 1, .early_reject = true});
+  Limiter limiter({db}, 5s);
+  auto set = limiter.select({db});
+  {
+    Permit first = limiter.try_acquire(set);  // a first timed hold: the estimate
+    ASSERT_TRUE(first);
+    std::this_thread::sleep_for(200ms);
+  }
+  Permit held = limiter.try_acquire(set);
+  ASSERT_TRUE(held);
+  asio::io_context io;
+  int served = 0;
+  for (int i = 0; i < 10; ++i) {  // predicted wait >= 10 x 200 ms = 2 s
+    async_acquire(io, limiter, set, 30s, [&served](std::error_code ec, Permit) {
+      if (!ec) ++served;  // and gives the slot back at once
+    });
+  }
+  Result r;
+  async_acquire(io, limiter, set, 1s, record(r));
+  EXPECT_FALSE(r.ec.has_value());
+  io.run_one();  // only the refusal is ready: the others wait for `held`
+  ASSERT_TRUE(r.ec.has_value());
+  EXPECT_TRUE(*r.ec == Outcome::kPredictedTimeout) << r.ec->message();
+  EXPECT_EQ(db->waiting(), 10);
+  EXPECT_EQ(db->statistics().rejected(Outcome::kPredictedTimeout), 1u);
+  EXPECT_EQ(db->statistics().rejected(Outcome::kTimeout), 0u);
+  held = Permit();
+  io.run();  // the 10 are served one after the other
+  EXPECT_EQ(served, 10);
+  EXPECT_EQ(db->in_use(), 0);
+  EXPECT_EQ(db->waiting(), 0);
+}
+
 TEST(AsyncAcquire, CancellationSlotEndsTheWait) {
   Fixture f;
   Permit held = f.limiter.try_acquire(f.needs_db);
