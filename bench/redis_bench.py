@@ -135,8 +135,23 @@ async def acquire_release(url: str, n: int, client: redis.Redis) -> None:
         async with limiter.acquire([db]):
             spaced.append(time.perf_counter() - start)
         await asyncio.sleep(0.001)
+    # The floor under any client: the acquire script alone, sent with the
+    # scope's own connection pool and arguments (and released), no Python
+    # around it. What Redis spends running it shows in INFO commandstats.
+    raw = []
+    cl = scope._client()
+    stage = cl.stages[0]
+    for _ in range(min(n, 500)):
+        waiter_id = cl.new_id()
+        start = time.perf_counter()
+        granted = await cl._evalsha("acquire", cl._keys(stage), cl._args(stage, waiter_id, 5000))
+        raw.append(time.perf_counter() - start)
+        assert int(granted[0]) == 1, granted
+        # Token 0: released without the fencing check.
+        await cl._evalsha("release", cl._keys(stage), cl._args(stage, waiter_id, 0, 0, ""))
     await scope.aclose()
     print(f"Redis PING round trip          {percentiles(pings)}")
+    print(f"acquire script alone (EVALSHA) {percentiles(raw)}")
     print(f"acquire+release, process scope {percentiles(process)}")
     print(f"acquire+release, RedisScope    {percentiles(cluster)}")
     print(f"  of which the wait for the slot {percentiles(to_slot)}")
@@ -152,6 +167,7 @@ async def acquire_release(url: str, n: int, client: redis.Redis) -> None:
         "redis acquire+release (tight loop) / PING": statistics.median(cluster) / ping,
         "redis wait for the slot (tight loop) / PING": statistics.median(to_slot) / ping,
         "redis wait for a free slot (spaced) / PING": statistics.median(spaced) / ping,
+        "redis acquire script alone (EVALSHA) / PING": statistics.median(raw) / ping,
         "redis commands per request": per_request,
     })
 
