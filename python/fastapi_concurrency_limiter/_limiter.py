@@ -62,6 +62,7 @@ _KEY_PARAM = "_concurrency_limiter_key"
 # Keyword under which an endpoint or dependency gets the result of its
 # priority function, resolved by FastAPI's dependency injection.
 _PRIORITY_PARAM = "_concurrency_limiter_priority"
+_CRITICAL = Priority.CRITICAL
 # Keyword under which a priority function's wrapper gets the connection (to
 # name the route in its error).
 _CONNECTION_PARAM = "_concurrency_limiter_connection"
@@ -435,12 +436,14 @@ class Limiter:
         behind requests with ``priority=Priority.SHEDDABLE``.
         """
         selection = self._select(resources)
-        if callable(priority):
-            raise TypeError(
-                "priority of limiter.acquire() must be a Priority or its name (there is no "
-                f"request to call a function with), got {priority!r}"
-            )
-        fixed = _fixed_priority(selection.resources, priority)
+        fixed = None  # CRITICAL, the default: nothing to check
+        if priority is not _CRITICAL:
+            if callable(priority):
+                raise TypeError(
+                    "priority of limiter.acquire() must be a Priority or its name (there is "
+                    f"no request to call a function with), got {priority!r}"
+                )
+            fixed = _fixed_priority(selection.resources, priority)
         own_timeout = None if timeout is None else check_seconds("timeout", timeout)
         if key is not None and not isinstance(key, str):
             raise TypeError(f"key must be a str or None, got {type(key).__name__} {key!r}")
@@ -782,14 +785,27 @@ def _priority_dependency(priority: object, gate: Gate) -> Any:
     from fastapi import Depends
 
     params, positional, sig = _dependency_parameters(function, "priority")
-    params.append(
-        inspect.Parameter(
-            _CONNECTION_PARAM, inspect.Parameter.KEYWORD_ONLY, annotation=HTTPConnection
-        )
+    # The connection, to name the route in an error: the function's own
+    # parameter if it takes one (FastAPI fills one parameter per kind of
+    # connection), else one of the wrapper's.
+    connection_name = next(
+        (
+            p.name
+            for p in params
+            if isinstance(p.annotation, type) and issubclass(p.annotation, HTTPConnection)
+        ),
+        _CONNECTION_PARAM,
     )
+    own = connection_name == _CONNECTION_PARAM
+    if own:
+        params.append(
+            inspect.Parameter(
+                _CONNECTION_PARAM, inspect.Parameter.KEYWORD_ONLY, annotation=HTTPConnection
+            )
+        )
 
     async def priority_of(**kwargs: Any) -> _core.Priority:
-        connection = kwargs.pop(_CONNECTION_PARAM)
+        connection = kwargs.pop(connection_name) if own else kwargs[connection_name]
         args = [kwargs.pop(name) for name in positional]
         value = function(*args, **kwargs)
         if inspect.isawaitable(value):

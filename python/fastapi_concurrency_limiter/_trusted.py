@@ -68,8 +68,9 @@ class HeaderPriority:
         found = self._values.get(value)
         if found is not None:
             return found
+        number = value.strip()
         try:
-            found = Priority.parse(value)
+            found = Priority.parse(int(number) if number.isascii() and number.isdigit() else value)
         except ValueError:
             self._unknown(value)
             return self.default
