@@ -511,7 +511,8 @@ class Resource : public std::enable_shared_from_this<Resource> {
   //   once closed), without counting a rejection.
   // acquire_until(deadline): blocks the calling thread until a slot is handed
   //   to it (kGranted), the deadline passes (kTimeout), the queue rejects it
-  //   (kQueueFull, kShed), the resource is closed (kUnavailable) or `stop` is
+  //   (kQueueFull, kShed; kLowerPriority: pushed out for a request of a
+  //   higher class), the resource is closed (kUnavailable) or `stop` is
   //   requested (kCancelled). A deadline not in the future means "try once":
   //   a free slot with nobody waiting is granted, otherwise the request is
   //   refused (kTimeout; kQueueFull if a full queue would have turned it away
