@@ -193,12 +193,12 @@ Resource::Resource(ResourceOptions o, int)
       algorithm_(std::move(o.limit_algorithm)),
       per_key_(o.per_key),
       early_reject_(o.early_reject),
-      reserve_(o.reserve),
       reserved_(std::any_of(o.reserve.begin(), o.reserve.end(),
                             [](std::int64_t n) { return n != 0; })),
       locked_(per_key_ != 0 || reserved_),
       limit_(algorithm_ ? std::clamp<std::int64_t>(algorithm_->start(capacity_), 1, capacity_)
-                        : capacity_) {
+                        : capacity_),
+      reserve_(o.reserve) {
   detail::MutexLock lock(mu_);
   stats_.name = name_;
   stats_.capacity = capacity_;

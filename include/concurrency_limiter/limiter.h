@@ -64,8 +64,9 @@ class Limiter {
   // limiter's timeout (acquire), a given timeout (acquire_for) or until a
   // deadline (acquire_until). Blocks the calling thread until granted, the
   // deadline passes (kTimeout: whatever was already held is released), a
-  // queue rejects it (kQueueFull, kShed), a resource is closed (kUnavailable)
-  // or `stop` is requested (kCancelled). A timeout <= 0 (a deadline not in
+  // queue rejects it (kQueueFull, kShed; kLowerPriority: pushed out for a
+  // request of a higher class), a resource is closed (kUnavailable) or
+  // `stop` is requested (kCancelled). A timeout <= 0 (a deadline not in
   // the future) tries once: all slots now, or refused without joining any
   // queue (kTimeout; kQueueFull where a full queue would have turned the
   // request away on arrival), so it never pushes a waiter out of a queue.

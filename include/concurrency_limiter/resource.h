@@ -14,6 +14,8 @@
 //     reply_503(p.outcome());   // kTimeout, kQueueFull, kShed or kCancelled
 //   }
 //
+// Requests may carry a priority class (see "Priority classes" below).
+//
 // Limit: `capacity` is fixed; `limit` (1..capacity, capacity unless changed)
 // is the number of slots in force now. set_limit() moves it by hand; a
 // ResourceOptions::limit_algorithm (limit.h) moves it by itself from the
@@ -78,9 +80,59 @@
 // Host scope does not support a per-key share: the constructor refuses the
 // combination.
 //
+// Priority classes (priority.h): each request belongs to a class,
+// kSheddable < kSheddablePlus < kCritical < kCriticalPlus, kCritical unless
+// its Acquisition (or the Limiter call) says otherwise. A resource whose
+// requests are all of one class behaves as described above.
+//   Grant order: a freed slot goes to the highest class with waiters;
+// within the class, the discipline picks (the oldest for FIFO, the newest
+// for LIFO and a standing adaptive queue). A newcomer still takes a free
+// slot only when nobody waits (or, with reserves, nobody who may take it).
+// Raising the limit grants in the same order. The adaptive queue's standing
+// test and its shedding of stale waiters look at the whole queue, every
+// class included.
+//   Full queue (max_waiting): a newcomer of a class above the lowest class
+// that has waiters pushes out the newest waiter of that lowest class, which
+// is rejected with kLowerPriority: a class is shed only once every lower one
+// is. Otherwise the discipline's rule applies within the newcomer's class:
+// FIFO (and an adaptive queue that does not stand) turns the newcomer away
+// with kQueueFull; LIFO (and a standing adaptive queue) pushes out the
+// oldest waiter of the newcomer's own class with kQueueFull, or turns the
+// newcomer away if its class has none.
+//   Reserved shares (ResourceOptions::reserve): reserve[p] = n keeps n slots
+// that only class p or a higher one may take. For every class c, the
+// classes <= c together hold at most limit - (the reserves of the classes
+// above c): a lower class borrows nothing from a higher class's reserve,
+// and a class may use every slot not reserved for the classes above it
+// (what lower classes hold counts against it). With a limit below the
+// reserves, the lower classes get nothing until it is raised. Example:
+//
+//   auto api = Resource::create(ResourceOptions{
+//       .name = "api", .capacity = 20,
+//       .reserve = {0, 0, 0, 4}});     // indexed by priority_index()
+//   // critical and below: at most 16 slots together; critical_plus: all 20
+//   // (4 of them whatever the others hold).
+//
+// A freed slot that only the classes it is reserved against wait for stays
+// free (for the class it is kept for). Early rejection (early_reject)
+// counts as ahead of a newcomer of class c every waiter of the classes
+// above c and, in FIFO order, every waiter of class c. Statistics split
+// in_use, waiting, acquired_total and rejected_total by class
+// (ResourceStatistics::classes).
+//   Cost: one more intrusive list per class: a grant, release, timeout or
+// cancel of a waiter stays O(1) (a scan of the 4 classes). A resource
+// without reserves keeps the lock-free path below for every class; a class
+// other than kCritical pays one more relaxed atomic add on grant and on
+// release (its per-class count), the default class nothing. A resource with
+// reserves takes and gives back every slot under its mutex, as a per-key
+// share does. Host scope, and a per-key share, support neither reserves nor
+// a class other than kCritical yet: the constructor refuses reserves there,
+// and Acquisition a class other than kCritical (std::invalid_argument).
+//
 // Thread safety: every member function may be called from any thread. While
 // nobody waits, a slot is taken and given back with one atomic
-// compare-and-swap each, without a lock; a request that has to wait, and
+// compare-and-swap each, without a lock (not with a per-key share or
+// reserves, see above); a request that has to wait, and
 // every release while someone waits, go through the resource's mutex, which
 // is held for a few instructions (plus one step per waiter shed by the
 // adaptive queue) and never while user code (a completion callback) runs.
@@ -200,7 +252,7 @@ struct ResourceOptions {
   bool early_reject = false;
   // Reserved shares (see "Priority classes" above): reserve[p] slots, p
   // indexed by priority_index(Priority), that only class p or a higher one
-  // may take. Each entry >= 0, reserve[kSheddable] 0 (the lowest class has
+  // may take; every grant and release then takes the mutex. Each entry >= 0, reserve[kSheddable] 0 (the lowest class has
   // nobody below it to keep slots from), the sum <= capacity; all 0 (the
   // default): no reserve. Not supported with scope kHost or a per-key share
   // (std::invalid_argument).
@@ -447,10 +499,11 @@ class Resource : public std::enable_shared_from_this<Resource> {
   // Blocking acquisition of one slot from a calling thread. These are
   // shorthands for a one-resource Acquisition; see Permit for the result.
   // A free slot with nobody waiting is taken without a lock, a heap
-  // allocation or a clock read.
+  // allocation or a clock read (with reserves: under the mutex).
   //
-  // These take a slot without a key (exempt from a per-key share); use an
-  // Acquisition or Limiter::acquire() to pass one.
+  // These take a slot without a key (exempt from a per-key share), of
+  // class Priority::kCritical; use an Acquisition or Limiter::acquire() to
+  // pass a key or a class.
   //
   // try_acquire(): never blocks. Succeeds only if a slot is free and nobody is
   //   waiting (with a per-key share: nobody who could use it); otherwise the
@@ -458,7 +511,8 @@ class Resource : public std::enable_shared_from_this<Resource> {
   //   once closed), without counting a rejection.
   // acquire_until(deadline): blocks the calling thread until a slot is handed
   //   to it (kGranted), the deadline passes (kTimeout), the queue rejects it
-  //   (kQueueFull, kShed), the resource is closed (kUnavailable) or `stop` is
+  //   (kQueueFull, kShed; kLowerPriority: pushed out for a request of a
+  //   higher class), the resource is closed (kUnavailable) or `stop` is
   //   requested (kCancelled). A deadline not in the future means "try once":
   //   a free slot with nobody waiting is granted, otherwise the request is
   //   refused (kTimeout; kQueueFull if a full queue would have turned it away
@@ -767,7 +821,6 @@ class Resource : public std::enable_shared_from_this<Resource> {
   const std::shared_ptr<LimitAlgorithm> algorithm_;  // null: fixed limit
   const std::int64_t per_key_;  // 0: no per-key share
   const bool early_reject_;
-  const std::array<std::int64_t, kPriorityCount> reserve_;
   const bool reserved_;  // some reserve_[p] > 0
   // Every grant and release under mu_ (a per-key share or reserves).
   const bool locked_;
@@ -788,13 +841,6 @@ class Resource : public std::enable_shared_from_this<Resource> {
   // Set (release) once the first measured hold is recorded; until then every
   // hold is measured, so there is always a hold to attribute others to.
   std::atomic<bool> hold_measured_{false};
-  // Slots held by, and granted to, each class other than the default
-  // (Priority::kCritical, whose entries stay 0): its share is in_use (and
-  // acquired_total) minus theirs, so that the default class's lock-free
-  // path counts nothing more. Relaxed: statistics, and (changed under mu_
-  // only, with reserves) the reserve rule.
-  std::array<std::atomic<std::int64_t>, kPriorityCount> class_held_{};
-  std::array<std::atomic<std::uint64_t>, kPriorityCount> class_acquired_{};
 
   mutable detail::Mutex mu_;
   std::int64_t waiting_ CL_GUARDED_BY(mu_) = 0;
@@ -855,6 +901,16 @@ class Resource : public std::enable_shared_from_this<Resource> {
   std::shared_ptr<detail::HostPool> host_;
   std::string host_note_;
   bool host_note_warning_ = false;
+
+  // Last, so that the members of the lock-free path keep their places.
+  const std::array<std::int64_t, kPriorityCount> reserve_;
+  // Slots held by, and granted to, each class other than the default
+  // (Priority::kCritical, whose entries stay 0): its share is in_use (and
+  // acquired_total) minus theirs, so that the default class's lock-free
+  // path counts nothing more. Relaxed: statistics, and (changed under mu_
+  // only, with reserves) the reserve rule.
+  std::array<std::atomic<std::int64_t>, kPriorityCount> class_held_{};
+  std::array<std::atomic<std::uint64_t>, kPriorityCount> class_acquired_{};
 };
 
 }  // namespace concurrency_limiter
