@@ -1,6 +1,7 @@
 #include "concurrency_limiter/acquisition.h"
 
 #include <stdexcept>
+#include <string>
 #include <thread>
 #include <utility>
 
@@ -8,10 +9,37 @@ namespace concurrency_limiter {
 
 using NodeState = detail::WaiterNode::State;
 
+namespace {
+
+// Refuses, before anything is queued, a priority the set cannot honour.
+Priority checked(Priority priority, const ResourceSet* set) {
+  if (priority_index(priority) >= kPriorityCount) {
+    throw std::invalid_argument(
+        "priority must be one of sheddable, sheddable_plus, critical, "
+        "critical_plus, got the value " +
+        std::to_string(static_cast<unsigned>(priority)));
+  }
+  if (priority == Priority::kCritical || set == nullptr) return priority;
+  for (const auto& r : set->resources()) {
+    if (r->scope() == Scope::kHost || r->per_key() != 0) {
+      throw std::invalid_argument(
+          "priority '" + std::string(to_string(priority)) +
+          "' is not supported on resource '" + r->name() + "' (" +
+          (r->scope() == Scope::kHost ? "scope 'host'" : "a per-key share") +
+          ") yet: use priority critical (the default) for the requests "
+          "that need it");
+    }
+  }
+  return priority;
+}
+
+}  // namespace
+
 Acquisition::Acquisition(std::shared_ptr<const ResourceSet> set,
-                         std::optional<std::string> key)
+                         std::optional<std::string> key, Priority priority)
     : set_(std::move(set)),
       key_(std::move(key)),
+      priority_(checked(priority, set_.get())),
       count_(set_ ? static_cast<std::uint32_t>(set_->size()) : 0),
       nodes_(new Node[count_]),
       refused_(count_) {
@@ -20,6 +48,7 @@ Acquisition::Acquisition(std::shared_ptr<const ResourceSet> set,
     nodes_[i].owner = this;
     nodes_[i].index = i;
     nodes_[i].key_ = key_ptr();
+    nodes_[i].priority_ = priority_;
   }
 }
 
@@ -59,10 +88,12 @@ bool Acquisition::try_acquire() {
   bool measure = false;
   for (std::uint32_t i = 0; i < count_; ++i) {
     bool m = false;
-    if (!resource(i).try_grant(m, key_ptr())) {
+    if (!resource(i).try_grant(m, key_ptr(), priority_)) {
       refused_ = i;
       // Undo the slots taken on the way, leaving no trace in the statistics.
-      for (std::uint32_t j = i; j-- > 0;) resource(j).revert_grant(notices, key_ptr());
+      for (std::uint32_t j = i; j-- > 0;) {
+        resource(j).revert_grant(notices, key_ptr(), priority_);
+      }
       return false;
     }
     measure = measure || m;
@@ -78,7 +109,7 @@ bool Acquisition::try_acquire() {
 Outcome Acquisition::try_once() {
   if (try_acquire()) return Outcome::kGranted;
   detail::MutexLock lock(mu_);
-  const Outcome reason = resource(refused_).refuse_try(key_ptr());
+  const Outcome reason = resource(refused_).refuse_try(key_ptr(), priority_);
   state_ = State::kRejected;
   outcome_ = reason;
   return reason;
@@ -94,7 +125,7 @@ Outcome Acquisition::refuse(Outcome reason) {
     throw std::logic_error("refuse() on an acquisition already started");
   }
   refused_ = 0;
-  resource(0).count_rejection(reason);
+  resource(0).count_rejection(reason, priority_);
   state_ = State::kRejected;
   outcome_ = reason;
   return reason;
@@ -172,7 +203,7 @@ void Acquisition::release_held_locked(detail::NoticeList& notices,
   while (held_ > 0) {
     --held_;
     resource(held_).release(measured, granted_at_, now, completion, notices,
-                            key_ptr());
+                            key_ptr(), priority_);
   }
 }
 
@@ -229,7 +260,7 @@ void Acquisition::cancel(Outcome reason) {
       } else {
         // It still lacked a later resource when the deadline or the cancel
         // came: that one refused it.
-        resource(held_).count_rejection(reason);
+        resource(held_).count_rejection(reason, priority_);
         reject_locked(held_, reason, notices);
       }
     } else {
