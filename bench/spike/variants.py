@@ -311,6 +311,14 @@ _REGISTRY: list[Variant] = [
         db_shared=True,
         services=_fresh_host_resource,
     ),
+    Variant(
+        name="priorities",
+        description=(
+            "`fcl` with priority classes: `Resource(5, early_reject=True)` for the database, "
+            "`/messages` takes its class from the `x-priority` header "
+            "(`priority_from_header`); 3 `/messages` users send `critical`, the others "
+            "`sheddable`"
+        ),
         color="#393b79",
         app="package-priorities",
         critical_users=3,
