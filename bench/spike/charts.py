@@ -211,8 +211,9 @@ def classes_chart(variant: VariantData, path: Path, reference: VariantData | Non
     _latency_axis(ax)
     ax.set_ylabel("latency (ms)")
     _mark_phases(ax, variant.schedule, label=False)
-    ax.legend(loc="upper left", fontsize=8, ncols=4, framealpha=0.9)
     ax.set_xlabel("seconds since start")
+    # Below the panel: the lines span the whole height of a log scale.
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.14), fontsize=8, ncols=4)
     compared = f" ({GOAL_REFERENCE}'s p99 dotted)" if reference is not None else ""
     fig.suptitle(f"{variant.name}: /messages by class, outcomes per second and latency{compared}")
     fig.savefig(path, dpi=DPI)
