@@ -88,9 +88,12 @@ def _check_classes(entry: dict[str, Any], reference_ran: bool, where: str) -> li
     """A variant that sends classes: each class's figures per phase, requests of each
     class in the spike, and every goal, measured when the reference ran."""
     classes = entry.get("classes")
+    problems = []
     if not isinstance(classes, dict):
-        return [f"{where}.classes: expected an object for a variant with critical users"]
-    problems = _missing(classes, CLASSES, f"{where}.classes")
+        problems.append(f"{where}.classes: expected an object for a variant with critical users")
+        classes = {}
+    else:
+        problems += _missing(classes, CLASSES, f"{where}.classes")
     for cls in CLASSES:
         phases = classes.get(cls)
         if not isinstance(phases, dict):
