@@ -9,6 +9,7 @@
 #include <nanobind/stl/string.h>
 #include <nanobind/stl/vector.h>
 
+#include <array>
 #include <chrono>
 
 #include "concurrency_limiter/concurrency_limiter.h"
@@ -25,15 +26,31 @@ cl::Clock::duration from_seconds(double seconds) {
       std::chrono::duration<double>(seconds));
 }
 
-nb::dict rejected_by_reason(const cl::ResourceStatistics& s) {
+// ResourceStatistics::rejected_total and ClassStatistics::rejected_total.
+template <typename Statistics>
+nb::dict rejected_by_reason(const Statistics& s) {
   nb::dict out;
   for (cl::Outcome o : {cl::Outcome::kTimeout, cl::Outcome::kQueueFull,
                         cl::Outcome::kShed, cl::Outcome::kDisconnected,
                         cl::Outcome::kCancelled, cl::Outcome::kKeyLimit,
                         cl::Outcome::kUnavailable, cl::Outcome::kDeadline,
-                        cl::Outcome::kPredictedTimeout}) {
+                        cl::Outcome::kPredictedTimeout, cl::Outcome::kLowerPriority}) {
     out[nb::str(cl::to_string(o).data())] = s.rejected(o);
   }
+  return out;
+}
+
+// ResourceOptions::reserve from a list of one count per priority value.
+std::array<std::int64_t, cl::kPriorityCount> reserve_from(
+    const std::vector<std::int64_t>& reserve) {
+  if (reserve.size() != cl::kPriorityCount) {
+    throw std::invalid_argument(
+        "reserve must list 4 slot counts, one per priority (sheddable, "
+        "sheddable_plus, critical, critical_plus), got " +
+        std::to_string(reserve.size()));
+  }
+  std::array<std::int64_t, cl::kPriorityCount> out{};
+  for (std::size_t i = 0; i < out.size(); ++i) out[i] = reserve[i];
   return out;
 }
 
@@ -54,7 +71,14 @@ NB_MODULE(_core, m) {
       .value("unavailable", cl::Outcome::kUnavailable)
       .value("deadline", cl::Outcome::kDeadline)
       .value("predicted_timeout", cl::Outcome::kPredictedTimeout)
+      .value("lower_priority", cl::Outcome::kLowerPriority)
       .value("pending", cl::Outcome::kPending);
+
+  nb::enum_<cl::Priority>(m, "Priority", "A request's priority class, lowest first.")
+      .value("sheddable", cl::Priority::kSheddable)
+      .value("sheddable_plus", cl::Priority::kSheddablePlus)
+      .value("critical", cl::Priority::kCritical)
+      .value("critical_plus", cl::Priority::kCriticalPlus);
 
   nb::enum_<cl::Completion>(m, "Completion", "How a request that held slots ended.")
       .value("success", cl::Completion::kSuccess)
@@ -141,6 +165,12 @@ NB_MODULE(_core, m) {
       .def_ro("count", &cl::Histogram::count)
       .def_ro("sum", &cl::Histogram::sum);
 
+  nb::class_<cl::ClassStatistics>(m, "ClassStatistics")
+      .def_ro("in_use", &cl::ClassStatistics::in_use)
+      .def_ro("waiting", &cl::ClassStatistics::waiting)
+      .def_ro("acquired_total", &cl::ClassStatistics::acquired_total)
+      .def_prop_ro("rejected_total", &rejected_by_reason<cl::ClassStatistics>);
+
   nb::class_<cl::ResourceStatistics>(m, "ResourceStatistics")
       .def_ro("name", &cl::ResourceStatistics::name)
       .def_ro("capacity", &cl::ResourceStatistics::capacity)
@@ -152,10 +182,13 @@ NB_MODULE(_core, m) {
       .def_ro("max_waiting", &cl::ResourceStatistics::max_waiting)
       .def_ro("queue", &cl::ResourceStatistics::queue)
       .def_ro("acquired_total", &cl::ResourceStatistics::acquired_total)
-      .def_prop_ro("rejected_total", &rejected_by_reason)
+      .def_prop_ro("rejected_total", &rejected_by_reason<cl::ResourceStatistics>)
       .def_ro("wait_seconds", &cl::ResourceStatistics::wait_seconds)
       .def_ro("hold_seconds", &cl::ResourceStatistics::hold_seconds)
-      .def_ro("service_seconds", &cl::ResourceStatistics::service_seconds);
+      .def_ro("service_seconds", &cl::ResourceStatistics::service_seconds)
+      .def_prop_ro("classes", [](const cl::ResourceStatistics& s) {
+        return std::vector<cl::ClassStatistics>(s.classes.begin(), s.classes.end());
+      });
 
   nb::class_<cl::Resource>(m, "Resource")
       .def(nb::new_([](std::string name, std::int64_t capacity,
@@ -163,7 +196,8 @@ NB_MODULE(_core, m) {
                        cl::QueueDiscipline queue, double adaptive_target,
                        double adaptive_interval,
                        std::shared_ptr<cl::LimitAlgorithm> limit_algorithm,
-                       cl::Scope scope, std::int64_t per_key, bool early_reject) {
+                       cl::Scope scope, std::int64_t per_key, bool early_reject,
+                       const std::vector<std::int64_t>& reserve) {
              return std::make_shared<cl::Resource>(cl::ResourceOptions{
                  .name = std::move(name),
                  .capacity = capacity,
@@ -174,12 +208,14 @@ NB_MODULE(_core, m) {
                  .limit_algorithm = std::move(limit_algorithm),
                  .scope = scope,
                  .per_key = per_key,
-                 .early_reject = early_reject});
+                 .early_reject = early_reject,
+                 .reserve = reserve_from(reserve)});
            }),
            "name"_a, "capacity"_a, "max_waiting"_a.none(), "queue"_a,
            "adaptive_target"_a, "adaptive_interval"_a,
            "limit_algorithm"_a.none() = nb::none(), "scope"_a = cl::Scope::kProcess,
-           "per_key"_a = 0, "early_reject"_a = false)
+           "per_key"_a = 0, "early_reject"_a = false,
+           "reserve"_a = std::vector<std::int64_t>(cl::kPriorityCount, 0))
       .def_prop_ro("name", &cl::Resource::name)
       .def_prop_ro("capacity", &cl::Resource::capacity)
       .def_prop_ro("limit", &cl::Resource::limit)
@@ -192,6 +228,10 @@ NB_MODULE(_core, m) {
       .def_prop_ro("host_note_is_warning", &cl::Resource::host_note_is_warning)
       .def_prop_ro("per_key", &cl::Resource::per_key)
       .def_prop_ro("early_reject", &cl::Resource::early_reject)
+      .def_prop_ro("reserve",
+                   [](const cl::Resource& r) {
+                     return std::vector<std::int64_t>(r.reserve().begin(), r.reserve().end());
+                   })
       .def_prop_ro("in_use", &cl::Resource::in_use)
       .def_prop_ro("waiting", &cl::Resource::waiting)
       .def("statistics", &cl::Resource::statistics);
@@ -228,9 +268,12 @@ NB_MODULE(_core, m) {
       .value("rejected", cl::Acquisition::State::kRejected)
       .value("released", cl::Acquisition::State::kReleased);
   acquisition
-      .def(nb::init<std::shared_ptr<const cl::ResourceSet>, std::optional<std::string>>(),
-           "resource_set"_a, "key"_a.none() = nb::none())
+      .def(nb::init<std::shared_ptr<const cl::ResourceSet>, std::optional<std::string>,
+                    cl::Priority>(),
+           "resource_set"_a, "key"_a.none() = nb::none(),
+           "priority"_a = cl::Priority::kCritical)
       .def_prop_ro("key", &cl::Acquisition::key)
+      .def_prop_ro("priority", &cl::Acquisition::priority)
       .def("try_acquire", &cl::Acquisition::try_acquire)
       .def("try_once", &cl::Acquisition::try_once)
       .def("refuse", &cl::Acquisition::refuse, "reason"_a)

@@ -1,6 +1,7 @@
 #include "concurrency_limiter/acquisition.h"
 
 #include <stdexcept>
+#include <string>
 #include <thread>
 #include <utility>
 
@@ -8,10 +9,37 @@ namespace concurrency_limiter {
 
 using NodeState = detail::WaiterNode::State;
 
+namespace {
+
+// Refuses, before anything is queued, a priority the set cannot honour.
+Priority checked(Priority priority, const ResourceSet* set) {
+  if (priority_index(priority) >= kPriorityCount) {
+    throw std::invalid_argument(
+        "priority must be one of sheddable, sheddable_plus, critical, "
+        "critical_plus, got the value " +
+        std::to_string(static_cast<unsigned>(priority)));
+  }
+  if (priority == Priority::kCritical || set == nullptr) return priority;
+  for (const auto& r : set->resources()) {
+    if (r->scope() == Scope::kHost || r->per_key() != 0) {
+      throw std::invalid_argument(
+          "priority '" + std::string(to_string(priority)) +
+          "' is not supported on resource '" + r->name() + "' (" +
+          (r->scope() == Scope::kHost ? "scope 'host'" : "a per-key share") +
+          ") yet: use priority critical (the default) for the requests "
+          "that need it");
+    }
+  }
+  return priority;
+}
+
+}  // namespace
+
 Acquisition::Acquisition(std::shared_ptr<const ResourceSet> set,
-                         std::optional<std::string> key)
+                         std::optional<std::string> key, Priority priority)
     : set_(std::move(set)),
       key_(std::move(key)),
+      priority_(checked(priority, set_.get())),
       count_(set_ ? static_cast<std::uint32_t>(set_->size()) : 0),
       nodes_(new Node[count_]),
       refused_(count_) {
@@ -20,6 +48,7 @@ Acquisition::Acquisition(std::shared_ptr<const ResourceSet> set,
     nodes_[i].owner = this;
     nodes_[i].index = i;
     nodes_[i].key_ = key_ptr();
+    nodes_[i].priority_ = priority_;
   }
 }
 

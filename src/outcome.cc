@@ -1,5 +1,6 @@
 #include "concurrency_limiter/outcome.h"
 
+#include "concurrency_limiter/priority.h"
 #include "concurrency_limiter/statistics.h"
 
 namespace concurrency_limiter {
@@ -16,7 +17,18 @@ std::string_view to_string(Outcome o) noexcept {
     case Outcome::kUnavailable: return "unavailable";
     case Outcome::kDeadline: return "deadline";
     case Outcome::kPredictedTimeout: return "predicted_timeout";
+    case Outcome::kLowerPriority: return "lower_priority";
     case Outcome::kPending: return "pending";
+  }
+  return "unknown";
+}
+
+std::string_view to_string(Priority p) noexcept {
+  switch (p) {
+    case Priority::kSheddable: return "sheddable";
+    case Priority::kSheddablePlus: return "sheddable_plus";
+    case Priority::kCritical: return "critical";
+    case Priority::kCriticalPlus: return "critical_plus";
   }
   return "unknown";
 }

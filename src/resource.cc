@@ -73,6 +73,40 @@ ResourceOptions validated(ResourceOptions o) {
         "not wait behind the whole queue, so its wait cannot be predicted "
         "from it");
   }
+  std::int64_t reserved = 0;
+  for (std::size_t p = 0; p < kPriorityCount; ++p) {
+    const std::string entry =
+        "reserve[" + std::string(to_string(static_cast<Priority>(p))) + "]";
+    if (o.reserve[p] < 0 || o.reserve[p] > o.capacity) {
+      throw std::invalid_argument(entry + " must be an integer in [0, capacity=" +
+                                  std::to_string(o.capacity) + "], got " +
+                                  std::to_string(o.reserve[p]));
+    }
+    if (p == priority_index(Priority::kSheddable) && o.reserve[p] != 0) {
+      throw std::invalid_argument(
+          entry + " must be 0: the lowest class has no class below it to keep "
+                  "slots from (reserve slots for sheddable_plus, critical or "
+                  "critical_plus), got " +
+          std::to_string(o.reserve[p]));
+    }
+    reserved += o.reserve[p];
+  }
+  if (reserved > o.capacity) {
+    throw std::invalid_argument(
+        "reserve must sum to at most capacity=" + std::to_string(o.capacity) +
+        " (each entry in [0, capacity], sheddable's 0), got a sum of " +
+        std::to_string(reserved));
+  }
+  if (reserved != 0 && o.scope == Scope::kHost) {
+    throw std::invalid_argument(
+        "reserve is not supported with scope 'host' yet: priority classes are "
+        "kept by one process; use all-zero reserves");
+  }
+  if (reserved != 0 && o.per_key != 0) {
+    throw std::invalid_argument(
+        "reserve is not supported with per_key yet: use all-zero reserves, or "
+        "per_key=0");
+  }
   if (o.name.empty()) o.name = generated_name();
   return o;
 }
@@ -152,6 +186,9 @@ Resource::Resource(ResourceOptions o, int)
       algorithm_(std::move(o.limit_algorithm)),
       per_key_(o.per_key),
       early_reject_(o.early_reject),
+      reserve_(o.reserve),
+      reserved_(std::any_of(o.reserve.begin(), o.reserve.end(),
+                            [](std::int64_t n) { return n != 0; })),
       limit_(algorithm_ ? std::clamp<std::int64_t>(algorithm_->start(capacity_), 1, capacity_)
                         : capacity_) {
   detail::MutexLock lock(mu_);

@@ -39,6 +39,19 @@
 //
 //   Acquisition acq(set, "tenant-1");
 //
+// Priority: an acquisition belongs to one priority class (priority.h),
+// Priority::kCritical unless it says otherwise, on every resource of its
+// set. A resource hands a freed slot to the highest class with waiters
+// (within a class, in its queue discipline's order); a full queue pushes out
+// the newest waiter of the lowest class to make room for a higher class
+// (kLowerPriority); a class may not take slots reserved for the classes
+// above it (ResourceOptions::reserve). See resource.h, "Priority classes".
+// A class other than kCritical is refused (std::invalid_argument, at
+// construction) when the set holds a resource of scope kHost or with a
+// per-key share: not built yet.
+//
+//   Acquisition acq(set, std::nullopt, Priority::kSheddable);
+//
 // Thread safety: all member functions may be called from any thread,
 // concurrently with grants made by other threads' releases. The callback runs
 // on whichever thread decided the outcome: a releasing thread, or the thread
@@ -58,6 +71,7 @@
 #include "concurrency_limiter/internal/mutex.h"
 #include "concurrency_limiter/internal/thread_annotations.h"
 #include "concurrency_limiter/outcome.h"
+#include "concurrency_limiter/priority.h"
 #include "concurrency_limiter/resource.h"
 #include "concurrency_limiter/resource_set.h"
 
@@ -76,8 +90,12 @@ class Acquisition {
   };
 
   // `key`: see "Key" above; copied, and constant for the acquisition's life.
+  // `priority`: see "Priority" above. Throws std::invalid_argument, naming
+  // `priority`, for a value outside the enum or a class other than
+  // kCritical on a set with a host-scoped resource or a per-key share.
   explicit Acquisition(std::shared_ptr<const ResourceSet> set,
-                       std::optional<std::string> key = std::nullopt);
+                       std::optional<std::string> key = std::nullopt,
+                       Priority priority = Priority::kCritical);
   Acquisition(const Acquisition&) = delete;
   Acquisition& operator=(const Acquisition&) = delete;
   // Cancels a pending wait or releases held slots. If a releasing thread is
@@ -171,6 +189,7 @@ class Acquisition {
     return set_;
   }
   const std::optional<std::string>& key() const noexcept { return key_; }
+  Priority priority() const noexcept { return priority_; }
 
  private:
   friend class DeadlineQueue;
@@ -207,6 +226,7 @@ class Acquisition {
 
   const std::shared_ptr<const ResourceSet> set_;
   const std::optional<std::string> key_;
+  const Priority priority_;
   // &*key_, or null: what the resources are given.
   const std::string* key_ptr() const noexcept { return key_ ? &*key_ : nullptr; }
   const std::uint32_t count_;

@@ -198,6 +198,8 @@ inline std::string outcome_message(int value, std::string_view resource) {
     case Outcome::kDeadline: return "client's deadline spent waiting for " + on;
     case Outcome::kPredictedTimeout:
       return "predicted to time out waiting for " + on;
+    case Outcome::kLowerPriority:
+      return "pushed out of the queue of " + on + " by a request of a higher priority";
     case Outcome::kPending: return "still waiting for " + on;
   }
   return "unknown outcome";

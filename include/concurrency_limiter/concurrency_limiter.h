@@ -6,6 +6,7 @@
 // Acquisition  the callback-based wait that front ends build on (acquisition.h)
 // DeadlineQueue one timer for many waiting acquisitions (deadline_queue.h)
 // LimitAlgorithm what moves an adaptive resource's limit (limit.h)
+// Priority     the four request classes, served and shed in order (priority.h)
 #pragma once
 
 #include "concurrency_limiter/acquisition.h"
@@ -14,6 +15,7 @@
 #include "concurrency_limiter/limiter.h"
 #include "concurrency_limiter/outcome.h"
 #include "concurrency_limiter/permit.h"
+#include "concurrency_limiter/priority.h"
 #include "concurrency_limiter/resource.h"
 #include "concurrency_limiter/resource_set.h"
 #include "concurrency_limiter/host_resource.h"

@@ -42,11 +42,15 @@ enum class Outcome : std::uint8_t {
                       // request's timeout; refused before it queues at that
                       // resource (after a wait for an earlier resource of
                       // its set, if it had to wait there)
+  kLowerPriority,  // pushed out of a full queue (max_waiting) to make room
+                   // for a request of a higher priority class: the newest
+                   // waiter of the lowest class that has waiters goes
+                   // (priority.h)
   kPending,      // still queued; the completion callback will say how it ends
 };
 
 // Number of rejection reasons, i.e. outcomes other than kGranted and kPending.
-inline constexpr std::size_t kRejectionReasonCount = 9;
+inline constexpr std::size_t kRejectionReasonCount = 10;
 // A reason added to Outcome without updating the count fails to compile here
 // (kPending stays last, right after the reasons).
 static_assert(kRejectionReasonCount == static_cast<std::size_t>(Outcome::kPending) - 1,
@@ -65,7 +69,8 @@ constexpr std::size_t rejection_index(Outcome o) noexcept {
 
 // Stable lower-case names used in errors, statistics and metrics labels:
 // "granted", "timeout", "queue_full", "shed", "disconnected", "cancelled",
-// "key_limit", "unavailable", "deadline", "predicted_timeout", "pending".
+// "key_limit", "unavailable", "deadline", "predicted_timeout",
+// "lower_priority", "pending".
 std::string_view to_string(Outcome o) noexcept;
 
 }  // namespace concurrency_limiter

@@ -101,6 +101,7 @@
 // the resource, if slots are still held or requests still wait then.
 #pragma once
 
+#include <array>
 #include <atomic>
 #include <chrono>
 #include <cstdint>
@@ -119,6 +120,7 @@
 #include "concurrency_limiter/internal/thread_annotations.h"
 #include "concurrency_limiter/limit.h"
 #include "concurrency_limiter/outcome.h"
+#include "concurrency_limiter/priority.h"
 #include "concurrency_limiter/service_estimate.h"
 #include "concurrency_limiter/statistics.h"
 
@@ -196,6 +198,13 @@ struct ResourceOptions {
   // before their turn, make it pessimistic. Off by default. Not supported
   // with scope kHost or a per-key share (std::invalid_argument).
   bool early_reject = false;
+  // Reserved shares (see "Priority classes" above): reserve[p] slots, p
+  // indexed by priority_index(Priority), that only class p or a higher one
+  // may take. Each entry >= 0, reserve[kSheddable] 0 (the lowest class has
+  // nobody below it to keep slots from), the sum <= capacity; all 0 (the
+  // default): no reserve. Not supported with scope kHost or a per-key share
+  // (std::invalid_argument).
+  std::array<std::int64_t, kPriorityCount> reserve{};
 };
 
 namespace detail {
@@ -286,6 +295,8 @@ class WaiterNode {
   std::uint32_t host_entry_ = 0;
   // The request's key (owned by the Acquisition, constant), null for none.
   const std::string* key_ = nullptr;
+  // The request's priority class (set by the Acquisition, constant).
+  Priority priority_ = Priority::kCritical;
   // While queued on a resource with a per-key share and key_ is set: the
   // key's entry in that resource's key map; guarded by the resource's mu_.
   KeyCount* key_count_ = nullptr;
@@ -415,6 +426,13 @@ class Resource : public std::enable_shared_from_this<Resource> {
   // Whether requests predicted to time out are refused at once
   // (ResourceOptions::early_reject).
   bool early_reject() const noexcept { return early_reject_; }
+  // Slots reserved per priority class (ResourceOptions::reserve), indexed by
+  // priority_index(Priority); all 0 for none.
+  const std::array<std::int64_t, kPriorityCount>& reserve() const noexcept {
+    return reserve_;
+  }
+  // Whether any class has a reserve.
+  bool has_reserve() const noexcept { return reserved_; }
 
   // Slots held right now, and requests waiting right now. A snapshot: it may
   // be stale by the time the caller looks at it.
@@ -695,6 +713,8 @@ class Resource : public std::enable_shared_from_this<Resource> {
   const std::shared_ptr<LimitAlgorithm> algorithm_;  // null: fixed limit
   const std::int64_t per_key_;  // 0: no per-key share
   const bool early_reject_;
+  const std::array<std::int64_t, kPriorityCount> reserve_;
+  const bool reserved_;  // some reserve_[p] > 0
   // Set once by close(), under mu_; read without it by try_grant().
   std::atomic<bool> closed_{false};
   // Slots in force, 1..capacity_. Written under mu_ (seq_cst, see the

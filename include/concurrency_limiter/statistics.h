@@ -33,6 +33,7 @@
 #include <string>
 
 #include "concurrency_limiter/outcome.h"
+#include "concurrency_limiter/priority.h"
 
 namespace concurrency_limiter {
 
@@ -64,6 +65,21 @@ enum class QueueDiscipline : std::uint8_t {
 
 std::string_view to_string(QueueDiscipline d) noexcept;
 
+// The share of one priority class (priority.h) in a resource's statistics.
+// Summed over the classes, each field gives the resource's own.
+struct ClassStatistics {
+  std::int64_t in_use = 0;           // slots the class holds right now
+  std::int64_t waiting = 0;          // waiters of the class queued right now
+  std::uint64_t acquired_total = 0;  // slots granted to the class
+  // Requests of the class turned away, by reason; index with
+  // rejection_index(Outcome).
+  std::array<std::uint64_t, kRejectionReasonCount> rejected_total{};
+
+  std::uint64_t rejected(Outcome reason) const noexcept {
+    return rejected_total[rejection_index(reason)];
+  }
+};
+
 struct ResourceStatistics {
   std::string name;
   std::int64_t capacity = 0;
@@ -87,6 +103,13 @@ struct ResourceStatistics {
   // seconds: see service_estimate.h. nullopt until a timed hold was released
   // (and always for host scope, which keeps none).
   std::optional<double> service_seconds;
+  // The counters above split by priority class, indexed by
+  // priority_index(Priority). A resource of host scope serves only
+  // Priority::kCritical: everything is counted there. in_use per class is a
+  // snapshot as in_use is (on the lock-free path of a resource without
+  // reserves, a slot is counted in its class a moment after the resource
+  // counts it, so a class may briefly show one slot that is its neighbour's).
+  std::array<ClassStatistics, kPriorityCount> classes{};
 
   std::uint64_t rejected(Outcome reason) const noexcept {
     return rejected_total[rejection_index(reason)];

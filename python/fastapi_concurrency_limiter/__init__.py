@@ -29,8 +29,15 @@ from ._adaptive import AdaptiveLimit
 from ._deadline import deadline_headers, remaining_budget
 from ._errors import BUSY_DETAIL, ServerBusy
 from ._limiter import Limiter
+from ._priority import Priority
 from ._resource import Resource
-from ._statistics import HistogramSnapshot, LimiterStatistics, ResourceStatistics
+from ._statistics import (
+    HistogramSnapshot,
+    LimiterStatistics,
+    PriorityStatistics,
+    ResourceStatistics,
+)
+from ._trusted import priority_from_header
 
 __all__ = [
     "BUSY_DETAIL",
@@ -38,10 +45,13 @@ __all__ = [
     "HistogramSnapshot",
     "Limiter",
     "LimiterStatistics",
+    "Priority",
+    "PriorityStatistics",
     "Resource",
     "ResourceStatistics",
     "ServerBusy",
     "deadline_headers",
+    "priority_from_header",
     "remaining_budget",
 ]
 __version__ = "0.2.0"

@@ -48,6 +48,7 @@ class Gate:
         "rejection",
         "deadline_header",
         "margin",
+        "priority",
     )
 
     def __init__(self, limiter: Limiter, selection: Selection, timeout: float | None) -> None:
@@ -59,9 +60,15 @@ class Gate:
         self.rejection: Rejection = limiter._rejection
         self.deadline_header: str | None = limiter._deadline_header
         self.margin: float = limiter._deadline_margin
+        #: The entry point's fixed class; ``None``: CRITICAL (the engine's
+        #: default) or a function's, given to ``admit()`` per request.
+        self.priority: _core.Priority | None = None
 
     async def admit(
-        self, connection: HTTPConnection | None, key: str | None = None
+        self,
+        connection: HTTPConnection | None,
+        key: str | None = None,
+        priority: _core.Priority | None = None,
     ) -> tuple[Releasable, Holds]:
         """Takes the slots for the running task, waiting up to the timeout;
         returns what to release and the task's holds (``release()``).
@@ -70,7 +77,8 @@ class Gate:
         ServerBusy, or RuntimeError when the task holds slots that make
         waiting a possible deadlock; nothing is held then. With the
         limiter's ``deadline_header``, the client's budget bounds the wait,
-        and a spent one is refused before trying (reason ``deadline``)."""
+        and a spent one is refused before trying (reason ``deadline``).
+        ``priority``: the request's class (``None``: the gate's own)."""
         selection = self.selection
         # What this task holds (inlined: this is the fast path).
         task = task_on(running_loop())
@@ -84,9 +92,14 @@ class Gate:
             outer = connection.scope.get(SCOPE_HOLDS)
             if outer:
                 check(outer, selection, REQUEST)
-        acquisition = (
-            _core.Acquisition(self._rset) if key is None else _core.Acquisition(self._rset, key)
-        )
+        if priority is None:
+            priority = self.priority
+        if priority is not None:
+            acquisition = _core.Acquisition(self._rset, key, priority)
+        elif key is not None:
+            acquisition = _core.Acquisition(self._rset, key)
+        else:
+            acquisition = _core.Acquisition(self._rset)
         deadline = None
         if self.deadline_header is not None and connection is not None:
             deadline = self.client_deadline(acquisition, connection)

@@ -18,6 +18,7 @@ from ._deadline import begin, end
 from ._errors import ServerBusy
 from ._holding import SCOPE_HOLDS, Holds, leave
 from ._keys import key_from
+from ._priority import priority_from
 from ._streaming import Held
 
 if TYPE_CHECKING:
@@ -29,6 +30,9 @@ if TYPE_CHECKING:
 OnReject = Callable[[HTTPConnection, ServerBusy], "Response | Awaitable[Response]"]
 #: ``key(connection)``: the key of a request or WebSocket connection (sync or async).
 KeyOf = Callable[[HTTPConnection], "str | None | Awaitable[str | None]"]
+#: ``priority(connection)``: the class of a request or WebSocket connection
+#: (a Priority, its name, or None for CRITICAL; sync or async).
+PriorityOf = Callable[[HTTPConnection], Any]
 
 # WebSocket close code 1013, "try again later" (RFC 6455 registry).
 TRY_AGAIN_LATER = 1013
@@ -131,6 +135,23 @@ async def key_of(key: KeyOf, connection: HTTPConnection) -> str | None:
     return key_from(value, key)
 
 
+async def priority_of(priority: PriorityOf, connection: HTTPConnection) -> _core.Priority:
+    value = priority(connection)
+    if inspect.isawaitable(value):
+        value = await value
+    return priority_from(value, priority, where(connection))
+
+
+def where(connection: HTTPConnection) -> str:
+    """The request, as an error names it: its route's path (as declared),
+    else its own path."""
+    scope = connection.scope
+    route = scope.get("route")
+    path = getattr(route, "path", None) or scope.get("path", "?")
+    kind = scope.get("method", "WebSocket") if scope["type"] == "http" else "WebSocket"
+    return f"{kind} {path}"
+
+
 class LimitedApp:
     """An ASGI app whose HTTP requests and WebSocket connections each hold a
     slot of the limiter's resources: an HTTP request until its response has
@@ -145,11 +166,13 @@ class LimitedApp:
         gate: Gate,
         key: KeyOf | None = None,
         on_reject: OnReject | None = None,
+        priority: PriorityOf | None = None,
     ) -> None:
         self.app = app
         self._gate = gate
         self._key = key
         self._on_reject = on_reject
+        self._priority = priority
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
@@ -167,8 +190,11 @@ class LimitedApp:
         token = begin() if gate.deadline_header is not None else None
         try:
             key = None if self._key is None else await key_of(self._key, connection)
+            priority = (
+                None if self._priority is None else await priority_of(self._priority, connection)
+            )
             try:
-                granted, holds = await gate.admit(connection, key)
+                granted, holds = await gate.admit(connection, key, priority)
             except ServerBusy as exc:
                 await refuse(connection, send, exc, self._on_reject, self.app)
                 return

@@ -33,6 +33,7 @@ REASONS = (
     "unavailable",
     "deadline",
     "predicted_timeout",
+    "lower_priority",
 )
 
 
@@ -68,7 +69,10 @@ class ServerBusy(_HTTPException):
             ran out first while it waited), or ``"predicted_timeout"`` (a
             resource with ``early_reject=True`` predicted from its queue and
             its service-time estimate that the request would time out, and
-            refused it at once).
+            refused it at once), or ``"lower_priority"`` (it waited in a
+            full queue, ``max_waiting``, as the newest request of the lowest
+            priority class waiting, and gave its place to a request of a
+            higher class).
         retry_after: seconds sent in the ``Retry-After`` header, or ``None``.
         status_code: the HTTP status (``Limiter(status_code=...)``, 503 by
             default).

@@ -19,7 +19,7 @@ from starlette.websockets import WebSocket
 from . import _core
 from ._adaptive import SUCCESS, completion_of
 from ._admission import Gate
-from ._asgi import TRY_AGAIN_LATER, KeyOf, LimitedApp, OnReject, refuse
+from ._asgi import TRY_AGAIN_LATER, KeyOf, LimitedApp, OnReject, PriorityOf, refuse, where
 from ._clustered import ClusteredAcquisition, Releasable, running_loop_time, with_cluster
 from ._deadline import DEFAULT_MARGIN, begin, check_header, end, refuse_spent, stamp_arrivals
 from ._errors import BUSY_DETAIL, Rejection, ServerBusy
@@ -38,6 +38,7 @@ from ._holding import (
 from ._holding import _held as _holds
 from ._keys import bounded, key_from
 from ._order import catch_at_decoration, record
+from ._priority import CORE, Priority, priority_from
 from ._resource import Resource
 from ._statistics import LimiterStatistics
 from ._streaming import STREAMED, Held, end_after_sending, release_after_sending
@@ -58,6 +59,13 @@ _SLOTS_PARAM = "_concurrency_limiter_slots"
 # Keyword under which an endpoint or dependency gets the result of its key
 # function, resolved by FastAPI's dependency injection.
 _KEY_PARAM = "_concurrency_limiter_key"
+# Keyword under which an endpoint or dependency gets the result of its
+# priority function, resolved by FastAPI's dependency injection.
+_PRIORITY_PARAM = "_concurrency_limiter_priority"
+_CRITICAL = Priority.CRITICAL
+# Keyword under which a priority function's wrapper gets the connection (to
+# name the route in its error).
+_CONNECTION_PARAM = "_concurrency_limiter_connection"
 
 #: Every limited endpoint and dependency function -> its gate (for the
 #: OpenAPI 503 and the start-up check of routes limited twice).
@@ -183,6 +191,7 @@ class Limiter:
         *,
         timeout: float | None = None,
         key: Callable[..., Any] | None = None,
+        priority: Priority | str | Callable[..., Any] = Priority.CRITICAL,
     ) -> Callable[[F], F]:
         """Route decorator: the endpoint runs only while it holds a slot of
         each of ``resources``, taken in registration order; a request that
@@ -213,18 +222,30 @@ class Limiter:
         parameter without annotation gets the ``Request`` (or the
         ``WebSocket``): ``key=lambda request: request.headers.get("x-api-key")``.
 
-        Raises ValueError at decoration time for an empty list, a resource
+        ``priority``: the class of the route's requests (``Priority``, or
+        its name), or a function returning it (a ``Priority``, its name, or
+        ``None`` for ``CRITICAL``), resolved as ``key`` is:
+        ``priority=priority_from_header("x-priority")`` or ``priority=lambda
+        request: ...``. A freed slot goes to the highest class waiting; a
+        full queue pushes out the newest waiter of the lowest class for a
+        higher one. Default ``CRITICAL``. A function returning anything else
+        fails its request (500), logged at ERROR. See docs/priorities.md.
+
+        Raises ValueError at decoration time for a ``priority`` that is no
+        class, or is not ``CRITICAL`` on a resource with ``scope="host"`` or
+        ``per_key`` (not supported there), for an empty list, a resource
         that is not registered, one listed twice, resources out of
         registration order or in an order another Limiter contradicts;
         TypeError for items that are not Resources. A request whose task
         already holds a slot that makes waiting a possible deadlock gets
         RuntimeError (see docs/usage.md, "Deadlocks").
         """
-        gate = self._gate(resources, timeout)
+        gate = self._gate(resources, timeout, priority)
         key_dependency = _key_dependency(key, gate)
+        priority_dependency = _priority_dependency(priority, gate)
 
         def decorator(func: F) -> F:
-            limited = _limit(func, gate, key_dependency)
+            limited = _limit(func, gate, key_dependency, priority_dependency)
             # Above the route decorator, the route has the original already.
             record(func)
             catch_at_decoration(func, sys._getframe(1))
@@ -238,6 +259,7 @@ class Limiter:
         *,
         timeout: float | None = None,
         key: Callable[..., Any] | None = None,
+        priority: Priority | str | Callable[..., Any] = Priority.CRITICAL,
     ) -> Callable[..., AsyncIterator[None]]:
         """A FastAPI dependency that holds a slot of each of ``resources``
         while the endpoint runs, to limit a whole router or app::
@@ -245,7 +267,7 @@ class Limiter:
             router = APIRouter(dependencies=[Depends(limiter.dependency([db]))])
 
         Same order rules (ValueError here), timeout, 503, disconnect
-        handling, deadlock check and ``key`` as the decorator. When the slots
+        handling, deadlock check, ``key`` and ``priority`` as the decorator. When the slots
         are given back depends on FastAPI's handling of dependencies with
         ``yield``: see docs/entry-points.md, "Limiting a router" (from FastAPI 0.118,
         after the response's background tasks have run, unless it is used
@@ -255,15 +277,18 @@ class Limiter:
         the server answers with HTTP 403): the decorator and ``asgi()``
         refuse with the limiter's status instead.
         """
-        gate = self._gate(resources, timeout)
+        gate = self._gate(resources, timeout, priority)
         key_dependency = _key_dependency(key, gate)
+        priority_dependency = _priority_dependency(priority, gate)
         deadlines = gate.deadline_header is not None
 
         async def limit(connection: HTTPConnection, **kwargs: Any) -> AsyncIterator[None]:
             token = begin() if deadlines else None
             try:
                 try:
-                    granted, holds = await gate.admit(connection, kwargs.get(_KEY_PARAM))
+                    granted, holds = await gate.admit(
+                        connection, kwargs.get(_KEY_PARAM), kwargs.get(_PRIORITY_PARAM)
+                    )
                 except ServerBusy as exc:
                     if connection.scope["type"] == "websocket":
                         # A dependency cannot answer the handshake itself: the
@@ -287,6 +312,8 @@ class Limiter:
         ])
         if key_dependency is not None:
             sig = _with_param(sig, _KEY_PARAM, Any, key_dependency)
+        if priority_dependency is not None:
+            sig = _with_param(sig, _PRIORITY_PARAM, Any, priority_dependency)
         limit.__signature__ = sig  # type: ignore[attr-defined]
         limit.__qualname__ = limit.__name__ = "concurrency_limit"
         gates[limit] = gate
@@ -299,6 +326,7 @@ class Limiter:
         timeout: float | None = None,
         key: KeyOf | None = None,
         on_reject: OnReject | None = None,
+        priority: Priority | str | PriorityOf = Priority.CRITICAL,
     ) -> Callable[[ASGIApp], LimitedApp]:
         """Wraps any ASGI app so that each of its HTTP requests and WebSocket
         connections holds a slot of each of ``resources``: a Starlette
@@ -317,6 +345,9 @@ class Limiter:
 
         ``key``: ``key(connection)`` (sync or ``async``) gets the Starlette
         ``Request`` or ``WebSocket`` and returns its key (str) or ``None``.
+        ``priority``: a ``Priority`` (or its name), or ``priority(connection)``
+        (sync or ``async``) returning one (or ``None``: ``CRITICAL``), e.g.
+        ``priority_from_header("x-priority")``; see the decorator.
         ``on_reject``: ``on_reject(connection, exc)`` (sync or ``async``)
         returns the Starlette ``Response`` to send instead of the limiter's
         (for a WebSocket: as the handshake's denial response where the
@@ -328,7 +359,7 @@ class Limiter:
         scope, so that a nested limit of the same request is refused with
         RuntimeError also from another task.
         """
-        gate = self._gate(resources, timeout)
+        gate = self._gate(resources, timeout, priority)
         if key is not None and not callable(key):
             raise TypeError(f"key must be a callable (connection) -> str | None, got {key!r}")
         if key is not None:
@@ -341,14 +372,21 @@ class Limiter:
         def wrap(app: ASGIApp) -> LimitedApp:
             if not callable(app):
                 raise TypeError(f"app must be an ASGI app, got {type(app).__name__} {app!r}")
-            return LimitedApp(app, gate, key, on_reject)
+            return LimitedApp(app, gate, key, on_reject, priority if callable(priority) else None)
 
         return wrap
 
-    def _gate(self, resources: Sequence[Resource], timeout: float | None) -> Gate:
+    def _gate(
+        self, resources: Sequence[Resource], timeout: float | None, priority: object
+    ) -> Gate:
         selection = self._select(resources)
         own_timeout = None if timeout is None else check_seconds("timeout", timeout)
-        return Gate(self, selection, own_timeout)
+        gate = Gate(self, selection, own_timeout)
+        if callable(priority):
+            _check_prioritized(selection.resources, priority)
+        else:
+            gate.priority = _fixed_priority(selection.resources, priority)
+        return gate
 
     def acquire(
         self,
@@ -357,6 +395,7 @@ class Limiter:
         timeout: float | None = None,
         key: str | None = None,
         deadline: float | None = None,
+        priority: Priority | str = Priority.CRITICAL,
     ) -> _Hold:
         """Holds ``resources`` for the body of an ``async with`` block, for
         code that is not a route (background jobs, scripts)::
@@ -391,13 +430,27 @@ class Limiter:
         client's: ``limiter.acquire([db], deadline=remaining_budget())``
         (not implied, so that work the request leaves behind, such as a
         background task, is not cut short by its client's budget).
+
+        ``priority``: the class of each entry (``Priority`` or its name;
+        default ``CRITICAL``), as the decorator's: a background job can wait
+        behind requests with ``priority=Priority.SHEDDABLE``.
         """
         selection = self._select(resources)
+        fixed = None  # CRITICAL, the default: nothing to check
+        if priority is not _CRITICAL:
+            if callable(priority):
+                raise TypeError(
+                    "priority of limiter.acquire() must be a Priority or its name (there is "
+                    f"no request to call a function with), got {priority!r}"
+                )
+            fixed = _fixed_priority(selection.resources, priority)
         own_timeout = None if timeout is None else check_seconds("timeout", timeout)
         if key is not None and not isinstance(key, str):
             raise TypeError(f"key must be a str or None, got {type(key).__name__} {key!r}")
         budget = None if deadline is None else check_seconds("deadline", deadline)
-        return _Hold(self, selection, own_timeout, None if key is None else bounded(key), budget)
+        return _Hold(
+            self, selection, own_timeout, None if key is None else bounded(key), budget, fixed
+        )
 
     def instrument(self, app: FastAPI) -> None:
         """Documents the rejection response (body schema and ``Retry-After``)
@@ -456,7 +509,16 @@ class _Hold:
     back to the newest entry made by the exiting task.
     """
 
-    __slots__ = ("_limiter", "_selection", "_timeout", "_key", "_deadline", "_entries", "_outer")
+    __slots__ = (
+        "_limiter",
+        "_selection",
+        "_timeout",
+        "_key",
+        "_deadline",
+        "_priority",
+        "_entries",
+        "_outer",
+    )
 
     def __init__(
         self,
@@ -465,12 +527,14 @@ class _Hold:
         timeout: float | None,
         key: str | None = None,
         deadline: float | None = None,
+        priority: _core.Priority | None = None,
     ) -> None:
         self._limiter = limiter
         self._selection = selection
         self._timeout = timeout
         self._key = key
         self._deadline = deadline
+        self._priority = priority  # None: CRITICAL, the engine's default
         # The frame objects are kept while their entry lasts, so that no
         # other frame can reuse the key.
         self._entries: dict[FrameType, tuple[Releasable, Holds]] = {}
@@ -488,7 +552,11 @@ class _Hold:
             holds = holds_of(task)
         elif holds:
             check(holds, selection)
-        acquisition = _core.Acquisition(selection.rset, self._key)
+        acquisition = (
+            _core.Acquisition(selection.rset, self._key)
+            if self._priority is None
+            else _core.Acquisition(selection.rset, self._key, self._priority)
+        )
         granted: Releasable = acquisition
         left = None
         if self._deadline is not None:
@@ -665,6 +733,91 @@ def _check_keyed(gate: Gate) -> None:
         )
 
 
+def _check_prioritized(resources: Sequence[Resource], priority: object) -> None:
+    """ValueError naming ``priority`` if one of ``resources`` cannot order
+    its waiters by class (host scope, per-key shares: not built yet)."""
+    for r in resources:
+        if r.scope == "host" or r.per_key is not None:
+            what = "scope='host'" if r.scope == "host" else f"per_key={r.per_key}"
+            raise ValueError(
+                f"priority={priority!r}: resource {r.name!r} has {what}, where priority "
+                "classes are not supported (not built yet); every request of it is CRITICAL: "
+                "leave priority out for routes that use it"
+            )
+
+
+def _fixed_priority(resources: Sequence[Resource], priority: object) -> _core.Priority | None:
+    """A fixed ``priority=`` as the engine's class; ``None`` for CRITICAL
+    (the engine's default, which costs nothing)."""
+    p = Priority.parse(priority)
+    if p is Priority.CRITICAL:
+        return None
+    _check_prioritized(resources, p)
+    return CORE[p]
+
+
+def _dependency_parameters(
+    function: Callable[..., Any], what: str
+) -> tuple[list[inspect.Parameter], list[str], inspect.Signature]:
+    """The parameters of ``function`` as FastAPI should resolve them (all
+    keyword-only; one without annotation or default gets the connection),
+    and the names of its positional-only ones."""
+    sig = _signature(function)
+    params = []
+    positional: list[str] = []
+    for p in sig.parameters.values():
+        if p.kind in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD):
+            raise TypeError(f"{what}: {function!r} may not take *{p.name} or **{p.name}")
+        if p.kind is inspect.Parameter.POSITIONAL_ONLY:
+            positional.append(p.name)
+        if p.annotation is inspect.Parameter.empty and p.default is inspect.Parameter.empty:
+            p = p.replace(annotation=HTTPConnection)
+        params.append(p.replace(kind=inspect.Parameter.KEYWORD_ONLY))
+    return params, positional, sig
+
+
+def _priority_dependency(priority: object, gate: Gate) -> Any:
+    """``Depends(...)`` on a ``priority=`` function, resolved like ``key``
+    (``_key_dependency``); ``None`` for a fixed priority (the gate's)."""
+    if not callable(priority):
+        return None
+    function: Callable[..., Any] = priority
+    from fastapi import Depends
+
+    params, positional, sig = _dependency_parameters(function, "priority")
+    # The connection, to name the route in an error: the function's own
+    # parameter if it takes one (FastAPI fills one parameter per kind of
+    # connection), else one of the wrapper's.
+    connection_name = next(
+        (
+            p.name
+            for p in params
+            if isinstance(p.annotation, type) and issubclass(p.annotation, HTTPConnection)
+        ),
+        _CONNECTION_PARAM,
+    )
+    own = connection_name == _CONNECTION_PARAM
+    if own:
+        params.append(
+            inspect.Parameter(
+                _CONNECTION_PARAM, inspect.Parameter.KEYWORD_ONLY, annotation=HTTPConnection
+            )
+        )
+
+    async def priority_of(**kwargs: Any) -> _core.Priority:
+        connection = kwargs.pop(connection_name) if own else kwargs[connection_name]
+        args = [kwargs.pop(name) for name in positional]
+        value = function(*args, **kwargs)
+        if inspect.isawaitable(value):
+            value = await value
+        return priority_from(value, function, where(connection))
+
+    priority_of.__signature__ = sig.replace(  # type: ignore[attr-defined]
+        parameters=params, return_annotation=inspect.Signature.empty
+    )
+    return Depends(priority_of)
+
+
 def _key_dependency(key: Callable[..., Any] | None, gate: Gate) -> Any:
     """``Depends(...)`` on ``key``, for the decorator and the dependency: a
     wrapper that FastAPI resolves like any dependency (so ``key`` may take
@@ -678,17 +831,7 @@ def _key_dependency(key: Callable[..., Any] | None, gate: Gate) -> Any:
     _check_keyed(gate)
     from fastapi import Depends
 
-    sig = _signature(key)
-    params = []
-    positional: list[str] = []
-    for p in sig.parameters.values():
-        if p.kind in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD):
-            raise TypeError(f"key: {key!r} may not take *{p.name} or **{p.name}")
-        if p.kind is inspect.Parameter.POSITIONAL_ONLY:
-            positional.append(p.name)
-        if p.annotation is inspect.Parameter.empty and p.default is inspect.Parameter.empty:
-            p = p.replace(annotation=HTTPConnection)
-        params.append(p.replace(kind=inspect.Parameter.KEYWORD_ONLY))
+    params, positional, sig = _dependency_parameters(key, "key")
 
     async def key_of(**kwargs: Any) -> str | None:
         args = [kwargs.pop(name) for name in positional]
@@ -707,16 +850,24 @@ def _limit(
     func: Callable[..., Any],
     gate: Gate,
     key_dependency: Any,
+    priority_dependency: Any,
 ) -> Callable[..., Any]:
     sig = _signature(func)
     if inspect.isgeneratorfunction(func) or inspect.isasyncgenfunction(func):
-        return _limit_generator(func, gate, key_dependency, sig)
+        return _limit_generator(func, gate, key_dependency, priority_dependency, sig)
     socket_name = _websocket_parameter(sig)
     if socket_name is not None:
-        return _limit_websocket(func, gate, key_dependency, sig, socket_name)
+        return _limit_websocket(func, gate, key_dependency, priority_dependency, sig, socket_name)
     request_name = _request_parameter(sig)
     injected = request_name is None
     keyed = key_dependency is not None
+    # The request's class, from its function, else the route's own (None:
+    # CRITICAL, the engine's default).
+    dynamic = priority_dependency is not None
+    fixed = gate.priority
+    classed = keyed or dynamic or fixed is not None
+    if fixed is None:
+        fixed = CORE[Priority.CRITICAL]
     is_async = _is_async(func)
     selection = gate.selection
     rset = selection.rset
@@ -744,11 +895,14 @@ def _limit(
             outer = request.scope.get(SCOPE_HOLDS)
             if outer:
                 check(outer, selection, REQUEST)
-        acquisition = (
-            Acquisition(rset, kwargs.pop(_KEY_PARAM))
-            if keyed
-            else Acquisition(rset)
-        )
+        if classed:
+            acquisition = Acquisition(
+                rset,
+                kwargs.pop(_KEY_PARAM) if keyed else None,
+                kwargs.pop(_PRIORITY_PARAM) if dynamic else fixed,
+            )
+        else:
+            acquisition = Acquisition(rset)
         deadline = None
         if deadlines and request is not None:
             deadline = gate.client_deadline(acquisition, request)
@@ -803,6 +957,8 @@ def _limit(
         sig = _with_param(sig, _REQUEST_PARAM, Request)
     if keyed:
         sig = _with_param(sig, _KEY_PARAM, Any, key_dependency)
+    if dynamic:
+        sig = _with_param(sig, _PRIORITY_PARAM, Any, priority_dependency)
     endpoint.__signature__ = sig  # type: ignore[attr-defined]
     gates[endpoint] = gate
     return endpoint
@@ -812,6 +968,7 @@ def _limit_websocket(
     func: Callable[..., Any],
     gate: Gate,
     key_dependency: Any,
+    priority_dependency: Any,
     sig: inspect.Signature,
     socket_name: str,
 ) -> Callable[..., Any]:
@@ -820,6 +977,7 @@ def _limit_websocket(
     connection turned away is refused before it is accepted (see
     ``refuse``), and the endpoint does not run."""
     keyed = key_dependency is not None
+    dynamic = priority_dependency is not None
     deadlines = gate.deadline_header is not None
 
     @functools.wraps(func)
@@ -829,7 +987,9 @@ def _limit_websocket(
         try:
             try:
                 granted, holds = await gate.admit(
-                    websocket, kwargs.pop(_KEY_PARAM) if keyed else None
+                    websocket,
+                    kwargs.pop(_KEY_PARAM) if keyed else None,
+                    kwargs.pop(_PRIORITY_PARAM) if dynamic else None,
                 )
             except ServerBusy as exc:
                 # The raw channel: Starlette's WebSocket.send() of some
@@ -849,6 +1009,8 @@ def _limit_websocket(
 
     if keyed:
         sig = _with_param(sig, _KEY_PARAM, Any, key_dependency)
+    if dynamic:
+        sig = _with_param(sig, _PRIORITY_PARAM, Any, priority_dependency)
     endpoint.__signature__ = sig  # type: ignore[attr-defined]
     gates[endpoint] = gate
     return endpoint
@@ -858,6 +1020,7 @@ def _limit_generator(
     func: Callable[..., Any],
     gate: Gate,
     key_dependency: Any,
+    priority_dependency: Any,
     sig: inspect.Signature,
 ) -> Callable[..., Any]:
     """A generator endpoint (FastAPI streams what it yields) holds its
@@ -874,7 +1037,9 @@ def _limit_generator(
     async def slots(request: Request, **kwargs: Any) -> AsyncIterator[Held]:
         token = begin() if deadlines else None
         try:
-            granted, holds = await gate.admit(request, kwargs.get(_KEY_PARAM))
+            granted, holds = await gate.admit(
+                request, kwargs.get(_KEY_PARAM), kwargs.get(_PRIORITY_PARAM)
+            )
             held = Held(granted, holds, gate.selection)
             try:
                 yield held
@@ -889,6 +1054,8 @@ def _limit_generator(
     ])
     if key_dependency is not None:
         slots_sig = _with_param(slots_sig, _KEY_PARAM, Any, key_dependency)
+    if priority_dependency is not None:
+        slots_sig = _with_param(slots_sig, _PRIORITY_PARAM, Any, priority_dependency)
     slots.__signature__ = slots_sig  # type: ignore[attr-defined]
 
     endpoint: Any

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import re
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Literal
 
 from . import _core
@@ -12,6 +13,7 @@ from ._adaptive import AdaptiveLimit, algorithm_for
 from ._clustered import Releasable, running_loop_time, with_cluster
 from ._holding import Holds, Selection, check, current_task, current_task_or_none, holds_of, leave
 from ._logging import logger
+from ._priority import LABELS, Priority, check_reserve
 from ._statistics import ResourceStatistics
 from ._validation import INT64_MAX, check_int, check_seconds
 from ._waiting import wait
@@ -113,9 +115,28 @@ class Resource:
             ``False`` (default): every request waits up to its timeout, as
             the original package. Not supported with ``scope="host"`` or
             ``per_key`` (ValueError).
+        reserve: slots kept for a priority class and those above it, e.g.
+            ``{Priority.CRITICAL_PLUS: 4}``: 4 of the slots only
+            ``CRITICAL_PLUS`` requests may take; the other classes borrow
+            nothing from it, and ``CRITICAL_PLUS`` may still use every
+            other slot. With several reserves, each class may use every
+            slot not reserved for the classes above it. Keys: any class
+            but ``SHEDDABLE`` (a Priority or its name); values: integers
+            >= 0 adding up to at most ``capacity``. Counted against the
+            ``limit`` in force. ``None`` (default): no reserve. Not
+            supported with ``scope="host"`` or ``per_key`` (ValueError).
+            See docs/priorities.md.
     """
 
-    __slots__ = ("_core", "_selection", "_held", "_before", "_cluster", "__weakref__")
+    __slots__ = (
+        "_core",
+        "_selection",
+        "_held",
+        "_before",
+        "_cluster",
+        "_reserve",
+        "__weakref__",
+    )
 
     def __init__(
         self,
@@ -130,8 +151,10 @@ class Resource:
         adaptive: bool | AdaptiveLimit = False,
         per_key: int | None = None,
         early_reject: bool = False,
+        reserve: Mapping[Priority | str, int] | None = None,
     ) -> None:
         check_int("capacity", capacity, minimum=1, maximum=MAX_CAPACITY)
+        reserved = check_reserve(reserve, capacity, scope, per_key)
         if per_key is not None:
             if isinstance(per_key, bool) or not isinstance(per_key, int):
                 raise TypeError(
@@ -191,6 +214,7 @@ class Resource:
             _SCOPES[scope] if isinstance(scope, str) else _core.Scope.process,
             per_key or 0,
             early_reject,
+            reserve=reserved,
         )
         if self._core.host_note:
             # A redeploy or reload with another configuration (newest wins),
@@ -202,6 +226,8 @@ class Resource:
                 extra={"resource": name, "scope": "host"},
             )
         self._cluster: ClusterStage | None = _bind_scope(scope, name, capacity)
+        # For the statistics: the reserves by class name.
+        self._reserve = {LABELS[i]: n for i, n in enumerate(reserved) if n}
         self._selection = Selection(_core.ResourceSet([self._core]), (self,))
         # Slots taken by acquire(), and the task that took each.
         self._held: list[tuple[Releasable, Holds]] = []
@@ -273,6 +299,12 @@ class Resource:
         return self._core.early_reject
 
     @property
+    def reserve(self) -> dict[Priority, int]:
+        """The slots reserved per class (``Resource(reserve=...)``), without
+        the classes that have none; ``{}`` without reserves."""
+        return {Priority(i): n for i, n in enumerate(self._core.reserve) if n}
+
+    @property
     def scope(self) -> str:
         """``"process"``, ``"host"``, or ``"cluster"`` for a RedisScope."""
         if self._cluster is not None:
@@ -324,7 +356,7 @@ class Resource:
         return self._statistics(self._core.statistics())
 
     def _statistics(self, core: _core.ResourceStatistics) -> ResourceStatistics:
-        s = ResourceStatistics._from_core(core)
+        s = ResourceStatistics._from_core(core, self._reserve)
         if self._cluster is not None:
             s = dataclasses.replace(s, cluster=self._cluster.statistics())
         return s

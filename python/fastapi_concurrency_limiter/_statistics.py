@@ -4,9 +4,10 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from . import _core
+from ._priority import LABELS
 
 
 @dataclass(frozen=True)
@@ -51,6 +52,29 @@ class ClusterStatistics:
 
 
 @dataclass(frozen=True)
+class PriorityStatistics:
+    """One priority class of one resource (``ResourceStatistics.priorities``)."""
+
+    #: Slots held by requests of the class right now.
+    in_use: int
+    #: Requests of the class waiting right now.
+    waiting: int
+    #: Slots granted to requests of the class.
+    acquired_total: int
+    #: Requests of the class turned away, by reason (as the resource's).
+    rejected_total: Mapping[str, int]
+
+    @classmethod
+    def _from_core(cls, c: _core.ClassStatistics) -> PriorityStatistics:
+        return cls(
+            in_use=c.in_use,
+            waiting=c.waiting,
+            acquired_total=c.acquired_total,
+            rejected_total=dict(c.rejected_total),
+        )
+
+
+@dataclass(frozen=True)
 class ResourceStatistics:
     """A consistent snapshot of one resource."""
 
@@ -72,7 +96,8 @@ class ResourceStatistics:
     #: disconnected, cancelled, key_limit, unavailable (a host resource
     #: whose shared lock was out of reach; a cluster resource's Redis
     #: outages are counted in ``cluster.unavailable_total``), deadline (the
-    #: client's budget was spent), predicted_timeout (``early_reject``).
+    #: client's budget was spent), predicted_timeout (``early_reject``),
+    #: lower_priority (pushed out of a full queue by a higher class).
     rejected_total: Mapping[str, int]
     #: Time from request to grant, of granted requests.
     wait_seconds: HistogramSnapshot
@@ -82,12 +107,22 @@ class ResourceStatistics:
     #: seconds, which ``early_reject`` predicts waits from; ``None`` until a
     #: timed hold was released (always with ``scope="host"``).
     service_seconds: float | None
+    #: The figures of each priority class, by its lower-case name
+    #: (``"sheddable"``, ``"sheddable_plus"``, ``"critical"``,
+    #: ``"critical_plus"``, lowest first): ``s.priorities["sheddable"].waiting``.
+    #: A request that names no class counts as ``"critical"``.
+    priorities: Mapping[str, PriorityStatistics] = field(default_factory=dict)
+    #: Slots reserved per class (``Resource(reserve=...)``), by lower-case
+    #: name; ``{}`` without reserves.
+    reserve: Mapping[str, int] = field(default_factory=dict)
     #: With scope=RedisScope: the cluster side (``in_use`` across every
     #: process, as last seen); the fields above are this process's stage.
     cluster: ClusterStatistics | None = None
 
     @classmethod
-    def _from_core(cls, s: _core.ResourceStatistics) -> ResourceStatistics:
+    def _from_core(
+        cls, s: _core.ResourceStatistics, reserve: Mapping[str, int]
+    ) -> ResourceStatistics:
         return cls(
             name=s.name,
             capacity=s.capacity,
@@ -103,6 +138,11 @@ class ResourceStatistics:
             wait_seconds=HistogramSnapshot._from_core(s.wait_seconds),
             hold_seconds=HistogramSnapshot._from_core(s.hold_seconds),
             service_seconds=s.service_seconds,
+            priorities={
+                label: PriorityStatistics._from_core(c)
+                for label, c in zip(LABELS, s.classes, strict=True)
+            },
+            reserve=reserve,
         )
 
 

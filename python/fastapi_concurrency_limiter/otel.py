@@ -25,7 +25,7 @@ attribute ``concurrency_limiter.resource`` (the resource's name):
     concurrency_limiter.requests                Counter {request}
         attribute concurrency_limiter.result: "acquired", or the reason it
         was turned away (timeout, queue_full, shed, disconnected, cancelled,
-        key_limit, unavailable, deadline, predicted_timeout) (like
+        key_limit, unavailable, deadline, predicted_timeout, lower_priority) (like
         aspnetcore.rate_limiting.requests)
     concurrency_limiter.request.time_in_queue   Histogram s
         granted requests (like aspnetcore.rate_limiting.request.time_in_queue)

@@ -27,9 +27,24 @@ the process started, as Prometheus expects):
                                                    resource's shared lock out
                                                    of reach; deadline: the
                                                    client's budget spent;
-                                                   predicted_timeout)
+                                                   predicted_timeout;
+                                                   lower_priority)
     concurrency_limiter_wait_seconds               histogram (granted requests)
     concurrency_limiter_hold_seconds               histogram
+
+Per priority class, labelled ``resource`` and ``priority`` (``sheddable``,
+``sheddable_plus``, ``critical``, ``critical_plus``), for each resource
+that uses priorities (a ``reserve``, or a request of a class other than
+``critical`` seen since the process started; a request that names no
+class is ``critical``), every class:
+
+    concurrency_limiter_priority_in_use            gauge
+    concurrency_limiter_priority_waiting           gauge
+    concurrency_limiter_priority_reserved          gauge (Resource(reserve=...))
+    concurrency_limiter_priority_acquired_total    counter
+    concurrency_limiter_priority_rejected_total{reason}  counter
+
+The series without ``priority`` count every class together, as before.
 
 With ``scope=RedisScope(...)`` the metrics above are this process's local
 stage, and these are added:
@@ -236,6 +251,36 @@ class _Families:
         }
         self.clustered = False  # the cluster families appear only when used
 
+        classes = ["resource", "priority"]
+        self.class_gauges = {
+            "in_use": GaugeMetricFamily(
+                f"{PREFIX}_priority_in_use",
+                "Slots held right now by requests of the priority class.",
+                labels=classes,
+            ),
+            "waiting": GaugeMetricFamily(
+                f"{PREFIX}_priority_waiting",
+                "Requests of the priority class waiting right now.",
+                labels=classes,
+            ),
+        }
+        self.class_reserved = GaugeMetricFamily(
+            f"{PREFIX}_priority_reserved",
+            "Slots reserved for the priority class and those above it.",
+            labels=classes,
+        )
+        self.class_acquired = CounterMetricFamily(
+            f"{PREFIX}_priority_acquired",
+            "Slots granted to requests of the priority class.",
+            labels=classes,
+        )
+        self.class_rejected = CounterMetricFamily(
+            f"{PREFIX}_priority_rejected",
+            "Requests of the priority class turned away, by reason.",
+            labels=[*classes, "reason"],
+        )
+        self.prioritized = False  # the per-class families appear only when used
+
     def add(self, s: ResourceStatistics) -> None:
         if s.cluster is not None:
             self.clustered = True
@@ -252,12 +297,42 @@ class _Families:
             self.rejected.add_metric([s.name, reason], count)
         self.wait.add_metric([s.name], *_buckets(s.wait_seconds))
         self.hold.add_metric([s.name], *_buckets(s.hold_seconds))
+        if _uses_priorities(s):
+            self.prioritized = True
+            for label, c in s.priorities.items():
+                for key, family in self.class_gauges.items():
+                    family.add_metric([s.name, label], getattr(c, key))
+                self.class_reserved.add_metric([s.name, label], s.reserve.get(label, 0))
+                self.class_acquired.add_metric([s.name, label], c.acquired_total)
+                for reason, count in c.rejected_total.items():
+                    self.class_rejected.add_metric([s.name, label, reason], count)
 
     def all(self) -> list[Metric]:
         families = [*self.gauges.values(), self.acquired, self.rejected, self.wait, self.hold]
+        if self.prioritized:
+            families += [
+                *self.class_gauges.values(),
+                self.class_reserved,
+                self.class_acquired,
+                self.class_rejected,
+            ]
         if self.clustered:
             families += [*self.cluster_gauges.values(), *self.cluster_counters.values()]
         return families
+
+
+def _uses_priorities(s: ResourceStatistics) -> bool:
+    """Whether ``s``'s resource has reserves or has seen a request of a
+    class other than CRITICAL (whose series would otherwise be all zero, for
+    every resource of every app)."""
+    if s.reserve:
+        return True
+    for label, c in s.priorities.items():
+        if label != "critical" and (
+            c.in_use or c.waiting or c.acquired_total or any(c.rejected_total.values())
+        ):
+            return True
+    return False
 
 
 # One collector per registry, so that any number of limiters share one

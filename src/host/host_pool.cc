@@ -952,14 +952,21 @@ ResourceStatistics HostPool::statistics() {
   s.limit = limit();
   s.in_use = in_use_snapshot_.load(std::memory_order_relaxed);
   s.waiting = waiting_snapshot_.load(std::memory_order_relaxed);
-  if (unavailable_now()) return s;  // snapshots: never wait on a stuck lock
-  try {
-    SegmentLock shared(*seg());
-    s.in_use = seg()->header.in_use;
-    s.waiting = seg()->header.waiting;
-    s.peak_in_use = seg()->header.peak_in_use;
-  } catch (const host::Unavailable&) {
+  if (!unavailable_now()) {  // snapshots: never wait on a stuck lock
+    try {
+      SegmentLock shared(*seg());
+      s.in_use = seg()->header.in_use;
+      s.waiting = seg()->header.waiting;
+      s.peak_in_use = seg()->header.peak_in_use;
+    } catch (const host::Unavailable&) {
+    }
   }
+  // Host scope serves the default class only (see Acquisition).
+  ClassStatistics& critical = s.classes[priority_index(Priority::kCritical)];
+  critical.in_use = s.in_use;
+  critical.waiting = s.waiting;
+  critical.acquired_total = s.acquired_total;
+  critical.rejected_total = s.rejected_total;
   return s;
 }
 

@@ -68,6 +68,7 @@ REASONS = (
     "unavailable",
     "deadline",
     "predicted_timeout",
+    "lower_priority",
 )
 DAY = 86400.0
 TINY = 1e-8  # 10 ns

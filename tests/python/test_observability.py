@@ -61,6 +61,7 @@ async def test_statistics_match_a_scripted_sequence() -> None:
         "unavailable": 0,
         "deadline": 0,
         "predicted_timeout": 0,
+        "lower_priority": 0,
     }
     assert s.wait_seconds.count == 3 and s.wait_seconds.counts[0] >= 2  # two waited 0 s
     assert s.hold_seconds.count == 2  # the waiter still holds its slot

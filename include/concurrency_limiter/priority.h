@@ -1,0 +1,54 @@
+// Priority classes: which requests a resource serves first and sheds last.
+//
+// Every request belongs to one of four ordered classes, named after Google
+// SRE's criticality levels:
+//
+//   kSheddable < kSheddablePlus < kCritical < kCriticalPlus
+//
+// kCritical is the default: a request that names no class is critical, so
+// an application that never uses priorities behaves exactly as without them.
+// What a class gets, on every resource of process scope (resource.h,
+// "Priority classes", says it in full):
+//   - Grant order: a freed slot goes to the highest class with waiters;
+//     within a class the resource's queue discipline (FIFO, LIFO, adaptive)
+//     picks the waiter.
+//   - Full queue (ResourceOptions::max_waiting): a newcomer of a class above
+//     the lowest class with waiters pushes out the newest waiter of that
+//     lowest class, which is rejected with Outcome::kLowerPriority. So a
+//     class is shed only once every lower one is.
+//   - Reserved shares (ResourceOptions::reserve): slots that only a class,
+//     or a higher one, may take.
+//   - Statistics per class (ResourceStatistics::classes).
+// A request carries its class through Acquisition (acquisition.h) or the
+// Limiter's and Resource's calls that take one.
+//
+// Thread safety: plain values and pure functions, usable from any thread.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <string_view>
+
+namespace concurrency_limiter {
+
+enum class Priority : std::uint8_t {
+  kSheddable = 0,      // shed first: prefetches, batch work, retries
+  kSheddablePlus = 1,  // shed before the critical classes
+  kCritical = 2,       // the default: what a user is waiting for
+  kCriticalPlus = 3,   // shed last: the requests that must get through
+};
+
+// Number of classes; a Priority's value indexes per-class arrays
+// (ResourceOptions::reserve, ResourceStatistics::classes).
+inline constexpr std::size_t kPriorityCount = 4;
+
+// Dense index 0..kPriorityCount-1 of a class, for per-class arrays.
+constexpr std::size_t priority_index(Priority p) noexcept {
+  return static_cast<std::size_t>(p);
+}
+
+// Stable lower-case names used in errors, statistics and metrics labels:
+// "sheddable", "sheddable_plus", "critical", "critical_plus".
+std::string_view to_string(Priority p) noexcept;
+
+}  // namespace concurrency_limiter
