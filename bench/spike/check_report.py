@@ -7,7 +7,7 @@ schema documented in ``report.py`` or a required variant, or a variant lacks
 its comparison with the baseline or a gauge it declares. A variant that sends
 priority classes (``critical_users``) must also have its classes chart, each
 class's figures with requests of both classes in the spike, and the goals of
-priority classes (with their figures when ``fcl`` ran too). Values are not
+priority classes (against ``fcl`` when it ran too). Values are not
 judged: the numbers depend on the machine, the file layout must not.
 
 The variants required are those the run was asked for (``raw/run.json``),
@@ -108,11 +108,10 @@ def _check_classes(entry: dict[str, Any], reference_ran: bool, where: str) -> li
     goals = entry.get("goals")
     if not isinstance(goals, dict):
         return [*problems, f"{where}.goals: expected an object for a variant with critical users"]
+    if reference_ran and goals.get("reference") != GOAL_REFERENCE:
+        problems.append(f"{where}.goals: not measured against {GOAL_REFERENCE}, which ran")
     for goal in GOALS:
-        figures = goals.get(goal.key)
-        problems += _missing(figures, GOAL_FIELDS, f"{where}.goals.{goal.key}")
-        if reference_ran and isinstance(figures, dict) and figures.get("measured") is None:
-            problems.append(f"{where}.goals.{goal.key}: not measured although {GOAL_REFERENCE} ran")
+        problems += _missing(goals.get(goal.key), GOAL_FIELDS, f"{where}.goals.{goal.key}")
     return problems
 
 
