@@ -86,7 +86,7 @@ def _check_versus(versus: Any, where: str) -> list[str]:
 
 def _check_classes(entry: dict[str, Any], reference_ran: bool, where: str) -> list[str]:
     """A variant that sends classes: each class's figures per phase, requests of each
-    class in the spike, and every goal, measured when the reference ran."""
+    class in the spike, and every goal, against the reference when it ran."""
     classes = entry.get("classes")
     problems = []
     if not isinstance(classes, dict):
