@@ -88,10 +88,12 @@ bool Acquisition::try_acquire() {
   bool measure = false;
   for (std::uint32_t i = 0; i < count_; ++i) {
     bool m = false;
-    if (!resource(i).try_grant(m, key_ptr())) {
+    if (!resource(i).try_grant(m, key_ptr(), priority_)) {
       refused_ = i;
       // Undo the slots taken on the way, leaving no trace in the statistics.
-      for (std::uint32_t j = i; j-- > 0;) resource(j).revert_grant(notices, key_ptr());
+      for (std::uint32_t j = i; j-- > 0;) {
+        resource(j).revert_grant(notices, key_ptr(), priority_);
+      }
       return false;
     }
     measure = measure || m;
@@ -107,7 +109,7 @@ bool Acquisition::try_acquire() {
 Outcome Acquisition::try_once() {
   if (try_acquire()) return Outcome::kGranted;
   detail::MutexLock lock(mu_);
-  const Outcome reason = resource(refused_).refuse_try(key_ptr());
+  const Outcome reason = resource(refused_).refuse_try(key_ptr(), priority_);
   state_ = State::kRejected;
   outcome_ = reason;
   return reason;
@@ -123,7 +125,7 @@ Outcome Acquisition::refuse(Outcome reason) {
     throw std::logic_error("refuse() on an acquisition already started");
   }
   refused_ = 0;
-  resource(0).count_rejection(reason);
+  resource(0).count_rejection(reason, priority_);
   state_ = State::kRejected;
   outcome_ = reason;
   return reason;
@@ -201,7 +203,7 @@ void Acquisition::release_held_locked(detail::NoticeList& notices,
   while (held_ > 0) {
     --held_;
     resource(held_).release(measured, granted_at_, now, completion, notices,
-                            key_ptr());
+                            key_ptr(), priority_);
   }
 }
 
@@ -258,7 +260,7 @@ void Acquisition::cancel(Outcome reason) {
       } else {
         // It still lacked a later resource when the deadline or the cancel
         // came: that one refused it.
-        resource(held_).count_rejection(reason);
+        resource(held_).count_rejection(reason, priority_);
         reject_locked(held_, reason, notices);
       }
     } else {

@@ -106,6 +106,13 @@ Permit Limiter::acquire_for(const std::shared_ptr<const ResourceSet>& set,
                           std::move(key));
 }
 
+Permit Limiter::acquire_for(const std::shared_ptr<const ResourceSet>& set,
+                            std::optional<std::string> key, Priority priority,
+                            Clock::duration timeout, std::stop_token stop) const {
+  return acquire_blocking(set, detail::deadline_after(timeout), std::move(stop),
+                          std::move(key), priority);
+}
+
 Permit Limiter::acquire_waiting(const std::shared_ptr<const ResourceSet>& set,
                                 Clock::duration timeout,
                                 std::stop_token stop) const {

@@ -125,17 +125,20 @@ struct Signal {
 
 Permit acquire_blocking(std::shared_ptr<const ResourceSet> set,
                         Clock::time_point deadline, std::stop_token stop,
-                        std::optional<std::string> key) {
+                        std::optional<std::string> key, Priority priority) {
   // Declared before the acquisition so that it outlives the acquisition's
   // destructor, which waits for a completion still in flight.
   Signal signal;
-  auto acq = std::make_unique<Acquisition>(std::move(set), std::move(key));
+  auto acq = std::make_unique<Acquisition>(std::move(set), std::move(key), priority);
   // A deadline not in the future tries once and never queues (a queued
   // request could take a slot released later, or push a waiter out).
   if (deadline <= Clock::now()) {
     acq->try_once();
     return make_permit(std::move(acq));
   }
+  // A class other than the default takes a free slot without a lock first,
+  // as the default class's callers do before they come here.
+  if (priority != Priority::kCritical && acq->try_acquire()) return make_permit(std::move(acq));
   const Outcome o = acq->start([&signal](Outcome) { signal.notify(); }, deadline);
   if (o == Outcome::kPending) {
     // Runs at once in this thread if a stop was already requested.

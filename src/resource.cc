@@ -13,6 +13,7 @@
 #include "concurrency_limiter/resource_set.h"
 #include "internal/deadline.h"
 #include "internal/host_pool.h"
+#include "internal/test_hooks.h"
 
 namespace concurrency_limiter {
 namespace {
@@ -117,7 +118,13 @@ double seconds(Clock::duration d) {
 
 constexpr bool kStatistics = CL_STATISTICS != 0;
 
+std::atomic<testing::ReserveGrantHook> reserve_grant_hook{nullptr};
+
 }  // namespace
+
+void testing::set_reserve_grant_hook(ReserveGrantHook hook) {
+  reserve_grant_hook.store(hook, std::memory_order_release);
+}
 
 namespace detail {
 
@@ -186,11 +193,12 @@ Resource::Resource(ResourceOptions o, int)
       algorithm_(std::move(o.limit_algorithm)),
       per_key_(o.per_key),
       early_reject_(o.early_reject),
-      reserve_(o.reserve),
       reserved_(std::any_of(o.reserve.begin(), o.reserve.end(),
                             [](std::int64_t n) { return n != 0; })),
+      locked_(per_key_ != 0 || reserved_),
       limit_(algorithm_ ? std::clamp<std::int64_t>(algorithm_->start(capacity_), 1, capacity_)
-                        : capacity_) {
+                        : capacity_),
+      reserve_(o.reserve) {
   detail::MutexLock lock(mu_);
   stats_.name = name_;
   stats_.capacity = capacity_;
@@ -251,7 +259,7 @@ void Resource::close() {
   while (head_ != nullptr) reject_locked(*head_, Outcome::kUnavailable, notices);
 }
 
-Outcome Resource::refuse_try(const std::string* key) {
+Outcome Resource::refuse_try(const std::string* key, Priority priority) {
   // The reason a request arriving now would have been refused at once, if
   // it would have been (a full queue that turns newcomers away); otherwise
   // the request would have queued, which a try never does: kTimeout (or
@@ -271,17 +279,24 @@ Outcome Resource::refuse_try(const std::string* key) {
         discipline_ == QueueDiscipline::kLifo ||
         (discipline_ == QueueDiscipline::kAdaptive && standing_locked(now));
     const bool room_for_key = key_has_room_locked(key);
-    if (max_waiting_ >= 0 && waiting_ >= max_waiting_ && !newest_first &&
+    const ClassQueue& own = class_queues_[priority_index(priority)];
+    // As enqueue() below: full, and no waiter to push out for this request
+    // (none of a lower class or, newest first, of its own; no key at its
+    // share in its way).
+    if (max_waiting_ >= 0 && waiting_ >= max_waiting_ &&
+        !(waiting_ > 0 && priority_index(priority) >
+                              static_cast<std::size_t>(lowest_waiting_class_locked())) &&
+        (!newest_first || (waiting_ > 0 && own.waiting == 0)) &&
         !(per_key_ != 0 && !blocked_by_count_.empty() && room_for_key)) {
       reason = Outcome::kQueueFull;
     } else if (!room_for_key && in_use_of(word_.load(std::memory_order_relaxed)) <
                                     limit_.load(std::memory_order_relaxed)) {
       reason = Outcome::kKeyLimit;
     }
-    note_rejection_locked(reason);
+    note_rejection_locked(reason, priority);
     return reason;
   }
-  count_rejection(reason);
+  count_rejection(reason, priority);
   return reason;
 }
 
@@ -319,9 +334,16 @@ void Resource::set_limit_locked(std::int64_t limit, Clock::time_point now,
   limit_.store(limit, std::memory_order_seq_cst);
   // Raised: the new slots go to waiters at once. (While anyone waits, every
   // slot in force is held, and grants go through mu_.)
-  while (head_ && in_use_of(word_.load(std::memory_order_relaxed)) < limit) {
+  grant_while_room_locked(now, notices);
+}
+
+void Resource::grant_while_room_locked(Clock::time_point now, detail::NoticeList& notices) {
+  while (head_ && in_use_of(word_.load(std::memory_order_relaxed)) <
+                      limit_.load(std::memory_order_relaxed)) {
+    // Null: the adaptive queue shed the last waiters, or (reserves) no
+    // waiting class may take a slot now.
     detail::WaiterNode* next = pick_locked(now, notices);
-    if (!next) break;  // the adaptive queue shed the last waiters
+    if (!next) break;
     const std::uint64_t w = word_.fetch_add(kInUseOne, std::memory_order_acq_rel) + kInUseOne;
     if constexpr (kStatistics) {
       if (in_use_of(w) > peak_in_use_.load(std::memory_order_relaxed)) raise_peak(in_use_of(w));
@@ -329,6 +351,56 @@ void Resource::set_limit_locked(std::int64_t limit, Clock::time_point now,
     grant_locked(*next, now);
     notices.push(next);
   }
+}
+
+std::array<std::int64_t, kPriorityCount> Resource::class_held_locked() const {
+  std::array<std::int64_t, kPriorityCount> held{};
+  std::int64_t others = 0;
+  for (std::size_t p = 0; p < kPriorityCount; ++p) {
+    held[p] = class_held_[p].load(std::memory_order_relaxed);
+    others += held[p];
+  }
+  held[priority_index(Priority::kCritical)] =
+      in_use_of(word_.load(std::memory_order_relaxed)) - others;
+  return held;
+}
+
+bool Resource::class_may_take_locked(Priority priority) const {
+  const std::int64_t limit = limit_.load(std::memory_order_relaxed);
+  if (in_use_of(word_.load(std::memory_order_relaxed)) >= limit) return false;
+  if (!reserved_) return true;
+  // For every class c >= priority: the classes <= c, one slot more, within
+  // limit - (the reserves of the classes above c).
+  const std::array<std::int64_t, kPriorityCount> held = class_held_locked();
+  std::int64_t reserved_above = 0;
+  for (const std::int64_t r : reserve_) reserved_above += r;
+  std::int64_t held_up_to = 0;
+  for (std::size_t c = 0; c < kPriorityCount; ++c) {
+    held_up_to += held[c];
+    reserved_above -= reserve_[c];
+    if (c >= priority_index(priority) && held_up_to + 1 > limit - reserved_above) return false;
+  }
+  return true;
+}
+
+void Resource::after_reserved_grant_locked() const {
+  if (const auto hook = reserve_grant_hook.load(std::memory_order_acquire)) {
+    hook(*this, class_held_locked(), limit_.load(std::memory_order_relaxed));
+  }
+}
+
+int Resource::highest_waiting_class_locked() const {
+  for (std::size_t c = kPriorityCount; c-- > 0;) {
+    if (class_queues_[c].waiting > 0) return static_cast<int>(c);
+  }
+  return -1;
+}
+
+int Resource::lowest_waiting_class_locked() const {
+  for (std::size_t c = 0; c < kPriorityCount; ++c) {
+    if (class_queues_[c].waiting > 0) return static_cast<int>(c);
+  }
+  return -1;
 }
 
 void Resource::learn(const LimitSample& sample, detail::NoticeList& notices) {
@@ -387,6 +459,27 @@ ResourceStatistics Resource::statistics() const {
   s.limit = limit_.load(std::memory_order_relaxed);
   s.active_keys = static_cast<std::int64_t>(keys_.size());
   s.service_seconds = service_.seconds();
+  // Per class: the default's share is what the others do not hold. Without
+  // reserves the others' counts move without mu_, a moment after or before
+  // the slot: clamped, so that no share is negative.
+  std::int64_t others_held = 0;
+  std::uint64_t others_acquired = 0;
+  for (std::size_t p = 0; p < kPriorityCount; ++p) {
+    ClassStatistics& c = s.classes[p];
+    c.waiting = class_queues_[p].waiting;
+    if (p == priority_index(Priority::kCritical)) continue;
+    c.in_use = std::clamp<std::int64_t>(class_held_[p].load(std::memory_order_relaxed), 0,
+                                        s.in_use - others_held);
+    others_held += c.in_use;
+    if constexpr (kStatistics) {
+      c.acquired_total = std::min(class_acquired_[p].load(std::memory_order_relaxed),
+                                  s.acquired_total - others_acquired);
+      others_acquired += c.acquired_total;
+    }
+  }
+  ClassStatistics& critical = s.classes[priority_index(Priority::kCritical)];
+  critical.in_use = s.in_use - others_held;
+  critical.acquired_total = s.acquired_total - others_acquired;
   return s;
 }
 
@@ -431,25 +524,28 @@ void Resource::fold_releases_locked() noexcept {
   }
 }
 
-void Resource::note_rejection_locked(Outcome reason) {
-  if constexpr (kStatistics) ++stats_.rejected_total[rejection_index(reason)];
+void Resource::note_rejection_locked(Outcome reason, Priority priority) {
+  if constexpr (kStatistics) {
+    ++stats_.rejected_total[rejection_index(reason)];
+    ++stats_.classes[priority_index(priority)].rejected_total[rejection_index(reason)];
+  }
 }
 
-bool Resource::keyed_try_grant(bool& measure, const std::string* key) noexcept {
+bool Resource::locked_try_grant(bool& measure, const std::string* key,
+                                Priority priority) noexcept {
   detail::MutexLock lock(mu_);
   // While a slot is free, no queued waiter could take it (every change that
-  // could let one take it hands the slot over at once): no one is passed.
-  const std::uint64_t w = word_.load(std::memory_order_relaxed);
-  if (in_use_of(w) >= limit_.load(std::memory_order_relaxed) ||
-      !key_has_room_locked(key)) {
-    return false;
-  }
+  // could let one take it hands the slot over at once): no one is passed
+  // but waiters of lower classes (reserves) or of keys at their share.
+  if (!class_may_take_locked(priority) || !key_has_room_locked(key)) return false;
   try {
     key_acquired_locked(key);
   } catch (...) {
     return false;  // out of memory for the key's entry: as if no slot
   }
+  note_class_grant(priority);
   measure = note_grant(word_.fetch_add(kInUseOne, std::memory_order_acquire) + kInUseOne);
+  if (reserved_) after_reserved_grant_locked();
   return true;
 }
 
@@ -563,16 +659,18 @@ detail::WaiterNode* Resource::first_eligible_locked(bool from_head) {
 }
 
 bool Resource::grant_at_once_locked(detail::WaiterNode& node) {
-  if (per_key_ != 0) {
-    // Every grant of a keyed resource is made under mu_, and while a slot is
-    // free no queued waiter could take it: the newcomer passes nobody.
-    const std::uint64_t w = word_.load(std::memory_order_relaxed);
-    if (in_use_of(w) >= limit_.load(std::memory_order_relaxed) ||
-        !key_has_room_locked(node.key_)) {
+  if (locked_) {
+    // Every grant of a keyed resource, or one with reserves, is made under
+    // mu_, and while a slot is free no queued waiter that may take it is
+    // left: the newcomer passes nobody it should not (a waiter of a lower
+    // class, or of a key at its share, may be passed).
+    if (!class_may_take_locked(node.priority_) || !key_has_room_locked(node.key_)) {
       return false;
     }
     key_acquired_locked(node.key_);
+    note_class_grant(node.priority_);
     node.measure_ = note_grant(word_.fetch_add(kInUseOne, std::memory_order_acquire) + kInUseOne);
+    if (reserved_) after_reserved_grant_locked();
     node.granted_at_ = {};
     node.state_ = State::kGranted;
     node.outcome_ = Outcome::kGranted;
@@ -580,6 +678,7 @@ bool Resource::grant_at_once_locked(detail::WaiterNode& node) {
   }
   const std::uint64_t granted = take_free_slot();
   if (granted == 0) return false;
+  note_class_grant(node.priority_);
   node.measure_ = note_grant(granted);
   node.granted_at_ = {};
   node.state_ = State::kGranted;
@@ -590,7 +689,7 @@ bool Resource::grant_at_once_locked(detail::WaiterNode& node) {
 Outcome Resource::enqueue(detail::WaiterNode& node,
                           detail::NoticeList& notices) {
   if (closed()) {
-    count_rejection(Outcome::kUnavailable);
+    count_rejection(Outcome::kUnavailable, node.priority_);
     node.state_ = State::kRejected;
     node.outcome_ = Outcome::kUnavailable;
     return Outcome::kUnavailable;
@@ -599,23 +698,26 @@ Outcome Resource::enqueue(detail::WaiterNode& node,
   const auto now = Clock::now();
   detail::MutexLock lock(mu_);
   if (closed_.load(std::memory_order_relaxed)) {  // closed meanwhile
-    note_rejection_locked(Outcome::kUnavailable);
+    note_rejection_locked(Outcome::kUnavailable, node.priority_);
     node.state_ = State::kRejected;
     node.outcome_ = Outcome::kUnavailable;
     return Outcome::kUnavailable;
   }
   if (grant_at_once_locked(node)) return Outcome::kGranted;
   shed_locked(now, notices);
+  const std::size_t own = priority_index(node.priority_);
   if (early_reject_ && node.deadline_ != Clock::time_point::max()) {
-    // Waiters ahead in the grant order: all of them in FIFO order, none in
-    // newest-first order (LIFO, a standing adaptive queue).
+    // Waiters ahead in the grant order: every waiter of the classes above,
+    // and of its own class all of them in FIFO order, none in newest-first
+    // order (LIFO, a standing adaptive queue).
     const bool newest_first =
         discipline_ == QueueDiscipline::kLifo ||
         (discipline_ == QueueDiscipline::kAdaptive && standing_locked(now));
-    if (!newest_first &&
-        service_.predicts_timeout(waiting_, limit_.load(std::memory_order_relaxed),
+    std::int64_t ahead = newest_first ? 0 : class_queues_[own].waiting;
+    for (std::size_t c = own + 1; c < kPriorityCount; ++c) ahead += class_queues_[c].waiting;
+    if (service_.predicts_timeout(ahead, limit_.load(std::memory_order_relaxed),
                                   node.deadline_ <= now ? 0.0 : seconds(node.deadline_ - now))) {
-      note_rejection_locked(Outcome::kPredictedTimeout);
+      note_rejection_locked(Outcome::kPredictedTimeout, node.priority_);
       node.state_ = State::kRejected;
       node.outcome_ = Outcome::kPredictedTimeout;
       return Outcome::kPredictedTimeout;
@@ -628,25 +730,32 @@ Outcome Resource::enqueue(detail::WaiterNode& node,
     // waiters (it waits for its own key's slots, not the resource's).
     reject_locked(*std::prev(blocked_by_count_.end())->second->tail, Outcome::kKeyLimit,
                   notices);
+  } else if (max_waiting_ >= 0 && waiting_ >= max_waiting_ && waiting_ > 0 &&
+             own > static_cast<std::size_t>(lowest_waiting_class_locked())) {
+    // A class is shed only once every lower one is: the newest waiter of
+    // the lowest class makes room for a higher one.
+    reject_locked(*class_queues_[static_cast<std::size_t>(lowest_waiting_class_locked())].tail,
+                  Outcome::kLowerPriority, notices);
   } else if (max_waiting_ >= 0 && waiting_ >= max_waiting_) {
     // FIFO order (also the adaptive queue's, until a queue stands) turns the
-    // newcomer away; newest-first order pushes the oldest waiter out.
+    // newcomer away; newest-first order pushes the oldest waiter of its
+    // class out.
     const bool newest_first =
         discipline_ == QueueDiscipline::kLifo ||
         (discipline_ == QueueDiscipline::kAdaptive && standing_locked(now));
-    if (!newest_first || waiting_ == 0) {
-      note_rejection_locked(Outcome::kQueueFull);
+    if (!newest_first || class_queues_[own].waiting == 0) {
+      note_rejection_locked(Outcome::kQueueFull, node.priority_);
       node.state_ = State::kRejected;
       node.outcome_ = Outcome::kQueueFull;
       return Outcome::kQueueFull;
     }
     // LIFO-like queues keep the newest: the oldest waiter makes room.
-    reject_locked(*head_, Outcome::kQueueFull, notices);
+    reject_locked(*class_queues_[own].head, Outcome::kQueueFull, notices);
   }
-  if (per_key_ != 0) {
-    // Keyed: every grant and release takes mu_, so the bit only has to be
-    // set (it may be set while slots are free: waiters held back by their
-    // key's share).
+  if (locked_) {
+    // Keyed or reserves: every grant and release takes mu_, so the bit only
+    // has to be set (it may be set while slots are free: waiters held back
+    // by their key's share or by the reserves of the classes above).
     if (waiting_ == 0) word_.fetch_or(kWaitersBit, std::memory_order_acq_rel);
   } else if (waiting_ == 0) {
     // Announce the waiter before linking it: the CAS succeeds only while
@@ -682,20 +791,23 @@ State Resource::abandon(detail::WaiterNode& node, Outcome reason) {
     unlink(node);
     node.state_ = State::kRejected;
     node.outcome_ = reason;
-    note_rejection_locked(reason);
+    note_rejection_locked(reason, node.priority_);
   }
   return state;
 }
 
-void Resource::revert_grant(detail::NoticeList& notices, const std::string* key) {
+void Resource::revert_grant(detail::NoticeList& notices, const std::string* key,
+                            Priority priority) {
   if (host_) return host_->revert_grant(notices);
-  if (per_key_ != 0) {
+  if (locked_) {
     const auto now = Clock::now();
     detail::MutexLock lock(mu_);
+    note_class_revert(priority);
     key_released_locked(key);
     hand_over_locked(now, /*count_release=*/false, notices);
     return;
   }
+  note_class_revert(priority);
   // Without the lock while nobody waits: in_use - 1, no release counted.
   std::uint64_t w = word_.load(std::memory_order_relaxed);
   while ((w & kWaitersBit) == 0) {
@@ -709,16 +821,21 @@ void Resource::revert_grant(detail::NoticeList& notices, const std::string* key)
   hand_over_locked(now, /*count_release=*/false, notices);
 }
 
-void Resource::count_rejection(Outcome reason) {
+void Resource::count_rejection(Outcome reason, Priority priority) {
   if (host_) return host_->count_rejection(reason);
   detail::MutexLock lock(mu_);
-  note_rejection_locked(reason);
+  note_rejection_locked(reason, priority);
 }
 
 void Resource::release(bool measured, Clock::time_point granted_at,
                        Clock::time_point now, Completion completion,
-                       detail::NoticeList& notices, const std::string* key) {
+                       detail::NoticeList& notices, const std::string* key,
+                       Priority priority) {
   if (host_) return host_->release(measured, granted_at, now, completion, notices);
+  // Without reserves the class is counted out before the slot is given
+  // back, so it never shows more than it holds; with reserves, under mu_
+  // with the slot.
+  if (!reserved_) note_class_release(priority);
   if (!measured && try_give_back()) return;
   // A handoff needs the time (wait statistics, the adaptive queue).
   if (!measured) now = Clock::now();
@@ -744,6 +861,7 @@ void Resource::release(bool measured, Clock::time_point granted_at,
     // A hold given back unused (a wait cancelled after its grant, a
     // cluster stage's refusal) says nothing of the service time.
     if (measured && completion != Completion::kIgnored) service_.add(seconds(now - granted_at));
+    if (reserved_) note_class_release(priority);
     key_released_locked(key);
     hand_over_locked(now, /*count_release=*/true, notices);
   }
@@ -759,6 +877,15 @@ void Resource::release(bool measured, Clock::time_point granted_at,
 void Resource::hand_over_locked(Clock::time_point now, bool count_release,
                                 detail::NoticeList& notices) {
   std::uint64_t w;
+  if (reserved_) {
+    // The slot may not suit the waiters' classes, nor one slot only: freed
+    // first, then granted to every waiter the reserves let take one.
+    const std::uint64_t delta = count_release ? kReleaseOne - kInUseOne : -kInUseOne;
+    w = word_.fetch_add(delta, std::memory_order_release) + delta;
+    if ((w & kFoldBit) != 0) fold_releases_locked();
+    grant_while_room_locked(now, notices);
+    return;
+  }
   if (in_use_of(word_.load(std::memory_order_relaxed)) >
       limit_.load(std::memory_order_relaxed)) {
     // The limit was lowered: retire the slot instead of handing it over.
@@ -809,6 +936,16 @@ void Resource::link_tail(detail::WaiterNode& node, Clock::time_point now) {
   }
   tail_ = &node;
   ++waiting_;
+  ClassQueue& cls = class_queues_[priority_index(node.priority_)];
+  node.class_next_ = nullptr;
+  node.class_prev_ = cls.tail;
+  if (cls.tail) {
+    cls.tail->class_next_ = &node;
+  } else {
+    cls.head = &node;
+  }
+  cls.tail = &node;
+  ++cls.waiting;
   if (count != nullptr) {
     // At the tail of its key's list too, and the key refiled (its newest
     // waiter, or its count, changed).
@@ -839,6 +976,19 @@ void Resource::unlink(detail::WaiterNode& node) {
     tail_ = node.prev_;
   }
   node.prev_ = node.next_ = nullptr;
+  ClassQueue& cls = class_queues_[priority_index(node.priority_)];
+  if (node.class_prev_) {
+    node.class_prev_->class_next_ = node.class_next_;
+  } else {
+    cls.head = node.class_next_;
+  }
+  if (node.class_next_) {
+    node.class_next_->class_prev_ = node.class_prev_;
+  } else {
+    cls.tail = node.class_prev_;
+  }
+  node.class_prev_ = node.class_next_ = nullptr;
+  --cls.waiting;
   if (detail::KeyCount* count = node.key_count_) {
     // Refiled if its oldest or newest waiter, or its count of waiters in the
     // blocked order, changes.
@@ -872,7 +1022,7 @@ void Resource::reject_locked(detail::WaiterNode& node, Outcome reason,
   node.state_ = State::kRejected;
   node.outcome_ = reason;
   node.completing_.store(true, std::memory_order_relaxed);  // published by mu_
-  note_rejection_locked(reason);
+  note_rejection_locked(reason, node.priority_);
   notices.push(&node);
 }
 
@@ -918,8 +1068,15 @@ detail::WaiterNode* Resource::pick_locked(Clock::time_point now,
       from_head = !standing_locked(now);
       break;
   }
-  if (per_key_ != 0) return first_eligible_locked(from_head);
-  return from_head ? head_ : tail_;
+  if (per_key_ != 0) return first_eligible_locked(from_head);  // one class
+  // The highest class with waiters, if it may take the slot (reserves; a
+  // lower class may not when a higher one may not), then the discipline's
+  // end of its list.
+  const int top = highest_waiting_class_locked();
+  if (top < 0) return nullptr;
+  if (reserved_ && !class_may_take_locked(static_cast<Priority>(top))) return nullptr;
+  const ClassQueue& cls = class_queues_[static_cast<std::size_t>(top)];
+  return from_head ? cls.head : cls.tail;
 }
 
 void Resource::grant_locked(detail::WaiterNode& node, Clock::time_point now) {
@@ -929,6 +1086,8 @@ void Resource::grant_locked(detail::WaiterNode& node, Clock::time_point now) {
     change_held_locked(*node.key_count_, +1);
   }
   unlink(node);
+  note_class_grant(node.priority_);
+  if (reserved_) after_reserved_grant_locked();
   node.state_ = State::kGranted;
   node.outcome_ = Outcome::kGranted;
   node.granted_at_ = now;

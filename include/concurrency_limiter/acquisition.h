@@ -41,7 +41,8 @@
 //
 // Priority: an acquisition belongs to one priority class (priority.h),
 // Priority::kCritical unless it says otherwise, on every resource of its
-// set. A resource hands a freed slot to the highest class with waiters
+// set (it cannot change: a request that needs another class is another
+// Acquisition). A resource hands a freed slot to the highest class with waiters
 // (within a class, in its queue discipline's order); a full queue pushes out
 // the newest waiter of the lowest class to make room for a higher class
 // (kLowerPriority); a class may not take slots reserved for the classes
@@ -153,7 +154,8 @@ class Acquisition {
   // slot at the same instant, the grant wins instead: the state becomes
   // kGranted and the callback gets kGranted (so a caller that gives up must
   // follow cancel() with release()); if the queue had just shed it or pushed
-  // it out, the callback gets that reason (kShed, kQueueFull). No effect in
+  // it out, the callback gets that reason (kShed, kQueueFull,
+  // kLowerPriority). No effect in
   // any other state.
   // `reason` must be a rejection (kTimeout, kCancelled, kDisconnected...).
   // A kTimeout of a request held back by its key's share is reported as

@@ -64,8 +64,9 @@ class Limiter {
   // limiter's timeout (acquire), a given timeout (acquire_for) or until a
   // deadline (acquire_until). Blocks the calling thread until granted, the
   // deadline passes (kTimeout: whatever was already held is released), a
-  // queue rejects it (kQueueFull, kShed), a resource is closed (kUnavailable)
-  // or `stop` is requested (kCancelled). A timeout <= 0 (a deadline not in
+  // queue rejects it (kQueueFull, kShed; kLowerPriority: pushed out for a
+  // request of a higher class), a resource is closed (kUnavailable) or
+  // `stop` is requested (kCancelled). A timeout <= 0 (a deadline not in
   // the future) tries once: all slots now, or refused without joining any
   // queue (kTimeout; kQueueFull where a full queue would have turned the
   // request away on arrival), so it never pushes a waiter out of a queue.
@@ -100,6 +101,24 @@ class Limiter {
   Permit acquire_for(const std::shared_ptr<const ResourceSet>& set,
                      std::optional<std::string> key, Clock::duration timeout,
                      std::stop_token stop = {}) const;
+
+  // The same for a request of class `priority` (see "Priority" in
+  // acquisition.h and "Priority classes" in resource.h), with or without a
+  // key: served before lower classes, pushed out of a full queue only for
+  // a higher class (kLowerPriority), kept from the slots reserved for the
+  // classes above it. std::invalid_argument, before anything is taken, for
+  // a class other than kCritical on a set with a host-scoped resource or a
+  // per-key share. Like the keyed calls these take the resources' mutexes
+  // when they must wait; a free slot of a resource without reserves is
+  // taken without a lock.
+  Permit acquire(const std::shared_ptr<const ResourceSet>& set,
+                 std::optional<std::string> key, Priority priority,
+                 std::stop_token stop = {}) const {
+    return acquire_for(set, std::move(key), priority, timeout_, std::move(stop));
+  }
+  Permit acquire_for(const std::shared_ptr<const ResourceSet>& set,
+                     std::optional<std::string> key, Priority priority,
+                     Clock::duration timeout, std::stop_token stop = {}) const;
 
   // Closes every registered resource (Resource::close()): each request
   // waiting for one fails with kUnavailable at once, and later requests are

@@ -144,11 +144,12 @@ static_assert(std::is_nothrow_move_assignable_v<Permit>);
 static_assert(!std::is_copy_constructible_v<Permit>);
 
 // Blocks the calling thread on `acquisition` until it is decided, the
-// deadline passes or `stop` is requested, for a request of `key` (see
-// acquisition.h). Used by the acquire_* functions.
+// deadline passes or `stop` is requested, for a request of `key` and
+// `priority` (see acquisition.h). Used by the acquire_* functions.
 Permit acquire_blocking(std::shared_ptr<const ResourceSet> set,
                         Clock::time_point deadline, std::stop_token stop,
-                        std::optional<std::string> key = std::nullopt);
+                        std::optional<std::string> key = std::nullopt,
+                        Priority priority = Priority::kCritical);
 
 // Wraps a finished acquisition.
 Permit make_permit(std::unique_ptr<Acquisition> acquisition);

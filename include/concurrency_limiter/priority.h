@@ -17,10 +17,25 @@
 //     lowest class, which is rejected with Outcome::kLowerPriority. So a
 //     class is shed only once every lower one is.
 //   - Reserved shares (ResourceOptions::reserve): slots that only a class,
-//     or a higher one, may take.
+//     or a higher one, may take; a class may use every slot not reserved
+//     for the classes above it. Capacity 20 with 4 reserved for
+//     kCriticalPlus: the other classes hold at most 16 together.
+//   - Early rejection (ResourceOptions::early_reject) counts only the
+//     waiters served before the newcomer: the higher classes' and, in FIFO
+//     order, its own class's.
 //   - Statistics per class (ResourceStatistics::classes).
 // A request carries its class through Acquisition (acquisition.h) or the
-// Limiter's and Resource's calls that take one.
+// Limiter's calls that take one:
+//
+//   Acquisition prefetch(set, std::nullopt, Priority::kSheddable);
+//   Permit p = limiter.acquire(set, std::nullopt, Priority::kCriticalPlus);
+//
+// Cost: a resource without reserves takes and gives back a free slot
+// without a lock for every class; a class other than kCritical adds one
+// relaxed atomic add to each (its count), the default class nothing. With
+// waiters, a grant, release, timeout or cancel stays O(1). Reserves put every
+// grant and release under the resource's mutex. Host scope and per-key
+// shares support only kCritical for now (std::invalid_argument otherwise).
 //
 // Thread safety: plain values and pure functions, usable from any thread.
 #pragma once

@@ -14,6 +14,8 @@
 //     reply_503(p.outcome());   // kTimeout, kQueueFull, kShed or kCancelled
 //   }
 //
+// Requests may carry a priority class (see "Priority classes" below).
+//
 // Limit: `capacity` is fixed; `limit` (1..capacity, capacity unless changed)
 // is the number of slots in force now. set_limit() moves it by hand; a
 // ResourceOptions::limit_algorithm (limit.h) moves it by itself from the
@@ -78,9 +80,59 @@
 // Host scope does not support a per-key share: the constructor refuses the
 // combination.
 //
+// Priority classes (priority.h): each request belongs to a class,
+// kSheddable < kSheddablePlus < kCritical < kCriticalPlus, kCritical unless
+// its Acquisition (or the Limiter call) says otherwise. A resource whose
+// requests are all of one class behaves as described above.
+//   Grant order: a freed slot goes to the highest class with waiters;
+// within the class, the discipline picks (the oldest for FIFO, the newest
+// for LIFO and a standing adaptive queue). A newcomer still takes a free
+// slot only when nobody waits (or, with reserves, nobody who may take it).
+// Raising the limit grants in the same order. The adaptive queue's standing
+// test and its shedding of stale waiters look at the whole queue, every
+// class included.
+//   Full queue (max_waiting): a newcomer of a class above the lowest class
+// that has waiters pushes out the newest waiter of that lowest class, which
+// is rejected with kLowerPriority: a class is shed only once every lower one
+// is. Otherwise the discipline's rule applies within the newcomer's class:
+// FIFO (and an adaptive queue that does not stand) turns the newcomer away
+// with kQueueFull; LIFO (and a standing adaptive queue) pushes out the
+// oldest waiter of the newcomer's own class with kQueueFull, or turns the
+// newcomer away if its class has none.
+//   Reserved shares (ResourceOptions::reserve): reserve[p] = n keeps n slots
+// that only class p or a higher one may take. For every class c, the
+// classes <= c together hold at most limit - (the reserves of the classes
+// above c): a lower class borrows nothing from a higher class's reserve,
+// and a class may use every slot not reserved for the classes above it
+// (what lower classes hold counts against it). With a limit below the
+// reserves, the lower classes get nothing until it is raised. Example:
+//
+//   auto api = Resource::create(ResourceOptions{
+//       .name = "api", .capacity = 20,
+//       .reserve = {0, 0, 0, 4}});     // indexed by priority_index()
+//   // critical and below: at most 16 slots together; critical_plus: all 20
+//   // (4 of them whatever the others hold).
+//
+// A freed slot that only the classes it is reserved against wait for stays
+// free (for the class it is kept for). Early rejection (early_reject)
+// counts as ahead of a newcomer of class c every waiter of the classes
+// above c and, in FIFO order, every waiter of class c. Statistics split
+// in_use, waiting, acquired_total and rejected_total by class
+// (ResourceStatistics::classes).
+//   Cost: one more intrusive list per class: a grant, release, timeout or
+// cancel of a waiter stays O(1) (a scan of the 4 classes). A resource
+// without reserves keeps the lock-free path below for every class; a class
+// other than kCritical pays one more relaxed atomic add on grant and on
+// release (its per-class count), the default class nothing. A resource with
+// reserves takes and gives back every slot under its mutex, as a per-key
+// share does. Host scope, and a per-key share, support neither reserves nor
+// a class other than kCritical yet: the constructor refuses reserves there,
+// and Acquisition a class other than kCritical (std::invalid_argument).
+//
 // Thread safety: every member function may be called from any thread. While
 // nobody waits, a slot is taken and given back with one atomic
-// compare-and-swap each, without a lock; a request that has to wait, and
+// compare-and-swap each, without a lock (not with a per-key share or
+// reserves, see above); a request that has to wait, and
 // every release while someone waits, go through the resource's mutex, which
 // is held for a few instructions (plus one step per waiter shed by the
 // adaptive queue) and never while user code (a completion callback) runs.
@@ -200,7 +252,7 @@ struct ResourceOptions {
   bool early_reject = false;
   // Reserved shares (see "Priority classes" above): reserve[p] slots, p
   // indexed by priority_index(Priority), that only class p or a higher one
-  // may take. Each entry >= 0, reserve[kSheddable] 0 (the lowest class has
+  // may take; every grant and release then takes the mutex. Each entry >= 0, reserve[kSheddable] 0 (the lowest class has
   // nobody below it to keep slots from), the sum <= capacity; all 0 (the
   // default): no reserve. Not supported with scope kHost or a per-key share
   // (std::invalid_argument).
@@ -275,6 +327,10 @@ class WaiterNode {
 
   WaiterNode* prev_ = nullptr;  // queue links; guarded by the resource's mu_
   WaiterNode* next_ = nullptr;  // also links a NoticeList once dequeued
+  // Links in the resource's list of the waiters of the node's class;
+  // guarded by the resource's mu_.
+  WaiterNode* class_prev_ = nullptr;
+  WaiterNode* class_next_ = nullptr;
   Clock::time_point enqueued_at_{};
   // When a queued node was handed its slot; unset for a slot granted at once.
   Clock::time_point granted_at_{};
@@ -443,10 +499,11 @@ class Resource : public std::enable_shared_from_this<Resource> {
   // Blocking acquisition of one slot from a calling thread. These are
   // shorthands for a one-resource Acquisition; see Permit for the result.
   // A free slot with nobody waiting is taken without a lock, a heap
-  // allocation or a clock read.
+  // allocation or a clock read (with reserves: under the mutex).
   //
-  // These take a slot without a key (exempt from a per-key share); use an
-  // Acquisition or Limiter::acquire() to pass one.
+  // These take a slot without a key (exempt from a per-key share), of
+  // class Priority::kCritical; use an Acquisition or Limiter::acquire() to
+  // pass a key or a class.
   //
   // try_acquire(): never blocks. Succeeds only if a slot is free and nobody is
   //   waiting (with a per-key share: nobody who could use it); otherwise the
@@ -454,7 +511,8 @@ class Resource : public std::enable_shared_from_this<Resource> {
   //   once closed), without counting a rejection.
   // acquire_until(deadline): blocks the calling thread until a slot is handed
   //   to it (kGranted), the deadline passes (kTimeout), the queue rejects it
-  //   (kQueueFull, kShed), the resource is closed (kUnavailable) or `stop` is
+  //   (kQueueFull, kShed; kLowerPriority: pushed out for a request of a
+  //   higher class), the resource is closed (kUnavailable) or `stop` is
   //   requested (kCancelled). A deadline not in the future means "try once":
   //   a free slot with nobody waiting is granted, otherwise the request is
   //   refused (kTimeout; kQueueFull if a full queue would have turned it away
@@ -534,17 +592,19 @@ class Resource : public std::enable_shared_from_this<Resource> {
   // whether the statistics want this hold timed (then the caller reads the
   // clock for its start and passes measured=true to release()).
   // `key`: the request's key, null for none (per-key shares only).
-  bool try_grant(bool& measure, const std::string* key = nullptr) noexcept
-      CL_EXCLUDES(mu_) {
+  // `priority`: the request's class (counted per class; reserves).
+  bool try_grant(bool& measure, const std::string* key = nullptr,
+                 Priority priority = Priority::kCritical) noexcept CL_EXCLUDES(mu_) {
     if (closed_.load(std::memory_order_relaxed)) return false;
     if (host_) return host_try_grant(measure);
-    if (per_key_ != 0) return keyed_try_grant(measure, key);
+    if (locked_) return locked_try_grant(measure, key, priority);
     const std::uint64_t granted = take_free_slot();
     if (granted == 0) return false;
     if (in_use_of(granted) > limit_.load(std::memory_order_seq_cst)) {
       undo_grant();  // set_limit() lowered the limit meanwhile
       return false;
     }
+    note_class_grant(priority);
     measure = note_grant(granted);
     return true;
   }
@@ -567,10 +627,11 @@ class Resource : public std::enable_shared_from_this<Resource> {
   }
   void undo_grant() noexcept CL_EXCLUDES(mu_);
 
-  // Gives back an unmeasured slot without the lock if nobody waits. False:
-  // someone waits, use release().
+  // Gives back an unmeasured slot of the default class without the lock if
+  // nobody waits. False: someone waits, use release(). (release() gives back
+  // a slot of any class: it counts the class, then comes here.)
   bool try_give_back() noexcept CL_EXCLUDES(mu_) {
-    if (host_ || per_key_ != 0) return false;  // release() does it all
+    if (host_ || locked_) return false;  // release() does it all
     std::uint64_t w = word_.load(std::memory_order_relaxed);
     do {
       if ((w & kWaitersBit) != 0) return false;
@@ -597,13 +658,37 @@ class Resource : public std::enable_shared_from_this<Resource> {
     }
   }
   void raise_peak(std::int64_t n) noexcept;
+  // Per-class counts of the classes other than the default, whose share is
+  // the rest (see class_held_). A grant counts its class after the slot is
+  // taken; a release before it is given back (without reserves), or under
+  // mu_ together with it (with reserves).
+  void note_class_grant(Priority priority) noexcept {
+    if (priority == Priority::kCritical) return;
+    class_held_[priority_index(priority)].fetch_add(1, std::memory_order_relaxed);
+    if constexpr (kStatisticsEnabled) {
+      class_acquired_[priority_index(priority)].fetch_add(1, std::memory_order_relaxed);
+    }
+  }
+  void note_class_release(Priority priority) noexcept {
+    if (priority == Priority::kCritical) return;
+    class_held_[priority_index(priority)].fetch_sub(1, std::memory_order_relaxed);
+  }
+  // A grant undone as if it had never been made (revert_grant()).
+  void note_class_revert(Priority priority) noexcept {
+    note_class_release(priority);
+    if constexpr (kStatisticsEnabled) {
+      if (priority != Priority::kCritical) {
+        class_acquired_[priority_index(priority)].fetch_sub(1, std::memory_order_relaxed);
+      }
+    }
+  }
   // try_grant() and limit() of a host-scoped resource (src/host/).
   bool host_try_grant(bool& measure) noexcept;
   std::int64_t host_limit() const noexcept;
   std::int64_t host_capacity() const noexcept;
   QueueDiscipline host_queue() const noexcept;
-  // try_grant() of a resource with a per-key share: under mu_.
-  bool keyed_try_grant(bool& measure, const std::string* key) noexcept
+  // try_grant() of a resource with a per-key share or reserves: under mu_.
+  bool locked_try_grant(bool& measure, const std::string* key, Priority priority) noexcept
       CL_EXCLUDES(mu_);
   void fold_releases() noexcept CL_EXCLUDES(mu_);
   void fold_releases_locked() noexcept CL_REQUIRES(mu_);
@@ -624,23 +709,30 @@ class Resource : public std::enable_shared_from_this<Resource> {
       CL_EXCLUDES(mu_);
   // Gives back a slot taken by try_grant() a moment ago, as if it had never
   // been granted: no acquisition, wait or hold is counted.
-  // `key`: the key the slot was taken for, null for none.
-  void revert_grant(detail::NoticeList& notices, const std::string* key = nullptr)
+  // `key`: the key the slot was taken for, null for none; `priority`: the
+  // class it was taken for.
+  void revert_grant(detail::NoticeList& notices, const std::string* key = nullptr,
+                    Priority priority = Priority::kCritical) CL_EXCLUDES(mu_);
+  // Counts a rejection (of a request of class `priority`) that the resource
+  // itself did not decide.
+  void count_rejection(Outcome reason, Priority priority = Priority::kCritical)
       CL_EXCLUDES(mu_);
-  // Counts a rejection that the resource itself did not decide.
-  void count_rejection(Outcome reason) CL_EXCLUDES(mu_);
-  // Why a request of `key` that tried once, without queueing, found no slot
-  // (see Acquisition::try_once()); counts it as a rejection.
-  Outcome refuse_try(const std::string* key) CL_EXCLUDES(mu_);
+  // Why a request of `key` and `priority` that tried once, without
+  // queueing, found no slot (see Acquisition::try_once()); counts it as a
+  // rejection.
+  Outcome refuse_try(const std::string* key, Priority priority = Priority::kCritical)
+      CL_EXCLUDES(mu_);
   // Gives back one slot: hands it to the next waiter, frees it, or retires it
   // (in_use above the limit). A measured hold (held since `granted_at`, the
   // grant of the request's last slot; `now` read by the caller) is recorded
   // in the hold-time histogram and, unless `completion` is kIgnored, fed to
   // the limit algorithm (holds of adaptive resources are always measured).
-  // `key`: the key the slot was held for, null for none.
+  // `key`: the key the slot was held for, null for none; `priority`: the
+  // class it was held for.
   void release(bool measured, Clock::time_point granted_at,
                Clock::time_point now, Completion completion,
-               detail::NoticeList& notices, const std::string* key = nullptr)
+               detail::NoticeList& notices, const std::string* key = nullptr,
+               Priority priority = Priority::kCritical)
       CL_EXCLUDES(mu_);
   // Feeds one sample to the limit algorithm and puts its limit in force.
   void learn(const LimitSample& sample, detail::NoticeList& notices)
@@ -655,6 +747,22 @@ class Resource : public std::enable_shared_from_this<Resource> {
   // `count_release`: false when undoing a grant (revert_grant()).
   void hand_over_locked(Clock::time_point now, bool count_release,
                         detail::NoticeList& notices) CL_REQUIRES(mu_);
+  // Grants slots to waiters, in grant order, while the limit (and the
+  // reserves) leave one for the waiter picked.
+  void grant_while_room_locked(Clock::time_point now, detail::NoticeList& notices)
+      CL_REQUIRES(mu_);
+  // Reserves: slots each class holds now (exact under mu_, where every
+  // grant and release of a resource with reserves is made).
+  std::array<std::int64_t, kPriorityCount> class_held_locked() const CL_REQUIRES(mu_);
+  // Whether a request of `priority` may take one more slot: one is free
+  // under the limit and, with reserves, for every class c >= priority the
+  // classes <= c would hold at most limit - (the reserves above c).
+  bool class_may_take_locked(Priority priority) const CL_REQUIRES(mu_);
+  // Calls the test hook of reserves (src/internal/test_hooks.h), if set.
+  void after_reserved_grant_locked() const CL_REQUIRES(mu_);
+  // Grant order across classes: the highest class with waiters, or -1.
+  int highest_waiting_class_locked() const CL_REQUIRES(mu_);
+  int lowest_waiting_class_locked() const CL_REQUIRES(mu_);
   // Per-key shares: whether a request of `key` (null: none) may take one
   // more slot as far as its share goes; the key's count of held slots
   // raised and lowered (erasing the entry when nothing is left).
@@ -679,7 +787,7 @@ class Resource : public std::enable_shared_from_this<Resource> {
   detail::WaiterNode* first_eligible_locked(bool from_head) CL_REQUIRES(mu_);
   // Whether a queued node's share has kept it from a slot the resource had.
   bool held_back_locked(const detail::WaiterNode& node) const CL_REQUIRES(mu_);
-  void note_rejection_locked(Outcome reason) CL_REQUIRES(mu_);
+  void note_rejection_locked(Outcome reason, Priority priority) CL_REQUIRES(mu_);
   void link_tail(detail::WaiterNode& node, Clock::time_point now) CL_REQUIRES(mu_);
   void unlink(detail::WaiterNode& node) CL_REQUIRES(mu_);
   void reject_locked(detail::WaiterNode& node, Outcome reason,
@@ -713,8 +821,9 @@ class Resource : public std::enable_shared_from_this<Resource> {
   const std::shared_ptr<LimitAlgorithm> algorithm_;  // null: fixed limit
   const std::int64_t per_key_;  // 0: no per-key share
   const bool early_reject_;
-  const std::array<std::int64_t, kPriorityCount> reserve_;
   const bool reserved_;  // some reserve_[p] > 0
+  // Every grant and release under mu_ (a per-key share or reserves).
+  const bool locked_;
   // Set once by close(), under mu_; read without it by try_grant().
   std::atomic<bool> closed_{false};
   // Slots in force, 1..capacity_. Written under mu_ (seq_cst, see the
@@ -737,6 +846,14 @@ class Resource : public std::enable_shared_from_this<Resource> {
   std::int64_t waiting_ CL_GUARDED_BY(mu_) = 0;
   detail::WaiterNode* head_ CL_GUARDED_BY(mu_) = nullptr;  // oldest waiter
   detail::WaiterNode* tail_ CL_GUARDED_BY(mu_) = nullptr;  // newest waiter
+  // The waiters of each class (indexed by priority_index()), oldest first,
+  // linked through class_prev_/class_next_, and their number.
+  struct ClassQueue {
+    detail::WaiterNode* head = nullptr;
+    detail::WaiterNode* tail = nullptr;
+    std::int64_t waiting = 0;
+  };
+  std::array<ClassQueue, kPriorityCount> class_queues_ CL_GUARDED_BY(mu_){};
   // Since when the oldest waiter has been older than target_ without a break.
   std::optional<Clock::time_point> above_target_since_ CL_GUARDED_BY(mu_);
   // Per-key shares: the keys holding or waiting for a slot now, and only
@@ -784,6 +901,16 @@ class Resource : public std::enable_shared_from_this<Resource> {
   std::shared_ptr<detail::HostPool> host_;
   std::string host_note_;
   bool host_note_warning_ = false;
+
+  // Last, so that the members of the lock-free path keep their places.
+  const std::array<std::int64_t, kPriorityCount> reserve_;
+  // Slots held by, and granted to, each class other than the default
+  // (Priority::kCritical, whose entries stay 0): its share is in_use (and
+  // acquired_total) minus theirs, so that the default class's lock-free
+  // path counts nothing more. Relaxed: statistics, and (changed under mu_
+  // only, with reserves) the reserve rule.
+  std::array<std::atomic<std::int64_t>, kPriorityCount> class_held_{};
+  std::array<std::atomic<std::uint64_t>, kPriorityCount> class_acquired_{};
 };
 
 }  // namespace concurrency_limiter
