@@ -20,7 +20,7 @@ from starlette.applications import Starlette
 from starlette.requests import HTTPConnection
 from starlette.responses import PlainTextResponse
 from starlette.routing import Route
-from starlette.testclient import TestClient
+from websockets.asyncio.client import connect
 
 from fastapi_concurrency_limiter import (
     BUSY_DETAIL,
@@ -360,8 +360,9 @@ async def test_every_entry_point_gives_its_requests_their_class() -> None:
             assert {k: after[k] - before[k] for k in after if after[k] != before[k]} == {
                 label: 1
             }, path
-    with TestClient(app) as test_client, test_client.websocket_connect("/socket") as ws:
-        assert ws.receive_text() == "hi"
+    with serve(app) as url:
+        async with connect(url.replace("http", "ws") + "/socket") as ws:
+            assert await ws.recv() == "hi"
     assert acquired()["critical_plus"] == 1 + STREAMS_GENERATORS
     async with limiter.acquire([db], priority="sheddable_plus"):
         assert db.statistics().priorities["sheddable_plus"].in_use == 1
@@ -431,5 +432,5 @@ async def test_an_app_without_priorities_reports_no_per_class_series() -> None:
     register(limiter, registry)
     metrics = generate_latest(registry).decode()
     assert "concurrency_limiter_acquired_total" in metrics
-    assert "priority" not in metrics
+    assert "concurrency_limiter_priority_" not in metrics and 'priority="' not in metrics
     assert db.statistics().priorities["critical"].acquired_total == 1
