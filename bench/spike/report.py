@@ -66,7 +66,7 @@ cannot be computed, e.g. a latency percentile of a phase without successes::
             }
           },
           "goals": null (no class sent) | {
-            "reference": "fcl",
+            "reference": "fcl" | null (fcl did not run),
             "critical_ok_pct" | "critical_p99_over_reference" | "rejected_p50_ms" |
             "messages_goodput_over_reference" | "file_p99_over_reference": {
               "description", "compare": ">=" | "<=", "target", "measured",
@@ -658,7 +658,8 @@ def summarize_variant(variant: VariantData, resources: dict[str, Any]) -> dict[s
     }
     before, spike = phases["before"], phases["spike"]
     return {
-        "config": variant.config,
+        # Raw data recorded before classes existed has no critical users.
+        "config": {"critical_users": 0, **variant.config},
         "requests": variant.requests,
         "load_generator_cpu_s": _round(resources.get("load_generator_cpu_s")),
         "server_cpu_s": _round(resources.get("server_cpu_s")),
