@@ -25,7 +25,12 @@ name ``/health`` reports, so one app serves several variants (see
     package (``original``): it uses only the original API;
 ``package-tuned``
     this package with the recommended overload configuration
-    (:data:`FCL_TUNED_OPTIONS`).
+    (:data:`FCL_TUNED_OPTIONS`);
+``package-priorities``
+    ``package`` with priority classes: the database resource rejects early
+    (``early_reject=True``) and ``/messages`` takes each request's class from
+    the ``x-priority`` header (``priority_from_header``), which the load
+    generator sets.
 
 Run one by hand with, from the repository root::
 
@@ -50,6 +55,7 @@ from starlette.concurrency import run_in_threadpool
 
 import data
 import probe
+from schedule import PRIORITY_HEADER
 
 APPS = (
     "none",
@@ -58,6 +64,7 @@ APPS = (
     "package-redis",
     "package-adaptive",
     "package-host",
+    "package-priorities",
 )
 
 # ---------------------------------------------------------------------------
@@ -170,7 +177,8 @@ def _app_with_package(
 ) -> FastAPI:
     """``fastapi_concurrency_limiter``: ``Resource(5)`` for the database,
     ``Resource(10)`` for the file, ``Limiter(timeout=2)``, plus ``options`` per
-    object. With empty options only the original package's API is used."""
+    object (``"messages"``: of the ``/messages`` route's decorator). With empty
+    options only the original package's API is used."""
     from fastapi_concurrency_limiter import Limiter, Resource
 
     db = Resource(db_capacity, **options["db"])
@@ -179,7 +187,7 @@ def _app_with_package(
     app = _base_app(variant, lifespan=_limit_publisher(db))
 
     @app.get("/messages")
-    @limiter.resources([db])
+    @limiter.resources([db], **options.get("messages", {}))
     async def get_messages() -> list[dict[str, Any]]:
         return await read_messages()
 
@@ -226,6 +234,27 @@ def _app_package_host(variant: str) -> FastAPI:
     return _app_with_package(variant, {"limiter": {}, "db": db, "file": {}})
 
 
+def _app_package_priorities(variant: str) -> FastAPI:
+    """The package as the original demo, with priority classes on ``/messages``:
+    each request's class comes from the ``x-priority`` header (``critical`` or
+    ``sheddable``; the load generator on this machine's loopback, which the
+    helper trusts by default, sets it), and the database resource refuses at
+    arrival a request whose predicted wait exceeds the timeout
+    (``early_reject=True``), so a sheddable request behind a queue of others
+    gets its 503 at once instead of after 2 s."""
+    from fastapi_concurrency_limiter import priority_from_header
+
+    return _app_with_package(
+        variant,
+        {
+            "limiter": {},
+            "db": {"early_reject": True},
+            "file": {},
+            "messages": {"priority": priority_from_header(PRIORITY_HEADER)},
+        },
+    )
+
+
 _BUILDERS: dict[str, Callable[[str], FastAPI]] = {
     "none": _app_none,
     "package": _app_package,
@@ -233,6 +262,7 @@ _BUILDERS: dict[str, Callable[[str], FastAPI]] = {
     "package-redis": _app_package_redis,
     "package-adaptive": _app_package_adaptive,
     "package-host": _app_package_host,
+    "package-priorities": _app_package_priorities,
 }
 
 

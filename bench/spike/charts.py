@@ -25,12 +25,14 @@ import variants as registry
 from schedule import CLIENT_TIMEOUT_S
 
 if TYPE_CHECKING:
-    from report import VariantData
+    from report import EndpointSeries, VariantData
     from schedule import Schedule
 
 OUTCOME_COLORS = {"ok": "#2ca02c", "503": "#ff7f0e", "timeout": "#d62728", "error": "#9467bd"}
 ENDPOINT_COLORS = {"messages": "#1f77b4", "file": "#2ca02c"}
 GAUGE_COLORS = {probe.DB_IN_FLIGHT: "#1f77b4", probe.DB_LIMIT: "#ff7f0e"}
+CLASS_COLORS = {"critical": "#006d2c", "sheddable": "#9467bd"}
+"""The latency lines of the ``/messages`` classes (``report.CLASSES``)."""
 USERS_COLOR = "#555555"
 CLIENT_TIMEOUT_MS = CLIENT_TIMEOUT_S * 1000
 LIMITER_TIMEOUT_MS = 2000
@@ -81,51 +83,139 @@ def _users_axis(ax: Axes, t: np.ndarray, users: np.ndarray, label: str) -> Line2
     return line
 
 
+def _outcomes_panel(
+    ax: Axes,
+    variant: VariantData,
+    s: EndpointSeries,
+    label: str,
+    users: np.ndarray,
+    users_label: str,
+    top: bool,
+) -> None:
+    """Responses per second of one series by outcome, stacked, users on the right axis."""
+    x = variant.seconds + 0.5
+    ax.stackplot(
+        x,
+        s.ok,
+        s.rejected,
+        s.timeouts,
+        s.errors,
+        labels=["200 OK", "503 busy", "client timeout", "other error"],
+        colors=[OUTCOME_COLORS[k] for k in ("ok", "503", "timeout", "error")],
+        alpha=0.35,
+        lw=0,
+    )
+    ax.plot(x, s.ok, color=OUTCOME_COLORS["ok"], lw=1.8)
+    failed = s.timeouts + s.errors
+    hit = failed > 0
+    ax.plot(
+        x[hit],
+        (s.ok + s.rejected + failed)[hit],
+        "x",
+        color=OUTCOME_COLORS["timeout"],
+        ms=5,
+        label="_nolegend_",
+    )
+    ax.set_ylabel(label)
+    total = s.ok + s.rejected + failed
+    ax.set_ylim(0, max(float(total.max()) if total.size else 0.0, 1.0) * 1.25)  # room for legend
+    ax.grid(alpha=0.3)
+    _mark_phases(ax, variant.schedule, label=top)
+    users_line = _users_axis(ax, variant.users_t, users, users_label)
+    handles = ax.get_legend_handles_labels()[0] if top else []
+    ax.legend(handles=[*handles, users_line], loc="upper left", fontsize=8, ncols=5, framealpha=0.9)
+
+
 def throughput_chart(variant: VariantData, path: Path) -> None:
     """Responses per second by outcome, one panel per endpoint, users on the right axis."""
     fig, axes = plt.subplots(2, 1, sharex=True, figsize=(11, 7.5), constrained_layout=True)
-    x = variant.seconds + 0.5
     users = {"messages": variant.messages_users, "file": variant.file_users}
     for i, (ax, key) in enumerate(zip(axes, ("messages", "file"), strict=True)):
-        s = variant.endpoints[key]
-        ax.stackplot(
-            x,
-            s.ok,
-            s.rejected,
-            s.timeouts,
-            s.errors,
-            labels=["200 OK", "503 busy", "client timeout", "other error"],
-            colors=[OUTCOME_COLORS[k] for k in ("ok", "503", "timeout", "error")],
-            alpha=0.35,
-            lw=0,
-        )
-        ax.plot(x, s.ok, color=OUTCOME_COLORS["ok"], lw=1.8)
-        failed = s.timeouts + s.errors
-        hit = failed > 0
-        ax.plot(
-            x[hit],
-            (s.ok + s.rejected + failed)[hit],
-            "x",
-            color=OUTCOME_COLORS["timeout"],
-            ms=5,
-            label="_nolegend_",
-        )
-        ax.set_ylabel(f"/{key} responses per second")
-        total = s.ok + s.rejected + failed
-        ax.set_ylim(
-            0, max(float(total.max()) if total.size else 0.0, 1.0) * 1.25
-        )  # room for the legend
-        ax.grid(alpha=0.3)
-        _mark_phases(ax, variant.schedule, label=i == 0)
-        users_line = _users_axis(ax, variant.users_t, users[key], f"/{key} users")
-        handles = ax.get_legend_handles_labels()[0] if i == 0 else []
-        ax.legend(
-            handles=[*handles, users_line], loc="upper left", fontsize=8, ncols=5, framealpha=0.9
+        _outcomes_panel(
+            ax,
+            variant,
+            variant.endpoints[key],
+            f"/{key} responses per second",
+            users[key],
+            f"/{key} users",
+            top=i == 0,
         )
     axes[-1].set_xlabel("seconds since start")
     fig.suptitle(
         f"{variant.name}: responses per second by outcome (x = seconds with timeouts or errors)"
     )
+    fig.savefig(path, dpi=DPI)
+    plt.close(fig)
+
+
+def classes_chart(variant: VariantData, path: Path, reference: VariantData | None) -> None:
+    """``/messages`` by class: each class's responses per second by outcome, and the
+    latency of each class's successes and of the 503s, beside ``reference``'s
+    ``/messages`` p99 (``fcl`` in the same run) when it ran."""
+    from report import GOAL_REFERENCE, GOALS
+
+    fig, axes = plt.subplots(
+        3, 1, sharex=True, figsize=(11, 10), constrained_layout=True, height_ratios=[1, 1, 1.2]
+    )
+    sheddable_users = variant.messages_users - variant.critical_users
+    panels = [
+        ("critical", variant.critical_users),
+        ("sheddable", sheddable_users),
+    ]
+    for i, (cls, users) in enumerate(panels):
+        _outcomes_panel(
+            axes[i],
+            variant,
+            variant.classes[cls],
+            f"{cls} /messages per second",
+            users,
+            f"{cls} users",
+            top=i == 0,
+        )
+    ax = axes[2]
+    x = variant.seconds + 0.5
+    for cls, color in CLASS_COLORS.items():
+        s = variant.classes[cls]
+        # Markers: a few critical users leave seconds without a success, and
+        # a second between two gaps would not show as a line.
+        ax.plot(x, s.p50_ms, color=color, lw=1.8, marker=".", ms=4, label=f"{cls} p50")
+        ax.plot(x, s.p99_ms, color=color, lw=1.0, ls="--", marker=".", ms=3, label=f"{cls} p99")
+    rejected_p50 = variant.endpoints["messages"].rejected_p50_ms
+    ax.plot(
+        x,
+        rejected_p50,
+        color=OUTCOME_COLORS["503"],
+        lw=1.4,
+        marker=".",
+        ms=4,
+        label="503s p50 (every class)",
+    )
+    if reference is not None:
+        ax.plot(
+            reference.seconds + 0.5,
+            reference.endpoints["messages"].p99_ms,
+            color=registry.color(reference.name) or "#333333",
+            lw=1.0,
+            ls=":",
+            label=f"{reference.name} /messages p99",
+        )
+    target_503 = next(g.target for g in GOALS if g.key == "rejected_p50_ms")
+    ax.axhline(
+        target_503,
+        color=OUTCOME_COLORS["503"],
+        lw=0.8,
+        ls="-.",
+        label=f"goal: 503 p50 {target_503:g} ms",
+    )
+    ax.axhline(LIMITER_TIMEOUT_MS, color="#555555", lw=0.8, ls="-.", label="limiter timeout (2 s)")
+    _latency_axis(ax)
+    ax.set_ylabel("latency (ms)")
+    _mark_phases(ax, variant.schedule, label=False)
+    ax.set_xlabel("seconds since start")
+    # Below the panel: the lines span the whole height of a log scale.
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.14), fontsize=8, ncols=4)
+    compared = f" ({GOAL_REFERENCE}'s p99 dotted)" if reference is not None else ""
+    fig.suptitle(f"{variant.name}: /messages by class, outcomes per second and latency{compared}")
     fig.savefig(path, dpi=DPI)
     plt.close(fig)
 

@@ -4,7 +4,10 @@ Exits non-zero, listing every problem, when a chart (throughput, latency, and
 the series chart of a variant that records shared gauges), ``summary.md`` or
 ``summary.json`` is missing, or when ``summary.json`` lacks a field of the
 schema documented in ``report.py`` or a required variant, or a variant lacks
-its comparison with the baseline or a gauge it declares. Values are not
+its comparison with the baseline or a gauge it declares. A variant that sends
+priority classes (``critical_users``) must also have its classes chart, each
+class's figures with requests of both classes in the spike, and the goals of
+priority classes (against ``fcl`` when it ran too). Values are not
 judged: the numbers depend on the machine, the file layout must not.
 
 The variants required are those the run was asked for (``raw/run.json``),
@@ -22,7 +25,12 @@ from typing import Any
 import variants as registry
 from report import (
     BASELINE_METRICS,
+    CLASS_FIELDS,
+    CLASSES,
     CONFIG_FIELDS,
+    GOAL_FIELDS,
+    GOAL_REFERENCE,
+    GOALS,
     PHASE_FIELDS,
     PHASES,
     RATIO_FIELDS,
@@ -76,6 +84,37 @@ def _check_versus(versus: Any, where: str) -> list[str]:
     return problems
 
 
+def _check_classes(entry: dict[str, Any], reference_ran: bool, where: str) -> list[str]:
+    """A variant that sends classes: each class's figures per phase, requests of each
+    class in the spike, and every goal, against the reference when it ran."""
+    classes = entry.get("classes")
+    problems = []
+    if not isinstance(classes, dict):
+        problems.append(f"{where}.classes: expected an object for a variant with critical users")
+        classes = {}
+    else:
+        problems += _missing(classes, CLASSES, f"{where}.classes")
+    for cls in CLASSES:
+        phases = classes.get(cls)
+        if not isinstance(phases, dict):
+            continue
+        problems += _missing(phases, PHASES, f"{where}.classes.{cls}")
+        for phase in PHASES:
+            if isinstance(phases.get(phase), dict):
+                problems += _missing(phases[phase], CLASS_FIELDS, f"{where}.classes.{cls}.{phase}")
+        spike = phases.get("spike")
+        if isinstance(spike, dict) and not spike.get("requests"):
+            problems.append(f"{where}.classes.{cls}: no request of this class in the spike")
+    goals = entry.get("goals")
+    if not isinstance(goals, dict):
+        return [*problems, f"{where}.goals: expected an object for a variant with critical users"]
+    if reference_ran and goals.get("reference") != GOAL_REFERENCE:
+        problems.append(f"{where}.goals: not measured against {GOAL_REFERENCE}, which ran")
+    for goal in GOALS:
+        problems += _missing(goals.get(goal.key), GOAL_FIELDS, f"{where}.goals.{goal.key}")
+    return problems
+
+
 def _requested(report_dir: Path) -> list[str]:
     """The variants the run was asked for, from ``raw/run.json``."""
     try:
@@ -96,6 +135,8 @@ def check(report_dir: Path, variants: list[str]) -> list[str]:
         known = registry.VARIANTS.get(variant)
         if known is not None and known.series:
             expected.append(f"{variant}-series.png")
+        if known is not None and known.critical_users:
+            expected.append(f"{variant}-classes.png")
     for name in expected:
         path = report_dir / name
         if not path.is_file() or path.stat().st_size == 0:
@@ -126,6 +167,8 @@ def check(report_dir: Path, variants: list[str]) -> list[str]:
         config = entry.get("config")
         problems += _missing(config, CONFIG_FIELDS, f"{where}.config")
         problems += _check_series(entry, config, where)
+        if isinstance(config, dict) and config.get("critical_users"):
+            problems += _check_classes(entry, GOAL_REFERENCE in entries, where)
         if baseline in entries and variant != baseline:
             problems += _check_versus(entry.get("vs_baseline"), f"{where}.vs_baseline")
         phases = entry.get("phases")

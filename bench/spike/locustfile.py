@@ -14,6 +14,12 @@ Two users request ``/file`` for the whole run (``fixed_count``); the
 ``/messages`` users follow the shape. Users never think (``constant(0)``): each
 one sends its next request as soon as the previous one is answered, like
 clients that retry immediately, which is what makes an overload snowball.
+
+With ``SPIKE_CRITICAL_USERS=N`` (the ``priorities`` variant), N of the
+``/messages`` users send their requests as ``critical`` for the whole run
+(``fixed_count``) and the others as ``sheddable``, in the header
+``schedule.PRIORITY_HEADER``; the shape's count of ``/messages`` users is
+unchanged, the critical ones are part of it. Each request's class is recorded.
 """
 
 from __future__ import annotations
@@ -31,7 +37,7 @@ from locust import LoadTestShape, constant, events, task
 from locust.contrib.fasthttp import FastHttpUser
 from locust.env import Environment
 
-from schedule import CLIENT_TIMEOUT_S, FULL, Schedule
+from schedule import CLIENT_TIMEOUT_S, FULL, PRIORITY_HEADER, Schedule
 
 USERS_SAMPLE_INTERVAL_S = 0.5
 
@@ -39,10 +45,16 @@ SCHEDULE = (
     Schedule.from_json(os.environ["SPIKE_SCHEDULE"]) if "SPIKE_SCHEDULE" in os.environ else FULL
 )
 
-EVENT_FIELDS = ("t_start", "t_end", "endpoint", "outcome", "status", "latency_ms")
-"""Columns of the events CSV; times are Unix seconds."""
+EVENT_FIELDS = ("t_start", "t_end", "endpoint", "outcome", "status", "latency_ms", "priority")
+"""Columns of the events CSV; times are Unix seconds; ``priority`` is the class
+the request was sent as (``critical``, ``sheddable``), empty if none."""
 
-USER_FIELDS = ("t", "messages_users", "file_users")
+USER_FIELDS = ("t", "messages_users", "file_users", "critical_users")
+"""Columns of the users CSV: ``messages_users`` counts every ``/messages`` user,
+``critical_users`` those of them that send ``critical``."""
+
+CRITICAL_USERS = int(os.environ.get("SPIKE_CRITICAL_USERS", "0"))
+"""``/messages`` users that send ``critical``; with any, the others send ``sheddable``."""
 
 HOSTS = [h for h in os.environ.get("SPIKE_HOSTS", "").split(",") if h]
 """Base URLs of the app instances; empty: locust's ``--host`` only."""
@@ -76,7 +88,13 @@ class _Recorder:
             csv.writer(self._users_file).writerow(USER_FIELDS)
 
     def record(
-        self, name: str, start_time: float, response_time: float, response: Any, exception: Any
+        self,
+        name: str,
+        start_time: float,
+        response_time: float,
+        response: Any,
+        exception: Any,
+        priority: str,
     ) -> None:
         if self._events is None:
             return
@@ -91,7 +109,15 @@ class _Recorder:
             outcome = "error"
         end = start_time + response_time / 1000.0
         self._events.writerow(
-            (f"{start_time:.4f}", f"{end:.4f}", name, outcome, status, f"{response_time:.2f}")
+            (
+                f"{start_time:.4f}",
+                f"{end:.4f}",
+                name,
+                outcome,
+                status,
+                f"{response_time:.2f}",
+                priority,
+            )
         )
 
     def start_sampling(self) -> None:
@@ -103,8 +129,14 @@ class _Recorder:
 
         def sample() -> None:
             while True:
+                critical = len(CriticalMessagesUser.active)
                 writer.writerow(
-                    (f"{time.time():.3f}", len(MessagesUser.active), len(FileUser.active))
+                    (
+                        f"{time.time():.3f}",
+                        len(MessagesUser.active) + critical,
+                        len(FileUser.active),
+                        critical,
+                    )
                 )
                 users_file.flush()
                 if events_file is not None:
@@ -142,9 +174,11 @@ def _on_request(
     response_time: float,
     response: Any = None,
     exception: Any = None,
+    context: dict[str, Any] | None = None,
     **_: Any,
 ) -> None:
-    _recorder.record(name, start_time, response_time, response, exception)
+    priority = str((context or {}).get("priority") or "")
+    _recorder.record(name, start_time, response_time, response, exception, priority)
 
 
 @events.quitting.add_listener
@@ -197,11 +231,34 @@ class _SpikeUser(FastHttpUser):
 
 
 class MessagesUser(_SpikeUser):
-    """Follows the spike: the users that overload the database endpoint."""
+    """Follows the spike: the users that overload the database endpoint.
+
+    With critical users in the run, these are the sheddable ones.
+    """
+
+    priority: ClassVar[str | None] = "sheddable" if CRITICAL_USERS else None
 
     @task
     def messages(self) -> None:
-        self.client.get("/messages", name="/messages")
+        if self.priority is None:
+            self.client.get("/messages", name="/messages")
+        else:
+            self.client.get(
+                "/messages",
+                name="/messages",
+                headers={PRIORITY_HEADER: self.priority},
+                context={"priority": self.priority},
+            )
+
+
+class CriticalMessagesUser(MessagesUser):
+    """``/messages`` users that send ``critical``: exactly ``CRITICAL_USERS`` of
+    them for the whole run, counted among the shape's ``/messages`` users (only
+    a run with critical users has this class)."""
+
+    abstract = CRITICAL_USERS == 0
+    fixed_count = CRITICAL_USERS
+    priority = "critical"
 
 
 class FileUser(_SpikeUser):

@@ -3,7 +3,8 @@
 Run by ``run.py`` after the load; run it alone to redraw a report from the raw
 data it keeps: ``python bench/spike/report.py REPORT_DIR``.
 
-``summary.json`` schema (version 2). The field names are stable: CI checks that
+``summary.json`` schema (version 3: version 2 plus ``*_503_p50_ms``, ``classes``,
+``goals`` and ``config.critical_users``). The field names are stable: CI checks that
 every one is present (``check_report.py``); values may be ``null`` where they
 cannot be computed, e.g. a latency percentile of a phase without successes::
 
@@ -19,7 +20,8 @@ cannot be computed, e.g. a latency percentile of a phase without successes::
       "variants": {
         "<variant>": {
           "config": {"description", "app", "workers", "instances", "db_capacity",
-                     "series": [<gauge>, ...], "packages": {<name>: <version>}},
+                     "series": [<gauge>, ...], "critical_users",
+                     "packages": {<name>: <version>}},
           "requests": <count>,
           "load_generator_cpu_s": <CPU seconds used by locust>,
           "server_cpu_s": <CPU seconds used by the server processes>,
@@ -37,10 +39,10 @@ cannot be computed, e.g. a latency percentile of a phase without successes::
               "start_s", "end_s",
               "messages_ok_per_s", "messages_503_per_s",
               "messages_timeouts", "messages_errors",
-              "messages_p50_ms", "messages_p99_ms",
+              "messages_p50_ms", "messages_p99_ms", "messages_503_p50_ms",
               "file_ok_per_s", "file_503_per_s",
               "file_timeouts", "file_errors",
-              "file_p50_ms", "file_p99_ms",
+              "file_p50_ms", "file_p99_ms", "file_503_p50_ms",
               "responses_per_s",
               "server_cpu_ms_per_response", "loop_cpu_ms_per_response"
             }
@@ -54,10 +56,38 @@ cannot be computed, e.g. a latency percentile of a phase without successes::
           },
           "series": {
             "<gauge>": {"max", "before" | "spike" | "after": {"max", "mean"}}
+          },
+          "classes": null (no class sent) | {
+            "critical" | "sheddable": {
+              "before" | "spike" | "after": {
+                "requests", "ok_pct", "ok_per_s", "503_per_s", "timeouts", "errors",
+                "p50_ms", "p99_ms", "503_p50_ms"
+              }
+            }
+          },
+          "goals": null (no class sent) | {
+            "reference": "fcl" | null (fcl did not run),
+            "critical_ok_pct" | "critical_p99_over_reference" | "rejected_p50_ms" |
+            "messages_goodput_over_reference" | "file_p99_over_reference": {
+              "description", "compare": ">=" | "<=", "target", "measured",
+              "value", "reference_value", "met": true | false | null
+            }
           }
         }
       }
     }
+
+``*_503_p50_ms`` is the median latency of the phase's 503s (how long a refused
+request waited for its answer). ``classes`` (a variant with ``critical_users``:
+``/messages`` requests sent as ``critical`` or ``sheddable``) has each class's
+``/messages`` outcomes per phase: ``requests`` answered or timed out,
+``ok_pct`` the share of them that succeeded. ``goals`` measures such a variant
+against the goals of priority classes, in the spike phase, with ``fcl`` of the
+same run as the reference: ``measured`` is the ratio (or the value, for
+``critical_ok_pct`` and ``rejected_p50_ms``) compared with ``target``;
+``value`` is this variant's figure and ``reference_value`` ``fcl``'s; ``met``
+is ``null`` where a figure is missing (no ``fcl`` in the run). A report, not a
+verdict: the run goes on and exits 0 whether the goals are met or not.
 
 ``vs_baseline`` holds this variant's value over the baseline's, metric by
 metric, in the same phase of the same run: above 1 is more for rates and
@@ -92,7 +122,7 @@ import numpy.typing as npt
 
 from schedule import Schedule
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 ENDPOINTS = ("messages", "file")
 """Endpoint keys used in field names; the URL path is ``/<key>``."""
@@ -121,8 +151,18 @@ VARIANT_FIELDS = (
     "phases",
     "vs_baseline",
     "series",
+    "classes",
+    "goals",
 )
-CONFIG_FIELDS = ("description", "app", "workers", "instances", "db_capacity", "series")
+CONFIG_FIELDS = (
+    "description",
+    "app",
+    "workers",
+    "instances",
+    "db_capacity",
+    "series",
+    "critical_users",
+)
 BASELINE_METRICS = (
     "messages_ok_per_s",
     "messages_p50_ms",
@@ -153,12 +193,67 @@ PHASE_FIELDS = (
     *(
         f"{endpoint}_{metric}"
         for endpoint in ENDPOINTS
-        for metric in ("ok_per_s", "503_per_s", "timeouts", "errors", "p50_ms", "p99_ms")
+        for metric in (
+            "ok_per_s",
+            "503_per_s",
+            "timeouts",
+            "errors",
+            "p50_ms",
+            "p99_ms",
+            "503_p50_ms",
+        )
     ),
     "responses_per_s",
     "server_cpu_ms_per_response",
     "loop_cpu_ms_per_response",
 )
+
+CLASSES = ("critical", "sheddable")
+"""The classes the load generator sends ``/messages`` requests as (``locustfile.py``)."""
+CLASS_FIELDS = (
+    "requests",
+    "ok_pct",
+    "ok_per_s",
+    "503_per_s",
+    "timeouts",
+    "errors",
+    "p50_ms",
+    "p99_ms",
+    "503_p50_ms",
+)
+GOAL_REFERENCE = "fcl"
+"""The goals of priority classes compare a variant with this one, in the same run."""
+
+
+@dataclass(frozen=True)
+class Goal:
+    """One goal of priority classes, judged on the spike phase."""
+
+    key: str
+    description: str
+    compare: str
+    """``>=`` or ``<=``: how ``measured`` must compare with ``target``."""
+    target: float
+
+
+GOALS = (
+    Goal("critical_ok_pct", "critical `/messages` success (%)", ">=", 99.5),
+    Goal(
+        "critical_p99_over_reference",
+        f"critical `/messages` p99 over `{GOAL_REFERENCE}`'s `/messages` p99",
+        "<=",
+        0.5,
+    ),
+    Goal("rejected_p50_ms", "`/messages` 503s answered within, p50 (ms)", "<=", 50.0),
+    Goal(
+        "messages_goodput_over_reference",
+        f"`/messages` goodput (every class) over `{GOAL_REFERENCE}`'s",
+        ">=",
+        0.95,
+    ),
+    Goal("file_p99_over_reference", f"`/file` p99 over `{GOAL_REFERENCE}`'s", "<=", 1.0),
+)
+GOAL_FIELDS = ("description", "compare", "target", "measured", "value", "reference_value", "met")
 
 RECOVERY_TOLERANCE = 0.20
 """Recovered = /messages successes per second within 20 % of the steady level."""
@@ -181,11 +276,14 @@ class EndpointSeries:
     errors: npt.NDArray[np.float64]
     p50_ms: npt.NDArray[np.float64]
     p99_ms: npt.NDArray[np.float64]
+    rejected_p50_ms: npt.NDArray[np.float64]
+    """Per second, the median latency of the 503s."""
     # Completion time (s since start) and latency of every success, for phase percentiles.
     ok_t: npt.NDArray[np.float64] = field(repr=False)
     ok_latency_ms: npt.NDArray[np.float64] = field(repr=False)
-    # Completion times of the failures, for phase counts.
+    # Completion times of the failures, for phase counts, and the 503s' latencies.
     rejected_t: npt.NDArray[np.float64] = field(repr=False)
+    rejected_latency_ms: npt.NDArray[np.float64] = field(repr=False)
     timeout_t: npt.NDArray[np.float64] = field(repr=False)
     error_t: npt.NDArray[np.float64] = field(repr=False)
 
@@ -219,10 +317,30 @@ class VariantData:
     process_cpu_s: npt.NDArray[np.float64] = field(default_factory=lambda: np.zeros(0))
     # Completion times of every response and client timeout, both endpoints.
     response_t: npt.NDArray[np.float64] = field(default_factory=lambda: np.zeros(0))
+    # /messages by the class its requests were sent as (CLASSES), when any was.
+    classes: dict[str, EndpointSeries] = field(default_factory=dict)
+    critical_users: npt.NDArray[np.float64] = field(default_factory=lambda: np.zeros(0))
 
 
 def _percentile(values: npt.NDArray[np.float64], q: float) -> float | None:
     return float(np.percentile(values, q)) if values.size else None
+
+
+def _per_second_percentiles(
+    t: npt.NDArray[np.float64], latency: npt.NDArray[np.float64], n_seconds: int
+) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]:
+    """p50 and p99 of ``latency`` per second of ``t`` (NaN in a second without any)."""
+    p50 = np.full(n_seconds, np.nan)
+    p99 = np.full(n_seconds, np.nan)
+    second = np.floor(t).astype(int)
+    order = np.argsort(second, kind="stable")
+    second, sorted_latency = second[order], latency[order]
+    bounds = np.searchsorted(second, np.arange(n_seconds + 1))
+    for s in range(n_seconds):
+        chunk = sorted_latency[bounds[s] : bounds[s + 1]]
+        if chunk.size:
+            p50[s], p99[s] = np.percentile(chunk, [50, 99])
+    return p50, p99
 
 
 def _series(
@@ -237,28 +355,22 @@ def _series(
         return np.histogram(t[mask], bins=bins)[0].astype(np.float64)
 
     ok = outcome == "ok"
-    ok_t, ok_latency = t[ok], latency[ok]
-    p50 = np.full(n_seconds, np.nan)
-    p99 = np.full(n_seconds, np.nan)
-    second = np.floor(ok_t).astype(int)
-    order = np.argsort(second, kind="stable")
-    second, sorted_latency = second[order], ok_latency[order]
-    bounds = np.searchsorted(second, np.arange(n_seconds + 1))
-    for s in range(n_seconds):
-        chunk = sorted_latency[bounds[s] : bounds[s + 1]]
-        if chunk.size:
-            p50[s], p99[s] = np.percentile(chunk, [50, 99])
+    rejected = outcome == "rejected"
+    p50, p99 = _per_second_percentiles(t[ok], latency[ok], n_seconds)
+    rejected_p50, _ = _per_second_percentiles(t[rejected], latency[rejected], n_seconds)
     errors = (outcome == "error") | (outcome == "http_error")
     return EndpointSeries(
         ok=per_second(ok),
-        rejected=per_second(outcome == "rejected"),
+        rejected=per_second(rejected),
         timeouts=per_second(outcome == "timeout"),
         errors=per_second(errors),
         p50_ms=p50,
         p99_ms=p99,
-        ok_t=ok_t,
-        ok_latency_ms=ok_latency,
-        rejected_t=t[outcome == "rejected"],
+        rejected_p50_ms=rejected_p50,
+        ok_t=t[ok],
+        ok_latency_ms=latency[ok],
+        rejected_t=t[rejected],
+        rejected_latency_ms=latency[rejected],
         timeout_t=t[outcome == "timeout"],
         error_t=t[errors],
     )
@@ -299,30 +411,44 @@ def load_variant(
     t0 = float(meta["t0"])
     n_seconds = math.ceil(schedule.total_s)
 
-    columns: dict[str, list[Any]] = {"t": [], "endpoint": [], "outcome": [], "latency": []}
+    columns: dict[str, list[Any]] = {
+        "t": [],
+        "endpoint": [],
+        "outcome": [],
+        "latency": [],
+        "priority": [],
+    }
     with (raw_dir / f"{name}-events.csv").open(newline="", encoding="utf-8") as f:
         for row in csv.DictReader(f):
             columns["t"].append(float(row["t_end"]) - t0)
             columns["endpoint"].append(row["endpoint"].lstrip("/"))
             columns["outcome"].append(row["outcome"])
             columns["latency"].append(float(row["latency_ms"]))
+            columns["priority"].append(row.get("priority") or "")  # none before classes
     t = np.asarray(columns["t"], dtype=np.float64)
     endpoint = np.asarray(columns["endpoint"], dtype=np.str_)
     outcome = np.asarray(columns["outcome"], dtype=np.str_)
     latency = np.asarray(columns["latency"], dtype=np.float64)
+    priority = np.asarray(columns["priority"], dtype=np.str_)
     inside = (t >= 0) & (t < n_seconds)
 
     series = {}
     for key in ENDPOINTS:
         mask = inside & (endpoint == key)
         series[key] = _series(t[mask], outcome[mask], latency[mask], n_seconds)
+    classes = {}
+    if (priority != "").any():
+        for cls in CLASSES:
+            mask = inside & (endpoint == "messages") & (priority == cls)
+            classes[cls] = _series(t[mask], outcome[mask], latency[mask], n_seconds)
 
-    users: dict[str, list[float]] = {"t": [], "messages": [], "file": []}
+    users: dict[str, list[float]] = {"t": [], "messages": [], "file": [], "critical": []}
     with (raw_dir / f"{name}-users.csv").open(newline="", encoding="utf-8") as f:
         for row in csv.DictReader(f):
             users["t"].append(float(row["t"]) - t0)
             users["messages"].append(float(row["messages_users"]))
             users["file"].append(float(row["file_users"]))
+            users["critical"].append(float(row.get("critical_users") or 0))
 
     cpu = _load_cpu(raw_dir / f"{name}-cpu.csv", t0)
     return VariantData(
@@ -340,6 +466,8 @@ def load_variant(
         loop_cpu_s=cpu[:, 1],
         process_cpu_s=cpu[:, 2],
         response_t=t[inside],
+        classes=classes,
+        critical_users=np.asarray(users["critical"]),
     )
 
 
@@ -364,6 +492,8 @@ def phase_metrics(variant: VariantData, start: float, end: float) -> dict[str, f
         metrics[f"{key}_errors"] = int(_in(s.error_t, start, end).sum())
         metrics[f"{key}_p50_ms"] = _round(_percentile(latencies, 50), 1)
         metrics[f"{key}_p99_ms"] = _round(_percentile(latencies, 99), 1)
+        rejected = s.rejected_latency_ms[_in(s.rejected_t, start, end)]
+        metrics[f"{key}_503_p50_ms"] = _round(_percentile(rejected, 50), 1)
     responses = int(_in(variant.response_t, start, end).sum())
     metrics["responses_per_s"] = _round(responses / length)
     for key, cumulative in (
@@ -376,6 +506,92 @@ def phase_metrics(variant: VariantData, start: float, end: float) -> dict[str, f
             value = _round(1000 * float(used[1] - used[0]) / responses, 3)
         metrics[key] = value
     return metrics
+
+
+def class_metrics(s: EndpointSeries, start: float, end: float) -> dict[str, float | None]:
+    """The CLASS_FIELDS of one class's ``/messages`` requests in ``[start, end)``."""
+    length = max(end - start, 1e-9)
+    ok = _in(s.ok_t, start, end)
+    rejected = _in(s.rejected_t, start, end)
+    timeouts = int(_in(s.timeout_t, start, end).sum())
+    errors = int(_in(s.error_t, start, end).sum())
+    requests = int(ok.sum() + rejected.sum()) + timeouts + errors
+    return {
+        "requests": requests,
+        "ok_pct": _round(100 * ok.sum() / requests, 2) if requests else None,
+        "ok_per_s": _round(ok.sum() / length),
+        "503_per_s": _round(rejected.sum() / length),
+        "timeouts": timeouts,
+        "errors": errors,
+        "p50_ms": _round(_percentile(s.ok_latency_ms[ok], 50), 1),
+        "p99_ms": _round(_percentile(s.ok_latency_ms[ok], 99), 1),
+        "503_p50_ms": _round(_percentile(s.rejected_latency_ms[rejected], 50), 1),
+    }
+
+
+def class_stats(variant: VariantData) -> dict[str, Any] | None:
+    """The ``classes`` entry: per class and phase, its ``/messages`` outcomes; ``None``
+    when no request was sent with a class."""
+    if not variant.classes:
+        return None
+    return {
+        cls: {p.name: class_metrics(s, p.start, p.end) for p in variant.schedule.summary_phases()}
+        for cls, s in variant.classes.items()
+    }
+
+
+def _met(measured: float | None, goal: Goal) -> bool | None:
+    if measured is None:
+        return None
+    return bool(measured >= goal.target if goal.compare == ">=" else measured <= goal.target)
+
+
+def goals(entry: dict[str, Any], reference: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The ``goals`` entry of a variant with classes, against ``reference`` (``fcl``'s
+    entry in the same run, or ``None``): each of GOALS in the spike phase."""
+    classes = entry.get("classes")
+    if not classes:
+        return None
+    spike = entry["phases"]["spike"]
+    critical = classes["critical"]["spike"]
+    ref = reference["phases"]["spike"] if reference is not None else {}
+    figures: dict[str, tuple[float | None, float | None, float | None]] = {
+        # measured, value, reference value
+        "critical_ok_pct": (critical["ok_pct"], critical["ok_pct"], None),
+        "critical_p99_over_reference": (
+            _ratio(critical["p99_ms"], ref.get("messages_p99_ms")),
+            critical["p99_ms"],
+            ref.get("messages_p99_ms"),
+        ),
+        "rejected_p50_ms": (
+            spike["messages_503_p50_ms"],
+            spike["messages_503_p50_ms"],
+            ref.get("messages_503_p50_ms"),
+        ),
+        "messages_goodput_over_reference": (
+            _ratio(spike["messages_ok_per_s"], ref.get("messages_ok_per_s")),
+            spike["messages_ok_per_s"],
+            ref.get("messages_ok_per_s"),
+        ),
+        "file_p99_over_reference": (
+            _ratio(spike["file_p99_ms"], ref.get("file_p99_ms")),
+            spike["file_p99_ms"],
+            ref.get("file_p99_ms"),
+        ),
+    }
+    result: dict[str, Any] = {"reference": GOAL_REFERENCE if reference is not None else None}
+    for goal in GOALS:
+        measured, value, reference_value = figures[goal.key]
+        result[goal.key] = {
+            "description": goal.description,
+            "compare": goal.compare,
+            "target": goal.target,
+            "measured": measured,
+            "value": value,
+            "reference_value": reference_value,
+            "met": _met(measured, goal),
+        }
+    return result
 
 
 def recovery_seconds(variant: VariantData, steady_ok_per_s: float | None) -> float | None:
@@ -442,7 +658,8 @@ def summarize_variant(variant: VariantData, resources: dict[str, Any]) -> dict[s
     }
     before, spike = phases["before"], phases["spike"]
     return {
-        "config": variant.config,
+        # Raw data recorded before classes existed has no critical users.
+        "config": {"critical_users": 0, **variant.config},
         "requests": variant.requests,
         "load_generator_cpu_s": _round(resources.get("load_generator_cpu_s")),
         "server_cpu_s": _round(resources.get("server_cpu_s")),
@@ -463,6 +680,8 @@ def summarize_variant(variant: VariantData, resources: dict[str, Any]) -> dict[s
         "phases": phases,
         "vs_baseline": None,
         "series": series_stats(variant),
+        "classes": class_stats(variant),
+        "goals": None,
     }
 
 
@@ -505,11 +724,13 @@ def summary_markdown(summary: dict[str, Any]) -> str:
     )
     legend = (
         "Rates are per second, timeouts (the client gave up after 6 s) and errors are counts, "
-        "latencies (ms) are of successful requests."
+        "latencies (ms) are of successful requests; `503 p50` is the median time a refused "
+        "request waited for its 503."
     )
     lines = ["# Spike experiment", "", intro, "", legend, ""]
     columns = ["variant", "phase"]
-    columns += [f"{prefix} {c}" for prefix in ("msg", "file") for c in PHASE_COLUMNS]
+    columns += [f"msg {c}" for c in PHASE_COLUMNS] + ["msg 503 p50"]
+    columns += [f"file {c}" for c in PHASE_COLUMNS]
     lines += _header(columns, text_columns=2)
     for name, v in summary["variants"].items():
         for phase in PHASES:
@@ -524,6 +745,8 @@ def summary_markdown(summary: dict[str, Any]) -> str:
                     _fmt(m[f"{key}_p50_ms"], 0),
                     _fmt(m[f"{key}_p99_ms"], 0),
                 ]
+                if key == "messages":
+                    cells.append(_fmt(m.get("messages_503_p50_ms"), 0))
             lines.append(_row(cells))
 
     ratios_legend = (
@@ -543,6 +766,8 @@ def summary_markdown(summary: dict[str, Any]) -> str:
     lines += _cpu_table(summary)
     lines += _baseline_table(summary)
     lines += _series_table(summary)
+    lines += _classes_table(summary)
+    lines += _goals_table(summary)
     if summary["failed_variants"]:
         lines += ["", "Failed variants:", ""]
         lines += [f"- `{name}`: {reason}" for name, reason in summary["failed_variants"].items()]
@@ -554,8 +779,83 @@ def summary_markdown(summary: dict[str, Any]) -> str:
         ]
         if v["config"].get("series"):
             lines.append(f"![{name} series]({name}-series.png)")
+        if v.get("classes"):
+            lines.append(f"![{name} classes]({name}-classes.png)")
         lines.append("")
     return "\n".join(lines)
+
+
+def _classes_table(summary: dict[str, Any]) -> list[str]:
+    rows = [(n, v["classes"]) for n, v in summary["variants"].items() if v.get("classes")]
+    if not rows:
+        return []
+    lines = [
+        "",
+        "`/messages` by the class its requests were sent as: `ok %` is the share of the "
+        "phase's requests (answered or timed out) that succeeded; p50 and p99 (ms) are of "
+        "successes, `503 p50` of the 503s.",
+        "",
+    ]
+    columns = ["variant", "class", "phase", "requests", "ok %", "ok/s", "503/s", "timeouts"]
+    lines += _header([*columns, "errors", "p50", "p99", "503 p50"], text_columns=3)
+    for name, classes in rows:
+        for cls, phases in classes.items():
+            for phase in PHASES:
+                m = phases[phase]
+                lines.append(
+                    _row(
+                        [
+                            name,
+                            cls,
+                            phase,
+                            _fmt(m["requests"]),
+                            _fmt(m["ok_pct"], 2),
+                            _fmt(m["ok_per_s"]),
+                            _fmt(m["503_per_s"]),
+                            _fmt(m["timeouts"]),
+                            _fmt(m["errors"]),
+                            _fmt(m["p50_ms"], 0),
+                            _fmt(m["p99_ms"], 0),
+                            _fmt(m["503_p50_ms"], 0),
+                        ]
+                    )
+                )
+    return lines
+
+
+def _goals_table(summary: dict[str, Any]) -> list[str]:
+    rows = [(n, v["goals"]) for n, v in summary["variants"].items() if v.get("goals")]
+    if not rows:
+        return []
+    lines = [
+        "",
+        f"Goals of priority classes, in the spike, against `{GOAL_REFERENCE}` measured in the "
+        "same run (`measured`: the ratio, or the value itself; a report of this run on this "
+        f"machine, not a pass or fail; `-` without `{GOAL_REFERENCE}` in the run):",
+        "",
+    ]
+    lines += _header(
+        ["variant", "goal", "target", "measured", "variant's", f"{GOAL_REFERENCE}'s", "met"],
+        text_columns=2,
+    )
+    for name, entry in rows:
+        for goal in GOALS:
+            g = entry[goal.key]
+            met = {True: "yes", False: "**no**", None: "-"}[g["met"]]
+            lines.append(
+                _row(
+                    [
+                        name,
+                        g["description"],
+                        f"{g['compare']} {g['target']:g}",
+                        _fmt(g["measured"], 2),
+                        _fmt(g["value"], 1),
+                        _fmt(g["reference_value"], 1),
+                        met,
+                    ]
+                )
+            )
+    return lines
 
 
 BASELINE_COLUMNS = (
@@ -672,6 +972,7 @@ def build_report(out_dir: Path) -> dict[str, Any]:
     baseline = entries.get(baseline_name) if baseline_name else None
     for entry in entries.values():
         entry["vs_baseline"] = versus_baseline(entry, baseline)
+        entry["goals"] = goals(entry, entries.get(GOAL_REFERENCE))
 
     summary = {
         "schema_version": SCHEMA_VERSION,
@@ -691,6 +992,10 @@ def build_report(out_dir: Path) -> dict[str, Any]:
         charts.latency_chart(variant, out_dir / f"{variant.name}-latency.png")
         if variant.config.get("series"):
             charts.series_chart(variant, out_dir / f"{variant.name}-series.png")
+        if variant.classes:
+            charts.classes_chart(
+                variant, out_dir / f"{variant.name}-classes.png", variants.get(GOAL_REFERENCE)
+            )
     if variants:
         charts.comparison_chart(
             list(variants.values()), out_dir / "comparison.png", entries, baseline_name

@@ -390,11 +390,19 @@ class _Progress:
             return
         self._last = now
         counts: dict[tuple[str, str], int] = {}
+        critical: dict[str, int] = {}  # /messages outcomes sent as critical
         for row in self.tail.new_rows():
             counts[(row[2], row[3])] = counts.get((row[2], row[3]), 0) + 1
+            if len(row) > 6 and row[6] == "critical":
+                critical[row[3]] = critical.get(row[3], 0) + 1
 
         def rate(endpoint: str, outcome: str) -> str:
             return f"{counts.get((endpoint, outcome), 0) / elapsed:6.1f}/s"
+
+        classes = ""
+        if critical:
+            ok, sent = critical.get("ok", 0), sum(critical.values())
+            classes = f" (critical {ok}/{sent} ok)"
 
         failed = sum(
             n for (_, outcome), n in counts.items() if outcome in ("timeout", "error", "http_error")
@@ -406,7 +414,8 @@ class _Progress:
         _log(
             f"{self.label} {phase:<7} {min(t, s.total_s):4.0f}/{s.total_s:.0f} s "
             f"(~{int(left) // 60}:{int(left) % 60:02d} left) | users {users:3d}+{s.file_users} | "
-            f"/messages ok {rate('/messages', 'ok')} 503 {rate('/messages', 'rejected')} | "
+            f"/messages ok {rate('/messages', 'ok')} 503 {rate('/messages', 'rejected')}"
+            f"{classes} | "
             f"/file ok {rate('/file', 'ok')} 503 {rate('/file', 'rejected')} | "
             f"timeouts+errors {failed}"
         )
@@ -420,6 +429,7 @@ def _run_locust(
     log_path: Path,
     progress: _Progress,
     at_spike: Callable[[], None] | None = None,
+    critical_users: int = 0,
 ) -> None:
     files = {
         "SPIKE_EVENTS_CSV": raw_dir / f"{variant}-events.csv",
@@ -430,6 +440,7 @@ def _run_locust(
         **os.environ,
         "SPIKE_SCHEDULE": schedule.to_json(),
         "SPIKE_HOSTS": ",".join(hosts),
+        "SPIKE_CRITICAL_USERS": str(critical_users),
         **{k: str(v) for k, v in files.items()},
     }
     command = [
@@ -508,6 +519,7 @@ def run_variant(
             "db_capacity": variant.db_capacity,
             "db_shared": variant.db_shared,
             "series": list(variant.series),
+            "critical_users": variant.critical_users,
         }
     )
     raw_dir, log_dir = out_dir / RAW_DIR, out_dir / "logs"
@@ -547,6 +559,7 @@ def run_variant(
                         log_dir / f"{variant.name}-locust.log",
                         progress,
                         at_spike=(lambda: profiler.start(schedule.spike_s)) if profiler else None,
+                        critical_users=variant.critical_users,
                     )
                 result.load_generator_cpu_s = _children_cpu_s() - before
                 if profiler is not None:

@@ -13,6 +13,12 @@ from dataclasses import asdict, dataclass
 CLIENT_TIMEOUT_S = 6.0
 """Clients give up after 6 s, as the original experiment's k6 clients did."""
 
+PRIORITY_HEADER = "x-priority"
+"""The header that carries a ``/messages`` request's class (``critical`` or
+``sheddable``) in the ``priorities`` variant: set by the load generator, read
+by the app with ``priority_from_header``, as a gateway in front of the service
+would set it."""
+
 
 @dataclass(frozen=True)
 class Phase:

@@ -188,6 +188,12 @@ class Variant:
     """The capacity is one limit shared by all processes (host or Redis scope), not one each."""
     series: tuple[str, ...] = (probe.DB_IN_FLIGHT,)
     """Gauges charted in ``<variant>-series.png``; ``probe.DB_LIMIT`` is drawn when recorded."""
+    critical_users: int = 0
+    """Of the ``/messages`` users, this many send their requests as ``critical``
+    and the others as ``sheddable`` (``schedule.PRIORITY_HEADER``), throughout
+    the run; the report then gives each class's outcomes apart
+    (``<variant>-classes.png``) and the goals of priority classes. 0: no class
+    is sent."""
     env: Mapping[str, str] = field(default_factory=dict)
     """Extra environment of the server processes."""
     interpreter: Callable[[Callable[[str], None]], Path] = _this_interpreter
@@ -304,6 +310,18 @@ _REGISTRY: list[Variant] = [
         workers=2,
         db_shared=True,
         services=_fresh_host_resource,
+    ),
+    Variant(
+        name="priorities",
+        description=(
+            "`fcl` with priority classes: `Resource(5, early_reject=True)` for the database, "
+            "`/messages` takes its class from the `x-priority` header "
+            "(`priority_from_header`); 3 `/messages` users send `critical`, the others "
+            "`sheddable`"
+        ),
+        color="#393b79",
+        app="package-priorities",
+        critical_users=3,
     ),
 ]
 
