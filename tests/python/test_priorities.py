@@ -118,9 +118,9 @@ def test_a_host_resource_takes_no_priority() -> None:
 
 
 class App:
-    """An app with one resource, whose route ``/work/{name}`` takes the
+    """An app with one resource, whose route ``/job/{name}`` takes the
     class from the ``x-priority`` header (a loopback client is trusted) and
-    notes the order in which requests start; ``/work/hold...`` holds its
+    notes the order in which requests start; ``/job/hold...`` holds its
     slot until ``release`` is set."""
 
     def __init__(self, db: Resource, *, trusted: Any = None) -> None:
@@ -135,7 +135,7 @@ class App:
             else priority_from_header(HEADER, trusted=trusted)
         )
 
-        @self.app.get("/work/{name}")
+        @self.app.get("/job/{name}")
         @self.limiter.resources([db], priority=header)
         async def work(name: str) -> dict[str, str]:
             self.served.append(name)
@@ -164,7 +164,7 @@ async def queue(
 
     before = seen()
     headers = {} if priority is None else {HEADER: priority}
-    response = asyncio.ensure_future(client.get(f"/work/{name}", headers=headers))
+    response = asyncio.ensure_future(client.get(f"/job/{name}", headers=headers))
     await eventually(lambda: seen() > before)
     return response
 
@@ -223,7 +223,7 @@ async def test_a_full_queue_pushes_out_the_newest_of_the_lowest_class() -> None:
                 'concurrency_limiter_rejected_total{reason="lower_priority",resource="db"} 1.0'
             ) in metrics
             # A SHEDDABLE newcomer to the full queue is turned away itself.
-            refused = await client.get("/work/late", headers={HEADER: "sheddable"})
+            refused = await client.get("/job/late", headers={HEADER: "sheddable"})
             assert refused.status_code == 503
             assert app.db.statistics().rejected_total["queue_full"] == 1
             app.release.set()
@@ -242,7 +242,7 @@ async def test_a_reserve_keeps_slots_for_its_class() -> None:
             waiting = await queue(client, app, "waits", "critical")
             assert (app.db.in_use, app.db.waiting) == (1, 1)
             # CRITICAL_PLUS takes its reserved slot at once.
-            top = await client.get("/work/top", headers={HEADER: "critical_plus"})
+            top = await client.get("/job/top", headers={HEADER: "critical_plus"})
             assert top.status_code == 200 and not waiting.done()
             app.release.set()
             assert (await holder).status_code == (await waiting).status_code == 200
@@ -256,7 +256,7 @@ async def test_the_header_of_an_untrusted_peer_is_ignored(caplog: pytest.LogCapt
         with app.running() as url:
             async with httpx.AsyncClient(base_url=url, timeout=10) as client:
                 for name in ("a", "b"):
-                    r = await client.get(f"/work/{name}", headers={HEADER: "critical_plus"})
+                    r = await client.get(f"/job/{name}", headers={HEADER: "critical_plus"})
                     assert r.status_code == 200
     classes = app.db.statistics().priorities
     assert classes["critical"].acquired_total == 2 and classes["critical_plus"].acquired_total == 0
