@@ -370,7 +370,8 @@ bool Resource::class_may_take_locked(Priority priority) const {
   if (in_use_of(word_.load(std::memory_order_relaxed)) >= limit) return false;
   if (!reserved_) return true;
   // For every class c >= priority: the classes <= c, one slot more, within
-  // limit - (the reserves of the classes above c).
+  // limit - (the reserves of the classes above c), those reserves scaled by
+  // limit / capacity (rounded down) while the limit is below the capacity.
   const std::array<std::int64_t, kPriorityCount> held = class_held_locked();
   std::int64_t reserved_above = 0;
   for (const std::int64_t r : reserve_) reserved_above += r;
@@ -378,7 +379,10 @@ bool Resource::class_may_take_locked(Priority priority) const {
   for (std::size_t c = 0; c < kPriorityCount; ++c) {
     held_up_to += held[c];
     reserved_above -= reserve_[c];
-    if (c >= priority_index(priority) && held_up_to + 1 > limit - reserved_above) return false;
+    if (c >= priority_index(priority) &&
+        held_up_to + 1 > limit - scaled_reserve(reserved_above, limit)) {
+      return false;
+    }
   }
   return true;
 }

@@ -104,8 +104,11 @@
 // classes <= c together hold at most limit - (the reserves of the classes
 // above c): a lower class borrows nothing from a higher class's reserve,
 // and a class may use every slot not reserved for the classes above it
-// (what lower classes hold counts against it). With a limit below the
-// reserves, the lower classes get nothing until it is raised. Example:
+// (what lower classes hold counts against it). Reserves are shares of the
+// capacity: while the limit in force is lower (set_limit(), an adaptive
+// limit), the reserves above a class count as their sum x limit /
+// capacity, rounded down, so the classes below keep at least one slot
+// (unless the reserves add up to the whole capacity). Example:
 //
 //   auto api = Resource::create(ResourceOptions{
 //       .name = "api", .capacity = 20,
@@ -489,6 +492,13 @@ class Resource : public std::enable_shared_from_this<Resource> {
   }
   // Whether any class has a reserve.
   bool has_reserve() const noexcept { return reserved_; }
+  // The slots that `reserve` slots of the capacity keep under `limit`: as
+  // many while the limit is the capacity, proportionally fewer (rounded
+  // down) below it. Below the capacity, fewer than `limit` unless `reserve`
+  // is the whole capacity.
+  std::int64_t scaled_reserve(std::int64_t reserve, std::int64_t limit) const noexcept {
+    return limit >= capacity_ ? reserve : reserve * limit / capacity_;
+  }
 
   // Slots held right now, and requests waiting right now. A snapshot: it may
   // be stale by the time the caller looks at it.

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import hmac
 import ipaddress
 import re
 import threading
@@ -41,11 +42,21 @@ class HeaderPriority:
         "_lock",
         "_unknown_logged",
         "_untrusted_logged",
+        "_secret",
+        "_unsigned_logged",
     )
 
-    def __init__(self, header: str, default: Priority, trusted: str | Iterable[str]) -> None:
+    def __init__(
+        self,
+        header: str,
+        default: Priority,
+        trusted: str | Iterable[str],
+        secret: tuple[str, bytes] | None = None,
+    ) -> None:
         self.header = header
         self.default = default
+        self._secret = secret
+        self._unsigned_logged = False
         self._everyone, self._networks = _networks(trusted)
         self._peers: dict[str | None, bool] = {}
         self._values: dict[str, Priority] = {}
@@ -65,6 +76,13 @@ class HeaderPriority:
         if not trusted:
             self._ignored(peer)
             return self.default
+        if self._secret is not None:
+            sent = connection.headers.get(self._secret[0])
+            if sent is None or not hmac.compare_digest(
+                sent.encode("latin-1", "replace"), self._secret[1]
+            ):
+                self._unsigned()
+                return self.default
         found = self._values.get(value)
         if found is not None:
             return found
@@ -109,20 +127,39 @@ class HeaderPriority:
             self._untrusted_logged = True
         logger.warning(
             "priority header %r ignored: sent by %s, not a trusted peer; its requests get the "
-            "default class %s (logged once; if your gateway sets the header, list its address "
-            "in priority_from_header(trusted=...))",
+            "default class %s (logged once). If your gateway sets the header, the peer must be "
+            "the gateway: a server that takes the client address from X-Forwarded-For (uvicorn "
+            "does for a gateway on this machine, by default) shows the client instead; then "
+            "use priority_from_header(trusted='*', secret=...), never the client's address",
             self.header,
             repr(peer) if peer is not None else "a peer without an address",
             self.default.name,
             extra={"header": self.header, "peer": peer},
         )
 
+    def _unsigned(self) -> None:
+        if self._unsigned_logged:
+            return
+        with self._lock:
+            if self._unsigned_logged:
+                return
+            self._unsigned_logged = True
+        assert self._secret is not None
+        logger.warning(
+            "priority header %r ignored: the request does not carry the gateway's secret in "
+            "%r; its requests get the default class %s (logged once)",
+            self.header,
+            self._secret[0],
+            self.default.name,
+            extra={"header": self.header},
+        )
+
     def _unknown(self, value: str) -> None:
         with self._lock:
-            if value in self._unknown_logged or len(self._unknown_logged) > _MAX_LOGGED_VALUES:
+            if value in self._unknown_logged or len(self._unknown_logged) >= _MAX_LOGGED_VALUES:
                 return
             self._unknown_logged.add(value)
-            last = len(self._unknown_logged) > _MAX_LOGGED_VALUES
+            last = len(self._unknown_logged) == _MAX_LOGGED_VALUES
         logger.warning(
             "priority header %r: unknown value %r, the request gets the default class %s "
             "(known: %s; logged once per value%s)",
@@ -143,6 +180,7 @@ def priority_from_header(
     *,
     default: Priority | str = Priority.CRITICAL,
     trusted: str | Iterable[str] = LOOPBACK,
+    secret: tuple[str, str] | None = None,
 ) -> HeaderPriority:
     """A ``priority=`` function that reads each request's class from the
     header ``name`` (a class name in any case, ``-`` or ``_``, or its
@@ -161,20 +199,45 @@ def priority_from_header(
     peer (the first such is logged at WARNING), or with a value that is no
     class (each distinct value logged once at WARNING) gets ``default``.
 
+    ``secret``: ``(header, value)``, a second header that your gateway sets
+    to a value only it and the app know (e.g. from an environment
+    variable); the class header is then honoured only on requests that
+    carry it (compared in constant time), whatever their peer. Use it with
+    ``trusted="*"`` wherever the peer address cannot tell the gateway from
+    a client (below).
+
     Your gateway must set the header on every request, overwriting what a
     client sent: any client that can reach a trusted peer's listener
-    chooses its own class otherwise. Behind a server that rewrites the
-    client address from ``X-Forwarded-For`` (uvicorn's ``--proxy-headers``
-    with the gateway in ``--forwarded-allow-ips``), the peer seen is the
-    forwarded client: then trust the networks your clients come from, or
-    ``"*"`` if the gateway is the only way in.
+    chooses its own class otherwise. The peer is the address the server
+    reports, which is not always the gateway's: a server that takes the
+    client address from ``X-Forwarded-For`` (uvicorn does for a gateway on
+    this machine, by default: ``proxy_headers`` on, ``forwarded_allow_ips``
+    loopback) reports the client, so the header of a gateway that adds
+    ``X-Forwarded-For`` is ignored; and with ``--forwarded-allow-ips='*'``
+    any client can claim to be ``127.0.0.1``. In both cases use
+    ``secret``, or run the server without proxy headers.
 
-    ValueError naming the parameter for a bad ``name``, ``default`` or
-    ``trusted``.
+    ValueError naming the parameter for a bad ``name``, ``default``,
+    ``trusted`` or ``secret``.
     """
     if not isinstance(name, str) or not _TOKEN.fullmatch(name):
         raise ValueError(f"name must be an HTTP header name such as 'x-priority', got {name!r}")
-    return HeaderPriority(name.lower(), Priority.parse(default, name="default"), trusted)
+    signed: tuple[str, bytes] | None = None
+    if secret is not None:
+        if (
+            not isinstance(secret, tuple)
+            or len(secret) != 2
+            or not isinstance(secret[0], str)
+            or not _TOKEN.fullmatch(secret[0])
+            or not isinstance(secret[1], str)
+            or not secret[1]
+        ):
+            raise ValueError(
+                "secret must be (header name, non-empty value), such as "
+                f"('x-gateway-secret', os.environ['GATEWAY_SECRET']), got {type(secret).__name__}"
+            )
+        signed = (secret[0].lower(), secret[1].encode("latin-1", "replace"))
+    return HeaderPriority(name.lower(), Priority.parse(default, name="default"), trusted, signed)
 
 
 def _networks(trusted: object) -> tuple[bool, tuple[Network, ...]]:

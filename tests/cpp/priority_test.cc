@@ -302,28 +302,46 @@ TEST(PriorityReserve, AClassMayUseEverySlotNotReservedAboveIt) {
   EXPECT_EQ(q["s3"].state(), Acquisition::State::kGranted);
 }
 
-TEST(PriorityReserve, ALimitBelowTheReservesLeavesTheLowerClassesNothing) {
-  auto r = resource({.capacity = 6, .reserve = reserve_of({{CP, 3}})});
-  r->set_limit(2);
+// Reserves are shares of the capacity: below it (set_limit(), an adaptive
+// limit) they shrink in proportion, so a limit at or below the reserves
+// does not shut the lower classes out of an idle resource.
+TEST(PriorityReserve, ALimitBelowTheCapacityShrinksTheReservesInProportion) {
+  auto r = resource({.capacity = 10, .reserve = reserve_of({{CP, 4}})});
+  r->set_limit(5);  // the reserve keeps 4 x 5 / 10 = 2: critical and below hold 3
   Requests q(r);
-  EXPECT_EQ(q.start("c", C), Outcome::kPending);
+  EXPECT_EQ(q.start("c1", C), Outcome::kGranted);
+  EXPECT_EQ(q.start("c2", C), Outcome::kGranted);
+  EXPECT_EQ(q.start("c3", C), Outcome::kGranted);
+  EXPECT_EQ(q.start("c4", C), Outcome::kPending);
   EXPECT_EQ(q.start("cp1", CP), Outcome::kGranted);
   EXPECT_EQ(q.start("cp2", CP), Outcome::kGranted);
   EXPECT_EQ(q.start("cp3", CP), Outcome::kPending);
-  // Raised: the new slots go to critical_plus first, then to critical as
-  // far as the reserve allows (6 - 3 = 3 for the classes below).
-  r->set_limit(6);
+  // Raised to the capacity: the whole reserve of 4 (critical and below: 6);
+  // the new slots go to critical_plus first, then to critical.
+  r->set_limit(10);
   EXPECT_EQ(q["cp3"].state(), Acquisition::State::kGranted);
-  EXPECT_EQ(q["c"].state(), Acquisition::State::kGranted);
-  EXPECT_EQ(r->in_use(), 4);
+  EXPECT_EQ(q["c4"].state(), Acquisition::State::kGranted);
+  EXPECT_EQ(r->in_use(), 7);
   // Lowered below what is held: nothing revoked; released slots retire.
-  r->set_limit(1);
-  EXPECT_EQ(q.start("c2", C), Outcome::kPending);
-  q["c"].release();
-  q["cp1"].release();
-  q["cp2"].release();
+  // At a limit of 2 the reserve keeps 4 x 2 / 10 = 0 slots.
+  r->set_limit(2);
+  EXPECT_EQ(q.start("c5", C), Outcome::kPending);
+  for (const char* label : {"c1", "c2", "c3", "c4", "cp1", "cp2"}) q[label].release();
+  EXPECT_EQ(q["c5"].state(), Acquisition::State::kGranted);
+  EXPECT_EQ(r->in_use(), 2);  // cp3 and c5
+  q["cp3"].release();
+  EXPECT_EQ(q.start("c6", C), Outcome::kGranted);  // an idle slot: never reserved away
+}
+
+// Reserves that add up to the whole capacity keep the lower classes out at
+// any limit: what they were configured for.
+TEST(PriorityReserve, ReservesOfTheWholeCapacityKeepTheLowerClassesOut) {
+  auto r = resource({.capacity = 4, .reserve = reserve_of({{CP, 4}})});
+  r->set_limit(2);
+  Requests q(r);
+  EXPECT_EQ(q.start("c", C), Outcome::kPending);
+  EXPECT_EQ(q.start("cp", CP), Outcome::kGranted);
   EXPECT_EQ(r->in_use(), 1);
-  EXPECT_EQ(q["c2"].state(), Acquisition::State::kPending);
 }
 
 TEST(PriorityReserve, RejectedWithAClearErrorOutsideItsRange) {

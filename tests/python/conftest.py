@@ -10,6 +10,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager
+from typing import Any
 
 import httpx
 import pytest
@@ -59,17 +60,20 @@ def asgi_client() -> Callable[[FastAPI], httpx.AsyncClient]:
     return make
 
 
-def _free_port() -> int:
+def _free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind((host, 0))
         return int(s.getsockname()[1])
 
 
 @contextmanager
-def serve(app: FastAPI) -> Iterator[str]:
-    """Runs ``app`` under a real uvicorn server on 127.0.0.1 (in a thread
-    with its own event loop) and yields its base URL."""
-    config = uvicorn.Config(app, host="127.0.0.1", port=_free_port(), log_level="warning")
+def serve(app: FastAPI, host: str = "127.0.0.1", **options: Any) -> Iterator[str]:
+    """Runs ``app`` under a real uvicorn server on ``host`` (in a thread
+    with its own event loop) and yields its base URL. ``options``: more
+    ``uvicorn.Config`` settings (proxy headers...)."""
+    config = uvicorn.Config(
+        app, host=host, port=_free_port(host), log_level="warning", **options
+    )
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
@@ -79,7 +83,7 @@ def serve(app: FastAPI) -> Iterator[str]:
             raise RuntimeError("uvicorn did not start")
         time.sleep(0.01)
     try:
-        yield f"http://127.0.0.1:{config.port}"
+        yield f"http://{host}:{config.port}"
     finally:
         server.should_exit = True
         thread.join(timeout=20)

@@ -434,3 +434,118 @@ async def test_an_app_without_priorities_reports_no_per_class_series() -> None:
     assert "concurrency_limiter_acquired_total" in metrics
     assert "concurrency_limiter_priority_" not in metrics and 'priority="' not in metrics
     assert db.statistics().priorities["critical"].acquired_total == 1
+
+
+def _header_app(**options: Any) -> tuple[FastAPI, Resource]:
+    """/messages with its class from the trusted header (``options``: more
+    arguments of priority_from_header)."""
+    db = Resource(4, name="db")
+    limiter = Limiter(timeout=5, resources=[db])
+    app = FastAPI()
+
+    @app.get("/messages")
+    @limiter.resources([db], priority=priority_from_header(HEADER, **options))
+    async def read_messages() -> dict[str, list[str]]:
+        return {"messages": []}
+
+    return app, db
+
+
+def _granted(db: Resource) -> dict[str, int]:
+    return {label: c.acquired_total for label, c in db.statistics().priorities.items()}
+
+
+def _non_loopback_address() -> str | None:
+    """An address of this machine other than loopback, or None."""
+    import socket
+
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.connect(("192.0.2.1", 9))  # no packet is sent
+            address = str(s.getsockname()[0])
+    except OSError:
+        return None
+    return None if address.startswith("127.") else address
+
+
+async def test_a_local_gateway_that_adds_x_forwarded_for_is_recognised_by_its_secret(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Under uvicorn's defaults (proxy headers on for a gateway on this
+    machine) the peer of a gateway that adds X-Forwarded-For is the client:
+    by address alone its header is ignored, and the warning does not tell
+    the user to trust the client; with the gateway's secret it is honoured,
+    and a request without the secret is not."""
+    secret = ("x-gateway-secret", "s3cr3t-value")
+    app, db = _header_app()
+    signed_app, signed_db = _header_app(trusted="*", secret=secret)
+    forwarded = {HEADER: "sheddable", "x-forwarded-for": "203.0.113.7"}
+    with caplog.at_level(logging.WARNING, "fastapi_concurrency_limiter"):
+        with serve(app) as url, serve(signed_app) as signed_url:  # uvicorn's defaults
+            async with httpx.AsyncClient(timeout=10) as gateway:
+                assert (await gateway.get(f"{url}/messages", headers=forwarded)).status_code == 200
+                signed = {**forwarded, secret[0]: secret[1]}
+                r = await gateway.get(f"{signed_url}/messages", headers=signed)
+                assert r.status_code == 200
+                for unsigned in ({**forwarded, secret[0]: "guess"}, forwarded):
+                    r = await gateway.get(f"{signed_url}/messages", headers=unsigned)
+                    assert r.status_code == 200
+    assert _granted(db)["sheddable"] == 0  # by address: the client, not trusted
+    assert _granted(signed_db)["sheddable"] == 1, _granted(signed_db)
+    assert _granted(signed_db)["critical"] == 2, _granted(signed_db)
+    ignored = [r.getMessage() for r in caplog.records if "ignored" in r.getMessage()]
+    assert ignored and "never the client's address" in ignored[0], ignored
+    assert any("secret" in m and "x-gateway-secret" in m for m in ignored), ignored
+    assert not any(secret[1] in r.getMessage() for r in caplog.records)
+
+
+async def test_behind_forwarded_allow_ips_star_only_the_secret_chooses_a_class() -> None:
+    """With --forwarded-allow-ips='*', any client can claim to be
+    127.0.0.1 (so address trust means nothing there, as documented); the
+    secret still keeps it from choosing its class."""
+    host = _non_loopback_address()
+    if host is None:
+        pytest.skip("no non-loopback address on this machine")
+    app, db = _header_app(trusted="*", secret=("x-gateway-secret", "s3cr3t-value"))
+    with serve(app, host=host, proxy_headers=True, forwarded_allow_ips="*") as url:
+        async with httpx.AsyncClient(base_url=url, timeout=10) as client:
+            forged = {HEADER: "critical_plus", "x-forwarded-for": "127.0.0.1"}
+            assert (await client.get("/messages", headers=forged)).status_code == 200
+    assert _granted(db)["critical_plus"] == 0, _granted(db)
+
+
+def test_a_bad_secret_is_refused_at_start_up() -> None:
+    for bad in [("x-gateway-secret", ""), ("bad header", "v"), "just-a-string", ("a", "b", "c")]:
+        with pytest.raises(ValueError, match="secret must be"):
+            priority_from_header(HEADER, secret=bad)  # type: ignore[arg-type]
+
+
+def test_at_most_ten_unknown_values_are_logged(caplog: pytest.LogCaptureFixture) -> None:
+    of = priority_from_header(HEADER)
+    with caplog.at_level(logging.WARNING, "fastapi_concurrency_limiter"):
+        for i in range(50):
+            scope = {
+                "type": "http",
+                "method": "GET",
+                "path": "/",
+                "headers": [(HEADER.encode(), f"level-{i}".encode())],
+                "client": ("127.0.0.1", 5),
+            }
+            assert of(HTTPConnection(scope)) is Priority.CRITICAL
+    unknown = [r.getMessage() for r in caplog.records if "unknown value" in r.getMessage()]
+    assert len(unknown) == 10, unknown[-2:]
+    assert "no more after 10 values" in unknown[-1]
+
+
+async def test_a_limit_below_the_capacity_keeps_the_other_classes_a_slot() -> None:
+    """Reserves are shares of the capacity: an adaptive resource (limit 20
+    of 100 at start) with 30 reserved, or a limit set down to the reserve,
+    still serves the other classes on an idle resource."""
+    adaptive = Resource(100, name="db", adaptive=True, reserve={Priority.CRITICAL_PLUS: 30})
+    lowered = Resource(10, name="db2", reserve={Priority.CRITICAL_PLUS: 4})
+    lowered.set_limit(4)
+    limiter = Limiter(timeout=0.2, resources=[adaptive, lowered])
+    assert adaptive.limit == 20 and adaptive.in_use == 0
+    for resource in (adaptive, lowered):
+        async with limiter.acquire([resource]):  # CRITICAL, the default
+            assert resource.in_use == 1
