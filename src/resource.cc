@@ -438,6 +438,18 @@ ResourceStatistics Resource::statistics() const {
     return host_->statistics();
   }
   detail::MutexLock lock(mu_);
+  // The other classes' counts, read before and after the word and taken at
+  // their larger: a class is counted before its slot is taken (seen after
+  // a word that holds it) and counted out after its slot is given back
+  // (seen before a word that still holds it, through the release order of
+  // note_class_release()), so no share of another class is ever left to
+  // the default class.
+  std::array<std::int64_t, kPriorityCount> held_before{};
+  std::array<std::uint64_t, kPriorityCount> acquired_before{};
+  for (std::size_t p = 0; p < kPriorityCount; ++p) {
+    held_before[p] = class_held_[p].load(std::memory_order_acquire);
+    acquired_before[p] = class_acquired_[p].load(std::memory_order_acquire);
+  }
   // One load of the word: with mu_ held, everything else below is still.
   const std::uint64_t w = word_.load(std::memory_order_acquire);
   ResourceStatistics s;
@@ -472,18 +484,28 @@ ResourceStatistics Resource::statistics() const {
     ClassStatistics& c = s.classes[p];
     c.waiting = class_queues_[p].waiting;
     if (p == priority_index(Priority::kCritical)) continue;
-    c.in_use = std::clamp<std::int64_t>(class_held_[p].load(std::memory_order_relaxed), 0,
-                                        s.in_use - others_held);
+    c.in_use = std::clamp<std::int64_t>(
+        std::max(held_before[p], class_held_[p].load(std::memory_order_relaxed)), 0,
+        s.in_use - others_held);
     others_held += c.in_use;
     if constexpr (kStatistics) {
-      c.acquired_total = std::min(class_acquired_[p].load(std::memory_order_relaxed),
-                                  s.acquired_total - others_acquired);
+      c.acquired_total = std::min(
+          std::max(acquired_before[p], class_acquired_[p].load(std::memory_order_relaxed)),
+          s.acquired_total - others_acquired);
       others_acquired += c.acquired_total;
     }
   }
   ClassStatistics& critical = s.classes[priority_index(Priority::kCritical)];
   critical.in_use = s.in_use - others_held;
   critical.acquired_total = s.acquired_total - others_acquired;
+  if constexpr (kStatistics) {
+    // Counters: never below what was reported (see class_acquired_reported_).
+    for (std::size_t p = 0; p < kPriorityCount; ++p) {
+      std::uint64_t& reported = class_acquired_reported_[p];
+      reported = std::max(reported, s.classes[p].acquired_total);
+      s.classes[p].acquired_total = reported;
+    }
+  }
   return s;
 }
 
@@ -680,9 +702,12 @@ bool Resource::grant_at_once_locked(detail::WaiterNode& node) {
     node.outcome_ = Outcome::kGranted;
     return true;
   }
+  note_class_grant(node.priority_);  // before the slot: see note_class_grant()
   const std::uint64_t granted = take_free_slot();
-  if (granted == 0) return false;
-  note_class_grant(node.priority_);
+  if (granted == 0) {
+    note_class_revert(node.priority_);
+    return false;
+  }
   node.measure_ = note_grant(granted);
   node.granted_at_ = {};
   node.state_ = State::kGranted;
@@ -717,9 +742,18 @@ Outcome Resource::enqueue(detail::WaiterNode& node,
     const bool newest_first =
         discipline_ == QueueDiscipline::kLifo ||
         (discipline_ == QueueDiscipline::kAdaptive && standing_locked(now));
+    // They are served by the slots the class may use: the limit less the
+    // reserves above it (as class_may_take_locked() scales them).
     std::int64_t ahead = newest_first ? 0 : class_queues_[own].waiting;
-    for (std::size_t c = own + 1; c < kPriorityCount; ++c) ahead += class_queues_[c].waiting;
-    if (service_.predicts_timeout(ahead, limit_.load(std::memory_order_relaxed),
+    std::int64_t reserved_above = 0;
+    for (std::size_t c = own + 1; c < kPriorityCount; ++c) {
+      ahead += class_queues_[c].waiting;
+      reserved_above += reserve_[c];
+    }
+    const std::int64_t limit = limit_.load(std::memory_order_relaxed);
+    const std::int64_t slots = std::max<std::int64_t>(
+        1, limit - (reserved_ ? scaled_reserve(reserved_above, limit) : 0));
+    if (service_.predicts_timeout(ahead, slots,
                                   node.deadline_ <= now ? 0.0 : seconds(node.deadline_ - now))) {
       note_rejection_locked(Outcome::kPredictedTimeout, node.priority_);
       node.state_ = State::kRejected;
@@ -811,18 +845,22 @@ void Resource::revert_grant(detail::NoticeList& notices, const std::string* key,
     hand_over_locked(now, /*count_release=*/false, notices);
     return;
   }
-  note_class_revert(priority);
   // Without the lock while nobody waits: in_use - 1, no release counted.
+  // The class is counted out after the slot (see note_class_grant()).
   std::uint64_t w = word_.load(std::memory_order_relaxed);
   while ((w & kWaitersBit) == 0) {
     if (word_.compare_exchange_weak(w, w - kInUseOne, std::memory_order_release,
                                     std::memory_order_relaxed)) {
+      note_class_revert(priority);
       return;
     }
   }
   const auto now = Clock::now();
-  detail::MutexLock lock(mu_);
-  hand_over_locked(now, /*count_release=*/false, notices);
+  {
+    detail::MutexLock lock(mu_);
+    hand_over_locked(now, /*count_release=*/false, notices);
+  }
+  note_class_revert(priority);
 }
 
 void Resource::count_rejection(Outcome reason, Priority priority) {
@@ -836,11 +874,12 @@ void Resource::release(bool measured, Clock::time_point granted_at,
                        detail::NoticeList& notices, const std::string* key,
                        Priority priority) {
   if (host_) return host_->release(measured, granted_at, now, completion, notices);
-  // Without reserves the class is counted out before the slot is given
-  // back, so it never shows more than it holds; with reserves, under mu_
-  // with the slot.
-  if (!reserved_) note_class_release(priority);
-  if (!measured && try_give_back()) return;
+  // Without reserves the class is counted out after the slot is given back
+  // (see note_class_grant()); with reserves, under mu_ with the slot.
+  if (!measured && try_give_back()) {
+    if (!reserved_) note_class_release(priority);
+    return;
+  }
   // A handoff needs the time (wait statistics, the adaptive queue).
   if (!measured) now = Clock::now();
   std::int64_t in_flight = 0;
@@ -869,6 +908,7 @@ void Resource::release(bool measured, Clock::time_point granted_at,
     key_released_locked(key);
     hand_over_locked(now, /*count_release=*/true, notices);
   }
+  if (!reserved_) note_class_release(priority);
   if (algorithm_ && measured && completion != Completion::kIgnored) {
     learn(LimitSample{.end = now,
                       .service_time = now - granted_at,

@@ -106,16 +106,19 @@ class Acquisition {
   ~Acquisition();
 
   // Takes every slot now if each resource has one free and nobody waiting for
-  // it; otherwise takes nothing and returns false. Never queues and counts no
-  // rejection. Only valid in state kIdle; on false it stays kIdle, so start()
-  // may follow.
+  // it (with reserves or a per-key share: nobody who may take it, and the
+  // slot is one this request's class and key may take); otherwise takes
+  // nothing and returns false. Never queues and counts no rejection. Only
+  // valid in state kIdle; on false it stays kIdle, so start() may follow.
   bool try_acquire();
 
   // The zero-timeout form of start(): takes every slot now if each resource
   // has one free and nobody waiting for it (as try_acquire()), otherwise is
   // rejected at once, refused by the first resource without a slot for it,
   // which counts the rejection: kQueueFull where a request arriving now
-  // would have been turned away by a full queue (FIFO order), kUnavailable
+  // would have been turned away by a full queue (FIFO order; a request of a
+  // higher class than the lowest waiting one would not have been: it would
+  // have pushed that class's newest waiter out), kUnavailable
   // if the resource is closed, kKeyLimit if it had a slot but the key is at
   // its share, otherwise kTimeout (where a request would have queued). Never
   // joins a queue, so it never waits behind anyone and never pushes a waiter
@@ -137,7 +140,12 @@ class Acquisition {
   // known at once: then `callback` is never called. Returns kPending when
   // the request is queued:
   // then `callback` is called exactly once, later, with kGranted or a
-  // rejection. Only valid in state kIdle. Use try_once() for a zero timeout.
+  // rejection (among them kLowerPriority: pushed out of a full queue by a
+  // request of a higher class, see resource.h). A request queued into a
+  // full queue may itself push out the newest waiter of a lower class,
+  // whose callback is then called from this thread, after start() has
+  // released every lock. Only valid in state kIdle. Use try_once() for a
+  // zero timeout.
   Outcome start(Callback callback);
   // As start(callback), telling the resources when the caller will give up
   // waiting (its timer still has to expire() the request, e.g. through a

@@ -97,6 +97,15 @@
 // completes with kKeyLimit (also equal to std::errc::timed_out). std::nullopt
 // is exempt from the share, as the overloads without a key are.
 //
+// Priority: the overloads taking a `Priority` after the key acquire for that
+// class (see "Priority classes" in resource.h): a freed slot goes to the
+// highest class waiting, a full queue pushes out the newest waiter of the
+// lowest class for a higher one (that operation completes with
+// kLowerPriority), reserves keep slots for the classes above. The others
+// acquire as Priority::kCritical. A class other than kCritical on a set
+// with a host-scoped resource or a per-key share throws
+// std::invalid_argument from async_acquire(), before anything is queued.
+//
 // Lifetime: the operation owns the set's resources (and its Permit them, see
 // permit.h): the Limiter may be destroyed while operations wait. Closing a
 // resource (Resource::close(), Limiter::close()) completes its waiting
@@ -624,11 +633,12 @@ class AcquireInitiation : public InitiationBase<IoExecutor> {
   // async_initiate.)
   template <class Handler>
   void operator()(Handler&& handler, std::shared_ptr<const ResourceSet> set,
-                  Clock::duration timeout, std::unique_ptr<std::string> key) const {
+                  Clock::duration timeout, std::unique_ptr<std::string> key,
+                  Priority priority = Priority::kCritical) const {
     std::optional<std::string> k;
     if (key) k = std::move(*key);
     start(std::forward<Handler>(handler),
-          std::make_unique<Acquisition>(std::move(set), std::move(k)), timeout);
+          std::make_unique<Acquisition>(std::move(set), std::move(k), priority), timeout);
   }
 
  private:
@@ -730,6 +740,19 @@ auto async_acquire(const Executor& io_executor, const Limiter& limiter,
       key ? std::make_unique<std::string>(std::move(*key)) : nullptr);
 }
 
+// For client `key` (std::nullopt: none) and priority class `priority` (see
+// "Priority" above).
+template <class Executor, class CompletionToken>
+  requires detail::kIsExecutor<Executor>
+auto async_acquire(const Executor& io_executor, const Limiter& limiter,
+                   std::shared_ptr<const ResourceSet> set, std::optional<std::string> key,
+                   Priority priority, Clock::duration timeout, CompletionToken&& token) {
+  static_cast<void>(limiter);  // the timeout is given
+  return asio::async_initiate<CompletionToken, void(std::error_code, Permit)>(
+      detail::AcquireInitiation<Executor>(io_executor), token, std::move(set), timeout,
+      key ? std::make_unique<std::string>(std::move(*key)) : nullptr, priority);
+}
+
 // With the limiter's timeout.
 template <class Executor, class CompletionToken>
   requires detail::kIsExecutor<Executor>
@@ -776,6 +799,18 @@ auto async_acquire(const Limiter& limiter, std::shared_ptr<const ResourceSet> se
       detail::AcquireInitiation<detail::NoIoExecutor>(detail::NoIoExecutor{}), token,
       std::move(set), timeout,
       key ? std::make_unique<std::string>(std::move(*key)) : nullptr);
+}
+
+template <class CompletionToken>
+  requires detail::kCarriesExecutor<CompletionToken>
+auto async_acquire(const Limiter& limiter, std::shared_ptr<const ResourceSet> set,
+                   std::optional<std::string> key, Priority priority, Clock::duration timeout,
+                   CompletionToken&& token) {
+  static_cast<void>(limiter);  // the timeout is given
+  return asio::async_initiate<CompletionToken, void(std::error_code, Permit)>(
+      detail::AcquireInitiation<detail::NoIoExecutor>(detail::NoIoExecutor{}), token,
+      std::move(set), timeout, key ? std::make_unique<std::string>(std::move(*key)) : nullptr,
+      priority);
 }
 
 }  // namespace concurrency_limiter

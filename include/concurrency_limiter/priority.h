@@ -31,8 +31,9 @@
 //   Permit p = limiter.acquire(set, std::nullopt, Priority::kCriticalPlus);
 //
 // Cost: a resource without reserves takes and gives back a free slot
-// without a lock for every class; a class other than kCritical adds one
-// relaxed atomic add to each (its count), the default class nothing. With
+// without a lock for every class; a class other than kCritical adds two
+// relaxed atomic adds to a grant (its holds and its grants) and one to a
+// release, the default class nothing. With
 // waiters, a grant, release, timeout or cancel stays O(1). Reserves put every
 // grant and release under the resource's mutex. Host scope and per-key
 // shares support only kCritical for now (std::invalid_argument otherwise).

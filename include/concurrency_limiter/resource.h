@@ -119,7 +119,8 @@
 // A freed slot that only the classes it is reserved against wait for stays
 // free (for the class it is kept for). Early rejection (early_reject)
 // counts as ahead of a newcomer of class c every waiter of the classes
-// above c and, in FIFO order, every waiter of class c. Statistics split
+// above c and, in FIFO order, every waiter of class c, served by the slots
+// class c may use (the limit less the reserves above it). Statistics split
 // in_use, waiting, acquired_total and rejected_total by class
 // (ResourceStatistics::classes).
 //   Cost: one more intrusive list per class: a grant, release, timeout or
@@ -608,13 +609,19 @@ class Resource : public std::enable_shared_from_this<Resource> {
     if (closed_.load(std::memory_order_relaxed)) return false;
     if (host_) return host_try_grant(measure);
     if (locked_) return locked_try_grant(measure, key, priority);
+    // Counted before the slot is taken, so that the default class's share
+    // (the rest) never shows a hold that is another class's.
+    note_class_grant(priority);
     const std::uint64_t granted = take_free_slot();
-    if (granted == 0) return false;
-    if (in_use_of(granted) > limit_.load(std::memory_order_seq_cst)) {
-      undo_grant();  // set_limit() lowered the limit meanwhile
+    if (granted == 0) {
+      note_class_revert(priority);
       return false;
     }
-    note_class_grant(priority);
+    if (in_use_of(granted) > limit_.load(std::memory_order_seq_cst)) {
+      undo_grant();  // set_limit() lowered the limit meanwhile
+      note_class_revert(priority);
+      return false;
+    }
     measure = note_grant(granted);
     return true;
   }
@@ -669,9 +676,11 @@ class Resource : public std::enable_shared_from_this<Resource> {
   }
   void raise_peak(std::int64_t n) noexcept;
   // Per-class counts of the classes other than the default, whose share is
-  // the rest (see class_held_). A grant counts its class after the slot is
-  // taken; a release before it is given back (without reserves), or under
-  // mu_ together with it (with reserves).
+  // the rest (see class_held_). Without reserves, a grant counts its class
+  // before the slot is taken (and takes it back if no slot was free), a
+  // release after the slot is given back: so the default class's share may
+  // read low for a moment, never high. With reserves, under mu_ together
+  // with the slot.
   void note_class_grant(Priority priority) noexcept {
     if (priority == Priority::kCritical) return;
     class_held_[priority_index(priority)].fetch_add(1, std::memory_order_relaxed);
@@ -679,16 +688,18 @@ class Resource : public std::enable_shared_from_this<Resource> {
       class_acquired_[priority_index(priority)].fetch_add(1, std::memory_order_relaxed);
     }
   }
+  // Release order: a snapshot that sees the class counted out also sees
+  // the slot given back before it (see statistics()).
   void note_class_release(Priority priority) noexcept {
     if (priority == Priority::kCritical) return;
-    class_held_[priority_index(priority)].fetch_sub(1, std::memory_order_relaxed);
+    class_held_[priority_index(priority)].fetch_sub(1, std::memory_order_release);
   }
   // A grant undone as if it had never been made (revert_grant()).
   void note_class_revert(Priority priority) noexcept {
     note_class_release(priority);
     if constexpr (kStatisticsEnabled) {
       if (priority != Priority::kCritical) {
-        class_acquired_[priority_index(priority)].fetch_sub(1, std::memory_order_relaxed);
+        class_acquired_[priority_index(priority)].fetch_sub(1, std::memory_order_release);
       }
     }
   }
@@ -921,6 +932,12 @@ class Resource : public std::enable_shared_from_this<Resource> {
   // only, with reserves) the reserve rule.
   std::array<std::atomic<std::int64_t>, kPriorityCount> class_held_{};
   std::array<std::atomic<std::uint64_t>, kPriorityCount> class_acquired_{};
+  // Each class's acquired_total as statistics() last reported it: the
+  // shares above are derived from counts that move a moment apart, so a
+  // grant may be seen in the default class's share and then in its own;
+  // reported counts never go down (Prometheus would read a reset).
+  mutable std::array<std::uint64_t, kPriorityCount> class_acquired_reported_
+      CL_GUARDED_BY(mu_){};
 };
 
 }  // namespace concurrency_limiter

@@ -66,7 +66,14 @@ enum class QueueDiscipline : std::uint8_t {
 std::string_view to_string(QueueDiscipline d) noexcept;
 
 // The share of one priority class (priority.h) in a resource's statistics.
-// Summed over the classes, each field gives the resource's own.
+// Summed over the classes, each field gives the resource's own. The default
+// class's figures (Priority::kCritical) are the resource's less the other
+// classes', which their grants and releases move without a lock (the
+// lock-free path stays as cheap for every class): acquired_total never
+// counts another class's grant (bar one undone at that moment) and never
+// goes down between snapshots of one resource; in_use (a gauge)
+// may, in a snapshot taken across a whole grant and release of another
+// class, show that class's hold as the default class's.
 struct ClassStatistics {
   std::int64_t in_use = 0;           // slots the class holds right now
   std::int64_t waiting = 0;          // waiters of the class queued right now

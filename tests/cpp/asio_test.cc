@@ -234,6 +234,47 @@ TEST(AsyncAcquire, PredictedTimeoutIsReportedAtOnceThroughTheExecutor) {
   EXPECT_EQ(db->waiting(), 0);
 }
 
+// The priority overloads: a freed slot goes to the highest class waiting
+// (the coroutine form, without an I/O executor, too), and a class other
+// than the default where classes are not kept is refused at the call.
+TEST(AsyncAcquire, PriorityOverloadsServeTheHighestClassFirst) {
+  Fixture f;
+  Permit held = f.limiter.try_acquire(f.needs_db);
+  ASSERT_TRUE(held);
+  asio::io_context io;
+  std::vector<std::string> order;
+  auto note = [&order](std::string name) {
+    return [&order, name](std::error_code ec, Permit) {
+      if (!ec) order.push_back(name);  // and the slot goes back at once
+    };
+  };
+  async_acquire(io, f.limiter, f.needs_db, std::nullopt, Priority::kSheddable, 5s,
+                note("sheddable"));
+  async_acquire(io, f.limiter, f.needs_db, std::nullopt, Priority::kCritical, 5s,
+                note("critical"));
+  asio::co_spawn(
+      io,
+      [&]() -> asio::awaitable<void> {
+        auto [ec, p] = co_await async_acquire(f.limiter, f.needs_db, std::nullopt,
+                                              Priority::kCriticalPlus, 5s,
+                                              asio::experimental::as_tuple(asio::use_awaitable));
+        if (!ec) order.push_back("critical_plus");
+      },
+      asio::detached);
+  io.poll();  // all three queued
+  EXPECT_EQ(f.db->waiting(), 3);
+  held = Permit();
+  io.run();
+  EXPECT_EQ(order, (std::vector<std::string>{"critical_plus", "critical", "sheddable"}));
+
+  auto keyed = Resource::create(ResourceOptions{.name = "keyed", .capacity = 2, .per_key = 1});
+  Limiter limiter({keyed}, 5s);
+  EXPECT_THROW(async_acquire(io, limiter, limiter.select({keyed}), std::nullopt,
+                             Priority::kSheddable, 5s, [](std::error_code, Permit) {}),
+               std::invalid_argument);
+  EXPECT_EQ(keyed->waiting(), 0);
+}
+
 TEST(AsyncAcquire, CancellationSlotEndsTheWait) {
   Fixture f;
   Permit held = f.limiter.try_acquire(f.needs_db);
