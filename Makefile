@@ -10,7 +10,9 @@
 #                      fresh venv that installs the wheel without a compiler
 #   make demo          the overload experiment's headline variants; writes report/
 #                      (~6 min). VARIANTS=a,b or VARIANTS=all chooses variants;
-#                      QUICK=1 is a short smoke run of every variant (~3 min)
+#                      QUICK=1 is a short smoke run of every variant (~3 min);
+#                      RETRY_AFTER=1: after a 503 every client waits its
+#                      Retry-After (1 s without one) instead of resending at once
 #   make bench         microbenchmarks (Python API vs asyncio.Semaphore, engine,
 #                      async_acquire through Asio)
 #   make bench-adaptive  the limit algorithms on the grid of service-time
@@ -189,7 +191,7 @@ test: cpp-test py-test docs test-all-pythons
 # The original package's variant installs it into its own virtualenv under
 # .cache/spike/ on first use (same import name as this package).
 demo: install
-	$(PY) bench/spike/run.py --out report $(if $(QUICK),--quick,) $(if $(VARIANTS),--variants $(VARIANTS),)
+	$(PY) bench/spike/run.py --out report $(if $(QUICK),--quick,) $(if $(VARIANTS),--variants $(VARIANTS),) $(if $(RETRY_AFTER),--honour-retry-after,)
 
 # The engine benchmark runs twice: as shipped, and with the statistics
 # counters compiled out, to show what they cost.

@@ -8,7 +8,8 @@ its comparison with the baseline or a gauge it declares. A variant that sends
 priority classes (``critical_users``) must also have its classes chart, each
 class's figures with requests of both classes in the spike, and the goals of
 priority classes (against ``fcl`` when it ran too). Values are not
-judged: the numbers depend on the machine, the file layout must not.
+judged: the numbers depend on the machine, the file layout must not. Both
+client modes (``client_mode``: ``immediate``, ``retry_after``) are accepted.
 
 The variants required are those the run was asked for (``raw/run.json``),
 or ``--variants``: names, ``all`` or ``headline``.
@@ -27,6 +28,7 @@ from report import (
     BASELINE_METRICS,
     CLASS_FIELDS,
     CLASSES,
+    CLIENT_MODES,
     CONFIG_FIELDS,
     GOAL_FIELDS,
     GOAL_REFERENCE,
@@ -151,6 +153,11 @@ def check(report_dir: Path, variants: list[str]) -> list[str]:
     if summary.get("schema_version") != SCHEMA_VERSION:
         problems.append(
             f"summary: schema_version {summary.get('schema_version')!r}, expected {SCHEMA_VERSION}"
+        )
+    if "client_mode" in summary and summary["client_mode"] not in CLIENT_MODES:
+        problems.append(
+            f"summary: client_mode {summary['client_mode']!r}, expected one of "
+            f"{', '.join(CLIENT_MODES)}"
         )
     entries = summary.get("variants", {})
     for variant in variants:

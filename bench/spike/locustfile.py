@@ -11,15 +11,22 @@ to plot and summarise per second, so a request listener writes one CSV row per
 request.
 
 Two users request ``/file`` for the whole run (``fixed_count``); the
-``/messages`` users follow the shape. Users never think (``constant(0)``): each
-one sends its next request as soon as the previous one is answered, like
-clients that retry immediately, which is what makes an overload snowball.
+``/messages`` users follow the shape. Users never think: each one sends its
+next request as soon as the previous one is answered, like clients that retry
+immediately, which is what makes an overload snowball.
 
 With ``SPIKE_CRITICAL_USERS=N`` (the ``priorities`` variant), N of the
 ``/messages`` users send their requests as ``critical`` for the whole run
 (``fixed_count``) and the others as ``sheddable``, in the header
 ``schedule.PRIORITY_HEADER``; the shape's count of ``/messages`` users is
 unchanged, the critical ones are part of it. Each request's class is recorded.
+
+With ``SPIKE_HONOUR_RETRY_AFTER=1`` (``run.py --honour-retry-after``), every user
+that gets a 503 waits the response's ``Retry-After`` (seconds; an HTTP date is
+read as the time until then) before its next request, or
+:data:`DEFAULT_RETRY_AFTER_S` when the 503 has none, like browsers, SDKs with a
+retry policy or Envoy's retry back-off. Without it the closed-loop users resend
+at once, so every fast 503 becomes a new request: a retry storm.
 """
 
 from __future__ import annotations
@@ -28,12 +35,13 @@ import csv
 import json
 import os
 import time
+from email.utils import parsedate_to_datetime
 from pathlib import Path
 from typing import IO, Any, ClassVar
 
 import gevent
 from gevent import Timeout as GeventTimeout
-from locust import LoadTestShape, constant, events, task
+from locust import LoadTestShape, events, task
 from locust.contrib.fasthttp import FastHttpUser
 from locust.env import Environment
 
@@ -55,6 +63,37 @@ USER_FIELDS = ("t", "messages_users", "file_users", "critical_users")
 
 CRITICAL_USERS = int(os.environ.get("SPIKE_CRITICAL_USERS", "0"))
 """``/messages`` users that send ``critical``; with any, the others send ``sheddable``."""
+
+HONOUR_RETRY_AFTER = os.environ.get("SPIKE_HONOUR_RETRY_AFTER", "") == "1"
+"""Whether users wait a 503's ``Retry-After`` before their next request."""
+
+DEFAULT_RETRY_AFTER_S = 1.0
+"""The wait after a 503 without a usable ``Retry-After`` (the original package
+sends none), when users honour it; ``fastapi-concurrency-limiter`` sends 1 s by
+default, so both are treated alike."""
+
+MAX_RETRY_AFTER_S = CLIENT_TIMEOUT_S
+"""A longer ``Retry-After`` is cut to this, so a user never idles out of a phase."""
+
+
+def retry_after_s(value: str | None) -> float:
+    """The wait a 503's ``Retry-After`` asks for: delta-seconds or an HTTP date
+    (RFC 9110), :data:`DEFAULT_RETRY_AFTER_S` if missing or unreadable, at most
+    :data:`MAX_RETRY_AFTER_S`."""
+    if value is None or not value.strip():
+        return DEFAULT_RETRY_AFTER_S
+    value = value.strip()
+    try:
+        seconds = float(value)
+    except ValueError:
+        try:
+            seconds = parsedate_to_datetime(value).timestamp() - time.time()
+        except (TypeError, ValueError, IndexError, OverflowError):
+            return DEFAULT_RETRY_AFTER_S
+    if seconds != seconds:  # NaN
+        return DEFAULT_RETRY_AFTER_S
+    return min(max(seconds, 0.0), MAX_RETRY_AFTER_S)
+
 
 HOSTS = [h for h in os.environ.get("SPIKE_HOSTS", "").split(",") if h]
 """Base URLs of the app instances; empty: locust's ``--host`` only."""
@@ -187,7 +226,11 @@ def _on_quitting(environment: Environment, **_: Any) -> None:
 
 
 class _SpikeUser(FastHttpUser):
-    """A client that sends its next request as soon as it has an answer.
+    """A client that sends its next request as soon as it has an answer (or,
+    with :data:`HONOUR_RETRY_AFTER`, after a 503's ``Retry-After``).
+
+    The wait after a 503 is locust's ``wait_time``, not a sleep in the task, so
+    a user that the shape removes while waiting stops at once.
 
     Stopping is graceful (``run.py`` passes ``--stop-timeout``): a user that
     the shape removes sends no new request but waits for the answer to the one
@@ -198,7 +241,6 @@ class _SpikeUser(FastHttpUser):
     """
 
     abstract = True
-    wait_time = constant(0)
     network_timeout = CLIENT_TIMEOUT_S
     connection_timeout = CLIENT_TIMEOUT_S
     max_retries = 0  # a retried request would hide the failure we want to see
@@ -222,6 +264,20 @@ class _SpikeUser(FastHttpUser):
     def on_start(self) -> None:
         type(self).active.add(id(self))
 
+    _retry_after_s = 0.0
+    """The wait before the next request: set by :meth:`_get` after a 503."""
+
+    def wait_time(self) -> float:
+        wait, self._retry_after_s = self._retry_after_s, 0.0
+        return wait
+
+    def _get(self, path: str, **kwargs: Any) -> None:
+        """GET ``path``; with :data:`HONOUR_RETRY_AFTER`, note the wait a 503 asks for."""
+        response = self.client.get(path, name=path, **kwargs)
+        if HONOUR_RETRY_AFTER and response.status_code == 503:
+            value = response.headers.get("retry-after") if response.headers else None
+            self._retry_after_s = retry_after_s(value if isinstance(value, str) else None)
+
     def on_stop(self) -> None:
         type(self).active.discard(id(self))
 
@@ -241,11 +297,10 @@ class MessagesUser(_SpikeUser):
     @task
     def messages(self) -> None:
         if self.priority is None:
-            self.client.get("/messages", name="/messages")
+            self._get("/messages")
         else:
-            self.client.get(
+            self._get(
                 "/messages",
-                name="/messages",
                 headers={PRIORITY_HEADER: self.priority},
                 context={"priority": self.priority},
             )
@@ -268,7 +323,7 @@ class FileUser(_SpikeUser):
 
     @task
     def file(self) -> None:
-        self.client.get("/file", name="/file")
+        self._get("/file")
 
 
 class SpikeShape(LoadTestShape):

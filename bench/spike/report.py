@@ -3,14 +3,18 @@
 Run by ``run.py`` after the load; run it alone to redraw a report from the raw
 data it keeps: ``python bench/spike/report.py REPORT_DIR``.
 
-``summary.json`` schema (version 3: version 2 plus ``*_503_p50_ms``, ``classes``,
-``goals`` and ``config.critical_users``). The field names are stable: CI checks that
+``summary.json`` schema (version 4: version 3 plus ``client_mode``; version 3:
+version 2 plus ``*_503_p50_ms``, ``classes``, ``goals`` and
+``config.critical_users``). The field names are stable: CI checks that
 every one is present (``check_report.py``); values may be ``null`` where they
 cannot be computed, e.g. a latency percentile of a phase without successes::
 
     {
-      "schema_version": 2,
+      "schema_version": 4,
       "mode": "full" | "quick",
+      "client_mode": "immediate" (users resend as soon as answered) |
+                     "retry_after" (after a 503, users wait its Retry-After, 1 s
+                     without one; ``run.py --honour-retry-after``),
       "generated_at": "<ISO 8601>",
       "schedule": {<schedule.Schedule fields>},
       "environment": {"python", "platform", "cpu_count", "load_average", "packages"},
@@ -122,7 +126,13 @@ import numpy.typing as npt
 
 from schedule import Schedule
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
+
+CLIENT_IMMEDIATE = "immediate"
+"""Client mode: every user sends its next request as soon as it has an answer."""
+CLIENT_RETRY_AFTER = "retry_after"
+"""Client mode: after a 503, a user waits its ``Retry-After`` (1 s without one)."""
+CLIENT_MODES = (CLIENT_IMMEDIATE, CLIENT_RETRY_AFTER)
 
 ENDPOINTS = ("messages", "file")
 """Endpoint keys used in field names; the URL path is ``/<key>``."""
@@ -132,6 +142,7 @@ PHASES = ("before", "spike", "after")
 TOP_LEVEL_FIELDS = (
     "schema_version",
     "mode",
+    "client_mode",
     "generated_at",
     "schedule",
     "environment",
@@ -727,7 +738,17 @@ def summary_markdown(summary: dict[str, Any]) -> str:
         "latencies (ms) are of successful requests; `503 p50` is the median time a refused "
         "request waited for its 503."
     )
-    lines = ["# Spike experiment", "", intro, "", legend, ""]
+    if summary["client_mode"] == CLIENT_RETRY_AFTER:
+        clients = (
+            "Clients: after a 503, every user waits its `Retry-After` (1 s without one) before "
+            "its next request (`--honour-retry-after`)."
+        )
+    else:
+        clients = (
+            "Clients: every user sends its next request as soon as it has an answer, a 503 "
+            "included (no `Retry-After` honoured)."
+        )
+    lines = ["# Spike experiment", "", intro, "", clients, "", legend, ""]
     columns = ["variant", "phase"]
     columns += [f"msg {c}" for c in PHASE_COLUMNS] + ["msg 503 p50"]
     columns += [f"file {c}" for c in PHASE_COLUMNS]
@@ -977,6 +998,8 @@ def build_report(out_dir: Path) -> dict[str, Any]:
     summary = {
         "schema_version": SCHEMA_VERSION,
         "mode": run["mode"],
+        # Raw data recorded before the option existed: clients resent at once.
+        "client_mode": run.get("client_mode", CLIENT_IMMEDIATE),
         "generated_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "schedule": run["schedule"],
         "environment": run["environment"],

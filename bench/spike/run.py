@@ -7,6 +7,7 @@ Usage, from the repository root::
     python bench/spike/run.py --quick          # smoke test of every variant
     python bench/spike/run.py --variants original,fcl --out /tmp/spike
     python bench/spike/run.py --list           # the variants
+    python bench/spike/run.py --honour-retry-after  # clients wait a 503's Retry-After
 
 For each variant (``variants.py``) fresh server processes are started on
 127.0.0.1 (free ports), warmed up and driven by locust in headless mode along
@@ -47,7 +48,15 @@ from typing import Any, NoReturn
 import data
 import probe
 import variants
-from report import CPU_FIELDS, RAW_DIR, RUN_FILE, SERIES_FIELDS, build_report
+from report import (
+    CLIENT_IMMEDIATE,
+    CLIENT_RETRY_AFTER,
+    CPU_FIELDS,
+    RAW_DIR,
+    RUN_FILE,
+    SERIES_FIELDS,
+    build_report,
+)
 from schedule import CLIENT_TIMEOUT_S, FULL, QUICK, Schedule
 from variants import Launch, Variant
 
@@ -430,6 +439,7 @@ def _run_locust(
     progress: _Progress,
     at_spike: Callable[[], None] | None = None,
     critical_users: int = 0,
+    honour_retry_after: bool = False,
 ) -> None:
     files = {
         "SPIKE_EVENTS_CSV": raw_dir / f"{variant}-events.csv",
@@ -441,6 +451,7 @@ def _run_locust(
         "SPIKE_SCHEDULE": schedule.to_json(),
         "SPIKE_HOSTS": ",".join(hosts),
         "SPIKE_CRITICAL_USERS": str(critical_users),
+        "SPIKE_HONOUR_RETRY_AFTER": "1" if honour_retry_after else "0",
         **{k: str(v) for k, v in files.items()},
     }
     command = [
@@ -508,6 +519,7 @@ def run_variant(
     out_dir: Path,
     progress: _Progress,
     profile: bool = False,
+    honour_retry_after: bool = False,
 ) -> VariantResult:
     """Measure one variant; failures are returned, not raised."""
     result = VariantResult(
@@ -560,6 +572,7 @@ def run_variant(
                         progress,
                         at_spike=(lambda: profiler.start(schedule.spike_s)) if profiler else None,
                         critical_users=variant.critical_users,
+                        honour_retry_after=honour_retry_after,
                     )
                 result.load_generator_cpu_s = _children_cpu_s() - before
                 if profiler is not None:
@@ -637,6 +650,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--profile", action="store_true", help="record the servers with py-spy during the spike"
     )
+    parser.add_argument(
+        "--honour-retry-after",
+        action="store_true",
+        help=(
+            "every user that gets a 503 waits its Retry-After (1 s without one) before its "
+            "next request, in every variant (default: users resend at once)"
+        ),
+    )
     parser.add_argument("--list", action="store_true", help="list the variants and exit")
     args = parser.parse_args(argv)
     if args.list:
@@ -652,6 +673,7 @@ def main(argv: list[str] | None = None) -> int:
     # Stop the children cleanly when the run itself is terminated.
     signal.signal(signal.SIGTERM, _raise_exit)
 
+    client_mode = CLIENT_RETRY_AFTER if args.honour_retry_after else CLIENT_IMMEDIATE
     started = time.monotonic()
     environment = _environment()  # before the load, so the load average shows other work
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -662,6 +684,7 @@ def main(argv: list[str] | None = None) -> int:
     _log(
         f"spike experiment ({'quick' if args.quick else 'full'}): {len(selected)} variant(s) "
         f"({', '.join(v.name for v in selected)}) x {schedule.total_s:.0f} s, "
+        f"clients {client_mode}, "
         f"about {len(selected) * per_variant / 60:.1f} min; "
         f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}; "
         f"idle /messages query {query_ms:.0f} ms"
@@ -679,7 +702,14 @@ def main(argv: list[str] | None = None) -> int:
             tail=_LiveTail(out_dir / RAW_DIR / f"{variant.name}-events.csv"),
         )
         result = results[variant.name] = run_variant(
-            variant, schedule, db, file, out_dir, progress, profile=args.profile
+            variant,
+            schedule,
+            db,
+            file,
+            out_dir,
+            progress,
+            profile=args.profile,
+            honour_retry_after=args.honour_retry_after,
         )
         if result.error:
             _log(f"{label} FAILED: {result.error}")
@@ -691,6 +721,7 @@ def main(argv: list[str] | None = None) -> int:
 
     run = {
         "mode": "quick" if args.quick else "full",
+        "client_mode": client_mode,
         "schedule": json.loads(schedule.to_json()),
         "variants": [v.name for v in selected],
         "baseline": variants.BASELINE,
