@@ -198,22 +198,12 @@ RATIO_FIELDS = (
     "messages_goodput_spike_over_steady",
     "messages_p50_spike_over_steady",
 )
+METRICS = ("ok_per_s", "503_per_s", "timeouts", "errors", "p50_ms", "p99_ms", "503_p50_ms")
+"""What the report gives of each endpoint in a phase, and of each class."""
 PHASE_FIELDS = (
     "start_s",
     "end_s",
-    *(
-        f"{endpoint}_{metric}"
-        for endpoint in ENDPOINTS
-        for metric in (
-            "ok_per_s",
-            "503_per_s",
-            "timeouts",
-            "errors",
-            "p50_ms",
-            "p99_ms",
-            "503_p50_ms",
-        )
-    ),
+    *(f"{endpoint}_{metric}" for endpoint in ENDPOINTS for metric in METRICS),
     "responses_per_s",
     "server_cpu_ms_per_response",
     "loop_cpu_ms_per_response",
@@ -221,17 +211,7 @@ PHASE_FIELDS = (
 
 CLASSES = ("critical", "sheddable")
 """The classes the load generator sends ``/messages`` requests as (``locustfile.py``)."""
-CLASS_FIELDS = (
-    "requests",
-    "ok_pct",
-    "ok_per_s",
-    "503_per_s",
-    "timeouts",
-    "errors",
-    "p50_ms",
-    "p99_ms",
-    "503_p50_ms",
-)
+CLASS_FIELDS = ("requests", "ok_pct", *METRICS)
 GOAL_REFERENCE = "fcl"
 """The goals of priority classes compare a variant with this one, in the same run."""
 
