@@ -80,6 +80,14 @@ struct Requests {
     return order;
   }
 
+  // A request of the default class that takes a slot now, so that the
+  // requests started after it queue (on a resource of capacity 1).
+  Acquisition& hold() {
+    holder = std::make_unique<Acquisition>(set);
+    EXPECT_TRUE(holder->try_acquire());
+    return *holder;
+  }
+
   struct Entry {
     std::unique_ptr<Acquisition> acq;
     Recorder rec;
@@ -87,6 +95,7 @@ struct Requests {
   std::shared_ptr<Resource> resource;
   std::shared_ptr<const ResourceSet> set;
   std::map<std::string, Entry> entries;
+  std::unique_ptr<Acquisition> holder;  // see hold()
 };
 
 // ---- grant order ----
@@ -97,8 +106,7 @@ TEST_P(PriorityGrantOrder, HighestClassFirstThenTheDisciplineWithinIt) {
   auto r = resource({.capacity = 1, .queue = GetParam(), .adaptive_target = 10s,
                      .adaptive_interval = 10s});
   Requests q(r);
-  Acquisition holder(q.set);
-  ASSERT_TRUE(holder.try_acquire());
+  Acquisition& holder = q.hold();
   for (const auto& [label, p] : std::vector<std::pair<std::string, Priority>>{
            {"s1", S}, {"c1", C}, {"sp1", SP}, {"s2", S}, {"cp1", CP}, {"c2", C}}) {
     ASSERT_EQ(q.start(label, p), Outcome::kPending) << label;
@@ -123,8 +131,7 @@ TEST(PriorityGrantOrder, AStandingAdaptiveQueueServesTheNewestOfTheHighestClass)
   auto r = resource({.capacity = 1, .queue = QueueDiscipline::kAdaptive,
                      .adaptive_target = 100ms, .adaptive_interval = 1000ms});
   Requests q(r);
-  Acquisition holder(q.set);
-  ASSERT_TRUE(holder.try_acquire());
+  Acquisition& holder = q.hold();
   ASSERT_EQ(q.start("old", CP), Outcome::kPending);
   std::this_thread::sleep_for(900ms);
   for (const auto& [label, p] : std::vector<std::pair<std::string, Priority>>{
@@ -142,8 +149,7 @@ TEST(PriorityGrantOrder, RaisingTheLimitGrantsInClassOrder) {
   auto r = resource({.capacity = 3});
   r->set_limit(1);
   Requests q(r);
-  Acquisition holder(q.set);
-  ASSERT_TRUE(holder.try_acquire());
+  q.hold();
   ASSERT_EQ(q.start("s", S), Outcome::kPending);
   ASSERT_EQ(q.start("c", C), Outcome::kPending);
   ASSERT_EQ(q.start("cp", CP), Outcome::kPending);
@@ -158,8 +164,7 @@ TEST(PriorityGrantOrder, RaisingTheLimitGrantsInClassOrder) {
 TEST(PriorityFullQueue, AHigherClassPushesOutTheNewestOfTheLowestClass) {
   auto r = resource({.capacity = 1, .max_waiting = 3});
   Requests q(r);
-  Acquisition holder(q.set);
-  ASSERT_TRUE(holder.try_acquire());
+  Acquisition& holder = q.hold();
   ASSERT_EQ(q.start("s1", S), Outcome::kPending);
   ASSERT_EQ(q.start("s2", S), Outcome::kPending);
   ASSERT_EQ(q.start("sp1", SP), Outcome::kPending);
@@ -192,8 +197,7 @@ TEST(PriorityFullQueue, EqualOrLowerClassFollowsTheDisciplinesRule) {
   {
     auto r = resource({.capacity = 1, .max_waiting = 2});
     Requests q(r);
-    Acquisition holder(q.set);
-    ASSERT_TRUE(holder.try_acquire());
+    q.hold();
     ASSERT_EQ(q.start("c1", C), Outcome::kPending);
     ASSERT_EQ(q.start("cp1", CP), Outcome::kPending);
     EXPECT_EQ(q.start("c2", C), Outcome::kQueueFull);
@@ -205,8 +209,7 @@ TEST(PriorityFullQueue, EqualOrLowerClassFollowsTheDisciplinesRule) {
   {
     auto r = resource({.capacity = 1, .max_waiting = 3, .queue = QueueDiscipline::kLifo});
     Requests q(r);
-    Acquisition holder(q.set);
-    ASSERT_TRUE(holder.try_acquire());
+    Acquisition& holder = q.hold();
     ASSERT_EQ(q.start("c1", C), Outcome::kPending);
     ASSERT_EQ(q.start("cp1", CP), Outcome::kPending);
     ASSERT_EQ(q.start("c2", C), Outcome::kPending);
@@ -225,8 +228,7 @@ TEST(PriorityFullQueue, EqualOrLowerClassFollowsTheDisciplinesRule) {
 TEST(PriorityFullQueue, TryOnceSaysQueueFullOnlyWhereArrivalWouldBeTurnedAway) {
   auto r = resource({.capacity = 1, .max_waiting = 1});
   Requests q(r);
-  Acquisition holder(q.set);
-  ASSERT_TRUE(holder.try_acquire());
+  q.hold();
   ASSERT_EQ(q.start("c1", C), Outcome::kPending);
   Acquisition lower(q.set, std::nullopt, S), higher(q.set, std::nullopt, CP);
   EXPECT_EQ(lower.try_once(), Outcome::kQueueFull);
@@ -402,8 +404,7 @@ TEST(PriorityEarlyReject, WaitersAheadAreTheHigherClassesAndInFifoOrderTheOwn) {
                                 std::chrono::duration<double>(n * *estimate));
     };
     Requests q(r);
-    Acquisition holder(q.set);
-    ASSERT_TRUE(holder.try_acquire());
+    Acquisition& holder = q.hold();
     ASSERT_EQ(q.start("cp1", CP), Outcome::kPending);
     ASSERT_EQ(q.start("cp2", CP), Outcome::kPending);
     ASSERT_EQ(q.start("c1", C), Outcome::kPending);
