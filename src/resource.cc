@@ -742,19 +742,24 @@ Outcome Resource::enqueue(detail::WaiterNode& node,
     const bool newest_first =
         discipline_ == QueueDiscipline::kLifo ||
         (discipline_ == QueueDiscipline::kAdaptive && standing_locked(now));
-    // They are served by the slots the class may use: the limit less the
+    // The higher classes' waiters are served by every slot; those of its
+    // own class by the slots the class may use: the limit less the
     // reserves above it (as class_may_take_locked() scales them).
-    std::int64_t ahead = newest_first ? 0 : class_queues_[own].waiting;
+    const std::int64_t own_ahead = newest_first ? 0 : class_queues_[own].waiting;
+    std::int64_t above = 0;
     std::int64_t reserved_above = 0;
     for (std::size_t c = own + 1; c < kPriorityCount; ++c) {
-      ahead += class_queues_[c].waiting;
+      above += class_queues_[c].waiting;
       reserved_above += reserve_[c];
     }
     const std::int64_t limit = limit_.load(std::memory_order_relaxed);
     const std::int64_t slots = std::max<std::int64_t>(
         1, limit - (reserved_ ? scaled_reserve(reserved_above, limit) : 0));
-    if (service_.predicts_timeout(ahead, slots,
-                                  node.deadline_ <= now ? 0.0 : seconds(node.deadline_ - now))) {
+    const std::optional<double> service = service_.seconds();
+    const double turns = static_cast<double>(above) / static_cast<double>(limit) +
+                         static_cast<double>(own_ahead) / static_cast<double>(slots);
+    if (service && above + own_ahead > 0 &&
+        turns * *service > (node.deadline_ <= now ? 0.0 : seconds(node.deadline_ - now))) {
       note_rejection_locked(Outcome::kPredictedTimeout, node.priority_);
       node.state_ = State::kRejected;
       node.outcome_ = Outcome::kPredictedTimeout;
@@ -875,9 +880,11 @@ void Resource::release(bool measured, Clock::time_point granted_at,
                        Priority priority) {
   if (host_) return host_->release(measured, granted_at, now, completion, notices);
   // Without reserves the class is counted out after the slot is given back
-  // (see note_class_grant()); with reserves, under mu_ with the slot.
+  // (see note_class_grant()); with reserves, under mu_ with the slot. Read
+  // before: the default class touches nothing of the resource after it.
+  const bool count_out_after = !reserved_ && priority != Priority::kCritical;
   if (!measured && try_give_back()) {
-    if (!reserved_) note_class_release(priority);
+    if (count_out_after) note_class_release(priority);
     return;
   }
   // A handoff needs the time (wait statistics, the adaptive queue).
@@ -908,7 +915,7 @@ void Resource::release(bool measured, Clock::time_point granted_at,
     key_released_locked(key);
     hand_over_locked(now, /*count_release=*/true, notices);
   }
-  if (!reserved_) note_class_release(priority);
+  if (count_out_after) note_class_release(priority);
   if (algorithm_ && measured && completion != Completion::kIgnored) {
     learn(LimitSample{.end = now,
                       .service_time = now - granted_at,

@@ -107,8 +107,9 @@
 // (what lower classes hold counts against it). Reserves are shares of the
 // capacity: while the limit in force is lower (set_limit(), an adaptive
 // limit), the reserves above a class count as their sum x limit /
-// capacity, rounded down, so the classes below keep at least one slot
-// (unless the reserves add up to the whole capacity). Example:
+// capacity, rounded up, but at most limit - 1, so the classes below keep
+// at least one slot (unless the reserves add up to the whole capacity).
+// Example:
 //
 //   auto api = Resource::create(ResourceOptions{
 //       .name = "api", .capacity = 20,
@@ -494,11 +495,14 @@ class Resource : public std::enable_shared_from_this<Resource> {
   // Whether any class has a reserve.
   bool has_reserve() const noexcept { return reserved_; }
   // The slots that `reserve` slots of the capacity keep under `limit`: as
-  // many while the limit is the capacity, proportionally fewer (rounded
-  // down) below it. Below the capacity, fewer than `limit` unless `reserve`
-  // is the whole capacity.
+  // many while the limit is the capacity, proportionally fewer (rounded up)
+  // below it, but fewer than `limit` unless `reserve` is the whole capacity.
   std::int64_t scaled_reserve(std::int64_t reserve, std::int64_t limit) const noexcept {
-    return limit >= capacity_ ? reserve : reserve * limit / capacity_;
+    if (limit >= capacity_ || reserve == 0) return reserve;
+    if (reserve >= capacity_) return limit;
+    // Rounded up (a reserve never vanishes while the limit leaves room for
+    // it), but the classes below keep at least one slot.
+    return std::min((reserve * limit + capacity_ - 1) / capacity_, limit - 1);
   }
 
   // Slots held right now, and requests waiting right now. A snapshot: it may

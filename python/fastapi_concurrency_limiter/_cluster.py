@@ -29,7 +29,6 @@ import functools
 import hashlib
 import itertools
 import logging
-import sys
 import threading
 import weakref
 from collections.abc import AsyncIterator, Coroutine, Sequence
@@ -678,7 +677,7 @@ class _Client:
                 # that has (almost) passed still gets one try.
                 bound = _silence_bound(left, self.scope.timeout)
                 if bound is not None:
-                    reply = await _within(call, bound)
+                    reply = await asyncio.wait_for(call, bound)
                 else:
                     reply = await call
                 epoch = str(reply[3]) if len(reply) > 4 else ""
@@ -1418,20 +1417,6 @@ def _expire(future: asyncio.Future[bool | None], probe: list[asyncio.Task[None]]
         not probe[0].done() or probe[0].cancelled() or probe[0].exception() is not None
     )
     future.set_result(None if silent else False)
-
-
-if sys.version_info >= (3, 11):
-
-    async def _within(awaitable: Coroutine[Any, Any, _T], bound: float) -> _T:
-        """``await awaitable``, raising TimeoutError after ``bound`` seconds:
-        ``asyncio.wait_for`` without the task it makes for the awaitable on
-        Python < 3.12 (and the loop iterations that task costs), on the
-        request's path to a free cluster slot."""
-        async with asyncio.timeout(bound):
-            return await awaitable
-
-else:
-    _within = asyncio.wait_for
 
 
 def _silence_bound(left: float | None, timeout: float, share: float = 0.5) -> float | None:

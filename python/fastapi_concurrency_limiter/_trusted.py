@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import ipaddress
 import re
@@ -23,6 +24,10 @@ _MAX_LOGGED_VALUES = 10
 # Peers and values remembered per header (a cache, cleared when full).
 _CACHE_SIZE = 1024
 _TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # an HTTP header name (RFC 9110)
+# A secret header's value: visible ASCII only, so that what the gateway sends
+# is byte for byte what the app compares (servers strip spaces at the ends,
+# and no other encoding survives every proxy).
+_SECRET = re.compile(r"[\x21-\x7e]+")
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -78,8 +83,9 @@ class HeaderPriority:
             return self.default
         if self._secret is not None:
             sent = connection.headers.get(self._secret[0])
+            # Digests of both: constant time whatever the lengths.
             if sent is None or not hmac.compare_digest(
-                sent.encode("latin-1", "replace"), self._secret[1]
+                hashlib.sha256(sent.encode("latin-1", "replace")).digest(), self._secret[1]
             ):
                 self._unsigned()
                 return self.default
@@ -201,10 +207,10 @@ def priority_from_header(
 
     ``secret``: ``(header, value)``, a second header that your gateway sets
     to a value only it and the app know (e.g. from an environment
-    variable); the class header is then honoured only on requests that
-    carry it (compared in constant time), whatever their peer. Use it with
-    ``trusted="*"`` wherever the peer address cannot tell the gateway from
-    a client (below).
+    variable; visible ASCII, no spaces); the class header is then honoured
+    only on requests that carry it (compared in constant time), from peers
+    that ``trusted`` admits as before: pass ``trusted="*"`` wherever the
+    peer address cannot tell the gateway from a client (below).
 
     Your gateway must set the header on every request, overwriting what a
     client sent: any client that can reach a trusted peer's listener
@@ -230,13 +236,14 @@ def priority_from_header(
             or not isinstance(secret[0], str)
             or not _TOKEN.fullmatch(secret[0])
             or not isinstance(secret[1], str)
-            or not secret[1]
+            or not _SECRET.fullmatch(secret[1])
         ):
             raise ValueError(
-                "secret must be (header name, non-empty value), such as "
-                f"('x-gateway-secret', os.environ['GATEWAY_SECRET']), got {type(secret).__name__}"
+                "secret must be (header name, value of visible ASCII characters, no spaces), "
+                "such as ('x-gateway-secret', os.environ['GATEWAY_SECRET']), got "
+                f"{type(secret).__name__} (the value is not shown)"
             )
-        signed = (secret[0].lower(), secret[1].encode("latin-1", "replace"))
+        signed = (secret[0].lower(), hashlib.sha256(secret[1].encode("ascii")).digest())
     return HeaderPriority(name.lower(), Priority.parse(default, name="default"), trusted, signed)
 
 

@@ -327,14 +327,34 @@ TEST(PriorityReserve, ALimitBelowTheCapacityShrinksTheReservesInProportion) {
   EXPECT_EQ(q["c4"].state(), Acquisition::State::kGranted);
   EXPECT_EQ(r->in_use(), 7);
   // Lowered below what is held: nothing revoked; released slots retire.
-  // At a limit of 2 the reserve keeps 4 x 2 / 10 = 0 slots.
+  // At a limit of 2 the reserve keeps 4 x 2 / 10 = 0.8, rounded up: 1 slot
+  // (at most limit - 1: critical keeps one).
   r->set_limit(2);
   EXPECT_EQ(q.start("c5", C), Outcome::kPending);
   for (const char* label : {"c1", "c2", "c3", "c4", "cp1", "cp2"}) q[label].release();
   EXPECT_EQ(q["c5"].state(), Acquisition::State::kGranted);
   EXPECT_EQ(r->in_use(), 2);  // cp3 and c5
   q["cp3"].release();
-  EXPECT_EQ(q.start("c6", C), Outcome::kGranted);  // an idle slot: never reserved away
+  EXPECT_EQ(q.start("c6", C), Outcome::kPending);  // the free slot is the reserve's
+  EXPECT_EQ(q.start("cp4", CP), Outcome::kGranted);
+  // At a limit of 1 the classes below keep their one slot.
+  r->set_limit(1);
+  q["cp4"].release();
+  q["c5"].release();
+  EXPECT_EQ(q["c6"].state(), Acquisition::State::kGranted);
+}
+
+// A small reserve does not vanish under a lower limit: 4 of 100 keep
+// 4 x 20 / 100 = 0.8, rounded up: 1 slot of an adaptive limit of 20.
+TEST(PriorityReserve, ASmallReserveKeepsASlotUnderALowerLimit) {
+  auto r = resource({.capacity = 100, .reserve = reserve_of({{CP, 4}})});
+  r->set_limit(20);
+  Requests q(r);
+  for (int i = 0; i < 19; ++i) {
+    ASSERT_EQ(q.start("s" + std::to_string(i), S), Outcome::kGranted) << i;
+  }
+  EXPECT_EQ(q.start("s19", S), Outcome::kPending);
+  EXPECT_EQ(q.start("cp", CP), Outcome::kGranted);
 }
 
 // Reserves that add up to the whole capacity keep the lower classes out at
@@ -719,6 +739,38 @@ TEST(PriorityStatistics, TheDefaultClassCountsNoOtherClasssGrants) {
   EXPECT_EQ(went_down, 0) << "of " << reads << " snapshots";
   const ResourceStatistics s = r->statistics();
   EXPECT_EQ(s.classes[priority_index(S)].acquired_total, s.acquired_total);
+}
+
+// The waiters of the higher classes are served by every slot, reserves
+// included: 10 critical_plus waiters on 10 slots are one service time ahead
+// of a critical newcomer, whatever the 8 slots reserved for them.
+TEST(PriorityEarlyReject, HigherClassesWaitersShareEverySlot) {
+  auto r = Resource::create(
+      {.name = "r", .capacity = 10, .early_reject = true, .reserve = reserve_of({{CP, 8}})});
+  const auto set = set_of({r});
+  {
+    Acquisition teach(set, std::nullopt, CP);
+    ASSERT_TRUE(teach.try_acquire());
+    std::this_thread::sleep_for(50ms);
+    teach.release();
+  }
+  const double estimate = r->statistics().service_seconds.value_or(0.0);
+  ASSERT_GT(estimate, 0.0);
+  std::vector<std::unique_ptr<Acquisition>> holders, waiters;
+  for (int i = 0; i < 10; ++i) {
+    holders.push_back(std::make_unique<Acquisition>(set, std::nullopt, CP));
+    ASSERT_TRUE(holders.back()->try_acquire());
+  }
+  for (int i = 0; i < 10; ++i) {
+    waiters.push_back(std::make_unique<Acquisition>(set, std::nullopt, CP));
+    ASSERT_EQ(waiters.back()->start([](Outcome) {}, Clock::time_point::max()),
+              Outcome::kPending);
+  }
+  Acquisition critical(set, std::nullopt, C);
+  const auto patience = std::chrono::duration_cast<Clock::duration>(
+      std::chrono::duration<double>(3.0 * estimate));
+  EXPECT_EQ(critical.start([](Outcome) {}, Clock::now() + patience), Outcome::kPending);
+  critical.cancel();
 }
 
 // A class below a reserve is served by the slots it may use, not the whole

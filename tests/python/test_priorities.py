@@ -515,9 +515,17 @@ async def test_behind_forwarded_allow_ips_star_only_the_secret_chooses_a_class()
 
 
 def test_a_bad_secret_is_refused_at_start_up() -> None:
-    for bad in [("x-gateway-secret", ""), ("bad header", "v"), "just-a-string", ("a", "b", "c")]:
-        with pytest.raises(ValueError, match="secret must be"):
+    for bad in [
+        ("x-gateway-secret", ""),
+        ("bad header", "v"),
+        "just-a-string",
+        ("a", "b", "c"),
+        ("x-gateway-secret", "秘密の合言葉"),  # what a gateway sends would never match it
+        ("x-gateway-secret", " padded"),  # servers strip spaces at the ends
+    ]:
+        with pytest.raises(ValueError, match="secret must be") as refused:
             priority_from_header(HEADER, secret=bad)  # type: ignore[arg-type]
+        assert "秘密" not in str(refused.value) and "padded" not in str(refused.value)
 
 
 def test_at_most_ten_unknown_values_are_logged(caplog: pytest.LogCaptureFixture) -> None:
