@@ -116,7 +116,9 @@ std::optional<SampleWindow::Summary> SampleWindow::add(const LimitSample& s) {
   if (s.dropped) {
     ++drops_;
   } else {
-    latency_sum_ += seconds(s.service_time);
+    const double latency = seconds(s.service_time);
+    latency_sum_ += latency;
+    latency_square_sum_ += latency * latency;
     in_flight_sum_ += static_cast<double>(s.in_flight);
   }
   max_in_flight_ = std::max(max_in_flight_, s.in_flight);
@@ -127,12 +129,13 @@ std::optional<SampleWindow::Summary> SampleWindow::add(const LimitSample& s) {
   w.drops = drops_;
   if (const auto ok = samples_ - drops_; ok > 0) {
     w.mean_latency = latency_sum_ / static_cast<double>(ok);
+    w.mean_square_latency = latency_square_sum_ / static_cast<double>(ok);
     w.mean_in_flight = in_flight_sum_ / static_cast<double>(ok);
   }
   w.max_in_flight = max_in_flight_;
   started_at_ = s.end;
   samples_ = drops_ = max_in_flight_ = 0;
-  latency_sum_ = in_flight_sum_ = 0.0;
+  latency_sum_ = latency_square_sum_ = in_flight_sum_ = 0.0;
   return w;
 }
 
@@ -140,7 +143,7 @@ void SampleWindow::reset() noexcept {
   started_ = false;
   started_at_ = {};
   samples_ = drops_ = max_in_flight_ = 0;
-  latency_sum_ = in_flight_sum_ = 0.0;
+  latency_sum_ = latency_square_sum_ = in_flight_sum_ = 0.0;
 }
 
 void SampleWindow::repair(Clock::duration min_time, std::int64_t min_samples,
@@ -150,7 +153,8 @@ void SampleWindow::repair(Clock::duration min_time, std::int64_t min_samples,
   make_valid(started_);
   const bool ok = samples_ >= 0 && drops_ >= 0 && drops_ <= samples_ &&
                   max_in_flight_ >= 0 && std::isfinite(latency_sum_) &&
-                  latency_sum_ >= 0.0 && std::isfinite(in_flight_sum_) &&
+                  latency_sum_ >= 0.0 && std::isfinite(latency_square_sum_) &&
+                  latency_square_sum_ >= 0.0 && std::isfinite(in_flight_sum_) &&
                   in_flight_sum_ >= 0.0 && !(started_ && started_at_ > now);
   if (!ok) reset();
 }
@@ -410,7 +414,7 @@ void NoLoadLatency::add(double latency, double in_flight, double n,
       // downstream itself got slower. Which one, the descent tells (latency
       // falls with concurrency only in the first case).
       settled = descending = past_knee = false;
-      step_samples = step_latency = step_in_flight = 0.0;
+      step_samples = step_latency = step_in_flight = step_square_latency = 0.0;
       return;
     }
     // At the concurrency the estimate was measured at or below it: the
@@ -429,22 +433,41 @@ void NoLoadLatency::add(double latency, double in_flight, double n,
 }
 
 double NoLoadLatency::descend(double latency, double in_flight, double n,
-                              bool at_floor) noexcept {
+                              bool at_floor, double square_latency) noexcept {
   if (settled || !(n > 0.0) || !(latency > 0.0)) return 1.0;
   step_samples += n;
   step_latency += latency * n;
   step_in_flight += in_flight * n;
-  if (step_samples < kDescentSamples && !at_floor) return 1.0;
+  step_square_latency += std::max(square_latency, latency * latency) * n;
   const double l = step_latency / step_samples;
   const double f = step_in_flight / step_samples;
-  step_samples = step_latency = step_in_flight = 0.0;
+  // The variance of the log of this step's mean: its samples' squared
+  // coefficient of variation over their count.
+  const double noise =
+      std::max(0.0, step_square_latency / step_samples / (l * l) - 1.0) / step_samples;
+  if (step_samples < kDescentSamples && !at_floor) return 1.0;
+  step_samples = step_latency = step_in_flight = step_square_latency = 0.0;
   // The step before ran at about twice the concurrency: was it about twice
   // as slow (the downstream past its knee, queueing)? Then go on down.
   bool settle = at_floor;
   double back = 1.0;
   if (descending) {
     const double fewer = descent_in_flight / f;
-    const bool flat = descent_latency / l < 1.0 + 0.35 * (fewer - 1.0);
+    const double slower = descent_latency / l;
+    // Settle when this step is not clearly faster (latency fell by less
+    // than 0.35x as much as the concurrency), or when the step cost
+    // throughput beyond what the samples' spread explains: by Little's law
+    // the step before served fewer / slower times as many requests per
+    // second. A downstream past its knee serves as many with fewer (slower
+    // == fewer); one that shares its cores with the rest of the service
+    // serves fewer requests at every halving, each less slow (measured in
+    // the overload experiment: halving 5 queries in flight on 2 cores cut
+    // their latency by 1.43x only, and throughput by 30 %). Three standard
+    // errors of the two means, so that noisy service times (exponential,
+    // lognormal, bimodal over 100 samples) fall back on the first rule.
+    const bool lost = fewer / slower > kDescentLoss &&
+                      std::log(fewer / slower) > kDescentZ * std::sqrt(noise + descent_noise);
+    const bool flat = slower < 1.0 + 0.35 * (fewer - 1.0) || lost;
     settle = settle || fewer < 1.2 || flat;
     // The step before was slower, but not much, and an earlier one was much
     // slower: the knee lies between this step and the one before. Back up
@@ -470,6 +493,7 @@ double NoLoadLatency::descend(double latency, double in_flight, double n,
   descending = true;
   descent_latency = l;
   descent_in_flight = f;
+  descent_noise = noise;
   return 0.5;
 }
 
@@ -484,10 +508,11 @@ void NoLoadLatency::repair() noexcept {
     settled = false;
   }
   if (bad(descent_latency) || bad(descent_in_flight) || bad(step_samples) ||
-      bad(step_latency) || bad(step_in_flight)) {
+      bad(step_latency) || bad(step_in_flight) || bad(step_square_latency) ||
+      bad(descent_noise)) {
     descending = past_knee = false;
-    descent_latency = descent_in_flight = 0.0;
-    step_samples = step_latency = step_in_flight = 0.0;
+    descent_latency = descent_in_flight = descent_noise = 0.0;
+    step_samples = step_latency = step_in_flight = step_square_latency = 0.0;
   }
   if (settled && value == 0.0) settled = false;
 }
@@ -536,6 +561,8 @@ bool decide(SampleWindow::Summary& pending, const SampleWindow::Summary& w,
   const double a = ok(pending), b = ok(w);
   if (a + b > 0.0) {
     pending.mean_latency = (pending.mean_latency * a + w.mean_latency * b) / (a + b);
+    pending.mean_square_latency =
+        (pending.mean_square_latency * a + w.mean_square_latency * b) / (a + b);
     pending.mean_in_flight = (pending.mean_in_flight * a + w.mean_in_flight * b) / (a + b);
   }
   pending.samples += w.samples;
@@ -603,6 +630,7 @@ void Gradient2Limit::restore(const State& state, std::int64_t capacity,
   const SampleWindow::Summary& p = s_.pending;
   if (p.samples < 0 || p.drops < 0 || p.drops > p.samples || p.max_in_flight < 0 ||
       !std::isfinite(p.mean_latency) || p.mean_latency < 0.0 ||
+      !std::isfinite(p.mean_square_latency) || p.mean_square_latency < 0.0 ||
       !std::isfinite(p.mean_in_flight) || p.mean_in_flight < 0.0) {
     s_.pending = {};
   }
@@ -679,7 +707,8 @@ void Gradient2Limit::on_window(const SampleWindow::Summary& w, bool first) {
     // not lower the concurrency at all, and the descent would settle on a
     // no-load latency measured at that concurrency, queueing past the knee
     // included.
-    const double factor = nl.descend(latency, w.mean_in_flight, ok, at_floor);
+    const double factor =
+        nl.descend(latency, w.mean_in_flight, ok, at_floor, w.mean_square_latency);
     const auto used = static_cast<double>(w.max_in_flight);
     const double from = factor < 1.0 && used < limit_now ? used : s_.limit;
     s_.limit = bounded(from * factor);
@@ -765,6 +794,7 @@ void VegasLimit::restore(const State& state, std::int64_t capacity,
   const SampleWindow::Summary& p = s_.pending;
   if (p.samples < 0 || p.drops < 0 || p.drops > p.samples || p.max_in_flight < 0 ||
       !std::isfinite(p.mean_latency) || p.mean_latency < 0.0 ||
+      !std::isfinite(p.mean_square_latency) || p.mean_square_latency < 0.0 ||
       !std::isfinite(p.mean_in_flight) || p.mean_in_flight < 0.0) {
     s_.pending = {};
   }
@@ -824,7 +854,8 @@ void VegasLimit::on_window(const SampleWindow::Summary& w, bool first) {
   const double limit_now = static_cast<double>(in_force());
   if (first || static_cast<double>(w.max_in_flight) < limit_now / 2) return;  // or under-used
   if (!nl.settled) {
-    s_.limit = bounded(s_.limit * nl.descend(latency, w.mean_in_flight, ok, at_floor));
+    s_.limit = bounded(s_.limit * nl.descend(latency, w.mean_in_flight, ok, at_floor,
+                                                 w.mean_square_latency));
     return;
   }
   const double log_limit = std::log10(std::max(s_.limit, 1.0));

@@ -103,6 +103,7 @@ class SampleWindow {
     std::int64_t samples = 0;        // successes + drops
     std::int64_t drops = 0;
     double mean_latency = 0.0;       // seconds, over successes only
+    double mean_square_latency = 0.0;  // seconds^2, over successes only
     double mean_in_flight = 0.0;     // over successes only
     std::int64_t max_in_flight = 0;  // over every sample
   };
@@ -132,6 +133,7 @@ class SampleWindow {
   std::int64_t samples_ = 0;
   std::int64_t drops_ = 0;
   double latency_sum_ = 0.0;
+  double latency_square_sum_ = 0.0;
   double in_flight_sum_ = 0.0;
   std::int64_t max_in_flight_ = 0;
 };
@@ -362,15 +364,27 @@ struct NoLoadLatency {
   double step_samples = 0.0;
   double step_latency = 0.0;
   double step_in_flight = 0.0;
+  double step_square_latency = 0.0;
+  // The last descent step's squared coefficient of variation over its
+  // sample count: the variance of the log of its mean (see descend()).
+  double descent_noise = 0.0;
 
   static constexpr double kDescentSamples = 100.0;
+  // A halving that cost more than 1 - 1/kDescentLoss of the throughput
+  // (requests per second, by Little's law), by more than kDescentZ standard
+  // errors, ends the descent.
+  static constexpr double kDescentLoss = 1.2;
+  static constexpr double kDescentZ = 3.0;
 
   // Feeds a window (its mean latency, mean concurrency and successes).
   void add(double latency, double in_flight, double samples, double smoothing_samples,
            double long_window, bool at_floor) noexcept;
   // While not settled, for a window measured with the limit in use: returns
   // the multiplier for the limit (0.5 for a descent step, 1 otherwise).
-  double descend(double latency, double in_flight, double samples, bool at_floor) noexcept;
+  // `square_latency`: the mean of the squared latencies of its successes
+  // (how much they vary), 0 if unknown.
+  double descend(double latency, double in_flight, double samples, bool at_floor,
+                 double square_latency = 0.0) noexcept;
 
   // Brings damaged values into range (a state read from shared memory).
   void repair() noexcept;

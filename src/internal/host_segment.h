@@ -65,8 +65,9 @@ inline constexpr std::uint64_t kMagic = 0x3130545348434c46ull;  // "FLCHST01"
 // descent remembers a knee below its start, Gradient2Limit its last cut;
 // 7: Outcome::kDeadline, so an entry's stored kPending has another value;
 // 8: Outcome::kPredictedTimeout, the same again; 9: Outcome::kLowerPriority,
-// the same again.
-inline constexpr std::uint32_t kVersion = 9;
+// the same again; 10: the limit algorithms' windows and descent steps keep
+// how much latencies vary.
+inline constexpr std::uint32_t kVersion = 10;
 // Processes that may use one host resource at the same time.
 inline constexpr std::uint32_t kMaxProcesses = 256;
 // Requests that may wait for one host resource at the same time, over all
