@@ -239,6 +239,47 @@ TEST(Gradient2Limit, FewerClientsThanTheLimitThenASpike) {
   }
 }
 
+// The overload experiment's database: CPU-bound queries (little variation)
+// on the 2 cores that the service's event loop also uses (1.5 of them busy
+// with other work). Throughput grows, ever less, with the concurrency: there
+// is no knee, and every halving below 5 costs throughput. The start-up
+// descent must end there instead of going on to 1-2 queries because each
+// halving still made the queries faster (the descent did: 0.61x a fixed
+// limit of 5, the limit between 1 and 2). Past the descent, `tolerance`
+// chooses between the queries' throughput and the rest of the service's
+// cores: the default (1.3) holds 2-3 queries, 2.0 holds 5.
+TEST(Gradient2Limit, DescentOnSharedCoresStopsWhereHalvingCostsThroughput) {
+  struct Result {
+    double throughput;
+    std::pair<std::int64_t, std::int64_t> range;
+  };
+  const auto run = [](LimitAlgorithm& algorithm) {
+    ClosedLoopSimulation sim(algorithm, kCapacity, 10);
+    sim.downstream.base = 0.16;
+    sim.downstream.cores = 2.0;
+    sim.downstream.background = 1.5;
+    sim.downstream.jitter = 0.2;
+    sim.run_until(60.0);
+    const std::int64_t done = sim.completed();
+    sim.run_until(180.0);
+    return Result{static_cast<double>(sim.completed() - done) / 120.0,
+                  sim.limit_range(60.0, 180.0)};
+  };
+  FixedLimit five(5);
+  const double fixed = run(five).throughput;
+  for (const double tolerance : {1.3, 2.0}) {
+    Gradient2Limit gradient(Gradient2Options{.tolerance = tolerance});
+    const Result r = run(gradient);
+    std::printf("shared cores, tolerance %.1f: throughput %.2f of a fixed limit of 5, "
+                "limit %lld-%lld\n",
+                tolerance, r.throughput / fixed, static_cast<long long>(r.range.first),
+                static_cast<long long>(r.range.second));
+    EXPECT_GE(r.range.first, 2) << "tolerance " << tolerance;
+    EXPECT_LE(r.range.second, 8) << "tolerance " << tolerance;
+    EXPECT_GE(r.throughput, (tolerance < 2.0 ? 0.8 : 0.95) * fixed) << "tolerance " << tolerance;
+  }
+}
+
 // Moderate overload (twice the knee in clients) for 10 minutes: no upward
 // creep and no dips once settled.
 TEST(Gradient2Limit, NoUpwardCreepOrDipsUnderSustainedOverload) {

@@ -47,7 +47,19 @@ struct SimulatedDownstream {
   // Fraction of requests that fail (reported as dropped), for error tests.
   double error_rate = 0.0;
 
+  // With `cores` > 0, a downstream that shares `cores` processors with the
+  // rest of the service, which keeps `background` of them busy (a database
+  // of CPU-bound queries on the service's own machine): latency = base x
+  // max(1, (in_flight + background) / cores), so throughput keeps growing,
+  // ever less, with the concurrency (taken from the rest of the service),
+  // instead of stopping at a knee.
+  double cores = 0.0;
+  double background = 0.0;
+
   double latency(std::int64_t in_flight) const {
+    if (cores > 0.0) {
+      return base * std::max(1.0, (static_cast<double>(in_flight) + background) / cores);
+    }
     return base * std::max(1.0, static_cast<double>(in_flight) / k);
   }
 
