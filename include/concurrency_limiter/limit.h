@@ -334,7 +334,11 @@ class GradientLimit final : public LimitAlgorithm {
 //     (a resource that starts above the downstream's knee): until a step to
 //     half the concurrency is not clearly faster (latency fell by less than
 //     0.35x as much: a false end would keep queueing in the estimate, one
-//     step too many costs only the growth back), the algorithm halves its
+//     step too many costs only the growth back), or cost more than a sixth
+//     of the throughput (by Little's law, concurrency / latency) by more
+//     than three standard errors of the two steps' means (a downstream that
+//     shares its cores with the rest of the service has no knee: each
+//     halving makes it faster, and serve less), the algorithm halves its
 //     limit once per step of kDescentSamples (from the concurrency in use,
 //     the step's peak, when fewer requests than the limit come: halving a
 //     limit of 20 against 10 clients would change nothing, and the descent
