@@ -104,7 +104,9 @@
 // kLowerPriority), reserves keep slots for the classes above. The others
 // acquire as Priority::kCritical. A class other than kCritical on a set
 // with a host-scoped resource or a per-key share throws
-// std::invalid_argument from async_acquire(), before anything is queued.
+// std::invalid_argument from the async_acquire() call itself, whatever the
+// completion token (a lazy one too: use_awaitable, deferred), before
+// anything is queued.
 //
 // Lifetime: the operation owns the set's resources (and its Permit them, see
 // permit.h): the Limiter may be destroyed while operations wait. Closing a
@@ -640,6 +642,14 @@ class AcquireInitiation : public InitiationBase<IoExecutor> {
     start(std::forward<Handler>(handler),
           std::make_unique<Acquisition>(std::move(set), std::move(k), priority), timeout);
   }
+  // An acquisition made by async_acquire() itself, so that a refused class
+  // throws at the call whatever the completion token (a lazy one, such as
+  // use_awaitable or deferred, runs the initiation only when awaited).
+  template <class Handler>
+  void operator()(Handler&& handler, std::unique_ptr<Acquisition> acquisition,
+                  Clock::duration timeout) const {
+    start(std::forward<Handler>(handler), std::move(acquisition), timeout);
+  }
 
  private:
   template <class Handler>
@@ -748,9 +758,9 @@ auto async_acquire(const Executor& io_executor, const Limiter& limiter,
                    std::shared_ptr<const ResourceSet> set, std::optional<std::string> key,
                    Priority priority, Clock::duration timeout, CompletionToken&& token) {
   static_cast<void>(limiter);  // the timeout is given
+  auto acquisition = std::make_unique<Acquisition>(std::move(set), std::move(key), priority);
   return asio::async_initiate<CompletionToken, void(std::error_code, Permit)>(
-      detail::AcquireInitiation<Executor>(io_executor), token, std::move(set), timeout,
-      key ? std::make_unique<std::string>(std::move(*key)) : nullptr, priority);
+      detail::AcquireInitiation<Executor>(io_executor), token, std::move(acquisition), timeout);
 }
 
 // With the limiter's timeout.
@@ -807,10 +817,10 @@ auto async_acquire(const Limiter& limiter, std::shared_ptr<const ResourceSet> se
                    std::optional<std::string> key, Priority priority, Clock::duration timeout,
                    CompletionToken&& token) {
   static_cast<void>(limiter);  // the timeout is given
+  auto acquisition = std::make_unique<Acquisition>(std::move(set), std::move(key), priority);
   return asio::async_initiate<CompletionToken, void(std::error_code, Permit)>(
       detail::AcquireInitiation<detail::NoIoExecutor>(detail::NoIoExecutor{}), token,
-      std::move(set), timeout, key ? std::make_unique<std::string>(std::move(*key)) : nullptr,
-      priority);
+      std::move(acquisition), timeout);
 }
 
 }  // namespace concurrency_limiter

@@ -273,6 +273,31 @@ TEST(AsyncAcquire, PriorityOverloadsServeTheHighestClassFirst) {
                              Priority::kSheddable, 5s, [](std::error_code, Permit) {}),
                std::invalid_argument);
   EXPECT_EQ(keyed->waiting(), 0);
+  // A lazy token: the refusal comes at the call, not when the operation is
+  // launched or awaited.
+  EXPECT_THROW(static_cast<void>(async_acquire(io, limiter, limiter.select({keyed}),
+                                               std::nullopt, Priority::kSheddable, 5s,
+                                               asio::experimental::deferred)),
+               std::invalid_argument);
+  bool thrown_at_call = false;
+  asio::co_spawn(
+      io,
+      [&]() -> asio::awaitable<void> {
+        std::optional<asio::awaitable<Permit>> op;
+        try {
+          op.emplace(async_acquire(limiter, limiter.select({keyed}), std::nullopt,
+                                   Priority::kSheddable, 5s, asio::use_awaitable));
+        } catch (const std::invalid_argument&) {
+          thrown_at_call = true;
+          co_return;
+        }
+        static_cast<void>(co_await std::move(*op));  // not reached
+      },
+      asio::detached);
+  io.restart();
+  io.run();
+  EXPECT_TRUE(thrown_at_call);
+  EXPECT_EQ(keyed->waiting(), 0);
 }
 
 TEST(AsyncAcquire, CancellationSlotEndsTheWait) {
