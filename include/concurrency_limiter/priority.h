@@ -33,10 +33,14 @@
 // Cost: a resource without reserves takes and gives back a free slot
 // without a lock for every class; a class other than kCritical adds two
 // relaxed atomic adds to a grant (its holds and its grants) and one to a
-// release, the default class nothing. With
+// release, and a try that finds no free slot takes its two adds back (two
+// more), the default class nothing. With
 // waiters, a grant, release, timeout or cancel stays O(1). Reserves put every
 // grant and release under the resource's mutex. Host scope and per-key
 // shares support only kCritical for now (std::invalid_argument otherwise).
+// A class's counts are taken before its slot: a snapshot of the statistics
+// may, for a moment, show the classes' grants summing above the resource's
+// (a try that then finds no free slot takes its class's back).
 //
 // Thread safety: plain values and pure functions, usable from any thread.
 #pragma once
