@@ -161,7 +161,8 @@ std::string describe_limit(const LimitConfig& l) {
       return "adaptive=Gradient2Limit(min_limit=" + std::to_string(o.min_limit) +
              ", initial_limit=" + std::to_string(o.initial_limit) + ", " + buf + ", " + more +
              ", window=" + seconds_text(o.window) +
-             ", min_window_samples=" + std::to_string(o.min_window_samples) + ")";
+             ", min_window_samples=" + std::to_string(o.min_window_samples) + ", favour=" +
+             (o.favour == Favour::kLatency ? "latency" : "throughput") + ")";
     }
     case LimitKind::kVegas: {
       const VegasOptions& o = l.vegas;
