@@ -101,13 +101,10 @@ NB_MODULE(_core, m) {
            }),
            "min_limit"_a, "initial_limit"_a, "tolerance"_a, "backoff"_a,
            "drop_rate"_a, "window"_a, "min_window_samples"_a);
-  nb::enum_<cl::Favour>(m, "Favour", "What an adaptive limit keeps on a downstream without a knee.")
-      .value("throughput", cl::Favour::kThroughput)
-      .value("latency", cl::Favour::kLatency);
   nb::class_<cl::Gradient2Limit, cl::LimitAlgorithm>(m, "Gradient2Limit")
       .def(nb::new_([](std::int64_t min_limit, std::int64_t initial_limit,
                        double tolerance, double backoff, double drop_rate,
-                       double window, std::int64_t min_window_samples, cl::Favour favour) {
+                       double window, std::int64_t min_window_samples) {
              return std::make_shared<cl::Gradient2Limit>(cl::Gradient2Options{
                  .min_limit = min_limit,
                  .initial_limit = initial_limit,
@@ -115,12 +112,10 @@ NB_MODULE(_core, m) {
                  .backoff = backoff,
                  .drop_rate = drop_rate,
                  .window = from_seconds(window),
-                 .min_window_samples = min_window_samples,
-                 .favour = favour});
+                 .min_window_samples = min_window_samples});
            }),
            "min_limit"_a, "initial_limit"_a, "tolerance"_a, "backoff"_a,
-           "drop_rate"_a, "window"_a, "min_window_samples"_a,
-           "favour"_a = cl::Favour::kThroughput);
+           "drop_rate"_a, "window"_a, "min_window_samples"_a);
   nb::class_<cl::VegasLimit, cl::LimitAlgorithm>(m, "VegasLimit")
       .def(nb::new_([](std::int64_t min_limit, std::int64_t initial_limit,
                        double backoff, double drop_rate, double window,

@@ -433,7 +433,7 @@ void NoLoadLatency::add(double latency, double in_flight, double n,
 }
 
 double NoLoadLatency::descend(double latency, double in_flight, double n,
-                              bool at_floor, double square_latency, Favour favour) noexcept {
+                              bool at_floor, double square_latency) noexcept {
   if (settled || !(n > 0.0) || !(latency > 0.0)) return 1.0;
   step_samples += n;
   step_latency += latency * n;
@@ -467,20 +467,8 @@ double NoLoadLatency::descend(double latency, double in_flight, double n,
     // lognormal, bimodal over 100 samples) fall back on the first rule.
     const bool lost = fewer / slower > kDescentLoss &&
                       std::log(fewer / slower) > kDescentZ * std::sqrt(noise + descent_noise);
-    const bool faster = slower >= 1.0 + 0.35 * (fewer - 1.0);
-    const bool flat = !faster || lost;
+    const bool flat = slower < 1.0 + 0.35 * (fewer - 1.0) || lost;
     settle = settle || fewer < 1.2 || flat;
-    if (lost && faster && favour == Favour::kThroughput && !at_floor && fewer >= 1.2) {
-      // No knee: each halving is faster and serves less. Back to the step
-      // before, the lowest concurrency that kept the throughput, with its
-      // latency as the reference.
-      settled = true;
-      descending = past_knee = false;
-      value = smoothed = descent_latency;
-      value_in_flight = smoothed_in_flight = descent_in_flight;
-      samples = 0.0;
-      return std::min(2.0, fewer);
-    }
     // The step before was slower, but not much, and an earlier one was much
     // slower: the knee lies between this step and the one before. Back up
     // to the step before (the last halving overshot the knee by up to 2x;
@@ -618,10 +606,6 @@ Gradient2Limit::Gradient2Limit(Gradient2Options options)
   if (!(o_.tolerance > 1.0 && std::isfinite(o_.tolerance))) {
     throw std::invalid_argument("tolerance must be > 1, got " + std::to_string(o_.tolerance));
   }
-  if (o_.favour != Favour::kThroughput && o_.favour != Favour::kLatency) {
-    throw std::invalid_argument("favour must be Favour::kThroughput or Favour::kLatency, got " +
-                                std::to_string(static_cast<int>(o_.favour)));
-  }
   if (!(o_.queue_size >= 0.0 && std::isfinite(o_.queue_size))) {
     throw std::invalid_argument("queue_size must be >= 0, got " + std::to_string(o_.queue_size));
   }
@@ -724,7 +708,7 @@ void Gradient2Limit::on_window(const SampleWindow::Summary& w, bool first) {
     // no-load latency measured at that concurrency, queueing past the knee
     // included.
     const double factor =
-        nl.descend(latency, w.mean_in_flight, ok, at_floor, w.mean_square_latency, o_.favour);
+        nl.descend(latency, w.mean_in_flight, ok, at_floor, w.mean_square_latency);
     const auto used = static_cast<double>(w.max_in_flight);
     const double from = factor < 1.0 && used < limit_now ? used : s_.limit;
     s_.limit = bounded(from * factor);

@@ -63,7 +63,6 @@ APPS = (
     "package-tuned",
     "package-redis",
     "package-adaptive",
-    "package-adaptive-latency",
     "package-host",
     "package-priorities",
 )
@@ -228,16 +227,6 @@ def _app_package_adaptive(variant: str) -> FastAPI:
     )
 
 
-def _app_package_adaptive_latency(variant: str) -> FastAPI:
-    """As ``package-adaptive``, with the setting that leaves the cores to the
-    other endpoints when the database has no knee:
-    ``Resource(50, adaptive=AdaptiveLimit(favour="latency"))``."""
-    from fastapi_concurrency_limiter import AdaptiveLimit
-
-    db = {"adaptive": AdaptiveLimit(favour="latency")}
-    return _app_with_package(variant, {"limiter": {}, "db": db, "file": {}}, db_capacity=50)
-
-
 def _app_package_host(variant: str) -> FastAPI:
     """The package as the original demo, with the database resource shared
     by every worker process of the host: ``Resource(5, name=..., scope="host")``."""
@@ -272,7 +261,6 @@ _BUILDERS: dict[str, Callable[[str], FastAPI]] = {
     "package-tuned": _app_package_tuned,
     "package-redis": _app_package_redis,
     "package-adaptive": _app_package_adaptive,
-    "package-adaptive-latency": _app_package_adaptive_latency,
     "package-host": _app_package_host,
     "package-priorities": _app_package_priorities,
 }

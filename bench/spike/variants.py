@@ -254,17 +254,6 @@ _REGISTRY: list[Variant] = [
         db_capacity=50,
     ),
     Variant(
-        name="adaptive-latency",
-        description=(
-            "`adaptive` with `AdaptiveLimit(favour=\"latency\")`: where the database has no "
-            "knee (its queries share the cores with the event loop), the limit leaves the cores "
-            "to the other endpoints instead of keeping the queries' throughput"
-        ),
-        color="#7f7f7f",
-        app="package-adaptive-latency",
-        db_capacity=50,
-    ),
-    Variant(
         name="fcl-2workers",
         description=(
             "`fcl` under `uvicorn --workers 2`: `Resource(5)` in each process, "

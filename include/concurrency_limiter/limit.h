@@ -309,22 +309,6 @@ class GradientLimit final : public LimitAlgorithm {
   State s_;
 };
 
-// What Gradient2Limit keeps on a downstream without a knee, whose
-// throughput grows with the concurrency, ever less, while its latency grows
-// too: a database on the service's own cores, which serves more queries by
-// taking CPU from the service's other requests. Its start-up descent finds
-// no knee; it ends at the first halving that costs more than a sixth of the
-// throughput (see NoLoadLatency). Then:
-//   - kThroughput: the limit goes back to the concurrency before that
-//     halving, and its latency there is the no-load reference (the limit
-//     may grow up to `tolerance` past it): the downstream's throughput, at
-//     the expense of the rest of the service;
-//   - kLatency: the latency after the halving is the reference, and the
-//     limit settles where latency is within `tolerance` of it: the rest of
-//     the service keeps the cores, the downstream serves less.
-// On a downstream with a knee both behave alike.
-enum class Favour : std::uint8_t { kThroughput, kLatency };
-
 // The no-load latency of a downstream, learned from decisions' windows for
 // Gradient2Limit and VegasLimit. Service times vary (a lognormal, a few slow
 // requests among fast ones), so the lowest window mean is no estimate: with
@@ -402,17 +386,13 @@ struct NoLoadLatency {
   // While not settled, for a window measured with the limit in use: returns
   // the multiplier for the limit (0.5 for a descent step, 1 otherwise).
   // `square_latency`: the mean of the squared latencies of its successes
-  // (how much they vary), 0 if unknown. `favour`: see Favour; a descent
-  // that ends at a halving that cost throughput returns, with
-  // kThroughput, the multiplier back to the step before (and takes that
-  // step's latency as the estimate).
+  // (how much they vary), 0 if unknown.
   double descend(double latency, double in_flight, double samples, bool at_floor,
-                 double square_latency = 0.0, Favour favour = Favour::kLatency) noexcept;
+                 double square_latency = 0.0) noexcept;
 
   // Brings damaged values into range (a state read from shared memory).
   void repair() noexcept;
 };
-
 
 struct Gradient2Options {
   std::int64_t min_limit = 1;
@@ -444,8 +424,6 @@ struct Gradient2Options {
   double drop_rate = 0.05;
   Clock::duration window = std::chrono::seconds(1);
   std::int64_t min_window_samples = 10;
-  // On a downstream without a knee: see Favour.
-  Favour favour = Favour::kThroughput;
 
   bool operator==(const Gradient2Options&) const = default;
 };

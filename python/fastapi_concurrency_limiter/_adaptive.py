@@ -73,10 +73,6 @@ ALGORITHMS = ("gradient2", "vegas", "aimd", "gradient")
 # Each algorithm's tolerance when none is given (vegas and aimd have none).
 _TOLERANCE = {"gradient2": 1.3, "gradient": 1.25}
 
-# What "gradient2" keeps on a downstream without a knee; the first is the
-# default.
-FAVOURS = ("throughput", "latency")
-
 
 @dataclass(frozen=True)
 class AdaptiveLimit:
@@ -112,14 +108,6 @@ class AdaptiveLimit:
             (``"aimd"`` cuts on any drop).
         window: shortest window of samples, in seconds.
         min_window_samples: fewest samples in a window, an integer >= 1.
-        favour: what ``"gradient2"`` keeps when the downstream has no knee,
-            its throughput growing with the concurrency while its latency
-            grows too (a database on the service's own cores, which serves
-            more queries by taking CPU from the other endpoints):
-            ``"throughput"`` (default) keeps the lowest concurrency that
-            serves as many, ``"latency"`` one where latency stays within
-            ``tolerance`` of what fewer requests get, leaving the cores to
-            the rest of the service. Alike where the downstream has a knee.
     """
 
     min_limit: int = 1
@@ -131,7 +119,6 @@ class AdaptiveLimit:
     min_window_samples: int = 10
     # Last, so that the fields before keep their positions.
     algorithm: str = "gradient2"
-    favour: str = "throughput"
 
     def _algorithm(self, capacity: int) -> _core.LimitAlgorithm:
         """The engine's algorithm, after checking every field against
@@ -171,16 +158,11 @@ class AdaptiveLimit:
         )
         window = check_seconds("AdaptiveLimit.window", self.window)
         check_int("AdaptiveLimit.min_window_samples", self.min_window_samples, minimum=1)
-        if not isinstance(self.favour, str) or self.favour not in FAVOURS:
-            allowed = ", ".join(repr(f) for f in FAVOURS)
-            raise ValueError(
-                f"AdaptiveLimit.favour must be one of {allowed}, got {self.favour!r}"
-            )
         initial = self.initial_limit or 0
         if self.algorithm == "gradient2":
             return _core.Gradient2Limit(
                 self.min_limit, initial, tolerance, backoff, drop_rate, window,
-                self.min_window_samples, getattr(_core.Favour, self.favour),
+                self.min_window_samples,
             )
         if self.algorithm == "vegas":
             return _core.VegasLimit(

@@ -161,8 +161,7 @@ std::string describe_limit(const LimitConfig& l) {
       return "adaptive=Gradient2Limit(min_limit=" + std::to_string(o.min_limit) +
              ", initial_limit=" + std::to_string(o.initial_limit) + ", " + buf + ", " + more +
              ", window=" + seconds_text(o.window) +
-             ", min_window_samples=" + std::to_string(o.min_window_samples) + ", favour=" +
-             (o.favour == Favour::kLatency ? "latency" : "throughput") + ")";
+             ", min_window_samples=" + std::to_string(o.min_window_samples) + ")";
     }
     case LimitKind::kVegas: {
       const VegasOptions& o = l.vegas;

@@ -111,12 +111,6 @@ def test_adaptive_true_starts_at_twenty_or_the_capacity() -> None:
             ValueError,
             r"AdaptiveLimit.tolerance must be a number > 1",
         ),
-        (
-            AdaptiveLimit(favour="goodput"),
-            ValueError,
-            r"AdaptiveLimit.favour must be one of 'throughput', 'latency', got 'goodput'",
-        ),
-        (AdaptiveLimit(favour=None), ValueError, "AdaptiveLimit.favour must be one of"),  # type: ignore[arg-type]
     ],
 )
 def test_adaptive_settings_are_validated_at_start_up(
