@@ -441,10 +441,10 @@ double NoLoadLatency::descend(double latency, double in_flight, double n,
   step_square_latency += std::max(square_latency, latency * latency) * n;
   const double l = step_latency / step_samples;
   const double f = step_in_flight / step_samples;
-  // The variance of the log of this step's mean: its samples' squared
-  // coefficient of variation over their count.
-  const double noise =
-      std::max(0.0, step_square_latency / step_samples / (l * l) - 1.0) / step_samples;
+  // How much this step's latencies vary: their squared coefficient of
+  // variation; over their count, the variance of the log of its mean.
+  const double spread = std::max(0.0, step_square_latency / step_samples / (l * l) - 1.0);
+  const double noise = spread / step_samples;
   if (step_samples < kDescentSamples && !at_floor) return 1.0;
   step_samples = step_latency = step_in_flight = step_square_latency = 0.0;
   // The step before ran at about twice the concurrency: was it about twice
@@ -462,12 +462,20 @@ double NoLoadLatency::descend(double latency, double in_flight, double n,
     // == fewer); one that shares its cores with the rest of the service
     // serves fewer requests at every halving, each less slow (measured in
     // the overload experiment: 1.8 queries in flight on 2 cores instead of
-    // 5 made each 1.8x faster, and served 36 % fewer). Three standard
-    // errors of the two means, so that noisy service times (exponential,
-    // lognormal, bimodal over 100 samples) fall back on the first rule.
-    const bool lost = fewer / slower > kDescentLoss &&
+    // 5 made each 1.8x faster, and served 36 % fewer). Only where both
+    // steps' service times vary little (CPU-bound queries; a coefficient
+    // of variation under kQuietSpread's root) and by three standard errors
+    // of the two means: with exponential, lognormal or bimodal service
+    // times, 100 samples cannot tell such a loss from noise, and a sample
+    // that drew few slow requests looks both fast and quiet, so a false end
+    // past the knee would keep queueing in the estimate for good (measured
+    // on the grid with other seeds: 3-7x the latency of the best fixed
+    // limit). Those fall back on the first rule.
+    const bool quiet = spread <= kQuietSpread && descent_spread <= kQuietSpread;
+    const bool lost = quiet && fewer / slower > kDescentLoss &&
                       std::log(fewer / slower) > kDescentZ * std::sqrt(noise + descent_noise);
-    const bool flat = slower < 1.0 + 0.35 * (fewer - 1.0) || lost;
+    const bool faster = slower >= 1.0 + 0.35 * (fewer - 1.0);
+    const bool flat = !faster || lost;
     settle = settle || fewer < 1.2 || flat;
     // The step before was slower, but not much, and an earlier one was much
     // slower: the knee lies between this step and the one before. Back up
@@ -494,6 +502,7 @@ double NoLoadLatency::descend(double latency, double in_flight, double n,
   descent_latency = l;
   descent_in_flight = f;
   descent_noise = noise;
+  descent_spread = spread;
   return 0.5;
 }
 
@@ -509,9 +518,11 @@ void NoLoadLatency::repair() noexcept {
   }
   if (bad(descent_latency) || bad(descent_in_flight) || bad(step_samples) ||
       bad(step_latency) || bad(step_in_flight) || bad(step_square_latency) ||
-      bad(descent_noise)) {
+      bad(descent_noise) || bad(descent_spread) ||
+      // The mean of the squares is at least the square of the mean.
+      step_square_latency * step_samples < step_latency * step_latency * (1.0 - 1e-9)) {
     descending = past_knee = false;
-    descent_latency = descent_in_flight = descent_noise = 0.0;
+    descent_latency = descent_in_flight = descent_noise = descent_spread = 0.0;
     step_samples = step_latency = step_in_flight = step_square_latency = 0.0;
   }
   if (settled && value == 0.0) settled = false;

@@ -334,11 +334,13 @@ class GradientLimit final : public LimitAlgorithm {
 //     (a resource that starts above the downstream's knee): until a step to
 //     half the concurrency is not clearly faster (latency fell by less than
 //     0.35x as much: a false end would keep queueing in the estimate, one
-//     step too many costs only the growth back), or cost more than a sixth
-//     of the throughput (by Little's law, concurrency / latency) by more
-//     than three standard errors of the two steps' means (a downstream that
-//     shares its cores with the rest of the service has no knee: each
-//     halving makes it faster, and serve less), the algorithm halves its
+//     step too many costs only the growth back), or, where service times
+//     vary little, cost more than a sixth of the throughput (by Little's
+//     law, concurrency / latency) by more than three standard errors of the
+//     two steps' means (a downstream that shares its cores with the rest of
+//     the service has no knee: each halving makes it faster, and serve
+//     less; with varied service times 100 samples cannot tell), the
+//     algorithm halves its
 //     limit once per step of kDescentSamples (from the concurrency in use,
 //     the step's peak, when fewer requests than the limit come: halving a
 //     limit of 20 against 10 clients would change nothing, and the descent
@@ -372,6 +374,8 @@ struct NoLoadLatency {
   // The last descent step's squared coefficient of variation over its
   // sample count: the variance of the log of its mean (see descend()).
   double descent_noise = 0.0;
+  // ... and its squared coefficient of variation.
+  double descent_spread = 0.0;
 
   static constexpr double kDescentSamples = 100.0;
   // A halving that cost more than 1 - 1/kDescentLoss of the throughput
@@ -379,6 +383,9 @@ struct NoLoadLatency {
   // errors, ends the descent.
   static constexpr double kDescentLoss = 1.2;
   static constexpr double kDescentZ = 3.0;
+  // ... and only where both steps' squared coefficients of variation are
+  // at most kQuietSpread (service times within about +-30 %).
+  static constexpr double kQuietSpread = 0.1;
 
   // Feeds a window (its mean latency, mean concurrency and successes).
   void add(double latency, double in_flight, double samples, double smoothing_samples,
