@@ -214,12 +214,18 @@ async def script_in_redis(
     finally:
         client.config_set("slowlog-log-slower-than", slower_than)
         client.config_set("slowlog-max-len", max_len)
+    # The command as bytes, also with decode_responses (redis-py 5-8).
+    head = f"EVALSHA {sha} ".encode()
     runs = [
         int(entry["duration"]) / 1e6
         for entry in log
-        if str(entry["command"]).split(" ")[:2] == ["EVALSHA", sha]
+        if _as_bytes(entry["command"]).startswith(head)
     ]
     return runs, from_lua / n
+
+
+def _as_bytes(value: str | bytes) -> bytes:
+    return value if isinstance(value, bytes) else value.encode()
 
 
 def _lua_calls(client: redis.Redis) -> int:
