@@ -38,6 +38,7 @@ import subprocess
 import tempfile
 import time
 from multiprocessing.connection import Connection
+from typing import Any
 
 import redis
 import redis.asyncio
@@ -149,9 +150,16 @@ async def acquire_release(url: str, n: int, client: redis.Redis) -> None:
         assert int(granted[0]) == 1, granted
         # Token 0: released without the fencing check.
         await cl._evalsha("release", cl._keys(stage), cl._args(stage, waiter_id, 0, 0, ""))
+    # The same script timed by Redis itself (SLOWLOG with a threshold of 0
+    # logs every command with its run time), and the commands it runs from
+    # Lua (INFO commandstats counts them), one acquire at a time.
+    inside, from_lua = await script_in_redis(client, cl, stage, min(n, 200))
     await scope.aclose()
     print(f"Redis PING round trip          {percentiles(pings)}")
     print(f"acquire script alone (EVALSHA) {percentiles(raw)}")
+    print(
+        f"  of which Redis runs it        {percentiles(inside)}  ({from_lua:.1f} commands from Lua)"
+    )
     print(f"acquire+release, process scope {percentiles(process)}")
     print(f"acquire+release, RedisScope    {percentiles(cluster)}")
     print(f"  of which the wait for the slot {percentiles(to_slot)}")
@@ -162,6 +170,10 @@ async def acquire_release(url: str, n: int, client: redis.Redis) -> None:
         f"spaced wait for the slot {statistics.median(spaced) / ping:.2f}; in the tight loop "
         f"each request's background release delays the next one's acquire)"
     )
+    print(
+        f"  (ratios to a PING: acquire script alone {statistics.median(raw) / ping:.2f}, "
+        f"wait for the slot in the tight loop {statistics.median(to_slot) / ping:.2f})"
+    )
     print(f"Redis commands per request     {per_request:.3f}  (acquire 1 + release 1)")
     RATIOS.update({
         "redis acquire+release (tight loop) / PING": statistics.median(cluster) / ping,
@@ -169,7 +181,63 @@ async def acquire_release(url: str, n: int, client: redis.Redis) -> None:
         "redis wait for a free slot (spaced) / PING": statistics.median(spaced) / ping,
         "redis acquire script alone (EVALSHA) / PING": statistics.median(raw) / ping,
         "redis commands per request": per_request,
+        "redis commands from Lua per free-slot acquire": from_lua,
     })
+
+
+async def script_in_redis(
+    client: redis.Redis, cl: Any, stage: Any, n: int
+) -> tuple[list[float], float]:
+    """Runs the acquire script ``n`` times for a free slot (each released
+    at once): Redis's own timing of each run (seconds), and the commands
+    each run makes from Lua."""
+    slower_than = client.config_get("slowlog-log-slower-than")["slowlog-log-slower-than"]
+    max_len = client.config_get("slowlog-max-len")["slowlog-max-len"]
+    sha = cl.shas["acquire"]
+    from_lua = 0
+    try:
+        client.config_set("slowlog-max-len", 2 * n + 10)
+        client.config_set("slowlog-log-slower-than", 0)
+        client.slowlog_reset()
+        for _ in range(n):
+            waiter_id = cl.new_id()
+            before = _lua_calls(client)
+            granted = await cl._evalsha(
+                "acquire", cl._keys(stage), cl._args(stage, waiter_id, 5000)
+            )
+            from_lua += _lua_calls(client) - before
+            assert int(granted[0]) == 1, granted
+            await cl._evalsha(
+                "release", cl._keys(stage), cl._args(stage, waiter_id, 0, 0, "")
+            )
+        log = client.slowlog_get(2 * n + 10)
+    finally:
+        client.config_set("slowlog-log-slower-than", slower_than)
+        client.config_set("slowlog-max-len", max_len)
+    # The command as bytes, also with decode_responses (redis-py 5-8).
+    head = f"EVALSHA {sha} ".encode()
+    runs = [
+        int(entry["duration"]) / 1e6
+        for entry in log
+        if _as_bytes(entry["command"]).startswith(head)
+    ]
+    return runs, from_lua / n
+
+
+def _as_bytes(value: str | bytes) -> bytes:
+    return value if isinstance(value, bytes) else value.encode()
+
+
+def _lua_calls(client: redis.Redis) -> int:
+    """Commands the server ran from Lua so far: all it counted but those a
+    client sends and this bench's own look-ups."""
+    stats = client.info("commandstats")
+    own = {"info", "slowlog|get", "slowlog|reset", "config|get", "config|set", "ping"}
+    return sum(
+        int(v["calls"])
+        for k, v in stats.items()
+        if k.removeprefix("cmdstat_") not in own and k.removeprefix("cmdstat_") not in _SENT
+    )
 
 
 def start_cluster(directory: str, masters: int = 3) -> tuple[list[subprocess.Popen[bytes]], int]:

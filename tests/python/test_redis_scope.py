@@ -203,6 +203,103 @@ def test_acquire_is_idempotent_per_waiter_id(redis_server: RedisServer) -> None:
     run(main)
 
 
+def test_a_free_slot_costs_redis_a_few_commands(redis_server: RedisServer) -> None:
+    """Taking a free slot with nobody queued runs 14 commands inside Redis
+    (the grant, its fencing token, the keys' time to live), not the purge
+    and hand-off passes that would find nothing to do (25 before): the
+    request's one round trip costs Redis less."""
+
+    async def main() -> None:
+        scope = RedisScope(redis_server.url(), key_prefix="test")
+        db = Resource(2, name="db", scope=scope)
+        stage = db._cluster
+        assert stage is not None
+        client = scope._client()
+        r = redis_server.client()
+
+        def from_lua() -> int:
+            # Every command the server ran but those a client sent itself.
+            sent = {"cmdstat_evalsha", "cmdstat_info", "cmdstat_script|load", "cmdstat_ping"}
+            stats = r.info("commandstats")
+            return sum(int(v["calls"]) for k, v in stats.items() if k not in sent)
+
+        await client._send_acquire(stage, "warm", None)  # loads the scripts
+        await client._release(stage, "warm")
+        counts = []
+        for i in range(3):  # the least of three: a heartbeat may run meanwhile
+            before = from_lua()
+            granted = await client._send_acquire(stage, f"w{i}", None)
+            counts.append(from_lua() - before)
+            assert granted[:2] == (1, 1) and granted[2] > 0
+            await client._release(stage, f"w{i}")
+        assert min(counts) <= 14, counts
+        await scope.aclose()
+
+    run(main)
+
+
+def test_an_ended_lease_is_reclaimed_though_a_slot_is_free(redis_server: RedisServer) -> None:
+    """A holder that crashed (its lease ended, never renewed) leaves no
+    trace once another request takes a free slot: it no longer counts as in
+    use, its fencing token is dropped, and when the slots fill the crashed
+    one's slot is there."""
+
+    async def main() -> None:
+        url = redis_server.url()
+        crashed = RedisScope(url, key_prefix="test", lease=0.3)
+        gone = Resource(2, name="db", scope=crashed)
+        assert gone._cluster is not None
+        assert (await crashed._client()._send_acquire(gone._cluster, "crashed", None))[0] == 1
+        await crashed.aclose()  # knows of no permit: "crashed" stays held
+        assert holders(redis_server) == ["crashed"]
+        await asyncio.sleep(0.4)  # its lease ends
+        scope = RedisScope(url, key_prefix="test")
+        db = Resource(2, name="db", scope=scope)
+        stage = db._cluster
+        assert stage is not None
+        client = scope._client()
+        first = await client._send_acquire(stage, "a", None)
+        assert first[:2] == (1, 1)  # in use: "a" alone
+        assert holders(redis_server) == ["a"]
+        assert redis_server.client().hkeys("{test:db}:tokens") == ["a"]
+        second = await client._send_acquire(stage, "b", None)
+        assert second[:2] == (1, 2) and second[2] > first[2]
+        assert (await client._send_acquire(stage, "c", 0.0))[0] == -1  # full now
+        for permit_id in ("a", "b"):
+            await client._release(stage, permit_id)
+        await scope.aclose()
+
+    run(main)
+
+
+def test_keys_expire_a_lease_after_a_free_slot_grant(redis_server: RedisServer) -> None:
+    """A slot taken without waiting gives every key it touches a time to
+    live: the holders and their tokens one lease after that lease ends, the
+    fence and the filled hash at least a minute (see docs/operations.md)."""
+
+    async def main() -> None:
+        lease = 0.5
+        scope = RedisScope(redis_server.url(), key_prefix="test", lease=lease)
+        db = Resource(1, name="db", scope=scope)
+        stage = db._cluster
+        assert stage is not None
+        client = scope._client()
+        assert (await client._send_acquire(stage, "a", None))[0] == 1
+        r = redis_server.client()
+        ttls = {key: r.pttl(key) for key in r.keys("{test:db}*")}
+        for key in ("holders", "tokens"):
+            assert lease * 1000 < ttls[f"{{test:db}}:{key}"] <= 2 * lease * 1000, ttls
+        for key in ("fence", "filled", "config"):
+            assert ttls[f"{{test:db}}:{key}"] > 50_000, ttls
+        assert all(ttl > 0 for ttl in ttls.values()), ttls
+        # Never renewed (no permit in this process): gone a lease after
+        # its lease ended, with its tokens.
+        await _until(lambda: not r.exists("{test:db}:holders", "{test:db}:tokens"), 3)
+        await scope.aclose()
+
+    run(main)
+
+
 def test_a_lost_reply_neither_leaks_nor_doubles_the_slot(redis_server: RedisServer) -> None:
     """A proxy drops the connection after the acquire reached Redis and
     before its reply came back: the client retries with the same waiter id."""

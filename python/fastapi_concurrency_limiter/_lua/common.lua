@@ -62,13 +62,15 @@ end
 -- the expiry of the fence key or a Redis restart that lost it: at least
 -- the Redis clock in microseconds (so it keeps growing as long as the
 -- clock of Redis does not go back).
-local function grant_token(id)
+-- ``held``: the number of holders with this grant, when the caller knows
+-- it.
+local function grant_token(id, held)
   local last = tonumber(redis.call('GET', fence) or '0')
   local token = math.max(last + 1, now * 1000)
   local text = string.format('%.0f', token)
   redis.call('SET', fence, text, 'PX', config_ttl)
   redis.call('HSET', tokens, id, text)
-  if redis.call('ZCARD', holders) >= capacity then
+  if (held or redis.call('ZCARD', holders)) >= capacity then
     redis.call('HSET', filled, 'at', now)
   end
   return text
@@ -80,14 +82,20 @@ local function drop_holder(id)
   return redis.call('ZREM', holders, id)
 end
 
--- The resource's epoch (see KEYS[11]), created when missing.
+-- The resource's epoch (see KEYS[11]), created when missing; read once
+-- per script (nothing deletes that key while a script runs).
+local known_epoch = nil
 local function epoch()
+  if known_epoch then
+    return known_epoch
+  end
   local current = redis.call('HGET', filled, 'epoch')
   if not current then
     current = tostring(now)
     redis.call('HSET', filled, 'epoch', current)
     redis.call('PEXPIRE', filled, config_ttl)
   end
+  known_epoch = current
   return current
 end
 
@@ -131,7 +139,9 @@ local function purge()
   for _, id in ipairs(ended) do
     redis.call('HDEL', tokens, id)
   end
-  redis.call('ZREMRANGEBYSCORE', holders, '-inf', now)
+  if #ended > 0 then
+    redis.call('ZREMRANGEBYSCORE', holders, '-inf', now)
+  end
   local gone = redis.call('ZRANGEBYSCORE', wexp, '-inf', now)
   for _, id in ipairs(gone) do
     drop_waiter(id)
@@ -181,6 +191,22 @@ local function grant_free()
   end
 end
 
+-- The holders' keys live a lease after the last lease ends (the expiry
+-- ``last``, ms): the fence and the filled hash (created if missing) as
+-- long as any permit is held, and config_ttl after: a holder paused for
+-- longer is still found stale. ``fenced``: the fence was just set to live
+-- config_ttl (grant_token).
+local function expire_holders(last, fenced)
+  redis.call('PEXPIREAT', holders, last + lease)
+  redis.call('PEXPIREAT', tokens, last + lease)
+  local keep = math.max(last + lease, now + config_ttl)
+  if not fenced or keep > now + config_ttl then
+    redis.call('PEXPIREAT', fence, keep)
+  end
+  epoch()
+  redis.call('PEXPIREAT', filled, keep)
+end
+
 -- Every key of the resource expires once nothing in it is alive: holders a
 -- lease after the last lease in it ends, the queue, its deadlines and its
 -- wake-up addresses a lease after the last waiter's. So a crashed
@@ -189,14 +215,7 @@ end
 local function expire_keys()
   local last = redis.call('ZRANGE', holders, -1, -1, 'WITHSCORES')
   if last[2] then
-    redis.call('PEXPIREAT', holders, tonumber(last[2]) + lease)
-    redis.call('PEXPIREAT', tokens, tonumber(last[2]) + lease)
-    -- The fence lives while any permit is held (and config_ttl after):
-    -- a holder paused for longer is still found stale.
-    local keep = math.max(tonumber(last[2]) + lease, now + config_ttl)
-    redis.call('PEXPIREAT', fence, keep)
-    epoch()
-    redis.call('PEXPIREAT', filled, keep)
+    expire_holders(tonumber(last[2]))
   end
   last = redis.call('ZRANGE', wexp, -1, -1, 'WITHSCORES')
   if last[2] then
