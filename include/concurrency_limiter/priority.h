@@ -35,8 +35,11 @@
 // relaxed atomic adds to a grant (its holds and its grants) and one to a
 // release, the default class nothing. With
 // waiters, a grant, release, timeout or cancel stays O(1). Reserves put every
-// grant and release under the resource's mutex. Host scope and per-key
-// shares support only kCritical for now (std::invalid_argument otherwise).
+// grant and release under the resource's mutex.
+// Host scope (host_resource.h) keeps the grant order and the shedding
+// across processes; it supports no reserves and does not split its
+// statistics by class yet. Per-key shares support only kCritical for now
+// (std::invalid_argument otherwise).
 //
 // Thread safety: plain values and pure functions, usable from any thread.
 #pragma once
