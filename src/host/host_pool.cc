@@ -692,6 +692,26 @@ Outcome HostPool::refuse_locked(WaiterNode& node, Outcome reason) {
   return reason;
 }
 
+bool HostPool::queue_full_for(Priority priority) noexcept {
+  if (unavailable_now()) return false;
+  try {
+    SegmentLock lock(*seg());
+    const host::Header& h = seg()->header;
+    const std::int64_t max_waiting = cfg().max_waiting;
+    if (max_waiting < 0 || h.waiting < max_waiting || h.waiting == 0) return false;
+    const std::size_t own = priority_index(priority);
+    const int lowest = host::lowest_waiting_class(*seg());
+    if (lowest >= 0 && own > static_cast<std::size_t>(lowest)) return false;
+    const auto discipline = static_cast<QueueDiscipline>(cfg().queue);
+    const bool newest_first =
+        discipline == QueueDiscipline::kLifo ||
+        (discipline == QueueDiscipline::kAdaptive && standing_locked(to_ns(Clock::now())));
+    return !newest_first || h.queues[own].head == kNone;
+  } catch (...) {
+    return false;
+  }
+}
+
 bool HostPool::try_grant(bool& measure) noexcept {
   std::lock_guard lock(mu_);
   // Anything unusual (registration, a reset, an unreachable lock) is left

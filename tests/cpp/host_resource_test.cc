@@ -1058,6 +1058,14 @@ TEST(HostPriority, AFullQueuePushesOutTheNewestLowerWaiterOfAnotherProcess) {
   Child late({"pwait", name, "1", "fifo", "2", "sheddable", "20000", "0"});
   EXPECT_EQ(late.line(), "rejected queue_full");
   EXPECT_EQ(db->waiting(), 2);
+  // A zero-timeout try says why it would have been refused: by the full
+  // queue for the lowest class; for a higher class it would have queued.
+  const auto set =
+      std::make_shared<const ResourceSet>(std::vector<std::shared_ptr<Resource>>{db});
+  EXPECT_EQ(Acquisition(set, std::nullopt, Priority::kSheddable).try_once(),
+            Outcome::kQueueFull);
+  EXPECT_EQ(Acquisition(set, std::nullopt, Priority::kCriticalPlus).try_once(),
+            Outcome::kTimeout);
   // A newcomer of this process pushes out the other process's last
   // lower-class waiter the same way.
   Limiter limiter({db}, 10s);
