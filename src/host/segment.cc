@@ -873,15 +873,26 @@ void push_back(Segment& s, List& list, std::uint32_t i) {
 
 void unlink(Segment& s, List& list, std::uint32_t i) {
   Entry& e = s.entries[i];
+  // An end of `list` that is not `i`: the entry is in another list (its
+  // class overwritten, say): `list` is left alone, and the rebuild puts
+  // every entry back where its primary fields say.
   if (e.prev == kNone) {
-    list.head = e.next;
+    if (list.head == i) {
+      list.head = e.next;
+    } else {
+      s.header.needs_rebuild = 1;
+    }
   } else if (e.prev < kMaxWaiters) {
     s.entries[e.prev].next = e.next;
   } else {
     s.header.needs_rebuild = 1;
   }
   if (e.next == kNone) {
-    list.tail = e.prev;
+    if (list.tail == i) {
+      list.tail = e.prev;
+    } else {
+      s.header.needs_rebuild = 1;
+    }
   } else if (e.next < kMaxWaiters) {
     s.entries[e.next].prev = e.prev;
   } else {
