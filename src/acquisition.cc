@@ -21,13 +21,12 @@ Priority checked(Priority priority, const ResourceSet* set) {
   }
   if (priority == Priority::kCritical || set == nullptr) return priority;
   for (const auto& r : set->resources()) {
-    if (r->scope() == Scope::kHost || r->per_key() != 0) {
+    if (r->per_key() != 0) {
       throw std::invalid_argument(
           "priority '" + std::string(to_string(priority)) +
-          "' is not supported on resource '" + r->name() + "' (" +
-          (r->scope() == Scope::kHost ? "scope 'host'" : "a per-key share") +
-          ") yet: use priority critical (the default) for the requests "
-          "that need it");
+          "' is not supported on resource '" + r->name() +
+          "' (a per-key share) yet: use priority critical (the default) for the "
+          "requests that need it");
     }
   }
   return priority;

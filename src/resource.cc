@@ -268,10 +268,7 @@ Outcome Resource::refuse_try(const std::string* key, Priority priority) {
   if (closed()) {
     reason = Outcome::kUnavailable;
   } else if (host_) {
-    const std::optional<std::int64_t> most = max_waiting();
-    if (most && waiting() >= *most && queue() != QueueDiscipline::kLifo) {
-      reason = Outcome::kQueueFull;
-    }
+    if (host_->queue_full_for(priority)) reason = Outcome::kQueueFull;
   } else {
     const auto now = Clock::now();
     detail::MutexLock lock(mu_);

@@ -48,8 +48,9 @@
 // (kLowerPriority); a class may not take slots reserved for the classes
 // above it (ResourceOptions::reserve). See resource.h, "Priority classes".
 // A class other than kCritical is refused (std::invalid_argument, at
-// construction) when the set holds a resource of scope kHost or with a
-// per-key share: not built yet.
+// construction) when the set holds a resource with a per-key share: not
+// built yet. Host-scoped resources keep the classes across processes
+// (host_resource.h).
 //
 //   Acquisition acq(set, std::nullopt, Priority::kSheddable);
 //
@@ -93,7 +94,7 @@ class Acquisition {
   // `key`: see "Key" above; copied, and constant for the acquisition's life.
   // `priority`: see "Priority" above. Throws std::invalid_argument, naming
   // `priority`, for a value outside the enum or a class other than
-  // kCritical on a set with a host-scoped resource or a per-key share.
+  // kCritical on a set with a per-key share.
   explicit Acquisition(std::shared_ptr<const ResourceSet> set,
                        std::optional<std::string> key = std::nullopt,
                        Priority priority = Priority::kCritical);

@@ -102,6 +102,22 @@
 //   - Statistics: capacity, limit, in_use, waiting and peak_in_use are
 //     machine-wide; acquired_total, rejected_total and the wait and hold
 //     histograms count this process's requests.
+//   - Priority classes (priority.h): each queued request's class is kept in
+//     the shared queue, one list per class. A freed slot goes to the
+//     highest class waiting in any process, then the discipline within the
+//     class (the adaptive queue's "standing" test and its shedding look at
+//     the oldest waiter of every class). With max_waiting, a full queue
+//     pushes out the newest waiter of the lowest class below the newcomer,
+//     whichever process it waits in (Outcome::kLowerPriority, told to it
+//     through its process's background thread); otherwise as without
+//     classes, within the newcomer's class. A process killed while its
+//     requests wait, even inside the lock, leaves the per-class queues
+//     consistent (they are rebuilt from each entry's class). The free-slot
+//     path costs the same for every class. Not supported yet: reserves
+//     (ResourceOptions::reserve: std::invalid_argument), statistics per
+//     class (ResourceStatistics::classes counts everything as kCritical),
+//     and shedding by class when the 4096-entry waiter table (not
+//     max_waiting) is full: the newcomer gets kQueueFull whatever its class.
 //   - Each process runs one background thread per host resource it uses.
 //   - close() is local: it refuses the new requests made through that
 //     Resource object (kUnavailable), and nothing else. Requests already

@@ -107,10 +107,9 @@ class Limiter {
   // key: served before lower classes, pushed out of a full queue only for
   // a higher class (kLowerPriority), kept from the slots reserved for the
   // classes above it. std::invalid_argument, before anything is taken, for
-  // a class other than kCritical on a set with a host-scoped resource or a
-  // per-key share. Like the keyed calls these take the resources' mutexes
-  // when they must wait; a free slot of a resource without reserves is
-  // taken without a lock.
+  // a class other than kCritical on a set with a per-key share. Like the
+  // keyed calls these take the resources' mutexes when they must wait; a
+  // free slot of a resource without reserves is taken without a lock.
   Permit acquire(const std::shared_ptr<const ResourceSet>& set,
                  std::optional<std::string> key, Priority priority,
                  std::stop_token stop = {}) const {

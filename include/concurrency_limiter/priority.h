@@ -36,8 +36,11 @@
 // release, and a try that finds no free slot takes its two adds back (two
 // more), the default class nothing. With
 // waiters, a grant, release, timeout or cancel stays O(1). Reserves put every
-// grant and release under the resource's mutex. Host scope and per-key
-// shares support only kCritical for now (std::invalid_argument otherwise).
+// grant and release under the resource's mutex.
+// Host scope (host_resource.h) keeps the grant order and the shedding
+// across processes; it supports no reserves and does not split its
+// statistics by class yet. Per-key shares support only kCritical for now
+// (std::invalid_argument otherwise).
 // A class's counts are taken before its slot: a snapshot of the statistics
 // may, for a moment, show the classes' grants summing above the resource's
 // (a try that then finds no free slot takes its class's back).

@@ -130,9 +130,12 @@
 // other than kCritical pays one more relaxed atomic add on grant and on
 // release (its per-class count), the default class nothing. A resource with
 // reserves takes and gives back every slot under its mutex, as a per-key
-// share does. Host scope, and a per-key share, support neither reserves nor
-// a class other than kCritical yet: the constructor refuses reserves there,
-// and Acquisition a class other than kCritical (std::invalid_argument).
+// share does. Host scope keeps the grant order and the full-queue rule above
+// across processes (host_resource.h, "Priority classes"), but no reserves
+// (the constructor refuses them) and no per-class statistics yet. A
+// per-key share supports neither reserves nor a class other than kCritical
+// yet: the constructor refuses reserves there, and Acquisition a class
+// other than kCritical (std::invalid_argument).
 //
 // Thread safety: every member function may be called from any thread. While
 // nobody waits, a slot is taken and given back with one atomic

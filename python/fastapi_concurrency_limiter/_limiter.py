@@ -232,8 +232,8 @@ class Limiter:
         fails its request (500), logged at ERROR. See docs/priorities.md.
 
         Raises ValueError at decoration time for a ``priority`` that is no
-        class, or is not ``CRITICAL`` on a resource with ``scope="host"`` or
-        ``per_key`` (not supported there), for an empty list, a resource
+        class, or is not ``CRITICAL`` on a resource with ``per_key`` (not
+        supported there), for an empty list, a resource
         that is not registered, one listed twice, resources out of
         registration order or in an order another Limiter contradicts;
         TypeError for items that are not Resources. A request whose task
@@ -735,10 +735,10 @@ def _check_keyed(gate: Gate) -> None:
 
 def _check_prioritized(resources: Sequence[Resource], priority: object) -> None:
     """ValueError naming ``priority`` if one of ``resources`` cannot order
-    its waiters by class (host scope, per-key shares: not built yet)."""
+    its waiters by class (per-key shares: not built yet)."""
     for r in resources:
-        if r.scope == "host" or r.per_key is not None:
-            what = "scope='host'" if r.scope == "host" else f"per_key={r.per_key}"
+        if r.per_key is not None:
+            what = f"per_key={r.per_key}"
             raise ValueError(
                 f"priority={priority!r}: resource {r.name!r} has {what}, where priority "
                 "classes are not supported (not built yet); every request of it is CRITICAL: "

@@ -74,6 +74,16 @@ constexpr auto kUnavailableFor = std::chrono::milliseconds(3000);
 
 constexpr bool kStatistics = CL_STATISTICS != 0;
 
+// The waiter that arrived first, over every class (kNone when none).
+std::uint32_t oldest_waiter(const Segment& s) {
+  std::uint32_t oldest = kNone;
+  for (const host::List& q : s.header.queues) {
+    if (q.head >= kMaxWaiters) continue;
+    if (oldest == kNone || s.entries[q.head].ticket < s.entries[oldest].ticket) oldest = q.head;
+  }
+  return oldest;
+}
+
 host::Config config_of(const ResourceOptions& o, const LimitAlgorithm* algorithm) {
   return host::Config{
       .capacity = o.capacity,
@@ -487,7 +497,7 @@ void HostPool::decide_locked(std::uint32_t i, Outcome outcome, std::int64_t now_
                              NoticeList& notices, Wakes& wakes) {
   host::Header& h = seg()->header;
   Entry& e = seg()->entries[i];
-  host::unlink(*seg(), h.queue, i);
+  host::unlink(*seg(), host::queue_of(*seg(), e), i);
   --h.waiting;
   if (e.process < kMaxProcesses) --seg()->processes[e.process].waiting;
   e.decided_ns = now_ns;
@@ -559,7 +569,7 @@ WaiterNode* HostPool::settle_own_locked(std::uint32_t i, NoticeList& notices,
 
 bool HostPool::standing_locked(std::int64_t now_ns) {
   host::Header& h = seg()->header;
-  const std::uint32_t head = h.queue.head;
+  const std::uint32_t head = oldest_waiter(*seg());
   if (head >= kMaxWaiters || h.waiting <= limit() ||
       now_ns - seg()->entries[head].enqueued_ns <= cfg().target_ns) {
     h.above_target_since_ns = -1;
@@ -576,9 +586,10 @@ void HostPool::shed_locked(std::int64_t now_ns, NoticeList& notices, Wakes& wake
       !standing_locked(now_ns)) {
     return;
   }
-  host::Header& h = seg()->header;
   for (std::uint32_t steps = 0; steps < kMaxWaiters; ++steps) {
-    const std::uint32_t head = h.queue.head;
+    // Served newest first, the oldest waiters (of any class) would be
+    // served last: told now instead of at their timeout.
+    const std::uint32_t head = oldest_waiter(*seg());
     if (head >= kMaxWaiters ||
         now_ns - seg()->entries[head].enqueued_ns <= cfg().target_ns + cfg().interval_ns) {
       return;
@@ -590,22 +601,25 @@ void HostPool::shed_locked(std::int64_t now_ns, NoticeList& notices, Wakes& wake
 std::uint32_t HostPool::pick_locked(std::int64_t now_ns, NoticeList& notices,
                                     Wakes& wakes) {
   host::Header& h = seg()->header;
-  std::uint32_t i = kNone;
+  bool from_head = true;
   switch (static_cast<QueueDiscipline>(cfg().queue)) {
     case QueueDiscipline::kFifo:
-      i = h.queue.head;
       break;
     case QueueDiscipline::kLifo:
-      i = h.queue.tail;
+      from_head = false;
       break;
     case QueueDiscipline::kAdaptive:
       shed_locked(now_ns, notices, wakes);
-      i = standing_locked(now_ns) ? h.queue.tail : h.queue.head;
+      from_head = !standing_locked(now_ns);
       break;
     default:  // out of range: garbage written since the segment was opened
-      i = h.queue.head;
       break;
   }
+  // The highest class with waiters, then the discipline's end of its queue.
+  const int top = host::highest_waiting_class(*seg());
+  if (top < 0) return kNone;
+  const host::List& q = h.queues[static_cast<std::size_t>(top)];
+  const std::uint32_t i = from_head ? q.head : q.tail;
   if (i == kNone) return kNone;
   if (i >= kMaxWaiters || seg()->entries[i].state != as_u32(EntryState::kQueued)) {
     h.needs_rebuild = 1;
@@ -655,7 +669,7 @@ void HostPool::reclaim_locked(std::uint32_t proc, NoticeList& notices, Wakes& wa
     Entry& e = seg()->entries[i];
     if (e.state == as_u32(EntryState::kFree) || e.process != proc) continue;
     if (e.state == as_u32(EntryState::kQueued)) {
-      host::unlink(*seg(), h.queue, i);
+      host::unlink(*seg(), host::queue_of(*seg(), e), i);
       --h.waiting;
     } else if (e.state == as_u32(EntryState::kGranted)) {
       ++freed;
@@ -676,6 +690,26 @@ Outcome HostPool::refuse_locked(WaiterNode& node, Outcome reason) {
   node.state_ = NodeState::kRejected;
   node.outcome_ = reason;
   return reason;
+}
+
+bool HostPool::queue_full_for(Priority priority) noexcept {
+  if (unavailable_now()) return false;
+  try {
+    SegmentLock lock(*seg());
+    const host::Header& h = seg()->header;
+    const std::int64_t max_waiting = cfg().max_waiting;
+    if (max_waiting < 0 || h.waiting < max_waiting || h.waiting == 0) return false;
+    const std::size_t own = priority_index(priority);
+    const int lowest = host::lowest_waiting_class(*seg());
+    if (lowest >= 0 && own > static_cast<std::size_t>(lowest)) return false;
+    const auto discipline = static_cast<QueueDiscipline>(cfg().queue);
+    const bool newest_first =
+        discipline == QueueDiscipline::kLifo ||
+        (discipline == QueueDiscipline::kAdaptive && standing_locked(to_ns(Clock::now())));
+    return !newest_first || h.queues[own].head == kNone;
+  } catch (...) {
+    return false;
+  }
 }
 
 bool HostPool::try_grant(bool& measure) noexcept {
@@ -728,15 +762,31 @@ Outcome HostPool::enqueue(WaiterNode& node, NoticeList& notices) {
     }
     shed_locked(now_ns, notices, locked.wakes);
     const std::int64_t max_waiting = cfg().max_waiting;
-    if (max_waiting >= 0 && h.waiting >= max_waiting) {
+    const std::size_t own = priority_index(node.priority_);
+    const int lowest = host::lowest_waiting_class(*seg());
+    if (max_waiting >= 0 && h.waiting >= max_waiting && lowest >= 0 &&
+        own > static_cast<std::size_t>(lowest)) {
+      // A class is shed only once every lower one is: the newest waiter of
+      // the lowest class, in whichever process, makes room for a higher one.
+      const std::uint32_t victim = h.queues[static_cast<std::size_t>(lowest)].tail;
+      if (victim >= kMaxWaiters) {
+        h.needs_rebuild = 1;
+        return refuse_locked(node, Outcome::kQueueFull);
+      }
+      decide_locked(victim, Outcome::kLowerPriority, now_ns, notices, locked.wakes);
+    } else if (max_waiting >= 0 && h.waiting >= max_waiting) {
+      // FIFO order (also the adaptive queue's, until a queue stands) turns
+      // the newcomer away; newest-first order pushes the oldest waiter of
+      // its class out.
       const auto discipline = static_cast<QueueDiscipline>(cfg().queue);
       const bool newest_first =
           discipline == QueueDiscipline::kLifo ||
           (discipline == QueueDiscipline::kAdaptive && standing_locked(now_ns));
-      if (!newest_first || h.waiting == 0 || h.queue.head >= kMaxWaiters) {
+      const std::uint32_t oldest = h.queues[own].head;
+      if (!newest_first || h.waiting == 0 || oldest >= kMaxWaiters) {
         return refuse_locked(node, Outcome::kQueueFull);
       }
-      decide_locked(h.queue.head, Outcome::kQueueFull, now_ns, notices, locked.wakes);
+      decide_locked(oldest, Outcome::kQueueFull, now_ns, notices, locked.wakes);
     }
     const std::uint32_t i = allocate_entry_locked();
     // The waiter table is full.
@@ -748,8 +798,9 @@ Outcome HostPool::enqueue(WaiterNode& node, NoticeList& notices) {
     e.enqueued_ns = now_ns;
     e.decided_ns = 0;
     e.outcome = static_cast<std::uint32_t>(Outcome::kPending);
+    e.priority = static_cast<std::uint32_t>(own);
     e.state = as_u32(EntryState::kQueued);
-    host::push_back(*seg(), h.queue, i);
+    host::push_back(*seg(), h.queues[own], i);
     ++h.waiting;
     ++me().waiting;
     nodes_[i] = &node;
@@ -795,7 +846,7 @@ NodeState HostPool::abandon(WaiterNode& node, Outcome reason) {
     NoticeList unused;  // settling our own entry notifies nobody
     if (e.state == as_u32(EntryState::kQueued)) {
       host::Header& h = seg()->header;
-      host::unlink(*seg(), h.queue, i);
+      host::unlink(*seg(), host::queue_of(*seg(), e), i);
       --h.waiting;
       --me().waiting;
       nodes_[i] = nullptr;
@@ -1000,7 +1051,7 @@ void HostPool::catch_up_locked(NoticeList& notices, Wakes& wakes) {
       continue;  // decided meanwhile: deliver() passes a grant on (no node)
     }
     host::Header& h = seg()->header;
-    host::unlink(*seg(), h.queue, i);
+    host::unlink(*seg(), host::queue_of(*seg(), e), i);
     --h.waiting;
     --me().waiting;
     free_entry_locked(i);

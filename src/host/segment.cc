@@ -79,9 +79,10 @@ void init_segment(Segment& s, const std::string& name, const Config& config,
   h.algorithm[0] = algorithm;
   h.algorithm[1] = algorithm;
   h.limit.store(limit, std::memory_order_relaxed);
-  h.queue = {kNone, kNone};
+  for (List& q : h.queues) q = {kNone, kNone};
   for (Process& p : s.processes) p.decided = {kNone, kNone};
   for (std::uint32_t i = 0; i < kMaxWaiters; ++i) {
+    s.entries[i].priority = static_cast<std::uint32_t>(priority_index(Priority::kCritical));
     s.entries[i].prev = kNone;
     s.entries[i].next = i + 1 < kMaxWaiters ? i + 1 : kNone;
   }
@@ -872,15 +873,26 @@ void push_back(Segment& s, List& list, std::uint32_t i) {
 
 void unlink(Segment& s, List& list, std::uint32_t i) {
   Entry& e = s.entries[i];
+  // An end of `list` that is not `i`: the entry is in another list (its
+  // class overwritten, say): `list` is left alone, and the rebuild puts
+  // every entry back where its primary fields say.
   if (e.prev == kNone) {
-    list.head = e.next;
+    if (list.head == i) {
+      list.head = e.next;
+    } else {
+      s.header.needs_rebuild = 1;
+    }
   } else if (e.prev < kMaxWaiters) {
     s.entries[e.prev].next = e.next;
   } else {
     s.header.needs_rebuild = 1;
   }
   if (e.next == kNone) {
-    list.tail = e.prev;
+    if (list.tail == i) {
+      list.tail = e.prev;
+    } else {
+      s.header.needs_rebuild = 1;
+    }
   } else if (e.next < kMaxWaiters) {
     s.entries[e.next].prev = e.prev;
   } else {
@@ -1005,6 +1017,7 @@ void rebuild(Segment& s) noexcept {
       continue;
     }
     max_ticket = std::max(max_ticket, e.ticket);
+    e.priority = static_cast<std::uint32_t>(class_of(e));
     if (e.state == static_cast<std::uint32_t>(EntryState::kQueued)) {
       queued[n_queued++] = i;
     } else {
@@ -1017,9 +1030,9 @@ void rebuild(Segment& s) noexcept {
   };
   std::sort(queued.begin(), queued.begin() + static_cast<std::ptrdiff_t>(n_queued), by_ticket);
   std::sort(decided.begin(), decided.begin() + static_cast<std::ptrdiff_t>(n_decided), by_ticket);
-  h.queue = {kNone, kNone};
+  for (List& q : h.queues) q = {kNone, kNone};
   for (std::size_t k = 0; k < n_queued; ++k) {
-    push_back(s, h.queue, queued[k]);
+    push_back(s, queue_of(s, s.entries[queued[k]]), queued[k]);
     ++s.processes[s.entries[queued[k]].process].waiting;
   }
   for (std::size_t k = 0; k < n_decided; ++k) {
@@ -1038,13 +1051,15 @@ void rebuild(Segment& s) noexcept {
   h.above_target_since_ns = -1;
   h.peak_in_use = std::clamp<std::int64_t>(h.peak_in_use, 0, h.held_bound);
   // A holder that died while handing a slot over leaves it free with
-  // waiters queued: grant it now.
+  // waiters queued: grant it now, highest class first.
   const bool lifo = h.config.queue == static_cast<std::uint32_t>(QueueDiscipline::kLifo);
   const std::int64_t now = now_ns();
-  while (h.in_use < limit && h.queue.head != kNone) {
-    const std::uint32_t i = lifo ? h.queue.tail : h.queue.head;
+  for (int top = highest_waiting_class(s); h.in_use < limit && top >= 0;
+       top = highest_waiting_class(s)) {
+    List& q = h.queues[static_cast<std::size_t>(top)];
+    const std::uint32_t i = lifo ? q.tail : q.head;
     Entry& e = s.entries[i];
-    unlink(s, h.queue, i);
+    unlink(s, q, i);
     --h.waiting;
     --s.processes[e.process].waiting;
     e.state = static_cast<std::uint32_t>(EntryState::kGranted);

@@ -62,6 +62,11 @@ class HostPool {
   // The configuration in force host-wide (snapshots, no lock).
   std::int64_t capacity() const noexcept;
   std::int64_t max_waiting() const noexcept;  // -1: unbounded
+  // Whether a request of class `priority` arriving now would be turned away
+  // by the full queue (max_waiting), as enqueue() decides: full, and no
+  // waiter of a lower class (nor, newest first, of its own) to push out.
+  // False when the shared state cannot be reached.
+  bool queue_full_for(Priority priority) noexcept;
   QueueDiscipline queue() const noexcept;
   // The limit in force host-wide (a snapshot, no lock), and setting it:
   // raising it grants waiters of every process at once; lowering it retires

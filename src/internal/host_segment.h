@@ -10,9 +10,9 @@
 // taken with a bound: see SegmentLock). Fields are split in two kinds:
 //   primary  the facts: which process slots are in use (pid, incarnation),
 //            how many slots each holds, and each waiter entry's state,
-//            owner and ticket;
-//   derived  counters and links kept for speed (in_use, waiting, the queue
-//            and per-process lists, the free list). rebuild() recomputes
+//            owner, ticket and priority class;
+//   derived  counters and links kept for speed (in_use, waiting, the
+//            per-class queues, the per-process lists, the free list). rebuild() recomputes
 //            them from the primary fields, after a process died inside the
 //            lock or when a value read from the segment is out of range.
 // A grant is "held" either by the process (Process::held, once its owner has
@@ -55,6 +55,7 @@
 #include <vector>
 
 #include "concurrency_limiter/limit.h"
+#include "concurrency_limiter/priority.h"
 
 namespace concurrency_limiter::detail::host {
 
@@ -66,8 +67,9 @@ inline constexpr std::uint64_t kMagic = 0x3130545348434c46ull;  // "FLCHST01"
 // 7: Outcome::kDeadline, so an entry's stored kPending has another value;
 // 8: Outcome::kPredictedTimeout, the same again; 9: Outcome::kLowerPriority,
 // the same again; 10: the limit algorithms' windows and descent steps keep
-// how much latencies vary.
-inline constexpr std::uint32_t kVersion = 10;
+// how much latencies vary; 11: priority classes (each entry's class, one
+// queue per class).
+inline constexpr std::uint32_t kVersion = 11;
 // Processes that may use one host resource at the same time.
 inline constexpr std::uint32_t kMaxProcesses = 256;
 // Requests that may wait for one host resource at the same time, over all
@@ -141,9 +143,11 @@ struct Entry {
   std::int64_t enqueued_ns;   // steady clock (CLOCK_MONOTONIC), machine-wide
   std::int64_t decided_ns;    // when granted or rejected
   std::uint32_t outcome;      // Outcome, once rejected
-  std::uint32_t prev;         // links in the queue, a decided list or the
-  std::uint32_t next;         // free list (derived)
-  std::uint32_t reserved;
+  std::uint32_t prev;         // links in its class's queue, a decided list
+  std::uint32_t next;         // or the free list (derived)
+  // Its Priority (primary); a value out of range is read as kCritical (and
+  // set so by the rebuild).
+  std::uint32_t priority;
 };
 
 struct Header {
@@ -182,7 +186,9 @@ struct Header {
   std::uint64_t next_incarnation;
   std::int64_t above_target_since_ns;  // adaptive: -1 when not above target
   std::uint64_t repairs;               // times the state was rebuilt
-  List queue;                          // waiters, oldest first (derived)
+  // Waiters of each class, indexed by priority_index(), oldest first
+  // (derived). A freed slot goes to the highest class with waiters.
+  List queues[kPriorityCount];
   std::uint32_t free_head;             // free entries (derived)
   // Set when a link read from the segment was out of range (it is then
   // ignored): the unlocker rebuilds before releasing the mutex.
@@ -340,6 +346,29 @@ class SharedAlgorithm {
 // Header::needs_rebuild.
 void push_back(Segment& s, List& list, std::uint32_t i);
 void unlink(Segment& s, List& list, std::uint32_t i);
+// The class index (0..kPriorityCount-1) of entry `e`: kCritical's for a
+// value out of range.
+inline std::size_t class_of(const Entry& e) noexcept {
+  return e.priority < kPriorityCount ? e.priority : priority_index(Priority::kCritical);
+}
+// The queue of entry `e`'s class.
+inline List& queue_of(Segment& s, const Entry& e) noexcept {
+  return s.header.queues[class_of(e)];
+}
+// The highest class with waiters (its index), or -1 when nobody waits.
+inline int highest_waiting_class(const Segment& s) noexcept {
+  for (std::size_t c = kPriorityCount; c-- > 0;) {
+    if (s.header.queues[c].head != kNone) return static_cast<int>(c);
+  }
+  return -1;
+}
+// The lowest class with waiters (its index), or -1 when nobody waits.
+inline int lowest_waiting_class(const Segment& s) noexcept {
+  for (std::size_t c = 0; c < kPriorityCount; ++c) {
+    if (s.header.queues[c].head != kNone) return static_cast<int>(c);
+  }
+  return -1;
+}
 
 // Locks the segment's mutex, waiting at most `wait` (about a second by
 // default: a process stopped or hung inside the lock must not hang every

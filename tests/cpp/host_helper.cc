@@ -27,6 +27,13 @@
 //       lives until killed
 //   host_helper mainexit NAME CAPACITY QUEUE    takes a slot, prints
 //       "ready", then its main thread exits while another thread lives on
+//   host_helper pwait NAME CAPACITY QUEUE MAX_WAITING CLASS TIMEOUT_MS HOLD_MS
+//       as wait, with max_waiting MAX_WAITING (-1: none) and a request of
+//       priority class CLASS (sheddable, sheddable_plus, critical,
+//       critical_plus); prints "queued" once it waits (or its outcome),
+//       then "granted <steady ns>" or "rejected <outcome>"
+//   host_helper pchurn NAME CAPACITY QUEUE ROUNDS COUNTER_FILE    as churn,
+//       with max_waiting 1 and a random class for each request
 //   host_helper dieupdate NAME CAPACITY QUEUE    takes the shared lock and
 //       damages the limit algorithm's uncommitted state as a crash in the
 //       middle of an update would; prints "locked", never gives it back
@@ -46,6 +53,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <memory>
+#include <optional>
 #include <string>
 #include <thread>
 #include <vector>
@@ -82,6 +90,30 @@ std::shared_ptr<cl::LimitAlgorithm> algorithm_of(const std::string& q) {
 }
 
 void say_limit(const cl::Resource& r) { say("limit " + std::to_string(r.limit())); }
+
+cl::Priority priority_of(const std::string& name) {
+  for (std::size_t c = 0; c < cl::kPriorityCount; ++c) {
+    if (cl::to_string(static_cast<cl::Priority>(c)) == name) return static_cast<cl::Priority>(c);
+  }
+  std::fprintf(stderr, "host_helper: no priority class %s\n", name.c_str());
+  std::exit(2);
+}
+
+std::int64_t now_ns() {
+  return std::chrono::duration_cast<std::chrono::nanoseconds>(
+             cl::Clock::now().time_since_epoch())
+      .count();
+}
+
+// Holds a counted slot for a random short time (churn, pchurn).
+void count_holder(std::atomic<std::int64_t>* counter, std::mt19937& rng) {
+  const std::int64_t running = counter[0].fetch_add(1) + 1;
+  std::int64_t peak = counter[1].load();
+  while (running > peak && !counter[1].compare_exchange_weak(peak, running)) {
+  }
+  std::this_thread::sleep_for(std::chrono::microseconds(rng() % 500));
+  counter[0].fetch_sub(1);
+}
 
 }  // namespace
 
@@ -122,9 +154,13 @@ int main(int argc, char** argv) {
   if (argc < 5) return 2;
   const std::string mode = argv[1];
   std::shared_ptr<cl::Resource> r;
+  std::optional<std::int64_t> max_waiting;
+  if (mode == "pwait" && argc >= 6 && std::atoll(argv[5]) >= 0) max_waiting = std::atoll(argv[5]);
+  if (mode == "pchurn") max_waiting = 1;
   try {
     r = std::make_shared<cl::Resource>(cl::ResourceOptions{.name = argv[2],
                                                            .capacity = std::atoll(argv[3]),
+                                                           .max_waiting = max_waiting,
                                                            .queue = queue_of(argv[4]),
                                                            // The tests' adaptive settings.
                                                            .adaptive_target = std::chrono::milliseconds(1),
@@ -162,6 +198,54 @@ int main(int argc, char** argv) {
     } else {
       say("rejected " + std::string(cl::to_string(p.outcome())));
     }
+    return 0;
+  }
+  if (mode == "pwait" && argc >= 9) {
+    const auto set = std::make_shared<const cl::ResourceSet>(
+        std::vector<std::shared_ptr<cl::Resource>>{r});
+    cl::Acquisition a(set, std::nullopt, priority_of(argv[6]));
+    std::atomic<bool> done{false};
+    std::atomic<int> outcome{-1};
+    const cl::Outcome now = a.start([&](cl::Outcome o) {
+      outcome.store(static_cast<int>(o));
+      done.store(true);
+      done.notify_all();
+    });
+    cl::Outcome result = now;
+    if (now == cl::Outcome::kPending) {
+      say("queued");
+      const auto give_up = cl::Clock::now() + std::chrono::milliseconds(std::atol(argv[7]));
+      while (!done.load() && cl::Clock::now() < give_up) {
+        std::this_thread::sleep_for(std::chrono::milliseconds(1));
+      }
+      if (!done.load()) a.cancel(cl::Outcome::kTimeout);
+      done.wait(false);
+      result = static_cast<cl::Outcome>(outcome.load());
+    }
+    if (result == cl::Outcome::kGranted) {
+      say("granted " + std::to_string(now_ns()));
+      hold_for(std::atol(argv[8]));
+      a.release();
+    } else {
+      say("rejected " + std::string(cl::to_string(result)));
+    }
+    return 0;
+  }
+  if (mode == "pchurn" && argc >= 7) {
+    const int fd = ::open(argv[6], O_RDWR);
+    auto* counter = static_cast<std::atomic<std::int64_t>*>(
+        ::mmap(nullptr, 16, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0));
+    if (fd < 0 || counter == MAP_FAILED) return 3;
+    cl::Limiter limiter({r}, std::chrono::seconds(1));
+    const auto set = limiter.select({r});
+    std::mt19937 rng(static_cast<unsigned>(::getpid()));
+    for (long i = 0; i < std::atol(argv[5]); ++i) {
+      const auto priority = static_cast<cl::Priority>(rng() % cl::kPriorityCount);
+      cl::Permit p = limiter.acquire_for(set, std::nullopt, priority,
+                                         std::chrono::microseconds(rng() % 3000));
+      if (p) count_holder(counter, rng);
+    }
+    say("done");
     return 0;
   }
   if (mode == "churn" && argc >= 7) {

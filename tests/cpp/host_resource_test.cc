@@ -15,6 +15,8 @@
 #include <cstdio>
 #include <cstring>
 #include <fstream>
+#include <map>
+#include <memory>
 #include <random>
 #include <stop_token>
 #include <sstream>
@@ -999,6 +1001,201 @@ TEST(HostResource, WorksInAForkedChild) {
   EXPECT_EQ(db->in_use(), 0);
 }
 #endif
+
+// ---- Priority classes, host-wide ----
+
+// A waiter in a helper process of class `cls`, queued before this returns.
+std::unique_ptr<Child> queued_waiter(const std::string& name, const std::string& cls,
+                                     const std::string& max_waiting = "-1",
+                                     const std::string& hold_ms = "20") {
+  auto child = std::make_unique<Child>(
+      std::vector<std::string>{"pwait", name, "1", "fifo", max_waiting, cls, "20000", hold_ms});
+  EXPECT_EQ(child->line(), "queued") << cls;
+  return child;
+}
+
+// A holder here, waiters of every class in four other processes, arriving
+// lowest class first but one: the slot goes to the highest class waiting
+// in any process, then to the next.
+TEST(HostPriority, AFreedSlotGoesToTheHighestClassWaitingInAnyProcess) {
+  const std::string name = unique_name("prio-order");
+  Cleanup cleanup{name};
+  auto db = host_resource(name, 1);
+  Permit held = db->try_acquire();
+  ASSERT_TRUE(held);
+  const std::vector<std::string> arrival{"sheddable", "critical", "critical_plus",
+                                         "sheddable_plus"};
+  std::vector<std::unique_ptr<Child>> waiters;
+  for (const auto& cls : arrival) waiters.push_back(queued_waiter(name, cls));
+  EXPECT_EQ(db->waiting(), 4);
+  held.release();
+  std::map<std::string, std::int64_t> granted;
+  for (std::size_t k = 0; k < arrival.size(); ++k) {
+    const std::string got = waiters[k]->line();
+    ASSERT_EQ(got.rfind("granted ", 0), 0u) << arrival[k] << ": " << got;
+    granted[arrival[k]] = ns_of(got);
+  }
+  EXPECT_LT(granted["critical_plus"], granted["critical"]);
+  EXPECT_LT(granted["critical"], granted["sheddable_plus"]);
+  EXPECT_LT(granted["sheddable_plus"], granted["sheddable"]);
+  for (auto& w : waiters) w->join();
+  EXPECT_TRUE(eventually([&] { return db->in_use() == 0 && db->waiting() == 0; }));
+}
+
+// A full queue pushes out the newest waiter of the lowest class below the
+// newcomer, in whichever process it waits; a newcomer of the lowest class
+// is turned away.
+TEST(HostPriority, AFullQueuePushesOutTheNewestLowerWaiterOfAnotherProcess) {
+  const std::string name = unique_name("prio-shed");
+  Cleanup cleanup{name};
+  auto db = host_resource(name, 1, QueueDiscipline::kFifo, 2);
+  Permit held = db->try_acquire();
+  ASSERT_TRUE(held);
+  auto older = queued_waiter(name, "sheddable", "2", "0");
+  auto newer = queued_waiter(name, "sheddable", "2", "0");
+  auto critical = queued_waiter(name, "critical", "2", "0");
+  EXPECT_EQ(newer->line(), "rejected lower_priority");
+  Child late({"pwait", name, "1", "fifo", "2", "sheddable", "20000", "0"});
+  EXPECT_EQ(late.line(), "rejected queue_full");
+  EXPECT_EQ(db->waiting(), 2);
+  // A zero-timeout try says why it would have been refused: by the full
+  // queue for the lowest class; for a higher class it would have queued.
+  const auto set =
+      std::make_shared<const ResourceSet>(std::vector<std::shared_ptr<Resource>>{db});
+  EXPECT_EQ(Acquisition(set, std::nullopt, Priority::kSheddable).try_once(),
+            Outcome::kQueueFull);
+  EXPECT_EQ(Acquisition(set, std::nullopt, Priority::kCriticalPlus).try_once(),
+            Outcome::kTimeout);
+  // A newcomer of this process pushes out the other process's last
+  // lower-class waiter the same way.
+  Limiter limiter({db}, 10s);
+  std::thread plus([&] {
+    Permit p = limiter.acquire(limiter.select({db}), std::nullopt, Priority::kCriticalPlus);
+    EXPECT_TRUE(p);
+  });
+  EXPECT_EQ(older->line(), "rejected lower_priority");
+  held.release();
+  plus.join();
+  EXPECT_EQ(critical->line().rfind("granted ", 0), 0u);
+  for (auto* c : {older.get(), newer.get(), critical.get()}) c->join();
+  late.join();
+  EXPECT_TRUE(eventually([&] { return db->in_use() == 0 && db->waiting() == 0; }));
+  const ResourceStatistics s = db->statistics();
+  EXPECT_EQ(s.in_use, 0);
+}
+
+// A waiter of the highest class killed while queued leaves its class's
+// queue: the slot goes to the lower class.
+TEST(HostPriority, AKilledHighClassWaiterDoesNotBlockTheLowerClasses) {
+  const std::string name = unique_name("prio-kill");
+  Cleanup cleanup{name};
+  auto db = host_resource(name, 1);
+  Permit held = db->try_acquire();
+  ASSERT_TRUE(held);
+  auto plus = queued_waiter(name, "critical_plus");
+  auto low = queued_waiter(name, "sheddable");
+  plus->kill();
+  ASSERT_TRUE(eventually([&] { return db->waiting() == 1; }));
+  held.release();
+  const std::string got = low->line();
+  EXPECT_EQ(got.rfind("granted ", 0), 0u) << got;
+  low->join();
+  EXPECT_TRUE(eventually([&] { return db->in_use() == 0 && db->waiting() == 0; }));
+  expect_invariant(name);
+}
+
+// A process killed inside the shared lock: the repair rebuilds the queue of
+// each class, so the grant order by class survives it.
+TEST(HostPriority, TheRepairAfterADeathInsideTheLockKeepsTheClasses) {
+  const std::string name = unique_name("prio-repair");
+  Cleanup cleanup{name};
+  auto db = host_resource(name, 1);
+  Permit held = db->try_acquire();
+  ASSERT_TRUE(held);
+  auto low = queued_waiter(name, "sheddable");
+  auto plus = queued_waiter(name, "critical_plus");
+  const std::uint64_t repairs = info_of(name).repairs;
+  {
+    Child locker({"lock", name, "1", "fifo"});
+    ASSERT_EQ(locker.line(), "locked");
+    locker.kill();
+  }
+  held.release();  // the first locker after the death repairs, then hands over
+  const std::string a = plus->line(), b = low->line();
+  ASSERT_EQ(a.rfind("granted ", 0), 0u) << a;
+  ASSERT_EQ(b.rfind("granted ", 0), 0u) << b;
+  EXPECT_LT(ns_of(a), ns_of(b));
+  EXPECT_GT(info_of(name).repairs, repairs);
+  plus->join();
+  low->join();
+  EXPECT_TRUE(eventually([&] { return db->in_use() == 0 && db->waiting() == 0; }));
+}
+
+// Processes and threads acquiring with random classes, short random
+// timeouts and cancellations through a bounded queue (so waiters are pushed
+// out for higher classes): never more holders than capacity, everything
+// back at the end.
+TEST(HostPriority, ChurnWithRandomClassesAcrossProcessesAndThreads) {
+  const std::string name = unique_name("prio-churn");
+  Cleanup cleanup{name};
+  constexpr std::int64_t kCapacity = 2;
+  auto db = std::make_shared<Resource>(ResourceOptions{.name = name,
+                                                       .capacity = kCapacity,
+                                                       .max_waiting = 1,  // as host_helper pchurn
+                                                       .adaptive_target = 1ms,
+                                                       .adaptive_interval = 2ms,
+                                                       .scope = Scope::kHost});
+  char path[] = "/tmp/fcl-pchurn-XXXXXX";
+  const int fd = ::mkstemp(path);
+  ASSERT_GE(fd, 0);
+  ASSERT_EQ(::ftruncate(fd, 16), 0);
+  auto* counter = static_cast<std::atomic<std::int64_t>*>(
+      ::mmap(nullptr, 16, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0));
+  ASSERT_NE(counter, MAP_FAILED);
+  std::vector<std::unique_ptr<Child>> children;
+  for (int i = 0; i < 2; ++i) {
+    children.push_back(std::make_unique<Child>(
+        std::vector<std::string>{"pchurn", name, "2", "fifo", "300", path}));
+  }
+  Limiter limiter({db}, 1s);
+  const auto set = limiter.select({db});
+  std::atomic<int> pushed_out{0};
+  std::vector<std::thread> threads;
+  for (int t = 0; t < 3; ++t) {
+    threads.emplace_back([&, t] {
+      std::mt19937 rng(t);
+      for (int i = 0; i < 300; ++i) {
+        std::stop_source stop;
+        std::thread canceller;
+        if (i % 7 == 0) canceller = std::thread([&] { stop.request_stop(); });
+        const auto priority = static_cast<Priority>(rng() % kPriorityCount);
+        Permit p = limiter.acquire_for(set, std::nullopt, priority,
+                                       std::chrono::microseconds(rng() % 3000), stop.get_token());
+        if (canceller.joinable()) canceller.join();
+        if (p.outcome() == Outcome::kLowerPriority) pushed_out.fetch_add(1);
+        if (!p) continue;
+        const std::int64_t running = counter[0].fetch_add(1) + 1;
+        std::int64_t peak = counter[1].load();
+        while (running > peak && !counter[1].compare_exchange_weak(peak, running)) {
+        }
+        std::this_thread::sleep_for(std::chrono::microseconds(rng() % 500));
+        counter[0].fetch_sub(1);
+      }
+    });
+  }
+  for (auto& t : threads) t.join();
+  for (auto& c : children) EXPECT_EQ(c->line(60s), "done");
+  EXPECT_LE(counter[1].load(), kCapacity);
+  EXPECT_GE(counter[1].load(), 2);
+  EXPECT_EQ(counter[0].load(), 0);
+  EXPECT_TRUE(eventually([&] { return db->in_use() == 0 && db->waiting() == 0; }))
+      << "in_use " << db->in_use() << ", waiting " << db->waiting();
+  expect_invariant(name);
+  std::printf("waiters pushed out for a higher class here: %d\n", pushed_out.load());
+  ::munmap(counter, 16);
+  ::close(fd);
+  ::unlink(path);
+}
 
 }  // namespace
 }  // namespace concurrency_limiter

@@ -10,7 +10,7 @@ import struct
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -376,3 +376,53 @@ async def test_workers_share_one_limit(kind: str, scope: str, name: str, tmp_pat
     else:
         # Per process, each worker admits `capacity`: the reason host scope exists.
         assert peak > capacity
+
+
+async def test_a_critical_plus_request_is_served_before_sheddable_ones_of_another_worker(
+    name: str, tmp_path: Path
+) -> None:
+    """Two uvicorn processes share one host slot: SHEDDABLE requests queued
+    in one, then a CRITICAL_PLUS request in the other; when the slot is
+    freed it goes to CRITICAL_PLUS first, then to the SHEDDABLE ones in
+    arrival order."""
+    env = {**os.environ, "FCL_TEST_NAME": name, "FCL_TEST_DIR": str(tmp_path)}
+    served = tmp_path / "served"
+
+    def argv(port: int) -> list[str]:
+        return [sys.executable, "-m", "uvicorn", "host_prio_app:app", "--host", "127.0.0.1",
+                "--port", str(port), "--log-level", "warning"]  # fmt: skip
+
+    async def until(what: str, done: Callable[[], Awaitable[bool]]) -> None:
+        deadline = time.monotonic() + 20
+        while not await done():
+            assert time.monotonic() < deadline, f"never {what}"
+            await asyncio.sleep(0.01)
+
+    port_a, port_b = _free_port(), _free_port()
+    with server(argv(port_a), env, port_a) as a, server(argv(port_b), env, port_b) as b:
+        async with httpx.AsyncClient(timeout=30) as client:
+
+            async def waiting(n: int) -> bool:
+                return bool((await client.get(a + "/waiting")).json()["waiting"] == n)
+
+            async def holding() -> bool:
+                return served.exists() and "hold" in served.read_text().split()
+
+            hold = asyncio.ensure_future(client.get(a + "/job/hold"))
+            await until("held", holding)
+            low = []
+            for i in range(3):
+                low.append(asyncio.ensure_future(
+                    client.get(f"{b}/job/low{i}", headers={"x-priority": "sheddable"})
+                ))  # fmt: skip
+                await until(f"{i + 1} waiting", lambda n=i + 1: waiting(n))
+            top = asyncio.ensure_future(
+                client.get(a + "/job/top", headers={"x-priority": "critical-plus"})
+            )
+            await until("4 waiting", lambda: waiting(4))
+            (tmp_path / "release").touch()
+            responses = await asyncio.gather(hold, *low, top)
+    assert [r.status_code for r in responses] == [200] * 5
+    assert served.read_text().split() == ["hold", "top", "low0", "low1", "low2"]
+    pids = [r.json()["pid"] for r in responses]
+    assert pids[-1] != pids[1], "the critical_plus request ran in the other worker"

@@ -107,11 +107,16 @@ def test_bad_priorities_and_reserves_are_refused_before_the_first_request() -> N
         priority_from_header(HEADER, trusted=None)  # type: ignore[arg-type]
 
 
-def test_a_host_resource_takes_no_priority() -> None:
+def test_a_host_resource_takes_priorities() -> None:
+    """Host scope keeps classes (the order across processes:
+    test_host_scope.py); a per-key share still refuses them."""
     shared = Resource(2, name="prio-host-route", scope="host")
     limiter = Limiter(timeout=1, resources=[shared])
-    with pytest.raises(ValueError, match=r"scope='host'.*not supported"):
-        limiter.resources([shared], priority=Priority.CRITICAL_PLUS)
+    limiter.resources([shared], priority=Priority.CRITICAL_PLUS)
+    keyed = Resource(2, name="prio-keyed-route", per_key=1)
+    keyed_limiter = Limiter(timeout=1, resources=[keyed])
+    with pytest.raises(ValueError, match=r"per_key=1.*not supported"):
+        keyed_limiter.resources([keyed], priority=Priority.CRITICAL_PLUS)
 
 
 # --- end to end: a real server, real clients ----------------------------------
