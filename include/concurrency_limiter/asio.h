@@ -103,7 +103,7 @@
 // lowest class for a higher one (that operation completes with
 // kLowerPriority), reserves keep slots for the classes above. The others
 // acquire as Priority::kCritical. A class other than kCritical on a set
-// with a host-scoped resource or a per-key share throws
+// with a per-key share throws
 // std::invalid_argument from the async_acquire() call itself, whatever the
 // completion token (a lazy one too: use_awaitable, deferred), before
 // anything is queued.
