@@ -126,6 +126,8 @@ def report(directory: Path) -> None:
         if ref is not None and value > ref * TOLERANCE:
             mark = f"  <-- {100 * (value / ref - 1):.0f} % above the baseline"
             marked += 1
+        if ref is None:
+            mark = "  (no baseline: add it with make bench-baseline)"
         ref_text = "-" if ref is None else f"{ref:.2f}"
         print(f"{name:<{width}} {value:>7.2f} {ref_text:>9} {goal_text:>6}{mark}")
     for name in base:

@@ -206,7 +206,7 @@ def test_acquire_is_idempotent_per_waiter_id(redis_server: RedisServer) -> None:
 def test_a_free_slot_costs_redis_a_few_commands(redis_server: RedisServer) -> None:
     """Taking a free slot with nobody queued runs 14 commands inside Redis
     (the grant, its fencing token, the keys' time to live), not the purge
-    and hand-off passes that would find nothing to do (25 before): the
+    and hand-off passes that would find nothing to do (24 before): the
     request's one round trip costs Redis less."""
 
     async def main() -> None:
