@@ -730,7 +730,7 @@ Outcome Resource::enqueue(detail::WaiterNode& node,
     return Outcome::kUnavailable;
   }
   if (grant_at_once_locked(node)) return Outcome::kGranted;
-  shed_locked(now, notices);
+  shed_locked(now, notices, priority_index(node.priority_));
   const std::size_t own = priority_index(node.priority_);
   if (early_reject_ && node.deadline_ != Clock::time_point::max()) {
     // Waiters ahead in the grant order: every waiter of the classes above,
@@ -1090,15 +1090,21 @@ bool Resource::standing_locked(Clock::time_point now) {
   return now - *above_target_since_ >= interval_;
 }
 
-void Resource::shed_locked(Clock::time_point now,
-                           detail::NoticeList& notices) {
+void Resource::shed_locked(Clock::time_point now, detail::NoticeList& notices,
+                           std::size_t below) {
   if (discipline_ != QueueDiscipline::kAdaptive || !standing_locked(now)) {
     return;
   }
   // Served newest first, the oldest waiters would be served last: tell them
-  // now instead of at their timeout.
-  while (head_ && now - head_->enqueued_at_ > target_ + interval_) {
-    reject_locked(*head_, Outcome::kShed, notices);
+  // now instead of at their timeout. A class is shed only once every lower
+  // one is: the oldest waiter of the lowest class waiting, none of a class
+  // above a newcomer's (served before it).
+  while (waiting_ > 0) {
+    const int lowest = lowest_waiting_class_locked();
+    if (lowest < 0 || static_cast<std::size_t>(lowest) > below) return;
+    detail::WaiterNode* oldest = class_queues_[static_cast<std::size_t>(lowest)].head;
+    if (oldest == nullptr || now - oldest->enqueued_at_ <= target_ + interval_) return;
+    reject_locked(*oldest, Outcome::kShed, notices);
   }
 }
 

@@ -105,8 +105,10 @@
 //   - Priority classes (priority.h): each queued request's class is kept in
 //     the shared queue, one list per class. A freed slot goes to the
 //     highest class waiting in any process, then the discipline within the
-//     class (the adaptive queue's "standing" test and its shedding look at
-//     the oldest waiter of every class). With max_waiting, a full queue
+//     class (the adaptive queue's "standing" test looks at the oldest
+//     waiter of every class; its shedding, as a Resource's, takes the
+//     oldest of the lowest class waiting, a class only once every lower one
+//     is shed). With max_waiting, a full queue
 //     pushes out the newest waiter of the lowest class below the newcomer,
 //     whichever process it waits in (Outcome::kLowerPriority, told to it
 //     through its process's background thread); otherwise as without
@@ -117,7 +119,8 @@
 //     (ResourceOptions::reserve: std::invalid_argument), statistics per
 //     class (ResourceStatistics::classes counts everything as kCritical),
 //     and shedding by class when the 4096-entry waiter table (not
-//     max_waiting) is full: the newcomer gets kQueueFull whatever its class.
+//     max_waiting) is full: the newcomer gets kQueueFull whatever its class,
+//     and nobody is pushed out for it.
 //   - Each process runs one background thread per host resource it uses.
 //   - close() is local: it refuses the new requests made through that
 //     Resource object (kUnavailable), and nothing else. Requests already

@@ -89,8 +89,11 @@
 // for LIFO and a standing adaptive queue). A newcomer still takes a free
 // slot only when nobody waits (or, with reserves, nobody who may take it).
 // Raising the limit grants in the same order. The adaptive queue's standing
-// test and its shedding of stale waiters look at the whole queue, every
-// class included.
+// test looks at the whole queue, every class included; its shedding of
+// stale waiters (kShed) takes the oldest waiter of the lowest class
+// waiting, so a class is shed only once every lower one is (a stale waiter
+// of a higher class is served before the lower ones), and none of a class
+// above a newcomer's.
 //   Full queue (max_waiting): a newcomer of a class above the lowest class
 // that has waiters pushes out the newest waiter of that lowest class, which
 // is rejected with kLowerPriority: a class is shed only once every lower one
@@ -821,8 +824,11 @@ class Resource : public std::enable_shared_from_this<Resource> {
   void reject_locked(detail::WaiterNode& node, Outcome reason,
                      detail::NoticeList& notices) CL_REQUIRES(mu_);
   bool standing_locked(Clock::time_point now) CL_REQUIRES(mu_);
-  void shed_locked(Clock::time_point now, detail::NoticeList& notices)
-      CL_REQUIRES(mu_);
+  // Sheds the oldest waiters of the lowest classes waiting, and of none
+  // above `below` (the class of a newcomer about to wait: a class is shed
+  // only once every lower one is).
+  void shed_locked(Clock::time_point now, detail::NoticeList& notices,
+                   std::size_t below = kPriorityCount) CL_REQUIRES(mu_);
   detail::WaiterNode* pick_locked(Clock::time_point now,
                                   detail::NoticeList& notices) CL_REQUIRES(mu_);
   void grant_locked(detail::WaiterNode& node, Clock::time_point now)

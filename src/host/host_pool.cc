@@ -581,15 +581,20 @@ bool HostPool::standing_locked(std::int64_t now_ns) {
   return now_ns - h.above_target_since_ns >= cfg().interval_ns;
 }
 
-void HostPool::shed_locked(std::int64_t now_ns, NoticeList& notices, Wakes& wakes) {
+void HostPool::shed_locked(std::int64_t now_ns, NoticeList& notices, Wakes& wakes,
+                           std::size_t below) {
   if (cfg().queue != static_cast<std::uint32_t>(QueueDiscipline::kAdaptive) ||
       !standing_locked(now_ns)) {
     return;
   }
   for (std::uint32_t steps = 0; steps < kMaxWaiters; ++steps) {
-    // Served newest first, the oldest waiters (of any class) would be
-    // served last: told now instead of at their timeout.
-    const std::uint32_t head = oldest_waiter(*seg());
+    // Served newest first, the oldest waiters would be served last: told
+    // now instead of at their timeout. A class is shed only once every
+    // lower one is: the oldest waiter of the lowest class waiting, none of a
+    // class above a newcomer's (served before it).
+    const int lowest = host::lowest_waiting_class(*seg());
+    if (lowest < 0 || static_cast<std::size_t>(lowest) > below) return;
+    const std::uint32_t head = seg()->header.queues[static_cast<std::size_t>(lowest)].head;
     if (head >= kMaxWaiters ||
         now_ns - seg()->entries[head].enqueued_ns <= cfg().target_ns + cfg().interval_ns) {
       return;
@@ -697,16 +702,20 @@ bool HostPool::queue_full_for(Priority priority) noexcept {
   try {
     SegmentLock lock(*seg());
     const host::Header& h = seg()->header;
+    // As enqueue(): no entry left in the waiter table turns anyone away.
+    if (h.free_head == kNone) return true;
     const std::int64_t max_waiting = cfg().max_waiting;
-    if (max_waiting < 0 || h.waiting < max_waiting || h.waiting == 0) return false;
+    if (max_waiting < 0 || h.waiting < max_waiting) return false;
+    // Full, and no waiter to push out for this request: none of a lower
+    // class or, newest first, of its own (as Resource::refuse_try()).
     const std::size_t own = priority_index(priority);
     const int lowest = host::lowest_waiting_class(*seg());
-    if (lowest >= 0 && own > static_cast<std::size_t>(lowest)) return false;
+    if (h.waiting > 0 && lowest >= 0 && own > static_cast<std::size_t>(lowest)) return false;
     const auto discipline = static_cast<QueueDiscipline>(cfg().queue);
     const bool newest_first =
         discipline == QueueDiscipline::kLifo ||
         (discipline == QueueDiscipline::kAdaptive && standing_locked(to_ns(Clock::now())));
-    return !newest_first || h.queues[own].head == kNone;
+    return !newest_first || (h.waiting > 0 && h.queues[own].head == kNone);
   } catch (...) {
     return false;
   }
@@ -760,7 +769,11 @@ Outcome HostPool::enqueue(WaiterNode& node, NoticeList& notices) {
       note_grant_locked(0.0);
       return Outcome::kGranted;
     }
-    shed_locked(now_ns, notices, locked.wakes);
+    shed_locked(now_ns, notices, locked.wakes, priority_index(node.priority_));
+    // No entry left in the waiter table: pushing a waiter out would not
+    // free one (a decided entry stays its process's until that process
+    // takes it), so the newcomer is turned away and nobody pushed out.
+    if (h.free_head == kNone) return refuse_locked(node, Outcome::kQueueFull);
     const std::int64_t max_waiting = cfg().max_waiting;
     const std::size_t own = priority_index(node.priority_);
     const int lowest = host::lowest_waiting_class(*seg());
@@ -1012,7 +1025,8 @@ ResourceStatistics HostPool::statistics() {
     } catch (const host::Unavailable&) {
     }
   }
-  // Host scope serves the default class only (see Acquisition).
+  // Host scope keeps classes but does not count them apart yet: everything
+  // under the default class (docs/priorities.md).
   ClassStatistics& critical = s.classes[priority_index(Priority::kCritical)];
   critical.in_use = s.in_use;
   critical.waiting = s.waiting;

@@ -158,7 +158,10 @@ class HostPool {
   void put_limit_locked(std::int64_t limit, std::int64_t now_ns, NoticeList& notices,
                         Wakes& wakes);
   bool standing_locked(std::int64_t now_ns);
-  void shed_locked(std::int64_t now_ns, NoticeList& notices, Wakes& wakes);
+  // Sheds the oldest waiters of the lowest classes waiting, and of none
+  // above `below` (the class of a newcomer about to wait).
+  void shed_locked(std::int64_t now_ns, NoticeList& notices, Wakes& wakes,
+                   std::size_t below = kPriorityCount);
   std::uint32_t pick_locked(std::int64_t now_ns, NoticeList& notices, Wakes& wakes);
   void reclaim_locked(std::uint32_t proc, NoticeList& notices, Wakes& wakes);
   void catch_up_locked(NoticeList& notices, Wakes& wakes);

@@ -1197,5 +1197,211 @@ TEST(HostPriority, ChurnWithRandomClassesAcrossProcessesAndThreads) {
   ::unlink(path);
 }
 
+// A newcomer of a higher class arriving at a full queue
+// (max_waiting) whose waiter table (kMaxWaiters entries, machine-wide) is
+// also full pushes the newest lower-class waiter of another process out
+// (kLowerPriority) and is then refused itself (kQueueFull, the table is
+// still full: the victim's entry waits in its process's decided list).
+// Both requests lose; nobody took the freed place.
+TEST(HostPriority, ANewcomerRefusedByAFullWaiterTablePushesNobodyOut) {
+  const std::string name = unique_name("prio-table");
+  Cleanup cleanup{name};
+  constexpr std::int64_t kTable = detail::host::kMaxWaiters;
+  auto db = host_resource(name, 1, QueueDiscipline::kFifo, kTable);
+  Permit held = db->try_acquire();
+  ASSERT_TRUE(held);
+  const auto set =
+      std::make_shared<const ResourceSet>(std::vector<std::shared_ptr<Resource>>{db});
+  // kMaxWaiters sheddable waiters in this process, without threads.
+  auto pushed_out = std::make_shared<std::atomic<int>>(0);
+  std::vector<std::unique_ptr<Acquisition>> waiters;
+  for (std::int64_t k = 0; k < kTable; ++k) {
+    waiters.push_back(std::make_unique<Acquisition>(set, std::nullopt, Priority::kSheddable));
+    ASSERT_EQ(waiters.back()->start([pushed_out](Outcome o) {
+      if (o == Outcome::kLowerPriority) pushed_out->fetch_add(1);
+    }),
+              Outcome::kPending);
+  }
+  ASSERT_EQ(db->waiting(), kTable);
+  // A critical newcomer in another process.
+  Child newcomer({"pwait", name, "1", "fifo", std::to_string(kTable), "critical", "2000", "0"});
+  const std::string got = newcomer.line();
+  std::this_thread::sleep_for(300ms);  // the background thread delivers
+  if (got == "queued") {
+    EXPECT_EQ(pushed_out->load(), 1);  // it took the newest sheddable's place
+  } else {
+    EXPECT_EQ(got, "rejected queue_full");
+    EXPECT_EQ(pushed_out->load(), 0)
+        << "the newcomer was refused, yet a sheddable waiter was pushed out for it";
+    EXPECT_EQ(db->waiting(), kTable);
+  }
+  for (auto& w : waiters) w->cancel();
+  newcomer.join();
+  held.release();
+  EXPECT_TRUE(eventually([&] { return db->in_use() == 0 && db->waiting() == 0; }));
+}
+
+// A try (zero timeout) on a host resource with max_waiting=0
+// that finds no free slot reports kTimeout, while a waiting acquire is
+// refused kQueueFull; before this change (and in process scope) the try
+// reported kQueueFull too. queue_full_for() returns false whenever nobody
+// waits (h.waiting == 0), which with max_waiting 0 is always.
+TEST(HostPriority, ATryOnAQueuelessHostResourceSaysQueueFullAsAnAcquireDoes) {
+  const std::string name = unique_name("prio-queueless");
+  Cleanup cleanup{name};
+  auto db = host_resource(name, 1, QueueDiscipline::kFifo, 0);
+  Permit held = db->try_acquire();
+  ASSERT_TRUE(held);
+  EXPECT_EQ(db->acquire_for(100ms).outcome(), Outcome::kQueueFull);
+  const auto set =
+      std::make_shared<const ResourceSet>(std::vector<std::shared_ptr<Resource>>{db});
+  EXPECT_EQ(Acquisition(set).try_once(), Outcome::kQueueFull);
+  EXPECT_EQ(Acquisition(set, std::nullopt, Priority::kCriticalPlus).try_once(),
+            Outcome::kQueueFull);
+  // Process scope, same options: kQueueFull.
+  auto local = std::make_shared<Resource>(ResourceOptions{.capacity = 1, .max_waiting = 0});
+  Permit local_held = local->try_acquire();
+  const auto local_set =
+      std::make_shared<const ResourceSet>(std::vector<std::shared_ptr<Resource>>{local});
+  EXPECT_EQ(Acquisition(local_set).try_once(), Outcome::kQueueFull);
+}
+
+// A standing adaptive queue sheds (kShed) its oldest waiters of
+// any class, here the only CRITICAL_PLUS waiter, the very one the next
+// freed slot would go to, while a SHEDDABLE waiter stays queued. The
+// issue's rule: a class is shed only once every lower one is. (Process
+// scope does the same: resource.cc shed_locked() sheds head_.)
+TEST(HostPriority, AStandingAdaptiveQueueShedsNoHigherClassBeforeTheLowerOnes) {
+  for (const Scope scope : {Scope::kHost, Scope::kProcess}) {
+  const std::string name = unique_name("prio-adaptive");
+  Cleanup cleanup{name};
+  auto db = std::make_shared<Resource>(ResourceOptions{.name = name,
+                                                       .capacity = 1,
+                                                       .queue = QueueDiscipline::kAdaptive,
+                                                       .adaptive_target = 1ms,
+                                                       .adaptive_interval = 2ms,
+                                                       .scope = scope});
+  Permit held = db->try_acquire();
+  ASSERT_TRUE(held);
+  const auto set =
+      std::make_shared<const ResourceSet>(std::vector<std::shared_ptr<Resource>>{db});
+  std::map<std::string, std::shared_ptr<std::atomic<int>>> outcome;
+  std::vector<std::unique_ptr<Acquisition>> acqs;
+  const auto start = [&](const std::string& label, Priority p) {
+    auto o = std::make_shared<std::atomic<int>>(-1);
+    outcome[label] = o;
+    acqs.push_back(std::make_unique<Acquisition>(set, std::nullopt, p));
+    EXPECT_EQ(acqs.back()->start([o](Outcome r) { o->store(static_cast<int>(r)); }),
+              Outcome::kPending);
+  };
+  start("critical_plus", Priority::kCriticalPlus);
+  start("sheddable-old", Priority::kSheddable);
+  std::this_thread::sleep_for(30ms);  // the queue stands
+  start("sheddable-new", Priority::kSheddable);
+  std::this_thread::sleep_for(50ms);
+  const auto seen = [&](const std::string& label) {
+    const int o = outcome[label]->load();
+    return o < 0 ? std::string("pending") : std::string(to_string(static_cast<Outcome>(o)));
+  };
+  // Whatever is shed, no CRITICAL_PLUS request is while a SHEDDABLE one waits.
+  if (seen("critical_plus") == "shed") {
+    EXPECT_NE(seen("sheddable-new"), "pending")
+        << "critical_plus shed while a sheddable request still waits ("
+        << (scope == Scope::kHost ? "host" : "process") << " scope)";
+  }
+  for (auto& a : acqs) a->cancel();
+  held.release();
+  for (auto& a : acqs) a->release();
+  EXPECT_TRUE(eventually([&] { return db->in_use() == 0 && db->waiting() == 0; }));
+  }
+}
+
+
+// A damaged class byte, and timeouts of
+// a waiter of each class.
+detail::host::Segment* map_segment_rw(const std::string& name) {
+  const int fd = ::open(shm_path(name).c_str(), O_RDWR);
+  if (fd < 0) return nullptr;
+  void* p = ::mmap(nullptr, sizeof(detail::host::Segment), PROT_READ | PROT_WRITE, MAP_SHARED,
+                   fd, 0);
+  ::close(fd);
+  return p == MAP_FAILED ? nullptr : static_cast<detail::host::Segment*>(p);
+}
+
+TEST(HostPriorityChecks, ADamagedClassByteLeavesNothingStuck) {
+  for (const std::uint32_t garbage : {3u, 1u, 0xffffffffu}) {
+    const std::string name = unique_name("prio-damage");
+    Cleanup cleanup{name};
+    auto db = host_resource(name, 1);
+    Permit held = db->try_acquire();
+    ASSERT_TRUE(held);
+    auto a = queued_waiter(name, "sheddable", "-1", "5");
+    auto b = queued_waiter(name, "sheddable", "-1", "5");
+    auto c = queued_waiter(name, "sheddable_plus", "-1", "5");
+    auto* seg = map_segment_rw(name);
+    ASSERT_NE(seg, nullptr);
+    // The head of the sheddable queue, and the tail, claim another class.
+    const auto& q = seg->header.queues[0];
+    seg->entries[q.head].priority = garbage;
+    seg->entries[q.tail].priority = garbage;
+    ::munmap(seg, sizeof(detail::host::Segment));
+    held.release();
+    for (auto* w : {a.get(), b.get(), c.get()}) {
+      const std::string got = w->line();
+      EXPECT_EQ(got.rfind("granted ", 0), 0u) << garbage << ": " << got;
+    }
+    for (auto* w : {a.get(), b.get(), c.get()}) w->join();
+    EXPECT_TRUE(eventually([&] { return db->in_use() == 0 && db->waiting() == 0; }));
+    expect_invariant(name);
+  }
+}
+
+TEST(HostPriorityChecks, AWaiterOfEachClassTimesOutAndLeavesNothing) {
+  const std::string name = unique_name("prio-timeouts");
+  Cleanup cleanup{name};
+  auto db = host_resource(name, 1, QueueDiscipline::kLifo, 8);
+  Permit held = db->try_acquire();
+  ASSERT_TRUE(held);
+  std::vector<std::unique_ptr<Child>> waiters;
+  for (const char* cls : {"critical_plus", "sheddable", "critical", "sheddable_plus"}) {
+    waiters.push_back(std::make_unique<Child>(
+        std::vector<std::string>{"pwait", name, "1", "lifo", "8", cls, "200", "0"}));
+    EXPECT_EQ(waiters.back()->line(), "queued");
+  }
+  for (auto& w : waiters) EXPECT_EQ(w->line(), "rejected timeout");
+  for (auto& w : waiters) w->join();
+  EXPECT_EQ(db->waiting(), 0);
+  held.release();
+  EXPECT_TRUE(eventually([&] { return db->in_use() == 0 && db->waiting() == 0; }));
+  expect_invariant(name);
+}
+
+TEST(HostPriorityChecks, LifoAcrossProcessesServesTheNewestOfTheHighestClass) {
+  const std::string name = unique_name("prio-lifo");
+  Cleanup cleanup{name};
+  auto db = host_resource(name, 1, QueueDiscipline::kLifo);
+  Permit held = db->try_acquire();
+  ASSERT_TRUE(held);
+  const std::vector<std::string> arrival{"sheddable", "critical", "sheddable", "critical"};
+  std::vector<std::unique_ptr<Child>> waiters;
+  for (const auto& cls : arrival) {
+    waiters.push_back(std::make_unique<Child>(
+        std::vector<std::string>{"pwait", name, "1", "lifo", "-1", cls, "20000", "20"}));
+    ASSERT_EQ(waiters.back()->line(), "queued");
+  }
+  held.release();
+  std::vector<std::int64_t> at;
+  for (auto& w : waiters) {
+    const std::string got = w->line();
+    ASSERT_EQ(got.rfind("granted ", 0), 0u) << got;
+    at.push_back(ns_of(got));
+  }
+  EXPECT_LT(at[3], at[1]);  // critical, newest first
+  EXPECT_LT(at[1], at[2]);  // then sheddable, newest first
+  EXPECT_LT(at[2], at[0]);
+  for (auto& w : waiters) w->join();
+  expect_invariant(name);
+}
+
 }  // namespace
 }  // namespace concurrency_limiter

@@ -125,9 +125,9 @@ INSTANTIATE_TEST_SUITE_P(Disciplines, PriorityGrantOrder,
 
 TEST(PriorityGrantOrder, AStandingAdaptiveQueueServesTheNewestOfTheHighestClass) {
   // Target 100 ms, interval 1 s: the oldest waiter (t=0) makes the queue
-  // stand from t=1.1 s on, and is shed then as older than 1.1 s; the
-  // others (t=0.9 s) are 0.3 s old at t=1.2 s, 0.8 s younger than that (a
-  // margin for a busy machine: sleeps only ever make the ages larger).
+  // stand from t=1.1 s on; the others (t=0.9 s) are 0.3 s old at t=1.2 s,
+  // 0.8 s younger than the 1.1 s past which a waiter is shed (a margin for
+  // a busy machine: sleeps only ever make the ages larger).
   auto r = resource({.capacity = 1, .queue = QueueDiscipline::kAdaptive,
                      .adaptive_target = 100ms, .adaptive_interval = 1000ms});
   Requests q(r);
@@ -139,10 +139,30 @@ TEST(PriorityGrantOrder, AStandingAdaptiveQueueServesTheNewestOfTheHighestClass)
     ASSERT_EQ(q.start(label, p), Outcome::kPending) << label;
   }
   std::this_thread::sleep_for(300ms);
-  // The queue stands: newest first within the highest class; the stale
-  // waiter is shed whatever its class (the test looks at the whole queue).
-  EXPECT_EQ(q.service_order(holder), (std::vector<std::string>{"c2", "c1", "s2", "s1"}));
-  EXPECT_EQ(q.told("old"), std::vector<Outcome>{Outcome::kShed});
+  // The queue stands: newest first within the highest class. The stale
+  // waiter is of the highest class, and a class is shed only once every
+  // lower one is: it is served first, not shed.
+  EXPECT_EQ(q.service_order(holder),
+            (std::vector<std::string>{"old", "c2", "c1", "s2", "s1"}));
+}
+
+TEST(PriorityGrantOrder, AStandingAdaptiveQueueShedsTheLowestClassFirst) {
+  // As above, with the stale waiter of the lowest class: it is shed, and a
+  // stale waiter of a higher class is not while it waits.
+  auto r = resource({.capacity = 1, .queue = QueueDiscipline::kAdaptive,
+                     .adaptive_target = 100ms, .adaptive_interval = 1000ms});
+  Requests q(r);
+  Acquisition& holder = q.hold();
+  ASSERT_EQ(q.start("old-s", S), Outcome::kPending);
+  ASSERT_EQ(q.start("old-cp", CP), Outcome::kPending);
+  std::this_thread::sleep_for(900ms);
+  for (const auto& [label, p] : std::vector<std::pair<std::string, Priority>>{
+           {"s1", S}, {"c1", C}}) {
+    ASSERT_EQ(q.start(label, p), Outcome::kPending) << label;
+  }
+  std::this_thread::sleep_for(300ms);
+  EXPECT_EQ(q.service_order(holder), (std::vector<std::string>{"old-cp", "c1", "s1"}));
+  EXPECT_EQ(q.told("old-s"), std::vector<Outcome>{Outcome::kShed});
 }
 
 TEST(PriorityGrantOrder, RaisingTheLimitGrantsInClassOrder) {
