@@ -105,6 +105,16 @@ std::int64_t now_ns() {
       .count();
 }
 
+// The counters of the file at `path` that the test maps (running, peak);
+// null if it cannot be mapped.
+std::atomic<std::int64_t>* map_counters(const char* path) {
+  const int fd = ::open(path, O_RDWR);
+  if (fd < 0) return nullptr;
+  void* p = ::mmap(nullptr, 16, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+  ::close(fd);
+  return p == MAP_FAILED ? nullptr : static_cast<std::atomic<std::int64_t>*>(p);
+}
+
 // Holds a counted slot for a random short time (churn, pchurn).
 void count_holder(std::atomic<std::int64_t>* counter, std::mt19937& rng) {
   const std::int64_t running = counter[0].fetch_add(1) + 1;
@@ -232,10 +242,8 @@ int main(int argc, char** argv) {
     return 0;
   }
   if (mode == "pchurn" && argc >= 7) {
-    const int fd = ::open(argv[6], O_RDWR);
-    auto* counter = static_cast<std::atomic<std::int64_t>*>(
-        ::mmap(nullptr, 16, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0));
-    if (fd < 0 || counter == MAP_FAILED) return 3;
+    auto* counter = map_counters(argv[6]);
+    if (counter == nullptr) return 3;
     cl::Limiter limiter({r}, std::chrono::seconds(1));
     const auto set = limiter.select({r});
     std::mt19937 rng(static_cast<unsigned>(::getpid()));
@@ -249,20 +257,12 @@ int main(int argc, char** argv) {
     return 0;
   }
   if (mode == "churn" && argc >= 7) {
-    const int fd = ::open(argv[6], O_RDWR);
-    auto* counter = static_cast<std::atomic<std::int64_t>*>(
-        ::mmap(nullptr, 16, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0));
-    if (fd < 0 || counter == MAP_FAILED) return 3;
+    auto* counter = map_counters(argv[6]);
+    if (counter == nullptr) return 3;
     std::mt19937 rng(static_cast<unsigned>(::getpid()));
     for (long i = 0; i < std::atol(argv[5]); ++i) {
       cl::Permit p = r->acquire_for(std::chrono::microseconds(rng() % 3000));
-      if (!p) continue;
-      const std::int64_t running = counter[0].fetch_add(1) + 1;
-      std::int64_t peak = counter[1].load();
-      while (running > peak && !counter[1].compare_exchange_weak(peak, running)) {
-      }
-      std::this_thread::sleep_for(std::chrono::microseconds(rng() % 500));
-      counter[0].fetch_sub(1);
+      if (p) count_holder(counter, rng);
     }
     say("done");
     return 0;

@@ -623,6 +623,49 @@ TEST(HostResource, CrashLoop) {
   EXPECT_LT(slowest, 1s);
 }
 
+// Two counters in a file that the test and its child processes map: the
+// requests holding a slot now ([0]) and their peak ([1]).
+class SharedCounters {
+ public:
+  SharedCounters() {
+    fd_ = ::mkstemp(path_);
+    if (fd_ >= 0 && ::ftruncate(fd_, 16) == 0) {
+      void* p = ::mmap(nullptr, 16, PROT_READ | PROT_WRITE, MAP_SHARED, fd_, 0);
+      if (p != MAP_FAILED) counter_ = static_cast<std::atomic<std::int64_t>*>(p);
+    }
+  }
+  ~SharedCounters() {
+    if (counter_ != nullptr) ::munmap(counter_, 16);
+    if (fd_ >= 0) {
+      ::close(fd_);
+      ::unlink(path_);
+    }
+  }
+  SharedCounters(const SharedCounters&) = delete;
+  SharedCounters& operator=(const SharedCounters&) = delete;
+
+  bool ok() const { return counter_ != nullptr; }
+  const char* path() const { return path_; }
+  std::int64_t running() const { return counter_[0].load(); }
+  std::int64_t peak() const { return counter_[1].load(); }
+
+  // Holds a counted slot for a random short time (as host_helper's
+  // count_holder()).
+  void hold(std::mt19937& rng) {
+    const std::int64_t running = counter_[0].fetch_add(1) + 1;
+    std::int64_t peak = counter_[1].load();
+    while (running > peak && !counter_[1].compare_exchange_weak(peak, running)) {
+    }
+    std::this_thread::sleep_for(std::chrono::microseconds(rng() % 500));
+    counter_[0].fetch_sub(1);
+  }
+
+ private:
+  char path_[32] = "/tmp/fcl-churn-XXXXXX";
+  int fd_ = -1;
+  std::atomic<std::int64_t>* counter_ = nullptr;
+};
+
 // Processes and threads acquiring with short random timeouts, some
 // cancelled: never more holders than capacity, everything back at the end.
 TEST(HostResource, ChurnAcrossProcessesAndThreads) {
@@ -638,17 +681,12 @@ TEST(HostResource, ChurnAcrossProcessesAndThreads) {
                                                          .adaptive_target = 1ms,
                                                          .adaptive_interval = 2ms,
                                                          .scope = Scope::kHost});
-    char path[] = "/tmp/fcl-churn-XXXXXX";
-    const int fd = ::mkstemp(path);
-    ASSERT_GE(fd, 0);
-    ASSERT_EQ(::ftruncate(fd, 16), 0);
-    auto* counter = static_cast<std::atomic<std::int64_t>*>(
-        ::mmap(nullptr, 16, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0));
-    ASSERT_NE(counter, MAP_FAILED);
+    SharedCounters counter;
+    ASSERT_TRUE(counter.ok());
     std::vector<std::unique_ptr<Child>> children;
     for (int i = 0; i < 2; ++i) {
       children.push_back(std::make_unique<Child>(
-          std::vector<std::string>{"churn", name, "3", queue_name, "300", path}));
+          std::vector<std::string>{"churn", name, "3", queue_name, "300", counter.path()}));
     }
     std::vector<std::thread> threads;
     for (int t = 0; t < 3; ++t) {
@@ -660,26 +698,17 @@ TEST(HostResource, ChurnAcrossProcessesAndThreads) {
           if (i % 7 == 0) canceller = std::thread([&] { stop.request_stop(); });
           Permit p = db->acquire_for(std::chrono::microseconds(rng() % 3000), stop.get_token());
           if (canceller.joinable()) canceller.join();
-          if (!p) continue;
-          const std::int64_t running = counter[0].fetch_add(1) + 1;
-          std::int64_t peak = counter[1].load();
-          while (running > peak && !counter[1].compare_exchange_weak(peak, running)) {
-          }
-          std::this_thread::sleep_for(std::chrono::microseconds(rng() % 500));
-          counter[0].fetch_sub(1);
+          if (p) counter.hold(rng);
         }
       });
     }
     for (auto& t : threads) t.join();
     for (auto& c : children) EXPECT_EQ(c->line(60s), "done");
-    EXPECT_LE(counter[1].load(), kCapacity) << queue_name;
-    EXPECT_GE(counter[1].load(), 2) << queue_name;
-    EXPECT_EQ(counter[0].load(), 0);
+    EXPECT_LE(counter.peak(), kCapacity) << queue_name;
+    EXPECT_GE(counter.peak(), 2) << queue_name;
+    EXPECT_EQ(counter.running(), 0);
     EXPECT_TRUE(eventually([&] { return db->in_use() == 0 && db->waiting() == 0; }))
         << queue_name << ": in_use " << db->in_use() << ", waiting " << db->waiting();
-    ::munmap(counter, 16);
-    ::close(fd);
-    ::unlink(path);
   }
 }
 
@@ -1145,17 +1174,12 @@ TEST(HostPriority, ChurnWithRandomClassesAcrossProcessesAndThreads) {
                                                        .adaptive_target = 1ms,
                                                        .adaptive_interval = 2ms,
                                                        .scope = Scope::kHost});
-  char path[] = "/tmp/fcl-pchurn-XXXXXX";
-  const int fd = ::mkstemp(path);
-  ASSERT_GE(fd, 0);
-  ASSERT_EQ(::ftruncate(fd, 16), 0);
-  auto* counter = static_cast<std::atomic<std::int64_t>*>(
-      ::mmap(nullptr, 16, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0));
-  ASSERT_NE(counter, MAP_FAILED);
+  SharedCounters counter;
+  ASSERT_TRUE(counter.ok());
   std::vector<std::unique_ptr<Child>> children;
   for (int i = 0; i < 2; ++i) {
     children.push_back(std::make_unique<Child>(
-        std::vector<std::string>{"pchurn", name, "2", "fifo", "300", path}));
+        std::vector<std::string>{"pchurn", name, "2", "fifo", "300", counter.path()}));
   }
   Limiter limiter({db}, 1s);
   const auto set = limiter.select({db});
@@ -1173,28 +1197,19 @@ TEST(HostPriority, ChurnWithRandomClassesAcrossProcessesAndThreads) {
                                        std::chrono::microseconds(rng() % 3000), stop.get_token());
         if (canceller.joinable()) canceller.join();
         if (p.outcome() == Outcome::kLowerPriority) pushed_out.fetch_add(1);
-        if (!p) continue;
-        const std::int64_t running = counter[0].fetch_add(1) + 1;
-        std::int64_t peak = counter[1].load();
-        while (running > peak && !counter[1].compare_exchange_weak(peak, running)) {
-        }
-        std::this_thread::sleep_for(std::chrono::microseconds(rng() % 500));
-        counter[0].fetch_sub(1);
+        if (p) counter.hold(rng);
       }
     });
   }
   for (auto& t : threads) t.join();
   for (auto& c : children) EXPECT_EQ(c->line(60s), "done");
-  EXPECT_LE(counter[1].load(), kCapacity);
-  EXPECT_GE(counter[1].load(), 2);
-  EXPECT_EQ(counter[0].load(), 0);
+  EXPECT_LE(counter.peak(), kCapacity);
+  EXPECT_GE(counter.peak(), 2);
+  EXPECT_EQ(counter.running(), 0);
   EXPECT_TRUE(eventually([&] { return db->in_use() == 0 && db->waiting() == 0; }))
       << "in_use " << db->in_use() << ", waiting " << db->waiting();
   expect_invariant(name);
   std::printf("waiters pushed out for a higher class here: %d\n", pushed_out.load());
-  ::munmap(counter, 16);
-  ::close(fd);
-  ::unlink(path);
 }
 
 // A newcomer of a higher class arriving at a full queue
