@@ -617,7 +617,7 @@ class Resource : public std::enable_shared_from_this<Resource> {
   bool try_grant(bool& measure, const std::string* key = nullptr,
                  Priority priority = Priority::kCritical) noexcept CL_EXCLUDES(mu_) {
     if (closed_.load(std::memory_order_relaxed)) return false;
-    if (host_) return host_try_grant(measure);
+    if (host_) return host_try_grant(measure, priority);
     if (locked_) return locked_try_grant(measure, key, priority);
     // Counted before the slot is taken, so that the default class's share
     // (the rest) never shows a hold that is another class's.
@@ -714,7 +714,7 @@ class Resource : public std::enable_shared_from_this<Resource> {
     }
   }
   // try_grant() and limit() of a host-scoped resource (src/host/).
-  bool host_try_grant(bool& measure) noexcept;
+  bool host_try_grant(bool& measure, Priority priority) noexcept;
   std::int64_t host_limit() const noexcept;
   std::int64_t host_capacity() const noexcept;
   QueueDiscipline host_queue() const noexcept;
