@@ -123,9 +123,10 @@ class Resource:
             slot not reserved for the classes above it. Keys: any class
             but ``SHEDDABLE`` (a Priority or its name); values: integers
             >= 0 adding up to at most ``capacity``. Counted against the
-            ``limit`` in force. ``None`` (default): no reserve. Not
-            supported with ``scope="host"`` or ``per_key`` (ValueError).
-            See docs/priorities.md.
+            ``limit`` in force. ``None`` (default): no reserve. With
+            ``scope="host"``, every process using the name must pass the
+            same reserves (ValueError naming both otherwise). Not supported
+            with ``per_key`` (ValueError). See docs/priorities.md.
     """
 
     __slots__ = (
