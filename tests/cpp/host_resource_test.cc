@@ -1515,6 +1515,44 @@ TEST(HostReserve, AKilledHolderOfAReservedSlotGivesItBackToItsClass) {
   expect_invariant(name);
 }
 
+// A process killed inside the shared lock: the repair rebuilds each
+// class's count from the slots each process holds, so the reserve still
+// holds afterwards.
+TEST(HostReserve, TheRepairAfterADeathInsideTheLockKeepsEachClassesSlots) {
+  const std::string name = unique_name("res-repair");
+  Cleanup cleanup{name};
+  const std::string queue = "fifo+r0,0,0,1";
+  auto db = reserved_host_resource(name, 3, {0, 0, 0, 1});
+  Child top({"phold", name, "3", queue, "1", "critical_plus", "-1"});
+  ASSERT_EQ(top.line(), "ready");
+  Child mid({"phold", name, "3", queue, "2", "critical", "-1"});
+  ASSERT_EQ(mid.line(), "ready");
+  const std::uint64_t repairs = info_of(name).repairs;
+  {
+    Child locker({"lock", name, "3", queue});
+    ASSERT_EQ(locker.line(), "locked");
+    locker.kill();
+  }
+  constexpr auto CP = priority_index(Priority::kCriticalPlus);
+  constexpr auto C = priority_index(Priority::kCritical);
+  const ResourceStatistics s = db->statistics();  // the first locker repairs
+  EXPECT_GT(info_of(name).repairs, repairs);
+  EXPECT_EQ(s.classes[CP].in_use, 1);
+  EXPECT_EQ(s.classes[C].in_use, 2);
+  // The critical_plus holder dies: its slot is critical_plus's again, and
+  // a critical request may not take it.
+  top.kill();
+  ASSERT_TRUE(eventually([&] { return db->in_use() == 2; }));
+  const auto set =
+      std::make_shared<const ResourceSet>(std::vector<std::shared_ptr<Resource>>{db});
+  EXPECT_EQ(Acquisition(set, std::nullopt, Priority::kCritical).try_once(), Outcome::kTimeout);
+  Acquisition plus(set, std::nullopt, Priority::kCriticalPlus);
+  EXPECT_EQ(plus.try_once(), Outcome::kGranted);
+  plus.release();
+  mid.kill();
+  EXPECT_TRUE(eventually([&] { return db->in_use() == 0 && db->waiting() == 0; }));
+}
+
 // Every process must pass the same reserves: another is refused, naming
 // both (in another process and in this one); the same ones are fine.
 TEST(HostReserve, MismatchedReservesAreRefusedNamingBoth) {
