@@ -595,9 +595,10 @@ WaiterNode* HostPool::settle_own_locked(std::uint32_t i, NoticeList& notices,
     // No local waiter (cannot happen unless the table was rebuilt): a
     // granted slot goes to the next waiter.
     if (granted) {
+      const std::size_t freed = count_out_of(me(), cls);  // before held drops
       --me().held;
       --held_local_;
-      hand_over_locked(count_out_of(me(), cls), decided_ns, notices, wakes);
+      hand_over_locked(freed, decided_ns, notices, wakes);
     }
     return nullptr;
   }
