@@ -81,8 +81,9 @@ class Resource:
             one process sets it for all, and with ``adaptive`` one algorithm
             moves it, fed by the requests of every process. Statistics:
             ``capacity``, ``limit``, ``in_use``, ``waiting`` and
-            ``peak_in_use`` are host-wide; the counters and histograms count
-            this process's requests. A ``RedisScope``: every process on every host using
+            ``peak_in_use`` are host-wide (so are each class's ``in_use``
+            and ``waiting`` in ``priorities``); the counters and histograms
+            count this process's requests. A ``RedisScope``: every process on every host using
             the same Redis and ``name`` (then required); the local stage
             above still runs first, in each process; see
             ``fastapi_concurrency_limiter.redis``.
