@@ -98,11 +98,6 @@ ResourceOptions validated(ResourceOptions o) {
         " (each entry in [0, capacity], sheddable's 0), got a sum of " +
         std::to_string(reserved));
   }
-  if (reserved != 0 && o.scope == Scope::kHost) {
-    throw std::invalid_argument(
-        "reserve is not supported with scope 'host' yet: priority classes are "
-        "kept by one process; use all-zero reserves");
-  }
   if (reserved != 0 && o.per_key != 0) {
     throw std::invalid_argument(
         "reserve is not supported with per_key yet: use all-zero reserves, or "
@@ -518,8 +513,8 @@ void Resource::attribute_unmeasured_locked(std::uint64_t releases) const {
   h.sum += static_cast<double>(n) * last_hold_seconds_;
 }
 
-bool Resource::host_try_grant(bool& measure) noexcept {
-  return host_->try_grant(measure);
+bool Resource::host_try_grant(bool& measure, Priority priority) noexcept {
+  return host_->try_grant(measure, priority);
 }
 
 std::int64_t Resource::host_limit() const noexcept { return host_->limit(); }
@@ -838,7 +833,7 @@ State Resource::abandon(detail::WaiterNode& node, Outcome reason) {
 
 void Resource::revert_grant(detail::NoticeList& notices, const std::string* key,
                             Priority priority) {
-  if (host_) return host_->revert_grant(notices);
+  if (host_) return host_->revert_grant(notices, priority);
   if (locked_) {
     const auto now = Clock::now();
     detail::MutexLock lock(mu_);
@@ -866,7 +861,7 @@ void Resource::revert_grant(detail::NoticeList& notices, const std::string* key,
 }
 
 void Resource::count_rejection(Outcome reason, Priority priority) {
-  if (host_) return host_->count_rejection(reason);
+  if (host_) return host_->count_rejection(reason, priority);
   detail::MutexLock lock(mu_);
   note_rejection_locked(reason, priority);
 }
@@ -875,7 +870,7 @@ void Resource::release(bool measured, Clock::time_point granted_at,
                        Clock::time_point now, Completion completion,
                        detail::NoticeList& notices, const std::string* key,
                        Priority priority) {
-  if (host_) return host_->release(measured, granted_at, now, completion, notices);
+  if (host_) return host_->release(measured, granted_at, now, completion, notices, priority);
   // Without reserves the class is counted out after the slot is given back
   // (see note_class_grant()); with reserves, under mu_ with the slot. Read
   // before: the default class touches nothing of the resource after it.

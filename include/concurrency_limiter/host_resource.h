@@ -115,12 +115,25 @@
 //     classes, within the newcomer's class. A process killed while its
 //     requests wait, even inside the lock, leaves the per-class queues
 //     consistent (they are rebuilt from each entry's class). The free-slot
-//     path costs the same for every class. Not supported yet: reserves
-//     (ResourceOptions::reserve: std::invalid_argument), statistics per
-//     class (ResourceStatistics::classes counts everything as kCritical),
-//     and shedding by class when the 4096-entry waiter table (not
-//     max_waiting) is full: the newcomer gets kQueueFull whatever its class,
-//     and nobody is pushed out for it.
+//     path costs the same for every class.
+//     Reserves (ResourceOptions::reserve) follow resource.h's rule
+//     machine-wide: the segment keeps the slots each process holds per
+//     class, a freed slot goes to the highest class waiting in any process
+//     if it may take it (else it stays free for the class it is kept for),
+//     and a newcomer takes a free slot when its class may take it and
+//     nobody of its class or above waits. A process killed while holding
+//     slots gives each back to its class. Every process must pass the same
+//     reserves: opening a name whose live processes have others throws
+//     std::invalid_argument naming both (with none alive, the newest
+//     wins, as for the rest of the configuration). Without reserves, a
+//     grant and a release cost what they did (one more counter, under the
+//     lock they take anyway).
+//     Statistics per class (ResourceStatistics::classes): in_use and
+//     waiting machine-wide, as in_use and waiting are; acquired_total and
+//     rejected_total count this process's requests, as the totals do.
+//     Not supported yet: shedding by class when the 4096-entry waiter
+//     table (not max_waiting) is full: the newcomer gets kQueueFull
+//     whatever its class, and nobody is pushed out for it.
 //   - Each process runs one background thread per host resource it uses.
 //   - close() is local: it refuses the new requests made through that
 //     Resource object (kUnavailable), and nothing else. Requests already

@@ -37,9 +37,9 @@
 // more), the default class nothing. With
 // waiters, a grant, release, timeout or cancel stays O(1). Reserves put every
 // grant and release under the resource's mutex.
-// Host scope (host_resource.h) keeps the grant order and the shedding
-// across processes; it supports no reserves and does not split its
-// statistics by class yet. Per-key shares support only kCritical for now
+// Host scope (host_resource.h) keeps the grant order, the shedding, the
+// reserves and the per-class statistics across processes (every process
+// must pass the same reserves). Per-key shares support only kCritical for now
 // (std::invalid_argument otherwise).
 // A class's counts are taken before its slot: a snapshot of the statistics
 // may, for a moment, show the classes' grants summing above the resource's

@@ -133,9 +133,10 @@
 // other than kCritical pays one more relaxed atomic add on grant and on
 // release (its per-class count), the default class nothing. A resource with
 // reserves takes and gives back every slot under its mutex, as a per-key
-// share does. Host scope keeps the grant order and the full-queue rule above
-// across processes (host_resource.h, "Priority classes"), but no reserves
-// (the constructor refuses them) and no per-class statistics yet. A
+// share does. Host scope keeps the grant order, the full-queue rule, the
+// reserves and the per-class statistics above across processes
+// (host_resource.h, "Priority classes"; every process must pass the same
+// reserves). A
 // per-key share supports neither reserves nor a class other than kCritical
 // yet: the constructor refuses reserves there, and Acquisition a class
 // other than kCritical (std::invalid_argument).
@@ -265,8 +266,9 @@ struct ResourceOptions {
   // indexed by priority_index(Priority), that only class p or a higher one
   // may take; every grant and release then takes the mutex. Each entry >= 0, reserve[kSheddable] 0 (the lowest class has
   // nobody below it to keep slots from), the sum <= capacity; all 0 (the
-  // default): no reserve. Not supported with scope kHost or a per-key share
-  // (std::invalid_argument).
+  // default): no reserve. With scope kHost, every process must pass the
+  // same (std::invalid_argument otherwise, see host_resource.h). Not
+  // supported with a per-key share (std::invalid_argument).
   std::array<std::int64_t, kPriorityCount> reserve{};
 };
 
@@ -617,7 +619,7 @@ class Resource : public std::enable_shared_from_this<Resource> {
   bool try_grant(bool& measure, const std::string* key = nullptr,
                  Priority priority = Priority::kCritical) noexcept CL_EXCLUDES(mu_) {
     if (closed_.load(std::memory_order_relaxed)) return false;
-    if (host_) return host_try_grant(measure);
+    if (host_) return host_try_grant(measure, priority);
     if (locked_) return locked_try_grant(measure, key, priority);
     // Counted before the slot is taken, so that the default class's share
     // (the rest) never shows a hold that is another class's.
@@ -714,7 +716,7 @@ class Resource : public std::enable_shared_from_this<Resource> {
     }
   }
   // try_grant() and limit() of a host-scoped resource (src/host/).
-  bool host_try_grant(bool& measure) noexcept;
+  bool host_try_grant(bool& measure, Priority priority) noexcept;
   std::int64_t host_limit() const noexcept;
   std::int64_t host_capacity() const noexcept;
   QueueDiscipline host_queue() const noexcept;

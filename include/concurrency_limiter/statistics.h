@@ -111,9 +111,10 @@ struct ResourceStatistics {
   // (and always for host scope, which keeps none).
   std::optional<double> service_seconds;
   // The counters above split by priority class, indexed by
-  // priority_index(Priority). A resource of host scope keeps classes but
-  // does not count them apart yet: everything is counted under
-  // Priority::kCritical. in_use per class is a
+  // priority_index(Priority). On host scope, in_use and waiting per class
+  // are machine-wide and the counters this process's, as the totals are
+  // (while the shared state is out of reach, the last totals known are
+  // shown under Priority::kCritical). in_use per class is a
   // snapshot as in_use is (on the lock-free path of a resource without
   // reserves, a slot is counted in its class a moment after the resource
   // counts it, so a class may briefly show one slot that is its neighbour's).

@@ -134,11 +134,6 @@ def check_reserve(
             f"capacity={capacity}; their sum must be <= capacity"
         )
     if any(counts):
-        if scope == "host":
-            raise ValueError(
-                "reserve is not supported with scope='host' (not built yet): "
-                "leave reserve out or use scope='process'"
-            )
         if per_key is not None:
             raise ValueError(
                 "reserve is not supported with per_key (not built yet): "

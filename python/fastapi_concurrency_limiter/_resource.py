@@ -81,8 +81,9 @@ class Resource:
             one process sets it for all, and with ``adaptive`` one algorithm
             moves it, fed by the requests of every process. Statistics:
             ``capacity``, ``limit``, ``in_use``, ``waiting`` and
-            ``peak_in_use`` are host-wide; the counters and histograms count
-            this process's requests. A ``RedisScope``: every process on every host using
+            ``peak_in_use`` are host-wide (so are each class's ``in_use``
+            and ``waiting`` in ``priorities``); the counters and histograms
+            count this process's requests. A ``RedisScope``: every process on every host using
             the same Redis and ``name`` (then required); the local stage
             above still runs first, in each process; see
             ``fastapi_concurrency_limiter.redis``.
@@ -123,9 +124,10 @@ class Resource:
             slot not reserved for the classes above it. Keys: any class
             but ``SHEDDABLE`` (a Priority or its name); values: integers
             >= 0 adding up to at most ``capacity``. Counted against the
-            ``limit`` in force. ``None`` (default): no reserve. Not
-            supported with ``scope="host"`` or ``per_key`` (ValueError).
-            See docs/priorities.md.
+            ``limit`` in force. ``None`` (default): no reserve. With
+            ``scope="host"``, every process using the name must pass the
+            same reserves (ValueError naming both otherwise). Not supported
+            with ``per_key`` (ValueError). See docs/priorities.md.
     """
 
     __slots__ = (

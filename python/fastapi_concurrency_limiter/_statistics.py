@@ -110,7 +110,9 @@ class ResourceStatistics:
     #: The figures of each priority class, by its lower-case name
     #: (``"sheddable"``, ``"sheddable_plus"``, ``"critical"``,
     #: ``"critical_plus"``, lowest first): ``s.priorities["sheddable"].waiting``.
-    #: A request that names no class counts as ``"critical"``.
+    #: A request that names no class counts as ``"critical"``. With
+    #: ``scope="host"``, ``in_use`` and ``waiting`` are host-wide, the
+    #: counters this process's, as the resource's own are.
     priorities: Mapping[str, PriorityStatistics] = field(default_factory=dict)
     #: Slots reserved per class (``Resource(reserve=...)``), by lower-case
     #: name; ``{}`` without reserves.

@@ -84,8 +84,43 @@ std::uint32_t oldest_waiter(const Segment& s) {
   return oldest;
 }
 
+// Slots of class `c` (its index) counted in (`delta` > 0) or out of the
+// header's per-class counts (kCritical's is the rest of in_use).
+void count_class(host::Header& h, std::size_t c, std::int64_t delta) {
+  if (c >= kPriorityCount || c == priority_index(Priority::kCritical)) return;
+  h.class_in_use[c] = std::max<std::int64_t>(0, h.class_in_use[c] + delta);
+}
+
+// Counts one slot of class `c` out of process `p`'s per-class counts (the
+// caller takes it off `held`); returns the class it was counted out of:
+// `c`, or another the process holds when its counts do not show a slot of
+// `c` (a slot carried over from a removed segment counts as kCritical).
+std::size_t count_out_of(Process& p, std::size_t c) {
+  const std::size_t critical = priority_index(Priority::kCritical);
+  if (c < kPriorityCount && c != critical && p.class_held[c] > 0) {
+    --p.class_held[c];
+    return c;
+  }
+  std::int64_t others = 0;
+  for (std::size_t k = 0; k < kPriorityCount; ++k) {
+    if (k != critical) others += std::max<std::int64_t>(p.class_held[k], 0);
+  }
+  if (p.held > others) return critical;
+  for (std::size_t k = 0; k < kPriorityCount; ++k) {
+    if (k != critical && p.class_held[k] > 0) {
+      --p.class_held[k];
+      return k;
+    }
+  }
+  return critical;
+}
+
+void count_into(Process& p, std::size_t c) {
+  if (c < kPriorityCount && c != priority_index(Priority::kCritical)) ++p.class_held[c];
+}
+
 host::Config config_of(const ResourceOptions& o, const LimitAlgorithm* algorithm) {
-  return host::Config{
+  host::Config config{
       .capacity = o.capacity,
       .max_waiting = o.max_waiting ? *o.max_waiting : -1,
       .queue = static_cast<std::uint32_t>(o.queue),
@@ -93,7 +128,10 @@ host::Config config_of(const ResourceOptions& o, const LimitAlgorithm* algorithm
       .target_ns = std::chrono::duration_cast<std::chrono::nanoseconds>(o.adaptive_target).count(),
       .interval_ns =
           std::chrono::duration_cast<std::chrono::nanoseconds>(o.adaptive_interval).count(),
-      .limit = host::limit_config_of(algorithm)};
+      .limit = host::limit_config_of(algorithm),
+      .reserve = {}};
+  for (std::size_t c = 0; c < kPriorityCount; ++c) config.reserve[c] = o.reserve[c];
+  return config;
 }
 
 // "/proc/self/fd/N" without allocating (it is built in a fork child).
@@ -137,6 +175,11 @@ std::shared_ptr<HostPool> HostPool::get(const ResourceOptions& o, const LimitAlg
       if (!host::is_linked(o.name, pool.inode_)) pool.detached_.store(true);
       pool.attach_locked(notices);
       Locked locked(pool);
+      if (!host::same_reserve(pool.cfg(), config)) {
+        // This process uses it: reserves are refused, never replaced, while
+        // a process using them lives (open_segment()).
+        throw std::invalid_argument(host::reserve_mismatch(o.name, pool.cfg(), config));
+      }
       if (!host::same_config(pool.cfg(), config)) {
         const std::string theirs = host::describe(pool.cfg());
         host::install_config(*pool.seg(), config);
@@ -250,7 +293,7 @@ void HostPool::after_fork_child() noexcept {
     }
     // What the parent had not applied yet is the parent's (clear() frees
     // nothing).
-    pool->pending_releases_ = 0;
+    pool->pending_releases_ = {};
     pool->orphans_.clear();
     pool->mu_.unlock();
   }
@@ -295,7 +338,7 @@ void HostPool::reattach_locked(NoticeList& notices) {
       nodes_[i] = nullptr;
       node->state_ = NodeState::kRejected;
       node->outcome_ = Outcome::kUnavailable;
-      note_rejection_locked(Outcome::kUnavailable);
+      note_rejection_locked(Outcome::kUnavailable, node->priority_);
       node->completing_.store(true, std::memory_order_relaxed);  // published by mu_
       notices.push(node);
     }
@@ -308,7 +351,7 @@ void HostPool::reattach_locked(NoticeList& notices) {
   host::Opened opened = host::open_segment(name_, config, host::Adopt::kTheirs);
   carried_ = held_local_;
   held_local_ = 0;
-  pending_releases_ = 0;  // their slots stay counted: carried over instead
+  pending_releases_ = {};  // their slots stay counted: carried over instead
   orphans_.clear();
   fd_ = opened.fd;
   inode_ = opened.inode;
@@ -375,7 +418,8 @@ void HostPool::register_locked() {
     p.incarnation = h.next_incarnation++;
     // Slots carried over from a removed segment count here until released
     // (even above the capacity: nothing new is granted until they are).
-    p.held = carried_;
+    p.held = carried_;  // counted as kCritical's
+    for (std::int64_t& n : p.class_held) n = 0;
     h.in_use += carried_;
     h.held_bound = std::max(h.held_bound, h.in_use);
     p.waiting = 0;
@@ -482,15 +526,19 @@ void HostPool::free_entry_locked(std::uint32_t i) {
   seg()->header.free_head = i;
 }
 
-void HostPool::note_grant_locked(double waited) {
+void HostPool::note_grant_locked(double waited, Priority priority) {
   if constexpr (kStatistics) {
     ++stats_.acquired_total;
+    ++stats_.classes[priority_index(priority)].acquired_total;
     stats_.wait_seconds.observe(waited);
   }
 }
 
-void HostPool::note_rejection_locked(Outcome reason) {
-  if constexpr (kStatistics) ++stats_.rejected_total[rejection_index(reason)];
+void HostPool::note_rejection_locked(Outcome reason, Priority priority) {
+  if constexpr (kStatistics) {
+    ++stats_.rejected_total[rejection_index(reason)];
+    ++stats_.classes[priority_index(priority)].rejected_total[rejection_index(reason)];
+  }
 }
 
 void HostPool::decide_locked(std::uint32_t i, Outcome outcome, std::int64_t now_ns,
@@ -534,20 +582,23 @@ WaiterNode* HostPool::settle_own_locked(std::uint32_t i, NoticeList& notices,
   Outcome outcome = static_cast<Outcome>(e.outcome);
   if (!granted && !is_rejection(outcome)) outcome = Outcome::kCancelled;
   const std::int64_t decided_ns = e.decided_ns;
+  const std::size_t cls = host::class_of(e);
   WaiterNode* node = nodes_[i];
   nodes_[i] = nullptr;
   free_entry_locked(i);
   if (granted) {
     ++me().held;  // from the granted entry to this process
+    count_into(me(), cls);
     ++held_local_;
   }
   if (!node) {
     // No local waiter (cannot happen unless the table was rebuilt): a
     // granted slot goes to the next waiter.
     if (granted) {
+      const std::size_t freed = count_out_of(me(), cls);  // before held drops
       --me().held;
       --held_local_;
-      hand_over_locked(decided_ns, notices, wakes);
+      hand_over_locked(freed, decided_ns, notices, wakes);
     }
     return nullptr;
   }
@@ -558,11 +609,12 @@ WaiterNode* HostPool::settle_own_locked(std::uint32_t i, NoticeList& notices,
     node->measure_ = kStatistics || algorithm_locked() != nullptr;
     note_grant_locked(
         std::max(0.0, std::chrono::duration<double>(node->granted_at_ - node->enqueued_at_)
-                          .count()));
+                          .count()),
+        node->priority_);
   } else {
     node->state_ = NodeState::kRejected;
     node->outcome_ = outcome;
-    note_rejection_locked(outcome);
+    note_rejection_locked(outcome, node->priority_);
   }
   return node;
 }
@@ -620,8 +672,11 @@ std::uint32_t HostPool::pick_locked(std::int64_t now_ns, NoticeList& notices,
     default:  // out of range: garbage written since the segment was opened
       break;
   }
-  // The highest class with waiters, then the discipline's end of its queue.
-  const int top = host::highest_waiting_class(*seg());
+  // The highest class with waiters (with reserves: if it may take a slot;
+  // a lower class may not when a higher one may not), then the
+  // discipline's end of its queue.
+  const int top = host::has_reserve(cfg()) ? host::highest_class_may_take(h, limit())
+                                           : host::highest_waiting_class(*seg());
   if (top < 0) return kNone;
   const host::List& q = h.queues[static_cast<std::size_t>(top)];
   const std::uint32_t i = from_head ? q.head : q.tail;
@@ -633,18 +688,15 @@ std::uint32_t HostPool::pick_locked(std::int64_t now_ns, NoticeList& notices,
   return i;
 }
 
-void HostPool::hand_over_locked(std::int64_t now_ns, NoticeList& notices, Wakes& wakes) {
-  if (seg()->header.in_use > limit()) {
-    // The limit was lowered: retire the slot instead of handing it over.
-    --seg()->header.in_use;
-    return;
-  }
-  const std::uint32_t next = pick_locked(now_ns, notices, wakes);
-  if (next != kNone) {
-    decide_locked(next, Outcome::kGranted, now_ns, notices, wakes);  // in_use stays
-  } else {
-    --seg()->header.in_use;
-  }
+void HostPool::hand_over_locked(std::size_t freed, std::int64_t now_ns, NoticeList& notices,
+                                 Wakes& wakes) {
+  // The slot is given back, then granted as a free slot would be: to the
+  // highest class waiting (that may take it, with reserves). In use above
+  // the limit (it was lowered), nobody is granted: the slot is retired.
+  host::Header& h = seg()->header;
+  count_class(h, freed, -1);
+  h.in_use = std::max<std::int64_t>(0, h.in_use - 1);
+  fill_locked(now_ns, notices, wakes);
 }
 
 void HostPool::fill_locked(std::int64_t now_ns, NoticeList& notices, Wakes& wakes) {
@@ -653,6 +705,7 @@ void HostPool::fill_locked(std::int64_t now_ns, NoticeList& notices, Wakes& wake
     const std::uint32_t next = pick_locked(now_ns, notices, wakes);
     if (next == kNone) return;
     ++h.in_use;
+    count_class(h, host::class_of(seg()->entries[next]), +1);
     h.peak_in_use = std::max(h.peak_in_use, h.in_use);
     decide_locked(next, Outcome::kGranted, now_ns, notices, wakes);
   }
@@ -670,6 +723,14 @@ void HostPool::reclaim_locked(std::uint32_t proc, NoticeList& notices, Wakes& wa
   host::Header& h = seg()->header;
   Process& p = seg()->processes[proc];
   std::int64_t freed = std::clamp<std::int64_t>(p.held, 0, h.held_bound);
+  // Each class gets its slots back (kCritical's: the rest of in_use).
+  std::int64_t left = freed;
+  for (std::size_t c = 0; c < kPriorityCount; ++c) {
+    const std::int64_t n = std::clamp<std::int64_t>(p.class_held[c], 0, left);
+    left -= n;
+    count_class(h, c, -n);
+    p.class_held[c] = 0;
+  }
   for (std::uint32_t i = 0; i < kMaxWaiters; ++i) {
     Entry& e = seg()->entries[i];
     if (e.state == as_u32(EntryState::kFree) || e.process != proc) continue;
@@ -678,6 +739,7 @@ void HostPool::reclaim_locked(std::uint32_t proc, NoticeList& notices, Wakes& wa
       --h.waiting;
     } else if (e.state == as_u32(EntryState::kGranted)) {
       ++freed;
+      count_class(h, host::class_of(e), -1);
     }
     free_entry_locked(i);
   }
@@ -691,7 +753,7 @@ void HostPool::reclaim_locked(std::uint32_t proc, NoticeList& notices, Wakes& wa
 }
 
 Outcome HostPool::refuse_locked(WaiterNode& node, Outcome reason) {
-  note_rejection_locked(reason);
+  note_rejection_locked(reason, node.priority_);
   node.state_ = NodeState::kRejected;
   node.outcome_ = reason;
   return reason;
@@ -721,20 +783,38 @@ bool HostPool::queue_full_for(Priority priority) noexcept {
   }
 }
 
-bool HostPool::try_grant(bool& measure) noexcept {
+bool HostPool::may_grant_at_once_locked(std::size_t c) const {
+  const host::Header& h = seg()->header;
+  if (!host::has_reserve(h.config)) return h.in_use < limit() && h.waiting == 0;
+  // Reserves: nobody waits who may take the slot. A waiter of a class below
+  // `c` waits for slots kept from it (it would have been granted otherwise):
+  // one of `c` or above is served first.
+  for (std::size_t k = c; k < kPriorityCount; ++k) {
+    if (h.queues[k].head != kNone) return false;
+  }
+  return host::class_may_take(h, c, limit());
+}
+
+void HostPool::grant_at_once_locked(Priority priority) {
+  host::Header& h = seg()->header;
+  ++h.in_use;
+  count_class(h, priority_index(priority), +1);
+  h.peak_in_use = std::max(h.peak_in_use, h.in_use);
+  ++me().held;
+  count_into(me(), priority_index(priority));
+  ++held_local_;
+  note_grant_locked(0.0, priority);
+}
+
+bool HostPool::try_grant(bool& measure, Priority priority) noexcept {
   std::lock_guard lock(mu_);
   // Anything unusual (registration, a reset, an unreachable lock) is left
   // to enqueue(), which can report it.
   if (must_attach_locked() || unavailable_now()) return false;
   try {
     Locked locked(*this);
-    host::Header& h = seg()->header;
-    if (h.in_use >= limit() || h.waiting > 0) return false;
-    ++h.in_use;
-    h.peak_in_use = std::max(h.peak_in_use, h.in_use);
-    ++me().held;
-    ++held_local_;
-    note_grant_locked(0.0);
+    if (!may_grant_at_once_locked(priority_index(priority))) return false;
+    grant_at_once_locked(priority);
     // Every hold is timed: the clock read is small next to the shared lock.
     measure = kStatistics || algorithm_locked() != nullptr;
     return true;
@@ -757,16 +837,12 @@ Outcome HostPool::enqueue(WaiterNode& node, NoticeList& notices) {
     attach_locked(notices);  // registers (again after fork)
     Locked locked(*this);
     host::Header& h = seg()->header;
-    if (h.in_use < limit() && h.waiting == 0) {
-      ++h.in_use;
-      h.peak_in_use = std::max(h.peak_in_use, h.in_use);
-      ++me().held;
-      ++held_local_;
+    if (may_grant_at_once_locked(priority_index(node.priority_))) {
+      grant_at_once_locked(node.priority_);
       node.granted_at_ = {};  // granted at once: the hold starts now
       node.measure_ = kStatistics || algorithm_locked() != nullptr;
       node.state_ = NodeState::kGranted;
       node.outcome_ = Outcome::kGranted;
-      note_grant_locked(0.0);
       return Outcome::kGranted;
     }
     shed_locked(now_ns, notices, locked.wakes, priority_index(node.priority_));
@@ -842,7 +918,7 @@ NodeState HostPool::abandon(WaiterNode& node, Outcome reason) {
     // is a wait inherited across fork): the node simply stops waiting.
     node.state_ = NodeState::kRejected;
     node.outcome_ = reason;
-    note_rejection_locked(reason);
+    note_rejection_locked(reason, node.priority_);
     return NodeState::kQueued;
   };
   if (generation_ != g_generation.load(std::memory_order_relaxed) || i >= kMaxWaiters ||
@@ -886,11 +962,12 @@ NodeState HostPool::abandon(WaiterNode& node, Outcome reason) {
   }
 }
 
-void HostPool::revert_grant(NoticeList& notices) {
+void HostPool::revert_grant(NoticeList& notices, Priority priority) {
   const std::int64_t now_ns = to_ns(Clock::now());
   std::lock_guard lock(mu_);
   if constexpr (kStatistics) {
     --stats_.acquired_total;
+    --stats_.classes[priority_index(priority)].acquired_total;
     --stats_.wait_seconds.counts[0];
     --stats_.wait_seconds.count;
   }
@@ -900,21 +977,22 @@ void HostPool::revert_grant(NoticeList& notices) {
   try {
     Locked locked(*this);
     if (me().held <= 0) return;
+    const std::size_t freed = count_out_of(me(), priority_index(priority));
     --me().held;
-    hand_over_locked(now_ns, notices, locked.wakes);
+    hand_over_locked(freed, now_ns, notices, locked.wakes);
   } catch (const host::Unavailable&) {
     mark_unavailable();
-    ++pending_releases_;
+    ++pending_releases_[priority_index(priority)];
   }
 }
 
-void HostPool::count_rejection(Outcome reason) {
+void HostPool::count_rejection(Outcome reason, Priority priority) {
   std::lock_guard lock(mu_);
-  note_rejection_locked(reason);
+  note_rejection_locked(reason, priority);
 }
 
 void HostPool::release(bool measured, Clock::time_point granted_at, Clock::time_point now,
-                       Completion completion, NoticeList& notices) {
+                       Completion completion, NoticeList& notices, Priority priority) {
   if (!measured) now = Clock::now();
   std::lock_guard lock(mu_);
   if constexpr (kStatistics) {
@@ -930,12 +1008,13 @@ void HostPool::release(bool measured, Clock::time_point granted_at, Clock::time_
     Locked locked(*this);
     if (me().held <= 0) return;
     const std::int64_t in_flight = seg()->header.in_use;  // host-wide, this one included
+    const std::size_t freed = count_out_of(me(), priority_index(priority));
     --me().held;
     // The sample's time is read under the lock, so that samples reach the
     // shared window in time order whichever process gives them.
     const Clock::time_point end = Clock::now();
     const std::int64_t end_ns = to_ns(end);
-    hand_over_locked(end_ns, notices, locked.wakes);
+    hand_over_locked(freed, end_ns, notices, locked.wakes);
     host::SharedAlgorithm* algorithm = algorithm_locked();
     if (algorithm && measured && completion != Completion::kIgnored) {
       // Every process's samples feed the one algorithm, under the segment mutex.
@@ -950,7 +1029,7 @@ void HostPool::release(bool measured, Clock::time_point granted_at, Clock::time_
   } catch (const host::Unavailable&) {
     // Given back by the background thread once the lock is back.
     mark_unavailable();
-    ++pending_releases_;
+    ++pending_releases_[priority_index(priority)];
   }
 }
 
@@ -1016,22 +1095,34 @@ ResourceStatistics HostPool::statistics() {
   s.limit = limit();
   s.in_use = in_use_snapshot_.load(std::memory_order_relaxed);
   s.waiting = waiting_snapshot_.load(std::memory_order_relaxed);
+  // Per class: in_use and waiting host-wide (as the totals), the counters
+  // this process's (stats_.classes, as the totals). Unreachable shared
+  // state: the last totals known, under the default class.
+  const std::size_t critical = priority_index(Priority::kCritical);
+  s.classes[critical].in_use = s.in_use;
+  s.classes[critical].waiting = s.waiting;
   if (!unavailable_now()) {  // snapshots: never wait on a stuck lock
     try {
       SegmentLock shared(*seg());
-      s.in_use = seg()->header.in_use;
-      s.waiting = seg()->header.waiting;
-      s.peak_in_use = seg()->header.peak_in_use;
+      const host::Header& h = seg()->header;
+      s.in_use = h.in_use;
+      s.waiting = h.waiting;
+      s.peak_in_use = h.peak_in_use;
+      const std::array<std::int64_t, kPriorityCount> held = host::class_in_use(h);
+      for (std::size_t c = 0; c < kPriorityCount; ++c) {
+        s.classes[c].in_use = held[c];
+        // Counted along its queue (at most the waiter table: statistics are
+        // not on any request's path).
+        std::int64_t n = 0;
+        for (std::uint32_t i = h.queues[c].head; i < kMaxWaiters && n < kMaxWaiters;
+             i = seg()->entries[i].next) {
+          ++n;
+        }
+        s.classes[c].waiting = n;
+      }
     } catch (const host::Unavailable&) {
     }
   }
-  // Host scope keeps classes but does not count them apart yet: everything
-  // under the default class (docs/priorities.md).
-  ClassStatistics& critical = s.classes[priority_index(Priority::kCritical)];
-  critical.in_use = s.in_use;
-  critical.waiting = s.waiting;
-  critical.acquired_total = s.acquired_total;
-  critical.rejected_total = s.rejected_total;
   return s;
 }
 
@@ -1050,13 +1141,16 @@ void HostPool::wake(host::Segment* seg, const Wakes& wakes) noexcept {
 void HostPool::catch_up_locked(NoticeList& notices, Wakes& wakes) {
   // Releases and abandoned waits that could not reach the lock when made.
   const std::int64_t now_ns = to_ns(Clock::now());
-  for (; pending_releases_ > 0; --pending_releases_) {
-    if (me().held <= 0) {
-      pending_releases_ = 0;
-      break;
+  for (std::size_t c = 0; c < kPriorityCount; ++c) {
+    for (; pending_releases_[c] > 0; --pending_releases_[c]) {
+      if (me().held <= 0) {
+        pending_releases_ = {};
+        break;
+      }
+      const std::size_t freed = count_out_of(me(), c);
+      --me().held;
+      hand_over_locked(freed, now_ns, notices, wakes);
     }
-    --me().held;
-    hand_over_locked(now_ns, notices, wakes);
   }
   for (const std::uint32_t i : orphans_) {
     if (i >= kMaxWaiters) continue;
@@ -1195,6 +1289,7 @@ void HostPool::forge_process(pid_t pid, std::int64_t held) {
     q.pid_namespace = 0;
     q.incarnation = h.next_incarnation++;
     q.held = held;
+    for (std::int64_t& n : q.class_held) n = 0;
     q.waiting = 0;
     q.decided = {kNone, kNone};
     q.pid = pid;

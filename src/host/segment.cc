@@ -22,6 +22,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <iterator>
 #include <new>
 #include <stdexcept>
 #include <string>
@@ -94,6 +95,14 @@ std::string validate_config(const Config& c) {
   if (c.capacity < 1 || c.capacity > Resource::kMaxCapacity || c.max_waiting < -1 ||
       c.queue > 2 || c.target_ns <= 0 || c.interval_ns <= 0) {
     return "corrupt (configuration out of range)";
+  }
+  std::int64_t reserved = 0;
+  for (const std::int64_t r : c.reserve) {
+    if (r < 0 || r > c.capacity) return "corrupt (reserve out of range)";
+    reserved += r;
+  }
+  if (reserved > c.capacity || c.reserve[priority_index(Priority::kSheddable)] != 0) {
+    return "corrupt (reserve out of range)";
   }
   try {
     SharedAlgorithm check(c);
@@ -206,8 +215,24 @@ AlgorithmState empty_state();
 
 }  // namespace
 
+bool same_reserve(const Config& a, const Config& b) {
+  return std::equal(std::begin(a.reserve), std::end(a.reserve), std::begin(b.reserve));
+}
+
+std::string describe_reserve(const Config& c) {
+  std::string out = "reserve={";
+  bool first = true;
+  for (std::size_t p = 0; p < kPriorityCount; ++p) {
+    if (c.reserve[p] == 0) continue;
+    if (!first) out += ", ";
+    first = false;
+    out += std::string(to_string(static_cast<Priority>(p))) + ": " + std::to_string(c.reserve[p]);
+  }
+  return out + "}";
+}
+
 bool same_config(const Config& a, const Config& b) {
-  return a.capacity == b.capacity && a.max_waiting == b.max_waiting &&
+  return same_reserve(a, b) && a.capacity == b.capacity && a.max_waiting == b.max_waiting &&
          a.queue == b.queue &&
          (a.queue != static_cast<std::uint32_t>(QueueDiscipline::kAdaptive) ||
           (a.target_ns == b.target_ns && a.interval_ns == b.interval_ns)) &&
@@ -664,6 +689,13 @@ int open_segment_dir(bool create) {
   return fd;
 }
 
+std::string reserve_mismatch(const std::string& name, const Config& theirs,
+                             const Config& ours) {
+  return "reserve of host resource '" + name + "' must be the same in every process that uses "
+         "it: the processes using it have " + describe_reserve(theirs) + ", this one asks for " +
+         describe_reserve(ours) + " (stop them, or pass the same reserve)";
+}
+
 std::string describe(const Config& c) {
   std::string out = "capacity=" + std::to_string(c.capacity) + ", max_waiting=" +
                     (c.max_waiting < 0 ? std::string("None")
@@ -675,6 +707,7 @@ std::string describe(const Config& c) {
            ", adaptive_interval=" + std::to_string(c.interval_ns / 1e9);
   }
   out += ", " + describe_limit(c.limit);
+  if (has_reserve(c)) out += ", " + describe_reserve(c);
   return out;
 }
 
@@ -777,6 +810,7 @@ Opened open_segment(const std::string& name, const Config& config, Adopt adopt) 
     out.fd = fd;
     out.inode = st.st_ino;
     bool retired = false;
+    std::string mismatch;  // reserves other than those of the live processes
     if (s && s->header.retired.load(std::memory_order_acquire) != 0) {
       problem = "retired by an operator's reset";
       retired = true;
@@ -791,6 +825,11 @@ Opened open_segment(const std::string& name, const Config& config, Adopt adopt) 
           out.note = "host resource '" + name + "': " + bad_config + " replaced by " +
                      describe(config);
           out.others_alive = true;
+        } else if (adopt == Adopt::kNewestWins && !same_reserve(s->header.config, config) &&
+                   any_alive(fd) != Liveness::kDead) {
+          // Reserves are not a setting the newest may change under the
+          // others: each process grants by them.
+          mismatch = reserve_mismatch(name, s->header.config, config);
         } else if (!same_config(s->header.config, config) && adopt == Adopt::kNewestWins) {
           const std::string theirs = describe(s->header.config);
           // Nobody's lock is this process's yet: every live one is another's.
@@ -812,6 +851,11 @@ Opened open_segment(const std::string& name, const Config& config, Adopt adopt) 
           out.note = std::string(e.what()) + "; configuration not compared";
           out.others_alive = true;
         }
+      }
+      if (!mismatch.empty()) {
+        ::munmap(s, sizeof(Segment));
+        ::close(fd);
+        throw std::invalid_argument(mismatch);
       }
       if (problem.empty()) {
         if (out.note.empty()) out.note = replaced;
@@ -989,6 +1033,8 @@ void rebuild(Segment& s) noexcept {
   h.limit.store(limit, std::memory_order_relaxed);
   h.algorithm_current &= 1;  // the state itself is brought into range at each use
   std::int64_t in_use = 0;
+  const std::size_t critical = priority_index(Priority::kCritical);
+  for (std::int64_t& n : h.class_in_use) n = 0;
   for (Process& p : s.processes) {
     if (p.pid <= 0) {
       p.pid = 0;
@@ -998,6 +1044,18 @@ void rebuild(Segment& s) noexcept {
     p.decided = {kNone, kNone};
     p.waiting = 0;
     in_use += p.held;
+    // Each class's count in range, together at most what the process holds
+    // (kCritical's is the rest).
+    std::int64_t left = p.held;
+    for (std::size_t c = 0; c < kPriorityCount; ++c) {
+      if (c == critical) {
+        p.class_held[c] = 0;
+        continue;
+      }
+      p.class_held[c] = std::clamp<std::int64_t>(p.class_held[c], 0, left);
+      left -= p.class_held[c];
+      h.class_in_use[c] += p.class_held[c];
+    }
   }
   // On the stack, not the heap: this runs with the mutex held, where an
   // allocation failure would leave it locked for good.
@@ -1021,7 +1079,10 @@ void rebuild(Segment& s) noexcept {
     if (e.state == static_cast<std::uint32_t>(EntryState::kQueued)) {
       queued[n_queued++] = i;
     } else {
-      if (e.state == static_cast<std::uint32_t>(EntryState::kGranted)) ++in_use;
+      if (e.state == static_cast<std::uint32_t>(EntryState::kGranted)) {
+        ++in_use;
+        if (class_of(e) != critical) ++h.class_in_use[class_of(e)];
+      }
       decided[n_decided++] = i;
     }
   }
@@ -1054,8 +1115,9 @@ void rebuild(Segment& s) noexcept {
   // waiters queued: grant it now, highest class first.
   const bool lifo = h.config.queue == static_cast<std::uint32_t>(QueueDiscipline::kLifo);
   const std::int64_t now = now_ns();
-  for (int top = highest_waiting_class(s); h.in_use < limit && top >= 0;
-       top = highest_waiting_class(s)) {
+  // Reserves: the highest class waiting only if it may take the slot.
+  for (int top = highest_class_may_take(h, limit); h.in_use < limit && top >= 0;
+       top = highest_class_may_take(h, limit)) {
     List& q = h.queues[static_cast<std::size_t>(top)];
     const std::uint32_t i = lifo ? q.tail : q.head;
     Entry& e = s.entries[i];
@@ -1067,6 +1129,7 @@ void rebuild(Segment& s) noexcept {
     e.decided_ns = now;
     push_back(s, s.processes[e.process].decided, i);
     ++h.in_use;
+    if (class_of(e) != critical) ++h.class_in_use[class_of(e)];
   }
   h.needs_rebuild = 0;
   // Every registered process looks at its decided list again.

@@ -48,17 +48,20 @@ class HostPool {
 
   // Takes a free slot if nobody waits; never throws (false instead: the
   // slow path, enqueue(), reports the error). Sets `measure` (always timed).
-  bool try_grant(bool& measure) noexcept;
+  // `priority`: the request's class (reserves; counted per class).
+  bool try_grant(bool& measure, Priority priority) noexcept;
   // Outcome::kUnavailable when the shared state cannot be reached in time.
   Outcome enqueue(WaiterNode& node, NoticeList& notices);
   WaiterNode::State abandon(WaiterNode& node, Outcome reason);
-  void revert_grant(NoticeList& notices);
-  void count_rejection(Outcome reason);
+  // `priority`: the class of the request (of the slot, for revert_grant()
+  // and release()), for the per-class counts and the reserves.
+  void revert_grant(NoticeList& notices, Priority priority);
+  void count_rejection(Outcome reason, Priority priority);
   // A measured hold (every hold of an adaptive resource is) feeds the shared
   // limit algorithm unless `completion` is kIgnored. A release that cannot
   // reach the shared state now is applied by the background thread later.
   void release(bool measured, Clock::time_point granted_at, Clock::time_point now,
-               Completion completion, NoticeList& notices);
+               Completion completion, NoticeList& notices, Priority priority);
   // The configuration in force host-wide (snapshots, no lock).
   std::int64_t capacity() const noexcept;
   std::int64_t max_waiting() const noexcept;  // -1: unbounded
@@ -153,7 +156,15 @@ class HostPool {
   // applies it to its local node; returns the node, or null if it has none.
   WaiterNode* settle_own_locked(std::uint32_t i, NoticeList& notices, Wakes& wakes);
   bool mine(const host::Entry& e) const;
-  void hand_over_locked(std::int64_t now_ns, NoticeList& notices, Wakes& wakes);
+  // Gives back a slot of class `freed` (its index): grants it to the next
+  // waiter that may take it, frees it, or retires it (the limit lowered).
+  void hand_over_locked(std::size_t freed, std::int64_t now_ns, NoticeList& notices,
+                        Wakes& wakes);
+  // Whether a newcomer of class `c` (its index) takes a free slot at once:
+  // one is free and nobody waits (with reserves: its class may take it,
+  // and nobody of its class or above waits); and taking it.
+  bool may_grant_at_once_locked(std::size_t c) const;
+  void grant_at_once_locked(Priority priority);
   void fill_locked(std::int64_t now_ns, NoticeList& notices, Wakes& wakes);
   void put_limit_locked(std::int64_t limit, std::int64_t now_ns, NoticeList& notices,
                         Wakes& wakes);
@@ -165,8 +176,8 @@ class HostPool {
   std::uint32_t pick_locked(std::int64_t now_ns, NoticeList& notices, Wakes& wakes);
   void reclaim_locked(std::uint32_t proc, NoticeList& notices, Wakes& wakes);
   void catch_up_locked(NoticeList& notices, Wakes& wakes);
-  void note_grant_locked(double waited);
-  void note_rejection_locked(Outcome reason);
+  void note_grant_locked(double waited, Priority priority);
+  void note_rejection_locked(Outcome reason, Priority priority);
   Outcome refuse_locked(WaiterNode& node, Outcome reason);
 
   // Background thread: takes this process's decided entries, applies what
@@ -203,7 +214,7 @@ class HostPool {
   // releases and abandoned entries not yet applied for want of the lock.
   std::int64_t held_local_ = 0;
   std::int64_t carried_ = 0;  // held_local_ of a removed segment, until registered
-  std::int64_t pending_releases_ = 0;
+  std::array<std::int64_t, kPriorityCount> pending_releases_{};  // per class
   std::vector<std::uint32_t> orphans_;
   // Set by the background thread when the segment's file was removed.
   std::atomic<bool> detached_{false};

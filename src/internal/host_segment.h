@@ -44,6 +44,8 @@
 #include <pthread.h>
 #include <sys/types.h>
 
+#include <algorithm>
+#include <array>
 #include <atomic>
 #include <chrono>
 #include <cstddef>
@@ -68,8 +70,8 @@ inline constexpr std::uint64_t kMagic = 0x3130545348434c46ull;  // "FLCHST01"
 // 8: Outcome::kPredictedTimeout, the same again; 9: Outcome::kLowerPriority,
 // the same again; 10: the limit algorithms' windows and descent steps keep
 // how much latencies vary; 11: priority classes (each entry's class, one
-// queue per class).
-inline constexpr std::uint32_t kVersion = 11;
+// queue per class); 12: reserves, slots held per class.
+inline constexpr std::uint32_t kVersion = 12;
 // Processes that may use one host resource at the same time.
 inline constexpr std::uint32_t kMaxProcesses = 256;
 // Requests that may wait for one host resource at the same time, over all
@@ -106,6 +108,9 @@ struct Config {
   std::int64_t target_ns;    // adaptive_target
   std::int64_t interval_ns;  // adaptive_interval
   LimitConfig limit;
+  // ResourceOptions::reserve, indexed by priority_index(). Every process
+  // must pass the same (see open_segment()).
+  std::int64_t reserve[kPriorityCount];
 };
 
 // The state of the resource's limit algorithm (that of `Config::limit.kind`).
@@ -127,6 +132,9 @@ struct Process {
   std::uint64_t pid_namespace;  // inode of its /proc/self/ns/pid, for people
   std::uint64_t incarnation;    // new for each registration (primary)
   std::int64_t held;          // slots the process holds (primary)
+  // Of `held`, those of each class, indexed by priority_index() (primary);
+  // kCritical's entry is unused: its slots are `held` less the others'.
+  std::int64_t class_held[kPriorityCount];
   // Bumped (then FUTEX_WAKE) whenever an entry of this process is decided by
   // another process; the owner's thread waits on it. Shared, not private.
   std::atomic<std::uint32_t> futex;
@@ -181,6 +189,10 @@ struct Header {
   std::int64_t held_bound;
   std::int64_t in_use;       // derived
   std::int64_t waiting;      // derived
+  // Of in_use, the slots of each class (held by a process or a granted
+  // entry), indexed by priority_index() (derived); kCritical's entry is
+  // unused: its slots are in_use less the others'.
+  std::int64_t class_in_use[kPriorityCount];
   std::int64_t peak_in_use;
   std::uint64_t next_ticket;
   std::uint64_t next_incarnation;
@@ -307,6 +319,15 @@ void install_config(Segment& s, const Config& config);
 
 std::string describe(const Config& c);
 bool same_config(const Config& a, const Config& b);
+// Reserves (Config::reserve): whether `a` and `b` have the same, and the
+// message of std::invalid_argument when a process asks for other reserves
+// than the live processes using `name` have (naming both). Unlike the rest
+// of the configuration, reserves are refused, not replaced, when they
+// differ: open_segment() throws std::invalid_argument with it while a
+// process using the segment is alive (with none alive, the newest wins).
+bool same_reserve(const Config& a, const Config& b);
+std::string describe_reserve(const Config& c);
+std::string reserve_mismatch(const std::string& name, const Config& theirs, const Config& ours);
 
 // The LimitConfig of a resource's `algorithm` (null: none). Throws
 // std::invalid_argument for an algorithm that is not a built-in one.
@@ -366,6 +387,68 @@ inline int highest_waiting_class(const Segment& s) noexcept {
 inline int lowest_waiting_class(const Segment& s) noexcept {
   for (std::size_t c = 0; c < kPriorityCount; ++c) {
     if (s.header.queues[c].head != kNone) return static_cast<int>(c);
+  }
+  return -1;
+}
+
+// Reserves (Config::reserve): whether any class has one.
+inline bool has_reserve(const Config& c) noexcept {
+  for (const std::int64_t r : c.reserve) {
+    if (r != 0) return true;
+  }
+  return false;
+}
+// The slots each class holds host-wide (index: priority_index()), from the
+// header's counts brought into range; kCritical's is the rest of in_use.
+inline std::array<std::int64_t, kPriorityCount> class_in_use(const Header& h) noexcept {
+  std::array<std::int64_t, kPriorityCount> held{};
+  const std::size_t critical = priority_index(Priority::kCritical);
+  std::int64_t others = 0;
+  for (std::size_t c = 0; c < kPriorityCount; ++c) {
+    if (c == critical) continue;
+    held[c] = std::clamp<std::int64_t>(h.class_in_use[c], 0, std::max<std::int64_t>(h.in_use, 0));
+    others += held[c];
+  }
+  held[critical] = std::max<std::int64_t>(0, h.in_use - others);
+  return held;
+}
+// The slots `reserve` slots of the capacity keep under `limit`, as
+// Resource::scaled_reserve(): scaled by limit / capacity, rounded up, but
+// fewer than `limit` unless `reserve` is the whole capacity.
+inline std::int64_t scaled_reserve(std::int64_t reserve, std::int64_t limit,
+                                   std::int64_t capacity) noexcept {
+  if (limit >= capacity || reserve <= 0) return std::max<std::int64_t>(reserve, 0);
+  if (reserve >= capacity) return limit;
+  return std::min((reserve * limit + capacity - 1) / capacity, limit - 1);
+}
+// Whether class `c` (its index) may take one more slot under `limit`: a
+// slot is free, and with reserves, for every class c' >= c the classes <= c'
+// hold fewer than limit - (the reserves of the classes above c', scaled).
+// As Resource::class_may_take_locked(). Requires the mutex.
+inline bool class_may_take(const Header& h, std::size_t c, std::int64_t limit) noexcept {
+  if (h.in_use >= limit) return false;
+  if (!has_reserve(h.config)) return true;
+  const std::int64_t capacity = std::max<std::int64_t>(h.config.capacity, 1);
+  const std::array<std::int64_t, kPriorityCount> held = class_in_use(h);
+  std::int64_t reserved_above = 0;
+  for (const std::int64_t r : h.config.reserve) reserved_above += std::clamp<std::int64_t>(r, 0, capacity);
+  std::int64_t held_up_to = 0;
+  for (std::size_t k = 0; k < kPriorityCount; ++k) {
+    held_up_to += held[k];
+    reserved_above -= std::clamp<std::int64_t>(h.config.reserve[k], 0, capacity);
+    if (k >= c && held_up_to + 1 > limit - scaled_reserve(reserved_above, limit, capacity)) {
+      return false;
+    }
+  }
+  return true;
+}
+// The highest class with waiters that may take a slot under `limit` (its
+// index), or -1. A lower class may not take a slot that a higher class
+// waiting may not take (the reserves keep more from it), so this is the
+// highest class waiting, if it may take one.
+inline int highest_class_may_take(const Header& h, std::int64_t limit) noexcept {
+  for (std::size_t c = kPriorityCount; c-- > 0;) {
+    if (h.queues[c].head != kNone) return class_may_take(h, c, limit) ? static_cast<int>(c) : -1;
   }
   return -1;
 }

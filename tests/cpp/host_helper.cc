@@ -33,19 +33,25 @@
 //       critical_plus); prints "queued" once it waits (or its outcome),
 //       then "granted <steady ns>" or "rejected <outcome>"
 //   host_helper pchurn NAME CAPACITY QUEUE ROUNDS COUNTER_FILE    as churn,
-//       with max_waiting 1 and a random class for each request
+//       with max_waiting 1 and a random class for each request, counting
+//       the holders of each class too (see count_holder())
+//   host_helper phold NAME CAPACITY QUEUE N CLASS HOLD_MS    as hold, with
+//       requests of priority class CLASS
 //   host_helper dieupdate NAME CAPACITY QUEUE    takes the shared lock and
 //       damages the limit algorithm's uncommitted state as a crash in the
 //       middle of an update would; prints "locked", never gives it back
 //
 // QUEUE is "fifo", "lifo" or "adaptive", optionally followed by "+aimd": the
-// resource then has the tests' AIMD limit (host_test_aimd() below).
+// resource then has the tests' AIMD limit (host_test_aimd() below), and/or
+// by "+rA,B,C,D": the reserves of sheddable, sheddable_plus, critical and
+// critical_plus (ResourceOptions::reserve).
 #include <fcntl.h>
 #include <pthread.h>
 #include <sys/mman.h>
 #include <sys/resource.h>
 #include <unistd.h>
 
+#include <array>
 #include <atomic>
 #include <chrono>
 #include <random>
@@ -89,6 +95,19 @@ std::shared_ptr<cl::LimitAlgorithm> algorithm_of(const std::string& q) {
   return nullptr;
 }
 
+std::array<std::int64_t, cl::kPriorityCount> reserve_of(const std::string& q) {
+  std::array<std::int64_t, cl::kPriorityCount> reserve{};
+  const auto at = q.find("+r");
+  if (at == std::string::npos) return reserve;
+  const char* p = q.c_str() + at + 2;
+  for (std::size_t c = 0; c < cl::kPriorityCount; ++c) {
+    char* end = nullptr;
+    reserve[c] = std::strtoll(p, &end, 10);
+    p = *end == ',' ? end + 1 : end;
+  }
+  return reserve;
+}
+
 void say_limit(const cl::Resource& r) { say("limit " + std::to_string(r.limit())); }
 
 cl::Priority priority_of(const std::string& name) {
@@ -105,24 +124,24 @@ std::int64_t now_ns() {
       .count();
 }
 
-// The counters of the file at `path` that the test maps (running, peak);
-// null if it cannot be mapped.
+// The counters of the file at `path` that the test maps (running, peak,
+// then per class, see count_holder()); null if it cannot be mapped.
 std::atomic<std::int64_t>* map_counters(const char* path) {
   const int fd = ::open(path, O_RDWR);
   if (fd < 0) return nullptr;
-  void* p = ::mmap(nullptr, 16, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+  void* p = ::mmap(nullptr, cl::kSharedCountersBytes, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
   ::close(fd);
   return p == MAP_FAILED ? nullptr : static_cast<std::atomic<std::int64_t>*>(p);
 }
 
-// Holds a counted slot for a random short time (churn, pchurn).
-void count_holder(std::atomic<std::int64_t>* counter, std::mt19937& rng) {
-  const std::int64_t running = counter[0].fetch_add(1) + 1;
-  std::int64_t peak = counter[1].load();
-  while (running > peak && !counter[1].compare_exchange_weak(peak, running)) {
-  }
+// Holds a counted slot for a random short time (churn, pchurn); with a
+// class, counted as well among the holders of the classes <= c for every
+// c >= its class (cl::count_hold()).
+void count_holder(std::atomic<std::int64_t>* counter, std::mt19937& rng,
+                  std::optional<cl::Priority> priority = std::nullopt) {
+  cl::count_hold(counter, priority, +1);
   std::this_thread::sleep_for(std::chrono::microseconds(rng() % 500));
-  counter[0].fetch_sub(1);
+  cl::count_hold(counter, priority, -1);
 }
 
 }  // namespace
@@ -176,7 +195,8 @@ int main(int argc, char** argv) {
                                                            .adaptive_target = std::chrono::milliseconds(1),
                                                            .adaptive_interval = std::chrono::milliseconds(2),
                                                            .limit_algorithm = algorithm_of(argv[4]),
-                                                           .scope = cl::Scope::kHost});
+                                                           .scope = cl::Scope::kHost,
+                                                           .reserve = reserve_of(argv[4])});
   } catch (const std::exception& e) {
     say(std::string("error ") + e.what());
     return 0;
@@ -251,9 +271,24 @@ int main(int argc, char** argv) {
       const auto priority = static_cast<cl::Priority>(rng() % cl::kPriorityCount);
       cl::Permit p = limiter.acquire_for(set, std::nullopt, priority,
                                          std::chrono::microseconds(rng() % 3000));
-      if (p) count_holder(counter, rng);
+      if (p) count_holder(counter, rng, priority);
     }
     say("done");
+    return 0;
+  }
+  if (mode == "phold" && argc >= 8) {
+    cl::Limiter limiter({r}, std::chrono::seconds(30));
+    const auto set = limiter.select({r});
+    std::vector<cl::Permit> permits;
+    for (int i = 0; i < std::atoi(argv[5]); ++i) {
+      permits.push_back(limiter.acquire(set, std::nullopt, priority_of(argv[6])));
+      if (!permits.back()) {
+        say("rejected");
+        return 1;
+      }
+    }
+    say("ready");
+    hold_for(std::atol(argv[7]));
     return 0;
   }
   if (mode == "churn" && argc >= 7) {

@@ -10,6 +10,7 @@
 
 #include <gtest/gtest.h>
 
+#include <array>
 #include <chrono>
 #include <cstddef>
 #include <cstdio>
@@ -623,19 +624,20 @@ TEST(HostResource, CrashLoop) {
   EXPECT_LT(slowest, 1s);
 }
 
-// Two counters in a file that the test and its child processes map: the
-// requests holding a slot now ([0]) and their peak ([1]).
+// Counters in a file that the test and its child processes map (see
+// kSharedCountersBytes): the requests holding a slot now and their peak,
+// in total and for the classes <= each class.
 class SharedCounters {
  public:
   SharedCounters() {
     fd_ = ::mkstemp(path_);
-    if (fd_ >= 0 && ::ftruncate(fd_, 16) == 0) {
-      void* p = ::mmap(nullptr, 16, PROT_READ | PROT_WRITE, MAP_SHARED, fd_, 0);
+    if (fd_ >= 0 && ::ftruncate(fd_, kSharedCountersBytes) == 0) {
+      void* p = ::mmap(nullptr, kSharedCountersBytes, PROT_READ | PROT_WRITE, MAP_SHARED, fd_, 0);
       if (p != MAP_FAILED) counter_ = static_cast<std::atomic<std::int64_t>*>(p);
     }
   }
   ~SharedCounters() {
-    if (counter_ != nullptr) ::munmap(counter_, 16);
+    if (counter_ != nullptr) ::munmap(counter_, kSharedCountersBytes);
     if (fd_ >= 0) {
       ::close(fd_);
       ::unlink(path_);
@@ -648,16 +650,18 @@ class SharedCounters {
   const char* path() const { return path_; }
   std::int64_t running() const { return counter_[0].load(); }
   std::int64_t peak() const { return counter_[1].load(); }
+  // The holders of the classes <= `c` now, and their peak.
+  std::int64_t running_up_to(Priority c) const { return counter_[2 + priority_index(c)].load(); }
+  std::int64_t peak_up_to(Priority c) const {
+    return counter_[2 + kPriorityCount + priority_index(c)].load();
+  }
 
   // Holds a counted slot for a random short time (as host_helper's
-  // count_holder()).
-  void hold(std::mt19937& rng) {
-    const std::int64_t running = counter_[0].fetch_add(1) + 1;
-    std::int64_t peak = counter_[1].load();
-    while (running > peak && !counter_[1].compare_exchange_weak(peak, running)) {
-    }
+  // count_holder()), of class `priority` if given.
+  void hold(std::mt19937& rng, std::optional<Priority> priority = std::nullopt) {
+    count_hold(counter_, priority, +1);
     std::this_thread::sleep_for(std::chrono::microseconds(rng() % 500));
-    counter_[0].fetch_sub(1);
+    count_hold(counter_, priority, -1);
   }
 
  private:
@@ -1416,6 +1420,269 @@ TEST(HostPriorityChecks, LifoAcrossProcessesServesTheNewestOfTheHighestClass) {
   EXPECT_LT(at[2], at[0]);
   for (auto& w : waiters) w->join();
   expect_invariant(name);
+}
+
+// ---- Reserves and per-class statistics, host-wide ----
+
+std::shared_ptr<Resource> reserved_host_resource(const std::string& name, std::int64_t capacity,
+                                                 std::array<std::int64_t, kPriorityCount> reserve,
+                                                 std::optional<std::int64_t> max_waiting = {}) {
+  return std::make_shared<Resource>(ResourceOptions{.name = name,
+                                                    .capacity = capacity,
+                                                    .max_waiting = max_waiting,
+                                                    .adaptive_target = 1ms,
+                                                    .adaptive_interval = 2ms,
+                                                    .scope = Scope::kHost,
+                                                    .reserve = reserve});
+}
+
+// One slot of 3 kept for critical_plus: two critical holders in one
+// process, then a sheddable and a critical waiter in two others stay
+// queued while the reserved slot is free; a critical_plus request in a
+// fourth process takes it at once. Freed slots go to the waiters, never
+// the reserved one.
+TEST(HostReserve, AReserveIsNeverLentToALowerClassAcrossProcesses) {
+  const std::string name = unique_name("res-lend");
+  Cleanup cleanup{name};
+  const std::string queue = "fifo+r0,0,0,1";
+  auto db = reserved_host_resource(name, 3, {0, 0, 0, 1});
+  Child holders({"phold", name, "3", queue, "2", "critical", "-1"});
+  ASSERT_EQ(holders.line(), "ready");
+  Child low({"pwait", name, "3", queue, "-1", "sheddable", "20000", "0"});
+  ASSERT_EQ(low.line(), "queued");
+  Child mid({"pwait", name, "3", queue, "-1", "critical", "20000", "0"});
+  ASSERT_EQ(mid.line(), "queued");
+  EXPECT_EQ(db->in_use(), 2);
+  EXPECT_EQ(db->waiting(), 2);
+  // A try of either class here is refused too: the free slot is not theirs.
+  const auto set =
+      std::make_shared<const ResourceSet>(std::vector<std::shared_ptr<Resource>>{db});
+  EXPECT_EQ(Acquisition(set, std::nullopt, Priority::kCritical).try_once(), Outcome::kTimeout);
+  {
+    Child top({"pwait", name, "3", queue, "-1", "critical_plus", "20000", "0"});
+    const std::string got = top.line();
+    EXPECT_EQ(got.rfind("granted ", 0), 0u) << "critical_plus waited: " << got;
+    top.join();
+  }
+  // Given back: still the reserve's, the waiters still wait.
+  ASSERT_TRUE(eventually([&] { return db->in_use() == 2; }));
+  EXPECT_EQ(db->waiting(), 2);
+  // The holders die: both waiters get a slot (the classes <= critical may
+  // hold 2), the reserved one stays free.
+  holders.kill();
+  const std::string a = mid.line(), b = low.line();
+  ASSERT_EQ(a.rfind("granted ", 0), 0u) << a;
+  ASSERT_EQ(b.rfind("granted ", 0), 0u) << b;
+  mid.join();
+  low.join();
+  EXPECT_TRUE(eventually([&] { return db->in_use() == 0 && db->waiting() == 0; }));
+  expect_invariant(name);
+}
+
+// A holder of the reserved slot killed with SIGKILL: the slot goes back to
+// its class (critical_plus), not to the critical class, whose waiter stays
+// queued; a critical_plus request takes it at once.
+TEST(HostReserve, AKilledHolderOfAReservedSlotGivesItBackToItsClass) {
+  const std::string name = unique_name("res-kill");
+  Cleanup cleanup{name};
+  const std::string queue = "fifo+r0,0,0,1";
+  auto db = reserved_host_resource(name, 2, {0, 0, 0, 1});
+  Child top({"phold", name, "2", queue, "1", "critical_plus", "-1"});
+  ASSERT_EQ(top.line(), "ready");
+  Child mid({"phold", name, "2", queue, "1", "critical", "-1"});
+  ASSERT_EQ(mid.line(), "ready");
+  Child waiter({"pwait", name, "2", queue, "-1", "critical", "20000", "0"});
+  ASSERT_EQ(waiter.line(), "queued");
+  constexpr auto CP = priority_index(Priority::kCriticalPlus);
+  constexpr auto C = priority_index(Priority::kCritical);
+  EXPECT_EQ(db->statistics().classes[CP].in_use, 1);
+  top.kill();
+  ASSERT_TRUE(eventually([&] { return db->in_use() == 1; }));
+  const ResourceStatistics s = db->statistics();
+  EXPECT_EQ(s.classes[CP].in_use, 0);
+  EXPECT_EQ(s.classes[C].in_use, 1);
+  EXPECT_EQ(s.classes[C].waiting, 1) << "the critical waiter took the reserved slot";
+  const auto set =
+      std::make_shared<const ResourceSet>(std::vector<std::shared_ptr<Resource>>{db});
+  Acquisition plus(set, std::nullopt, Priority::kCriticalPlus);
+  EXPECT_EQ(plus.try_once(), Outcome::kGranted);
+  plus.release();
+  mid.kill();
+  const std::string got = waiter.line();
+  EXPECT_EQ(got.rfind("granted ", 0), 0u) << got;
+  waiter.join();
+  EXPECT_TRUE(eventually([&] { return db->in_use() == 0 && db->waiting() == 0; }));
+  expect_invariant(name);
+}
+
+// A process killed inside the shared lock: the repair rebuilds each
+// class's count from the slots each process holds, so the reserve still
+// holds afterwards.
+TEST(HostReserve, TheRepairAfterADeathInsideTheLockKeepsEachClassesSlots) {
+  const std::string name = unique_name("res-repair");
+  Cleanup cleanup{name};
+  const std::string queue = "fifo+r0,0,0,1";
+  auto db = reserved_host_resource(name, 3, {0, 0, 0, 1});
+  Child top({"phold", name, "3", queue, "1", "critical_plus", "-1"});
+  ASSERT_EQ(top.line(), "ready");
+  Child mid({"phold", name, "3", queue, "2", "critical", "-1"});
+  ASSERT_EQ(mid.line(), "ready");
+  const std::uint64_t repairs = info_of(name).repairs;
+  {
+    Child locker({"lock", name, "3", queue});
+    ASSERT_EQ(locker.line(), "locked");
+    locker.kill();
+  }
+  constexpr auto CP = priority_index(Priority::kCriticalPlus);
+  constexpr auto C = priority_index(Priority::kCritical);
+  const ResourceStatistics s = db->statistics();  // the first locker repairs
+  EXPECT_GT(info_of(name).repairs, repairs);
+  EXPECT_EQ(s.classes[CP].in_use, 1);
+  EXPECT_EQ(s.classes[C].in_use, 2);
+  // The critical_plus holder dies: its slot is critical_plus's again, and
+  // a critical request may not take it.
+  top.kill();
+  ASSERT_TRUE(eventually([&] { return db->in_use() == 2; }));
+  const auto set =
+      std::make_shared<const ResourceSet>(std::vector<std::shared_ptr<Resource>>{db});
+  EXPECT_EQ(Acquisition(set, std::nullopt, Priority::kCritical).try_once(), Outcome::kTimeout);
+  Acquisition plus(set, std::nullopt, Priority::kCriticalPlus);
+  EXPECT_EQ(plus.try_once(), Outcome::kGranted);
+  plus.release();
+  mid.kill();
+  EXPECT_TRUE(eventually([&] { return db->in_use() == 0 && db->waiting() == 0; }));
+}
+
+// Every process must pass the same reserves: another is refused, naming
+// both (in another process and in this one); the same ones are fine.
+TEST(HostReserve, MismatchedReservesAreRefusedNamingBoth) {
+  const std::string name = unique_name("res-mismatch");
+  Cleanup cleanup{name};
+  auto db = reserved_host_resource(name, 4, {0, 0, 0, 1});
+  {
+    Child other({"open", name, "4", "fifo+r0,0,2,0"});
+    const std::string got = other.line();
+    EXPECT_EQ(got.rfind("error reserve of host resource '" + name + "'", 0), 0u) << got;
+    EXPECT_NE(got.find("have reserve={critical_plus: 1}"), std::string::npos) << got;
+    EXPECT_NE(got.find("asks for reserve={critical: 2}"), std::string::npos) << got;
+  }
+  {
+    Child none({"open", name, "4", "fifo"});
+    const std::string got = none.line();
+    EXPECT_NE(got.find("asks for reserve={}"), std::string::npos) << got;
+  }
+  {
+    Child same({"open", name, "4", "fifo+r0,0,0,1"});
+    EXPECT_EQ(same.line(), "ok");
+  }
+  try {
+    reserved_host_resource(name, 4, {0, 1, 0, 0});
+    ADD_FAILURE() << "other reserves accepted in the same process";
+  } catch (const std::invalid_argument& e) {
+    EXPECT_NE(std::string(e.what()).find("asks for reserve={sheddable_plus: 1}"),
+              std::string::npos)
+        << e.what();
+  }
+  // Nothing was replaced: the reserve still holds.
+  EXPECT_EQ(db->reserve()[priority_index(Priority::kCriticalPlus)], 1);
+  EXPECT_EQ(info_of(name).capacity, 4);
+}
+
+// Per-class statistics of a host resource: in_use and waiting machine-wide,
+// acquired and rejected counting this process's requests.
+TEST(HostReserve, StatisticsPerClassAcrossTwoProcesses) {
+  const std::string name = unique_name("res-stats");
+  Cleanup cleanup{name};
+  auto db = host_resource(name, 2);
+  Child holder({"phold", name, "2", "fifo", "1", "sheddable", "-1"});
+  ASSERT_EQ(holder.line(), "ready");
+  Limiter limiter({db}, 10s);
+  const auto set = limiter.select({db});
+  Permit mine = limiter.acquire(set, std::nullopt, Priority::kCriticalPlus);
+  ASSERT_TRUE(mine);
+  Child waiter({"pwait", name, "2", "fifo", "-1", "sheddable_plus", "20000", "0"});
+  ASSERT_EQ(waiter.line(), "queued");
+  EXPECT_EQ(Acquisition(set, std::nullopt, Priority::kSheddable).try_once(), Outcome::kTimeout);
+  constexpr auto S = priority_index(Priority::kSheddable);
+  constexpr auto SP = priority_index(Priority::kSheddablePlus);
+  constexpr auto C = priority_index(Priority::kCritical);
+  constexpr auto CP = priority_index(Priority::kCriticalPlus);
+  const ResourceStatistics s = db->statistics();
+  EXPECT_EQ(s.in_use, 2);
+  EXPECT_EQ(s.classes[S].in_use, 1);  // the other process's
+  EXPECT_EQ(s.classes[CP].in_use, 1);
+  EXPECT_EQ(s.classes[C].in_use, 0);
+  EXPECT_EQ(s.classes[SP].waiting, 1);
+  EXPECT_EQ(s.classes[C].waiting, 0);
+  EXPECT_EQ(s.classes[CP].acquired_total, 1);
+  EXPECT_EQ(s.classes[S].acquired_total, 0);  // granted in the other process
+  EXPECT_EQ(s.classes[C].acquired_total, 0);
+  EXPECT_EQ(s.classes[S].rejected(Outcome::kTimeout), 1);
+  EXPECT_EQ(s.classes[C].rejected(Outcome::kTimeout), 0);
+  mine.release();
+  const std::string got = waiter.line();
+  EXPECT_EQ(got.rfind("granted ", 0), 0u) << got;
+  waiter.join();
+  holder.kill();
+  EXPECT_TRUE(eventually([&] { return db->in_use() == 0 && db->waiting() == 0; }));
+  for (const ClassStatistics& c : db->statistics().classes) EXPECT_EQ(c.in_use, 0);
+}
+
+// The churn of HostPriority.ChurnWithRandomClassesAcrossProcessesAndThreads
+// with reserves (capacity 4, one slot each kept for critical and
+// critical_plus): the classes <= sheddable_plus never hold more than 2
+// slots, those <= critical never more than 3; nothing held or queued
+// afterwards, in any class.
+TEST(HostReserve, ChurnWithRandomClassesAndReservesAcrossProcessesAndThreads) {
+  const std::string name = unique_name("res-churn");
+  Cleanup cleanup{name};
+  constexpr std::int64_t kCapacity = 4;
+  auto db = reserved_host_resource(name, kCapacity, {0, 0, 1, 1}, 1);  // as pchurn
+  SharedCounters counter;
+  ASSERT_TRUE(counter.ok());
+  std::vector<std::unique_ptr<Child>> children;
+  for (int i = 0; i < 2; ++i) {
+    children.push_back(std::make_unique<Child>(std::vector<std::string>{
+        "pchurn", name, "4", "fifo+r0,0,1,1", "200", counter.path()}));
+  }
+  Limiter limiter({db}, 1s);
+  const auto set = limiter.select({db});
+  std::vector<std::thread> threads;
+  for (int t = 0; t < 3; ++t) {
+    threads.emplace_back([&, t] {
+      std::mt19937 rng(t);
+      for (int i = 0; i < 200; ++i) {
+        std::stop_source stop;
+        std::thread canceller;
+        if (i % 7 == 0) canceller = std::thread([&] { stop.request_stop(); });
+        const auto priority = static_cast<Priority>(rng() % kPriorityCount);
+        Permit p = limiter.acquire_for(set, std::nullopt, priority,
+                                       std::chrono::microseconds(rng() % 3000), stop.get_token());
+        if (canceller.joinable()) canceller.join();
+        if (p) counter.hold(rng, priority);
+      }
+    });
+  }
+  for (auto& t : threads) t.join();
+  for (auto& c : children) EXPECT_EQ(c->line(60s), "done");
+  EXPECT_LE(counter.peak(), kCapacity);
+  EXPECT_LE(counter.peak_up_to(Priority::kSheddable), 2);
+  EXPECT_LE(counter.peak_up_to(Priority::kSheddablePlus), 2);
+  EXPECT_LE(counter.peak_up_to(Priority::kCritical), 3);
+  EXPECT_LE(counter.peak_up_to(Priority::kCriticalPlus), kCapacity);
+  EXPECT_GE(counter.peak(), 2);
+  EXPECT_EQ(counter.running(), 0);
+  EXPECT_TRUE(eventually([&] { return db->in_use() == 0 && db->waiting() == 0; }))
+      << "in_use " << db->in_use() << ", waiting " << db->waiting();
+  const ResourceStatistics s = db->statistics();
+  for (std::size_t c = 0; c < kPriorityCount; ++c) {
+    EXPECT_EQ(s.classes[c].in_use, 0) << c;
+    EXPECT_EQ(s.classes[c].waiting, 0) << c;
+  }
+  expect_invariant(name);
+  std::printf("peak holders, classes <= sheddable_plus: %lld, <= critical: %lld\n",
+              static_cast<long long>(counter.peak_up_to(Priority::kSheddablePlus)),
+              static_cast<long long>(counter.peak_up_to(Priority::kCritical)));
 }
 
 }  // namespace

@@ -416,11 +416,6 @@ TEST(PriorityReserve, RejectedWithAClearErrorOutsideItsRange) {
         message({.name = "r", .capacity = 4, .per_key = 1, .reserve = reserve_of({{CP, 1}})});
     EXPECT_NE(m.find("reserve is not supported with per_key"), std::string::npos) << m;
   }
-  {
-    const std::string m = message(
-        {.name = "r", .capacity = 4, .scope = Scope::kHost, .reserve = reserve_of({{CP, 1}})});
-    EXPECT_NE(m.find("reserve is not supported with scope 'host'"), std::string::npos) << m;
-  }
   EXPECT_EQ(message({.name = "r", .capacity = 4, .reserve = reserve_of({{SP, 1}, {C, 1}, {CP, 2}})}),
             "");
 }

@@ -18,7 +18,7 @@ import httpx
 import pytest
 from fastapi import FastAPI
 
-from fastapi_concurrency_limiter import AdaptiveLimit, Limiter, Resource, ServerBusy
+from fastapi_concurrency_limiter import AdaptiveLimit, Limiter, Priority, Resource, ServerBusy
 
 from .conftest import _free_port
 
@@ -426,3 +426,45 @@ async def test_a_critical_plus_request_is_served_before_sheddable_ones_of_anothe
     assert served.read_text().split() == ["hold", "top", "low0", "low1", "low2"]
     pids = [r.json()["pid"] for r in responses]
     assert pids[-1] != pids[1], "the critical_plus request ran in the other worker"
+
+
+async def test_a_host_resource_keeps_a_reserve_and_counts_per_class(name: str) -> None:
+    """A host resource takes a reserve (ValueError before): a critical
+    request may not take the slot kept for critical_plus, a critical_plus
+    one takes it at once; statistics().priorities splits the figures by
+    class (across processes: tests/cpp/host_resource_test.cc)."""
+    db = Resource(2, name=name, scope="host", reserve={Priority.CRITICAL_PLUS: 1})
+    assert db.reserve == {Priority.CRITICAL_PLUS: 1}
+    with pytest.raises(ValueError, match=r"reserve.*the same in every process"):
+        Resource(2, name=name, scope="host", reserve={Priority.CRITICAL: 1})
+    limiter = Limiter(timeout=0.05, resources=[db])
+    done = asyncio.Event()
+
+    async def hold(priority: str, held: asyncio.Event) -> None:
+        async with limiter.acquire([db], priority=priority):
+            held.set()
+            await done.wait()
+
+    low_held, top_held = asyncio.Event(), asyncio.Event()
+    low = asyncio.ensure_future(hold("sheddable", low_held))
+    await low_held.wait()
+    with pytest.raises(ServerBusy):  # one slot free, but kept for critical_plus
+        async with limiter.acquire([db], priority="critical"):
+            pass
+    top = asyncio.ensure_future(hold("critical_plus", top_held))
+    await top_held.wait()
+    s = db.statistics()
+    assert s.in_use == 2
+    assert s.priorities["sheddable"].in_use == 1
+    assert s.priorities["critical_plus"].in_use == 1
+    assert s.priorities["critical"].in_use == 0
+    assert s.reserve == {"critical_plus": 1}
+    done.set()
+    await asyncio.gather(low, top)
+    s = db.statistics()
+    assert s.in_use == 0
+    assert {label: c.acquired_total for label, c in s.priorities.items()} == {
+        "sheddable": 1, "sheddable_plus": 0, "critical": 0, "critical_plus": 1,
+    }  # fmt: skip
+    assert s.priorities["critical"].rejected_total["timeout"] == 1
+    assert s.rejected_total["timeout"] == 1

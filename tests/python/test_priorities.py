@@ -72,8 +72,6 @@ def test_bad_priorities_and_reserves_are_refused_before_the_first_request() -> N
         Resource(4, reserve={"vip": 1})
     with pytest.raises(TypeError, match="reserve must be a dict"):
         Resource(4, reserve=[0, 0, 0, 1])  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match="reserve is not supported with scope='host'"):
-        Resource(4, name="prio-host-reserve", scope="host", reserve={"critical_plus": 1})
     with pytest.raises(ValueError, match="reserve is not supported with per_key"):
         Resource(4, per_key=2, reserve={"critical_plus": 1})
     db = Resource(4, reserve={"critical-plus": 1, Priority.CRITICAL: 1})
