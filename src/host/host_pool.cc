@@ -16,6 +16,7 @@
 #include <chrono>
 #include <cstring>
 #include <map>
+#include <optional>
 #include <stdexcept>
 #include <system_error>
 #include <thread>
@@ -134,6 +135,7 @@ std::shared_ptr<HostPool> HostPool::get(const ResourceOptions& o, const LimitAlg
     NoticeList notices;
     {
       std::lock_guard pool_lock(pool.mu_);
+      if (o.early_reject) pool.early_reject_ = true;
       if (!host::is_linked(o.name, pool.inode_)) pool.detached_.store(true);
       pool.attach_locked(notices);
       Locked locked(pool);
@@ -158,6 +160,7 @@ std::shared_ptr<HostPool> HostPool::get(const ResourceOptions& o, const LimitAlg
   NoticeList notices;
   {
     std::lock_guard pool_lock(pool->mu_);
+    pool->early_reject_ = o.early_reject;
     try {
       // Registers (`status` lists this process from now on) and starts the
       // background thread.
@@ -482,6 +485,36 @@ void HostPool::free_entry_locked(std::uint32_t i) {
   seg()->header.free_head = i;
 }
 
+bool HostPool::timed_locked() {
+  return kStatistics || early_reject_ || algorithm_locked() != nullptr;
+}
+
+std::int64_t HostPool::waiters_ahead_locked(std::size_t own, bool newest_first,
+                                            std::int64_t enough) {
+  const host::Header& h = seg()->header;
+  const int lowest = host::lowest_waiting_class(*seg());
+  if (lowest < 0) return 0;
+  // Every waiter is of a class counted: no walk.
+  if (static_cast<std::size_t>(lowest) > own ||
+      (!newest_first && static_cast<std::size_t>(lowest) == own)) {
+    return h.waiting;
+  }
+  // The segment keeps no count per class: walk the queues counted, from
+  // the highest class, no further than `enough`.
+  std::int64_t ahead = 0;
+  std::uint32_t steps = 0;
+  for (std::size_t c = kPriorityCount; c-- > own + (newest_first ? 1 : 0);) {
+    for (std::uint32_t i = h.queues[c].head; i != kNone; i = seg()->entries[i].next) {
+      if (i >= kMaxWaiters || ++steps > kMaxWaiters) {  // a bad link: counted so far
+        seg()->header.needs_rebuild = 1;
+        return ahead;
+      }
+      if (++ahead >= enough) return ahead;
+    }
+  }
+  return ahead;
+}
+
 void HostPool::note_grant_locked(double waited) {
   if constexpr (kStatistics) {
     ++stats_.acquired_total;
@@ -555,7 +588,7 @@ WaiterNode* HostPool::settle_own_locked(std::uint32_t i, NoticeList& notices,
     node->state_ = NodeState::kGranted;
     node->outcome_ = Outcome::kGranted;
     node->granted_at_ = from_ns(decided_ns);
-    node->measure_ = kStatistics || algorithm_locked() != nullptr;
+    node->measure_ = timed_locked();
     note_grant_locked(
         std::max(0.0, std::chrono::duration<double>(node->granted_at_ - node->enqueued_at_)
                           .count()));
@@ -736,7 +769,7 @@ bool HostPool::try_grant(bool& measure) noexcept {
     ++held_local_;
     note_grant_locked(0.0);
     // Every hold is timed: the clock read is small next to the shared lock.
-    measure = kStatistics || algorithm_locked() != nullptr;
+    measure = timed_locked();
     return true;
   } catch (...) {
     mark_unavailable();
@@ -744,7 +777,7 @@ bool HostPool::try_grant(bool& measure) noexcept {
   }
 }
 
-Outcome HostPool::enqueue(WaiterNode& node, NoticeList& notices) {
+Outcome HostPool::enqueue(WaiterNode& node, NoticeList& notices, bool early_reject) {
   const auto now = Clock::now();
   const std::int64_t now_ns = to_ns(now);
   std::lock_guard lock(mu_);
@@ -763,13 +796,36 @@ Outcome HostPool::enqueue(WaiterNode& node, NoticeList& notices) {
       ++me().held;
       ++held_local_;
       node.granted_at_ = {};  // granted at once: the hold starts now
-      node.measure_ = kStatistics || algorithm_locked() != nullptr;
+      node.measure_ = timed_locked();
       node.state_ = NodeState::kGranted;
       node.outcome_ = Outcome::kGranted;
       note_grant_locked(0.0);
       return Outcome::kGranted;
     }
     shed_locked(now_ns, notices, locked.wakes, priority_index(node.priority_));
+    const std::optional<double> service = service_.seconds();
+    if (early_reject && service && *service > 0.0 && node.deadline_ != Clock::time_point::max()) {
+      // As a process-scoped resource predicts, from the waiters ahead in the
+      // grant order machine-wide and this process's own estimate.
+      const auto discipline = static_cast<QueueDiscipline>(cfg().queue);
+      const bool newest_first =
+          discipline == QueueDiscipline::kLifo ||
+          (discipline == QueueDiscipline::kAdaptive && standing_locked(now_ns));
+      const double patience =
+          node.deadline_ <= now ? 0.0 : std::chrono::duration<double>(node.deadline_ - now).count();
+      // Predicted to time out from `enough` waiters ahead on.
+      const double turns = patience * static_cast<double>(limit()) / *service;
+      const std::int64_t enough =
+          turns >= static_cast<double>(kMaxWaiters) ? kMaxWaiters + 1
+                                                    : static_cast<std::int64_t>(turns) + 1;
+      if (h.waiting >= enough) {
+        const std::int64_t ahead =
+            waiters_ahead_locked(priority_index(node.priority_), newest_first, enough);
+        if (service_.predicts_timeout(ahead, limit(), patience)) {
+          return refuse_locked(node, Outcome::kPredictedTimeout);
+        }
+      }
+    }
     // No entry left in the waiter table: pushing a waiter out would not
     // free one (a decided entry stays its process's until that process
     // takes it), so the newcomer is turned away and nobody pushed out.
@@ -926,6 +982,10 @@ void HostPool::release(bool measured, Clock::time_point granted_at, Clock::time_
   if (me_ == kNone || generation_ != g_generation.load(std::memory_order_relaxed)) return;
   if (held_local_ <= 0) return;
   --held_local_;
+  // This process's holds make its estimate (the segment keeps none).
+  if (measured && completion != Completion::kIgnored) {
+    service_.add(std::chrono::duration<double>(now - granted_at).count());
+  }
   try {
     Locked locked(*this);
     if (me().held <= 0) return;
@@ -1025,6 +1085,7 @@ ResourceStatistics HostPool::statistics() {
     } catch (const host::Unavailable&) {
     }
   }
+  s.service_seconds = service_.seconds();
   // Host scope keeps classes but does not count them apart yet: everything
   // under the default class (docs/priorities.md).
   ClassStatistics& critical = s.classes[priority_index(Priority::kCritical)];

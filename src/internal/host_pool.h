@@ -24,6 +24,7 @@
 
 #include "concurrency_limiter/host_resource.h"
 #include "concurrency_limiter/resource.h"
+#include "concurrency_limiter/service_estimate.h"
 #include "internal/host_segment.h"
 
 namespace concurrency_limiter::detail {
@@ -50,7 +51,11 @@ class HostPool {
   // slow path, enqueue(), reports the error). Sets `measure` (always timed).
   bool try_grant(bool& measure) noexcept;
   // Outcome::kUnavailable when the shared state cannot be reached in time.
-  Outcome enqueue(WaiterNode& node, NoticeList& notices);
+  // With `early_reject` (ResourceOptions::early_reject), a request that
+  // would wait is refused with kPredictedTimeout when the waiters ahead of
+  // it machine-wide / the limit x this process's service estimate exceed
+  // the time to its deadline.
+  Outcome enqueue(WaiterNode& node, NoticeList& notices, bool early_reject = false);
   WaiterNode::State abandon(WaiterNode& node, Outcome reason);
   void revert_grant(NoticeList& notices);
   void count_rejection(Outcome reason);
@@ -165,6 +170,12 @@ class HostPool {
   std::uint32_t pick_locked(std::int64_t now_ns, NoticeList& notices, Wakes& wakes);
   void reclaim_locked(std::uint32_t proc, NoticeList& notices, Wakes& wakes);
   void catch_up_locked(NoticeList& notices, Wakes& wakes);
+  // Waiters ahead of a newcomer of class `own` in the grant order,
+  // machine-wide: every waiter of the classes above, and of its own unless
+  // served newest first. Counts no further than `enough`.
+  std::int64_t waiters_ahead_locked(std::size_t own, bool newest_first, std::int64_t enough);
+  // Whether holds are timed (see measure_).
+  bool timed_locked();
   void note_grant_locked(double waited);
   void note_rejection_locked(Outcome reason);
   Outcome refuse_locked(WaiterNode& node, Outcome reason);
@@ -212,6 +223,12 @@ class HostPool {
   std::atomic<std::int64_t> in_use_snapshot_{0};
   std::atomic<std::int64_t> waiting_snapshot_{0};
   ResourceStatistics stats_;  // this process's counters; guarded by mu_
+  // Guarded by mu_: this process's moving estimate of service time (grant
+  // to release of its own measured holds), for early rejection and
+  // statistics().service_seconds; and whether a Resource of this name in
+  // this process rejects early (every hold is then timed).
+  ServiceTimeEstimate service_;
+  bool early_reject_ = false;
 };
 
 }  // namespace concurrency_limiter::detail

@@ -10,6 +10,7 @@
 
 #include <gtest/gtest.h>
 
+#include <atomic>
 #include <chrono>
 #include <cstddef>
 #include <cstdio>
@@ -17,6 +18,7 @@
 #include <fstream>
 #include <map>
 #include <memory>
+#include <optional>
 #include <random>
 #include <stop_token>
 #include <sstream>
@@ -1416,6 +1418,58 @@ TEST(HostPriorityChecks, LifoAcrossProcessesServesTheNewestOfTheHighestClass) {
   EXPECT_LT(at[2], at[0]);
   for (auto& w : waiters) w->join();
   expect_invariant(name);
+}
+
+// Early rejection on host scope: a holder in one process, 100 sheddable
+// waiters (no deadline) in another, and this process's own service
+// estimate, at least 100 ms (one hold). A sheddable newcomer with 1 s left
+// is predicted to wait >= 100 / 1 x 0.1 s = 10 s: refused at arrival
+// (kPredictedTimeout, not queued). A critical_plus newcomer with the same
+// second is not: no waiter of its class or above is ahead of it. A
+// sheddable one with a minute waits, and is granted once the others are
+// gone.
+TEST(HostEarlyReject, RefusesAtArrivalFromTheWaitersOfEveryProcess) {
+  const std::string name = unique_name("early");
+  Cleanup cleanup{name};
+  auto db = std::make_shared<Resource>(ResourceOptions{
+      .name = name, .capacity = 1, .scope = Scope::kHost, .early_reject = true});
+  EXPECT_TRUE(db->early_reject());
+  EXPECT_FALSE(db->statistics().service_seconds.has_value());  // no hold yet
+  {
+    Permit p = db->try_acquire();
+    ASSERT_TRUE(p);
+    std::this_thread::sleep_for(100ms);
+  }
+  const std::optional<double> estimate = db->statistics().service_seconds;
+  ASSERT_TRUE(estimate.has_value());
+  EXPECT_GE(*estimate, 0.1);
+  Child holder({"hold", name, "1", "fifo", "1", "-1"});
+  ASSERT_EQ(holder.line(), "ready");
+  Child queue({"pqueue", name, "1", "fifo", "100", "sheddable"});
+  ASSERT_EQ(queue.line(), "queued");
+  ASSERT_EQ(db->waiting(), 100);
+  const auto set =
+      std::make_shared<const ResourceSet>(std::vector<std::shared_ptr<Resource>>{db});
+  const auto ignore = [](Outcome) {};
+  Acquisition hasty(set, std::nullopt, Priority::kSheddable);
+  EXPECT_EQ(hasty.start(ignore, Clock::now() + 1s), Outcome::kPredictedTimeout);
+  EXPECT_EQ(db->waiting(), 100);
+  Acquisition plus(set, std::nullopt, Priority::kCriticalPlus);
+  EXPECT_EQ(plus.start(ignore, Clock::now() + 1s), Outcome::kPending);
+  plus.cancel();
+  auto outcome = std::make_shared<std::atomic<int>>(-1);
+  Acquisition patient(set, std::nullopt, Priority::kSheddable);
+  EXPECT_EQ(patient.start([outcome](Outcome o) { outcome->store(static_cast<int>(o)); },
+                          Clock::now() + 60s),
+            Outcome::kPending);
+  queue.kill();
+  holder.kill();  // their waits and slot are reclaimed: the patient one is next
+  EXPECT_TRUE(eventually([&] { return outcome->load() >= 0; }));
+  EXPECT_EQ(outcome->load(), static_cast<int>(Outcome::kGranted));
+  patient.release();
+  const ResourceStatistics s = db->statistics();
+  EXPECT_EQ(s.rejected_total[rejection_index(Outcome::kPredictedTimeout)], 1u);
+  EXPECT_TRUE(eventually([&] { return db->in_use() == 0 && db->waiting() == 0; }));
 }
 
 }  // namespace
