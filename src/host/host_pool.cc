@@ -293,6 +293,7 @@ void HostPool::reattach_locked(NoticeList& notices) {
   } catch (const std::exception&) {
     config = config_;
   }
+  nodes_count_ = 0;
   for (std::uint32_t i = 0; i < nodes_.size(); ++i) {
     if (WaiterNode* node = nodes_[i]) {
       nodes_[i] = nullptr;
@@ -391,6 +392,7 @@ void HostPool::register_locked() {
   held_local_ = carried_;
   carried_ = 0;
   nodes_.assign(kMaxWaiters, nullptr);
+  nodes_count_ = 0;
   try {
     start_thread_locked();
   } catch (const std::system_error& e) {
@@ -569,6 +571,7 @@ WaiterNode* HostPool::settle_own_locked(std::uint32_t i, NoticeList& notices,
   const std::int64_t decided_ns = e.decided_ns;
   WaiterNode* node = nodes_[i];
   nodes_[i] = nullptr;
+  if (node) --nodes_count_;
   free_entry_locked(i);
   if (granted) {
     ++me().held;  // from the granted entry to this process
@@ -723,6 +726,49 @@ void HostPool::reclaim_locked(std::uint32_t proc, NoticeList& notices, Wakes& wa
   fill_locked(to_ns(Clock::now()), notices, wakes);
 }
 
+void HostPool::take_entry_locked(std::uint32_t i, std::int64_t now_ns, NoticeList& notices,
+                                 Wakes& wakes) {
+  Entry& e = seg()->entries[i];
+  if (mine(e) || e.process >= kMaxProcesses) {
+    // This process's own waiter is told at once, and its entry freed.
+    decide_locked(i, Outcome::kLowerPriority, now_ns, notices, wakes);
+    if (e.state != as_u32(EntryState::kFree)) {  // out of range: dropped by the rebuild
+      seg()->header.needs_rebuild = 1;
+    }
+    return;
+  }
+  // Another process's waiter: a decided entry would stay that process's
+  // until its background thread takes it, so the entry is freed now
+  // instead, and that thread, woken, finds its waiter's entry no longer its
+  // own and tells it kLowerPriority (deliver(), tell_taken_locked()).
+  host::Header& h = seg()->header;
+  host::unlink(*seg(), host::queue_of(*seg(), e), i);
+  --h.waiting;
+  --seg()->processes[e.process].waiting;
+  const std::uint32_t owner = e.process;
+  free_entry_locked(i);
+  if (wakes.overflow) return;
+  for (std::uint32_t k = 0; k < wakes.count; ++k) {
+    if (wakes.procs[k] == owner) return;
+  }
+  if (wakes.count == wakes.procs.size()) {
+    wakes.overflow = true;
+  } else {
+    wakes.procs[wakes.count++] = owner;
+  }
+}
+
+void HostPool::tell_taken_locked(std::uint32_t i, NoticeList& notices) {
+  WaiterNode* node = nodes_[i];
+  nodes_[i] = nullptr;
+  --nodes_count_;
+  node->state_ = NodeState::kRejected;
+  node->outcome_ = Outcome::kLowerPriority;
+  note_rejection_locked(Outcome::kLowerPriority);
+  node->completing_.store(true, std::memory_order_relaxed);  // published by mu_
+  notices.push(node);
+}
+
 Outcome HostPool::refuse_locked(WaiterNode& node, Outcome reason) {
   note_rejection_locked(reason);
   node.state_ = NodeState::kRejected;
@@ -735,14 +781,15 @@ bool HostPool::queue_full_for(Priority priority) noexcept {
   try {
     SegmentLock lock(*seg());
     const host::Header& h = seg()->header;
-    // As enqueue(): no entry left in the waiter table turns anyone away.
-    if (h.free_head == kNone) return true;
+    const std::size_t own = priority_index(priority);
+    const int lowest = host::lowest_waiting_class(*seg());
+    // As enqueue(): no entry left in the waiter table turns away a request
+    // with no waiter of a lower class to push out.
+    if (h.free_head == kNone) return lowest < 0 || own <= static_cast<std::size_t>(lowest);
     const std::int64_t max_waiting = cfg().max_waiting;
     if (max_waiting < 0 || h.waiting < max_waiting) return false;
     // Full, and no waiter to push out for this request: none of a lower
     // class or, newest first, of its own (as Resource::refuse_try()).
-    const std::size_t own = priority_index(priority);
-    const int lowest = host::lowest_waiting_class(*seg());
     if (h.waiting > 0 && lowest >= 0 && own > static_cast<std::size_t>(lowest)) return false;
     const auto discipline = static_cast<QueueDiscipline>(cfg().queue);
     const bool newest_first =
@@ -826,12 +873,23 @@ Outcome HostPool::enqueue(WaiterNode& node, NoticeList& notices, bool early_reje
         }
       }
     }
-    // No entry left in the waiter table: pushing a waiter out would not
-    // free one (a decided entry stays its process's until that process
-    // takes it), so the newcomer is turned away and nobody pushed out.
-    if (h.free_head == kNone) return refuse_locked(node, Outcome::kQueueFull);
-    const std::int64_t max_waiting = cfg().max_waiting;
     const std::size_t own = priority_index(node.priority_);
+    if (h.free_head == kNone) {
+      // No entry left in the waiter table: the newest waiter of the lowest
+      // class below the newcomer gives its entry up, in whichever process
+      // (see take_entry_locked()); without one, the newcomer is turned away.
+      const int below = host::lowest_waiting_class(*seg());
+      if (below < 0 || own <= static_cast<std::size_t>(below)) {
+        return refuse_locked(node, Outcome::kQueueFull);
+      }
+      const std::uint32_t victim = h.queues[static_cast<std::size_t>(below)].tail;
+      if (victim >= kMaxWaiters || seg()->entries[victim].state != as_u32(EntryState::kQueued)) {
+        h.needs_rebuild = 1;
+        return refuse_locked(node, Outcome::kQueueFull);
+      }
+      take_entry_locked(victim, now_ns, notices, locked.wakes);
+    }
+    const std::int64_t max_waiting = cfg().max_waiting;
     const int lowest = host::lowest_waiting_class(*seg());
     if (max_waiting >= 0 && h.waiting >= max_waiting && lowest >= 0 &&
         own > static_cast<std::size_t>(lowest)) {
@@ -872,7 +930,13 @@ Outcome HostPool::enqueue(WaiterNode& node, NoticeList& notices, bool early_reje
     host::push_back(*seg(), h.queues[own], i);
     ++h.waiting;
     ++me().waiting;
+    if (nodes_[i] != nullptr) {
+      // A waiter of this process whose entry another process took (and
+      // has given back since): told now, before its place is reused.
+      tell_taken_locked(i, notices);
+    }
     nodes_[i] = &node;
+    ++nodes_count_;
     node.host_entry_ = i;
     node.enqueued_at_ = now;
     node.state_ = NodeState::kQueued;
@@ -908,8 +972,9 @@ NodeState HostPool::abandon(WaiterNode& node, Outcome reason) {
   try {
     Locked locked(*this);
     Entry& e = seg()->entries[i];
-    if (!mine(e)) {
+    if (!mine(e)) {  // pushed out for a higher class, not told yet
       nodes_[i] = nullptr;
+      --nodes_count_;
       return lost();
     }
     NoticeList unused;  // settling our own entry notifies nobody
@@ -919,6 +984,7 @@ NodeState HostPool::abandon(WaiterNode& node, Outcome reason) {
       --h.waiting;
       --me().waiting;
       nodes_[i] = nullptr;
+      --nodes_count_;
       free_entry_locked(i);
       return lost();
     }
@@ -930,6 +996,7 @@ NodeState HostPool::abandon(WaiterNode& node, Outcome reason) {
       return node.state_;
     }
     nodes_[i] = nullptr;
+    --nodes_count_;
     return lost();
   } catch (const host::Unavailable&) {
     // The shared queue cannot be reached now: the node stops waiting, and
@@ -937,6 +1004,7 @@ NodeState HostPool::abandon(WaiterNode& node, Outcome reason) {
     // a slot granted meanwhile) once the lock is back.
     mark_unavailable();
     nodes_[i] = nullptr;
+    --nodes_count_;
     orphans_.push_back(i);
     return lost();
   }
@@ -1169,6 +1237,14 @@ void HostPool::deliver() {
         if (WaiterNode* node = settle_own_locked(i, notices, locked.wakes)) {
           node->completing_.store(true, std::memory_order_relaxed);  // published by mu_
           notices.push(node);
+        }
+      }
+      // Every decided entry taken, so each waiter left should have a
+      // queued entry: more waiters than that means entries were taken by
+      // higher-class newcomers of other processes (take_entry_locked()).
+      if (nodes_count_ > me().waiting) {
+        for (std::uint32_t i = 0; i < kMaxWaiters; ++i) {
+          if (nodes_[i] != nullptr && !mine(seg()->entries[i])) tell_taken_locked(i, notices);
         }
       }
     } catch (const host::Unavailable&) {

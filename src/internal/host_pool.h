@@ -179,6 +179,15 @@ class HostPool {
   void note_grant_locked(double waited);
   void note_rejection_locked(Outcome reason);
   Outcome refuse_locked(WaiterNode& node, Outcome reason);
+  // The waiter table is full: queued entry `i` (the newest of the lowest
+  // class below a newcomer) is freed for the newcomer. This process's
+  // waiter is told kLowerPriority at once; another process's is unlinked
+  // and its process woken, whose deliver() tells it (tell_taken_locked()).
+  void take_entry_locked(std::uint32_t i, std::int64_t now_ns, NoticeList& notices,
+                         Wakes& wakes);
+  // Tells the local node of entry `i`, which another process took, that it
+  // was pushed out (kLowerPriority).
+  void tell_taken_locked(std::uint32_t i, NoticeList& notices);
 
   // Background thread: takes this process's decided entries, applies what
   // could not be applied at once, sweeps dead processes every 200 ms.
@@ -208,8 +217,11 @@ class HostPool {
   std::uint64_t incarnation_ = 0;
   std::uint64_t generation_ = 0;         // fork generation it was registered in
   std::uint64_t thread_generation_ = 0;  // fork generation of its running thread
-  // The local node of each of this process's entries; guarded by mu_.
+  // The local node of each of this process's entries, and how many are
+  // set; guarded by mu_. An entry another process took (take_entry_locked())
+  // keeps its node here until deliver() or enqueue() tells it.
   std::vector<WaiterNode*> nodes_;
+  std::int64_t nodes_count_ = 0;
   // Guarded by mu_: slots this process holds in the attached segment;
   // releases and abandoned entries not yet applied for want of the lock.
   std::int64_t held_local_ = 0;

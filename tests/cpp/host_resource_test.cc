@@ -18,6 +18,7 @@
 #include <fstream>
 #include <map>
 #include <memory>
+#include <mutex>
 #include <optional>
 #include <random>
 #include <stop_token>
@@ -1214,13 +1215,14 @@ TEST(HostPriority, ChurnWithRandomClassesAcrossProcessesAndThreads) {
   std::printf("waiters pushed out for a higher class here: %d\n", pushed_out.load());
 }
 
-// A newcomer of a higher class arriving at a full queue
-// (max_waiting) whose waiter table (kMaxWaiters entries, machine-wide) is
-// also full pushes the newest lower-class waiter of another process out
-// (kLowerPriority) and is then refused itself (kQueueFull, the table is
-// still full: the victim's entry waits in its process's decided list).
-// Both requests lose; nobody took the freed place.
-TEST(HostPriority, ANewcomerRefusedByAFullWaiterTablePushesNobodyOut) {
+// The machine-wide waiter table (kMaxWaiters entries) full of sheddable
+// waiters of this process: a critical newcomer of another process takes the
+// place of the newest of them, which is told kLowerPriority here (by this
+// process's background thread), and waits; a sheddable newcomer is turned
+// away (kQueueFull), as a try of that class is; a critical_plus newcomer of
+// this process pushes out the next newest the same way. Then the grants go
+// by class.
+TEST(HostPriority, AFullWaiterTableMakesRoomForAHigherClassInAnyProcess) {
   const std::string name = unique_name("prio-table");
   Cleanup cleanup{name};
   constexpr std::int64_t kTable = detail::host::kMaxWaiters;
@@ -1229,33 +1231,57 @@ TEST(HostPriority, ANewcomerRefusedByAFullWaiterTablePushesNobodyOut) {
   ASSERT_TRUE(held);
   const auto set =
       std::make_shared<const ResourceSet>(std::vector<std::shared_ptr<Resource>>{db});
-  // kMaxWaiters sheddable waiters in this process, without threads.
-  auto pushed_out = std::make_shared<std::atomic<int>>(0);
+  // kMaxWaiters sheddable waiters in this process, without threads; the
+  // index of each one pushed out, in order.
+  struct PushedOut {
+    std::mutex mu;
+    std::vector<std::int64_t> which;
+  };
+  auto pushed_out = std::make_shared<PushedOut>();
+  const auto count = [&] {
+    std::lock_guard lock(pushed_out->mu);
+    return pushed_out->which.size();
+  };
   std::vector<std::unique_ptr<Acquisition>> waiters;
   for (std::int64_t k = 0; k < kTable; ++k) {
     waiters.push_back(std::make_unique<Acquisition>(set, std::nullopt, Priority::kSheddable));
-    ASSERT_EQ(waiters.back()->start([pushed_out](Outcome o) {
-      if (o == Outcome::kLowerPriority) pushed_out->fetch_add(1);
+    ASSERT_EQ(waiters.back()->start([pushed_out, k](Outcome o) {
+      if (o != Outcome::kLowerPriority) return;
+      std::lock_guard lock(pushed_out->mu);
+      pushed_out->which.push_back(k);
     }),
               Outcome::kPending);
   }
   ASSERT_EQ(db->waiting(), kTable);
-  // A critical newcomer in another process.
-  Child newcomer({"pwait", name, "1", "fifo", std::to_string(kTable), "critical", "2000", "0"});
-  const std::string got = newcomer.line();
-  std::this_thread::sleep_for(300ms);  // the background thread delivers
-  if (got == "queued") {
-    EXPECT_EQ(pushed_out->load(), 1);  // it took the newest sheddable's place
-  } else {
-    EXPECT_EQ(got, "rejected queue_full");
-    EXPECT_EQ(pushed_out->load(), 0)
-        << "the newcomer was refused, yet a sheddable waiter was pushed out for it";
-    EXPECT_EQ(db->waiting(), kTable);
-  }
+  Child newcomer({"pwait", name, "1", "fifo", std::to_string(kTable), "critical", "20000", "0"});
+  ASSERT_EQ(newcomer.line(), "queued");
+  ASSERT_TRUE(eventually([&] { return count() == 1; }));
+  EXPECT_EQ(pushed_out->which[0], kTable - 1);  // the newest
+  EXPECT_EQ(db->waiting(), kTable);
+  Child late({"pwait", name, "1", "fifo", std::to_string(kTable), "sheddable", "20000", "0"});
+  EXPECT_EQ(late.line(), "rejected queue_full");
+  EXPECT_EQ(Acquisition(set, std::nullopt, Priority::kSheddable).try_once(),
+            Outcome::kQueueFull);
+  EXPECT_EQ(Acquisition(set, std::nullopt, Priority::kCriticalPlus).try_once(),
+            Outcome::kTimeout);  // it would have waited
+  auto plus_outcome = std::make_shared<std::atomic<int>>(-1);
+  Acquisition plus(set, std::nullopt, Priority::kCriticalPlus);
+  EXPECT_EQ(plus.start([plus_outcome](Outcome o) { plus_outcome->store(static_cast<int>(o)); }),
+            Outcome::kPending);
+  ASSERT_EQ(count(), 2u);  // told at once: it waited in this process
+  EXPECT_EQ(pushed_out->which[1], kTable - 2);
+  EXPECT_EQ(db->waiting(), kTable);
   for (auto& w : waiters) w->cancel();
-  newcomer.join();
+  EXPECT_EQ(db->waiting(), 2);
   held.release();
+  EXPECT_EQ(plus_outcome->load(), static_cast<int>(Outcome::kGranted));
+  plus.release();
+  EXPECT_EQ(newcomer.line().rfind("granted ", 0), 0u);
+  newcomer.join();
+  late.join();
+  EXPECT_EQ(count(), 2u);
   EXPECT_TRUE(eventually([&] { return db->in_use() == 0 && db->waiting() == 0; }));
+  expect_invariant(name);
 }
 
 // A try (zero timeout) on a host resource with max_waiting=0
