@@ -82,7 +82,8 @@
 //     one limit); an unused one is removed (host_note() says so).
 //   - Bounds: at most 256 processes use one host resource at a time, and at
 //     most 4096 requests wait for it at a time over all processes (more are
-//     rejected with kQueueFull).
+//     rejected with kQueueFull, unless a waiter of a lower class gives its
+//     place up: see "Priority classes" below).
 //   - Limit: the limit in force (1..capacity, capacity unless changed) is
 //     host-wide. set_limit() in any process changes it for all: raising it
 //     grants waiters of every process at once (through the same futex
@@ -101,7 +102,8 @@
 //     double-buffered, and every value read back is brought into range.
 //   - Statistics: capacity, limit, in_use, waiting and peak_in_use are
 //     machine-wide; acquired_total, rejected_total and the wait and hold
-//     histograms count this process's requests.
+//     histograms count this process's requests; service_seconds is this
+//     process's estimate (see "Early rejection" below).
 //   - Priority classes (priority.h): each queued request's class is kept in
 //     the shared queue, one list per class. A freed slot goes to the
 //     highest class waiting in any process, then the discipline within the
@@ -115,12 +117,35 @@
 //     classes, within the newcomer's class. A process killed while its
 //     requests wait, even inside the lock, leaves the per-class queues
 //     consistent (they are rebuilt from each entry's class). The free-slot
-//     path costs the same for every class. Not supported yet: reserves
-//     (ResourceOptions::reserve: std::invalid_argument), statistics per
-//     class (ResourceStatistics::classes counts everything as kCritical),
-//     and shedding by class when the 4096-entry waiter table (not
-//     max_waiting) is full: the newcomer gets kQueueFull whatever its class,
-//     and nobody is pushed out for it.
+//     path costs the same for every class. The 4096-entry waiter table
+//     (whatever max_waiting is) is shed by class the same way: when it is
+//     full, the newest waiter of the lowest class below a newcomer gives its
+//     place up (Outcome::kLowerPriority, in whichever process it waits: that
+//     process's background thread tells it, woken through its futex), and a
+//     newcomer with no lower class to push out gets kQueueFull. Not
+//     supported yet: reserves (ResourceOptions::reserve:
+//     std::invalid_argument) and statistics per class
+//     (ResourceStatistics::classes counts everything as kCritical).
+//   - Early rejection (ResourceOptions::early_reject, service_estimate.h):
+//     as for a Resource, a request that would wait is refused at once with
+//     Outcome::kPredictedTimeout when the waiters ahead of it / the limit
+//     in force x the service estimate exceed the time to its deadline. The
+//     waiters ahead are those of every process (of the classes above its
+//     own, and of its own class unless served newest first: LIFO, a
+//     standing adaptive queue), over the host-wide limit. The estimate is
+//     this process's own: the moving average of the holds of this process
+//     (grant to release), kept in the process, not in the shared segment.
+//     So each process predicts from the service times its own requests
+//     saw: one that has released no hold yet (a new worker) rejects nothing
+//     early, and processes whose requests take different times predict
+//     differently. statistics().service_seconds is that estimate. Every hold
+//     of a process with such a Resource of the name is timed (host holds
+//     are anyway while statistics are compiled in); the prediction counts
+//     the waiters ahead under the shared mutex a waiting request takes
+//     anyway (a walk of the queues of the classes counted, only while a
+//     lower class waits too, and no further than the count that decides).
+//     Off by default, as for a Resource; a Resource of the name without it
+//     is unchanged.
 //   - Each process runs one background thread per host resource it uses.
 //   - close() is local: it refuses the new requests made through that
 //     Resource object (kUnavailable), and nothing else. Requests already

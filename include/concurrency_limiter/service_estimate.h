@@ -1,5 +1,6 @@
 // ServiceTimeEstimate: the moving estimate of service time (grant to
-// release) that every process-scoped resource keeps, and the prediction its
+// release) that every resource keeps (a host-scoped one, in each process,
+// from that process's own holds: host_resource.h), and the prediction its
 // early rejection (ResourceOptions::early_reject) makes from it.
 //
 // The estimate is an exponentially weighted moving average of the timed
