@@ -63,11 +63,6 @@ ResourceOptions validated(ResourceOptions o) {
         "per_key is not supported with scope 'host': per-key shares are kept "
         "by one process");
   }
-  if (o.early_reject && o.scope == Scope::kHost) {
-    throw std::invalid_argument(
-        "early_reject is not supported with scope 'host': the service-time "
-        "estimate it predicts from is kept by one process");
-  }
   if (o.early_reject && o.per_key != 0) {
     throw std::invalid_argument(
         "early_reject is not supported with per_key: a key at its share does "
@@ -715,7 +710,7 @@ Outcome Resource::enqueue(detail::WaiterNode& node,
     node.outcome_ = Outcome::kUnavailable;
     return Outcome::kUnavailable;
   }
-  if (host_) return host_->enqueue(node, notices);
+  if (host_) return host_->enqueue(node, notices, early_reject_);
   const auto now = Clock::now();
   detail::MutexLock lock(mu_);
   if (closed_.load(std::memory_order_relaxed)) {  // closed meanwhile

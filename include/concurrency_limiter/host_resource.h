@@ -82,7 +82,8 @@
 //     one limit); an unused one is removed (host_note() says so).
 //   - Bounds: at most 256 processes use one host resource at a time, and at
 //     most 4096 requests wait for it at a time over all processes (more are
-//     rejected with kQueueFull).
+//     rejected with kQueueFull, unless a waiter of a lower class gives its
+//     place up: see "Priority classes" below).
 //   - Limit: the limit in force (1..capacity, capacity unless changed) is
 //     host-wide. set_limit() in any process changes it for all: raising it
 //     grants waiters of every process at once (through the same futex
@@ -101,7 +102,8 @@
 //     double-buffered, and every value read back is brought into range.
 //   - Statistics: capacity, limit, in_use, waiting and peak_in_use are
 //     machine-wide; acquired_total, rejected_total and the wait and hold
-//     histograms count this process's requests.
+//     histograms count this process's requests; service_seconds is the
+//     machine's estimate (see "Early rejection" below).
 //   - Priority classes (priority.h): each queued request's class is kept in
 //     the shared queue, one list per class. A freed slot goes to the
 //     highest class waiting in any process, then the discipline within the
@@ -131,9 +133,37 @@
 //     Statistics per class (ResourceStatistics::classes): in_use and
 //     waiting machine-wide, as in_use and waiting are; acquired_total and
 //     rejected_total count this process's requests, as the totals do.
-//     Not supported yet: shedding by class when the 4096-entry waiter
-//     table (not max_waiting) is full: the newcomer gets kQueueFull
-//     whatever its class, and nobody is pushed out for it.
+//     The 4096-entry waiter table (whatever max_waiting is) is shed by
+//     class the same way: when it is full, the newest waiter of the lowest
+//     class below a newcomer gives its place up (Outcome::kLowerPriority, in
+//     whichever process it waits: that process's background thread tells
+//     it, woken through its futex), and a newcomer with no lower class to
+//     push out gets kQueueFull.
+//   - Early rejection (ResourceOptions::early_reject, service_estimate.h):
+//     as for a Resource, a request that would wait is refused at once with
+//     Outcome::kPredictedTimeout when the waiters ahead of it / the limit
+//     in force x the service estimate exceed the time to its deadline. The
+//     waiters ahead are those of every process (of the classes above its
+//     own, and of its own class unless served newest first: LIFO, a
+//     standing adaptive queue), over the host-wide limit; with reserves,
+//     those of its own class over the slots it may use, as for a Resource.
+//     The estimate is the machine's: the moving average of the timed holds
+//     (grant to release) of every process, kept in the shared segment and
+//     updated at release under the lock the release takes anyway. So a
+//     process predicts from the holds of the others too (one whose first
+//     hold was slow learns from the others' quick ones instead of refusing
+//     everything for good), and nothing is refused early before a hold was
+//     released on the machine. statistics().service_seconds is that
+//     estimate. Every hold of a process with such a Resource of the name is
+//     timed (host holds are anyway while statistics are compiled in); a
+//     process killed while updating it leaves a value that is brought into
+//     range when read (the estimate then starts again). The prediction counts
+//     the waiters ahead under the shared mutex a waiting request takes
+//     anyway (a walk of the queues of the classes counted, only while a
+//     lower class waits too or with reserves, and no further than the count
+//     that decides).
+//     Off by default, as for a Resource; a Resource of the name without it
+//     is unchanged.
 //   - Each process runs one background thread per host resource it uses.
 //   - close() is local: it refuses the new requests made through that
 //     Resource object (kUnavailable), and nothing else. Requests already

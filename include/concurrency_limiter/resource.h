@@ -259,8 +259,10 @@ struct ResourceOptions {
   // multiplication under the mutex a waiting request takes anyway. It counts
   // every waiter ahead as one that will be served: waiters with shorter
   // timeouts (or client deadlines) than the newcomer's, which will give up
-  // before their turn, make it pessimistic. Off by default. Not supported
-  // with scope kHost or a per-key share (std::invalid_argument).
+  // before their turn, make it pessimistic. Off by default. With scope
+  // kHost, the waiters ahead are those of every process and the estimate
+  // is this process's own (host_resource.h). Not supported with a per-key
+  // share (std::invalid_argument).
   bool early_reject = false;
   // Reserved shares (see "Priority classes" above): reserve[p] slots, p
   // indexed by priority_index(Priority), that only class p or a higher one

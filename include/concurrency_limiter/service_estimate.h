@@ -1,6 +1,8 @@
 // ServiceTimeEstimate: the moving estimate of service time (grant to
-// release) that every process-scoped resource keeps, and the prediction its
-// early rejection (ResourceOptions::early_reject) makes from it.
+// release) that every resource keeps (a host-scoped one in its shared
+// segment, from the holds of every process: host_resource.h), and the
+// prediction its early rejection (ResourceOptions::early_reject) makes from
+// it.
 //
 // The estimate is an exponentially weighted moving average of the timed
 // holds (see statistics.h: every hold that waited, one in 64 of those granted

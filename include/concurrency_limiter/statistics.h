@@ -107,8 +107,8 @@ struct ResourceStatistics {
   // sampled, count exact: see above).
   Histogram hold_seconds;
   // The resource's moving estimate of service time (grant to release), in
-  // seconds: see service_estimate.h. nullopt until a timed hold was released
-  // (and always for host scope, which keeps none).
+  // seconds: see service_estimate.h. nullopt until a timed hold was released.
+  // Host scope: the machine's, from the holds of every process.
   std::optional<double> service_seconds;
   // The counters above split by priority class, indexed by
   // priority_index(Priority). On host scope, in_use and waiting per class

@@ -114,8 +114,10 @@ class Resource:
             while it stands. Never before the first timed request has
             finished (no estimate yet), nor for a request without a timeout.
             ``False`` (default): every request waits up to its timeout, as
-            the original package. Not supported with ``scope="host"`` or
-            ``per_key`` (ValueError).
+            the original package. With ``scope="host"``: the waiters ahead
+            are those of every process of the host, the estimate this
+            process's own (each process times its own requests).
+            Not supported with ``per_key`` (ValueError).
         reserve: slots kept for a priority class and those above it, e.g.
             ``{Priority.CRITICAL_PLUS: 4}``: 4 of the slots only
             ``CRITICAL_PLUS`` requests may take; the other classes borrow
@@ -175,11 +177,6 @@ class Resource:
                 )
         if not isinstance(early_reject, bool):
             raise TypeError(f"early_reject must be True or False, got {early_reject!r}")
-        if early_reject and scope == "host":
-            raise ValueError(
-                "early_reject is not supported with scope='host': the service-time "
-                "estimate it predicts from is kept by one process"
-            )
         if early_reject and per_key is not None:
             raise ValueError(
                 "early_reject is not supported with per_key: a key at its share does "

@@ -105,7 +105,8 @@ class ResourceStatistics:
     hold_seconds: HistogramSnapshot
     #: The resource's moving estimate of service time (grant to release), in
     #: seconds, which ``early_reject`` predicts waits from; ``None`` until a
-    #: timed hold was released (always with ``scope="host"``).
+    #: timed hold was released. With ``scope="host"``: the machine's
+    #: estimate, from the requests of every process.
     service_seconds: float | None
     #: The figures of each priority class, by its lower-case name
     #: (``"sheddable"``, ``"sheddable_plus"``, ``"critical"``,

@@ -16,6 +16,7 @@
 #include <chrono>
 #include <cstring>
 #include <map>
+#include <optional>
 #include <stdexcept>
 #include <system_error>
 #include <thread>
@@ -172,6 +173,7 @@ std::shared_ptr<HostPool> HostPool::get(const ResourceOptions& o, const LimitAlg
     NoticeList notices;
     {
       std::lock_guard pool_lock(pool.mu_);
+      if (o.early_reject) pool.early_reject_ = true;
       if (!host::is_linked(o.name, pool.inode_)) pool.detached_.store(true);
       pool.attach_locked(notices);
       Locked locked(pool);
@@ -201,6 +203,7 @@ std::shared_ptr<HostPool> HostPool::get(const ResourceOptions& o, const LimitAlg
   NoticeList notices;
   {
     std::lock_guard pool_lock(pool->mu_);
+    pool->early_reject_ = o.early_reject;
     try {
       // Registers (`status` lists this process from now on) and starts the
       // background thread.
@@ -333,6 +336,7 @@ void HostPool::reattach_locked(NoticeList& notices) {
   } catch (const std::exception&) {
     config = config_;
   }
+  nodes_count_ = 0;
   for (std::uint32_t i = 0; i < nodes_.size(); ++i) {
     if (WaiterNode* node = nodes_[i]) {
       nodes_[i] = nullptr;
@@ -432,6 +436,7 @@ void HostPool::register_locked() {
   held_local_ = carried_;
   carried_ = 0;
   nodes_.assign(kMaxWaiters, nullptr);
+  nodes_count_ = 0;
   try {
     start_thread_locked();
   } catch (const std::system_error& e) {
@@ -526,6 +531,39 @@ void HostPool::free_entry_locked(std::uint32_t i) {
   seg()->header.free_head = i;
 }
 
+bool HostPool::timed_locked() {
+  return kStatistics || early_reject_ || algorithm_locked() != nullptr;
+}
+
+double HostPool::waiters_ahead_locked(std::size_t own, bool newest_first, double own_weight,
+                                      double enough) {
+  const host::Header& h = seg()->header;
+  const int lowest = host::lowest_waiting_class(*seg());
+  if (lowest < 0) return 0.0;
+  // Every waiter is of a class above: no walk. So is every waiter of the
+  // classes counted when its own class weighs as much as those above.
+  if (static_cast<std::size_t>(lowest) > own ||
+      (own_weight == 1.0 && !newest_first && static_cast<std::size_t>(lowest) == own)) {
+    return static_cast<double>(h.waiting);
+  }
+  // The segment keeps no count per class: walk the queues counted, from
+  // the highest class, no further than `enough`.
+  double ahead = 0.0;
+  std::uint32_t steps = 0;
+  for (std::size_t c = kPriorityCount; c-- > own + (newest_first ? 1 : 0);) {
+    const double weight = c == own ? own_weight : 1.0;
+    for (std::uint32_t i = h.queues[c].head; i != kNone; i = seg()->entries[i].next) {
+      if (i >= kMaxWaiters || ++steps > kMaxWaiters) {  // a bad link: counted so far
+        seg()->header.needs_rebuild = 1;
+        return ahead;
+      }
+      ahead += weight;
+      if (ahead >= enough) return ahead;
+    }
+  }
+  return ahead;
+}
+
 void HostPool::note_grant_locked(double waited, Priority priority) {
   if constexpr (kStatistics) {
     ++stats_.acquired_total;
@@ -585,6 +623,7 @@ WaiterNode* HostPool::settle_own_locked(std::uint32_t i, NoticeList& notices,
   const std::size_t cls = host::class_of(e);
   WaiterNode* node = nodes_[i];
   nodes_[i] = nullptr;
+  if (node) --nodes_count_;
   free_entry_locked(i);
   if (granted) {
     ++me().held;  // from the granted entry to this process
@@ -606,7 +645,7 @@ WaiterNode* HostPool::settle_own_locked(std::uint32_t i, NoticeList& notices,
     node->state_ = NodeState::kGranted;
     node->outcome_ = Outcome::kGranted;
     node->granted_at_ = from_ns(decided_ns);
-    node->measure_ = kStatistics || algorithm_locked() != nullptr;
+    node->measure_ = timed_locked();
     note_grant_locked(
         std::max(0.0, std::chrono::duration<double>(node->granted_at_ - node->enqueued_at_)
                           .count()),
@@ -752,6 +791,49 @@ void HostPool::reclaim_locked(std::uint32_t proc, NoticeList& notices, Wakes& wa
   fill_locked(to_ns(Clock::now()), notices, wakes);
 }
 
+void HostPool::take_entry_locked(std::uint32_t i, std::int64_t now_ns, NoticeList& notices,
+                                 Wakes& wakes) {
+  Entry& e = seg()->entries[i];
+  if (mine(e) || e.process >= kMaxProcesses) {
+    // This process's own waiter is told at once, and its entry freed.
+    decide_locked(i, Outcome::kLowerPriority, now_ns, notices, wakes);
+    if (e.state != as_u32(EntryState::kFree)) {  // out of range: dropped by the rebuild
+      seg()->header.needs_rebuild = 1;
+    }
+    return;
+  }
+  // Another process's waiter: a decided entry would stay that process's
+  // until its background thread takes it, so the entry is freed now
+  // instead, and that thread, woken, finds its waiter's entry no longer its
+  // own and tells it kLowerPriority (deliver(), tell_taken_locked()).
+  host::Header& h = seg()->header;
+  host::unlink(*seg(), host::queue_of(*seg(), e), i);
+  --h.waiting;
+  --seg()->processes[e.process].waiting;
+  const std::uint32_t owner = e.process;
+  free_entry_locked(i);
+  if (wakes.overflow) return;
+  for (std::uint32_t k = 0; k < wakes.count; ++k) {
+    if (wakes.procs[k] == owner) return;
+  }
+  if (wakes.count == wakes.procs.size()) {
+    wakes.overflow = true;
+  } else {
+    wakes.procs[wakes.count++] = owner;
+  }
+}
+
+void HostPool::tell_taken_locked(std::uint32_t i, NoticeList& notices) {
+  WaiterNode* node = nodes_[i];
+  nodes_[i] = nullptr;
+  --nodes_count_;
+  node->state_ = NodeState::kRejected;
+  node->outcome_ = Outcome::kLowerPriority;
+  note_rejection_locked(Outcome::kLowerPriority, node->priority_);
+  node->completing_.store(true, std::memory_order_relaxed);  // published by mu_
+  notices.push(node);
+}
+
 Outcome HostPool::refuse_locked(WaiterNode& node, Outcome reason) {
   note_rejection_locked(reason, node.priority_);
   node.state_ = NodeState::kRejected;
@@ -764,14 +846,15 @@ bool HostPool::queue_full_for(Priority priority) noexcept {
   try {
     SegmentLock lock(*seg());
     const host::Header& h = seg()->header;
-    // As enqueue(): no entry left in the waiter table turns anyone away.
-    if (h.free_head == kNone) return true;
+    const std::size_t own = priority_index(priority);
+    const int lowest = host::lowest_waiting_class(*seg());
+    // As enqueue(): no entry left in the waiter table turns away a request
+    // with no waiter of a lower class to push out.
+    if (h.free_head == kNone) return lowest < 0 || own <= static_cast<std::size_t>(lowest);
     const std::int64_t max_waiting = cfg().max_waiting;
     if (max_waiting < 0 || h.waiting < max_waiting) return false;
     // Full, and no waiter to push out for this request: none of a lower
     // class or, newest first, of its own (as Resource::refuse_try()).
-    const std::size_t own = priority_index(priority);
-    const int lowest = host::lowest_waiting_class(*seg());
     if (h.waiting > 0 && lowest >= 0 && own > static_cast<std::size_t>(lowest)) return false;
     const auto discipline = static_cast<QueueDiscipline>(cfg().queue);
     const bool newest_first =
@@ -816,7 +899,7 @@ bool HostPool::try_grant(bool& measure, Priority priority) noexcept {
     if (!may_grant_at_once_locked(priority_index(priority))) return false;
     grant_at_once_locked(priority);
     // Every hold is timed: the clock read is small next to the shared lock.
-    measure = kStatistics || algorithm_locked() != nullptr;
+    measure = timed_locked();
     return true;
   } catch (...) {
     mark_unavailable();
@@ -824,7 +907,7 @@ bool HostPool::try_grant(bool& measure, Priority priority) noexcept {
   }
 }
 
-Outcome HostPool::enqueue(WaiterNode& node, NoticeList& notices) {
+Outcome HostPool::enqueue(WaiterNode& node, NoticeList& notices, bool early_reject) {
   const auto now = Clock::now();
   const std::int64_t now_ns = to_ns(now);
   std::lock_guard lock(mu_);
@@ -840,18 +923,68 @@ Outcome HostPool::enqueue(WaiterNode& node, NoticeList& notices) {
     if (may_grant_at_once_locked(priority_index(node.priority_))) {
       grant_at_once_locked(node.priority_);
       node.granted_at_ = {};  // granted at once: the hold starts now
-      node.measure_ = kStatistics || algorithm_locked() != nullptr;
+      node.measure_ = timed_locked();
       node.state_ = NodeState::kGranted;
       node.outcome_ = Outcome::kGranted;
       return Outcome::kGranted;
     }
     shed_locked(now_ns, notices, locked.wakes, priority_index(node.priority_));
-    // No entry left in the waiter table: pushing a waiter out would not
-    // free one (a decided entry stays its process's until that process
-    // takes it), so the newcomer is turned away and nobody pushed out.
-    if (h.free_head == kNone) return refuse_locked(node, Outcome::kQueueFull);
-    const std::int64_t max_waiting = cfg().max_waiting;
+    const std::optional<double> service = host::service_estimate(h);
+    if (early_reject && service && *service > 0.0 && node.deadline_ != Clock::time_point::max()) {
+      // As a process-scoped resource predicts, from the waiters ahead in the
+      // grant order and the estimate of service time, both machine-wide.
+      const auto discipline = static_cast<QueueDiscipline>(cfg().queue);
+      const bool newest_first =
+          discipline == QueueDiscipline::kLifo ||
+          (discipline == QueueDiscipline::kAdaptive && standing_locked(now_ns));
+      const double patience =
+          node.deadline_ <= now ? 0.0 : std::chrono::duration<double>(node.deadline_ - now).count();
+      // The waiters of the classes above are served by every slot; those of
+      // its own class by the slots the class may use: the limit less the
+      // reserves above it (scaled as class_may_take() does). So each of its
+      // own class counts limit / those slots turns.
+      const std::size_t cls = priority_index(node.priority_);
+      const std::int64_t lim = limit();
+      double own_weight = 1.0;
+      if (host::has_reserve(cfg())) {
+        std::int64_t reserved_above = 0;
+        for (std::size_t c = cls + 1; c < kPriorityCount; ++c) {
+          reserved_above += std::max<std::int64_t>(cfg().reserve[c], 0);
+        }
+        const std::int64_t slots = std::max<std::int64_t>(
+            1, lim - host::scaled_reserve(reserved_above, lim, std::max<std::int64_t>(
+                                                                   cfg().capacity, 1)));
+        own_weight = static_cast<double>(lim) / static_cast<double>(slots);
+      }
+      // Predicted to time out from `enough` turns ahead on (a turn: one
+      // slot's worth of the limit).
+      const double turns = patience * static_cast<double>(lim) / *service;
+      const double enough = std::min(turns, static_cast<double>(kMaxWaiters) * own_weight) +
+                            1e-9;
+      if (static_cast<double>(h.waiting) * own_weight >= enough) {
+        const double ahead = waiters_ahead_locked(cls, newest_first, own_weight, enough);
+        if (ahead > 0.0 && ahead / static_cast<double>(lim) * *service > patience) {
+          return refuse_locked(node, Outcome::kPredictedTimeout);
+        }
+      }
+    }
     const std::size_t own = priority_index(node.priority_);
+    if (h.free_head == kNone) {
+      // No entry left in the waiter table: the newest waiter of the lowest
+      // class below the newcomer gives its entry up, in whichever process
+      // (see take_entry_locked()); without one, the newcomer is turned away.
+      const int below = host::lowest_waiting_class(*seg());
+      if (below < 0 || own <= static_cast<std::size_t>(below)) {
+        return refuse_locked(node, Outcome::kQueueFull);
+      }
+      const std::uint32_t victim = h.queues[static_cast<std::size_t>(below)].tail;
+      if (victim >= kMaxWaiters || seg()->entries[victim].state != as_u32(EntryState::kQueued)) {
+        h.needs_rebuild = 1;
+        return refuse_locked(node, Outcome::kQueueFull);
+      }
+      take_entry_locked(victim, now_ns, notices, locked.wakes);
+    }
+    const std::int64_t max_waiting = cfg().max_waiting;
     const int lowest = host::lowest_waiting_class(*seg());
     if (max_waiting >= 0 && h.waiting >= max_waiting && lowest >= 0 &&
         own > static_cast<std::size_t>(lowest)) {
@@ -892,7 +1025,13 @@ Outcome HostPool::enqueue(WaiterNode& node, NoticeList& notices) {
     host::push_back(*seg(), h.queues[own], i);
     ++h.waiting;
     ++me().waiting;
+    if (nodes_[i] != nullptr) {
+      // A waiter of this process whose entry another process took (and
+      // has given back since): told now, before its place is reused.
+      tell_taken_locked(i, notices);
+    }
     nodes_[i] = &node;
+    ++nodes_count_;
     node.host_entry_ = i;
     node.enqueued_at_ = now;
     node.state_ = NodeState::kQueued;
@@ -929,7 +1068,13 @@ NodeState HostPool::abandon(WaiterNode& node, Outcome reason) {
     Locked locked(*this);
     Entry& e = seg()->entries[i];
     if (!mine(e)) {
+      // Pushed out for a higher class by another process (take_entry_locked()),
+      // not told yet: that is why it stopped waiting, as deliver() would have
+      // told it (an entry dropped by a rebuild from a damaged state is told
+      // the same there).
+      reason = Outcome::kLowerPriority;
       nodes_[i] = nullptr;
+      --nodes_count_;
       return lost();
     }
     NoticeList unused;  // settling our own entry notifies nobody
@@ -939,6 +1084,7 @@ NodeState HostPool::abandon(WaiterNode& node, Outcome reason) {
       --h.waiting;
       --me().waiting;
       nodes_[i] = nullptr;
+      --nodes_count_;
       free_entry_locked(i);
       return lost();
     }
@@ -950,6 +1096,7 @@ NodeState HostPool::abandon(WaiterNode& node, Outcome reason) {
       return node.state_;
     }
     nodes_[i] = nullptr;
+    --nodes_count_;
     return lost();
   } catch (const host::Unavailable&) {
     // The shared queue cannot be reached now: the node stops waiting, and
@@ -957,6 +1104,7 @@ NodeState HostPool::abandon(WaiterNode& node, Outcome reason) {
     // a slot granted meanwhile) once the lock is back.
     mark_unavailable();
     nodes_[i] = nullptr;
+    --nodes_count_;
     orphans_.push_back(i);
     return lost();
   }
@@ -1010,6 +1158,10 @@ void HostPool::release(bool measured, Clock::time_point granted_at, Clock::time_
     const std::int64_t in_flight = seg()->header.in_use;  // host-wide, this one included
     const std::size_t freed = count_out_of(me(), priority_index(priority));
     --me().held;
+    // Every process's timed holds make the one estimate of service time.
+    if (measured && completion != Completion::kIgnored) {
+      host::add_service(seg()->header, std::chrono::duration<double>(now - granted_at).count());
+    }
     // The sample's time is read under the lock, so that samples reach the
     // shared window in time order whichever process gives them.
     const Clock::time_point end = Clock::now();
@@ -1120,6 +1272,7 @@ ResourceStatistics HostPool::statistics() {
         }
         s.classes[c].waiting = n;
       }
+      s.service_seconds = host::service_estimate(h);
     } catch (const host::Unavailable&) {
     }
   }
@@ -1202,6 +1355,14 @@ void HostPool::deliver() {
         if (WaiterNode* node = settle_own_locked(i, notices, locked.wakes)) {
           node->completing_.store(true, std::memory_order_relaxed);  // published by mu_
           notices.push(node);
+        }
+      }
+      // Every decided entry taken, so each waiter left should have a
+      // queued entry: more waiters than that means entries were taken by
+      // higher-class newcomers of other processes (take_entry_locked()).
+      if (nodes_count_ > me().waiting) {
+        for (std::uint32_t i = 0; i < kMaxWaiters; ++i) {
+          if (nodes_[i] != nullptr && !mine(seg()->entries[i])) tell_taken_locked(i, notices);
         }
       }
     } catch (const host::Unavailable&) {

@@ -51,7 +51,11 @@ class HostPool {
   // `priority`: the request's class (reserves; counted per class).
   bool try_grant(bool& measure, Priority priority) noexcept;
   // Outcome::kUnavailable when the shared state cannot be reached in time.
-  Outcome enqueue(WaiterNode& node, NoticeList& notices);
+  // With `early_reject` (ResourceOptions::early_reject), a request that
+  // would wait is refused with kPredictedTimeout when the waiters ahead of
+  // it machine-wide / the limit x this process's service estimate exceed
+  // the time to its deadline.
+  Outcome enqueue(WaiterNode& node, NoticeList& notices, bool early_reject = false);
   WaiterNode::State abandon(WaiterNode& node, Outcome reason);
   // `priority`: the class of the request (of the slot, for revert_grant()
   // and release()), for the per-class counts and the reserves.
@@ -176,9 +180,27 @@ class HostPool {
   std::uint32_t pick_locked(std::int64_t now_ns, NoticeList& notices, Wakes& wakes);
   void reclaim_locked(std::uint32_t proc, NoticeList& notices, Wakes& wakes);
   void catch_up_locked(NoticeList& notices, Wakes& wakes);
+  // Waiters ahead of a newcomer of class `own` in the grant order,
+  // machine-wide: every waiter of the classes above, and of its own unless
+  // served newest first, each of its own class counted `own_weight` times
+  // (the limit over the slots the class may use, with reserves above it).
+  // Counts no further than `enough`.
+  double waiters_ahead_locked(std::size_t own, bool newest_first, double own_weight,
+                              double enough);
+  // Whether holds are timed (see measure_).
+  bool timed_locked();
   void note_grant_locked(double waited, Priority priority);
   void note_rejection_locked(Outcome reason, Priority priority);
   Outcome refuse_locked(WaiterNode& node, Outcome reason);
+  // The waiter table is full: queued entry `i` (the newest of the lowest
+  // class below a newcomer) is freed for the newcomer. This process's
+  // waiter is told kLowerPriority at once; another process's is unlinked
+  // and its process woken, whose deliver() tells it (tell_taken_locked()).
+  void take_entry_locked(std::uint32_t i, std::int64_t now_ns, NoticeList& notices,
+                         Wakes& wakes);
+  // Tells the local node of entry `i`, which another process took, that it
+  // was pushed out (kLowerPriority).
+  void tell_taken_locked(std::uint32_t i, NoticeList& notices);
 
   // Background thread: takes this process's decided entries, applies what
   // could not be applied at once, sweeps dead processes every 200 ms.
@@ -208,8 +230,11 @@ class HostPool {
   std::uint64_t incarnation_ = 0;
   std::uint64_t generation_ = 0;         // fork generation it was registered in
   std::uint64_t thread_generation_ = 0;  // fork generation of its running thread
-  // The local node of each of this process's entries; guarded by mu_.
+  // The local node of each of this process's entries, and how many are
+  // set; guarded by mu_. An entry another process took (take_entry_locked())
+  // keeps its node here until deliver() or enqueue() tells it.
   std::vector<WaiterNode*> nodes_;
+  std::int64_t nodes_count_ = 0;
   // Guarded by mu_: slots this process holds in the attached segment;
   // releases and abandoned entries not yet applied for want of the lock.
   std::int64_t held_local_ = 0;
@@ -223,6 +248,10 @@ class HostPool {
   std::atomic<std::int64_t> in_use_snapshot_{0};
   std::atomic<std::int64_t> waiting_snapshot_{0};
   ResourceStatistics stats_;  // this process's counters; guarded by mu_
+  // Guarded by mu_: whether a Resource of this name in this process
+  // rejects early (every hold is then timed). The estimate of service time
+  // is the segment's (Header::service_seconds), fed by every process.
+  bool early_reject_ = false;
 };
 
 }  // namespace concurrency_limiter::detail

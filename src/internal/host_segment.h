@@ -48,6 +48,7 @@
 #include <array>
 #include <atomic>
 #include <chrono>
+#include <cmath>
 #include <cstddef>
 #include <cstdint>
 #include <optional>
@@ -58,6 +59,7 @@
 
 #include "concurrency_limiter/limit.h"
 #include "concurrency_limiter/priority.h"
+#include "concurrency_limiter/service_estimate.h"
 
 namespace concurrency_limiter::detail::host {
 
@@ -70,7 +72,8 @@ inline constexpr std::uint64_t kMagic = 0x3130545348434c46ull;  // "FLCHST01"
 // 8: Outcome::kPredictedTimeout, the same again; 9: Outcome::kLowerPriority,
 // the same again; 10: the limit algorithms' windows and descent steps keep
 // how much latencies vary; 11: priority classes (each entry's class, one
-// queue per class); 12: reserves, slots held per class.
+// queue per class); 12: reserves, slots held per class, the service
+// estimate shared by the processes.
 inline constexpr std::uint32_t kVersion = 12;
 // Processes that may use one host resource at the same time.
 inline constexpr std::uint32_t kMaxProcesses = 256;
@@ -193,6 +196,13 @@ struct Header {
   // entry), indexed by priority_index() (derived); kCritical's entry is
   // unused: its slots are in_use less the others'.
   std::int64_t class_in_use[kPriorityCount];
+  // The moving estimate of service time, in seconds (ServiceTimeEstimate's
+  // rule), of the timed holds of every process; meaningful only while
+  // service_known is 1 (0: no hold yet). Read through service_estimate(),
+  // which brings a damaged value into range.
+  double service_seconds;
+  std::uint32_t service_known;
+  std::uint32_t reserved4;
   std::int64_t peak_in_use;
   std::uint64_t next_ticket;
   std::uint64_t next_incarnation;
@@ -389,6 +399,23 @@ inline int lowest_waiting_class(const Segment& s) noexcept {
     if (s.header.queues[c].head != kNone) return static_cast<int>(c);
   }
   return -1;
+}
+
+// The shared estimate of service time (Header::service_seconds), nullopt
+// before the first hold or when the stored value is out of range (then
+// add_service() starts it again). Requires the mutex.
+inline std::optional<double> service_estimate(const Header& h) noexcept {
+  const double v = h.service_seconds;
+  if (h.service_known != 1 || !std::isfinite(v) || v < 0.0) return std::nullopt;
+  return v;
+}
+// Adds one timed hold of `seconds` to the shared estimate, as
+// ServiceTimeEstimate::add() does. Requires the mutex.
+inline void add_service(Header& h, double seconds) noexcept {
+  if (!(seconds >= 0.0) || !std::isfinite(seconds)) seconds = 0.0;
+  const std::optional<double> v = service_estimate(h);
+  h.service_seconds = v ? *v + ServiceTimeEstimate::kWeight * (seconds - *v) : seconds;
+  h.service_known = 1;
 }
 
 // Reserves (Config::reserve): whether any class has one.

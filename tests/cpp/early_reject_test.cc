@@ -58,17 +58,10 @@ struct Backlog {
   std::vector<std::unique_ptr<Acquisition>> waiters;
 };
 
-TEST(EarlyReject, OffByDefaultAndRefusedWhereUnsupported) {
+TEST(EarlyReject, OffByDefaultAndRefusedWithPerKey) {
   EXPECT_FALSE(Resource::create("r", 1)->early_reject());
   EXPECT_TRUE(early(QueueDiscipline::kFifo)->early_reject());
-  try {
-    Resource::create(ResourceOptions{
-        .name = "early-host", .capacity = 1, .scope = Scope::kHost, .early_reject = true});
-    FAIL() << "host scope accepted early_reject";
-  } catch (const std::invalid_argument& e) {
-    EXPECT_NE(std::string(e.what()).find("early_reject"), std::string::npos) << e.what();
-    EXPECT_NE(std::string(e.what()).find("host"), std::string::npos) << e.what();
-  }
+  // Host scope supports it (host_resource_test.cc, HostEarlyReject).
   EXPECT_THROW(Resource::create(ResourceOptions{
                    .name = "k", .capacity = 2, .per_key = 1, .early_reject = true}),
                std::invalid_argument);

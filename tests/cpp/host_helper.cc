@@ -37,6 +37,9 @@
 //       the holders of each class too (see count_holder())
 //   host_helper phold NAME CAPACITY QUEUE N CLASS HOLD_MS    as hold, with
 //       requests of priority class CLASS
+//   host_helper pqueue NAME CAPACITY QUEUE N CLASS    queues N requests of
+//       priority class CLASS without a deadline, prints "queued", lives
+//       until killed
 //   host_helper dieupdate NAME CAPACITY QUEUE    takes the shared lock and
 //       damages the limit algorithm's uncommitted state as a crash in the
 //       middle of an update would; prints "locked", never gives it back
@@ -347,6 +350,20 @@ int main(int argc, char** argv) {
     }
     say_limit(*r);
     return 0;
+  }
+  if (mode == "pqueue" && argc >= 7) {
+    const auto set = std::make_shared<const cl::ResourceSet>(
+        std::vector<std::shared_ptr<cl::Resource>>{r});
+    static std::vector<std::unique_ptr<cl::Acquisition>> queued;  // never destroyed
+    for (int i = 0; i < std::atoi(argv[5]); ++i) {
+      queued.push_back(std::make_unique<cl::Acquisition>(set, std::nullopt, priority_of(argv[6])));
+      if (queued.back()->start([](cl::Outcome) {}) != cl::Outcome::kPending) {
+        say("not queued");
+        return 1;
+      }
+    }
+    say("queued");
+    hold_for(-1);
   }
   if (mode == "dieupdate") {
     cl::Permit p = r->try_acquire();  // registers this process

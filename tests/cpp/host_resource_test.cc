@@ -11,6 +11,7 @@
 #include <gtest/gtest.h>
 
 #include <array>
+#include <atomic>
 #include <chrono>
 #include <cstddef>
 #include <cstdio>
@@ -18,6 +19,8 @@
 #include <fstream>
 #include <map>
 #include <memory>
+#include <mutex>
+#include <optional>
 #include <random>
 #include <stop_token>
 #include <sstream>
@@ -1216,13 +1219,14 @@ TEST(HostPriority, ChurnWithRandomClassesAcrossProcessesAndThreads) {
   std::printf("waiters pushed out for a higher class here: %d\n", pushed_out.load());
 }
 
-// A newcomer of a higher class arriving at a full queue
-// (max_waiting) whose waiter table (kMaxWaiters entries, machine-wide) is
-// also full pushes the newest lower-class waiter of another process out
-// (kLowerPriority) and is then refused itself (kQueueFull, the table is
-// still full: the victim's entry waits in its process's decided list).
-// Both requests lose; nobody took the freed place.
-TEST(HostPriority, ANewcomerRefusedByAFullWaiterTablePushesNobodyOut) {
+// The machine-wide waiter table (kMaxWaiters entries) full of sheddable
+// waiters of this process: a critical newcomer of another process takes the
+// place of the newest of them, which is told kLowerPriority here (by this
+// process's background thread), and waits; a sheddable newcomer is turned
+// away (kQueueFull), as a try of that class is; a critical_plus newcomer of
+// this process pushes out the next newest the same way. Then the grants go
+// by class.
+TEST(HostPriority, AFullWaiterTableMakesRoomForAHigherClassInAnyProcess) {
   const std::string name = unique_name("prio-table");
   Cleanup cleanup{name};
   constexpr std::int64_t kTable = detail::host::kMaxWaiters;
@@ -1231,33 +1235,57 @@ TEST(HostPriority, ANewcomerRefusedByAFullWaiterTablePushesNobodyOut) {
   ASSERT_TRUE(held);
   const auto set =
       std::make_shared<const ResourceSet>(std::vector<std::shared_ptr<Resource>>{db});
-  // kMaxWaiters sheddable waiters in this process, without threads.
-  auto pushed_out = std::make_shared<std::atomic<int>>(0);
+  // kMaxWaiters sheddable waiters in this process, without threads; the
+  // index of each one pushed out, in order.
+  struct PushedOut {
+    std::mutex mu;
+    std::vector<std::int64_t> which;
+  };
+  auto pushed_out = std::make_shared<PushedOut>();
+  const auto count = [&] {
+    std::lock_guard lock(pushed_out->mu);
+    return pushed_out->which.size();
+  };
   std::vector<std::unique_ptr<Acquisition>> waiters;
   for (std::int64_t k = 0; k < kTable; ++k) {
     waiters.push_back(std::make_unique<Acquisition>(set, std::nullopt, Priority::kSheddable));
-    ASSERT_EQ(waiters.back()->start([pushed_out](Outcome o) {
-      if (o == Outcome::kLowerPriority) pushed_out->fetch_add(1);
+    ASSERT_EQ(waiters.back()->start([pushed_out, k](Outcome o) {
+      if (o != Outcome::kLowerPriority) return;
+      std::lock_guard lock(pushed_out->mu);
+      pushed_out->which.push_back(k);
     }),
               Outcome::kPending);
   }
   ASSERT_EQ(db->waiting(), kTable);
-  // A critical newcomer in another process.
-  Child newcomer({"pwait", name, "1", "fifo", std::to_string(kTable), "critical", "2000", "0"});
-  const std::string got = newcomer.line();
-  std::this_thread::sleep_for(300ms);  // the background thread delivers
-  if (got == "queued") {
-    EXPECT_EQ(pushed_out->load(), 1);  // it took the newest sheddable's place
-  } else {
-    EXPECT_EQ(got, "rejected queue_full");
-    EXPECT_EQ(pushed_out->load(), 0)
-        << "the newcomer was refused, yet a sheddable waiter was pushed out for it";
-    EXPECT_EQ(db->waiting(), kTable);
-  }
+  Child newcomer({"pwait", name, "1", "fifo", std::to_string(kTable), "critical", "20000", "0"});
+  ASSERT_EQ(newcomer.line(), "queued");
+  ASSERT_TRUE(eventually([&] { return count() == 1; }));
+  EXPECT_EQ(pushed_out->which[0], kTable - 1);  // the newest
+  EXPECT_EQ(db->waiting(), kTable);
+  Child late({"pwait", name, "1", "fifo", std::to_string(kTable), "sheddable", "20000", "0"});
+  EXPECT_EQ(late.line(), "rejected queue_full");
+  EXPECT_EQ(Acquisition(set, std::nullopt, Priority::kSheddable).try_once(),
+            Outcome::kQueueFull);
+  EXPECT_EQ(Acquisition(set, std::nullopt, Priority::kCriticalPlus).try_once(),
+            Outcome::kTimeout);  // it would have waited
+  auto plus_outcome = std::make_shared<std::atomic<int>>(-1);
+  Acquisition plus(set, std::nullopt, Priority::kCriticalPlus);
+  EXPECT_EQ(plus.start([plus_outcome](Outcome o) { plus_outcome->store(static_cast<int>(o)); }),
+            Outcome::kPending);
+  ASSERT_EQ(count(), 2u);  // told at once: it waited in this process
+  EXPECT_EQ(pushed_out->which[1], kTable - 2);
+  EXPECT_EQ(db->waiting(), kTable);
   for (auto& w : waiters) w->cancel();
-  newcomer.join();
+  EXPECT_EQ(db->waiting(), 2);
   held.release();
+  EXPECT_EQ(plus_outcome->load(), static_cast<int>(Outcome::kGranted));
+  plus.release();
+  EXPECT_EQ(newcomer.line().rfind("granted ", 0), 0u);
+  newcomer.join();
+  late.join();
+  EXPECT_EQ(count(), 2u);
   EXPECT_TRUE(eventually([&] { return db->in_use() == 0 && db->waiting() == 0; }));
+  expect_invariant(name);
 }
 
 // A try (zero timeout) on a host resource with max_waiting=0
@@ -1685,5 +1713,236 @@ TEST(HostReserve, ChurnWithRandomClassesAndReservesAcrossProcessesAndThreads) {
               static_cast<long long>(counter.peak_up_to(Priority::kCritical)));
 }
 
+// Early rejection on host scope: a holder in one process, 100 sheddable
+// waiters (no deadline) in another, and this process's own service
+// estimate, at least 100 ms (one hold). A sheddable newcomer with 1 s left
+// is predicted to wait >= 100 / 1 x 0.1 s = 10 s: refused at arrival
+// (kPredictedTimeout, not queued). A critical_plus newcomer with the same
+// second is not: no waiter of its class or above is ahead of it. A
+// sheddable one with a minute waits, and is granted once the others are
+// gone.
+TEST(HostEarlyReject, RefusesAtArrivalFromTheWaitersOfEveryProcess) {
+  const std::string name = unique_name("early");
+  Cleanup cleanup{name};
+  auto db = std::make_shared<Resource>(ResourceOptions{
+      .name = name, .capacity = 1, .scope = Scope::kHost, .early_reject = true});
+  EXPECT_TRUE(db->early_reject());
+  EXPECT_FALSE(db->statistics().service_seconds.has_value());  // no hold yet
+  {
+    Permit p = db->try_acquire();
+    ASSERT_TRUE(p);
+    std::this_thread::sleep_for(100ms);
+  }
+  const std::optional<double> estimate = db->statistics().service_seconds;
+  ASSERT_TRUE(estimate.has_value());
+  EXPECT_GE(*estimate, 0.1);
+  Child holder({"hold", name, "1", "fifo", "1", "-1"});
+  ASSERT_EQ(holder.line(), "ready");
+  Child queue({"pqueue", name, "1", "fifo", "100", "sheddable"});
+  ASSERT_EQ(queue.line(), "queued");
+  ASSERT_EQ(db->waiting(), 100);
+  const auto set =
+      std::make_shared<const ResourceSet>(std::vector<std::shared_ptr<Resource>>{db});
+  const auto ignore = [](Outcome) {};
+  Acquisition hasty(set, std::nullopt, Priority::kSheddable);
+  EXPECT_EQ(hasty.start(ignore, Clock::now() + 1s), Outcome::kPredictedTimeout);
+  EXPECT_EQ(db->waiting(), 100);
+  Acquisition plus(set, std::nullopt, Priority::kCriticalPlus);
+  EXPECT_EQ(plus.start(ignore, Clock::now() + 1s), Outcome::kPending);
+  plus.cancel();
+  auto outcome = std::make_shared<std::atomic<int>>(-1);
+  Acquisition patient(set, std::nullopt, Priority::kSheddable);
+  EXPECT_EQ(patient.start([outcome](Outcome o) { outcome->store(static_cast<int>(o)); },
+                          Clock::now() + 60s),
+            Outcome::kPending);
+  queue.kill();
+  holder.kill();  // their waits and slot are reclaimed: the patient one is next
+  EXPECT_TRUE(eventually([&] { return outcome->load() >= 0; }));
+  EXPECT_EQ(outcome->load(), static_cast<int>(Outcome::kGranted));
+  patient.release();
+  const ResourceStatistics s = db->statistics();
+  EXPECT_EQ(s.rejected_total[rejection_index(Outcome::kPredictedTimeout)], 1u);
+  EXPECT_TRUE(eventually([&] { return db->in_use() == 0 && db->waiting() == 0; }));
+}
+
 }  // namespace
+// With reserves, early rejection counts the waiters of the newcomer's own
+// class over the slots that class may use, as a Resource does: capacity 2,
+// one slot kept for critical_plus, so 40 sheddable waiters ahead take 40
+// turns of the one slot sheddable requests may use (not 20 of the two). A
+// sheddable newcomer whose time left is 0.75x that prediction is refused at
+// once; one with 1.25x waits.
+TEST(HostEarlyReject, CountsItsOwnClassOverTheSlotsTheReservesLeaveIt) {
+  const std::string name = unique_name("early_reserve");
+  Cleanup cleanup{name};
+  auto db = std::make_shared<Resource>(ResourceOptions{.name = name,
+                                                       .capacity = 2,
+                                                       .scope = Scope::kHost,
+                                                       .early_reject = true,
+                                                       .reserve = {0, 0, 0, 1}});
+  {
+    Permit p = db->try_acquire();
+    ASSERT_TRUE(p);
+    std::this_thread::sleep_for(100ms);
+  }
+  Child holder({"phold", name, "2", "fifo+r0,0,0,1", "2", "critical_plus", "-1"});
+  ASSERT_EQ(holder.line(), "ready");
+  Child queue({"pqueue", name, "2", "fifo+r0,0,0,1", "40", "sheddable"});
+  ASSERT_EQ(queue.line(), "queued");
+  ASSERT_EQ(db->waiting(), 40);
+  const std::optional<double> estimate = db->statistics().service_seconds;
+  ASSERT_TRUE(estimate.has_value());
+  const double predicted = 40.0 * *estimate;  // 40 turns of the one slot
+  const auto set =
+      std::make_shared<const ResourceSet>(std::vector<std::shared_ptr<Resource>>{db});
+  const auto ignore = [](Outcome) {};
+  const auto in = [](double s) {
+    return Clock::now() + std::chrono::duration_cast<Clock::duration>(
+                              std::chrono::duration<double>(s));
+  };
+  Acquisition hasty(set, std::nullopt, Priority::kSheddable);
+  EXPECT_EQ(hasty.start(ignore, in(0.75 * predicted)), Outcome::kPredictedTimeout);
+  Acquisition patient(set, std::nullopt, Priority::kSheddable);
+  EXPECT_EQ(patient.start(ignore, in(1.25 * predicted)), Outcome::kPending);
+  patient.cancel();
+  EXPECT_EQ(db->waiting(), 40);
+  queue.kill();
+  holder.kill();
+  EXPECT_TRUE(eventually([&] { return db->in_use() == 0 && db->waiting() == 0; }));
+}
+
+// The estimate of service time is the machine's, fed by the holds of every
+// process: a worker whose one hold was slow (a cold start: 1 s) learns from
+// the quick holds of the others (40 of about 0 s) and does not go on
+// predicting a wait of 3 x 1 s behind three waiters; a process that only
+// counted its own holds would refuse every request for good, never holding
+// again to learn otherwise.
+TEST(HostEarlyReject, TheEstimateLearnsFromTheHoldsOfEveryProcess) {
+  const std::string name = unique_name("early_shared");
+  Cleanup cleanup{name};
+  auto db = std::make_shared<Resource>(ResourceOptions{
+      .name = name, .capacity = 1, .scope = Scope::kHost, .early_reject = true});
+  {
+    Permit p = db->try_acquire();
+    ASSERT_TRUE(p);
+    std::this_thread::sleep_for(1s);
+  }
+  ASSERT_GE(db->statistics().service_seconds.value_or(0.0), 1.0);
+  Child quick({"drop", name, "1", "fifo", "40"});  // 40 holds of about 0 s
+  EXPECT_EQ(quick.line().rfind("limit ", 0), 0u);
+  quick.join();
+  const std::optional<double> estimate = db->statistics().service_seconds;
+  ASSERT_TRUE(estimate.has_value());
+  EXPECT_LT(*estimate, 0.2);  // (15/16)^40 of 1 s, and 40 quick holds
+  Child holder({"hold", name, "1", "fifo", "1", "-1"});
+  ASSERT_EQ(holder.line(), "ready");
+  Child queue({"pqueue", name, "1", "fifo", "3", "critical"});
+  ASSERT_EQ(queue.line(), "queued");
+  const auto set =
+      std::make_shared<const ResourceSet>(std::vector<std::shared_ptr<Resource>>{db});
+  Acquisition mine(set);
+  EXPECT_EQ(mine.start([](Outcome) {}, Clock::now() + 1s), Outcome::kPending);
+  mine.cancel();
+  queue.kill();
+  holder.kill();
+  EXPECT_TRUE(eventually([&] { return db->in_use() == 0 && db->waiting() == 0; }));
+}
+
+// LIFO across processes: the newcomer's own class is not ahead of it, the
+// classes above are.
+TEST(HostEarlyReject, LifoCountsNoWaiterOfItsOwnClass) {
+  const std::string name = unique_name("early-lifo");
+  Cleanup cleanup{name};
+  auto db = std::make_shared<Resource>(ResourceOptions{.name = name,
+                                                       .capacity = 1,
+                                                       .queue = QueueDiscipline::kLifo,
+                                                       .scope = Scope::kHost,
+                                                       .early_reject = true});
+  {
+    Permit p = db->try_acquire();
+    ASSERT_TRUE(p);
+    std::this_thread::sleep_for(100ms);
+  }
+  Child holder({"hold", name, "1", "lifo", "1", "-1"});
+  ASSERT_EQ(holder.line(), "ready");
+  Child queue({"pqueue", name, "1", "lifo", "100", "sheddable"});
+  ASSERT_EQ(queue.line(), "queued");
+  Child high({"pqueue", name, "1", "lifo", "30", "critical"});
+  ASSERT_EQ(high.line(), "queued");
+  const auto set =
+      std::make_shared<const ResourceSet>(std::vector<std::shared_ptr<Resource>>{db});
+  const auto ignore = [](Outcome) {};
+  Acquisition same(set, std::nullopt, Priority::kSheddable);  // 30 ahead: 3 s > 1 s
+  EXPECT_EQ(same.start(ignore, Clock::now() + 1s), Outcome::kPredictedTimeout);
+  Acquisition crit(set, std::nullopt, Priority::kCritical);  // nobody ahead in LIFO
+  EXPECT_EQ(crit.start(ignore, Clock::now() + 1s), Outcome::kPending);
+  crit.cancel();
+  Acquisition patient(set, std::nullopt, Priority::kSheddable);  // 30 x 0.1 = 3 s < 5 s
+  EXPECT_EQ(patient.start(ignore, Clock::now() + 5s), Outcome::kPending);
+  patient.cancel();
+  queue.kill();
+  high.kill();
+  holder.kill();
+  EXPECT_TRUE(eventually([&] { return db->in_use() == 0 && db->waiting() == 0; }));
+}
+
+// acquisition.h: cancel() of a waiter the queue "had just shed or pushed
+// out" gives its callback "that reason (kShed, kQueueFull,
+// kLowerPriority)". So also for a waiter whose entry of the full waiter
+// table a higher-class newcomer of another process took, cancelled (or
+// timed out) before this process's background thread told it. The
+// background thread is kept busy here by a granted waiter's callback, as a
+// slow callback or a loaded worker would.
+TEST(HostPriority, AWaiterPushedOutOfAFullTableByAnotherProcessThenCancelledSaysLowerPriority) {
+  const std::string name = unique_name("table-cancel");
+  Cleanup cleanup{name};
+  constexpr std::int64_t kTable = detail::host::kMaxWaiters;
+  auto db = host_resource(name, 1);
+  const auto set =
+      std::make_shared<const ResourceSet>(std::vector<std::shared_ptr<Resource>>{db});
+  Child holder({"hold", name, "1", "fifo", "1", "500"});
+  ASSERT_EQ(holder.line(), "ready");
+  // X: first in line; its grant's callback (on the background thread)
+  // blocks until `go`.
+  auto entered = std::make_shared<std::atomic<bool>>(false);
+  auto go = std::make_shared<std::atomic<bool>>(false);
+  Acquisition x(set, std::nullopt, Priority::kCriticalPlus);
+  ASSERT_EQ(x.start([entered, go](Outcome) {
+    entered->store(true);
+    while (!go->load()) std::this_thread::sleep_for(1ms);
+  }),
+            Outcome::kPending);
+  auto last = std::make_shared<std::vector<std::atomic<int>>>(kTable + 1);
+  std::vector<std::unique_ptr<Acquisition>> waiters;
+  const auto add_waiter = [&] {
+    const std::size_t k = waiters.size();
+    (*last)[k].store(-1);
+    waiters.push_back(std::make_unique<Acquisition>(set, std::nullopt, Priority::kSheddable));
+    return waiters.back()->start(
+        [last, k](Outcome o) { (*last)[k].store(static_cast<int>(o)); });
+  };
+  for (std::int64_t k = 0; k < kTable - 1; ++k) ASSERT_EQ(add_waiter(), Outcome::kPending);
+  ASSERT_TRUE(eventually([&] { return entered->load(); }));  // X granted: busy thread
+  ASSERT_EQ(add_waiter(), Outcome::kPending);                  // the table full again
+  Child newcomer({"pwait", name, "1", "fifo", "-1", "critical", "30000", "0"});
+  ASSERT_EQ(newcomer.line(), "queued");  // took the newest sheddable's entry
+  Acquisition& victim = *waiters.back();
+  victim.cancel();  // the client gives up: it had been pushed out already
+  const int got = (*last)[waiters.size() - 1].load();
+  go->store(true);
+  EXPECT_EQ(got, static_cast<int>(Outcome::kLowerPriority))
+      << "pushed out for a higher class, yet reported as outcome " << got << " (kCancelled is "
+      << static_cast<int>(Outcome::kCancelled) << ")";
+  x.release();
+  for (auto& w : waiters) {
+    w->cancel();
+    if (w->state() == Acquisition::State::kGranted) w->release();  // the grant won the race
+  }
+  EXPECT_EQ(newcomer.line().rfind("granted ", 0), 0u);
+  newcomer.join();
+  holder.join();
+  EXPECT_TRUE(eventually([&] { return db->in_use() == 0 && db->waiting() == 0; }));
+  expect_invariant(name);
+}
+
 }  // namespace concurrency_limiter

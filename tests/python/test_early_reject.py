@@ -4,6 +4,10 @@ at once, with reason ``predicted_timeout``, without running its handler."""
 from __future__ import annotations
 
 import asyncio
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from fastapi import FastAPI
@@ -14,6 +18,19 @@ from fastapi_concurrency_limiter import Limiter, Resource, ServerBusy
 from .conftest import eventually, held_elsewhere
 
 pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture(params=["process", "host"])
+def scope_and_name(request: pytest.FixtureRequest) -> Iterator[tuple[str, str]]:
+    """Each scope; a host resource gets a fresh name, and its shared segment
+    (which outlives the process) is removed afterwards."""
+    if request.param == "process":
+        yield "process", "db"
+        return
+    name = f"py{os.getpid()}-early-{time.monotonic_ns() % 10**9}"
+    yield "host", name
+    shm = Path(os.environ.get("FCL_HOST_DIR") or f"/dev/shm/fcl-host.{os.getuid()}") / name
+    shm.unlink(missing_ok=True)
 
 
 def _app(limiter: Limiter, db: Resource, runs: list[str]) -> FastAPI:
@@ -39,8 +56,13 @@ def _app(limiter: Limiter, db: Resource, runs: list[str]) -> FastAPI:
     return app
 
 
-async def test_predicted_timeout_is_refused_at_once_without_running(asgi_client) -> None:  # type: ignore[no-untyped-def]
-    db = Resource(1, name="db", early_reject=True)
+async def test_predicted_timeout_is_refused_at_once_without_running(  # type: ignore[no-untyped-def]
+    asgi_client, scope_and_name: tuple[str, str]
+) -> None:
+    # With scope="host" the waiters are counted machine-wide, the estimate
+    # is this process's.
+    scope, name = scope_and_name
+    db = Resource(1, name=name, scope=scope, early_reject=True)  # type: ignore[arg-type]
     limiter = Limiter(timeout=0.1, resources=[db])
     runs: list[str] = []
     async with asgi_client(_app(limiter, db, runs)) as client:
@@ -71,7 +93,5 @@ def test_early_reject_is_validated() -> None:
     assert Resource(1, early_reject=True).early_reject is True
     with pytest.raises(TypeError, match=r"early_reject must be True or False, got 1"):
         Resource(1, early_reject=1)  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match=r"early_reject is not supported with scope='host'"):
-        Resource(1, name="early-host", scope="host", early_reject=True)
     with pytest.raises(ValueError, match=r"early_reject is not supported with per_key"):
         Resource(2, per_key=1, early_reject=True)
