@@ -63,7 +63,12 @@
 //     start, opening throws and nothing stays registered.
 //   - fork(): a child registers as a new process at its first operation
 //     (so a resource created before fork, as with gunicorn --preload,
-//     works). Slots or waits the parent had at the fork stay the parent's.
+//     works). Slots or waits the parent had at the fork stay the parent's:
+//     a child that releases a permit it inherited gives back nothing, also
+//     after taking slots of its own (told apart by the hold's start, before
+//     the child registered; with CL_STATISTICS off, a resource without
+//     early rejection or an adaptive limit does not time its holds, and
+//     such a release then gives back one of the child's own slots).
 //   - The shared mutex is taken with a bound of about one second: while a
 //     process stopped or hung inside it keeps it (or if it is corrupt),
 //     requests are refused with Outcome::kUnavailable (the first within
@@ -156,8 +161,8 @@
 //     released on the machine. statistics().service_seconds is that
 //     estimate. Every hold of a process with such a Resource of the name is
 //     timed (host holds are anyway while statistics are compiled in); a
-//     process killed while updating it leaves a value that is brought into
-//     range when read (the estimate then starts again). The prediction counts
+//     damaged value that is not a finite number >= 0 is dropped when read
+//     (the estimate then starts again). The prediction counts
 //     the waiters ahead under the shared mutex a waiting request takes
 //     anyway (a walk of the queues of the classes counted, only while a
 //     lower class waits too or with reserves, and no further than the count

@@ -354,7 +354,9 @@ void HostPool::reattach_locked(NoticeList& notices) {
   fd_ = -1;
   host::Opened opened = host::open_segment(name_, config, host::Adopt::kTheirs);
   carried_ = held_local_;
+  carried_class_ = held_class_local_;
   held_local_ = 0;
+  held_class_local_ = {};
   pending_releases_ = {};  // their slots stay counted: carried over instead
   orphans_.clear();
   fd_ = opened.fd;
@@ -421,9 +423,15 @@ void HostPool::register_locked() {
     p.pid_namespace = pid_ns;
     p.incarnation = h.next_incarnation++;
     // Slots carried over from a removed segment count here until released
-    // (even above the capacity: nothing new is granted until they are).
-    p.held = carried_;  // counted as kCritical's
-    for (std::int64_t& n : p.class_held) n = 0;
+    // (even above the capacity: nothing new is granted until they are),
+    // each in its own class.
+    p.held = carried_;
+    for (std::size_t c = 0; c < kPriorityCount; ++c) {
+      p.class_held[c] = 0;
+      if (c == priority_index(Priority::kCritical)) continue;
+      p.class_held[c] = std::clamp<std::int64_t>(carried_class_[c], 0, carried_);
+      count_class(h, c, p.class_held[c]);
+    }
     h.in_use += carried_;
     h.held_bound = std::max(h.held_bound, h.in_use);
     p.waiting = 0;
@@ -432,9 +440,14 @@ void HostPool::register_locked() {
     incarnation_ = p.incarnation;
   }
   me_ = slot;
+  // A new process (or a fork child): the holds it may give back are those
+  // granted from now on (see release()).
+  if (generation_ != generation) registered_at_ = Clock::now();
   generation_ = generation;
   held_local_ = carried_;
+  held_class_local_ = carried_class_;
   carried_ = 0;
+  carried_class_ = {};
   nodes_.assign(kMaxWaiters, nullptr);
   nodes_count_ = 0;
   try {
@@ -629,6 +642,7 @@ WaiterNode* HostPool::settle_own_locked(std::uint32_t i, NoticeList& notices,
     ++me().held;  // from the granted entry to this process
     count_into(me(), cls);
     ++held_local_;
+    ++held_class_local_[cls];
   }
   if (!node) {
     // No local waiter (cannot happen unless the table was rebuilt): a
@@ -637,6 +651,7 @@ WaiterNode* HostPool::settle_own_locked(std::uint32_t i, NoticeList& notices,
       const std::size_t freed = count_out_of(me(), cls);  // before held drops
       --me().held;
       --held_local_;
+      --held_class_local_[cls];
       hand_over_locked(freed, decided_ns, notices, wakes);
     }
     return nullptr;
@@ -886,6 +901,7 @@ void HostPool::grant_at_once_locked(Priority priority) {
   ++me().held;
   count_into(me(), priority_index(priority));
   ++held_local_;
+  ++held_class_local_[priority_index(priority)];
   note_grant_locked(0.0, priority);
 }
 
@@ -947,13 +963,15 @@ Outcome HostPool::enqueue(WaiterNode& node, NoticeList& notices, bool early_reje
       const std::int64_t lim = limit();
       double own_weight = 1.0;
       if (host::has_reserve(cfg())) {
+        // Each brought into range, as class_may_take() does: the segment's
+        // values are not trusted.
+        const std::int64_t capacity = std::max<std::int64_t>(cfg().capacity, 1);
         std::int64_t reserved_above = 0;
         for (std::size_t c = cls + 1; c < kPriorityCount; ++c) {
-          reserved_above += std::max<std::int64_t>(cfg().reserve[c], 0);
+          reserved_above += std::clamp<std::int64_t>(cfg().reserve[c], 0, capacity);
         }
         const std::int64_t slots = std::max<std::int64_t>(
-            1, lim - host::scaled_reserve(reserved_above, lim, std::max<std::int64_t>(
-                                                                   cfg().capacity, 1)));
+            1, lim - host::scaled_reserve(std::min(reserved_above, capacity), lim, capacity));
         own_weight = static_cast<double>(lim) / static_cast<double>(slots);
       }
       // Predicted to time out from `enough` turns ahead on (a turn: one
@@ -1122,6 +1140,7 @@ void HostPool::revert_grant(NoticeList& notices, Priority priority) {
   if (me_ == kNone || generation_ != g_generation.load(std::memory_order_relaxed)) return;
   if (held_local_ <= 0) return;
   --held_local_;
+  if (held_class_local_[priority_index(priority)] > 0) --held_class_local_[priority_index(priority)];
   try {
     Locked locked(*this);
     if (me().held <= 0) return;
@@ -1148,10 +1167,14 @@ void HostPool::release(bool measured, Clock::time_point granted_at, Clock::time_
       stats_.hold_seconds.observe(std::chrono::duration<double>(now - granted_at).count());
     }
   }
-  // A permit inherited across fork: the slot is the parent's to give back.
+  // A permit inherited across fork: the slot is the parent's to give back,
+  // also once the child has registered and holds slots of its own (a timed
+  // hold granted before this process registered is one it inherited).
   if (me_ == kNone || generation_ != g_generation.load(std::memory_order_relaxed)) return;
+  if (measured && granted_at < registered_at_) return;
   if (held_local_ <= 0) return;
   --held_local_;
+  if (held_class_local_[priority_index(priority)] > 0) --held_class_local_[priority_index(priority)];
   try {
     Locked locked(*this);
     if (me().held <= 0) return;

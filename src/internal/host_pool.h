@@ -238,7 +238,14 @@ class HostPool {
   // Guarded by mu_: slots this process holds in the attached segment;
   // releases and abandoned entries not yet applied for want of the lock.
   std::int64_t held_local_ = 0;
-  std::int64_t carried_ = 0;  // held_local_ of a removed segment, until registered
+  // When this process (this fork generation of it) registered.
+  Clock::time_point registered_at_{};
+  // Of held_local_, those of each class (by priority_index()), so that a
+  // reset carries each slot into the new segment in its own class.
+  std::array<std::int64_t, kPriorityCount> held_class_local_{};
+  // held_local_ (and per class) of a removed segment, until registered.
+  std::int64_t carried_ = 0;
+  std::array<std::int64_t, kPriorityCount> carried_class_{};
   std::array<std::int64_t, kPriorityCount> pending_releases_{};  // per class
   std::vector<std::uint32_t> orphans_;
   // Set by the background thread when the segment's file was removed.

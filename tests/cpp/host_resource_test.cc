@@ -1945,4 +1945,144 @@ TEST(HostPriority, AWaiterPushedOutOfAFullTableByAnotherProcessThenCancelledSays
   expect_invariant(name);
 }
 
+// A reserve read back from the segment is brought into range wherever it is
+// used: two damaged reserves (INT64_MAX) above a newcomer's class, added up
+// by early rejection, overflow nothing (UBSan checks) and still keep the
+// free slot from a lower class.
+TEST(HostReserve, ADamagedReserveInTheSegmentIsBroughtIntoRangeBeforeUse) {
+  const std::string name = unique_name("rev-reserve-damage");
+  Cleanup cleanup{name};
+  auto db = std::make_shared<Resource>(ResourceOptions{.name = name,
+                                                       .capacity = 2,
+                                                       .scope = Scope::kHost,
+                                                       .early_reject = true,
+                                                       .reserve = {0, 0, 0, 1}});
+  {
+    Permit p = db->try_acquire();  // a timed hold: the estimate is known
+    ASSERT_TRUE(p);
+    std::this_thread::sleep_for(10ms);
+  }
+  Permit a = db->try_acquire();
+  ASSERT_TRUE(a);
+  auto* seg = map_segment_rw(name);
+  ASSERT_NE(seg, nullptr);
+  seg->header.config.reserve[priority_index(Priority::kCritical)] = INT64_MAX;
+  seg->header.config.reserve[priority_index(Priority::kCriticalPlus)] = INT64_MAX;
+  ::munmap(seg, sizeof(detail::host::Segment));
+  const auto set =
+      std::make_shared<const ResourceSet>(std::vector<std::shared_ptr<Resource>>{db});
+  Acquisition low(set, std::nullopt, Priority::kSheddable);
+  const Outcome got = low.start([](Outcome) {}, Clock::now() + 5s);
+  EXPECT_NE(got, Outcome::kGranted);  // the reserves keep the free slot from it
+  low.cancel();
+  a.release();
+  EXPECT_TRUE(eventually([&] { return db->in_use() == 0 && db->waiting() == 0; }));
+}
+
+// reset --force: the slots a process holds are carried into the new segment
+// each in its own class, so two sheddable holders carried over still keep
+// a sheddable newcomer from the slot reserved for critical (capacity 3,
+// reserve {critical: 1}), and the statistics show them as sheddable.
+TEST(HostReserve, AfterAForcedResetCarriedSlotsKeepTheirClassAndTheReserveIsNotLent) {
+  const std::string name = unique_name("rev-reset-reserve");
+  Cleanup cleanup{name};
+  auto db = reserved_host_resource(name, 3, {0, 0, 1, 0});
+  Limiter limiter({db}, 10s);
+  const auto set = limiter.select({db});
+  Permit a = limiter.acquire(set, std::nullopt, Priority::kSheddable);
+  Permit b = limiter.acquire(set, std::nullopt, Priority::kSheddable);
+  ASSERT_TRUE(a);
+  ASSERT_TRUE(b);
+  // The rule before the reset: the third slot is critical's.
+  EXPECT_EQ(Acquisition(set, std::nullopt, Priority::kSheddable).try_once(), Outcome::kTimeout);
+  remove_host_resource(name, /*force=*/true);
+  {
+    Acquisition third(set, std::nullopt, Priority::kSheddable);
+    const Outcome got = third.start([](Outcome) {}, Clock::now() + 200ms);
+    EXPECT_NE(got, Outcome::kGranted) << "critical's reserved slot lent to a third sheddable";
+    const ResourceStatistics s = db->statistics();
+    EXPECT_EQ(s.classes[priority_index(Priority::kSheddable)].in_use,
+              got == Outcome::kGranted ? 3 : 2);
+    EXPECT_EQ(s.classes[priority_index(Priority::kCritical)].in_use, 0);
+  }  // released or cancelled
+  a.release();
+  b.release();
+  EXPECT_TRUE(eventually([&] { return db->in_use() == 0 && db->waiting() == 0; }));
+}
+
+// Under a lower limit the reserve scales down with it, and raising the
+// limit again grants a lower class's waiter of another process.
+TEST(HostReserve, ReservesScaleWithTheLimitAndARaiseGrantsTheWaiter) {
+  const std::string name = unique_name("rev-scale");
+  Cleanup cleanup{name};
+  auto db = reserved_host_resource(name, 4, {0, 0, 0, 2});
+  Limiter limiter({db}, 10s);
+  const auto set = limiter.select({db});
+  db->set_limit(2);  // the reserve scales to 1: the classes below hold 1
+  Permit a = limiter.acquire(set, std::nullopt, Priority::kCritical);
+  ASSERT_TRUE(a);
+  EXPECT_EQ(Acquisition(set, std::nullopt, Priority::kCritical).try_once(), Outcome::kTimeout);
+  Child w({"pwait", name, "4", "fifo+r0,0,0,2", "-1", "sheddable", "20000", "0"});
+  ASSERT_EQ(w.line(), "queued");
+  Permit top = limiter.acquire(set, std::nullopt, Priority::kCriticalPlus);
+  EXPECT_TRUE(top);
+  top.release();
+  EXPECT_EQ(db->waiting(), 1);
+  db->set_limit(4);  // the classes below may hold 2: the waiter is granted
+  const std::string got = w.line();
+  EXPECT_EQ(got.rfind("granted ", 0), 0u) << got;
+  w.join();
+  a.release();
+  EXPECT_TRUE(eventually([&] { return db->in_use() == 0 && db->waiting() == 0; }));
+}
+
+#if !defined(__SANITIZE_THREAD__) && !defined(__SANITIZE_ADDRESS__)
+// host_resource.h: "Slots or waits the parent had at the fork stay the
+// parent's", also once the child has registered and holds a slot of its
+// own: its release of an inherited permit gives back nothing, so no third
+// request gets a slot of a capacity of 2, and the child's critical_plus
+// slot stays counted in its class. (Plain builds only: fork with the
+// sanitizers' threads.)
+TEST(HostReserve, AForkedChildReleasingAnInheritedPermitGivesBackNothingOfItsOwn) {
+  const std::string name = unique_name("rev-fork");
+  Cleanup cleanup{name};
+  auto db = host_resource(name, 2);
+  Limiter limiter({db}, 10s);
+  const auto set = limiter.select({db});
+  Permit inherited = limiter.acquire(set, std::nullopt, Priority::kSheddable);
+  ASSERT_TRUE(inherited);
+  int ready[2], done[2];
+  ASSERT_EQ(::pipe(ready), 0);
+  ASSERT_EQ(::pipe(done), 0);
+  const pid_t child = ::fork();
+  if (child == 0) {
+    Permit own = limiter.acquire(set, std::nullopt, Priority::kCriticalPlus);
+    if (!own) ::_exit(2);
+    inherited.release();  // the parent's slot: nothing of the child's
+    char c = 'r';
+    if (::write(ready[1], &c, 1) != 1) ::_exit(3);
+    if (::read(done[0], &c, 1) != 1) ::_exit(4);  // holds `own` until told
+    own.release();
+    ::_exit(0);
+  }
+  char c = 0;
+  ASSERT_EQ(::read(ready[0], &c, 1), 1);
+  // Held now: the parent's sheddable slot and the child's critical_plus one.
+  EXPECT_EQ(db->in_use(), 2);
+  const ResourceStatistics s = db->statistics();
+  EXPECT_EQ(s.classes[priority_index(Priority::kSheddable)].in_use, 1);
+  EXPECT_EQ(s.classes[priority_index(Priority::kCriticalPlus)].in_use, 1);
+  Permit third = db->try_acquire();
+  EXPECT_FALSE(third) << "a third holder of a capacity of 2";
+  third.release();
+  ASSERT_EQ(::write(done[1], "d", 1), 1);
+  int status = 0;
+  ::waitpid(child, &status, 0);
+  EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0);
+  inherited.release();
+  EXPECT_TRUE(eventually([&] { return db->in_use() == 0; }));
+  for (int fd : {ready[0], ready[1], done[0], done[1]}) ::close(fd);
+}
+#endif
+
 }  // namespace concurrency_limiter
