@@ -315,6 +315,7 @@ NB_MODULE(_core, m) {
       .def("restart_service_clock", &cl::Acquisition::restart_service_clock)
       .def_prop_ro("outcome", &cl::Acquisition::outcome)
       .def_prop_ro("state", &cl::Acquisition::state)
+      .def_prop_ro("predicted_wait", &cl::Acquisition::predicted_wait)
       .def_prop_ro("refused_by", [](const cl::Acquisition& a) -> std::optional<std::string> {
         if (const cl::Resource* r = a.refused_by()) return r->name();
         return std::nullopt;

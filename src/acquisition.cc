@@ -291,6 +291,14 @@ Outcome Acquisition::outcome() const {
   return outcome_;
 }
 
+std::optional<double> Acquisition::predicted_wait() const {
+  detail::MutexLock lock(mu_);
+  if (state_ != State::kRejected || outcome_ != Outcome::kPredictedTimeout || refused_ >= count_) {
+    return std::nullopt;
+  }
+  return nodes_[refused_].predicted_wait_;
+}
+
 const Resource* Acquisition::refused_by() const {
   detail::MutexLock lock(mu_);
   // Set by a rejection, or by a try_acquire() that found no free slot.

@@ -747,6 +747,7 @@ Outcome Resource::enqueue(detail::WaiterNode& node,
                          static_cast<double>(own_ahead) / static_cast<double>(slots);
     if (service && above + own_ahead > 0 &&
         turns * *service > (node.deadline_ <= now ? 0.0 : seconds(node.deadline_ - now))) {
+      node.predicted_wait_ = turns * *service;
       note_rejection_locked(Outcome::kPredictedTimeout, node.priority_);
       node.state_ = State::kRejected;
       node.outcome_ = Outcome::kPredictedTimeout;

@@ -352,6 +352,10 @@ class WaiterNode {
   // When the request's owner gives up waiting (its timeout), or max() if it
   // did not say: what early rejection compares the predicted wait with.
   Clock::time_point deadline_ = Clock::time_point::max();
+  // The wait in seconds that early rejection predicted when it refused the
+  // node (kPredictedTimeout); 0 otherwise. Written under the resource's lock
+  // before enqueue() returns, read by the owner after it.
+  double predicted_wait_ = 0.0;
   // Whether the statistics measure this hold (see Resource::try_grant).
   bool measure_ = false;
   State state_ = State::kIdle;      // guarded by the resource's mu_

@@ -4,6 +4,7 @@ response a rejection sends where no exception handler runs."""
 from __future__ import annotations
 
 import json
+import math
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -124,7 +125,32 @@ class Rejection:
         self.status_code = status_code
         self.detail = detail
 
-    def error(self, resource: str, reason: str) -> ServerBusy:
+    def error(self, resource: str, reason: str, predicted_wait: float | None = None) -> ServerBusy:
+        """The ServerBusy for a refusal of ``resource`` for ``reason``.
+        ``predicted_wait``: for ``"predicted_timeout"``, the wait the engine
+        predicted (seconds); see ``retry_after_for()``."""
         return ServerBusy(
-            resource, reason, self.retry_after, status_code=self.status_code, detail=self.detail
+            resource,
+            reason,
+            retry_after_for(self.retry_after, predicted_wait),
+            status_code=self.status_code,
+            detail=self.detail,
         )
+
+
+RETRY_AFTER_CAP = 60
+"""The most seconds a ``Retry-After`` taken from a predicted wait asks for."""
+
+
+def retry_after_for(retry_after: int | None, predicted_wait: float | None) -> int | None:
+    """The ``Retry-After`` of a refusal: the limiter's ``retry_after``, or,
+    for a request refused by early rejection (``predicted_wait``: the wait
+    the engine predicted, in seconds), that wait rounded up to whole seconds
+    if it is longer, at most ``RETRY_AFTER_CAP``: a client that comes back
+    sooner meets the same queue and is refused again. ``None`` (no header)
+    stays ``None``."""
+    if retry_after is None or predicted_wait is None:
+        return retry_after
+    # Also caps what is not a number (a damaged shared-memory estimate).
+    wait = math.ceil(predicted_wait) if predicted_wait < RETRY_AFTER_CAP else RETRY_AFTER_CAP
+    return wait if wait > retry_after else retry_after

@@ -114,9 +114,11 @@ class Resource:
             while it stands. Never before the first timed request has
             finished (no estimate yet), nor for a request without a timeout.
             ``False`` (default): every request waits up to its timeout, as
-            the original package. With ``scope="host"``: the waiters ahead
-            are those of every process of the host, the estimate this
-            process's own (each process times its own requests).
+            the original package. Its 503 carries the predicted wait as
+            ``Retry-After`` when that is longer than the limiter's
+            ``retry_after`` (rounded up, at most 60 s). With
+            ``scope="host"``: the waiters ahead are those of every process
+            of the host, and the estimate is fed by every process's requests.
             Not supported with ``per_key`` (ValueError).
         reserve: slots kept for a priority class and those above it, e.g.
             ``{Priority.CRITICAL_PLUS: 4}``: 4 of the slots only

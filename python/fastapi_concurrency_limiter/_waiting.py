@@ -19,11 +19,12 @@ from starlette.requests import HTTPConnection
 from starlette.types import Message, Receive
 
 from . import _core
-from ._errors import Rejection, ServerBusy
+from ._errors import Rejection, ServerBusy, retry_after_for
 from ._logging import log_rejection
 
 _GRANTED = _core.Outcome.granted
 _PENDING = _core.Outcome.pending
+_PREDICTED = _core.Outcome.predicted_timeout
 _DISCONNECTED = _core.Outcome.disconnected
 _DEADLINE = _core.Outcome.deadline
 # Outcome.name is an enum property, slow enough to show in a profile of a
@@ -298,6 +299,7 @@ async def wait(
         resource = acquisition.refused_by or ""
         reason = _REASON[outcome]
         log_rejection(resource, reason, loop.time() - started)
+        predicted = acquisition.predicted_wait if outcome is _PREDICTED else None
         if rejection is not None:
-            raise rejection.error(resource, reason)
-        raise ServerBusy(resource, reason, retry_after)
+            raise rejection.error(resource, reason, predicted)
+        raise ServerBusy(resource, reason, retry_after_for(retry_after, predicted))

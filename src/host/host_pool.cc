@@ -982,6 +982,7 @@ Outcome HostPool::enqueue(WaiterNode& node, NoticeList& notices, bool early_reje
       if (static_cast<double>(h.waiting) * own_weight >= enough) {
         const double ahead = waiters_ahead_locked(cls, newest_first, own_weight, enough);
         if (ahead > 0.0 && ahead / static_cast<double>(lim) * *service > patience) {
+          node.predicted_wait_ = ahead / static_cast<double>(lim) * *service;
           return refuse_locked(node, Outcome::kPredictedTimeout);
         }
       }

@@ -90,6 +90,7 @@ TEST(EarlyReject, NoEstimateNoEarlyRejection) {
   EXPECT_EQ(r->waiting(), 11);
   late.expire();
   EXPECT_EQ(late.outcome(), Outcome::kTimeout);
+  EXPECT_FALSE(late.predicted_wait().has_value());  // only early rejection predicts
   EXPECT_EQ(r->statistics().rejected(Outcome::kPredictedTimeout), 0u);
 }
 
@@ -104,6 +105,10 @@ TEST(EarlyReject, FifoLongQueueRefusedAtOnceWithoutQueueingOrLeak) {
     EXPECT_TRUE(rec.outcomes.empty());  // decided by start(): no callback
     EXPECT_EQ(late.state(), Acquisition::State::kRejected);
     EXPECT_EQ(late.refused_by(), r.get());
+    // The wait it predicted: the ten ahead on two slots, at the estimate.
+    const auto predicted = late.predicted_wait();
+    ASSERT_TRUE(predicted.has_value());
+    EXPECT_DOUBLE_EQ(*predicted, 10.0 / 2.0 * *r->statistics().service_seconds);
     EXPECT_EQ(r->waiting(), 10);
     EXPECT_EQ(r->in_use(), 2);
     EXPECT_EQ(r->statistics().rejected(Outcome::kPredictedTimeout), 1u);

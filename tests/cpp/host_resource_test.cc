@@ -1746,6 +1746,9 @@ TEST(HostEarlyReject, RefusesAtArrivalFromTheWaitersOfEveryProcess) {
   const auto ignore = [](Outcome) {};
   Acquisition hasty(set, std::nullopt, Priority::kSheddable);
   EXPECT_EQ(hasty.start(ignore, Clock::now() + 1s), Outcome::kPredictedTimeout);
+  // The wait it predicted: every one of the 100 ahead (one class, FIFO).
+  ASSERT_TRUE(hasty.predicted_wait().has_value());
+  EXPECT_DOUBLE_EQ(*hasty.predicted_wait(), 100.0 * *estimate);
   EXPECT_EQ(db->waiting(), 100);
   Acquisition plus(set, std::nullopt, Priority::kCriticalPlus);
   EXPECT_EQ(plus.start(ignore, Clock::now() + 1s), Outcome::kPending);
@@ -1802,6 +1805,11 @@ TEST(HostEarlyReject, CountsItsOwnClassOverTheSlotsTheReservesLeaveIt) {
   };
   Acquisition hasty(set, std::nullopt, Priority::kSheddable);
   EXPECT_EQ(hasty.start(ignore, in(0.75 * predicted)), Outcome::kPredictedTimeout);
+  // Counted only until the wait exceeded the time left: more than that,
+  // no more than the whole queue's.
+  ASSERT_TRUE(hasty.predicted_wait().has_value());
+  EXPECT_GT(*hasty.predicted_wait(), 0.7 * predicted);
+  EXPECT_LE(*hasty.predicted_wait(), predicted * (1 + 1e-9));
   Acquisition patient(set, std::nullopt, Priority::kSheddable);
   EXPECT_EQ(patient.start(ignore, in(1.25 * predicted)), Outcome::kPending);
   patient.cancel();

@@ -4,6 +4,7 @@ at once, with reason ``predicted_timeout``, without running its handler."""
 from __future__ import annotations
 
 import asyncio
+import math
 import os
 import time
 from collections.abc import Iterator
@@ -14,6 +15,7 @@ from fastapi import FastAPI
 from fastapi.responses import JSONResponse
 
 from fastapi_concurrency_limiter import Limiter, Resource, ServerBusy
+from fastapi_concurrency_limiter._errors import RETRY_AFTER_CAP, Rejection
 
 from .conftest import eventually, held_elsewhere
 
@@ -59,8 +61,7 @@ def _app(limiter: Limiter, db: Resource, runs: list[str]) -> FastAPI:
 async def test_predicted_timeout_is_refused_at_once_without_running(  # type: ignore[no-untyped-def]
     asgi_client, scope_and_name: tuple[str, str]
 ) -> None:
-    # With scope="host" the waiters are counted machine-wide, the estimate
-    # is this process's.
+    # With scope="host" the waiters and the estimate are machine-wide.
     scope, name = scope_and_name
     db = Resource(1, name=name, scope=scope, early_reject=True)  # type: ignore[arg-type]
     limiter = Limiter(timeout=0.1, resources=[db])
@@ -95,3 +96,60 @@ def test_early_reject_is_validated() -> None:
         Resource(1, early_reject=1)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match=r"early_reject is not supported with per_key"):
         Resource(2, per_key=1, early_reject=True)
+
+
+@pytest.mark.parametrize("retry_after", [1, 30, None])
+async def test_an_early_refusal_tells_the_client_to_come_back_after_the_predicted_wait(  # type: ignore[no-untyped-def]
+    asgi_client, scope_and_name: tuple[str, str], retry_after: int | None
+) -> None:
+    # A client told to retry in 1 s would meet the same queue; it is told
+    # the predicted wait instead, unless the limiter's own value is longer,
+    # and no header stays no header.
+    scope, name = scope_and_name
+    db = Resource(1, name=name, scope=scope, early_reject=True)  # type: ignore[arg-type]
+    limiter = Limiter(timeout=0.1, resources=[db], retry_after=retry_after)
+    app = FastAPI()
+
+    @app.get("/work")
+    @limiter.resources([db])
+    async def work(hold: float = 0.0) -> dict[str, int]:
+        await asyncio.sleep(hold)
+        return {"ok": 1}
+
+    @app.get("/patient")
+    @limiter.resources([db], timeout=60)
+    async def patient() -> dict[str, int]:
+        return {"ok": 1}
+
+    async with asgi_client(app) as client:
+        # The first hold is the estimate: at least 0.3 s.
+        assert (await client.get("/work", params={"hold": 0.3})).status_code == 200
+        async with held_elsewhere(limiter, [db]):
+            waiting = [asyncio.create_task(client.get("/patient")) for _ in range(10)]
+            await eventually(lambda: db.waiting == 10)
+            estimate = db.statistics().service_seconds
+            assert estimate is not None and estimate >= 0.3
+            r = await client.get("/work")
+            assert r.status_code == 503
+            assert r.json() == {"detail": "Server busy, please retry later"}
+            predicted = math.ceil(10 * estimate)  # ten ahead on one slot: >= 3 s
+            if retry_after is None:
+                assert "retry-after" not in r.headers
+            else:
+                assert r.headers["retry-after"] == str(max(predicted, retry_after))
+        assert all(r.status_code == 200 for r in await asyncio.gather(*waiting))
+    s = db.statistics()
+    assert s.rejected_total["predicted_timeout"] == 1
+    assert (s.in_use, s.waiting) == (0, 0)
+
+
+def test_a_predicted_wait_asks_for_at_most_a_minute_and_never_less_than_retry_after() -> None:
+    rejection = Rejection(5, 503, "busy")
+    assert rejection.error("db", "predicted_timeout", 2.2).retry_after == 5
+    assert rejection.error("db", "predicted_timeout", 7.01).retry_after == 8
+    assert rejection.error("db", "predicted_timeout", 1e9).retry_after == RETRY_AFTER_CAP
+    for damaged in (float("inf"), float("nan")):
+        assert rejection.error("db", "predicted_timeout", damaged).retry_after == RETRY_AFTER_CAP
+    assert rejection.error("db", "timeout").retry_after == 5
+    assert rejection.error("db", "predicted_timeout", 7.0).headers == {"Retry-After": "7"}
+    assert Rejection(None, 503, "busy").error("db", "predicted_timeout", 7.0).headers is None
