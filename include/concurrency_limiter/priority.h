@@ -70,6 +70,22 @@ constexpr std::size_t priority_index(Priority p) noexcept {
   return static_cast<std::size_t>(p);
 }
 
+// The slots that `reserve` slots of a resource's `capacity` keep while its
+// limit is `limit` (an adaptive limit below the capacity, see resource.h,
+// "Priority classes"): as many while the limit is the capacity,
+// proportionally fewer below it, rounded up (a reserve never vanishes while
+// the limit leaves room for it), but fewer than `limit` (the classes below
+// keep at least one slot) unless `reserve` is the whole capacity. A
+// negative `reserve` keeps nothing.
+constexpr std::int64_t scaled_reserve(std::int64_t reserve, std::int64_t limit,
+                                      std::int64_t capacity) noexcept {
+  if (reserve <= 0) return 0;
+  if (limit >= capacity) return reserve;
+  if (reserve >= capacity) return limit;
+  const std::int64_t scaled = (reserve * limit + capacity - 1) / capacity;
+  return scaled < limit - 1 ? scaled : limit - 1;
+}
+
 // Stable lower-case names used in errors, statistics and metrics labels:
 // "sheddable", "sheddable_plus", "critical", "critical_plus".
 std::string_view to_string(Priority p) noexcept;

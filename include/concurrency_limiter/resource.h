@@ -508,15 +508,10 @@ class Resource : public std::enable_shared_from_this<Resource> {
   }
   // Whether any class has a reserve.
   bool has_reserve() const noexcept { return reserved_; }
-  // The slots that `reserve` slots of the capacity keep under `limit`: as
-  // many while the limit is the capacity, proportionally fewer (rounded up)
-  // below it, but fewer than `limit` unless `reserve` is the whole capacity.
+  // The slots that `reserve` slots of the capacity keep under `limit`
+  // (priority.h, concurrency_limiter::scaled_reserve).
   std::int64_t scaled_reserve(std::int64_t reserve, std::int64_t limit) const noexcept {
-    if (limit >= capacity_ || reserve == 0) return reserve;
-    if (reserve >= capacity_) return limit;
-    // Rounded up (a reserve never vanishes while the limit leaves room for
-    // it), but the classes below keep at least one slot.
-    return std::min((reserve * limit + capacity_ - 1) / capacity_, limit - 1);
+    return concurrency_limiter::scaled_reserve(reserve, limit, capacity_);
   }
 
   // Slots held right now, and requests waiting right now. A snapshot: it may

@@ -101,9 +101,7 @@ def priority_from(value: object, function: Callable[..., Any], where: str) -> _c
         raise ValueError(message) from None
 
 
-def check_reserve(
-    reserve: object, capacity: int, scope: object, per_key: int | None
-) -> list[int]:
+def check_reserve(reserve: object, capacity: int, per_key: int | None) -> list[int]:
     """``Resource(reserve=...)`` as the engine's list of 4 slot counts
     indexed by class; ValueError (TypeError for the wrong types) naming
     ``reserve`` and the allowed values."""

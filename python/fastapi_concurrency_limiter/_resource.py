@@ -114,9 +114,9 @@ class Resource:
             while it stands. Never before the first timed request has
             finished (no estimate yet), nor for a request without a timeout.
             ``False`` (default): every request waits up to its timeout, as
-            the original package. Its 503 carries the predicted wait as
-            ``Retry-After`` when that is longer than the limiter's
-            ``retry_after`` (rounded up, at most 60 s). With
+            the original package. Its 503's ``Retry-After`` is the
+            predicted wait (rounded up) plus the limiter's ``retry_after``,
+            at most 60 s. With
             ``scope="host"``: the waiters ahead are those of every process
             of the host, and the estimate is fed by every process's requests.
             Not supported with ``per_key`` (ValueError).
@@ -160,7 +160,7 @@ class Resource:
         reserve: Mapping[Priority | str, int] | None = None,
     ) -> None:
         check_int("capacity", capacity, minimum=1, maximum=MAX_CAPACITY)
-        reserved = check_reserve(reserve, capacity, scope, per_key)
+        reserved = check_reserve(reserve, capacity, per_key)
         if per_key is not None:
             if isinstance(per_key, bool) or not isinstance(per_key, int):
                 raise TypeError(

@@ -971,7 +971,7 @@ Outcome HostPool::enqueue(WaiterNode& node, NoticeList& notices, bool early_reje
           reserved_above += std::clamp<std::int64_t>(cfg().reserve[c], 0, capacity);
         }
         const std::int64_t slots = std::max<std::int64_t>(
-            1, lim - host::scaled_reserve(std::min(reserved_above, capacity), lim, capacity));
+            1, lim - scaled_reserve(std::min(reserved_above, capacity), lim, capacity));
         own_weight = static_cast<double>(lim) / static_cast<double>(slots);
       }
       // Predicted to time out from `enough` turns ahead on (a turn: one

@@ -439,15 +439,6 @@ inline std::array<std::int64_t, kPriorityCount> class_in_use(const Header& h) no
   held[critical] = std::max<std::int64_t>(0, h.in_use - others);
   return held;
 }
-// The slots `reserve` slots of the capacity keep under `limit`, as
-// Resource::scaled_reserve(): scaled by limit / capacity, rounded up, but
-// fewer than `limit` unless `reserve` is the whole capacity.
-inline std::int64_t scaled_reserve(std::int64_t reserve, std::int64_t limit,
-                                   std::int64_t capacity) noexcept {
-  if (limit >= capacity || reserve <= 0) return std::max<std::int64_t>(reserve, 0);
-  if (reserve >= capacity) return limit;
-  return std::min((reserve * limit + capacity - 1) / capacity, limit - 1);
-}
 // Whether class `c` (its index) may take one more slot under `limit`: a
 // slot is free, and with reserves, for every class c' >= c the classes <= c'
 // hold fewer than limit - (the reserves of the classes above c', scaled).
