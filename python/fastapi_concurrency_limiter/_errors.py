@@ -139,18 +139,21 @@ class Rejection:
 
 
 RETRY_AFTER_CAP = 60
-"""The most seconds a ``Retry-After`` taken from a predicted wait asks for."""
+"""The most seconds a ``Retry-After`` that counts a predicted wait asks for."""
 
 
 def retry_after_for(retry_after: int | None, predicted_wait: float | None) -> int | None:
-    """The ``Retry-After`` of a refusal: the limiter's ``retry_after``, or,
-    for a request refused by early rejection (``predicted_wait``: the wait
-    the engine predicted, in seconds), that wait rounded up to whole seconds
-    if it is longer, at most ``RETRY_AFTER_CAP``: a client that comes back
-    sooner meets the same queue and is refused again. ``None`` (no header)
-    stays ``None``."""
+    """The ``Retry-After`` of a refusal: the limiter's ``retry_after``; for a
+    request refused by early rejection (``predicted_wait``: the wait the
+    engine predicted for it, in seconds, longer than its timeout), that wait
+    rounded up to whole seconds plus ``retry_after``, at most
+    ``RETRY_AFTER_CAP``. So an early refusal asks its client to come back no
+    sooner than one that had waited: a request that waits out its timeout
+    is told ``retry_after`` after it, and this one would have waited longer.
+    ``None`` (no header) stays ``None``."""
     if retry_after is None or predicted_wait is None:
         return retry_after
     # Also caps what is not a number (a damaged shared-memory estimate).
-    wait = math.ceil(predicted_wait) if predicted_wait < RETRY_AFTER_CAP else RETRY_AFTER_CAP
-    return wait if wait > retry_after else retry_after
+    if not predicted_wait + retry_after < RETRY_AFTER_CAP:
+        return max(RETRY_AFTER_CAP, retry_after)
+    return min(math.ceil(predicted_wait) + retry_after, RETRY_AFTER_CAP)

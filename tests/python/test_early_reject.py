@@ -99,12 +99,12 @@ def test_early_reject_is_validated() -> None:
 
 
 @pytest.mark.parametrize("retry_after", [1, 30, None])
-async def test_an_early_refusal_tells_the_client_to_come_back_after_the_predicted_wait(  # type: ignore[no-untyped-def]
+async def test_an_early_refusal_asks_the_client_to_stay_away_as_long_as_it_would_have_waited(  # type: ignore[no-untyped-def]
     asgi_client, scope_and_name: tuple[str, str], retry_after: int | None
 ) -> None:
-    # A client told to retry in 1 s would meet the same queue; it is told
-    # the predicted wait instead, unless the limiter's own value is longer,
-    # and no header stays no header.
+    # A client told to retry in 1 s would meet the same queue: it is told the
+    # predicted wait plus the limiter's retry_after, and no header stays no
+    # header.
     scope, name = scope_and_name
     db = Resource(1, name=name, scope=scope, early_reject=True)  # type: ignore[arg-type]
     limiter = Limiter(timeout=0.1, resources=[db], retry_after=retry_after)
@@ -136,7 +136,7 @@ async def test_an_early_refusal_tells_the_client_to_come_back_after_the_predicte
             if retry_after is None:
                 assert "retry-after" not in r.headers
             else:
-                assert r.headers["retry-after"] == str(max(predicted, retry_after))
+                assert r.headers["retry-after"] == str(predicted + retry_after)
         assert all(r.status_code == 200 for r in await asyncio.gather(*waiting))
     s = db.statistics()
     assert s.rejected_total["predicted_timeout"] == 1
@@ -145,11 +145,11 @@ async def test_an_early_refusal_tells_the_client_to_come_back_after_the_predicte
 
 def test_a_predicted_wait_asks_for_at_most_a_minute_and_never_less_than_retry_after() -> None:
     rejection = Rejection(5, 503, "busy")
-    assert rejection.error("db", "predicted_timeout", 2.2).retry_after == 5
-    assert rejection.error("db", "predicted_timeout", 7.01).retry_after == 8
-    assert rejection.error("db", "predicted_timeout", 1e9).retry_after == RETRY_AFTER_CAP
-    for damaged in (float("inf"), float("nan")):
-        assert rejection.error("db", "predicted_timeout", damaged).retry_after == RETRY_AFTER_CAP
-    assert rejection.error("db", "timeout").retry_after == 5
-    assert rejection.error("db", "predicted_timeout", 7.0).headers == {"Retry-After": "7"}
+    assert rejection.error("db", "predicted_timeout", 2.2).retry_after == 3 + 5
+    assert rejection.error("db", "predicted_timeout", 7.0).headers == {"Retry-After": "12"}
+    assert rejection.error("db", "timeout").retry_after == 5  # other reasons: as configured
+    for long in (55.5, 1e9, float("inf"), float("nan")):  # nan: a damaged estimate
+        assert rejection.error("db", "predicted_timeout", long).retry_after == RETRY_AFTER_CAP
+    assert Rejection(120, 503, "busy").error("db", "predicted_timeout", 3.0).retry_after == 120
+    assert Rejection(0, 503, "busy").error("db", "predicted_timeout", 2.5).retry_after == 3
     assert Rejection(None, 503, "busy").error("db", "predicted_timeout", 7.0).headers is None
