@@ -52,6 +52,7 @@ class Permit {
         granted_at_(other.granted_at_),
         measured_(other.measured_),
         outcome_(other.outcome_),
+        predicted_wait_(other.predicted_wait_),
         refused_by_(std::move(other.refused_by_)) {}
   Permit& operator=(Permit&& other) noexcept {
     if (this != &other) {
@@ -62,6 +63,7 @@ class Permit {
       granted_at_ = other.granted_at_;
       measured_ = other.measured_;
       outcome_ = other.outcome_;
+      predicted_wait_ = other.predicted_wait_;
       refused_by_ = std::move(other.refused_by_);
     }
     return *this;
@@ -75,6 +77,16 @@ class Permit {
   // kGranted for a permit that was granted (even after release()), otherwise
   // the reason it was turned away.
   Outcome outcome() const noexcept { return outcome_; }
+  // For a permit refused with kPredictedTimeout (early rejection, see
+  // ResourceOptions::early_reject): the wait in seconds that the refusing
+  // resource predicted for it, longer than the time it had left; tell the
+  // client to come back no sooner (the Python package's Retry-After is this
+  // wait rounded up plus its retry_after). std::nullopt for any other
+  // outcome. See Acquisition::predicted_wait().
+  std::optional<double> predicted_wait() const noexcept {
+    if (outcome_ != Outcome::kPredictedTimeout) return std::nullopt;
+    return predicted_wait_;
+  }
   // Name of the resource that turned the request away; empty if granted.
   const std::string& refused_by_name() const noexcept {
     static const std::string none;
@@ -131,6 +143,7 @@ class Permit {
   Clock::time_point granted_at_{};
   bool measured_ = false;
   Outcome outcome_ = Outcome::kCancelled;
+  double predicted_wait_ = 0.0;  // see predicted_wait()
   // The refusing resource's name, shared with it: valid after the resource
   // is gone, even one not owned by a shared_ptr.
   std::shared_ptr<const std::string> refused_by_;

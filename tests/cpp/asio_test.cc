@@ -224,6 +224,9 @@ TEST(AsyncAcquire, PredictedTimeoutIsReportedAtOnceThroughTheExecutor) {
   io.run_one();  // only the refusal is ready: the others wait for `held`
   ASSERT_TRUE(r.ec.has_value());
   EXPECT_TRUE(*r.ec == Outcome::kPredictedTimeout) << r.ec->message();
+  // The empty Permit says how long the wait would have been: 10 ahead.
+  ASSERT_TRUE(r.permit.predicted_wait().has_value());
+  EXPECT_DOUBLE_EQ(*r.permit.predicted_wait(), 10.0 * *db->statistics().service_seconds);
   EXPECT_EQ(db->waiting(), 10);
   EXPECT_EQ(db->statistics().rejected(Outcome::kPredictedTimeout), 1u);
   EXPECT_EQ(db->statistics().rejected(Outcome::kTimeout), 0u);

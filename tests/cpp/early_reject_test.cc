@@ -117,6 +117,10 @@ TEST(EarlyReject, FifoLongQueueRefusedAtOnceWithoutQueueingOrLeak) {
     Permit p = r->acquire_for(10ms);
     EXPECT_FALSE(p);
     EXPECT_EQ(p.outcome(), Outcome::kPredictedTimeout);
+    ASSERT_TRUE(p.predicted_wait().has_value());
+    EXPECT_DOUBLE_EQ(*p.predicted_wait(), *predicted);
+    Permit moved = std::move(p);
+    EXPECT_EQ(moved.predicted_wait(), predicted);
     EXPECT_EQ(r->waiting(), 10);
     EXPECT_EQ(to_string(Outcome::kPredictedTimeout), "predicted_timeout");
   }
