@@ -36,7 +36,9 @@ Per priority class, labelled ``resource`` and ``priority`` (``sheddable``,
 ``sheddable_plus``, ``critical``, ``critical_plus``), for each resource
 that uses priorities (a ``reserve``, or a request of a class other than
 ``critical`` seen since the process started; a request that names no
-class is ``critical``), every class:
+class is ``critical``; with ``scope="host"``, also a class in use or
+waiting in another worker), every class, in every scrape from the first
+that saw it use them:
 
     concurrency_limiter_priority_in_use            gauge
     concurrency_limiter_priority_waiting           gauge
@@ -120,6 +122,10 @@ class LimiterCollector(Collector):
         # server) while limiters are added.
         self._lock = threading.Lock()
         self._limiters: list[weakref.ref[Limiter]] = []
+        # Resources whose per-class series a scrape has reported: reported
+        # from then on, so that they do not vanish between scrapes (a host
+        # resource's classes may be in use in other workers only for a while).
+        self._prioritized: set[str] = set()
         for limiter in limiters:
             self.add(limiter)
 
@@ -159,7 +165,8 @@ class LimiterCollector(Collector):
             resources = _resources(self._live_locked())
         families = _Families()
         for resource in resources:
-            families.add(resource.statistics())
+            if families.add(resource.statistics(), resource.name in self._prioritized):
+                self._prioritized.add(resource.name)
         return iter(families.all())
 
 
@@ -281,7 +288,10 @@ class _Families:
         )
         self.prioritized = False  # the per-class families appear only when used
 
-    def add(self, s: ResourceStatistics) -> None:
+    def add(self, s: ResourceStatistics, prioritized: bool = False) -> bool:
+        """Adds ``s``'s samples; its per-class series too if it uses
+        priorities or ``prioritized`` (reported before). Returns whether it
+        added them."""
         if s.cluster is not None:
             self.clustered = True
             for key, family in self.cluster_gauges.items():
@@ -297,7 +307,7 @@ class _Families:
             self.rejected.add_metric([s.name, reason], count)
         self.wait.add_metric([s.name], *_buckets(s.wait_seconds))
         self.hold.add_metric([s.name], *_buckets(s.hold_seconds))
-        if _uses_priorities(s):
+        if prioritized or _uses_priorities(s):
             self.prioritized = True
             for label, c in s.priorities.items():
                 for key, family in self.class_gauges.items():
@@ -306,6 +316,8 @@ class _Families:
                 self.class_acquired.add_metric([s.name, label], c.acquired_total)
                 for reason, count in c.rejected_total.items():
                     self.class_rejected.add_metric([s.name, label, reason], count)
+            return True
+        return False
 
     def all(self) -> list[Metric]:
         families = [*self.gauges.values(), self.acquired, self.rejected, self.wait, self.hold]

@@ -468,3 +468,53 @@ async def test_a_host_resource_keeps_a_reserve_and_counts_per_class(name: str) -
     }  # fmt: skip
     assert s.priorities["critical"].rejected_total["timeout"] == 1
     assert s.rejected_total["timeout"] == 1
+
+
+def test_per_class_series_stay_once_another_worker_used_a_class(name: str) -> None:
+    # This worker never serves a sheddable request; another one holds a
+    # sheddable slot for a while. The per-class series appear while it does
+    # and stay after (a series that vanishes between scrapes reads as stale).
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from fastapi_concurrency_limiter import Limiter
+    from fastapi_concurrency_limiter.prometheus import register
+
+    db = Resource(2, name=name, scope="host")
+    limiter = Limiter(timeout=1, resources=[db])
+    registry = CollectorRegistry()
+    register(limiter, registry)
+    code = (
+        "import asyncio, sys\n"
+        "from fastapi_concurrency_limiter import Limiter, Priority, Resource\n"
+        f"r = Resource(2, name={name!r}, scope='host')\n"
+        "limiter = Limiter(timeout=1, resources=[r])\n"
+        "async def main():\n"
+        "    async with limiter.acquire([r], priority=Priority.SHEDDABLE):\n"
+        "        print('ready', flush=True)\n"
+        "        sys.stdin.readline()\n"
+        "asyncio.run(main())\n"
+    )
+    other = subprocess.Popen(
+        [sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    assert other.stdout is not None and other.stdin is not None
+
+    def sheddable_in_use() -> str | None:
+        for line in generate_latest(registry).decode().splitlines():
+            if line.startswith("concurrency_limiter_priority_in_use{") and (
+                f'resource="{name}"' in line and 'priority="sheddable"' in line
+            ):
+                return line.rsplit(" ", 1)[1]
+        return None
+
+    try:
+        assert other.stdout.readline().strip() == "ready"
+        assert sheddable_in_use() == "1.0"
+        other.stdin.write("\n")
+        other.stdin.flush()
+        assert other.wait(timeout=30) == 0
+    finally:
+        other.kill()
+        other.wait()
+    assert db.in_use == 0
+    assert sheddable_in_use() == "0.0"
