@@ -296,7 +296,10 @@ std::optional<double> Acquisition::predicted_wait() const {
   if (state_ != State::kRejected || outcome_ != Outcome::kPredictedTimeout || refused_ >= count_) {
     return std::nullopt;
   }
-  return nodes_[refused_].predicted_wait_;
+  // Set (> 0: more than a time left >= 0) only by the resource's prediction.
+  const double predicted = nodes_[refused_].predicted_wait_;
+  if (!(predicted > 0.0)) return std::nullopt;
+  return predicted;
 }
 
 const Resource* Acquisition::refused_by() const {

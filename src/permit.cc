@@ -18,7 +18,9 @@ Permit make_permit(std::unique_ptr<Acquisition> acquisition) {
   const Outcome o = acquisition->outcome();
   // A try that found no free slot is not started: it is a zero timeout.
   p.outcome_ = o == Outcome::kPending ? Outcome::kTimeout : o;
-  if (o == Outcome::kPredictedTimeout) p.predicted_wait_ = acquisition->predicted_wait().value_or(0.0);
+  if (o == Outcome::kPredictedTimeout) {
+    p.predicted_wait_ = acquisition->predicted_wait().value_or(0.0);
+  }
   // The name only, shared with the resource: the error may be reported
   // after the acquisition, and the resource itself, are gone.
   if (const Resource* refused = acquisition->refused_by()) {

@@ -196,13 +196,13 @@ class Acquisition {
   // The resource that turned the request away (or that it was waiting for
   // when it timed out or was cancelled); null unless rejected.
   const Resource* refused_by() const;
-  // For a request refused with kPredictedTimeout: the wait, in seconds,
-  // that refused_by() predicted for it (always more than the time it had
-  // left). A server can tell its client when to come back from it: the
-  // Python package's Retry-After does (Limiter, "retry_after"). A
-  // host-scoped resource counts the waiters ahead only until their wait
-  // exceeds the time left, so its figure may fall short of the whole
-  // queue's. std::nullopt for any other outcome.
+  // For a request that early rejection refused (kPredictedTimeout from
+  // start()): the wait, in seconds, that refused_by() predicted for it from
+  // the whole queue ahead (always more than the time it had left). A server
+  // can tell its client when to come back from it: the Python package's
+  // Retry-After does (Limiter, "retry_after"). std::nullopt for any other
+  // outcome, and for a kPredictedTimeout the caller gave refuse() or
+  // cancel() itself (no prediction was made).
   std::optional<double> predicted_wait() const;
   const std::shared_ptr<const ResourceSet>& resource_set() const noexcept {
     return set_;

@@ -82,9 +82,10 @@ class Permit {
   // resource predicted for it, longer than the time it had left; tell the
   // client to come back no sooner (the Python package's Retry-After is this
   // wait rounded up plus its retry_after). std::nullopt for any other
-  // outcome. See Acquisition::predicted_wait().
+  // outcome (or when no prediction was made). See
+  // Acquisition::predicted_wait().
   std::optional<double> predicted_wait() const noexcept {
-    if (outcome_ != Outcome::kPredictedTimeout) return std::nullopt;
+    if (outcome_ != Outcome::kPredictedTimeout || !(predicted_wait_ > 0.0)) return std::nullopt;
     return predicted_wait_;
   }
   // Name of the resource that turned the request away; empty if granted.

@@ -125,35 +125,50 @@ class Rejection:
         self.status_code = status_code
         self.detail = detail
 
-    def error(self, resource: str, reason: str, predicted_wait: float | None = None) -> ServerBusy:
+    def error(
+        self,
+        resource: str,
+        reason: str,
+        predicted_wait: float | None = None,
+        timeout: float | None = None,
+    ) -> ServerBusy:
         """The ServerBusy for a refusal of ``resource`` for ``reason``.
         ``predicted_wait``: for ``"predicted_timeout"``, the wait the engine
-        predicted (seconds); see ``retry_after_for()``."""
+        predicted (seconds), and ``timeout`` the time the request had to
+        wait; see ``retry_after_for()``."""
         return ServerBusy(
             resource,
             reason,
-            retry_after_for(self.retry_after, predicted_wait),
+            retry_after_for(self.retry_after, predicted_wait, timeout),
             status_code=self.status_code,
             detail=self.detail,
         )
 
 
 RETRY_AFTER_CAP = 60
-"""The most seconds a ``Retry-After`` that counts a predicted wait asks for."""
+"""The most seconds a ``Retry-After`` that counts a predicted wait asks for,
+unless the request's own timeout plus ``retry_after`` is longer."""
 
 
-def retry_after_for(retry_after: int | None, predicted_wait: float | None) -> int | None:
+def retry_after_for(
+    retry_after: int | None, predicted_wait: float | None, timeout: float | None = None
+) -> int | None:
     """The ``Retry-After`` of a refusal: the limiter's ``retry_after``; for a
     request refused by early rejection (``predicted_wait``: the wait the
-    engine predicted for it, in seconds, longer than its timeout), that wait
-    rounded up to whole seconds plus ``retry_after``, at most
-    ``RETRY_AFTER_CAP``. So an early refusal asks its client to come back no
+    engine predicted for it, in seconds, longer than its ``timeout``), that
+    wait rounded up to whole seconds plus ``retry_after``, at most
+    ``RETRY_AFTER_CAP`` or, if longer, ``timeout`` (rounded up) plus
+    ``retry_after``. So an early refusal asks its client to come back no
     sooner than one that had waited: a request that waits out its timeout
     is told ``retry_after`` after it, and this one would have waited longer.
     ``None`` (no header) stays ``None``."""
     if retry_after is None or predicted_wait is None:
         return retry_after
+    cap = RETRY_AFTER_CAP
+    if timeout is not None and timeout + retry_after > cap:
+        cap = math.ceil(timeout) + retry_after
+    cap = max(cap, retry_after)
     # Also caps what is not a number (a damaged shared-memory estimate).
-    if not predicted_wait + retry_after < RETRY_AFTER_CAP:
-        return max(RETRY_AFTER_CAP, retry_after)
-    return min(math.ceil(predicted_wait) + retry_after, RETRY_AFTER_CAP)
+    if not predicted_wait + retry_after < cap:
+        return cap
+    return min(math.ceil(predicted_wait) + retry_after, cap)

@@ -85,8 +85,9 @@ class Limiter:
             503, or ``None`` to send none. A request refused by early
             rejection (``Resource(early_reject=True)``, reason
             ``"predicted_timeout"``) is told the wait predicted for it
-            (rounded up) plus ``retry_after``, at most 60 s: coming back
-            sooner, it would meet the same queue.
+            (rounded up) plus ``retry_after``, at most 60 s (or its
+            timeout plus ``retry_after``, if longer): coming back sooner,
+            it would meet the same queue.
         status_code: the HTTP status of a rejection, an int in 400..599
             (e.g. 429).
         detail: the ``detail`` of a rejection's JSON body

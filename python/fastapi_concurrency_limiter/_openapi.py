@@ -45,7 +45,10 @@ def busy_response(rejection: Rejection) -> dict[str, Any]:
     if rejection.retry_after is not None:
         response["headers"] = {
             "Retry-After": {
-                "description": "Seconds to wait before retrying.",
+                "description": (
+                    "Seconds to wait before retrying (after an early rejection, "
+                    "the predicted wait is added)."
+                ),
                 "schema": {"type": "integer", "example": rejection.retry_after},
             }
         }

@@ -116,7 +116,7 @@ class Resource:
             ``False`` (default): every request waits up to its timeout, as
             the original package. Its 503's ``Retry-After`` is the
             predicted wait (rounded up) plus the limiter's ``retry_after``,
-            at most 60 s. With
+            at most 60 s or the request's timeout plus ``retry_after``. With
             ``scope="host"``: the waiters ahead are those of every process
             of the host, and the estimate is fed by every process's requests.
             Not supported with ``per_key`` (ValueError).

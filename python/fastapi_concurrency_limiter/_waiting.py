@@ -250,16 +250,16 @@ async def wait(
     loop = asyncio.get_running_loop()
     started = loop.time()
     future: asyncio.Future[_core.Outcome] = loop.create_future()
+    # The engine's early rejection predicts against whichever ends the wait
+    # first: the timeout or the client's deadline.
+    ends = timeout
+    if deadline is not None and (timeout is None or deadline < timeout):
+        ends = deadline
     if timeout is not None and timeout <= 0:
         # "Try once": never queued, so it can neither take a slot released
         # later nor push a waiter out of a full queue; rejected now.
         outcome = acquisition.try_once()
     else:
-        # The engine's early rejection predicts against whichever ends the
-        # wait first: the timeout or the client's deadline.
-        ends = timeout
-        if deadline is not None and (timeout is None or deadline < timeout):
-            ends = deadline
         outcome = acquisition.start(future, loop, ends)
     if outcome is _PENDING:
         timer = None
@@ -301,5 +301,5 @@ async def wait(
         log_rejection(resource, reason, loop.time() - started)
         predicted = acquisition.predicted_wait if outcome is _PREDICTED else None
         if rejection is not None:
-            raise rejection.error(resource, reason, predicted)
-        raise ServerBusy(resource, reason, retry_after_for(retry_after, predicted))
+            raise rejection.error(resource, reason, predicted, ends)
+        raise ServerBusy(resource, reason, retry_after_for(retry_after, predicted, ends))

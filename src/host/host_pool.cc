@@ -11,6 +11,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <limits>
 #include <atomic>
 #include <cerrno>
 #include <chrono>
@@ -982,7 +983,13 @@ Outcome HostPool::enqueue(WaiterNode& node, NoticeList& notices, bool early_reje
       if (static_cast<double>(h.waiting) * own_weight >= enough) {
         const double ahead = waiters_ahead_locked(cls, newest_first, own_weight, enough);
         if (ahead > 0.0 && ahead / static_cast<double>(lim) * *service > patience) {
-          node.predicted_wait_ = ahead / static_cast<double>(lim) * *service;
+          // Refused: what it is told to wait counts the whole queue ahead
+          // (the walk above stopped once the wait exceeded its time left).
+          const double all =
+              ahead >= enough ? waiters_ahead_locked(cls, newest_first, own_weight,
+                                                     std::numeric_limits<double>::infinity())
+                              : ahead;
+          node.predicted_wait_ = all / static_cast<double>(lim) * *service;
           return refuse_locked(node, Outcome::kPredictedTimeout);
         }
       }

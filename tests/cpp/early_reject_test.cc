@@ -130,6 +130,25 @@ TEST(EarlyReject, FifoLongQueueRefusedAtOnceWithoutQueueingOrLeak) {
   EXPECT_TRUE(r->try_acquire());
 }
 
+// predicted_wait() is the resource's prediction only: an acquisition that
+// its owner refused or cancelled with kPredictedTimeout has none.
+TEST(EarlyReject, NoPredictionMadeMeansNoPredictedWait) {
+  auto r = early(QueueDiscipline::kFifo);
+  Acquisition refused(set_of({r}));
+  EXPECT_EQ(refused.refuse(Outcome::kPredictedTimeout), Outcome::kPredictedTimeout);
+  EXPECT_FALSE(refused.predicted_wait().has_value());
+
+  Acquisition holder(set_of({r}));
+  ASSERT_TRUE(holder.try_acquire());
+  Recorder rec;
+  Acquisition waiter(set_of({r}));
+  ASSERT_EQ(waiter.start(rec.callback()), Outcome::kPending);
+  waiter.cancel(Outcome::kPredictedTimeout);
+  EXPECT_EQ(waiter.outcome(), Outcome::kPredictedTimeout);
+  EXPECT_FALSE(waiter.predicted_wait().has_value());
+  holder.release();
+}
+
 TEST(EarlyReject, LongTimeoutWaits) {
   auto r = early(QueueDiscipline::kFifo);
   teach(r, 20ms);

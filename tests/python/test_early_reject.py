@@ -14,7 +14,7 @@ import pytest
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse
 
-from fastapi_concurrency_limiter import Limiter, Resource, ServerBusy
+from fastapi_concurrency_limiter import Limiter, Priority, Resource, ServerBusy
 from fastapi_concurrency_limiter._errors import RETRY_AFTER_CAP, Rejection
 
 from .conftest import eventually, held_elsewhere
@@ -153,3 +153,50 @@ def test_a_predicted_wait_asks_for_at_most_a_minute_and_never_less_than_retry_af
     assert Rejection(120, 503, "busy").error("db", "predicted_timeout", 3.0).retry_after == 120
     assert Rejection(0, 503, "busy").error("db", "predicted_timeout", 2.5).retry_after == 3
     assert Rejection(None, 503, "busy").error("db", "predicted_timeout", 7.0).headers is None
+    # A request with a long timeout is told at least what waiting it out would have cost.
+    one = Rejection(1, 503, "busy")
+    assert one.error("db", "predicted_timeout", 100.0, 89.5).retry_after == 90 + 1
+    assert one.error("db", "predicted_timeout", float("inf"), 90.0).retry_after == 90 + 1
+    assert one.error("db", "predicted_timeout", 100.0, 2.0).retry_after == RETRY_AFTER_CAP
+
+
+async def test_the_predicted_wait_counts_the_whole_queue_ahead_behind_a_lower_class(  # type: ignore[no-untyped-def]
+    asgi_client, scope_and_name: tuple[str, str]
+) -> None:
+    # Ten CRITICAL requests wait on one slot, a SHEDDABLE one behind them; a
+    # CRITICAL newcomer with 0.1 s to wait is told the ten's whole wait.
+    scope, name = scope_and_name
+    db = Resource(1, name=name, scope=scope, early_reject=True)  # type: ignore[arg-type]
+    limiter = Limiter(timeout=0.1, resources=[db], retry_after=1)
+    app = FastAPI()
+
+    @app.get("/work")
+    @limiter.resources([db])
+    async def work(hold: float = 0.0) -> dict[str, int]:
+        await asyncio.sleep(hold)
+        return {"ok": 1}
+
+    @app.get("/patient")
+    @limiter.resources([db], timeout=60)
+    async def patient() -> dict[str, int]:
+        return {"ok": 1}
+
+    @app.get("/background")
+    @limiter.resources([db], timeout=60, priority=Priority.SHEDDABLE)
+    async def background() -> dict[str, int]:
+        return {"ok": 1}
+
+    async with asgi_client(app) as client:
+        assert (await client.get("/work", params={"hold": 0.3})).status_code == 200
+        async with held_elsewhere(limiter, [db]):
+            waiting = [asyncio.create_task(client.get("/patient")) for _ in range(10)]
+            await eventually(lambda: db.waiting == 10)
+            waiting.append(asyncio.create_task(client.get("/background")))
+            await eventually(lambda: db.waiting == 11)
+            estimate = db.statistics().service_seconds
+            assert estimate is not None and estimate >= 0.3
+            r = await client.get("/work")
+            assert r.status_code == 503
+        assert all(w.status_code == 200 for w in await asyncio.gather(*waiting))
+    assert db.statistics().rejected_total["predicted_timeout"] == 1
+    assert r.headers["retry-after"] == str(math.ceil(10 * estimate) + 1)
