@@ -96,8 +96,13 @@ struct Signal {
     // acq_rel: the waiter's acquire load of kDone sees the acquisition
     // decided.
     if (state.compare_exchange_strong(expected, kDone, std::memory_order_acq_rel)) return;
-    detail::MutexLock lock(mu);
-    state.store(kDone, std::memory_order_release);
+    {
+      detail::MutexLock lock(mu);
+      state.store(kDone, std::memory_order_release);
+    }
+    // After the unlock: a waiter woken under the mutex would only block on
+    // it again. The signal outlives this call (the callback that calls it
+    // owns a reference).
     cv.notify_one();
   }
   bool done() const { return state.load(std::memory_order_acquire) == kDone; }
@@ -129,9 +134,9 @@ struct Signal {
 Permit acquire_blocking(std::shared_ptr<const ResourceSet> set,
                         Clock::time_point deadline, std::stop_token stop,
                         std::optional<std::string> key, Priority priority) {
-  // Declared before the acquisition so that it outlives the acquisition's
-  // destructor, which waits for a completion still in flight.
-  Signal signal;
+  // Shared with the callback: the thread that decides the acquisition may
+  // still be notifying when this thread, woken, has returned.
+  const auto signal = std::make_shared<Signal>();
   auto acq = std::make_unique<Acquisition>(std::move(set), std::move(key), priority);
   // A deadline not in the future tries once and never queues (a queued
   // request could take a slot released later, or push a waiter out).
@@ -142,13 +147,13 @@ Permit acquire_blocking(std::shared_ptr<const ResourceSet> set,
   // A class other than the default takes a free slot without a lock first,
   // as the default class's callers do before they come here.
   if (priority != Priority::kCritical && acq->try_acquire()) return make_permit(std::move(acq));
-  const Outcome o = acq->start([&signal](Outcome) { signal.notify(); }, deadline);
+  const Outcome o = acq->start([signal](Outcome) { signal->notify(); }, deadline);
   if (o == Outcome::kPending) {
     // Runs at once in this thread if a stop was already requested.
     std::stop_callback on_stop(stop, [&acq] { acq->cancel(Outcome::kCancelled); });
-    if (!signal.wait_until(deadline)) {
+    if (!signal->wait_until(deadline)) {
       acq->expire();  // calls back (here) unless a grant or stop came first
-      signal.wait();
+      signal->wait();
     }
   }
   return make_permit(std::move(acq));
