@@ -40,6 +40,11 @@ nb::dict rejected_by_reason(const Statistics& s) {
   return out;
 }
 
+// A per-class array as a list of one count per priority value.
+std::vector<std::int64_t> by_class(const std::array<std::int64_t, cl::kPriorityCount>& counts) {
+  return {counts.begin(), counts.end()};
+}
+
 // ResourceOptions::reserve from a list of one count per priority value.
 std::array<std::int64_t, cl::kPriorityCount> reserve_from(
     const std::vector<std::int64_t>& reserve) {
@@ -324,6 +329,8 @@ NB_MODULE(_core, m) {
   nb::class_<cl::HostProcessInfo>(m, "HostProcessInfo")
       .def_ro("pid", &cl::HostProcessInfo::pid)
       .def_ro("held", &cl::HostProcessInfo::held)
+      .def_prop_ro("held_by_class",
+                   [](const cl::HostProcessInfo& p) { return by_class(p.held_by_class); })
       .def_ro("waiting", &cl::HostProcessInfo::waiting)
       .def_ro("alive", &cl::HostProcessInfo::alive)
       .def_ro("other_pid_namespace", &cl::HostProcessInfo::other_pid_namespace);
@@ -335,6 +342,7 @@ NB_MODULE(_core, m) {
       .def_ro("adaptive", &cl::HostResourceInfo::adaptive)
       .def_ro("max_waiting", &cl::HostResourceInfo::max_waiting)
       .def_ro("queue", &cl::HostResourceInfo::queue)
+      .def_prop_ro("reserve", [](const cl::HostResourceInfo& r) { return by_class(r.reserve); })
       .def_ro("in_use", &cl::HostResourceInfo::in_use)
       .def_ro("waiting", &cl::HostResourceInfo::waiting)
       .def_ro("repairs", &cl::HostResourceInfo::repairs)

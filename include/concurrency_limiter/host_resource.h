@@ -189,6 +189,7 @@
 
 #include <sys/types.h>
 
+#include <array>
 #include <cstdint>
 #include <optional>
 #include <string>
@@ -203,6 +204,10 @@ namespace concurrency_limiter {
 struct HostProcessInfo {
   pid_t pid = 0;
   std::int64_t held = 0;     // slots it holds
+  // Of them, those held by requests of each priority class (indexed by
+  // priority_index(): sheddable first); a slot carried over by a forced
+  // reset counts in the class it was held in.
+  std::array<std::int64_t, kPriorityCount> held_by_class{};
   std::int64_t waiting = 0;  // requests it has queued
   bool alive = true;         // false: dead, to be reclaimed
   // Registered from another PID namespace than the caller's (its pid is
@@ -218,6 +223,9 @@ struct HostResourceInfo {
   bool adaptive = false;      // a limit algorithm moves the limit
   std::optional<std::int64_t> max_waiting;
   QueueDiscipline queue = QueueDiscipline::kFifo;
+  // Slots reserved for each priority class and those above it
+  // (ResourceOptions::reserve), indexed by priority_index().
+  std::array<std::int64_t, kPriorityCount> reserve{};
   std::int64_t in_use = 0;
   std::int64_t waiting = 0;
   std::uint64_t repairs = 0;  // times the state was rebuilt after a crash

@@ -12,6 +12,7 @@ import sys
 from typing import Any
 
 from . import _core
+from ._priority import LABELS
 
 
 def _snapshot() -> list[dict[str, Any]]:
@@ -22,6 +23,7 @@ def _snapshot() -> list[dict[str, Any]]:
             "limit": r.limit,
             "adaptive": r.adaptive,
             "queue": r.queue.name,
+            "reserve": {label: n for label, n in zip(LABELS, r.reserve, strict=True) if n},
             "max_waiting": r.max_waiting,
             "in_use": r.in_use,
             "waiting": r.waiting,
@@ -31,6 +33,7 @@ def _snapshot() -> list[dict[str, Any]]:
                 {
                     "pid": p.pid,
                     "held": p.held,
+                    "held_by_class": dict(zip(LABELS, p.held_by_class, strict=True)),
                     "waiting": p.waiting,
                     "alive": p.alive,
                     "other_pid_namespace": p.other_pid_namespace,
@@ -65,15 +68,22 @@ def _status(as_json: bool) -> int:
         limit = ""
         if r["adaptive"] or r["limit"] != r["capacity"]:
             limit = f", limit {r['limit']}" + (" (adaptive)" if r["adaptive"] else "")
+        reserve = ""
+        if r["reserve"]:
+            reserve = ", reserve " + ", ".join(f"{c} {n}" for c, n in r["reserve"].items())
         print(
-            f"{r['name']}: capacity {r['capacity']}{limit}, in use {r['in_use']}, "
+            f"{r['name']}: capacity {r['capacity']}{limit}{reserve}, in use {r['in_use']}, "
             f"waiting {r['waiting']} ({r['queue']}, {bound})"
         )
         for p in r["processes"]:
             state = "" if p["alive"] else "  (dead, being reclaimed)"
             if p["other_pid_namespace"]:
                 state += "  (pid of another PID namespace)"
-            print(f"  pid {p['pid']}: held {p['held']}, waiting {p['waiting']}{state}")
+            held = str(p["held"])
+            classes = {c: n for c, n in p["held_by_class"].items() if n}
+            if set(classes) - {"critical"}:  # classes in use: say which hold what
+                held += " (" + ", ".join(f"{c} {n}" for c, n in reversed(classes.items())) + ")"
+            print(f"  pid {p['pid']}: held {held}, waiting {p['waiting']}{state}")
     return 0
 
 

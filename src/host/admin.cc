@@ -97,6 +97,7 @@ std::vector<HostResourceInfo> list_host_resources() {
       info.capacity = c.capacity;
       if (c.max_waiting >= 0) info.max_waiting = c.max_waiting;
       info.queue = static_cast<QueueDiscipline>(c.queue);
+      for (std::size_t k = 0; k < kPriorityCount; ++k) info.reserve[k] = c.reserve[k];
       info.adaptive = c.limit.kind != static_cast<std::uint32_t>(host::LimitKind::kNone);
       info.in_use = s->header.in_use;
       info.limit = std::clamp<std::int64_t>(s->header.limit.load(std::memory_order_relaxed), 1,
@@ -106,7 +107,17 @@ std::vector<HostResourceInfo> list_host_resources() {
       for (std::uint32_t p = 0; p < kMaxProcesses; ++p) {
         const auto& q = s->processes[p];
         if (q.pid == 0) continue;
-        HostProcessInfo process{q.pid, q.held, q.waiting, true};
+        HostProcessInfo process{.pid = q.pid, .held = q.held, .waiting = q.waiting};
+        // The segment counts the classes other than kCritical; kCritical
+        // holds the rest.
+        const std::size_t critical = priority_index(Priority::kCritical);
+        std::int64_t others = 0;
+        for (std::size_t k = 0; k < kPriorityCount; ++k) {
+          if (k == critical) continue;
+          process.held_by_class[k] = std::clamp<std::int64_t>(q.class_held[k], 0, q.held);
+          others += process.held_by_class[k];
+        }
+        process.held_by_class[critical] = std::max<std::int64_t>(q.held - others, 0);
         // Through this call's own descriptor: every registered process's
         // lock is another's, this process's own included.
         process.alive = host::liveness(o.fd, p) != host::Liveness::kDead;

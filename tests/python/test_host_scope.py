@@ -271,13 +271,15 @@ def test_status_and_reset(name: str) -> None:
         assert len(mine) == 1
         assert mine[0]["capacity"] == 3 and mine[0]["in_use"] == 3
         assert mine[0]["max_waiting"] == 7
-        held = {"pid": holder.pid, "held": 3, "waiting": 0, "alive": True,
-                "other_pid_namespace": False}
+        by_class = {"sheddable": 0, "sheddable_plus": 0, "critical": 3, "critical_plus": 0}
+        held = {"pid": holder.pid, "held": 3, "held_by_class": by_class, "waiting": 0,
+                "alive": True, "other_pid_namespace": False}
         assert held in mine[0]["processes"]
         # Registered at open, before any request: this process too.
         assert os.getpid() in [p["pid"] for p in mine[0]["processes"]]
+        assert mine[0]["reserve"] == {}
         text = subprocess.run(cmd + ["status"], capture_output=True, text=True).stdout
-        assert f"pid {holder.pid}: held 3" in text
+        assert f"pid {holder.pid}: held 3, waiting 0" in text  # only critical: no breakdown
         refused = subprocess.run(cmd + ["reset", name], capture_output=True, text=True)
         assert refused.returncode == 1
         assert str(holder.pid) in refused.stderr
@@ -300,6 +302,59 @@ def test_status_and_reset(name: str) -> None:
         assert time.monotonic() < deadline, mine
         time.sleep(0.1)
     assert mine[0]["in_use"] == 0
+
+
+def test_status_shows_the_reserves_and_what_each_class_holds(name: str) -> None:
+    # An operator asks which worker holds the reserved slots.
+    db = Resource(4, name=name, scope="host", reserve={Priority.CRITICAL_PLUS: 1})
+    code = (
+        "import asyncio, sys\n"
+        "from fastapi_concurrency_limiter import Limiter, Priority, Resource\n"
+        f"r = Resource(4, name={name!r}, scope='host', reserve={{Priority.CRITICAL_PLUS: 1}})\n"
+        "limiter = Limiter(timeout=1, resources=[r])\n"
+        "async def hold(priority, held, done):\n"
+        "    async with limiter.acquire([r], priority=priority):\n"
+        "        held.set()\n"
+        "        await done.wait()\n"
+        "async def main():\n"
+        "    done = asyncio.Event()\n"
+        "    held = [asyncio.Event() for _ in range(3)]\n"
+        "    classes = [Priority.CRITICAL_PLUS, Priority.SHEDDABLE, Priority.SHEDDABLE]\n"
+        "    tasks = [asyncio.create_task(hold(c, h, done)) for c, h in zip(classes, held)]\n"
+        "    for h in held:\n"
+        "        await h.wait()\n"
+        "    print('ready', flush=True)\n"
+        "    await asyncio.to_thread(sys.stdin.readline)\n"
+        "    done.set()\n"
+        "    await asyncio.gather(*tasks)\n"
+        "asyncio.run(main())\n"
+    )
+    other = subprocess.Popen(
+        [sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    assert other.stdout is not None and other.stdin is not None
+    cmd = [sys.executable, "-m", "fastapi_concurrency_limiter", "status"]
+    try:
+        assert other.stdout.readline().strip() == "ready"
+        out = subprocess.run(cmd + ["--json"], capture_output=True, text=True)
+        assert out.returncode == 0, out.stderr
+        (mine,) = [r for r in json.loads(out.stdout) if r["name"] == name]
+        assert mine["reserve"] == {"critical_plus": 1}
+        (theirs,) = [p for p in mine["processes"] if p["pid"] == other.pid]
+        assert theirs["held"] == 3
+        assert theirs["held_by_class"] == {
+            "sheddable": 2, "sheddable_plus": 0, "critical": 0, "critical_plus": 1
+        }
+        text = subprocess.run(cmd, capture_output=True, text=True).stdout
+        assert f"{name}: capacity 4, reserve critical_plus 1, in use 3" in text
+        assert f"pid {other.pid}: held 3 (critical_plus 1, sheddable 2), waiting 0" in text
+        other.stdin.write("\n")
+        other.stdin.flush()
+        assert other.wait(timeout=30) == 0
+    finally:
+        other.kill()
+        other.wait()
+    assert db.in_use == 0
 
 
 # --- real multi-worker servers ---------------------------------------------------
