@@ -134,9 +134,6 @@ struct Signal {
 Permit acquire_blocking(std::shared_ptr<const ResourceSet> set,
                         Clock::time_point deadline, std::stop_token stop,
                         std::optional<std::string> key, Priority priority) {
-  // Shared with the callback: the thread that decides the acquisition may
-  // still be notifying when this thread, woken, has returned.
-  const auto signal = std::make_shared<Signal>();
   auto acq = std::make_unique<Acquisition>(std::move(set), std::move(key), priority);
   // A deadline not in the future tries once and never queues (a queued
   // request could take a slot released later, or push a waiter out).
@@ -147,6 +144,9 @@ Permit acquire_blocking(std::shared_ptr<const ResourceSet> set,
   // A class other than the default takes a free slot without a lock first,
   // as the default class's callers do before they come here.
   if (priority != Priority::kCritical && acq->try_acquire()) return make_permit(std::move(acq));
+  // Shared with the callback: the thread that decides the acquisition may
+  // still be notifying when this thread, woken, has returned.
+  const auto signal = std::make_shared<Signal>();
   const Outcome o = acq->start([signal](Outcome) { signal->notify(); }, deadline);
   if (o == Outcome::kPending) {
     // Runs at once in this thread if a stop was already requested.

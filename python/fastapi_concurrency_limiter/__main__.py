@@ -70,7 +70,8 @@ def _status(as_json: bool) -> int:
             limit = f", limit {r['limit']}" + (" (adaptive)" if r["adaptive"] else "")
         reserve = ""
         if r["reserve"]:
-            reserve = ", reserve " + ", ".join(f"{c} {n}" for c, n in r["reserve"].items())
+            reserved = reversed(r["reserve"].items())  # highest class first, as below
+            reserve = ", reserve " + ", ".join(f"{c} {n}" for c, n in reserved)
         print(
             f"{r['name']}: capacity {r['capacity']}{limit}{reserve}, in use {r['in_use']}, "
             f"waiting {r['waiting']} ({r['queue']}, {bound})"

@@ -107,17 +107,10 @@ std::vector<HostResourceInfo> list_host_resources() {
       for (std::uint32_t p = 0; p < kMaxProcesses; ++p) {
         const auto& q = s->processes[p];
         if (q.pid == 0) continue;
-        HostProcessInfo process{.pid = q.pid, .held = q.held, .waiting = q.waiting};
-        // The segment counts the classes other than kCritical; kCritical
-        // holds the rest.
-        const std::size_t critical = priority_index(Priority::kCritical);
-        std::int64_t others = 0;
-        for (std::size_t k = 0; k < kPriorityCount; ++k) {
-          if (k == critical) continue;
-          process.held_by_class[k] = std::clamp<std::int64_t>(q.class_held[k], 0, q.held);
-          others += process.held_by_class[k];
-        }
-        process.held_by_class[critical] = std::max<std::int64_t>(q.held - others, 0);
+        HostProcessInfo process{.pid = q.pid, .waiting = q.waiting};
+        // As the repair would count them: adding up to the held slots.
+        process.held_by_class = host::held_by_class(q, s->header.held_bound);
+        for (const std::int64_t n : process.held_by_class) process.held += n;
         // Through this call's own descriptor: every registered process's
         // lock is another's, this process's own included.
         process.alive = host::liveness(o.fd, p) != host::Liveness::kDead;

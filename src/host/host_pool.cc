@@ -96,7 +96,7 @@ void count_class(host::Header& h, std::size_t c, std::int64_t delta) {
 // Counts one slot of class `c` out of process `p`'s per-class counts (the
 // caller takes it off `held`); returns the class it was counted out of:
 // `c`, or another the process holds when its counts do not show a slot of
-// `c` (a slot carried over from a removed segment counts as kCritical).
+// `c` (a slot whose class the counts lost counts as kCritical).
 std::size_t count_out_of(Process& p, std::size_t c) {
   const std::size_t critical = priority_index(Priority::kCritical);
   if (c < kPriorityCount && c != critical && p.class_held[c] > 0) {
@@ -779,11 +779,9 @@ void HostPool::reclaim_locked(std::uint32_t proc, NoticeList& notices, Wakes& wa
   Process& p = seg()->processes[proc];
   std::int64_t freed = std::clamp<std::int64_t>(p.held, 0, h.held_bound);
   // Each class gets its slots back (kCritical's: the rest of in_use).
-  std::int64_t left = freed;
+  const std::array<std::int64_t, kPriorityCount> classes = host::held_by_class(p, h.held_bound);
   for (std::size_t c = 0; c < kPriorityCount; ++c) {
-    const std::int64_t n = std::clamp<std::int64_t>(p.class_held[c], 0, left);
-    left -= n;
-    count_class(h, c, -n);
+    count_class(h, c, -classes[c]);  // no-op for kCritical
     p.class_held[c] = 0;
   }
   for (std::uint32_t i = 0; i < kMaxWaiters; ++i) {

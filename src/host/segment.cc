@@ -1046,15 +1046,10 @@ void rebuild(Segment& s) noexcept {
     in_use += p.held;
     // Each class's count in range, together at most what the process holds
     // (kCritical's is the rest).
-    std::int64_t left = p.held;
+    const std::array<std::int64_t, kPriorityCount> classes = held_by_class(p, p.held);
     for (std::size_t c = 0; c < kPriorityCount; ++c) {
-      if (c == critical) {
-        p.class_held[c] = 0;
-        continue;
-      }
-      p.class_held[c] = std::clamp<std::int64_t>(p.class_held[c], 0, left);
-      left -= p.class_held[c];
-      h.class_in_use[c] += p.class_held[c];
+      p.class_held[c] = c == critical ? 0 : classes[c];
+      if (c != critical) h.class_in_use[c] += classes[c];
     }
   }
   // On the stack, not the heap: this runs with the mutex held, where an

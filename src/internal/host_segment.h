@@ -427,6 +427,23 @@ inline bool has_reserve(const Config& c) noexcept {
 }
 // The slots each class holds host-wide (index: priority_index()), from the
 // header's counts brought into range; kCritical's is the rest of in_use.
+// The slots process `p` holds in each class, its counts brought into
+// range as the repair does: `held` into [0, bound], then each class but
+// kCritical in turn (the lowest first) into what is left of it; kCritical
+// holds the rest. So the classes always add up to the held slots.
+inline std::array<std::int64_t, kPriorityCount> held_by_class(const Process& p,
+                                                              std::int64_t bound) noexcept {
+  std::array<std::int64_t, kPriorityCount> held{};
+  const std::size_t critical = priority_index(Priority::kCritical);
+  std::int64_t left = std::clamp<std::int64_t>(p.held, 0, std::max<std::int64_t>(bound, 0));
+  for (std::size_t c = 0; c < kPriorityCount; ++c) {
+    if (c == critical) continue;
+    held[c] = std::clamp<std::int64_t>(p.class_held[c], 0, left);
+    left -= held[c];
+  }
+  held[critical] = left;
+  return held;
+}
 inline std::array<std::int64_t, kPriorityCount> class_in_use(const Header& h) noexcept {
   std::array<std::int64_t, kPriorityCount> held{};
   const std::size_t critical = priority_index(Priority::kCritical);

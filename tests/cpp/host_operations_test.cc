@@ -623,5 +623,77 @@ TEST(HostOperations, ARollingUpgradeFromThePreviousReleaseNeverDoublesTheCapacit
   EXPECT_TRUE(db->try_acquire());
 }
 
+
+// `status` figures from a damaged segment: the per-class counts of a
+// process are brought into range as the repair would bring them, so they
+// never add up to more than the process holds nor go below zero.
+detail::host::Process* own_entry(detail::host::Segment* seg) {
+  for (auto& p : seg->processes) {
+    if (p.pid == ::getpid()) return &p;
+  }
+  return nullptr;
+}
+
+HostProcessInfo own_status(const std::string& name) {
+  for (const HostResourceInfo& info : list_host_resources()) {
+    if (info.name != name) continue;
+    for (const HostProcessInfo& p : info.processes) {
+      if (p.pid == ::getpid()) return p;
+    }
+  }
+  throw std::runtime_error("not listed");
+}
+
+std::int64_t total(const HostProcessInfo& p) {
+  std::int64_t sum = 0;
+  for (const std::int64_t n : p.held_by_class) {
+    EXPECT_GE(n, 0);
+    sum += n;
+  }
+  return sum;
+}
+
+TEST(HostOperations, StatusSplitsDamagedClassCountsAsTheRepairWould) {
+  const std::string name = unique_name("status-classes");
+  Cleanup cleanup{name};
+  auto db = std::make_shared<Resource>(
+      ResourceOptions{.name = name, .capacity = 4, .scope = Scope::kHost});
+  Limiter limiter({db}, std::chrono::seconds(1));
+  const auto set = limiter.select({db});
+  Permit a = limiter.acquire(set, std::nullopt, Priority::kSheddable);
+  Permit b = limiter.acquire(set, std::nullopt, Priority::kSheddable);
+  ASSERT_TRUE(a && b);
+  {
+    const HostProcessInfo p = own_status(name);
+    EXPECT_EQ(p.held, 2);
+    EXPECT_EQ(p.held_by_class[priority_index(Priority::kSheddable)], 2);
+    EXPECT_EQ(total(p), 2);
+  }
+  const int fd = ::open(shm_path(name).c_str(), O_RDWR);
+  ASSERT_GE(fd, 0);
+  auto* seg = static_cast<detail::host::Segment*>(::mmap(
+      nullptr, sizeof(detail::host::Segment), PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0));
+  ::close(fd);
+  ASSERT_NE(seg, MAP_FAILED);
+  detail::host::Process* me = own_entry(seg);
+  ASSERT_NE(me, nullptr);
+  const std::size_t plus = priority_index(Priority::kCriticalPlus);
+  // Two critical_plus slots besides the two sheddable ones, of two held.
+  me->class_held[plus] = 2;
+  HostProcessInfo p = own_status(name);
+  EXPECT_EQ(p.held, 2);
+  EXPECT_EQ(total(p), 2);
+  EXPECT_EQ(p.held_by_class[priority_index(Priority::kSheddable)], 2);
+  me->class_held[plus] = 0;
+  // A negative count of held slots: nothing held, in any class.
+  const std::int64_t held = me->held;
+  me->held = -1;
+  p = own_status(name);
+  EXPECT_EQ(p.held, 0);
+  EXPECT_EQ(total(p), 0);
+  me->held = held;
+  ::munmap(seg, sizeof(detail::host::Segment));
+}
+
 }  // namespace
 }  // namespace concurrency_limiter
