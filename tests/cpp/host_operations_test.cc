@@ -58,6 +58,30 @@ struct Cleanup {
   ~Cleanup() { ::unlink(shm_path(name).c_str()); }
 };
 
+// The segment of host resource `name`, mapped for writing (to damage it as
+// a crash or another program would), unmapped when it goes out of scope.
+class MappedSegment {
+ public:
+  explicit MappedSegment(const std::string& name) {
+    const int fd = ::open(shm_path(name).c_str(), O_RDWR);
+    if (fd < 0) return;
+    void* p = ::mmap(nullptr, sizeof(detail::host::Segment), PROT_READ | PROT_WRITE, MAP_SHARED,
+                     fd, 0);
+    ::close(fd);
+    if (p != MAP_FAILED) seg_ = static_cast<detail::host::Segment*>(p);
+  }
+  MappedSegment(const MappedSegment&) = delete;
+  MappedSegment& operator=(const MappedSegment&) = delete;
+  ~MappedSegment() {
+    if (seg_ != nullptr) ::munmap(seg_, sizeof(detail::host::Segment));
+  }
+  detail::host::Segment* get() const { return seg_; }  // null if it could not be mapped
+  detail::host::Segment* operator->() const { return seg_; }
+
+ private:
+  detail::host::Segment* seg_ = nullptr;
+};
+
 std::shared_ptr<Resource> host_resource(const std::string& name, std::int64_t capacity) {
   return std::make_shared<Resource>(
       ResourceOptions{.name = name, .capacity = capacity, .scope = Scope::kHost});
@@ -437,20 +461,17 @@ TEST(HostOperations, APoisonedPriorityInheritanceMutexAbortsNobody) {
     gone = opener.pid();
     opener.join();  // reaped: its pid names no thread
   }
-  const int fd = ::open(shm_path(name).c_str(), O_RDWR);
-  ASSERT_GE(fd, 0);
-  auto* seg = static_cast<detail::host::Segment*>(::mmap(
-      nullptr, sizeof(detail::host::Segment), PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0));
-  ::close(fd);
-  ASSERT_NE(seg, MAP_FAILED);
-  // glibc x86-64/aarch64 layout: __lock at 0, __owner at 8, __kind at 16.
-  // Kind: robust (16) | priority inheritance (32) | process-shared (128).
-  char* m = reinterpret_cast<char*>(&seg->header.mutex);
-  const std::int32_t lock = gone, kind = 16 | 32 | 128;
-  std::memcpy(m + 0, &lock, sizeof lock);
-  std::memcpy(m + 8, &lock, sizeof lock);
-  std::memcpy(m + 16, &kind, sizeof kind);
-  ::munmap(seg, sizeof(detail::host::Segment));
+  {
+    MappedSegment seg(name);
+    ASSERT_NE(seg.get(), nullptr);
+    // glibc x86-64/aarch64 layout: __lock at 0, __owner at 8, __kind at 16.
+    // Kind: robust (16) | priority inheritance (32) | process-shared (128).
+    char* m = reinterpret_cast<char*>(&seg->header.mutex);
+    const std::int32_t lock = gone, kind = 16 | 32 | 128;
+    std::memcpy(m + 0, &lock, sizeof lock);
+    std::memcpy(m + 8, &lock, sizeof lock);
+    std::memcpy(m + 16, &kind, sizeof kind);
+  }
 
   const int status_status = in_child([&] {
     (void)list_host_resources();
@@ -568,14 +589,11 @@ TEST(HostOperations, AProcessReattachingToARetiredSegmentStillLinkedDoesNotFail)
   const std::string name = unique_name("retired-linked");
   Cleanup cleanup{name};
   auto db = host_resource(name, 1);
-  const int fd = ::open(shm_path(name).c_str(), O_RDWR);
-  ASSERT_GE(fd, 0);
-  auto* seg = static_cast<detail::host::Segment*>(::mmap(
-      nullptr, sizeof(detail::host::Segment), PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0));
-  ::close(fd);
-  ASSERT_NE(seg, MAP_FAILED);
-  seg->header.retired.store(1);  // as reset does first
-  ::munmap(seg, sizeof(detail::host::Segment));
+  {
+    MappedSegment seg(name);
+    ASSERT_NE(seg.get(), nullptr);
+    seg->header.retired.store(1);  // as reset does first
+  }
   try {
     Permit p = db->acquire_for(1s);
     EXPECT_TRUE(p) << to_string(p.outcome());
@@ -669,13 +687,9 @@ TEST(HostOperations, StatusSplitsDamagedClassCountsAsTheRepairWould) {
     EXPECT_EQ(p.held_by_class[priority_index(Priority::kSheddable)], 2);
     EXPECT_EQ(total(p), 2);
   }
-  const int fd = ::open(shm_path(name).c_str(), O_RDWR);
-  ASSERT_GE(fd, 0);
-  auto* seg = static_cast<detail::host::Segment*>(::mmap(
-      nullptr, sizeof(detail::host::Segment), PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0));
-  ::close(fd);
-  ASSERT_NE(seg, MAP_FAILED);
-  detail::host::Process* me = own_entry(seg);
+  MappedSegment seg(name);
+  ASSERT_NE(seg.get(), nullptr);
+  detail::host::Process* me = own_entry(seg.get());
   ASSERT_NE(me, nullptr);
   const std::size_t plus = priority_index(Priority::kCriticalPlus);
   // Two critical_plus slots besides the two sheddable ones, of two held.
@@ -692,7 +706,6 @@ TEST(HostOperations, StatusSplitsDamagedClassCountsAsTheRepairWould) {
   EXPECT_EQ(p.held, 0);
   EXPECT_EQ(total(p), 0);
   me->held = held;
-  ::munmap(seg, sizeof(detail::host::Segment));
 }
 
 }  // namespace

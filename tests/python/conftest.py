@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import os
 import socket
 import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -123,3 +125,16 @@ async def held_elsewhere(
     finally:
         leave.set()
         await task
+
+
+@pytest.fixture(params=["process", "host"])
+def scope_and_name(request: pytest.FixtureRequest) -> Iterator[tuple[str, str]]:
+    """Each scope; a host resource gets a fresh name, and its shared segment
+    (which outlives the process) is removed afterwards."""
+    if request.param == "process":
+        yield "process", "db"
+        return
+    name = f"py{os.getpid()}-early-{time.monotonic_ns() % 10**9}"
+    yield "host", name
+    shm = Path(os.environ.get("FCL_HOST_DIR") or f"/dev/shm/fcl-host.{os.getuid()}") / name
+    shm.unlink(missing_ok=True)

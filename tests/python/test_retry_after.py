@@ -14,7 +14,8 @@ import httpx
 import pytest
 from fastapi import APIRouter, Depends, FastAPI, WebSocket
 
-from fastapi_concurrency_limiter import Limiter, Resource, ServerBusy
+from fastapi_concurrency_limiter import Limiter, Priority, Resource, ServerBusy
+from fastapi_concurrency_limiter._errors import RETRY_AFTER_CAP, Rejection
 
 from .conftest import eventually, held_elsewhere
 
@@ -45,10 +46,12 @@ async def _behind_a_queue(
     limiter: Limiter,
     db: Resource,
     probe: Callable[[httpx.AsyncClient], Awaitable[Any]],
+    retry_after: int = 2,
 ) -> tuple[Any, int]:
     """Teaches ``db`` a service time of >= 0.3 s, queues ten patient
     requests behind a held slot, runs ``probe``; returns what it returned and
-    the Retry-After expected with ``retry_after=2``."""
+    the Retry-After expected with the limiter's ``retry_after``: the ten's
+    predicted wait, rounded up, plus it."""
     async with httpx.AsyncClient(
         transport=httpx.ASGITransport(app=app), base_url="http://app"
     ) as client:
@@ -62,7 +65,7 @@ async def _behind_a_queue(
         assert all(w.status_code == 200 for w in await asyncio.gather(*waiting))
     assert db.statistics().rejected_total["predicted_timeout"] == 1
     assert (db.in_use, db.waiting) == (0, 0)
-    return result, math.ceil(TEN_AHEAD * estimate) + 2
+    return result, math.ceil(TEN_AHEAD * estimate) + retry_after
 
 
 @pytest.mark.parametrize("entry", ["sync", "dependency", "router", "asgi", "status_429"])
@@ -201,3 +204,69 @@ async def test_a_later_resource_that_refuses_after_a_wait_sends_its_own_predicti
     assert r.status_code == 503
     assert r.headers["retry-after"] == str(expected)
     assert (first.in_use, first.waiting) == (0, 0)
+
+
+@pytest.mark.parametrize("retry_after", [1, 30, None])
+async def test_an_early_refusal_asks_the_client_to_stay_away_as_long_as_it_would_have_waited(
+    scope_and_name: tuple[str, str], retry_after: int | None
+) -> None:
+    # A client told to retry in 1 s would meet the same queue: it is told the
+    # predicted wait plus the limiter's retry_after, and no header stays no
+    # header.
+    scope, name = scope_and_name
+    db = Resource(1, name=name, scope=scope, early_reject=True)  # type: ignore[arg-type]
+    limiter = Limiter(timeout=0.1, resources=[db], retry_after=retry_after)
+    r, expected = await _behind_a_queue(
+        _app(limiter, db), limiter, db, lambda client: client.get("/work"), retry_after or 0
+    )
+    assert r.status_code == 503
+    assert r.json() == {"detail": "Server busy, please retry later"}
+    if retry_after is None:
+        assert "retry-after" not in r.headers
+    else:
+        assert r.headers["retry-after"] == str(expected)
+
+
+async def test_the_predicted_wait_counts_the_whole_queue_ahead_behind_a_lower_class(
+    scope_and_name: tuple[str, str],
+) -> None:
+    # Ten CRITICAL requests wait on one slot, a SHEDDABLE one behind them; a
+    # CRITICAL newcomer with 0.1 s to wait is told the ten's whole wait.
+    scope, name = scope_and_name
+    db = Resource(1, name=name, scope=scope, early_reject=True)  # type: ignore[arg-type]
+    limiter = Limiter(timeout=0.1, resources=[db], retry_after=1)
+    app = _app(limiter, db)
+
+    @app.get("/background")
+    @limiter.resources([db], timeout=60, priority=Priority.SHEDDABLE)
+    async def background() -> dict[str, int]:
+        return {"ok": 1}
+
+    async def behind_a_lower_class(
+        client: httpx.AsyncClient,
+    ) -> tuple[asyncio.Task[httpx.Response], httpx.Response]:
+        waits = asyncio.create_task(client.get("/background"))
+        await eventually(lambda: db.waiting == TEN_AHEAD + 1)
+        return waits, await client.get("/work")
+
+    (waits, r), expected = await _behind_a_queue(app, limiter, db, behind_a_lower_class, 1)
+    assert (await waits).status_code == 200
+    assert r.status_code == 503
+    assert r.headers["retry-after"] == str(expected)
+
+
+def test_a_predicted_wait_asks_for_at_most_a_minute_and_never_less_than_retry_after() -> None:
+    rejection = Rejection(5, 503, "busy")
+    assert rejection.error("db", "predicted_timeout", 2.2).retry_after == 3 + 5
+    assert rejection.error("db", "predicted_timeout", 7.0).headers == {"Retry-After": "12"}
+    assert rejection.error("db", "timeout").retry_after == 5  # other reasons: as configured
+    for long in (55.5, 1e9, float("inf"), float("nan")):  # nan: a damaged estimate
+        assert rejection.error("db", "predicted_timeout", long).retry_after == RETRY_AFTER_CAP
+    assert Rejection(120, 503, "busy").error("db", "predicted_timeout", 3.0).retry_after == 120
+    assert Rejection(0, 503, "busy").error("db", "predicted_timeout", 2.5).retry_after == 3
+    assert Rejection(None, 503, "busy").error("db", "predicted_timeout", 7.0).headers is None
+    # A request with a long timeout is told at least what waiting it out would have cost.
+    one = Rejection(1, 503, "busy")
+    assert one.error("db", "predicted_timeout", 100.0, 89.5).retry_after == 90 + 1
+    assert one.error("db", "predicted_timeout", float("inf"), 90.0).retry_after == 90 + 1
+    assert one.error("db", "predicted_timeout", 100.0, 2.0).retry_after == RETRY_AFTER_CAP
